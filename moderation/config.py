@@ -1,0 +1,193 @@
+"""One typed settings object for every entry point (CLI, workers, admin console).
+
+Precedence, lowest to highest: the defaults below, then an optional TOML file named by
+``MODERATION_CONFIG_FILE``, then ``MODERATION_*`` environment variables (for example
+``MODERATION_DATA_DIR=/srv/moderation``). Flask and Celery both build from :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
+ENV_PREFIX = "MODERATION_"
+
+# Pillow's own default (``PIL.Image.MAX_IMAGE_PIXELS``): about 89.5 Mpx, a 0.25 GiB RGB bitmap.
+# Pillow raises DecompressionBombError at twice this and warns above it; we treat the warning as
+# an error, so this is the effective cap.
+DEFAULT_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+
+
+class ConfigurationError(Exception):
+    """A setting, policy or key is missing or invalid; raised at start-up, never mid-request."""
+
+
+def _default_policies_dir() -> Path:
+    """``policies/`` beside the package in a checkout, else the copy packed into the wheel."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "policies"
+    return checkout if checkout.is_dir() else here / "_policies"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field names map to ``MODERATION_<NAME>`` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # --- state -------------------------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path("./var"),
+        description="SQLite database, key file, encrypted snapshots and blobs live here.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default sqlite:///<data_dir>/moderation.db.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset runs in-process.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for rate limits and caches; default: broker_url when it is Redis.",
+    )
+
+    # --- keys ------------------------------------------------------------------------------
+    master_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated key_id:base64(32 bytes); the first is primary.",
+    )
+    key_file: Path | None = Field(
+        default=None,
+        description="JSON key ring file (mode 0600); default <data_dir>/keys.json.",
+    )
+
+    # --- detection ---------------------------------------------------------------------------
+    encoder: str = Field(
+        default="timm/efficientnet_lite0",
+        description="Encoder name: timm/efficientnet_lite0 or open_clip/<arch>/<tag-or-file>.",
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    torch_threads: int = Field(default=0, ge=0, description="0: torch's own default.")
+    policy: str = Field(default="default", description="Active policy: policies/<name>.yaml.")
+    policies_dir: Path = Field(default_factory=_default_policies_dir)
+    batch_size: int = Field(default=32, ge=1, le=1024, description="Images per encoder batch.")
+
+    # --- input limits ------------------------------------------------------------------------
+    max_image_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1, description="Largest accepted upload, bytes."
+    )
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Largest accepted frame, pixels."
+    )
+    max_frames: int = Field(
+        default=1000, ge=1, description="More frames than this: unscannable too_many_frames."
+    )
+    sampled_frames: int = Field(
+        default=8, ge=1, description="Frames of an animation that are screened, spread evenly."
+    )
+
+    # --- logging -----------------------------------------------------------------------------
+    log_level: str = Field(default="INFO")
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigurationError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # --- derived -----------------------------------------------------------------------------
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        """Absolute data directory (not created here)."""
+        return self.data_dir.expanduser().resolve()
+
+    @cached_property
+    def sqlalchemy_url(self) -> str:
+        """The database URL in use: ``database_url`` or the SQLite file in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'moderation.db'}"
+
+    @cached_property
+    def key_file_path(self) -> Path:
+        """Where the key ring file lives (used only when ``master_keys`` is unset)."""
+        return (self.key_file or self.resolved_data_dir / "keys.json").expanduser().resolve()
+
+    @cached_property
+    def snapshots_dir(self) -> Path:
+        """Encrypted index snapshots."""
+        return self.resolved_data_dir / "snapshots"
+
+    @cached_property
+    def blobs_dir(self) -> Path:
+        """Encrypted uploads."""
+        return self.resolved_data_dir / "blobs"
+
+    @cached_property
+    def effective_redis_url(self) -> str | None:
+        """``redis_url``, else ``broker_url`` when that is a Redis URL."""
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
+
+    def ensure_dirs(self) -> None:
+        """Create the data directory tree (mode 0700)."""
+        for path in (self.resolved_data_dir, self.snapshots_dir, self.blobs_dir):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings` from defaults, the optional file and the environment.
+
+    Keyword overrides win over everything (tests and the CLI's options use them).
+
+    Raises:
+        ConfigurationError: the file named by ``MODERATION_CONFIG_FILE`` is missing, or a value
+            does not validate (the message names the field).
+    """
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,5 @@
+"""Persistence: SQLAlchemy models, repositories and Alembic migrations."""
+
+from moderation.storage.db import create_db_engine, migrate, session_factory, transaction
+
+__all__ = ["create_db_engine", "migrate", "session_factory", "transaction"]
