@@ -26,7 +26,7 @@ ENV_PREFIX = "MODERATION_"
 # Pillow's own default (``PIL.Image.MAX_IMAGE_PIXELS``): about 89.5 Mpx, a 0.25 GiB RGB bitmap.
 # Pillow raises DecompressionBombError at twice this and warns above it; we treat the warning as
 # an error, so this is the effective cap.
-DEFAULT_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
 class ConfigurationError(Exception):

@@ -19,11 +19,21 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers work while one writer commits; foreign keys are off by default in SQLite;
     # busy_timeout makes concurrent writers wait instead of failing at once.
+    # isolation_level=None hands transaction control to SQLAlchemy's "begin" hook below
+    # (SQLAlchemy docs, "Serializable isolation / Savepoints / Transactional DDL" for pysqlite).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    # A deferred SQLite transaction that reads and then writes fails with SQLITE_BUSY when another
+    # writer committed in between (busy_timeout cannot help). Taking the write lock at BEGIN makes
+    # read-modify-write sequences (the audit hash chain, snapshot versions, review claims) atomic.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
@@ -36,6 +46,7 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)

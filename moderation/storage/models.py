@@ -331,15 +331,23 @@ class Subject(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class DeploymentSecret(Base):
+    """A deployment-wide secret (e.g. the subject lookup key), wrapped by a master key."""
+
+    __tablename__ = "deployment_secrets"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class CallbackAttempt(Base):
     """One delivery attempt of a signed callback to a platform."""
 
     __tablename__ = "callback_attempts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    upload_id: Mapped[str] = mapped_column(
-        ForeignKey("uploads.id", ondelete="CASCADE"), index=True
-    )
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id", ondelete="CASCADE"), index=True)
     url: Mapped[str] = mapped_column(String(2000))
     attempt: Mapped[int] = mapped_column(Integer)
     status_code: Mapped[int | None] = mapped_column(Integer)

@@ -1,0 +1,456 @@
+"""The ``moderation`` command line (click), exactly as in ARCHITECTURE.md's CLI contract.
+
+Exit codes: 0 success (whatever the screening decisions), 2 usage error (click), 3
+configuration or integrity error (missing set-up, bad policy, unreadable snapshot, bad keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from moderation import __version__
+from moderation.config import ConfigurationError, Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ERROR_EXIT = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    """Per-invocation state: settings, and the runtime built from them on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._runtime: Any = None
+
+    @property
+    def runtime(self) -> Any:
+        """The :class:`moderation.runtime.Runtime` (imported lazily: torch is slow to import)."""
+        if self._runtime is None:
+            from moderation.runtime import Runtime
+
+            self._runtime = Runtime(self.settings)
+        return self._runtime
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(CONFIG_ERROR_EXIT)
+
+
+@contextmanager
+def _config_errors() -> Iterator[None]:
+    """Turn configuration and integrity errors into a one-line message and exit code 3."""
+    from moderation.blocklist.service import BlocklistError
+    from moderation.blocklist.snapshot import SnapshotError
+    from moderation.crypto import CryptoError
+
+    try:
+        yield
+    except (ConfigurationError, SnapshotError, CryptoError) as exc:
+        _fail(str(exc))
+    except BlocklistError as exc:
+        _fail(str(exc))
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, default=str))
+
+
+@click.group()
+@click.version_option(__version__, prog_name="moderation")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Screen images against encrypted near-duplicate blocklists."""
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    logging.basicConfig(
+        level=settings.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = Context(settings)
+
+
+# --- init -----------------------------------------------------------------------------------
+
+
+@main.command()
+@pass_ctx
+def init(ctx: Context) -> None:
+    """Create the data directory, the database schema and (dev only) a key file."""
+    from moderation.audit import record_event
+    from moderation.crypto import load_keyring
+    from moderation.policy import load_policy
+    from moderation.storage.db import migrate, transaction
+
+    settings = ctx.settings
+    with _config_errors():
+        load_policy(settings.policies_dir, settings.policy)
+        settings.ensure_dirs()
+        had_key_file = settings.key_file_path.exists()
+        keyring = load_keyring(settings, create_dev=True)
+        runtime = ctx.runtime
+        migrate(runtime.engine)
+        with transaction(runtime.sessions) as session:
+            record_event(
+                session,
+                actor="cli",
+                action="system.init",
+                target=f"data_dir:{settings.resolved_data_dir}",
+                details={"primary_key_id": keyring.primary_id},
+            )
+    source = "environment" if settings.master_keys else "key file"
+    if settings.master_keys is None and not had_key_file:
+        click.secho(
+            f"WARNING: created a DEVELOPMENT key file at {settings.key_file_path}. "
+            "Production deployments must set MODERATION_MASTER_KEYS (or a managed key file).",
+            fg="yellow",
+            err=True,
+        )
+    _echo_json(
+        {
+            "data_dir": str(settings.resolved_data_dir),
+            "database": settings.sqlalchemy_url.split("@")[-1],
+            "keys": source,
+            "primary_key_id": keyring.primary_id,
+            "policy": settings.policy,
+        }
+    )
+
+
+# --- bank -----------------------------------------------------------------------------------
+
+
+@main.group()
+def bank() -> None:
+    """Manage banks of known images and their entries."""
+
+
+@bank.command("create")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["block", "allow"]), default="block", show_default=True)
+@click.option("--category", default="default", show_default=True)
+@pass_ctx
+def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
+    """Create a bank NAME."""
+    from moderation.audit import record_event
+    from moderation.blocklist.service import create_bank
+    from moderation.storage.db import transaction
+
+    with _config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        with transaction(runtime.sessions) as session:
+            created = create_bank(session, name, kind=kind, category=category)
+            record_event(
+                session,
+                actor="cli",
+                action="bank.create",
+                target=f"bank:{created.id}",
+                details={"name": name, "kind": kind, "category": category},
+            )
+            _echo_json({"bank_id": created.id, "name": name, "kind": kind, "category": category})
+
+
+@bank.command("import")
+@click.argument("name")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@pass_ctx
+def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
+    """Import images (files, folders, zip files) into bank NAME; originals are not kept."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from moderation.blocklist.operations import import_bank
+
+    with _config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=False,
+            console=_stderr_console(),
+        ) as bar:
+            task = bar.add_task(f"importing into {name}", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            report = import_bank(runtime, name, list(paths), actor="cli", progress=progress)
+    for ref, reason in report.skipped:
+        click.echo(f"skipped {ref}: {reason}", err=True)
+    _echo_json(
+        {
+            "bank": report.bank,
+            "added": len(report.added),
+            "skipped": [{"source_ref": ref, "reason": reason} for ref, reason in report.skipped],
+            "snapshot_version": report.snapshot_version,
+        }
+    )
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@bank.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per bank.")
+@pass_ctx
+def bank_list(ctx: Context, as_json: bool) -> None:
+    """List banks with their entry counts."""
+    from moderation.blocklist.operations import list_banks
+
+    with _config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        rows = list_banks(runtime)
+    if as_json:
+        for row in rows:
+            _echo_json(row)
+        return
+    _print_table(rows, ["name", "kind", "category", "enabled", "entries", "disabled_entries"])
+
+
+@bank.command("entries")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per entry.")
+@pass_ctx
+def bank_entries(ctx: Context, name: str, as_json: bool) -> None:
+    """List the entries of bank NAME (metadata only)."""
+    from moderation.blocklist.operations import list_entries
+
+    with _config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        rows = list_entries(runtime, name)
+    if as_json:
+        for row in rows:
+            _echo_json(row)
+        return
+    _print_table(rows, ["entry_id", "label", "source_ref", "added_at", "disabled"])
+
+
+def _set_entry_disabled(ctx: Context, entry_id: str, disabled: bool) -> None:
+    from moderation.blocklist.operations import set_entry_disabled
+
+    with _config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        result = set_entry_disabled(runtime, entry_id, disabled=disabled, actor="cli")
+    _echo_json(result)
+
+
+@bank.command("disable-entry")
+@click.argument("entry_id")
+@pass_ctx
+def bank_disable_entry(ctx: Context, entry_id: str) -> None:
+    """Stop matching entry ENTRY_ID (e_<n>); its signals stay in the encrypted snapshot."""
+    _set_entry_disabled(ctx, entry_id, True)
+
+
+@bank.command("enable-entry")
+@click.argument("entry_id")
+@pass_ctx
+def bank_enable_entry(ctx: Context, entry_id: str) -> None:
+    """Match entry ENTRY_ID (e_<n>) again."""
+    _set_entry_disabled(ctx, entry_id, False)
+
+
+# --- hash -----------------------------------------------------------------------------------
+
+
+@main.command("hash")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+@pass_ctx
+def hash_command(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
+    """Print the PDQ digest (ThreatExchange hex) and quality of each image."""
+    from moderation.hashing import pdq_hash
+    from moderation.imaging import DecodeLimits, UnscannableImage, decode_file
+
+    limits = DecodeLimits.from_settings(ctx.settings)
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            decoded = decode_file(path, limits)
+        except UnscannableImage as exc:
+            rows.append({"path": path, "pdq": None, "quality": None, "reason": exc.reason})
+            continue
+        digest = pdq_hash(decoded.frames[0])
+        rows.append({"path": path, "pdq": digest.hex, "quality": digest.quality})
+    if as_json:
+        for row in rows:
+            _echo_json(row)
+        return
+    for row in rows:
+        click.echo(f"{row['pdq'] or 'unscannable:' + row['reason']} {row['quality']} {row['path']}")
+
+
+# --- screen ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input, one per line.")
+@click.option("--subject-id", default=None, help="Data subject the uploads belong to.")
+@click.option("--external-id-prefix", default="", help="Prefix for each upload's external id.")
+@pass_ctx
+def screen(
+    ctx: Context,
+    paths: tuple[str, ...],
+    as_json: bool,
+    subject_id: str | None,
+    external_id_prefix: str,
+) -> None:
+    """Screen images against every enabled bank; exit 0 whatever the decisions."""
+    from moderation.operations import screen_paths
+
+    rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        if as_json:
+            _echo_json(row)
+        else:
+            rows.append(row)
+
+    with _config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        screen_paths(
+            runtime,
+            [Path(p) for p in paths],
+            subject_id=subject_id,
+            external_id_prefix=external_id_prefix,
+            on_result=emit,
+        )
+    if not as_json:
+        table = [
+            {
+                "path": r["path"],
+                "decision": r["decision"],
+                "score": "" if r["score"] is None else f"{r['score']:.3f}",
+                "match": ", ".join(f"{m['bank']}:{m['entry_id']}" for m in r["matches"][:2])
+                or (r["reason"] or ""),
+                "ms": f"{r['timings_ms']['total']:.0f}",
+            }
+            for r in rows
+        ]
+        _print_table(table, ["path", "decision", "score", "match", "ms"])
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Master keys."""
+
+
+@keys.command("rotate")
+@click.option(
+    "--retire-old/--keep-old",
+    default=True,
+    show_default=True,
+    help="Remove the previous keys from the key file after re-wrapping.",
+)
+@pass_ctx
+def keys_rotate(ctx: Context, retire_old: bool) -> None:
+    """Make a new primary key and re-wrap every stored data key under it.
+
+    With MODERATION_MASTER_KEYS set, no key is generated: put the new key first in the
+    variable (keeping the old ones), run this to re-wrap, then drop the old keys.
+    """
+    from moderation.operations import rotate_keys
+
+    with _config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        report = rotate_keys(runtime, retire_old=retire_old, actor="cli")
+    _echo_json(
+        {"primary_key_id": report.primary, "retired": report.retired, "rewrapped": report.rewrapped}
+    )
+
+
+# --- benchmark and demo -----------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--images",
+    "images_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of photos: references and queries are drawn from it.",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--references", "n_references", default=250, show_default=True)
+@click.option("--per-edit", "per_edit", default=20, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@pass_ctx
+def benchmark(
+    ctx: Context,
+    images_dir: Path,
+    json_out: Path | None,
+    plot_out: Path | None,
+    n_references: int,
+    per_edit: int,
+    seed: int,
+) -> None:
+    """Detection quality per BENCHMARKS.md, with the PDQ baseline in the same run."""
+    from moderation.benchmark.runner import run_quality_benchmark
+
+    with _config_errors():
+        run_quality_benchmark(
+            ctx.settings,
+            images_dir,
+            json_out=json_out,
+            plot_out=plot_out,
+            n_references=n_references,
+            per_edit=per_edit,
+            seed=seed,
+            echo=click.echo,
+        )
+
+
+@main.command()
+@pass_ctx
+def demo(ctx: Context) -> None:
+    """Build a bank from scikit-image's photos and screen edited copies and unrelated photos."""
+    from moderation.demo import run_demo
+
+    with _config_errors():
+        run_demo(ctx.settings, echo=click.echo)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    Console(width=160).print(table)

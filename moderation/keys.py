@@ -1,0 +1,133 @@
+"""Master-key rotation: re-wrap every stored data key under the primary master key.
+
+Data keys themselves never change, so rotation rewrites only small wrapped keys (snapshot
+headers, database columns): no ciphertext is re-encrypted and screening keeps running. The
+steps, in order (RELIABILITY.md E4): add a new key and make it primary, re-wrap everything,
+then retire the old keys. Old copies of snapshots or blobs wrapped under a retired key are
+unreadable afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from moderation.audit import record_event
+from moderation.blocklist.snapshot import rewrap_snapshot
+from moderation.crypto import KeyRing, WrappedKey, rewrap_key
+from moderation.storage.models import DeploymentSecret, IndexSnapshot, Subject, Upload
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RotationReport:
+    """Counts of re-wrapped objects per store, and the key ids involved."""
+
+    primary: str
+    retired: list[str] = field(default_factory=list)
+    rewrapped: dict[str, int] = field(default_factory=dict)
+    obsolete_files: list[Path] = field(default_factory=list)
+
+
+RewrapStep = Callable[[Session, KeyRing, Path, RotationReport], int]
+"""Re-wraps one store's data keys to the primary key; returns how many it changed."""
+
+
+def _rewrap_snapshots(
+    session: Session, keyring: KeyRing, snapshots_dir: Path, report: RotationReport
+) -> int:
+    # The re-wrapped snapshot goes to a new file and the row points at it, so a rolled-back
+    # transaction leaves the current file and row consistent; the old file is deleted by the
+    # caller only after the commit.
+    count = 0
+    for row in session.scalars(select(IndexSnapshot)):
+        path = snapshots_dir / Path(row.path).name
+        if not path.exists() or row.key_id == keyring.primary_id:
+            continue
+        new_path = path.with_name(f"v{row.version:08d}-{row.snapshot_id}-{keyring.primary_id}.snap")
+        shutil.copyfile(path, new_path)
+        written = rewrap_snapshot(new_path, keyring)
+        row.path, row.key_id = new_path.name, written.key_id
+        row.sha256, row.size_bytes = written.sha256, written.size_bytes
+        report.obsolete_files.append(path)
+        count += 1
+    return count
+
+
+def _rewrap_uploads(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+    count = 0
+    query = select(Upload).where(
+        Upload.wrapped_key.is_not(None), Upload.key_id != keyring.primary_id
+    )
+    for upload in session.scalars(query):
+        assert upload.wrapped_key is not None
+        wrapped = rewrap_key(
+            WrappedKey.from_bytes(upload.wrapped_key), keyring, context=f"upload:{upload.id}"
+        )
+        upload.wrapped_key, upload.key_id = wrapped.to_bytes(), wrapped.key_id
+        count += 1
+    return count
+
+
+def _rewrap_subjects(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+    count = 0
+    for subject in session.scalars(select(Subject).where(Subject.secret.is_not(None))):
+        assert subject.secret is not None
+        old = WrappedKey.from_bytes(subject.secret)
+        if old.key_id == keyring.primary_id:
+            continue
+        subject.secret = rewrap_key(old, keyring, context=f"subject:{subject.lookup}").to_bytes()
+        count += 1
+    return count
+
+
+def _rewrap_deployment_secrets(
+    session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport
+) -> int:
+    count = 0
+    for row in session.scalars(select(DeploymentSecret)):
+        old = WrappedKey.from_bytes(row.wrapped)
+        if old.key_id == keyring.primary_id:
+            continue
+        row.wrapped = rewrap_key(old, keyring, context=f"deployment-secret:{row.name}").to_bytes()
+        count += 1
+    return count
+
+
+REWRAP_STEPS: dict[str, RewrapStep] = {
+    "snapshots": _rewrap_snapshots,
+    "uploads": _rewrap_uploads,
+    "subjects": _rewrap_subjects,
+    "deployment_secrets": _rewrap_deployment_secrets,
+}
+"""Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
+
+
+def rewrap_all(
+    session: Session, keyring: KeyRing, snapshots_dir: Path, *, actor: str = "cli"
+) -> RotationReport:
+    """Re-wrap every stored data key under ``keyring``'s primary key, in one transaction.
+
+    Raises:
+        moderation.crypto.UnknownKeyError: something is wrapped under a key the ring lacks
+            (nothing is changed: the transaction rolls back).
+    """
+    report = RotationReport(primary=keyring.primary_id)
+    for name, step in REWRAP_STEPS.items():
+        report.rewrapped[name] = step(session, keyring, snapshots_dir, report)
+    record_event(
+        session,
+        actor=actor,
+        action="keys.rotate",
+        target=f"key:{keyring.primary_id}",
+        details={"rewrapped": report.rewrapped, "key_ids": list(keyring.key_ids)},
+    )
+    logger.info("re-wrapped data keys under %s: %s", keyring.primary_id, report.rewrapped)
+    return report

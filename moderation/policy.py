@@ -1,0 +1,180 @@
+"""Policies: ``policies/<name>.yaml`` validated into typed objects, failing fast on bad files.
+
+A policy says, per category of bank, which banks count, the thresholds that turn a match into
+``review`` or ``block``, what an unscannable upload becomes and how urgent its review is. Files are
+data (STYLE.md rule 8): :func:`load_policy` is the only reader, and a bad file raises
+:class:`PolicyError` naming the file, the field and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moderation.config import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+Decision = Literal["allow", "review", "block", "unscannable"]
+Action = Literal["block", "review"]
+
+# Severity order used to combine frames, matches and categories: the worst one wins.
+SEVERITY: dict[str, int] = {"allow": 0, "review": 1, "unscannable": 2, "block": 3}
+
+PDQ_MATCH_DISTANCE = 31
+"""ThreatExchange's default PDQ Hamming threshold (python-threatexchange
+``signal_type/pdq/pdq_utils.py``: ``PDQ_CONFIDENT_MATCH_THRESHOLD = 31``)."""
+
+
+class PolicyError(ConfigurationError):
+    """A policy file is missing or invalid; the message names the file, field and reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CandidateRules(_Strict):
+    """Stage-1 search: which index hits are worth looking at."""
+
+    top_k: int = Field(default=10, ge=1, le=1000)
+    min_cosine: float = Field(default=0.5, ge=-1.0, le=1.0)
+    max_pdq_distance: int = Field(default=PDQ_MATCH_DISTANCE, ge=0, le=256)
+    min_pdq_quality: int = Field(default=50, ge=0, le=100)
+
+
+class CategoryRules(_Strict):
+    """Decision rules for the banks of one category."""
+
+    banks: list[str] = Field(default_factory=lambda: ["*"])
+    action: Action = "block"
+    block_cosine: float = Field(ge=-1.0, le=1.0)
+    review_cosine: float = Field(ge=-1.0, le=1.0)
+    block_pdq_distance: int | None = Field(default=None, ge=0, le=256)
+    review_pdq_distance: int | None = Field(default=None, ge=0, le=256)
+    block_probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    review_probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    unscannable: Literal["review", "block"] = "review"
+    review_priority: int = Field(default=50, ge=0, le=100)
+    zero_shot_prompts: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CategoryRules:
+        if self.review_cosine > self.block_cosine:
+            raise ValueError("review_cosine must be <= block_cosine")
+        if (
+            self.review_pdq_distance is not None
+            and self.block_pdq_distance is not None
+            and self.review_pdq_distance < self.block_pdq_distance
+        ):
+            raise ValueError("review_pdq_distance must be >= block_pdq_distance")
+        if (
+            self.review_probability is not None
+            and self.block_probability is not None
+            and self.review_probability > self.block_probability
+        ):
+            raise ValueError("review_probability must be <= block_probability")
+        return self
+
+    def applies_to(self, bank_name: str) -> bool:
+        """True when this category's rules cover the bank called ``bank_name``."""
+        return "*" in self.banks or bank_name in self.banks
+
+
+class AllowRules(_Strict):
+    """Allow banks: a close enough match suppresses block-bank matches."""
+
+    min_cosine: float = Field(default=0.9, ge=-1.0, le=1.0)
+    max_pdq_distance: int | None = Field(default=None, ge=0, le=256)
+
+
+class Policy(_Strict):
+    """A validated policy file."""
+
+    name: str
+    description: str = ""
+    candidates: CandidateRules = Field(default_factory=CandidateRules)
+    allow: AllowRules = Field(default_factory=AllowRules)
+    categories: dict[str, CategoryRules]
+    default_category: str = "default"
+
+    @model_validator(mode="after")
+    def _has_default(self) -> Policy:
+        if self.default_category not in self.categories:
+            raise ValueError(
+                f"default_category {self.default_category!r} is not among categories "
+                f"{sorted(self.categories)}"
+            )
+        for name, rules in self.categories.items():
+            if rules.review_cosine < self.candidates.min_cosine:
+                raise ValueError(
+                    f"categories.{name}.review_cosine {rules.review_cosine} is below "
+                    f"candidates.min_cosine {self.candidates.min_cosine}: such matches are never "
+                    "retrieved"
+                )
+        return self
+
+    def rules_for(self, category: str) -> CategoryRules:
+        """Rules for a bank category, falling back to the default category."""
+        return self.categories.get(category) or self.categories[self.default_category]
+
+    @property
+    def unscannable_decision(self) -> Literal["review", "block"]:
+        """What an undecodable upload becomes: the strictest category's choice."""
+        if any(rules.unscannable == "block" for rules in self.categories.values()):
+            return "block"
+        return "review"
+
+    @property
+    def unscannable_priority(self) -> int:
+        """Review priority of an unscannable upload: the highest of any category."""
+        return max(rules.review_priority for rules in self.categories.values())
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def parse_policy(document: Any, *, source: str) -> Policy:
+    """Validate an already-parsed YAML document into a :class:`Policy`.
+
+    Raises:
+        PolicyError: naming ``source``, the field path and the reason.
+    """
+    if not isinstance(document, dict):
+        raise PolicyError(f"{source}: a policy must be a mapping, got {type(document).__name__}")
+    try:
+        return Policy.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise PolicyError(
+            f"{source}: field {_format_loc(first['loc'])}: {first['msg']}{more}"
+        ) from exc
+
+
+def load_policy(policies_dir: Path, name: str) -> Policy:
+    """Load and validate ``<policies_dir>/<name>.yaml``.
+
+    Raises:
+        PolicyError: the file is missing, is not YAML, or does not validate.
+    """
+    path = policies_dir / f"{name}.yaml"
+    if not path.is_file():
+        available = (
+            sorted(p.stem for p in policies_dir.glob("*.yaml")) if policies_dir.is_dir() else []
+        )
+        raise PolicyError(f"{path}: no such policy file (available: {available})")
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+    policy = parse_policy(document, source=str(path))
+    if policy.name != name:
+        raise PolicyError(f"{path}: field name: {policy.name!r} must equal the file name {name!r}")
+    logger.debug("loaded policy %s from %s", name, path)
+    return policy

@@ -1,0 +1,73 @@
+"""Data-subject pseudonyms: raw subject ids are never stored.
+
+A subject id from an upload hook becomes ``ref`` = HMAC-SHA256(subject secret, subject id),
+where each subject has their own random secret (stored wrapped by a master key). The row is
+found by ``lookup`` = HMAC-SHA256(deployment lookup key, subject id). Erasure deletes the row:
+the secret is destroyed, so stored ``ref`` values (in audit events, uploads) can no longer be
+linked to the person, while the audit hash chain still verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from moderation.crypto import KeyRing, WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.storage.models import DeploymentSecret, Subject
+
+LOOKUP_SECRET_NAME = "subject-lookup"
+
+
+def deployment_secret(session: Session, keyring: KeyRing, name: str) -> bytes:
+    """A 32-byte deployment-wide secret, created (wrapped by the primary key) on first use."""
+    row = session.get(DeploymentSecret, name)
+    context = f"deployment-secret:{name}"
+    if row is None:
+        secret = generate_data_key()
+        row = DeploymentSecret(
+            name=name, wrapped=wrap_key(secret, keyring, context=context).to_bytes()
+        )
+        session.add(row)
+        session.flush()
+        return secret
+    return unwrap_key(WrappedKey.from_bytes(row.wrapped), keyring, context=context)
+
+
+def _hmac(key: bytes, value: str) -> str:
+    return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def lookup_key(session: Session, keyring: KeyRing, subject_id: str) -> str:
+    """The keyed lookup hash of a raw subject id (hex)."""
+    return _hmac(deployment_secret(session, keyring, LOOKUP_SECRET_NAME), subject_id)
+
+
+def find_subject(session: Session, keyring: KeyRing, subject_id: str) -> Subject | None:
+    """The subject row for a raw subject id, or None (never seen, or erased)."""
+    lookup = lookup_key(session, keyring, subject_id)
+    return session.scalar(select(Subject).where(Subject.lookup == lookup))
+
+
+def pseudonymize(session: Session, keyring: KeyRing, subject_id: str) -> str:
+    """The subject's pseudonym ``ref`` (64 hex chars), creating their secret on first sight.
+
+    Raises:
+        ValueError: empty subject id.
+    """
+    if not subject_id:
+        raise ValueError("subject id must not be empty")
+    lookup = lookup_key(session, keyring, subject_id)
+    subject = session.scalar(select(Subject).where(Subject.lookup == lookup))
+    if subject is None:
+        secret = generate_data_key()
+        subject = Subject(
+            lookup=lookup,
+            ref=_hmac(secret, subject_id),
+            secret=wrap_key(secret, keyring, context=f"subject:{lookup}").to_bytes(),
+        )
+        session.add(subject)
+        session.flush()
+    return subject.ref
