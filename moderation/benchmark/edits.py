@@ -185,10 +185,10 @@ def color_jitter(
     out = ImageEnhance.Brightness(image).enhance(_away_from_one(rng, 0.2, 0.4))
     out = ImageEnhance.Contrast(out).enhance(_away_from_one(rng, 0.2, 0.4))
     out = ImageEnhance.Color(out).enhance(_away_from_one(rng, 0.2, 0.4))
-    hue_shift = rng.uniform(0.04, 0.1) * rng.choice((-1, 1))
-    hsv = np.asarray(out.convert("HSV"), dtype=np.uint8).copy()
-    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(hue_shift * 256)) % 256
-    return Image.fromarray(hsv, mode="HSV").convert("RGB")
+    shift = round(rng.uniform(0.04, 0.1) * 256) * rng.choice((-1, 1))
+    hue, saturation, value = out.convert("HSV").split()
+    hue = hue.point([(level + shift) % 256 for level in range(256)])
+    return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
 
 
 def blur_r3(image: Image.Image, rng: random.Random, background: Image.Image | None) -> Image.Image:
@@ -207,8 +207,8 @@ def border_25(
 
 
 def pixelize(image: Image.Image, rng: random.Random, background: Image.Image | None) -> Image.Image:
-    """Mosaic of blocks of 1/10 of the size (AugLy ``pixelization(ratio=0.1)``): box-downscale to
-    10% of each side, then nearest-neighbour upscale back to the original size."""
+    """Mosaic: box-downscale to 10% of each side, then nearest-neighbour upscale back to the
+    original size (AugLy ``pixelization(ratio=0.1)``, whose default upscale is smooth instead)."""
     width, height = image.size
     small = image.resize(
         (max(1, round(width * 0.1)), max(1, round(height * 0.1))), Image.Resampling.BOX
@@ -234,8 +234,9 @@ def _perspective_coefficients(
 def perspective(
     image: Image.Image, rng: random.Random, background: Image.Image | None
 ) -> Image.Image:
-    """Perspective warp: each corner moves inward by 5-20% of the width and of the height
-    (comparable to AugLy ``perspective_transform(sigma=50)`` on 500 px photos), black outside."""
+    """Perspective warp: each corner moves inward by 5-20% of the width and of the height, black
+    outside. AugLy ``perspective_transform`` moves corners by normal offsets of sigma 50 px (10%
+    of a 500 px photo) in any direction; inward offsets keep the whole photo in the frame."""
     width, height = image.size
     corners = [(0.0, 0.0), (float(width), 0.0), (float(width), float(height)), (0.0, float(height))]
     inward = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
@@ -260,7 +261,8 @@ def text_overlay(
     image: Image.Image, rng: random.Random, background: Image.Image | None
 ) -> Image.Image:
     """One or two lines of 1-3 random words in a random colour with a dark outline, 8-15% of the
-    height tall, at a random position (AugLy ``overlay_text`` with ISC 2021 strengths)."""
+    height tall, at a random position (AugLy ``overlay_text`` defaults to 15% of the shorter
+    side)."""
     out = image.copy()
     draw = ImageDraw.Draw(out)
     width, height = out.size
@@ -344,7 +346,7 @@ def emoji_overlay(
     image: Image.Image, rng: random.Random, background: Image.Image | None
 ) -> Image.Image:
     """One to three emoji-like stickers (smiley, heart, star), each 20-35% of the shorter side,
-    at random positions (AugLy ``overlay_emoji`` with ISC 2021 strengths)."""
+    at random positions (as AugLy ``overlay_emoji``, with shapes instead of an emoji font)."""
     out = image.convert("RGBA")
     width, height = out.size
     for _ in range(rng.randint(1, 3)):
@@ -685,8 +687,7 @@ EDITS: Mapping[str, EditFn] = MappingProxyType(
 )
 """The benchmark's edits by name, in the order of BENCHMARKS.md (a read-only mapping)."""
 
-# Edits that draw parameters from the generator; the others ignore the seed.
-RANDOM_EDITS = frozenset(
+RANDOM_EDITS: frozenset[str] = frozenset(
     {
         "corner_crop_60",
         "color_jitter",
@@ -699,6 +700,7 @@ RANDOM_EDITS = frozenset(
         "overlay_bg_60",
     }
 )
+"""Edits that draw parameters from the seeded generator; the others ignore the seed."""
 
 
 def apply_edit(

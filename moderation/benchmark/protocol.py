@@ -126,12 +126,14 @@ def build_protocol(
         load: decodes one path to an RGB image; defaults to a full Pillow decode.
 
     Raises:
-        ValueError: an unknown edit, a negative count, or too few images for the counts asked
-            (the message names the numbers).
+        ValueError: an unknown or repeated edit, a repeated path, a negative count, or too few
+            images for the counts asked (the message names the numbers).
     """
     for name in edits:
         if name not in EDITS:
             raise ValueError(f"unknown edit {name!r}; valid edits: {', '.join(EDITS)}")
+    if len(set(edits)) != len(edits):
+        raise ValueError(f"edits contains duplicates: {list(edits)}")
     counts = {
         "n_references": n_references,
         "positives_per_edit": positives_per_edit,

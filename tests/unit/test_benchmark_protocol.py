@@ -167,6 +167,7 @@ def test_each_path_is_loaded_once(image_paths: list[Path]) -> None:
         ),
         (40, {"positives_per_edit": 21}, "positives_per_edit=21 exceeds n_references=20"),
         (40, {"edits": ["resize_40", "swirl"]}, "unknown edit 'swirl'"),
+        (40, {"edits": ["hflip", "hflip"]}, "edits contains duplicates"),
         (40, {"negatives_per_edit": -1}, "negatives_per_edit must be >= 0"),
     ],
 )
