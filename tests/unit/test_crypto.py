@@ -261,6 +261,20 @@ def test_load_keyring_creates_dev_key_file_with_warning(
     assert load_keyring(settings) == ring
 
 
+def test_dev_key_creation_never_replaces_an_existing_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The race where another process creates the key file first: its keys win."""
+    path = tmp_path / "keys.json"
+    KeyRing({"k1": K1}, "k1").save_file(path)
+    before = path.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="moderation.crypto"):
+        crypto._create_dev_key_file(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["keys.json"]
+    assert not caplog.records
+
+
 def test_load_keyring_from_key_file(settings: Settings) -> None:
     settings.key_file_path.parent.mkdir(parents=True)
     KeyRing({"k1": K1}, "k1").save_file(settings.key_file_path)
@@ -459,6 +473,19 @@ def test_open_blob_wrong_context_or_wrong_key_fails(ring: KeyRing) -> None:
         open_blob(sealed, other_wrapped, ring, context="upload:u2")
     with pytest.raises(DecryptionError):
         open_blob(sealed[:-1] + bytes([sealed[-1] ^ 1]), wrapped, ring, context="upload:u1")
+
+
+def test_blob_payload_is_bound_to_its_context(
+    ring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Besides the wrap, the payload's own associated data names the blob."""
+    data_key = generate_data_key()
+    monkeypatch.setattr(crypto, "generate_data_key", lambda: data_key)
+    sealed, _ = seal_blob(b"jpeg bytes", ring, context="upload:u1")
+    aad = crypto._blob_aad
+    assert decrypt(sealed, data_key, aad("upload:u1"), context="u1") == b"jpeg bytes"
+    with pytest.raises(DecryptionError, match="u2"):
+        decrypt(sealed, data_key, aad("upload:u2"), context="u2")
 
 
 def test_blob_is_unreadable_once_its_wrapped_key_is_destroyed(

@@ -293,6 +293,24 @@ def test_e1_truncated_or_extended_file_is_refused(tmp_path: Path, ring: KeyRing,
             read(info.path, ring)
 
 
+def test_e1_non_canonical_header_is_refused(tmp_path: Path, ring: KeyRing) -> None:
+    """Same values, different bytes (spaces, escapes): refused, so a file's SHA-256 identifies
+    its content and no byte of the file is left unchecked."""
+    info = write(tmp_path, ring, small_payload())
+    header, body = split_file(info.path.read_bytes())
+    for raw in (
+        json.dumps(header, sort_keys=True).encode(),
+        canonical(header).replace(b'"idx"', b'"\\u0069dx"'),
+        canonical(header).replace(b"}", b" }"),
+    ):
+        assert json.loads(raw) == header
+        info.path.write_bytes(snapshot.MAGIC + struct.pack(">I", len(raw)) + raw + body)
+        with pytest.raises(SnapshotError, match="canonical"):
+            read(info.path, ring)
+    info.path.write_bytes(join_file(header, body))
+    assert read(info.path, ring) == small_payload()
+
+
 # --- E2: substitution -----------------------------------------------------------------------------
 
 
@@ -485,9 +503,24 @@ def test_e6_no_plaintext_reaches_disk(
             written.append(os.fspath(file))
         return real_open(file, mode, *args, **kwargs)
 
+    seen_before_removal: list[str] = []
+
+    def scanning(real: Callable[..., Any]) -> Callable[..., Any]:
+        # A plaintext temp file removed or renamed away would leave no trace afterwards.
+        def spy(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if os.path.isfile(path):
+                with real_open(path, "rb") as handle:
+                    assert not _contains_canary(handle.read(), canary), f"plaintext in {path}"
+                seen_before_removal.append(os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return spy
+
     monkeypatch.setattr(os, "open", spy_os_open)
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(io, "open", spy_open)
+    for name in ("unlink", "remove", "replace", "rename"):
+        monkeypatch.setattr(os, name, scanning(getattr(os, name)))
     info = write(directory, ring, payload)
     plaintext = read(info.path, ring, sha256=info.sha256)
     monkeypatch.undo()
@@ -495,6 +528,7 @@ def test_e6_no_plaintext_reaches_disk(
     arrays, _ = decode_payload(plaintext)
     np.testing.assert_array_equal(arrays["vectors"][0], CANARY)
     assert written, "the spy must have seen the snapshot being written"
+    assert seen_before_removal, "the spy must have seen the temp file renamed into place"
     for path in written:
         assert Path(path).parent == directory, f"{path} written outside the snapshot directory"
         assert Path(path) == info.path or not Path(path).exists(), f"{path} left behind"
@@ -663,6 +697,7 @@ def test_payload_malformed_is_refused() -> None:
         "header too long": valid[:8] + struct.pack(">Q", 2**40) + valid[16:],
         "not json": valid[:16] + b"{" * (len(valid) - 16),
         "shape mismatch": craft_payload(entry(shape=[11]), data),
+        "nbytes beyond shape": craft_payload(entry(shape=[5]), data),
         "negative dim": craft_payload(entry(shape=[-10], nbytes=-40), data),
         "bool dim": craft_payload(entry(shape=[True]), data),
         "offset before header": craft_payload(entry(offset=0), data),
