@@ -1,0 +1,1 @@
+"""Banks of known images, their entries, encrypted index snapshots and bank import."""
