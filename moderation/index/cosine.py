@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, Literal, Self
+from typing import Any, Final, Literal, Self, TypeVar
 
 import faiss
 import numpy as np
@@ -68,6 +68,7 @@ UNIT_NORM_TOLERANCE: Final = 1e-3
 TOMBSTONE_COMPACT_FRACTION: Final = 0.2
 
 Algorithm = Literal["flat", "hnsw"]
+_AnyIndex = TypeVar("_AnyIndex", faiss.Index, faiss.IndexBinary)
 _PARAM_KEYS: Final = {
     "flat": {"algorithm"},
     "hnsw": {"algorithm", "hnsw_m", "ef_construction", "ef_search"},
@@ -379,7 +380,7 @@ class CosineIndex(SignalIndex):
         return index
 
 
-def maybe_to_gpu(index: faiss.Index, *, gpus: int | None = None) -> faiss.Index:
+def maybe_to_gpu(index: _AnyIndex, *, gpus: int | None = None) -> _AnyIndex:
     """A GPU copy of a float FAISS index when FAISS GPU and a GPU exist, else ``index`` itself.
 
     FAISS GPU comes from the ``faiss-gpu-cu12`` extra (``pip install moderation[gpu]``); the
@@ -392,7 +393,7 @@ def maybe_to_gpu(index: faiss.Index, *, gpus: int | None = None) -> faiss.Index:
     real GPU in this project's development environment.
 
     Args:
-        index: a CPU ``faiss.Index``.
+        index: a CPU ``faiss.Index`` (or ``faiss.IndexBinary``, returned as is).
         gpus: how many GPUs to use; ``None`` asks ``faiss.get_num_gpus()``. 0 keeps the CPU.
 
     Raises:
@@ -417,7 +418,7 @@ def maybe_to_gpu(index: faiss.Index, *, gpus: int | None = None) -> faiss.Index:
         logger.info("FAISS GPU supports flat indexes here, not %s", type(inner).__name__)
         return index
     if count == 1:
-        moved: faiss.Index = to_gpu(resources_cls(), 0, index)
+        moved: _AnyIndex = to_gpu(resources_cls(), 0, index)
     else:
         moved = to_all_gpus(index, ngpu=count)
     logger.info("moved a %d-entry FAISS index to %d GPU(s)", index.ntotal, count)
