@@ -75,9 +75,14 @@ class SignalIndex(ABC):
 
     Subclasses set :attr:`kind`, the ``type`` written in the serialized header, and are
     registered under it so :func:`moderation.index.load_index` can dispatch.
+
+    Concurrent searches are safe; a mutation (``add``, ``remove``) must not run concurrently
+    with anything else on the same index. Workers load a snapshot and only search it.
     """
 
     kind: ClassVar[str]
+    #: Live entry ids, ascending; implementations keep it in step with their FAISS index.
+    _ids: IdArray
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -140,9 +145,9 @@ class SignalIndex(ABC):
             ValueError: malformed queries, ``k`` < 1 or a threshold outside the score range.
         """
 
-    @abstractmethod
     def ids(self) -> IdArray:
-        """The ids of the live entries, ``(len(self),)`` int64, ascending."""
+        """The ids of the live entries: a ``(len(self),)`` int64 copy, ascending."""
+        return self._ids.copy()
 
     @property
     @abstractmethod
@@ -154,16 +159,15 @@ class SignalIndex(ABC):
     def params(self) -> dict[str, ParamValue]:
         """The parameters the index was built with, as written to the serialized header."""
 
-    @abstractmethod
     def __len__(self) -> int:
         """Number of live entries."""
+        return int(self._ids.size)
 
     def __contains__(self, entry_id: object) -> bool:
         if not isinstance(entry_id, int | np.integer) or isinstance(entry_id, bool):
             return False
-        live = self.ids()
-        pos = int(np.searchsorted(live, entry_id))
-        return pos < live.size and int(live[pos]) == int(entry_id)
+        pos = int(np.searchsorted(self._ids, entry_id))
+        return pos < self._ids.size and int(self._ids[pos]) == int(entry_id)
 
     @abstractmethod
     def _sections(self) -> dict[str, bytes]:

@@ -200,13 +200,6 @@ class CosineIndex(SignalIndex):
         """Removed entries still in the HNSW graph (always 0 for flat)."""
         return int(self._tombstones.size)
 
-    def __len__(self) -> int:
-        return int(self._ids.size)
-
-    def ids(self) -> IdArray:
-        """Live entry ids, ascending."""
-        return self._ids.copy()
-
     def _vectors(self, vectors: npt.ArrayLike, what: str) -> npt.NDArray[np.float32]:
         matrix = check_matrix(vectors, dtype=np.float32, dim=self._dim, what=what)
         _check_unit_norm(matrix, what)

@@ -70,13 +70,6 @@ class HammingIndex(SignalIndex):
         """``bits``: digest width in bits (256)."""
         return {"bits": PDQ_BITS}
 
-    def __len__(self) -> int:
-        return int(self._ids.size)
-
-    def ids(self) -> IdArray:
-        """Live entry ids, ascending."""
-        return self._ids.copy()
-
     def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
         """Add uint8 digests under new ids (see :meth:`SignalIndex.add`)."""
         new_ids = check_ids(ids)
