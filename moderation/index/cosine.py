@@ -1,0 +1,418 @@
+"""Cosine-similarity index over L2-normalised float32 embeddings (FAISS inner product).
+
+Exact ``IndexFlatIP`` for small banks, HNSW over inner product (Malkov & Yashunin, "Efficient
+and robust approximate nearest neighbor search using Hierarchical Navigable Small World
+graphs", TPAMI 2018) for large ones, both inside ``IndexIDMap`` so FAISS returns entry ids.
+The choice follows the FAISS wiki "Guidelines to choose an index": Flat when exact results are
+needed, ``HNSWx`` when memory is not the constraint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Literal, Self, TypeVar
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from moderation.index.base import (
+    Hit,
+    IdArray,
+    ParamValue,
+    SignalIndex,
+    check_ids,
+    check_k,
+    check_matrix,
+    check_no_duplicates,
+    check_threshold,
+    ids_from_iterable,
+    merge_sorted,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Bank size (entries) from which ``build(algorithm="auto")`` uses HNSW instead of an exact
+#: scan. Below it the scan is cheap and exact: FAISS ``IndexFlatIP`` is memory-bound at about
+#: 53 ms per query for 100k x 1280-d on the 2-core development machine (BENCHMARKS.md), so
+#: about 27 ms at 50k, and 22 ms was measured for 100k x 512-d. Above it the scan grows linearly
+#: with the bank while HNSW stays near 1-2 ms per query (1.8 ms measured at 100k x 512-d).
+HNSW_MIN_ENTRIES: Final = 50_000
+
+#: HNSW graph degree. 32 is the FAISS wiki's usual choice ("HNSW32"; M from 4 to 64 trades
+#: memory, 2*M*4 bytes of links per entry at level 0, for recall).
+HNSW_M: Final = 32
+
+#: HNSW candidate-list size while building. FAISS defaults to 40; 100 gave recall@10 of 0.99
+#: (efSearch 128) on 20k random 64-d unit vectors, a harder case than real embeddings, while
+#: building in half the time of 200 (measured: 5 s versus 10 s on 2 loaded cores).
+HNSW_EF_CONSTRUCTION: Final = 100
+
+#: HNSW candidate-list size while searching (raised to ``k`` when ``k`` is larger). 128 gave
+#: recall@10 >= 0.98 in the measurement above, where FAISS's default of 16 gives far less; the
+#: cost stays about 1-2 ms per query.
+HNSW_EF_SEARCH: Final = 128
+
+#: Largest tolerated deviation of a vector's L2 norm from 1. The encoder normalises in float32
+#: (norm error about 1e-7 * sqrt(dim)); 1e-3 also admits vectors stored as float16 and widened,
+#: while an unnormalised embedding (norm typically 5-50) is refused instead of giving wrong
+#: cosines.
+UNIT_NORM_TOLERANCE: Final = 1e-3
+
+#: HNSW cannot delete. Removed ids become tombstones, skipped during search through a FAISS
+#: ``IDSelector``; once they exceed this fraction of the graph the graph is rebuilt from its
+#: stored vectors without them. Dead nodes still cost traversal time and dilute the candidate
+#: list, so letting them pile up degrades speed and recall; rebuilding costs a full HNSW build,
+#: amortised over at least this fraction of the bank in removals.
+TOMBSTONE_COMPACT_FRACTION: Final = 0.2
+
+Algorithm = Literal["flat", "hnsw"]
+_AnyIndex = TypeVar("_AnyIndex", faiss.Index, faiss.IndexBinary)
+_PARAM_KEYS: Final = {
+    "flat": {"algorithm"},
+    "hnsw": {"algorithm", "hnsw_m", "ef_construction", "ef_search"},
+}
+
+
+def _check_unit_norm(vectors: npt.NDArray[np.float32], what: str) -> None:
+    norms = np.linalg.norm(vectors, axis=1)
+    bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"{what} must be L2-normalised (|norm - 1| <= {UNIT_NORM_TOLERANCE}); "
+            f"row {row} has norm {float(norms[row]):.6g} ({bad.size} row(s) in all)"
+        )
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class CosineIndex(SignalIndex):
+    """Cosine similarity over float32 ``(n, dim)`` unit vectors; ``Hit.score`` is the cosine."""
+
+    kind = "cosine"
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        algorithm: Algorithm = "flat",
+        hnsw_m: int = HNSW_M,
+        ef_construction: int = HNSW_EF_CONSTRUCTION,
+        ef_search: int = HNSW_EF_SEARCH,
+    ) -> None:
+        """An empty index of ``dim``-wide vectors; see :meth:`build` for the parameters."""
+        if algorithm not in _PARAM_KEYS:
+            raise ValueError(f"algorithm must be 'flat' or 'hnsw', got {algorithm!r}")
+        self._dim = _positive_int(dim, "dim")
+        self._algorithm: Algorithm = algorithm
+        self._hnsw_m = _positive_int(hnsw_m, "hnsw_m")
+        self._ef_construction = _positive_int(ef_construction, "ef_construction")
+        self._ef_search = _positive_int(ef_search, "ef_search")
+        self._index = self._new_faiss_index()
+        self._search_index: faiss.Index = self._index
+        self._ids: IdArray = np.empty(0, dtype=np.int64)
+        self._tombstones: IdArray = np.empty(0, dtype=np.int64)
+        self._selector: tuple[faiss.IDSelectorBatch, faiss.IDSelectorNot] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        ids: npt.ArrayLike,
+        vectors: npt.ArrayLike,
+        *,
+        algorithm: Algorithm | Literal["auto"] = "auto",
+        hnsw_m: int = HNSW_M,
+        ef_construction: int = HNSW_EF_CONSTRUCTION,
+        ef_search: int = HNSW_EF_SEARCH,
+        **params: Any,
+    ) -> Self:
+        """Build from ``(n,)`` int ids and ``(n, dim)`` float32 unit vectors.
+
+        Args:
+            algorithm: ``"flat"`` (exact), ``"hnsw"`` (approximate) or ``"auto"``: HNSW when
+                ``n >= HNSW_MIN_ENTRIES``. The choice is fixed for the index's life; entries
+                added later do not switch it (rebuild to re-decide).
+            hnsw_m, ef_construction, ef_search: HNSW parameters, recorded in the header.
+
+        Raises:
+            ValueError: malformed input (see :class:`SignalIndex`), vectors not unit-norm, or
+                an unknown parameter.
+        """
+        if params:
+            raise ValueError(f"unknown CosineIndex parameter(s): {sorted(params)}")
+        matrix = check_matrix(vectors, dtype=np.float32, dim=None, what="vectors")
+        chosen: Algorithm
+        if algorithm == "auto":
+            chosen = "hnsw" if matrix.shape[0] >= HNSW_MIN_ENTRIES else "flat"
+        else:
+            chosen = algorithm
+        index = cls(
+            matrix.shape[1],
+            algorithm=chosen,
+            hnsw_m=hnsw_m,
+            ef_construction=ef_construction,
+            ef_search=ef_search,
+        )
+        index.add(ids, matrix)
+        return index
+
+    def _new_faiss_index(self) -> faiss.IndexIDMap:
+        inner: faiss.Index
+        if self._algorithm == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(self._dim, self._hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = self._ef_construction
+            hnsw.hnsw.efSearch = self._ef_search
+            inner = hnsw
+        else:
+            inner = faiss.IndexFlatIP(self._dim)
+        return faiss.IndexIDMap(inner)
+
+    @property
+    def dim(self) -> int:
+        """Vector width (floats)."""
+        return self._dim
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """``"flat"`` (exact) or ``"hnsw"`` (approximate)."""
+        return self._algorithm
+
+    @property
+    def params(self) -> dict[str, ParamValue]:
+        """``algorithm``, plus ``hnsw_m``, ``ef_construction``, ``ef_search`` for HNSW."""
+        if self._algorithm == "flat":
+            return {"algorithm": "flat"}
+        return {
+            "algorithm": "hnsw",
+            "hnsw_m": self._hnsw_m,
+            "ef_construction": self._ef_construction,
+            "ef_search": self._ef_search,
+        }
+
+    @property
+    def tombstones(self) -> int:
+        """Removed entries still in the HNSW graph (always 0 for flat)."""
+        return int(self._tombstones.size)
+
+    def _vectors(self, vectors: npt.ArrayLike, what: str) -> npt.NDArray[np.float32]:
+        matrix = check_matrix(vectors, dtype=np.float32, dim=self._dim, what=what)
+        _check_unit_norm(matrix, what)
+        return matrix
+
+    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Add float32 unit vectors under new ids (see :meth:`SignalIndex.add`)."""
+        new_ids = check_ids(ids)
+        matrix = self._vectors(vectors, "vectors")
+        if new_ids.size != matrix.shape[0]:
+            raise ValueError(f"{new_ids.size} ids for {matrix.shape[0]} vectors")
+        check_no_duplicates(self._ids, new_ids)
+        if new_ids.size == 0:
+            return
+        if self._tombstones.size and np.isin(new_ids, self._tombstones).any():
+            # A re-added id would otherwise match both its tombstoned and its new vector.
+            self._compact()
+        self._index.add_with_ids(matrix, new_ids)
+        self._ids = merge_sorted(self._ids, new_ids)
+        self._drop_gpu_copy()
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Remove entries; flat deletes them, HNSW tombstones them (see the module constants)."""
+        present = np.intersect1d(self._ids, ids_from_iterable(ids), assume_unique=True)
+        if present.size == 0:
+            return 0
+        if self._algorithm == "flat":
+            removed = self._index.remove_ids(faiss.IDSelectorBatch(present))
+            if removed != present.size:
+                raise RuntimeError(f"FAISS removed {removed} of {present.size} entries")
+        else:
+            self._tombstones = merge_sorted(self._tombstones, present)
+            self._selector = None
+        self._ids = np.setdiff1d(self._ids, present, assume_unique=True)
+        if self._tombstones.size > TOMBSTONE_COMPACT_FRACTION * self._index.ntotal:
+            self._compact()
+        self._drop_gpu_copy()
+        return int(present.size)
+
+    def _compact(self) -> None:
+        started = self._index.ntotal
+        vectors = np.asarray(self._index.index.reconstruct_n(0, started), dtype=np.float32)
+        labels = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        keep = ~np.isin(labels, self._tombstones)
+        fresh = self._new_faiss_index()
+        if keep.any():
+            fresh.add_with_ids(np.ascontiguousarray(vectors[keep]), labels[keep])
+        self._index = fresh
+        self._search_index = fresh
+        self._tombstones = np.empty(0, dtype=np.int64)
+        self._selector = None
+        logger.info(
+            "rebuilt HNSW graph without tombstones: %d -> %d entries", started, fresh.ntotal
+        )
+
+    def _drop_gpu_copy(self) -> None:
+        if self._search_index is not self._index:
+            logger.info("index changed; searching on CPU until use_gpu() is called again")
+            self._search_index = self._index
+
+    def search(self, queries: npt.ArrayLike, k: int, threshold: float) -> list[list[Hit]]:
+        """Hits with cosine >= ``threshold`` (in [-1, 1]), best first, at most ``k`` per query."""
+        matrix = self._vectors(queries, "queries")
+        k = check_k(k)
+        floor = check_threshold(threshold, -1.0, 1.0, "cosine")
+        if len(self) == 0:
+            return [[] for _ in range(matrix.shape[0])]
+        kk = min(k, len(self))
+        if self._algorithm == "hnsw":
+            # Attribute missing from faiss's bundled type stubs, present at runtime.
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+            params.efSearch = max(self._ef_search, kk)
+            if self._tombstones.size:
+                params.sel = self._tombstone_selector()
+            scores, labels = self._search_index.search(matrix, kk, params=params)
+        else:
+            scores, labels = self._search_index.search(matrix, kk)
+        results: list[list[Hit]] = []
+        for row_scores, row_labels in zip(scores, labels, strict=True):
+            pairs = [
+                (float(s), int(i))
+                for s, i in zip(row_scores, row_labels, strict=True)
+                if i >= 0 and s >= floor
+            ]
+            pairs.sort(key=lambda p: (-p[0], p[1]))
+            results.append([Hit(i, s) for s, i in pairs])
+        return results
+
+    def _tombstone_selector(self) -> faiss.IDSelectorNot:
+        if self._selector is None:
+            # Keep the batch selector referenced: IDSelectorNot holds a raw pointer to it.
+            batch = faiss.IDSelectorBatch(self._tombstones)
+            self._selector = (batch, faiss.IDSelectorNot(batch))
+        return self._selector[1]
+
+    def use_gpu(self, *, gpus: int | None = None) -> bool:
+        """Search a GPU copy of a flat index when FAISS GPU and a GPU are available.
+
+        The CPU index stays the source of truth: ``add``/``remove`` go to it and drop the GPU
+        copy (call again afterwards). HNSW stays on CPU. See :func:`maybe_to_gpu`.
+
+        Returns:
+            Whether searches now run on a GPU.
+        """
+        if self._algorithm != "flat":
+            logger.info("HNSW has no FAISS GPU equivalent here; searching on CPU")
+            self._search_index = self._index
+            return False
+        self._search_index = maybe_to_gpu(self._index, gpus=gpus)
+        return self._search_index is not self._index
+
+    def _sections(self) -> dict[str, bytes]:
+        sections = {"faiss": faiss.serialize_index(self._index).tobytes()}
+        if self._algorithm == "hnsw":
+            sections["tombstones"] = self._tombstones.astype("<i8").tobytes()
+        return sections
+
+    @classmethod
+    def _from_sections(
+        cls,
+        dim: int,
+        count: int,
+        params: Mapping[str, Any],
+        sections: Mapping[str, bytes],
+    ) -> Self:
+        algorithm = params.get("algorithm")
+        if algorithm not in _PARAM_KEYS:
+            raise ValueError(f"unknown cosine index algorithm {algorithm!r}")
+        if set(params) != _PARAM_KEYS[algorithm]:
+            raise ValueError(f"cosine {algorithm} params must be {sorted(_PARAM_KEYS[algorithm])}")
+        expected = {"faiss", "tombstones"} if algorithm == "hnsw" else {"faiss"}
+        if set(sections) != expected:
+            raise ValueError(f"cosine {algorithm} index needs sections {sorted(expected)}")
+        index = cls(dim, **params)
+        try:
+            loaded = faiss.deserialize_index(np.frombuffer(sections["faiss"], dtype=np.uint8))
+        except RuntimeError as exc:
+            raise ValueError(f"FAISS could not read the index: {exc}") from exc
+        if not isinstance(loaded, faiss.IndexIDMap) or loaded.d != dim:
+            raise ValueError(f"expected a {dim}-d FAISS IndexIDMap, got {type(loaded).__name__}")
+        inner = faiss.downcast_index(loaded.index)
+        if inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError("the FAISS index does not use inner product")
+        if algorithm == "hnsw":
+            if not isinstance(inner, faiss.IndexHNSWFlat):
+                raise ValueError(f"expected IndexHNSWFlat, got {type(inner).__name__}")
+            levels = faiss.vector_to_array(inner.hnsw.cum_nneighbor_per_level)
+            if levels.size < 3 or int(levels[2] - levels[1]) != index._hnsw_m:
+                raise ValueError("HNSW graph degree does not match the header's hnsw_m")
+            inner.hnsw.efSearch = index._ef_search
+            blob = sections["tombstones"]
+            if len(blob) % 8:
+                raise ValueError("tombstones section is not a whole number of int64")
+            tombstones = np.frombuffer(blob, dtype="<i8").astype(np.int64)
+        else:
+            if type(inner) is not faiss.IndexFlatIP:
+                raise ValueError(f"expected IndexFlatIP, got {type(inner).__name__}")
+            tombstones = np.empty(0, dtype=np.int64)
+        labels = faiss.vector_to_array(loaded.id_map).astype(np.int64)
+        if labels.size != loaded.ntotal or np.unique(labels).size != labels.size:
+            raise ValueError("the FAISS id map is inconsistent (wrong size or repeated ids)")
+        if np.unique(tombstones).size != tombstones.size or not np.isin(tombstones, labels).all():
+            raise ValueError("tombstones must be distinct ids present in the index")
+        live = np.setdiff1d(labels, tombstones)
+        if live.size != count:
+            raise ValueError(f"header says {count} entries, index holds {live.size}")
+        index._index = loaded
+        index._search_index = loaded
+        index._ids = live
+        index._tombstones = np.sort(tombstones)
+        return index
+
+
+def maybe_to_gpu(index: _AnyIndex, *, gpus: int | None = None) -> _AnyIndex:
+    """A GPU copy of a float FAISS index when FAISS GPU and a GPU exist, else ``index`` itself.
+
+    FAISS GPU comes from the ``faiss-gpu-cu12`` extra (``pip install moderation[gpu]``); the
+    ``faiss-cpu`` wheel lacks ``StandardGpuResources`` and ``index_cpu_to_gpu``, and then the
+    index is returned unchanged. Flat indexes (also inside ``IndexIDMap``) are cloned to GPU 0,
+    or sharded over several GPUs with ``index_cpu_to_all_gpus``; HNSW and binary indexes are
+    returned unchanged (FAISS GPU has no HNSW; PDQ scans are cheap on CPU).
+
+    This selection logic is tested on CPU with stand-in GPU symbols; it has never run on a
+    real GPU in this project's development environment.
+
+    Args:
+        index: a CPU ``faiss.Index`` (or ``faiss.IndexBinary``, returned as is).
+        gpus: how many GPUs to use; ``None`` asks ``faiss.get_num_gpus()``. 0 keeps the CPU.
+
+    Raises:
+        ValueError: ``gpus`` is negative.
+    """
+    if gpus is not None and (isinstance(gpus, bool) or gpus < 0):
+        raise ValueError(f"gpus must be a non-negative integer or None, got {gpus!r}")
+    if isinstance(index, faiss.IndexBinary):
+        return index
+    resources_cls = getattr(faiss, "StandardGpuResources", None)
+    to_gpu = getattr(faiss, "index_cpu_to_gpu", None)
+    to_all_gpus = getattr(faiss, "index_cpu_to_all_gpus", None)
+    if resources_cls is None or to_gpu is None or to_all_gpus is None:
+        logger.debug("FAISS was built without GPU support; keeping the index on CPU")
+        return index
+    count = faiss.get_num_gpus() if gpus is None else gpus
+    if count <= 0:
+        logger.debug("no GPU visible to FAISS; keeping the index on CPU")
+        return index
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if not isinstance(inner, faiss.IndexFlat):
+        logger.info("FAISS GPU supports flat indexes here, not %s", type(inner).__name__)
+        return index
+    if count == 1:
+        moved: _AnyIndex = to_gpu(resources_cls(), 0, index)
+    else:
+        moved = to_all_gpus(index, ngpu=count)
+    logger.info("moved a %d-entry FAISS index to %d GPU(s)", index.ntotal, count)
+    return moved
