@@ -51,7 +51,7 @@ def _rewrap_snapshots(
         path = snapshots_dir / Path(row.path).name
         if not path.exists() or row.key_id == keyring.primary_id:
             continue
-        new_path = path.with_name(f"v{row.version:08d}-{row.snapshot_id}-{keyring.primary_id}.snap")
+        new_path = path.with_name(f"{row.snapshot_id}-v{row.version}-{keyring.primary_id}.snapshot")
         shutil.copyfile(path, new_path)
         written = rewrap_snapshot(new_path, keyring)
         row.path, row.key_id = new_path.name, written.key_id

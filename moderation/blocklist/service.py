@@ -456,7 +456,7 @@ def prune_snapshots(session: Session, snapshots_dir: Path) -> list[Path]:
     for old in session.scalars(select(IndexSnapshot).where(IndexSnapshot.version < row.version)):
         session.delete(old)
     keep = Path(row.path).name
-    for path in snapshots_dir.glob("*.snap"):
+    for path in snapshots_dir.glob("*.snapshot"):
         if path.name != keep:
             path.unlink(missing_ok=True)
             removed.append(path)

@@ -1,0 +1,236 @@
+"""``moderation benchmark``: the BENCHMARKS.md quality protocol over the real screening path.
+
+Methods compared in one run, on the same queries:
+
+* ``pdq``: the baseline, PDQ via ``pdqhash``; score = 256 - the smallest Hamming distance over
+  the query's 8 dihedral variants (BENCHMARKS.md).
+* ``global-cosine``: the production pipeline without the classifier stage: a real bank import
+  (encrypted snapshot) and :class:`~moderation.screening.Screener` with the active policy
+  (decisions from its thresholds; score = best block-bank cosine).
+
+Every query is JPEG-encoded once (quality 95) before timing, and every method decodes those
+bytes itself, so images/s are comparable end to end (bytes in, decision out).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from moderation.benchmark.protocol import Method, MethodResult, Protocol, build_protocol, run_protocol
+from moderation.benchmark.report import markdown_table, plot_pr_curves, to_json
+from moderation.config import Settings, load_settings
+from moderation.hashing import hamming_distance, pdq_hash, pdq_hash_dihedral
+from moderation.imaging import DecodeLimits, UnscannableImage, decode_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+class EncodedQueries:
+    """JPEG bytes of every query image, keyed by the image object (encoded once, untimed)."""
+
+    def __init__(self, images: Sequence[Image.Image], quality: int = 95) -> None:
+        self._bytes: dict[int, bytes] = {}
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=quality)
+            self._bytes[id(image)] = buffer.getvalue()
+
+    def __call__(self, image: Image.Image) -> bytes:
+        return self._bytes[id(image)]
+
+
+class PdqMethod:
+    """PDQ baseline: best reference by Hamming distance over the 8 dihedral variants."""
+
+    name = "pdq"
+
+    def __init__(self, encoded: EncodedQueries, limits: DecodeLimits) -> None:
+        self.encoded = encoded
+        self.limits = limits
+        self.ref_ids: list[str] = []
+        self.digests = np.zeros((0, 32), np.uint8)
+
+    def index(self, references: Sequence[tuple[str, Image.Image]]) -> None:
+        self.ref_ids = [ref_id for ref_id, _ in references]
+        self.digests = np.stack(
+            [np.frombuffer(pdq_hash(img).digest, np.uint8) for _, img in references]
+        )
+
+    def query(self, images: Sequence[Image.Image]) -> list[tuple[str | None, float, str | None]]:
+        bits = np.unpackbits(self.digests, axis=1)
+        answers: list[tuple[str | None, float, str | None]] = []
+        for image in images:
+            try:
+                frame = decode_image(self.encoded(image), self.limits).frames[0]
+            except UnscannableImage:
+                answers.append((None, 0.0, None))
+                continue
+            best, best_ref = 257, None
+            for variant in pdq_hash_dihedral(frame):
+                query_bits = np.unpackbits(np.frombuffer(variant.digest, np.uint8))
+                distances = np.count_nonzero(bits != query_bits, axis=1)
+                row = int(np.argmin(distances))
+                if distances[row] < best:
+                    best, best_ref = int(distances[row]), self.ref_ids[row]
+            answers.append((best_ref, float(256 - best), None))
+        return answers
+
+
+class ScreeningMethod:
+    """The production screening path over a freshly imported, encrypted bank."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        reference_paths: dict[str, Path],
+        encoded: EncodedQueries,
+        *,
+        refiner_factory: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.reference_paths = reference_paths
+        self.encoded = encoded
+        self.refiner_factory = refiner_factory
+        self._screener: Any = None
+        self._ref_of_label: dict[str, str] = {}
+
+    def index(self, references: Sequence[tuple[str, Image.Image]]) -> None:
+        from moderation.blocklist.operations import import_bank
+        from moderation.blocklist.service import create_bank
+        from moderation.crypto import load_keyring
+        from moderation.runtime import Runtime
+        from moderation.storage.db import migrate, transaction
+
+        self.settings.ensure_dirs()
+        load_keyring(self.settings, create_dev=True)
+        runtime = Runtime(self.settings)
+        migrate(runtime.engine)
+        with transaction(runtime.sessions) as session:
+            create_bank(session, "benchmark-references", kind="block")
+        paths = [self.reference_paths[ref_id] for ref_id, _ in references]
+        by_name = {p.name: ref_id for ref_id, p in self.reference_paths.items()}
+        import_bank(runtime, "benchmark-references", paths, actor="benchmark")
+        refiner = self.refiner_factory(runtime) if self.refiner_factory else None
+        screener = runtime.screener(refiner=refiner)
+        # Every query gets a score: candidates are retrieved down to cosine 0 (decisions still
+        # come from the policy's review/block thresholds, which are far above that).
+        policy = screener.policy
+        screener.policy = policy.model_copy(
+            update={"candidates": policy.candidates.model_copy(update={"min_cosine": 0.0})}
+        )
+        self._screener = screener
+        self._ref_of_label = {Path(name).stem: ref for name, ref in by_name.items()}
+
+    def query(self, images: Sequence[Image.Image]) -> list[tuple[str | None, float, str | None]]:
+        results = []
+        batch = self.settings.batch_size
+        for start in range(0, len(images), batch):
+            chunk = [self.encoded(img) for img in images[start : start + batch]]
+            results.extend(self._screener.screen_bytes(chunk))
+        answers: list[tuple[str | None, float, str | None]] = []
+        for result in results:
+            top = result.explanation.get("candidates") or []
+            best = top[0] if top else None
+            ref = None
+            if best is not None:
+                ref = self._ref_of_label.get(self._label_of(best["entry_id"]))
+            decision = result.decision if result.decision != "unscannable" else "review"
+            answers.append((ref, float(result.score if result.score is not None else 0.0), decision))
+        return answers
+
+    def _label_of(self, entry_id: str) -> str:
+        info = self._screener.blocklist.entries[int(entry_id.removeprefix("e_"))]
+        return str(info.label)
+
+
+def image_files(directory: Path) -> list[Path]:
+    """Image files directly in ``directory``, sorted."""
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def run_quality_benchmark(
+    settings: Settings,
+    images_dir: Path,
+    *,
+    json_out: Path | None = None,
+    plot_out: Path | None = None,
+    n_references: int = 250,
+    per_edit: int = 20,
+    seed: int = 0,
+    echo: Callable[[str], Any] = print,
+    extra_methods: Callable[[dict[str, Path], EncodedQueries, Path], list[Method]] | None = None,
+) -> list[MethodResult]:
+    """Run the protocol on ``images_dir`` and print a markdown table; optionally JSON and plot.
+
+    Raises:
+        ValueError: too few images in ``images_dir`` for the requested split.
+    """
+    paths = image_files(images_dir)
+    started = time.perf_counter()
+    protocol: Protocol = build_protocol(
+        paths,
+        n_references=n_references,
+        positives_per_edit=per_edit,
+        negatives_per_edit=per_edit,
+        seed=seed,
+    )
+    reference_paths = dict(protocol.references)
+    encoded = EncodedQueries([q.image for q in protocol.queries])
+    limits = DecodeLimits.from_settings(settings)
+    echo(
+        f"protocol: {len(protocol.references)} references, {len(protocol.queries)} queries "
+        f"({sum(q.true_ref_id is not None for q in protocol.queries)} positives), seed {seed}"
+    )
+    with tempfile.TemporaryDirectory(prefix="moderation-benchmark-") as tmp:
+        base = Path(tmp)
+
+        def method_settings(name: str) -> Settings:
+            return load_settings(
+                **{
+                    **settings.model_dump(
+                        exclude={"data_dir", "database_url", "key_file", "master_keys"}
+                    ),
+                    "data_dir": base / name,
+                }
+            )
+
+        methods: list[Method] = [
+            PdqMethod(encoded, limits),
+            ScreeningMethod(
+                "global-cosine", method_settings("global-cosine"), reference_paths, encoded
+            ),
+        ]
+        if extra_methods is not None:
+            methods.extend(extra_methods(reference_paths, encoded, base))
+        results = run_protocol(protocol, methods)
+    table = markdown_table(results)
+    echo(table)
+    echo(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
+         f"total {time.perf_counter() - started:.0f} s")
+    if json_out is not None:
+        document = to_json(
+            results,
+            protocol,
+            extra={"encoder": settings.encoder, "policy": settings.policy, "seed": seed},
+        )
+        json_out.write_text(json.dumps(document, indent=2))
+        echo(f"wrote {json_out}")
+    if plot_out is not None:
+        plot_pr_curves(results, plot_out)
+        echo(f"wrote {plot_out}")
+    return results
