@@ -14,7 +14,14 @@ SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED_DIR / "data"
 
 # Photos scikit-image ships inside its wheel: real camera images, no download.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle_left",
+    "hubble_deep_field",
+)
 
 
 def shared_path(*parts: str) -> Path:

@@ -27,10 +27,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from moderation.benchmark.protocol import Method, MethodResult, Protocol, build_protocol, run_protocol
+from moderation.benchmark.protocol import (
+    Method,
+    MethodResult,
+    Protocol,
+    build_protocol,
+    run_protocol,
+)
 from moderation.benchmark.report import markdown_table, plot_pr_curves, to_json
 from moderation.config import Settings, load_settings
-from moderation.hashing import hamming_distance, pdq_hash, pdq_hash_dihedral
+from moderation.hashing import pdq_hash, pdq_hash_dihedral
 from moderation.imaging import DecodeLimits, UnscannableImage, decode_image
 
 logger = logging.getLogger(__name__)
@@ -150,7 +156,9 @@ class ScreeningMethod:
             if best is not None:
                 ref = self._ref_of_label.get(self._label_of(best["entry_id"]))
             decision = result.decision if result.decision != "unscannable" else "review"
-            answers.append((ref, float(result.score if result.score is not None else 0.0), decision))
+            answers.append(
+                (ref, float(result.score if result.score is not None else 0.0), decision)
+            )
         return answers
 
     def _label_of(self, entry_id: str) -> str:
@@ -220,8 +228,10 @@ def run_quality_benchmark(
         results = run_protocol(protocol, methods)
     table = markdown_table(results)
     echo(table)
-    echo(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
-         f"total {time.perf_counter() - started:.0f} s")
+    echo(
+        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
     if json_out is not None:
         document = to_json(
             results,

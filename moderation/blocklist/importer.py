@@ -17,14 +17,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import numpy.typing as npt
-from moderation.encoders import Encoder
-from moderation.hashing import pdq_hash
-from moderation.imaging import DecodeLimits, UnscannableImage, decode_image
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.blocklist.service import EntrySignals, get_bank
+from moderation.encoders import Encoder
+from moderation.hashing import pdq_hash
+from moderation.imaging import DecodeLimits, UnscannableImage, decode_image
 from moderation.storage.models import Entry
 
 logger = logging.getLogger(__name__)

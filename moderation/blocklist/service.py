@@ -32,6 +32,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
 from moderation.blocklist.snapshot import (
     SnapshotError,
     SnapshotFile,
@@ -42,9 +45,6 @@ from moderation.blocklist.snapshot import (
 )
 from moderation.crypto import KeyRing
 from moderation.index import CosineIndex, HammingIndex
-from sqlalchemy import select, text
-from sqlalchemy.orm import Session
-
 from moderation.storage.models import Bank, Entry, IndexSnapshot
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class Payload:
 
     def to_bytes(self) -> bytes:
         """Serialise (no pickle) for encryption."""
-        arrays = {
+        arrays: dict[str, np.ndarray[Any, Any]] = {
             "entry_ids": self.entry_ids,
             "vectors": self.vectors,
             "pdq": self.pdq,
@@ -128,7 +128,7 @@ class Payload:
         return encode_payload(arrays, meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Payload:
+    def from_bytes(cls, data: bytes | bytearray) -> Payload:
         """Parse a decrypted payload.
 
         Raises:
@@ -261,7 +261,8 @@ class Blocklist:
         Raises:
             KeyError: the entry is not in this snapshot.
         """
-        return self.payload.vectors[self._rows[entry_id]]
+        vector: npt.NDArray[np.float32] = self.payload.vectors[self._rows[entry_id]]
+        return vector
 
     def pdq_of(self, entry_id: int) -> tuple[bytes, int]:
         """The stored PDQ digest (32 bytes) and quality of an entry."""
@@ -270,7 +271,10 @@ class Blocklist:
 
     def regions_of(self, entry_id: int) -> npt.NDArray[np.float32]:
         """The stored region embeddings of an entry, float32 (r, d) (r may be 0)."""
-        return self.payload.region_vectors[self.payload.region_entry_ids == entry_id]
+        regions: npt.NDArray[np.float32] = self.payload.region_vectors[
+            self.payload.region_entry_ids == entry_id
+        ]
+        return regions
 
 
 # --- banks and entries --------------------------------------------------------------------
