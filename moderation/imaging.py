@@ -54,12 +54,13 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import stat
 import struct
 import warnings
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -199,10 +200,13 @@ class DecodeLimits:
         max_frames: an animation or multipage file with more frames is ``too_many_frames``.
         sampled_frames: at most this many frames are returned for screening.
         max_total_pixels: cap on the sum of width x height over every frame decoded, px.
-            Choosing frames needs each frame decoded once, so this bounds the work per upload:
-            the default, twice Pillow's ``MAX_IMAGE_PIXELS`` (about 179 Mpx, for example 1000
-            frames of 480 x 360), decodes in a few seconds on one core. When the chosen frames
-            cannot all be kept from the first pass, up to this many pixels are decoded again.
+            Choosing frames needs each frame decoded once, so this bounds the work per upload.
+            The default is twice Pillow's ``MAX_IMAGE_PIXELS`` (about 179 Mpx, for example 1000
+            frames of 480 x 360). Measured on one core: 4.1 s for 1000 GIF frames of 480 x 360
+            (173 Mpx; bare Pillow seek and load takes 1.5 s of that); 5.6 s for a 2.8 KB
+            mutated WebP declaring three 2097448 x 28 frames (176 Mpx), all of it in Pillow's
+            WebP decoder. Lower this to cut the worst case. When more than ``sampled_frames``
+            frames exist and they add up to over 32 Mpx, the chosen ones are decoded again.
 
     Raises:
         ValueError: a limit is below 1.
@@ -316,6 +320,11 @@ def decode_image(
         UnscannableImage: for any input that cannot be decoded within ``limits``; ``reason`` is
             one of :data:`UNSCANNABLE_REASONS`. No other exception escapes for bad input.
         ValueError: ``draft_size`` is not two positive ints (a caller bug, not an input one).
+
+    Threads: ``warnings.catch_warnings`` swaps the process-wide filter list (Python < 3.14), so
+    concurrent decodes in threads can lose the "error" filter for each other. The declared-size
+    check against ``limits.max_pixels`` (by default Pillow's own limit) still refuses such
+    images; run decodes in worker processes (Celery prefork) to keep both layers.
     """
     _check_draft_size(draft_size)
     if not data:
@@ -439,38 +448,47 @@ def _composite(image: Image.Image) -> Image.Image:
 
 def _scaled_grey(image: Image.Image) -> Image.Image:
     """An "I", "I;16*" or "F" image as "L" (or "LA" with its transparency), by to_rgb's rule 2."""
-    values: npt.NDArray[np.float32] = np.asarray(image).astype(np.float32)
+    values = np.asarray(image)  # uint16, int32 or float32, (height, width)
     if image.mode.startswith("I;16"):
-        low, high = 0.0, 65535.0
+        low, high, finite = 0.0, 65535.0, True
     else:
-        low, high = _nominal_range(values, is_float=image.mode == "F")
-        if image.mode == "F":
-            values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
-    scaled = np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
-    grey = Image.fromarray(scaled)
+        low, high, finite = _nominal_range(values)
+    scaled = values.astype(np.float32)  # a writable copy, scaled in place below
+    if not finite:
+        np.nan_to_num(scaled, copy=False, nan=low, posinf=high, neginf=low)
+    scaled -= low
+    scaled *= 255.0 / (high - low)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    grey = Image.fromarray(scaled.astype(np.uint8))
     transparency = image.info.get("transparency")
     if isinstance(transparency, int) and not isinstance(transparency, bool):
-        alpha = np.where(np.asarray(image) == transparency, 0, 255).astype(np.uint8)
+        alpha = np.where(values == transparency, 0, 255).astype(np.uint8)
         return Image.merge("LA", (grey, Image.fromarray(alpha)))
     return grey
 
 
-def _nominal_range(values: npt.NDArray[np.float32], *, is_float: bool) -> tuple[float, float]:
-    """(low, high) that ``values`` are scaled from, by to_rgb's rule 2."""
-    finite = values[np.isfinite(values)] if is_float else values
-    if finite.size == 0:
-        return 0.0, 1.0
-    vmin, vmax = float(finite.min()), float(finite.max())
+def _nominal_range(values: npt.NDArray[Any]) -> tuple[float, float, bool]:
+    """(low, high, all finite) for an "I" or "F" array, by to_rgb's rule 2."""
+    is_float = values.dtype.kind == "f"
+    vmin, vmax = float(values.min()), float(values.max())  # NaN propagates
+    finite = math.isfinite(vmin) and math.isfinite(vmax)
+    if not finite:
+        mask = np.isfinite(values)
+        if not mask.any():
+            return 0.0, 1.0, False
+        vmin = float(values.min(where=mask, initial=np.inf))
+        vmax = float(values.max(where=mask, initial=-np.inf))
     if vmin >= 0.0:
         if is_float and vmax <= 1.0:
-            return 0.0, 1.0
+            return 0.0, 1.0, finite
         if vmax <= 255.0:
-            return 0.0, 255.0
+            return 0.0, 255.0, finite
         if vmax <= 65535.0:
-            return 0.0, 65535.0
+            return 0.0, 65535.0, finite
     if vmax == vmin:
-        return vmin, vmin + 1.0
-    return vmin, vmax
+        return vmin, vmin + 1.0, finite
+    return vmin, vmax, finite
 
 
 def _check_draft_size(draft_size: tuple[int, int] | None) -> None:
@@ -524,9 +542,14 @@ def _decode_animation(
     """Decode every frame once (thumbnails), choose frames, return them upright.
 
     GIF frames are iterated until Pillow reports no more (our count was only a bound); other
-    formats for exactly the count Pillow declares, so a missing frame is an EOFError.
+    formats for exactly the count Pillow declares, so a missing frame is an EOFError. When
+    every frame will be returned (declared <= sampled_frames) all are kept whatever their size,
+    since the result holds them anyway; otherwise frames are kept up to ``_RETAIN_PIXELS`` and
+    the chosen ones decoded again past that.
     """
     is_gif = image.format == "GIF"
+    returns_all = declared <= limits.sampled_frames
+    needs_thumbnails = is_gif or not returns_all  # a GIF may hold more frames than counted
     thumbnails: list[npt.NDArray[np.float32]] = []
     kept: list[Image.Image] | None = []
     kept_pixels = 0
@@ -556,10 +579,11 @@ def _decode_animation(
         frame = _load_rgb(image, data_size)
         if index == 0:
             orientation = _orientation(image)
-        thumbnails.append(_thumbnail(frame))
+        if needs_thumbnails:
+            thumbnails.append(_thumbnail(frame))
         if kept is not None:
             kept_pixels += pixels
-            if kept_pixels <= _RETAIN_PIXELS:
+            if returns_all or kept_pixels <= _RETAIN_PIXELS:
                 kept.append(frame)
             else:
                 kept = None
@@ -801,7 +825,11 @@ def _check_tiff_strips(image: ImageFile.ImageFile, data_size: int) -> None:
         offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
         if not isinstance(offsets, tuple) or not isinstance(counts, tuple):
             continue
-        ends = [o + c for o, c in zip(offsets, counts, strict=False) if isinstance(o + c, int)]
+        ends = [
+            o + c
+            for o, c in zip(offsets, counts, strict=False)
+            if isinstance(o, int) and isinstance(c, int)
+        ]
         if ends and max(ends) > data_size:
             raise UnscannableImage(
                 "truncated",

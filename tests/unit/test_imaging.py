@@ -15,7 +15,8 @@ import subprocess
 import threading
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,15 @@ def reason_of(call: Callable[[], object]) -> str:
         call()
     assert caught.value.reason in UNSCANNABLE_REASONS
     return caught.value.reason
+
+
+@contextmanager
+def no_pixel_buffer_allocated() -> Iterator[None]:
+    """Assert that Pillow creates no image memory inside the block (its allocator counters)."""
+    core = Image.core  # type: ignore[attr-defined]
+    core.reset_stats()
+    yield
+    assert core.get_stats()["new_count"] == 0, "a pixel buffer was allocated"
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
@@ -118,7 +128,7 @@ def animation(frames: list[Image.Image], fmt: str) -> bytes:
 
 
 def photo(name: str = "chelsea", size: tuple[int, int] | None = None) -> Image.Image:
-    image = skimage_photo(name)
+    image: Image.Image = skimage_photo(name)
     return image.resize(size, Image.Resampling.LANCZOS) if size else image
 
 
@@ -181,7 +191,8 @@ _MAGIC_PREFIXES = (
 def test_sniff_format_agrees_with_pillows_own_accept_functions(prefix: bytes, tail: bytes) -> None:
     head = (prefix + tail)[:16]
     Image.init()
-    pillow = [fmt for fmt in ALLOWED_FORMATS if Image.OPEN[fmt][1](head) is True]
+    accepts = [(fmt, Image.OPEN[fmt][1]) for fmt in ALLOWED_FORMATS]
+    pillow = [fmt for fmt, accept in accepts if accept is not None and accept(head) is True]
     assert sniff_format(head) == (pillow[0] if pillow else None)
 
 
@@ -391,9 +402,8 @@ def test_i1_huge_declared_png_is_too_large_before_any_pixel_buffer() -> None:
         30000, 30000, bit_depth=8, colour_type=2, idat=zlib.compress(bytes(4096))
     )
     assert len(data) < 4096
-    Image.core.reset_stats()
-    assert reason_of(lambda: decode_image(data)) == "too_large"
-    assert Image.core.get_stats()["new_count"] == 0, "a pixel buffer was allocated"
+    with no_pixel_buffer_allocated():
+        assert reason_of(lambda: decode_image(data)) == "too_large"
 
 
 def _png_between_one_and_two_times_pillows_limit() -> bytes:
@@ -410,11 +420,11 @@ def _png_between_one_and_two_times_pillows_limit() -> bytes:
 def test_i2_image_between_one_and_two_times_the_limit_is_not_silently_decoded() -> None:
     data = _png_between_one_and_two_times_pillows_limit()
     filters_before, max_pixels_before = list(warnings.filters), Image.MAX_IMAGE_PIXELS
-    Image.core.reset_stats()
     # Our own limit set higher than Pillow's: Pillow's warning, raised as an error, still wins.
-    for limits in (DecodeLimits(), DecodeLimits(max_pixels=10**9, max_total_pixels=10**9)):
-        assert reason_of(lambda limits=limits: decode_image(data, limits)) == "too_large"
-    assert Image.core.get_stats()["new_count"] == 0
+    higher = DecodeLimits(max_pixels=10**9, max_total_pixels=10**9)
+    with no_pixel_buffer_allocated():
+        assert reason_of(lambda: decode_image(data)) == "too_large"
+        assert reason_of(lambda: decode_image(data, higher)) == "too_large"
     assert warnings.filters == filters_before, "global warning filters changed"
     assert max_pixels_before == Image.MAX_IMAGE_PIXELS
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
@@ -491,7 +501,7 @@ def test_frame_limit_boundary(fmt: str) -> None:
 def test_hand_built_gif_frames_are_counted_like_pillow() -> None:
     decoded = decode_image(minimal_gif(10), DecodeLimits(max_frames=10))
     with Image.open(io.BytesIO(minimal_gif(10))) as image:
-        assert decoded.n_frames == image.n_frames == 10
+        assert decoded.n_frames == getattr(image, "n_frames", 1) == 10
     assert {frame.getpixel((0, 0)) for frame in decoded.frames} == {(0, 0, 0), (255, 255, 255)}
 
 
@@ -536,6 +546,23 @@ def test_one_and_two_pass_frame_selection_agree(monkeypatch: pytest.MonkeyPatch)
         assert a.tobytes() == b.tobytes()
 
 
+def test_frames_are_decoded_once_when_all_are_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import WebPImagePlugin
+
+    monkeypatch.setattr(imaging, "_RETAIN_PIXELS", 0)  # would force a second pass otherwise
+    seeks: list[int] = []
+    real_seek = WebPImagePlugin.WebPImageFile.seek
+
+    def recording_seek(self: WebPImagePlugin.WebPImageFile, frame: int) -> None:
+        seeks.append(frame)
+        real_seek(self, frame)
+
+    monkeypatch.setattr(WebPImagePlugin.WebPImageFile, "seek", recording_seek)
+    decoded = decode_image(animation(solid_frames(3), "WEBP"))
+    assert decoded.frame_indices == (0, 1, 2)
+    assert seeks == [1, 2]
+
+
 def test_identical_pages_are_not_returned_twice() -> None:
     page = photo(size=(64, 48))
     decoded = decode_image(animation([page] * 20, "TIFF"))
@@ -560,7 +587,7 @@ def test_skimage_animated_gif_decodes_like_pillow() -> None:
     path = skimage_photo_path("no_time_for_that_tiny")
     decoded = decode_file(path)
     with Image.open(path) as image:
-        assert decoded.n_frames == image.n_frames
+        assert decoded.n_frames == getattr(image, "n_frames", 1) == 24
         assert decoded.size == image.size
         for index, frame in zip(decoded.frame_indices, decoded.frames, strict=True):
             image.seek(index)
@@ -735,7 +762,7 @@ def test_i8_generated_modes_match_the_photo(case: str, tmp_path: Path) -> None:
     assert first.mode == "RGB"
     assert first.tobytes() == second.tobytes(), "decode and to_rgb disagree"
     compared = first.convert("L") if grey else first
-    limit = 12 if case in ("1", "P") else 4  # dithered modes keep noise even when box-filtered
+    limit = 8 if case == "1" else 3  # 1-bit is dithered: noise survives the box filter
     assert mean_abs_diff(compared, reference) < limit
 
 
@@ -768,6 +795,7 @@ def test_alpha_is_composited_onto_the_background() -> None:
     clear = to_rgb(Image.new("RGBA", (4, 4), (0, 0, 0, 0)))
     assert clear.getpixel((0, 0)) == ALPHA_BACKGROUND
     half = to_rgb(Image.new("RGBA", (4, 4), (200, 0, 0, 128))).getpixel((0, 0))
+    assert isinstance(half, tuple)
     expected = [
         round((c * 128 + b * 127) / 255) for c, b in zip((200, 0, 0), ALPHA_BACKGROUND, strict=True)
     ]

@@ -136,7 +136,7 @@ def test_every_seed_decodes(name: str) -> None:
 
 
 @settings(
-    max_examples=400,
+    max_examples=1000,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -147,7 +147,7 @@ def test_mutated_images_decode_or_are_unscannable(case: tuple[str, str, bytes]) 
     check_outcome(data)
 
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(data=st.binary(max_size=512))
 def test_random_bytes_are_unscannable(data: bytes) -> None:
     assert check_outcome(data) is None
