@@ -641,6 +641,35 @@ def test_i5_exif_orientation_makes_the_image_upright(fmt: str, orientation: int)
     assert mean_abs_diff(stored.resize(upright.size), upright) > 20
 
 
+def test_i5_real_camera_photos_with_orientation_come_out_upright() -> None:
+    """ThreatExchange's exif-rotn photos: one scene shot with the phone held four ways.
+
+    The shots differ, so no pixel equality: of the four rotations of each decoded photo, the
+    upright one (no further rotation) must be the closest to the orientation-1 shot.
+    """
+    folder = shared_path("threatexchange-pdq", "reg-test-input", "exif-rotn")
+
+    def grey(image: Image.Image) -> np.ndarray:
+        return np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BOX), dtype=float)
+
+    reference = grey(decode_file(folder / "exif-rotn-1.jpg", draft_size=(256, 256)).frames[0])
+    for orientation in (3, 6, 8):
+        frame = decode_file(folder / f"exif-rotn-{orientation}.jpg", draft_size=(256, 256)).frames[
+            0
+        ]
+        assert frame.size[0] > frame.size[1] if orientation == 3 else frame.size[0] < frame.size[1]
+        upright = np.abs(grey(frame) - reference).mean()
+        for turn in (
+            Image.Transpose.ROTATE_90,
+            Image.Transpose.ROTATE_180,
+            Image.Transpose.ROTATE_270,
+        ):
+            assert upright < np.abs(grey(frame.transpose(turn)) - reference).mean(), (
+                orientation,
+                turn,
+            )
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_orientation_matches_imageops_exif_transpose(orientation: int) -> None:
     data = _with_orientation(photo("astronaut", size=(48, 32)), "PNG", orientation)
