@@ -100,7 +100,9 @@ class Settings(BaseSettings):
         default=1000, ge=1, description="More frames than this: unscannable too_many_frames."
     )
     sampled_frames: int = Field(
-        default=8, ge=1, description="Frames of an animation that are screened, spread evenly."
+        default=8,
+        ge=1,
+        description="Frames of an animation that are screened: the most different ones.",
     )
 
     # --- logging -----------------------------------------------------------------------------
