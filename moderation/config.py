@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     torch_threads: int = Field(default=0, ge=0, description="0: torch's own default.")
+    faiss_threads: int = Field(
+        default=1,
+        ge=0,
+        description="FAISS OpenMP threads; 1 avoids OpenMP spin overhead on one-query searches; "
+        "0 keeps FAISS's default.",
+    )
     policy: str = Field(default="default", description="Active policy: policies/<name>.yaml.")
     policies_dir: Path = Field(default_factory=_default_policies_dir)
     batch_size: int = Field(default=32, ge=1, le=1024, description="Images per encoder batch.")

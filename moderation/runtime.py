@@ -28,11 +28,23 @@ class NotInitialisedError(ConfigurationError):
     """The data directory or database has not been set up (run ``moderation init``)."""
 
 
+def _apply_thread_settings(settings: Settings) -> None:
+    if settings.faiss_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(settings.faiss_threads)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
 class Runtime:
     """Process-wide collaborators built from settings."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        _apply_thread_settings(settings)
 
     @cached_property
     def engine(self) -> Engine:
@@ -96,6 +108,7 @@ class Runtime:
         self, blocklist: Blocklist | None = None, refiner: CandidateRefiner | None = None
     ) -> Screener:
         """A :class:`Screener` over the current (or the given) blocklist."""
+        self.encoder.load()  # weights load now, not inside the first screening's timings
         return Screener(
             encoder=self.encoder,
             blocklist=blocklist or self.load_blocklist(),

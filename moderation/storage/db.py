@@ -73,8 +73,8 @@ def _alembic_config(engine: Engine) -> Any:
     return config
 
 
-def migrate(engine: Engine, revision: str = "head") -> None:
-    """Upgrade the schema to ``revision`` with Alembic (idempotent)."""
+def migrate(engine: Engine, revision: str = "heads") -> None:
+    """Upgrade the schema to ``revision`` (default: every head) with Alembic (idempotent)."""
     from alembic import command
 
     command.upgrade(_alembic_config(engine), revision)

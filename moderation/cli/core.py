@@ -1,91 +1,21 @@
-"""The ``moderation`` command line (click), exactly as in ARCHITECTURE.md's CLI contract.
-
-Exit codes: 0 success (whatever the screening decisions), 2 usage error (click), 3
-configuration or integrity error (missing set-up, bad policy, unreadable snapshot, bad keys).
-"""
+"""Core commands: init, bank, hash, screen, keys, benchmark, demo."""
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from moderation import __version__
-from moderation.config import ConfigurationError, Settings, load_settings
-
-logger = logging.getLogger(__name__)
-
-CONFIG_ERROR_EXIT = 3
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Context:
-    """Per-invocation state: settings, and the runtime built from them on demand."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._runtime: Any = None
-
-    @property
-    def runtime(self) -> Any:
-        """The :class:`moderation.runtime.Runtime` (imported lazily: torch is slow to import)."""
-        if self._runtime is None:
-            from moderation.runtime import Runtime
-
-            self._runtime = Runtime(self.settings)
-        return self._runtime
-
-
-pass_ctx = click.make_pass_decorator(Context)
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(CONFIG_ERROR_EXIT)
-
-
-@contextmanager
-def _config_errors() -> Iterator[None]:
-    """Turn configuration and integrity errors into a one-line message and exit code 3."""
-    from moderation.blocklist.service import BlocklistError
-    from moderation.blocklist.snapshot import SnapshotError
-    from moderation.crypto import CryptoError
-
-    try:
-        yield
-    except (ConfigurationError, SnapshotError, CryptoError) as exc:
-        _fail(str(exc))
-    except BlocklistError as exc:
-        _fail(str(exc))
-
-
-def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, ensure_ascii=False, default=str))
-
-
-@click.group()
-@click.version_option(__version__, prog_name="moderation")
-@click.pass_context
-def main(ctx: click.Context) -> None:
-    """Screen images against encrypted near-duplicate blocklists."""
-    try:
-        settings = load_settings()
-    except ConfigurationError as exc:
-        _fail(str(exc))
-    logging.basicConfig(
-        level=settings.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    ctx.obj = Context(settings)
-
+from moderation.cli import (
+    Context,
+    config_errors,
+    echo_json,
+    main,
+    pass_ctx,
+    print_table,
+    stderr_console,
+)
 
 # --- init -----------------------------------------------------------------------------------
 
@@ -100,7 +30,7 @@ def init(ctx: Context) -> None:
     from moderation.storage.db import migrate, transaction
 
     settings = ctx.settings
-    with _config_errors():
+    with config_errors():
         load_policy(settings.policies_dir, settings.policy)
         settings.ensure_dirs()
         had_key_file = settings.key_file_path.exists()
@@ -123,7 +53,7 @@ def init(ctx: Context) -> None:
             fg="yellow",
             err=True,
         )
-    _echo_json(
+    echo_json(
         {
             "data_dir": str(settings.resolved_data_dir),
             "database": settings.sqlalchemy_url.split("@")[-1],
@@ -153,7 +83,7 @@ def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
     from moderation.blocklist.service import create_bank
     from moderation.storage.db import transaction
 
-    with _config_errors():
+    with config_errors():
         runtime = ctx.runtime
         runtime.check_initialised()
         with transaction(runtime.sessions) as session:
@@ -165,7 +95,7 @@ def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
                 target=f"bank:{created.id}",
                 details={"name": name, "kind": kind, "category": category},
             )
-            _echo_json({"bank_id": created.id, "name": name, "kind": kind, "category": category})
+            echo_json({"bank_id": created.id, "name": name, "kind": kind, "category": category})
 
 
 @bank.command("import")
@@ -178,7 +108,7 @@ def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
 
     from moderation.blocklist.operations import import_bank
 
-    with _config_errors():
+    with config_errors():
         runtime = ctx.runtime
         runtime.check_initialised()
         with Progress(
@@ -187,7 +117,7 @@ def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             transient=False,
-            console=_stderr_console(),
+            console=stderr_console(),
         ) as bar:
             task = bar.add_task(f"importing into {name}", total=None)
 
@@ -197,7 +127,7 @@ def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
             report = import_bank(runtime, name, list(paths), actor="cli", progress=progress)
     for ref, reason in report.skipped:
         click.echo(f"skipped {ref}: {reason}", err=True)
-    _echo_json(
+    echo_json(
         {
             "bank": report.bank,
             "added": len(report.added),
@@ -207,12 +137,6 @@ def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
     )
 
 
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
 @bank.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per bank.")
 @pass_ctx
@@ -220,15 +144,15 @@ def bank_list(ctx: Context, as_json: bool) -> None:
     """List banks with their entry counts."""
     from moderation.blocklist.operations import list_banks
 
-    with _config_errors():
+    with config_errors():
         runtime = ctx.runtime
         runtime.check_initialised()
         rows = list_banks(runtime)
     if as_json:
         for row in rows:
-            _echo_json(row)
+            echo_json(row)
         return
-    _print_table(rows, ["name", "kind", "category", "enabled", "entries", "disabled_entries"])
+    print_table(rows, ["name", "kind", "category", "enabled", "entries", "disabled_entries"])
 
 
 @bank.command("entries")
@@ -239,25 +163,25 @@ def bank_entries(ctx: Context, name: str, as_json: bool) -> None:
     """List the entries of bank NAME (metadata only)."""
     from moderation.blocklist.operations import list_entries
 
-    with _config_errors():
+    with config_errors():
         runtime = ctx.runtime
         runtime.check_initialised()
         rows = list_entries(runtime, name)
     if as_json:
         for row in rows:
-            _echo_json(row)
+            echo_json(row)
         return
-    _print_table(rows, ["entry_id", "label", "source_ref", "added_at", "disabled"])
+    print_table(rows, ["entry_id", "label", "source_ref", "added_at", "disabled"])
 
 
 def _set_entry_disabled(ctx: Context, entry_id: str, disabled: bool) -> None:
     from moderation.blocklist.operations import set_entry_disabled
 
-    with _config_errors():
+    with config_errors():
         runtime = ctx.runtime
         runtime.check_initialised()
         result = set_entry_disabled(runtime, entry_id, disabled=disabled, actor="cli")
-    _echo_json(result)
+    echo_json(result)
 
 
 @bank.command("disable-entry")
@@ -300,7 +224,7 @@ def hash_command(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
         rows.append({"path": path, "pdq": digest.hex, "quality": digest.quality})
     if as_json:
         for row in rows:
-            _echo_json(row)
+            echo_json(row)
         return
     for row in rows:
         click.echo(f"{row['pdq'] or 'unscannable:' + row['reason']} {row['quality']} {row['path']}")
@@ -329,11 +253,11 @@ def screen(
 
     def emit(row: dict[str, Any]) -> None:
         if as_json:
-            _echo_json(row)
+            echo_json(row)
         else:
             rows.append(row)
 
-    with _config_errors():
+    with config_errors():
         runtime = ctx.runtime
         runtime.check_initialised()
         screen_paths(
@@ -355,7 +279,7 @@ def screen(
             }
             for r in rows
         ]
-        _print_table(table, ["path", "decision", "score", "match", "ms"])
+        print_table(table, ["path", "decision", "score", "match", "ms"])
 
 
 # --- keys -----------------------------------------------------------------------------------
@@ -382,11 +306,11 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
     """
     from moderation.operations import rotate_keys
 
-    with _config_errors():
+    with config_errors():
         runtime = ctx.runtime
         runtime.check_initialised()
         report = rotate_keys(runtime, retire_old=retire_old, actor="cli")
-    _echo_json(
+    echo_json(
         {"primary_key_id": report.primary, "retired": report.retired, "rewrapped": report.rewrapped}
     )
 
@@ -420,7 +344,7 @@ def benchmark(
     """Detection quality per BENCHMARKS.md, with the PDQ baseline in the same run."""
     from moderation.benchmark.runner import run_quality_benchmark
 
-    with _config_errors():
+    with config_errors():
         run_quality_benchmark(
             ctx.settings,
             images_dir,
@@ -439,18 +363,5 @@ def demo(ctx: Context) -> None:
     """Build a bank from scikit-image's photos and screen edited copies and unrelated photos."""
     from moderation.demo import run_demo
 
-    with _config_errors():
+    with config_errors():
         run_demo(ctx.settings, echo=click.echo)
-
-
-# --- helpers --------------------------------------------------------------------------------
-
-
-def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    Console(width=160).print(table)

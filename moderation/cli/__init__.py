@@ -1,0 +1,113 @@
+"""The ``moderation`` command line (click), exactly as in ARCHITECTURE.md's CLI contract.
+
+Commands live in modules of this package by area and register themselves on :func:`main`
+(imported at the bottom of this file).
+
+Exit codes: 0 success (whatever the screening decisions), 2 usage error (click), 3
+configuration or integrity error (missing set-up, bad policy, unreadable snapshot, bad keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from moderation import __version__
+from moderation.config import ConfigurationError, Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ERROR_EXIT = 3
+
+
+class Context:
+    """Per-invocation state: settings, and the runtime built from them on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._runtime: Any = None
+
+    @property
+    def runtime(self) -> Any:
+        """The :class:`moderation.runtime.Runtime` (imported lazily: torch is slow to import)."""
+        if self._runtime is None:
+            from moderation.runtime import Runtime
+
+            self._runtime = Runtime(self.settings)
+        return self._runtime
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(CONFIG_ERROR_EXIT)
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Turn configuration and integrity errors into a one-line message and exit code 3."""
+    from moderation.blocklist.service import BlocklistError
+    from moderation.blocklist.snapshot import SnapshotError
+    from moderation.crypto import CryptoError
+
+    try:
+        yield
+    except (ConfigurationError, SnapshotError, CryptoError) as exc:
+        _fail(str(exc))
+    except BlocklistError as exc:
+        _fail(str(exc))
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, default=str))
+
+
+@click.group()
+@click.version_option(__version__, prog_name="moderation")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Screen images against encrypted near-duplicate blocklists."""
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    # Our own loggers at the configured level; third-party chatter (faiss's loader, alembic's
+    # plugins) only from WARNING up.
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("moderation").setLevel(settings.log_level)
+    ctx.obj = Context(settings)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    Console(width=160).print(table)
+
+
+# Command modules register on `main` when imported.
+from moderation.cli import core  # noqa: E402, F401
