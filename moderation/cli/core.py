@@ -318,11 +318,10 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
 # --- benchmark and demo -----------------------------------------------------------------------
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option(
     "--images",
     "images_dir",
-    required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Folder of photos: references and queries are drawn from it.",
 )
@@ -331,19 +330,26 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
 @click.option("--references", "n_references", default=250, show_default=True)
 @click.option("--per-edit", "per_edit", default=20, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@pass_ctx
+@click.pass_context
 def benchmark(
-    ctx: Context,
-    images_dir: Path,
+    click_ctx: click.Context,
+    images_dir: Path | None,
     json_out: Path | None,
     plot_out: Path | None,
     n_references: int,
     per_edit: int,
     seed: int,
 ) -> None:
-    """Detection quality per BENCHMARKS.md, with the PDQ baseline in the same run."""
+    """Detection quality per BENCHMARKS.md (PDQ baseline in the same run); subcommands measure
+    other things."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    if images_dir is None:
+        raise click.UsageError("--images DIR is required (or name a subcommand)")
     from moderation.benchmark.runner import run_quality_benchmark
 
+    ctx = click_ctx.find_object(Context)
+    assert ctx is not None
     with config_errors():
         run_quality_benchmark(
             ctx.settings,
