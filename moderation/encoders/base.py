@@ -167,6 +167,9 @@ class Encoder(ABC):
         has_text_tower: whether :meth:`encode_text` is supported.
     """
 
+    name: str
+    dim: int
+    device: torch.device
     has_text_tower: bool = False
 
     def __init__(self, *, name: str, dim: int, device: torch.device) -> None:
