@@ -242,6 +242,8 @@ class Encoder(ABC):
             ValueError: an image is not in mode ``"RGB"`` or is empty; ``batch_size`` < 1.
         """
         checked = check_images(images)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not checked:
             return np.zeros((0, self.dim), dtype=np.float32)
         self.load()
