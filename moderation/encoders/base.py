@@ -167,6 +167,9 @@ class Encoder(ABC):
         has_text_tower: whether :meth:`encode_text` is supported.
     """
 
+    name: str
+    dim: int
+    device: torch.device
     has_text_tower: bool = False
 
     def __init__(self, *, name: str, dim: int, device: torch.device) -> None:
@@ -239,6 +242,8 @@ class Encoder(ABC):
             ValueError: an image is not in mode ``"RGB"`` or is empty; ``batch_size`` < 1.
         """
         checked = check_images(images)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not checked:
             return np.zeros((0, self.dim), dtype=np.float32)
         self.load()
