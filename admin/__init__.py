@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, current_app
@@ -16,27 +17,52 @@ from moderation.config import Settings, load_settings
 from moderation.runtime import Runtime
 
 # "module:attribute" of each blueprint, registered in this order.
-BLUEPRINTS: tuple[str, ...] = ()
+BLUEPRINTS: tuple[str, ...] = (
+    "admin.auth:bp",
+    "admin.review:bp",
+    "admin.banks:bp",
+    "admin.dashboard:bp",
+    "admin.audit:bp",
+    "admin.gdpr:bp",
+)
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app from :class:`~moderation.config.Settings`.
 
-    ``test_config`` may carry ``SETTINGS`` (a ready :class:`Settings`) and any Flask config keys;
-    without it, settings come from the environment like every other entry point.
+    ``test_config`` may carry ``SETTINGS`` (a ready :class:`Settings`), ``JOB_RUNNER`` (a
+    :class:`moderation.blocklist.jobs.JobRunner`; default: a background thread) and any Flask
+    config keys; without it, settings come from the environment like every other entry point.
+
+    Raises:
+        moderation.config.ConfigurationError: unsafe production settings (no or a default
+            secret key, debug on: RELIABILITY.md W10).
     """
+    from admin import security
+    from moderation.blocklist.jobs import ThreadJobRunner
+
     app = Flask(__name__)
     config = dict(test_config or {})
     settings = config.pop("SETTINGS", None)
+    job_runner = config.pop("JOB_RUNNER", None)
     if settings is None:
         settings = load_settings()
     if not isinstance(settings, Settings):
         raise TypeError("SETTINGS must be a moderation.config.Settings")
+    testing = bool(config.get("TESTING"))
+    app.config.from_mapping(security.flask_config(settings, testing=testing))
     app.config.from_mapping(config)
-    app.extensions["moderation"] = Runtime(settings)
+    security.check_production(app, settings)
+    rt = Runtime(settings)
+    app.extensions["moderation"] = rt
+    app.extensions["moderation.jobs"] = job_runner or ThreadJobRunner(rt)
+    security.init_app(app, settings, lambda: rt.sessions)
     for spec in BLUEPRINTS:
         module_name, attribute = spec.split(":")
         app.register_blueprint(getattr(importlib.import_module(module_name), attribute))
+    security.exempt_api(app)
+    app.jinja_env.filters["age"] = _age
+    app.jinja_env.filters["utc"] = _utc_text
     return app
 
 
@@ -45,3 +71,23 @@ def runtime() -> Runtime:
     value = current_app.extensions["moderation"]
     assert isinstance(value, Runtime)
     return value
+
+
+def _utc_text(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return aware.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    value = int(seconds)
+    if value < 120:
+        return f"{value} s"
+    if value < 7200:
+        return f"{value // 60} min"
+    if value < 2 * 86400:
+        return f"{value // 3600} h"
+    return f"{value // 86400} d"

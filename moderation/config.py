@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -109,6 +109,60 @@ class Settings(BaseSettings):
         default=8,
         ge=1,
         description="Frames of an animation that are screened: the most different ones.",
+    )
+
+    # --- admin console (issue 5) ------------------------------------------------------------
+    environment: Literal["production", "development"] = Field(
+        default="production",
+        description="production refuses to start the console without a strong secret key or "
+        "with Flask debug on; development generates a throw-away secret key.",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Console secret (signs CSRF tokens); at least 32 characters in production.",
+    )
+    console_plain_http_localhost: bool = Field(
+        default=False,
+        description="Serve the console over plain HTTP on localhost: session cookies lose "
+        "Secure and requests for any other host are refused. Never in production.",
+    )
+    console_trusted_proxies: int = Field(
+        default=0,
+        ge=0,
+        le=5,
+        description="Reverse proxies in front of the console whose X-Forwarded-For/-Proto are "
+        "trusted (werkzeug ProxyFix); 0 trusts none.",
+    )
+    console_session_hours: float = Field(
+        default=8.0, gt=0, description="Absolute lifetime of a console session, hours."
+    )
+    console_session_idle_minutes: float = Field(
+        default=30.0, gt=0, description="A console session unused this long ends, minutes."
+    )
+    console_step_up_seconds: int = Field(
+        default=300,
+        ge=0,
+        description="Destructive actions need a password (and TOTP) check this recent, seconds.",
+    )
+    console_login_rate_limit: str = Field(
+        default="10 per minute",
+        description="Login and TOTP attempts per client address (Flask-Limiter syntax); "
+        "more answer 429.",
+    )
+    console_max_import_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1,
+        description="Largest bank zip accepted by the console, bytes.",
+    )
+    review_lease_seconds: int = Field(
+        default=600,
+        ge=10,
+        description="A claimed review item returns to the queue after this long, seconds.",
+    )
+    review_daily_exposure_limit: int = Field(
+        default=200,
+        ge=1,
+        description="Review items one reviewer may be shown per UTC day (reviewer wellness).",
     )
 
     # --- logging -----------------------------------------------------------------------------

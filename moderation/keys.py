@@ -22,6 +22,7 @@ from moderation.audit import record_event
 from moderation.blocklist.snapshot import rewrap_snapshot
 from moderation.crypto import KeyRing, WrappedKey, rewrap_key
 from moderation.storage.models import DeploymentSecret, IndexSnapshot, Subject, Upload
+from moderation.users import rewrap_totp_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,16 @@ def _rewrap_deployment_secrets(
     return count
 
 
+def _rewrap_user_totp(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+    return rewrap_totp_secrets(session, keyring)
+
+
 REWRAP_STEPS: dict[str, RewrapStep] = {
     "snapshots": _rewrap_snapshots,
     "uploads": _rewrap_uploads,
     "subjects": _rewrap_subjects,
     "deployment_secrets": _rewrap_deployment_secrets,
+    "user_totp_secrets": _rewrap_user_totp,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
 

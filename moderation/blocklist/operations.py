@@ -62,6 +62,26 @@ def _commit_with_snapshot(
     return version
 
 
+SnapshotChange = Callable[[Session], tuple[Sequence[EntrySignals], Iterable[int]]]
+"""A unit of work on banks/entries: returns (signals of added entries, ids of removed ones)."""
+
+
+def commit_with_snapshot(runtime: Runtime, change: SnapshotChange) -> int:
+    """Run ``change`` and write the next snapshot version in one transaction; return the version.
+
+    For units of work outside this module (a review decision that adds the upload to a bank, a
+    two-person-approved deletion): ``change`` makes its metadata changes and audit event in the
+    session it is given; the snapshot reflecting them is written before the commit and the
+    older snapshots are pruned after it.
+
+    Raises:
+        moderation.blocklist.service.EncoderMismatchError, SnapshotError: as
+            :func:`moderation.blocklist.service.commit_signals`; anything ``change`` raises
+            (the transaction rolls back and the new snapshot file is deleted).
+    """
+    return _commit_with_snapshot(runtime, change)
+
+
 def import_bank(
     runtime: Runtime,
     bank_name: str,

@@ -400,3 +400,37 @@ class Approval(Base):
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|approved|rejected
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     decided_at: Mapped[datetime | None] = mapped_column()
+
+
+# --- admin console (issue 5) ---------------------------------------------------------------
+
+
+class ConsoleSession(Base):
+    """A server-side console session; deleting the row logs the session out everywhere.
+
+    ``id`` is the SHA-256 of the cookie's random token, so the table alone cannot be replayed.
+    """
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class ReviewerExposure(Base):
+    """How many review items (and reveals) one reviewer was shown on one UTC day."""
+
+    __tablename__ = "reviewer_exposure"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, UTC
+    items: Mapped[int] = mapped_column(Integer, default=0)
+    reveals: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,105 @@
+"""The audit log: browse events, verify the hash chain, export a signed copy.
+
+Verification and export call the library (``moderation.audit.verify_chain`` and
+``export_events``); this page only reads and renders.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, abort, render_template, request, send_file
+from flask_wtf import FlaskForm
+from sqlalchemy import select
+from werkzeug.wrappers import Response
+from wtforms import DateTimeLocalField, SelectField
+from wtforms.validators import DataRequired, Optional
+
+from admin import runtime
+from admin.permissions import permission_required, require_user
+from moderation.storage.db import transaction
+from moderation.storage.models import AuditEvent
+
+bp = Blueprint("audit", __name__, url_prefix="/audit")
+
+EVENTS_PER_PAGE = 100
+
+
+class ExportForm(FlaskForm):
+    fmt = SelectField("Format", choices=[("jsonl", "JSON lines"), ("csv", "CSV")], validators=[DataRequired()])
+    since = DateTimeLocalField("From (UTC)", format="%Y-%m-%dT%H:%M", validators=[Optional()])
+    until = DateTimeLocalField("Until (UTC)", format="%Y-%m-%dT%H:%M", validators=[Optional()])
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+@bp.route("")
+@permission_required("audit")
+def index() -> str:
+    action = (request.args.get("action") or "").strip()[:100]
+    actor = (request.args.get("actor") or "").strip()[:200]
+    before = request.args.get("before", type=int)
+    query = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(EVENTS_PER_PAGE)
+    if action:
+        query = query.where(AuditEvent.action.startswith(action, autoescape=True))
+    if actor:
+        query = query.where(AuditEvent.actor == actor)
+    if before:
+        query = query.where(AuditEvent.seq < before)
+    with runtime().sessions() as db:
+        events = db.scalars(query).all()
+    return render_template(
+        "audit/index.html",
+        events=events,
+        action=action,
+        actor=actor,
+        older=events[-1].seq if len(events) == EVENTS_PER_PAGE else None,
+        form=ExportForm(),
+    )
+
+
+@bp.route("/verify")
+@permission_required("audit")
+def verify() -> str:
+    from moderation.audit import verify_chain
+
+    with runtime().sessions() as db:
+        result = verify_chain(db)
+    return render_template("audit/verify.html", result=result)
+
+
+@bp.route("/export", methods=["POST"])
+@permission_required("audit")
+def export() -> Any:
+    from moderation.audit import export_events
+
+    user = require_user()
+    form = ExportForm()
+    if not form.validate_on_submit():
+        abort(400)
+    fmt = form.fmt.data or "jsonl"
+    out = io.BytesIO()
+    rt = runtime()
+    with transaction(rt.sessions) as db:
+        manifest = export_events(
+            db,
+            fmt=fmt,
+            since=_aware(form.since.data),
+            until=_aware(form.until.data),
+            out=out,
+            actor=user.actor,
+            signing_key=None,
+        )
+    out.seek(0)
+    response: Response = send_file(
+        out,
+        mimetype="application/x-ndjson" if fmt == "jsonl" else "text/csv",
+        as_attachment=True,
+        download_name=f"audit-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{fmt}",
+    )
+    response.headers["X-Audit-Manifest-Sha256"] = str(manifest.get("sha256", ""))
+    return response

@@ -1,0 +1,49 @@
+"""Forms of the auth area (Flask-WTF: each carries the ``csrf_token`` field)."""
+
+from __future__ import annotations
+
+from flask_wtf import FlaskForm
+from wtforms import BooleanField, HiddenField, PasswordField, SelectField, StringField
+from wtforms.validators import AnyOf, DataRequired, Length, Optional, Regexp
+
+from moderation.users import MAX_PASSWORD_LENGTH, ROLES
+
+
+class LoginForm(FlaskForm):
+    email = StringField("E-mail", validators=[DataRequired(), Length(max=320)])
+    password = PasswordField("Password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)])
+    next = HiddenField()
+
+
+class TotpForm(FlaskForm):
+    code = StringField(
+        "Code from your authenticator app",
+        validators=[DataRequired(), Regexp(r"^\s*\d{3}\s?\d{3}\s*$", message="six digits")],
+    )
+
+
+class ReauthForm(FlaskForm):
+    password = PasswordField("Password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)])
+    code = StringField("TOTP code", validators=[Optional(), Regexp(r"^\s*\d{3}\s?\d{3}\s*$")])
+    next = HiddenField()
+
+
+class CreateUserForm(FlaskForm):
+    email = StringField("E-mail", validators=[DataRequired(), Length(max=320)])
+    role = SelectField("Role", choices=[(r, r) for r in ROLES], validators=[DataRequired()])
+    password = PasswordField(
+        "Initial password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)]
+    )
+    totp = BooleanField("Set up TOTP (always for admin and dpo)")
+
+
+class UserStateForm(FlaskForm):
+    disabled = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
+
+
+class TotpEnrolForm(FlaskForm):
+    confirm = HiddenField(validators=[DataRequired(), AnyOf(["enrol"])])
+
+
+class LogoutForm(FlaskForm):
+    pass

@@ -1,0 +1,305 @@
+"""Banks: list, create, import a zip in the background, entries, enable/disable, removals.
+
+Removing entries or a whole bank is a request that a second admin approves (two-person rule,
+:mod:`moderation.approvals`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, url_for
+from flask_wtf import FlaskForm
+from flask_wtf.file import FileField, FileRequired
+from sqlalchemy import func, select
+from werkzeug.wrappers import Response
+from wtforms import HiddenField, SelectField, SelectMultipleField, StringField
+from wtforms.validators import AnyOf, DataRequired, Length
+
+from admin import runtime
+from admin.permissions import origin, permission_required, require_user, step_up_required
+from moderation.approvals import (
+    DELETE_BANK,
+    DELETE_ENTRIES,
+    ApprovalError,
+    approve,
+    list_approvals,
+    reject,
+    request_removal,
+)
+from moderation.audit import record_event
+from moderation.blocklist.jobs import JobError, JobRunner, create_import_job, job_view
+from moderation.blocklist.operations import set_bank_enabled, set_entry_disabled
+from moderation.blocklist.service import BlocklistError, create_bank
+from moderation.storage.db import transaction
+from moderation.storage.models import Bank, Entry
+
+bp = Blueprint("banks", __name__, url_prefix="/banks")
+
+ENTRIES_PER_PAGE = 500
+
+
+class CreateBankForm(FlaskForm):
+    name = StringField("Name", validators=[DataRequired(), Length(max=200)])
+    kind = SelectField("Kind", choices=[("block", "block"), ("allow", "allow")])
+    category = StringField("Category", default="default", validators=[Length(max=100)])
+
+
+class ImportForm(FlaskForm):
+    archive = FileField("Zip of images", validators=[FileRequired()])
+
+
+class BankStateForm(FlaskForm):
+    enabled = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
+
+
+class EntryStateForm(FlaskForm):
+    disabled = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
+
+
+class RemoveEntriesForm(FlaskForm):
+    entry_ids = SelectMultipleField(coerce=int, validate_choice=False, validators=[DataRequired()])
+
+
+class DeleteBankForm(FlaskForm):
+    confirm_name = StringField("Type the bank's name", validators=[DataRequired()])
+
+
+class VerdictForm(FlaskForm):
+    verdict = HiddenField(validators=[DataRequired(), AnyOf(["approve", "reject"])])
+
+
+def _bank(bank_id: int) -> Bank:
+    with runtime().sessions() as db:
+        bank = db.get(Bank, bank_id)
+    if bank is None:
+        abort(404)
+    return bank
+
+
+def _banks_page(form: CreateBankForm, status: int = 200) -> Any:
+    from moderation.blocklist.operations import list_banks
+
+    return render_template("banks/list.html", banks=list_banks(runtime()), form=form), status
+
+
+@bp.route("", methods=["GET"])
+@permission_required("banks.read")
+def index() -> Any:
+    return _banks_page(CreateBankForm())
+
+
+@bp.route("", methods=["POST"])
+@permission_required("banks.write")
+def create() -> Any:
+    user = require_user()
+    form = CreateBankForm()
+    if not form.validate_on_submit():
+        return _banks_page(form, 400)
+    try:
+        with transaction(runtime().sessions) as db:
+            bank = create_bank(
+                db, form.name.data or "", kind=form.kind.data or "block", category=form.category.data or "default"
+            )
+            record_event(
+                db,
+                actor=user.actor,
+                action="bank.create",
+                target=f"bank:{bank.id}",
+                origin=origin(),
+                details={"name": bank.name, "kind": bank.kind, "category": bank.category},
+            )
+            bank_id = bank.id
+    except BlocklistError as exc:
+        flash(str(exc), "error")
+        return _banks_page(form, 400)
+    flash("Bank created.", "info")
+    return redirect(url_for("banks.show", bank_id=bank_id))
+
+
+@bp.route("/<int:bank_id>")
+@permission_required("banks.read")
+def show(bank_id: int) -> str:
+    from flask import request
+
+    bank = _bank(bank_id)
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    with runtime().sessions() as db:
+        total = db.scalar(select(func.count()).where(Entry.bank_id == bank_id)) or 0
+        entries = db.scalars(
+            select(Entry)
+            .where(Entry.bank_id == bank_id)
+            .order_by(Entry.id)
+            .offset((page - 1) * ENTRIES_PER_PAGE)
+            .limit(ENTRIES_PER_PAGE)
+        ).all()
+    return render_template(
+        "banks/show.html",
+        bank=bank,
+        entries=entries,
+        total=total,
+        page=page,
+        pages=max(1, -(-total // ENTRIES_PER_PAGE)),
+        import_form=ImportForm(),
+        state_form=BankStateForm(),
+        entry_form=EntryStateForm(),
+        remove_form=RemoveEntriesForm(),
+        delete_form=DeleteBankForm(),
+    )
+
+
+@bp.route("/<int:bank_id>/import", methods=["POST"])
+@permission_required("banks.write")
+def import_archive(bank_id: int) -> Any:
+    user = require_user()
+    bank = _bank(bank_id)
+    form = ImportForm()
+    if not form.validate_on_submit():
+        abort(400)
+    rt = runtime()
+    upload = form.archive.data
+    try:
+        with transaction(rt.sessions) as db:
+            job = create_import_job(
+                db,
+                rt.settings,
+                bank_name=bank.name,
+                archive=upload.stream,
+                filename=upload.filename or "archive.zip",
+                created_by=user.actor,
+                max_bytes=rt.settings.console_max_import_bytes,
+            )
+            job_id = job.id
+    except (JobError, BlocklistError) as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("banks.show", bank_id=bank_id))
+    runner: JobRunner = current_app.extensions["moderation.jobs"]
+    runner.submit(job_id)
+    return redirect(url_for("banks.job", job_id=job_id))
+
+
+@bp.route("/jobs/<job_id>")
+@permission_required("banks.read")
+def job(job_id: str) -> str:
+    with runtime().sessions() as db:
+        view = job_view(db, job_id)
+        bank_id = (
+            db.scalar(select(Bank.id).where(Bank.name == str(view.params.get("bank"))))
+            if view
+            else None
+        )
+    if view is None:
+        abort(404)
+    return render_template("banks/job.html", job=view, bank_id=bank_id)
+
+
+@bp.route("/<int:bank_id>/enabled", methods=["POST"])
+@permission_required("banks.write")
+@step_up_required
+def bank_enabled(bank_id: int) -> Response:
+    user = require_user()
+    bank = _bank(bank_id)
+    form = BankStateForm()
+    if not form.validate_on_submit():
+        abort(400)
+    enabled = form.enabled.data == "1"
+    set_bank_enabled(runtime(), bank.name, enabled=enabled, actor=user.actor)
+    flash("Bank enabled." if enabled else "Bank disabled.", "info")
+    return redirect(url_for("banks.show", bank_id=bank_id))
+
+
+@bp.route("/<int:bank_id>/entries/<int:entry_id>/disabled", methods=["POST"])
+@permission_required("banks.write")
+@step_up_required
+def entry_disabled(bank_id: int, entry_id: int) -> Response:
+    user = require_user()
+    form = EntryStateForm()
+    if not form.validate_on_submit():
+        abort(400)
+    with runtime().sessions() as db:
+        entry = db.get(Entry, entry_id)
+        if entry is None or entry.bank_id != bank_id:
+            abort(404)
+    disabled = form.disabled.data == "1"
+    set_entry_disabled(runtime(), f"e_{entry_id}", disabled=disabled, actor=user.actor)
+    flash(f"Entry e_{entry_id} {'disabled' if disabled else 'enabled'}.", "info")
+    return redirect(url_for("banks.show", bank_id=bank_id))
+
+
+@bp.route("/<int:bank_id>/entries/remove", methods=["POST"])
+@permission_required("banks.write")
+@step_up_required
+def remove_entries(bank_id: int) -> Response:
+    user = require_user()
+    _bank(bank_id)
+    form = RemoveEntriesForm()
+    if not form.validate_on_submit():
+        abort(400)
+    try:
+        with transaction(runtime().sessions) as db:
+            request_removal(
+                db,
+                action=DELETE_ENTRIES,
+                bank_id=bank_id,
+                entry_ids=list(form.entry_ids.data or []),
+                requested_by=user.id,
+                origin=origin(),
+            )
+    except ApprovalError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("banks.show", bank_id=bank_id))
+    flash("Removal requested: a second admin must approve it.", "info")
+    return redirect(url_for("banks.approvals"))
+
+
+@bp.route("/<int:bank_id>/delete", methods=["POST"])
+@permission_required("banks.write")
+@step_up_required
+def delete(bank_id: int) -> Response:
+    user = require_user()
+    bank = _bank(bank_id)
+    form = DeleteBankForm()
+    if not form.validate_on_submit():
+        abort(400)
+    if form.confirm_name.data != bank.name:
+        flash("The name typed does not match the bank's name.", "error")
+        return redirect(url_for("banks.show", bank_id=bank_id))
+    with transaction(runtime().sessions) as db:
+        request_removal(
+            db, action=DELETE_BANK, bank_id=bank_id, requested_by=user.id, origin=origin()
+        )
+    flash("Deletion requested: a second admin must approve it.", "info")
+    return redirect(url_for("banks.approvals"))
+
+
+@bp.route("/approvals")
+@permission_required("banks.read")
+def approvals() -> str:
+    with runtime().sessions() as db:
+        pending = list_approvals(db, state="pending")
+        recent = [a for a in list_approvals(db, state=None) if a.state != "pending"][:20]
+    return render_template(
+        "banks/approvals.html", pending=pending, recent=recent, form=VerdictForm()
+    )
+
+
+@bp.route("/approvals/<int:approval_id>", methods=["POST"])
+@permission_required("banks.write")
+@step_up_required
+def decide_approval(approval_id: int) -> Response:
+    user = require_user()
+    form = VerdictForm()
+    if not form.validate_on_submit():
+        abort(400)
+    rt = runtime()
+    try:
+        if form.verdict.data == "approve":
+            version = approve(rt, approval_id, approver_id=user.id, origin=origin())
+            flash(f"Approved and carried out (index version {version}).", "info")
+        else:
+            with transaction(rt.sessions) as db:
+                reject(db, approval_id, approver_id=user.id, origin=origin())
+            flash("Request rejected.", "info")
+    except ApprovalError as exc:
+        flash(str(exc), "error")
+    return redirect(url_for("banks.approvals"))

@@ -1,0 +1,234 @@
+"""The review queue: claim, look (blurred and greyscale until revealed), decide; keyboard-driven."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
+from flask_wtf import FlaskForm
+from werkzeug.wrappers import Response
+from wtforms import HiddenField, SelectField, StringField, TextAreaField
+from wtforms.validators import AnyOf, DataRequired, Length, Optional
+
+from admin import runtime
+from admin.permissions import Principal, origin, permission_required, require_user
+from moderation.blocklist.service import BlocklistError
+from moderation.review import (
+    DECISIONS,
+    ExposureLimitReached,
+    ItemView,
+    NotClaimedError,
+    ReviewError,
+    banks_for_decisions,
+    claim_next,
+    current_claim,
+    decide,
+    exposure,
+    item_view,
+    previous_item,
+    queue_stats,
+    record_reveal,
+    release,
+    render_upload,
+    renew_lease,
+    upload_exif,
+)
+from moderation.storage.db import transaction
+
+bp = Blueprint("review", __name__, url_prefix="/review")
+
+ACTIONS = ("reveal", "skip", *DECISIONS)
+MAX_REMEMBERED = 200
+"""Revealed and skipped item ids kept in the session."""
+
+
+class ClaimForm(FlaskForm):
+    queue = HiddenField(validators=[DataRequired(), AnyOf(["main", "escalated"])])
+
+
+class ActForm(FlaskForm):
+    action = StringField(validators=[DataRequired(), AnyOf(list(ACTIONS))])
+    bank = SelectField("Also add the image to bank", choices=[], validate_choice=False)
+    notes = TextAreaField("Notes", validators=[Optional(), Length(max=2000)])
+
+
+def _remembered(key: str) -> list[int]:
+    value = session.get(key)
+    return [int(v) for v in value if isinstance(v, int)] if isinstance(value, list) else []
+
+
+def _remember(key: str, item_id: int) -> None:
+    values = [v for v in _remembered(key) if v != item_id] + [item_id]
+    session[key] = values[-MAX_REMEMBERED:]
+
+
+def _access(view: ItemView, user: Principal) -> str | None:
+    """``work`` (the user holds it), ``read`` (decided by them, or an admin), or None."""
+    if view.claimed_by == user.id and view.state in ("claimed", "escalated"):
+        return "work"
+    if user.role == "admin" or (view.decided_by == user.id and view.decided_by is not None):
+        return "read"
+    return None
+
+
+def _load(item_id: int, user: Principal) -> tuple[ItemView, str]:
+    with runtime().sessions() as db:
+        view = item_view(db, item_id)
+    if view is None:
+        abort(404)
+    access = _access(view, user)
+    if access is None:
+        abort(403)
+    return view, access
+
+
+def _claim_and_go(user: Principal, queue: str) -> Response:
+    rt = runtime()
+    settings = rt.settings
+    try:
+        with transaction(rt.sessions) as db:
+            item = claim_next(
+                db,
+                reviewer_id=user.id,
+                lease_seconds=settings.review_lease_seconds,
+                daily_limit=settings.review_daily_exposure_limit,
+                queue=queue,
+                exclude=_remembered("skipped"),
+            )
+            item_id = item.id if item is not None else None
+    except ExposureLimitReached:
+        flash(
+            "You have reached today's limit of review items. Thank you: take a break.", "warning"
+        )
+        return redirect(url_for("review.queue"))
+    except ReviewError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("review.queue"))
+    if item_id is None:
+        flash("The queue is empty.", "info")
+        return redirect(url_for("review.queue"))
+    session["queue"] = queue
+    return redirect(url_for("review.item", item_id=item_id))
+
+
+@bp.route("")
+@permission_required("review")
+def queue() -> str:
+    user = require_user()
+    rt = runtime()
+    with rt.sessions() as db:
+        stats = queue_stats(db)
+        mine = current_claim(db, user.id, queue="main") or (
+            current_claim(db, user.id, queue="escalated") if user.can("review.escalated") else None
+        )
+        counts = exposure(db, user.id, limit=rt.settings.review_daily_exposure_limit)
+        last = previous_item(db, user.id)
+    return render_template(
+        "review/queue.html",
+        stats=stats,
+        mine=mine.id if mine else None,
+        exposure=counts,
+        last=last,
+        form=ClaimForm(),
+        can_escalated=user.can("review.escalated"),
+    )
+
+
+@bp.route("/claim", methods=["POST"])
+@permission_required("review")
+def claim() -> Response:
+    user = require_user()
+    form = ClaimForm()
+    if not form.validate_on_submit():
+        abort(400)
+    queue_name = form.queue.data or "main"
+    if queue_name == "escalated" and not user.can("review.escalated"):
+        abort(403)
+    return _claim_and_go(user, queue_name)
+
+
+@bp.route("/<int:item_id>")
+@permission_required("review")
+def item(item_id: int) -> str:
+    user = require_user()
+    view, access = _load(item_id, user)
+    rt = runtime()
+    with transaction(rt.sessions) as db:
+        if access == "work":
+            renew_lease(db, item_id, user.id, lease_seconds=rt.settings.review_lease_seconds)
+        counts = exposure(db, user.id, limit=rt.settings.review_daily_exposure_limit)
+        banks = banks_for_decisions(db)
+        previous = previous_item(db, user.id, before=view.decided_at)
+    return render_template(
+        "review/item.html",
+        view=view,
+        exif=upload_exif(rt, view.upload_id),
+        access=access,
+        revealed=item_id in _remembered("revealed"),
+        exposure=counts,
+        banks=banks,
+        previous=previous,
+        claim_form=ClaimForm(queue=session.get("queue", "main")),
+    )
+
+
+@bp.route("/<int:item_id>/image")
+@permission_required("review")
+def image(item_id: int) -> Response:
+    user = require_user()
+    view, _access_kind = _load(item_id, user)
+    full = request.args.get("variant") == "full"
+    if full and item_id not in _remembered("revealed"):
+        abort(403)
+    rendered = render_upload(runtime(), view.upload_id, preview=not full)
+    if rendered is None:
+        abort(404)
+    response = Response(rendered.jpeg, mimetype="image/jpeg")
+    response.headers["Cache-Control"] = "no-store, private"
+    return response
+
+
+@bp.route("/<int:item_id>/act", methods=["POST"])
+@permission_required("review")
+def act(item_id: int) -> Any:
+    user = require_user()
+    form = ActForm()
+    if not form.validate_on_submit():
+        abort(400)
+    action = form.action.data or ""
+    view, access = _load(item_id, user)
+    rt = runtime()
+    queue_name = str(session.get("queue", "main"))
+    if action == "reveal":
+        with transaction(rt.sessions) as db:
+            record_reveal(db, item_id, user.id, origin=origin())
+        _remember("revealed", item_id)
+        return redirect(url_for("review.item", item_id=item_id))
+    if access != "work":
+        flash("This item is not assigned to you.", "error")
+        return redirect(url_for("review.queue"))
+    if action == "skip":
+        with transaction(rt.sessions) as db:
+            release(db, item_id, user.id)
+        _remember("skipped", item_id)
+        return _claim_and_go(user, queue_name)
+    try:
+        outcome = decide(
+            rt,
+            item_id,
+            reviewer_id=user.id,
+            decision=action,
+            bank_name=form.bank.data or None,
+            notes=form.notes.data or None,
+            origin=origin(),
+        )
+    except NotClaimedError:
+        flash("Your claim on this item ran out and someone else took it.", "error")
+        return redirect(url_for("review.queue"))
+    except (ReviewError, BlocklistError) as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("review.item", item_id=item_id))
+    label = {"confirm": "Confirmed", "not_a_match": "Not a match", "escalate": "Escalated"}[action]
+    note = f" and added to the bank as {outcome.entry_id}" if outcome.entry_id else ""
+    flash(f"{label}: item {item_id}{note}.", "info")
+    return _claim_and_go(user, queue_name)
