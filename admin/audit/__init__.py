@@ -28,7 +28,7 @@ EVENTS_PER_PAGE = 100
 
 
 class ExportForm(FlaskForm):
-    fmt = SelectField("Format", choices=[("jsonl", "JSON lines"), ("csv", "CSV")], validators=[DataRequired()])
+    fmt = SelectField("Format", choices=["jsonl", "csv"], validators=[DataRequired()])
     since = DateTimeLocalField("From (UTC)", format="%Y-%m-%dT%H:%M", validators=[Optional()])
     until = DateTimeLocalField("Until (UTC)", format="%Y-%m-%dT%H:%M", validators=[Optional()])
 

@@ -30,7 +30,7 @@ class ReauthForm(FlaskForm):
 
 class CreateUserForm(FlaskForm):
     email = StringField("E-mail", validators=[DataRequired(), Length(max=320)])
-    role = SelectField("Role", choices=[(r, r) for r in ROLES], validators=[DataRequired()])
+    role = SelectField("Role", choices=list(ROLES), validators=[DataRequired()])
     password = PasswordField(
         "Initial password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)]
     )

@@ -41,7 +41,7 @@ ENTRIES_PER_PAGE = 500
 
 class CreateBankForm(FlaskForm):
     name = StringField("Name", validators=[DataRequired(), Length(max=200)])
-    kind = SelectField("Kind", choices=[("block", "block"), ("allow", "allow")])
+    kind = SelectField("Kind", choices=["block", "allow"])
     category = StringField("Category", default="default", validators=[Length(max=100)])
 
 

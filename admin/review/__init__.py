@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
 from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
-from wtforms import HiddenField, SelectField, StringField, TextAreaField
+from wtforms import HiddenField, StringField, TextAreaField
 from wtforms.validators import AnyOf, DataRequired, Length, Optional
 
 from admin import runtime
@@ -48,7 +48,7 @@ class ClaimForm(FlaskForm):
 
 class ActForm(FlaskForm):
     action = StringField(validators=[DataRequired(), AnyOf(list(ACTIONS))])
-    bank = SelectField("Also add the image to bank", choices=[], validate_choice=False)
+    bank = StringField(validators=[Optional(), Length(max=200)])
     notes = TextAreaField("Notes", validators=[Optional(), Length(max=2000)])
 
 
