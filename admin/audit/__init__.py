@@ -75,12 +75,11 @@ def verify() -> str:
 @bp.route("/export", methods=["POST"])
 @permission_required("audit")
 def export() -> Any:
-    from moderation.audit import export_events
-
     user = require_user()
     form = ExportForm()
     if not form.validate_on_submit():
         abort(400)
+    from moderation.audit import export_events
     fmt = form.fmt.data or "jsonl"
     out = io.BytesIO()
     rt = runtime()

@@ -43,11 +43,10 @@ def index() -> str:
 @bp.route("/preview", methods=["POST"])
 @permission_required("gdpr")
 def preview() -> Any:
-    from moderation.gdpr import preview_erasure
-
     form = SubjectForm()
     if not form.validate_on_submit():
         abort(400)
+    from moderation.gdpr import preview_erasure
     counts = preview_erasure(runtime(), form.subject_id.data or "")
     erase_form = EraseForm()
     erase_form.subject_id.data = form.subject_id.data
@@ -58,11 +57,10 @@ def preview() -> Any:
 @permission_required("gdpr")
 @step_up_required
 def erase() -> Any:
-    from moderation.gdpr import erase_subject
-
     user = require_user()
     form = EraseForm()
     if not form.validate_on_submit():
         abort(400)
+    from moderation.gdpr import erase_subject
     receipt = erase_subject(runtime(), form.subject_id.data or "", actor=user.actor)
     return render_template("gdpr/receipt.html", receipt=receipt)
