@@ -24,9 +24,15 @@ from tests.conftest import skimage_photo, skimage_photo_path
 BANNED = ("astronaut", "chelsea", "coffee", "rocket")
 
 
-def crop60(image: Image.Image) -> Image.Image:
-    w, h = image.size
-    return image.crop((int(w * 0.2), int(h * 0.2), int(w * 0.8), int(h * 0.8)))
+def centre_crop(fraction: float) -> Callable[[Image.Image], Image.Image]:
+    """Keep the middle of the image, cutting ``fraction`` of each side away."""
+
+    def edit(image: Image.Image) -> Image.Image:
+        w, h = image.size
+        box = (int(w * fraction), int(h * fraction), int(w * (1 - fraction)), int(h * (1 - fraction)))
+        return image.crop(box)
+
+    return edit
 
 
 def lower_half_covered(image: Image.Image) -> Image.Image:
@@ -36,11 +42,11 @@ def lower_half_covered(image: Image.Image) -> Image.Image:
 
 
 # Edited copies whose match with the default encoder and policy falls in the review band
-# (cosine 0.65-0.80): measured 0.708, 0.743 and 0.723.
+# (policies/default.yaml: cosine 0.70-0.78): measured 0.735, 0.724 and 0.745.
 EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
-    "astronaut": crop60,
-    "coffee": crop60,
-    "chelsea": lower_half_covered,
+    "astronaut": centre_crop(0.25),
+    "coffee": centre_crop(0.30),
+    "rocket": lower_half_covered,
 }
 
 
@@ -122,8 +128,8 @@ def test_reviewers_settle_real_screenings(
     )
     assert allowed.final == "allow" and allowed.entry_id is not None
 
-    take(by_name["chelsea"])
-    assert decide(rt, by_name["chelsea"], reviewer_id=reviewer.id, decision="escalate").final is None
+    take(by_name["rocket"])
+    assert decide(rt, by_name["rocket"], reviewer_id=reviewer.id, decision="escalate").final is None
 
     with rt.sessions() as db:
         added = {
