@@ -152,7 +152,9 @@ def _error_response(error: HTTPException) -> Any:
         response.status_code = code
         return response
     description = error.description if code != 500 else "Something went wrong on our side."
-    return render_template("errors/error.html", code=code, name=error.name, message=description), code
+    return render_template(
+        "errors/error.html", code=code, name=error.name, message=description
+    ), code
 
 
 def init_app(app: Flask, settings: Settings, sessions: Any) -> None:

@@ -163,7 +163,11 @@ class DatabaseSessionInterface(SessionInterface):
                 samesite="Lax",
             )
             return
-        if session.modified or session.last_seen is None or now - session.last_seen > TOUCH_INTERVAL:
+        if (
+            session.modified
+            or session.last_seen is None
+            or now - session.last_seen > TOUCH_INTERVAL
+        ):
             values: dict[str, Any] = {"last_seen_at": now}
             if session.modified:
                 values.update(data=data, user_id=user_id if isinstance(user_id, int) else None)

@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, abort, render_template, request, send_file
-from flask_wtf import FlaskForm
 from sqlalchemy import select
 from werkzeug.wrappers import Response
 from wtforms import DateTimeLocalField, SelectField
 from wtforms.validators import DataRequired, Optional
 
 from admin import runtime
+from admin.forms import ConsoleForm
 from admin.permissions import permission_required, require_user
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent
@@ -27,7 +27,7 @@ bp = Blueprint("audit", __name__, url_prefix="/audit")
 EVENTS_PER_PAGE = 100
 
 
-class ExportForm(FlaskForm):
+class ExportForm(ConsoleForm):
     fmt = SelectField("Format", choices=["jsonl", "csv"], validators=[DataRequired()])
     since = DateTimeLocalField("From (UTC)", format="%Y-%m-%dT%H:%M", validators=[Optional()])
     until = DateTimeLocalField("Until (UTC)", format="%Y-%m-%dT%H:%M", validators=[Optional()])
@@ -80,6 +80,7 @@ def export() -> Any:
     if not form.validate_on_submit():
         abort(400)
     from moderation.audit import export_events
+
     fmt = form.fmt.data or "jsonl"
     out = io.BytesIO()
     rt = runtime()

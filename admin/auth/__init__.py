@@ -116,9 +116,13 @@ def login() -> Any:
     if request.method == "GET":
         form.next.data = request.args.get("next", "")
     if not form.validate_on_submit():
-        return render_template("auth/login.html", form=form), 400 if request.method == "POST" else 200
+        return render_template(
+            "auth/login.html", form=form
+        ), 400 if request.method == "POST" else 200
     rt = runtime()
-    end_expired_sessions(rt.sessions, idle=timedelta(minutes=rt.settings.console_session_idle_minutes))
+    end_expired_sessions(
+        rt.sessions, idle=timedelta(minutes=rt.settings.console_session_idle_minutes)
+    )
     with transaction(rt.sessions) as db:
         known = get_user_by_email(db, form.email.data or "")
         user = authenticate(db, form.email.data or "", form.password.data or "")
@@ -188,7 +192,9 @@ def totp() -> Any:
         return redirect(url_for("auth.login"))
     form = TotpForm()
     if not form.validate_on_submit():
-        return render_template("auth/totp.html", form=form), 400 if request.method == "POST" else 200
+        return render_template(
+            "auth/totp.html", form=form
+        ), 400 if request.method == "POST" else 200
     rt = runtime()
     with transaction(rt.sessions) as db:
         ok = verify_totp(db, rt.keyring, pending, form.code.data or "")
@@ -203,7 +209,11 @@ def totp() -> Any:
         user = db.get(User, pending) if ok else None
         if ok and user is not None:
             record_event(
-                db, actor=f"user:{user.id}", action="auth.login", target=f"user:{user.id}", origin=origin()
+                db,
+                actor=f"user:{user.id}",
+                action="auth.login",
+                target=f"user:{user.id}",
+                origin=origin(),
             )
     if user is None:
         failures = int(session.get("totp_failures", 0)) + 1
@@ -227,7 +237,9 @@ def logout() -> Response:
     user = current_user()
     if user is not None:
         with transaction(runtime().sessions) as db:
-            record_event(db, actor=user.actor, action="auth.logout", target=user.actor, origin=origin())
+            record_event(
+                db, actor=user.actor, action="auth.logout", target=user.actor, origin=origin()
+            )
     _server_session().destroy()
     flash("Signed out.", "info")
     return redirect(url_for("auth.login"))
@@ -317,7 +329,13 @@ def users() -> Any:
     with runtime().sessions() as db:
         rows = list_users(db)
         people = [
-            {"id": u.id, "email": u.email, "role": u.role, "totp": has_totp(u), "disabled": u.disabled}
+            {
+                "id": u.id,
+                "email": u.email,
+                "role": u.role,
+                "totp": has_totp(u),
+                "disabled": u.disabled,
+            }
             for u in rows
         ]
     return (
@@ -347,4 +365,3 @@ def user_disabled(user_id: int) -> Any:
         abort(404)
     flash("User disabled." if disabled else "User enabled.", "info")
     return redirect(url_for("auth.users"))
-

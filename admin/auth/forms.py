@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-from flask_wtf import FlaskForm
 from wtforms import BooleanField, HiddenField, PasswordField, SelectField, StringField
 from wtforms.validators import AnyOf, DataRequired, Length, Optional, Regexp
 
+from admin.forms import ConsoleForm
 from moderation.users import MAX_PASSWORD_LENGTH, ROLES
 
 
-class LoginForm(FlaskForm):
+class LoginForm(ConsoleForm):
     email = StringField("E-mail", validators=[DataRequired(), Length(max=320)])
-    password = PasswordField("Password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)])
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)]
+    )
     next = HiddenField()
 
 
-class TotpForm(FlaskForm):
+class TotpForm(ConsoleForm):
     code = StringField(
         "Code from your authenticator app",
         validators=[DataRequired(), Regexp(r"^\s*\d{3}\s?\d{3}\s*$", message="six digits")],
     )
 
 
-class ReauthForm(FlaskForm):
-    password = PasswordField("Password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)])
+class ReauthForm(ConsoleForm):
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)]
+    )
     code = StringField("TOTP code", validators=[Optional(), Regexp(r"^\s*\d{3}\s?\d{3}\s*$")])
     next = HiddenField()
 
 
-class CreateUserForm(FlaskForm):
+class CreateUserForm(ConsoleForm):
     email = StringField("E-mail", validators=[DataRequired(), Length(max=320)])
     role = SelectField("Role", choices=list(ROLES), validators=[DataRequired()])
     password = PasswordField(
@@ -37,13 +41,13 @@ class CreateUserForm(FlaskForm):
     totp = BooleanField("Set up TOTP (always for admin and dpo)")
 
 
-class UserStateForm(FlaskForm):
+class UserStateForm(ConsoleForm):
     disabled = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
 
 
-class TotpEnrolForm(FlaskForm):
+class TotpEnrolForm(ConsoleForm):
     confirm = HiddenField(validators=[DataRequired(), AnyOf(["enrol"])])
 
 
-class LogoutForm(FlaskForm):
+class LogoutForm(ConsoleForm):
     pass

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, url_for
-from flask_wtf import FlaskForm
 from flask_wtf.file import FileField, FileRequired
 from sqlalchemy import func, select
 from werkzeug.wrappers import Response
@@ -17,6 +16,7 @@ from wtforms import HiddenField, SelectField, SelectMultipleField, StringField
 from wtforms.validators import AnyOf, DataRequired, Length
 
 from admin import runtime
+from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
 from moderation.approvals import (
     DELETE_BANK,
@@ -39,33 +39,33 @@ bp = Blueprint("banks", __name__, url_prefix="/banks")
 ENTRIES_PER_PAGE = 500
 
 
-class CreateBankForm(FlaskForm):
+class CreateBankForm(ConsoleForm):
     name = StringField("Name", validators=[DataRequired(), Length(max=200)])
     kind = SelectField("Kind", choices=["block", "allow"])
     category = StringField("Category", default="default", validators=[Length(max=100)])
 
 
-class ImportForm(FlaskForm):
+class ImportForm(ConsoleForm):
     archive = FileField("Zip of images", validators=[FileRequired()])
 
 
-class BankStateForm(FlaskForm):
+class BankStateForm(ConsoleForm):
     enabled = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
 
 
-class EntryStateForm(FlaskForm):
+class EntryStateForm(ConsoleForm):
     disabled = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
 
 
-class RemoveEntriesForm(FlaskForm):
+class RemoveEntriesForm(ConsoleForm):
     entry_ids = SelectMultipleField(coerce=int, validate_choice=False, validators=[DataRequired()])
 
 
-class DeleteBankForm(FlaskForm):
+class DeleteBankForm(ConsoleForm):
     confirm_name = StringField("Type the bank's name", validators=[DataRequired()])
 
 
-class VerdictForm(FlaskForm):
+class VerdictForm(ConsoleForm):
     verdict = HiddenField(validators=[DataRequired(), AnyOf(["approve", "reject"])])
 
 
@@ -99,7 +99,10 @@ def create() -> Any:
     try:
         with transaction(runtime().sessions) as db:
             bank = create_bank(
-                db, form.name.data or "", kind=form.kind.data or "block", category=form.category.data or "default"
+                db,
+                form.name.data or "",
+                kind=form.kind.data or "block",
+                category=form.category.data or "default",
             )
             record_event(
                 db,

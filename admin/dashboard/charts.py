@@ -56,7 +56,7 @@ def stacked_bars(buckets: Sequence[HourBucket], series: Sequence[str]) -> Chart:
     labels: list[tuple[float, str]] = []
     for i, bucket in enumerate(buckets):
         x = MARGIN_LEFT + i * slot + (slot - bar_w) / 2
-        base = HEIGHT - MARGIN_BOTTOM
+        base = float(HEIGHT - MARGIN_BOTTOM)
         for name in series:
             count = bucket.counts.get(name, 0)
             if not count:

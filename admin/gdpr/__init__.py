@@ -9,25 +9,27 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, abort, render_template
-from flask_wtf import FlaskForm
 from sqlalchemy import select
 from wtforms import BooleanField, PasswordField
 from wtforms.validators import DataRequired, Length
 
 from admin import runtime
+from admin.forms import ConsoleForm
 from admin.permissions import permission_required, require_user, step_up_required
 from moderation.storage.models import ErasureRequest
 
 bp = Blueprint("gdpr", __name__, url_prefix="/gdpr")
 
 
-class SubjectForm(FlaskForm):
+class SubjectForm(ConsoleForm):
     # A password-type field keeps the id out of browser autofill history and screen captures.
     subject_id = PasswordField("Data subject id", validators=[DataRequired(), Length(max=500)])
 
 
 class EraseForm(SubjectForm):
-    confirm = BooleanField("I have checked the preview and want to erase", validators=[DataRequired()])
+    confirm = BooleanField(
+        "I have checked the preview and want to erase", validators=[DataRequired()]
+    )
 
 
 @bp.route("")
@@ -47,6 +49,7 @@ def preview() -> Any:
     if not form.validate_on_submit():
         abort(400)
     from moderation.gdpr import preview_erasure
+
     counts = preview_erasure(runtime(), form.subject_id.data or "")
     erase_form = EraseForm()
     erase_form.subject_id.data = form.subject_id.data
@@ -62,5 +65,6 @@ def erase() -> Any:
     if not form.validate_on_submit():
         abort(400)
     from moderation.gdpr import erase_subject
+
     receipt = erase_subject(runtime(), form.subject_id.data or "", actor=user.actor)
     return render_template("gdpr/receipt.html", receipt=receipt)

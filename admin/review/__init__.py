@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
-from flask_wtf import FlaskForm
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, StringField, TextAreaField
 from wtforms.validators import AnyOf, DataRequired, Length, Optional
 
 from admin import runtime
+from admin.forms import ConsoleForm
 from admin.permissions import Principal, origin, permission_required, require_user
 from moderation.blocklist.service import BlocklistError
 from moderation.review import (
@@ -42,11 +42,11 @@ MAX_REMEMBERED = 200
 """Revealed and skipped item ids kept in the session."""
 
 
-class ClaimForm(FlaskForm):
+class ClaimForm(ConsoleForm):
     queue = HiddenField(validators=[DataRequired(), AnyOf(["main", "escalated"])])
 
 
-class ActForm(FlaskForm):
+class ActForm(ConsoleForm):
     action = StringField(validators=[DataRequired(), AnyOf(list(ACTIONS))])
     bank = StringField(validators=[Optional(), Length(max=200)])
     notes = TextAreaField("Notes", validators=[Optional(), Length(max=2000)])
@@ -97,9 +97,7 @@ def _claim_and_go(user: Principal, queue: str) -> Response:
             )
             item_id = item.id if item is not None else None
     except ExposureLimitReached:
-        flash(
-            "You have reached today's limit of review items. Thank you: take a break.", "warning"
-        )
+        flash("You have reached today's limit of review items. Thank you: take a break.", "warning")
         return redirect(url_for("review.queue"))
     except ReviewError as exc:
         flash(str(exc), "error")
@@ -196,7 +194,7 @@ def act(item_id: int) -> Any:
     if not form.validate_on_submit():
         abort(400)
     action = form.action.data or ""
-    view, access = _load(item_id, user)
+    _view, access = _load(item_id, user)
     rt = runtime()
     queue_name = str(session.get("queue", "main"))
     if action == "reveal":

@@ -104,7 +104,9 @@ def page(chromium: Any) -> Iterator[Any]:
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     new_page = context.new_page()
     errors: list[str] = []
-    new_page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    new_page.on(
+        "console", lambda message: errors.append(message.text) if message.type == "error" else None
+    )
     new_page.on("pageerror", lambda error: errors.append(str(error)))
     new_page.console_errors = errors
     new_page.set_default_timeout(30_000)

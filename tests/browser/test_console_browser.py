@@ -71,12 +71,19 @@ def review_screenings(rt: Runtime, tmp_path: Path) -> None:
     for name, fraction in (("astronaut", 0.25), ("coffee", 0.30)):
         image = skimage_photo(name)
         w, h = image.size
-        box = (int(w * fraction), int(h * fraction), int(w * (1 - fraction)), int(h * (1 - fraction)))
+        box = (
+            int(w * fraction),
+            int(h * fraction),
+            int(w * (1 - fraction)),
+            int(h * (1 - fraction)),
+        )
         path = tmp_path / f"{name}-crop.jpg"
         image.crop(box).save(path, quality=85)
         paths.append(path)
     rocket = skimage_photo("rocket")
-    ImageDraw.Draw(rocket).rectangle((0, rocket.height // 2, rocket.width, rocket.height), fill=(255, 0, 0))
+    ImageDraw.Draw(rocket).rectangle(
+        (0, rocket.height // 2, rocket.width, rocket.height), fill=(255, 0, 0)
+    )
     paths.append(tmp_path / "rocket-covered.jpg")
     rocket.save(paths[-1], quality=85)
     results: list[dict[str, Any]] = []
@@ -134,7 +141,9 @@ def test_review_three_items_with_the_keyboard(
         ]
         assert len(db.scalars(select(LabelledPair)).all()) == 2
         reveals = db.scalars(select(AuditEvent).where(AuditEvent.action == "review.reveal")).all()
-        assert [(e.actor, e.target) for e in reveals] == [(f"user:{reviewer}", f"review_item:{ids[0]}")]
+        assert [(e.actor, e.target) for e in reveals] == [
+            (f"user:{reviewer}", f"review_item:{ids[0]}")
+        ]
 
 
 def test_import_a_bank_zip_and_see_its_entries(

@@ -221,7 +221,9 @@ def test_cli_users_create_prints_user_id_and_totp_uri(runtime: Any, settings: Se
 
 def test_cli_users_create_refusals(runtime: Any, settings: Settings) -> None:
     short = _cli(
-        settings, ["users", "create", "x@example.org", "--role", "reviewer", "--password-stdin"], "short\n"
+        settings,
+        ["users", "create", "x@example.org", "--role", "reviewer", "--password-stdin"],
+        "short\n",
     )
     assert short.exit_code == 2 and "at least 8" in short.output
     no_totp = _cli(

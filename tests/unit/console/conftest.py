@@ -70,7 +70,9 @@ class ConsoleClient(FlaskClient):
         from moderation.users import TOTP_INTERVAL, totp_code
 
         now_step = int(time.time()) // TOTP_INTERVAL
-        step = now_step if user.last_step is None or user.last_step < now_step else user.last_step + 1
+        step = (
+            now_step if user.last_step is None or user.last_step < now_step else user.last_step + 1
+        )
         if step > now_step + 1:  # both usable steps spent: wait for the clock
             time.sleep((step - 1) * TOTP_INTERVAL - time.time() + 0.5)
         user.last_step = step
@@ -184,7 +186,9 @@ def client_for(console_runtime: Runtime) -> Callable[[Flask], ConsoleClient]:
 
 
 @pytest.fixture
-def new_client(app: Flask, client_for: Callable[[Flask], ConsoleClient]) -> Callable[[], ConsoleClient]:
+def new_client(
+    app: Flask, client_for: Callable[[Flask], ConsoleClient]
+) -> Callable[[], ConsoleClient]:
     """Another browser on ``app``: a client with its own cookie jar."""
     return lambda: client_for(app)
 
@@ -273,13 +277,17 @@ def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
         bank: str = "known",
         data: bytes | None = None,
     ) -> int:
-        payload = data if data is not None else jpeg_bytes(
-            image or skimage_rgb("coffee"), description=description
+        payload = (
+            data
+            if data is not None
+            else jpeg_bytes(image or skimage_rgb("coffee"), description=description)
         )
         rt = console_runtime
         with transaction(rt.sessions) as db:
             bank_row = db.scalar(select(Bank).where(Bank.name == bank)) or create_bank(db, bank)
-            entry = Entry(bank_id=bank_row.id, label=label, source_ref=f"{label}.jpg", added_by="test")
+            entry = Entry(
+                bank_id=bank_row.id, label=label, source_ref=f"{label}.jpg", added_by="test"
+            )
             db.add(entry)
             db.flush()
             info = EntryInfo(entry.id, bank_row.id, bank_row.name, bank_row.kind, "default", label)

@@ -102,19 +102,29 @@ def test_create_bank_import_zip_and_see_entries(
     # Importing the same zip again adds nothing (duplicates by SHA-256).
     again = client.post(
         f"/banks/{bid}/import",
-        data={"archive": (io.BytesIO(archive), "bank.zip"), "csrf_token": client.token(f"/banks/{bid}")},
+        data={
+            "archive": (io.BytesIO(archive), "bank.zip"),
+            "csrf_token": client.token(f"/banks/{bid}"),
+        },
         content_type="multipart/form-data",
     )
     assert "Added 0 entries" in client.get(again.headers["Location"]).get_data(as_text=True)
 
 
-def test_not_a_zip_is_refused(client: Any, make_user: Callable[..., Any], console_runtime: Runtime) -> None:
+def test_not_a_zip_is_refused(
+    client: Any, make_user: Callable[..., Any], console_runtime: Runtime
+) -> None:
     client.login(make_user("admin"))
-    client.form("/banks", {"name": "b", "kind": "block", "category": "default"}, token_from="/banks")
+    client.form(
+        "/banks", {"name": "b", "kind": "block", "category": "default"}, token_from="/banks"
+    )
     bid = bank_id(console_runtime, "b")
     response = client.post(
         f"/banks/{bid}/import",
-        data={"archive": (io.BytesIO(b"plain text"), "x.zip"), "csrf_token": client.token(f"/banks/{bid}")},
+        data={
+            "archive": (io.BytesIO(b"plain text"), "x.zip"),
+            "csrf_token": client.token(f"/banks/{bid}"),
+        },
         content_type="multipart/form-data",
     )
     assert response.headers["Location"] == f"/banks/{bid}"
@@ -189,7 +199,9 @@ def _bank_with_entries(rt: Runtime, tmp: Path) -> tuple[int, list[int]]:
     import_bank(rt, "two-person", [skimage_photo_path(n) for n in PHOTOS], actor="test")
     with rt.sessions() as db:
         bid = bank_id(rt, "two-person")
-        return bid, list(db.scalars(select(Entry.id).where(Entry.bank_id == bid).order_by(Entry.id)))
+        return bid, list(
+            db.scalars(select(Entry.id).where(Entry.bank_id == bid).order_by(Entry.id))
+        )
 
 
 def test_removing_entries_needs_a_second_admin(
@@ -214,7 +226,9 @@ def test_removing_entries_needs_a_second_admin(
     page = client.get("/banks/approvals").get_data(as_text=True)
     assert "waiting for another admin" in page
     # The requester cannot approve their own request.
-    client.form(f"/banks/approvals/{approval.id}", {"verdict": "approve"}, token_from="/banks/approvals")
+    client.form(
+        f"/banks/approvals/{approval.id}", {"verdict": "approve"}, token_from="/banks/approvals"
+    )
     with rt.sessions() as db:
         assert db.get(Approval, approval.id).state == "pending"  # type: ignore[union-attr]
         assert db.scalar(select(func.count()).select_from(Entry)) == 3
@@ -258,7 +272,9 @@ def test_bank_deletion_needs_typed_name_and_second_admin(
         approval_id = db.scalars(select(Approval.id)).one()
     other = new_client()
     other.login(second)
-    other.form(f"/banks/approvals/{approval_id}", {"verdict": "approve"}, token_from="/banks/approvals")
+    other.form(
+        f"/banks/approvals/{approval_id}", {"verdict": "approve"}, token_from="/banks/approvals"
+    )
     with rt.sessions() as db:
         assert db.get(Bank, bid) is None
         assert db.scalar(select(func.count()).select_from(Entry)) == 0
@@ -271,11 +287,17 @@ def test_request_removal_refusals(
     bid, entries = _bank_with_entries(rt, tmp_path)
     admin, reviewer = make_user("admin"), make_user("reviewer")
     with pytest.raises(ApprovalError, match="only an active admin"), transaction(rt.sessions) as db:
-        request_removal(db, action="entries.delete", bank_id=bid, entry_ids=entries, requested_by=reviewer.id)
+        request_removal(
+            db, action="entries.delete", bank_id=bid, entry_ids=entries, requested_by=reviewer.id
+        )
     with pytest.raises(ApprovalError, match="at least one"), transaction(rt.sessions) as db:
-        request_removal(db, action="entries.delete", bank_id=bid, entry_ids=[], requested_by=admin.id)
+        request_removal(
+            db, action="entries.delete", bank_id=bid, entry_ids=[], requested_by=admin.id
+        )
     with pytest.raises(ApprovalError, match="not in this bank"), transaction(rt.sessions) as db:
-        request_removal(db, action="entries.delete", bank_id=bid, entry_ids=[99999], requested_by=admin.id)
+        request_removal(
+            db, action="entries.delete", bank_id=bid, entry_ids=[99999], requested_by=admin.id
+        )
 
 
 def test_disable_and_enable_bank_and_entry(
@@ -297,6 +319,8 @@ def test_disable_and_enable_bank_and_entry(
         assert current_snapshot(db).entry_count == 3  # type: ignore[union-attr]
     # An entry id from another bank is not found under this bank.
     assert (
-        client.form(f"/banks/{bid + 1}/entries/{entries[0]}/disabled", {"disabled": "1"}, token_from=page).status_code
+        client.form(
+            f"/banks/{bid + 1}/entries/{entries[0]}/disabled", {"disabled": "1"}, token_from=page
+        ).status_code
         == 404
     )

@@ -44,7 +44,10 @@ def test_stats_from_known_rows(
     rows = [
         (decision, totals[i], now - timedelta(hours=h, minutes=5), 2)
         for i, (decision, h) in enumerate(
-            [("allow", 0)] * 50 + [("block", 1)] * 30 + [("review", 3)] * 15 + [("unscannable", 23)] * 5
+            [("allow", 0)] * 50
+            + [("block", 1)] * 30
+            + [("review", 3)] * 15
+            + [("unscannable", 23)] * 5
         )
     ]
     add_screenings(rt, rows)
@@ -61,8 +64,16 @@ def test_stats_from_known_rows(
                 created_at=now - timedelta(hours=2),
             )
         )
-        db.add(ErasureRequest(subject_ref="a" * 64, requested_by="dpo", received_at=now - timedelta(days=26)))
-        db.add(ErasureRequest(subject_ref="b" * 64, requested_by="dpo", received_at=now - timedelta(days=3)))
+        db.add(
+            ErasureRequest(
+                subject_ref="a" * 64, requested_by="dpo", received_at=now - timedelta(days=26)
+            )
+        )
+        db.add(
+            ErasureRequest(
+                subject_ref="b" * 64, requested_by="dpo", received_at=now - timedelta(days=3)
+            )
+        )
         db.add(
             ErasureRequest(
                 subject_ref="c" * 64,

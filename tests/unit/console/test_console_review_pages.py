@@ -19,7 +19,9 @@ SCRIPT = '<script>alert("x")</script>'
 def count(rt: Runtime, action: str) -> int:
     with rt.sessions() as db:
         return int(
-            db.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == action))
+            db.scalar(
+                select(func.count()).select_from(AuditEvent).where(AuditEvent.action == action)
+            )
             or 0
         )
 
@@ -55,7 +57,9 @@ def test_w9_image_is_blurred_greyscale_until_an_audited_reveal(
     assert client.get(f"/review/{item}/image?variant=full").status_code == 403
     assert count(console_runtime, "review.reveal") == 0
 
-    revealed = client.form(f"/review/{item}/act", {"action": "reveal"}, token_from=f"/review/{item}")
+    revealed = client.form(
+        f"/review/{item}/act", {"action": "reveal"}, token_from=f"/review/{item}"
+    )
     assert revealed.status_code == 302
     assert count(console_runtime, "review.reveal") == 1
     page = client.get(f"/review/{item}").get_data(as_text=True)
@@ -87,7 +91,9 @@ def test_i9_untrusted_text_is_escaped(
     assert SCRIPT not in page
     assert "<img src=x" not in page
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;.jpg&#39;; DROP TABLE uploads;--" in page
-    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in page
+    assert (
+        "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in page
+    )
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;label" in page
     # Parameterised SQL: the upload row and its text survived as data.
     assert client.get(f"/review/{item}/image?variant=preview").status_code == 200

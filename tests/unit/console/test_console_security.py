@@ -75,7 +75,9 @@ def test_w1_cookie_flags_and_new_session_id_after_each_step(
     assert password_id != anonymous_id
     assert flags["secure"] and flags["httponly"] and flags["samesite"].lower() == "lax"
 
-    after_totp = client.form("/login/totp", {"code": client.totp_code(admin)}, token_from="/login/totp")
+    after_totp = client.form(
+        "/login/totp", {"code": client.totp_code(admin)}, token_from="/login/totp"
+    )
     assert after_totp.status_code == 302
     totp_id, flags = session_cookie(after_totp)
     assert totp_id not in (anonymous_id, password_id)
@@ -95,7 +97,9 @@ def test_w1_cookie_flags_and_new_session_id_after_each_step(
 
 
 def test_w2_logout_then_replayed_cookie_is_rejected(
-    client: ConsoleClient, new_client: Callable[[], ConsoleClient], make_user: Callable[..., ConsoleUser]
+    client: ConsoleClient,
+    new_client: Callable[[], ConsoleClient],
+    make_user: Callable[..., ConsoleUser],
 ) -> None:
     reviewer = make_user("reviewer")
     response = client.login(reviewer)
@@ -150,7 +154,9 @@ def test_w3_post_without_or_with_foreign_csrf_token_is_refused(
     assert forged.status_code in (400, 403)
 
     # Nothing was created; the same form with the session's own token works.
-    ok = client.form("/banks", {"name": "b3", "kind": "block", "category": "x"}, token_from="/banks")
+    ok = client.form(
+        "/banks", {"name": "b3", "kind": "block", "category": "x"}, token_from="/banks"
+    )
     assert ok.status_code == 302
     with console_runtime.sessions() as db:
         from moderation.storage.models import Bank
@@ -160,7 +166,9 @@ def test_w3_post_without_or_with_foreign_csrf_token_is_refused(
     # The login form too: a token-less POST never reaches the password check.
     anonymous = new_client()
     assert (
-        anonymous.post("/login", data={"email": admin.email, "password": admin.password}).status_code
+        anonymous.post(
+            "/login", data={"email": admin.email, "password": admin.password}
+        ).status_code
         == 400
     )
 
@@ -240,7 +248,9 @@ def test_w4_https_app_redirects_plain_http(client: ConsoleClient) -> None:
 
 
 def test_w6_reused_totp_code_is_rejected(
-    new_client: Callable[[], ConsoleClient], make_user: Callable[..., ConsoleUser], console_runtime: Runtime
+    new_client: Callable[[], ConsoleClient],
+    make_user: Callable[..., ConsoleUser],
+    console_runtime: Runtime,
 ) -> None:
     admin = make_user("admin")
     first, second = new_client(), new_client()
@@ -284,7 +294,10 @@ def test_w6_totp_guessing_is_rate_limited(
     dpo = make_user("dpo")
     client.form("/login", {"email": dpo.email, "password": dpo.password}, token_from="/login")
     token = client.token("/login/totp")
-    codes = [client.post("/login/totp", data={"code": "111111", "csrf_token": token}).status_code for _ in range(4)]
+    codes = [
+        client.post("/login/totp", data={"code": "111111", "csrf_token": token}).status_code
+        for _ in range(4)
+    ]
     assert codes[:3] == [200, 200, 200]
     assert codes[3] == 429
 
@@ -304,7 +317,8 @@ def test_w8_many_logins_from_one_address_get_429(
     token = client.token("/login")
     statuses = [
         client.post(
-            "/login", data={"email": reviewer.email, "password": "wrong password!", "csrf_token": token}
+            "/login",
+            data={"email": reviewer.email, "password": "wrong password!", "csrf_token": token},
         ).status_code
         for _ in range(6)
     ]
@@ -380,7 +394,9 @@ def test_w10_secret_key_from_the_environment(
     app.extensions["moderation"].engine.dispose()
 
 
-def test_development_without_secret_key_starts_with_a_throw_away_key(console_runtime: Runtime) -> None:
+def test_development_without_secret_key_starts_with_a_throw_away_key(
+    console_runtime: Runtime,
+) -> None:
     from admin import create_app
 
     settings = load_settings(data_dir=console_runtime.settings.data_dir, environment="development")

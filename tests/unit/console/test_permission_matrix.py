@@ -126,7 +126,9 @@ def world(
     second_admin = make_user("admin")
     item = make_review_item()
     with transaction(console_runtime.sessions) as db:
-        claimed = claim_next(db, reviewer_id=users["reviewer"].id, lease_seconds=3600, daily_limit=10)
+        claimed = claim_next(
+            db, reviewer_id=users["reviewer"].id, lease_seconds=3600, daily_limit=10
+        )
         assert claimed is not None and claimed.id == item
         bank = db.scalars(select(Bank)).one()
         entry = db.scalars(select(Entry)).first()
@@ -135,7 +137,11 @@ def world(
         db.add(job)
         db.flush()
         approval = request_removal(
-            db, action="entries.delete", bank_id=bank.id, entry_ids=[entry.id], requested_by=second_admin.id
+            db,
+            action="entries.delete",
+            bank_id=bank.id,
+            entry_ids=[entry.id],
+            requested_by=second_admin.id,
         )
         values = {
             "item_id": item,
@@ -158,19 +164,13 @@ def url_for_rule(rule: Any, values: dict[str, Any]) -> str:
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_w7_permission_matrix(
-    role: str, app: Flask, client: Any, world: dict[str, Any]
-) -> None:
+def test_w7_permission_matrix(role: str, app: Flask, client: Any, world: dict[str, Any]) -> None:
     if role != "anonymous":
         client.login(world["users"][role])
         token = client.token("/account")
     else:
         token = client.token("/login")
-    plan = [
-        (r, m, rule)
-        for r, m, rule in routes(app)
-        if (r, m) in MATRIX or (r, m) in OPTIONAL
-    ]
+    plan = [(r, m, rule) for r, m, rule in routes(app) if (r, m) in MATRIX or (r, m) in OPTIONAL]
     # Signing out comes last, so it does not end the session the other requests use.
     plan.sort(key=lambda p: (p[0] == "/logout", p[1] == "GET"))
     failures = []
@@ -183,5 +183,7 @@ def test_w7_permission_matrix(
             response = client.open(url, method=method, data={"csrf_token": token})
         allowed = expected if isinstance(expected, set) else {expected}
         if response.status_code not in allowed:
-            failures.append(f"{method} {url} as {role}: {response.status_code}, expected {expected}")
+            failures.append(
+                f"{method} {url} as {role}: {response.status_code}, expected {expected}"
+            )
     assert not failures, "\n".join(failures)

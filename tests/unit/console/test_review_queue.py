@@ -175,9 +175,7 @@ def test_confirm_writes_labels_audit_and_final_decision(
         )
         assert row.claimed_by is None
         assert current_decision(db, view.upload_id) == "block"
-        event = db.scalars(
-            select(AuditEvent).where(AuditEvent.action == "review.decide")
-        ).one()
+        event = db.scalars(select(AuditEvent).where(AuditEvent.action == "review.decide")).one()
         assert event.actor == f"user:{reviewer.id}"
         assert event.details["final"] == "block"
         assert event.details["upload_id"] == view.upload_id

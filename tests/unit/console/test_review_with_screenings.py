@@ -29,7 +29,12 @@ def centre_crop(fraction: float) -> Callable[[Image.Image], Image.Image]:
 
     def edit(image: Image.Image) -> Image.Image:
         w, h = image.size
-        box = (int(w * fraction), int(h * fraction), int(w * (1 - fraction)), int(h * (1 - fraction)))
+        box = (
+            int(w * fraction),
+            int(h * fraction),
+            int(w * (1 - fraction)),
+            int(h * (1 - fraction)),
+        )
         return image.crop(box)
 
     return edit
@@ -116,7 +121,13 @@ def test_reviewers_settle_real_screenings(
     # A block bank is the wrong kind for "not a match".
     take(by_name["astronaut"])
     with pytest.raises(ReviewError, match="allow banks"):
-        decide(rt, by_name["astronaut"], reviewer_id=reviewer.id, decision="not_a_match", bank_name="known")
+        decide(
+            rt,
+            by_name["astronaut"],
+            reviewer_id=reviewer.id,
+            decision="not_a_match",
+            bank_name="known",
+        )
     confirmed = decide(
         rt, by_name["astronaut"], reviewer_id=reviewer.id, decision="confirm", bank_name="known"
     )
