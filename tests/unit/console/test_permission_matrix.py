@@ -83,6 +83,11 @@ OPTIONAL: dict[tuple[str, str], dict[str, Any]] = {
     ("/api/v1/screenings", "POST"): everyone(401),
     ("/api/v1/screenings/<>", "GET"): everyone(401),
     ("/api/v1/openapi.json", "GET"): everyone(200),
+    ("/metrics", "GET"): everyone(200),
+    **{
+        ("/api/v1/<>", method): everyone(404)
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
+    },
 }
 
 
