@@ -7,18 +7,19 @@ Verification and export call the library (``moderation.audit.verify_chain`` and
 from __future__ import annotations
 
 import io
+import json
+import zipfile
 from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, abort, render_template, request, send_file
 from sqlalchemy import select
-from werkzeug.wrappers import Response
 from wtforms import DateTimeLocalField, SelectField
 from wtforms.validators import DataRequired, Optional
 
 from admin import runtime
 from admin.forms import ConsoleForm
-from admin.permissions import permission_required, require_user
+from admin.permissions import origin, permission_required, require_user
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent
 
@@ -79,10 +80,10 @@ def export() -> Any:
     form = ExportForm()
     if not form.validate_on_submit():
         abort(400)
-    from moderation.audit import export_events
+    from moderation.audit import export_events, signing_key
 
     fmt = form.fmt.data or "jsonl"
-    out = io.BytesIO()
+    events = io.BytesIO()
     rt = runtime()
     with transaction(rt.sessions) as db:
         manifest = export_events(
@@ -90,16 +91,20 @@ def export() -> Any:
             fmt=fmt,
             since=_aware(form.since.data),
             until=_aware(form.until.data),
-            out=out,
+            out=events,
             actor=user.actor,
-            signing_key=None,
+            signing_key=signing_key(db, rt.keyring, create=True, actor=user.actor),
+            origin=origin(),
         )
-    out.seek(0)
-    response: Response = send_file(
-        out,
-        mimetype="application/x-ndjson" if fmt == "jsonl" else "text/csv",
+    # One download holding the events and their signed manifest, verifiable offline.
+    bundle = io.BytesIO()
+    with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"events.{fmt}", events.getvalue())
+        archive.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+    bundle.seek(0)
+    return send_file(
+        bundle,
+        mimetype="application/zip",
         as_attachment=True,
-        download_name=f"audit-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{fmt}",
+        download_name=f"audit-export-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.zip",
     )
-    response.headers["X-Audit-Manifest-Sha256"] = str(manifest.get("sha256", ""))
-    return response
