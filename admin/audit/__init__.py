@@ -10,7 +10,7 @@ import io
 import json
 import zipfile
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from flask import Blueprint, abort, render_template, request, send_file
 from sqlalchemy import select
@@ -82,7 +82,7 @@ def export() -> Any:
         abort(400)
     from moderation.audit import export_events, signing_key
 
-    fmt = form.fmt.data or "jsonl"
+    fmt: Literal["jsonl", "csv"] = "csv" if form.fmt.data == "csv" else "jsonl"
     events = io.BytesIO()
     rt = runtime()
     with transaction(rt.sessions) as db:
