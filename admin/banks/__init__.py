@@ -176,6 +176,8 @@ def import_archive(bank_id: int) -> Any:
     except (JobError, BlocklistError) as exc:
         flash(str(exc), "error")
         return redirect(url_for("banks.show", bank_id=bank_id))
+    finally:
+        upload.close()
     runner: JobRunner = current_app.extensions["moderation.jobs"]
     runner.submit(job_id)
     return redirect(url_for("banks.job", job_id=job_id))
