@@ -1,0 +1,1 @@
+"""Admin console tests (a package, so its conftest does not shadow tests/conftest.py)."""
