@@ -17,7 +17,7 @@ from sqlalchemy import select
 from wtforms import DateTimeLocalField, SelectField
 from wtforms.validators import DataRequired, Optional
 
-from admin import runtime
+from admin import library, runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user
 from moderation.storage.db import transaction
@@ -66,7 +66,7 @@ def index() -> str:
 @bp.route("/verify")
 @permission_required("audit")
 def verify() -> str:
-    from moderation.audit import verify_chain
+    (verify_chain,) = library("moderation.audit", "verify_chain")
 
     with runtime().sessions() as db:
         result = verify_chain(db)
@@ -80,7 +80,7 @@ def export() -> Any:
     form = ExportForm()
     if not form.validate_on_submit():
         abort(400)
-    from moderation.audit import export_events, signing_key
+    export_events, signing_key = library("moderation.audit", "export_events", "signing_key")
 
     fmt: Literal["jsonl", "csv"] = "csv" if form.fmt.data == "csv" else "jsonl"
     events = io.BytesIO()

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from wtforms import BooleanField, PasswordField
 from wtforms.validators import DataRequired, Length
 
-from admin import runtime
+from admin import library, runtime
 from admin.forms import ConsoleForm
 from admin.permissions import permission_required, require_user, step_up_required
 from moderation.storage.models import ErasureRequest
@@ -48,7 +48,7 @@ def preview() -> Any:
     form = SubjectForm()
     if not form.validate_on_submit():
         abort(400)
-    from moderation.gdpr import preview_erasure
+    (preview_erasure,) = library("moderation.gdpr", "preview_erasure")
 
     counts = preview_erasure(runtime(), form.subject_id.data or "")
     erase_form = EraseForm()
@@ -64,7 +64,7 @@ def erase() -> Any:
     form = EraseForm()
     if not form.validate_on_submit():
         abort(400)
-    from moderation.gdpr import erase_subject
+    (erase_subject,) = library("moderation.gdpr", "erase_subject")
 
     receipt = erase_subject(runtime(), form.subject_id.data or "", actor=user.actor)
     return render_template("gdpr/receipt.html", receipt=receipt)
