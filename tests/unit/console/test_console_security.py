@@ -466,3 +466,24 @@ def test_open_redirects_are_refused(
         )
         assert response.status_code == 302
         assert response.headers["Location"] == "/review"
+
+
+@pytest.mark.parametrize("column", ["last_seen_at", "expires_at"])
+def test_sessions_end_when_idle_or_past_their_lifetime(
+    client: ConsoleClient,
+    make_user: Callable[..., ConsoleUser],
+    console_runtime: Runtime,
+    column: str,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from moderation.storage.db import transaction
+
+    client.login(make_user("reviewer"))
+    assert client.get("/review").status_code == 200
+    past = datetime.now(UTC) - timedelta(hours=9)
+    with transaction(console_runtime.sessions) as db:
+        db.execute(update(ConsoleSession).values({column: past}))
+    assert client.get("/review").status_code == 302
+    with console_runtime.sessions() as db:
+        assert db.scalar(select(func.count()).select_from(ConsoleSession)) == 0
