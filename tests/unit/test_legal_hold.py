@@ -118,9 +118,8 @@ def test_requests_are_tracked_to_their_deadline(runtime: Runtime) -> None:
 
 
 def test_preview_and_dry_run_change_nothing(runtime: Runtime) -> None:
-    from moderation.subjects import pseudonymize
-
     from moderation.audit import signing_key
+    from moderation.subjects import pseudonymize
 
     with transaction(runtime.sessions) as session:
         signing_key(session, runtime.keyring, create=True)  # as `moderation init` does
