@@ -1,4 +1,4 @@
-"""Legal holds in policies and results; erasure request deadlines (SQLite, no services)."""
+"""GDPR library pieces without services: legal holds, deadlines, previews, late uploads."""
 
 from __future__ import annotations
 
@@ -152,3 +152,38 @@ def test_settings_for_audit_and_erasure_validate() -> None:
 
     with pytest.raises(ConfigurationError):
         load_settings(erasure_deadline_days=40)
+
+
+def test_uploads_arriving_during_an_erasure_are_erased_too(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moderation.gdpr as gdpr
+    from moderation.storage.models import Upload
+    from moderation.subjects import pseudonymize
+
+    def upload_for(subject: str) -> str:
+        with transaction(runtime.sessions) as session:
+            ref = pseudonymize(session, runtime.keyring, subject)
+            return create_upload(
+                session,
+                b"photo",
+                keyring=runtime.keyring,
+                blobs_dir=runtime.settings.blobs_dir,
+                subject_ref=ref,
+            ).id
+
+    first = upload_for("subject-4")
+    late: list[str] = []
+    original = gdpr._delete_redis_keys
+
+    def meanwhile(rt: Runtime, request_id: str) -> None:
+        if not late:  # the platform sends one more upload after the plan was made
+            late.append(upload_for("subject-4"))
+        original(rt, request_id)
+
+    monkeypatch.setattr(gdpr, "_delete_redis_keys", meanwhile)
+    receipt = erase_subject(runtime, "subject-4", actor="cli")
+    assert receipt["counts"]["uploads"] == 2 and receipt["counts"]["subject_secrets"] == 1
+    with runtime.sessions() as session:
+        assert session.get(Upload, first) is None and session.get(Upload, late[0]) is None
+    assert not list(runtime.settings.blobs_dir.rglob("*.blob"))
