@@ -168,6 +168,21 @@ class Settings(BaseSettings):
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field(default="INFO")
 
+    # --- audit log and GDPR erasure (issue 6) -----------------------------------------------
+    audit_checkpoint_every: int = Field(
+        default=1000,
+        ge=1,
+        description="`moderation audit checkpoint --if-due` signs the chain head once this many "
+        "events were appended since the last checkpoint (bounds undetectable tail truncation).",
+    )
+    erasure_deadline_days: int = Field(
+        default=25,
+        ge=1,
+        le=31,
+        description="Open erasure requests older than this many days are overdue (GDPR Art. "
+        "12(3): answer within one month).",
+    )
+
     @field_validator("log_level")
     @classmethod
     def _upper(cls, value: str) -> str:

@@ -61,9 +61,16 @@ class CategoryRules(_Strict):
     unscannable: Literal["review", "block"] = "review"
     review_priority: int = Field(default=50, ge=0, le=100)
     zero_shot_prompts: list[str] = Field(default_factory=list)
+    # Legal hold (GDPR Art. 17(3)(b)): uploads decided ``block`` in this category are kept this
+    # many days even when their data subject asks for erasure; ``legal_hold_basis`` is the law
+    # cited on the erasure receipt.
+    legal_hold_days: int | None = Field(default=None, ge=1, le=36500)
+    legal_hold_basis: str | None = Field(default=None, min_length=1, max_length=300)
 
     @model_validator(mode="after")
     def _ordered(self) -> CategoryRules:
+        if self.legal_hold_days is not None and not self.legal_hold_basis:
+            raise ValueError("legal_hold_days needs legal_hold_basis (the law that requires it)")
         if self.review_cosine > self.block_cosine:
             raise ValueError("review_cosine must be <= block_cosine")
         if (
@@ -79,6 +86,16 @@ class CategoryRules(_Strict):
         ):
             raise ValueError("review_probability must be <= block_probability")
         return self
+
+    @property
+    def legal_hold_citation(self) -> str | None:
+        """``"<basis>: <period>"`` for erasure receipts, e.g. ``"18 U.S.C. 2258A ...: 1 year"``."""
+        if self.legal_hold_days is None:
+            return None
+        days = self.legal_hold_days
+        years, rest = divmod(days, 365)
+        period = f"{years} year{'s' * (years != 1)}" if years and not rest else f"{days} days"
+        return f"{self.legal_hold_basis}: {period}"
 
     def applies_to(self, bank_name: str) -> bool:
         """True when this category's rules cover the bank called ``bank_name``."""

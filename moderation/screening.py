@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import numpy as np
@@ -113,6 +114,8 @@ class ScreeningResult:
     classifier_version: str | None
     review_priority: int | None
     explanation: dict[str, Any]
+    # Days a ``block`` decision must be preserved (the category's legal hold), else None.
+    legal_hold_days: int | None = None
 
     @property
     def needs_review(self) -> bool:
@@ -383,6 +386,7 @@ class Screener:
             None,
         )
         decision, reason, category, priority = "allow", None, None, None
+        hold_days: int | None = None
         if matches:
             top = matches[0]
             rules = policy.rules_for(top.entry.category)
@@ -400,6 +404,7 @@ class Screener:
             )
             explanation["signals"] = list(top.signals)
             priority = rules.review_priority if decision == "review" else None
+            hold_days = rules.legal_hold_days if decision == "block" else None
         if allow_hit is not None and (best_block is None or allow_hit.ranking_score >= best_block):
             if matches:
                 explanation["suppressed_by_allow_bank"] = {
@@ -408,6 +413,7 @@ class Screener:
                     "cosine": allow_hit.cosine,
                 }
             decision, reason, category, priority, matches = "allow", "allow_bank", None, None, []
+            hold_days = None
         work.timings["decide"] = _ms(start)
         return ScreeningResult(
             decision=decision,
@@ -418,6 +424,7 @@ class Screener:
             timings_ms=self._total(work.timings),
             review_priority=priority,
             explanation=explanation,
+            legal_hold_days=hold_days,
             **base,
         )
 
@@ -491,6 +498,8 @@ def record_result(
         )
     session.add(screening)
     upload.status = "done"
+    if result.decision == "block" and result.legal_hold_days:
+        upload.legal_hold_until = datetime.now(UTC) + timedelta(days=result.legal_hold_days)
     if result.needs_review:
         session.add(
             ReviewItem(
@@ -512,6 +521,9 @@ def record_result(
             "subject_ref": upload.subject_ref,
             "matches": [m.entry.public_id for m in result.matches],
             "index_version": result.index_version,
+            "legal_hold_until": (
+                upload.legal_hold_until.isoformat() if upload.legal_hold_until else None
+            ),
         },
     )
     return screening

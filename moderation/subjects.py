@@ -13,6 +13,7 @@ import hashlib
 import hmac
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from moderation.crypto import KeyRing, WrappedKey, generate_data_key, unwrap_key, wrap_key
@@ -51,8 +52,19 @@ def find_subject(session: Session, keyring: KeyRing, subject_id: str) -> Subject
     return session.scalar(select(Subject).where(Subject.lookup == lookup))
 
 
+def _locked_subject(session: Session, lookup: str) -> Subject | None:
+    # FOR SHARE (PostgreSQL; SQLite transactions are already serialised): an erasure deleting
+    # this row waits until the caller's upload is committed, then sees and erases it too.
+    return session.scalar(
+        select(Subject).where(Subject.lookup == lookup).with_for_update(read=True)
+    )
+
+
 def pseudonymize(session: Session, keyring: KeyRing, subject_id: str) -> str:
     """The subject's pseudonym ``ref`` (64 hex chars), creating their secret on first sight.
+
+    Safe under concurrency: when two transactions see a new subject at once, the loser of the
+    insert (unique ``lookup``) rolls back to a savepoint and uses the winner's row.
 
     Raises:
         ValueError: empty subject id.
@@ -60,7 +72,7 @@ def pseudonymize(session: Session, keyring: KeyRing, subject_id: str) -> str:
     if not subject_id:
         raise ValueError("subject id must not be empty")
     lookup = lookup_key(session, keyring, subject_id)
-    subject = session.scalar(select(Subject).where(Subject.lookup == lookup))
+    subject = _locked_subject(session, lookup)
     if subject is None:
         secret = generate_data_key()
         subject = Subject(
@@ -68,6 +80,11 @@ def pseudonymize(session: Session, keyring: KeyRing, subject_id: str) -> str:
             ref=_hmac(secret, subject_id),
             secret=wrap_key(secret, keyring, context=f"subject:{lookup}").to_bytes(),
         )
-        session.add(subject)
-        session.flush()
+        try:
+            with session.begin_nested():
+                session.add(subject)
+        except IntegrityError:
+            subject = _locked_subject(session, lookup)
+            if subject is None:
+                raise
     return subject.ref

@@ -24,7 +24,7 @@ from moderation.cli import (
 @pass_ctx
 def init(ctx: Context) -> None:
     """Create the data directory, the database schema and (dev only) a key file."""
-    from moderation.audit import record_event
+    from moderation.audit import public_key_hex, record_event, signing_key
     from moderation.crypto import load_keyring
     from moderation.policy import load_policy
     from moderation.storage.db import migrate, transaction
@@ -45,6 +45,7 @@ def init(ctx: Context) -> None:
                 target=f"data_dir:{settings.resolved_data_dir}",
                 details={"primary_key_id": keyring.primary_id},
             )
+            audit_key = public_key_hex(signing_key(session, keyring, create=True, actor="cli"))
     source = "environment" if settings.master_keys else "key file"
     if settings.master_keys is None and not had_key_file:
         click.secho(
@@ -59,6 +60,7 @@ def init(ctx: Context) -> None:
             "database": settings.sqlalchemy_url.split("@")[-1],
             "keys": source,
             "primary_key_id": keyring.primary_id,
+            "audit_public_key": audit_key,
             "policy": settings.policy,
         }
     )

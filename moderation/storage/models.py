@@ -146,6 +146,9 @@ class Upload(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int | None] = mapped_column(Integer)
     legal_hold_until: Mapped[datetime | None] = mapped_column()
+    # Set when an erasure request found this upload under legal hold: the upload is detached
+    # from its subject and erased by ``moderation.gdpr.release_expired_holds`` once the hold ends.
+    erasure_request_id: Mapped[str | None] = mapped_column(String(32), index=True)
 
 
 class Screening(Base):
@@ -368,6 +371,12 @@ class ErasureRequest(Base):
     completed_at: Mapped[datetime | None] = mapped_column()
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done
     receipt: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Keyed lookup hash of the subject id while the request is open, so a rerun finds it after
+    # the subject row is gone; cleared (with subject_ref and plan) when the request is done.
+    lookup: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Work list of an open request (upload ids, blob paths, Redis keys, entry ids, counts), so
+    # an interrupted erasure resumes and its receipt counts every item exactly once.
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Job(Base):
