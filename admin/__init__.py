@@ -73,17 +73,6 @@ def runtime() -> Runtime:
     return value
 
 
-def library(module: str, *names: str) -> tuple[Any, ...]:
-    """Functions of a library module another area delivers (audit, GDPR); 503 while absent."""
-    from flask import abort
-
-    try:
-        found = importlib.import_module(module)
-        return tuple(getattr(found, name) for name in names)
-    except (ImportError, AttributeError):
-        abort(503, f"{module} ({', '.join(names)}) is not part of this build yet")
-
-
 def _utc_text(value: datetime | None) -> str:
     if value is None:
         return "-"

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from flask import abort, flash, g, redirect, request, session, url_for
+from flask import abort, current_app, flash, g, redirect, request, session, url_for
+from werkzeug.exceptions import HTTPException
 
 from admin import runtime
 
@@ -133,6 +134,23 @@ def recently_authenticated() -> bool:
     return isinstance(auth_at, int | float) and time.time() - auth_at <= window
 
 
+def _gettable(path: str) -> bool:
+    """True when ``path`` is a page (a GET route): a form reached by POST cannot be returned to."""
+    try:
+        current_app.url_map.bind(request.host).match(path, method="GET")
+    except HTTPException:
+        return False
+    return True
+
+
+def _area_index() -> str:
+    """The landing page of the current blueprint, else the user's home."""
+    endpoint = f"{request.blueprint}.index"
+    if request.blueprint and endpoint in current_app.view_functions:
+        return url_for(endpoint)
+    return url_for("auth.index")
+
+
 def step_up_required(view: F) -> F:
     """Destructive actions: re-enter the password (and a TOTP code) when the last check is
     older than ``console_step_up_seconds``; the user is sent back to repeat the action."""
@@ -141,14 +159,15 @@ def step_up_required(view: F) -> F:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         if recently_authenticated():
             return view(*args, **kwargs)
+        fallback = _area_index()
         if request.method == "GET":
             back = request.full_path.rstrip("?")
         else:
             referrer = urlsplit(request.referrer or "")
             same_host = referrer.netloc in ("", request.host)
             back = referrer.path + (f"?{referrer.query}" if referrer.query else "")
-            back = back if same_host and back else url_for("auth.index")
+            back = back if same_host and _gettable(referrer.path) else fallback
         flash("Confirm it is you, then repeat the action.", "warning")
-        return redirect(url_for("auth.reauth", next=safe_next(back, url_for("auth.index"))))
+        return redirect(url_for("auth.reauth", next=safe_next(back, fallback)))
 
     return wrapped  # type: ignore[return-value]

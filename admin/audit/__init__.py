@@ -17,9 +17,10 @@ from sqlalchemy import select
 from wtforms import DateTimeLocalField, SelectField
 from wtforms.validators import DataRequired, Optional
 
-from admin import library, runtime
+from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user
+from moderation.audit import export_events, signing_key, verify_chain
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent
 
@@ -66,10 +67,10 @@ def index() -> str:
 @bp.route("/verify")
 @permission_required("audit")
 def verify() -> str:
-    (verify_chain,) = library("moderation.audit", "verify_chain")
-
-    with runtime().sessions() as db:
-        result = verify_chain(db)
+    rt = runtime()
+    with rt.sessions() as db:
+        # The key ring pins the audit public key to the deployment's own signing secret.
+        result = verify_chain(db, keyring=rt.keyring)
     return render_template("audit/verify.html", result=result)
 
 
@@ -80,8 +81,6 @@ def export() -> Any:
     form = ExportForm()
     if not form.validate_on_submit():
         abort(400)
-    export_events, signing_key = library("moderation.audit", "export_events", "signing_key")
-
     fmt: Literal["jsonl", "csv"] = "csv" if form.fmt.data == "csv" else "jsonl"
     events = io.BytesIO()
     rt = runtime()

@@ -1,22 +1,27 @@
-"""GDPR erasure (Art. 17) for the DPO: preview what a data subject's erasure touches, then erase.
+"""GDPR erasure (Art. 17) for the DPO: record a request, preview what erasure touches, erase.
 
 Raw subject ids are typed into POST forms only (never URLs, logs or audit events); the library
-(``moderation.gdpr.preview_erasure`` and ``erase_subject``) pseudonymises them.
+(:mod:`moderation.gdpr`) pseudonymises them and signs the receipt.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, abort, render_template
-from sqlalchemy import select
+from flask import Blueprint, abort, flash, redirect, render_template, url_for
 from wtforms import BooleanField, PasswordField
 from wtforms.validators import DataRequired, Length
 
-from admin import library, runtime
+from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import permission_required, require_user, step_up_required
-from moderation.storage.models import ErasureRequest
+from moderation.gdpr import (
+    GdprError,
+    erase_subject,
+    list_requests,
+    preview_erasure,
+    register_request,
+)
 
 bp = Blueprint("gdpr", __name__, url_prefix="/gdpr")
 
@@ -36,10 +41,20 @@ class EraseForm(SubjectForm):
 @permission_required("gdpr")
 def index() -> str:
     with runtime().sessions() as db:
-        requests = db.scalars(
-            select(ErasureRequest).order_by(ErasureRequest.received_at.desc()).limit(100)
-        ).all()
+        requests = list_requests(db)
     return render_template("gdpr/index.html", form=SubjectForm(), requests=requests)
+
+
+@bp.route("/register", methods=["POST"])
+@permission_required("gdpr")
+def register() -> Any:
+    user = require_user()
+    form = SubjectForm()
+    if not form.validate_on_submit():
+        abort(400)
+    request_id = register_request(runtime(), form.subject_id.data or "", actor=user.actor)
+    flash(f"Request {request_id} recorded: the one-month deadline runs from now.", "info")
+    return redirect(url_for("gdpr.index"))
 
 
 @bp.route("/preview", methods=["POST"])
@@ -48,9 +63,10 @@ def preview() -> Any:
     form = SubjectForm()
     if not form.validate_on_submit():
         abort(400)
-    (preview_erasure,) = library("moderation.gdpr", "preview_erasure")
-
-    counts = preview_erasure(runtime(), form.subject_id.data or "")
+    try:
+        counts = preview_erasure(runtime(), form.subject_id.data or "")
+    except GdprError as exc:
+        abort(503, str(exc))
     erase_form = EraseForm()
     erase_form.subject_id.data = form.subject_id.data
     return render_template("gdpr/preview.html", counts=counts, form=erase_form)
@@ -64,7 +80,9 @@ def erase() -> Any:
     form = EraseForm()
     if not form.validate_on_submit():
         abort(400)
-    (erase_subject,) = library("moderation.gdpr", "erase_subject")
-
-    receipt = erase_subject(runtime(), form.subject_id.data or "", actor=user.actor)
+    try:
+        receipt = erase_subject(runtime(), form.subject_id.data or "", actor=user.actor)
+    except GdprError as exc:
+        # Erasure resumes where it stopped: the DPO repeats it once the store is back.
+        abort(503, f"{exc} (repeat the erasure to finish it)")
     return render_template("gdpr/receipt.html", receipt=receipt)

@@ -3,27 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import zipfile
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
-import moderation.audit
 from moderation.runtime import Runtime
 from moderation.storage.models import AuditEvent, Upload
-
-needs_audit_api = pytest.mark.skipif(
-    not hasattr(moderation.audit, "verify_chain"),
-    reason="moderation.audit.verify_chain/export_events not on main yet",
-)
-needs_gdpr = pytest.mark.skipif(
-    importlib.util.find_spec("moderation.gdpr") is None, reason="moderation.gdpr not on main yet"
-)
 
 
 def test_audit_log_lists_filters_and_escapes(
@@ -42,7 +31,6 @@ def test_audit_log_lists_filters_and_escapes(
     assert "test.thing" in filtered and "auth.login" not in filtered
 
 
-@needs_audit_api
 def test_audit_chain_verifies_and_exports(
     client: Any, make_user: Callable[..., Any], console_runtime: Runtime
 ) -> None:
@@ -77,7 +65,6 @@ def _subject_upload(rt: Runtime, subject_id: str) -> str:
         return upload.id
 
 
-@needs_gdpr
 def test_dpo_previews_then_erases_a_subject(
     client: Any, make_user: Callable[..., Any], console_runtime: Runtime
 ) -> None:
@@ -100,3 +87,48 @@ def test_dpo_previews_then_erases_a_subject(
         assert db.get(Upload, upload_id) is None
         events = db.scalars(select(AuditEvent.details)).all()
     assert all(subject not in json.dumps(d) for d in events)  # the raw id is never recorded
+
+
+def test_erasure_request_is_recorded_and_erasing_needs_a_fresh_sign_in(
+    client: Any, make_user: Callable[..., Any], console_runtime: Runtime
+) -> None:
+    import time
+
+    from sqlalchemy import update
+
+    from moderation.storage.db import transaction
+    from moderation.storage.models import ConsoleSession, ErasureRequest
+
+    subject = "subject-0815"
+    upload_id = _subject_upload(console_runtime, subject)
+    dpo = make_user("dpo")
+    client.login(dpo)
+    recorded = client.form("/gdpr/register", {"subject_id": subject}, token_from="/gdpr")
+    assert recorded.status_code == 302
+    with console_runtime.sessions() as db:
+        request = db.scalars(select(ErasureRequest)).one()
+        assert request.state == "pending" and request.requested_by == f"user:{dpo.id}"
+    assert request.id in client.get("/gdpr").get_data(as_text=True)
+
+    with transaction(console_runtime.sessions) as db:
+        row = db.scalars(select(ConsoleSession)).one()
+        db.execute(
+            update(ConsoleSession)
+            .where(ConsoleSession.id == row.id)
+            .values(data={**row.data, "auth_at": time.time() - 3600})
+        )
+    client.environ_base["HTTP_REFERER"] = "https://localhost/gdpr/preview"
+    stale = client.form("/gdpr/erase", {"subject_id": subject, "confirm": "y"}, token_from="/gdpr")
+    # The preview page was a POST: the user is sent back to the GDPR page, not to a 405.
+    assert stale.headers["Location"] == "/reauth?next=/gdpr"
+    with console_runtime.sessions() as db:
+        assert db.get(Upload, upload_id) is not None
+    client.environ_base["HTTP_REFERER"] = "https://localhost/"
+    client.form(
+        "/reauth", {"password": dpo.password, "code": client.totp_code(dpo)}, token_from="/reauth"
+    )
+    done = client.form("/gdpr/erase", {"subject_id": subject, "confirm": "y"}, token_from="/gdpr")
+    assert done.status_code == 200
+    with console_runtime.sessions() as db:
+        assert db.get(Upload, upload_id) is None
+        assert db.get(ErasureRequest, request.id).state == "done"  # type: ignore[union-attr]
