@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 from sqlalchemy import func, select
@@ -83,21 +84,19 @@ class DatabaseSamples:
 
 def database_samples(session: Session) -> DatabaseSamples:
     """Uploads per status, results per decision and per unscannable reason, callbacks per state."""
-    statuses = dict(session.execute(select(Upload.status, func.count()).group_by(Upload.status)))
-    decisions = dict(
-        session.execute(select(Screening.decision, func.count()).group_by(Screening.decision))
+
+    def counts(query: Any) -> dict[Any, int]:
+        return {key: int(value) for key, value in session.execute(query).all()}
+
+    statuses = counts(select(Upload.status, func.count()).group_by(Upload.status))
+    decisions = counts(select(Screening.decision, func.count()).group_by(Screening.decision))
+    reasons = counts(
+        select(Screening.reason, func.count())
+        .where(Screening.decision == "unscannable")
+        .group_by(Screening.reason)
     )
-    reasons = dict(
-        session.execute(
-            select(Screening.reason, func.count())
-            .where(Screening.decision == "unscannable")
-            .group_by(Screening.reason)
-        )
-    )
-    callbacks = dict(
-        session.execute(
-            select(CallbackDelivery.state, func.count()).group_by(CallbackDelivery.state)
-        )
+    callbacks = counts(
+        select(CallbackDelivery.state, func.count()).group_by(CallbackDelivery.state)
     )
     return DatabaseSamples(
         uploads_by_status={str(k): int(v) for k, v in statuses.items()},
