@@ -73,8 +73,14 @@ def _queue_depths() -> dict[str, int]:
     with celery.connection_for_read() as conn:
         conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
         channel = conn.default_channel
+        # kombu's virtual transports (Redis, SQLAlchemy) count a queue with `_size`, which is
+        # 0 for a queue never used; a passive declare would fail on those.
+        size = getattr(channel, "_size", None)
         for name in QUEUES:
-            depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+            if size is not None:
+                depths[name] = int(size(name))
+            else:
+                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
     return depths
 
 
