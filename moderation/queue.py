@@ -387,6 +387,8 @@ def process_upload(
         if upload.status == "done":
             return ProcessResult(Outcome.ALREADY_DONE, attempts=upload.attempts)
         received_at = upload.received_at
+        if upload.attempts > 0:
+            REDELIVERIES.inc()
         if upload.attempts >= max_attempts:
             POISON.inc()
             logger.error(
@@ -408,9 +410,7 @@ def process_upload(
             data, unreadable = None, "blob_missing"
         except DecryptionError:
             data, unreadable = None, "blob_undecryptable"
-        if upload.attempts > 0:
-            REDELIVERIES.inc()
-        else:
+        if upload.attempts == 0:
             QUEUE_WAIT_SECONDS.observe(max(0.0, _since(received_at)))
         upload.attempts += 1
         upload.status = "processing"

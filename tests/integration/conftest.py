@@ -330,17 +330,24 @@ class Stack:
                 callback_allowlist=allowlist,
             )
 
-    def start(self, name: str, *args: str, **env: Any) -> Service:
+    def start(
+        self, name: str, *args: str, raw_env: dict[str, str] | None = None, **env: Any
+    ) -> Service:
         log = self.tmp_path / f"{name}-{len(self.services)}.log"
-        service = Service(name, [sys.executable, "-m", "moderation", *args], self.env(**env), log)
+        full_env = {**self.env(**env), **(raw_env or {})}
+        service = Service(name, [sys.executable, "-m", "moderation", *args], full_env, log)
         self.services.append(service)
         return service
 
     def start_web(self) -> Service:
         return self.start("web", "serve", "--port", str(self.port), "--workers", "2")
 
-    def start_worker(self, concurrency: int = 1, **env: Any) -> Service:
-        return self.start("worker", "worker", "--concurrency", str(concurrency), **env)
+    def start_worker(
+        self, concurrency: int = 1, raw_env: dict[str, str] | None = None, **env: Any
+    ) -> Service:
+        return self.start(
+            "worker", "worker", "--concurrency", str(concurrency), raw_env=raw_env, **env
+        )
 
     def start_beat(self) -> Service:
         return self.start("beat", "beat")
