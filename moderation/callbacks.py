@@ -304,8 +304,14 @@ def deliver_callback(
         url, upload_id = delivery.url, delivery.upload_id
         body = _body(delivery.payload)
         from moderation.clients import callback_secret
+        from moderation.crypto import UnknownKeyError
 
-        secret = callback_secret(client, runtime.keyring)
+        try:
+            secret = callback_secret(client, runtime.keyring)
+        except UnknownKeyError:
+            # Rotated since this process read the key ring: re-read it once.
+            runtime.__dict__.pop("keyring", None)
+            secret = callback_secret(client, runtime.keyring)
 
     timestamp = int(time.time())
     headers = {

@@ -649,6 +649,7 @@ class WorkerReport:
     """One worker's heartbeat as readiness shows it."""
 
     worker_id: str
+    encoder_id: str | None
     snapshot_version: int | None
     error: str | None
     seen_s_ago: float
@@ -681,6 +682,7 @@ def worker_reports(session: Session, *, alive_within: float) -> tuple[int, list[
         reports.append(
             WorkerReport(
                 worker_id=beat.id,
+                encoder_id=beat.encoder_id,
                 snapshot_version=beat.snapshot_version,
                 error=beat.error,
                 seen_s_ago=max(0.0, _since(beat.updated_at)),

@@ -106,6 +106,8 @@ def status() -> Any:
             workers = [
                 {
                     "id": r.worker_id,
+                    "encoder_loaded": r.encoder_id is not None,
+                    "encoder_id": r.encoder_id,
                     "snapshot_version": r.snapshot_version,
                     "stale_s": None if r.stale_s is None else round(r.stale_s, 1),
                     "seen_s_ago": round(r.seen_s_ago, 1),
@@ -117,7 +119,10 @@ def status() -> Any:
             fresh = [
                 r
                 for r in reports
-                if r.error is None and r.stale_s is not None and r.stale_s <= RELOAD_BOUND_S
+                if r.error is None
+                and r.encoder_id is not None
+                and r.stale_s is not None
+                and r.stale_s <= RELOAD_BOUND_S
             ]
             snapshot = {
                 "ok": bool(fresh) and not errors,
