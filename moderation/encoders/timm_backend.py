@@ -12,8 +12,9 @@ scaled as ``(x - 127) / 128`` (``MEAN_RGB``/``STDDEV_RGB`` in tensorflow/tpu
 the 458 photos of ``photos-dev`` (resize 256 bicubic, centre crop 224): 88.2% with these
 settings; 80.1% with PyTorch padding and eps 1e-5; 69.9% with ImageNet mean/std on top of that.
 
-Embedding. The 1280-channel ``forward_features`` map (7x7 for a 224 px input), average-pooled.
-Chosen on a copy-detection check over photos-dev: 200 photos as references; 300 source photos
+Embedding. The 1280-channel ``forward_features`` map (7x7 for a 224 px input) of the whole
+image squashed to 224x224, GeM-pooled (p=3). Two measurements decided it. First, a copy-detection
+check over photos-dev: 200 photos as references; 300 source photos
 (the 200 and 100 non-members) each edited ten ways (resize 40%, JPEG q15, centre crop 70%,
 corner crop 60%, rotation 15 degrees, mirror, greyscale, 25% white border, text overlay, pasted
 at 60% onto another photo); each query predicts its most cosine-similar reference; µAP over the
@@ -32,7 +33,23 @@ TPAMI 2018.) Every edit but the paste scores µAP >= 0.95 in all nine variants; 
 (0.42 squashed, 0.68 chosen). The chosen row beats GeM by +0.007 (95% bootstrap interval over
 source photos +0.003..+0.011) and squashing by +0.020 (+0.014..+0.026). Its cost: the centre
 crop drops the sides of wide images (corner crop 60%: 0.98 vs 1.00 squashed).
-:data:`EMBED_RESIZE` and :data:`EMBED_POOL` hold the choice.
+
+Second, colour robustness (RELIABILITY.md I8): one photo stored in every Pillow mode must embed
+close to the original, and grey renderings are where the variants differ. Cosine to
+``original.jpg`` of ThreatExchange's ``misc-images/modes`` files (modes 1, L, I, F):
+
+===================================  ===========================  ===========================
+preprocessing                        avg pool                     GeM p=3
+===================================  ===========================  ===========================
+squash to 224x224                    0.862, 0.880, 0.881, 0.878   **0.919, 0.929, 0.929, 0.928**
+short side 256, centre crop 224      0.852, 0.876, 0.878, 0.878   0.865, 0.892, 0.893, 0.893
+===================================  ===========================  ===========================
+
+Only squash + GeM keeps every grey mode above 0.88 (colour modes are >= 0.99 in all variants),
+and on the full BENCHMARKS.md protocol (``moderation benchmark --images photos-dev``: 250
+references, 780 queries) it scores global-cosine µAP 0.935 against 0.938 for short-256/avg, with
+higher recall on crops, borders and greyscale and lower on pastes, which the classifier stage's
+region signals handle. :data:`EMBED_RESIZE` and :data:`EMBED_POOL` hold the choice.
 """
 
 from __future__ import annotations
@@ -73,8 +90,8 @@ GEM_EPS = 1e-6
 
 ResizeMode = Literal["short256_crop224", "short224_crop224", "square224"]
 PoolMode = Literal["avg", "gem3"]
-EMBED_RESIZE: ResizeMode = "short256_crop224"
-EMBED_POOL: PoolMode = "avg"
+EMBED_RESIZE: ResizeMode = "square224"
+EMBED_POOL: PoolMode = "gem3"
 
 
 def packaged_weights_path() -> Path:

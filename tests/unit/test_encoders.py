@@ -30,6 +30,7 @@ from moderation.encoders.base import state_dict_sha256
 from moderation.encoders.timm_backend import (
     EfficientNetLite0Encoder,
     PoolMode,
+    ResizeMode,
     map_state_dict_by_position,
     packaged_weights_path,
 )
@@ -109,7 +110,8 @@ def test_encoder_id_changes_with_preprocessing_and_weights(
     cpu = torch.device("cpu")
     other_pool: PoolMode = "gem3" if lite0.pool == "avg" else "avg"
     regrouped = EfficientNetLite0Encoder(device=cpu, pool=other_pool)
-    resized = EfficientNetLite0Encoder(device=cpu, resize="square224", pool=lite0.pool)
+    other_resize: ResizeMode = "short256_crop224" if lite0.resize == "square224" else "square224"
+    resized = EfficientNetLite0Encoder(device=cpu, resize=other_resize, pool=lite0.pool)
     state = torch.load(packaged_weights_path(), weights_only=True)
     state["_fc.bias"] = state["_fc.bias"] + 1.0
     retrained_path = tmp_path / "retrained.pth"
@@ -251,9 +253,11 @@ def test_edited_copies_are_nearest_to_their_original(lite0: EfficientNetLite0Enc
     assert (cosine.argmax(axis=1) == sources).all()
     same = cosine[np.arange(len(queries)), sources]
     cosine[np.arange(len(queries)), sources] = -1.0
-    # Observed: copies 0.70..0.98, different photos 0.08..0.31.
+    # Observed (squash + GeM): copies 0.70..0.98, different photos up to 0.49; the margin
+    # between the two is what matters.
     assert same.min() > 0.6
-    assert cosine.max() < 0.45
+    assert cosine.max() < 0.55
+    assert same.min() - cosine.max() > 0.1
 
 
 def test_encode_accepts_any_size(lite0: EfficientNetLite0Encoder) -> None:

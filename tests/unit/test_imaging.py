@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import shared_path, skimage_photo, skimage_photo_path
+from hostile import encode, eps, fits, minimal_gif, pdf, png_chunk, png_from_header, psd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import EpsImagePlugin, ExifTags, Image, ImageFile, ImageOps, PngImagePlugin
@@ -42,12 +43,6 @@ from moderation.imaging import (
 )
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **params)
-    return buffer.getvalue()
 
 
 def small(image: Image.Image, size: tuple[int, int] = (64, 48)) -> np.ndarray:
@@ -75,41 +70,9 @@ def no_pixel_buffer_allocated() -> Iterator[None]:
     assert core.get_stats()["new_count"] == 0, "a pixel buffer was allocated"
 
 
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    """One PNG chunk: length, type, data, CRC-32 (PNG specification, section 5.3)."""
-    return (
-        struct.pack(">I", len(payload))
-        + kind
-        + payload
-        + struct.pack(">I", zlib.crc32(kind + payload))
-    )
-
-
-def png_from_header(
-    width: int, height: int, *, bit_depth: int, colour_type: int, idat: bytes
-) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
-
-
 def with_chunks_after_ihdr(png: bytes, *chunks: bytes) -> bytes:
     after_ihdr = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
     return png[:after_ihdr] + b"".join(chunks) + png[after_ihdr:]
-
-
-def minimal_gif(n_frames: int) -> bytes:
-    """A 1 x 1 GIF89a with n_frames frames of alternating black and white, built by hand."""
-    header = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
-    control = b"!\xf9\x04\x00\x01\x00\x00\x00"  # graphic control extension, 10 ms
-    descriptor = b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0)
-    black = control + descriptor + b"\x02\x02\x44\x01\x00"  # LZW: clear, 0, end
-    white = control + descriptor + b"\x02\x02\x4c\x01\x00"  # LZW: clear, 1, end
-    return header + (black + white) * (n_frames // 2) + black * (n_frames % 2) + b";"
 
 
 def solid_frames(n: int, size: tuple[int, int] = (32, 24)) -> list[Image.Image]:
@@ -196,33 +159,6 @@ def test_sniff_format_agrees_with_pillows_own_accept_functions(prefix: bytes, ta
     assert sniff_format(head) == (pillow[0] if pillow else None)
 
 
-def _eps() -> bytes:
-    return encode(Image.new("RGB", (8, 8), (10, 20, 30)), "EPS")
-
-
-def _psd() -> bytes:
-    # Adobe Photoshop file format: signature, version 1, 6 reserved, channels, h, w, depth, mode.
-    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, 8, 8, 8, 3)
-    return header + struct.pack(">I", 0) * 3 + struct.pack(">H", 0) + bytes(8 * 8 * 3)
-
-
-def _fits() -> bytes:
-    cards = (
-        "SIMPLE  =                    T",
-        "BITPIX  =                    8",
-        "NAXIS   =                    2",
-        "NAXIS1  =                    8",
-        "NAXIS2  =                    8",
-        "END",
-    )
-    header = "".join(card.ljust(80) for card in cards).ljust(2880).encode("ascii")
-    return header + bytes(2880)
-
-
-def _pdf() -> bytes:
-    return encode(Image.new("RGB", (8, 8), (10, 20, 30)), "PDF")
-
-
 @pytest.fixture
 def no_subprocess(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Make every way of starting a process record the attempt and fail."""
@@ -244,12 +180,12 @@ def test_the_subprocess_trap_catches_pillows_ghostscript_call(
 ) -> None:
     """Control: without the allowlist, Pillow's EPS plugin starts Ghostscript when loading."""
     monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # forget any earlier probe
-    with Image.open(io.BytesIO(_eps())) as image, pytest.raises(AssertionError):
+    with Image.open(io.BytesIO(eps())) as image, pytest.raises(AssertionError):
         image.load()
     assert no_subprocess, "Pillow did not try to start a process: the trap proves nothing"
 
 
-@pytest.mark.parametrize("make", [_eps, _psd, _fits, _pdf], ids=["EPS", "PSD", "FITS", "PDF"])
+@pytest.mark.parametrize("make", [eps, psd, fits, pdf], ids=["EPS", "PSD", "FITS", "PDF"])
 def test_other_formats_named_png_are_rejected_without_a_subprocess(
     make: Callable[[], bytes],
     tmp_path: Path,
