@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +29,38 @@ from moderation.storage.models import (
     Screening,
     Upload,
 )
-from tests.integration.conftest import (
+from tests.integration.queue_stack import (
     CallbackReceiver,
     RedisServer,
     Stack,
     bank_images,
+    running_receiver,
+    running_redis,
+    stack_factory,
     upload_images,
     wait_until,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    with running_receiver() as server:
+        yield server
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    with stack_factory(tmp_path) as make:
+        yield make
+
 
 POISON_DIR = Path(__file__).resolve().parent / "poison"
 

@@ -1,5 +1,8 @@
-"""Fixtures for the queue's integration tests: a private Redis, and a service stack made of real
-``moderation serve`` / ``worker`` / ``beat`` processes over a real database.
+"""Helpers for the queue's integration tests: a private Redis, a callback receiver, and a service
+stack made of real ``moderation serve`` / ``worker`` / ``beat`` processes over a real database.
+
+Not a conftest (a second ``conftest`` module would shadow ``tests/conftest.py`` for the tests
+that import from it): each test module wraps these in its own small fixtures.
 
 Every process runs from this checkout (``PYTHONPATH``) with its own data dir; Redis runs on a
 spare port started here, so tests can stop and restart it (RELIABILITY.md Q4).
@@ -145,16 +148,6 @@ class RedisServer:
         return int(redis.Redis(port=self.port).llen(key))
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (scripts/services.sh installs it)")
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop_without_saving()
-
-
 # --- callback receiver ---------------------------------------------------------------------
 
 
@@ -184,13 +177,6 @@ class CallbackReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    server = CallbackReceiver()
-    yield server
-    server.close()
 
 
 # --- the service stack ---------------------------------------------------------------------
@@ -381,8 +367,35 @@ class Stack:
             self.runtime.engine.dispose()
 
 
-@pytest.fixture
-def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+# --- context managers the test modules wrap in fixtures -----------------------------------
+
+
+@contextlib.contextmanager
+def running_redis(workdir: Path) -> Iterator[RedisServer]:
+    """A private Redis for one test (skips, saying why, without redis-server)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/services.sh expects it)")
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop_without_saving()
+
+
+@contextlib.contextmanager
+def running_receiver() -> Iterator[CallbackReceiver]:
+    """A callback receiver for one test."""
+    server = CallbackReceiver()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """Makes stacks under ``tmp_path`` and stops all their processes at the end."""
     stacks: list[Stack] = []
 
     def make(**kwargs: Any) -> Stack:
@@ -390,6 +403,8 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
         stacks.append(stack)
         return stack
 
-    yield make
-    for stack in stacks:
-        stack.close()
+    try:
+        yield make
+    finally:
+        for stack in stacks:
+            stack.close()
