@@ -16,7 +16,7 @@ from moderation.config import Settings, load_settings
 from moderation.runtime import Runtime
 
 # "module:attribute" of each blueprint, registered in this order.
-BLUEPRINTS: tuple[str, ...] = ()
+BLUEPRINTS: tuple[str, ...] = ("admin.api:bp", "admin.api:status_bp")
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
