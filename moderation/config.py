@@ -175,6 +175,12 @@ class Settings(BaseSettings):
         description="`moderation audit checkpoint --if-due` signs the chain head once this many "
         "events were appended since the last checkpoint (bounds undetectable tail truncation).",
     )
+    audit_checkpoint_max_age: int = Field(
+        default=3600,
+        ge=60,
+        description="s: the workers' beat also signs a newer chain head once the last "
+        "checkpoint is this old, so a quiet deployment's tail is not left unsigned.",
+    )
     erasure_deadline_days: int = Field(
         default=25,
         ge=1,

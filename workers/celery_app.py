@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 SCREEN_TASK = "moderation.screen"
 CALLBACK_TASK = "moderation.deliver_callback"
 RECONCILE_TASK = "moderation.reconcile"
+CHECKPOINT_TASK = "moderation.audit_checkpoint"
+# How often beat asks for an audit checkpoint; checkpoint_if_due decides whether one is due.
+CHECKPOINT_INTERVAL = 60.0
 QUEUES = ("screening", "maintenance", "callbacks")
 ROUTES = {
     SCREEN_TASK: {"queue": "screening"},
@@ -95,7 +98,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": RECONCILE_TASK,
                 "schedule": float(settings.reconcile_interval),
                 "options": {"queue": "maintenance", "expires": float(settings.reconcile_interval)},
-            }
+            },
+            "audit-checkpoint": {
+                "task": CHECKPOINT_TASK,
+                "schedule": CHECKPOINT_INTERVAL,
+                "options": {"queue": "maintenance", "expires": CHECKPOINT_INTERVAL},
+            },
         },
         "beat_schedule_filename": str(settings.resolved_data_dir / "celerybeat-schedule"),
         "include": ["workers.tasks"],

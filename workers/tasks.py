@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from typing import Any
 
 from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 
+from moderation.audit import checkpoint_if_due
 from moderation.callbacks import deliver_callback
 from moderation.dispatch import attach_dispatcher
 from moderation.queue import RetryLater, WorkerState, process_upload, reconcile
 from moderation.runtime import Runtime
-from workers.celery_app import CALLBACK_TASK, RECONCILE_TASK, SCREEN_TASK, get_app
+from moderation.storage.db import transaction
+from workers.celery_app import (
+    CALLBACK_TASK,
+    CHECKPOINT_TASK,
+    RECONCILE_TASK,
+    SCREEN_TASK,
+    get_app,
+)
 from workers.dispatch import CeleryDispatcher
 
 logger = logging.getLogger(__name__)
@@ -112,3 +121,17 @@ def reconcile_stuck() -> dict[str, int]:
     rt = runtime()
     report = reconcile(rt, CeleryDispatcher(app), stuck_after=rt.settings.reconcile_after)
     return {"screenings": len(report.screenings), "callbacks": len(report.callbacks)}
+
+
+@app.task(name=CHECKPOINT_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def audit_checkpoint() -> int | None:
+    """Sign the audit chain head when enough events (or enough time) passed since the last."""
+    rt = runtime()
+    with transaction(rt.sessions) as session:
+        checkpoint = checkpoint_if_due(
+            session,
+            rt.keyring,
+            every=rt.settings.audit_checkpoint_every,
+            max_age=timedelta(seconds=rt.settings.audit_checkpoint_max_age),
+        )
+        return None if checkpoint is None else checkpoint.seq
