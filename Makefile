@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit services browsers clean
+.PHONY: venv demo test lint typecheck unit services browsers compose clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ services:
 browsers:
 	bash scripts/browsers.sh
 
+compose:
+	bash scripts/compose.sh
+
 lint: venv
 	$(PY) -m ruff check moderation workers admin tests
 	$(PY) -m ruff format --check moderation workers admin tests
@@ -36,7 +39,7 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy moderation workers admin
 
-test: venv services browsers lint typecheck
+test: venv services browsers compose lint typecheck
 	$(PY) -m pytest
 
 unit: venv

@@ -24,6 +24,8 @@ BLUEPRINTS: tuple[str, ...] = (
     "admin.dashboard:bp",
     "admin.audit:bp",
     "admin.gdpr:bp",
+    "admin.api:bp",
+    "admin.api:status_bp",
 )
 
 

@@ -34,7 +34,7 @@ import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, BinaryIO, Literal, Protocol
 
@@ -348,18 +348,35 @@ def write_checkpoint(
     return checkpoint
 
 
-def checkpoint_if_due(session: Session, keyring: KeyRing, *, every: int) -> AuditCheckpoint | None:
-    """Write a checkpoint when ``every`` or more events were appended since the last one.
+def checkpoint_if_due(
+    session: Session,
+    keyring: KeyRing,
+    *,
+    every: int,
+    max_age: timedelta | None = None,
+) -> AuditCheckpoint | None:
+    """Write a checkpoint when ``every`` or more events were appended since the last one, or
+    (with ``max_age``) when any event is newer than a last checkpoint older than ``max_age``.
 
     Meant for a periodic maintenance task (``moderation audit checkpoint --if-due`` from cron,
     or the workers' beat schedule): tail truncation is detected only up to the last checkpoint,
-    so ``every`` bounds how many events can vanish unnoticed.
+    so ``every`` bounds how many events can vanish unnoticed, and ``max_age`` how long a quiet
+    deployment's tail stays unsigned.
     """
     head = _head(session)
     last = _last_checkpoint(session)
-    if head is None or head[0] - (last.seq if last else 0) < every:
+    pending = 0 if head is None else head[0] - (last.seq if last else 0)
+    if pending <= 0:
         return None
-    return write_checkpoint(session, keyring)
+    if pending >= every:
+        return write_checkpoint(session, keyring)
+    if max_age is not None:
+        signed_at = last.created_at if last else None
+        if signed_at is not None and signed_at.tzinfo is None:
+            signed_at = signed_at.replace(tzinfo=UTC)
+        if signed_at is None or datetime.now(UTC) - signed_at >= max_age:
+            return write_checkpoint(session, keyring)
+    return None
 
 
 # --- verification ---------------------------------------------------------------------------

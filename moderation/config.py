@@ -165,6 +165,60 @@ class Settings(BaseSettings):
         description="Review items one reviewer may be shown per UTC day (reviewer wellness).",
     )
 
+    # --- queue, workers, upload-hook API and callbacks (issue 3) ------------------------------
+    task_time_limit: int = Field(
+        default=120,
+        ge=1,
+        description="Seconds before a screening task's child process is killed (hard limit).",
+    )
+    visibility_timeout: int = Field(
+        default=300,
+        ge=1,
+        description="Seconds Redis waits before redelivering an unacknowledged task; workers "
+        "refuse to start unless it exceeds task_time_limit (RELIABILITY.md Q5).",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Screening attempts per upload; one more delivery ends it unscannable "
+        "with reason poison.",
+    )
+    reconcile_after: int = Field(
+        default=300,
+        ge=1,
+        description="Seconds an upload may sit queued or processing (since its last send or "
+        "attempt) before the reconciler re-sends it.",
+    )
+    reconcile_interval: int = Field(
+        default=30, ge=1, description="Seconds between reconciler runs (Celery beat)."
+    )
+    snapshot_poll_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between a worker's checks for a new index snapshot version.",
+    )
+    api_rate_limit: str = Field(
+        default="600/minute",
+        description="Upload-hook requests per API client (limits library syntax, e.g. 10/second).",
+    )
+    api_max_wait: float = Field(
+        default=10.0, gt=0, le=60, description="Longest ?wait= an upload request may ask, s."
+    )
+    callback_max_attempts: int = Field(
+        default=8, ge=1, description="Delivery attempts per callback before it is given up."
+    )
+    callback_backoff: float = Field(
+        default=2.0,
+        gt=0,
+        description="First retry delay of a failed callback, s; doubles per attempt (max 1 h).",
+    )
+    callback_timeout: float = Field(default=10.0, gt=0, description="Callback HTTP timeout, s.")
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="prometheus-client multiprocess directory shared by `serve` and `worker` "
+        "on one machine; default <data_dir>/metrics.",
+    )
+
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field(default="INFO")
 
@@ -174,6 +228,12 @@ class Settings(BaseSettings):
         ge=1,
         description="`moderation audit checkpoint --if-due` signs the chain head once this many "
         "events were appended since the last checkpoint (bounds undetectable tail truncation).",
+    )
+    audit_checkpoint_max_age: int = Field(
+        default=3600,
+        ge=60,
+        description="s: the workers' beat also signs a newer chain head once the last "
+        "checkpoint is this old, so a quiet deployment's tail is not left unsigned.",
     )
     erasure_deadline_days: int = Field(
         default=25,
@@ -242,6 +302,19 @@ class Settings(BaseSettings):
         if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
             return self.broker_url
         return None
+
+    @cached_property
+    def effective_broker_url(self) -> str:
+        """``broker_url``, else Celery on kombu's SQLAlchemy transport over a SQLite file in the
+        data dir (one machine, no Redis: the same worker code runs)."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{self.resolved_data_dir / 'broker.sqlite'}"
+
+    @cached_property
+    def metrics_path(self) -> Path:
+        """prometheus-client multiprocess directory."""
+        return (self.metrics_dir or self.resolved_data_dir / "metrics").expanduser().resolve()
 
     def ensure_dirs(self) -> None:
         """Create the data directory tree (mode 0700)."""

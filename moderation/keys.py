@@ -21,7 +21,13 @@ from sqlalchemy.orm import Session
 from moderation.audit import record_event
 from moderation.blocklist.snapshot import rewrap_snapshot
 from moderation.crypto import KeyRing, WrappedKey, rewrap_key
-from moderation.storage.models import DeploymentSecret, IndexSnapshot, Subject, Upload
+from moderation.storage.models import (
+    ApiClient,
+    DeploymentSecret,
+    IndexSnapshot,
+    Subject,
+    Upload,
+)
 from moderation.users import rewrap_totp_secrets
 
 logger = logging.getLogger(__name__)
@@ -106,12 +112,28 @@ def _rewrap_user_totp(session: Session, keyring: KeyRing, _dir: Path, _r: Rotati
     return rewrap_totp_secrets(session, keyring)
 
 
+def _rewrap_api_clients(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+    # Callback signing secrets of upload-hook clients (moderation.clients).
+    count = 0
+    for client in session.scalars(select(ApiClient)):
+        if not client.callback_secret:
+            continue
+        old = WrappedKey.from_bytes(client.callback_secret)
+        if old.key_id == keyring.primary_id:
+            continue
+        context = f"api-client:{client.id}:callback-secret"
+        client.callback_secret = rewrap_key(old, keyring, context=context).to_bytes()
+        count += 1
+    return count
+
+
 REWRAP_STEPS: dict[str, RewrapStep] = {
     "snapshots": _rewrap_snapshots,
     "uploads": _rewrap_uploads,
     "subjects": _rewrap_subjects,
     "deployment_secrets": _rewrap_deployment_secrets,
     "user_totp_secrets": _rewrap_user_totp,
+    "api_clients": _rewrap_api_clients,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
 

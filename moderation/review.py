@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from moderation.audit import record_event
 from moderation.blocklist.importer import compute_signals
 from moderation.blocklist.operations import commit_with_snapshot
 from moderation.blocklist.service import EntrySignals, get_bank
+from moderation.callbacks import notify_decision
 from moderation.imaging import UnscannableImage, decode_image
 from moderation.storage.db import transaction
 from moderation.storage.models import (
@@ -72,18 +73,6 @@ EXIF_TEXT_TAGS: tuple[str, ...] = (
     "Artist",
     "Copyright",
 )
-
-_NotifyFn = Callable[[Session, str], None]
-
-
-def _load_notify() -> _NotifyFn | None:
-    # The callback queue (issue 3) lands separately; until then decisions are not delivered.
-    try:
-        from moderation.callbacks import notify_decision
-    except ImportError:
-        return None
-    return notify_decision  # type: ignore[no-any-return]
-
 
 class ReviewError(Exception):
     """A review operation was refused (unknown item, bad decision, wrong bank kind...)."""
@@ -383,7 +372,6 @@ def _apply_decision(
     origin: str | None,
     now: datetime,
     prepared: _Prepared | None,
-    notify: _NotifyFn | None,
 ) -> tuple[DecisionOutcome, list[EntrySignals]]:
     item = session.get(ReviewItem, item_id, with_for_update=True)
     if item is None:
@@ -441,10 +429,9 @@ def _apply_decision(
             "entry_id": entry_id,
         },
     )
-    notified = False
-    if final is not None and notify is not None:
-        notify(session, item.upload_id)
-        notified = True
+    if final is not None:
+        # The platform hears about the decision after this transaction commits.
+        notify_decision(session, item.upload_id)
     outcome = DecisionOutcome(
         item_id=item.id,
         upload_id=item.upload_id,
@@ -452,7 +439,7 @@ def _apply_decision(
         final=final,
         labelled_pairs=pairs,
         entry_id=entry_id,
-        notified=notified,
+        notified=final is not None,
     )
     return outcome, signals
 
@@ -516,7 +503,6 @@ def decide(
     if decision not in DECISIONS:
         raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}")
     moment = _now(now)
-    notify = _load_notify()
     prepared: _Prepared | None = None
     if bank_name:
         with runtime.sessions() as session:
@@ -537,7 +523,6 @@ def decide(
             origin=origin,
             now=moment,
             prepared=prepared,
-            notify=notify,
         )
         holder["outcome"] = outcome
         return signals, ()

@@ -1,0 +1,212 @@
+"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moderation import __version__
+
+
+def _error_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+WAIT_PARAMETER = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "description": "Seconds to wait for the result (at most 10). With a result in time the "
+    "answer is 200 with it; otherwise 202.",
+    "schema": {"type": "number", "minimum": 0, "maximum": 10},
+}
+
+
+def openapi_document(server: str | None = None) -> dict[str, Any]:
+    """The document (paths, schemas, bearer security scheme)."""
+    match = {
+        "type": "object",
+        "properties": {
+            "bank": {"type": ["string", "null"]},
+            "entry_id": {"type": ["string", "null"], "examples": ["e_12"]},
+            "label": {"type": ["string", "null"]},
+            "cosine": {"type": ["number", "null"]},
+            "pdq_distance": {"type": ["integer", "null"]},
+            "probability": {"type": ["number", "null"]},
+        },
+    }
+    result = {
+        "type": "object",
+        "required": ["decision", "policy", "matches", "timings_ms"],
+        "properties": {
+            "decision": {"enum": ["allow", "review", "block", "unscannable"]},
+            "policy": {"type": "string"},
+            "score": {"type": ["number", "null"]},
+            "reason": {
+                "type": ["string", "null"],
+                "description": "Why unscannable (e.g. too_large, poison) or allow_bank.",
+            },
+            "category": {"type": ["string", "null"]},
+            "matches": {"type": "array", "items": {"$ref": "#/components/schemas/Match"}},
+            "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+            "index_version": {"type": ["integer", "null"]},
+        },
+    }
+    screening = {
+        "type": "object",
+        "required": ["id", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "external_id": {"type": ["string", "null"]},
+            "status": {"enum": ["queued", "processing", "done"]},
+            "received_at": {"type": "string", "format": "date-time"},
+            "result": {"oneOf": [{"$ref": "#/components/schemas/Result"}, {"type": "null"}]},
+            "review": {
+                "type": "object",
+                "description": "Present once a reviewer decided.",
+                "properties": {
+                    "state": {"type": "string"},
+                    "decision": {"type": ["string", "null"]},
+                    "decided_at": {"type": "string", "format": "date-time"},
+                },
+            },
+        },
+    }
+    accepted = {
+        "description": "Accepted; the result comes by callback or GET.",
+        "headers": {"Location": {"schema": {"type": "string"}}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["id", "status"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "status": {"enum": ["queued", "processing"]},
+                    },
+                }
+            }
+        },
+    }
+    done = {
+        "description": "The result (with ?wait= when ready in time).",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Screening"}}},
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "moderation upload hook",
+            "version": __version__,
+            "description": "Submit images for near-duplicate screening against encrypted "
+            "blocklists; results by signed callback (X-Moderation-Signature: "
+            't=<unix>,v1=<hex HMAC-SHA256(secret, t + "." + body)>) or by polling.',
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/v1/screenings": {
+                "post": {
+                    "operationId": "createScreening",
+                    "parameters": [
+                        WAIT_PARAMETER,
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": "Repeats with the same key return the first upload.",
+                            "schema": {"type": "string", "maxLength": 200},
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image", "external_id", "subject_id"],
+                                    "properties": {
+                                        "image": {
+                                            "type": "string",
+                                            "contentMediaType": "application/octet-stream",
+                                            "description": "JPEG, PNG, WebP, GIF, BMP or TIFF.",
+                                        },
+                                        "external_id": {"type": "string", "maxLength": 500},
+                                        "subject_id": {
+                                            "type": "string",
+                                            "maxLength": 500,
+                                            "description": "The uploader; stored pseudonymised.",
+                                        },
+                                        "callback_url": {
+                                            "type": "string",
+                                            "format": "uri",
+                                            "description": "Must match the client's allowlist.",
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": done,
+                        "202": accepted,
+                        "400": _error_response("Malformed request."),
+                        "401": _error_response("Missing or invalid bearer token."),
+                        "413": _error_response("Image over the size limit."),
+                        "415": _error_response("Not an allowed image type (magic bytes)."),
+                        "422": _error_response(
+                            "callback_url not allowed, or Idempotency-Key reused."
+                        ),
+                        "429": _error_response("Rate limited; see Retry-After."),
+                        "503": _error_response("Temporarily unavailable; retry."),
+                    },
+                }
+            },
+            "/api/v1/screenings/{id}": {
+                "get": {
+                    "operationId": "getScreening",
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        WAIT_PARAMETER,
+                    ],
+                    "responses": {
+                        "200": done,
+                        "202": accepted,
+                        "401": _error_response("Missing or invalid bearer token."),
+                        "404": _error_response("No such screening for this client."),
+                        "429": _error_response("Rate limited; see Retry-After."),
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                            },
+                        }
+                    },
+                },
+                "Match": match,
+                "Result": result,
+                "Screening": screening,
+            },
+        },
+    }
+    if server:
+        document["servers"] = [{"url": f"https://{server}"}]
+    return document

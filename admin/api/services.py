@@ -1,0 +1,98 @@
+"""Per-app collaborators of the API: Celery app and dispatcher, per-client rate limiter.
+
+Built once per Flask app when the blueprint is registered. Tests may put a ready dispatcher in
+the app config as ``MODERATION_DISPATCHER`` (e.g. ``moderation.dispatch.RecordingDispatcher``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app
+from limits import RateLimitItem, parse
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+
+from moderation.dispatch import Dispatcher, attach_dispatcher
+from moderation.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "moderation.api"
+
+
+class ClientLimiter:
+    """Moving-window limit per API client, in Redis when configured (shared by every web
+    process), else in memory. If Redis fails, the in-memory window takes over (per process)
+    rather than refusing every upload."""
+
+    def __init__(self, rate: str, redis_url: str | None) -> None:
+        self.item: RateLimitItem = parse(rate)
+        self.fallback = MovingWindowRateLimiter(storage_from_string("memory://"))
+        self.primary = self.fallback
+        if redis_url:
+            storage = storage_from_string(
+                redis_url,
+                key_prefix="moderation:ratelimit",
+                socket_connect_timeout=0.5,
+                socket_timeout=0.5,
+            )
+            self.primary = MovingWindowRateLimiter(storage)
+
+    def hit(self, key: str) -> tuple[bool, float]:
+        """(allowed, seconds until the window frees a slot)."""
+        for limiter in (self.primary, self.fallback):
+            try:
+                if limiter.hit(self.item, "client", key):
+                    return True, 0.0
+                stats = limiter.get_window_stats(self.item, "client", key)
+                return False, max(1.0, stats.reset_time - time.time())
+            except Exception as exc:  # Redis down: fall back to this process's window
+                if limiter is self.fallback:
+                    raise
+                logger.warning("rate-limit storage failed (%s); using memory", exc)
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class ApiServices:
+    """What the API views need besides the runtime."""
+
+    dispatcher: Dispatcher
+    celery: Any | None
+    limiter: ClientLimiter
+
+
+def setup(app: Flask, runtime: Runtime) -> ApiServices:
+    """Build (once) the app's services and attach the dispatcher to its sessions."""
+    existing = app.extensions.get(EXTENSION)
+    if isinstance(existing, ApiServices):
+        return existing
+    settings = runtime.settings
+    celery = None
+    dispatcher = app.config.get("MODERATION_DISPATCHER")
+    if dispatcher is None:
+        from workers.celery_app import create_celery
+        from workers.dispatch import CeleryDispatcher
+
+        celery = create_celery(settings)
+        dispatcher = CeleryDispatcher(celery)
+    services = ApiServices(
+        dispatcher=dispatcher,
+        celery=celery,
+        limiter=ClientLimiter(settings.api_rate_limit, settings.effective_redis_url),
+    )
+    # Decisions made in this process (reviews) send their callbacks after commit.
+    attach_dispatcher(runtime.sessions, dispatcher)
+    app.extensions[EXTENSION] = services
+    return services
+
+
+def services() -> ApiServices:
+    """The current app's :class:`ApiServices`."""
+    from admin import runtime
+
+    return setup(current_app._get_current_object(), runtime())  # type: ignore[attr-defined]

@@ -1,0 +1,222 @@
+"""Readiness (``/status``), liveness (``/status/live``) and Prometheus ``/metrics``.
+
+Readiness (STYLE.md rule 12) is true when the database and the broker answer and at least one
+worker reported, within the last few poll intervals, an encoder loaded and the current snapshot
+version decrypted and verified (or a version older by less than the reload bound); a worker
+reporting a snapshot it cannot decrypt or verify makes the service not ready (503).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import text
+
+from admin.api.services import services
+from moderation.metrics import database_samples
+from moderation.queue import worker_reports
+from moderation.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("status", __name__)
+
+RELOAD_BOUND_S = 30.0  # a worker must reload a new snapshot within this (issue 3)
+
+
+def _runtime() -> Runtime:
+    from admin import runtime
+
+    return runtime()
+
+
+def _check_database(runtime: Runtime) -> dict[str, Any]:
+    try:
+        with runtime.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return {"ok": True}
+    except Exception as exc:
+        return {"ok": False, "error": type(exc).__name__}
+
+
+def _check_broker() -> dict[str, Any]:
+    celery = services().celery
+    if celery is None:
+        return {"ok": True, "detail": "no broker (in-memory dispatcher)"}
+    try:
+        with celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
+        return {"ok": True, "transport": conn.transport_cls}
+    except Exception as exc:
+        return {"ok": False, "error": type(exc).__name__}
+
+
+def _queue_depths() -> dict[str, int]:
+    celery = services().celery
+    if celery is None:
+        return {}
+    from workers.celery_app import QUEUES
+
+    depths: dict[str, int] = {}
+    with celery.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, timeout=2)
+        channel = conn.default_channel
+        # kombu's virtual transports (Redis, SQLAlchemy) count a queue with `_size`, which is
+        # 0 for a queue never used; a passive declare would fail on those.
+        size = getattr(channel, "_size", None)
+        for name in QUEUES:
+            if size is not None:
+                depths[name] = int(size(name))
+            else:
+                depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
+    return depths
+
+
+@bp.get("/status/live")
+def live() -> Any:
+    """Liveness: the process answers."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/status")
+def status() -> Any:
+    """Readiness with the reasons; 503 when not ready."""
+    runtime = _runtime()
+    settings = runtime.settings
+    database = _check_database(runtime)
+    broker = _check_broker()
+    snapshot: dict[str, Any] = {"ok": False}
+    if database["ok"]:
+        alive_within = max(3 * settings.snapshot_poll_interval, 30.0)
+        try:
+            with runtime.sessions() as session:
+                current, reports = worker_reports(session, alive_within=alive_within)
+            workers = [
+                {
+                    "id": r.worker_id,
+                    "encoder_loaded": r.encoder_id is not None,
+                    "encoder_id": r.encoder_id,
+                    "snapshot_version": r.snapshot_version,
+                    "stale_s": None if r.stale_s is None else round(r.stale_s, 1),
+                    "seen_s_ago": round(r.seen_s_ago, 1),
+                    "error": r.error,
+                }
+                for r in reports
+            ]
+            errors = [r for r in reports if r.error]
+            fresh = [
+                r
+                for r in reports
+                if r.error is None
+                and r.encoder_id is not None
+                and r.stale_s is not None
+                and r.stale_s <= RELOAD_BOUND_S
+            ]
+            snapshot = {
+                "ok": bool(fresh) and not errors,
+                "current_version": current,
+                "workers": workers,
+            }
+            if not reports:
+                snapshot["detail"] = "no worker has reported (is `moderation worker` running?)"
+            elif errors:
+                snapshot["detail"] = "a worker cannot decrypt or verify the snapshot"
+        except Exception as exc:
+            snapshot = {"ok": False, "error": type(exc).__name__}
+    ready = bool(database["ok"] and broker["ok"] and snapshot["ok"])
+    response = jsonify(
+        {
+            "ready": ready,
+            "checks": {"database": database, "broker": broker, "snapshot": snapshot},
+        }
+    )
+    response.status_code = 200 if ready else 503
+    return response
+
+
+class _ScrapeCollector(Collector):
+    """Figures read at scrape time: database counts and queue depths (true fleet-wide)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with self.runtime.sessions() as session:
+                samples = database_samples(session)
+                current, reports = worker_reports(
+                    session, alive_within=max(3 * self.runtime.settings.snapshot_poll_interval, 30)
+                )
+        except Exception as exc:
+            logger.warning("metrics: database unavailable: %s", exc)
+            return
+        uploads = GaugeMetricFamily("moderation_uploads", "Uploads by status.", labels=["status"])
+        for key, value in sorted(samples.uploads_by_status.items()):
+            uploads.add_metric([key], value)
+        yield uploads
+        results = CounterMetricFamily(
+            "moderation_results", "Uploads by terminal state (decision).", labels=["decision"]
+        )
+        for key, value in sorted(samples.results_by_decision.items()):
+            results.add_metric([key], value)
+        yield results
+        reasons = CounterMetricFamily(
+            "moderation_unscannable_results",
+            "Unscannable results by reason (poison included).",
+            labels=["reason"],
+        )
+        for key, value in sorted(samples.results_by_reason.items()):
+            reasons.add_metric([key], value)
+        yield reasons
+        callbacks = GaugeMetricFamily(
+            "moderation_callback_deliveries", "Callback deliveries by state.", labels=["state"]
+        )
+        for key, value in sorted(samples.callbacks_by_state.items()):
+            callbacks.add_metric([key], value)
+        yield callbacks
+        yield GaugeMetricFamily("moderation_snapshot_version", "Current version.", value=current)
+        yield GaugeMetricFamily(
+            "moderation_workers_alive", "Workers heard from recently.", value=len(reports)
+        )
+        try:
+            depths = _queue_depths()
+        except Exception as exc:
+            logger.warning("metrics: broker unavailable: %s", exc)
+            return
+        depth = GaugeMetricFamily(
+            "moderation_queue_depth", "Messages waiting per queue.", labels=["queue"]
+        )
+        for key, value in sorted(depths.items()):
+            depth.add_metric([key], value)
+        yield depth
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format: this machine's processes (multiprocess mode) plus scrape-time
+    figures from the database and the broker."""
+    start = time.perf_counter()
+    scrape = CollectorRegistry()
+    scrape.register(_ScrapeCollector(_runtime()))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        processes = CollectorRegistry()
+        multiprocess.MultiProcessCollector(processes)  # type: ignore[no-untyped-call]
+        body = generate_latest(processes) + generate_latest(scrape)
+    else:
+        body = generate_latest(REGISTRY) + generate_latest(scrape)
+    logger.debug("metrics scraped in %.1f ms", (time.perf_counter() - start) * 1000)
+    return Response(body, mimetype="text/plain; version=0.0.4; charset=utf-8")

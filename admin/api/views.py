@@ -1,0 +1,229 @@
+"""``/api/v1``: the HTTP upload hook (ARCHITECTURE.md "HTTP upload hook").
+
+Views are thin: authenticate the bearer token, rate-limit per client, validate the form, call
+``moderation.queue.submit_upload`` (which commits the upload before sending its task), and
+answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200`` with it.
+Every error is JSON ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from admin.api.openapi import openapi_document
+from admin.api.services import ApiServices, services, setup
+from moderation.clients import authenticate
+from moderation.queue import SubmissionError, submit_upload, wait_for_upload
+from moderation.results import upload_view
+from moderation.storage.models import Upload
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+MAX_FIELD = 500
+MAX_IDEMPOTENCY_KEY = 200
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around the image, bytes
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+@bp.record_once
+def _setup(state: Any) -> None:
+    app: Flask = state.app
+    runtime = app.extensions["moderation"]
+    setup(app, runtime)
+
+
+@bp.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> Any:
+    return _error(exc.status, exc.code, exc.message, exc.headers)
+
+
+@bp.errorhandler(SubmissionError)
+def _submission_error(exc: SubmissionError) -> Any:
+    return _error(exc.status, exc.code, exc.message)
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Any:
+    status = exc.code or 500
+    code = {
+        400: "bad_request",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "too_large",
+    }.get(status, "http_error")
+    return _error(status, code, exc.description or exc.name)
+
+
+@bp.errorhandler(OperationalError)
+def _database_down(exc: OperationalError) -> Any:
+    logger.error("database unavailable: %s", exc.orig if exc.orig else exc)
+    return _error(503, "unavailable", "the service is unavailable; retry", {"Retry-After": "5"})
+
+
+@bp.errorhandler(Exception)
+def _unexpected(exc: Exception) -> Any:
+    logger.exception("unexpected API error")
+    return _error(500, "internal", "internal error")
+
+
+def _runtime() -> Any:
+    from admin import runtime
+
+    return runtime()
+
+
+def _client_id() -> int:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401, "unauthorized", "a bearer token is required", {"WWW-Authenticate": "Bearer"}
+        )
+    with _runtime().sessions() as session:
+        client = authenticate(session, token.strip())
+        if client is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "invalid or revoked token",
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return client.id
+
+
+def _rate_limit(api: ApiServices, client_id: int) -> None:
+    allowed, retry_after = api.limiter.hit(str(client_id))
+    if not allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many requests for this client",
+            {"Retry-After": str(int(retry_after + 0.999))},
+        )
+
+
+def _wait_seconds() -> float:
+    raw = request.args.get("wait")
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, "bad_request", "wait must be a number of seconds") from None
+    if not value >= 0:  # also refuses NaN
+        raise ApiError(400, "bad_request", "wait must be >= 0")
+    return float(min(value, _runtime().settings.api_max_wait))
+
+
+def _field(name: str, *, required: bool, limit: int = MAX_FIELD) -> str | None:
+    value = request.form.get(name)
+    if value is None or value == "":
+        if required:
+            raise ApiError(400, "bad_request", f"the form field {name!r} is required")
+        return None
+    if len(value) > limit:
+        raise ApiError(400, "bad_request", f"{name} is longer than {limit} characters")
+    return value
+
+
+def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
+    runtime = _runtime()
+    if wait > 0:
+        wait_for_upload(runtime, upload_id, wait)
+    with runtime.sessions() as session:
+        upload = session.get(Upload, upload_id)
+        if upload is None:
+            raise ApiError(404, "not_found", "no such screening")
+        view = upload_view(session, upload)
+    if view["status"] == "done":
+        response = jsonify(view)
+        response.status_code = 200
+    else:
+        response = jsonify({"id": upload_id, "status": view["status"]})
+        response.status_code = 202
+        response.headers["Location"] = f"/api/v1/screenings/{upload_id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+@bp.post("/screenings")
+def create_screening() -> Any:
+    """Accept an image for screening (multipart ``image``, ``external_id``, ``subject_id``,
+    optional ``callback_url``; optional ``Idempotency-Key`` header)."""
+    client_id = _client_id()
+    api = services()
+    _rate_limit(api, client_id)
+    wait = _wait_seconds()
+    settings = _runtime().settings
+    request.max_content_length = settings.max_image_bytes + MULTIPART_OVERHEAD
+    image = request.files.get("image")
+    if image is None:
+        raise ApiError(400, "bad_request", "the multipart file field 'image' is required")
+    data = image.read(settings.max_image_bytes + 1)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise ApiError(400, "bad_request", "Idempotency-Key must be 1-200 characters")
+    submission = submit_upload(
+        _runtime(),
+        api.dispatcher,
+        client_id=client_id,
+        data=data,
+        external_id=_field("external_id", required=True),
+        subject_id=_field("subject_id", required=True),
+        callback_url=_field("callback_url", required=False, limit=2000),
+        idempotency_key=key,
+        origin=request.remote_addr,
+    )
+    return _answer(submission.upload_id, wait, replayed=not submission.created)
+
+
+@bp.get("/screenings/<upload_id>")
+def get_screening(upload_id: str) -> Any:
+    """The upload's status and, once done, its result (``?wait=`` up to 10 s)."""
+    client_id = _client_id()
+    _rate_limit(services(), client_id)
+    wait = _wait_seconds()
+    with _runtime().sessions() as session:
+        upload = session.get(Upload, upload_id[:32])
+        # Another client's upload is indistinguishable from a missing one.
+        if upload is None or upload.client_id != client_id:
+            raise ApiError(404, "not_found", "no such screening")
+    return _answer(upload.id, wait)
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3.1 document of this API."""
+    return jsonify(openapi_document(current_app.config.get("SERVER_NAME")))
+
+
+@bp.route("/<path:_rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def not_found(_rest: str) -> Any:
+    """Unknown API paths answer JSON, like every API error."""
+    raise ApiError(404, "not_found", "no such endpoint")

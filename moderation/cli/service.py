@@ -1,0 +1,228 @@
+"""Service commands: serve (gunicorn), worker and beat (Celery), api-client, benchmark queue.
+
+The library never imports Flask or Celery, so ``serve``, ``worker`` and ``beat`` replace this
+process (``os.execvpe``) with gunicorn or Celery, which then build their apps from the same
+``MODERATION_*`` settings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from moderation.cli import Context, config_errors, echo_json, main, pass_ctx
+from moderation.cli.core import benchmark
+from moderation.config import Settings
+
+ALL_QUEUES = "screening,maintenance,callbacks"
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The environment for a server or worker process: metrics directory, import path."""
+    env = dict(os.environ)
+    metrics = settings.metrics_path
+    metrics.mkdir(parents=True, exist_ok=True, mode=0o700)
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics))
+    # The exec'd process imports `admin` and `workers` from the same tree as this `moderation`.
+    root = str(Path(__file__).resolve().parents[2])
+    if (Path(root) / "workers").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)  # noqa: S606 - replaces this process by design
+
+
+def _check(ctx: Context) -> None:
+    with config_errors():
+        ctx.settings.ensure_dirs()
+        ctx.runtime.check_initialised()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", "processes", default=2, show_default=True, help="gunicorn processes.")
+@click.option("--threads", default=8, show_default=True, help="Threads per process (?wait=).")
+@pass_ctx
+def serve(ctx: Context, host: str, port: int, processes: int, threads: int) -> None:
+    """Serve the upload-hook API and the console with gunicorn (a production WSGI server)."""
+    _check(ctx)
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "--workers",
+        str(processes),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(threads),
+        "--timeout",
+        "60",
+        "--graceful-timeout",
+        "20",
+        "--access-logfile",
+        "-",
+        "--no-control-socket",
+        "--config",
+        "python:admin.gunicorn_conf",
+        "admin:create_app()",
+    ]
+    _exec(argv, service_env(ctx.settings))
+
+
+@main.command()
+@click.option(
+    "--queues", default=ALL_QUEUES, show_default=True, help="Comma-separated queues to consume."
+)
+@click.option("--concurrency", default=1, show_default=True, help="Worker processes.")
+@click.option(
+    "--beat/--no-beat",
+    default=None,
+    help="Also run the reconciler schedule in this worker (default: only without a broker).",
+)
+@pass_ctx
+def worker(ctx: Context, queues: str, concurrency: int, beat: bool | None) -> None:
+    """Run a Celery worker (screening, callbacks, maintenance)."""
+    _check(ctx)
+    settings = ctx.settings
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app:app",
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"moderation-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--optimization",
+        "fair",
+        "--loglevel",
+        settings.log_level,
+    ]
+    if beat if beat is not None else settings.broker_url is None:
+        argv += ["--beat", "--schedule", str(settings.resolved_data_dir / "celerybeat-schedule")]
+    _exec(argv, service_env(settings))
+
+
+@main.command()
+@pass_ctx
+def beat(ctx: Context) -> None:
+    """Run Celery beat: sends the reconciler every MODERATION_RECONCILE_INTERVAL seconds."""
+    _check(ctx)
+    settings = ctx.settings
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app:app",
+        "beat",
+        "--schedule",
+        str(settings.resolved_data_dir / "celerybeat-schedule"),
+        "--loglevel",
+        settings.log_level,
+    ]
+    _exec(argv, service_env(settings))
+
+
+@main.group("api-client")
+def api_client() -> None:
+    """Upload-hook API clients."""
+
+
+@api_client.command("create")
+@click.argument("name")
+@click.option(
+    "--callback-allowlist",
+    "allowlist",
+    multiple=True,
+    help="URL prefix callbacks may go to (repeatable), e.g. https://hooks.example.com/moderation",
+)
+@pass_ctx
+def api_client_create(ctx: Context, name: str, allowlist: tuple[str, ...]) -> None:
+    """Create an API client; prints its token and callback secret (shown only once)."""
+    from moderation.clients import ClientError, create_api_client
+    from moderation.storage.db import transaction
+
+    with config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        try:
+            with transaction(runtime.sessions) as session:
+                created = create_api_client(
+                    session, runtime.keyring, name, callback_allowlist=allowlist, actor="cli"
+                )
+        except ClientError as exc:
+            raise click.UsageError(str(exc)) from exc
+    echo_json(
+        {
+            "client_id": created.client_id,
+            "name": created.name,
+            "token": created.token,
+            "callback_secret": created.callback_secret,
+            "callback_allowlist": list(created.callback_allowlist),
+        }
+    )
+
+
+@benchmark.command("queue")
+@click.option(
+    "--images",
+    "images_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of photos: the bank and the uploads are drawn from it.",
+)
+@click.option("--bank-size", default=100, show_default=True)
+@click.option("--uploads", default=200, show_default=True)
+@click.option("--wait-requests", default=50, show_default=True, help="Sequential ?wait= requests.")
+@click.option("--concurrency", default=1, show_default=True, help="Worker processes.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def benchmark_queue(
+    ctx: Context,
+    images_dir: Path,
+    bank_size: int,
+    uploads: int,
+    wait_requests: int,
+    concurrency: int,
+    json_out: Path | None,
+) -> None:
+    """Uploads/s through the queue (one worker) vs in-process screening, and ?wait= latency.
+
+    Runs in a fresh temporary data dir with its own `serve` and `worker` processes, on the
+    configured broker (MODERATION_BROKER_URL), or the no-broker SQLite transport when unset.
+    """
+    from moderation.benchmark.queue import run_queue_benchmark
+
+    with config_errors():
+        report = run_queue_benchmark(
+            ctx.settings,
+            images_dir,
+            bank_size=bank_size,
+            uploads=uploads,
+            wait_requests=wait_requests,
+            concurrency=concurrency,
+            echo=click.echo,
+        )
+    if json_out is not None:
+        import json
+
+        json_out.write_text(json.dumps(report, indent=2))

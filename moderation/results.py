@@ -1,0 +1,75 @@
+"""The public view of an upload and its result, as the HTTP hook and callbacks show it.
+
+One function builds it from the database, so ``GET /api/v1/screenings/{id}`` and the callback
+body carry the same result object (ARCHITECTURE.md "HTTP upload hook").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from moderation.storage.models import Bank, Entry, Match, ReviewItem, Screening, Upload
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def result_json(session: Session, screening: Screening) -> dict[str, Any]:
+    """The result object: ``decision``, ``policy``, ``score``, ``reason``, ``category``,
+    ``matches`` (``bank``, ``entry_id``, ``label``, ``cosine``, ``pdq_distance``,
+    ``probability``), ``timings_ms``, ``index_version``."""
+    rows = session.execute(
+        select(Match, Bank.name, Entry.label)
+        .outerjoin(Bank, Match.bank_id == Bank.id)
+        .outerjoin(Entry, Match.entry_id == Entry.id)
+        .where(Match.screening_id == screening.id)
+        .order_by(Match.id)
+    ).all()
+    return {
+        "decision": screening.decision,
+        "policy": screening.policy,
+        "score": _round(screening.score),
+        "reason": screening.reason,
+        "category": screening.category,
+        "matches": [
+            {
+                "bank": bank_name,
+                "entry_id": None if match.entry_id is None else f"e_{match.entry_id}",
+                "label": label,
+                "cosine": _round(match.cosine),
+                "pdq_distance": match.pdq_distance,
+                "probability": _round(match.probability),
+            }
+            for match, bank_name, label in rows
+        ],
+        "timings_ms": {k: round(float(v), 2) for k, v in (screening.timings or {}).items()},
+        "index_version": screening.index_version,
+    }
+
+
+def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
+    """``{"id", "external_id", "status", "received_at", "result"}`` (``result`` null until done),
+    plus ``review`` (``state``, ``decision``, ``decided_at``) once a reviewer has decided."""
+    view: dict[str, Any] = {
+        "id": upload.id,
+        "external_id": upload.external_id,
+        "status": upload.status,
+        "received_at": upload.received_at.isoformat(),
+        "result": None,
+    }
+    screening = session.scalar(select(Screening).where(Screening.upload_id == upload.id))
+    if screening is not None:
+        view["status"] = "done"
+        view["result"] = result_json(session, screening)
+    item = session.scalar(select(ReviewItem).where(ReviewItem.upload_id == upload.id))
+    if item is not None and item.decided_at is not None:
+        view["review"] = {
+            "state": item.state,
+            "decision": item.decision,
+            "decided_at": item.decided_at.isoformat(),
+        }
+    return view

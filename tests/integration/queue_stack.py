@@ -1,0 +1,410 @@
+"""Helpers for the queue's integration tests: a private Redis, a callback receiver, and a service
+stack made of real ``moderation serve`` / ``worker`` / ``beat`` processes over a real database.
+
+Not a conftest (a second ``conftest`` module would shadow ``tests/conftest.py`` for the tests
+that import from it): each test module wraps these in its own small fixtures.
+
+Every process runs from this checkout (``PYTHONPATH``) with its own data dir; Redis runs on a
+spare port started here, so tests can stop and restart it (RELIABILITY.md Q4).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from moderation.config import Settings, load_settings
+from tests.conftest import SKIMAGE_PHOTOS, skimage_photo
+
+REPO = Path(__file__).resolve().parents[2]
+BANK_PHOTOS = ("astronaut", "chelsea", "coffee")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5
+) -> Any:
+    """Poll ``condition`` until truthy; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 85) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def bank_images() -> dict[str, bytes]:
+    """The banned photos (256 px)."""
+    out = {}
+    for name in BANK_PHOTOS:
+        image = skimage_photo(name)
+        image.thumbnail((256, 256))
+        out[name] = jpeg_bytes(image)
+    return out
+
+
+def upload_images(count: int, seed: int = 0) -> list[bytes]:
+    """``count`` distinct small JPEGs: random crops of scikit-image's photos, 96-128 px."""
+    rng = np.random.default_rng(seed)
+    photos = [skimage_photo(name) for name in SKIMAGE_PHOTOS]
+    images = []
+    for _ in range(count):
+        photo = photos[int(rng.integers(len(photos)))]
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.3, 0.9)), int(h * rng.uniform(0.3, 0.9))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = photo.crop((x, y, x + cw, y + ch))
+        crop.thumbnail((int(rng.integers(96, 129)),) * 2)
+        images.append(jpeg_bytes(crop, quality=int(rng.integers(70, 95))))
+    return images
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A private ``redis-server`` (no persistence, like a restart without saving)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.ping, 20, f"redis on port {self.port}", interval=0.1)
+
+    def stop_without_saving(self) -> None:
+        """SIGKILL: whatever was queued in memory is gone."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def llen(self, key: str) -> int:
+        import redis
+
+        return int(redis.Redis(port=self.port).llen(key))
+
+
+# --- callback receiver ---------------------------------------------------------------------
+
+
+class CallbackReceiver:
+    """A local HTTP server recording every callback (headers, raw body)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.lock:
+                    receiver.received.append((dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.prefix = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --- the service stack ---------------------------------------------------------------------
+
+
+class Service:
+    """A ``moderation`` subprocess in its own session (so it can be killed as a whole)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.handle = log.open("ab")
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO,
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def children(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def kill_all(self) -> None:
+        """SIGKILL the process and every process of its session (a container kill)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        if self.alive():
+            self.kill_all()
+        else:
+            # Leftover pool children of a main process that died first.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self.handle.close()
+
+    def output(self) -> str:
+        self.handle.flush()
+        return self.log.read_text(errors="replace")
+
+
+class Stack:
+    """Settings, database and processes of one deployment under ``tmp_path``."""
+
+    def __init__(
+        self, tmp_path: Path, *, database_url: str | None, broker_url: str | None, **env: Any
+    ) -> None:
+        key = base64.b64encode(secrets.token_bytes(32)).decode()
+        self.values: dict[str, Any] = {
+            "data_dir": tmp_path / "var",
+            "master_keys": f"test-k1:{key}",
+            "torch_threads": 1,
+            "task_time_limit": 20,
+            "visibility_timeout": 30,
+            "reconcile_after": 30,
+            "reconcile_interval": 5,
+            "snapshot_poll_interval": 1.0,
+            "max_attempts": 3,
+            "callback_backoff": 0.5,
+            "log_level": "INFO",
+            "api_rate_limit": "100000/minute",
+        }
+        if database_url:
+            self.values["database_url"] = database_url
+        if broker_url:
+            self.values["broker_url"] = broker_url
+        self.values.update(env)
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.services: list[Service] = []
+        self.runtime: Any = None
+
+    def settings(self, **overrides: Any) -> Settings:
+        return load_settings(**{**self.values, **overrides})
+
+    def env(self, **overrides: Any) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        for key, value in {**self.values, **overrides}.items():
+            env[f"MODERATION_{key.upper()}"] = str(value)
+        env["PYTHONPATH"] = str(REPO)
+        env["OMP_NUM_THREADS"] = "1"
+        return env
+
+    def init(self, bank: dict[str, bytes] | None = None) -> Any:
+        """Schema, and a block bank of ``bank`` images (default: the three bank photos)."""
+        from moderation.blocklist.operations import import_bank
+        from moderation.blocklist.service import create_bank
+        from moderation.runtime import Runtime
+        from moderation.storage.db import migrate, transaction
+
+        settings = self.settings()
+        settings.ensure_dirs()
+        self.runtime = Runtime(settings)
+        migrate(self.runtime.engine)
+        bank_dir = self.tmp_path / "bank"
+        bank_dir.mkdir(exist_ok=True)
+        for name, data in (bank if bank is not None else bank_images()).items():
+            (bank_dir / f"{name}.jpg").write_bytes(data)
+        with transaction(self.runtime.sessions) as session:
+            create_bank(session, "known-bad")
+        import_bank(self.runtime, "known-bad", [bank_dir], actor="test")
+        return self.runtime
+
+    def create_client(self, allowlist: list[str]) -> Any:
+        from moderation.clients import create_api_client
+        from moderation.storage.db import transaction
+
+        with transaction(self.runtime.sessions) as session:
+            return create_api_client(
+                session,
+                self.runtime.keyring,
+                f"client-{len(self.services)}-{time.time()}",
+                callback_allowlist=allowlist,
+            )
+
+    def start(
+        self, name: str, *args: str, raw_env: dict[str, str] | None = None, **env: Any
+    ) -> Service:
+        log = self.tmp_path / f"{name}-{len(self.services)}.log"
+        full_env = {**self.env(**env), **(raw_env or {})}
+        service = Service(name, [sys.executable, "-m", "moderation", *args], full_env, log)
+        self.services.append(service)
+        return service
+
+    def start_web(self) -> Service:
+        return self.start("web", "serve", "--port", str(self.port), "--workers", "2")
+
+    def start_worker(
+        self, concurrency: int = 1, raw_env: dict[str, str] | None = None, **env: Any
+    ) -> Service:
+        return self.start(
+            "worker", "worker", "--concurrency", str(concurrency), raw_env=raw_env, **env
+        )
+
+    def start_beat(self) -> Service:
+        return self.start("beat", "beat")
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        try:
+            response = requests.get(f"{self.base_url}/status", timeout=5)
+            return response.status_code, response.json()
+        except (requests.RequestException, ValueError):
+            return 0, {}
+
+    def wait_ready(self, timeout: float = 180) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            for service in self.services:
+                if not service.alive() and service.name == "web":
+                    raise AssertionError(f"web died:\n{service.output()[-3000:]}")
+            code, body = self.status()
+            return body if code == 200 else None
+
+        try:
+            return dict(wait_until(ready, timeout, "/status to answer 200"))
+        except AssertionError:
+            for service in self.services:
+                print(f"--- {service.name} log ---\n{service.output()[-4000:]}")
+            raise
+
+    def close(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        if self.runtime is not None:
+            self.runtime.engine.dispose()
+
+
+# --- context managers the test modules wrap in fixtures -----------------------------------
+
+
+@contextlib.contextmanager
+def running_redis(workdir: Path) -> Iterator[RedisServer]:
+    """A private Redis for one test (skips, saying why, without redis-server)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/services.sh expects it)")
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop_without_saving()
+
+
+@contextlib.contextmanager
+def running_receiver() -> Iterator[CallbackReceiver]:
+    """A callback receiver for one test."""
+    server = CallbackReceiver()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """Makes stacks under ``tmp_path`` and stops all their processes at the end."""
+    stacks: list[Stack] = []
+
+    def make(**kwargs: Any) -> Stack:
+        stack = Stack(tmp_path / f"stack{len(stacks)}", **kwargs)
+        stacks.append(stack)
+        return stack
+
+    try:
+        yield make
+    finally:
+        for stack in stacks:
+            stack.close()

@@ -1,0 +1,82 @@
+"""docker-compose.yml: valid for Docker Compose, with the services and safeguards the README
+names. No Docker engine runs here; Debian's docker-compose (v1) parses and validates the file
+without one (scripts/compose.sh installs it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+
+
+def compose_config(**env: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed: run scripts/compose.sh (make test does)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
+    return subprocess.run(
+        [binary, "-f", str(COMPOSE), "config"],
+        env={**clean, **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    result = compose_config(MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=")
+    assert result.returncode == 0, result.stderr
+    parsed: dict[str, Any] = yaml.safe_load(result.stdout)
+    return parsed
+
+
+def readme_services() -> set[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Docker Compose", 1)[1].split("\n#", 1)[0]
+    return set(re.findall(r"^\| `([a-z0-9_-]+)` \|", section, flags=re.M))
+
+
+def test_every_service_the_readme_names_exists(config: dict[str, Any]) -> None:
+    named = readme_services()
+    assert named == {"redis", "postgres", "migrate", "web", "worker", "beat"}
+    assert named == set(config["services"])
+
+
+def test_redis_keeps_tasks(config: dict[str, Any]) -> None:
+    command = " ".join(config["services"]["redis"]["command"])
+    assert "--appendonly yes" in command
+    assert "--maxmemory-policy noeviction" in command
+
+
+def test_health_checks_and_start_order(config: dict[str, Any]) -> None:
+    services = config["services"]
+    for name in ("redis", "postgres", "web", "worker"):
+        assert services[name]["healthcheck"]["test"], name
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("web", "worker", "beat"):
+        depends = services[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["redis"]["condition"] == "service_healthy"
+    assert services["migrate"]["restart"] == "no"
+    for name in ("migrate", "web", "worker", "beat"):
+        env = services[name]["environment"]
+        assert env["MODERATION_BROKER_URL"].startswith("redis://redis:")
+        assert env["MODERATION_DATABASE_URL"].startswith("postgresql://")
+        assert any(v.endswith(":/var/lib/moderation:rw") for v in services[name]["volumes"])
+
+
+def test_master_keys_are_required() -> None:
+    result = compose_config()
+    assert result.returncode != 0
+    assert "MODERATION_MASTER_KEYS" in result.stderr

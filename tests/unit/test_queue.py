@@ -1,0 +1,337 @@
+"""The queue's library side, without a broker: submit, process, poison, reconcile, Q5-Q7."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, select, update
+from sqlalchemy.orm import Session
+
+from moderation.blocklist.operations import import_bank
+from moderation.blocklist.service import create_bank, current_snapshot
+from moderation.clients import create_api_client
+from moderation.dispatch import RecordingDispatcher, attach_dispatcher
+from moderation.queue import (
+    Outcome,
+    SnapshotUnavailable,
+    SubmissionError,
+    WorkerState,
+    check_reliability,
+    process_upload,
+    reconcile,
+    submit_upload,
+    worker_reports,
+)
+from moderation.runtime import Runtime
+from moderation.storage.db import transaction
+from moderation.storage.models import (
+    AuditEvent,
+    CallbackDelivery,
+    Screening,
+    Subject,
+    Upload,
+)
+from tests.conftest import skimage_photo
+
+
+def jpeg(name: str, size: int = 160, quality: int = 90) -> bytes:
+    image = skimage_photo(name)
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def rt(runtime: Runtime, tmp_path: Path) -> Iterator[Runtime]:
+    """A runtime with a one-entry bank (astronaut) and a recording dispatcher."""
+    bank_dir = tmp_path / "bank"
+    bank_dir.mkdir()
+    (bank_dir / "astronaut.jpg").write_bytes(jpeg("astronaut", 256))
+    with transaction(runtime.sessions) as session:
+        create_bank(session, "known-bad")
+    import_bank(runtime, "known-bad", [bank_dir], actor="test")
+    yield runtime
+
+
+@pytest.fixture
+def dispatcher(rt: Runtime) -> RecordingDispatcher:
+    recording = RecordingDispatcher()
+    attach_dispatcher(rt.sessions, recording)
+    return recording
+
+
+@pytest.fixture
+def client_id(rt: Runtime) -> int:
+    with transaction(rt.sessions) as session:
+        created = create_api_client(
+            session,
+            rt.keyring,
+            "acme",
+            callback_allowlist=["https://hooks.example.com/moderation"],
+        )
+    return created.client_id
+
+
+def submit(rt: Runtime, dispatcher: RecordingDispatcher, client_id: int, **kw: Any) -> str:
+    args: dict[str, Any] = {
+        "data": jpeg("astronaut"),
+        "external_id": "post-1",
+        "subject_id": "user-42",
+    }
+    args.update(kw)
+    return submit_upload(rt, dispatcher, client_id=client_id, **args).upload_id
+
+
+def count(rt: Runtime, query: Any) -> int:
+    with rt.sessions() as session:
+        return int(session.scalar(query) or 0)
+
+
+def events(rt: Runtime, action: str) -> int:
+    return count(
+        rt, select(func.count()).select_from(AuditEvent).where(AuditEvent.action == action)
+    )
+
+
+def test_submit_commits_before_sending_and_pseudonymises(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    seen_at_send: list[str | None] = []
+
+    class Checking(RecordingDispatcher):
+        def send_screening(self, upload_id: str) -> None:
+            # A separate session sees the row: it was committed before the send.
+            with rt.sessions() as session:
+                seen_at_send.append(
+                    session.scalar(select(Upload.status).where(Upload.id == upload_id))
+                )
+            super().send_screening(upload_id)
+
+    checking = Checking()
+    upload_id = submit(rt, checking, client_id, subject_id="raw-subject-id-77")
+    assert checking.screenings == [upload_id]
+    assert seen_at_send == ["queued"]
+    with rt.sessions() as session:
+        upload = session.get(Upload, upload_id)
+        assert upload is not None
+        assert upload.subject_ref and "raw-subject-id-77" not in upload.subject_ref
+        assert session.scalar(select(Subject.ref)) == upload.subject_ref
+        blob = (rt.settings.blobs_dir / str(upload.blob_ref)).read_bytes()
+        assert b"\xff\xd8\xff" not in blob[:16]  # stored encrypted
+    assert events(rt, "upload.receive") == 1
+
+
+def test_commit_failure_sends_nothing(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    """Q7, first half: a commit that fails leaves no row and no task."""
+
+    def fail(session: Session) -> None:
+        raise RuntimeError("injected commit failure")
+
+    event.listen(Session, "before_commit", fail)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            submit(rt, dispatcher, client_id)
+    finally:
+        event.remove(Session, "before_commit", fail)
+    assert dispatcher.screenings == []
+    assert count(rt, select(func.count()).select_from(Upload)) == 0
+
+
+def test_send_failure_after_commit_is_reconciled(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    """Q7, second half: the row committed without a task is re-sent by the reconciler."""
+    dispatcher.fail = True
+    result = submit_upload(
+        rt,
+        dispatcher,
+        client_id=client_id,
+        data=jpeg("coffee"),
+        external_id="p",
+        subject_id="s",
+    )
+    assert result.created and not result.sent
+    dispatcher.fail = False
+    assert reconcile(rt, dispatcher, stuck_after=3600).screenings == []  # not stuck yet
+    report = reconcile(rt, dispatcher, stuck_after=0)
+    assert report.screenings == [result.upload_id]
+    assert dispatcher.screenings == [result.upload_id]
+    # Re-sent rows are touched: the next run within the bound sends nothing again.
+    assert reconcile(rt, dispatcher, stuck_after=60).screenings == []
+
+
+def test_idempotency_key_gives_one_upload(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    """Q6 at the library level (the HTTP test repeats it through the API)."""
+    first = submit(rt, dispatcher, client_id, idempotency_key="k-1")
+    again = submit_upload(
+        rt,
+        dispatcher,
+        client_id=client_id,
+        data=jpeg("astronaut"),
+        external_id="post-1",
+        subject_id="user-42",
+        idempotency_key="k-1",
+    )
+    assert again.upload_id == first and not again.created
+    assert count(rt, select(func.count()).select_from(Upload)) == 1
+    assert dispatcher.screenings == [first]
+    with pytest.raises(SubmissionError) as info:
+        submit(rt, dispatcher, client_id, idempotency_key="k-1", data=jpeg("coffee"))
+    assert info.value.status == 422
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [(b"", 400), (b"%PDF-1.7 not an image", 415), (b"\xff\xd8\xff" + b"0" * 5000, 413)],
+)
+def test_submit_refuses_bad_bytes(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int, data: bytes, status: int
+) -> None:
+    from moderation.config import load_settings
+
+    small = Runtime(load_settings(data_dir=rt.settings.data_dir, max_image_bytes=4096))
+    with pytest.raises(SubmissionError) as info:
+        submit(small, dispatcher, client_id, data=data)
+    assert info.value.status == status
+    assert dispatcher.screenings == []
+
+
+def test_callback_url_must_match_allowlist(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    with pytest.raises(SubmissionError) as info:
+        submit(rt, dispatcher, client_id, callback_url="https://evil.example/moderation")
+    assert info.value.status == 422 and info.value.code == "callback_not_allowed"
+
+
+def test_process_decides_once(rt: Runtime, dispatcher: RecordingDispatcher, client_id: int) -> None:
+    upload_id = submit(
+        rt, dispatcher, client_id, callback_url="https://hooks.example.com/moderation/in"
+    )
+    state = WorkerState(rt, poll_interval=60)
+    done = process_upload(rt, upload_id, state.screener, max_attempts=3)
+    assert done.outcome is Outcome.DECIDED and done.decision == "block"
+    # Redelivery: no second result, audit event or callback.
+    again = process_upload(rt, upload_id, state.screener, max_attempts=3)
+    assert again.outcome is Outcome.ALREADY_DONE
+    assert count(rt, select(func.count()).select_from(Screening)) == 1
+    assert events(rt, "screening.decide") == 1
+    assert count(rt, select(func.count()).select_from(CallbackDelivery)) == 1
+    assert len(dispatcher.callbacks) == 1  # sent once, after the commit
+    with rt.sessions() as session:
+        upload = session.get(Upload, upload_id)
+        assert upload is not None and upload.status == "done" and upload.attempts == 1
+
+
+def test_poison_after_max_attempts(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    """Q3 at the library level: attempts that never finished end unscannable/poison."""
+    upload_id = submit(rt, dispatcher, client_id)
+    with transaction(rt.sessions) as session:
+        session.execute(
+            update(Upload).where(Upload.id == upload_id).values(attempts=3, status="processing")
+        )
+    state = WorkerState(rt, poll_interval=60)
+    done = process_upload(rt, upload_id, state.screener, max_attempts=3)
+    assert done.outcome is Outcome.POISON
+    with rt.sessions() as session:
+        screening = session.scalar(select(Screening).where(Screening.upload_id == upload_id))
+        assert screening is not None
+        assert (screening.decision, screening.reason) == ("unscannable", "poison")
+        assert session.get(Upload, upload_id).attempts == 3  # type: ignore[union-attr]
+
+
+def test_broken_snapshot_is_not_screened(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    """A snapshot that fails verification: no screener, nothing counted, readiness says why."""
+    upload_id = submit(rt, dispatcher, client_id)
+    with rt.sessions() as session:
+        row = current_snapshot(session)
+        assert row is not None
+        path = rt.settings.snapshots_dir / Path(row.path).name
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0x01
+    path.write_bytes(bytes(data))
+    state = WorkerState(rt, poll_interval=60)
+    with pytest.raises(SnapshotUnavailable):
+        process_upload(rt, upload_id, state.screener, max_attempts=3)
+    with rt.sessions() as session:
+        upload = session.get(Upload, upload_id)
+        assert upload is not None and upload.attempts == 0 and upload.status == "queued"
+        _, reports = worker_reports(session, alive_within=60)
+    assert len(reports) == 1 and reports[0].error
+
+
+def test_worker_reloads_new_snapshot(rt: Runtime, tmp_path: Path) -> None:
+    state = WorkerState(rt, poll_interval=0.0)
+    first = state.screener().blocklist.version
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "coffee.jpg").write_bytes(jpeg("coffee", 256))
+    import_bank(rt, "known-bad", [more], actor="test")
+    assert state.screener().blocklist.version == first + 1
+    with rt.sessions() as session:
+        current, reports = worker_reports(session, alive_within=60)
+    assert current == first + 1
+    assert reports[0].snapshot_version == current and reports[0].stale_s == 0.0
+
+
+def test_reconciler_resends_overdue_callbacks(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    upload_id = submit(
+        rt, dispatcher, client_id, callback_url="https://hooks.example.com/moderation"
+    )
+    state = WorkerState(rt, poll_interval=60)
+    process_upload(rt, upload_id, state.screener, max_attempts=3)
+    with transaction(rt.sessions) as session:
+        session.execute(
+            update(CallbackDelivery).values(
+                next_attempt_at=datetime.now(UTC) - timedelta(minutes=5)
+            )
+        )
+    report = reconcile(rt, dispatcher, stuck_after=60)
+    assert len(report.callbacks) == 1
+
+
+SAFE = {
+    "visibility_timeout": 300,
+    "task_time_limit": 120,
+    "task_soft_time_limit": 108,
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "worker_prefetch_multiplier": 1,
+    "task_serializer": "json",
+    "accept_content": ["json"],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"visibility_timeout": 120}, "visibility_timeout"),
+        ({"visibility_timeout": 60}, "visibility_timeout"),
+        ({"task_acks_late": False}, "acks_late"),
+        ({"task_reject_on_worker_lost": False}, "celery #1628"),
+        ({"worker_prefetch_multiplier": 4}, "prefetch"),
+        ({"accept_content": ["json", "pickle"]}, "JSON"),
+        ({"task_time_limit": None}, "task_time_limit"),
+    ],
+)
+def test_check_reliability(change: dict[str, Any], needle: str) -> None:
+    """Q5's rules as a pure function (the worker test runs them in a real worker)."""
+    assert check_reliability(SAFE) == []
+    problems = check_reliability({**SAFE, **change})
+    assert problems and any(needle in p for p in problems)

@@ -1,0 +1,87 @@
+"""`moderation api-client create`, and what `serve` / `worker` / `beat` exec."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from moderation.cli import main
+from moderation.config import Settings
+from moderation.runtime import Runtime
+from moderation.storage.models import ApiClient, AuditEvent
+
+
+def run(settings: Settings, *args: str) -> Any:
+    env = {"MODERATION_DATA_DIR": str(settings.data_dir)}
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def test_api_client_create_prints_credentials_once(settings: Settings, runtime: Runtime) -> None:
+    result = run(
+        settings,
+        "api-client",
+        "create",
+        "acme",
+        "--callback-allowlist",
+        "https://hooks.acme.example/moderation",
+    )
+    assert result.exit_code == 0, result.output
+    created = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"client_id", "token", "callback_secret"} <= set(created)
+    assert created["token"].startswith("mod_") and len(created["callback_secret"]) == 64
+    with runtime.sessions() as session:
+        row = session.scalar(select(ApiClient))
+        assert row is not None and row.callback_allowlist == [
+            "https://hooks.acme.example/moderation"
+        ]
+        assert created["token"] not in row.token_hash
+        assert session.scalar(select(AuditEvent).where(AuditEvent.action == "api_client.create"))
+    again = run(settings, "api-client", "create", "acme")
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = run(settings, "api-client", "create", "other", "--callback-allowlist", "ftp://x/")
+    assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["serve", "--port", "9001"], ["-m", "gunicorn", "127.0.0.1:9001", "admin:create_app()"]),
+        (
+            ["worker", "--concurrency", "3", "--queues", "screening"],
+            ["-m", "celery", "workers.celery_app:app", "worker", "screening", "3", "--beat"],
+        ),
+        (["beat"], ["-m", "celery", "workers.celery_app:app", "beat"]),
+    ],
+)
+def test_service_commands_exec(
+    settings: Settings,
+    runtime: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    expected: list[str],
+) -> None:
+    """The commands replace the process with gunicorn or Celery from this checkout."""
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def fake_exec(path: str, argv: list[str], env: dict[str, str]) -> None:
+        calls.append((path, argv, env))
+
+    monkeypatch.setattr(os, "execvpe", fake_exec)
+    result = run(settings, *args)
+    assert result.exit_code == 0, result.output
+    ((path, argv, env),) = calls
+    assert path == argv[0]
+    assert all(part in argv for part in expected), argv
+    assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
+    assert str(Path(__file__).resolve().parents[2]) in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_worker_needs_initialised_data_dir(settings: Settings) -> None:
+    result = run(settings, "worker")
+    assert result.exit_code == 3 and "moderation init" in result.output

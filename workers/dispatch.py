@@ -1,0 +1,30 @@
+"""The Celery implementation of :class:`moderation.dispatch.Dispatcher`: sends tasks by name."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from workers.celery_app import CALLBACK_TASK, ROUTES, SCREEN_TASK
+
+
+class CeleryDispatcher:
+    """Sends ``moderation.screen`` and ``moderation.deliver_callback`` through ``app``.
+
+    Tasks are sent by name, so the sender never imports the task code (or torch).
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send_screening(self, upload_id: str) -> None:
+        """Queue the screening task (raises when the broker is unreachable)."""
+        self.app.send_task(SCREEN_TASK, args=[upload_id], **ROUTES[SCREEN_TASK])
+
+    def send_callback(self, delivery_id: str, countdown: float = 0.0) -> None:
+        """Queue one delivery attempt, after ``countdown`` seconds."""
+        self.app.send_task(
+            CALLBACK_TASK,
+            args=[delivery_id],
+            countdown=countdown or None,
+            **ROUTES[CALLBACK_TASK],
+        )

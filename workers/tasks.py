@@ -1,0 +1,137 @@
+"""Thin Celery tasks: take an id, call one library function (STYLE.md rule 13).
+
+Each worker process builds one :class:`~moderation.runtime.Runtime` after fork; processes that
+consume the ``screening`` queue also load the encoder and the current snapshot right away
+(``worker_process_init``) and keep them current (:class:`~moderation.queue.WorkerState`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any
+
+from celery import signals
+from sqlalchemy.exc import SQLAlchemyError
+
+from moderation.audit import checkpoint_if_due
+from moderation.callbacks import deliver_callback
+from moderation.dispatch import attach_dispatcher
+from moderation.queue import RetryLater, WorkerState, process_upload, reconcile
+from moderation.runtime import Runtime
+from moderation.storage.db import transaction
+from workers.celery_app import (
+    CALLBACK_TASK,
+    CHECKPOINT_TASK,
+    RECONCILE_TASK,
+    SCREEN_TASK,
+    get_app,
+)
+from workers.dispatch import CeleryDispatcher
+
+logger = logging.getLogger(__name__)
+
+app = get_app()
+_runtime: Runtime | None = None
+_state: WorkerState | None = None
+_screens = True  # set in the main process before fork: does this worker consume "screening"?
+
+
+def runtime() -> Runtime:
+    """This process's runtime, with the Celery dispatcher attached to its sessions."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(app.conf.moderation_settings)
+        attach_dispatcher(_runtime.sessions, CeleryDispatcher(app))
+    return _runtime
+
+
+def worker_state() -> WorkerState:
+    """This process's screener state (encoder loaded, snapshot decrypted, watcher running)."""
+    global _state
+    if _state is None:
+        rt = runtime()
+        _state = WorkerState(rt, poll_interval=rt.settings.snapshot_poll_interval)
+        _state.refresh()
+        _state.start_watcher()
+    return _state
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _record_queues(sender: Any = None, **_: Any) -> None:
+    global _screens
+    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    consumed = getattr(queues, "consume_from", None) if queues is not None else None
+    _screens = consumed is None or "screening" in consumed
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _init_process(**_: Any) -> None:
+    if _screens:
+        worker_state()
+
+
+@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _process_gone(pid: int | None = None, **_: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=SCREEN_TASK,
+    autoretry_for=(RetryLater, SQLAlchemyError),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=None,
+)
+def screen(upload_id: str) -> str:
+    """Screen one upload and record its result (idempotent by upload id)."""
+    state = worker_state()
+    settings = state.runtime.settings
+    done = process_upload(
+        state.runtime, upload_id, state.screener, max_attempts=settings.max_attempts
+    )
+    return done.outcome.value
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=CALLBACK_TASK,
+    autoretry_for=(SQLAlchemyError,),
+    retry_backoff=2,
+    max_retries=None,
+)
+def deliver(delivery_id: str) -> str:
+    """One signed delivery attempt; the next one is scheduled after the backoff."""
+    rt = runtime()
+    outcome = deliver_callback(rt, delivery_id)
+    # Countdowns past half the visibility timeout would be redelivered early by Redis: leave
+    # those to the reconciler, which sends overdue deliveries.
+    retry_in = outcome.retry_in if outcome.state == "retry" else None
+    if retry_in is not None and retry_in < rt.settings.visibility_timeout / 2:
+        CeleryDispatcher(app).send_callback(delivery_id, countdown=retry_in)
+    return outcome.state
+
+
+@app.task(name=RECONCILE_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def reconcile_stuck() -> dict[str, int]:
+    """Re-send uploads and callbacks stuck past ``reconcile_after``."""
+    rt = runtime()
+    report = reconcile(rt, CeleryDispatcher(app), stuck_after=rt.settings.reconcile_after)
+    return {"screenings": len(report.screenings), "callbacks": len(report.callbacks)}
+
+
+@app.task(name=CHECKPOINT_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def audit_checkpoint() -> int | None:
+    """Sign the audit chain head when enough events (or enough time) passed since the last."""
+    rt = runtime()
+    with transaction(rt.sessions) as session:
+        checkpoint = checkpoint_if_due(
+            session,
+            rt.keyring,
+            every=rt.settings.audit_checkpoint_every,
+            max_age=timedelta(seconds=rt.settings.audit_checkpoint_max_age),
+        )
+        return None if checkpoint is None else checkpoint.seq
