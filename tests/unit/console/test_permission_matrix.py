@@ -4,7 +4,7 @@ status; a route missing from the matrix fails the test.
 GET requests are plain; POST requests carry a valid CSRF token and an empty form, so a role
 that may act gets 400 (nothing changes) and one that may not gets 403 (or, signed out, 302 to
 the login page). Routes other blueprints own (the API and status pages of the queue) are in
-the matrix too, marked optional until they are registered.
+the matrix too.
 """
 
 from __future__ import annotations
@@ -74,11 +74,8 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/gdpr/preview", "POST"): only(400, "dpo"),
     ("/gdpr/erase", "POST"): only(400, "dpo"),
     ("/static/<>", "GET"): everyone(200),
-}
-
-# Routes of blueprints built elsewhere (the queue's status pages and bearer-token API): public
-# or bearer-only, whatever the console role. Checked when registered.
-OPTIONAL: dict[tuple[str, str], dict[str, Any]] = {
+    # The queue's status pages and bearer-token API: public or bearer-only whatever the
+    # console role (a console session is no API credential).
     ("/status", "GET"): everyone({200, 503}),
     ("/status/live", "GET"): everyone(200),
     ("/api/v1/screenings", "POST"): everyone(401),
@@ -105,7 +102,7 @@ def routes(app: Flask) -> list[tuple[str, str, Any]]:
 
 
 def test_every_route_is_in_the_matrix_and_declares_a_permission(app: Flask) -> None:
-    missing = [(r, m) for r, m, _ in routes(app) if (r, m) not in MATRIX and (r, m) not in OPTIONAL]
+    missing = [(r, m) for r, m, _ in routes(app) if (r, m) not in MATRIX]
     assert not missing, f"routes without expected statuses: {missing}"
     stale = [key for key in MATRIX if key not in {(r, m) for r, m, _ in routes(app)}]
     assert not stale, f"matrix rows for routes that do not exist: {stale}"
@@ -176,17 +173,18 @@ def test_w7_permission_matrix(role: str, app: Flask, client: Any, world: dict[st
         token = client.token("/account")
     else:
         token = client.token("/login")
-    plan = [(r, m, rule) for r, m, rule in routes(app) if (r, m) in MATRIX or (r, m) in OPTIONAL]
+    plan = routes(app)
     # Signing out comes last, so it does not end the session the other requests use.
     plan.sort(key=lambda p: (p[0] == "/logout", p[1] == "GET"))
     failures = []
     for normalised, method, rule in plan:
-        expected = (MATRIX.get((normalised, method)) or OPTIONAL[(normalised, method)])[role]
+        expected = MATRIX[(normalised, method)][role]
         url = url_for_rule(rule, world["values"])
         if method == "GET":
             response = client.get(url)
         else:
             response = client.open(url, method=method, data={"csrf_token": token})
+        response.close()
         allowed = expected if isinstance(expected, set) else {expected}
         if response.status_code not in allowed:
             failures.append(

@@ -248,3 +248,34 @@ def test_concurrent_claims_on_sqlite_never_share_an_item(
     assert len(claimed) == len(set(claimed)) == len(items)
     assert set(claimed) == items
     assert sum(1 for i in got.values() if i is None) == len(reviewers) - len(items)
+
+
+def test_a_decision_is_queued_for_the_platforms_callback(
+    console_runtime: Runtime, make_user: Callable[..., Any], make_review_item: Callable[..., int]
+) -> None:
+    from moderation.clients import create_api_client
+    from moderation.storage.models import CallbackDelivery, Upload
+
+    rt = console_runtime
+    reviewer = make_user("reviewer")
+    with_callback, without = make_review_item(), make_review_item()
+    with transaction(rt.sessions) as db:
+        client = create_api_client(
+            db, rt.keyring, "acme", callback_allowlist=["https://hooks.example.com/cb"]
+        )
+        item = db.get(ReviewItem, with_callback)
+        assert item is not None
+        upload = db.get(Upload, item.upload_id)
+        assert upload is not None
+        upload.client_id = client.client_id
+        upload.callback_url = "https://hooks.example.com/cb"
+    for item_id, decision in ((with_callback, "confirm"), (without, "not_a_match")):
+        assert claim(rt, reviewer.id) == item_id
+        assert decide(rt, item_id, reviewer_id=reviewer.id, decision=decision).notified
+    with rt.sessions() as db:
+        deliveries = db.scalars(select(CallbackDelivery)).all()
+    assert len(deliveries) == 1  # only the upload with a callback URL
+    payload = deliveries[0].payload
+    assert payload["event"] == "review.decided"
+    assert payload["review"]["decision"] == "confirm"
+    assert deliveries[0].url == "https://hooks.example.com/cb"
