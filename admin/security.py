@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, abort, jsonify, render_template, request
+from flask import Flask, abort, jsonify, redirect, render_template, request
 from flask_talisman import Talisman
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -67,6 +67,9 @@ CONTENT_SECURITY_POLICY: dict[str, str] = {
 
 HSTS_MAX_AGE = 365 * 24 * 3600
 """One year, as hstspreload.org asks."""
+
+MACHINE_BLUEPRINTS = frozenset({"api", "status"})
+"""Blueprints called by programs (upload hooks, probes, Prometheus), not by browsers."""
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -165,7 +168,8 @@ def init_app(app: Flask, settings: Settings, sessions: Any) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     Talisman(
         app,
-        force_https=not plain,
+        # Redirecting plain HTTP is done below, for the console's pages only.
+        force_https=False,
         strict_transport_security=True,
         strict_transport_security_max_age=HSTS_MAX_AGE,
         strict_transport_security_include_subdomains=True,
@@ -184,6 +188,19 @@ def init_app(app: Flask, settings: Settings, sessions: Any) -> None:
     )
     csrf.init_app(app)
     limiter.init_app(app)
+
+    if not plain:
+
+        @app.before_request
+        def _https_only() -> Any:
+            # Browsers are sent to HTTPS (the session cookie is Secure). Machine endpoints (the
+            # bearer-token API, health probes, metrics) are left alone: a redirect would only
+            # break their clients, and HSTS still applies once they use HTTPS.
+            if request.is_secure or request.headers.get("X-Forwarded-Proto") == "https":
+                return None
+            if request.blueprint in MACHINE_BLUEPRINTS or request.path.startswith("/api/"):
+                return None
+            return redirect(request.url.replace("http://", "https://", 1), code=302)
 
     if plain:
 

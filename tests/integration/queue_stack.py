@@ -260,6 +260,8 @@ class Stack:
             "callback_backoff": 0.5,
             "log_level": "INFO",
             "api_rate_limit": "100000/minute",
+            # The console in the same app refuses to start in production without one.
+            "secret_key": "queue-stack-secret-0123456789abcdefghijklmnopqrstuvwxyz",
         }
         if database_url:
             self.values["database_url"] = database_url

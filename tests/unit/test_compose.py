@@ -35,7 +35,9 @@ def compose_config(**env: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
-    result = compose_config(MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=")
+    result = compose_config(
+        MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=", MODERATION_SECRET_KEY="s" * 10 + "x" * 40
+    )
     assert result.returncode == 0, result.stderr
     parsed: dict[str, Any] = yaml.safe_load(result.stdout)
     return parsed
@@ -80,3 +82,9 @@ def test_master_keys_are_required() -> None:
     result = compose_config()
     assert result.returncode != 0
     assert "MODERATION_MASTER_KEYS" in result.stderr
+
+
+def test_console_secret_key_is_required() -> None:
+    result = compose_config(MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=")
+    assert result.returncode != 0
+    assert "MODERATION_SECRET_KEY" in result.stderr

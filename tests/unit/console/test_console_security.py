@@ -238,10 +238,21 @@ def test_w4_plain_http_localhost_mode_has_no_hsts_and_no_secure_cookie(
     assert http.get("/login", base_url="http://console.example.org").status_code == 400
 
 
-def test_w4_https_app_redirects_plain_http(client: ConsoleClient) -> None:
+def test_w4_https_app_redirects_plain_http_pages_but_not_machine_endpoints(
+    client: ConsoleClient,
+) -> None:
     response = client.get("/login", base_url="http://localhost")
     assert response.status_code == 302
     assert response.headers["Location"].startswith("https://localhost/login")
+    behind_proxy = client.get(
+        "/login", base_url="http://localhost", headers={"X-Forwarded-Proto": "https"}
+    )
+    assert behind_proxy.status_code == 200
+    # Probes and upload hooks are not redirected (HSTS is sent only over HTTPS).
+    for path in ("/status/live", "/api/v1/openapi.json"):
+        machine = client.get(path, base_url="http://localhost")
+        assert machine.status_code == 200, path
+        _assert_headers(machine, hsts=False)
 
 
 # --- W6: TOTP reuse and guessing -----------------------------------------------------------
