@@ -74,6 +74,7 @@ EXIF_TEXT_TAGS: tuple[str, ...] = (
     "Copyright",
 )
 
+
 class ReviewError(Exception):
     """A review operation was refused (unknown item, bad decision, wrong bank kind...)."""
 
