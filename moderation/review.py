@@ -309,7 +309,7 @@ class DecisionOutcome:
     labelled_pairs: int
     entry_id: str | None = None  # the entry made from the upload, when added to a bank
     snapshot_version: int | None = None
-    notified: bool = False
+    notified: bool = False  # the callback queue was told (final decisions; a no-op without URL)
 
 
 @dataclass
