@@ -297,6 +297,7 @@ def decode_image(
     limits: DecodeLimits = DecodeLimits(),  # frozen, so one shared default is safe
     *,
     draft_size: tuple[int, int] | None = None,
+    draft_by_orientation: bool = False,
 ) -> DecodedImage:
     """Decode untrusted image bytes into upright RGB frames.
 
@@ -306,6 +307,9 @@ def decode_image(
         draft_size: (width, height) px the caller will resize to. For JPEG the decoder then
             scales down by 1/2, 1/4 or 1/8 while keeping both sides at least this large in the
             upright image (libjpeg DCT scaling via ``Image.draft``); other formats ignore it.
+        draft_by_orientation: ``draft_size`` is (long side, short side) instead, matched to
+            the upright image's orientation: e.g. (512, 224) serves both PDQ (long side
+            downsampled to 512 px) and a 224 x 224 encoder input, portrait or landscape.
 
     Returns:
         :class:`DecodedImage`; a still image has one frame, an animation up to
@@ -344,7 +348,7 @@ def decode_image(
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return _decode(data, limits, draft_size)
+            return _decode(data, limits, draft_size, by_orientation=draft_by_orientation)
         except UnscannableImage as exc:
             logger.debug("unscannable %s image: %s", fmt, exc)
             raise
@@ -498,7 +502,13 @@ def _check_draft_size(draft_size: tuple[int, int] | None) -> None:
         raise ValueError(f"draft_size must be two ints >= 1, got {draft_size!r}")
 
 
-def _decode(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | None) -> DecodedImage:
+def _decode(
+    data: bytes,
+    limits: DecodeLimits,
+    draft_size: tuple[int, int] | None,
+    *,
+    by_orientation: bool = False,
+) -> DecodedImage:
     """Open, check limits, decode; Pillow's exceptions propagate to decode_image."""
     image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     try:
@@ -512,7 +522,13 @@ def _decode(data: bytes, limits: DecodeLimits, draft_size: tuple[int, int] | Non
                 "too_many_frames", f"{shown} frames; the limit is {limits.max_frames}"
             )
         if draft_size is not None and fmt in ("JPEG", "MPO"):
-            if _orientation(image) in (5, 6, 7, 8):  # stored sideways: the upright width is H
+            sideways = _orientation(image) in (5, 6, 7, 8)
+            if by_orientation:  # (long, short): orient it like the upright image
+                long_side, short_side = max(draft_size), min(draft_size)
+                upright_w, upright_h = (size[1], size[0]) if sideways else size
+                portrait = upright_h > upright_w
+                draft_size = (short_side, long_side) if portrait else (long_side, short_side)
+            if sideways:  # stored sideways: the upright width is H
                 draft_size = (draft_size[1], draft_size[0])
             image.draft("RGB", draft_size)
         if declared == 1 and fmt != "GIF":

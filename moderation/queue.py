@@ -359,6 +359,55 @@ def _record(
     return ProcessResult(Outcome.DECIDED, result.decision, upload.attempts)
 
 
+@dataclass
+class _Claimed:
+    """One upload claimed for this attempt: its bytes, or why they cannot be read."""
+
+    upload_id: str
+    received_at: datetime
+    attempt: int
+    data: bytes | None = None
+    unreadable: str | None = None
+
+
+def _claim(runtime: Runtime, upload: Upload) -> _Claimed:
+    """Count an attempt on ``upload`` (locked by the caller) and read its bytes."""
+    data: bytes | None
+    unreadable: str | None = None
+    try:
+        data = _decrypt(runtime, upload)
+    except BlobMissingError:
+        data, unreadable = None, "blob_missing"
+    except DecryptionError:
+        data, unreadable = None, "blob_undecryptable"
+    if upload.attempts == 0:
+        QUEUE_WAIT_SECONDS.observe(max(0.0, _since(upload.received_at)))
+    upload.attempts += 1
+    upload.status = "processing"
+    upload.updated_at = datetime.now(UTC)
+    return _Claimed(upload.id, upload.received_at, upload.attempts, data, unreadable)
+
+
+def _drain(runtime: Runtime, session: Session, exclude: set[str], limit: int) -> list[_Claimed]:
+    """Claim up to ``limit`` other fresh uploads (``queued``, never attempted), oldest first.
+
+    Rows another transaction holds are skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL;
+    SQLite serialises writers instead). Uploads that were attempted before are never drained:
+    after a crash each is retried on its own, so one poison upload cannot use up the attempts
+    of the uploads that shared its batch.
+    """
+    if limit <= 0:
+        return []
+    rows = session.scalars(
+        select(Upload)
+        .where(Upload.status == "queued", Upload.attempts == 0, Upload.id.not_in(exclude))
+        .order_by(Upload.received_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    return [_claim(runtime, row) for row in rows]
+
+
 def process_upload(
     runtime: Runtime,
     upload_id: str,
@@ -366,19 +415,35 @@ def process_upload(
     *,
     max_attempts: int,
     actor: str = "worker",
+    batch_size: int = 1,
+    batch_wait: float = 0.0,
 ) -> ProcessResult:
     """Screen one queued upload and record its result (the ``moderation.screen`` task's body).
+
+    With ``batch_size`` > 1 the task also screens up to ``batch_size - 1`` other fresh queued
+    uploads in the same encoder batch (:func:`_drain`); when the first drain found some but not
+    enough, it waits ``batch_wait`` seconds once and drains again, so an idle worker never waits.
+    Acknowledgement and retries stay per upload: every drained upload keeps its own task
+    message, which is acknowledged only when that task runs and finds the result recorded (or
+    screens the upload itself, alone, if this batch died: each drained upload's attempt is
+    committed before screening, like this task's own). The results are recorded in one
+    transaction that holds the batch's row locks from before screening (PostgreSQL), so a
+    drained upload's own task arriving meanwhile waits and then finds it done.
 
     Args:
         screener: returns the worker's current screener, or raises :class:`SnapshotUnavailable`.
         max_attempts: unfinished attempts after which the upload ends ``unscannable/poison``.
+        batch_size: most uploads screened together (1: this upload alone).
+        batch_wait: bounded wait for more uploads, seconds.
+
+    Returns:
+        The outcome for ``upload_id`` itself.
 
     Raises:
         RetryLater: no verified snapshot or a missing master key; nothing was counted.
         sqlalchemy.exc.SQLAlchemyError: the database failed; the task should retry.
     """
     current = screener()
-    received_at: datetime
     with transaction(runtime.sessions) as session:
         upload = session.get(Upload, upload_id, with_for_update=True)
         if upload is None:
@@ -386,7 +451,6 @@ def process_upload(
             return ProcessResult(Outcome.MISSING)
         if upload.status == "done":
             return ProcessResult(Outcome.ALREADY_DONE, attempts=upload.attempts)
-        received_at = upload.received_at
         if upload.attempts > 0:
             REDELIVERIES.inc()
         if upload.attempts >= max_attempts:
@@ -402,40 +466,50 @@ def process_upload(
             done = _record(session, upload, result, actor=actor)
             DECISIONS.labels(result.decision).inc()
             return ProcessResult(Outcome.POISON, done.decision, upload.attempts)
-        data: bytes | None
-        unreadable: str | None = None
-        try:
-            data = _decrypt(runtime, upload)
-        except BlobMissingError:
-            data, unreadable = None, "blob_missing"
-        except DecryptionError:
-            data, unreadable = None, "blob_undecryptable"
-        if upload.attempts == 0:
-            QUEUE_WAIT_SECONDS.observe(max(0.0, _since(received_at)))
-        upload.attempts += 1
-        upload.status = "processing"
-        upload.updated_at = datetime.now(UTC)
-        attempt = upload.attempts
-
-    if data is None:
-        assert unreadable is not None
-        result = current.screen_unscannable(unreadable, "the stored upload cannot be read")
-    else:
-        result = current.screen_bytes([data])[0]
-    for stage, ms in result.timings_ms.items():
-        STAGE_SECONDS.labels(stage).observe(ms / 1000.0)
+        # A redelivered upload is screened alone (see _drain).
+        alone = upload.attempts > 0 or batch_size <= 1
+        batch = [_claim(runtime, upload)]
+        if not alone:
+            batch += _drain(runtime, session, {upload_id}, batch_size - 1)
+    if 1 < len(batch) < batch_size and batch_wait > 0:
+        time.sleep(batch_wait)
+        with transaction(runtime.sessions) as session:
+            batch += _drain(runtime, session, {c.upload_id for c in batch}, batch_size - len(batch))
 
     with transaction(runtime.sessions) as session:
-        upload = session.get(Upload, upload_id, with_for_update=True)
-        if upload is None:
-            return ProcessResult(Outcome.MISSING)
-        if session.scalar(select(Screening.id).where(Screening.upload_id == upload_id)):
-            return ProcessResult(Outcome.ALREADY_DONE, attempts=upload.attempts)
-        done = _record(session, upload, result, actor=actor)
-    END_TO_END_SECONDS.observe(max(0.0, _since(received_at)))
-    DECISIONS.labels(result.decision).inc()
-    logger.info("upload %s: %s (attempt %d)", upload_id, result.decision, attempt)
-    return done
+        ids = [c.upload_id for c in batch]
+        # Held until the results commit (PostgreSQL): a drained upload's own task waits.
+        session.scalars(select(Upload.id).where(Upload.id.in_(ids)).with_for_update()).all()
+        readable = [c for c in batch if c.data is not None]
+        screened = current.screen_bytes([c.data for c in readable if c.data is not None])
+        results = dict(zip((c.upload_id for c in readable), screened, strict=True))
+        own: ProcessResult | None = None
+        for claimed in batch:
+            result = results.get(claimed.upload_id) or current.screen_unscannable(
+                claimed.unreadable or "blob_missing", "the stored upload cannot be read"
+            )
+            for stage, ms in result.timings_ms.items():
+                STAGE_SECONDS.labels(stage).observe(ms / 1000.0)
+            row = session.get(Upload, claimed.upload_id)
+            if row is None:
+                done = ProcessResult(Outcome.MISSING)
+            elif session.scalar(select(Screening.id).where(Screening.upload_id == row.id)):
+                done = ProcessResult(Outcome.ALREADY_DONE, attempts=row.attempts)
+            else:
+                done = _record(session, row, result, actor=actor)
+                END_TO_END_SECONDS.observe(max(0.0, _since(claimed.received_at)))
+                DECISIONS.labels(result.decision).inc()
+                logger.info(
+                    "upload %s: %s (attempt %d, batch of %d)",
+                    claimed.upload_id,
+                    result.decision,
+                    claimed.attempt,
+                    len(batch),
+                )
+            if claimed.upload_id == upload_id:
+                own = done
+    assert own is not None
+    return own
 
 
 # --- reconcile --------------------------------------------------------------------------------
@@ -534,6 +608,7 @@ class WorkerState:
         self._screener: Screener | None = None
         self._error: str | None = None
         self._loaded_at: datetime | None = None
+        self._model: str | None = None
         self._checked: float = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -548,20 +623,34 @@ class WorkerState:
         """The snapshot version in use, or None."""
         return None if self._screener is None else self._screener.blocklist.version
 
-    def _current_version(self) -> int:
+    def _current_state(self) -> tuple[int, str | None]:
+        """(current snapshot version or 0, active classifier model version or None)."""
+        from moderation.classifier.training import active_model_version
+
         with self.runtime.sessions() as session:
             row = current_snapshot(session)
-            return 0 if row is None else row.version
+            model = (
+                active_model_version(session, str(self.runtime.encoder.id))
+                if self.runtime.settings.classifier
+                else None
+            )
+            return (0 if row is None else row.version), model
 
     def refresh(self, *, force: bool = False) -> None:
-        """Reload the screener when the current snapshot version differs (or after an error),
-        then write this worker's heartbeat. Never raises for snapshot problems: they become
-        :attr:`error`."""
+        """Reload the screener when the current snapshot version or the active classifier
+        model differs (or after an error), then write this worker's heartbeat. Never raises for
+        snapshot problems: they become :attr:`error`."""
         with self._lock:
             self._checked = time.monotonic()
             try:
-                version = self._current_version()
-                if force or self._screener is None or version != self.version:
+                version, model = self._current_state()
+                if (
+                    force
+                    or self._screener is None
+                    or version != self.version
+                    or model != self._model
+                ):
+                    self._model = model
                     self._load()
             except Exception as exc:  # database down: keep the screener, report it
                 logger.warning("snapshot check failed: %s", exc)

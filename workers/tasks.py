@@ -88,11 +88,18 @@ def _process_gone(pid: int | None = None, **_: Any) -> None:
     max_retries=None,
 )
 def screen(upload_id: str) -> str:
-    """Screen one upload and record its result (idempotent by upload id)."""
+    """Screen one upload and record its result (idempotent by upload id), together with up to
+    ``worker_batch_size - 1`` fresh queued uploads in one encoder batch (their own tasks then
+    find them done; see ``moderation.queue.process_upload``)."""
     state = worker_state()
     settings = state.runtime.settings
     done = process_upload(
-        state.runtime, upload_id, state.screener, max_attempts=settings.max_attempts
+        state.runtime,
+        upload_id,
+        state.screener,
+        max_attempts=settings.max_attempts,
+        batch_size=settings.worker_batch_size,
+        batch_wait=settings.worker_batch_wait_ms / 1000.0,
     )
     return done.outcome.value
 

@@ -17,7 +17,17 @@ array                   dtype, shape       meaning
 ``active``              bool (n,)          entry enabled and its bank enabled
 ``region_entry_ids``    int64 (m,)         owner entry of each region embedding
 ``region_vectors``      float32 (m, d)     unit-norm region embeddings (classifier stage)
+``cosine_index``        uint8 (b,)         optional: the active entries' cosine index,
+                                           ``CosineIndex.serialize()`` bytes (its header
+                                           records algorithm and parameters)
 ======================  =================  ===============================================
+
+``cosine_index`` is written for banks of at least :data:`STORED_INDEX_MIN_ENTRIES` active
+entries, where building the index (an HNSW graph, or for the largest banks the projection
+learned from the bank plus the graph) costs far more than reading it: it is built once when
+the bank changes, not by every worker at every load. Payloads without it (older snapshots,
+small banks) are indexed at load as before, and so is one whose stored index does not hold
+exactly the entries being loaded.
 """
 
 from __future__ import annotations
@@ -44,10 +54,14 @@ from moderation.blocklist.snapshot import (
     write_snapshot,
 )
 from moderation.crypto import KeyRing
-from moderation.index import CosineIndex, HammingIndex
+from moderation.index import HNSW_MIN_ENTRIES, CosineIndex, HammingIndex, load_index
 from moderation.storage.models import Bank, Entry, IndexSnapshot
 
 logger = logging.getLogger(__name__)
+
+#: Active entries from which a snapshot carries its built cosine index (the size at which
+#: ``CosineIndex.build`` switches from exact search to HNSW).
+STORED_INDEX_MIN_ENTRIES = HNSW_MIN_ENTRIES
 
 PAYLOAD_FORMAT = 1
 PDQ_BYTES = 32
@@ -92,6 +106,8 @@ class Payload:
     region_entry_ids: npt.NDArray[np.int64]
     region_vectors: npt.NDArray[np.float32]
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    # Serialized CosineIndex of the active entries, or None (see the module docstring).
+    cosine_index: bytes | memoryview | None = None
 
     @classmethod
     def empty(cls, encoder_id: str, dim: int) -> Payload:
@@ -119,6 +135,8 @@ class Payload:
             "region_entry_ids": self.region_entry_ids,
             "region_vectors": self.region_vectors,
         }
+        if self.cosine_index is not None:
+            arrays["cosine_index"] = np.frombuffer(self.cosine_index, dtype=np.uint8)
         meta = {
             "format": PAYLOAD_FORMAT,
             "encoder_id": self.encoder_id,
@@ -149,6 +167,12 @@ class Payload:
             region_entry_ids=arrays["region_entry_ids"].astype(np.int64, copy=False),
             region_vectors=arrays["region_vectors"].astype(np.float32, copy=False).reshape(-1, dim),
             extra_meta={k: v for k, v in meta.items() if k not in {"format", "encoder_id", "dim"}},
+            # A view into the decrypted payload, not a copy (gigabytes for large banks).
+            cosine_index=(
+                arrays["cosine_index"].astype(np.uint8, copy=False).data
+                if "cosine_index" in arrays
+                else None
+            ),
         )
         n = len(payload.entry_ids)
         if not (len(payload.vectors) == len(payload.pdq) == len(payload.active) == n):
@@ -415,6 +439,7 @@ def commit_signals(
     gone = [int(eid) for eid in payload.entry_ids if int(eid) not in existing]
     payload = payload.without([*removed, *gone]).with_added(added)
     payload.active = _active_mask(session, payload.entry_ids)
+    payload.cosine_index = _stored_index(payload)
     snapshot_id = uuid.uuid4().hex
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     written = write_snapshot(
@@ -518,6 +543,35 @@ def entry_infos(session: Session, entry_ids: Iterable[int]) -> dict[int, EntryIn
     return infos
 
 
+def _stored_index(payload: Payload) -> bytes | None:
+    """The serialized cosine index of ``payload``'s active entries for a large bank, else None."""
+    if int(payload.active.sum()) < STORED_INDEX_MIN_ENTRIES:
+        return None
+    ids = payload.entry_ids[payload.active]
+    return CosineIndex.build(ids, payload.vectors[payload.active]).serialize()
+
+
+def _cosine_index(
+    payload: Payload, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]
+) -> CosineIndex:
+    """The payload's stored index when it holds exactly ``ids``, else one built now."""
+    if payload.cosine_index is not None:
+        try:
+            # Every byte was authenticated by the snapshot's AES-GCM tag.
+            stored = load_index(payload.cosine_index, authenticated=True)
+        except ValueError as exc:
+            # The payload passed AES-GCM authentication, so this is a bug, not tampering.
+            raise SnapshotError(f"the stored cosine index is unreadable: {exc}") from exc
+        if (
+            isinstance(stored, CosineIndex)
+            and stored.dim == payload.dim
+            and np.array_equal(stored.ids(), np.sort(ids))
+        ):
+            return stored
+        logger.info("stored cosine index does not match the loaded entries; rebuilding")
+    return CosineIndex.build(ids, payload.vectors[mask])
+
+
 def _build(
     row: IndexSnapshot | None,
     payload: Payload,
@@ -527,7 +581,7 @@ def _build(
 ) -> Blocklist:
     mask = payload.active & np.isin(payload.entry_ids, np.fromiter(infos, np.int64, len(infos)))
     ids = payload.entry_ids[mask]
-    cosine = CosineIndex.build(ids, payload.vectors[mask])
+    cosine = _cosine_index(payload, ids, mask)
     pdq = HammingIndex.build(ids, payload.pdq[mask])
     return Blocklist(
         version=version,

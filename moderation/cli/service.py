@@ -182,6 +182,59 @@ def api_client_create(ctx: Context, name: str, allowlist: tuple[str, ...]) -> No
     )
 
 
+@benchmark.command("speed")
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Photos to time (default: ../shared/data/photos-dev, else scikit-image's photos).",
+)
+@click.option(
+    "--index-sizes",
+    default="100000,1000000",
+    show_default=True,
+    help="Comma-separated bank sizes for the index section ('' skips it).",
+)
+@click.option("--bank-size", default=100, show_default=True, help="Bank of the pipeline section.")
+@click.option("--repeats", default=3, show_default=True, help="Timed repeats (median).")
+@click.option(
+    "--stages/--no-stages",
+    default=True,
+    show_default=True,
+    help="Time decode, PDQ, encoder and pipeline (--no-stages: only the index section).",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def benchmark_speed(
+    ctx: Context,
+    images_dir: Path | None,
+    index_sizes: str,
+    bank_size: int,
+    repeats: int,
+    stages: bool,
+    json_out: Path | None,
+) -> None:
+    """Every fast path against its baseline in one run: decode, PDQ, encoder (batch 1 and 32),
+    pipeline per image, index search/recall/memory/snapshot load at each bank size."""
+    from moderation.benchmark.speed import run_speed_benchmark
+
+    try:
+        sizes = [int(v) for v in index_sizes.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.UsageError(f"--index-sizes must be comma-separated integers: {exc}") from exc
+    with config_errors():
+        report = run_speed_benchmark(
+            ctx.settings,
+            images_dir=images_dir,
+            index_sizes=sizes,
+            bank_size=bank_size,
+            repeats=repeats,
+            stages=stages,
+            echo=click.echo,
+        )
+    _write_report(json_out, report)
+
+
 @benchmark.command("queue")
 @click.option(
     "--images",
@@ -222,6 +275,11 @@ def benchmark_queue(
             concurrency=concurrency,
             echo=click.echo,
         )
+    _write_report(json_out, report)
+
+
+def _write_report(json_out: Path | None, report: object) -> None:
+    """Write a benchmark's report as indented JSON when ``--json`` was given."""
     if json_out is not None:
         import json
 

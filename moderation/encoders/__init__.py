@@ -13,6 +13,7 @@ Importing this package loads no model and imports neither timm nor open_clip.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import torch
 
@@ -36,38 +37,49 @@ ACCEPTED_FORMS = (
     "open_clip/<arch>/<checkpoint file> (e.g. open_clip/ViT-B-32//srv/models/vitb32.pt)",
 )
 
-_cache: dict[tuple[str, str], Encoder] = {}
+_cache: dict[tuple[str, str, str, str], Encoder] = {}
 _cache_lock = threading.Lock()
 
 
-def create_encoder(name: str, *, device: str = "auto") -> Encoder:
+def create_encoder(
+    name: str, *, device: str = "auto", runtime: str = "auto", cache_dir: Path | None = None
+) -> Encoder:
     """The encoder called ``name`` on ``device`` (see :func:`select_device`), with its
     preprocessing.
 
-    Returns the same object for the same name and resolved device within a process. The model
-    is not loaded here but on first use (``encode``, ``encode_text``, ``load``, ``id``).
+    ``runtime`` chooses the forward path of the default encoder (``auto``, ``onnxruntime``,
+    ``torch``, ``eager``; see :mod:`moderation.encoders.fastpath`), whose ONNX export is cached
+    in ``cache_dir`` (default: a private temporary directory). open_clip encoders run eager
+    PyTorch whatever ``auto``/``torch``/``eager`` says.
+
+    Returns the same object for the same name, resolved device, runtime and cache directory
+    within a process. The model is not loaded here but on first use (``encode``,
+    ``encode_text``, ``load``, ``id``).
 
     Raises:
         ValueError: ``name`` is none of the accepted forms (the message lists them), an
-            open_clip architecture or tag is unknown, or ``device`` is not understood.
+            open_clip architecture or tag is unknown, ``device`` is not understood, or
+            ``runtime`` is unknown or cannot run there.
         FileNotFoundError: an open_clip checkpoint file does not exist.
         DeviceUnavailableError: ``device`` asks for CUDA that is not there.
     """
     resolved = select_device(device)
-    key = (name, str(resolved))
+    key = (name, str(resolved), runtime, str(cache_dir))
     with _cache_lock:
         encoder = _cache.get(key)
         if encoder is None:
-            encoder = _construct(name, resolved)
+            encoder = _construct(name, resolved, runtime, cache_dir)
             _cache[key] = encoder
         return encoder
 
 
-def _construct(name: str, device: torch.device) -> Encoder:
+def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | None) -> Encoder:
     if name == DEFAULT_ENCODER:
         from moderation.encoders.timm_backend import EfficientNetLite0Encoder
 
-        return EfficientNetLite0Encoder(device=device)
+        return EfficientNetLite0Encoder(device=device, runtime=runtime, cache_dir=cache_dir)
+    if runtime == "onnxruntime":
+        raise ValueError(f"encoder runtime 'onnxruntime' is available for {DEFAULT_ENCODER} only")
     if name.startswith("open_clip/"):
         from moderation.encoders.open_clip_backend import OpenClipEncoder, parse_open_clip_name
 

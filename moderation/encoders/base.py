@@ -226,8 +226,18 @@ class Encoder(ABC):
                 built.to(self.device)
                 if self.dtype == torch.float16:
                     built.half()
+                self._prepare_runtime(built)
                 self._model = built
             return self._model
+
+    def _prepare_runtime(self, model: torch.nn.Module) -> None:
+        """Set up a faster forward path for the loaded ``model`` (default: none).
+
+        Called once, under the load lock, after the model is in eval mode on its device and
+        dtype. Backends override it to convert memory layout or build an inference session
+        (see :mod:`.timm_backend`); the embeddings must stay those of the eager model.
+        """
+        logger.debug("%s runs its model as built (%s)", self.name, type(model).__name__)
 
     def encode(
         self, images: Sequence[Image.Image], batch_size: int = 32

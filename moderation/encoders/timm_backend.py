@@ -67,6 +67,13 @@ from PIL import Image
 from torchvision import transforms
 
 from moderation.encoders.base import Encoder, check_images, sha256_file
+from moderation.encoders.fastpath import (
+    build_onnx_forward,
+    channels_last_forward,
+    default_cache_dir,
+    onnx_cache_path,
+    resolve_runtime,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +88,9 @@ NUM_CLASSES = 1000
 # 0..255 pixels; ToTensor scales pixels to 0..1, hence the division by 255.
 INPUT_MEAN = (127.0 / 255.0,) * 3
 INPUT_STD = (128.0 / 255.0,) * 3
+# The same normalisation on 0..255 pixels, as the numpy fast path applies it.
+INPUT_OFFSET = 127.0
+INPUT_SCALE = 128.0
 INPUT_SIZE = 224
 # The standard ImageNet evaluation resize (crop_pct 0.875: 224 / 0.875 = 256).
 CLASSIFY_RESIZE = 256
@@ -148,6 +158,22 @@ def _resize_transform(mode: ResizeMode) -> transforms.Compose:
     )
 
 
+def square_pixels(image: Image.Image) -> npt.NDArray[np.float32]:
+    """An RGB image as the encoder's input: float32 (3, 224, 224), ``(x - 127) / 128``.
+
+    The same result as the torchvision pipeline of :func:`_resize_transform` for
+    ``square224`` (``Resize`` of a PIL image is Pillow's bicubic ``resize``; ``ToTensor`` then
+    ``Normalize`` with mean 127/255 and std 128/255), computed in one numpy pass: the torch
+    transforms cost several small tensor ops per image, which dominated preprocessing.
+    """
+    if image.size != (INPUT_SIZE, INPUT_SIZE):
+        image = image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels -= INPUT_OFFSET
+    pixels *= 1.0 / INPUT_SCALE
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
 def _describe(mode: ResizeMode, pool: PoolMode) -> str:
     resize = {
         "square224": f"resize={INPUT_SIZE}x{INPUT_SIZE}",
@@ -159,12 +185,41 @@ def _describe(mode: ResizeMode, pool: PoolMode) -> str:
     return f"{resize},interp=bicubic,mean={mean},std={std},features=forward_features,pool={pool}"
 
 
+def pool_features(features: torch.Tensor, pool: PoolMode) -> torch.Tensor:
+    """(n, 1280, h, w) feature maps to (n, 1280) float32: GeM p=3 or average pooling."""
+    # Pool in float32: cubing float16 activations could overflow on CUDA.
+    features = features.float()
+    if pool == "gem3":
+        return features.clamp(min=GEM_EPS).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+    return features.mean(dim=(2, 3))
+
+
+class EmbeddingNet(torch.nn.Module):
+    """The image tower as one module: normalised input (n, 3, 224, 224) to pooled features
+    (n, 1280) float32. This is what the fast paths convert (channels_last) or export (ONNX)."""
+
+    def __init__(self, model: torch.nn.Module, pool: PoolMode) -> None:
+        super().__init__()
+        self.model = model
+        self.pool: PoolMode = pool
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        model: Any = self.model
+        return pool_features(model.forward_features(batch), self.pool)
+
+
 class EfficientNetLite0Encoder(Encoder):
     """EfficientNet-Lite0 embeddings (1280-d) with the packaged ImageNet weights.
 
     ``resize`` and ``pool`` exist for measuring alternatives; ``create_encoder`` uses the
     defaults :data:`EMBED_RESIZE` and :data:`EMBED_POOL`. ``weights_path`` defaults to the
-    packaged file; its SHA-256 is the id's ``weights_sha256``.
+    packaged file; its SHA-256 is the id's ``weights_sha256``. ``runtime`` picks the forward
+    path (:mod:`.fastpath`: ``auto``, ``onnxruntime``, ``torch``, ``eager``); the ONNX file is
+    cached in ``cache_dir`` (default :func:`~.fastpath.default_cache_dir`). The runtime does not
+    enter the encoder id: every runtime reproduces the eager embeddings (checked at load).
+
+    Raises:
+        ValueError: unknown ``runtime``, or ``onnxruntime`` requested where it cannot run.
     """
 
     def __init__(
@@ -174,13 +229,18 @@ class EfficientNetLite0Encoder(Encoder):
         weights_path: Path | None = None,
         resize: ResizeMode = EMBED_RESIZE,
         pool: PoolMode = EMBED_POOL,
+        runtime: str = "auto",
+        cache_dir: Path | None = None,
     ) -> None:
         super().__init__(name=NAME, dim=NUM_FEATURES, device=device)
         self.weights_path = weights_path if weights_path is not None else packaged_weights_path()
         self.resize = resize
         self.pool = pool
+        self.runtime = resolve_runtime(runtime, device)
+        self.cache_dir = cache_dir
         self._embed_transform = _resize_transform(resize)
         self._classify_transform = _resize_transform("short256_crop224")
+        self._embed_forward: Any = None
 
     @property
     def preprocessing(self) -> str:
@@ -220,13 +280,29 @@ class EfficientNetLite0Encoder(Encoder):
         return model
 
     def _preprocess(self, image: Image.Image) -> torch.Tensor:
-        tensor: torch.Tensor = self._embed_transform(image)
-        return tensor
+        if self.resize != "square224":
+            tensor: torch.Tensor = self._embed_transform(image)
+            return tensor
+        return torch.from_numpy(square_pixels(image))
+
+    def _prepare_runtime(self, model: torch.nn.Module) -> None:
+        net = EmbeddingNet(model, self.pool)
+        if self.runtime == "onnxruntime":
+            cache_dir = self.cache_dir if self.cache_dir is not None else default_cache_dir()
+            identity = f"{self.name}|{self._weights_sha256()}|{self.preprocessing}"
+            self._embed_forward = build_onnx_forward(
+                net,
+                input_size=INPUT_SIZE,
+                cache_path=onnx_cache_path(cache_dir, TIMM_ARCH, identity),
+                threads=torch.get_num_threads(),
+            )
+        elif self.runtime == "torch":
+            self._embed_forward = channels_last_forward(net)
+        else:
+            self._embed_forward = net
+        logger.info("encoder %s runs on %s via %s", self.name, self.device, self.runtime)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        model: Any = self.load()
-        # Pool in float32: cubing float16 activations could overflow on CUDA.
-        features: torch.Tensor = model.forward_features(batch).float()
-        if self.pool == "gem3":
-            return features.clamp(min=GEM_EPS).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
-        return features.mean(dim=(2, 3))
+        self.load()
+        features: torch.Tensor = self._embed_forward(batch)
+        return features

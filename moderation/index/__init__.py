@@ -7,7 +7,7 @@ pickle-free format, which :func:`load_index` reads back whatever the kind.
 
 from __future__ import annotations
 
-from moderation.index.base import FORMAT_VERSION, Hit, SignalIndex, read_index
+from moderation.index.base import FORMAT_VERSION, Buffer, Hit, SignalIndex, read_index
 from moderation.index.cosine import (
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
@@ -37,10 +37,11 @@ __all__ = [
 ]
 
 
-def load_index(data: bytes) -> SignalIndex:
-    """Deserialize an index of any kind from :meth:`SignalIndex.serialize` bytes.
+def load_index(data: Buffer, *, authenticated: bool = False) -> SignalIndex:
+    """Deserialize an index of any kind from :meth:`SignalIndex.serialize` bytes
+    (``authenticated``: see :func:`~moderation.index.base.read_index`).
 
     Raises:
         ValueError: malformed, truncated or corrupted data, or an unknown index type.
     """
-    return read_index(data)
+    return read_index(data, authenticated=authenticated)

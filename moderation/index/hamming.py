@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from moderation.hashing import PDQ_BITS, PDQ_DIGEST_BYTES
 from moderation.index.base import (
+    Buffer,
     Hit,
     IdArray,
     ParamValue,
@@ -126,7 +127,7 @@ class HammingIndex(SignalIndex):
         dim: int,
         count: int,
         params: Mapping[str, Any],
-        sections: Mapping[str, bytes],
+        sections: Mapping[str, Buffer],
     ) -> Self:
         if dim != PDQ_DIGEST_BYTES or dict(params) != {"bits": PDQ_BITS}:
             raise ValueError(

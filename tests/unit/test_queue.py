@@ -335,3 +335,152 @@ def test_check_reliability(change: dict[str, Any], needle: str) -> None:
     assert check_reliability(SAFE) == []
     problems = check_reliability({**SAFE, **change})
     assert problems and any(needle in p for p in problems)
+
+
+# --- batching in workers (issue 7) -------------------------------------------------------------
+
+
+class CountingScreener:
+    """Wraps a worker's screener: records each ``screen_bytes`` batch size, and raises (a
+    worker crash) while ``crash_on`` bytes are in the batch."""
+
+    def __init__(self, state: WorkerState, crash_on: bytes | None = None) -> None:
+        self.state = state
+        self.crash_on = crash_on
+        self.batches: list[int] = []
+
+    def __call__(self) -> Any:
+        real = self.state.screener()
+        outer = self
+
+        class Wrapped:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def screen_bytes(self, items: list[bytes]) -> Any:
+                outer.batches.append(len(items))
+                if outer.crash_on is not None and outer.crash_on in items:
+                    raise SystemExit("worker killed mid-batch")
+                return real.screen_bytes(items)
+
+        return Wrapped()
+
+
+def _attempts(rt: Runtime, upload_id: str) -> tuple[str, int]:
+    with rt.sessions() as session:
+        upload = session.get(Upload, upload_id)
+        assert upload is not None
+        return upload.status, upload.attempts
+
+
+def _submit_many(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int, names: list[str]
+) -> list[str]:
+    return [
+        submit(rt, dispatcher, client_id, data=jpeg(name), external_id=f"p{i}")
+        for i, name in enumerate(names)
+    ]
+
+
+def test_worker_batch_screens_fresh_uploads_in_one_encoder_batch(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    ids = _submit_many(rt, dispatcher, client_id, ["astronaut", "coffee", "chelsea", "camera"])
+    screener = CountingScreener(WorkerState(rt, poll_interval=60))
+    done = process_upload(rt, ids[1], screener, max_attempts=3, batch_size=8)
+    assert done.outcome is Outcome.DECIDED and done.decision == "allow"
+    assert screener.batches == [4]
+    assert [_attempts(rt, i) for i in ids] == [("done", 1)] * 4
+    with rt.sessions() as session:
+        decisions = {s.upload_id: s.decision for s in session.scalars(select(Screening)).all()}
+    assert decisions[ids[0]] == "block" and decisions[ids[2]] == "allow"
+    # Each drained upload's own task still runs (its message is acknowledged then): it finds
+    # the result and records nothing more.
+    for other in (ids[0], ids[2], ids[3]):
+        again = process_upload(rt, other, screener, max_attempts=3, batch_size=8)
+        assert again.outcome is Outcome.ALREADY_DONE
+    assert screener.batches == [4]
+    assert count(rt, select(func.count()).select_from(Screening)) == 4
+    assert events(rt, "screening.decide") == 4
+
+
+def test_worker_batch_is_bounded_and_waits_once(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = _submit_many(rt, dispatcher, client_id, ["astronaut", "coffee", "chelsea"])
+    late: list[str] = []
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # an upload arrives during the bounded wait
+        waits.append(seconds)
+        late.extend(_submit_many(rt, dispatcher, client_id, ["camera", "rocket"]))
+
+    import moderation.queue as queue_module
+
+    monkeypatch.setattr(queue_module.time, "sleep", sleep)
+    screener = CountingScreener(WorkerState(rt, poll_interval=60))
+    process_upload(rt, ids[0], screener, max_attempts=3, batch_size=4, batch_wait=0.02)
+    assert waits == [0.02]
+    assert screener.batches == [4]  # 3 found at once, 1 more after the wait; the cap holds
+    statuses = [_attempts(rt, i)[0] for i in ids + late]
+    assert statuses.count("done") == 4 and statuses.count("queued") == 1
+
+
+def test_idle_worker_does_not_wait(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (only,) = _submit_many(rt, dispatcher, client_id, ["coffee"])
+    import moderation.queue as queue_module
+
+    def sleep(seconds: float) -> None:
+        raise AssertionError("a lone upload must not wait for company")
+
+    monkeypatch.setattr(queue_module.time, "sleep", sleep)
+    screener = CountingScreener(WorkerState(rt, poll_interval=60))
+    done = process_upload(rt, only, screener, max_attempts=3, batch_size=16, batch_wait=0.02)
+    assert done.outcome is Outcome.DECIDED and screener.batches == [1]
+
+
+def test_crash_mid_batch_counts_one_attempt_each_and_isolates_the_poison_upload(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    """Q1/Q3 with batching: a batch that dies leaves every member with its attempt counted and
+    its own task message; each is then retried alone, so only the poison upload ends poison."""
+    ids = _submit_many(rt, dispatcher, client_id, ["astronaut", "coffee", "chelsea"])
+    poison = jpeg("coffee")
+    state = WorkerState(rt, poll_interval=60)
+    crashing = CountingScreener(state, crash_on=poison)
+    with pytest.raises(SystemExit):
+        process_upload(rt, ids[0], crashing, max_attempts=2, batch_size=8)
+    assert crashing.batches == [3]
+    assert [_attempts(rt, i) for i in ids] == [("processing", 1)] * 3
+    # Redeliveries (the batch owner's message, and the drained uploads' own messages).
+    outcomes = {}
+    for upload_id in ids:
+        try:
+            outcomes[upload_id] = process_upload(
+                rt, upload_id, crashing, max_attempts=2, batch_size=8
+            ).outcome
+        except SystemExit:
+            outcomes[upload_id] = "crashed"
+    assert crashing.batches == [3, 1, 1, 1]  # every retry alone
+    assert outcomes == {ids[0]: Outcome.DECIDED, ids[1]: "crashed", ids[2]: Outcome.DECIDED}
+    final = process_upload(rt, ids[1], crashing, max_attempts=2, batch_size=8)
+    assert final.outcome is Outcome.POISON
+    with rt.sessions() as session:
+        reasons = {s.upload_id: s.reason for s in session.scalars(select(Screening)).all()}
+    assert reasons[ids[1]] == "poison"
+    assert reasons[ids[0]] is None and reasons[ids[2]] is None
+    assert [_attempts(rt, i)[1] for i in ids] == [2, 2, 2]
+
+
+def test_uploads_attempted_before_are_never_drained(
+    rt: Runtime, dispatcher: RecordingDispatcher, client_id: int
+) -> None:
+    ids = _submit_many(rt, dispatcher, client_id, ["astronaut", "coffee", "chelsea"])
+    with transaction(rt.sessions) as session:  # re-sent by the reconciler after a crash
+        session.execute(update(Upload).where(Upload.id == ids[2]).values(attempts=1))
+    screener = CountingScreener(WorkerState(rt, poll_interval=60))
+    process_upload(rt, ids[0], screener, max_attempts=3, batch_size=8)
+    assert screener.batches == [2]
+    assert _attempts(rt, ids[2]) == ("queued", 1)

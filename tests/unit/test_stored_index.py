@@ -1,0 +1,112 @@
+"""Large banks carry their built cosine index in the encrypted snapshot (algorithm and
+parameters in its header); workers load it instead of rebuilding, and fall back to building
+when it does not hold exactly the loaded entries. Small banks and older snapshots have none."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import skimage_photo
+
+import moderation.blocklist.service as service
+import moderation.index.cosine as cosine_module
+from moderation.blocklist.operations import import_bank, set_entry_disabled
+from moderation.blocklist.service import Payload, create_bank, current_snapshot, read_payload
+from moderation.index import CosineIndex, load_index
+from moderation.runtime import Runtime
+from moderation.storage.db import transaction
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket")
+
+
+def _write(tmp: Path, name: str) -> Path:
+    path = tmp / f"{name}.jpg"
+    buffer = io.BytesIO()
+    skimage_photo(name).save(buffer, "JPEG", quality=90)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+@pytest.fixture
+def large_rt(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Runtime]:
+    """A runtime where 4 active entries count as a large bank (stored HNSW index)."""
+    monkeypatch.setattr(service, "STORED_INDEX_MIN_ENTRIES", 4)
+    monkeypatch.setattr(cosine_module, "HNSW_MIN_ENTRIES", 4)
+    with transaction(runtime.sessions) as session:
+        create_bank(session, "known-bad")
+    yield runtime
+
+
+def _payload(rt: Runtime) -> Payload:
+    with rt.sessions() as session:
+        row = current_snapshot(session)
+        assert row is not None
+        return read_payload(session, rt.keyring, rt.settings.snapshots_dir, row)
+
+
+def test_small_bank_snapshot_has_no_stored_index(runtime: Runtime, tmp_path: Path) -> None:
+    with transaction(runtime.sessions) as session:
+        create_bank(session, "known-bad")
+    import_bank(runtime, "known-bad", [_write(tmp_path, "coffee")], actor="test")
+    assert _payload(runtime).cosine_index is None
+    assert runtime.load_blocklist().cosine.algorithm == "flat"
+
+
+def test_large_bank_snapshot_round_trips_its_index(
+    large_rt: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import_bank(large_rt, "known-bad", [_write(tmp_path, n) for n in PHOTOS], actor="test")
+    payload = _payload(large_rt)
+    assert payload.cosine_index is not None
+    stored = load_index(payload.cosine_index)
+    assert isinstance(stored, CosineIndex)
+    assert stored.params["algorithm"] == "hnsw"
+    assert stored.params["ef_search"] == cosine_module.HNSW_EF_SEARCH
+    assert sorted(stored.ids().tolist()) == sorted(payload.entry_ids.tolist())
+
+    # Loading uses the stored index: building is not called.
+    def no_build(*args: object, **kwargs: object) -> CosineIndex:
+        raise AssertionError("the stored index should have been used")
+
+    monkeypatch.setattr(CosineIndex, "build", no_build)
+    blocklist = large_rt.load_blocklist()
+    assert blocklist.cosine.params == stored.params
+    vector = blocklist.vector_of(int(payload.entry_ids[2]))
+    (hits,) = blocklist.cosine.search(vector[None, :], 1, 0.99)
+    assert hits[0].id == int(payload.entry_ids[2])
+
+
+def test_stored_index_is_rewritten_when_entries_change(large_rt: Runtime, tmp_path: Path) -> None:
+    import_bank(large_rt, "known-bad", [_write(tmp_path, n) for n in PHOTOS], actor="test")
+    first = _payload(large_rt)
+    victim = int(first.entry_ids[0])
+    set_entry_disabled(large_rt, f"e_{victim}", disabled=True, actor="test")
+    second = _payload(large_rt)
+    assert second.cosine_index is not None and second.cosine_index != first.cosine_index
+    assert victim not in load_index(second.cosine_index)
+    assert victim not in large_rt.load_blocklist().cosine
+    set_entry_disabled(large_rt, f"e_{victim}", disabled=False, actor="test")
+    assert victim in large_rt.load_blocklist().cosine
+
+
+def test_a_stored_index_that_disagrees_is_rebuilt(large_rt: Runtime, tmp_path: Path) -> None:
+    import_bank(large_rt, "known-bad", [_write(tmp_path, n) for n in PHOTOS], actor="test")
+    payload = _payload(large_rt)
+    active = payload.entry_ids[payload.active]
+    partial = CosineIndex.build(active[:2], payload.vectors[payload.active][:2])
+    payload.cosine_index = partial.serialize()
+    mask = payload.active.copy()
+    rebuilt = service._cosine_index(payload, active, mask)
+    assert sorted(rebuilt.ids().tolist()) == sorted(active.tolist())
+    # Round trip of a payload with and without the optional array.
+    again = Payload.from_bytes(payload.to_bytes())
+    assert again.cosine_index == payload.cosine_index
+    payload.cosine_index = None
+    assert Payload.from_bytes(payload.to_bytes()).cosine_index is None
+    np.testing.assert_array_equal(again.vectors, payload.vectors)
