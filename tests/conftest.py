@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image
 
 from moderation.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from tests.integration.queue_stack import CallbackReceiver, RedisServer, Stack
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED_DIR / "data"
@@ -135,3 +139,33 @@ def runtime(settings: Settings) -> Iterator[object]:
     migrate(rt.engine)
     yield rt
     rt.engine.dispose()
+
+
+# --- the queue tests' stack (tests/integration/queue_stack.py holds the machinery) ------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private ``redis-server`` on a spare port (stopped and restarted by fault tests)."""
+    from tests.integration.queue_stack import running_redis
+
+    with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    """A local HTTP server that records the callbacks it receives."""
+    from tests.integration.queue_stack import running_receiver
+
+    with running_receiver() as server:
+        yield server
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """Builds API + worker stacks in ``tmp_path``; stops every process at teardown."""
+    from tests.integration.queue_stack import stack_factory
+
+    with stack_factory(tmp_path) as make:
+        yield make

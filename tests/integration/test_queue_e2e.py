@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,32 +26,11 @@ from tests.integration.queue_stack import (
     RedisServer,
     Stack,
     bank_images,
-    running_receiver,
-    running_redis,
-    stack_factory,
     upload_images,
     wait_until,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    with running_receiver() as server:
-        yield server
-
-
-@pytest.fixture
-def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
-    with stack_factory(tmp_path) as make:
-        yield make
 
 
 def count(stack: Stack, query: object) -> int:
