@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         description="Encoder name: timm/efficientnet_lite0 or open_clip/<arch>/<tag-or-file>.",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    encoder_runtime: Literal["auto", "onnxruntime", "torch", "eager"] = Field(
+        default="auto",
+        description="Forward path of the default encoder: auto (ONNX Runtime on CPU when "
+        "installed, else torch), onnxruntime, torch (channels_last) or eager.",
+    )
     torch_threads: int = Field(default=0, ge=0, description="0: torch's own default.")
     faiss_threads: int = Field(
         default=1,
@@ -94,6 +99,23 @@ class Settings(BaseSettings):
     policy: str = Field(default="default", description="Active policy: policies/<name>.yaml.")
     policies_dir: Path = Field(default_factory=_default_policies_dir)
     batch_size: int = Field(default=32, ge=1, le=1024, description="Images per encoder batch.")
+    classifier: bool = Field(
+        default=True,
+        description="Classifier stage: region embeddings and synthetic training pairs at bank "
+        "import, and the active classifier model (moderation classifier train) when screening.",
+    )
+    classifier_edits_per_entry: int = Field(
+        default=2,
+        ge=0,
+        le=17,
+        description="Edited copies of each imported image made for training, before the "
+        "original is discarded (each costs about one embedding at import).",
+    )
+    classifier_background_dir: Path | None = Field(
+        default=None,
+        description="Folder of non-banned photos: score normalisation and hard negatives; "
+        "default: scikit-image's sample photos.",
+    )
 
     # --- input limits ------------------------------------------------------------------------
     max_image_bytes: int = Field(
@@ -182,6 +204,19 @@ class Settings(BaseSettings):
         ge=1,
         description="Screening attempts per upload; one more delivery ends it unscannable "
         "with reason poison.",
+    )
+    worker_batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Uploads a screening worker encodes in one batch: its own task's upload "
+        "plus fresh queued ones (1: one upload per task).",
+    )
+    worker_batch_wait_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description="Bounded wait for more queued uploads when a batch is partly filled, ms.",
     )
     reconcile_after: int = Field(
         default=300,

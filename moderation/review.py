@@ -359,7 +359,14 @@ def _prepare_bank_entry(
         raise ReviewError(
             f"the upload cannot be decoded ({exc.reason}): cannot add it to a bank"
         ) from exc
-    prepared.signals = compute_signals([decoded.frames[0]], runtime.encoder, batch_size=1)
+    region_embedder = None
+    if runtime.settings.classifier:
+        from moderation.classifier.regions import make_region_embedder
+
+        region_embedder = make_region_embedder(runtime.encoder, batch_size=8)
+    prepared.signals = compute_signals(
+        [decoded.frames[0]], runtime.encoder, batch_size=1, region_embedder=region_embedder
+    )
     return prepared
 
 

@@ -81,7 +81,12 @@ class Runtime:
     @cached_property
     def encoder(self) -> Encoder:
         """The configured encoder (weights load lazily on first use)."""
-        return create_encoder(self.settings.encoder, device=self.settings.device)
+        return create_encoder(
+            self.settings.encoder,
+            device=self.settings.device,
+            runtime=self.settings.encoder_runtime,
+            cache_dir=self.settings.resolved_data_dir / "cache",
+        )
 
     @cached_property
     def policy(self) -> Policy:
@@ -94,21 +99,45 @@ class Runtime:
         return DecodeLimits.from_settings(self.settings)
 
     def load_blocklist(self) -> Blocklist:
-        """Decrypt the current snapshot into memory (fail closed on any error)."""
+        """Decrypt the current snapshot into memory (fail closed on any error); with the encoder
+        on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed."""
         with self.sessions() as session:
-            return load_blocklist(
+            blocklist = load_blocklist(
                 session,
                 self.keyring,
                 self.settings.snapshots_dir,
                 encoder_id=str(self.encoder.id),
                 dim=self.encoder.dim,
             )
+        if self.encoder.device.type == "cuda":
+            # Search a GPU copy when FAISS GPU is installed (flat indexes; never run on a GPU
+            # here, see README "What has never run on a GPU").
+            on_gpu = blocklist.cosine.use_gpu()
+            logger.info("cosine index searched on %s", "GPU" if on_gpu else "CPU")
+        return blocklist
+
+    def classifier_stage(self) -> CandidateRefiner | None:
+        """The classifier stage with the active model for this encoder, or None (stage off in
+        settings, or no model trained yet: ``moderation classifier train``)."""
+        if not self.settings.classifier:
+            return None
+        from moderation.classifier.stage import ClassifierStage
+        from moderation.classifier.training import active_model
+
+        with self.sessions() as session:
+            model = active_model(session, str(self.encoder.id))
+        if model is None:
+            return None
+        return ClassifierStage(model, self.encoder, batch_size=self.settings.batch_size)
 
     def screener(
         self, blocklist: Blocklist | None = None, refiner: CandidateRefiner | None = None
     ) -> Screener:
-        """A :class:`Screener` over the current (or the given) blocklist."""
+        """A :class:`Screener` over the current (or the given) blocklist, with the classifier
+        stage when one is active (unless ``refiner`` is given)."""
         self.encoder.load()  # weights load now, not inside the first screening's timings
+        if refiner is None:
+            refiner = self.classifier_stage()
         return Screener(
             encoder=self.encoder,
             blocklist=blocklist or self.load_blocklist(),

@@ -25,7 +25,7 @@ from moderation.blocklist.service import Blocklist, EntryInfo
 from moderation.encoders import Encoder
 from moderation.hashing import PdqHash, pdq_hash_dihedral
 from moderation.imaging import DecodedImage, DecodeLimits, UnscannableImage, decode_image
-from moderation.policy import SEVERITY, CategoryRules, Policy
+from moderation.policy import SEVERITY, CandidateRules, CategoryRules, Policy
 from moderation.storage.models import Match, ReviewItem, Screening, Upload
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,13 @@ class CandidateRefiner(Protocol):
 
     version: str
 
-    def refine(
-        self, query: QueryContext, candidates: list[Candidate], blocklist: Blocklist
+    def refine_batch(
+        self, items: Sequence[tuple[QueryContext, list[Candidate]]], blocklist: Blocklist
     ) -> None:
-        """Set ``probability`` (and ``features``/``signals``) on each candidate in place."""
+        """Set ``probability`` (and ``features``/``signals``) on every candidate in place.
+
+        Gets a whole screening batch at once, so extra embeddings (query regions) run batched.
+        """
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,55 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+def find_candidates(
+    blocklist: Blocklist,
+    rules: CandidateRules,
+    vectors: npt.NDArray[np.float32],
+    pdq: Sequence[Sequence[PdqHash]],
+) -> list[Candidate]:
+    """Stage 1: the top-k entries per frame above ``rules.min_cosine`` plus the PDQ matches
+    within ``rules.max_pdq_distance`` (over each frame's dihedral variants, both digests of
+    quality >= ``rules.min_pdq_quality``), merged per entry, best cosine first.
+
+    ``vectors`` is float32 (f, d), one unit row per frame; ``pdq`` the 8 variants per frame.
+    Entries found only by PDQ get their cosine too, so every candidate has both signals.
+    """
+    found: dict[int, Candidate] = {}
+    entries = blocklist.entries
+    hits_per_frame = blocklist.cosine.search(vectors, rules.top_k, rules.min_cosine)
+    for frame, hits in enumerate(hits_per_frame):
+        for hit in hits:
+            info = entries.get(hit.id)
+            if info is None:
+                continue
+            cand = found.setdefault(hit.id, Candidate(entry=info))
+            if cand.cosine is None or hit.score > cand.cosine:
+                cand.cosine, cand.frame = float(hit.score), frame
+    for frame, variants in enumerate(pdq):
+        usable = [v for v in variants if v.quality >= rules.min_pdq_quality]
+        if not usable:
+            continue
+        queries = np.stack([np.frombuffer(v.digest, np.uint8) for v in usable])
+        for hits in blocklist.pdq.search(queries, rules.top_k, rules.max_pdq_distance):
+            for hit in hits:
+                info = entries.get(hit.id)
+                if info is None:
+                    continue
+                _, quality = blocklist.pdq_of(hit.id)
+                if quality < rules.min_pdq_quality:
+                    continue
+                cand = found.setdefault(hit.id, Candidate(entry=info, frame=frame))
+                distance = int(hit.score)
+                if cand.pdq_distance is None or distance < cand.pdq_distance:
+                    cand.pdq_distance = distance
+    for cand in found.values():
+        if cand.cosine is None:
+            sims = vectors @ blocklist.vector_of(cand.entry.entry_id)
+            cand.frame = int(np.argmax(sims))
+            cand.cosine = float(sims[cand.frame])
+    return sorted(found.values(), key=lambda c: -(c.cosine or -1.0))
+
+
 class Screener:
     """Screens uploads against one decrypted blocklist under one policy.
 
@@ -161,7 +213,9 @@ class Screener:
         limits: decode limits.
         batch_size: frames per encoder call.
         refiner: the classifier stage, or None for global cosine + PDQ only.
-        draft_size: JPEG draft target (px); large JPEGs decode at reduced scale, never below it.
+        draft_size: JPEG draft target (px) as (long side, short side): large JPEGs decode at
+            reduced scale, never below it; (512, 224) serves PDQ (long side 512) and the
+            224 x 224 encoder input from one decode.
 
     Raises:
         ValueError: the encoder and the blocklist disagree (embedding drift).
@@ -176,7 +230,7 @@ class Screener:
         limits: DecodeLimits,
         batch_size: int = 32,
         refiner: CandidateRefiner | None = None,
-        draft_size: tuple[int, int] | None = (512, 512),
+        draft_size: tuple[int, int] | None = (512, 224),
     ) -> None:
         if str(encoder.id) != blocklist.encoder_id:
             raise ValueError(
@@ -195,7 +249,9 @@ class Screener:
     def _decode(self, work: _Work, data: bytes) -> None:
         start = time.perf_counter()
         try:
-            work.decoded = decode_image(data, self.limits, draft_size=self.draft_size)
+            work.decoded = decode_image(
+                data, self.limits, draft_size=self.draft_size, draft_by_orientation=True
+            )
         except UnscannableImage as exc:
             work.error = exc
         work.timings["decode"] = _ms(start)
@@ -225,52 +281,30 @@ class Screener:
     def _search(self, work: _Work) -> list[Candidate]:
         assert work.vectors is not None
         start = time.perf_counter()
-        rules = self.policy.candidates
-        found: dict[int, Candidate] = {}
-        entries = self.blocklist.entries
-        hits_per_frame = self.blocklist.cosine.search(work.vectors, rules.top_k, rules.min_cosine)
-        for frame, hits in enumerate(hits_per_frame):
-            for hit in hits:
-                info = entries.get(hit.id)
-                if info is None:
-                    continue
-                cand = found.setdefault(hit.id, Candidate(entry=info))
-                if cand.cosine is None or hit.score > cand.cosine:
-                    cand.cosine, cand.frame = float(hit.score), frame
-        for frame, variants in enumerate(work.pdq):
-            usable = [v for v in variants if v.quality >= rules.min_pdq_quality]
-            if not usable:
-                continue
-            queries = np.stack([np.frombuffer(v.digest, np.uint8) for v in usable])
-            for hits in self.blocklist.pdq.search(queries, rules.top_k, rules.max_pdq_distance):
-                for hit in hits:
-                    info = entries.get(hit.id)
-                    if info is None:
-                        continue
-                    _, quality = self.blocklist.pdq_of(hit.id)
-                    if quality < rules.min_pdq_quality:
-                        continue
-                    cand = found.setdefault(hit.id, Candidate(entry=info, frame=frame))
-                    distance = int(hit.score)
-                    if cand.pdq_distance is None or distance < cand.pdq_distance:
-                        cand.pdq_distance = distance
-        # Entries found only by PDQ still get their cosine, so every candidate has both signals.
-        for cand in found.values():
-            if cand.cosine is None:
-                stored = self.blocklist.vector_of(cand.entry.entry_id)
-                sims = work.vectors @ stored
-                cand.frame = int(np.argmax(sims))
-                cand.cosine = float(sims[cand.frame])
+        found = find_candidates(self.blocklist, self.policy.candidates, work.vectors, work.pdq)
         work.timings["search"] = _ms(start)
-        return sorted(found.values(), key=lambda c: -(c.cosine or -1.0))
+        return found
 
-    def _classify(self, work: _Work, candidates: list[Candidate]) -> None:
+    def _classify(self, works: Sequence[_Work], found: Sequence[list[Candidate]]) -> None:
+        """Run the classifier stage once over the batch; its time is shared out per upload."""
+        pending = [
+            (work, cands)
+            for work, cands in zip(works, found, strict=True)
+            if cands and work.decoded
+        ]
+        for work in works:
+            work.timings["classify"] = 0.0
+        if self.refiner is None or not pending:
+            return
         start = time.perf_counter()
-        if self.refiner is not None and candidates:
+        items = []
+        for work, cands in pending:
             assert work.decoded is not None and work.vectors is not None
-            query = QueryContext(work.decoded.frames, work.vectors, work.pdq)
-            self.refiner.refine(query, candidates, self.blocklist)
-        work.timings["classify"] = _ms(start)
+            items.append((QueryContext(work.decoded.frames, work.vectors, work.pdq), cands))
+        self.refiner.refine_batch(items, self.blocklist)
+        share = _ms(start) / len(pending)
+        for work, _ in pending:
+            work.timings["classify"] = share
 
     # --- decision -------------------------------------------------------------------------
 
@@ -369,7 +403,7 @@ class Screener:
                     "probability": None if c.probability is None else round(c.probability, 4),
                     "features": {k: round(v, 4) for k, v in c.features.items()},
                 }
-                for c in candidates[:5]
+                for c in sorted(candidates, key=lambda c: -c.ranking_score)[:5]
             ],
         }
         allow_hit = next(
@@ -447,14 +481,9 @@ class Screener:
             if work.decoded is not None:
                 self._hash(work)
         self._embed(works)
-        results = []
-        for work in works:
-            candidates: list[Candidate] = []
-            if work.decoded is not None:
-                candidates = self._search(work)
-                self._classify(work, candidates)
-            results.append(self.decide(work, candidates))
-        return results
+        found = [self._search(work) if work.decoded is not None else [] for work in works]
+        self._classify(works, found)
+        return [self.decide(work, cands) for work, cands in zip(works, found, strict=True)]
 
     def screen_unscannable(self, reason: str, detail: str = "") -> ScreeningResult:
         """The result for an input rejected before decoding (e.g. over the byte limit)."""

@@ -171,6 +171,7 @@ def import_archive(bank_id: int) -> Any:
                 filename=upload.filename or "archive.zip",
                 created_by=user.actor,
                 max_bytes=rt.settings.console_max_import_bytes,
+                keyring=rt.keyring,
             )
             job_id = job.id
     except (JobError, BlocklistError) as exc:

@@ -7,6 +7,17 @@ Methods compared in one run, on the same queries:
 * ``global-cosine``: the production pipeline without the classifier stage: a real bank import
   (encrypted snapshot) and :class:`~moderation.screening.Screener` with the active policy
   (decisions from its thresholds; score = best block-bank cosine).
+* ``classifier``: the same pipeline with the classifier stage (:mod:`moderation.classifier`):
+  the bank import also stores entry windows and synthetic labelled pairs (training copies made
+  with training seeds, never the queries' :func:`~moderation.benchmark.protocol.query_seed`),
+  a model is trained and activated, and decisions come from the policy's probability
+  thresholds (score = best block-bank probability). The queries' source photos are the bank's
+  own photos, as in the protocol, so the training copies are other edits of the very images the
+  positives were made from: its figures are optimistic in that respect.
+
+Screening throughput of ``global-cosine`` and ``classifier`` is also measured in alternating
+batches of the same queries (:func:`interleaved_throughput`), so load from other processes falls
+on both alike.
 
 Every query is JPEG-encoded once (quality 95) before timing, and every method decodes those
 bytes itself, so images/s are comparable end to end (bytes in, decision out).
@@ -106,12 +117,15 @@ class ScreeningMethod:
         encoded: EncodedQueries,
         *,
         refiner_factory: Callable[[Any], Any] | None = None,
+        train_classifier: bool = False,
     ) -> None:
         self.name = name
         self.settings = settings
         self.reference_paths = reference_paths
         self.encoded = encoded
         self.refiner_factory = refiner_factory
+        self.train_classifier = train_classifier
+        self.training: dict[str, Any] = {}
         self._screener: Any = None
         self._ref_of_label: dict[str, str] = {}
 
@@ -130,7 +144,13 @@ class ScreeningMethod:
             create_bank(session, "benchmark-references", kind="block")
         paths = [self.reference_paths[ref_id] for ref_id, _ in references]
         by_name = {p.name: ref_id for ref_id, p in self.reference_paths.items()}
-        import_bank(runtime, "benchmark-references", paths, actor="benchmark")
+        report = import_bank(runtime, "benchmark-references", paths, actor="benchmark")
+        if self.train_classifier:
+            from moderation.classifier.training import train
+
+            trained = train(runtime, actor="benchmark")
+            self.training = {"training_pairs": report.training_pairs, **trained.to_json()}
+            logger.info("%s: trained classifier %s", self.name, trained.to_json())
         refiner = self.refiner_factory(runtime) if self.refiner_factory else None
         screener = runtime.screener(refiner=refiner)
         # Every query gets a score: candidates are retrieved down to cosine 0 (decisions still
@@ -166,6 +186,22 @@ class ScreeningMethod:
         return str(info.label)
 
 
+def interleaved_throughput(
+    methods: Sequence[ScreeningMethod], images: Sequence[Image.Image], *, chunk: int
+) -> dict[str, float]:
+    """Images/s of each method over the same images, timed in alternating batches of ``chunk``
+    (method A on batch 1, B on batch 1, A on batch 2, ...), so load from other processes on a
+    shared machine falls on both alike: BENCHMARKS.md's side-by-side ratio."""
+    spent = dict.fromkeys((m.name for m in methods), 0.0)
+    for start in range(0, len(images), chunk):
+        batch = images[start : start + chunk]
+        for method in methods:
+            began = time.perf_counter()
+            method.query(batch)
+            spent[method.name] += time.perf_counter() - began
+    return {name: len(images) / max(seconds, 1e-9) for name, seconds in spent.items()}
+
+
 def image_files(directory: Path) -> list[Path]:
     """Image files directly in ``directory``, sorted."""
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -182,6 +218,7 @@ def run_quality_benchmark(
     seed: int = 0,
     echo: Callable[[str], Any] = print,
     extra_methods: Callable[[dict[str, Path], EncodedQueries, Path], list[Method]] | None = None,
+    classifier: bool = True,
 ) -> list[MethodResult]:
     """Run the protocol on ``images_dir`` and print a markdown table; optionally JSON and plot.
 
@@ -207,27 +244,62 @@ def run_quality_benchmark(
     with tempfile.TemporaryDirectory(prefix="moderation-benchmark-") as tmp:
         base = Path(tmp)
 
-        def method_settings(name: str) -> Settings:
+        def method_settings(name: str, classifier: bool) -> Settings:
             return load_settings(
                 **{
                     **settings.model_dump(
                         exclude={"data_dir", "database_url", "key_file", "master_keys"}
                     ),
                     "data_dir": base / name,
+                    "classifier": classifier,
                 }
             )
 
         methods: list[Method] = [
             PdqMethod(encoded, limits),
             ScreeningMethod(
-                "global-cosine", method_settings("global-cosine"), reference_paths, encoded
+                "global-cosine",
+                method_settings("global-cosine", False),
+                reference_paths,
+                encoded,
             ),
         ]
+        if classifier:
+            methods.append(
+                ScreeningMethod(
+                    "classifier",
+                    method_settings("classifier", True),
+                    reference_paths,
+                    encoded,
+                    train_classifier=True,
+                )
+            )
         if extra_methods is not None:
             methods.extend(extra_methods(reference_paths, encoded, base))
         results = run_protocol(protocol, methods)
     table = markdown_table(results)
     echo(table)
+    screening = {m.name: m for m in methods if isinstance(m, ScreeningMethod)}
+    speed: dict[str, float] = {}
+    if "classifier" in screening and "global-cosine" in screening:
+        speed = interleaved_throughput(
+            [screening["global-cosine"], screening["classifier"]],
+            [q.image for q in protocol.queries],
+            chunk=settings.batch_size,
+        )
+        echo(
+            "screening throughput, interleaved batches of the same queries: global-cosine "
+            f"{speed['global-cosine']:.2f} images/s, classifier {speed['classifier']:.2f} "
+            f"images/s (ratio {speed['classifier'] / speed['global-cosine']:.2f})"
+        )
+    training = next(
+        (m.training for m in methods if isinstance(m, ScreeningMethod) and m.training), None
+    )
+    if training:
+        echo(
+            f"classifier {training['version']}: {training['training_pairs']} synthetic pairs "
+            f"at import; held-out {json.dumps(training['after'])}"
+        )
     echo(
         f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
         f"total {time.perf_counter() - started:.0f} s"
@@ -236,7 +308,13 @@ def run_quality_benchmark(
         document = to_json(
             results,
             protocol,
-            extra={"encoder": settings.encoder, "policy": settings.policy, "seed": seed},
+            extra={
+                "encoder": settings.encoder,
+                "policy": settings.policy,
+                "seed": seed,
+                "classifier_training": training,
+                "interleaved_images_per_second": speed,
+            },
         )
         json_out.write_text(json.dumps(document, indent=2))
         echo(f"wrote {json_out}")

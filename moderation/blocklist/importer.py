@@ -57,6 +57,9 @@ class ImportReport:
     added: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     snapshot_version: int | None = None
+    # SHA-256 of each added image -> its entry id (links training copies to their entry).
+    entry_of: dict[str, int] = field(default_factory=dict)
+    training_pairs: int = 0
 
 
 def _file_source(path: Path, ref: str) -> Source:
@@ -64,10 +67,23 @@ def _file_source(path: Path, ref: str) -> Source:
 
 
 def _zip_sources(path: Path, prefix: str, skipped: list[tuple[str, str]]) -> Iterator[Source]:
+    return zip_sources(lambda: zipfile.ZipFile(path), prefix or "", skipped, label=path.name)
+
+
+def zip_sources(
+    opener: Callable[[], zipfile.ZipFile],
+    prefix: str,
+    skipped: list[tuple[str, str]],
+    *,
+    label: str = "archive",
+) -> Iterator[Source]:
+    """The image members of a zip archive, sorted by name; ``opener`` opens the archive (a file
+    or bytes in memory) and is called again for each member read. Members whose names are not
+    images, and zip bombs, are appended to ``skipped`` with a reason."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = opener()
     except (zipfile.BadZipFile, OSError) as exc:
-        skipped.append((prefix or path.name, f"bad_zip: {exc}"))
+        skipped.append((prefix or label, f"bad_zip: {exc}"))
         return
     with archive:
         for info in sorted(archive.infolist(), key=lambda i: i.filename):
@@ -82,8 +98,8 @@ def _zip_sources(path: Path, prefix: str, skipped: list[tuple[str, str]]) -> Ite
                 skipped.append((ref, "zip_bomb"))
                 continue
 
-            def read(archive_path: Path = path, member: str = info.filename) -> bytes:
-                with zipfile.ZipFile(archive_path) as again:
+            def read(member: str = info.filename) -> bytes:
+                with opener() as again:
                     return again.read(member)
 
             yield Source(ref=ref, read=read, size=info.file_size)
@@ -120,11 +136,28 @@ def iter_sources(paths: Sequence[Path], skipped: list[tuple[str, str]]) -> Itera
                         skipped.append((ref, "not_an_image_name"))
 
 
+ImageHook = Callable[[Sequence[Image.Image], Sequence[str]], None]
+"""Sees each batch of decoded images (and their SHA-256) before the originals are discarded
+(the classifier stage's training copies are made here)."""
+
+
 @dataclass
 class _Decoded:
     source: Source
     sha256: str
     image: Image.Image
+
+
+@dataclass(frozen=True)
+class PreparedEntry:
+    """An image ready to become an entry: where it came from and its signals (no pixels)."""
+
+    ref: str
+    sha256: str
+    vector: npt.NDArray[np.float32]
+    pdq: bytes
+    pdq_quality: int
+    regions: npt.NDArray[np.float32] | None
 
 
 def compute_signals(
@@ -144,6 +177,120 @@ def compute_signals(
     return vectors, pdqs, regions
 
 
+def prepare_import(
+    sources: Sequence[Source],
+    skipped: list[tuple[str, str]],
+    *,
+    known: set[str],
+    encoder: Encoder,
+    limits: DecodeLimits,
+    batch_size: int = 32,
+    region_embedder: RegionEmbedder | None = None,
+    on_images: ImageHook | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[PreparedEntry]:
+    """Decode every source and compute its signals, outside any transaction.
+
+    Images whose SHA-256 is in ``known`` (already in the bank) or repeats within this import
+    are skipped as duplicates; undecodable, unreadable and oversized ones with their reason.
+    Animated images contribute their first frame. ``on_images`` sees each batch of decoded
+    images before they are dropped. ``progress(done, total)`` is called after each source.
+    Returns the prepared entries; skipped ``(source ref, reason)`` pairs go to ``skipped``.
+    """
+    seen = set(known)
+    prepared: list[PreparedEntry] = []
+    pending: list[_Decoded] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        images = [d.image for d in pending]
+        vectors, pdqs, regions = compute_signals(
+            images, encoder, batch_size=batch_size, region_embedder=region_embedder
+        )
+        if on_images is not None:
+            on_images(images, [d.sha256 for d in pending])
+        for decoded, vector, (digest, quality), region in zip(
+            pending, vectors, pdqs, regions, strict=True
+        ):
+            prepared.append(
+                PreparedEntry(decoded.source.ref, decoded.sha256, vector, digest, quality, region)
+            )
+        pending.clear()
+
+    for handled, source in enumerate(sources, start=1):
+        if progress:
+            progress(handled, len(sources))
+        if source.size > limits.max_bytes:
+            skipped.append((source.ref, "too_large"))
+            continue
+        try:
+            data = source.read()
+        except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
+            skipped.append((source.ref, f"unreadable: {exc}"))
+            continue
+        sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 in seen:
+            skipped.append((source.ref, "duplicate"))
+            continue
+        try:
+            decoded = decode_image(data, limits)
+        except UnscannableImage as exc:
+            skipped.append((source.ref, exc.reason))
+            continue
+        seen.add(sha256)
+        pending.append(_Decoded(source, sha256, decoded.frames[0]))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return prepared
+
+
+def known_hashes(session: Session, bank_id: int) -> set[str]:
+    """SHA-256 of every entry's source in the bank."""
+    rows = session.scalars(select(Entry.source_sha256).where(Entry.bank_id == bank_id)).all()
+    return {r for r in rows if r}
+
+
+def add_entries(
+    session: Session,
+    bank_name: str,
+    prepared: Sequence[PreparedEntry],
+    report: ImportReport,
+    *,
+    added_by: str,
+) -> list[EntrySignals]:
+    """Create the entries of ``prepared`` in the caller's transaction; images that reached the
+    bank meanwhile (another import) are skipped as duplicates. Appends to ``report``.
+
+    Raises:
+        BlocklistError: unknown bank.
+    """
+    bank = get_bank(session, bank_name)
+    present = known_hashes(session, bank.id)
+    signals: list[EntrySignals] = []
+    for item in prepared:
+        if item.sha256 in present:
+            report.skipped.append((item.ref, "duplicate"))
+            continue
+        entry = Entry(
+            bank_id=bank.id,
+            label=PurePosixPath(item.ref).stem,
+            source_ref=item.ref,
+            source_sha256=item.sha256,
+            added_by=added_by,
+        )
+        session.add(entry)
+        session.flush()
+        present.add(item.sha256)
+        report.added.append(entry.id)
+        report.entry_of[item.sha256] = entry.id
+        signals.append(
+            EntrySignals(entry.id, item.vector, item.pdq, item.pdq_quality, item.regions)
+        )
+    return signals
+
+
 def import_into_bank(
     session: Session,
     bank_name: str,
@@ -154,75 +301,33 @@ def import_into_bank(
     batch_size: int = 32,
     added_by: str = "cli",
     region_embedder: RegionEmbedder | None = None,
+    on_images: ImageHook | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[ImportReport, list[EntrySignals]]:
-    """Create entries for every decodable image under ``paths`` and compute their signals.
+    """Create entries for every decodable image under ``paths`` and compute their signals:
+    :func:`prepare_import` then :func:`add_entries`, inside the caller's transaction.
 
-    Runs inside the caller's transaction; the caller then writes the snapshot with
-    :func:`moderation.blocklist.service.commit_signals`. Duplicates (same SHA-256 already in the
-    bank, or twice in this import) and undecodable files are skipped with a reason. Animated
-    images contribute their first frame. ``progress(done, total)`` is called after each source.
+    The caller then writes the snapshot with
+    :func:`moderation.blocklist.service.commit_signals`.
 
     Raises:
         BlocklistError: unknown bank.
     """
     bank = get_bank(session, bank_name)
     report = ImportReport(bank=bank.name)
-    known = set(session.scalars(select(Entry.source_sha256).where(Entry.bank_id == bank.id)).all())
-    signals: list[EntrySignals] = []
-    pending: list[_Decoded] = []
-    handled = 0
-
-    def flush() -> None:
-        if not pending:
-            return
-        images = [d.image for d in pending]
-        vectors, pdqs, regions = compute_signals(
-            images, encoder, batch_size=batch_size, region_embedder=region_embedder
-        )
-        for decoded, vector, (digest, quality), region in zip(
-            pending, vectors, pdqs, regions, strict=True
-        ):
-            entry = Entry(
-                bank_id=bank.id,
-                label=PurePosixPath(decoded.source.ref).stem,
-                source_ref=decoded.source.ref,
-                source_sha256=decoded.sha256,
-                added_by=added_by,
-            )
-            session.add(entry)
-            session.flush()
-            report.added.append(entry.id)
-            signals.append(EntrySignals(entry.id, vector, digest, quality, region))
-        pending.clear()
-
     sources = list(iter_sources(paths, report.skipped))
-    for source in sources:
-        handled += 1
-        if progress:
-            progress(handled, len(sources))
-        if source.size > limits.max_bytes:
-            report.skipped.append((source.ref, "too_large"))
-            continue
-        try:
-            data = source.read()
-        except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
-            report.skipped.append((source.ref, f"unreadable: {exc}"))
-            continue
-        sha256 = hashlib.sha256(data).hexdigest()
-        if sha256 in known:
-            report.skipped.append((source.ref, "duplicate"))
-            continue
-        try:
-            decoded = decode_image(data, limits)
-        except UnscannableImage as exc:
-            report.skipped.append((source.ref, exc.reason))
-            continue
-        known.add(sha256)
-        pending.append(_Decoded(source, sha256, decoded.frames[0]))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+    prepared = prepare_import(
+        sources,
+        report.skipped,
+        known=known_hashes(session, bank.id),
+        encoder=encoder,
+        limits=limits,
+        batch_size=batch_size,
+        region_embedder=region_embedder,
+        on_images=on_images,
+        progress=progress,
+    )
+    signals = add_entries(session, bank.name, prepared, report, added_by=added_by)
     logger.info(
         "import into %s: %d added, %d skipped", bank.name, len(report.added), len(report.skipped)
     )

@@ -10,14 +10,19 @@ The bank import job (``bank.import``) does the slow part (decode, embed, PDQ) ou
 database transaction, writing progress as it goes, and then adds the entries and the new
 snapshot version in one short transaction (:func:`commit_with_snapshot`). On SQLite, whose
 writers are serialised, a long import therefore never blocks the console's other writes.
-The uploaded zip is staged in ``<data_dir>/imports`` (mode 0600) and deleted when the job ends.
+The uploaded zip is staged in ``<data_dir>/imports`` sealed (AES-256-GCM under a fresh data key
+wrapped by the primary master key, :func:`moderation.crypto.seal_blob`; the wrapped key is kept in
+the job's parameters), decrypted into memory only while the job reads it, and deleted when the
+job ends. The import goes through the importer's own steps (:func:`prepare_import`,
+:func:`add_entries`), so it computes the same signals as the CLI: entry windows and training
+copies for the classifier stage included.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import io
 import logging
-import os
 import threading
 import time
 import zipfile
@@ -27,18 +32,29 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from PIL import Image
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.audit import record_event
-from moderation.blocklist.importer import compute_signals, iter_sources
+from moderation.blocklist.importer import (
+    ImportReport,
+    add_entries,
+    known_hashes,
+    prepare_import,
+    zip_sources,
+)
 from moderation.blocklist.operations import commit_with_snapshot
 from moderation.blocklist.service import EntrySignals, get_bank
 from moderation.config import Settings
-from moderation.imaging import UnscannableImage, decode_image
+from moderation.crypto import (
+    KeyRing,
+    WrappedKey,
+    load_keyring,
+    open_blob,
+    seal_blob,
+    write_private_file,
+)
 from moderation.storage.db import transaction
-from moderation.storage.models import Entry, Job
+from moderation.storage.models import Job
 
 if TYPE_CHECKING:
     from moderation.runtime import Runtime
@@ -103,6 +119,15 @@ def imports_dir(settings: Settings) -> Path:
     return settings.resolved_data_dir / "imports"
 
 
+def staged_path(settings: Settings, job_id: str) -> Path:
+    """Where the sealed archive of job ``job_id`` waits."""
+    return imports_dir(settings) / f"{PurePosixPath(job_id).name}.zip.sealed"
+
+
+def _context(job_id: str) -> str:
+    return f"import-archive:{job_id}"
+
+
 def create_import_job(
     session: Session,
     settings: Settings,
@@ -112,19 +137,30 @@ def create_import_job(
     filename: str,
     created_by: str,
     max_bytes: int,
+    keyring: KeyRing | None = None,
 ) -> Job:
-    """Stage a zip archive and add a queued ``bank.import`` job for it (audited ``job.create``).
+    """Stage a zip archive, sealed, and add a queued ``bank.import`` job for it (audited
+    ``job.create``).
 
     Args:
-        archive: the uploaded file, read in chunks.
+        archive: the uploaded file, read in chunks (held in memory to be sealed).
         filename: the client's name for it (untrusted: display only).
         max_bytes: refuse archives larger than this, bytes.
+        keyring: master keys sealing the staged copy; default: loaded from ``settings``.
 
     Raises:
         BlocklistError: unknown bank.
         JobError: the upload is not a zip archive or is too large.
     """
     bank = get_bank(session, bank_name)
+    buffer = io.BytesIO()
+    while chunk := archive.read(_COPY_CHUNK):
+        if buffer.tell() + len(chunk) > max_bytes:
+            raise JobError(f"the archive is larger than {max_bytes} bytes")
+        buffer.write(chunk)
+    data = buffer.getvalue()
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise JobError("the upload is not a zip archive")
     job = Job(
         kind=IMPORT_KIND,
         state="queued",
@@ -133,32 +169,45 @@ def create_import_job(
     )
     session.add(job)
     session.flush()
+    sealed, wrapped = seal_blob(data, keyring or load_keyring(settings), context=_context(job.id))
     directory = imports_dir(settings)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = directory / f"{job.id}.zip"
-    written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    path = staged_path(settings, job.id)
     try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := archive.read(_COPY_CHUNK):
-                written += len(chunk)
-                if written > max_bytes:
-                    raise JobError(f"the archive is larger than {max_bytes} bytes")
-                out.write(chunk)
-        if not zipfile.is_zipfile(path):
-            raise JobError("the upload is not a zip archive")
+        write_private_file(path, [sealed])
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    job.params = {**job.params, "archive": path.name, "size_bytes": written}
+    job.params = {
+        **job.params,
+        "archive": path.name,
+        "size_bytes": len(data),
+        "wrapped_key": base64.b64encode(wrapped.to_bytes()).decode(),
+    }
     record_event(
         session,
         actor=created_by,
         action="job.create",
         target=f"job:{job.id}",
-        details={"kind": IMPORT_KIND, "bank_id": bank.id, "size_bytes": written},
+        details={"kind": IMPORT_KIND, "bank_id": bank.id, "size_bytes": len(data)},
     )
     return job
+
+
+def _open_archive(runtime: Runtime, job_id: str, params: dict[str, Any]) -> bytes:
+    """The staged archive of a job, decrypted (in memory only).
+
+    Raises:
+        JobError: the staged file is missing.
+        moderation.crypto.CryptoError: tampering, wrong key.
+    """
+    path = imports_dir(runtime.settings) / PurePosixPath(str(params["archive"])).name
+    try:
+        sealed = path.read_bytes()
+    except FileNotFoundError:
+        raise JobError("the staged archive is gone") from None
+    wrapped = WrappedKey.from_bytes(base64.b64decode(str(params["wrapped_key"])))
+    return open_blob(sealed, wrapped, runtime.keyring, context=_context(job_id))
 
 
 def _set(runtime: Runtime, job_id: str, **values: Any) -> None:
@@ -197,108 +246,52 @@ def run_job(runtime: Runtime, job_id: str) -> None:
             )
 
 
-@dataclass
-class _Prepared:
-    ref: str
-    sha256: str
-    image: Image.Image
-
-
-@dataclass
-class _Signals:
-    ref: str
-    sha256: str
-    vector: Any
-    pdq: bytes
-    quality: int
-
-
 def _run_import(
     runtime: Runtime, job_id: str, params: dict[str, Any], actor: str
 ) -> dict[str, Any]:
     bank_name = str(params["bank"])
-    path = imports_dir(runtime.settings) / PurePosixPath(str(params["archive"])).name
+    data = _open_archive(runtime, job_id, params)
     with runtime.sessions() as session:
-        bank = get_bank(session, bank_name)
-        known = set(session.scalars(select(Entry.source_sha256).where(Entry.bank_id == bank.id)))
-    skipped: list[tuple[str, str]] = []
-    sources = list(iter_sources([path], skipped))
+        known = known_hashes(session, get_bank(session, bank_name).id)
+    report = ImportReport(bank=bank_name)
+    sources = list(zip_sources(lambda: zipfile.ZipFile(io.BytesIO(data)), "", report.skipped))
     total = len(sources)
     _set(runtime, job_id, total=total, progress=0)
-    limits, batch_size = runtime.limits, runtime.settings.batch_size
-    pending: list[_Prepared] = []
-    ready: list[_Signals] = []
     last_write = time.monotonic()
 
-    def embed() -> None:
-        if not pending:
-            return
-        vectors, pdqs, _regions = compute_signals(
-            [p.image for p in pending], runtime.encoder, batch_size=batch_size
-        )
-        for prep, vector, (digest, quality) in zip(pending, vectors, pdqs, strict=True):
-            ready.append(_Signals(prep.ref, prep.sha256, vector, digest, quality))
-        pending.clear()
-
-    for done, source in enumerate(sources, start=1):
-        if source.size > limits.max_bytes:
-            skipped.append((source.ref, "too_large"))
-        else:
-            try:
-                data = source.read()
-            except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
-                skipped.append((source.ref, f"unreadable: {exc}"))
-                data = None
-            if data is not None:
-                sha256 = hashlib.sha256(data).hexdigest()
-                if sha256 in known:
-                    skipped.append((source.ref, "duplicate"))
-                else:
-                    try:
-                        decoded = decode_image(data, limits)
-                    except UnscannableImage as exc:
-                        skipped.append((source.ref, exc.reason))
-                    else:
-                        known.add(sha256)
-                        pending.append(_Prepared(source.ref, sha256, decoded.frames[0]))
-        if len(pending) >= batch_size:
-            embed()
-        if len(pending) == 0 or time.monotonic() - last_write >= PROGRESS_INTERVAL_S:
+    def progress(done: int, count: int) -> None:
+        nonlocal last_write
+        if time.monotonic() - last_write >= PROGRESS_INTERVAL_S:
             _set(runtime, job_id, progress=done)
             last_write = time.monotonic()
-    embed()
-    added: list[str] = []
+
+    region_embedder, collector = None, None
+    if runtime.settings.classifier:
+        from moderation.classifier.training import import_hooks
+
+        region_embedder, collector = import_hooks(runtime)
+    prepared = prepare_import(
+        sources,
+        report.skipped,
+        known=known,
+        encoder=runtime.encoder,
+        limits=runtime.limits,
+        batch_size=runtime.settings.batch_size,
+        region_embedder=region_embedder,
+        on_images=collector,
+        progress=progress,
+    )
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
-        target = get_bank(session, bank_name)
-        present = set(
-            session.scalars(select(Entry.source_sha256).where(Entry.bank_id == target.id))
-        )
-        signals: list[EntrySignals] = []
-        for item in ready:
-            if item.sha256 in present:  # imported meanwhile by someone else
-                skipped.append((item.ref, "duplicate"))
-                continue
-            entry = Entry(
-                bank_id=target.id,
-                label=PurePosixPath(item.ref).stem,
-                source_ref=item.ref,
-                source_sha256=item.sha256,
-                added_by=actor,
-            )
-            session.add(entry)
-            session.flush()
-            present.add(item.sha256)
-            added.append(entry.public_id)
-            signals.append(EntrySignals(entry.id, item.vector, item.pdq, item.quality))
+        signals = add_entries(session, bank_name, prepared, report, added_by=actor)
         record_event(
             session,
             actor=actor,
             action="bank.import",
-            target=f"bank:{target.id}",
+            target=f"bank:{get_bank(session, bank_name).id}",
             details={
                 "added": len(signals),
-                "skipped": len(skipped),
+                "skipped": len(report.skipped),
                 "job_id": job_id,
                 "sources": [str(params.get("filename", ""))],
             },
@@ -306,16 +299,29 @@ def _run_import(
         return signals, ()
 
     version = commit_with_snapshot(runtime, change)
+    if collector is not None:
+        from moderation.classifier.training import record_training_pairs
+
+        report.training_pairs = record_training_pairs(
+            runtime, collector.queries, report.entry_of, actor=actor
+        )
     _set(runtime, job_id, progress=total)
     logger.info(
-        "import job %s into %s: %d added, %d skipped", job_id, bank_name, len(added), len(skipped)
+        "import job %s into %s: %d added, %d skipped",
+        job_id,
+        bank_name,
+        len(report.added),
+        len(report.skipped),
     )
     return {
         "bank": bank_name,
-        "added": len(added),
-        "skipped_count": len(skipped),
-        "skipped": [{"source_ref": r, "reason": why} for r, why in skipped[:MAX_REPORTED_SKIPS]],
+        "added": len(report.added),
+        "skipped_count": len(report.skipped),
+        "skipped": [
+            {"source_ref": r, "reason": why} for r, why in report.skipped[:MAX_REPORTED_SKIPS]
+        ],
         "snapshot_version": version,
+        "training_pairs": report.training_pairs,
     }
 
 

@@ -98,6 +98,11 @@ def import_bank(
         moderation.blocklist.snapshot.SnapshotError: the current snapshot is unreadable.
     """
     holder: dict[str, ImportReport] = {}
+    collector = None
+    if region_embedder is None and runtime.settings.classifier:
+        from moderation.classifier.training import import_hooks
+
+        region_embedder, collector = import_hooks(runtime)
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
         report, signals = import_into_bank(
@@ -109,6 +114,7 @@ def import_bank(
             batch_size=runtime.settings.batch_size,
             added_by=actor,
             region_embedder=region_embedder,
+            on_images=collector,
             progress=progress,
         )
         holder["report"] = report
@@ -128,6 +134,12 @@ def import_bank(
     version = _commit_with_snapshot(runtime, change)
     report = holder["report"]
     report.snapshot_version = version
+    if collector is not None:
+        from moderation.classifier.training import record_training_pairs
+
+        report.training_pairs = record_training_pairs(
+            runtime, collector.queries, report.entry_of, actor=actor
+        )
     return report
 
 

@@ -135,6 +135,7 @@ def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
             "added": len(report.added),
             "skipped": [{"source_ref": ref, "reason": reason} for ref, reason in report.skipped],
             "snapshot_version": report.snapshot_version,
+            "training_pairs": report.training_pairs,
         }
     )
 
@@ -332,6 +333,12 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
 @click.option("--references", "n_references", default=250, show_default=True)
 @click.option("--per-edit", "per_edit", default=20, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--classifier/--no-classifier",
+    default=True,
+    show_default=True,
+    help="Also run the classifier stage (trains a model on the references: slower).",
+)
 @click.pass_context
 def benchmark(
     click_ctx: click.Context,
@@ -341,6 +348,7 @@ def benchmark(
     n_references: int,
     per_edit: int,
     seed: int,
+    classifier: bool,
 ) -> None:
     """Detection quality per BENCHMARKS.md (PDQ baseline in the same run); subcommands measure
     other things."""
@@ -362,6 +370,7 @@ def benchmark(
             per_edit=per_edit,
             seed=seed,
             echo=click.echo,
+            classifier=classifier,
         )
 
 

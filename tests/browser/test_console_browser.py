@@ -139,7 +139,9 @@ def test_review_three_items_with_the_keyboard(
             ("decided", "not_a_match", reviewer),
             ("escalated", "escalate", reviewer),
         ]
-        assert len(db.scalars(select(LabelledPair)).all()) == 2
+        assert (
+            len(db.scalars(select(LabelledPair).where(LabelledPair.source == "review")).all()) == 2
+        )
         reveals = db.scalars(select(AuditEvent).where(AuditEvent.action == "review.reveal")).all()
         assert [(e.actor, e.target) for e in reveals] == [
             (f"user:{reviewer}", f"review_item:{ids[0]}")

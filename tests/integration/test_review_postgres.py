@@ -135,7 +135,8 @@ def test_concurrent_claims_never_share_an_item(pg_runtime: Runtime) -> None:
         assert rows[item_id].claimed_by == user_id and rows[item_id].state == "claimed"
         assert decide(pg_runtime, item_id, reviewer_id=user_id, decision="confirm").final == "block"
     with pg_runtime.sessions() as db:
-        assert len(db.scalars(select(LabelledPair)).all()) == len(items)
+        reviewed = select(LabelledPair).where(LabelledPair.source == "review")
+        assert len(db.scalars(reviewed).all()) == len(items)
 
 
 def test_repeated_races_stay_exclusive(pg_runtime: Runtime) -> None:

@@ -81,7 +81,7 @@ def test_create_bank_import_zip_and_see_entries(
     assert 'data-state="done"' in page
     assert "Added 3 entries; skipped 2." in page
     assert "&lt;script&gt;x&lt;/script&gt;.jpg" in page and "<script>x" not in page
-    assert not list(imports_dir(console_runtime.settings).glob("*.zip"))  # staged zip deleted
+    assert not list(imports_dir(console_runtime.settings).glob("*"))  # staged zip deleted
 
     entries = client.get(f"/banks/{bid}").get_data(as_text=True)
     for name in PHOTOS:
@@ -188,7 +188,7 @@ def test_archive_size_limit(console_runtime: Runtime) -> None:
             created_by="test",
             max_bytes=1000,
         )
-    assert not list(imports_dir(rt.settings).glob("*.zip"))
+    assert not list(imports_dir(rt.settings).glob("*"))
 
 
 def _bank_with_entries(rt: Runtime, tmp: Path) -> tuple[int, list[int]]:

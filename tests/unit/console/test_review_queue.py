@@ -154,7 +154,7 @@ def test_confirm_writes_labels_audit_and_final_decision(
     outcome = decide(rt, item, reviewer_id=reviewer.id, decision="confirm", notes="clear copy")
     assert (outcome.decision, outcome.final, outcome.labelled_pairs) == ("confirm", "block", 1)
     with rt.sessions() as db:
-        pairs = db.scalars(select(LabelledPair)).all()
+        pairs = db.scalars(select(LabelledPair).where(LabelledPair.source == "review")).all()
         assert len(pairs) == 1
         pair = pairs[0]
         assert (pair.upload_id, pair.is_copy, pair.source, pair.created_by) == (
@@ -201,7 +201,7 @@ def test_escalation_goes_to_admins_without_a_label(
     final = decide(rt, item, reviewer_id=admin.id, decision="not_a_match")
     assert final.final == "allow" and final.labelled_pairs == 1
     with rt.sessions() as db:
-        pair = db.scalars(select(LabelledPair)).one()
+        pair = db.scalars(select(LabelledPair).where(LabelledPair.source == "review")).one()
         assert pair.is_copy is False and pair.created_by == admin.id
         assert db.get(ReviewItem, item).state == "decided"  # type: ignore[union-attr]
 

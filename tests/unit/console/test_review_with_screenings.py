@@ -149,7 +149,8 @@ def test_reviewers_settle_real_screenings(
         assert set(added) == {confirmed.upload_id, allowed.upload_id}
         assert added[confirmed.upload_id].bank.name == "known"
         assert added[allowed.upload_id].bank.name == "benign"
-        pairs = db.scalars(select(LabelledPair).order_by(LabelledPair.id)).all()
+        reviewed = select(LabelledPair).where(LabelledPair.source == "review")
+        pairs = db.scalars(reviewed.order_by(LabelledPair.id)).all()
         assert [(p.upload_id, p.is_copy) for p in pairs] == [
             (confirmed.upload_id, True),
             (allowed.upload_id, False),

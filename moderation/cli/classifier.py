@@ -1,0 +1,72 @@
+"""Classifier-stage commands: ``moderation classifier train|list``."""
+
+from __future__ import annotations
+
+import click
+
+from moderation.cli import Context, config_errors, echo_json, main, pass_ctx, print_table
+
+
+@main.group()
+def classifier() -> None:
+    """Train and inspect the classifier stage (calibrated copy probability)."""
+
+
+@classifier.command("train")
+@click.option(
+    "--regularisation",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=1e-6),
+    help="Inverse L2 strength of the logistic regression (scikit-learn's C).",
+)
+@pass_ctx
+def classifier_train(ctx: Context, regularisation: float) -> None:
+    """Retrain from synthetic (bank import) and review-decision labelled pairs; prints held-out
+    figures before (active model) and after (new model). A worse model is stored but not
+    activated (exit 1); both outcomes are audited."""
+    from moderation.classifier.training import train
+
+    with config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        try:
+            report = train(runtime, actor="cli", regularisation=regularisation)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    echo_json(report.to_json())
+    if not report.activated:
+        raise SystemExit(1)
+
+
+@classifier.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_ctx
+def classifier_list(ctx: Context, as_json: bool) -> None:
+    """Stored models, newest first, with their held-out figures and which one is active."""
+    from sqlalchemy import select
+
+    from moderation.storage.models import ClassifierModel
+
+    with config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        with runtime.sessions() as session:
+            rows = [
+                {
+                    "version": row.version,
+                    "active": row.active,
+                    "encoder_id": row.encoder_id,
+                    "average_precision": (row.metrics or {})
+                    .get("held_out", {})
+                    .get("average_precision"),
+                    "created_at": row.created_at.isoformat(timespec="seconds"),
+                }
+                for row in session.scalars(
+                    select(ClassifierModel).order_by(ClassifierModel.created_at.desc())
+                )
+            ]
+    if as_json:
+        echo_json(rows)
+    else:
+        print_table(rows, ["version", "active", "average_precision", "created_at"])
