@@ -286,7 +286,10 @@ class EfficientNetLite0Encoder(Encoder):
         return torch.from_numpy(square_pixels(image))
 
     def _prepare_runtime(self, model: torch.nn.Module) -> None:
-        net = EmbeddingNet(model, self.pool)
+        # eval(): a new Module starts in training mode, and torch.onnx.export restores the mode
+        # it found, recursively; a training-mode wrapper would leave BatchNorm in batch-statistics
+        # mode for every later eager call (classify, the probe comparison).
+        net = EmbeddingNet(model, self.pool).eval()
         if self.runtime == "onnxruntime":
             cache_dir = self.cache_dir if self.cache_dir is not None else default_cache_dir()
             identity = f"{self.name}|{self._weights_sha256()}|{self.preprocessing}"

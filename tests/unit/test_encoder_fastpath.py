@@ -98,6 +98,16 @@ def test_onnx_export_is_cached_and_reused(tmp_path: Path, photos: list[Image.Ima
     assert files[0].stat().st_mtime_ns == stamp  # reused, not exported again
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch", "eager"])
+def test_runtime_setup_leaves_the_model_in_eval_mode(runtime: str, tmp_path: Path) -> None:
+    # A fresh ONNX export once left BatchNorm in training mode: classify() then gave noise.
+    encoder = EfficientNetLite0Encoder(device=CPU, runtime=runtime, cache_dir=tmp_path)
+    model = encoder.load()
+    assert not any(module.training for module in model.modules())
+    logits = encoder.classify([skimage_photo("chelsea")])
+    assert int(logits[0].argmax()) in range(281, 286)  # ImageNet's cat classes
+
+
 def test_corrupt_or_foreign_cache_file_is_replaced(
     tmp_path: Path, eager: EfficientNetLite0Encoder, photos: list[Image.Image]
 ) -> None:
