@@ -37,6 +37,7 @@ import re
 import secrets
 import struct
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BufferedReader
@@ -350,15 +351,22 @@ def read_snapshot(
 ) -> bytearray:
     """Verify and decrypt a snapshot file into memory.
 
-    Checks, in order: the file's SHA-256 against ``expected_sha256`` (when given, e.g. from
+    Checks: the file's SHA-256 against ``expected_sha256`` (when given, e.g. from
     ``index_snapshots.sha256``); magic and canonical header; header fields equal to the expected
     ones (an older snapshot copied over the current one, or another index's, is refused); the
     data key unwraps under the master key the header names (no other key is tried); the payload
     authenticates (AES-GCM tag over the ciphertext and the bound header fields).
 
+    The SHA-256 is computed in one pass with the decryption, on a second thread (``hashlib``
+    releases the GIL), so large snapshots are read once and hashed while they decrypt: at
+    about 2 GB/s for each of SHA-256 and AES-GCM on the development machine, hashing first
+    would add half to the load time. When a digest is expected and any check fails, the
+    digest decides the message: a file whose SHA-256 differs is reported as such.
+
     Returns:
         The plaintext payload in a new ``bytearray`` (no other copy is made; the caller may
-        overwrite it once the index is built). Nothing is returned unless every check passed.
+        keep views into it, as zero-copy index loading does). Nothing is returned unless every
+        check passed; a refused payload's plaintext is overwritten before the error is raised.
 
     Raises:
         SnapshotError: any failure; the message names the file, the snapshot id and version,
@@ -371,64 +379,100 @@ def read_snapshot(
     except OSError as exc:
         raise _error(path, f"cannot open: {exc.strerror}", *label) from exc
     with handle:
+        hasher = hashlib.sha256() if expected_sha256 is not None else None
         try:
-            size = _fstat_size(handle)
+            plaintext = _verify_and_decrypt(
+                handle,
+                path,
+                keyring,
+                (expected_snapshot_id, expected_version, expected_encoder_id),
+                hasher,
+            )
+        except SnapshotError:
             if expected_sha256 is not None:
-                actual = _sha256_file(handle)
-                if not hmac.compare_digest(actual, expected_sha256.strip().lower()):
-                    raise _error(
-                        path,
-                        f"SHA-256 is {actual}, expected {expected_sha256} (corrupted or replaced)",
-                        *label,
-                    )
-                handle.seek(0)
-            header, body_offset = _parse_header(handle, size)
-            wrapped = _wrapped_key(header)
-        except (OSError, ValueError) as exc:
-            raise _error(path, str(exc), *label) from exc
-        for name, expected in (
-            ("snapshot_id", expected_snapshot_id),
-            ("version", expected_version),
-            ("encoder_id", expected_encoder_id),
-        ):
-            if header[name] != expected:
-                raise _error(
-                    path,
-                    f"header {name} is {header[name]!r}, expected {expected!r} (an older "
-                    "snapshot, another index's, or an encoder change)",
-                    *label,
-                )
-        context = key_context(header["snapshot_id"], header["version"], header["encoder_id"])
-        try:
-            data_key = unwrap_key(wrapped, keyring, context=context)
-        except UnknownKeyError as exc:
+                try:
+                    handle.seek(0)
+                    _check_digest(path, _sha256_file(handle), expected_sha256, label)
+                except OSError:
+                    pass  # the first error says more than a failed re-read
+            raise
+        if hasher is not None and expected_sha256 is not None:
+            try:
+                _check_digest(path, hasher.hexdigest(), expected_sha256, label)
+            except SnapshotError:
+                _wipe(memoryview(plaintext))
+                raise
+        return plaintext
+
+
+def _check_digest(path: Path, actual: str, expected: str, label: tuple[str, int]) -> None:
+    if not hmac.compare_digest(actual, expected.strip().lower()):
+        raise _error(
+            path, f"SHA-256 is {actual}, expected {expected} (corrupted or replaced)", *label
+        )
+
+
+def _verify_and_decrypt(
+    handle: BufferedReader,
+    path: Path,
+    keyring: KeyRing,
+    expected: tuple[str, int, str],
+    hasher: Any,
+) -> bytearray:
+    """Every check of :func:`read_snapshot` but the digest; feeds the whole file to
+    ``hasher`` (a ``hashlib`` object, or None) on the way."""
+    expected_snapshot_id, expected_version, expected_encoder_id = expected
+    label = (expected_snapshot_id, expected_version)
+    try:
+        size = _fstat_size(handle)
+        header, body_offset = _parse_header(handle, size)
+        wrapped = _wrapped_key(header)
+    except (OSError, ValueError) as exc:
+        raise _error(path, str(exc), *label) from exc
+    for name, value in (
+        ("snapshot_id", expected_snapshot_id),
+        ("version", expected_version),
+        ("encoder_id", expected_encoder_id),
+    ):
+        if header[name] != value:
             raise _error(
                 path,
-                f"its data key is wrapped under master key {wrapped.key_id!r}, which is not in "
-                f"the key ring (retired, or another deployment's): {exc}",
+                f"header {name} is {header[name]!r}, expected {value!r} (an older "
+                "snapshot, another index's, or an encoder change)",
                 *label,
-            ) from exc
-        except DecryptionError as exc:
-            raise _error(
-                path,
-                f"its data key does not unwrap with master key {wrapped.key_id!r}: the header "
-                "was altered, or the file comes from another deployment",
-                *label,
-            ) from exc
-        try:
-            return _decrypt_body(handle, size, body_offset, data_key, _payload_aad(header))
-        except (OSError, ValueError, CryptoError) as exc:
-            raise _error(path, str(exc), *label) from exc
+            )
+    context = key_context(header["snapshot_id"], header["version"], header["encoder_id"])
+    try:
+        data_key = unwrap_key(wrapped, keyring, context=context)
+    except UnknownKeyError as exc:
+        raise _error(
+            path,
+            f"its data key is wrapped under master key {wrapped.key_id!r}, which is not in "
+            f"the key ring (retired, or another deployment's): {exc}",
+            *label,
+        ) from exc
+    except DecryptionError as exc:
+        raise _error(
+            path,
+            f"its data key does not unwrap with master key {wrapped.key_id!r}: the header "
+            "was altered, or the file comes from another deployment",
+            *label,
+        ) from exc
+    try:
+        return _decrypt_body(handle, size, body_offset, data_key, _payload_aad(header), hasher)
+    except (OSError, ValueError, CryptoError) as exc:
+        raise _error(path, str(exc), *label) from exc
 
 
 def _decrypt_body(
-    handle: BufferedReader, size: int, offset: int, data_key: bytes, aad: bytes
+    handle: BufferedReader, size: int, offset: int, data_key: bytes, aad: bytes, hasher: Any
 ) -> bytearray:
     length = size - offset - NONCE_BYTES - TAG_BYTES
     if length < 0:
         raise ValueError("file ends before the ciphertext's nonce and tag")
-    handle.seek(offset)
-    nonce = _read_exact(handle, NONCE_BYTES)
+    handle.seek(0)
+    head = _read_exact(handle, offset + NONCE_BYTES)
+    nonce = head[offset:]
     handle.seek(size - TAG_BYTES)
     tag = _read_exact(handle, TAG_BYTES)
     handle.seek(offset + NONCE_BYTES)
@@ -436,28 +480,47 @@ def _decrypt_body(
     decryptor.authenticate_additional_data(aad)
     plaintext = bytearray(length)
     out = memoryview(plaintext)
-    chunk = bytearray(min(CHUNK_BYTES, length))
+    # Two ciphertext buffers: one is hashed on the second thread while the next is read and
+    # decrypted into the other; a buffer is reused only once its hashing has finished.
+    buffers = [bytearray(min(CHUNK_BYTES, length)) for _ in range(2 if hasher else 1)]
+    pending: list[Future[None] | None] = [None] * len(buffers)
     position = 0
-    try:
-        while position < length:
-            want = min(CHUNK_BYTES, length - position)
-            got = handle.readinto(memoryview(chunk)[:want])
-            if got != want:
-                raise ValueError("file shrank while being read")
-            position += decryptor.update_into(
-                memoryview(chunk)[:want], out[position : position + want]
-            )
-        decryptor.finalize()
-    except InvalidTag:
-        _wipe(out)
-        raise DecryptionError(
-            "the payload does not authenticate (altered ciphertext, nonce, tag or header fields)"
-        ) from None
-    except BaseException:
-        _wipe(out)
-        raise
-    finally:
-        out.release()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-sha256") as pool:
+        if hasher is not None:
+            hasher.update(head)
+        try:
+            turn = 0
+            while position < length:
+                slot = turn % len(buffers)
+                turn += 1
+                previous = pending[slot]
+                if previous is not None:
+                    previous.result()
+                want = min(CHUNK_BYTES, length - position)
+                chunk = memoryview(buffers[slot])[:want]
+                got = handle.readinto(chunk)
+                if got != want:
+                    raise ValueError("file shrank while being read")
+                if hasher is not None:
+                    pending[slot] = pool.submit(hasher.update, chunk)
+                position += decryptor.update_into(chunk, out[position : position + want])
+            for future in pending:
+                if future is not None:
+                    future.result()
+            if hasher is not None:
+                hasher.update(tag)
+            decryptor.finalize()
+        except InvalidTag:
+            _wipe(out)
+            raise DecryptionError(
+                "the payload does not authenticate (altered ciphertext, nonce, tag or header "
+                "fields)"
+            ) from None
+        except BaseException:
+            _wipe(out)
+            raise
+        finally:
+            out.release()
     return plaintext
 
 

@@ -161,6 +161,18 @@ def test_multi_chunk_round_trip_and_flips(
         info.path.write_bytes(flip(data, offset * 8))
         with pytest.raises(SnapshotError, match="does not authenticate"):
             read(info.path, ring)
+        # Hashed on a second thread while decrypting, chunk by chunk: the digest still decides.
+        with pytest.raises(SnapshotError, match="SHA-256 is"):
+            read(info.path, ring, sha256=info.sha256)
+    info.path.write_bytes(data)
+
+
+def test_a_valid_file_with_another_digest_is_refused(tmp_path: Path, ring: KeyRing) -> None:
+    """The file decrypts and authenticates, but it is not the one the database recorded."""
+    info = write(tmp_path, ring, small_payload())
+    with pytest.raises(SnapshotError, match="SHA-256 is " + info.sha256):
+        read(info.path, ring, sha256="0" * 64)
+    assert read(info.path, ring, sha256=info.sha256) == small_payload()
 
 
 def test_header_is_readable_without_keys(tmp_path: Path, ring: KeyRing) -> None:
