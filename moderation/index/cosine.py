@@ -5,12 +5,20 @@ and robust approximate nearest neighbor search using Hierarchical Navigable Smal
 graphs", TPAMI 2018) for large ones, both inside ``IndexIDMap`` so FAISS returns entry ids.
 The choice follows the FAISS wiki "Guidelines to choose an index": Flat when exact results are
 needed, ``HNSWx`` when memory is not the constraint, and for the largest banks
-``PCA<p>,HNSW<M>,Refine(SQ8)``: candidates from an HNSW graph over vectors projected to ``p``
+``PCA<p>,HNSW<M>,Refine(SQfp16)``: candidates from an HNSW graph over vectors projected to ``p``
 dimensions (a projection learned from the bank when the index is built), re-ranked by cosine
-over the full-width vectors stored as 8-bit scalar-quantised codes (FAISS ``IndexRefine``;
-Jégou, Douze and Schmid, "Product quantization for nearest neighbor search", TPAMI 2011,
-section on re-ranking). Scores stay full-width cosines (8-bit codes: error about 2e-3), so policy
-thresholds keep their meaning, at about 2 KB per entry instead of 5.4 KB.
+over the full-width vectors stored as float16 codes (FAISS ``IndexRefine``; Jégou, Douze and
+Schmid, "Product quantization for nearest neighbor search", TPAMI 2011, section on re-ranking).
+Scores stay full-width cosines (float16: error about 1e-4), so policy thresholds keep their
+meaning, at about 3.3 KB per entry instead of 5.4 KB. 8-bit codes (2.1 KB per entry) were
+measured first and dropped: their ranking error (about 2e-3) swaps near-tied neighbours, recall@10
+against exact search 0.985 instead of 0.994 at 100k generated entries (``moderation benchmark
+speed``'s vectors, efSearch 256, 32 candidates per result).
+
+Loading is zero-copy: a deserialized index's FAISS arrays (codes, graph) are views into the
+caller's buffer (FAISS ``ZeroCopyIOReader`` with ``IO_FLAG_MMAP_IFC``), which the index keeps
+alive; the first change (add, remove) makes an owned copy, because FAISS aborts the process on
+a resize of a viewed array.
 """
 
 from __future__ import annotations
@@ -88,7 +96,8 @@ PCA_MIN_ENTRIES: Final = HNSW_MIN_ENTRIES
 #: efSearch 512; ``moderation benchmark speed`` reports it at 100k and 1M).
 PCA_DIM: Final = 128
 
-#: Rows sampled (seeded) to learn the projection and the 8-bit quantiser's ranges.
+#: Rows sampled (seeded) to learn the projection (and an 8-bit quantiser's ranges, for indexes
+#: built before float16 codes).
 PCA_TRAIN_ROWS: Final = 50_000
 PCA_TRAIN_SEED: Final = 20240607
 
@@ -177,6 +186,9 @@ class CosineIndex(SignalIndex):
         self._ids: IdArray = np.empty(0, dtype=np.int64)
         self._tombstones: IdArray = np.empty(0, dtype=np.int64)
         self._selector: tuple[faiss.IDSelectorBatch, faiss.IDSelectorNot] | None = None
+        # The buffer a zero-copy load's FAISS arrays point into (see the module docstring).
+        self._backing: npt.NDArray[np.uint8] | None = None
+        self._labels: tuple[IdArray, IdArray] | None = None
 
     @classmethod
     def build(
@@ -244,7 +256,7 @@ class CosineIndex(SignalIndex):
             graph.hnsw.efConstruction = self._ef_construction
             graph.hnsw.efSearch = self._ef_search
             codes = faiss.IndexScalarQuantizer(
-                self._dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+                self._dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
             )
             refine = faiss.IndexRefine(faiss.IndexPreTransform(projection, graph), codes)
             refine.k_factor = float(self._k_factor)
@@ -304,12 +316,14 @@ class CosineIndex(SignalIndex):
         check_no_duplicates(self._ids, new_ids)
         if new_ids.size == 0:
             return
+        self._own()
         if self._tombstones.size and np.isin(new_ids, self._tombstones).any():
             # A re-added id would otherwise match both its tombstoned and its new vector.
             self._compact()
         if not self._index.is_trained:
             self._train(self._index, matrix)
         self._index.add_with_ids(matrix, new_ids)
+        self._labels = None
         self._ids = merge_sorted(self._ids, new_ids)
         self._drop_gpu_copy()
 
@@ -319,7 +333,9 @@ class CosineIndex(SignalIndex):
         if present.size == 0:
             return 0
         if self._algorithm == "flat":
+            self._own()
             removed = self._index.remove_ids(faiss.IDSelectorBatch(present))
+            self._labels = None
             if removed != present.size:
                 raise RuntimeError(f"FAISS removed {removed} of {present.size} entries")
         else:
@@ -332,7 +348,7 @@ class CosineIndex(SignalIndex):
         return int(present.size)
 
     def _train(self, index: faiss.IndexIDMap, matrix: npt.NDArray[np.float32]) -> None:
-        """Learn an ``hnsw_pca`` index's projection and 8-bit quantiser from ``matrix``."""
+        """Learn an ``hnsw_pca`` index's projection and re-ranking quantiser from ``matrix``."""
         # faiss's bundled stubs lack IndexRefine/IndexPreTransform members: typed as Any.
         refine: Any = faiss.downcast_index(index.index)
         base: Any = faiss.downcast_index(refine.base_index)
@@ -349,7 +365,7 @@ class CosineIndex(SignalIndex):
     def _compact(self) -> None:
         started = self._index.ntotal
         vectors = np.asarray(self._index.index.reconstruct_n(0, started), dtype=np.float32)
-        if self._algorithm == "hnsw_pca":  # decoded 8-bit codes: renormalise before re-adding
+        if self._algorithm == "hnsw_pca":  # decoded codes: renormalise before re-adding
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         labels = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         keep = ~np.isin(labels, self._tombstones)
@@ -360,11 +376,63 @@ class CosineIndex(SignalIndex):
             fresh.add_with_ids(np.ascontiguousarray(vectors[keep]), labels[keep])
         self._index = fresh
         self._search_index = fresh
+        self._backing = None
+        self._labels = None
         self._tombstones = np.empty(0, dtype=np.int64)
         self._selector = None
         logger.info(
             "rebuilt HNSW graph without tombstones: %d -> %d entries", started, fresh.ntotal
         )
+
+    def reconstruct(self, ids: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """The stored vectors of live entries, float32 ``(len(ids), dim)`` in the order given.
+
+        Exact for ``flat`` and ``hnsw``; for ``hnsw_pca`` decoded from the re-ranking codes
+        (float16: each component to about 5e-4 relative, so norms stay within
+        :data:`UNIT_NORM_TOLERANCE` of 1 and re-adding them is lossless; 8-bit codes of older
+        indexes are renormalised).
+
+        Raises:
+            KeyError: an id is not a live entry of this index.
+        """
+        wanted = check_ids(ids)
+        if wanted.size == 0:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        labels, order = self._label_order()
+        found = np.searchsorted(labels, wanted, sorter=order)
+        found = np.minimum(found, labels.size - 1)
+        positions = order[found]
+        missing = (labels[positions] != wanted) | np.isin(wanted, self._tombstones)
+        if missing.any():
+            raise KeyError(f"not in the index: {int(wanted[np.flatnonzero(missing)[0]])}")
+        inner: Any = self._index.index
+        vectors = np.asarray(inner.reconstruct_batch(positions), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if np.any(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE / 2):
+            vectors /= np.maximum(norms, 1e-12)
+        return vectors
+
+    def _label_order(self) -> tuple[IdArray, IdArray]:
+        """FAISS position -> id labels and their ascending order (cached until a change)."""
+        if self._labels is None:
+            labels = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            self._labels = (labels, np.argsort(labels, kind="stable"))
+        return self._labels
+
+    def _own(self) -> None:
+        """Give a zero-copy loaded index owned FAISS arrays before anything changes them."""
+        if self._backing is None:
+            return
+        owned = faiss.deserialize_index(faiss.serialize_index(self._index))
+        assert isinstance(owned, faiss.IndexIDMap)
+        self._index = owned
+        self._search_index = owned
+        self._backing = None
+
+    @property
+    def zero_copy(self) -> bool:
+        """True while the FAISS arrays are views into the buffer this index was loaded from."""
+        return self._backing is not None
 
     def _drop_gpu_copy(self) -> None:
         if self._search_index is not self._index:
@@ -459,8 +527,18 @@ class CosineIndex(SignalIndex):
         if set(sections) != expected:
             raise ValueError(f"cosine {algorithm} index needs sections {sorted(expected)}")
         index = cls(dim, **params)
+        raw = np.frombuffer(sections["faiss"], dtype=np.uint8)
         try:
-            loaded = faiss.deserialize_index(np.frombuffer(sections["faiss"], dtype=np.uint8))
+            if raw.flags.writeable and raw.size:
+                # Zero-copy: FAISS's arrays become views into ``raw`` (kept alive below).
+                # faiss's bundled stubs lack ZeroCopyIOReader (FAISS >= 1.10).
+                reader = faiss.ZeroCopyIOReader(  # type: ignore[attr-defined]
+                    faiss.swig_ptr(raw), raw.size
+                )
+                loaded = faiss.read_index(reader, faiss.IO_FLAG_MMAP_IFC)
+                index._backing = raw
+            else:  # read-only bytes: FAISS must not point into memory it may not own
+                loaded = faiss.deserialize_index(raw)
         except RuntimeError as exc:
             raise ValueError(f"FAISS could not read the index: {exc}") from exc
         if not isinstance(loaded, faiss.IndexIDMap) or loaded.d != dim:
@@ -500,13 +578,14 @@ class CosineIndex(SignalIndex):
         index._search_index = loaded
         index._ids = live
         index._tombstones = np.sort(tombstones)
+        index._labels = (labels, np.argsort(labels, kind="stable"))
         return index
 
 
 def _check_pca_layout(refine: Any, dim: int, pca_dim: int) -> faiss.IndexHNSWFlat:
     """The HNSW graph inside an ``hnsw_pca`` FAISS index, after checking the layout
     (``IndexRefine`` of ``IndexPreTransform(LinearTransform dim->pca_dim, HNSWFlat)`` and an
-    8-bit ``IndexScalarQuantizer`` of width ``dim``).
+    ``IndexScalarQuantizer`` of width ``dim``: float16, or 8-bit in indexes built before).
 
     Raises:
         ValueError: any part is missing, of another type or of another width.
