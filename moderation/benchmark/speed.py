@@ -19,8 +19,10 @@ over repeats and is printed with its baseline from the same run and the ratio. S
               ``IndexFlatIP`` over the full 1280-d vectors), recall@10 against exact search
               (strict, and ann-benchmarks' tolerant form: a hit counts when its true cosine is
               within 1e-3 of the true 10th), build time, bytes per entry, and the encrypted
-              snapshot's load time (decrypt + parse + deserialize) against building the
-              index at load (what a worker did before snapshots carried the index).
+              bank snapshot's load time (read, SHA-256, decrypt, parse, zero-copy index load;
+              the payload :func:`~moderation.blocklist.service.commit_signals` writes, without
+              the classifier stage's region vectors) against building the index at load (what
+              a worker did before snapshots carried the index).
 
 Bank vectors for the index section are generated from real embeddings, because no real
 million-image bank exists here: the benchmark photos and three edits of each (mirror, centre
@@ -425,33 +427,33 @@ def _exact_latency(gen: Generator, n: int, queries: np.ndarray) -> list[float]:
 
 
 def _snapshot_load(serialized: bytes, n: int, work: Path) -> tuple[float, int]:
-    """Seconds to read, decrypt, parse and deserialize an encrypted snapshot holding the index
-    (plus ids and PDQ digests, as a bank payload would), and the file's size in bytes."""
-    from moderation.blocklist.snapshot import (
-        decode_payload,
-        encode_payload,
-        read_snapshot,
-        write_snapshot,
-    )
+    """Seconds to read, decrypt, parse and load an encrypted bank snapshot of ``n`` active
+    entries holding the built index (as :func:`moderation.blocklist.service.commit_signals`
+    writes it: ids, PDQ digests, the index, the global vectors kept only in the index; no
+    region vectors, which only the classifier stage adds), and the file's size in bytes."""
+    from moderation.blocklist.service import Payload
+    from moderation.blocklist.snapshot import read_snapshot, write_snapshot
     from moderation.crypto import KeyRing
-    from moderation.index import load_index
+    from moderation.index import CosineIndex, load_index
 
     ring = KeyRing({"bench": secrets.token_bytes(32)}, "bench")
-    arrays: dict[str, np.ndarray[Any, Any]] = {
-        "entry_ids": np.arange(n, dtype=np.int64),
-        "pdq": np.random.default_rng(0).integers(0, 256, (n, 32), dtype=np.uint8),
-        "cosine_index": np.frombuffer(serialized, dtype=np.uint8),
-    }
-    payload = encode_payload(arrays, {"format": 1, "dim": 1280})
-    del arrays
-    written = write_snapshot(
-        work, payload, snapshot_id="speed", version=1, encoder_id="bench", keyring=ring
-    )
+    payload = Payload.empty("bench", 1280)
+    payload.entry_ids = np.arange(n, dtype=np.int64)
+    payload.pdq = np.random.default_rng(0).integers(0, 256, (n, 32), dtype=np.uint8)
+    payload.pdq_quality = np.full(n, 100, dtype=np.uint8)
+    payload.active = np.ones(n, dtype=np.bool_)
+    payload.vectors_in_index = True  # every entry is active: no rows outside the index
+    payload.cosine_index = serialized
+    plain = payload.to_bytes()
     del payload
+    written = write_snapshot(
+        work, plain, snapshot_id="speed", version=1, encoder_id="bench", keyring=ring
+    )
+    del plain
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        plain = read_snapshot(
+        data = read_snapshot(
             written.path,
             ring,
             expected_snapshot_id="speed",
@@ -459,10 +461,12 @@ def _snapshot_load(serialized: bytes, n: int, work: Path) -> tuple[float, int]:
             expected_encoder_id="bench",
             expected_sha256=written.sha256,
         )
-        decoded, _ = decode_payload(plain)
-        index = load_index(decoded["cosine_index"].data, authenticated=True)
+        loaded = Payload.from_bytes(data)
+        assert loaded.cosine_index is not None
+        index = load_index(loaded.cosine_index, authenticated=True)
+        assert isinstance(index, CosineIndex) and len(index) == n
         times.append(time.perf_counter() - start)
-        del plain, decoded, index
+        del data, loaded, index
     written.path.unlink()
     return float(statistics.median(times)), written.size_bytes
 

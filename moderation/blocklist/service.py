@@ -11,7 +11,9 @@ Snapshot payload (``moderation.blocklist.snapshot.encode_payload``), format 1:
 array                   dtype, shape       meaning
 ======================  =================  ===============================================
 ``entry_ids``           int64 (n,)         entry primary keys
-``vectors``             float32 (n, d)     unit-norm global embeddings
+``vectors``             float32 (n, d)     unit-norm global embeddings; (n - a, d), the
+                                           inactive entries' rows only, when the meta field
+                                           ``vectors_in_index`` is true (below)
 ``pdq``                 uint8 (n, 32)      PDQ digests, ThreatExchange bit order
 ``pdq_quality``         uint8 (n,)         PDQ quality 0-100
 ``active``              bool (n,)          entry enabled and its bank enabled
@@ -28,6 +30,15 @@ learned from the bank plus the graph) costs far more than reading it: it is buil
 the bank changes, not by every worker at every load. Payloads without it (older snapshots,
 small banks) are indexed at load as before, and so is one whose stored index does not hold
 exactly the entries being loaded.
+
+With a stored index, the active entries' global embeddings are not written a second time: the
+index keeps them (``hnsw_pca``: as float16 codes, each component to about 5e-4 relative), and
+``vectors`` holds only the inactive entries' rows, in entry order (meta ``vectors_in_index``).
+That halves a large bank's snapshot (1280-d float32 rows are 5,120 bytes of an entry's ~8.5 KB)
+and what a worker must decrypt at load. Workers read single embeddings from the index
+(:meth:`Blocklist.vector_of`); the writer decodes them all (:meth:`Payload.full_vectors`) only
+when it builds the next version. Decoded float16 values re-encode to the same codes, so vectors
+do not drift from version to version.
 """
 
 from __future__ import annotations
@@ -108,6 +119,8 @@ class Payload:
     extra_meta: dict[str, Any] = field(default_factory=dict)
     # Serialized CosineIndex of the active entries, or None (see the module docstring).
     cosine_index: bytes | memoryview | None = None
+    # True: ``vectors`` holds only the inactive entries' rows; the rest are in ``cosine_index``.
+    vectors_in_index: bool = False
 
     @classmethod
     def empty(cls, encoder_id: str, dim: int) -> Payload:
@@ -124,11 +137,22 @@ class Payload:
             region_vectors=np.zeros((0, dim), np.float32),
         )
 
-    def to_bytes(self) -> bytes:
-        """Serialise (no pickle) for encryption."""
+    def to_bytes(self, *, index_holds_active: bool = False) -> bytes:
+        """Serialise (no pickle) for encryption.
+
+        Args:
+            index_holds_active: the caller built ``cosine_index`` from exactly the active
+                entries' rows of ``vectors``: only the inactive entries' rows are written (see
+                the module docstring). A payload read that way is written that way again.
+        """
+        vectors, in_index = self.vectors, self.vectors_in_index
+        if not in_index and index_holds_active:
+            if self.cosine_index is None:
+                raise ValueError("index_holds_active needs a stored index")
+            vectors, in_index = self.vectors[~self.active], True
         arrays: dict[str, np.ndarray[Any, Any]] = {
             "entry_ids": self.entry_ids,
-            "vectors": self.vectors,
+            "vectors": vectors,
             "pdq": self.pdq,
             "pdq_quality": self.pdq_quality,
             "active": self.active,
@@ -143,7 +167,41 @@ class Payload:
             "dim": self.dim,
             **self.extra_meta,
         }
+        if in_index:
+            meta["vectors_in_index"] = True
         return encode_payload(arrays, meta)
+
+    def _stored(self) -> CosineIndex:
+        """The stored cosine index (``cosine_index`` must be set; every byte of it was
+        authenticated with the snapshot, or built by this process).
+
+        Raises:
+            ValueError: it does not parse as a cosine index.
+        """
+        assert self.cosine_index is not None
+        index = load_index(self.cosine_index, authenticated=True)
+        if not isinstance(index, CosineIndex) or index.dim != self.dim:
+            raise ValueError("the stored index is not a cosine index of the payload's width")
+        return index
+
+    def full_vectors(self) -> npt.NDArray[np.float32]:
+        """Every entry's global embedding, float32 (n, d), decoding the active entries' rows
+        from the stored index when the payload keeps them there (then cached: this payload
+        holds full vectors from now on).
+
+        Raises:
+            ValueError: the stored index does not hold the active entries.
+        """
+        if not self.vectors_in_index:
+            return self.vectors
+        full = np.empty((len(self.entry_ids), self.dim), dtype=np.float32)
+        full[~self.active] = self.vectors
+        try:
+            full[self.active] = self._stored().reconstruct(self.entry_ids[self.active])
+        except KeyError as exc:
+            raise ValueError(f"the stored index lacks an active entry: {exc}") from exc
+        self.vectors, self.vectors_in_index = full, False
+        return full
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray) -> Payload:
@@ -156,6 +214,9 @@ class Payload:
         if meta.get("format") != PAYLOAD_FORMAT:
             raise ValueError(f"unknown snapshot payload format {meta.get('format')!r}")
         dim = int(meta["dim"])
+        in_index = meta.get("vectors_in_index", False)
+        if not isinstance(in_index, bool) or (in_index and "cosine_index" not in arrays):
+            raise ValueError("vectors_in_index must be a boolean, and needs a stored index")
         payload = cls(
             encoder_id=str(meta["encoder_id"]),
             dim=dim,
@@ -166,7 +227,12 @@ class Payload:
             active=arrays["active"].astype(np.bool_, copy=False),
             region_entry_ids=arrays["region_entry_ids"].astype(np.int64, copy=False),
             region_vectors=arrays["region_vectors"].astype(np.float32, copy=False).reshape(-1, dim),
-            extra_meta={k: v for k, v in meta.items() if k not in {"format", "encoder_id", "dim"}},
+            extra_meta={
+                k: v
+                for k, v in meta.items()
+                if k not in {"format", "encoder_id", "dim", "vectors_in_index"}
+            },
+            vectors_in_index=in_index,
             # A view into the decrypted payload, not a copy (gigabytes for large banks).
             cosine_index=(
                 arrays["cosine_index"].astype(np.uint8, copy=False).data
@@ -175,7 +241,8 @@ class Payload:
             ),
         )
         n = len(payload.entry_ids)
-        if not (len(payload.vectors) == len(payload.pdq) == len(payload.active) == n):
+        rows = int((~payload.active).sum()) if in_index else n
+        if not (len(payload.vectors) == rows and len(payload.pdq) == len(payload.active) == n):
             raise ValueError("snapshot payload arrays disagree in length")
         if len(payload.region_entry_ids) != len(payload.region_vectors):
             raise ValueError("snapshot payload region arrays disagree in length")
@@ -184,13 +251,14 @@ class Payload:
     def without(self, removed: Iterable[int]) -> Payload:
         """A copy without the entries in ``removed`` (and their regions)."""
         removed_ids = np.fromiter(removed, dtype=np.int64)
+        vectors = self.full_vectors()
         keep = ~np.isin(self.entry_ids, removed_ids)
         keep_regions = ~np.isin(self.region_entry_ids, removed_ids)
         return Payload(
             encoder_id=self.encoder_id,
             dim=self.dim,
             entry_ids=self.entry_ids[keep],
-            vectors=self.vectors[keep],
+            vectors=vectors[keep],
             pdq=self.pdq[keep],
             pdq_quality=self.pdq_quality[keep],
             active=self.active[keep],
@@ -203,6 +271,7 @@ class Payload:
         """A copy with new entries appended (active)."""
         if not signals:
             return self
+        existing = self.full_vectors()
         vectors = np.stack([s.vector for s in signals]).astype(np.float32)
         if vectors.shape[1] != self.dim:
             raise ValueError(f"vectors have dimension {vectors.shape[1]}, snapshot {self.dim}")
@@ -225,7 +294,7 @@ class Payload:
             entry_ids=np.concatenate([self.entry_ids, [s.entry_id for s in signals]]).astype(
                 np.int64
             ),
-            vectors=np.concatenate([self.vectors, vectors]),
+            vectors=np.concatenate([existing, vectors]),
             pdq=np.concatenate(
                 [self.pdq, np.stack([np.frombuffer(s.pdq, np.uint8) for s in signals])]
             ),
@@ -285,7 +354,15 @@ class Blocklist:
         Raises:
             KeyError: the entry is not in this snapshot.
         """
-        vector: npt.NDArray[np.float32] = self.payload.vectors[self._rows[entry_id]]
+        row = self._rows[entry_id]
+        payload = self.payload
+        if not payload.vectors_in_index:
+            vector: npt.NDArray[np.float32] = payload.vectors[row]
+            return vector
+        if payload.active[row]:  # kept in the stored index, which is self.cosine
+            vector = self.cosine.reconstruct([entry_id])[0]
+        else:
+            vector = payload.vectors[int(np.count_nonzero(~payload.active[:row]))]
         return vector
 
     def pdq_of(self, entry_id: int) -> tuple[bytes, int]:
@@ -444,7 +521,7 @@ def commit_signals(
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     written = write_snapshot(
         snapshots_dir,
-        payload.to_bytes(),
+        payload.to_bytes(index_holds_active=payload.cosine_index is not None),
         snapshot_id=snapshot_id,
         version=version,
         encoder_id=encoder_id,
@@ -548,7 +625,7 @@ def _stored_index(payload: Payload) -> bytes | None:
     if int(payload.active.sum()) < STORED_INDEX_MIN_ENTRIES:
         return None
     ids = payload.entry_ids[payload.active]
-    return CosineIndex.build(ids, payload.vectors[payload.active]).serialize()
+    return CosineIndex.build(ids, payload.full_vectors()[payload.active]).serialize()
 
 
 def _cosine_index(
@@ -569,7 +646,11 @@ def _cosine_index(
         ):
             return stored
         logger.info("stored cosine index does not match the loaded entries; rebuilding")
-    return CosineIndex.build(ids, payload.vectors[mask])
+    try:
+        vectors = payload.full_vectors()
+    except ValueError as exc:
+        raise SnapshotError(f"the snapshot's vectors cannot be decoded: {exc}") from exc
+    return CosineIndex.build(ids, vectors[mask])
 
 
 def _build(

@@ -98,15 +98,56 @@ def test_stored_index_is_rewritten_when_entries_change(large_rt: Runtime, tmp_pa
 def test_a_stored_index_that_disagrees_is_rebuilt(large_rt: Runtime, tmp_path: Path) -> None:
     import_bank(large_rt, "known-bad", [_write(tmp_path, n) for n in PHOTOS], actor="test")
     payload = _payload(large_rt)
+    vectors = payload.full_vectors()  # decoded from the stored index before it is replaced
+    assert not payload.vectors_in_index and vectors.shape == (len(PHOTOS), payload.dim)
     active = payload.entry_ids[payload.active]
-    partial = CosineIndex.build(active[:2], payload.vectors[payload.active][:2])
+    partial = CosineIndex.build(active[:2], vectors[payload.active][:2])
     payload.cosine_index = partial.serialize()
     mask = payload.active.copy()
     rebuilt = service._cosine_index(payload, active, mask)
     assert sorted(rebuilt.ids().tolist()) == sorted(active.tolist())
     # Round trip of a payload with and without the optional array.
     again = Payload.from_bytes(payload.to_bytes())
-    assert again.cosine_index == payload.cosine_index
+    assert again.cosine_index == payload.cosine_index and not again.vectors_in_index
     payload.cosine_index = None
     assert Payload.from_bytes(payload.to_bytes()).cosine_index is None
     np.testing.assert_array_equal(again.vectors, payload.vectors)
+    with pytest.raises(ValueError, match="needs a stored index"):
+        payload.to_bytes(index_holds_active=True)
+
+
+def test_active_vectors_are_kept_once_in_the_stored_index(
+    large_rt: Runtime, tmp_path: Path
+) -> None:
+    import_bank(large_rt, "known-bad", [_write(tmp_path, n) for n in PHOTOS], actor="test")
+    payload = _payload(large_rt)
+    assert payload.vectors_in_index and payload.vectors.shape == (0, payload.dim)
+    blocklist = large_rt.load_blocklist()
+    ids = [int(e) for e in payload.entry_ids]
+    before = {eid: blocklist.vector_of(eid) for eid in ids}
+    for vector in before.values():
+        assert vector.shape == (payload.dim,) and vector.dtype == np.float32
+        assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
+    # The compact payload is smaller by the active rows and reads back the same vectors.
+    full = Payload.from_bytes(payload.to_bytes())
+    full.full_vectors()
+    assert len(full.to_bytes()) - len(payload.to_bytes()) == len(ids) * payload.dim * 4
+    np.testing.assert_array_equal(full.vectors, np.stack([before[eid] for eid in ids]))
+
+    # Disabled: its row moves out of the index into ``vectors``; versions do not drift.
+    victim = ids[1]
+    set_entry_disabled(large_rt, f"e_{victim}", disabled=True, actor="test")
+    second = _payload(large_rt)
+    assert second.vectors_in_index and second.vectors.shape == (1, payload.dim)
+    np.testing.assert_array_equal(second.vectors[0], before[victim])
+    after = large_rt.load_blocklist()
+    assert victim not in after.cosine
+    for eid in ids:
+        np.testing.assert_array_equal(after.vector_of(eid), before[eid])
+    set_entry_disabled(large_rt, f"e_{victim}", disabled=False, actor="test")
+    third = large_rt.load_blocklist()
+    assert victim in third.cosine
+    for eid in ids:
+        np.testing.assert_array_equal(third.vector_of(eid), before[eid])
+    with pytest.raises(KeyError):
+        third.vector_of(10**9)
