@@ -15,6 +15,15 @@ measured first and dropped: their ranking error (about 2e-3) swaps near-tied nei
 against exact search 0.985 instead of 0.994 at 100k generated entries (``moderation benchmark
 speed``'s vectors, efSearch 256, 32 candidates per result).
 
+For banks from :data:`PCA_MIN_ENTRIES` entries ``build`` chooses ``PCA<256>,IVF<nlist>,SQ8,
+Refine(SQfp16)`` (``ivf_pca``): the same projection and re-ranking, with candidates from an
+inverted file (Jégou, Douze and Schmid, TPAMI 2011, section 4: k-means lists over the
+projections, :data:`IVF_NPROBE` lists scanned with 8-bit codes) instead of an HNSW graph. At 1M
+generated entries the graph's candidates missed true neighbours in these dense clusters of
+near-duplicates (recall@10 0.82 with 128-d, 0.97 with 256-d projections and 2560 candidates at
+p99 9 ms), while the inverted file reached 0.9965 at p99 0.65 ms, built in a third of the time
+and at 2.8 instead of 3.4 KB per entry. ``hnsw_pca`` stays readable and can be asked for.
+
 Loading is zero-copy: a deserialized index's FAISS arrays (codes, graph) are views into the
 caller's buffer (FAISS ``ZeroCopyIOReader`` with ``IO_FLAG_MMAP_IFC``), which the index keeps
 alive; the first change (add, remove) makes an owned copy, because FAISS aborts the process on
@@ -82,11 +91,11 @@ UNIT_NORM_TOLERANCE: Final = 1e-3
 #: amortised over at least this fraction of the bank in removals.
 TOMBSTONE_COMPACT_FRACTION: Final = 0.2
 
-#: Bank size from which ``build(algorithm="auto")`` uses ``hnsw_pca`` for vectors wider than
-#: :data:`PCA_DIM`: the same size as HNSW, because at 100k x 1280-d it measured better on
-#: every count (recall@10 0.99 vs 0.97 for ``hnsw`` with efSearch 128, 2.1 KB per entry
-#: instead of 5.4 KB, a third of the snapshot load time); plain ``hnsw`` remains for narrow
-#: vectors.
+#: Bank size from which ``build(algorithm="auto")`` uses ``ivf_pca`` for vectors wider than
+#: :data:`IVF_PCA_DIM`: the same size as HNSW, because at 100k x 1280-d the projected indexes
+#: measured better on every count than ``hnsw`` (recall@10 0.99 vs 0.97 with efSearch 128,
+#: fewer bytes per entry, a fraction of the snapshot load time); plain ``hnsw`` remains for
+#: narrow vectors.
 PCA_MIN_ENTRIES: Final = HNSW_MIN_ENTRIES
 
 #: Width of the projected vectors the ``hnsw_pca`` graph is built on. 128 of the 1280
@@ -95,6 +104,18 @@ PCA_MIN_ENTRIES: Final = HNSW_MIN_ENTRIES
 #: the candidate list (measured: recall@10 0.99 at 100k with :data:`REFINE_K_FACTOR` 32 and
 #: efSearch 512; ``moderation benchmark speed`` reports it at 100k and 1M).
 PCA_DIM: Final = 128
+
+#: Width of the projected vectors ``ivf_pca`` clusters and scans. At 1M generated entries
+#: (``moderation benchmark speed``'s vectors) an exact search over 256-d projections already
+#: holds every true top-10 neighbour in its first 320 results, 128-d projections only 92%.
+IVF_PCA_DIM: Final = 256
+
+#: Inverted lists probed per query. Measured at 1M entries with 2048 lists: recall@10 0.9955
+#: with 16, 0.9965 with 32 to 128 (the rest is float16 ranking ties), p50 0.52 ms with 32.
+IVF_NPROBE: Final = 32
+
+#: Training rows per inverted list for the k-means of ``ivf_pca`` (FAISS warns below 39).
+IVF_TRAIN_ROWS_PER_LIST: Final = 64
 
 #: Rows sampled (seeded) to learn the projection (and an 8-bit quantiser's ranges, for indexes
 #: built before float16 codes).
@@ -107,13 +128,24 @@ REFINE_K_FACTOR: Final = 32
 #: HNSW candidate-list size of ``hnsw_pca`` searches (raised to ``k * k_factor``).
 PCA_EF_SEARCH: Final = 512
 
-Algorithm = Literal["flat", "hnsw", "hnsw_pca"]
+Algorithm = Literal["flat", "hnsw", "hnsw_pca", "ivf_pca"]
 _AnyIndex = TypeVar("_AnyIndex", faiss.Index, faiss.IndexBinary)
 _PARAM_KEYS: Final = {
     "flat": {"algorithm"},
     "hnsw": {"algorithm", "hnsw_m", "ef_construction", "ef_search"},
     "hnsw_pca": {"algorithm", "hnsw_m", "ef_construction", "ef_search", "pca_dim", "k_factor"},
+    "ivf_pca": {"algorithm", "nlist", "nprobe", "pca_dim", "k_factor"},
 }
+_PROJECTED: Final = ("hnsw_pca", "ivf_pca")
+
+
+def ivf_nlist(entries: int) -> int:
+    """Inverted lists for ``ivf_pca`` over ``entries`` vectors: the power of two nearest
+    ``2 * sqrt(entries)``, within [64, 65536] (the FAISS wiki "Guidelines to choose an index"
+    suggests 4 to 16 x sqrt(n) for its IVF scans; fewer, larger lists here because
+    :data:`IVF_NPROBE` lists are scanned with 8-bit codes and re-ranked: 2048 at 1M entries)."""
+    target = 2.0 * max(entries, 1) ** 0.5
+    return int(min(65536, max(64, 2 ** round(np.log2(target)))))
 
 
 def learn_projection(
@@ -166,12 +198,16 @@ class CosineIndex(SignalIndex):
         hnsw_m: int = HNSW_M,
         ef_construction: int = HNSW_EF_CONSTRUCTION,
         ef_search: int = HNSW_EF_SEARCH,
-        pca_dim: int = PCA_DIM,
+        pca_dim: int | None = None,
         k_factor: int = REFINE_K_FACTOR,
+        nlist: int = 1024,
+        nprobe: int = IVF_NPROBE,
     ) -> None:
         """An empty index of ``dim``-wide vectors; see :meth:`build` for the parameters."""
         if algorithm not in _PARAM_KEYS:
-            raise ValueError(f"algorithm must be 'flat', 'hnsw' or 'hnsw_pca', got {algorithm!r}")
+            raise ValueError(f"algorithm must be one of {sorted(_PARAM_KEYS)}, got {algorithm!r}")
+        if pca_dim is None:
+            pca_dim = IVF_PCA_DIM if algorithm == "ivf_pca" else PCA_DIM
         self._dim = _positive_int(dim, "dim")
         self._algorithm: Algorithm = algorithm
         self._hnsw_m = _positive_int(hnsw_m, "hnsw_m")
@@ -179,7 +215,9 @@ class CosineIndex(SignalIndex):
         self._ef_search = _positive_int(ef_search, "ef_search")
         self._pca_dim = _positive_int(pca_dim, "pca_dim")
         self._k_factor = _positive_int(k_factor, "k_factor")
-        if algorithm == "hnsw_pca" and self._pca_dim >= self._dim:
+        self._nlist = _positive_int(nlist, "nlist")
+        self._nprobe = _positive_int(nprobe, "nprobe")
+        if algorithm in _PROJECTED and self._pca_dim >= self._dim:
             raise ValueError(f"pca_dim ({self._pca_dim}) must be below dim ({self._dim})")
         self._index = self._new_faiss_index()
         self._search_index: faiss.Index = self._index
@@ -200,23 +238,30 @@ class CosineIndex(SignalIndex):
         hnsw_m: int = HNSW_M,
         ef_construction: int = HNSW_EF_CONSTRUCTION,
         ef_search: int | None = None,
-        pca_dim: int = PCA_DIM,
+        pca_dim: int | None = None,
         k_factor: int = REFINE_K_FACTOR,
+        nlist: int | None = None,
+        nprobe: int = IVF_NPROBE,
         **params: Any,
     ) -> Self:
         """Build from ``(n,)`` int ids and ``(n, dim)`` float32 unit vectors.
 
         Args:
             algorithm: ``"flat"`` (exact), ``"hnsw"`` (approximate), ``"hnsw_pca"`` (projected
-                HNSW candidates re-ranked by full-width cosine) or ``"auto"``: ``hnsw_pca``
-                when ``n >= PCA_MIN_ENTRIES`` and ``dim > pca_dim``, else HNSW when
+                HNSW candidates re-ranked by full-width cosine), ``"ivf_pca"`` (projected
+                inverted-file candidates, re-ranked the same way) or ``"auto"``: ``ivf_pca``
+                when ``n >= PCA_MIN_ENTRIES`` and ``dim > IVF_PCA_DIM``, else HNSW when
                 ``n >= HNSW_MIN_ENTRIES``, else flat. The choice is fixed for the index's life;
                 entries added later do not switch it (rebuild to re-decide).
             hnsw_m, ef_construction, ef_search: HNSW parameters, recorded in the header
                 (``ef_search`` defaults to :data:`HNSW_EF_SEARCH`, or :data:`PCA_EF_SEARCH`
                 for ``hnsw_pca``).
-            pca_dim, k_factor: ``hnsw_pca`` only: projected width (learned from these
-                vectors, :func:`learn_projection`) and re-ranked candidates per result.
+            pca_dim, k_factor: ``hnsw_pca`` and ``ivf_pca``: projected width (learned from
+                these vectors, :func:`learn_projection`; default :data:`PCA_DIM`, or
+                :data:`IVF_PCA_DIM` for ``ivf_pca``) and re-ranked candidates per result.
+            nlist, nprobe: ``ivf_pca``: inverted lists (default :func:`ivf_nlist` of these
+                vectors' count: fixed for the index's life, so build from the whole bank) and
+                lists scanned per query.
 
         Raises:
             ValueError: malformed input (see :class:`SignalIndex`), vectors not unit-norm, or
@@ -225,11 +270,12 @@ class CosineIndex(SignalIndex):
         if params:
             raise ValueError(f"unknown CosineIndex parameter(s): {sorted(params)}")
         matrix = check_matrix(vectors, dtype=np.float32, dim=None, what="vectors")
+        n = len(matrix)
         chosen: Algorithm
         if algorithm == "auto":
             n, dim = matrix.shape
-            if n >= PCA_MIN_ENTRIES and dim > pca_dim:
-                chosen = "hnsw_pca"
+            if n >= PCA_MIN_ENTRIES and dim > (pca_dim or IVF_PCA_DIM):
+                chosen = "ivf_pca"
             else:
                 chosen = "hnsw" if n >= HNSW_MIN_ENTRIES else "flat"
         else:
@@ -244,21 +290,38 @@ class CosineIndex(SignalIndex):
             ef_search=ef_search,
             pca_dim=pca_dim,
             k_factor=k_factor,
+            # At least 39 training rows per list (FAISS's k-means warns below that).
+            nlist=nlist if nlist is not None else min(ivf_nlist(n), max(1, n // 39)),
+            nprobe=nprobe,
         )
         index.add(ids, matrix)
         return index
 
     def _new_faiss_index(self) -> faiss.IndexIDMap:
         inner: faiss.Index
-        if self._algorithm == "hnsw_pca":
+        if self._algorithm in _PROJECTED:
             projection = faiss.LinearTransform(self._dim, self._pca_dim, False)
-            graph = faiss.IndexHNSWFlat(self._pca_dim, self._hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            graph.hnsw.efConstruction = self._ef_construction
-            graph.hnsw.efSearch = self._ef_search
+            candidates: faiss.Index
+            if self._algorithm == "ivf_pca":
+                # Lists scanned with 8-bit codes: candidates only, re-ranked below.
+                ivf = faiss.IndexIVFScalarQuantizer(
+                    faiss.IndexFlatIP(self._pca_dim),
+                    self._pca_dim,
+                    self._nlist,
+                    faiss.ScalarQuantizer.QT_8bit,
+                    faiss.METRIC_INNER_PRODUCT,
+                )
+                ivf.nprobe = self._nprobe
+                candidates = ivf
+            else:
+                graph = faiss.IndexHNSWFlat(self._pca_dim, self._hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                graph.hnsw.efConstruction = self._ef_construction
+                graph.hnsw.efSearch = self._ef_search
+                candidates = graph
             codes = faiss.IndexScalarQuantizer(
                 self._dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
             )
-            refine = faiss.IndexRefine(faiss.IndexPreTransform(projection, graph), codes)
+            refine = faiss.IndexRefine(faiss.IndexPreTransform(projection, candidates), codes)
             refine.k_factor = float(self._k_factor)
             # faiss's Python constructors keep references to the parts they are given.
             return faiss.IndexIDMap(refine)
@@ -278,7 +341,7 @@ class CosineIndex(SignalIndex):
 
     @property
     def algorithm(self) -> Algorithm:
-        """``"flat"`` (exact), ``"hnsw"`` or ``"hnsw_pca"`` (approximate)."""
+        """``"flat"`` (exact), ``"hnsw"``, ``"hnsw_pca"`` or ``"ivf_pca"`` (approximate)."""
         return self._algorithm
 
     @property
@@ -287,6 +350,14 @@ class CosineIndex(SignalIndex):
         also ``pca_dim``, ``k_factor`` for ``hnsw_pca``."""
         if self._algorithm == "flat":
             return {"algorithm": "flat"}
+        if self._algorithm == "ivf_pca":
+            return {
+                "algorithm": "ivf_pca",
+                "nlist": self._nlist,
+                "nprobe": self._nprobe,
+                "pca_dim": self._pca_dim,
+                "k_factor": self._k_factor,
+            }
         params: dict[str, ParamValue] = {
             "algorithm": self._algorithm,
             "hnsw_m": self._hnsw_m,
@@ -348,7 +419,17 @@ class CosineIndex(SignalIndex):
         return int(present.size)
 
     def _train(self, index: faiss.IndexIDMap, matrix: npt.NDArray[np.float32]) -> None:
-        """Learn an ``hnsw_pca`` index's projection and re-ranking quantiser from ``matrix``."""
+        """Learn a projected index's projection, its inverted lists' centroids and 8-bit
+        ranges (``ivf_pca``, FAISS k-means) and the re-ranking quantiser from ``matrix``.
+
+        Raises:
+            ValueError: ``ivf_pca`` with fewer rows than inverted lists.
+        """
+        if self._algorithm == "ivf_pca" and len(matrix) < self._nlist:
+            raise ValueError(
+                f"ivf_pca needs at least nlist={self._nlist} vectors in its first add, "
+                f"got {len(matrix)}"
+            )
         # faiss's bundled stubs lack IndexRefine/IndexPreTransform members: typed as Any.
         refine: Any = faiss.downcast_index(index.index)
         base: Any = faiss.downcast_index(refine.base_index)
@@ -356,17 +437,25 @@ class CosineIndex(SignalIndex):
         faiss.copy_array_to_vector(learn_projection(matrix, self._pca_dim).ravel(), projection.A)
         projection.is_trained = True
         rng = np.random.default_rng(PCA_TRAIN_SEED)
+        rows = PCA_TRAIN_ROWS
+        if self._algorithm == "ivf_pca":
+            rows = max(rows, IVF_TRAIN_ROWS_PER_LIST * self._nlist)
         sample = matrix
-        if len(matrix) > PCA_TRAIN_ROWS:
-            sample = matrix[np.sort(rng.choice(len(matrix), PCA_TRAIN_ROWS, replace=False))]
-        faiss.downcast_index(refine.refine_index).train(np.ascontiguousarray(sample))
+        if len(matrix) > rows:
+            sample = matrix[np.sort(rng.choice(len(matrix), rows, replace=False))]
+        sample = np.ascontiguousarray(sample)
+        if self._algorithm == "ivf_pca":
+            base.index.train(projection.apply(sample))
+        faiss.downcast_index(refine.refine_index).train(sample)
         base.is_trained = refine.is_trained = index.is_trained = True
 
     def _compact(self) -> None:
         started = self._index.ntotal
         vectors = np.asarray(self._index.index.reconstruct_n(0, started), dtype=np.float32)
-        if self._algorithm == "hnsw_pca":  # decoded codes: renormalise before re-adding
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        if self._algorithm in _PROJECTED:  # decoded codes: renormalise 8-bit ones only
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            if np.any(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE / 2):
+                vectors /= np.maximum(norms, 1e-12)
         labels = faiss.vector_to_array(self._index.id_map).astype(np.int64)
         keep = ~np.isin(labels, self._tombstones)
         fresh = self._new_faiss_index()
@@ -387,7 +476,8 @@ class CosineIndex(SignalIndex):
     def reconstruct(self, ids: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """The stored vectors of live entries, float32 ``(len(ids), dim)`` in the order given.
 
-        Exact for ``flat`` and ``hnsw``; for ``hnsw_pca`` decoded from the re-ranking codes
+        Exact for ``flat`` and ``hnsw``; for ``hnsw_pca`` and ``ivf_pca`` decoded from the
+        re-ranking codes
         (float16: each component to about 5e-4 relative, so norms stay within
         :data:`UNIT_NORM_TOLERANCE` of 1 and re-adding them is lossless; 8-bit codes of older
         indexes are renormalised).
@@ -454,15 +544,20 @@ class CosineIndex(SignalIndex):
             if self._tombstones.size:
                 params.sel = self._tombstone_selector()
             scores, labels = self._search_index.search(matrix, kk, params=params)
-        elif self._algorithm == "hnsw_pca":
-            graph_params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
-            graph_params.efSearch = max(self._ef_search, kk * self._k_factor)
+        elif self._algorithm in _PROJECTED:
+            base_params: Any
+            if self._algorithm == "ivf_pca":
+                base_params = faiss.SearchParametersIVF()
+                base_params.nprobe = self._nprobe
+            else:
+                base_params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+                base_params.efSearch = max(self._ef_search, kk * self._k_factor)
             if self._tombstones.size:
-                # Below IndexIDMap the graph sees row positions, not entry ids.
-                graph_params.sel = self._tombstone_selector(positions=True)
+                # Below IndexIDMap the candidates are row positions, not entry ids.
+                base_params.sel = self._tombstone_selector(positions=True)
             refine_params = faiss.IndexRefineSearchParameters()
             refine_params.k_factor = float(self._k_factor)
-            refine_params.base_index_params = graph_params
+            refine_params.base_index_params = base_params
             scores, labels = self._search_index.search(matrix, kk, params=refine_params)
         else:
             scores, labels = self._search_index.search(matrix, kk)
@@ -498,7 +593,7 @@ class CosineIndex(SignalIndex):
             Whether searches now run on a GPU.
         """
         if self._algorithm != "flat":
-            logger.info("HNSW has no FAISS GPU equivalent here; searching on CPU")
+            logger.info("only flat indexes are moved to FAISS GPU here; searching on CPU")
             self._search_index = self._index
             return False
         self._search_index = maybe_to_gpu(self._index, gpus=gpus)
@@ -546,18 +641,23 @@ class CosineIndex(SignalIndex):
         inner = faiss.downcast_index(loaded.index)
         if inner.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError("the FAISS index does not use inner product")
-        if algorithm == "hnsw_pca":
-            graph = _check_pca_layout(inner, dim, index._pca_dim)
+        if algorithm in _PROJECTED:
+            candidates = _check_pca_layout(inner, dim, index._pca_dim)
             refine: Any = inner
             refine.k_factor = float(index._k_factor)
-            inner = graph
-        if algorithm != "flat":
+            inner = candidates
+        if algorithm == "ivf_pca":
+            if not isinstance(inner, faiss.IndexIVFScalarQuantizer) or inner.nlist != index._nlist:
+                raise ValueError(f"expected an 8-bit IVF index with {index._nlist} lists")
+            inner.nprobe = index._nprobe
+        elif algorithm != "flat":
             if not isinstance(inner, faiss.IndexHNSWFlat):
                 raise ValueError(f"expected IndexHNSWFlat, got {type(inner).__name__}")
             levels = faiss.vector_to_array(inner.hnsw.cum_nneighbor_per_level)
             if levels.size < 3 or int(levels[2] - levels[1]) != index._hnsw_m:
                 raise ValueError("HNSW graph degree does not match the header's hnsw_m")
             inner.hnsw.efSearch = index._ef_search
+        if algorithm != "flat":
             blob = sections["tombstones"]
             if len(blob) % 8:
                 raise ValueError("tombstones section is not a whole number of int64")
@@ -567,24 +667,39 @@ class CosineIndex(SignalIndex):
                 raise ValueError(f"expected IndexFlatIP, got {type(inner).__name__}")
             tombstones = np.empty(0, dtype=np.int64)
         labels = faiss.vector_to_array(loaded.id_map).astype(np.int64)
-        if labels.size != loaded.ntotal or np.unique(labels).size != labels.size:
+        # One sort serves every check (numpy's hash-based unique took a second at 1M ids).
+        order = np.argsort(labels, kind="stable")
+        ordered = labels[order]
+        tombstones = np.sort(tombstones)
+        if labels.size != loaded.ntotal or _has_repeats(ordered):
             raise ValueError("the FAISS id map is inconsistent (wrong size or repeated ids)")
-        if np.unique(tombstones).size != tombstones.size or not np.isin(tombstones, labels).all():
+        found = np.searchsorted(ordered, tombstones)
+        if (
+            _has_repeats(tombstones)
+            or not bool(np.all(found < ordered.size))
+            or not np.array_equal(ordered[found], tombstones)
+        ):
             raise ValueError("tombstones must be distinct ids present in the index")
-        live = np.setdiff1d(labels, tombstones)
+        live = np.delete(ordered, found)
         if live.size != count:
             raise ValueError(f"header says {count} entries, index holds {live.size}")
         index._index = loaded
         index._search_index = loaded
         index._ids = live
-        index._tombstones = np.sort(tombstones)
-        index._labels = (labels, np.argsort(labels, kind="stable"))
+        index._tombstones = tombstones
+        index._labels = (labels, order)
         return index
 
 
-def _check_pca_layout(refine: Any, dim: int, pca_dim: int) -> faiss.IndexHNSWFlat:
-    """The HNSW graph inside an ``hnsw_pca`` FAISS index, after checking the layout
-    (``IndexRefine`` of ``IndexPreTransform(LinearTransform dim->pca_dim, HNSWFlat)`` and an
+def _has_repeats(ascending: IdArray) -> bool:
+    """Whether a sorted id array holds a value twice."""
+    return bool(ascending.size > 1 and np.any(ascending[1:] == ascending[:-1]))
+
+
+def _check_pca_layout(refine: Any, dim: int, pca_dim: int) -> faiss.Index:
+    """The candidate index inside an ``hnsw_pca`` or ``ivf_pca`` FAISS index, after checking
+    the layout (``IndexRefine`` of ``IndexPreTransform(LinearTransform dim->pca_dim, HNSWFlat or
+    IVFScalarQuantizer)`` and an
     ``IndexScalarQuantizer`` of width ``dim``: float16, or 8-bit in indexes built before).
 
     Raises:
@@ -608,12 +723,15 @@ def _check_pca_layout(refine: Any, dim: int, pca_dim: int) -> faiss.IndexHNSWFla
         raise ValueError(f"expected a {dim}-d scalar quantiser for re-ranking")
     if codes.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError("the re-ranking codes do not use inner product")
-    graph = faiss.downcast_index(base.index)
-    if not isinstance(graph, faiss.IndexHNSWFlat) or graph.d != pca_dim:
-        raise ValueError(f"expected a {pca_dim}-d HNSW graph")
-    if graph.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise ValueError("the HNSW graph does not use inner product")
-    return graph
+    candidates = faiss.downcast_index(base.index)
+    if (
+        not isinstance(candidates, faiss.IndexHNSWFlat | faiss.IndexIVFScalarQuantizer)
+        or candidates.d != pca_dim
+    ):
+        raise ValueError(f"expected a {pca_dim}-d HNSW graph or IVF index")
+    if candidates.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError("the candidate index does not use inner product")
+    return candidates
 
 
 def maybe_to_gpu(index: _AnyIndex, *, gpus: int | None = None) -> _AnyIndex:

@@ -37,8 +37,8 @@ def bank() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _build(ids: np.ndarray, vectors: np.ndarray, algorithm: str) -> CosineIndex:
-    """An index of each algorithm at this test's small sizes (``hnsw_pca`` projects to 32-d)."""
-    params = {"pca_dim": 32} if algorithm == "hnsw_pca" else {}
+    """An index of each algorithm at this test's small sizes (projected ones: to 32-d)."""
+    params = {"pca_dim": 32} if algorithm.endswith("_pca") else {}
     return CosineIndex.build(ids, vectors, algorithm=algorithm, **params)  # type: ignore[arg-type]
 
 
@@ -56,11 +56,12 @@ def test_projection_is_orthonormal_and_keeps_the_top_directions() -> None:
     assert kept.mean() > 0.5 > (np.linalg.norm(vectors @ random.T, axis=1) ** 2).mean()
 
 
+@pytest.mark.parametrize("algorithm", ["hnsw_pca", "ivf_pca"])
 def test_recall_at_10_against_exact_and_full_width_scores(
-    bank: tuple[np.ndarray, np.ndarray],
+    bank: tuple[np.ndarray, np.ndarray], algorithm: str
 ) -> None:
     ids, vectors = bank
-    index = CosineIndex.build(ids, vectors, algorithm="hnsw_pca", pca_dim=32)
+    index = _build(ids, vectors, algorithm)
     exact = CosineIndex.build(ids, vectors, algorithm="flat")
     rng = np.random.default_rng(9)
     queries = vectors[rng.choice(len(vectors), 200, replace=False)]
@@ -89,40 +90,46 @@ def test_recall_at_10_against_exact_and_full_width_scores(
         abs(a[0].score - e[0].score) for a, e in zip(approx_hits, exact_hits, strict=True)
     )
     assert top_error < 1e-3
-    projected_only = CosineIndex.build(ids, vectors, algorithm="hnsw_pca", pca_dim=32, k_factor=1)
+    projected_only = CosineIndex.build(ids, vectors, algorithm=algorithm, pca_dim=32, k_factor=1)  # type: ignore[arg-type]
     assert projected_only.params["k_factor"] == 1
 
 
+ROUND_TRIP_PARAMS = {
+    "hnsw_pca": {"pca_dim": 32, "hnsw_m": 16, "ef_search": 200, "k_factor": 8},
+    "ivf_pca": {"pca_dim": 32, "nlist": 40, "nprobe": 8, "k_factor": 8},
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ROUND_TRIP_PARAMS))
 def test_round_trip_keeps_parameters_results_and_tombstones(
-    bank: tuple[np.ndarray, np.ndarray],
+    bank: tuple[np.ndarray, np.ndarray], algorithm: str
 ) -> None:
     ids, vectors = bank
-    index = CosineIndex.build(
-        ids, vectors, algorithm="hnsw_pca", pca_dim=32, hnsw_m=16, ef_search=200, k_factor=8
-    )
+    given = ROUND_TRIP_PARAMS[algorithm]
+    index = CosineIndex.build(ids, vectors, algorithm=algorithm, **given)  # type: ignore[arg-type]
     removed = ids[:50]
     assert index.remove(removed) == 50 and index.tombstones == 50
     restored = load_index(index.serialize())
     assert isinstance(restored, CosineIndex)
-    assert restored.params == {
-        "algorithm": "hnsw_pca",
-        "hnsw_m": 16,
-        "ef_construction": cosine_module.HNSW_EF_CONSTRUCTION,
-        "ef_search": 200,
-        "pca_dim": 32,
-        "k_factor": 8,
-    }
+    expected = {"algorithm": algorithm, **given}
+    if algorithm == "hnsw_pca":
+        expected["ef_construction"] = cosine_module.HNSW_EF_CONSTRUCTION
+    assert restored.params == expected
     assert restored.tombstones == 50 and len(restored) == len(ids) - 50
     queries = vectors[:80]
     assert _ids(restored.search(queries, 5, -1.0)) == _ids(index.search(queries, 5, -1.0))
     dead = set(removed.tolist())
     assert not any(h.id in dead for row in restored.search(queries, 10, -1.0) for h in row)
-    # Later changes still work on the restored index.
+    # Later changes still work on the restored index, and compaction keeps the parameters.
     restored.add(np.array([1]), vectors[:1])
     assert restored.search(vectors[:1], 1, 0.99)[0][0].id == 1
+    restored.remove(ids[: len(ids) // 2])  # past TOMBSTONE_COMPACT_FRACTION: rebuilt
+    assert restored.tombstones == 0 and restored.params == expected
+    kept = np.arange(len(ids) // 2, len(ids), 37)
+    assert [row[0].id for row in restored.search(vectors[kept], 1, -1.0)] == ids[kept].tolist()
 
 
-@pytest.mark.parametrize("algorithm", ["flat", "hnsw", "hnsw_pca"])
+@pytest.mark.parametrize("algorithm", ["flat", "hnsw", "hnsw_pca", "ivf_pca"])
 def test_loading_from_a_writable_buffer_is_zero_copy_until_changed(
     bank: tuple[np.ndarray, np.ndarray], algorithm: str
 ) -> None:
@@ -171,9 +178,15 @@ def test_auto_choice_by_bank_size(monkeypatch: pytest.MonkeyPatch) -> None:
     assert CosineIndex.build(np.arange(99), vectors[:99]).algorithm == "flat"
     assert CosineIndex.build(np.arange(299), vectors[:299]).algorithm == "hnsw"
     large = CosineIndex.build(np.arange(300), vectors, pca_dim=16)
-    assert (
-        large.algorithm == "hnsw_pca" and large.params["ef_search"] == cosine_module.PCA_EF_SEARCH
-    )
+    assert large.params == {
+        "algorithm": "ivf_pca",
+        "nlist": 300 // 39,  # at least 39 training rows per list
+        "nprobe": cosine_module.IVF_NPROBE,
+        "pca_dim": 16,
+        "k_factor": cosine_module.REFINE_K_FACTOR,
+    }
+    assert cosine_module.ivf_nlist(1_000_000) == 2048 and cosine_module.ivf_nlist(100) == 64
+    assert cosine_module.ivf_nlist(100_000) == 512
     # Vectors no wider than the projection: plain HNSW.
     assert CosineIndex.build(np.arange(300), vectors, pca_dim=DIM).algorithm == "hnsw"
 
@@ -184,6 +197,10 @@ def test_bad_pca_parameters_and_layouts_are_refused(bank: tuple[np.ndarray, np.n
         CosineIndex(DIM, algorithm="hnsw_pca", pca_dim=DIM)
     with pytest.raises(ValueError, match="k_factor"):
         CosineIndex(DIM, algorithm="hnsw_pca", k_factor=0)
+    with pytest.raises(ValueError, match="nprobe"):
+        CosineIndex(DIM, algorithm="ivf_pca", nprobe=0)
+    with pytest.raises(ValueError, match="at least nlist=64"):
+        CosineIndex.build(ids[:50], vectors[:50], algorithm="ivf_pca", pca_dim=16, nlist=64)
     # A header claiming hnsw_pca over a plain HNSW graph is refused.
     import json
     import struct
@@ -219,7 +236,7 @@ def test_authenticated_loading_skips_only_the_digest_checks(
         load_index(wrong_digest + b"x", authenticated=True)
 
 
-@pytest.mark.parametrize("algorithm", ["flat", "hnsw", "hnsw_pca"])
+@pytest.mark.parametrize("algorithm", ["flat", "hnsw", "hnsw_pca", "ivf_pca"])
 def test_reconstruct_returns_stored_vectors_without_drift(
     bank: tuple[np.ndarray, np.ndarray], algorithm: str
 ) -> None:
@@ -229,7 +246,7 @@ def test_reconstruct_returns_stored_vectors_without_drift(
     got = index.reconstruct(picked)
     assert got.shape == (4, DIM) and got.dtype == np.float32
     expected = vectors[[5, 0, len(ids) - 1, 7]]
-    if algorithm == "hnsw_pca":  # float16 codes
+    if algorithm.endswith("_pca"):  # float16 codes
         np.testing.assert_allclose(got, expected, atol=1e-3)
         assert not np.array_equal(got, expected)
     else:
@@ -249,3 +266,14 @@ def test_reconstruct_returns_stored_vectors_without_drift(
     with pytest.raises(KeyError):
         index.reconstruct([10**12])
     assert index.reconstruct(np.zeros(0, np.int64)).shape == (0, DIM)
+
+
+def test_forged_tombstones_are_refused(bank: tuple[np.ndarray, np.ndarray]) -> None:
+    ids, vectors = bank
+    index = CosineIndex.build(ids[:300], vectors[:300], algorithm="hnsw")
+    index.remove([int(ids[3]), int(ids[4])])
+    blob = index.serialize()  # the tombstones section comes last: 2 x int64
+    assert load_index(blob[:-16] + np.array(ids[[3, 4]], "<i8").tobytes()).tombstones == 2
+    for forged in (ids[[3, 3]], np.array([ids[3], 10**12])):
+        with pytest.raises(ValueError, match="tombstones must be distinct ids present"):
+            load_index(blob[:-16] + np.asarray(forged, "<i8").tobytes(), authenticated=True)
