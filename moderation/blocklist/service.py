@@ -32,13 +32,13 @@ small banks) are indexed at load as before, and so is one whose stored index doe
 exactly the entries being loaded.
 
 With a stored index, the active entries' global embeddings are not written a second time: the
-index keeps them (``hnsw_pca``: as float16 codes, each component to about 5e-4 relative), and
-``vectors`` holds only the inactive entries' rows, in entry order (meta ``vectors_in_index``).
-That halves a large bank's snapshot (1280-d float32 rows are 5,120 bytes of an entry's ~8.5 KB)
-and what a worker must decrypt at load. Workers read single embeddings from the index
-(:meth:`Blocklist.vector_of`); the writer decodes them all (:meth:`Payload.full_vectors`) only
-when it builds the next version. Decoded float16 values re-encode to the same codes, so vectors
-do not drift from version to version.
+index keeps them (``ivf_pca`` and ``hnsw_pca``: as float16 codes, each component to about 5e-4
+relative), and ``vectors`` holds only the inactive entries' rows, in entry order (meta
+``vectors_in_index``). That drops 5,120 bytes per entry (1280-d float32 rows) from a large
+bank's snapshot and from what a worker must decrypt at load. Workers read single embeddings from
+the index (:meth:`Blocklist.vector_of`); the writer decodes them all
+(:meth:`Payload.full_vectors`) only when it builds the next version. Decoded float16 values
+re-encode to the same codes, so vectors do not drift from version to version.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class Payload:
         return full
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray) -> Payload:
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Payload:
         """Parse a decrypted payload.
 
         Raises:

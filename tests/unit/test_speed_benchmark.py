@@ -25,7 +25,8 @@ def test_index_section_reports_consistent_figures(
     flat, pca = rows
     assert flat["algorithm_params"] == {"algorithm": "flat"}
     assert flat["recall_at_10"] == 1.0  # exact search against exact search
-    assert pca["algorithm_params"]["algorithm"] == "hnsw_pca"
+    assert pca["algorithm_params"]["algorithm"] == "ivf_pca"
+    assert pca["algorithm_params"]["nlist"] == 128  # sized for 3,000 entries
     assert 0.9 <= pca["recall_at_10"] <= pca["recall_at_10_tolerant"] <= 1.0
     for row in rows:
         assert row["p50_ms"] <= row["p99_ms"]
@@ -33,7 +34,7 @@ def test_index_section_reports_consistent_figures(
         # The encrypted bank snapshot holds the index once plus ids and PDQ digests.
         assert row["snapshot_bytes"] > row["bytes_per_entry"] * row["entries"]
     assert flat["bytes_per_entry"] > 1280 * 4  # float32 rows
-    assert 1280 * 2 < pca["bytes_per_entry"] < 1280 * 4  # float16 codes + graph
+    assert 1280 * 2 < pca["bytes_per_entry"] < 1280 * 4  # float16 codes + candidates
     assert len(lines) == 4 and "recall@10" in lines[-1]
     projected = extrapolate(rows)
     assert projected is not None and projected["entries"] == 10_000_000
