@@ -116,13 +116,17 @@ def test_a_stored_index_that_disagrees_is_rebuilt(large_rt: Runtime, tmp_path: P
         payload.to_bytes(index_holds_active=True)
 
 
+@pytest.mark.parametrize("algorithm", ["hnsw", "ivf_pca"])
 def test_active_vectors_are_kept_once_in_the_stored_index(
-    large_rt: Runtime, tmp_path: Path
+    large_rt: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithm: str
 ) -> None:
+    if algorithm == "ivf_pca":  # the large-bank index, float16 codes
+        monkeypatch.setattr(cosine_module, "PCA_MIN_ENTRIES", 4)
     import_bank(large_rt, "known-bad", [_write(tmp_path, n) for n in PHOTOS], actor="test")
     payload = _payload(large_rt)
     assert payload.vectors_in_index and payload.vectors.shape == (0, payload.dim)
     blocklist = large_rt.load_blocklist()
+    assert blocklist.cosine.algorithm == algorithm
     ids = [int(e) for e in payload.entry_ids]
     before = {eid: blocklist.vector_of(eid) for eid in ids}
     for vector in before.values():
