@@ -160,29 +160,41 @@ def find_pasted_rectangles(image: Image.Image, max_count: int = 2) -> list[Detec
     col_sums = np.concatenate([np.zeros((cols.shape[0], 1)), np.cumsum(cols, axis=1)], axis=1)
     ys = sorted({0, h, *(y + 1 for y in _top_lines(rows, LINE_CANDIDATES))})
     xs = sorted({0, w, *(x + 1 for x in _top_lines(cols, LINE_CANDIDATES))})
-    found: list[Detection] = []
-    for i, top in enumerate(ys):
-        for bottom in ys[i + 1 :]:
-            for j, left in enumerate(xs):
-                for right in xs[j + 1 :]:
-                    area = (bottom - top) * (right - left) / (h * w)
-                    if not MIN_AREA <= area <= MAX_AREA:
-                        continue
-                    scores = []
-                    for y in (top, bottom):
-                        if 0 < y < h:
-                            run = row_sums[y - 1, right] - row_sums[y - 1, left]
-                            scores.append(run / (right - left))
-                    for x in (left, right):
-                        if 0 < x < w:
-                            run = col_sums[x - 1, bottom] - col_sums[x - 1, top]
-                            scores.append(run / (bottom - top))
-                    if len(scores) < 2:
-                        continue
-                    score = float(np.mean(scores))
-                    if score >= MIN_SIDE_SCORE:
-                        box = (left / w, top / h, right / w, bottom / h)
-                        found.append(Detection(box, score, len(scores)))
+    # Every rectangle of candidate sides at once, in (top, bottom, left, right) loop order.
+    yi, yj = np.triu_indices(len(ys), k=1)
+    xi, xj = np.triu_indices(len(xs), k=1)
+    tops, bottoms = np.asarray(ys)[yi], np.asarray(ys)[yj]
+    lefts, rights = np.asarray(xs)[xi], np.asarray(xs)[xj]
+    top = np.repeat(tops, lefts.size)
+    bottom = np.repeat(bottoms, lefts.size)
+    left = np.tile(lefts, tops.size)
+    right = np.tile(rights, tops.size)
+    area = (bottom - top) * (right - left) / (h * w)
+    keep = (area >= MIN_AREA) & (area <= MAX_AREA)
+    top, bottom, left, right = top[keep], bottom[keep], left[keep], right[keep]
+    # Share of line pixels along each side inside the image (0 where the side is the border);
+    # summed in the order top, bottom, left, right, as a sequential mean of the inside ones.
+    total = np.zeros(top.size)
+    sides = np.zeros(top.size, dtype=np.int64)
+    for y, inside in ((top, top > 0), (bottom, bottom < h)):
+        row = np.clip(y - 1, 0, h - 2)  # border sides: any row, masked out below
+        share = (row_sums[row, right] - row_sums[row, left]) / (right - left)
+        total = total + np.where(inside, share, 0.0)
+        sides += inside
+    for x, inside in ((left, left > 0), (right, right < w)):
+        col = np.clip(x - 1, 0, w - 2)
+        share = (col_sums[col, bottom] - col_sums[col, top]) / (bottom - top)
+        total = total + np.where(inside, share, 0.0)
+        sides += inside
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = total / sides
+    good = (sides >= 2) & (score >= MIN_SIDE_SCORE)
+    found = [
+        Detection((int(lx) / w, int(ty) / h, int(rx) / w, int(by) / h), float(sc), int(n))
+        for ty, by, lx, rx, sc, n in zip(
+            top[good], bottom[good], left[good], right[good], score[good], sides[good], strict=True
+        )
+    ]
     # Most evidence first: the summed side scores, so a rectangle closed on all four sides
     # beats a corner made of two of its sides and the image border.
     found.sort(key=lambda d: -d.score * d.sides)

@@ -28,7 +28,7 @@ from moderation.classifier.features import (
 )
 from moderation.classifier.model import CopyModel
 from moderation.classifier.regions import query_views
-from moderation.hashing import pdq_hash
+from moderation.hashing import PdqHash, pdq_hash
 
 if TYPE_CHECKING:
     from moderation.encoders import Encoder
@@ -66,13 +66,33 @@ class Band:
         return self.low <= best_cosine < self.high
 
 
-def bank_pdq_rank(blocklist: Blocklist) -> Callable[[list[Image.Image]], list[float]]:
+class PdqMemo:
+    """PDQ hashes of images already hashed in this batch (the chosen view was hashed once
+    while ranking crops). Keyed by object, holding the image so an id is never reused."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Image.Image, PdqHash]] = {}
+
+    def __call__(self, image: Image.Image) -> PdqHash:
+        """``pdq_hash(image)``, computed once per image object."""
+        cached = self._seen.get(id(image))
+        if cached is not None and cached[0] is image:
+            return cached[1]
+        value = pdq_hash(image)
+        self._seen[id(image)] = (image, value)
+        return value
+
+
+def bank_pdq_rank(
+    blocklist: Blocklist, memo: PdqMemo | None = None
+) -> Callable[[list[Image.Image]], list[float]]:
     """Ranks crops by the PDQ distance (bits) of each to its nearest bank entry (256: none)."""
+    hasher = memo if memo is not None else pdq_hash
 
     def rank(crops: list[Image.Image]) -> list[float]:
         if len(blocklist) == 0:
             return [256.0] * len(crops)
-        digests = np.stack([np.frombuffer(pdq_hash(c).digest, np.uint8) for c in crops])
+        digests = np.stack([np.frombuffer(hasher(c).digest, np.uint8) for c in crops])
         hits = blocklist.pdq.search(digests, 1, 256)
         return [float(h[0].score) if h else 256.0 for h in hits]
 
@@ -161,7 +181,8 @@ class ClassifierStage:
     ) -> None:
         """Set ``probability``, ``features`` and ``signals`` on every candidate in place."""
         wanted: list[list[Image.Image]] = []
-        rank = bank_pdq_rank(blocklist)
+        memo = PdqMemo()
+        rank = bank_pdq_rank(blocklist, memo)
         for query, cands in items:
             best = max(cands, key=lambda c: c.cosine or -1.0)
             pdqs = [c.pdq_distance for c in cands if c.pdq_distance is not None]
@@ -172,7 +193,7 @@ class ClassifierStage:
         views = self._embed_views(wanted)
         regions = self.regions(blocklist)
         for (query, cands), query_view_vectors, asked in zip(items, views, wanted, strict=True):
-            view_pdq = tuple(pdq_hash(view) for view in asked)
+            view_pdq = tuple(memo(view) for view in asked)
             signals = QuerySignals(query.vectors, query.pdq, query_view_vectors, view_pdq)
             rows = self.features(signals, [c.entry.entry_id for c in cands], blocklist, regions)
             probabilities = self.model.predict(feature_matrix(rows))
