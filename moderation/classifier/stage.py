@@ -109,6 +109,24 @@ def view_images(
     return [image for _, image in query_views(frames[frame], max_views=max_views, rank=rank)]
 
 
+def embed_views(
+    encoder: Encoder, wanted: Sequence[Sequence[Image.Image]], *, batch_size: int
+) -> list[npt.NDArray[np.float32]]:
+    """Each query's view embeddings, float32 (v_i, d) (v_i may be 0), from one encoder pass over
+    all the views."""
+    flat = [image for images in wanted for image in images]
+    vectors = encoder.encode(flat, batch_size=batch_size) if flat else None
+    out: list[npt.NDArray[np.float32]] = []
+    offset = 0
+    for images in wanted:
+        if vectors is None or not images:
+            out.append(np.zeros((0, encoder.dim), np.float32))
+            continue
+        out.append(vectors[offset : offset + len(images)])
+        offset += len(images)
+    return out
+
+
 def agreed_signals(features: dict[str, float]) -> list[str]:
     """Names of the signals that, alone, point at a copy (for the explanation)."""
     agreed = []
@@ -161,20 +179,8 @@ class ClassifierStage:
             self._regions = (id(blocklist), RegionLookup(blocklist))
         return self._regions[1]
 
-    def _embed_views(
-        self, wanted: Sequence[list[Image.Image]]
-    ) -> list[npt.NDArray[np.float32] | None]:
-        flat = [image for images in wanted for image in images]
-        vectors = self.encoder.encode(flat, batch_size=self.batch_size) if flat else None
-        out: list[npt.NDArray[np.float32] | None] = []
-        offset = 0
-        for images in wanted:
-            if vectors is None or not images:
-                out.append(np.zeros((0, self.encoder.dim), np.float32))
-                continue
-            out.append(vectors[offset : offset + len(images)])
-            offset += len(images)
-        return out
+    def _embed_views(self, wanted: Sequence[list[Image.Image]]) -> list[npt.NDArray[np.float32]]:
+        return embed_views(self.encoder, wanted, batch_size=self.batch_size)
 
     def refine_batch(
         self, items: Sequence[tuple[QueryContext, list[Candidate]]], blocklist: Blocklist

@@ -48,7 +48,7 @@ from moderation.classifier.features import (
 )
 from moderation.classifier.model import CopyModel, evaluate, fit_model
 from moderation.classifier.regions import query_views
-from moderation.classifier.stage import Band
+from moderation.classifier.stage import Band, embed_views
 from moderation.hashing import hamming_distance, pdq_hash, pdq_hash_dihedral
 from moderation.policy import CandidateRules
 from moderation.storage.db import transaction
@@ -209,21 +209,16 @@ def query_signals(
         [v for _, v in query_views(image, max_views=max_views, rank=rank)]
         for image, rank in zip(images, chosen, strict=True)
     ]
-    flat = [v for vs in views for v in vs]
-    view_vectors = encoder.encode(flat, batch_size=batch_size) if flat else None
-    out: list[QuerySignals] = []
-    offset = 0
-    for i, image in enumerate(images):
-        n = len(views[i])
-        mine = (
-            view_vectors[offset : offset + n]
-            if view_vectors is not None
-            else np.zeros((0, encoder.dim), np.float32)
+    view_vectors = embed_views(encoder, views, batch_size=batch_size)
+    return [
+        QuerySignals(
+            vectors[i : i + 1],
+            (pdq_hash_dihedral(image),),
+            view_vectors[i],
+            tuple(pdq_hash(v) for v in views[i]),
         )
-        offset += n
-        view_pdq = tuple(pdq_hash(v) for v in views[i])
-        out.append(QuerySignals(vectors[i : i + 1], (pdq_hash_dihedral(image),), mine, view_pdq))
-    return out
+        for i, image in enumerate(images)
+    ]
 
 
 @dataclass

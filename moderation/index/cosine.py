@@ -168,6 +168,17 @@ def learn_projection(
     return np.ascontiguousarray(top, dtype=np.float32)
 
 
+def _renormalise_decoded(decoded: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """Stored vectors read back from FAISS, float32 (n, d): float32 rows and float16 codes come
+    back within :data:`UNIT_NORM_TOLERANCE` / 2 of unit norm and are returned as they are (so
+    re-adding them is lossless); 8-bit codes of older indexes are renormalised."""
+    vectors = np.asarray(decoded, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if np.any(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE / 2):
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return vectors
+
+
 def _check_unit_norm(vectors: npt.NDArray[np.float32], what: str) -> None:
     norms = np.linalg.norm(vectors, axis=1)
     bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
@@ -451,12 +462,8 @@ class CosineIndex(SignalIndex):
 
     def _compact(self) -> None:
         started = self._index.ntotal
-        vectors = np.asarray(self._index.index.reconstruct_n(0, started), dtype=np.float32)
-        if self._algorithm in _PROJECTED:  # decoded codes: renormalise 8-bit ones only
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            if np.any(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE / 2):
-                vectors /= np.maximum(norms, 1e-12)
-        labels = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        vectors = _renormalise_decoded(self._index.index.reconstruct_n(0, started))
+        labels, _ = self._label_order()
         keep = ~np.isin(labels, self._tombstones)
         fresh = self._new_faiss_index()
         if keep.any():
@@ -496,11 +503,7 @@ class CosineIndex(SignalIndex):
         if missing.any():
             raise KeyError(f"not in the index: {int(wanted[np.flatnonzero(missing)[0]])}")
         inner: Any = self._index.index
-        vectors = np.asarray(inner.reconstruct_batch(positions), dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        if np.any(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE / 2):
-            vectors /= np.maximum(norms, 1e-12)
-        return vectors
+        return _renormalise_decoded(inner.reconstruct_batch(positions))
 
     def _label_order(self) -> tuple[IdArray, IdArray]:
         """FAISS position -> id labels and their ascending order (cached until a change)."""
@@ -576,7 +579,7 @@ class CosineIndex(SignalIndex):
         if self._selector is None:
             dead = self._tombstones
             if positions:
-                labels = faiss.vector_to_array(self._index.id_map)
+                labels, _ = self._label_order()
                 dead = np.flatnonzero(np.isin(labels, self._tombstones)).astype(np.int64)
             # Keep the batch selector referenced: IDSelectorNot holds a raw pointer to it.
             batch = faiss.IDSelectorBatch(dead)
