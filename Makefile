@@ -35,6 +35,7 @@ compose:
 lint: venv
 	$(PY) -m ruff check moderation workers admin tests
 	$(PY) -m ruff format --check moderation workers admin tests
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
 	$(PY) -m mypy moderation workers admin

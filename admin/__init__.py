@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from moderation.config import Settings, load_settings
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 
 # "module:attribute" of each blueprint, registered in this order.
 BLUEPRINTS: tuple[str, ...] = (
@@ -33,7 +33,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app from :class:`~moderation.config.Settings`.
 
     ``test_config`` may carry ``SETTINGS`` (a ready :class:`Settings`), ``JOB_RUNNER`` (a
-    :class:`moderation.blocklist.jobs.JobRunner`; default: a background thread) and any Flask
+    :class:`moderation.banks.jobs.JobRunner`; default: a background thread) and any Flask
     config keys; without it, settings come from the environment like every other entry point.
 
     Raises:
@@ -41,7 +41,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
             secret key, debug on: RELIABILITY.md W10).
     """
     from admin import security
-    from moderation.blocklist.jobs import ThreadJobRunner
+    from moderation.banks.jobs import ThreadJobRunner
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -69,7 +69,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def runtime() -> Runtime:
-    """The :class:`~moderation.runtime.Runtime` of the current app."""
+    """The :class:`~moderation.service.runtime.Runtime` of the current app."""
     value = current_app.extensions["moderation"]
     assert isinstance(value, Runtime)
     return value

@@ -21,7 +21,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.datastructures import CallbackDict
 
-from moderation.review import utc
+from moderation.governance.review import utc
 from moderation.storage.db import transaction
 from moderation.storage.models import ConsoleSession
 

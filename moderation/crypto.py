@@ -54,7 +54,7 @@ WRAPPED_BLOB_BYTES = NONCE_BYTES + KEY_BYTES + TAG_BYTES
 """Length of :attr:`WrappedKey.blob`: nonce, encrypted data key, tag."""
 MAX_ONE_SHOT_BYTES = 2**31 - 1
 """Largest plaintext :func:`encrypt` takes: ``cryptography``'s one-shot AEAD limit. Larger
-payloads (index snapshots) use the streaming writer in :mod:`moderation.blocklist.snapshot`."""
+payloads (index snapshots) use the streaming writer in :mod:`moderation.banks.snapshot`."""
 
 KEY_FILE_FORMAT = 1
 MASTER_KEYS_ENV = "MODERATION_MASTER_KEYS"

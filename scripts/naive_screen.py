@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from moderation.encoders.timm_backend import (
+from moderation.signals.encoders.timm_backend import (
     GEM_EPS,
     GEM_P,
     INPUT_MEAN,

@@ -128,9 +128,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def runtime(settings: Settings) -> Iterator[object]:
-    """A :class:`moderation.runtime.Runtime` over ``settings``: data dir, schema, dev key ring."""
+    """A :class:`moderation.service.runtime.Runtime` over ``settings``: data dir, schema, dev key
+    ring."""
     from moderation.crypto import load_keyring
-    from moderation.runtime import Runtime
+    from moderation.service.runtime import Runtime
     from moderation.storage.db import migrate
 
     settings.ensure_dirs()

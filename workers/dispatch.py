@@ -1,4 +1,5 @@
-"""The Celery implementation of :class:`moderation.dispatch.Dispatcher`: sends tasks by name."""
+"""The Celery implementation of :class:`moderation.service.dispatch.Dispatcher`: sends tasks by
+name."""
 
 from __future__ import annotations
 

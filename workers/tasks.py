@@ -1,8 +1,9 @@
 """Thin Celery tasks: take an id, call one library function (STYLE.md rule 13).
 
-Each worker process builds one :class:`~moderation.runtime.Runtime` after fork; processes that
+Each worker process builds one :class:`~moderation.service.runtime.Runtime` after fork; processes
+that
 consume the ``screening`` queue also load the encoder and the current snapshot right away
-(``worker_process_init``) and keep them current (:class:`~moderation.queue.WorkerState`).
+(``worker_process_init``) and keep them current (:class:`~moderation.service.queue.WorkerState`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from typing import Any
 from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 
-from moderation.audit import checkpoint_if_due
-from moderation.callbacks import deliver_callback
-from moderation.dispatch import attach_dispatcher
-from moderation.queue import RetryLater, WorkerState, process_upload, reconcile
-from moderation.runtime import Runtime
+from moderation.audit.log import checkpoint_if_due
+from moderation.service.callbacks import deliver_callback
+from moderation.service.dispatch import attach_dispatcher
+from moderation.service.queue import RetryLater, WorkerState, process_upload, reconcile
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from workers.celery_app import (
     CALLBACK_TASK,
@@ -90,7 +91,7 @@ def _process_gone(pid: int | None = None, **_: Any) -> None:
 def screen(upload_id: str) -> str:
     """Screen one upload and record its result (idempotent by upload id), together with up to
     ``worker_batch_size - 1`` fresh queued uploads in one encoder batch (their own tasks then
-    find them done; see ``moderation.queue.process_upload``)."""
+    find them done; see ``moderation.service.queue.process_upload``)."""
     state = worker_state()
     settings = state.runtime.settings
     done = process_upload(

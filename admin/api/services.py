@@ -1,7 +1,8 @@
 """Per-app collaborators of the API: Celery app and dispatcher, per-client rate limiter.
 
 Built once per Flask app when the blueprint is registered. Tests may put a ready dispatcher in
-the app config as ``MODERATION_DISPATCHER`` (e.g. ``moderation.dispatch.RecordingDispatcher``).
+the app config as ``MODERATION_DISPATCHER`` (e.g.
+``moderation.service.dispatch.RecordingDispatcher``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from moderation.dispatch import Dispatcher, attach_dispatcher
-from moderation.runtime import Runtime
+from moderation.service.dispatch import Dispatcher, attach_dispatcher
+from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 
 from admin.api.services import services
-from moderation.metrics import database_samples
-from moderation.queue import worker_reports
-from moderation.runtime import Runtime
+from moderation.service.metrics import database_samples
+from moderation.service.queue import worker_reports
+from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``/api/v1``: the HTTP upload hook (ARCHITECTURE.md "HTTP upload hook").
 
 Views are thin: authenticate the bearer token, rate-limit per client, validate the form, call
-``moderation.queue.submit_upload`` (which commits the upload before sending its task), and
+``moderation.service.queue.submit_upload`` (which commits the upload before sending its task), and
 answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200`` with it.
 Every error is JSON ``{"error": {"code", "message"}}``.
 """
@@ -17,9 +17,9 @@ from werkzeug.exceptions import HTTPException
 
 from admin.api.openapi import openapi_document
 from admin.api.services import ApiServices, services, setup
-from moderation.clients import authenticate
-from moderation.queue import SubmissionError, submit_upload, wait_for_upload
-from moderation.results import upload_view
+from moderation.service.api_clients import authenticate
+from moderation.service.queue import SubmissionError, submit_upload, wait_for_upload
+from moderation.service.results import upload_view
 from moderation.storage.models import Upload
 
 logger = logging.getLogger(__name__)

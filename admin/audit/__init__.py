@@ -1,6 +1,6 @@
 """The audit log: browse events, verify the hash chain, export a signed copy.
 
-Verification and export call the library (``moderation.audit.verify_chain`` and
+Verification and export call the library (``moderation.audit.log.verify_chain`` and
 ``export_events``); this page only reads and renders.
 """
 
@@ -20,7 +20,7 @@ from wtforms.validators import DataRequired, Optional
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user
-from moderation.audit import export_events, signing_key, verify_chain
+from moderation.audit.log import export_events, signing_key, verify_chain
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent
 

@@ -31,10 +31,8 @@ from admin.permissions import (
     step_up_required,
 )
 from admin.sessions import ServerSession, end_expired_sessions
-from moderation.audit import record_event
-from moderation.storage.db import transaction
-from moderation.storage.models import User
-from moderation.users import (
+from moderation.audit.log import record_event
+from moderation.governance.users import (
     UserError,
     authenticate,
     create_user,
@@ -47,6 +45,8 @@ from moderation.users import (
     verify_password,
     verify_totp,
 )
+from moderation.storage.db import transaction
+from moderation.storage.models import User
 
 bp = Blueprint("auth", __name__)
 

@@ -6,7 +6,7 @@ from wtforms import BooleanField, HiddenField, PasswordField, SelectField, Strin
 from wtforms.validators import AnyOf, DataRequired, Length, Optional, Regexp
 
 from admin.forms import ConsoleForm
-from moderation.users import MAX_PASSWORD_LENGTH, ROLES
+from moderation.governance.users import MAX_PASSWORD_LENGTH, ROLES
 
 
 class LoginForm(ConsoleForm):

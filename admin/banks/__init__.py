@@ -1,7 +1,7 @@
 """Banks: list, create, import a zip in the background, entries, enable/disable, removals.
 
 Removing entries or a whole bank is a request that a second admin approves (two-person rule,
-:mod:`moderation.approvals`).
+:mod:`moderation.governance.approvals`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from wtforms.validators import AnyOf, DataRequired, Length
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
-from moderation.approvals import (
+from moderation.audit.log import record_event
+from moderation.banks.blocklist import BlocklistError, create_bank
+from moderation.banks.jobs import JobError, JobRunner, create_import_job, job_view
+from moderation.banks.operations import set_bank_enabled, set_entry_disabled
+from moderation.governance.approvals import (
     DELETE_BANK,
     DELETE_ENTRIES,
     ApprovalError,
@@ -27,10 +31,6 @@ from moderation.approvals import (
     reject,
     request_removal,
 )
-from moderation.audit import record_event
-from moderation.blocklist.jobs import JobError, JobRunner, create_import_job, job_view
-from moderation.blocklist.operations import set_bank_enabled, set_entry_disabled
-from moderation.blocklist.service import BlocklistError, create_bank
 from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry
 
@@ -78,7 +78,7 @@ def _bank(bank_id: int) -> Bank:
 
 
 def _banks_page(form: CreateBankForm, status: int = 200) -> Any:
-    from moderation.blocklist.operations import list_banks
+    from moderation.banks.operations import list_banks
 
     return render_template("banks/list.html", banks=list_banks(runtime()), form=form), status
 

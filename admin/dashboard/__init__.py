@@ -7,7 +7,7 @@ from flask import Blueprint, render_template
 from admin import runtime
 from admin.dashboard.charts import stacked_bars
 from admin.permissions import permission_required
-from moderation.dashboard import REVIEW_DECISIONS, SCREENING_DECISIONS, dashboard_stats
+from moderation.governance.dashboard import REVIEW_DECISIONS, SCREENING_DECISIONS, dashboard_stats
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moderation.dashboard import HourBucket
+from moderation.governance.dashboard import HourBucket
 
 WIDTH = 720
 HEIGHT = 180

@@ -1,7 +1,7 @@
 """GDPR erasure (Art. 17) for the DPO: record a request, preview what erasure touches, erase.
 
 Raw subject ids are typed into POST forms only (never URLs, logs or audit events); the library
-(:mod:`moderation.gdpr`) pseudonymises them and signs the receipt.
+(:mod:`moderation.governance.gdpr`) pseudonymises them and signs the receipt.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from wtforms.validators import DataRequired, Length
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import permission_required, require_user, step_up_required
-from moderation.gdpr import (
+from moderation.governance.gdpr import (
     GdprError,
     erase_subject,
     list_requests,

@@ -7,7 +7,6 @@ at precision 0.99, the false positive rate at the block decision and per-edit re
 :mod:`moderation.benchmark.report` writes JSON, markdown and a precision-recall plot.
 """
 
-from moderation.benchmark.edits import EDITS, EditFn, apply_edit
 from moderation.benchmark.metrics import (
     Prediction,
     decision_rates,
@@ -27,6 +26,7 @@ from moderation.benchmark.protocol import (
     run_protocol,
 )
 from moderation.benchmark.report import markdown_table, plot_pr_curves, to_json
+from moderation.media.edits import EDITS, EditFn, apply_edit
 
 __all__ = [
     "EDITS",

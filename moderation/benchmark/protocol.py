@@ -10,7 +10,6 @@ full pipeline are compared on the same queries in the same run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
@@ -22,7 +21,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from moderation.benchmark.edits import EDITS, apply_edit
 from moderation.benchmark.metrics import (
     Prediction,
     decision_rates,
@@ -31,6 +29,7 @@ from moderation.benchmark.metrics import (
     per_edit_recall_at_decisions,
     recall_at_precision,
 )
+from moderation.media.edits import EDITS, apply_edit, derived_seed
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +80,11 @@ def _image_ids(paths: Sequence[Path]) -> list[str]:
     return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
 
 
-def _derived_seed(purpose: str, seed: int, edit: str, index: int) -> int:
-    digest = hashlib.sha256(f"moderation.benchmark.{purpose}:{seed}:{edit}:{index}".encode())
-    # 48 bits: plenty for distinct seeds, and exact as a JSON number in any language.
-    return int.from_bytes(digest.digest()[:6], "big")
-
-
 def query_seed(seed: int, edit: str, index: int) -> int:
     """The seed of the edit of query ``index`` of ``edit`` under protocol ``seed``: the first 6
     bytes of SHA-256 over a string naming the benchmark, so no other use of ``seed`` (the split,
     classifier training) draws the same numbers."""
-    return _derived_seed("query", seed, edit, index)
+    return derived_seed("query", seed, edit, index)
 
 
 def build_protocol(
@@ -175,7 +168,7 @@ def build_protocol(
 
     queries: list[Query] = []
     for edit in edits:
-        rng = random.Random(_derived_seed("sample", seed, edit, 0))  # noqa: S311
+        rng = random.Random(derived_seed("sample", seed, edit, 0))  # noqa: S311
         sources = [(ix, "pos") for ix in rng.sample(reference_ix, positives_per_edit)]
         sources += [(ix, "neg") for ix in rng.sample(non_member_ix, negatives_per_edit)]
         kind_index = {"pos": 0, "neg": 0}
@@ -202,7 +195,7 @@ def build_protocol(
                 )
             )
             kind_index[kind] += 1
-    rng = random.Random(_derived_seed("sample", seed, UNEDITED, 0))  # noqa: S311
+    rng = random.Random(derived_seed("sample", seed, UNEDITED, 0))  # noqa: S311
     for i, ix in enumerate(rng.sample(non_member_ix, unedited_negatives)):
         queries.append(Query(f"{UNEDITED}/neg/{i}", image(ix).copy(), UNEDITED, None, ids[ix]))
     references = tuple((ids[ix], paths[ix]) for ix in sorted(reference_ix, key=ids.__getitem__))

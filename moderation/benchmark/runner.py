@@ -5,9 +5,10 @@ Methods compared in one run, on the same queries:
 * ``pdq``: the baseline, PDQ via ``pdqhash``; score = 256 - the smallest Hamming distance over
   the query's 8 dihedral variants (BENCHMARKS.md).
 * ``global-cosine``: the production pipeline without the classifier stage: a real bank import
-  (encrypted snapshot) and :class:`~moderation.screening.Screener` with the active policy
+  (encrypted snapshot) and :class:`~moderation.matching.screening.Screener` with the active policy
   (decisions from its thresholds; score = best block-bank cosine).
-* ``classifier``: the same pipeline with the classifier stage (:mod:`moderation.classifier`):
+* ``classifier``: the same pipeline with the classifier stage
+(:mod:`moderation.matching.classifier`):
   the bank import also stores entry windows and synthetic labelled pairs (training copies made
   with training seeds, never the queries' :func:`~moderation.benchmark.protocol.query_seed`),
   a model is trained and activated, and decisions come from the policy's probability
@@ -47,8 +48,8 @@ from moderation.benchmark.protocol import (
 )
 from moderation.benchmark.report import markdown_table, plot_pr_curves, to_json
 from moderation.config import Settings, load_settings
-from moderation.hashing import pdq_hash, pdq_hash_dihedral
-from moderation.imaging import DecodeLimits, UnscannableImage, decode_image
+from moderation.media.decode import DecodeLimits, UnscannableImage, decode_image
+from moderation.signals.pdq import pdq_hash, pdq_hash_dihedral
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +131,10 @@ class ScreeningMethod:
         self._ref_of_label: dict[str, str] = {}
 
     def index(self, references: Sequence[tuple[str, Image.Image]]) -> None:
-        from moderation.blocklist.operations import import_bank
-        from moderation.blocklist.service import create_bank
+        from moderation.banks.blocklist import create_bank
+        from moderation.banks.operations import import_bank
         from moderation.crypto import load_keyring
-        from moderation.runtime import Runtime
+        from moderation.service.runtime import Runtime
         from moderation.storage.db import migrate, transaction
 
         self.settings.ensure_dirs()
@@ -146,7 +147,7 @@ class ScreeningMethod:
         by_name = {p.name: ref_id for ref_id, p in self.reference_paths.items()}
         report = import_bank(runtime, "benchmark-references", paths, actor="benchmark")
         if self.train_classifier:
-            from moderation.classifier.training import train
+            from moderation.matching.classifier.training import train
 
             trained = train(runtime, actor="benchmark")
             self.training = {"training_pairs": report.training_pairs, **trained.to_json()}

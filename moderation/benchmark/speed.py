@@ -6,7 +6,7 @@ over repeats and is printed with its baseline from the same run and the ratio. S
 ``decode``    Pillow full decode + ``convert("RGB")`` (baseline) vs :func:`decode_image` with
               the screener's JPEG draft size (one decode shared by encoder and PDQ).
 ``pdq``       PDQ with its 8 dihedral variants on full-size frames (baseline) vs on frames
-              downsampled to 512 px first (:data:`moderation.hashing.PDQ_DOWNSAMPLE_MAX_SIDE`).
+              downsampled to 512 px first (:data:`moderation.signals.pdq.PDQ_DOWNSAMPLE_MAX_SIDE`).
 ``encoder``   eager PyTorch with torchvision preprocessing (the encoder before issue 7) vs the
               configured runtime (default ONNX Runtime with numpy preprocessing), batch 1 and
               32, images/s, and the least per-image cosine between the two.
@@ -20,7 +20,7 @@ over repeats and is printed with its baseline from the same run and the ratio. S
               (strict, and ann-benchmarks' tolerant form: a hit counts when its true cosine is
               within 1e-3 of the true 10th), build time, bytes per entry, and the encrypted
               bank snapshot's load time (read, SHA-256, decrypt, parse, zero-copy index load;
-              the payload :func:`~moderation.blocklist.service.commit_signals` writes, without
+              the payload :func:`~moderation.banks.blocklist.commit_signals` writes, without
               the classifier stage's region vectors) against building the index at load (what
               a worker did before snapshots carried the index).
 
@@ -134,9 +134,9 @@ def _echo_pair(echo: Echo, row: dict[str, Any], baseline: str, fast: str) -> Non
 
 def bench_decode(datas: Sequence[bytes], settings: Settings, repeats: int) -> list[dict[str, Any]]:
     """Decode and PDQ rates (images/s), baseline vs fast."""
-    from moderation.hashing import pdq_hash_dihedral
-    from moderation.imaging import DecodeLimits, decode_image
-    from moderation.screening import Screener
+    from moderation.matching.screening import Screener
+    from moderation.media.decode import DecodeLimits, decode_image
+    from moderation.signals.pdq import pdq_hash_dihedral
 
     limits = DecodeLimits.from_settings(settings)
     draft: tuple[int, int] | None = inspect.signature(Screener).parameters["draft_size"].default
@@ -217,9 +217,9 @@ def bench_encoder(
     configured runtime, and the least per-image cosine between their embeddings."""
     import torch
 
-    from moderation.encoders import create_encoder
-    from moderation.encoders.base import l2_normalise
-    from moderation.encoders.timm_backend import EfficientNetLite0Encoder
+    from moderation.signals.encoders import create_encoder
+    from moderation.signals.encoders.base import l2_normalise
+    from moderation.signals.encoders.timm_backend import EfficientNetLite0Encoder
 
     fast = create_encoder(
         settings.encoder,
@@ -293,11 +293,11 @@ def bench_pipeline(
     paths: Sequence[Path], settings: Settings, bank_size: int, repeats: int
 ) -> dict[str, Any]:
     """Per-image pipeline rate: :class:`Screener` vs the naive script's pipeline, in-process."""
-    from moderation.blocklist.operations import import_bank
-    from moderation.blocklist.service import create_bank
+    from moderation.banks.blocklist import create_bank
+    from moderation.banks.operations import import_bank
     from moderation.config import load_settings
     from moderation.crypto import load_keyring
-    from moderation.runtime import Runtime
+    from moderation.service.runtime import Runtime
     from moderation.storage.db import migrate, transaction
 
     work = Path(tempfile.mkdtemp(prefix="moderation-speed-"))
@@ -433,13 +433,13 @@ def _exact_latency(gen: Generator, n: int, queries: np.ndarray) -> list[float]:
 
 def _snapshot_load(serialized: bytes, n: int, work: Path) -> tuple[float, int]:
     """Seconds to read, decrypt, parse and load an encrypted bank snapshot of ``n`` active
-    entries holding the built index (as :func:`moderation.blocklist.service.commit_signals`
+    entries holding the built index (as :func:`moderation.banks.blocklist.commit_signals`
     writes it: ids, PDQ digests, the index, the global vectors kept only in the index; no
     region vectors, which only the classifier stage adds), and the file's size in bytes."""
-    from moderation.blocklist.service import Payload
-    from moderation.blocklist.snapshot import read_snapshot, write_snapshot
+    from moderation.banks.blocklist import Payload
+    from moderation.banks.index import CosineIndex, load_index
+    from moderation.banks.snapshot import read_snapshot, write_snapshot
     from moderation.crypto import KeyRing
-    from moderation.index import CosineIndex, load_index
 
     ring = KeyRing({"bench": secrets.token_bytes(32)}, "bench")
     payload = Payload.empty("bench", 1280)
@@ -480,8 +480,8 @@ def bench_index(real: np.ndarray, sizes: Sequence[int], echo: Echo) -> list[dict
     """The index section at each bank size (see the module docstring)."""
     import faiss
 
-    from moderation.index import CosineIndex
-    from moderation.index.cosine import PCA_MIN_ENTRIES, ivf_nlist
+    from moderation.banks.index import CosineIndex
+    from moderation.banks.index.cosine import PCA_MIN_ENTRIES, ivf_nlist
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     gen = Generator(real)
@@ -669,7 +669,7 @@ def run_speed_benchmark(
         _echo_pair(echo, pipeline, "naive", "screen")
         report["stages"] = [*decode_rows, *encoder_rows, pipeline]
     if index_sizes:
-        from moderation.encoders import create_encoder
+        from moderation.signals.encoders import create_encoder
 
         encoder = create_encoder(settings.encoder, device=settings.device)
         real = real_embeddings(images, encoder.encode)

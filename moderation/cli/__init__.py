@@ -35,9 +35,10 @@ class Context:
 
     @property
     def runtime(self) -> Any:
-        """The :class:`moderation.runtime.Runtime` (imported lazily: torch is slow to import)."""
+        """The :class:`moderation.service.runtime.Runtime` (imported lazily: torch is slow to
+        import)."""
         if self._runtime is None:
-            from moderation.runtime import Runtime
+            from moderation.service.runtime import Runtime
 
             self._runtime = Runtime(self.settings)
         return self._runtime
@@ -54,8 +55,8 @@ def _fail(message: str) -> None:
 @contextmanager
 def config_errors() -> Iterator[None]:
     """Turn configuration and integrity errors into a one-line message and exit code 3."""
-    from moderation.blocklist.service import BlocklistError
-    from moderation.blocklist.snapshot import SnapshotError
+    from moderation.banks.blocklist import BlocklistError
+    from moderation.banks.snapshot import SnapshotError
     from moderation.crypto import CryptoError
 
     try:

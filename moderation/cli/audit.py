@@ -44,7 +44,7 @@ def _subject_argument(subject_id: str) -> str:
 
 def _public_key_of_deployment(runtime: Any) -> str | None:
     """The deployment's audit public key (hex), or None when its signing key is missing."""
-    from moderation.audit import AuditKeyError, public_key_hex, signing_key
+    from moderation.audit.log import AuditKeyError, public_key_hex, signing_key
 
     with runtime.sessions() as session:
         try:
@@ -79,7 +79,7 @@ def audit() -> None:
 @pass_ctx
 def audit_verify(ctx: Context, public_key: str | None, as_json: bool) -> None:
     """Check the hash chain and the signed checkpoints; exit 1 naming the first bad seq."""
-    from moderation.audit import verify_chain
+    from moderation.audit.log import verify_chain
 
     with config_errors():
         runtime = ctx.runtime
@@ -121,7 +121,7 @@ def audit_verify(ctx: Context, public_key: str | None, as_json: bool) -> None:
 @pass_ctx
 def audit_checkpoint(ctx: Context, if_due: bool) -> None:
     """Sign the current head of the chain (run periodically, e.g. from cron)."""
-    from moderation.audit import checkpoint_if_due, write_checkpoint
+    from moderation.audit.log import checkpoint_if_due, write_checkpoint
     from moderation.storage.db import transaction
 
     with config_errors():
@@ -145,7 +145,7 @@ def audit_checkpoint(ctx: Context, if_due: bool) -> None:
 @pass_ctx
 def audit_public_key(ctx: Context) -> None:
     """Print the audit public key (hex); keep a copy offline to pin it when verifying."""
-    from moderation.audit import public_key_hex, signing_key
+    from moderation.audit.log import public_key_hex, signing_key
     from moderation.storage.db import transaction
 
     with config_errors():
@@ -178,7 +178,7 @@ def audit_export(
     manifest_path: Path | None,
 ) -> None:
     """Export events with a signed manifest (the export itself is audited)."""
-    from moderation.audit import export_events, signing_key
+    from moderation.audit.log import export_events, signing_key
     from moderation.storage.db import transaction
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
@@ -200,7 +200,7 @@ def audit_export(
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     click.echo(
         f"wrote {manifest['count']} events to {out_path} and the manifest to {manifest_path}; "
-        "verify offline with: python -m moderation.audit_offline "
+        "verify offline with: python -m moderation.audit.offline "
         f"{out_path} {manifest_path} --public-key {manifest['public_key']}",
         err=True,
     )
@@ -220,7 +220,7 @@ def audit_verify_export(
     ctx: Context, export_file: Path, manifest_file: Path, public_key: str | None
 ) -> None:
     """Check an export against its manifest; exit 1 naming the first bad line."""
-    from moderation.audit_offline import load_public_key, verify_export
+    from moderation.audit.offline import load_public_key, verify_export
 
     with config_errors():
         if public_key is None:
@@ -246,7 +246,7 @@ def audit_verify_export(
 @pass_ctx
 def audit_verify_receipt(ctx: Context, receipt_file: Path, public_key: str | None) -> None:
     """Check the Ed25519 signature of an erasure receipt."""
-    from moderation.audit_offline import RECEIPT_TYPE, load_public_key, verify_signature
+    from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signature
 
     with config_errors():
         if public_key is None:
@@ -278,7 +278,7 @@ def gdpr() -> None:
 @pass_ctx
 def gdpr_preview(ctx: Context, subject_id: str) -> None:
     """Counts per store that erasing SUBJECT_ID ("-": read from stdin) would remove."""
-    from moderation.gdpr import GdprError, preview_erasure
+    from moderation.governance.gdpr import GdprError, preview_erasure
 
     subject = _subject_argument(subject_id)
     with config_errors():
@@ -296,7 +296,7 @@ def gdpr_preview(ctx: Context, subject_id: str) -> None:
 @pass_ctx
 def gdpr_request(ctx: Context, subject_id: str) -> None:
     """Register an erasure request for SUBJECT_ID (its deadline starts now)."""
-    from moderation.gdpr import register_request
+    from moderation.governance.gdpr import register_request
 
     subject = _subject_argument(subject_id)
     with config_errors():
@@ -316,7 +316,7 @@ def gdpr_erase(ctx: Context, subject_id: str, dry_run: bool, yes: bool) -> None:
 
     Resumable: rerun the same command after an interruption.
     """
-    from moderation.gdpr import GdprError, erase_subject
+    from moderation.governance.gdpr import GdprError, erase_subject
 
     if not (dry_run or yes):
         raise click.UsageError("erasure cannot be undone: add --yes (or use --dry-run)")
@@ -337,7 +337,7 @@ def gdpr_erase(ctx: Context, subject_id: str, dry_run: bool, yes: bool) -> None:
 @pass_ctx
 def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
     """List erasure requests (newest first), or the overdue ones (oldest first)."""
-    from moderation.gdpr import list_requests, overdue_requests
+    from moderation.governance.gdpr import list_requests, overdue_requests
 
     with config_errors():
         runtime = ctx.runtime
@@ -359,7 +359,7 @@ def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
 @pass_ctx
 def gdpr_held(ctx: Context) -> None:
     """List uploads kept under legal hold after their subject's erasure."""
-    from moderation.gdpr import held_uploads
+    from moderation.governance.gdpr import held_uploads
 
     with config_errors():
         runtime = ctx.runtime
@@ -378,7 +378,7 @@ def gdpr_held(ctx: Context) -> None:
 def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) -> None:
     """Decrypt a held upload to OUT (for a lawful request); the access is audited."""
     from moderation.crypto import write_private_file
-    from moderation.gdpr import GdprError, read_held_upload
+    from moderation.governance.gdpr import GdprError, read_held_upload
 
     with config_errors():
         runtime = ctx.runtime
@@ -395,7 +395,7 @@ def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) ->
 @pass_ctx
 def gdpr_release_holds(ctx: Context) -> None:
     """Erase held uploads of erased subjects whose legal hold has ended."""
-    from moderation.gdpr import GdprError, release_expired_holds
+    from moderation.governance.gdpr import GdprError, release_expired_holds
 
     with config_errors():
         runtime = ctx.runtime

@@ -25,7 +25,7 @@ def classifier_train(ctx: Context, regularisation: float) -> None:
     """Retrain from synthetic (bank import) and review-decision labelled pairs; prints held-out
     figures before (active model) and after (new model). A worse model is stored but not
     activated (exit 1); both outcomes are audited."""
-    from moderation.classifier.training import train
+    from moderation.matching.classifier.training import train
 
     with config_errors():
         runtime = ctx.runtime

@@ -24,9 +24,9 @@ from moderation.cli import (
 @pass_ctx
 def init(ctx: Context) -> None:
     """Create the data directory, the database schema and (dev only) a key file."""
-    from moderation.audit import public_key_hex, record_event, signing_key
+    from moderation.audit.log import public_key_hex, record_event, signing_key
     from moderation.crypto import load_keyring
-    from moderation.policy import load_policy
+    from moderation.matching.policy import load_policy
     from moderation.storage.db import migrate, transaction
 
     settings = ctx.settings
@@ -81,8 +81,8 @@ def bank() -> None:
 @pass_ctx
 def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
     """Create a bank NAME."""
-    from moderation.audit import record_event
-    from moderation.blocklist.service import create_bank
+    from moderation.audit.log import record_event
+    from moderation.banks.blocklist import create_bank
     from moderation.storage.db import transaction
 
     with config_errors():
@@ -108,7 +108,7 @@ def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
     """Import images (files, folders, zip files) into bank NAME; originals are not kept."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from moderation.blocklist.operations import import_bank
+    from moderation.banks.operations import import_bank
 
     with config_errors():
         runtime = ctx.runtime
@@ -145,7 +145,7 @@ def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
 @pass_ctx
 def bank_list(ctx: Context, as_json: bool) -> None:
     """List banks with their entry counts."""
-    from moderation.blocklist.operations import list_banks
+    from moderation.banks.operations import list_banks
 
     with config_errors():
         runtime = ctx.runtime
@@ -164,7 +164,7 @@ def bank_list(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def bank_entries(ctx: Context, name: str, as_json: bool) -> None:
     """List the entries of bank NAME (metadata only)."""
-    from moderation.blocklist.operations import list_entries
+    from moderation.banks.operations import list_entries
 
     with config_errors():
         runtime = ctx.runtime
@@ -178,7 +178,7 @@ def bank_entries(ctx: Context, name: str, as_json: bool) -> None:
 
 
 def _set_entry_disabled(ctx: Context, entry_id: str, disabled: bool) -> None:
-    from moderation.blocklist.operations import set_entry_disabled
+    from moderation.banks.operations import set_entry_disabled
 
     with config_errors():
         runtime = ctx.runtime
@@ -212,8 +212,8 @@ def bank_enable_entry(ctx: Context, entry_id: str) -> None:
 @pass_ctx
 def hash_command(ctx: Context, paths: tuple[str, ...], as_json: bool) -> None:
     """Print the PDQ digest (ThreatExchange hex) and quality of each image."""
-    from moderation.hashing import pdq_hash
-    from moderation.imaging import DecodeLimits, UnscannableImage, decode_file
+    from moderation.media.decode import DecodeLimits, UnscannableImage, decode_file
+    from moderation.signals.pdq import pdq_hash
 
     limits = DecodeLimits.from_settings(ctx.settings)
     rows: list[dict[str, Any]] = []
@@ -250,7 +250,7 @@ def screen(
     external_id_prefix: str,
 ) -> None:
     """Screen images against every enabled bank; exit 0 whatever the decisions."""
-    from moderation.operations import screen_paths
+    from moderation.service.operations import screen_paths
 
     rows: list[dict[str, Any]] = []
 
@@ -307,7 +307,7 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
     With MODERATION_MASTER_KEYS set, no key is generated: put the new key first in the
     variable (keeping the old ones), run this to re-wrap, then drop the old keys.
     """
-    from moderation.operations import rotate_keys
+    from moderation.governance.keys import rotate_keys
 
     with config_errors():
         runtime = ctx.runtime
@@ -378,7 +378,7 @@ def benchmark(
 @pass_ctx
 def demo(ctx: Context) -> None:
     """Build a bank from scikit-image's photos and screen edited copies and unrelated photos."""
-    from moderation.demo import run_demo
+    from moderation.cli.demo import run_demo
 
     with config_errors():
         run_demo(ctx.settings, echo=click.echo)

@@ -158,7 +158,7 @@ def api_client() -> None:
 @pass_ctx
 def api_client_create(ctx: Context, name: str, allowlist: tuple[str, ...]) -> None:
     """Create an API client; prints its token and callback secret (shown only once)."""
-    from moderation.clients import ClientError, create_api_client
+    from moderation.service.api_clients import ClientError, create_api_client
     from moderation.storage.db import transaction
 
     with config_errors():

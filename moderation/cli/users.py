@@ -33,8 +33,8 @@ def users_create(
     ctx: Context, email: str, role: str, password_stdin: bool, totp: bool | None
 ) -> None:
     """Create a console user; prints {"user_id", "totp_uri"} (the URI is shown only once)."""
+    from moderation.governance.users import UserError, create_user
     from moderation.storage.db import transaction
-    from moderation.users import UserError, create_user
 
     line = sys.stdin.readline() if password_stdin else ""
     password = line[:-1] if line.endswith("\n") else line
@@ -63,7 +63,7 @@ def users_create(
 @pass_ctx
 def users_list(ctx: Context, as_json: bool) -> None:
     """List console users."""
-    from moderation.users import has_totp, list_users
+    from moderation.governance.users import has_totp, list_users
 
     with config_errors():
         runtime = ctx.runtime
@@ -87,8 +87,8 @@ def users_list(ctx: Context, as_json: bool) -> None:
 
 
 def _set_disabled(ctx: Context, email: str, disabled: bool) -> None:
+    from moderation.governance.users import get_user_by_email, set_disabled
     from moderation.storage.db import transaction
-    from moderation.users import get_user_by_email, set_disabled
 
     with config_errors():
         runtime = ctx.runtime

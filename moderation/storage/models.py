@@ -147,7 +147,8 @@ class Upload(Base):
     size_bytes: Mapped[int | None] = mapped_column(Integer)
     legal_hold_until: Mapped[datetime | None] = mapped_column()
     # Set when an erasure request found this upload under legal hold: the upload is detached
-    # from its subject and erased by ``moderation.gdpr.release_expired_holds`` once the hold ends.
+    # from its subject and erased by ``moderation.governance.gdpr.release_expired_holds`` once the
+    # hold ends.
     erasure_request_id: Mapped[str | None] = mapped_column(String(32), index=True)
 
 
@@ -260,7 +261,7 @@ class ClassifierModel(Base):
 
 
 class AuditEvent(Base):
-    """One append-only audit event in a SHA-256 hash chain (see ``moderation.audit``)."""
+    """One append-only audit event in a SHA-256 hash chain (see ``moderation.audit.log``)."""
 
     __tablename__ = "audit_events"
 

@@ -13,7 +13,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from moderation.config import Settings, load_settings
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -13,13 +13,13 @@ import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
-from moderation.blocklist.operations import import_bank
-from moderation.blocklist.service import create_bank
-from moderation.operations import screen_paths
-from moderation.runtime import Runtime
+from moderation.banks.blocklist import create_bank
+from moderation.banks.operations import import_bank
+from moderation.governance.users import create_user, totp_code
+from moderation.service.operations import screen_paths
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, LabelledPair, ReviewItem, User
-from moderation.users import create_user, totp_code
 from tests.conftest import skimage_photo, skimage_photo_path
 
 pytestmark = pytest.mark.browser

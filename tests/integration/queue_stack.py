@@ -288,9 +288,9 @@ class Stack:
 
     def init(self, bank: dict[str, bytes] | None = None) -> Any:
         """Schema, and a block bank of ``bank`` images (default: the three bank photos)."""
-        from moderation.blocklist.operations import import_bank
-        from moderation.blocklist.service import create_bank
-        from moderation.runtime import Runtime
+        from moderation.banks.blocklist import create_bank
+        from moderation.banks.operations import import_bank
+        from moderation.service.runtime import Runtime
         from moderation.storage.db import migrate, transaction
 
         settings = self.settings()
@@ -307,7 +307,7 @@ class Stack:
         return self.runtime
 
     def create_client(self, allowlist: list[str]) -> Any:
-        from moderation.clients import create_api_client
+        from moderation.service.api_clients import create_api_client
         from moderation.storage.db import transaction
 
         with transaction(self.runtime.sessions) as session:

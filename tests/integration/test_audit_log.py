@@ -26,7 +26,7 @@ from sqlalchemy import Engine, create_engine, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from moderation.audit import (
+from moderation.audit.log import (
     compute_hash,
     export_events,
     public_key_hex,
@@ -36,7 +36,7 @@ from moderation.audit import (
     verify_chain,
     write_checkpoint,
 )
-from moderation.audit_offline import CHECKPOINT_TYPE, load_public_key, verify_export
+from moderation.audit.offline import CHECKPOINT_TYPE, load_public_key, verify_export
 from moderation.crypto import KeyRing
 from moderation.storage.db import create_db_engine, migrate, session_factory, transaction
 from moderation.storage.models import AuditCheckpoint, AuditEvent
@@ -289,7 +289,7 @@ def test_row_inserted_with_renumbering_breaks_the_next_link(db: Db) -> None:
         details={"role": "admin"},
         prev_hash=prev,
     )
-    from moderation.audit import event_body
+    from moderation.audit.log import event_body
 
     forged.hash = compute_hash(prev, event_body(forged))
     with transaction(db.sessions) as session:
@@ -331,7 +331,7 @@ def test_rewritten_chain_is_caught_by_the_checkpoint(db: Db) -> None:
     db.events(6)
     db.checkpoint()  # seq 7
     unguard(db)
-    from moderation.audit import event_body
+    from moderation.audit.log import event_body
 
     with transaction(db.sessions) as session:
         rows = session.scalars(select(AuditEvent).order_by(AuditEvent.seq)).all()
@@ -389,7 +389,7 @@ def test_deleted_signing_key_with_checkpoints_fails(db: Db) -> None:
 
 
 def test_checkpoint_is_written_once_per_head(db: Db) -> None:
-    from moderation.audit import checkpoint_if_due
+    from moderation.audit.log import checkpoint_if_due
 
     db.events(3)
     assert db.checkpoint() is not None
@@ -409,7 +409,7 @@ def test_checkpoint_is_written_once_per_head(db: Db) -> None:
 
 WRITER = """
 import sys
-from moderation.audit import record_event
+from moderation.audit.log import record_event
 from moderation.storage.db import create_db_engine, session_factory, transaction
 url, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 engine = create_db_engine(url)
@@ -543,7 +543,7 @@ def test_a7_rehashed_edit_fails_at_the_next_link(db: Db) -> None:
     lines[2]["actor"] = "user:666"
     body = {k: v for k, v in lines[2].items() if k != "hash"}
     lines[2]["hash"] = compute_hash(body["prev_hash"], body)
-    from moderation.audit_offline import canonical_json
+    from moderation.audit.offline import canonical_json
 
     tampered = b"".join(canonical_json(line) + b"\n" for line in lines)
     check = verify_export(tampered, manifest, load_public_key(_public_key(db)))

@@ -229,8 +229,8 @@ def current_snapshot(cli: Cli) -> Path:
 
 def test_no_plaintext_vectors_or_pdq_digests_under_the_data_dir(banked: Cli) -> None:
     """RELIABILITY.md E6: after import and screening, scan every file for the signals."""
-    from moderation.encoders import create_encoder
-    from moderation.hashing import pdq_hash
+    from moderation.signals.encoders import create_encoder
+    from moderation.signals.pdq import pdq_hash
 
     banked("screen", str(skimage_photo_path("chelsea")), "--json")
     encoder = create_encoder("timm/efficientnet_lite0")
@@ -301,7 +301,7 @@ def test_key_rotation_rewraps_and_retires_the_old_key(banked: Cli, tmp_path: Pat
     assert old_key not in json.dumps(keys)
     # The old copy (wrapped under the retired key) can no longer be read: put back in place it
     # is refused, and even without the database's digest check the key is gone.
-    from moderation.blocklist.snapshot import SnapshotError, read_snapshot, read_snapshot_header
+    from moderation.banks.snapshot import SnapshotError, read_snapshot, read_snapshot_header
     from moderation.crypto import KeyRing
 
     current = current_snapshot(banked)
@@ -323,9 +323,9 @@ def test_uploads_are_stored_encrypted_and_readable_with_the_key(banked: Cli) -> 
     from sqlalchemy import select
 
     from moderation.config import load_settings
-    from moderation.runtime import Runtime
+    from moderation.service.runtime import Runtime
+    from moderation.service.uploads import read_upload
     from moderation.storage.models import Upload
-    from moderation.uploads import read_upload
 
     photo = skimage_photo_path("coffee")
     (row,) = banked.json_lines("screen", str(photo), "--json")

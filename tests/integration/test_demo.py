@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from moderation.cli.demo import run_demo
 from moderation.config import load_settings
-from moderation.demo import run_demo
 
 
 @pytest.mark.slow

@@ -35,14 +35,16 @@ from PIL import Image
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
-from moderation.audit import public_key_hex, signing_key, verify_chain
-from moderation.audit_offline import RECEIPT_TYPE, load_public_key, verify_signature
-from moderation.blocklist.operations import import_bank, set_bank_enabled
-from moderation.blocklist.service import current_snapshot, read_payload
+from moderation.audit.log import public_key_hex, signing_key, verify_chain
+from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signature
+from moderation.banks.blocklist import current_snapshot, read_payload
+from moderation.banks.operations import import_bank, set_bank_enabled
 from moderation.config import Settings, load_settings
 from moderation.crypto import DecryptionError, KeyRing, load_keyring
-from moderation.operations import screen_paths
-from moderation.runtime import Runtime
+from moderation.service.operations import screen_paths
+from moderation.service.runtime import Runtime
+from moderation.service.subjects import find_subject, lookup_key, pseudonymize
+from moderation.service.uploads import read_upload
 from moderation.storage.db import migrate, transaction
 from moderation.storage.models import (
     AuditEvent,
@@ -54,8 +56,6 @@ from moderation.storage.models import (
     Subject,
     Upload,
 )
-from moderation.subjects import find_subject, lookup_key, pseudonymize
-from moderation.uploads import read_upload
 from tests.conftest import skimage_photo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -196,7 +196,7 @@ def build_world(
         images[name] = tmp_path / "img" / f"{name}.jpg"
         skimage_photo(name).save(images[name], quality=90)
     with transaction(runtime.sessions) as session:
-        from moderation.blocklist.service import create_bank
+        from moderation.banks.blocklist import create_bank
 
         create_bank(session, "known", category="default")
         create_bank(session, "csam-hashes", category="csam")
@@ -542,7 +542,7 @@ def test_g2_upload_under_legal_hold_is_kept_and_cited(
     cli_env: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from moderation.gdpr import held_uploads, read_held_upload, release_expired_holds
+    from moderation.governance.gdpr import held_uploads, read_held_upload, release_expired_holds
 
     caplog.set_level(logging.DEBUG, logger="moderation")
     world = build_world(tmp_path, database_url, redis_server, log_capture, hold=True)
@@ -606,7 +606,7 @@ def test_g2_upload_under_legal_hold_is_kept_and_cited(
 
 KILLER = """
 import os, signal, sys
-import moderation.gdpr as gdpr
+import moderation.governance.gdpr as gdpr
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -641,7 +641,7 @@ def test_g3_erasure_killed_halfway_converges_on_rerun(
     caplog: pytest.LogCaptureFixture,
     point: str,
 ) -> None:
-    from moderation.gdpr import list_requests, overdue_requests, preview_erasure
+    from moderation.governance.gdpr import list_requests, overdue_requests, preview_erasure
 
     caplog.set_level(logging.DEBUG, logger="moderation")
     world = build_world(tmp_path, database_url, redis_server, log_capture, hold=False)
@@ -735,8 +735,8 @@ def test_actions_fail_when_their_audit_event_cannot_be_written(
     cli_env: pytest.MonkeyPatch,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import moderation.gdpr as gdpr
-    from moderation.gdpr import erase_subject
+    import moderation.governance.gdpr as gdpr
+    from moderation.governance.gdpr import erase_subject
 
     world = build_world(tmp_path, database_url, redis_server, log_capture, hold=False)
     runtime = world.runtime
@@ -794,14 +794,14 @@ def test_a6_every_state_change_writes_exactly_one_complete_event(
     log_capture: Path,
     cli_env: pytest.MonkeyPatch,
 ) -> None:
-    from moderation.blocklist.operations import delete_entries, set_entry_disabled
-    from moderation.gdpr import erase_subject, read_held_upload, register_request
-    from moderation.operations import rotate_keys
+    from moderation.banks.operations import delete_entries, set_entry_disabled
+    from moderation.governance.gdpr import erase_subject, read_held_upload, register_request
+    from moderation.governance.keys import rotate_keys
 
     world = build_world(tmp_path, database_url, redis_server, log_capture, hold=True)
     runtime = world.runtime
     with transaction(runtime.sessions) as session:
-        from moderation.audit import write_checkpoint
+        from moderation.audit.log import write_checkpoint
 
         write_checkpoint(session, runtime.keyring)
     audit_key = receipt_public_key(world)
@@ -870,7 +870,8 @@ def test_a6_every_state_change_writes_exactly_one_complete_event(
         lambda: read_held_upload(runtime, world.held or "", actor="user:9", reason="court order"),
         actor="user:9",
     )
-    # Key rotation re-wrapped the audit key (moderation.keys, deployment_secrets step): same key,
+    # Key rotation re-wrapped the audit key (moderation.governance.keys, deployment_secrets step):
+    # same key,
     # and the checkpoints signed before it still verify.
     assert receipt_public_key(world) == audit_key
     with runtime.sessions() as session:

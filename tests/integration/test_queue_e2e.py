@@ -15,10 +15,10 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from moderation.blocklist.operations import import_bank
-from moderation.blocklist.service import current_snapshot
-from moderation.callbacks import SIGNATURE_HEADER
-from moderation.client import ModerationClient, verify_callback
+from moderation.banks.blocklist import current_snapshot
+from moderation.banks.operations import import_bank
+from moderation.service.callbacks import SIGNATURE_HEADER
+from moderation.service.platform_client import ModerationClient, verify_callback
 from moderation.storage.models import AuditEvent, Screening, Upload
 from tests.integration.queue_stack import (
     REPO,

@@ -22,7 +22,7 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from moderation.client import ApiError, ModerationClient
+from moderation.service.platform_client import ApiError, ModerationClient
 from moderation.storage.models import (
     AuditEvent,
     CallbackDelivery,

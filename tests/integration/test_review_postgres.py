@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from moderation.blocklist.service import EntryInfo, create_bank
+from moderation.banks.blocklist import EntryInfo, create_bank
 from moderation.config import load_settings
 from moderation.crypto import load_keyring
-from moderation.review import claim_next, decide
-from moderation.runtime import Runtime
-from moderation.screening import MatchResult, ScreeningResult, record_result
+from moderation.governance.review import claim_next, decide
+from moderation.governance.users import create_user
+from moderation.matching.screening import MatchResult, ScreeningResult, record_result
+from moderation.service.runtime import Runtime
+from moderation.service.uploads import create_upload
 from moderation.storage.db import migrate, transaction
 from moderation.storage.models import Entry, LabelledPair, ReviewItem
-from moderation.uploads import create_upload
-from moderation.users import create_user
 
 pytestmark = pytest.mark.postgres
 

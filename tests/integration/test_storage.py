@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from moderation.audit import GENESIS_HASH, compute_hash, event_body, record_event
-from moderation.blocklist.service import (
+from moderation.audit.log import GENESIS_HASH, compute_hash, event_body, record_event
+from moderation.banks.blocklist import (
     BlocklistError,
     EncoderMismatchError,
     EntrySignals,
@@ -22,12 +22,12 @@ from moderation.blocklist.service import (
 )
 from moderation.config import load_settings
 from moderation.crypto import load_keyring
-from moderation.runtime import Runtime
-from moderation.screening import ScreeningResult, record_result
+from moderation.matching.screening import ScreeningResult, record_result
+from moderation.service.runtime import Runtime
+from moderation.service.subjects import find_subject, pseudonymize
+from moderation.service.uploads import BlobMissingError, create_upload, read_upload, shred_upload
 from moderation.storage.db import migrate, schema_is_current, transaction
 from moderation.storage.models import AuditEvent, Entry, ReviewItem, Screening, Subject, Upload
-from moderation.subjects import find_subject, pseudonymize
-from moderation.uploads import BlobMissingError, create_upload, read_upload, shred_upload
 
 pytestmark = pytest.mark.postgres
 

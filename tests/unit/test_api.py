@@ -12,11 +12,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from admin import create_app
-from moderation.clients import create_api_client
 from moderation.config import load_settings
-from moderation.dispatch import RecordingDispatcher
-from moderation.queue import WorkerState, process_upload
-from moderation.runtime import Runtime
+from moderation.service.api_clients import create_api_client
+from moderation.service.dispatch import RecordingDispatcher
+from moderation.service.queue import WorkerState, process_upload
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import Subject, Upload
 from tests.conftest import skimage_photo

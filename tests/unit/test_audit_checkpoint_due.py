@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from moderation.audit import checkpoint_if_due, record_event, signing_key
-from moderation.runtime import Runtime
+from moderation.audit.log import checkpoint_if_due, record_event, signing_key
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 
 

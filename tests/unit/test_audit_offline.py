@@ -1,4 +1,4 @@
-"""The self-contained verifier (moderation.audit_offline): hashing, signatures, CSV cells."""
+"""The self-contained verifier (moderation.audit.offline): hashing, signatures, CSV cells."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moderation.audit import public_key_hex, sign_document
-from moderation.audit_offline import (
+from moderation.audit.log import public_key_hex, sign_document
+from moderation.audit.offline import (
     CHECKPOINT_TYPE,
     CSV_COLUMNS,
     GENESIS_HASH,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from moderation.benchmark.edits import EDITS, RANDOM_EDITS, apply_edit
+from moderation.media.edits import EDITS, RANDOM_EDITS, apply_edit
 from tests.conftest import skimage_photo
 
 EXPECTED_ORDER = (

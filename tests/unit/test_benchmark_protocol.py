@@ -22,8 +22,8 @@ from moderation.benchmark import (
     run_protocol,
     to_json,
 )
-from moderation.benchmark.edits import apply_edit
 from moderation.benchmark.protocol import query_seed
+from moderation.media.edits import apply_edit
 from tests.conftest import SKIMAGE_PHOTOS, skimage_photo_path
 
 

@@ -12,21 +12,20 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from moderation.callbacks import (
+from moderation.config import load_settings
+from moderation.service.api_clients import authenticate, callback_secret, create_api_client
+from moderation.service.callback_urls import normalise_allowlist_prefix, url_allowed
+from moderation.service.callbacks import (
     SIGNATURE_HEADER,
     backoff_seconds,
     deliver_callback,
-    normalise_allowlist_prefix,
     notify_decision,
     sign,
-    url_allowed,
     verify_signature,
 )
-from moderation.client import verify_callback
-from moderation.clients import authenticate, callback_secret, create_api_client
-from moderation.config import load_settings
-from moderation.dispatch import RecordingDispatcher, attach_dispatcher
-from moderation.runtime import Runtime
+from moderation.service.dispatch import RecordingDispatcher, attach_dispatcher
+from moderation.service.platform_client import verify_callback
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     ApiClient,

@@ -11,17 +11,17 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageFilter
 
-from moderation.benchmark.edits import EDITS, apply_edit
+from moderation.banks.blocklist import Blocklist, EntryInfo, EntrySignals, Payload
+from moderation.banks.index import CosineIndex, HammingIndex
 from moderation.benchmark.protocol import query_seed
-from moderation.blocklist.service import Blocklist, EntryInfo, EntrySignals, Payload
-from moderation.classifier.features import (
+from moderation.matching.classifier.features import (
     FEATURE_NAMES,
     QuerySignals,
     RegionLookup,
     feature_matrix,
     query_features,
 )
-from moderation.classifier.model import (
+from moderation.matching.classifier.model import (
     CopyModel,
     ModelFormatError,
     evaluate,
@@ -29,7 +29,7 @@ from moderation.classifier.model import (
     fit_model,
     reliability_curve,
 )
-from moderation.classifier.regions import (
+from moderation.matching.classifier.regions import (
     ENTRY_WINDOWS,
     crop,
     demosaic,
@@ -37,10 +37,10 @@ from moderation.classifier.regions import (
     mosaic_block,
     query_views,
 )
-from moderation.classifier.stage import Band, agreed_signals
-from moderation.classifier.training import decide_activation, edits_for, training_copy
-from moderation.hashing import hamming_distance, pdq_hash, pdq_hash_dihedral
-from moderation.index import CosineIndex, HammingIndex
+from moderation.matching.classifier.stage import Band, agreed_signals
+from moderation.matching.classifier.training import decide_activation, edits_for, training_copy
+from moderation.media.edits import EDITS, apply_edit
+from moderation.signals.pdq import hamming_distance, pdq_hash, pdq_hash_dihedral
 from tests.conftest import skimage_photo
 
 DIM = 16

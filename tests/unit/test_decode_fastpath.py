@@ -10,10 +10,10 @@ import pytest
 from conftest import skimage_photo
 from PIL import Image
 
-from moderation.encoders import create_encoder
-from moderation.hashing import pdq_hash
-from moderation.imaging import decode_image
-from moderation.screening import Screener
+from moderation.matching.screening import Screener
+from moderation.media.decode import decode_image
+from moderation.signals.encoders import create_encoder
+from moderation.signals.pdq import pdq_hash
 
 
 def _jpeg(image: Image.Image, orientation: int | None = None) -> bytes:

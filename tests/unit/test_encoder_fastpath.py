@@ -12,15 +12,15 @@ import torch
 from conftest import skimage_photo
 from PIL import Image
 
-from moderation.encoders import create_encoder
-from moderation.encoders.fastpath import (
+from moderation.signals.encoders import create_encoder
+from moderation.signals.encoders.fastpath import (
     PROBE_MIN_COSINE,
     FastPathError,
     build_onnx_forward,
     onnx_cache_path,
     resolve_runtime,
 )
-from moderation.encoders.timm_backend import (
+from moderation.signals.encoders.timm_backend import (
     EfficientNetLite0Encoder,
     _resize_transform,
     square_pixels,
@@ -52,8 +52,8 @@ def _torchvision_eager(encoder: EfficientNetLite0Encoder, images: list[Image.Ima
     the eager NCHW model."""
     transform = _resize_transform("square224")
     batch = torch.stack([transform(image) for image in images])
-    from moderation.encoders.base import l2_normalise
-    from moderation.encoders.timm_backend import pool_features
+    from moderation.signals.encoders.base import l2_normalise
+    from moderation.signals.encoders.timm_backend import pool_features
 
     with torch.inference_mode():
         model = encoder.load()
@@ -122,7 +122,7 @@ def test_corrupt_or_foreign_cache_file_is_replaced(
 
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
     other_path = tmp_path / "other.onnx"
-    from moderation.encoders.fastpath import export_onnx
+    from moderation.signals.encoders.fastpath import export_onnx
 
     export_onnx(torch.nn.Sequential(other, torch.nn.Flatten()), torch.zeros(1, 3, 8, 8), path)
     export_onnx(torch.nn.Sequential(other, torch.nn.Flatten()), torch.zeros(1, 3, 8, 8), other_path)
@@ -134,7 +134,7 @@ def test_an_export_that_cannot_reproduce_the_model_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
-    import moderation.encoders.fastpath as fastpath
+    import moderation.signals.encoders.fastpath as fastpath
 
     monkeypatch.setattr(fastpath, "min_row_cosine", lambda a, b: PROBE_MIN_COSINE - 0.01)
     with pytest.raises(FastPathError, match="does not reproduce"):
@@ -154,7 +154,7 @@ def test_runtime_choice() -> None:
 
 
 def test_auto_falls_back_to_torch_without_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
-    import moderation.encoders.fastpath as fastpath
+    import moderation.signals.encoders.fastpath as fastpath
 
     monkeypatch.setattr(fastpath, "onnxruntime_available", lambda: False)
     assert resolve_runtime("auto", CPU) == "torch"
@@ -176,7 +176,7 @@ def test_faiss_gpu_is_chosen_only_with_a_cuda_encoder(
     """Device selection for FAISS GPU, exercised on the CPU: the runtime asks the cosine index
     for a GPU copy exactly when the encoder runs on CUDA (maybe_to_gpu's own choice is tested
     in test_index.py)."""
-    from moderation.index import CosineIndex
+    from moderation.banks.index import CosineIndex
 
     calls: list[int] = []
 

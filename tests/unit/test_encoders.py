@@ -19,15 +19,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-import moderation.encoders as encoders
-from moderation.encoders import (
+import moderation.signals.encoders as encoders
+from moderation.signals.encoders import (
     DeviceUnavailableError,
     EncoderId,
     create_encoder,
     select_device,
 )
-from moderation.encoders.base import state_dict_sha256
-from moderation.encoders.timm_backend import (
+from moderation.signals.encoders.base import state_dict_sha256
+from moderation.signals.encoders.timm_backend import (
     EfficientNetLite0Encoder,
     PoolMode,
     ResizeMode,
@@ -130,7 +130,7 @@ def test_encoder_id_changes_with_preprocessing_and_weights(
 
 def test_importing_the_package_loads_no_backend() -> None:
     code = (
-        "import sys, moderation.encoders as e; e.create_encoder('timm/efficientnet_lite0');"
+        "import sys, moderation.signals.encoders as e; e.create_encoder('timm/efficientnet_lite0');"
         "print(sorted(m for m in ('timm', 'open_clip') if m in sys.modules))"
     )
     result = subprocess.run(

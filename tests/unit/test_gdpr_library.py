@@ -10,13 +10,18 @@ import pytest
 import yaml
 
 from moderation.config import load_settings
-from moderation.gdpr import erase_subject, overdue_requests, preview_erasure, register_request
-from moderation.policy import PolicyError, load_policy, parse_policy
-from moderation.runtime import Runtime
-from moderation.screening import ScreeningResult, record_result
+from moderation.governance.gdpr import (
+    erase_subject,
+    overdue_requests,
+    preview_erasure,
+    register_request,
+)
+from moderation.matching.policy import PolicyError, load_policy, parse_policy
+from moderation.matching.screening import ScreeningResult, record_result
+from moderation.service.runtime import Runtime
+from moderation.service.uploads import create_upload
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, ErasureRequest
-from moderation.uploads import create_upload
 
 DEFAULT = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 
@@ -118,8 +123,8 @@ def test_requests_are_tracked_to_their_deadline(runtime: Runtime) -> None:
 
 
 def test_preview_and_dry_run_change_nothing(runtime: Runtime) -> None:
-    from moderation.audit import signing_key
-    from moderation.subjects import pseudonymize
+    from moderation.audit.log import signing_key
+    from moderation.service.subjects import pseudonymize
 
     with transaction(runtime.sessions) as session:
         signing_key(session, runtime.keyring, create=True)  # as `moderation init` does
@@ -157,9 +162,9 @@ def test_settings_for_audit_and_erasure_validate() -> None:
 def test_uploads_arriving_during_an_erasure_are_erased_too(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import moderation.gdpr as gdpr
+    import moderation.governance.gdpr as gdpr
+    from moderation.service.subjects import pseudonymize
     from moderation.storage.models import Upload
-    from moderation.subjects import pseudonymize
 
     def upload_for(subject: str) -> str:
         with transaction(runtime.sessions) as session:

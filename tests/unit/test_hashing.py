@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from moderation.hashing import (
+from moderation.signals.pdq import (
     DIHEDRAL_VARIANTS,
     PDQ_MATCH_DISTANCE,
     PDQ_MIN_QUALITY,
@@ -161,7 +161,7 @@ def test_caller_applies_exif_orientation_before_hashing(tmp_path: Path) -> None:
 def test_bit_order_puts_the_first_pdq_bit_in_the_high_bit_of_the_first_byte() -> None:
     # pdqhash returns bit 255 of ThreatExchange's Hash256 first; Hash256::format prints w[15]
     # (bits 255..240) first, so bit 255 is the top bit of the first hex digit.
-    from moderation.hashing import _pack
+    from moderation.signals.pdq import _pack
 
     bits = np.zeros(256, dtype=np.int64)
     bits[0] = 1

@@ -1,4 +1,4 @@
-"""Safe decoding (moderation.imaging): RELIABILITY.md rows I1-I8.
+"""Safe decoding (moderation.media.decode): RELIABILITY.md rows I1-I8.
 
 Every input is built here (scikit-image photos, hand-made headers) or read from ../shared, which
 skips with its reason when absent. I8's embedding check is the lead's; here the pixel rule is.
@@ -27,9 +27,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import EpsImagePlugin, ExifTags, Image, ImageFile, ImageOps, PngImagePlugin
 
-from moderation import imaging
 from moderation.config import Settings
-from moderation.imaging import (
+from moderation.media import decode as imaging
+from moderation.media.decode import (
     ALLOWED_FORMATS,
     ALPHA_BACKGROUND,
     UNSCANNABLE_REASONS,
@@ -650,7 +650,7 @@ def test_exif_that_raises_is_logged_and_ignored(
         raise SyntaxError("not a TIFF file")
 
     monkeypatch.setattr(Image.Image, "getexif", broken_getexif)
-    with caplog.at_level(logging.DEBUG, logger="moderation.imaging"):
+    with caplog.at_level(logging.DEBUG, logger="moderation.media.decode"):
         decoded = decode_image(_with_orientation(photo(size=(40, 20)), "JPEG", 6))
     assert decoded.frames[0].size == (40, 20)
     assert "EXIF" in caplog.text

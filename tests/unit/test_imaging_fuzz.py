@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import ExifTags, Image
 
-from moderation.imaging import (
+from moderation.media.decode import (
     UNSCANNABLE_REASONS,
     DecodedImage,
     DecodeLimits,

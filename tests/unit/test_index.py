@@ -15,9 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import moderation.index.cosine as cosine_module
-from moderation.hashing import hamming_distances
-from moderation.index import (
+import moderation.banks.index.cosine as cosine_module
+from moderation.banks.index import (
     HNSW_EF_SEARCH,
     TOMBSTONE_COMPACT_FRACTION,
     CosineIndex,
@@ -27,6 +26,7 @@ from moderation.index import (
     load_index,
     maybe_to_gpu,
 )
+from moderation.signals.pdq import hamming_distances
 
 # Tolerance between FAISS float32 scores and a float64 numpy reference.
 SCORE_TOL = 1e-5

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import moderation.index.cosine as cosine_module
-from moderation.index import CosineIndex, load_index
-from moderation.index.cosine import learn_projection
+import moderation.banks.index.cosine as cosine_module
+from moderation.banks.index import CosineIndex, load_index
+from moderation.banks.index.cosine import learn_projection
 
 DIM = 384
 

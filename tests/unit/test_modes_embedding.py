@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from conftest import shared_path
 
-from moderation.encoders import create_encoder
-from moderation.imaging import decode_file
+from moderation.media.decode import decode_file
+from moderation.signals.encoders import create_encoder
 
 COLOUR = (
     "CMYK.jpg",

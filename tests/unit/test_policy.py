@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from moderation.config import _default_policies_dir
-from moderation.policy import PolicyError, load_policy, parse_policy
+from moderation.matching.policy import PolicyError, load_policy, parse_policy
 
 VALID = {
     "name": "strict",

@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
-from moderation.blocklist.operations import import_bank
-from moderation.blocklist.service import create_bank, current_snapshot
-from moderation.clients import create_api_client
-from moderation.dispatch import RecordingDispatcher, attach_dispatcher
-from moderation.queue import (
+from moderation.banks.blocklist import create_bank, current_snapshot
+from moderation.banks.operations import import_bank
+from moderation.service.api_clients import create_api_client
+from moderation.service.dispatch import RecordingDispatcher, attach_dispatcher
+from moderation.service.queue import (
     Outcome,
     SnapshotUnavailable,
     SubmissionError,
@@ -27,7 +27,7 @@ from moderation.queue import (
     submit_upload,
     worker_reports,
 )
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     AuditEvent,
@@ -415,7 +415,7 @@ def test_worker_batch_is_bounded_and_waits_once(
         waits.append(seconds)
         late.extend(_submit_many(rt, dispatcher, client_id, ["camera", "rocket"]))
 
-    import moderation.queue as queue_module
+    import moderation.service.queue as queue_module
 
     monkeypatch.setattr(queue_module.time, "sleep", sleep)
     screener = CountingScreener(WorkerState(rt, poll_interval=60))
@@ -430,7 +430,7 @@ def test_idle_worker_does_not_wait(
     rt: Runtime, dispatcher: RecordingDispatcher, client_id: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (only,) = _submit_many(rt, dispatcher, client_id, ["coffee"])
-    import moderation.queue as queue_module
+    import moderation.service.queue as queue_module
 
     def sleep(seconds: float) -> None:
         raise AssertionError("a lone upload must not wait for company")

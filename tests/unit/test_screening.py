@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from moderation.blocklist.operations import import_bank, set_entry_disabled
-from moderation.blocklist.service import EntryInfo, create_bank
+from moderation.banks.blocklist import EntryInfo, create_bank
+from moderation.banks.operations import import_bank, set_entry_disabled
 from moderation.config import load_settings
-from moderation.policy import parse_policy
-from moderation.runtime import Runtime
-from moderation.screening import Candidate, Screener, _Work
+from moderation.matching.policy import parse_policy
+from moderation.matching.screening import Candidate, Screener, _Work
+from moderation.service.runtime import Runtime
 from moderation.storage.db import migrate, transaction
 from tests.conftest import skimage_photo, skimage_photo_path
 

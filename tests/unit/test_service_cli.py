@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from moderation.cli import main
 from moderation.config import Settings
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 from moderation.storage.models import ApiClient, AuditEvent
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moderation.blocklist import snapshot
-from moderation.blocklist.snapshot import (
+from moderation.banks import snapshot
+from moderation.banks.snapshot import (
     SnapshotError,
     SnapshotFile,
     decode_payload,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import moderation.index.cosine as cosine_module
+import moderation.banks.index.cosine as cosine_module
 from moderation.benchmark.speed import bench_index, extrapolate
 
 

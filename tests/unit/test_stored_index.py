@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from conftest import skimage_photo
 
-import moderation.blocklist.service as service
-import moderation.index.cosine as cosine_module
-from moderation.blocklist.operations import import_bank, set_entry_disabled
-from moderation.blocklist.service import Payload, create_bank, current_snapshot, read_payload
-from moderation.index import CosineIndex, load_index
-from moderation.runtime import Runtime
+import moderation.banks.blocklist as service
+import moderation.banks.index.cosine as cosine_module
+from moderation.banks.blocklist import Payload, create_bank, current_snapshot, read_payload
+from moderation.banks.index import CosineIndex, load_index
+from moderation.banks.operations import import_bank, set_entry_disabled
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket")

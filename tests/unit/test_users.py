@@ -15,9 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from moderation.config import Settings
-from moderation.storage.db import transaction
-from moderation.storage.models import AuditEvent, User
-from moderation.users import (
+from moderation.governance.users import (
     TOTP_INTERVAL,
     UserError,
     authenticate,
@@ -27,6 +25,8 @@ from moderation.users import (
     verify_password,
     verify_totp,
 )
+from moderation.storage.db import transaction
+from moderation.storage.models import AuditEvent, User
 
 PASSWORD = "correct horse battery staple"
 
@@ -162,7 +162,7 @@ def test_totp_far_from_now_is_rejected(runtime: Any) -> None:
 
 
 def test_key_rotation_rewraps_totp_secrets(runtime: Any) -> None:
-    from moderation.keys import rewrap_all
+    from moderation.governance.keys import rewrap_all
 
     created = _create(runtime, "admin@example.org", "admin")
     before = _user(runtime, created.user_id).totp_secret

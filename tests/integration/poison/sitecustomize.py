@@ -11,7 +11,7 @@ _marker = os.environ.get("TEST_POISON_MARKER")
 if _marker:
     import signal
 
-    from moderation import screening
+    from moderation.matching import screening
 
     _original = screening.Screener.screen_bytes
 

@@ -18,7 +18,7 @@ from PIL import Image
 from werkzeug.test import TestResponse
 
 from moderation.config import Settings, load_settings
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 
 PASSWORD = "correct horse battery staple"
 SECRET_KEY = "test-secret-" + "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -66,8 +66,8 @@ class ConsoleClient(FlaskClient):
 
     def totp_code(self, user: ConsoleUser) -> str:
         """A code for the next unused time step of ``user`` (now, or the one after)."""
+        from moderation.governance.users import TOTP_INTERVAL, totp_code
         from moderation.storage.models import User
-        from moderation.users import TOTP_INTERVAL, totp_code
 
         now_step = int(time.time()) // TOTP_INTERVAL
         step = (
@@ -132,7 +132,7 @@ def console_runtime(console_settings: Settings) -> Iterator[Runtime]:
 def make_app(console_runtime: Runtime) -> Iterator[Callable[..., Flask]]:
     """Build a console app over the test's data dir; keyword arguments override settings."""
     from admin import create_app
-    from moderation.blocklist.jobs import InlineJobRunner
+    from moderation.banks.jobs import InlineJobRunner
 
     apps: list[Flask] = []
 
@@ -212,8 +212,8 @@ def runner(console_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Any:
 @pytest.fixture
 def make_user(console_runtime: Runtime) -> Callable[..., ConsoleUser]:
     """Create a user: ``make_user("admin")``; TOTP as the role requires unless ``totp=``."""
+    from moderation.governance.users import create_user
     from moderation.storage.db import transaction
-    from moderation.users import create_user
 
     counter = iter(range(1, 1000))
 
@@ -255,17 +255,17 @@ def jpeg_bytes(image: Image.Image, *, description: str | None = None) -> bytes:
 def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
     """Put an upload with a ``review`` screening, one match and an open review item in the DB.
 
-    The screening is written by :func:`moderation.screening.record_result` from a hand-made
+    The screening is written by :func:`moderation.matching.screening.record_result` from a hand-made
     result, so the rows are exactly what real screenings produce (the decision path itself is
     tested with the real encoder elsewhere).
     """
     from sqlalchemy import select
 
-    from moderation.blocklist.service import EntryInfo, create_bank
-    from moderation.screening import MatchResult, ScreeningResult, record_result
+    from moderation.banks.blocklist import EntryInfo, create_bank
+    from moderation.matching.screening import MatchResult, ScreeningResult, record_result
+    from moderation.service.uploads import create_upload
     from moderation.storage.db import transaction
     from moderation.storage.models import Bank, Entry, ReviewItem
-    from moderation.uploads import create_upload
 
     def build_item(
         image: Image.Image | None = None,

@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-import moderation.classifier.training as training_module
-from moderation.benchmark.edits import apply_edit
-from moderation.blocklist.operations import import_bank
-from moderation.blocklist.service import create_bank
-from moderation.classifier.features import FEATURE_NAMES
-from moderation.classifier.model import CopyModel, fit_model
-from moderation.classifier.regions import ENTRY_WINDOWS
-from moderation.classifier.training import train
+import moderation.matching.classifier.training as training_module
+from moderation.banks.blocklist import create_bank
+from moderation.banks.operations import import_bank
 from moderation.config import load_settings
-from moderation.operations import screen_paths
-from moderation.queue import WorkerState
-from moderation.review import claim_next, decide
-from moderation.runtime import Runtime
+from moderation.governance.review import claim_next, decide
+from moderation.matching.classifier.features import FEATURE_NAMES
+from moderation.matching.classifier.model import CopyModel, fit_model
+from moderation.matching.classifier.regions import ENTRY_WINDOWS
+from moderation.matching.classifier.training import train
+from moderation.media.edits import apply_edit
+from moderation.service.operations import screen_paths
+from moderation.service.queue import WorkerState
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, ClassifierModel, LabelledPair, Screening
 from tests.conftest import skimage_photo, skimage_photo_path

@@ -1,5 +1,5 @@
-"""Audit and GDPR pages over the library's audit/GDPR API (``moderation.audit.verify_chain``,
-``export_events``; ``moderation.gdpr.preview_erasure``, ``erase_subject``)."""
+"""Audit and GDPR pages over the library's audit/GDPR API (``moderation.audit.log.verify_chain``,
+``export_events``; ``moderation.governance.gdpr.preview_erasure``, ``erase_subject``)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 from moderation.storage.models import AuditEvent, Upload
 
 
 def test_audit_log_lists_filters_and_escapes(
     client: Any, make_user: Callable[..., Any], console_runtime: Runtime
 ) -> None:
-    from moderation.audit import record_event
+    from moderation.audit.log import record_event
     from moderation.storage.db import transaction
 
     with transaction(console_runtime.sessions) as db:
@@ -53,9 +53,9 @@ def test_audit_chain_verifies_and_exports(
 
 
 def _subject_upload(rt: Runtime, subject_id: str) -> str:
+    from moderation.service.subjects import pseudonymize
+    from moderation.service.uploads import create_upload
     from moderation.storage.db import transaction
-    from moderation.subjects import pseudonymize
-    from moderation.uploads import create_upload
 
     with transaction(rt.sessions) as db:
         ref = pseudonymize(db, rt.keyring, subject_id)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from moderation.approvals import ApprovalError, approve, request_removal
-from moderation.blocklist.jobs import (
+from moderation.banks.blocklist import create_bank, current_snapshot
+from moderation.banks.jobs import (
     InlineJobRunner,
     JobError,
     ThreadJobRunner,
@@ -21,8 +21,8 @@ from moderation.blocklist.jobs import (
     imports_dir,
     job_view,
 )
-from moderation.blocklist.service import create_bank, current_snapshot
-from moderation.runtime import Runtime
+from moderation.governance.approvals import ApprovalError, approve, request_removal
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import Approval, AuditEvent, Bank, Entry, Job
 from tests.conftest import skimage_photo_path
@@ -192,7 +192,7 @@ def test_archive_size_limit(console_runtime: Runtime) -> None:
 
 
 def _bank_with_entries(rt: Runtime, tmp: Path) -> tuple[int, list[int]]:
-    from moderation.blocklist.operations import import_bank
+    from moderation.banks.operations import import_bank
 
     with transaction(rt.sessions) as db:
         create_bank(db, "two-person")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sqlalchemy import update
 
-from moderation.dashboard import dashboard_stats
-from moderation.runtime import Runtime
+from moderation.governance.dashboard import dashboard_stats
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import ErasureRequest, IndexSnapshot, Screening, Upload
 
@@ -111,7 +111,7 @@ def test_stats_from_known_rows(
 def test_queue_and_review_throughput(
     console_runtime: Runtime, make_user: Callable[..., Any], make_review_item: Callable[..., int]
 ) -> None:
-    from moderation.review import claim_next, decide
+    from moderation.governance.review import claim_next, decide
 
     rt = console_runtime
     reviewer = make_user("reviewer")

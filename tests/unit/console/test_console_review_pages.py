@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image
 from sqlalchemy import func, select
 
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 from moderation.storage.models import AuditEvent, LabelledPair, ReviewerExposure, ReviewItem
 
 SCRIPT = '<script>alert("x")</script>'

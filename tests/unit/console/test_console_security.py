@@ -13,7 +13,7 @@ from flask import Flask
 from sqlalchemy import func, select, update
 
 from moderation.config import ConfigurationError, load_settings
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 from moderation.storage.models import AuditEvent, ConsoleSession
 
 # Test clients and users come from this directory's conftest fixtures.
@@ -121,8 +121,8 @@ def test_w2_disabling_a_user_ends_their_sessions(
     make_user: Callable[..., ConsoleUser],
     console_runtime: Runtime,
 ) -> None:
+    from moderation.governance.users import set_disabled
     from moderation.storage.db import transaction
-    from moderation.users import set_disabled
 
     reviewer = make_user("reviewer")
     client.login(reviewer)
@@ -424,7 +424,7 @@ def test_development_without_secret_key_starts_with_a_throw_away_key(
 def test_step_up_needed_for_destructive_actions_when_sign_in_is_old(
     client: ConsoleClient, make_user: Callable[..., ConsoleUser], console_runtime: Runtime
 ) -> None:
-    from moderation.blocklist.service import create_bank
+    from moderation.banks.blocklist import create_bank
     from moderation.storage.db import transaction
     from moderation.storage.models import Bank
 

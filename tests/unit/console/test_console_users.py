@@ -11,9 +11,9 @@ from typing import Any
 import pyotp
 from sqlalchemy import select, update
 
-from moderation.runtime import Runtime
+from moderation.governance.users import has_totp
+from moderation.service.runtime import Runtime
 from moderation.storage.models import AuditEvent, ConsoleSession, User
-from moderation.users import has_totp
 
 
 def test_admin_creates_a_user_and_sees_the_totp_uri_once(

@@ -120,8 +120,8 @@ def world(
     """One object of each kind the routes take ids of, and a user per role."""
     from sqlalchemy import select
 
-    from moderation.approvals import request_removal
-    from moderation.review import claim_next
+    from moderation.governance.approvals import request_removal
+    from moderation.governance.review import claim_next
     from moderation.storage.db import transaction
     from moderation.storage.models import Bank, Entry, Job
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from moderation.review import (
+from moderation.governance.review import (
     ExposureLimitReached,
     NotClaimedError,
     ReviewError,
@@ -23,7 +23,7 @@ from moderation.review import (
     record_reveal,
     release,
 )
-from moderation.runtime import Runtime
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, LabelledPair, ReviewItem
 
@@ -253,7 +253,7 @@ def test_concurrent_claims_on_sqlite_never_share_an_item(
 def test_a_decision_is_queued_for_the_platforms_callback(
     console_runtime: Runtime, make_user: Callable[..., Any], make_review_item: Callable[..., int]
 ) -> None:
-    from moderation.clients import create_api_client
+    from moderation.service.api_clients import create_api_client
     from moderation.storage.models import CallbackDelivery, Upload
 
     rt = console_runtime

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
-from moderation.blocklist.operations import import_bank
-from moderation.blocklist.service import create_bank
-from moderation.operations import screen_paths
-from moderation.review import ReviewError, claim_next, decide, item_view, release
-from moderation.runtime import Runtime
+from moderation.banks.blocklist import create_bank
+from moderation.banks.operations import import_bank
+from moderation.governance.review import ReviewError, claim_next, decide, item_view, release
+from moderation.service.operations import screen_paths
+from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import Entry, LabelledPair, Screening, Upload
 from tests.conftest import skimage_photo, skimage_photo_path

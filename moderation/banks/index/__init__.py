@@ -1,0 +1,47 @@
+"""FAISS indexes of bank entries behind one interface (STYLE.md rule 19).
+
+:class:`CosineIndex` holds embedding vectors (cosine similarity), :class:`HammingIndex` holds
+PDQ digests (Hamming distance); both are :class:`SignalIndex` and serialize to the same
+pickle-free format, which :func:`load_index` reads back whatever the kind.
+"""
+
+from __future__ import annotations
+
+from moderation.banks.index.base import FORMAT_VERSION, Buffer, Hit, SignalIndex, read_index
+from moderation.banks.index.cosine import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    HNSW_MIN_ENTRIES,
+    TOMBSTONE_COMPACT_FRACTION,
+    UNIT_NORM_TOLERANCE,
+    CosineIndex,
+    maybe_to_gpu,
+)
+from moderation.banks.index.hamming import HammingIndex
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HNSW_EF_CONSTRUCTION",
+    "HNSW_EF_SEARCH",
+    "HNSW_M",
+    "HNSW_MIN_ENTRIES",
+    "TOMBSTONE_COMPACT_FRACTION",
+    "UNIT_NORM_TOLERANCE",
+    "CosineIndex",
+    "HammingIndex",
+    "Hit",
+    "SignalIndex",
+    "load_index",
+    "maybe_to_gpu",
+]
+
+
+def load_index(data: Buffer, *, authenticated: bool = False) -> SignalIndex:
+    """Deserialize an index of any kind from :meth:`SignalIndex.serialize` bytes
+    (``authenticated``: see :func:`~moderation.banks.index.base.read_index`).
+
+    Raises:
+        ValueError: malformed, truncated or corrupted data, or an unknown index type.
+    """
+    return read_index(data, authenticated=authenticated)

@@ -1,1 +1,0 @@
-"""Banks of known images, their entries, encrypted index snapshots and bank import."""

@@ -1,0 +1,85 @@
+"""Screen files in-process over a :class:`~moderation.service.runtime.Runtime`.
+
+Thin entry points (CLI commands, Celery tasks, console views) call these.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moderation.matching.screening import ScreeningResult, record_result
+from moderation.service.subjects import pseudonymize
+from moderation.service.uploads import create_upload
+from moderation.storage.db import transaction
+
+if TYPE_CHECKING:
+    from moderation.service.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def screen_paths(
+    runtime: Runtime,
+    paths: Sequence[Path],
+    *,
+    subject_id: str | None = None,
+    external_id_prefix: str = "",
+    on_result: Callable[[dict[str, Any]], None],
+    actor: str = "cli",
+) -> list[ScreeningResult]:
+    """Screen image files in batches, store each as an upload with its result.
+
+    ``on_result`` receives, per input and in order, the CLI contract object
+    (``path``, ``decision``, ``policy``, ``score``, ``reason``, ``matches``, ``timings_ms``)
+    plus ``upload_id``. Files over the byte limit are not read: they end ``unscannable`` with
+    reason ``too_large``.
+
+    Raises:
+        moderation.banks.snapshot.SnapshotError: the blocklist cannot be decrypted or
+            verified; nothing is screened (fail closed).
+    """
+    screener = runtime.screener()
+    settings = runtime.settings
+    batch = max(1, settings.batch_size)
+    results: list[ScreeningResult] = []
+    for start in range(0, len(paths), batch):
+        chunk = paths[start : start + batch]
+        datas: list[bytes | None] = []
+        for path in chunk:
+            try:
+                size = path.stat().st_size
+                datas.append(path.read_bytes() if size <= runtime.limits.max_bytes else None)
+            except OSError as exc:
+                logger.warning("cannot read %s: %s", path, exc)
+                datas.append(None)
+        readable = [d for d in datas if d is not None]
+        screened = iter(screener.screen_bytes(readable))
+        chunk_results = [
+            next(screened)
+            if data is not None
+            else screener.screen_unscannable("too_large", "file over the byte limit")
+            for data in datas
+        ]
+        with transaction(runtime.sessions) as session:
+            subject_ref = pseudonymize(session, runtime.keyring, subject_id) if subject_id else None
+            uploads = []
+            for path, data, result in zip(chunk, datas, chunk_results, strict=True):
+                upload = create_upload(
+                    session,
+                    data,
+                    keyring=runtime.keyring,
+                    blobs_dir=settings.blobs_dir,
+                    external_id=f"{external_id_prefix}{path}",
+                    subject_ref=subject_ref,
+                    source="cli",
+                    status="processing",
+                )
+                record_result(session, upload, result, actor=actor)
+                uploads.append(upload)
+        for path, upload, result in zip(chunk, uploads, chunk_results, strict=True):
+            on_result({"path": str(path), **result.to_json(), "upload_id": upload.id})
+        results.extend(chunk_results)
+    return results

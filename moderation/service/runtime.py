@@ -1,0 +1,158 @@
+"""Wiring: builds the library's collaborators from :class:`~moderation.config.Settings`.
+
+The CLI, the Celery workers and the admin console each hold one :class:`Runtime` per process.
+Everything heavy (encoder weights, key ring, decrypted blocklist) is created on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from moderation.banks.blocklist import Blocklist, load_blocklist
+from moderation.banks.importer import ImportHooks
+from moderation.config import ConfigurationError, Settings
+from moderation.crypto import KeyRing, load_keyring
+from moderation.matching.policy import Policy, load_policy
+from moderation.matching.screening import CandidateRefiner, Screener
+from moderation.media.decode import DecodeLimits
+from moderation.signals.encoders import Encoder, create_encoder
+from moderation.storage.db import create_db_engine, schema_is_current, session_factory
+
+logger = logging.getLogger(__name__)
+
+
+class NotInitialisedError(ConfigurationError):
+    """The data directory or database has not been set up (run ``moderation init``)."""
+
+
+def _apply_thread_settings(settings: Settings) -> None:
+    if settings.faiss_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(settings.faiss_threads)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
+class Runtime:
+    """Process-wide collaborators built from settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        _apply_thread_settings(settings)
+
+    @cached_property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine for ``settings.sqlalchemy_url``."""
+        return create_db_engine(self.settings.sqlalchemy_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        """Session factory bound to :attr:`engine`."""
+        return session_factory(self.engine)
+
+    def check_initialised(self) -> None:
+        """Raise :class:`NotInitialisedError` unless the schema is current.
+
+        Raises:
+            NotInitialisedError: with the command that fixes it.
+        """
+        url = self.settings.sqlalchemy_url
+        if url.startswith("sqlite:///") and not self.settings.resolved_data_dir.exists():
+            raise NotInitialisedError(
+                f"data directory {self.settings.resolved_data_dir} does not exist: "
+                "run `moderation init` first"
+            )
+        if not schema_is_current(self.engine):
+            raise NotInitialisedError(
+                "the database schema is missing or out of date: run `moderation init`"
+            )
+
+    @cached_property
+    def keyring(self) -> KeyRing:
+        """Master keys from ``MODERATION_MASTER_KEYS`` or the key file."""
+        return load_keyring(self.settings)
+
+    @cached_property
+    def encoder(self) -> Encoder:
+        """The configured encoder (weights load lazily on first use)."""
+        return create_encoder(
+            self.settings.encoder,
+            device=self.settings.device,
+            runtime=self.settings.encoder_runtime,
+            cache_dir=self.settings.resolved_data_dir / "cache",
+        )
+
+    @cached_property
+    def policy(self) -> Policy:
+        """The active policy, validated."""
+        return load_policy(self.settings.policies_dir, self.settings.policy)
+
+    @cached_property
+    def limits(self) -> DecodeLimits:
+        """Decode limits from settings."""
+        return DecodeLimits.from_settings(self.settings)
+
+    def load_blocklist(self) -> Blocklist:
+        """Decrypt the current snapshot into memory (fail closed on any error); with the encoder
+        on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed."""
+        with self.sessions() as session:
+            blocklist = load_blocklist(
+                session,
+                self.keyring,
+                self.settings.snapshots_dir,
+                encoder_id=str(self.encoder.id),
+                dim=self.encoder.dim,
+            )
+        if self.encoder.device.type == "cuda":
+            # Search a GPU copy when FAISS GPU is installed (flat indexes; never run on a GPU
+            # here, see README "What has never run on a GPU").
+            on_gpu = blocklist.cosine.use_gpu()
+            logger.info("cosine index searched on %s", "GPU" if on_gpu else "CPU")
+        return blocklist
+
+    def classifier_stage(self) -> CandidateRefiner | None:
+        """The classifier stage with the active model for this encoder, or None (stage off in
+        settings, or no model trained yet: ``moderation classifier train``)."""
+        if not self.settings.classifier:
+            return None
+        from moderation.matching.classifier.model import active_model
+        from moderation.matching.classifier.stage import ClassifierStage
+
+        with self.sessions() as session:
+            model = active_model(session, str(self.encoder.id))
+        if model is None:
+            return None
+        return ClassifierStage(model, self.encoder, batch_size=self.settings.batch_size)
+
+    def import_hooks(self) -> ImportHooks:
+        """What the classifier stage adds to a bank import (entry windows, training copies and
+        their labelled pairs), or no hooks when the stage is off in settings."""
+        if not self.settings.classifier:
+            return ImportHooks()
+        from moderation.matching.classifier.training import import_hooks
+
+        return import_hooks(self)
+
+    def screener(
+        self, blocklist: Blocklist | None = None, refiner: CandidateRefiner | None = None
+    ) -> Screener:
+        """A :class:`Screener` over the current (or the given) blocklist, with the classifier
+        stage when one is active (unless ``refiner`` is given)."""
+        self.encoder.load()  # weights load now, not inside the first screening's timings
+        if refiner is None:
+            refiner = self.classifier_stage()
+        return Screener(
+            encoder=self.encoder,
+            blocklist=blocklist or self.load_blocklist(),
+            policy=self.policy,
+            limits=self.limits,
+            batch_size=self.settings.batch_size,
+            refiner=refiner,
+        )

