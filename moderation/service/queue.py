@@ -42,7 +42,7 @@ from moderation.banks.blocklist import BlocklistError, current_snapshot
 from moderation.banks.snapshot import SnapshotError
 from moderation.crypto import CryptoError, DecryptionError, UnknownKeyError
 from moderation.matching.screening import Screener, ScreeningResult, record_result
-from moderation.media.decode import sniff_format
+from moderation.media.formats import sniff_format
 from moderation.service.callbacks import notify_decision, overdue_deliveries
 from moderation.service.dispatch import Dispatcher
 from moderation.service.metrics import (

@@ -30,17 +30,15 @@ from PIL import EpsImagePlugin, ExifTags, Image, ImageFile, ImageOps, PngImagePl
 from moderation.config import Settings
 from moderation.media import decode as imaging
 from moderation.media.decode import (
-    ALLOWED_FORMATS,
-    ALPHA_BACKGROUND,
     UNSCANNABLE_REASONS,
     DecodedImage,
     DecodeLimits,
     UnscannableImage,
     decode_file,
     decode_image,
-    sniff_format,
-    to_rgb,
 )
+from moderation.media.formats import ALLOWED_FORMATS, sniff_format
+from moderation.media.pixels import ALPHA_BACKGROUND, to_rgb
 
 # --- helpers ---------------------------------------------------------------------------------
 
