@@ -18,45 +18,28 @@ guaranteed to be installed.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import random
 from collections.abc import Callable, Mapping
-from functools import lru_cache
 from types import MappingProxyType
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
+from moderation.media.drawing import (
+    RGB,
+    STICKER_COLOURS,
+    Font,
+    default_font,
+    jpeg_reencoded,
+    random_colour,
+    random_words,
+    scaled,
+    text_size,
+)
+from moderation.media.screenshots import screenshot
+
 EditFn = Callable[[Image.Image, random.Random, Image.Image | None], Image.Image]
-
-Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
-RGB = tuple[int, int, int]
-
-# Words for overlaid text and captions: short, common, and varied in length.
-_WORD_TEXT = (
-    "lol omg when you the monday mood me nobody literally every time weekend vibes same wait "
-    "for it best day ever not again my face they said look at this new post follow like "
-    "share viral real fake news today breaking wow so cute check out link in bio 2024 #tbt "
-    "#nofilter @friend"
-)
-_WORDS = tuple(_WORD_TEXT.split())
-
-_STICKER_COLOURS: tuple[RGB, ...] = (
-    (255, 204, 0),
-    (255, 59, 48),
-    (255, 45, 146),
-    (52, 199, 89),
-    (0, 122, 255),
-    (175, 82, 222),
-    (255, 149, 0),
-)
-
-
-@lru_cache(maxsize=64)
-def _font(size: int) -> Font:
-    """Pillow's built-in scalable font at ``size`` px (a bitmap font without FreeType)."""
-    return ImageFont.load_default(size=max(6, size))
 
 
 def derived_seed(purpose: str, seed: int, edit: str, index: int) -> int:
@@ -70,35 +53,6 @@ def derived_seed(purpose: str, seed: int, edit: str, index: int) -> int:
     return int.from_bytes(digest.digest()[:6], "big")
 
 
-def _text_size(
-    draw: ImageDraw.ImageDraw, text: str, font: Font, stroke: int = 0
-) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
-    return math.ceil(right - left), math.ceil(bottom - top)
-
-
-def _random_words(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(low, high)))
-
-
-def _random_colour(rng: random.Random) -> RGB:
-    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
-
-
-def _jpeg(image: Image.Image, quality: int) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
-        return decoded.convert("RGB")
-
-
-def _scaled(image: Image.Image, factor: float) -> Image.Image:
-    width, height = image.size
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    return image.resize(size, Image.Resampling.BICUBIC)
-
-
 # --- geometric and photometric edits -------------------------------------------------------------
 
 
@@ -106,12 +60,12 @@ def resize_40(
     image: Image.Image, rng: random.Random, background: Image.Image | None
 ) -> Image.Image:
     """Downscale to 40% of each side (bicubic)."""
-    return _scaled(image, 0.4)
+    return scaled(image, 0.4)
 
 
 def jpeg_q15(image: Image.Image, rng: random.Random, background: Image.Image | None) -> Image.Image:
     """Re-encode as JPEG at quality 15 (libjpeg scale, 4:2:0 chroma)."""
-    return _jpeg(image, 15)
+    return jpeg_reencoded(image, 15)
 
 
 def center_crop_70(
@@ -215,7 +169,7 @@ def border_25(
     ``pad(w_factor=0.25, h_factor=0.25)``), so the photo keeps 44% of the area."""
     width, height = image.size
     pad_x, pad_y = round(width * 0.25), round(height * 0.25)
-    return ImageOps.expand(image, border=(pad_x, pad_y, pad_x, pad_y), fill=_random_colour(rng))
+    return ImageOps.expand(image, border=(pad_x, pad_y, pad_x, pad_y), fill=random_colour(rng))
 
 
 def pixelize(image: Image.Image, rng: random.Random, background: Image.Image | None) -> Image.Image:
@@ -278,13 +232,13 @@ def text_overlay(
     out = image.copy()
     draw = ImageDraw.Draw(out)
     width, height = out.size
-    font = _font(round(height * rng.uniform(0.08, 0.15)))
+    font = default_font(round(height * rng.uniform(0.08, 0.15)))
     stroke = max(1, round(font.size / 14)) if isinstance(font, ImageFont.FreeTypeFont) else 0
-    colour = _random_colour(rng)
+    colour = random_colour(rng)
     y = rng.uniform(0.0, 0.6) * height
     for _ in range(rng.randint(1, 2)):
-        text = _random_words(rng, 1, 3)
-        text_w, text_h = _text_size(draw, text, font, stroke)
+        text = random_words(rng, 1, 3)
+        text_w, text_h = text_size(draw, text, font, stroke)
         x = rng.uniform(0, max(1, width - text_w))
         draw.text((x, y), text, font=font, fill=colour, stroke_width=stroke, stroke_fill=(0, 0, 0))
         y += text_h * 1.2
@@ -342,9 +296,9 @@ def _sticker(size: int, rng: random.Random) -> Image.Image:
     if kind == "smiley":
         _draw_smiley(draw, big, rng)
     elif kind == "heart":
-        _draw_heart(draw, big, rng.choice(_STICKER_COLOURS))
+        _draw_heart(draw, big, rng.choice(STICKER_COLOURS))
     else:
-        _draw_star(draw, big, rng.choice(_STICKER_COLOURS), rng)
+        _draw_star(draw, big, rng.choice(STICKER_COLOURS), rng)
     pad = max(1, size // 30)
     padded = Image.new("RGBA", (size + 2 * pad, size + 2 * pad), (0, 0, 0, 0))
     padded.alpha_composite(shape.resize((size, size), Image.Resampling.LANCZOS), dest=(pad, pad))
@@ -375,7 +329,7 @@ def emoji_overlay(
 def _wrap_to_width(draw: ImageDraw.ImageDraw, text: str, font: Font, max_width: float) -> list[str]:
     lines: list[str] = []
     for word in text.split():
-        if lines and _text_size(draw, f"{lines[-1]} {word}", font)[0] <= max_width:
+        if lines and text_size(draw, f"{lines[-1]} {word}", font)[0] <= max_width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
             lines.append(word)
@@ -392,12 +346,12 @@ def meme_caption(
     out = Image.new("RGB", (width, height + band), (255, 255, 255))
     out.paste(image, (0, band))
     draw = ImageDraw.Draw(out)
-    text = _random_words(rng, 2, 7)
+    text = random_words(rng, 2, 7)
     size = round(band * 0.42)
     while True:
-        font = _font(size)
+        font = default_font(size)
         lines = _wrap_to_width(draw, text, font, width * 0.92)
-        line_h = _text_size(draw, "Ag", font)[1] * 1.25
+        line_h = text_size(draw, "Ag", font)[1] * 1.25
         if size <= 8 or (len(lines) <= 2 and line_h * len(lines) <= band * 0.9):
             break
         size = round(size * 0.9)
@@ -406,258 +360,6 @@ def meme_caption(
         draw.text((width / 2, y), line, font=font, fill=(0, 0, 0), anchor="ma")
         y += line_h
     return out
-
-
-def _ui_palette(rng: random.Random) -> dict[str, RGB]:
-    accent = rng.choice(_STICKER_COLOURS)
-    if rng.random() < 0.5:
-        return {
-            "bg": (255, 255, 255),
-            "bar": (246, 246, 248),
-            "text": (20, 20, 20),
-            "muted": (200, 200, 205),
-            "accent": accent,
-        }
-    return {
-        "bg": (16, 16, 18),
-        "bar": (32, 32, 36),
-        "text": (235, 235, 235),
-        "muted": (80, 80, 88),
-        "accent": accent,
-    }
-
-
-def _text_lines(
-    draw: ImageDraw.ImageDraw,
-    box: tuple[float, float, float, float],
-    rng: random.Random,
-    palette: Mapping[str, RGB],
-    font: Font,
-) -> None:
-    """Fill ``box`` with a few lines of real words, then grey placeholder bars (loading text)."""
-    left, top, right, bottom = box
-    line_h = _text_size(draw, "Ag", font)[1] * 1.5
-    y = top
-    for index in range(rng.randint(1, 3)):
-        if y + line_h > bottom:
-            return
-        colour = palette["text"] if index == 0 else palette["muted"]
-        words = _random_words(rng, 3, 8)
-        while words and _text_size(draw, words, font)[0] > right - left:
-            words = words.rsplit(" ", 1)[0] if " " in words else ""
-        draw.text((left, y), words, font=font, fill=colour)
-        y += line_h
-    while y + line_h <= bottom:
-        bar_right = left + (right - left) * rng.uniform(0.4, 1.0)
-        draw.rounded_rectangle(
-            (left, y + line_h * 0.2, bar_right, y + line_h * 0.75), radius=3, fill=palette["muted"]
-        )
-        y += line_h
-
-
-def _status_bar(
-    draw: ImageDraw.ImageDraw,
-    width: int,
-    height: int,
-    palette: Mapping[str, RGB],
-    rng: random.Random,
-) -> None:
-    font = _font(round(height * 0.55))
-    clock = f"{rng.randint(7, 23)}:{rng.randint(0, 59):02d}"
-    draw.text((height * 0.8, height / 2), clock, font=font, fill=palette["text"], anchor="lm")
-    battery_w, battery_h = height * 1.1, height * 0.5
-    x1, y0 = width - height * 0.6, (height - battery_h) / 2
-    draw.rounded_rectangle(
-        (x1 - battery_w, y0, x1, y0 + battery_h), radius=2, outline=palette["text"]
-    )
-    level = rng.uniform(0.2, 1.0)
-    draw.rectangle(
-        (
-            x1 - battery_w + 2,
-            y0 + 2,
-            x1 - battery_w + 2 + (battery_w - 4) * level,
-            y0 + battery_h - 2,
-        ),
-        fill=palette["text"],
-    )
-    for k in range(4):  # signal bars
-        bar_x = x1 - battery_w - height * (1.6 - 0.25 * k)
-        draw.rectangle(
-            (bar_x, y0 + battery_h * (1 - 0.25 * (k + 1)), bar_x + height * 0.15, y0 + battery_h),
-            fill=palette["text"],
-        )
-
-
-def _app_header(
-    draw: ImageDraw.ImageDraw,
-    box: tuple[float, float, float, float],
-    palette: Mapping[str, RGB],
-    rng: random.Random,
-) -> None:
-    left, top, right, bottom = box
-    height = bottom - top
-    draw.rectangle(box, fill=palette["bar"])
-    middle = (top + bottom) / 2
-    draw.line(
-        (left + height * 0.45, middle, left + height * 0.25, middle - height * 0.18),
-        fill=palette["text"],
-        width=3,
-    )
-    draw.line(
-        (left + height * 0.25, middle, left + height * 0.45, middle + height * 0.18),
-        fill=palette["text"],
-        width=3,
-    )
-    radius = height * 0.3
-    avatar_x = left + height * 0.9
-    draw.ellipse(
-        (avatar_x, middle - radius, avatar_x + 2 * radius, middle + radius), fill=palette["accent"]
-    )
-    title = rng.choice(
-        ("@" + rng.choice(_WORDS) + str(rng.randint(1, 999)), "Photos", "Feed", "Chat")
-    )
-    draw.text(
-        (avatar_x + 2.6 * radius, middle),
-        title,
-        font=_font(round(height * 0.38)),
-        fill=palette["text"],
-        anchor="lm",
-    )
-    for k in range(3):  # the "more" menu dots
-        draw.ellipse(
-            (
-                right - height * 0.4 - 1.5,
-                middle - height * 0.18 + k * height * 0.18 - 1.5,
-                right - height * 0.4 + 1.5,
-                middle - height * 0.18 + k * height * 0.18 + 1.5,
-            ),
-            fill=palette["text"],
-        )
-
-
-def _buttons(
-    draw: ImageDraw.ImageDraw,
-    box: tuple[float, float, float, float],
-    palette: Mapping[str, RGB],
-    rng: random.Random,
-) -> None:
-    """A row of icon-like buttons and one labelled pill button, as under a social media post."""
-    left, top, right, bottom = box
-    size = bottom - top
-    x = left
-    for _ in range(3):
-        draw.ellipse((x, top, x + size, bottom), outline=palette["text"], width=2)
-        x += size * 1.6
-    label = rng.choice(("Follow", "Share", "Reply", "Send", "Save"))
-    font = _font(round(size * 0.55))
-    label_w = _text_size(draw, label, font)[0]
-    pill = (right - label_w - size * 1.2, top, right, bottom)
-    draw.rounded_rectangle(pill, radius=size / 2, fill=palette["accent"])
-    draw.text(
-        ((pill[0] + pill[2]) / 2, (top + bottom) / 2),
-        label,
-        font=font,
-        fill=(255, 255, 255),
-        anchor="mm",
-    )
-
-
-def screenshot(
-    image: Image.Image, rng: random.Random, background: Image.Image | None
-) -> Image.Image:
-    """A screenshot of the photo in an app: a phone (portrait) or desktop (sidebar) layout with a
-    status bar, an app header, text lines and buttons around the photo, which takes 35-60% of the
-    canvas area; then a JPEG re-encode at quality 70-90 as when the screenshot is shared."""
-    share = rng.uniform(0.35, 0.6)
-    palette = _ui_palette(rng)
-    photo = _scaled(image, rng.uniform(0.8, 1.2))
-    photo_w, photo_h = photo.size
-    unit = max(12, round(max(photo_w, photo_h) / 22))  # chrome scales with the photo's size
-    if rng.random() < 0.6:
-        margin = rng.choice((0, unit // 2))
-        canvas_w = photo_w + 2 * margin
-        chrome_top = round(unit * 1.1) + round(unit * 2.2)
-        min_h = chrome_top + photo_h + round(unit * 1.6) + 2 * unit + round(unit * 2.2)
-        # A tall portrait photo at a low share would need a scrolling screenshot taller than
-        # phones are (about 2.2:1), so the canvas stops at 2.4:1 and the share rises instead.
-        canvas_h = max(
-            min_h, min(round(2.4 * canvas_w), round(photo_w * photo_h / (share * canvas_w)))
-        )
-        photo_box = (margin, chrome_top + unit // 2)
-        canvas = Image.new("RGB", (canvas_w, canvas_h), palette["bg"])
-        draw = ImageDraw.Draw(canvas)
-        _status_bar(draw, canvas_w, round(unit * 1.1), palette, rng)
-        _app_header(draw, (0, round(unit * 1.1), canvas_w, chrome_top), palette, rng)
-        below = photo_box[1] + photo_h + unit // 2
-        _buttons(
-            draw,
-            (unit * 0.6, below, canvas_w - unit * 0.6, below + round(unit * 1.1)),
-            palette,
-            rng,
-        )
-        nav_top = canvas_h - round(unit * 2.2)
-        _text_lines(
-            draw,
-            (unit * 0.6, below + unit * 1.6, canvas_w - unit * 0.6, nav_top),
-            rng,
-            palette,
-            _font(round(unit * 0.7)),
-        )
-        draw.rectangle((0, nav_top, canvas_w, canvas_h), fill=palette["bar"])
-        for k in range(5):  # bottom navigation icons
-            centre = canvas_w * (k + 0.5) / 5
-            draw.rounded_rectangle(
-                (
-                    centre - unit * 0.45,
-                    nav_top + unit * 0.65,
-                    centre + unit * 0.45,
-                    nav_top + unit * 1.55,
-                ),
-                radius=unit * 0.2,
-                outline=palette["text"],
-                width=2,
-            )
-    else:
-        top_bar = round(unit * 2.2)
-        canvas_h = top_bar + photo_h + 4 * unit
-        sidebar = round(unit * rng.uniform(5, 8))
-        min_w = sidebar + photo_w + 2 * unit
-        canvas_w = max(min_w, round(photo_w * photo_h / (share * canvas_h)))
-        canvas = Image.new("RGB", (canvas_w, canvas_h), palette["bg"])
-        draw = ImageDraw.Draw(canvas)
-        _app_header(draw, (0, 0, canvas_w, top_bar), palette, rng)
-        draw.rectangle((0, top_bar, sidebar, canvas_h), fill=palette["bar"])
-        _text_lines(
-            draw,
-            (unit * 0.5, top_bar + unit, sidebar - unit * 0.5, canvas_h - unit),
-            rng,
-            palette,
-            _font(round(unit * 0.6)),
-        )
-        column = canvas_w - sidebar - photo_w
-        photo_box = (sidebar + round(column * rng.uniform(0.1, 0.5)), top_bar + unit)
-        _buttons(
-            draw,
-            (
-                photo_box[0],
-                photo_box[1] + photo_h + unit * 0.8,
-                photo_box[0] + photo_w,
-                photo_box[1] + photo_h + unit * 1.8,
-            ),
-            palette,
-            rng,
-        )
-        text_left = photo_box[0] + photo_w + unit
-        if canvas_w - text_left > 3 * unit:
-            _text_lines(
-                draw,
-                (text_left, top_bar + unit, canvas_w - unit, canvas_h - unit),
-                rng,
-                palette,
-                _font(round(unit * 0.7)),
-            )
-    canvas.paste(photo, photo_box)
-    return _jpeg(canvas, rng.randint(70, 90))
 
 
 def overlay_bg_60(
@@ -669,7 +371,7 @@ def overlay_bg_60(
     if background is None:
         raise ValueError("overlay_bg_60 needs a background image")
     out = ImageOps.fit(background.convert("RGB"), image.size, Image.Resampling.BICUBIC)
-    photo = _scaled(image, 0.6)
+    photo = scaled(image, 0.6)
     x = rng.randint(0, out.width - photo.width)
     y = rng.randint(0, out.height - photo.height)
     out.paste(photo, (x, y))
