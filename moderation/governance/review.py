@@ -1,6 +1,6 @@
 """The review queue: uncertain screenings settled by people, one reviewer per item at a time.
 
-Items come from :func:`moderation.matching.screening.record_result` (decision ``review``, or
+Items come from :func:`moderation.matching.recording.record_result` (decision ``review``, or
 ``unscannable`` routed to review). The queue is ordered by policy priority (higher first) then
 age (oldest first). :func:`claim_next` takes a lease on the next item so two reviewers never work
 on the same one (ROOST Coop's "no two moderators on one job"): ``SELECT ... FOR UPDATE SKIP

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moderation.matching.screening import ScreeningResult, record_result
+from moderation.matching.decision import ScreeningResult
+from moderation.matching.recording import record_result
 from moderation.service.subjects import pseudonymize
 from moderation.service.uploads import create_upload
 from moderation.storage.db import transaction

@@ -41,7 +41,9 @@ from moderation.audit.log import record_event
 from moderation.banks.blocklist import BlocklistError, current_snapshot
 from moderation.banks.snapshot import SnapshotError
 from moderation.crypto import CryptoError, DecryptionError, UnknownKeyError
-from moderation.matching.screening import Screener, ScreeningResult, record_result
+from moderation.matching.decision import ScreeningResult
+from moderation.matching.recording import record_result
+from moderation.matching.screening import Screener
 from moderation.media.formats import sniff_format
 from moderation.service.callbacks import notify_decision, overdue_deliveries
 from moderation.service.dispatch import Dispatcher

@@ -16,8 +16,9 @@ from moderation.banks.blocklist import Blocklist, load_blocklist
 from moderation.banks.importer import ImportHooks
 from moderation.config import ConfigurationError, Settings
 from moderation.crypto import KeyRing, load_keyring
+from moderation.matching.candidates import CandidateRefiner
 from moderation.matching.policy import Policy, load_policy
-from moderation.matching.screening import CandidateRefiner, Screener
+from moderation.matching.screening import Screener
 from moderation.media.decode import DecodeLimits
 from moderation.signals.encoders import Encoder, create_encoder
 from moderation.storage.db import create_db_engine, schema_is_current, session_factory

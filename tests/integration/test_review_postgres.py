@@ -17,7 +17,8 @@ from moderation.config import load_settings
 from moderation.crypto import load_keyring
 from moderation.governance.review import claim_next, decide
 from moderation.governance.users import create_user
-from moderation.matching.screening import MatchResult, ScreeningResult, record_result
+from moderation.matching.decision import MatchResult, ScreeningResult
+from moderation.matching.recording import record_result
 from moderation.service.runtime import Runtime
 from moderation.service.uploads import create_upload
 from moderation.storage.db import migrate, transaction

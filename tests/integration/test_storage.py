@@ -22,7 +22,8 @@ from moderation.banks.blocklist import (
 )
 from moderation.config import load_settings
 from moderation.crypto import load_keyring
-from moderation.matching.screening import ScreeningResult, record_result
+from moderation.matching.decision import ScreeningResult
+from moderation.matching.recording import record_result
 from moderation.service.runtime import Runtime
 from moderation.service.subjects import find_subject, pseudonymize
 from moderation.service.uploads import BlobMissingError, create_upload, read_upload, shred_upload

@@ -16,8 +16,9 @@ from moderation.governance.gdpr import (
     preview_erasure,
     register_request,
 )
+from moderation.matching.decision import ScreeningResult
 from moderation.matching.policy import PolicyError, load_policy, parse_policy
-from moderation.matching.screening import ScreeningResult, record_result
+from moderation.matching.recording import record_result
 from moderation.service.runtime import Runtime
 from moderation.service.uploads import create_upload
 from moderation.storage.db import transaction

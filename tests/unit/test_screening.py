@@ -14,8 +14,9 @@ from PIL import Image, ImageOps
 from moderation.banks.blocklist import EntryInfo, create_bank
 from moderation.banks.operations import import_bank, set_entry_disabled
 from moderation.config import load_settings
+from moderation.matching.candidates import Candidate
 from moderation.matching.policy import parse_policy
-from moderation.matching.screening import Candidate, Screener, _Work
+from moderation.matching.screening import Screener, _Work
 from moderation.service.runtime import Runtime
 from moderation.storage.db import migrate, transaction
 from tests.conftest import skimage_photo, skimage_photo_path

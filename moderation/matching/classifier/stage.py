@@ -1,12 +1,11 @@
 """The classifier stage of screening: candidates -> pair features -> calibrated probability.
 
-:class:`ClassifierStage` implements :class:`moderation.matching.screening.CandidateRefiner`. Extra
-work
-happens only on queries that have candidates, and the one costly step, embedding query views,
-only on queries in the uncertain band (:class:`Band`): the best candidate is neither a clear
-copy (global cosine at or above ``band.high``, or a PDQ match at or below ``band.certain_pdq``)
-nor clearly nothing (best cosine below ``band.low``). Views of a whole batch are embedded in
-one encoder call.
+:class:`ClassifierStage` implements :class:`moderation.matching.candidates.CandidateRefiner`.
+Extra work happens only on queries that have candidates, and the one costly step, embedding
+query views, only on queries in the uncertain band (:class:`Band`): the best candidate is
+neither a clear copy (global cosine at or above ``band.high``, or a PDQ match at or below
+``band.certain_pdq``) nor clearly nothing (best cosine below ``band.low``). Views of a whole
+batch are embedded in one encoder call.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from moderation.matching.classifier.regions import query_views
 from moderation.signals.pdq import PdqHash, pdq_hash
 
 if TYPE_CHECKING:
-    from moderation.matching.screening import Candidate, QueryContext
+    from moderation.matching.candidates import Candidate, QueryContext
     from moderation.signals.encoders import Encoder
 
 logger = logging.getLogger(__name__)

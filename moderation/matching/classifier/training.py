@@ -265,7 +265,7 @@ class TrainingCollector:
 
 
 def _candidates(blocklist: Blocklist, signals: QuerySignals) -> list[tuple[int, float, int]]:
-    from moderation.matching.screening import find_candidates
+    from moderation.matching.candidates import find_candidates
 
     found = find_candidates(blocklist, TRAINING_CANDIDATES, signals.vectors, signals.pdq)
     return [

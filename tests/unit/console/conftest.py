@@ -255,14 +255,15 @@ def jpeg_bytes(image: Image.Image, *, description: str | None = None) -> bytes:
 def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
     """Put an upload with a ``review`` screening, one match and an open review item in the DB.
 
-    The screening is written by :func:`moderation.matching.screening.record_result` from a hand-made
-    result, so the rows are exactly what real screenings produce (the decision path itself is
-    tested with the real encoder elsewhere).
+    The screening is written by :func:`moderation.matching.recording.record_result` from a
+    hand-made result, so the rows are exactly what real screenings produce (the decision path
+    itself is tested with the real encoder elsewhere).
     """
     from sqlalchemy import select
 
     from moderation.banks.blocklist import EntryInfo, create_bank
-    from moderation.matching.screening import MatchResult, ScreeningResult, record_result
+    from moderation.matching.decision import MatchResult, ScreeningResult
+    from moderation.matching.recording import record_result
     from moderation.service.uploads import create_upload
     from moderation.storage.db import transaction
     from moderation.storage.models import Bank, Entry, ReviewItem

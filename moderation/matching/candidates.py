@@ -1,0 +1,116 @@
+"""Stage 1 of matching: the candidate entries of one upload, and the classifier stage's contract.
+
+:func:`find_candidates` retrieves, for one upload's frames, the entries near it by cosine
+similarity and by PDQ Hamming distance, merged per entry; a :class:`CandidateRefiner` (the
+classifier stage, :mod:`moderation.matching.classifier.stage`) may then turn them into
+calibrated copy probabilities before :mod:`moderation.matching.decision` applies the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from moderation.banks.blocklist import Blocklist, EntryInfo
+from moderation.matching.policy import CandidateRules
+from moderation.signals.pdq import PdqHash
+
+
+@dataclass
+class Candidate:
+    """One entry retrieved for a query (merged over frames and signals)."""
+
+    entry: EntryInfo
+    cosine: float | None = None
+    frame: int = 0
+    pdq_distance: int | None = None
+    probability: float | None = None
+    features: dict[str, float] = field(default_factory=dict)
+    signals: list[str] = field(default_factory=list)
+
+    @property
+    def ranking_score(self) -> float:
+        """Probability when the classifier stage ran, else cosine (PDQ-only: a proxy)."""
+        if self.probability is not None:
+            return self.probability
+        if self.cosine is not None:
+            return self.cosine
+        assert self.pdq_distance is not None
+        return 1.0 - self.pdq_distance / 256.0
+
+
+@dataclass(frozen=True)
+class QueryContext:
+    """What the classifier stage may look at for one upload."""
+
+    frames: tuple[Image.Image, ...]
+    vectors: npt.NDArray[np.float32]  # (f, d) float32, unit rows: one per frame
+    pdq: tuple[tuple[PdqHash, ...], ...]  # per frame, the 8 dihedral variants
+
+
+class CandidateRefiner(Protocol):
+    """The classifier stage: turns candidates into calibrated copy probabilities."""
+
+    version: str
+
+    def refine_batch(
+        self, items: Sequence[tuple[QueryContext, list[Candidate]]], blocklist: Blocklist
+    ) -> None:
+        """Set ``probability`` (and ``features``/``signals``) on every candidate in place.
+
+        Gets a whole screening batch at once, so extra embeddings (query regions) run batched.
+        """
+
+
+def find_candidates(
+    blocklist: Blocklist,
+    rules: CandidateRules,
+    vectors: npt.NDArray[np.float32],
+    pdq: Sequence[Sequence[PdqHash]],
+) -> list[Candidate]:
+    """Stage 1: the top-k entries per frame above ``rules.min_cosine`` plus the PDQ matches
+    within ``rules.max_pdq_distance`` (over each frame's dihedral variants, both digests of
+    quality >= ``rules.min_pdq_quality``), merged per entry, best cosine first.
+
+    ``vectors`` is float32 (f, d), one unit row per frame; ``pdq`` the 8 variants per frame.
+    Entries found only by PDQ get their cosine too, so every candidate has both signals.
+    """
+    found: dict[int, Candidate] = {}
+    entries = blocklist.entries
+    hits_per_frame = blocklist.cosine.search(vectors, rules.top_k, rules.min_cosine)
+    for frame, hits in enumerate(hits_per_frame):
+        for hit in hits:
+            info = entries.get(hit.id)
+            if info is None:
+                continue
+            cand = found.setdefault(hit.id, Candidate(entry=info))
+            if cand.cosine is None or hit.score > cand.cosine:
+                cand.cosine, cand.frame = float(hit.score), frame
+    for frame, variants in enumerate(pdq):
+        usable = [v for v in variants if v.quality >= rules.min_pdq_quality]
+        if not usable:
+            continue
+        queries = np.stack([np.frombuffer(v.digest, np.uint8) for v in usable])
+        for hits in blocklist.pdq.search(queries, rules.top_k, rules.max_pdq_distance):
+            for hit in hits:
+                info = entries.get(hit.id)
+                if info is None:
+                    continue
+                _, quality = blocklist.pdq_of(hit.id)
+                if quality < rules.min_pdq_quality:
+                    continue
+                cand = found.setdefault(hit.id, Candidate(entry=info, frame=frame))
+                distance = int(hit.score)
+                if cand.pdq_distance is None or distance < cand.pdq_distance:
+                    cand.pdq_distance = distance
+    for cand in found.values():
+        if cand.cosine is None:
+            sims = vectors @ blocklist.vector_of(cand.entry.entry_id)
+            cand.frame = int(np.argmax(sims))
+            cand.cosine = float(sims[cand.frame])
+    return sorted(found.values(), key=lambda c: -(c.cosine or -1.0))

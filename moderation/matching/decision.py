@@ -1,0 +1,204 @@
+"""The decision stage: a policy applied to one upload's candidates, and the result's value types.
+
+:class:`ScreeningResult` is what screening returns for one upload (and what
+:func:`moderation.matching.recording.record_result` stores); :class:`MatchResult` is one entry
+the decision rests on. The functions here are the per-candidate rules that
+:meth:`moderation.matching.screening.Screener.decide` combines: the level a candidate reaches
+under its category's rules, the signals that agree, and the allow-bank override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moderation.banks.blocklist import EntryInfo
+from moderation.matching.candidates import Candidate
+from moderation.matching.policy import SEVERITY, CategoryRules, Policy
+
+# The category thresholds copied into a decision's explanation (what the top match was held to).
+_EXPLAINED_THRESHOLDS = {
+    "block_cosine",
+    "review_cosine",
+    "block_pdq_distance",
+    "review_pdq_distance",
+    "block_probability",
+    "review_probability",
+    "action",
+}
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """An entry the decision rests on."""
+
+    entry: EntryInfo
+    level: str  # block | review
+    cosine: float | None
+    pdq_distance: int | None
+    probability: float | None
+    frame: int
+    signals: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI/API contract's match object."""
+        return {
+            "bank": self.entry.bank_name,
+            "entry_id": self.entry.public_id,
+            "label": self.entry.label,
+            "cosine": None if self.cosine is None else round(self.cosine, 4),
+            "pdq_distance": self.pdq_distance,
+            "probability": None if self.probability is None else round(self.probability, 4),
+        }
+
+
+@dataclass(frozen=True)
+class ScreeningResult:
+    """The outcome for one upload, with its explanation and per-stage timings (ms)."""
+
+    decision: str
+    policy: str
+    score: float | None
+    reason: str | None
+    category: str | None
+    matches: tuple[MatchResult, ...]
+    timings_ms: dict[str, float]
+    encoder_id: str
+    index_version: int
+    classifier_version: str | None
+    review_priority: int | None
+    explanation: dict[str, Any]
+    # Days a ``block`` decision must be preserved (the category's legal hold), else None.
+    legal_hold_days: int | None = None
+
+    @property
+    def needs_review(self) -> bool:
+        """True when a human must look: decision review, or unscannable routed to review."""
+        return self.decision == "review" or (
+            self.decision == "unscannable"
+            and self.explanation.get("unscannable_action") == "review"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract object of ARCHITECTURE.md (without ``path``)."""
+        return {
+            "decision": self.decision,
+            "policy": self.policy,
+            "score": None if self.score is None else round(self.score, 4),
+            "reason": self.reason,
+            "matches": [m.to_json() for m in self.matches],
+            "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+        }
+
+
+def match_level(rules: CategoryRules, cand: Candidate) -> str | None:
+    """The level ``cand`` reaches under its category's ``rules``: ``rules.action``, "review", or
+    None. Probability thresholds decide when the classifier stage set a probability and the
+    rules have them; otherwise cosine similarity or PDQ Hamming distance does."""
+    if cand.probability is not None and rules.block_probability is not None:
+        if cand.probability >= rules.block_probability:
+            return rules.action
+        if rules.review_probability is not None and cand.probability >= rules.review_probability:
+            return "review"
+        return None
+    cosine = cand.cosine if cand.cosine is not None else -1.0
+    pdq = cand.pdq_distance
+    if cosine >= rules.block_cosine or (
+        pdq is not None and rules.block_pdq_distance is not None and pdq <= rules.block_pdq_distance
+    ):
+        return rules.action
+    if cosine >= rules.review_cosine or (
+        pdq is not None
+        and rules.review_pdq_distance is not None
+        and pdq <= rules.review_pdq_distance
+    ):
+        return "review"
+    return None
+
+
+def agreed_signals(policy: Policy, rules: CategoryRules, cand: Candidate) -> tuple[str, ...]:
+    """The classifier's signals, then "cosine" and "pdq" where each alone reaches review level
+    (PDQ: within the category's review distance, else the candidate search's), without repeats."""
+    agreed = list(cand.signals)
+    if cand.cosine is not None and cand.cosine >= rules.review_cosine:
+        agreed.append("cosine")
+    if cand.pdq_distance is not None and cand.pdq_distance <= (
+        rules.review_pdq_distance or policy.candidates.max_pdq_distance
+    ):
+        agreed.append("pdq")
+    return tuple(dict.fromkeys(agreed))
+
+
+def policy_matches(policy: Policy, block_candidates: Sequence[Candidate]) -> list[MatchResult]:
+    """The block-bank candidates that reach a level under their category's rules (banks the
+    rules do not apply to are skipped), most severe first, then by probability or cosine."""
+    matches: list[MatchResult] = []
+    for cand in block_candidates:
+        rules = policy.rules_for(cand.entry.category)
+        if not rules.applies_to(cand.entry.bank_name):
+            continue
+        level = match_level(rules, cand)
+        if level is None:
+            continue
+        matches.append(
+            MatchResult(
+                entry=cand.entry,
+                level=level,
+                cosine=cand.cosine,
+                pdq_distance=cand.pdq_distance,
+                probability=cand.probability,
+                frame=cand.frame,
+                signals=agreed_signals(policy, rules, cand),
+            )
+        )
+    matches.sort(key=lambda m: (-SEVERITY[m.level], -(m.probability or m.cosine or 0.0)))
+    return matches
+
+
+def top_match_outcome(
+    policy: Policy, top: MatchResult
+) -> tuple[str, str, int | None, int | None, dict[str, Any]]:
+    """(decision, category, review priority, legal hold days, explanation entries) for the
+    upload whose most severe match is ``top``; priority only for review, hold only for block."""
+    rules = policy.rules_for(top.entry.category)
+    decision = top.level
+    explained = {
+        "thresholds": rules.model_dump(include=_EXPLAINED_THRESHOLDS),
+        "signals": list(top.signals),
+    }
+    priority = rules.review_priority if decision == "review" else None
+    hold_days = rules.legal_hold_days if decision == "block" else None
+    return decision, top.entry.category, priority, hold_days, explained
+
+
+def allow_bank_hit(policy: Policy, allow_candidates: Sequence[Candidate]) -> Candidate | None:
+    """The first allow-bank candidate within ``policy.allow``'s cosine or PDQ limit, or None."""
+    return next(
+        (
+            c
+            for c in allow_candidates
+            if (c.cosine or -1.0) >= policy.allow.min_cosine
+            or (
+                policy.allow.max_pdq_distance is not None
+                and c.pdq_distance is not None
+                and c.pdq_distance <= policy.allow.max_pdq_distance
+            )
+        ),
+        None,
+    )
+
+
+def candidate_summary(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+    """The five best-ranked candidates as the explanation shows them (rounded to 4 places)."""
+    return [
+        {
+            "entry_id": c.entry.public_id,
+            "bank": c.entry.bank_name,
+            "cosine": None if c.cosine is None else round(c.cosine, 4),
+            "pdq_distance": c.pdq_distance,
+            "probability": None if c.probability is None else round(c.probability, 4),
+            "features": {k: round(v, 4) for k, v in c.features.items()},
+        }
+        for c in sorted(candidates, key=lambda c: -c.ranking_score)[:5]
+    ]
