@@ -137,7 +137,7 @@ class Runtime:
         their labelled pairs), or no hooks when the stage is off in settings."""
         if not self.settings.classifier:
             return ImportHooks()
-        from moderation.matching.classifier.training import import_hooks
+        from moderation.matching.classifier.synthetic import import_hooks
 
         return import_hooks(self)
 

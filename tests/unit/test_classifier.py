@@ -38,7 +38,8 @@ from moderation.matching.classifier.regions import (
     query_views,
 )
 from moderation.matching.classifier.stage import Band, agreed_signals
-from moderation.matching.classifier.training import decide_activation, edits_for, training_copy
+from moderation.matching.classifier.synthetic import edits_for, training_copy
+from moderation.matching.classifier.training import decide_activation
 from moderation.media.edits import EDITS, apply_edit
 from moderation.signals.pdq import hamming_distance, pdq_hash, pdq_hash_dihedral
 from tests.conftest import skimage_photo

@@ -160,34 +160,8 @@ def find_pasted_rectangles(image: Image.Image, max_count: int = 2) -> list[Detec
     col_sums = np.concatenate([np.zeros((cols.shape[0], 1)), np.cumsum(cols, axis=1)], axis=1)
     ys = sorted({0, h, *(y + 1 for y in _top_lines(rows, LINE_CANDIDATES))})
     xs = sorted({0, w, *(x + 1 for x in _top_lines(cols, LINE_CANDIDATES))})
-    # Every rectangle of candidate sides at once, in (top, bottom, left, right) loop order.
-    yi, yj = np.triu_indices(len(ys), k=1)
-    xi, xj = np.triu_indices(len(xs), k=1)
-    tops, bottoms = np.asarray(ys)[yi], np.asarray(ys)[yj]
-    lefts, rights = np.asarray(xs)[xi], np.asarray(xs)[xj]
-    top = np.repeat(tops, lefts.size)
-    bottom = np.repeat(bottoms, lefts.size)
-    left = np.tile(lefts, tops.size)
-    right = np.tile(rights, tops.size)
-    area = (bottom - top) * (right - left) / (h * w)
-    keep = (area >= MIN_AREA) & (area <= MAX_AREA)
-    top, bottom, left, right = top[keep], bottom[keep], left[keep], right[keep]
-    # Share of line pixels along each side inside the image (0 where the side is the border);
-    # summed in the order top, bottom, left, right, as a sequential mean of the inside ones.
-    total = np.zeros(top.size)
-    sides = np.zeros(top.size, dtype=np.int64)
-    for y, inside in ((top, top > 0), (bottom, bottom < h)):
-        row = np.clip(y - 1, 0, h - 2)  # border sides: any row, masked out below
-        share = (row_sums[row, right] - row_sums[row, left]) / (right - left)
-        total = total + np.where(inside, share, 0.0)
-        sides += inside
-    for x, inside in ((left, left > 0), (right, right < w)):
-        col = np.clip(x - 1, 0, w - 2)
-        share = (col_sums[col, bottom] - col_sums[col, top]) / (bottom - top)
-        total = total + np.where(inside, share, 0.0)
-        sides += inside
-    with np.errstate(invalid="ignore", divide="ignore"):
-        score = total / sides
+    top, bottom, left, right = _candidate_rectangles(ys, xs, h, w)
+    score, sides = _side_scores(row_sums, col_sums, (top, bottom, left, right), h, w)
     good = (sides >= 2) & (score >= MIN_SIDE_SCORE)
     found = [
         Detection((int(lx) / w, int(ty) / h, int(rx) / w, int(by) / h), float(sc), int(n))
@@ -205,6 +179,55 @@ def find_pasted_rectangles(image: Image.Image, max_count: int = 2) -> list[Detec
         if len(chosen) >= max_count:
             break
     return chosen
+
+
+_Sides = tuple[npt.NDArray[np.int64], ...]  # top, bottom, left, right: px, one per rectangle
+
+
+def _candidate_rectangles(ys: list[int], xs: list[int], h: int, w: int) -> _Sides:
+    """Every rectangle of candidate sides with MIN_AREA to MAX_AREA of the image, at once, in
+    (top, bottom, left, right) loop order."""
+    yi, yj = np.triu_indices(len(ys), k=1)
+    xi, xj = np.triu_indices(len(xs), k=1)
+    tops, bottoms = np.asarray(ys)[yi], np.asarray(ys)[yj]
+    lefts, rights = np.asarray(xs)[xi], np.asarray(xs)[xj]
+    top = np.repeat(tops, lefts.size)
+    bottom = np.repeat(bottoms, lefts.size)
+    left = np.tile(lefts, tops.size)
+    right = np.tile(rights, tops.size)
+    area = (bottom - top) * (right - left) / (h * w)
+    keep = (area >= MIN_AREA) & (area <= MAX_AREA)
+    return top[keep], bottom[keep], left[keep], right[keep]
+
+
+def _side_scores(
+    row_sums: npt.NDArray[np.float64],
+    col_sums: npt.NDArray[np.float64],
+    rectangles: _Sides,
+    h: int,
+    w: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """(mean inner-side score, inner sides) of each rectangle, from the line maps' prefix sums.
+
+    A side's score is its share of line pixels (0 where the side is the border); they are
+    summed in the order top, bottom, left, right, as a sequential mean of the inside ones.
+    """
+    top, bottom, left, right = rectangles
+    total = np.zeros(top.size)
+    sides = np.zeros(top.size, dtype=np.int64)
+    for y, inside in ((top, top > 0), (bottom, bottom < h)):
+        row = np.clip(y - 1, 0, h - 2)  # border sides: any row, masked out below
+        share = (row_sums[row, right] - row_sums[row, left]) / (right - left)
+        total = total + np.where(inside, share, 0.0)
+        sides += inside
+    for x, inside in ((left, left > 0), (right, right < w)):
+        col = np.clip(x - 1, 0, w - 2)
+        share = (col_sums[col, bottom] - col_sums[col, top]) / (bottom - top)
+        total = total + np.where(inside, share, 0.0)
+        sides += inside
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = total / sides
+    return score, sides
 
 
 def _iou(a: Box, b: Box) -> float:
