@@ -278,7 +278,8 @@ def gdpr() -> None:
 @pass_ctx
 def gdpr_preview(ctx: Context, subject_id: str) -> None:
     """Counts per store that erasing SUBJECT_ID ("-": read from stdin) would remove."""
-    from moderation.governance.gdpr import GdprError, preview_erasure
+    from moderation.governance.erasure_stores import GdprError
+    from moderation.governance.gdpr import preview_erasure
 
     subject = _subject_argument(subject_id)
     with config_errors():
@@ -296,7 +297,7 @@ def gdpr_preview(ctx: Context, subject_id: str) -> None:
 @pass_ctx
 def gdpr_request(ctx: Context, subject_id: str) -> None:
     """Register an erasure request for SUBJECT_ID (its deadline starts now)."""
-    from moderation.governance.gdpr import register_request
+    from moderation.governance.erasure_requests import register_request
 
     subject = _subject_argument(subject_id)
     with config_errors():
@@ -316,7 +317,8 @@ def gdpr_erase(ctx: Context, subject_id: str, dry_run: bool, yes: bool) -> None:
 
     Resumable: rerun the same command after an interruption.
     """
-    from moderation.governance.gdpr import GdprError, erase_subject
+    from moderation.governance.erasure_stores import GdprError
+    from moderation.governance.gdpr import erase_subject
 
     if not (dry_run or yes):
         raise click.UsageError("erasure cannot be undone: add --yes (or use --dry-run)")
@@ -337,7 +339,7 @@ def gdpr_erase(ctx: Context, subject_id: str, dry_run: bool, yes: bool) -> None:
 @pass_ctx
 def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
     """List erasure requests (newest first), or the overdue ones (oldest first)."""
-    from moderation.governance.gdpr import list_requests, overdue_requests
+    from moderation.governance.erasure_requests import list_requests, overdue_requests
 
     with config_errors():
         runtime = ctx.runtime
@@ -359,7 +361,7 @@ def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
 @pass_ctx
 def gdpr_held(ctx: Context) -> None:
     """List uploads kept under legal hold after their subject's erasure."""
-    from moderation.governance.gdpr import held_uploads
+    from moderation.governance.holds import held_uploads
 
     with config_errors():
         runtime = ctx.runtime
@@ -378,7 +380,8 @@ def gdpr_held(ctx: Context) -> None:
 def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) -> None:
     """Decrypt a held upload to OUT (for a lawful request); the access is audited."""
     from moderation.crypto import write_private_file
-    from moderation.governance.gdpr import GdprError, read_held_upload
+    from moderation.governance.erasure_stores import GdprError
+    from moderation.governance.holds import read_held_upload
 
     with config_errors():
         runtime = ctx.runtime
@@ -395,7 +398,8 @@ def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) ->
 @pass_ctx
 def gdpr_release_holds(ctx: Context) -> None:
     """Erase held uploads of erased subjects whose legal hold has ended."""
-    from moderation.governance.gdpr import GdprError, release_expired_holds
+    from moderation.governance.erasure_stores import GdprError
+    from moderation.governance.holds import release_expired_holds
 
     with config_errors():
         runtime = ctx.runtime

@@ -10,12 +10,8 @@ import pytest
 import yaml
 
 from moderation.config import load_settings
-from moderation.governance.gdpr import (
-    erase_subject,
-    overdue_requests,
-    preview_erasure,
-    register_request,
-)
+from moderation.governance.erasure_requests import overdue_requests, register_request
+from moderation.governance.gdpr import erase_subject, preview_erasure
 from moderation.matching.policy import PolicyError, load_policy, parse_policy
 from moderation.matching.screening import ScreeningResult, record_result
 from moderation.service.runtime import Runtime
