@@ -12,7 +12,7 @@ source is left out of the bank (the negatives of a query that is in no bank). A 
 of non-banned photos, edited the same way, gives further non-copies at training time.
 
 With humans: every final review decision writes one labelled pair per matched entry
-(:mod:`moderation.governance.review`); :func:`train` uses both kinds.
+(:mod:`moderation.governance.review_decisions`); :func:`train` uses both kinds.
 
 :func:`train` fits a new :class:`~moderation.matching.classifier.model.CopyModel` on a split by
 query,
