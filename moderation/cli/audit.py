@@ -79,7 +79,7 @@ def audit() -> None:
 @pass_ctx
 def audit_verify(ctx: Context, public_key: str | None, as_json: bool) -> None:
     """Check the hash chain and the signed checkpoints; exit 1 naming the first bad seq."""
-    from moderation.audit.log import verify_chain
+    from moderation.audit.verify import verify_chain
 
     with config_errors():
         runtime = ctx.runtime
@@ -178,7 +178,8 @@ def audit_export(
     manifest_path: Path | None,
 ) -> None:
     """Export events with a signed manifest (the export itself is audited)."""
-    from moderation.audit.log import export_events, signing_key
+    from moderation.audit.export import export_events
+    from moderation.audit.log import signing_key
     from moderation.storage.db import transaction
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")

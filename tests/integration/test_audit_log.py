@@ -26,17 +26,17 @@ from sqlalchemy import Engine, create_engine, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from moderation.audit.export import export_events
 from moderation.audit.log import (
     compute_hash,
-    export_events,
     public_key_hex,
     record_event,
     sign_document,
     signing_key,
-    verify_chain,
     write_checkpoint,
 )
 from moderation.audit.offline import CHECKPOINT_TYPE, load_public_key, verify_export
+from moderation.audit.verify import verify_chain
 from moderation.crypto import KeyRing
 from moderation.storage.db import create_db_engine, migrate, session_factory, transaction
 from moderation.storage.models import AuditCheckpoint, AuditEvent
@@ -587,7 +587,7 @@ def test_a7_offline_script_needs_nothing_but_cryptography(db: Db, tmp_path: Path
     (tmp_path / "export.csv").write_bytes(data)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     script = tmp_path / "verify_audit_export.py"
-    shutil.copy(REPO_ROOT / "moderation" / "audit_offline.py", script)
+    shutil.copy(REPO_ROOT / "moderation" / "audit" / "offline.py", script)
     key = _public_key(db)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

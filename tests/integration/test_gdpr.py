@@ -35,8 +35,9 @@ from PIL import Image
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
-from moderation.audit.log import public_key_hex, signing_key, verify_chain
+from moderation.audit.log import public_key_hex, signing_key
 from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signature
+from moderation.audit.verify import verify_chain
 from moderation.banks.blocklist import current_snapshot, read_payload
 from moderation.banks.operations import import_bank, set_bank_enabled
 from moderation.config import Settings, load_settings
