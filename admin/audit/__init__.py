@@ -1,7 +1,7 @@
 """The audit log: browse events, verify the hash chain, export a signed copy.
 
-Verification and export call the library (``moderation.audit.log.verify_chain`` and
-``export_events``); this page only reads and renders.
+Verification and export call the library (``moderation.audit.verify.verify_chain`` and
+``moderation.audit.export.export_events``); this page only reads and renders.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from wtforms.validators import DataRequired, Optional
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user
-from moderation.audit.log import export_events, signing_key, verify_chain
+from moderation.audit.export import export_events
+from moderation.audit.log import signing_key
+from moderation.audit.verify import verify_chain
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent
 

@@ -15,13 +15,9 @@ from wtforms.validators import DataRequired, Length
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import permission_required, require_user, step_up_required
-from moderation.governance.gdpr import (
-    GdprError,
-    erase_subject,
-    list_requests,
-    preview_erasure,
-    register_request,
-)
+from moderation.governance.erasure_requests import list_requests, register_request
+from moderation.governance.erasure_stores import GdprError
+from moderation.governance.gdpr import erase_subject, preview_erasure
 
 bp = Blueprint("gdpr", __name__, url_prefix="/gdpr")
 

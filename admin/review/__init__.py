@@ -14,23 +14,23 @@ from admin.forms import ConsoleForm
 from admin.permissions import Principal, origin, permission_required, require_user
 from moderation.banks.blocklist import BlocklistError
 from moderation.governance.review import (
-    DECISIONS,
     ExposureLimitReached,
-    ItemView,
     NotClaimedError,
     ReviewError,
-    banks_for_decisions,
     claim_next,
     current_claim,
-    decide,
     exposure,
-    item_view,
-    previous_item,
     queue_stats,
     record_reveal,
     release,
-    render_upload,
     renew_lease,
+)
+from moderation.governance.review_decisions import DECISIONS, banks_for_decisions, decide
+from moderation.governance.review_display import (
+    ItemView,
+    item_view,
+    previous_item,
+    render_upload,
     upload_exif,
 )
 from moderation.storage.db import transaction

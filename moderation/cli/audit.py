@@ -79,7 +79,7 @@ def audit() -> None:
 @pass_ctx
 def audit_verify(ctx: Context, public_key: str | None, as_json: bool) -> None:
     """Check the hash chain and the signed checkpoints; exit 1 naming the first bad seq."""
-    from moderation.audit.log import verify_chain
+    from moderation.audit.verify import verify_chain
 
     with config_errors():
         runtime = ctx.runtime
@@ -178,7 +178,8 @@ def audit_export(
     manifest_path: Path | None,
 ) -> None:
     """Export events with a signed manifest (the export itself is audited)."""
-    from moderation.audit.log import export_events, signing_key
+    from moderation.audit.export import export_events
+    from moderation.audit.log import signing_key
     from moderation.storage.db import transaction
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
@@ -278,7 +279,8 @@ def gdpr() -> None:
 @pass_ctx
 def gdpr_preview(ctx: Context, subject_id: str) -> None:
     """Counts per store that erasing SUBJECT_ID ("-": read from stdin) would remove."""
-    from moderation.governance.gdpr import GdprError, preview_erasure
+    from moderation.governance.erasure_stores import GdprError
+    from moderation.governance.gdpr import preview_erasure
 
     subject = _subject_argument(subject_id)
     with config_errors():
@@ -296,7 +298,7 @@ def gdpr_preview(ctx: Context, subject_id: str) -> None:
 @pass_ctx
 def gdpr_request(ctx: Context, subject_id: str) -> None:
     """Register an erasure request for SUBJECT_ID (its deadline starts now)."""
-    from moderation.governance.gdpr import register_request
+    from moderation.governance.erasure_requests import register_request
 
     subject = _subject_argument(subject_id)
     with config_errors():
@@ -316,7 +318,8 @@ def gdpr_erase(ctx: Context, subject_id: str, dry_run: bool, yes: bool) -> None:
 
     Resumable: rerun the same command after an interruption.
     """
-    from moderation.governance.gdpr import GdprError, erase_subject
+    from moderation.governance.erasure_stores import GdprError
+    from moderation.governance.gdpr import erase_subject
 
     if not (dry_run or yes):
         raise click.UsageError("erasure cannot be undone: add --yes (or use --dry-run)")
@@ -337,7 +340,7 @@ def gdpr_erase(ctx: Context, subject_id: str, dry_run: bool, yes: bool) -> None:
 @pass_ctx
 def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
     """List erasure requests (newest first), or the overdue ones (oldest first)."""
-    from moderation.governance.gdpr import list_requests, overdue_requests
+    from moderation.governance.erasure_requests import list_requests, overdue_requests
 
     with config_errors():
         runtime = ctx.runtime
@@ -359,7 +362,7 @@ def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
 @pass_ctx
 def gdpr_held(ctx: Context) -> None:
     """List uploads kept under legal hold after their subject's erasure."""
-    from moderation.governance.gdpr import held_uploads
+    from moderation.governance.holds import held_uploads
 
     with config_errors():
         runtime = ctx.runtime
@@ -378,7 +381,8 @@ def gdpr_held(ctx: Context) -> None:
 def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) -> None:
     """Decrypt a held upload to OUT (for a lawful request); the access is audited."""
     from moderation.crypto import write_private_file
-    from moderation.governance.gdpr import GdprError, read_held_upload
+    from moderation.governance.erasure_stores import GdprError
+    from moderation.governance.holds import read_held_upload
 
     with config_errors():
         runtime = ctx.runtime
@@ -395,7 +399,8 @@ def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) ->
 @pass_ctx
 def gdpr_release_holds(ctx: Context) -> None:
     """Erase held uploads of erased subjects whose legal hold has ended."""
-    from moderation.governance.gdpr import GdprError, release_expired_holds
+    from moderation.governance.erasure_stores import GdprError
+    from moderation.governance.holds import release_expired_holds
 
     with config_errors():
         runtime = ctx.runtime

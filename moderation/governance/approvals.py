@@ -108,13 +108,19 @@ def request_removal(
     return approval
 
 
-def _pending(session: Session, approval_id: int, approver_id: int) -> Approval:
-    _admin(session, approver_id)
+def _locked_pending(session: Session, approval_id: int, admin_id: int) -> Approval:
+    """The pending request, locked, once ``admin_id`` is checked to be an active admin."""
+    _admin(session, admin_id)
     approval = session.get(Approval, approval_id, with_for_update=True)
     if approval is None:
         raise ApprovalError(f"no approval request {approval_id}")
     if approval.state != "pending":
         raise ApprovalError(f"approval request {approval_id} is already {approval.state}")
+    return approval
+
+
+def _pending(session: Session, approval_id: int, approver_id: int) -> Approval:
+    approval = _locked_pending(session, approval_id, approver_id)
     if approval.requested_by == approver_id:
         raise ApprovalError("a second admin must approve: you filed this request")
     return approval
@@ -183,12 +189,7 @@ def reject(
     Raises:
         ApprovalError: not pending, or the rejecter is not an active admin.
     """
-    _admin(session, approver_id)
-    approval = session.get(Approval, approval_id, with_for_update=True)
-    if approval is None:
-        raise ApprovalError(f"no approval request {approval_id}")
-    if approval.state != "pending":
-        raise ApprovalError(f"approval request {approval_id} is already {approval.state}")
+    approval = _locked_pending(session, approval_id, approver_id)
     approval.state, approval.approved_by, approval.decided_at = (
         "rejected",
         approver_id,

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from moderation.banks.blocklist import current_snapshot
 from moderation.governance.review import QueueStats, queue_stats, utc
-from moderation.storage.models import ErasureRequest, ReviewItem, Screening
+from moderation.storage.models import ErasureRequest, IndexSnapshot, ReviewItem, Screening
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,42 @@ def _latency(session: Session, since: datetime) -> tuple[float | None, float | N
     return float(p50), float(p99), len(totals)
 
 
+def _latest_screening_version(
+    session: Session, snapshot: IndexSnapshot | None
+) -> tuple[int | None, bool]:
+    """The index version of the newest screening, and whether it lags the current snapshot.
+
+    Stale: that screening used an older index version although it ran more than
+    :data:`STALE_GRACE_S` after the current snapshot was written (workers did not reload it).
+    """
+    latest = session.execute(
+        select(Screening.index_version, Screening.created_at).order_by(Screening.id.desc()).limit(1)
+    ).first()
+    stale = False
+    if snapshot is not None and latest is not None and latest[0] is not None:
+        after = (utc(latest[1]) - utc(snapshot.created_at)).total_seconds()
+        stale = latest[0] < snapshot.version and after > STALE_GRACE_S
+    return (latest[0] if latest else None), stale
+
+
+def _overdue_erasures(session: Session, moment: datetime) -> list[OverdueErasure]:
+    """Open erasure requests received :data:`ERASURE_WARNING_DAYS` or more before ``moment``."""
+    deadline = moment - timedelta(days=ERASURE_WARNING_DAYS)
+    return [
+        OverdueErasure(
+            request_id=r.id,
+            received_at=utc(r.received_at),
+            age_days=(moment - utc(r.received_at)).total_seconds() / 86400,
+            state=r.state,
+        )
+        for r in session.scalars(
+            select(ErasureRequest)
+            .where(ErasureRequest.completed_at.is_(None), ErasureRequest.received_at <= deadline)
+            .order_by(ErasureRequest.received_at)
+        )
+    ]
+
+
 def dashboard_stats(
     session: Session, *, hours: int = 24, now: datetime | None = None
 ) -> DashboardStats:
@@ -149,27 +185,7 @@ def dashboard_stats(
     )
     p50, p99, samples = _latency(session, since)
     snapshot = current_snapshot(session)
-    latest = session.execute(
-        select(Screening.index_version, Screening.created_at).order_by(Screening.id.desc()).limit(1)
-    ).first()
-    stale = False
-    if snapshot is not None and latest is not None and latest[0] is not None:
-        after = (utc(latest[1]) - utc(snapshot.created_at)).total_seconds()
-        stale = latest[0] < snapshot.version and after > STALE_GRACE_S
-    deadline = moment - timedelta(days=ERASURE_WARNING_DAYS)
-    overdue = [
-        OverdueErasure(
-            request_id=r.id,
-            received_at=utc(r.received_at),
-            age_days=(moment - utc(r.received_at)).total_seconds() / 86400,
-            state=r.state,
-        )
-        for r in session.scalars(
-            select(ErasureRequest)
-            .where(ErasureRequest.completed_at.is_(None), ErasureRequest.received_at <= deadline)
-            .order_by(ErasureRequest.received_at)
-        )
-    ]
+    latest_version, stale = _latest_screening_version(session, snapshot)
     return DashboardStats(
         now=moment,
         hours=hours,
@@ -182,7 +198,7 @@ def dashboard_stats(
         index_version=snapshot.version if snapshot else None,
         index_entries=snapshot.entry_count if snapshot else None,
         index_age_s=(moment - utc(snapshot.created_at)).total_seconds() if snapshot else None,
-        latest_screening_version=latest[0] if latest else None,
+        latest_screening_version=latest_version,
         index_stale=stale,
-        overdue_erasures=overdue,
+        overdue_erasures=_overdue_erasures(session, moment),
     )

@@ -1,4 +1,4 @@
-"""Erasure by data subject (GDPR Art. 17), with legal holds, receipts and deadlines.
+"""Erasure by data subject (GDPR Art. 17): the plan, the erasure itself and its receipt.
 
 :func:`erase_subject` removes everything the service holds about one data subject: their
 uploads (blob deleted and data key destroyed, so copies in backups are unreadable:
@@ -10,11 +10,10 @@ older snapshot files are pruned). Finally it destroys the subject's pseudonymisa
 the pseudonym left in audit events can no longer be linked to anyone while the hash chain still
 verifies.
 
-Uploads decided ``block`` in a policy category with ``legal_hold_days`` carry
-``uploads.legal_hold_until``. Until then they are kept (encrypted, with their screening, matches,
-review item and derived bank entries), detached from the subject, every read is audited
-(:func:`read_held_upload`), and the receipt cites the exception; :func:`release_expired_holds`
-erases them once the hold ends.
+Uploads under legal hold (:mod:`moderation.governance.holds`) are kept, detached from the
+subject, and the receipt cites the exception. The per-store steps live in
+:mod:`moderation.governance.erasure_stores`; the request rows and deadlines in
+:mod:`moderation.governance.erasure_requests`.
 
 Resumable and idempotent: the request row (``erasure_requests``) keeps a work list (``plan``)
 of upload ids, entry ids, Redis keys, blob paths and counts. Every step can be repeated: a rerun
@@ -30,226 +29,54 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import CursorResult, delete, func, select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event, sign_document, signing_key, write_checkpoint
 from moderation.audit.offline import RECEIPT_TYPE
 from moderation.banks.blocklist import prune_snapshots
+from moderation.governance.erasure_requests import empty_plan, new_request, open_request
+from moderation.governance.erasure_stores import (
+    GdprError,
+    as_utc,
+    chunks,
+    delete_blob_files,
+    delete_link_rows,
+    delete_upload_rows,
+    erasure_lock,
+    now_utc,
+    redis_client,
+    redis_error,
+    redis_keys_for,
+    secure_delete,
+    store_counts,
+    truncate_sqlite_wal,
+    zero_counts,
+)
+from moderation.governance.holds import hold_citation, is_held
 from moderation.service.subjects import lookup_key
-from moderation.service.uploads import read_upload
 from moderation.storage.db import transaction
 from moderation.storage.models import (
-    CallbackAttempt,
     Entry,
     ErasureRequest,
-    LabelledPair,
-    Match,
-    ReviewItem,
     Screening,
     Subject,
     Upload,
-    new_uuid,
 )
 
 if TYPE_CHECKING:
-    import redis
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from moderation.matching.policy import Policy
     from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_KEY_PREFIX = "moderation:upload:"
-"""Redis keys holding per-upload data start with this, then the upload id (pinned contract)."""
-IDEMPOTENCY_KEY_PATTERN = "moderation:idem:*"
-"""Redis idempotency keys (``moderation:idem:<client>:<sha256>``); their value is an upload id."""
-
-ERASED_STORES = (
-    "uploads",
-    "blobs",
-    "data_keys",
-    "screenings",
-    "matches",
-    "review_items",
-    "labelled_pairs",
-    "callback_attempts",
-    "redis_keys",
-    "bank_entries",
-    "subject_secrets",
-)
-"""The keys of a receipt's ``counts``: what was erased, per store."""
-
-# Arbitrary constant naming the PostgreSQL advisory lock that serialises erasure bookkeeping.
-_ERASURE_LOCK_KEY = 0x6D6F645F67647072  # "mod_gdpr"
-_CHUNK = 500
-
-
-class GdprError(Exception):
-    """An erasure step could not run (e.g. Redis unreachable); rerun once fixed."""
-
 
 class _Replan(Exception):
     """New uploads of the subject arrived while erasing: plan them and go round again."""
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _lock(session: Session) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ERASURE_LOCK_KEY})
-
-
-def _secure_delete(session: Session) -> None:
-    # SQLite leaves deleted rows in free pages until they are reused; secure_delete overwrites
-    # them with zeros, so the subject's pseudonyms do not survive in the database file.
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(text("PRAGMA secure_delete=ON"))
-
-
-def _truncate_sqlite_wal(runtime: Runtime) -> None:
-    # The write-ahead log still holds page images from before the deletion until a checkpoint
-    # resets it; TRUNCATE also shrinks the file to zero bytes (best effort: readers may block it).
-    engine = runtime.engine
-    if engine.dialect.name != "sqlite":
-        return
-    raw = engine.raw_connection()
-    try:
-        cursor = raw.cursor()
-        cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        busy = cursor.fetchone()
-        cursor.close()
-    finally:
-        raw.close()
-    if busy and busy[0]:
-        logger.warning(
-            "SQLite WAL checkpoint after erasure was blocked by readers; it will run later"
-        )
-
-
-def is_held(upload: Upload, now: datetime | None = None) -> bool:
-    """True while ``upload`` is under legal hold."""
-    until = upload.legal_hold_until
-    return until is not None and _utc(until) > (now or _now())
-
-
-# --- Redis ----------------------------------------------------------------------------------
-
-
-def _redis(runtime: Runtime) -> redis.Redis | None:
-    url = runtime.settings.effective_redis_url
-    if not url:
-        return None
-    import redis as redis_lib
-
-    return redis_lib.Redis.from_url(
-        url, decode_responses=True, socket_timeout=30, socket_connect_timeout=10
-    )
-
-
-def _redis_keys_for(client: redis.Redis, upload_ids: set[str]) -> list[str]:
-    """Every Redis key holding data of these uploads (one SCAN per key family)."""
-    if not upload_ids:
-        return []
-    found: list[str] = []
-    prefix_len = len(UPLOAD_KEY_PREFIX)
-    for key in client.scan_iter(match=f"{UPLOAD_KEY_PREFIX}*", count=1000):
-        rest = str(key)[prefix_len:]
-        if rest.split(":", 1)[0] in upload_ids:
-            found.append(str(key))
-    idem = [str(key) for key in client.scan_iter(match=IDEMPOTENCY_KEY_PATTERN, count=1000)]
-    for chunk in _chunks(idem):
-        values = client.mget(list(chunk))
-        found.extend(k for k, v in zip(chunk, values, strict=True) if v in upload_ids)
-    return found
-
-
-def _redis_error(runtime: Runtime, exc: Exception) -> GdprError:
-    url = runtime.settings.effective_redis_url or ""
-    where = url.rsplit("@", 1)[-1]  # never print a password
-    return GdprError(f"Redis at {where} failed during erasure ({exc}); rerun the erasure")
-
-
-# --- counting -------------------------------------------------------------------------------
-
-
-def _store_counts(session: Session, upload_ids: Sequence[str]) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for chunk in _chunks(upload_ids):
-        screening_ids = select(Screening.id).where(Screening.upload_id.in_(chunk))
-        counts["uploads"] += (
-            session.scalar(select(func.count()).select_from(Upload).where(Upload.id.in_(chunk)))
-            or 0
-        )
-        counts["blobs"] += (
-            session.scalar(
-                select(func.count())
-                .select_from(Upload)
-                .where(Upload.id.in_(chunk), Upload.blob_ref.is_not(None))
-            )
-            or 0
-        )
-        counts["data_keys"] += (
-            session.scalar(
-                select(func.count())
-                .select_from(Upload)
-                .where(Upload.id.in_(chunk), Upload.wrapped_key.is_not(None))
-            )
-            or 0
-        )
-        for name, model in (
-            ("screenings", Screening),
-            ("review_items", ReviewItem),
-            ("labelled_pairs", LabelledPair),
-            ("callback_attempts", CallbackAttempt),
-        ):
-            counts[name] += (
-                session.scalar(
-                    select(func.count()).select_from(model).where(model.upload_id.in_(chunk))
-                )
-                or 0
-            )
-        counts["matches"] += (
-            session.scalar(
-                select(func.count()).select_from(Match).where(Match.screening_id.in_(screening_ids))
-            )
-            or 0
-        )
-        counts["bank_entries"] += (
-            session.scalar(
-                select(func.count()).select_from(Entry).where(Entry.upload_id.in_(chunk))
-            )
-            or 0
-        )
-    return counts
-
-
-def _zero_counts() -> dict[str, int]:
-    return dict.fromkeys(ERASED_STORES, 0)
-
-
-def _open_request(session: Session, lookup: str) -> ErasureRequest | None:
-    return session.scalar(
-        select(ErasureRequest)
-        .where(ErasureRequest.lookup == lookup, ErasureRequest.state != "done")
-        .order_by(ErasureRequest.received_at)
-    )
 
 
 def preview_erasure(runtime: Runtime, subject_id: str) -> dict[str, int]:
@@ -263,162 +90,52 @@ def preview_erasure(runtime: Runtime, subject_id: str) -> dict[str, int]:
     """
     if not subject_id:
         raise ValueError("subject id must not be empty")
-    counts = _zero_counts()
+    counts = zero_counts()
     with runtime.sessions() as session:
         lookup = lookup_key(session, runtime.keyring, subject_id)
         subject = session.scalar(select(Subject).where(Subject.lookup == lookup))
         erase: list[str] = []
         held: list[str] = []
         if subject is not None:
-            now = _now()
+            now = now_utc()
             for upload in session.scalars(select(Upload).where(Upload.subject_ref == subject.ref)):
                 (held if is_held(upload, now) else erase).append(upload.id)
-            counts.update(_store_counts(session, erase))
-            held_counts = _store_counts(session, held)
+            counts.update(store_counts(session, erase))
+            held_counts = store_counts(session, held)
             for name in ("labelled_pairs", "callback_attempts"):  # erased for held uploads too
                 counts[name] += held_counts[name]
             counts["subject_secrets"] = 1
         counts["held_uploads"] = len(held)
         session.rollback()
-    client = _redis(runtime)
+    client = redis_client(runtime)
     if client is not None and (erase or held):
         try:
-            counts["redis_keys"] = len(_redis_keys_for(client, {*erase, *held}))
+            counts["redis_keys"] = len(redis_keys_for(client, {*erase, *held}))
         except Exception as exc:
-            raise _redis_error(runtime, exc) from exc
+            raise redis_error(runtime, exc) from exc
         finally:
             client.close()
     return counts
 
 
-# --- requests and deadlines -----------------------------------------------------------------
-
-
-def _empty_plan() -> dict[str, Any]:
-    return {
-        "erase": [],
-        "held": [],
-        "entries": [],
-        "redis_keys": [],
-        "blobs": [],
-        "counts": _zero_counts(),
-        "held_kept": {},
-        "exceptions": [],
-        "subject_known": False,
-        "snapshot_version": None,
-    }
-
-
-def _new_request(
-    session: Session, lookup: str, subject: Subject | None, *, actor: str, state: str
-) -> ErasureRequest:
-    request = ErasureRequest(
-        id=new_uuid(),
-        subject_ref=subject.ref if subject else "",
-        requested_by=actor,
-        lookup=lookup,
-        state=state,
-        receipt={},
-        plan=_empty_plan(),
-    )
-    session.add(request)
-    session.flush()
-    record_event(
-        session,
-        actor=actor,
-        action="gdpr.request",
-        target=f"erasure:{request.id}",
-        details={"subject_ref": subject.ref if subject else None},
-    )
-    logger.info("erasure request %s registered", request.id)
-    return request
-
-
-def register_request(runtime: Runtime, subject_id: str, *, actor: str) -> str:
-    """Record that an erasure request was received (its deadline starts now); returns its id.
-
-    Idempotent: an open request for the same subject is returned instead of a new one.
-
-    Raises:
-        ValueError: empty subject id.
-    """
-    if not subject_id:
-        raise ValueError("subject id must not be empty")
-    with transaction(runtime.sessions) as session:
-        _lock(session)
-        lookup = lookup_key(session, runtime.keyring, subject_id)
-        request = _open_request(session, lookup)
-        if request is None:
-            subject = session.scalar(select(Subject).where(Subject.lookup == lookup))
-            request = _new_request(session, lookup, subject, actor=actor, state="pending")
-        return request.id
-
-
-def overdue_requests(session: Session, days: int = 25) -> list[dict[str, Any]]:
-    """Open erasure requests received more than ``days`` ago, oldest first (for the dashboard).
-
-    GDPR Art. 12(3) allows one month; the default leaves a few days' margin. Each item:
-    ``id``, ``state``, ``received_at`` (ISO 8601), ``age_days``, ``requested_by``.
-    """
-    now = _now()
-    rows = session.scalars(
-        select(ErasureRequest)
-        .where(ErasureRequest.state != "done", ErasureRequest.received_at < now - timedelta(days))
-        .order_by(ErasureRequest.received_at)
-    )
-    return [
-        {
-            "id": r.id,
-            "state": r.state,
-            "received_at": _utc(r.received_at).isoformat(),
-            "age_days": (now - _utc(r.received_at)).days,
-            "requested_by": r.requested_by,
-        }
-        for r in rows
-    ]
-
-
-def list_requests(session: Session, *, limit: int = 100) -> list[dict[str, Any]]:
-    """Recent erasure requests, newest first: id, state, dates and the receipt's counts."""
-    rows = session.scalars(
-        select(ErasureRequest).order_by(ErasureRequest.received_at.desc()).limit(limit)
-    )
-    return [
-        {
-            "id": r.id,
-            "state": r.state,
-            "received_at": _utc(r.received_at).isoformat(),
-            "completed_at": _utc(r.completed_at).isoformat() if r.completed_at else None,
-            "requested_by": r.requested_by,
-            "counts": r.receipt.get("counts") if r.receipt else None,
-        }
-        for r in rows
-    ]
-
-
 # --- erasure --------------------------------------------------------------------------------
-
-
-def _hold_citation(policy: Policy, category: str | None) -> str:
-    rules = policy.rules_for(category or policy.default_category)
-    return rules.legal_hold_citation or f"legal hold (policy category {category})"
 
 
 def _extend_plan(
     session: Session, runtime: Runtime, request: ErasureRequest, ref: str
 ) -> dict[str, Any]:
     """Add the subject's current uploads (and entries made from them) to the request's plan."""
-    plan = dict(request.plan or _empty_plan())
+    plan = dict(request.plan or empty_plan())
     plan["subject_known"] = True
     erase, held = set(plan["erase"]), set(plan["held"])
-    now = _now()
+    now = now_utc()
     for upload in session.scalars(select(Upload).where(Upload.subject_ref == ref)):
         if upload.id in held or upload.id in erase:
             continue
         (held if is_held(upload, now) else erase).add(upload.id)
     entries = set(plan["entries"])
     erase_list = sorted(erase)
-    for chunk in _chunks(erase_list):
+    for chunk in chunks(erase_list):
         entries.update(session.scalars(select(Entry.id).where(Entry.upload_id.in_(chunk))))
     plan.update(erase=erase_list, held=sorted(held), entries=sorted(entries))
     request.plan = plan
@@ -434,10 +151,8 @@ def _delete_bank_entries(runtime: Runtime, request_id: str, actor: str) -> None:
         planned = [int(eid) for eid in request.plan["entries"]]
         remaining = [
             int(eid)
-            for start in range(0, len(planned), _CHUNK)
-            for eid in session.scalars(
-                select(Entry.id).where(Entry.id.in_(planned[start : start + _CHUNK]))
-            )
+            for chunk in chunks(planned)
+            for eid in session.scalars(select(Entry.id).where(Entry.id.in_(chunk)))
         ]
     if remaining:
         version = delete_entries(runtime, remaining, actor=actor)
@@ -458,7 +173,7 @@ def _delete_bank_entries(runtime: Runtime, request_id: str, actor: str) -> None:
 
 
 def _delete_redis_keys(runtime: Runtime, request_id: str) -> None:
-    client = _redis(runtime)
+    client = redis_client(runtime)
     if client is None:
         return
     with runtime.sessions() as session:
@@ -467,7 +182,7 @@ def _delete_redis_keys(runtime: Runtime, request_id: str) -> None:
         ids = {*request.plan["erase"], *request.plan["held"]}
         planned = list(request.plan["redis_keys"])
     try:
-        found = _redis_keys_for(client, ids)
+        found = redis_keys_for(client, ids)
         keys = sorted({*planned, *found})
         if len(keys) != len(planned):
             # Record the keys before deleting them: a rerun then still counts them once.
@@ -475,153 +190,126 @@ def _delete_redis_keys(runtime: Runtime, request_id: str) -> None:
                 request = session.get(ErasureRequest, request_id)
                 assert request is not None and request.plan is not None
                 request.plan = {**request.plan, "redis_keys": keys}
-        for chunk in _chunks(keys):
+        for chunk in chunks(keys):
             client.delete(*chunk)
     except GdprError:
         raise
     except Exception as exc:
-        raise _redis_error(runtime, exc) from exc
+        raise redis_error(runtime, exc) from exc
     finally:
         client.close()
 
 
-def _deleted(session: Session, statement: Any) -> int:
-    """Execute a DELETE and return how many rows it removed."""
-    result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
-    return int(result.rowcount)
+def _destroy_subject(session: Session, request: ErasureRequest, known: set[str]) -> int:
+    """Delete the subject row (their pseudonymisation secret); 1 if it was there, else 0.
+
+    Raises :class:`_Replan` when uploads outside ``known`` arrived under the pseudonym.
+    """
+    if request.lookup is None:
+        return 0
+    subject = session.scalar(
+        select(Subject).where(Subject.lookup == request.lookup).with_for_update()
+    )
+    if subject is None:
+        return 0
+    ref = subject.ref
+    # Delete first: on PostgreSQL this waits for transactions still adding uploads
+    # under the pseudonym (they hold FOR SHARE on the row), so the check below sees
+    # them.
+    session.delete(subject)
+    session.flush()
+    late = [
+        uid
+        for uid in session.scalars(select(Upload.id).where(Upload.subject_ref == ref))
+        if uid not in known
+    ]
+    if late:
+        raise _Replan
+    return 1
 
 
-def _delete_upload_rows(
-    session: Session, upload_ids: Sequence[str], counts: Counter[str]
-) -> list[str]:
-    """Delete the uploads and every row hanging off them; return their blob paths."""
-    blobs: list[str] = []
-    for chunk in _chunks(upload_ids):
-        screening_ids = select(Screening.id).where(Screening.upload_id.in_(chunk))
-        counts["matches"] += _deleted(
-            session, delete(Match).where(Match.screening_id.in_(screening_ids))
-        )
-        for name, model in (
-            ("callback_attempts", CallbackAttempt),
-            ("labelled_pairs", LabelledPair),
-            ("review_items", ReviewItem),
-            ("screenings", Screening),
-        ):
-            counts[name] += _deleted(session, delete(model).where(model.upload_id.in_(chunk)))
-        for blob_ref, wrapped in session.execute(
-            select(Upload.blob_ref, Upload.wrapped_key).where(Upload.id.in_(chunk))
-        ):
-            if blob_ref:
-                blobs.append(blob_ref)
-                counts["blobs"] += 1
-            counts["data_keys"] += wrapped is not None
-        # Deleting the row destroys the wrapped data key: the blob is crypto-shredded here.
-        counts["uploads"] += _deleted(session, delete(Upload).where(Upload.id.in_(chunk)))
-    return blobs
+def _keep_as_evidence(
+    session: Session,
+    policy: Policy,
+    request: ErasureRequest,
+    upload: Upload,
+    kept: Counter[str],
+    exceptions: dict[str, dict[str, Any]],
+) -> None:
+    """Detach one held upload from its subject; tally what it keeps and the hold it falls under."""
+    category = session.scalar(select(Screening.category).where(Screening.upload_id == upload.id))
+    citation = hold_citation(policy, category)
+    until = as_utc(upload.legal_hold_until or now_utc()).isoformat()
+    item = exceptions.setdefault(
+        citation,
+        {"citation": citation, "category": category, "uploads": 0, "until": until},
+    )
+    item["uploads"] += 1
+    item["until"] = max(item["until"], until)
+    kept.update(
+        {
+            k: v
+            for k, v in store_counts(session, [upload.id]).items()
+            if k not in ("labelled_pairs", "callback_attempts")
+        }
+    )
+    # Kept as evidence but no longer linked to the person.
+    upload.subject_ref = None
+    upload.erasure_request_id = request.id
+
+
+def _detach_held_uploads(
+    session: Session, policy: Policy, request: ErasureRequest, counts: Counter[str]
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Keep the planned held uploads, unlinked; return ``held_kept`` and ``exceptions``.
+
+    Their callback attempts and labelled pairs are deleted all the same (tallied in ``counts``).
+    """
+    assert request.plan is not None
+    kept: Counter[str] = Counter(request.plan["held_kept"])
+    exceptions: dict[str, dict[str, Any]] = {e["citation"]: e for e in request.plan["exceptions"]}
+    for chunk in chunks(list(request.plan["held"])):
+        delete_link_rows(session, chunk, counts)
+        for upload in session.scalars(select(Upload).where(Upload.id.in_(chunk))):
+            if upload.erasure_request_id == request.id:
+                continue  # already detached by an earlier run
+            _keep_as_evidence(session, policy, request, upload, kept, exceptions)
+    return dict(kept), sorted(exceptions.values(), key=lambda e: str(e["citation"]))
 
 
 def _erase_rows(runtime: Runtime, request_id: str) -> None:
     """The database part, in one transaction. Raises :class:`_Replan` on late uploads."""
     with transaction(runtime.sessions) as session:
-        _secure_delete(session)
-        _lock(session)
+        secure_delete(session)
+        erasure_lock(session)
         request = session.get(ErasureRequest, request_id)
         assert request is not None and request.plan is not None
         plan = dict(request.plan)
         erase, held = list(plan["erase"]), list(plan["held"])
         counts: Counter[str] = Counter(plan["counts"])
-        if request.lookup is not None:
-            subject = session.scalar(
-                select(Subject).where(Subject.lookup == request.lookup).with_for_update()
-            )
-            if subject is not None:
-                ref = subject.ref
-                # Delete first: on PostgreSQL this waits for transactions still adding uploads
-                # under the pseudonym (they hold FOR SHARE on the row), so the check below sees
-                # them.
-                session.delete(subject)
-                session.flush()
-                known = {*erase, *held}
-                late = [
-                    uid
-                    for uid in session.scalars(select(Upload.id).where(Upload.subject_ref == ref))
-                    if uid not in known
-                ]
-                if late:
-                    raise _Replan
-                counts["subject_secrets"] += 1
-        blobs = _delete_upload_rows(session, erase, counts)
-        now = _now()
-        kept: Counter[str] = Counter(plan["held_kept"])
-        exceptions: dict[str, dict[str, Any]] = {e["citation"]: e for e in plan["exceptions"]}
-        policy = runtime.policy
-        for chunk in _chunks(held):
-            for name, model in (
-                ("callback_attempts", CallbackAttempt),
-                ("labelled_pairs", LabelledPair),
-            ):
-                counts[name] += _deleted(session, delete(model).where(model.upload_id.in_(chunk)))
-            for upload in session.scalars(select(Upload).where(Upload.id.in_(chunk))):
-                if upload.erasure_request_id == request.id:
-                    continue  # already detached by an earlier run
-                category = session.scalar(
-                    select(Screening.category).where(Screening.upload_id == upload.id)
-                )
-                citation = _hold_citation(policy, category)
-                until = _utc(upload.legal_hold_until or now).isoformat()
-                item = exceptions.setdefault(
-                    citation,
-                    {"citation": citation, "category": category, "uploads": 0, "until": until},
-                )
-                item["uploads"] += 1
-                item["until"] = max(item["until"], until)
-                kept.update(
-                    {
-                        k: v
-                        for k, v in _store_counts(session, [upload.id]).items()
-                        if k not in ("labelled_pairs", "callback_attempts")
-                    }
-                )
-                # Kept as evidence but no longer linked to the person.
-                upload.subject_ref = None
-                upload.erasure_request_id = request.id
+        counts["subject_secrets"] += _destroy_subject(session, request, {*erase, *held})
+        blobs = delete_upload_rows(session, erase, counts)
+        held_kept, exceptions = _detach_held_uploads(session, runtime.policy, request, counts)
         plan.update(
             counts=dict(counts),
             blobs=sorted({*plan["blobs"], *blobs}),
-            held_kept=dict(kept),
-            exceptions=sorted(exceptions.values(), key=lambda e: str(e["citation"])),
+            held_kept=held_kept,
+            exceptions=exceptions,
         )
         request.plan = plan
 
 
-def _delete_blob_files(blobs_dir: Path, blob_refs: Iterable[str], upload_ids: Iterable[str]) -> int:
-    """Unlink blob files (and any derived file named after the upload, e.g. thumbnails)."""
-    removed = 0
-    for ref in blob_refs:
-        path = blobs_dir / ref
-        if path.exists():
-            path.unlink()
-            removed += 1
-    for upload_id in upload_ids:
-        folder = blobs_dir / upload_id[:2]
-        if folder.is_dir():
-            for path in folder.glob(f"{upload_id}*"):
-                path.unlink(missing_ok=True)
-                removed += 1
-    return removed
-
-
 def _finish(runtime: Runtime, request_id: str, actor: str) -> dict[str, Any]:
     with transaction(runtime.sessions) as session:
-        _secure_delete(session)
-        _lock(session)
+        secure_delete(session)
+        erasure_lock(session)
         request = session.get(ErasureRequest, request_id)
         assert request is not None
         if request.state == "done":
             return dict(request.receipt)
         assert request.plan is not None
         plan = request.plan
-        counts = {**_zero_counts(), **plan["counts"]}
+        counts = {**zero_counts(), **plan["counts"]}
         counts["bank_entries"] = len(plan["entries"])
         counts["redis_keys"] = len(plan["redis_keys"])
         held = {
@@ -629,7 +317,7 @@ def _finish(runtime: Runtime, request_id: str, actor: str) -> dict[str, Any]:
             "kept": plan["held_kept"],
             "exceptions": plan["exceptions"],
         }
-        completed = _now()
+        completed = now_utc()
         event = record_event(
             session,
             actor=actor,
@@ -641,7 +329,7 @@ def _finish(runtime: Runtime, request_id: str, actor: str) -> dict[str, Any]:
             "type": RECEIPT_TYPE,
             "request_id": request.id,
             "dry_run": False,
-            "received_at": _utc(request.received_at).isoformat(),
+            "received_at": as_utc(request.received_at).isoformat(),
             "completed_at": completed.isoformat(),
             "requested_by": request.requested_by,
             "executed_by": actor,
@@ -665,6 +353,49 @@ def _finish(runtime: Runtime, request_id: str, actor: str) -> dict[str, Any]:
     return signed
 
 
+def _dry_run_receipt(
+    runtime: Runtime, subject_id: str, actor: str, key: Ed25519PrivateKey
+) -> dict[str, Any]:
+    """The signed preview an erasure dry run returns; changes nothing."""
+    counts = preview_erasure(runtime, subject_id)
+    return sign_document(
+        {
+            "type": RECEIPT_TYPE,
+            "request_id": None,
+            "dry_run": True,
+            "generated_at": now_utc().isoformat(),
+            "requested_by": actor,
+            "counts": counts,
+        },
+        key,
+    )
+
+
+def _open_and_plan(runtime: Runtime, subject_id: str, actor: str) -> str:
+    """Open (or resume) the subject's request, add their current uploads to its plan; its id."""
+    with transaction(runtime.sessions) as session:
+        erasure_lock(session)
+        lookup = lookup_key(session, runtime.keyring, subject_id)
+        request = open_request(session, lookup)
+        subject = session.scalar(select(Subject).where(Subject.lookup == lookup))
+        if request is None:
+            request = new_request(session, lookup, subject, actor=actor, state="running")
+        request.state = "running"
+        if subject is not None:
+            _extend_plan(session, runtime, request, subject.ref)
+        return request.id
+
+
+def _delete_planned_blob_files(runtime: Runtime, request_id: str) -> None:
+    with runtime.sessions() as session:
+        request = session.get(ErasureRequest, request_id)
+        assert request is not None
+        if request.plan is not None:
+            delete_blob_files(
+                runtime.settings.blobs_dir, request.plan["blobs"], request.plan["erase"]
+            )
+
+
 def erase_subject(
     runtime: Runtime, subject_id: str, *, actor: str, dry_run: bool = False
 ) -> dict[str, Any]:
@@ -678,11 +409,11 @@ def erase_subject(
 
     Receipt fields: ``type`` (``moderation-erasure-receipt/1``), ``request_id``, ``dry_run``,
     ``received_at``, ``completed_at``, ``requested_by``, ``executed_by``, ``subject_known``,
-    ``counts`` (:data:`ERASED_STORES`), ``held`` (``uploads``, ``kept`` per store,
-    ``exceptions``: citation, category, uploads, until), ``snapshot_version``, ``audit_seq``,
-    ``public_key``, ``signature`` (Ed25519; check with ``moderation audit verify-receipt`` or
-    :mod:`moderation.audit.offline`). A dry run returns the preview counts (and
-    ``held_uploads``), signed, and changes nothing.
+    ``counts`` (:data:`moderation.governance.erasure_stores.ERASED_STORES`), ``held``
+    (``uploads``, ``kept`` per store, ``exceptions``: citation, category, uploads, until),
+    ``snapshot_version``, ``audit_seq``, ``public_key``, ``signature`` (Ed25519; check with
+    ``moderation audit verify-receipt`` or :mod:`moderation.audit.offline`). A dry run returns
+    the preview counts (and ``held_uploads``), signed, and changes nothing.
 
     Raises:
         ValueError: empty subject id.
@@ -695,30 +426,9 @@ def erase_subject(
     with transaction(runtime.sessions) as session:
         key = signing_key(session, runtime.keyring, create=True, actor=actor)
     if dry_run:
-        counts = preview_erasure(runtime, subject_id)
-        return sign_document(
-            {
-                "type": RECEIPT_TYPE,
-                "request_id": None,
-                "dry_run": True,
-                "generated_at": _now().isoformat(),
-                "requested_by": actor,
-                "counts": counts,
-            },
-            key,
-        )
+        return _dry_run_receipt(runtime, subject_id, actor, key)
     while True:
-        with transaction(runtime.sessions) as session:
-            _lock(session)
-            lookup = lookup_key(session, runtime.keyring, subject_id)
-            request = _open_request(session, lookup)
-            subject = session.scalar(select(Subject).where(Subject.lookup == lookup))
-            if request is None:
-                request = _new_request(session, lookup, subject, actor=actor, state="running")
-            request.state = "running"
-            if subject is not None:
-                _extend_plan(session, runtime, request, subject.ref)
-            request_id = request.id
+        request_id = _open_and_plan(runtime, subject_id, actor)
         _delete_bank_entries(runtime, request_id, actor)
         _delete_redis_keys(runtime, request_id)
         try:
@@ -727,136 +437,7 @@ def erase_subject(
             logger.info("erasure %s: new uploads arrived meanwhile; planning again", request_id)
             continue
         break
-    with runtime.sessions() as session:
-        request = session.get(ErasureRequest, request_id)
-        assert request is not None
-        if request.plan is not None:
-            _delete_blob_files(
-                runtime.settings.blobs_dir, request.plan["blobs"], request.plan["erase"]
-            )
+    _delete_planned_blob_files(runtime, request_id)
     receipt = _finish(runtime, request_id, actor)
-    _truncate_sqlite_wal(runtime)
+    truncate_sqlite_wal(runtime)
     return receipt
-
-
-# --- legal holds ----------------------------------------------------------------------------
-
-
-def held_uploads(session: Session) -> list[dict[str, Any]]:
-    """Uploads kept under legal hold after their subject's erasure: id, until, category."""
-    rows = session.execute(
-        select(Upload.id, Upload.legal_hold_until, Upload.erasure_request_id, Screening.category)
-        .outerjoin(Screening, Screening.upload_id == Upload.id)
-        .where(Upload.erasure_request_id.is_not(None))
-        .order_by(Upload.legal_hold_until)
-    )
-    return [
-        {
-            "upload_id": uid,
-            "legal_hold_until": _utc(until).isoformat() if until else None,
-            "erasure_request_id": rid,
-            "category": category,
-        }
-        for uid, until, rid, category in rows
-    ]
-
-
-def read_held_upload(
-    runtime: Runtime, upload_id: str, *, actor: str, reason: str, origin: str | None = None
-) -> bytes:
-    """Decrypt a held upload's bytes; the access is audited (``upload.read_held``) first.
-
-    Raises:
-        GdprError: no such upload, or it is not a held upload of an erased subject.
-        ValueError: empty ``reason`` (every access to preserved evidence needs one).
-        moderation.service.uploads.BlobMissingError, moderation.crypto.CryptoError: unreadable.
-    """
-    if not reason.strip():
-        raise ValueError("reading preserved evidence needs a reason")
-    with transaction(runtime.sessions) as session:
-        upload = session.get(Upload, upload_id)
-        if upload is None or upload.erasure_request_id is None:
-            raise GdprError(f"upload {upload_id} is not held for an erased subject")
-        record_event(
-            session,
-            actor=actor,
-            action="upload.read_held",
-            target=f"upload:{upload_id}",
-            origin=origin,
-            details={
-                "reason": reason,
-                "legal_hold_until": _utc(upload.legal_hold_until).isoformat()
-                if upload.legal_hold_until
-                else None,
-            },
-        )
-        return read_upload(upload, keyring=runtime.keyring, blobs_dir=runtime.settings.blobs_dir)
-
-
-def release_expired_holds(
-    runtime: Runtime, *, actor: str, now: datetime | None = None
-) -> dict[str, int]:
-    """Erase held uploads of erased subjects whose legal hold has ended; returns counts.
-
-    Order: bank entries made from them, Redis keys, blob files, then the rows (so a rerun after
-    a crash still finds every upload). Audited as ``gdpr.hold_release``.
-
-    Raises:
-        GdprError: Redis is configured but failed.
-    """
-    from moderation.banks.operations import delete_entries
-
-    moment = now or _now()
-    with runtime.sessions() as session:
-        ids = list(
-            session.scalars(
-                select(Upload.id).where(
-                    Upload.erasure_request_id.is_not(None), Upload.legal_hold_until <= moment
-                )
-            )
-        )
-        entries = [
-            int(e)
-            for chunk in _chunks(ids)
-            for e in session.scalars(select(Entry.id).where(Entry.upload_id.in_(chunk)))
-        ]
-    counts = _zero_counts()
-    if not ids:
-        return counts
-    if entries:
-        delete_entries(runtime, entries, actor=actor)
-        counts["bank_entries"] = len(entries)
-    client = _redis(runtime)
-    if client is not None:
-        try:
-            keys = _redis_keys_for(client, set(ids))
-            for chunk in _chunks(keys):
-                client.delete(*chunk)
-            counts["redis_keys"] = len(keys)
-        except Exception as exc:
-            raise _redis_error(runtime, exc) from exc
-        finally:
-            client.close()
-    with runtime.sessions() as session:
-        refs = [
-            ref
-            for chunk in _chunks(ids)
-            for ref in session.scalars(select(Upload.blob_ref).where(Upload.id.in_(chunk)))
-            if ref
-        ]
-    _delete_blob_files(runtime.settings.blobs_dir, refs, ids)
-    with transaction(runtime.sessions) as session:
-        _secure_delete(session)
-        tally: Counter[str] = Counter()
-        _delete_upload_rows(session, ids, tally)
-        counts.update(tally)
-        record_event(
-            session,
-            actor=actor,
-            action="gdpr.hold_release",
-            target=f"uploads:{len(ids)}",
-            details={"counts": counts},
-        )
-    _truncate_sqlite_wal(runtime)
-    logger.info("released %d uploads whose legal hold ended", len(ids))
-    return counts

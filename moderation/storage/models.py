@@ -147,7 +147,7 @@ class Upload(Base):
     size_bytes: Mapped[int | None] = mapped_column(Integer)
     legal_hold_until: Mapped[datetime | None] = mapped_column()
     # Set when an erasure request found this upload under legal hold: the upload is detached
-    # from its subject and erased by ``moderation.governance.gdpr.release_expired_holds`` once the
+    # from its subject and erased by ``moderation.governance.holds.release_expired_holds`` once the
     # hold ends.
     erasure_request_id: Mapped[str | None] = mapped_column(String(32), index=True)
 

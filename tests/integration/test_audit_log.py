@@ -26,17 +26,17 @@ from sqlalchemy import Engine, create_engine, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from moderation.audit.export import export_events
 from moderation.audit.log import (
     compute_hash,
-    export_events,
     public_key_hex,
     record_event,
     sign_document,
     signing_key,
-    verify_chain,
     write_checkpoint,
 )
 from moderation.audit.offline import CHECKPOINT_TYPE, load_public_key, verify_export
+from moderation.audit.verify import verify_chain
 from moderation.crypto import KeyRing
 from moderation.storage.db import create_db_engine, migrate, session_factory, transaction
 from moderation.storage.models import AuditCheckpoint, AuditEvent
@@ -182,6 +182,19 @@ EDITS: dict[str, Any] = {
 }
 
 
+def forged_fields() -> dict[str, Any]:
+    """An attacker's self-promotion event (time now), for rows inserted behind the log's back."""
+    return {
+        "ts": datetime.now(UTC),
+        "actor": "user:666",
+        "action": "user.role_change",
+        "target": "user:666",
+        "origin": "198.51.100.66",
+        "outcome": "success",
+        "details": {"role": "admin"},
+    }
+
+
 @pytest.mark.parametrize("field", [*EDITS, "ts"])
 def test_a2_editing_one_field_of_row_k_is_reported_at_k(db: Db, field: str) -> None:
     db.events(8)
@@ -251,18 +264,7 @@ def test_inserted_row_is_detected(db: Db) -> None:
     db.execute("DELETE FROM audit_events WHERE seq = 7")
     with db.engine.begin() as conn:
         conn.execute(
-            insert(AuditEvent).values(
-                seq=7,
-                ts=datetime.now(UTC),
-                actor="user:666",
-                action="user.role_change",
-                target="user:666",
-                origin="198.51.100.66",
-                outcome="success",
-                details={"role": "admin"},
-                prev_hash="0" * 64,
-                hash="1" * 64,
-            )
+            insert(AuditEvent).values(seq=7, **forged_fields(), prev_hash="0" * 64, hash="1" * 64)
         )
     result = db.verify()
     assert not result.ok and result.first_bad_seq == 7
@@ -278,17 +280,7 @@ def test_row_inserted_with_renumbering_breaks_the_next_link(db: Db) -> None:
     # Shift 5..8 to 6..9 (from the top, so the primary key never collides).
     for seq in range(8, 4, -1):
         db.execute("UPDATE audit_events SET seq = :new WHERE seq = :old", new=seq + 1, old=seq)
-    forged = AuditEvent(
-        seq=5,
-        ts=datetime.now(UTC),
-        actor="user:666",
-        action="user.role_change",
-        target="user:666",
-        origin="198.51.100.66",
-        outcome="success",
-        details={"role": "admin"},
-        prev_hash=prev,
-    )
+    forged = AuditEvent(seq=5, **forged_fields(), prev_hash=prev)
     from moderation.audit.log import event_body
 
     forged.hash = compute_hash(prev, event_body(forged))
@@ -587,7 +579,7 @@ def test_a7_offline_script_needs_nothing_but_cryptography(db: Db, tmp_path: Path
     (tmp_path / "export.csv").write_bytes(data)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     script = tmp_path / "verify_audit_export.py"
-    shutil.copy(REPO_ROOT / "moderation" / "audit_offline.py", script)
+    shutil.copy(REPO_ROOT / "moderation" / "audit" / "offline.py", script)
     key = _public_key(db)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -35,8 +35,9 @@ from PIL import Image
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
-from moderation.audit.log import public_key_hex, signing_key, verify_chain
+from moderation.audit.log import public_key_hex, signing_key
 from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signature
+from moderation.audit.verify import verify_chain
 from moderation.banks.blocklist import current_snapshot, read_payload
 from moderation.banks.operations import import_bank, set_bank_enabled
 from moderation.config import Settings, load_settings
@@ -542,7 +543,7 @@ def test_g2_upload_under_legal_hold_is_kept_and_cited(
     cli_env: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from moderation.governance.gdpr import held_uploads, read_held_upload, release_expired_holds
+    from moderation.governance.holds import held_uploads, read_held_upload, release_expired_holds
 
     caplog.set_level(logging.DEBUG, logger="moderation")
     world = build_world(tmp_path, database_url, redis_server, log_capture, hold=True)
@@ -613,14 +614,14 @@ def die(*args, **kwargs):
 
 point = sys.argv[1]
 if point == "after_rows":
-    gdpr._delete_blob_files = die
+    gdpr.delete_blob_files = die
 elif point == "in_rows_txn":
-    original = gdpr._delete_upload_rows
+    original = gdpr.delete_upload_rows
     def deleting_then_dying(session, ids, counts):
         original(session, ids, counts)
         session.flush()
         die()
-    gdpr._delete_upload_rows = deleting_then_dying
+    gdpr.delete_upload_rows = deleting_then_dying
 from moderation.cli import main
 sys.argv = ["moderation", "gdpr", "erase", "-", "--yes"]
 main()
@@ -641,7 +642,8 @@ def test_g3_erasure_killed_halfway_converges_on_rerun(
     caplog: pytest.LogCaptureFixture,
     point: str,
 ) -> None:
-    from moderation.governance.gdpr import list_requests, overdue_requests, preview_erasure
+    from moderation.governance.erasure_requests import list_requests, overdue_requests
+    from moderation.governance.gdpr import preview_erasure
 
     caplog.set_level(logging.DEBUG, logger="moderation")
     world = build_world(tmp_path, database_url, redis_server, log_capture, hold=False)
@@ -795,7 +797,9 @@ def test_a6_every_state_change_writes_exactly_one_complete_event(
     cli_env: pytest.MonkeyPatch,
 ) -> None:
     from moderation.banks.operations import delete_entries, set_entry_disabled
-    from moderation.governance.gdpr import erase_subject, read_held_upload, register_request
+    from moderation.governance.erasure_requests import register_request
+    from moderation.governance.gdpr import erase_subject
+    from moderation.governance.holds import read_held_upload
     from moderation.governance.keys import rotate_keys
 
     world = build_world(tmp_path, database_url, redis_server, log_capture, hold=True)

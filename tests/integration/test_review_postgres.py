@@ -15,7 +15,8 @@ from sqlalchemy import event, select
 from moderation.banks.blocklist import EntryInfo, create_bank
 from moderation.config import load_settings
 from moderation.crypto import load_keyring
-from moderation.governance.review import claim_next, decide
+from moderation.governance.review import claim_next
+from moderation.governance.review_decisions import decide
 from moderation.governance.users import create_user
 from moderation.matching.decision import MatchResult, ScreeningResult
 from moderation.matching.recording import record_result

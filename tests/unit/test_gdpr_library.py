@@ -10,12 +10,8 @@ import pytest
 import yaml
 
 from moderation.config import load_settings
-from moderation.governance.gdpr import (
-    erase_subject,
-    overdue_requests,
-    preview_erasure,
-    register_request,
-)
+from moderation.governance.erasure_requests import overdue_requests, register_request
+from moderation.governance.gdpr import erase_subject, preview_erasure
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.policy import PolicyError, load_policy, parse_policy
 from moderation.matching.recording import record_result

@@ -2,7 +2,7 @@
 
 Training pairs come from two sources: synthetic ones stored at bank import
 (:mod:`moderation.matching.classifier.synthetic`) and, with humans, one labelled pair per
-matched entry for every final review decision (:mod:`moderation.governance.review`);
+matched entry for every final review decision (:mod:`moderation.governance.review_decisions`);
 :func:`train` uses both, plus non-copies from edited background photos.
 
 :func:`train` fits a new :class:`~moderation.matching.classifier.model.CopyModel` on a split by

@@ -17,7 +17,8 @@ import moderation.matching.classifier.training as training_module
 from moderation.banks.blocklist import create_bank
 from moderation.banks.operations import import_bank
 from moderation.config import load_settings
-from moderation.governance.review import claim_next, decide
+from moderation.governance.review import claim_next
+from moderation.governance.review_decisions import decide
 from moderation.matching.classifier.features import FEATURE_NAMES
 from moderation.matching.classifier.model import CopyModel, fit_model
 from moderation.matching.classifier.regions import ENTRY_WINDOWS

@@ -1,5 +1,8 @@
-"""Audit and GDPR pages over the library's audit/GDPR API (``moderation.audit.log.verify_chain``,
-``export_events``; ``moderation.governance.gdpr.preview_erasure``, ``erase_subject``)."""
+"""Audit and GDPR pages over the library's audit/GDPR API.
+
+(``moderation.audit.verify.verify_chain``, ``moderation.audit.export.export_events``;
+``moderation.governance.gdpr.preview_erasure``, ``erase_subject``).
+"""
 
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def test_stats_from_known_rows(
 def test_queue_and_review_throughput(
     console_runtime: Runtime, make_user: Callable[..., Any], make_review_item: Callable[..., int]
 ) -> None:
-    from moderation.governance.review import claim_next, decide
+    from moderation.governance.review import claim_next
+    from moderation.governance.review_decisions import decide
 
     rt = console_runtime
     reviewer = make_user("reviewer")

@@ -15,14 +15,13 @@ from moderation.governance.review import (
     NotClaimedError,
     ReviewError,
     claim_next,
-    current_decision,
-    decide,
     exposure,
-    item_view,
     queue_stats,
     record_reveal,
     release,
 )
+from moderation.governance.review_decisions import current_decision, decide
+from moderation.governance.review_display import item_view
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, LabelledPair, ReviewItem

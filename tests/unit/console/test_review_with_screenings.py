@@ -14,7 +14,9 @@ from sqlalchemy import select
 
 from moderation.banks.blocklist import create_bank
 from moderation.banks.operations import import_bank
-from moderation.governance.review import ReviewError, claim_next, decide, item_view, release
+from moderation.governance.review import ReviewError, claim_next, release
+from moderation.governance.review_decisions import decide
+from moderation.governance.review_display import item_view
 from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction

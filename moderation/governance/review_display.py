@@ -1,0 +1,222 @@
+"""What the review pages show: an item with its match explanation, and its image.
+
+:func:`item_view` gathers an item, its upload, screening and matches; :func:`render_upload`
+re-encodes the upload for display (a small greyscale preview until revealed) and
+:func:`upload_exif` extracts its untrusted text metadata.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from PIL import ExifTags, Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from moderation.governance.review import utc
+from moderation.media.decode import UnscannableImage, decode_image
+from moderation.service.uploads import BlobMissingError, read_upload
+from moderation.storage.models import Bank, Entry, ReviewItem, Screening, Upload
+
+if TYPE_CHECKING:
+    from moderation.service.runtime import Runtime
+
+PREVIEW_PX = 96
+"""Longest side of the pre-reveal preview: too small to show detail even before CSS blur."""
+FULL_PX = 1024
+"""Longest side of the revealed image (enough to judge a match; smaller than most originals)."""
+EXIF_TEXT_TAGS: tuple[str, ...] = (
+    "ImageDescription",
+    "Make",
+    "Model",
+    "Software",
+    "DateTime",
+    "Artist",
+    "Copyright",
+)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatchView:
+    """One matched entry as the reviewer sees it (the match explanation)."""
+
+    entry_id: str | None
+    label: str
+    bank: str
+    bank_kind: str
+    cosine: float | None
+    pdq_distance: int | None
+    probability: float | None
+    level: str | None
+    signals: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """Everything the review page shows about one item (untrusted text is left unescaped here)."""
+
+    item_id: int
+    upload_id: str
+    external_id: str | None
+    received_at: datetime
+    state: str
+    priority: int
+    category: str | None
+    claimed_by: int | None
+    lease_until: datetime | None
+    decision: str | None
+    decided_by: int | None
+    decided_at: datetime | None
+    notes: str | None
+    screening_decision: str | None
+    score: float | None
+    reason: str | None
+    policy: str | None
+    index_version: int | None
+    explanation: dict[str, Any] = field(default_factory=dict)
+    matches: tuple[MatchView, ...] = ()
+
+
+def item_view(session: Session, item_id: int) -> ItemView | None:
+    """The review page's data for an item, or None."""
+    item = session.get(ReviewItem, item_id)
+    if item is None:
+        return None
+    upload = session.get(Upload, item.upload_id)
+    screening = session.scalar(select(Screening).where(Screening.upload_id == item.upload_id))
+    matches: list[MatchView] = []
+    if screening is not None:
+        for match in screening.matches:
+            entry = session.get(Entry, match.entry_id) if match.entry_id is not None else None
+            bank = session.get(Bank, match.bank_id) if match.bank_id is not None else None
+            signals = match.signals or {}
+            matches.append(
+                MatchView(
+                    entry_id=entry.public_id if entry else None,
+                    label=entry.label if entry else "(entry deleted)",
+                    bank=bank.name if bank else "(bank deleted)",
+                    bank_kind=bank.kind if bank else "",
+                    cosine=match.cosine,
+                    pdq_distance=match.pdq_distance,
+                    probability=match.probability,
+                    level=signals.get("level"),
+                    signals=tuple(str(s) for s in signals.get("agreed", [])),
+                )
+            )
+    return ItemView(
+        item_id=item.id,
+        upload_id=item.upload_id,
+        external_id=upload.external_id if upload else None,
+        received_at=utc(upload.received_at) if upload else utc(item.created_at),
+        state=item.state,
+        priority=item.priority,
+        category=item.category,
+        claimed_by=item.claimed_by,
+        lease_until=utc(item.lease_until) if item.lease_until else None,
+        decision=item.decision,
+        decided_by=item.decided_by,
+        decided_at=utc(item.decided_at) if item.decided_at else None,
+        notes=item.notes,
+        screening_decision=screening.decision if screening else None,
+        score=screening.score if screening else None,
+        reason=screening.reason if screening else None,
+        policy=screening.policy if screening else None,
+        index_version=screening.index_version if screening else None,
+        explanation=dict(screening.explanation or {}) if screening else {},
+        matches=tuple(matches),
+    )
+
+
+def previous_item(
+    session: Session, reviewer_id: int, *, before: datetime | None = None
+) -> int | None:
+    """The item the reviewer decided most recently (before ``before`` when given)."""
+    query = select(ReviewItem.id).where(
+        ReviewItem.decided_by == reviewer_id, ReviewItem.decided_at.is_not(None)
+    )
+    if before is not None:
+        query = query.where(ReviewItem.decided_at < before)
+    return session.scalar(query.order_by(ReviewItem.decided_at.desc()).limit(1))
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadImage:
+    """An upload re-encoded for display: JPEG bytes and size (px)."""
+
+    jpeg: bytes
+    width: int
+    height: int
+
+
+def _exif_text(data: bytes) -> dict[str, str]:
+    names = {v: k for k, v in ExifTags.TAGS.items()}
+    found: dict[str, str] = {}
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            exif = img.getexif()
+    except Exception:  # metadata is best effort; decode_image judged the pixels
+        return found
+    for tag in EXIF_TEXT_TAGS:
+        value = exif.get(names[tag])
+        if value is None:
+            continue
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        found[tag] = str(value)[:500]
+    return found
+
+
+def _upload_bytes(runtime: Runtime, upload_id: str) -> bytes | None:
+    with runtime.sessions() as session:
+        upload = session.get(Upload, upload_id)
+        if upload is None:
+            return None
+        try:
+            return read_upload(
+                upload, keyring=runtime.keyring, blobs_dir=runtime.settings.blobs_dir
+            )
+        except BlobMissingError:
+            return None
+
+
+def render_upload(runtime: Runtime, upload_id: str, *, preview: bool) -> UploadImage | None:
+    """The upload's first frame as a JPEG: a small greyscale preview, or the revealed image.
+
+    The original bytes never reach the browser: the image is decoded safely
+    (:func:`moderation.media.decode.decode_image`, with the configured limits) and re-encoded, so
+    unusual formats or payloads riding in the file cannot reach it. The preview is at most
+    :data:`PREVIEW_PX` px on its longest side, the revealed image :data:`FULL_PX`.
+    Returns None when the blob is gone (erased) or does not decode.
+    """
+    data = _upload_bytes(runtime, upload_id)
+    if data is None:
+        return None
+    try:
+        decoded = decode_image(data, runtime.limits)
+    except UnscannableImage:
+        return None
+    frame = decoded.frames[0]
+    if preview:
+        frame = frame.convert("L")
+        frame.thumbnail((PREVIEW_PX, PREVIEW_PX))
+    else:
+        frame = frame.copy()
+        frame.thumbnail((FULL_PX, FULL_PX))
+    out = io.BytesIO()
+    frame.save(out, format="JPEG", quality=85)
+    return UploadImage(out.getvalue(), frame.width, frame.height)
+
+
+def upload_exif(runtime: Runtime, upload_id: str) -> dict[str, str]:
+    """Text EXIF tags of the upload (:data:`EXIF_TEXT_TAGS`): untrusted, escape when shown."""
+    data = _upload_bytes(runtime, upload_id)
+    return _exif_text(data) if data is not None else {}
