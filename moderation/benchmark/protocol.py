@@ -87,6 +87,126 @@ def query_seed(seed: int, edit: str, index: int) -> int:
     return derived_seed("query", seed, edit, index)
 
 
+def _checked_paths(
+    image_paths: Sequence[Path],
+    edits: Sequence[str],
+    n_references: int,
+    positives_per_edit: int,
+    negatives_per_edit: int,
+    unedited_negatives: int,
+) -> list[Path]:
+    """``image_paths`` sorted, once :func:`build_protocol`'s arguments are checked.
+
+    Raises:
+        ValueError: as :func:`build_protocol` documents.
+    """
+    for name in edits:
+        if name not in EDITS:
+            raise ValueError(f"unknown edit {name!r}; valid edits: {', '.join(EDITS)}")
+    if len(set(edits)) != len(edits):
+        raise ValueError(f"edits contains duplicates: {list(edits)}")
+    counts = {
+        "n_references": n_references,
+        "positives_per_edit": positives_per_edit,
+        "negatives_per_edit": negatives_per_edit,
+        "unedited_negatives": unedited_negatives,
+    }
+    for key, value in counts.items():
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+    paths = sorted(Path(p) for p in image_paths)
+    if len(set(paths)) != len(paths):
+        raise ValueError("image_paths contains duplicates")
+    min_non_members = max(negatives_per_edit, unedited_negatives)
+    if _OVERLAY_EDIT in edits and positives_per_edit + negatives_per_edit > 0:
+        # Backgrounds are non-members, and a negative's differs from its own source.
+        min_non_members = max(min_non_members, 2 if negatives_per_edit else 1)
+    if positives_per_edit > n_references:
+        raise ValueError(
+            f"positives_per_edit={positives_per_edit} exceeds n_references={n_references}"
+        )
+    if len(paths) < n_references + min_non_members:
+        raise ValueError(
+            f"{len(paths)} images are too few: {n_references} references + "
+            f"{min_non_members} non-members are needed (negatives_per_edit="
+            f"{negatives_per_edit}, unedited_negatives={unedited_negatives})"
+        )
+    return paths
+
+
+class _Split:
+    """``paths`` shuffled by ``random.Random(seed)`` into references (the first
+    ``n_references``) and non-members; each photo is loaded once, when a query first needs it."""
+
+    def __init__(
+        self, paths: list[Path], n_references: int, seed: int, load: Callable[[Path], Image.Image]
+    ) -> None:
+        self.paths = paths
+        self.seed = seed
+        self.ids = _image_ids(paths)
+        order = list(range(len(paths)))
+        random.Random(seed).shuffle(order)  # noqa: S311 (reproducible split, not security)
+        self.reference_ix, self.non_member_ix = order[:n_references], order[n_references:]
+        self._load = load
+        self._cache: dict[int, Image.Image] = {}
+
+    def image(self, ix: int) -> Image.Image:
+        """Photo ``ix``, loaded on first use."""
+        if ix not in self._cache:
+            self._cache[ix] = self._load(self.paths[ix])
+        return self._cache[ix]
+
+    def references(self) -> tuple[tuple[str, Path], ...]:
+        """``(ref_id, path)`` of every reference, by id."""
+        ids = self.ids
+        return tuple(
+            (ids[ix], self.paths[ix]) for ix in sorted(self.reference_ix, key=ids.__getitem__)
+        )
+
+    def edited_queries(self, edit: str, positives: int, negatives: int) -> list[Query]:
+        """``positives`` then ``negatives`` queries of ``edit``: distinct references, then
+        distinct non-members, drawn by the edit's own generator (sources first, then each
+        ``overlay_bg_60`` background in turn)."""
+        seed, ids, image, non_member_ix = self.seed, self.ids, self.image, self.non_member_ix
+        queries: list[Query] = []
+        rng = random.Random(derived_seed("sample", seed, edit, 0))  # noqa: S311
+        sources = [(ix, "pos") for ix in rng.sample(self.reference_ix, positives)]
+        sources += [(ix, "neg") for ix in rng.sample(non_member_ix, negatives)]
+        kind_index = {"pos": 0, "neg": 0}
+        for i, (ix, kind) in enumerate(sources):
+            q_seed = query_seed(seed, edit, i)
+            background_ix = None
+            if edit == _OVERLAY_EDIT:
+                background_ix = rng.choice([j for j in non_member_ix if j != ix])
+            edited = apply_edit(
+                edit,
+                image(ix),
+                seed=q_seed,
+                background=None if background_ix is None else image(background_ix),
+            )
+            queries.append(
+                Query(
+                    query_id=f"{edit}/{kind}/{kind_index[kind]}",
+                    image=edited,
+                    edit=edit,
+                    true_ref_id=ids[ix] if kind == "pos" else None,
+                    source=ids[ix],
+                    seed=q_seed,
+                    background=None if background_ix is None else ids[background_ix],
+                )
+            )
+            kind_index[kind] += 1
+        return queries
+
+    def unedited_queries(self, count: int) -> list[Query]:
+        """``count`` distinct non-members as they are, drawn by their own generator."""
+        rng = random.Random(derived_seed("sample", self.seed, UNEDITED, 0))  # noqa: S311
+        return [
+            Query(f"{UNEDITED}/neg/{i}", self.image(ix).copy(), UNEDITED, None, self.ids[ix])
+            for i, ix in enumerate(rng.sample(self.non_member_ix, count))
+        ]
+
+
 def build_protocol(
     image_paths: Sequence[Path],
     *,
@@ -122,83 +242,17 @@ def build_protocol(
         ValueError: an unknown or repeated edit, a repeated path, a negative count, or too few
             images for the counts asked (the message names the numbers).
     """
-    for name in edits:
-        if name not in EDITS:
-            raise ValueError(f"unknown edit {name!r}; valid edits: {', '.join(EDITS)}")
-    if len(set(edits)) != len(edits):
-        raise ValueError(f"edits contains duplicates: {list(edits)}")
-    counts = {
-        "n_references": n_references,
-        "positives_per_edit": positives_per_edit,
-        "negatives_per_edit": negatives_per_edit,
-        "unedited_negatives": unedited_negatives,
-    }
-    for key, value in counts.items():
-        if value < 0:
-            raise ValueError(f"{key} must be >= 0, got {value}")
-    paths = sorted(Path(p) for p in image_paths)
-    if len(set(paths)) != len(paths):
-        raise ValueError("image_paths contains duplicates")
-    min_non_members = max(negatives_per_edit, unedited_negatives)
-    if _OVERLAY_EDIT in edits and positives_per_edit + negatives_per_edit > 0:
-        # Backgrounds are non-members, and a negative's differs from its own source.
-        min_non_members = max(min_non_members, 2 if negatives_per_edit else 1)
-    if positives_per_edit > n_references:
-        raise ValueError(
-            f"positives_per_edit={positives_per_edit} exceeds n_references={n_references}"
-        )
-    if len(paths) < n_references + min_non_members:
-        raise ValueError(
-            f"{len(paths)} images are too few: {n_references} references + "
-            f"{min_non_members} non-members are needed (negatives_per_edit="
-            f"{negatives_per_edit}, unedited_negatives={unedited_negatives})"
-        )
-
-    ids = _image_ids(paths)
-    order = list(range(len(paths)))
-    random.Random(seed).shuffle(order)  # noqa: S311 (reproducible split, not security)
-    reference_ix, non_member_ix = order[:n_references], order[n_references:]
-    load_image = load or _default_load
-    cache: dict[int, Image.Image] = {}
-
-    def image(ix: int) -> Image.Image:
-        if ix not in cache:
-            cache[ix] = load_image(paths[ix])
-        return cache[ix]
-
-    queries: list[Query] = []
-    for edit in edits:
-        rng = random.Random(derived_seed("sample", seed, edit, 0))  # noqa: S311
-        sources = [(ix, "pos") for ix in rng.sample(reference_ix, positives_per_edit)]
-        sources += [(ix, "neg") for ix in rng.sample(non_member_ix, negatives_per_edit)]
-        kind_index = {"pos": 0, "neg": 0}
-        for i, (ix, kind) in enumerate(sources):
-            q_seed = query_seed(seed, edit, i)
-            background_ix = None
-            if edit == _OVERLAY_EDIT:
-                background_ix = rng.choice([j for j in non_member_ix if j != ix])
-            edited = apply_edit(
-                edit,
-                image(ix),
-                seed=q_seed,
-                background=None if background_ix is None else image(background_ix),
-            )
-            queries.append(
-                Query(
-                    query_id=f"{edit}/{kind}/{kind_index[kind]}",
-                    image=edited,
-                    edit=edit,
-                    true_ref_id=ids[ix] if kind == "pos" else None,
-                    source=ids[ix],
-                    seed=q_seed,
-                    background=None if background_ix is None else ids[background_ix],
-                )
-            )
-            kind_index[kind] += 1
-    rng = random.Random(derived_seed("sample", seed, UNEDITED, 0))  # noqa: S311
-    for i, ix in enumerate(rng.sample(non_member_ix, unedited_negatives)):
-        queries.append(Query(f"{UNEDITED}/neg/{i}", image(ix).copy(), UNEDITED, None, ids[ix]))
-    references = tuple((ids[ix], paths[ix]) for ix in sorted(reference_ix, key=ids.__getitem__))
+    paths = _checked_paths(
+        image_paths, edits, n_references, positives_per_edit, negatives_per_edit, unedited_negatives
+    )
+    split = _Split(paths, n_references, seed, load or _default_load)
+    queries = [
+        query
+        for edit in edits
+        for query in split.edited_queries(edit, positives_per_edit, negatives_per_edit)
+    ]
+    queries += split.unedited_queries(unedited_negatives)
+    references = split.references()
     logger.info(
         "protocol: %d references, %d queries (%d positive) from %d images, seed %d",
         len(references),

@@ -21,6 +21,64 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else value
 
 
+def _protocol_json(protocol: Protocol) -> dict[str, Any]:
+    """The protocol's references and queries' ground truth (never images)."""
+    queries = protocol.queries
+    edits = list(dict.fromkeys(q.edit for q in queries))
+    return {
+        "seed": protocol.seed,
+        "n_references": len(protocol.references),
+        "n_queries": len(queries),
+        "n_positives": sum(q.true_ref_id is not None for q in queries),
+        "n_negatives": sum(q.true_ref_id is None for q in queries),
+        "edits": edits,
+        "references": [
+            {"ref_id": ref_id, "path": str(path)} for ref_id, path in protocol.references
+        ],
+        "queries": [
+            {
+                "query_id": q.query_id,
+                "edit": q.edit,
+                "true_ref_id": q.true_ref_id,
+                "source": q.source,
+                "seed": q.seed,
+                "background": q.background,
+                "width": q.image.width,
+                "height": q.image.height,
+            }
+            for q in queries
+        ],
+    }
+
+
+def _method_json(r: MethodResult) -> dict[str, Any]:
+    """One method's figures, decision rates and predictions."""
+    return {
+        "name": r.name,
+        "micro_ap": _finite(r.micro_ap),
+        "recall_at_p99": _finite(r.recall_at_p99),
+        "threshold_at_p99": _finite(r.threshold_at_p99),
+        "fpr_block": _finite(r.fpr_block),
+        "negatives_review_rate": _finite(r.negatives_review_rate),
+        "index_seconds": _finite(r.index_seconds),
+        "query_seconds": _finite(r.query_seconds),
+        "images_per_second": _finite(r.images_per_second),
+        "per_edit_recall": dict(r.per_edit_recall),
+        "decision_rates": decision_rates(r.predictions),
+        "predictions": [
+            {
+                "query_id": p.query_id,
+                "ref_id": p.ref_id,
+                "score": _finite(p.score),
+                "true_ref_id": p.true_ref_id,
+                "edit": p.edit,
+                "decision": p.decision,
+            }
+            for p in r.predictions
+        ],
+    }
+
+
 def to_json(
     results: Sequence[MethodResult], protocol: Protocol, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -30,60 +88,9 @@ def to_json(
 
     Non-finite floats become null. Times are in seconds.
     """
-    queries = protocol.queries
-    edits = list(dict.fromkeys(q.edit for q in queries))
     return {
-        "protocol": {
-            "seed": protocol.seed,
-            "n_references": len(protocol.references),
-            "n_queries": len(queries),
-            "n_positives": sum(q.true_ref_id is not None for q in queries),
-            "n_negatives": sum(q.true_ref_id is None for q in queries),
-            "edits": edits,
-            "references": [
-                {"ref_id": ref_id, "path": str(path)} for ref_id, path in protocol.references
-            ],
-            "queries": [
-                {
-                    "query_id": q.query_id,
-                    "edit": q.edit,
-                    "true_ref_id": q.true_ref_id,
-                    "source": q.source,
-                    "seed": q.seed,
-                    "background": q.background,
-                    "width": q.image.width,
-                    "height": q.image.height,
-                }
-                for q in queries
-            ],
-        },
-        "methods": [
-            {
-                "name": r.name,
-                "micro_ap": _finite(r.micro_ap),
-                "recall_at_p99": _finite(r.recall_at_p99),
-                "threshold_at_p99": _finite(r.threshold_at_p99),
-                "fpr_block": _finite(r.fpr_block),
-                "negatives_review_rate": _finite(r.negatives_review_rate),
-                "index_seconds": _finite(r.index_seconds),
-                "query_seconds": _finite(r.query_seconds),
-                "images_per_second": _finite(r.images_per_second),
-                "per_edit_recall": dict(r.per_edit_recall),
-                "decision_rates": decision_rates(r.predictions),
-                "predictions": [
-                    {
-                        "query_id": p.query_id,
-                        "ref_id": p.ref_id,
-                        "score": _finite(p.score),
-                        "true_ref_id": p.true_ref_id,
-                        "edit": p.edit,
-                        "decision": p.decision,
-                    }
-                    for p in r.predictions
-                ],
-            }
-            for r in results
-        ],
+        "protocol": _protocol_json(protocol),
+        "methods": [_method_json(r) for r in results],
         "extra": dict(extra) if extra is not None else {},
     }
 

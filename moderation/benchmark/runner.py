@@ -208,6 +208,104 @@ def image_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _method_settings(settings: Settings, base: Path, name: str, classifier: bool) -> Settings:
+    """``settings`` for method ``name``: its own data dir under ``base`` (fresh database and dev
+    keys), with the classifier stage on or off."""
+    return load_settings(
+        **{
+            **settings.model_dump(exclude={"data_dir", "database_url", "key_file", "master_keys"}),
+            "data_dir": base / name,
+            "classifier": classifier,
+        }
+    )
+
+
+def _methods(
+    settings: Settings,
+    base: Path,
+    reference_paths: dict[str, Path],
+    encoded: EncodedQueries,
+    classifier: bool,
+    extra_methods: Callable[[dict[str, Path], EncodedQueries, Path], list[Method]] | None,
+) -> list[Method]:
+    """PDQ, ``global-cosine``, ``classifier`` when asked, then ``extra_methods``' methods."""
+    methods: list[Method] = [
+        PdqMethod(encoded, DecodeLimits.from_settings(settings)),
+        ScreeningMethod(
+            "global-cosine",
+            _method_settings(settings, base, "global-cosine", False),
+            reference_paths,
+            encoded,
+        ),
+    ]
+    if classifier:
+        methods.append(
+            ScreeningMethod(
+                "classifier",
+                _method_settings(settings, base, "classifier", True),
+                reference_paths,
+                encoded,
+                train_classifier=True,
+            )
+        )
+    if extra_methods is not None:
+        methods.extend(extra_methods(reference_paths, encoded, base))
+    return methods
+
+
+def _screening_throughput(
+    methods: Sequence[Method],
+    images: Sequence[Image.Image],
+    chunk: int,
+    echo: Callable[[str], Any],
+) -> dict[str, float]:
+    """:func:`interleaved_throughput` of ``global-cosine`` and ``classifier`` when both ran
+    (else empty), echoed."""
+    screening = {m.name: m for m in methods if isinstance(m, ScreeningMethod)}
+    if "classifier" not in screening or "global-cosine" not in screening:
+        return {}
+    speed = interleaved_throughput(
+        [screening["global-cosine"], screening["classifier"]], images, chunk=chunk
+    )
+    echo(
+        "screening throughput, interleaved batches of the same queries: global-cosine "
+        f"{speed['global-cosine']:.2f} images/s, classifier {speed['classifier']:.2f} "
+        f"images/s (ratio {speed['classifier'] / speed['global-cosine']:.2f})"
+    )
+    return speed
+
+
+def _classifier_training(
+    methods: Sequence[Method], echo: Callable[[str], Any]
+) -> dict[str, Any] | None:
+    """The first screening method's classifier training report (None if none trained), echoed."""
+    training = next(
+        (m.training for m in methods if isinstance(m, ScreeningMethod) and m.training), None
+    )
+    if training:
+        echo(
+            f"classifier {training['version']}: {training['training_pairs']} synthetic pairs "
+            f"at import; held-out {json.dumps(training['after'])}"
+        )
+    return training
+
+
+def _write_outputs(
+    results: list[MethodResult],
+    protocol: Protocol,
+    extra: dict[str, Any],
+    json_out: Path | None,
+    plot_out: Path | None,
+    echo: Callable[[str], Any],
+) -> None:
+    if json_out is not None:
+        json_out.write_text(json.dumps(to_json(results, protocol, extra=extra), indent=2))
+        echo(f"wrote {json_out}")
+    if plot_out is not None:
+        plot_pr_curves(results, plot_out)
+        echo(f"wrote {plot_out}")
+
+
 def run_quality_benchmark(
     settings: Settings,
     images_dir: Path,
@@ -237,89 +335,27 @@ def run_quality_benchmark(
     )
     reference_paths = dict(protocol.references)
     encoded = EncodedQueries([q.image for q in protocol.queries])
-    limits = DecodeLimits.from_settings(settings)
     echo(
         f"protocol: {len(protocol.references)} references, {len(protocol.queries)} queries "
         f"({sum(q.true_ref_id is not None for q in protocol.queries)} positives), seed {seed}"
     )
     with tempfile.TemporaryDirectory(prefix="moderation-benchmark-") as tmp:
-        base = Path(tmp)
-
-        def method_settings(name: str, classifier: bool) -> Settings:
-            return load_settings(
-                **{
-                    **settings.model_dump(
-                        exclude={"data_dir", "database_url", "key_file", "master_keys"}
-                    ),
-                    "data_dir": base / name,
-                    "classifier": classifier,
-                }
-            )
-
-        methods: list[Method] = [
-            PdqMethod(encoded, limits),
-            ScreeningMethod(
-                "global-cosine",
-                method_settings("global-cosine", False),
-                reference_paths,
-                encoded,
-            ),
-        ]
-        if classifier:
-            methods.append(
-                ScreeningMethod(
-                    "classifier",
-                    method_settings("classifier", True),
-                    reference_paths,
-                    encoded,
-                    train_classifier=True,
-                )
-            )
-        if extra_methods is not None:
-            methods.extend(extra_methods(reference_paths, encoded, base))
+        methods = _methods(settings, Path(tmp), reference_paths, encoded, classifier, extra_methods)
         results = run_protocol(protocol, methods)
-    table = markdown_table(results)
-    echo(table)
-    screening = {m.name: m for m in methods if isinstance(m, ScreeningMethod)}
-    speed: dict[str, float] = {}
-    if "classifier" in screening and "global-cosine" in screening:
-        speed = interleaved_throughput(
-            [screening["global-cosine"], screening["classifier"]],
-            [q.image for q in protocol.queries],
-            chunk=settings.batch_size,
-        )
-        echo(
-            "screening throughput, interleaved batches of the same queries: global-cosine "
-            f"{speed['global-cosine']:.2f} images/s, classifier {speed['classifier']:.2f} "
-            f"images/s (ratio {speed['classifier'] / speed['global-cosine']:.2f})"
-        )
-    training = next(
-        (m.training for m in methods if isinstance(m, ScreeningMethod) and m.training), None
-    )
-    if training:
-        echo(
-            f"classifier {training['version']}: {training['training_pairs']} synthetic pairs "
-            f"at import; held-out {json.dumps(training['after'])}"
-        )
+    echo(markdown_table(results))
+    images = [q.image for q in protocol.queries]
+    speed = _screening_throughput(methods, images, settings.batch_size, echo)
+    training = _classifier_training(methods, echo)
     echo(
         f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
         f"total {time.perf_counter() - started:.0f} s"
     )
-    if json_out is not None:
-        document = to_json(
-            results,
-            protocol,
-            extra={
-                "encoder": settings.encoder,
-                "policy": settings.policy,
-                "seed": seed,
-                "classifier_training": training,
-                "interleaved_images_per_second": speed,
-            },
-        )
-        json_out.write_text(json.dumps(document, indent=2))
-        echo(f"wrote {json_out}")
-    if plot_out is not None:
-        plot_pr_curves(results, plot_out)
-        echo(f"wrote {plot_out}")
+    extra = {
+        "encoder": settings.encoder,
+        "policy": settings.policy,
+        "seed": seed,
+        "classifier_training": training,
+        "interleaved_images_per_second": speed,
+    }
+    _write_outputs(results, protocol, extra, json_out, plot_out, echo)
     return results

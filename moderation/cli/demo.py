@@ -12,11 +12,16 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from moderation.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from moderation.service.runtime import Runtime
 
 BANNED = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
 UNRELATED = ("hubble_deep_field", "camera", "retina", "ihc", "page", "brick", "grass")
@@ -92,20 +97,13 @@ def prepare_files(workdir: Path) -> tuple[Path, list[tuple[Path, str, str]]]:
     return bank_dir, queries
 
 
-def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run the demo end to end and print a table; returns summary counts."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from moderation.banks.blocklist import create_bank
-    from moderation.banks.operations import import_bank
+def _demo_runtime(settings: Settings, root: Path) -> Runtime:
+    """A fresh deployment in ``root`` (removed first): ``settings`` with its own data dir, SQLite
+    database and development key file, migrated."""
     from moderation.crypto import load_keyring
-    from moderation.service.operations import screen_paths
     from moderation.service.runtime import Runtime
-    from moderation.storage.db import migrate, transaction
+    from moderation.storage.db import migrate
 
-    started = time.perf_counter()
-    root = settings.resolved_data_dir / "demo"
     if root.exists():
         shutil.rmtree(root)
     demo_settings = load_settings(
@@ -120,22 +118,18 @@ def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[
     runtime = Runtime(demo_settings)
     load_keyring(demo_settings, create_dev=True)
     migrate(runtime.engine)
-    bank_dir, queries = prepare_files(root / "files")
-    echo(f"demo data directory: {demo_settings.resolved_data_dir}")
-    echo(f"encoder: {demo_settings.encoder} (loading weights...)")
-    with transaction(runtime.sessions) as session:
-        create_bank(session, "demo-banned", kind="block", category="default")
-    report = import_bank(runtime, "demo-banned", [bank_dir], actor="demo")
-    echo(
-        f"bank demo-banned: {len(report.added)} photos imported as encrypted signals "
-        f"(snapshot v{report.snapshot_version}); originals not kept"
-    )
-    rows: list[dict[str, Any]] = []
-    screen_paths(runtime, [q[0] for q in queries], on_result=rows.append, actor="demo")
+    return runtime
+
+
+def _results_table(
+    queries: list[tuple[Path, str, str]], rows: list[dict[str, Any]]
+) -> tuple[Table, int, int]:
+    """The table of every query's result, the edited copies flagged (block or review) and the
+    unrelated photos allowed."""
+    from rich.table import Table
+
     table = Table("file", "kind", "edit", "decision", "score", "match", "ms")
     flagged = allowed = 0
-    copies = sum(1 for q in queries if q[1] == "copy")
-    unrelated = sum(1 for q in queries if q[1] == "unrelated")
     for (path, kind, edit), row in zip(queries, rows, strict=True):
         match = row["matches"][0]["label"] if row["matches"] else (row["reason"] or "")
         score = "" if row["score"] is None else f"{row['score']:.3f}"
@@ -152,6 +146,37 @@ def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[
             flagged += 1
         if kind == "unrelated" and row["decision"] == "allow":
             allowed += 1
+    return table, flagged, allowed
+
+
+def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run the demo end to end and print a table; returns summary counts."""
+    from rich.console import Console
+
+    from moderation.banks.blocklist import create_bank
+    from moderation.banks.operations import import_bank
+    from moderation.service.operations import screen_paths
+    from moderation.storage.db import transaction
+
+    started = time.perf_counter()
+    root = settings.resolved_data_dir / "demo"
+    runtime = _demo_runtime(settings, root)
+    demo_settings = runtime.settings
+    bank_dir, queries = prepare_files(root / "files")
+    echo(f"demo data directory: {demo_settings.resolved_data_dir}")
+    echo(f"encoder: {demo_settings.encoder} (loading weights...)")
+    with transaction(runtime.sessions) as session:
+        create_bank(session, "demo-banned", kind="block", category="default")
+    report = import_bank(runtime, "demo-banned", [bank_dir], actor="demo")
+    echo(
+        f"bank demo-banned: {len(report.added)} photos imported as encrypted signals "
+        f"(snapshot v{report.snapshot_version}); originals not kept"
+    )
+    rows: list[dict[str, Any]] = []
+    screen_paths(runtime, [q[0] for q in queries], on_result=rows.append, actor="demo")
+    table, flagged, allowed = _results_table(queries, rows)
+    copies = sum(1 for q in queries if q[1] == "copy")
+    unrelated = sum(1 for q in queries if q[1] == "unrelated")
     Console(width=int(os.environ.get("COLUMNS", "130"))).print(table)
     elapsed = time.perf_counter() - started
     echo(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import moderation.banks.index.cosine as cosine_module
-from moderation.benchmark.speed import bench_index, extrapolate
+from moderation.benchmark.speed_index import bench_index, extrapolate
 
 
 @pytest.fixture(scope="module")
