@@ -26,8 +26,8 @@ from sqlalchemy import text
 
 from admin.api.services import services
 from moderation.service.metrics import database_samples
-from moderation.service.queue import worker_reports
 from moderation.service.runtime import Runtime
+from moderation.service.worker import worker_reports
 
 logger = logging.getLogger(__name__)
 
