@@ -94,11 +94,6 @@ class ProcessResult:
     attempts: int = 0
 
 
-def reload_keyring(runtime: Runtime) -> None:
-    """Forget the cached key ring so the next use re-reads it (key rotation without restart)."""
-    runtime.__dict__.pop("keyring", None)
-
-
 def seconds_since(value: datetime) -> float:
     """Seconds from ``value`` (naive values are taken as UTC) to now."""
     if value.tzinfo is None:
@@ -111,7 +106,7 @@ def _decrypt(runtime: Runtime, upload: Upload) -> bytes:
         return read_upload(upload, keyring=runtime.keyring, blobs_dir=runtime.settings.blobs_dir)
     except UnknownKeyError:
         # The key ring may have been rotated since this process read it: re-read it once.
-        reload_keyring(runtime)
+        runtime.reload_keyring()
         try:
             return read_upload(
                 upload, keyring=runtime.keyring, blobs_dir=runtime.settings.blobs_dir

@@ -27,7 +27,7 @@ from moderation.banks.blocklist import BlocklistError, current_snapshot
 from moderation.banks.snapshot import SnapshotError
 from moderation.crypto import CryptoError, UnknownKeyError
 from moderation.matching.screening import Screener
-from moderation.service.queue import SnapshotUnavailable, reload_keyring, seconds_since
+from moderation.service.queue import SnapshotUnavailable, seconds_since
 from moderation.storage.db import transaction
 from moderation.storage.models import WorkerHeartbeat
 
@@ -160,7 +160,7 @@ class WorkerState:
             try:
                 blocklist = self.runtime.load_blocklist()
             except UnknownKeyError:
-                reload_keyring(self.runtime)
+                self.runtime.reload_keyring()
                 blocklist = self.runtime.load_blocklist()
             screener = self.runtime.screener(blocklist)
         except (SnapshotError, CryptoError, BlocklistError) as exc:
