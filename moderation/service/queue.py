@@ -313,6 +313,20 @@ class ReconcileReport:
     failed_sends: int = 0
 
 
+def _resend(ids: list[str], send: Callable[[str], None], kind: str, noun: str) -> int:
+    """Send each id's task again (``kind`` labels the metric, ``noun`` the log line); returns
+    how many sends failed."""
+    failed = 0
+    for item_id in ids:
+        try:
+            send(item_id)
+            RECONCILER_RESENDS.labels(kind).inc()
+        except Exception:
+            failed += 1
+            logger.warning("reconciler could not re-send %s %s", noun, item_id, exc_info=True)
+    return failed
+
+
 def reconcile(
     runtime: Runtime,
     dispatcher: Dispatcher,
@@ -349,20 +363,12 @@ def reconcile(
         session.execute(
             delete(WorkerHeartbeat).where(WorkerHeartbeat.updated_at < now - timedelta(days=1))
         )
-    for upload_id in report.screenings:
-        try:
-            dispatcher.send_screening(upload_id)
-            RECONCILER_RESENDS.labels("screening").inc()
-        except Exception:
-            report.failed_sends += 1
-            logger.warning("reconciler could not re-send upload %s", upload_id, exc_info=True)
-    for delivery_id in report.callbacks:
-        try:
-            dispatcher.send_callback(delivery_id)
-            RECONCILER_RESENDS.labels("callback").inc()
-        except Exception:
-            report.failed_sends += 1
-            logger.warning("reconciler could not re-send callback %s", delivery_id, exc_info=True)
+    report.failed_sends += _resend(
+        report.screenings, dispatcher.send_screening, "screening", "upload"
+    )
+    report.failed_sends += _resend(
+        report.callbacks, dispatcher.send_callback, "callback", "callback"
+    )
     if report.screenings or report.callbacks:
         logger.warning(
             "reconciler re-sent %d uploads and %d callbacks",
