@@ -117,67 +117,71 @@ class DatabaseSessionInterface(SessionInterface):
             return
         response.vary.add("Cookie")
         now = datetime.now(UTC)
-        name = self.cookie_name
         if not session:
             if session.discarded or session.token:
-                with transaction(self._sessions()) as db:
-                    gone = [*session.discarded, *([session.token] if session.token else [])]
-                    db.execute(
-                        delete(ConsoleSession).where(
-                            ConsoleSession.id.in_([_digest(t) for t in gone])
-                        )
-                    )
-                response.delete_cookie(
-                    name, path="/", secure=self.secure, httponly=True, samesite="Lax"
-                )
-            return
-        data = dict(session)
-        user_id = data.get("user_id")
-        if session.token is None:
-            session.token = secrets.token_urlsafe(TOKEN_BYTES)
-            expires = now + self.lifetime
-            with transaction(self._sessions()) as db:
-                if session.discarded:
-                    db.execute(
-                        delete(ConsoleSession).where(
-                            ConsoleSession.id.in_([_digest(t) for t in session.discarded])
-                        )
-                    )
-                db.add(
-                    ConsoleSession(
-                        id=_digest(session.token),
-                        user_id=user_id if isinstance(user_id, int) else None,
-                        data=data,
-                        created_at=now,
-                        last_seen_at=now,
-                        expires_at=expires,
-                    )
-                )
-            response.set_cookie(
-                name,
-                session.token,
-                expires=expires,
-                path="/",
-                secure=self.secure,
-                httponly=True,
-                samesite="Lax",
-            )
-            return
-        if (
+                self._end(session, response)
+        elif session.token is None:
+            self._create(session, now, response)
+        elif (
             session.modified
             or session.last_seen is None
             or now - session.last_seen > TOUCH_INTERVAL
         ):
-            values: dict[str, Any] = {"last_seen_at": now}
-            if session.modified:
-                values.update(data=data, user_id=user_id if isinstance(user_id, int) else None)
-            with transaction(self._sessions()) as db:
-                # A row deleted meanwhile (logout elsewhere, user disabled) stays deleted.
-                db.execute(
-                    update(ConsoleSession)
-                    .where(ConsoleSession.id == _digest(session.token))
-                    .values(**values)
+            self._touch(session, session.token, now)
+
+    def _end(self, session: ServerSession, response: Response) -> None:
+        """Delete the emptied session's rows and its cookie."""
+        with transaction(self._sessions()) as db:
+            _delete_rows(db, [*session.discarded, *([session.token] if session.token else [])])
+        response.delete_cookie(
+            self.cookie_name, path="/", secure=self.secure, httponly=True, samesite="Lax"
+        )
+
+    def _create(self, session: ServerSession, now: datetime, response: Response) -> None:
+        """Store the session under a new token (deleting discarded ones) and set its cookie."""
+        data = dict(session)
+        user_id = data.get("user_id")
+        session.token = secrets.token_urlsafe(TOKEN_BYTES)
+        expires = now + self.lifetime
+        with transaction(self._sessions()) as db:
+            if session.discarded:
+                _delete_rows(db, session.discarded)
+            db.add(
+                ConsoleSession(
+                    id=_digest(session.token),
+                    user_id=user_id if isinstance(user_id, int) else None,
+                    data=data,
+                    created_at=now,
+                    last_seen_at=now,
+                    expires_at=expires,
                 )
+            )
+        response.set_cookie(
+            self.cookie_name,
+            session.token,
+            expires=expires,
+            path="/",
+            secure=self.secure,
+            httponly=True,
+            samesite="Lax",
+        )
+
+    def _touch(self, session: ServerSession, token: str, now: datetime) -> None:
+        """Move ``last_seen_at`` to now, and write the data when it changed."""
+        values: dict[str, Any] = {"last_seen_at": now}
+        if session.modified:
+            data = dict(session)
+            user_id = data.get("user_id")
+            values.update(data=data, user_id=user_id if isinstance(user_id, int) else None)
+        with transaction(self._sessions()) as db:
+            # A row deleted meanwhile (logout elsewhere, user disabled) stays deleted.
+            db.execute(
+                update(ConsoleSession).where(ConsoleSession.id == _digest(token)).values(**values)
+            )
+
+
+def _delete_rows(db: Session, tokens: list[str]) -> None:
+    db.execute(delete(ConsoleSession).where(ConsoleSession.id.in_([_digest(t) for t in tokens])))
 
 
 def end_expired_sessions(sessions: sessionmaker[Session], *, idle: timedelta) -> int:

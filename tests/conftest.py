@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from PIL import Image
 from moderation.config import Settings, load_settings
 
 if TYPE_CHECKING:
+    from moderation.service.runtime import Runtime
     from tests.integration.queue_stack import CallbackReceiver, RedisServer, Stack
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
@@ -26,6 +28,24 @@ SKIMAGE_PHOTOS = (
     "motorcycle_left",
     "hubble_deep_field",
 )
+
+
+@contextmanager
+def migrated_runtime(settings: Settings) -> Iterator[Runtime]:
+    """A runtime over ``settings`` with its data dir, a dev key ring and the current schema;
+    its engine is disposed on exit."""
+    from moderation.crypto import load_keyring
+    from moderation.service.runtime import Runtime
+    from moderation.storage.db import migrate
+
+    settings.ensure_dirs()
+    load_keyring(settings, create_dev=True)
+    rt = Runtime(settings)
+    migrate(rt.engine)
+    try:
+        yield rt
+    finally:
+        rt.engine.dispose()
 
 
 def shared_path(*parts: str) -> Path:
@@ -130,16 +150,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def runtime(settings: Settings) -> Iterator[object]:
     """A :class:`moderation.service.runtime.Runtime` over ``settings``: data dir, schema, dev key
     ring."""
-    from moderation.crypto import load_keyring
-    from moderation.service.runtime import Runtime
-    from moderation.storage.db import migrate
-
-    settings.ensure_dirs()
-    load_keyring(settings, create_dev=True)
-    rt = Runtime(settings)
-    migrate(rt.engine)
-    yield rt
-    rt.engine.dispose()
+    with migrated_runtime(settings) as rt:
+        yield rt
 
 
 # --- the queue tests' stack (tests/integration/queue_stack.py holds the machinery) ------------

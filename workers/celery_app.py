@@ -20,7 +20,7 @@ from celery import Celery, signals
 from kombu.entity import Queue
 
 from moderation.config import Settings, load_settings
-from moderation.service.queue import check_reliability
+from moderation.service.worker import check_reliability
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +44,41 @@ def is_redis(url: str) -> bool:
     return url.startswith(("redis://", "rediss://", "redis+socket://"))
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
-    """Every Celery setting the service uses, derived from ``settings``."""
-    broker = settings.effective_broker_url
+def _transport_options(settings: Settings, broker: str) -> dict[str, Any]:
     if is_redis(broker):
-        transport: dict[str, Any] = {
+        return {
             "visibility_timeout": settings.visibility_timeout,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "retry_on_timeout": True,
             "health_check_interval": 10,
         }
-    else:
-        # Options go straight to SQLAlchemy's create_engine for this transport.
-        transport = {"connect_args": {"timeout": 30}}
+    # Options go straight to SQLAlchemy's create_engine for this transport.
+    return {"connect_args": {"timeout": 30}}
+
+
+def _beat_schedule(settings: Settings) -> dict[str, Any]:
+    return {
+        "reconcile": {
+            "task": RECONCILE_TASK,
+            "schedule": float(settings.reconcile_interval),
+            "options": {"queue": "maintenance", "expires": float(settings.reconcile_interval)},
+        },
+        "audit-checkpoint": {
+            "task": CHECKPOINT_TASK,
+            "schedule": CHECKPOINT_INTERVAL,
+            "options": {"queue": "maintenance", "expires": CHECKPOINT_INTERVAL},
+        },
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting the service uses, derived from ``settings``."""
+    broker = settings.effective_broker_url
     limit = settings.task_time_limit
     return {
         "broker_url": broker,
-        "broker_transport_options": transport,
+        "broker_transport_options": _transport_options(settings, broker),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # workers reconnect on their own (Q4)
         "broker_connection_timeout": 5,
@@ -93,18 +110,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_step": 0.4,
             "interval_max": 1.0,
         },
-        "beat_schedule": {
-            "reconcile": {
-                "task": RECONCILE_TASK,
-                "schedule": float(settings.reconcile_interval),
-                "options": {"queue": "maintenance", "expires": float(settings.reconcile_interval)},
-            },
-            "audit-checkpoint": {
-                "task": CHECKPOINT_TASK,
-                "schedule": CHECKPOINT_INTERVAL,
-                "options": {"queue": "maintenance", "expires": CHECKPOINT_INTERVAL},
-            },
-        },
+        "beat_schedule": _beat_schedule(settings),
         "beat_schedule_filename": str(settings.resolved_data_dir / "celerybeat-schedule"),
         "include": ["workers.tasks"],
     }

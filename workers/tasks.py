@@ -3,7 +3,7 @@
 Each worker process builds one :class:`~moderation.service.runtime.Runtime` after fork; processes
 that
 consume the ``screening`` queue also load the encoder and the current snapshot right away
-(``worker_process_init``) and keep them current (:class:`~moderation.service.queue.WorkerState`).
+(``worker_process_init``) and keep them current (:class:`~moderation.service.worker.WorkerState`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from moderation.audit.log import checkpoint_if_due
 from moderation.service.callbacks import deliver_callback
 from moderation.service.dispatch import attach_dispatcher
-from moderation.service.queue import RetryLater, WorkerState, process_upload, reconcile
+from moderation.service.queue import RetryLater, process_upload, reconcile
 from moderation.service.runtime import Runtime
+from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from workers.celery_app import (
     CALLBACK_TASK,

@@ -24,9 +24,8 @@ WAIT_PARAMETER = {
 }
 
 
-def openapi_document(server: str | None = None) -> dict[str, Any]:
-    """The document (paths, schemas, bearer security scheme)."""
-    match = {
+def _match_schema() -> dict[str, Any]:
+    return {
         "type": "object",
         "properties": {
             "bank": {"type": ["string", "null"]},
@@ -37,7 +36,10 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
             "probability": {"type": ["number", "null"]},
         },
     }
-    result = {
+
+
+def _result_schema() -> dict[str, Any]:
+    return {
         "type": "object",
         "required": ["decision", "policy", "matches", "timings_ms"],
         "properties": {
@@ -54,7 +56,10 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
             "index_version": {"type": ["integer", "null"]},
         },
     }
-    screening = {
+
+
+def _screening_schema() -> dict[str, Any]:
+    return {
         "type": "object",
         "required": ["id", "status"],
         "properties": {
@@ -74,7 +79,27 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
             },
         },
     }
-    accepted = {
+
+
+def _error_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                },
+            }
+        },
+    }
+
+
+def _accepted_response() -> dict[str, Any]:
+    return {
         "description": "Accepted; the result comes by callback or GET.",
         "headers": {"Location": {"schema": {"type": "string"}}},
         "content": {
@@ -90,10 +115,92 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
             }
         },
     }
-    done = {
+
+
+def _done_response() -> dict[str, Any]:
+    return {
         "description": "The result (with ?wait= when ready in time).",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Screening"}}},
     }
+
+
+def _upload_form_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["image", "external_id", "subject_id"],
+        "properties": {
+            "image": {
+                "type": "string",
+                "contentMediaType": "application/octet-stream",
+                "description": "JPEG, PNG, WebP, GIF, BMP or TIFF.",
+            },
+            "external_id": {"type": "string", "maxLength": 500},
+            "subject_id": {
+                "type": "string",
+                "maxLength": 500,
+                "description": "The uploader; stored pseudonymised.",
+            },
+            "callback_url": {
+                "type": "string",
+                "format": "uri",
+                "description": "Must match the client's allowlist.",
+            },
+        },
+    }
+
+
+def _create_screening() -> dict[str, Any]:
+    """``POST /api/v1/screenings``."""
+    return {
+        "operationId": "createScreening",
+        "parameters": [
+            WAIT_PARAMETER,
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "Repeats with the same key return the first upload.",
+                "schema": {"type": "string", "maxLength": 200},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": _upload_form_schema()}},
+        },
+        "responses": {
+            "200": _done_response(),
+            "202": _accepted_response(),
+            "400": _error_response("Malformed request."),
+            "401": _error_response("Missing or invalid bearer token."),
+            "413": _error_response("Image over the size limit."),
+            "415": _error_response("Not an allowed image type (magic bytes)."),
+            "422": _error_response("callback_url not allowed, or Idempotency-Key reused."),
+            "429": _error_response("Rate limited; see Retry-After."),
+            "503": _error_response("Temporarily unavailable; retry."),
+        },
+    }
+
+
+def _get_screening() -> dict[str, Any]:
+    """``GET /api/v1/screenings/{id}``."""
+    return {
+        "operationId": "getScreening",
+        "parameters": [
+            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+            WAIT_PARAMETER,
+        ],
+        "responses": {
+            "200": _done_response(),
+            "202": _accepted_response(),
+            "401": _error_response("Missing or invalid bearer token."),
+            "404": _error_response("No such screening for this client."),
+            "429": _error_response("Rate limited; see Retry-After."),
+        },
+    }
+
+
+def openapi_document(server: str | None = None) -> dict[str, Any]:
+    """The document (paths, schemas, bearer security scheme)."""
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -105,105 +212,16 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
         "paths": {
-            "/api/v1/screenings": {
-                "post": {
-                    "operationId": "createScreening",
-                    "parameters": [
-                        WAIT_PARAMETER,
-                        {
-                            "name": "Idempotency-Key",
-                            "in": "header",
-                            "required": False,
-                            "description": "Repeats with the same key return the first upload.",
-                            "schema": {"type": "string", "maxLength": 200},
-                        },
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["image", "external_id", "subject_id"],
-                                    "properties": {
-                                        "image": {
-                                            "type": "string",
-                                            "contentMediaType": "application/octet-stream",
-                                            "description": "JPEG, PNG, WebP, GIF, BMP or TIFF.",
-                                        },
-                                        "external_id": {"type": "string", "maxLength": 500},
-                                        "subject_id": {
-                                            "type": "string",
-                                            "maxLength": 500,
-                                            "description": "The uploader; stored pseudonymised.",
-                                        },
-                                        "callback_url": {
-                                            "type": "string",
-                                            "format": "uri",
-                                            "description": "Must match the client's allowlist.",
-                                        },
-                                    },
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": done,
-                        "202": accepted,
-                        "400": _error_response("Malformed request."),
-                        "401": _error_response("Missing or invalid bearer token."),
-                        "413": _error_response("Image over the size limit."),
-                        "415": _error_response("Not an allowed image type (magic bytes)."),
-                        "422": _error_response(
-                            "callback_url not allowed, or Idempotency-Key reused."
-                        ),
-                        "429": _error_response("Rate limited; see Retry-After."),
-                        "503": _error_response("Temporarily unavailable; retry."),
-                    },
-                }
-            },
-            "/api/v1/screenings/{id}": {
-                "get": {
-                    "operationId": "getScreening",
-                    "parameters": [
-                        {
-                            "name": "id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        },
-                        WAIT_PARAMETER,
-                    ],
-                    "responses": {
-                        "200": done,
-                        "202": accepted,
-                        "401": _error_response("Missing or invalid bearer token."),
-                        "404": _error_response("No such screening for this client."),
-                        "429": _error_response("Rate limited; see Retry-After."),
-                    },
-                }
-            },
+            "/api/v1/screenings": {"post": _create_screening()},
+            "/api/v1/screenings/{id}": {"get": _get_screening()},
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                            },
-                        }
-                    },
-                },
-                "Match": match,
-                "Result": result,
-                "Screening": screening,
+                "Error": _error_schema(),
+                "Match": _match_schema(),
+                "Result": _result_schema(),
+                "Screening": _screening_schema(),
             },
         },
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
@@ -26,8 +26,8 @@ from sqlalchemy import text
 
 from admin.api.services import services
 from moderation.service.metrics import database_samples
-from moderation.service.queue import worker_reports
 from moderation.service.runtime import Runtime
+from moderation.service.worker import worker_reports
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,13 @@ def status() -> Any:
     return response
 
 
+def _labelled(family: GaugeMetricFamily | CounterMetricFamily, counts: Mapping[str, int]) -> Metric:
+    """``family`` with one sample per label value of ``counts``, in label order."""
+    for key, value in sorted(counts.items()):
+        family.add_metric([key], value)
+    return family
+
+
 class _ScrapeCollector(Collector):
     """Figures read at scrape time: database counts and queue depths (true fleet-wide)."""
 
@@ -162,30 +169,30 @@ class _ScrapeCollector(Collector):
         except Exception as exc:
             logger.warning("metrics: database unavailable: %s", exc)
             return
-        uploads = GaugeMetricFamily("moderation_uploads", "Uploads by status.", labels=["status"])
-        for key, value in sorted(samples.uploads_by_status.items()):
-            uploads.add_metric([key], value)
-        yield uploads
-        results = CounterMetricFamily(
-            "moderation_results", "Uploads by terminal state (decision).", labels=["decision"]
+        yield _labelled(
+            GaugeMetricFamily("moderation_uploads", "Uploads by status.", labels=["status"]),
+            samples.uploads_by_status,
         )
-        for key, value in sorted(samples.results_by_decision.items()):
-            results.add_metric([key], value)
-        yield results
-        reasons = CounterMetricFamily(
-            "moderation_unscannable_results",
-            "Unscannable results by reason (poison included).",
-            labels=["reason"],
+        yield _labelled(
+            CounterMetricFamily(
+                "moderation_results", "Uploads by terminal state (decision).", labels=["decision"]
+            ),
+            samples.results_by_decision,
         )
-        for key, value in sorted(samples.results_by_reason.items()):
-            reasons.add_metric([key], value)
-        yield reasons
-        callbacks = GaugeMetricFamily(
-            "moderation_callback_deliveries", "Callback deliveries by state.", labels=["state"]
+        yield _labelled(
+            CounterMetricFamily(
+                "moderation_unscannable_results",
+                "Unscannable results by reason (poison included).",
+                labels=["reason"],
+            ),
+            samples.results_by_reason,
         )
-        for key, value in sorted(samples.callbacks_by_state.items()):
-            callbacks.add_metric([key], value)
-        yield callbacks
+        yield _labelled(
+            GaugeMetricFamily(
+                "moderation_callback_deliveries", "Callback deliveries by state.", labels=["state"]
+            ),
+            samples.callbacks_by_state,
+        )
         yield GaugeMetricFamily("moderation_snapshot_version", "Current version.", value=current)
         yield GaugeMetricFamily(
             "moderation_workers_alive", "Workers heard from recently.", value=len(reports)

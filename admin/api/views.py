@@ -1,8 +1,9 @@
 """``/api/v1``: the HTTP upload hook (ARCHITECTURE.md "HTTP upload hook").
 
 Views are thin: authenticate the bearer token, rate-limit per client, validate the form, call
-``moderation.service.queue.submit_upload`` (which commits the upload before sending its task), and
-answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200`` with it.
+``moderation.service.submission.submit_upload`` (which commits the upload before sending its
+task), and answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200``
+with it.
 Every error is JSON ``{"error": {"code", "message"}}``.
 """
 
@@ -18,8 +19,8 @@ from werkzeug.exceptions import HTTPException
 from admin.api.openapi import openapi_document
 from admin.api.services import ApiServices, services, setup
 from moderation.service.api_clients import authenticate
-from moderation.service.queue import SubmissionError, submit_upload, wait_for_upload
 from moderation.service.results import upload_view
+from moderation.service.submission import SubmissionError, submit_upload, wait_for_upload
 from moderation.storage.models import Upload
 
 logger = logging.getLogger(__name__)

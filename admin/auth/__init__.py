@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, abort, flash, g, redirect, render_template, request, session, url_for
+from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
 from admin import runtime
@@ -91,11 +92,15 @@ def inject_user() -> dict[str, Any]:
     return {"current_user": g.get("user")}
 
 
-def _start_session(user: User) -> None:
+def _fresh_server_session() -> None:
     # A new session id after each authentication step (session fixation, RELIABILITY.md W1).
     server = _server_session()
     server.regenerate()
     server.clear()
+
+
+def _start_session(user: User) -> None:
+    _fresh_server_session()
     session["user_id"] = user.id
     session["auth_at"] = time.time()
 
@@ -104,6 +109,27 @@ def _start_session(user: User) -> None:
 @permission_required("account")
 def index() -> Response:
     return redirect(home_url(current_user()))
+
+
+def _refuse_login(db: Session, target: str | None, *, outcome: str, reason: str) -> None:
+    record_event(
+        db,
+        actor="console",
+        action="auth.login",
+        target=target,
+        origin=origin(),
+        outcome=outcome,
+        details={"reason": reason},
+    )
+
+
+def _await_totp(user: User, next_url: str | None) -> None:
+    """The password step passed: hold the user as pending until the TOTP code is entered."""
+    _fresh_server_session()
+    session["pending_user_id"] = user.id
+    session["pending_at"] = time.time()
+    session["totp_failures"] = 0
+    session["next"] = safe_next(next_url, "")
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -128,42 +154,16 @@ def login() -> Any:
         user = authenticate(db, form.email.data or "", form.password.data or "")
         target = f"user:{known.id}" if known is not None else None
         if user is None:
-            record_event(
-                db,
-                actor="console",
-                action="auth.login",
-                target=target,
-                origin=origin(),
-                outcome="failure",
-                details={"reason": "bad_credentials"},
-            )
+            _refuse_login(db, target, outcome="failure", reason="bad_credentials")
         elif totp_required(user) and not has_totp(user):
-            record_event(
-                db,
-                actor="console",
-                action="auth.login",
-                target=target,
-                origin=origin(),
-                outcome="denied",
-                details={"reason": "totp_not_enrolled"},
-            )
+            _refuse_login(db, target, outcome="denied", reason="totp_not_enrolled")
             flash("Your role needs TOTP, which is not set up: ask an admin.", "error")
             return render_template("auth/login.html", form=form), 403
         elif has_totp(user):
             record_event(
-                db,
-                actor=f"user:{user.id}",
-                action="auth.password",
-                target=target,
-                origin=origin(),
+                db, actor=f"user:{user.id}", action="auth.password", target=target, origin=origin()
             )
-            server = _server_session()
-            server.regenerate()
-            server.clear()
-            session["pending_user_id"] = user.id
-            session["pending_at"] = time.time()
-            session["totp_failures"] = 0
-            session["next"] = safe_next(form.next.data, "")
+            _await_totp(user, form.next.data)
             return redirect(url_for("auth.totp"))
         else:
             record_event(

@@ -18,6 +18,11 @@ from moderation.cli.core import benchmark
 from moderation.config import Settings
 
 ALL_QUEUES = "screening,maintenance,callbacks"
+_CELERY = (sys.executable, "-m", "celery", "-A", "workers.celery_app:app")
+
+
+def _beat_schedule_file(settings: Settings) -> str:
+    return str(settings.resolved_data_dir / "celerybeat-schedule")
 
 
 def service_env(settings: Settings) -> dict[str, str]:
@@ -96,11 +101,7 @@ def worker(ctx: Context, queues: str, concurrency: int, beat: bool | None) -> No
     _check(ctx)
     settings = ctx.settings
     argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.celery_app:app",
+        *_CELERY,
         "worker",
         "--queues",
         queues,
@@ -117,7 +118,7 @@ def worker(ctx: Context, queues: str, concurrency: int, beat: bool | None) -> No
         settings.log_level,
     ]
     if beat if beat is not None else settings.broker_url is None:
-        argv += ["--beat", "--schedule", str(settings.resolved_data_dir / "celerybeat-schedule")]
+        argv += ["--beat", "--schedule", _beat_schedule_file(settings)]
     _exec(argv, service_env(settings))
 
 
@@ -128,14 +129,10 @@ def beat(ctx: Context) -> None:
     _check(ctx)
     settings = ctx.settings
     argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.celery_app:app",
+        *_CELERY,
         "beat",
         "--schedule",
-        str(settings.resolved_data_dir / "celerybeat-schedule"),
+        _beat_schedule_file(settings),
         "--loglevel",
         settings.log_level,
     ]

@@ -182,22 +182,30 @@ def _finish(
     )
 
 
-def deliver_callback(
-    runtime: Runtime,
-    delivery_id: str,
-    *,
-    http: requests.Session | None = None,
+def _refuse(
+    session: Session, delivery: CallbackDelivery, *, now: datetime, reason: str
 ) -> DeliveryOutcome:
-    """Make one delivery attempt of a pending callback (see the module docstring).
+    _finish(
+        session, delivery, state="failed", outcome="denied", now=now, details={"reason": reason}
+    )
+    CALLBACK_ATTEMPTS.labels("refused").inc()
+    return DeliveryOutcome("refused")
 
-    Redelivered tasks have no duplicate side effects: a finished delivery is skipped, and an
-    attempt claims the row (its next attempt time moves past the HTTP timeout) before sending,
-    so two copies of the task never POST at once.
 
-    Raises:
-        sqlalchemy.exc.SQLAlchemyError: the database is unreachable (the task retries).
-    """
-    settings = runtime.settings
+@dataclass(frozen=True)
+class _Claim:
+    """One attempt claimed on a pending delivery: what to POST, and with which secret."""
+
+    attempt: int
+    url: str
+    upload_id: str
+    body: bytes
+    secret: str
+
+
+def _claim(runtime: Runtime, delivery_id: str) -> _Claim | DeliveryOutcome:
+    """Claim the next attempt of ``delivery_id`` (committed before sending), or the outcome
+    when there is nothing to send: finished, not yet due, or refused."""
     now = datetime.now(UTC)
     with transaction(runtime.sessions) as session:
         delivery = session.get(CallbackDelivery, delivery_id, with_for_update=True)
@@ -208,16 +216,7 @@ def deliver_callback(
             return DeliveryOutcome("not_due", attempt=delivery.attempts, retry_in=due_in)
         client = session.get(ApiClient, delivery.client_id) if delivery.client_id else None
         if client is None or client.disabled:
-            _finish(
-                session,
-                delivery,
-                state="failed",
-                outcome="denied",
-                now=now,
-                details={"reason": "client_gone"},
-            )
-            CALLBACK_ATTEMPTS.labels("refused").inc()
-            return DeliveryOutcome("refused")
+            return _refuse(session, delivery, now=now, reason="client_gone")
         if not url_allowed(delivery.url, client.callback_allowlist):
             session.add(
                 CallbackAttempt(
@@ -229,35 +228,33 @@ def deliver_callback(
                     delivered=False,
                 )
             )
-            _finish(
-                session,
-                delivery,
-                state="failed",
-                outcome="denied",
-                now=now,
-                details={"reason": "not_on_allowlist"},
-            )
-            CALLBACK_ATTEMPTS.labels("refused").inc()
             logger.warning("callback %s refused: URL not on the allowlist", delivery.id)
-            return DeliveryOutcome("refused")
+            return _refuse(session, delivery, now=now, reason="not_on_allowlist")
         delivery.attempts += 1
-        attempt = delivery.attempts
-        delivery.next_attempt_at = now + timedelta(seconds=settings.callback_timeout * 2 + 30)
-        url, upload_id = delivery.url, delivery.upload_id
-        body = _body(delivery.payload)
+        delivery.next_attempt_at = now + timedelta(
+            seconds=runtime.settings.callback_timeout * 2 + 30
+        )
         from moderation.crypto import UnknownKeyError
 
         try:
             secret = callback_secret(client, runtime.keyring)
         except UnknownKeyError:
             # Rotated since this process read the key ring: re-read it once.
-            runtime.__dict__.pop("keyring", None)
+            runtime.reload_keyring()
             secret = callback_secret(client, runtime.keyring)
+        return _Claim(
+            delivery.attempts, delivery.url, delivery.upload_id, _body(delivery.payload), secret
+        )
 
+
+def _post(
+    claim: _Claim, delivery_id: str, *, timeout: float, http: requests.Session | None
+) -> tuple[int | None, str | None]:
+    """POST the signed body once; returns (HTTP status or None, error or None when delivered)."""
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(secret, timestamp, body),
+        SIGNATURE_HEADER: sign(claim.secret, timestamp, claim.body),
         DELIVERY_HEADER: delivery_id,
         "User-Agent": f"moderation-callbacks/{__version__}",
     }
@@ -267,10 +264,10 @@ def deliver_callback(
     try:
         # No redirects: a 3xx to another host would step around the allowlist.
         response = poster.post(
-            url,
-            data=body,
+            claim.url,
+            data=claim.body,
             headers=headers,
-            timeout=settings.callback_timeout,
+            timeout=timeout,
             allow_redirects=False,
         )
         status_code = response.status_code
@@ -278,16 +275,28 @@ def deliver_callback(
             error = f"HTTP {status_code}"
     except requests.RequestException as exc:
         error = f"{type(exc).__name__}: {exc}"[:500]
+    return status_code, error
 
+
+def _settle(
+    runtime: Runtime,
+    delivery_id: str,
+    claim: _Claim,
+    status_code: int | None,
+    error: str | None,
+) -> DeliveryOutcome:
+    """Log the attempt, then finish the delivery or schedule its next attempt."""
+    settings = runtime.settings
+    attempt = claim.attempt
     delivered = error is None
     now = datetime.now(UTC)
     with transaction(runtime.sessions) as session:
         delivery = session.get(CallbackDelivery, delivery_id, with_for_update=True)
         session.add(
             CallbackAttempt(
-                upload_id=upload_id,
+                upload_id=claim.upload_id,
                 delivery_id=delivery_id,
-                url=url[:2000],
+                url=claim.url[:2000],
                 attempt=attempt,
                 status_code=status_code,
                 error=error,
@@ -326,6 +335,30 @@ def deliver_callback(
         "callback %s attempt %d failed (%s); retry in %.0f s", delivery_id, attempt, error, delay
     )
     return DeliveryOutcome("retry", attempt=attempt, status_code=status_code, retry_in=delay)
+
+
+def deliver_callback(
+    runtime: Runtime,
+    delivery_id: str,
+    *,
+    http: requests.Session | None = None,
+) -> DeliveryOutcome:
+    """Make one delivery attempt of a pending callback (see the module docstring).
+
+    Redelivered tasks have no duplicate side effects: a finished delivery is skipped, and an
+    attempt claims the row (its next attempt time moves past the HTTP timeout) before sending,
+    so two copies of the task never POST at once.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the database is unreachable (the task retries).
+    """
+    claim = _claim(runtime, delivery_id)
+    if isinstance(claim, DeliveryOutcome):
+        return claim
+    status_code, error = _post(
+        claim, delivery_id, timeout=runtime.settings.callback_timeout, http=http
+    )
+    return _settle(runtime, delivery_id, claim, status_code, error)
 
 
 def overdue_deliveries(session: Session, *, older_than: datetime, limit: int = 500) -> list[str]:

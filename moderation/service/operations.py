@@ -22,6 +22,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _read_files(paths: Sequence[Path], *, max_bytes: int) -> list[bytes | None]:
+    """Each file's bytes, or None when it is over ``max_bytes`` or cannot be read."""
+    datas: list[bytes | None] = []
+    for path in paths:
+        try:
+            size = path.stat().st_size
+            datas.append(path.read_bytes() if size <= max_bytes else None)
+        except OSError as exc:
+            logger.warning("cannot read %s: %s", path, exc)
+            datas.append(None)
+    return datas
+
+
 def screen_paths(
     runtime: Runtime,
     paths: Sequence[Path],
@@ -48,14 +61,7 @@ def screen_paths(
     results: list[ScreeningResult] = []
     for start in range(0, len(paths), batch):
         chunk = paths[start : start + batch]
-        datas: list[bytes | None] = []
-        for path in chunk:
-            try:
-                size = path.stat().st_size
-                datas.append(path.read_bytes() if size <= runtime.limits.max_bytes else None)
-            except OSError as exc:
-                logger.warning("cannot read %s: %s", path, exc)
-                datas.append(None)
+        datas = _read_files(chunk, max_bytes=runtime.limits.max_bytes)
         readable = [d for d in datas if d is not None]
         screened = iter(screener.screen_bytes(readable))
         chunk_results = [

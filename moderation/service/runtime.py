@@ -80,6 +80,10 @@ class Runtime:
         """Master keys from ``MODERATION_MASTER_KEYS`` or the key file."""
         return load_keyring(self.settings)
 
+    def reload_keyring(self) -> None:
+        """Forget the cached key ring so the next use re-reads it (key rotation without restart)."""
+        self.__dict__.pop("keyring", None)
+
     @cached_property
     def encoder(self) -> Encoder:
         """The configured encoder (weights load lazily on first use)."""

@@ -14,6 +14,7 @@ from werkzeug.serving import make_server
 
 from moderation.config import Settings, load_settings
 from moderation.service.runtime import Runtime
+from tests.conftest import migrated_runtime
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -50,15 +51,8 @@ def console_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 def console_runtime(console_settings: Settings) -> Iterator[Runtime]:
-    from moderation.crypto import load_keyring
-    from moderation.storage.db import migrate
-
-    console_settings.ensure_dirs()
-    load_keyring(console_settings, create_dev=True)
-    rt = Runtime(console_settings)
-    migrate(rt.engine)
-    yield rt
-    rt.engine.dispose()
+    with migrated_runtime(console_settings) as rt:
+        yield rt
 
 
 @pytest.fixture

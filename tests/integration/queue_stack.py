@@ -340,6 +340,17 @@ class Stack:
     def start_beat(self) -> Service:
         return self.start("beat", "beat")
 
+    def start_all(self, allowlist: list[str], *, concurrency: int = 1) -> tuple[Any, Service]:
+        """Schema and bank, one API client, then web, worker and beat, ready; returns the
+        client and the worker."""
+        self.init()
+        client = self.create_client(allowlist)
+        self.start_web()
+        worker = self.start_worker(concurrency=concurrency)
+        self.start_beat()
+        self.wait_ready()
+        return client, worker
+
     def status(self) -> tuple[int, dict[str, Any]]:
         try:
             response = requests.get(f"{self.base_url}/status", timeout=5)

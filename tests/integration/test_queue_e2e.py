@@ -46,12 +46,7 @@ def test_upload_worker_signed_callback_and_get(
     receiver: CallbackReceiver,
 ) -> None:
     stack = make_stack(database_url=postgres_url, broker_url=redis_server.url)
-    stack.init()
-    client = stack.create_client([receiver.prefix])
-    stack.start_web()
-    worker = stack.start_worker()
-    stack.start_beat()
-    stack.wait_ready()
+    client, worker = stack.start_all([receiver.prefix])
 
     # Q5: the worker logged its effective reliability settings at start.
     log = worker.output()

@@ -122,6 +122,17 @@ class Submitter(threading.Thread):
             self.error = exc
 
 
+def all_decided(stack: Stack, submitter: Submitter, count: int, *, timeout: float) -> None:
+    """Wait for ``submitter`` to place ``count`` distinct uploads and for each to be decided
+    exactly once (within ``timeout`` s)."""
+    submitter.join(400)
+    assert submitter.error is None, submitter.error
+    ids = submitter.ids
+    assert len(ids) == count and len(set(ids)) == count
+    wait_until(lambda: done_count(stack, ids) == count, timeout, "every upload decided", 2.0)
+    assert_exactly_one_result_each(stack, ids)
+
+
 def test_q1_q2_worker_children_and_whole_worker_killed(
     make_stack: Callable[..., Stack],
     redis_server: RedisServer,
@@ -129,12 +140,7 @@ def test_q1_q2_worker_children_and_whole_worker_killed(
     receiver: CallbackReceiver,
 ) -> None:
     stack = make_stack(database_url=postgres_url, broker_url=redis_server.url)
-    stack.init()
-    client = stack.create_client([receiver.prefix])
-    stack.start_web()
-    worker = stack.start_worker(concurrency=2)
-    stack.start_beat()
-    stack.wait_ready()
+    client, worker = stack.start_all([receiver.prefix], concurrency=2)
 
     banned = list(bank_images().values())
     images = upload_images(200, seed=1)
@@ -159,12 +165,7 @@ def test_q1_q2_worker_children_and_whole_worker_killed(
     time.sleep(3)
     stack.start_worker(concurrency=2)
 
-    submitter.join(400)
-    assert submitter.error is None, submitter.error
-    ids = submitter.ids
-    assert len(ids) == 200 and len(set(ids)) == 200
-    wait_until(lambda: done_count(stack, ids) == 200, 480, "every upload to be decided", 2.0)
-    assert_exactly_one_result_each(stack, ids)
+    all_decided(stack, submitter, 200, timeout=480)
     with stack.runtime.sessions() as session:
         blocked = session.scalar(select(func.count()).where(Screening.decision == "block"))
         poison = session.scalar(select(func.count()).where(Screening.reason == "poison"))
@@ -249,12 +250,7 @@ def test_q4_redis_lost_and_restarted(
     make_stack: Callable[..., Stack], redis_server: RedisServer, postgres_url: str
 ) -> None:
     stack = make_stack(database_url=postgres_url, broker_url=redis_server.url)
-    stack.init()
-    client = stack.create_client([])
-    stack.start_web()
-    worker = stack.start_worker()
-    stack.start_beat()
-    stack.wait_ready()
+    client, worker = stack.start_all([])
     api = ModerationClient(stack.base_url, client.token, timeout=30)
     submitter = Submitter(api, upload_images(100, seed=9), interval=0.15, callback=None)
     submitter.start()
@@ -268,11 +264,6 @@ def test_q4_redis_lost_and_restarted(
     accepted_during = len(submitter.ids) - accepted_before
     redis_server.start()  # empty: every queued message is gone
 
-    submitter.join(400)
-    assert submitter.error is None, submitter.error
-    ids = submitter.ids
-    assert len(ids) == 100 and len(set(ids)) == 100
-    wait_until(lambda: done_count(stack, ids) == 100, 420, "every upload decided", 2.0)
-    assert_exactly_one_result_each(stack, ids)
+    all_decided(stack, submitter, 100, timeout=420)
     assert worker.alive(), "the worker must reconnect by itself, not die"
     print(f"accepted while Redis was down: {accepted_during}; refused: {submitter.refused}")

@@ -15,8 +15,9 @@ from admin import create_app
 from moderation.config import load_settings
 from moderation.service.api_clients import create_api_client
 from moderation.service.dispatch import RecordingDispatcher
-from moderation.service.queue import WorkerState, process_upload
+from moderation.service.queue import process_upload
 from moderation.service.runtime import Runtime
+from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from moderation.storage.models import Subject, Upload
 from tests.conftest import skimage_photo

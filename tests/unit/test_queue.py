@@ -16,18 +16,10 @@ from moderation.banks.blocklist import create_bank, current_snapshot
 from moderation.banks.operations import import_bank
 from moderation.service.api_clients import create_api_client
 from moderation.service.dispatch import RecordingDispatcher, attach_dispatcher
-from moderation.service.queue import (
-    Outcome,
-    SnapshotUnavailable,
-    SubmissionError,
-    WorkerState,
-    check_reliability,
-    process_upload,
-    reconcile,
-    submit_upload,
-    worker_reports,
-)
+from moderation.service.queue import Outcome, SnapshotUnavailable, process_upload, reconcile
 from moderation.service.runtime import Runtime
+from moderation.service.submission import SubmissionError, submit_upload
+from moderation.service.worker import WorkerState, check_reliability, worker_reports
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     AuditEvent,

@@ -25,8 +25,8 @@ from moderation.matching.classifier.regions import ENTRY_WINDOWS
 from moderation.matching.classifier.training import train
 from moderation.media.edits import apply_edit
 from moderation.service.operations import screen_paths
-from moderation.service.queue import WorkerState
 from moderation.service.runtime import Runtime
+from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, ClassifierModel, LabelledPair, Screening
 from tests.conftest import skimage_photo, skimage_photo_path

@@ -1,0 +1,278 @@
+"""A screening worker process's side of the queue: its screener, heartbeat and settings check.
+
+:class:`WorkerState` holds one worker process's screener: the encoder loaded once and the
+current snapshot decrypted in memory; it polls the database for a new snapshot version and
+swaps the screener between tasks. A snapshot that fails to decrypt or verify leaves the worker
+without a screener: tasks are retried later, never decided on a wrong or stale blocklist.
+:func:`worker_reports` reads the heartbeats back for readiness, and :func:`check_reliability`
+refuses Celery settings that could lose a task (RELIABILITY.md Q5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from moderation.banks.blocklist import BlocklistError, current_snapshot
+from moderation.banks.snapshot import SnapshotError
+from moderation.crypto import CryptoError, UnknownKeyError
+from moderation.matching.screening import Screener
+from moderation.service.queue import SnapshotUnavailable, seconds_since
+from moderation.storage.db import transaction
+from moderation.storage.models import WorkerHeartbeat
+
+if TYPE_CHECKING:
+    from moderation.service.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+# --- reliability settings (Q5) ----------------------------------------------------------------
+
+
+def check_reliability(effective: Mapping[str, Any]) -> list[str]:
+    """Problems with a worker's effective Celery settings; empty when safe to start.
+
+    Expected keys: ``visibility_timeout``, ``task_time_limit``, ``task_soft_time_limit``,
+    ``task_acks_late``, ``task_reject_on_worker_lost``, ``worker_prefetch_multiplier``,
+    ``task_serializer``, ``accept_content``. The rules come from RELIABILITY.md (Q5 and the
+    known facts above its table): celery #1628 (acks_late alone acknowledges a task whose child
+    was killed), and Redis redelivering any task still running after ``visibility_timeout``.
+    """
+    problems: list[str] = []
+    visibility = effective.get("visibility_timeout")
+    limit = effective.get("task_time_limit")
+    soft = effective.get("task_soft_time_limit")
+    if limit is None:
+        problems.append("task_time_limit is unset: a hung task would hold its worker forever")
+    elif visibility is not None and visibility <= limit:
+        problems.append(
+            f"visibility_timeout ({visibility} s) must exceed task_time_limit ({limit} s): "
+            "otherwise Redis redelivers tasks that are still running"
+        )
+    if soft is not None and limit is not None and soft >= limit:
+        problems.append(
+            f"task_soft_time_limit ({soft} s) must be below task_time_limit ({limit} s)"
+        )
+    if not effective.get("task_acks_late"):
+        problems.append("task_acks_late must be on: a crashed task would be lost")
+    if not effective.get("task_reject_on_worker_lost"):
+        problems.append(
+            "task_reject_on_worker_lost must be on: with acks_late alone a task whose child "
+            "process is SIGKILLed is acknowledged and lost (celery #1628)"
+        )
+    if effective.get("worker_prefetch_multiplier") != 1:
+        problems.append(
+            f"worker_prefetch_multiplier is {effective.get('worker_prefetch_multiplier')}, "
+            "must be 1: prefetched tasks wait behind a slow one"
+        )
+    if effective.get("task_serializer") != "json" or set(effective.get("accept_content") or ()) != {
+        "json"
+    }:
+        problems.append("tasks must be serialised as JSON only (no pickle)")
+    return problems
+
+
+def worker_id() -> str:
+    """``hostname:pid`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class WorkerState:
+    """One worker process's screener, kept current with the newest snapshot version.
+
+    Args:
+        runtime: this process's runtime (build it after fork).
+        poll_interval: seconds between checks of the current snapshot version.
+    """
+
+    def __init__(self, runtime: Runtime, *, poll_interval: float) -> None:
+        self.runtime = runtime
+        self.poll_interval = poll_interval
+        self.worker_id = worker_id()
+        self.started_at = datetime.now(UTC)
+        self._lock = threading.Lock()
+        self._screener: Screener | None = None
+        self._error: str | None = None
+        self._loaded_at: datetime | None = None
+        self._model: str | None = None
+        self._checked: float = float("-inf")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def error(self) -> str | None:
+        """Why this worker has no screener (None when it has one)."""
+        return self._error
+
+    @property
+    def version(self) -> int | None:
+        """The snapshot version in use, or None."""
+        return None if self._screener is None else self._screener.blocklist.version
+
+    def _current_state(self) -> tuple[int, str | None]:
+        """(current snapshot version or 0, active classifier model version or None)."""
+        from moderation.matching.classifier.model import active_model_version
+
+        with self.runtime.sessions() as session:
+            row = current_snapshot(session)
+            model = (
+                active_model_version(session, str(self.runtime.encoder.id))
+                if self.runtime.settings.classifier
+                else None
+            )
+            return (0 if row is None else row.version), model
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Reload the screener when the current snapshot version or the active classifier
+        model differs (or after an error), then write this worker's heartbeat. Never raises for
+        snapshot problems: they become :attr:`error`."""
+        with self._lock:
+            self._checked = time.monotonic()
+            try:
+                version, model = self._current_state()
+                if (
+                    force
+                    or self._screener is None
+                    or version != self.version
+                    or model != self._model
+                ):
+                    self._model = model
+                    self._load()
+            except Exception as exc:  # database down: keep the screener, report it
+                logger.warning("snapshot check failed: %s", exc)
+                self._error = self._error or f"snapshot check failed: {type(exc).__name__}"
+                return
+            self._heartbeat()
+
+    def _load(self) -> None:
+        try:
+            try:
+                blocklist = self.runtime.load_blocklist()
+            except UnknownKeyError:
+                self.runtime.reload_keyring()
+                blocklist = self.runtime.load_blocklist()
+            screener = self.runtime.screener(blocklist)
+        except (SnapshotError, CryptoError, BlocklistError) as exc:
+            # Fail closed: no screener at all, rather than the old (possibly stale) blocklist.
+            self._screener = None
+            self._error = str(exc)[:1000]
+            logger.error("worker %s does not screen: %s", self.worker_id, exc)
+            return
+        previous = self.version
+        self._screener, self._error = screener, None
+        self._loaded_at = datetime.now(UTC)
+        logger.info(
+            "worker %s loaded snapshot v%d (%d entries; was %s)",
+            self.worker_id,
+            blocklist.version,
+            len(blocklist),
+            previous,
+        )
+
+    def _heartbeat(self) -> None:
+        try:
+            with transaction(self.runtime.sessions) as session:
+                session.merge(
+                    WorkerHeartbeat(
+                        id=self.worker_id,
+                        hostname=socket.gethostname(),
+                        pid=os.getpid(),
+                        encoder_id=str(self.runtime.encoder.id) if self._screener else None,
+                        snapshot_version=self.version,
+                        snapshot_loaded_at=self._loaded_at,
+                        error=self._error,
+                        started_at=self.started_at,
+                        updated_at=datetime.now(UTC),
+                    )
+                )
+        except Exception as exc:  # readiness goes stale, which is the right signal
+            logger.warning("could not write worker heartbeat: %s", exc)
+
+    def screener(self) -> Screener:
+        """The current screener, re-checked at most every ``poll_interval`` seconds.
+
+        Raises:
+            SnapshotUnavailable: no verified snapshot (the message says why).
+        """
+        if time.monotonic() - self._checked >= self.poll_interval:
+            self.refresh()
+        current = self._screener
+        if current is None:
+            raise SnapshotUnavailable(self._error or "no snapshot loaded")
+        return current
+
+    def start_watcher(self) -> None:
+        """Poll in a daemon thread, so an idle worker also reloads and keeps its heartbeat."""
+
+        def run() -> None:
+            while not self._stop.wait(self.poll_interval):
+                try:
+                    self.refresh()
+                except Exception:  # the watcher must outlive any one failure
+                    logger.exception("snapshot watcher failed")
+
+        self._thread = threading.Thread(target=run, name="snapshot-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the watcher thread."""
+        self._stop.set()
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """One worker's heartbeat as readiness shows it."""
+
+    worker_id: str
+    encoder_id: str | None
+    snapshot_version: int | None
+    error: str | None
+    seen_s_ago: float
+    stale_s: float | None
+
+
+def worker_reports(session: Session, *, alive_within: float) -> tuple[int, list[WorkerReport]]:
+    """The current snapshot version and the workers heard from within ``alive_within`` s.
+
+    ``stale_s`` is how long the current version has existed while the worker still runs an
+    older one (0 when up to date, None without a snapshot loaded).
+    """
+    row = current_snapshot(session)
+    current = 0 if row is None else row.version
+    created = None if row is None else row.created_at
+    since = datetime.now(UTC) - timedelta(seconds=alive_within)
+    reports = []
+    for beat in session.scalars(
+        select(WorkerHeartbeat)
+        .where(WorkerHeartbeat.updated_at >= since)
+        .order_by(WorkerHeartbeat.id)
+    ):
+        stale: float | None
+        if beat.snapshot_version is None:
+            stale = None
+        elif beat.snapshot_version >= current or created is None:
+            stale = 0.0
+        else:
+            stale = max(0.0, seconds_since(created))
+        reports.append(
+            WorkerReport(
+                worker_id=beat.id,
+                encoder_id=beat.encoder_id,
+                snapshot_version=beat.snapshot_version,
+                error=beat.error,
+                seen_s_ago=max(0.0, seconds_since(beat.updated_at)),
+                stale_s=stale,
+            )
+        )
+    return current, reports
