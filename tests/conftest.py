@@ -34,14 +34,9 @@ SKIMAGE_PHOTOS = (
 def migrated_runtime(settings: Settings) -> Iterator[Runtime]:
     """A runtime over ``settings`` with its data dir, a dev key ring and the current schema;
     its engine is disposed on exit."""
-    from moderation.crypto import load_keyring
-    from moderation.service.runtime import Runtime
-    from moderation.storage.db import migrate
+    from moderation.service.runtime import prepared_runtime
 
-    settings.ensure_dirs()
-    load_keyring(settings, create_dev=True)
-    rt = Runtime(settings)
-    migrate(rt.engine)
+    rt = prepared_runtime(settings)
     try:
         yield rt
     finally:

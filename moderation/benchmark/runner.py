@@ -133,14 +133,10 @@ class ScreeningMethod:
     def index(self, references: Sequence[tuple[str, Image.Image]]) -> None:
         from moderation.banks.blocklist import create_bank
         from moderation.banks.operations import import_bank
-        from moderation.crypto import load_keyring
-        from moderation.service.runtime import Runtime
-        from moderation.storage.db import migrate, transaction
+        from moderation.service.runtime import prepared_runtime
+        from moderation.storage.db import transaction
 
-        self.settings.ensure_dirs()
-        load_keyring(self.settings, create_dev=True)
-        runtime = Runtime(self.settings)
-        migrate(runtime.engine)
+        runtime = prepared_runtime(self.settings)
         with transaction(runtime.sessions) as session:
             create_bank(session, "benchmark-references", kind="block")
         paths = [self.reference_paths[ref_id] for ref_id, _ in references]

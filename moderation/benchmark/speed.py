@@ -276,9 +276,8 @@ def bench_pipeline(
     from moderation.banks.blocklist import create_bank
     from moderation.banks.operations import import_bank
     from moderation.config import load_settings
-    from moderation.crypto import load_keyring
-    from moderation.service.runtime import Runtime
-    from moderation.storage.db import migrate, transaction
+    from moderation.service.runtime import prepared_runtime
+    from moderation.storage.db import transaction
 
     work = Path(tempfile.mkdtemp(prefix="moderation-speed-"))
     values = {
@@ -289,10 +288,7 @@ def bench_pipeline(
         "master_keys": None,
     }
     bench = load_settings(**values)
-    bench.ensure_dirs()
-    load_keyring(bench, create_dev=True)
-    runtime = Runtime(bench)
-    migrate(runtime.engine)
+    runtime = prepared_runtime(bench)
     with transaction(runtime.sessions) as session:
         create_bank(session, "bench")
     bank = list(paths[:bank_size])

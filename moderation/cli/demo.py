@@ -100,9 +100,7 @@ def prepare_files(workdir: Path) -> tuple[Path, list[tuple[Path, str, str]]]:
 def _demo_runtime(settings: Settings, root: Path) -> Runtime:
     """A fresh deployment in ``root`` (removed first): ``settings`` with its own data dir, SQLite
     database and development key file, migrated."""
-    from moderation.crypto import load_keyring
-    from moderation.service.runtime import Runtime
-    from moderation.storage.db import migrate
+    from moderation.service.runtime import prepared_runtime
 
     if root.exists():
         shutil.rmtree(root)
@@ -114,11 +112,7 @@ def _demo_runtime(settings: Settings, root: Path) -> Runtime:
             "key_file": None,
         }
     )
-    demo_settings.ensure_dirs()
-    runtime = Runtime(demo_settings)
-    load_keyring(demo_settings, create_dev=True)
-    migrate(runtime.engine)
-    return runtime
+    return prepared_runtime(demo_settings)
 
 
 def _results_table(

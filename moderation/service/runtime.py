@@ -21,7 +21,7 @@ from moderation.matching.policy import Policy, load_policy
 from moderation.matching.screening import Screener
 from moderation.media.decode import DecodeLimits
 from moderation.signals.encoders import Encoder, create_encoder
-from moderation.storage.db import create_db_engine, schema_is_current, session_factory
+from moderation.storage.db import create_db_engine, migrate, schema_is_current, session_factory
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +161,20 @@ class Runtime:
             batch_size=self.settings.batch_size,
             refiner=refiner,
         )
+
+
+def prepared_runtime(settings: Settings) -> Runtime:
+    """A :class:`Runtime` over a data directory made ready to use: its folders created, a dev key
+    file created when no master keys are configured (with the warning of
+    :func:`~moderation.crypto.load_keyring`), and the database schema migrated to the current
+    revision. The embedded mode's one-call set-up, for the demo, the benchmarks and tests;
+    ``moderation init`` does the same and also records the audit event and prints the keys.
+
+    Raises:
+        moderation.config.ConfigurationError: unusable data directory or key configuration.
+    """
+    settings.ensure_dirs()
+    load_keyring(settings, create_dev=True)
+    runtime = Runtime(settings)
+    migrate(runtime.engine)
+    return runtime

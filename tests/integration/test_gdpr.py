@@ -41,9 +41,9 @@ from moderation.audit.verify import verify_chain
 from moderation.banks.blocklist import current_snapshot, read_payload
 from moderation.banks.operations import import_bank, set_bank_enabled
 from moderation.config import Settings, load_settings
-from moderation.crypto import DecryptionError, KeyRing, load_keyring
+from moderation.crypto import DecryptionError, KeyRing
 from moderation.service.operations import screen_paths
-from moderation.service.runtime import Runtime
+from moderation.service.runtime import Runtime, prepared_runtime
 from moderation.service.subjects import find_subject, lookup_key, pseudonymize
 from moderation.service.uploads import read_upload
 from moderation.storage.db import migrate, transaction
@@ -178,10 +178,7 @@ def build_world(
         "log_level": "DEBUG",
     }
     settings = load_settings(**overrides)
-    settings.ensure_dirs()
-    load_keyring(settings, create_dev=True)
-    runtime = Runtime(settings)
-    migrate(runtime.engine)
+    runtime = prepared_runtime(settings)
     with transaction(runtime.sessions) as session:
         signing_key(session, runtime.keyring, create=True, actor="cli")
     env = {

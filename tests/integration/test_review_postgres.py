@@ -14,15 +14,14 @@ from sqlalchemy import event, select
 
 from moderation.banks.blocklist import EntryInfo, create_bank
 from moderation.config import load_settings
-from moderation.crypto import load_keyring
 from moderation.governance.review import claim_next
 from moderation.governance.review_decisions import decide
 from moderation.governance.users import create_user
 from moderation.matching.decision import MatchResult, ScreeningResult
 from moderation.matching.recording import record_result
-from moderation.service.runtime import Runtime
+from moderation.service.runtime import Runtime, prepared_runtime
 from moderation.service.uploads import create_upload
-from moderation.storage.db import migrate, transaction
+from moderation.storage.db import transaction
 from moderation.storage.models import Entry, LabelledPair, ReviewItem
 
 pytestmark = pytest.mark.postgres
@@ -31,10 +30,7 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture
 def pg_runtime(postgres_url: str, tmp_path: Path) -> Iterator[Runtime]:
     settings = load_settings(data_dir=tmp_path / "var", database_url=postgres_url)
-    settings.ensure_dirs()
-    load_keyring(settings, create_dev=True)
-    rt = Runtime(settings)
-    migrate(rt.engine)
+    rt = prepared_runtime(settings)
     yield rt
     rt.engine.dispose()
 

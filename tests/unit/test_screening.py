@@ -17,8 +17,8 @@ from moderation.config import load_settings
 from moderation.matching.candidates import Candidate
 from moderation.matching.policy import parse_policy
 from moderation.matching.screening import Screener, _Work
-from moderation.service.runtime import Runtime
-from moderation.storage.db import migrate, transaction
+from moderation.service.runtime import Runtime, prepared_runtime
+from moderation.storage.db import transaction
 from tests.conftest import skimage_photo, skimage_photo_path
 
 BANNED = ("chelsea", "astronaut", "coffee")
@@ -59,14 +59,10 @@ def jpeg(image: Image.Image, quality: int = 90, **save: Any) -> bytes:
 @pytest.fixture(scope="module")
 def bank_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     """A runtime whose block bank holds three skimage photos (real encoder, real snapshot)."""
-    from moderation.crypto import load_keyring
 
     base = tmp_path_factory.mktemp("screening")
     settings = load_settings(data_dir=base / "var")
-    settings.ensure_dirs()
-    load_keyring(settings, create_dev=True)
-    runtime = Runtime(settings)
-    migrate(runtime.engine)
+    runtime = prepared_runtime(settings)
     with transaction(runtime.sessions) as session:
         create_bank(session, "known-bad")
     import_bank(runtime, "known-bad", [skimage_photo_path(name) for name in BANNED], actor="test")
