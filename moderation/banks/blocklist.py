@@ -5,7 +5,7 @@ live only in the current encrypted snapshot. Every change to what is searchable 
 disable, enable, delete, erasure, bank on/off) writes a new snapshot version in the same
 transaction as the metadata change; workers notice the version and reload.
 
-Snapshot payload (``moderation.banks.snapshot.encode_payload``), format 1:
+Snapshot payload (``moderation.banks.payload.encode_payload``), format 1:
 
 ======================  =================  ===============================================
 array                   dtype, shape       meaning
@@ -57,11 +57,10 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from moderation.banks.index import HNSW_MIN_ENTRIES, CosineIndex, HammingIndex, load_index
+from moderation.banks.payload import decode_payload, encode_payload
 from moderation.banks.snapshot import (
     SnapshotError,
     SnapshotFile,
-    decode_payload,
-    encode_payload,
     read_snapshot,
     write_snapshot,
 )
