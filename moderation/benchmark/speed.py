@@ -481,7 +481,8 @@ def bench_index(real: np.ndarray, sizes: Sequence[int], echo: Echo) -> list[dict
     import faiss
 
     from moderation.banks.index import CosineIndex
-    from moderation.banks.index.cosine import PCA_MIN_ENTRIES, ivf_nlist
+    from moderation.banks.index.cosine import PCA_MIN_ENTRIES
+    from moderation.banks.index.cosine_projection import ivf_nlist
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     gen = Generator(real)

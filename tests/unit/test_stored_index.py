@@ -14,6 +14,7 @@ from conftest import skimage_photo
 
 import moderation.banks.blocklist as service
 import moderation.banks.index.cosine as cosine_module
+import moderation.banks.index.cosine_params as cosine_params
 from moderation.banks.blocklist import Payload, create_bank, current_snapshot, read_payload
 from moderation.banks.index import CosineIndex, load_index
 from moderation.banks.operations import import_bank, set_entry_disabled
@@ -67,7 +68,7 @@ def test_large_bank_snapshot_round_trips_its_index(
     stored = load_index(payload.cosine_index)
     assert isinstance(stored, CosineIndex)
     assert stored.params["algorithm"] == "hnsw"
-    assert stored.params["ef_search"] == cosine_module.HNSW_EF_SEARCH
+    assert stored.params["ef_search"] == cosine_params.HNSW_EF_SEARCH
     assert sorted(stored.ids().tolist()) == sorted(payload.entry_ids.tolist())
 
     # Loading uses the stored index: building is not called.
