@@ -19,9 +19,9 @@ from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import BlocklistError, create_bank
 from moderation.banks.jobs import JobError, JobRunner, create_import_job, job_view
 from moderation.banks.operations import set_bank_enabled, set_entry_disabled
+from moderation.banks.records import BlocklistError, create_bank
 from moderation.governance.approvals import (
     DELETE_BANK,
     DELETE_ENTRIES,

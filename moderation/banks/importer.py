@@ -21,7 +21,8 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.banks.blocklist import EntrySignals, get_bank
+from moderation.banks.records import get_bank
+from moderation.banks.snapshot_payload import EntrySignals
 from moderation.media.decode import DecodeLimits, UnscannableImage, decode_image
 from moderation.signals.encoders import Encoder
 from moderation.signals.pdq import pdq_hash
@@ -324,7 +325,7 @@ def import_into_bank(
     :func:`prepare_import` then :func:`add_entries`, inside the caller's transaction.
 
     The caller then writes the snapshot with
-    :func:`moderation.banks.blocklist.commit_signals`.
+    :func:`moderation.banks.versions.commit_signals`.
 
     Raises:
         BlocklistError: unknown bank.

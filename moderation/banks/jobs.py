@@ -35,7 +35,6 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import EntrySignals, get_bank
 from moderation.banks.importer import (
     ImportReport,
     add_entries,
@@ -44,6 +43,8 @@ from moderation.banks.importer import (
     zip_sources,
 )
 from moderation.banks.operations import commit_with_snapshot
+from moderation.banks.records import get_bank
+from moderation.banks.snapshot_payload import EntrySignals
 from moderation.config import Settings
 from moderation.crypto import (
     KeyRing,

@@ -15,15 +15,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import (
-    BlocklistError,
-    EntrySignals,
-    commit_signals,
-    get_bank,
-    parse_entry_id,
-    prune_snapshots,
-)
 from moderation.banks.importer import ImportHooks, ImportReport, RegionEmbedder, import_into_bank
+from moderation.banks.records import BlocklistError, get_bank, parse_entry_id
+from moderation.banks.snapshot_payload import EntrySignals
+from moderation.banks.versions import commit_signals, prune_snapshots
 from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry
 
@@ -75,8 +70,8 @@ def commit_with_snapshot(runtime: Runtime, change: SnapshotChange) -> int:
     older snapshots are pruned after it.
 
     Raises:
-        moderation.banks.blocklist.EncoderMismatchError, SnapshotError: as
-            :func:`moderation.banks.blocklist.commit_signals`; anything ``change`` raises
+        moderation.banks.versions.EncoderMismatchError, SnapshotError: as
+            :func:`moderation.banks.versions.commit_signals`; anything ``change`` raises
             (the transaction rolls back and the new snapshot file is deleted).
     """
     return _commit_with_snapshot(runtime, change)

@@ -77,8 +77,8 @@ def run_queue_benchmark(
         ValueError: fewer images in ``images_dir`` than ``max(bank_size, uploads)``.
         TimeoutError: the service did not become ready or finish in time.
     """
-    from moderation.banks.blocklist import create_bank
     from moderation.banks.operations import import_bank
+    from moderation.banks.records import create_bank
     from moderation.service.api_clients import create_api_client
     from moderation.service.operations import screen_paths
     from moderation.service.runtime import Runtime

@@ -20,7 +20,7 @@ over repeats and is printed with its baseline from the same run and the ratio. S
               (strict, and ann-benchmarks' tolerant form: a hit counts when its true cosine is
               within 1e-3 of the true 10th), build time, bytes per entry, and the encrypted
               bank snapshot's load time (read, SHA-256, decrypt, parse, zero-copy index load;
-              the payload :func:`~moderation.banks.blocklist.commit_signals` writes, without
+              the payload :func:`~moderation.banks.versions.commit_signals` writes, without
               the classifier stage's region vectors) against building the index at load (what
               a worker did before snapshots carried the index).
 
@@ -293,8 +293,8 @@ def bench_pipeline(
     paths: Sequence[Path], settings: Settings, bank_size: int, repeats: int
 ) -> dict[str, Any]:
     """Per-image pipeline rate: :class:`Screener` vs the naive script's pipeline, in-process."""
-    from moderation.banks.blocklist import create_bank
     from moderation.banks.operations import import_bank
+    from moderation.banks.records import create_bank
     from moderation.config import load_settings
     from moderation.crypto import load_keyring
     from moderation.service.runtime import Runtime
@@ -433,12 +433,12 @@ def _exact_latency(gen: Generator, n: int, queries: np.ndarray) -> list[float]:
 
 def _snapshot_load(serialized: bytes, n: int, work: Path) -> tuple[float, int]:
     """Seconds to read, decrypt, parse and load an encrypted bank snapshot of ``n`` active
-    entries holding the built index (as :func:`moderation.banks.blocklist.commit_signals`
+    entries holding the built index (as :func:`moderation.banks.versions.commit_signals`
     writes it: ids, PDQ digests, the index, the global vectors kept only in the index; no
     region vectors, which only the classifier stage adds), and the file's size in bytes."""
-    from moderation.banks.blocklist import Payload
     from moderation.banks.index import CosineIndex, load_index
     from moderation.banks.snapshot import read_snapshot, write_snapshot
+    from moderation.banks.snapshot_payload import Payload
     from moderation.crypto import KeyRing
 
     ring = KeyRing({"bench": secrets.token_bytes(32)}, "bench")

@@ -55,7 +55,7 @@ def _fail(message: str) -> None:
 @contextmanager
 def config_errors() -> Iterator[None]:
     """Turn configuration and integrity errors into a one-line message and exit code 3."""
-    from moderation.banks.blocklist import BlocklistError
+    from moderation.banks.records import BlocklistError
     from moderation.banks.snapshot import SnapshotError
     from moderation.crypto import CryptoError
 

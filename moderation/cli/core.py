@@ -82,7 +82,7 @@ def bank() -> None:
 def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
     """Create a bank NAME."""
     from moderation.audit.log import record_event
-    from moderation.banks.blocklist import create_bank
+    from moderation.banks.records import create_bank
     from moderation.storage.db import transaction
 
     with config_errors():

@@ -97,8 +97,8 @@ def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[
     from rich.console import Console
     from rich.table import Table
 
-    from moderation.banks.blocklist import create_bank
     from moderation.banks.operations import import_bank
+    from moderation.banks.records import create_bank
     from moderation.crypto import load_keyring
     from moderation.service.operations import screen_paths
     from moderation.service.runtime import Runtime

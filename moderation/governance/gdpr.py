@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event, sign_document, signing_key, write_checkpoint
 from moderation.audit.offline import RECEIPT_TYPE
-from moderation.banks.blocklist import prune_snapshots
+from moderation.banks.versions import prune_snapshots
 from moderation.service.subjects import lookup_key
 from moderation.service.uploads import read_upload
 from moderation.storage.db import transaction

@@ -21,7 +21,8 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import Blocklist, EntryInfo
+from moderation.banks.blocklist import Blocklist
+from moderation.banks.records import EntryInfo
 from moderation.matching.policy import SEVERITY, CandidateRules, CategoryRules, Policy
 from moderation.media.decode import DecodedImage, DecodeLimits, UnscannableImage, decode_image
 from moderation.signals.encoders import Encoder

@@ -38,8 +38,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import BlocklistError, current_snapshot
+from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import SnapshotError
+from moderation.banks.versions import current_snapshot
 from moderation.crypto import CryptoError, DecryptionError, UnknownKeyError
 from moderation.matching.screening import Screener, ScreeningResult, record_result
 from moderation.media.decode import sniff_format

@@ -37,8 +37,8 @@ from sqlalchemy.exc import DBAPIError
 
 from moderation.audit.log import public_key_hex, signing_key, verify_chain
 from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signature
-from moderation.banks.blocklist import current_snapshot, read_payload
 from moderation.banks.operations import import_bank, set_bank_enabled
+from moderation.banks.versions import current_snapshot, read_payload
 from moderation.config import Settings, load_settings
 from moderation.crypto import DecryptionError, KeyRing, load_keyring
 from moderation.service.operations import screen_paths
@@ -196,7 +196,7 @@ def build_world(
         images[name] = tmp_path / "img" / f"{name}.jpg"
         skimage_photo(name).save(images[name], quality=90)
     with transaction(runtime.sessions) as session:
-        from moderation.banks.blocklist import create_bank
+        from moderation.banks.records import create_bank
 
         create_bank(session, "known", category="default")
         create_bank(session, "csam-hashes", category="csam")

@@ -261,7 +261,7 @@ def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
     """
     from sqlalchemy import select
 
-    from moderation.banks.blocklist import EntryInfo, create_bank
+    from moderation.banks.records import EntryInfo, create_bank
     from moderation.matching.screening import MatchResult, ScreeningResult, record_result
     from moderation.service.uploads import create_upload
     from moderation.storage.db import transaction

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from moderation.banks.blocklist import create_bank, current_snapshot
 from moderation.banks.jobs import (
     InlineJobRunner,
     JobError,
@@ -21,6 +20,8 @@ from moderation.banks.jobs import (
     imports_dir,
     job_view,
 )
+from moderation.banks.records import create_bank
+from moderation.banks.versions import current_snapshot
 from moderation.governance.approvals import ApprovalError, approve, request_removal
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
