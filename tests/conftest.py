@@ -130,7 +130,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def runtime(settings: Settings) -> Iterator[object]:
     """A :class:`moderation.service.runtime.Runtime` over ``settings``: data dir, schema, dev key
     ring."""
-    from moderation.crypto import load_keyring
+    from moderation.crypto.keys import load_keyring
     from moderation.service.runtime import Runtime
     from moderation.storage.db import migrate
 

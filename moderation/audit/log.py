@@ -59,7 +59,8 @@ from moderation.audit.offline import (
     signed_bytes,
     verify_signature,
 )
-from moderation.crypto import KeyRing, WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.envelope import WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import AuditCheckpoint, AuditEvent, DeploymentSecret
 
 __all__ = [
@@ -244,7 +245,7 @@ def signing_key(
 
     Raises:
         AuditKeyError: the key does not exist and ``create`` is false.
-        moderation.crypto.CryptoError: the wrapped seed does not unwrap (wrong master keys).
+        moderation.crypto.errors.CryptoError: the wrapped seed does not unwrap (wrong master keys).
     """
     row = session.get(DeploymentSecret, SIGNING_KEY_NAME)
     if row is None:
@@ -328,7 +329,7 @@ def write_checkpoint(
     is no event yet or the head is already checkpointed. Creates the signing key if missing.
 
     Raises:
-        moderation.crypto.CryptoError: the signing key does not unwrap.
+        moderation.crypto.errors.CryptoError: the signing key does not unwrap.
     """
     key = key or signing_key(session, keyring, create=True)
     _lock_chain(session)
@@ -473,7 +474,7 @@ def verify_chain(
 
     Raises:
         ValueError: ``public_key`` is malformed.
-        moderation.crypto.CryptoError: the signing secret does not unwrap under ``keyring``.
+        moderation.crypto.errors.CryptoError: the signing secret does not unwrap under ``keyring``.
     """
     pinned = _pinned_key(session, public_key, keyring)
     checkpoints = list(

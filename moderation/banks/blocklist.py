@@ -24,7 +24,7 @@ from moderation.banks.records import EntryInfo, entry_infos
 from moderation.banks.snapshot import SnapshotError
 from moderation.banks.snapshot_payload import Payload
 from moderation.banks.versions import EncoderMismatchError, current_snapshot, read_payload
-from moderation.crypto import KeyRing
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import IndexSnapshot
 
 logger = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ database transaction, writing progress as it goes, and then adds the entries and
 snapshot version in one short transaction (:func:`commit_with_snapshot`). On SQLite, whose
 writers are serialised, a long import therefore never blocks the console's other writes.
 The uploaded zip is staged in ``<data_dir>/imports`` sealed (AES-256-GCM under a fresh data key
-wrapped by the primary master key, :func:`moderation.crypto.seal_blob`; the wrapped key is kept in
-the job's parameters), decrypted into memory only while the job reads it, and deleted when the
-job ends. The import goes through the importer's own steps (:func:`prepare_import`,
+wrapped by the primary master key, :func:`moderation.crypto.envelope.seal_blob`; the wrapped key
+is kept in the job's parameters), decrypted into memory only while the job reads it, and deleted
+when the job ends. The import goes through the importer's own steps (:func:`prepare_import`,
 :func:`add_entries`), so it computes the same signals as the CLI: entry windows and training
 copies for the classifier stage included.
 """
@@ -46,14 +46,9 @@ from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import get_bank
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.config import Settings
-from moderation.crypto import (
-    KeyRing,
-    WrappedKey,
-    load_keyring,
-    open_blob,
-    seal_blob,
-    write_private_file,
-)
+from moderation.crypto.envelope import WrappedKey, open_blob, seal_blob
+from moderation.crypto.files import write_private_file
+from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.storage.db import transaction
 from moderation.storage.models import Job
 
@@ -200,7 +195,7 @@ def _open_archive(runtime: Runtime, job_id: str, params: dict[str, Any]) -> byte
 
     Raises:
         JobError: the staged file is missing.
-        moderation.crypto.CryptoError: tampering, wrong key.
+        moderation.crypto.errors.CryptoError: tampering, wrong key.
     """
     path = imports_dir(runtime.settings) / PurePosixPath(str(params["archive"])).name
     try:

@@ -56,20 +56,17 @@ from moderation.banks.snapshot_stream import (
     sha256_file,
     wipe,
 )
-from moderation.crypto import (
-    NONCE_BYTES,
-    TAG_BYTES,
-    CryptoError,
-    DecryptionError,
-    KeyRing,
-    UnknownKeyError,
+from moderation.crypto.aead import NONCE_BYTES, TAG_BYTES
+from moderation.crypto.envelope import (
     WrappedKey,
     generate_data_key,
     rewrap_key,
     unwrap_key,
     wrap_key,
-    write_private_file,
 )
+from moderation.crypto.errors import CryptoError, DecryptionError, UnknownKeyError
+from moderation.crypto.files import write_private_file
+from moderation.crypto.keys import KeyRing
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +131,8 @@ def snapshot_filename(snapshot_id: str, version: int) -> str:
 
 
 def key_context(snapshot_id: str, version: int, encoder_id: str) -> str:
-    """The context binding a snapshot's wrapped data key (:func:`moderation.crypto.wrap_key`)."""
+    """The context binding a snapshot's wrapped data key
+    (:func:`moderation.crypto.envelope.wrap_key`)."""
     return canonical_json(["snapshot", snapshot_id, version, encoder_id]).decode("utf-8")
 
 

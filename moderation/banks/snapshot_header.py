@@ -14,7 +14,7 @@ from typing import Any
 
 from moderation.banks.payload import Buffer, canonical_json
 from moderation.banks.snapshot_stream import read_exact
-from moderation.crypto import WRAPPED_BLOB_BYTES, WrappedKey
+from moderation.crypto.envelope import WRAPPED_BLOB_BYTES, WrappedKey
 
 MAGIC = b"MODSNAP\x00"
 FORMAT = 1

@@ -19,7 +19,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from moderation.banks.payload import Buffer
-from moderation.crypto import NONCE_BYTES, TAG_BYTES, DecryptionError
+from moderation.crypto.aead import NONCE_BYTES, TAG_BYTES
+from moderation.crypto.errors import DecryptionError
 
 CHUNK_BYTES = 16 * 1024 * 1024
 """Streaming unit for encryption, decryption, hashing and copying, bytes."""

@@ -28,7 +28,7 @@ from moderation.banks.snapshot import (
     write_snapshot,
 )
 from moderation.banks.snapshot_payload import EntrySignals, Payload
-from moderation.crypto import KeyRing
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Bank, Entry, IndexSnapshot
 
 logger = logging.getLogger(__name__)

@@ -133,7 +133,7 @@ class ScreeningMethod:
     def index(self, references: Sequence[tuple[str, Image.Image]]) -> None:
         from moderation.banks.operations import import_bank
         from moderation.banks.records import create_bank
-        from moderation.crypto import load_keyring
+        from moderation.crypto.keys import load_keyring
         from moderation.service.runtime import Runtime
         from moderation.storage.db import migrate, transaction
 

@@ -296,7 +296,7 @@ def bench_pipeline(
     from moderation.banks.operations import import_bank
     from moderation.banks.records import create_bank
     from moderation.config import load_settings
-    from moderation.crypto import load_keyring
+    from moderation.crypto.keys import load_keyring
     from moderation.service.runtime import Runtime
     from moderation.storage.db import migrate, transaction
 
@@ -439,7 +439,7 @@ def _snapshot_load(serialized: bytes, n: int, work: Path) -> tuple[float, int]:
     from moderation.banks.index import CosineIndex, load_index
     from moderation.banks.snapshot import read_snapshot, write_snapshot
     from moderation.banks.snapshot_payload import Payload
-    from moderation.crypto import KeyRing
+    from moderation.crypto.keys import KeyRing
 
     ring = KeyRing({"bench": secrets.token_bytes(32)}, "bench")
     payload = Payload.empty("bench", 1280)

@@ -57,7 +57,7 @@ def config_errors() -> Iterator[None]:
     """Turn configuration and integrity errors into a one-line message and exit code 3."""
     from moderation.banks.records import BlocklistError
     from moderation.banks.snapshot import SnapshotError
-    from moderation.crypto import CryptoError
+    from moderation.crypto.errors import CryptoError
 
     try:
         yield

@@ -99,7 +99,7 @@ def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[
 
     from moderation.banks.operations import import_bank
     from moderation.banks.records import create_bank
-    from moderation.crypto import load_keyring
+    from moderation.crypto.keys import load_keyring
     from moderation.service.operations import screen_paths
     from moderation.service.runtime import Runtime
     from moderation.storage.db import migrate, transaction

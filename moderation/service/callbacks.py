@@ -245,7 +245,7 @@ def deliver_callback(
         delivery.next_attempt_at = now + timedelta(seconds=settings.callback_timeout * 2 + 30)
         url, upload_id = delivery.url, delivery.upload_id
         body = _body(delivery.payload)
-        from moderation.crypto import UnknownKeyError
+        from moderation.crypto.errors import UnknownKeyError
 
         try:
             secret = callback_secret(client, runtime.keyring)

@@ -41,7 +41,7 @@ from moderation.audit.log import record_event
 from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import SnapshotError
 from moderation.banks.versions import current_snapshot
-from moderation.crypto import CryptoError, DecryptionError, UnknownKeyError
+from moderation.crypto.errors import CryptoError, DecryptionError, UnknownKeyError
 from moderation.matching.screening import Screener, ScreeningResult, record_result
 from moderation.media.decode import sniff_format
 from moderation.service.callbacks import notify_decision, overdue_deliveries

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from moderation.banks.blocklist import Blocklist, load_blocklist
 from moderation.banks.importer import ImportHooks
 from moderation.config import ConfigurationError, Settings
-from moderation.crypto import KeyRing, load_keyring
+from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.matching.policy import Policy, load_policy
 from moderation.matching.screening import CandidateRefiner, Screener
 from moderation.media.decode import DecodeLimits

@@ -50,7 +50,7 @@ def console_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 def console_runtime(console_settings: Settings) -> Iterator[Runtime]:
-    from moderation.crypto import load_keyring
+    from moderation.crypto.keys import load_keyring
     from moderation.storage.db import migrate
 
     console_settings.ensure_dirs()

@@ -40,7 +40,8 @@ from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signa
 from moderation.banks.operations import import_bank, set_bank_enabled
 from moderation.banks.versions import current_snapshot, read_payload
 from moderation.config import Settings, load_settings
-from moderation.crypto import DecryptionError, KeyRing, load_keyring
+from moderation.crypto.errors import DecryptionError
+from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime
 from moderation.service.subjects import find_subject, lookup_key, pseudonymize
@@ -506,7 +507,7 @@ def test_g1_erasure_leaves_nothing_in_any_store(
     copied = next(backup.rglob(f"{world.alice['coffee']}*")).read_bytes()
     assert world.images["coffee"].read_bytes()[:4096] not in copied
     ring = world.runtime.keyring
-    from moderation.crypto import decrypt
+    from moderation.crypto.aead import decrypt
 
     for key_id in ring.key_ids:  # not even a master key opens it: the data key is destroyed
         with pytest.raises(DecryptionError):

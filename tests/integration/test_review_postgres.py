@@ -14,7 +14,7 @@ from sqlalchemy import event, select
 
 from moderation.banks.records import EntryInfo, create_bank
 from moderation.config import load_settings
-from moderation.crypto import load_keyring
+from moderation.crypto.keys import load_keyring
 from moderation.governance.review import claim_next, decide
 from moderation.governance.users import create_user
 from moderation.matching.screening import MatchResult, ScreeningResult, record_result

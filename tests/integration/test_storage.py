@@ -15,7 +15,7 @@ from moderation.banks.records import BlocklistError, create_bank, get_bank
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.banks.versions import EncoderMismatchError, commit_signals, prune_snapshots
 from moderation.config import load_settings
-from moderation.crypto import load_keyring
+from moderation.crypto.keys import load_keyring
 from moderation.matching.screening import ScreeningResult, record_result
 from moderation.service.runtime import Runtime
 from moderation.service.subjects import find_subject, pseudonymize

@@ -58,7 +58,7 @@ def jpeg(image: Image.Image, quality: int = 90, **save: Any) -> bytes:
 @pytest.fixture(scope="module")
 def bank_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     """A runtime whose block bank holds three skimage photos (real encoder, real snapshot)."""
-    from moderation.crypto import load_keyring
+    from moderation.crypto.keys import load_keyring
 
     base = tmp_path_factory.mktemp("screening")
     settings = load_settings(data_dir=base / "var")

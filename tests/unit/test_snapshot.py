@@ -30,7 +30,9 @@ from moderation.banks.snapshot import (
     rewrap_snapshot,
     write_snapshot,
 )
-from moderation.crypto import KeyRing, UnknownKeyError, WrappedKey, unwrap_key
+from moderation.crypto.envelope import WrappedKey, unwrap_key
+from moderation.crypto.errors import UnknownKeyError
+from moderation.crypto.keys import KeyRing
 
 ENCODER = "timm/efficientnet_lite0@sha256:0123abcd;resize=224"
 # A 256-d float32 vector nobody would produce by accident: the E6 canary.

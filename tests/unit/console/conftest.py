@@ -110,7 +110,7 @@ def console_settings(settings: Settings) -> Settings:
 
 
 def _runtime(settings: Settings) -> Runtime:
-    from moderation.crypto import load_keyring
+    from moderation.crypto.keys import load_keyring
     from moderation.storage.db import migrate
 
     settings.ensure_dirs()
