@@ -111,16 +111,13 @@ def import_bank(
             progress=progress,
         )
         holder["report"] = report
-        record_event(
+        record_bank_import(
             session,
             actor=actor,
-            action="bank.import",
-            target=f"bank:{get_bank(session, bank_name).id}",
-            details={
-                "added": len(report.added),
-                "skipped": len(report.skipped),
-                "sources": [p.name for p in paths],
-            },
+            bank_name=bank_name,
+            added=len(report.added),
+            skipped=len(report.skipped),
+            sources=[p.name for p in paths],
         )
         return signals, ()
 
@@ -130,6 +127,28 @@ def import_bank(
     if hooks.after_commit is not None:
         report.training_pairs = hooks.after_commit(report.entry_of, actor)
     return report
+
+
+def record_bank_import(
+    session: Session,
+    *,
+    actor: str,
+    bank_name: str,
+    added: int,
+    skipped: int,
+    sources: list[str],
+    job_id: str | None = None,
+) -> None:
+    """Audit a bank import (``bank.import``): counts of added and skipped images, the sources
+    (file names) and, for a console import, the job id."""
+    job = {"job_id": job_id} if job_id is not None else {}
+    record_event(
+        session,
+        actor=actor,
+        action="bank.import",
+        target=f"bank:{get_bank(session, bank_name).id}",
+        details={"added": added, "skipped": skipped, **job, "sources": sources},
+    )
 
 
 def set_entry_disabled(
