@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from moderation.audit.log import record_event
 from moderation.storage.models import Bank, Entry
 
 
@@ -55,6 +56,48 @@ def create_bank(
     session.add(bank)
     session.flush()
     return bank
+
+
+def create_bank_audited(
+    session: Session,
+    name: str,
+    *,
+    kind: str,
+    category: str,
+    actor: str,
+    origin: str | None = None,
+) -> Bank:
+    """:func:`create_bank`, audited as ``bank.create`` (name, kind, category).
+
+    Raises:
+        BlocklistError: as :func:`create_bank`.
+    """
+    bank = create_bank(session, name, kind=kind, category=category)
+    record_event(
+        session,
+        actor=actor,
+        action="bank.create",
+        target=f"bank:{bank.id}",
+        origin=origin,
+        details={"name": bank.name, "kind": bank.kind, "category": bank.category},
+    )
+    return bank
+
+
+def entries_page(
+    session: Session, bank_id: int, *, page: int, per_page: int
+) -> tuple[list[Entry], int]:
+    """One page (1-based, ``per_page`` rows, by entry id) of a bank's entries, and how many
+    entries the bank holds."""
+    total = session.scalar(select(func.count()).where(Entry.bank_id == bank_id)) or 0
+    entries = session.scalars(
+        select(Entry)
+        .where(Entry.bank_id == bank_id)
+        .order_by(Entry.id)
+        .offset((page - 1) * per_page)
+        .limit(per_page)
+    ).all()
+    return list(entries), total
 
 
 def get_bank(session: Session, name: str) -> Bank:
