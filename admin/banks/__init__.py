@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, url_for
 from flask_wtf.file import FileField, FileRequired
-from sqlalchemy import func, select
+from sqlalchemy import select
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectField, SelectMultipleField, StringField
 from wtforms.validators import AnyOf, DataRequired, Length
@@ -18,10 +18,9 @@ from wtforms.validators import AnyOf, DataRequired, Length
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
-from moderation.audit.log import record_event
-from moderation.banks.blocklist import BlocklistError, create_bank
 from moderation.banks.jobs import JobError, JobRunner, create_import_job, job_view
 from moderation.banks.operations import set_bank_enabled, set_entry_disabled
+from moderation.banks.records import BlocklistError, create_bank_audited, entries_page
 from moderation.governance.approvals import (
     DELETE_BANK,
     DELETE_ENTRIES,
@@ -98,19 +97,13 @@ def create() -> Any:
         return _banks_page(form, 400)
     try:
         with transaction(runtime().sessions) as db:
-            bank = create_bank(
+            bank = create_bank_audited(
                 db,
                 form.name.data or "",
                 kind=form.kind.data or "block",
                 category=form.category.data or "default",
-            )
-            record_event(
-                db,
                 actor=user.actor,
-                action="bank.create",
-                target=f"bank:{bank.id}",
                 origin=origin(),
-                details={"name": bank.name, "kind": bank.kind, "category": bank.category},
             )
             bank_id = bank.id
     except BlocklistError as exc:
@@ -128,14 +121,7 @@ def show(bank_id: int) -> str:
     bank = _bank(bank_id)
     page = max(1, request.args.get("page", 1, type=int) or 1)
     with runtime().sessions() as db:
-        total = db.scalar(select(func.count()).where(Entry.bank_id == bank_id)) or 0
-        entries = db.scalars(
-            select(Entry)
-            .where(Entry.bank_id == bank_id)
-            .order_by(Entry.id)
-            .offset((page - 1) * ENTRIES_PER_PAGE)
-            .limit(ENTRIES_PER_PAGE)
-        ).all()
+        entries, total = entries_page(db, bank_id, page=page, per_page=ENTRIES_PER_PAGE)
     return render_template(
         "banks/show.html",
         bank=bank,

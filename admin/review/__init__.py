@@ -12,7 +12,7 @@ from wtforms.validators import AnyOf, DataRequired, Length, Optional
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import Principal, origin, permission_required, require_user
-from moderation.banks.blocklist import BlocklistError
+from moderation.banks.records import BlocklistError
 from moderation.governance.review import (
     ExposureLimitReached,
     NotClaimedError,

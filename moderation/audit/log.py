@@ -51,7 +51,8 @@ from moderation.audit.offline import (
     compute_hash,
     signed_bytes,
 )
-from moderation.crypto import KeyRing, WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.envelope import WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import AuditCheckpoint, AuditEvent, DeploymentSecret
 
 __all__ = [
@@ -252,7 +253,7 @@ def signing_key(
 
     Raises:
         AuditKeyError: the key does not exist and ``create`` is false.
-        moderation.crypto.CryptoError: the wrapped seed does not unwrap (wrong master keys).
+        moderation.crypto.errors.CryptoError: the wrapped seed does not unwrap (wrong master keys).
     """
     row = session.get(DeploymentSecret, SIGNING_KEY_NAME)
     if row is None:
@@ -336,7 +337,7 @@ def write_checkpoint(
     is no event yet or the head is already checkpointed. Creates the signing key if missing.
 
     Raises:
-        moderation.crypto.CryptoError: the signing key does not unwrap.
+        moderation.crypto.errors.CryptoError: the signing key does not unwrap.
     """
     key = key or signing_key(session, keyring, create=True)
     _lock_chain(session)

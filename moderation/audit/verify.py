@@ -29,7 +29,7 @@ from moderation.audit.offline import (
     load_public_key,
     verify_signature,
 )
-from moderation.crypto import KeyRing
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import AuditCheckpoint
 
 
@@ -236,7 +236,7 @@ def verify_chain(
 
     Raises:
         ValueError: ``public_key`` is malformed.
-        moderation.crypto.CryptoError: the signing secret does not unwrap under ``keyring``.
+        moderation.crypto.errors.CryptoError: the signing secret does not unwrap under ``keyring``.
     """
     pinned = _pinned_key(session, public_key, keyring)
     checkpoints = list(

@@ -21,7 +21,8 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.banks.blocklist import EntrySignals, get_bank
+from moderation.banks.records import get_bank
+from moderation.banks.snapshot_payload import EntrySignals
 from moderation.media.decode import DecodeLimits, UnscannableImage, decode_image
 from moderation.signals.encoders import Encoder
 from moderation.signals.pdq import pdq_hash
@@ -237,29 +238,41 @@ def prepare_import(
     for handled, source in enumerate(sources, start=1):
         if progress:
             progress(handled, len(sources))
-        if source.size > limits.max_bytes:
-            skipped.append((source.ref, "too_large"))
+        decoded = _decode_source(source, limits, seen, skipped)
+        if decoded is None:
             continue
-        try:
-            data = source.read()
-        except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
-            skipped.append((source.ref, f"unreadable: {exc}"))
-            continue
-        sha256 = hashlib.sha256(data).hexdigest()
-        if sha256 in seen:
-            skipped.append((source.ref, "duplicate"))
-            continue
-        try:
-            decoded = decode_image(data, limits)
-        except UnscannableImage as exc:
-            skipped.append((source.ref, exc.reason))
-            continue
-        seen.add(sha256)
-        pending.append(_Decoded(source, sha256, decoded.frames[0]))
+        seen.add(decoded.sha256)
+        pending.append(decoded)
         if len(pending) >= batch_size:
             flush()
     flush()
     return prepared
+
+
+def _decode_source(
+    source: Source, limits: DecodeLimits, seen: set[str], skipped: list[tuple[str, str]]
+) -> _Decoded | None:
+    """Read and decode one source (its first frame), or None with ``(ref, reason)`` appended
+    to ``skipped``: too large, unreadable, a duplicate of an image in ``seen``, or
+    undecodable."""
+    if source.size > limits.max_bytes:
+        skipped.append((source.ref, "too_large"))
+        return None
+    try:
+        data = source.read()
+    except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
+        skipped.append((source.ref, f"unreadable: {exc}"))
+        return None
+    sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 in seen:
+        skipped.append((source.ref, "duplicate"))
+        return None
+    try:
+        decoded = decode_image(data, limits)
+    except UnscannableImage as exc:
+        skipped.append((source.ref, exc.reason))
+        return None
+    return _Decoded(source, sha256, decoded.frames[0])
 
 
 def known_hashes(session: Session, bank_id: int) -> set[str]:
@@ -324,7 +337,7 @@ def import_into_bank(
     :func:`prepare_import` then :func:`add_entries`, inside the caller's transaction.
 
     The caller then writes the snapshot with
-    :func:`moderation.banks.blocklist.commit_signals`.
+    :func:`moderation.banks.versions.commit_signals`.
 
     Raises:
         BlocklistError: unknown bank.

@@ -11,9 +11,9 @@ database transaction, writing progress as it goes, and then adds the entries and
 snapshot version in one short transaction (:func:`commit_with_snapshot`). On SQLite, whose
 writers are serialised, a long import therefore never blocks the console's other writes.
 The uploaded zip is staged in ``<data_dir>/imports`` sealed (AES-256-GCM under a fresh data key
-wrapped by the primary master key, :func:`moderation.crypto.seal_blob`; the wrapped key is kept in
-the job's parameters), decrypted into memory only while the job reads it, and deleted when the
-job ends. The import goes through the importer's own steps (:func:`prepare_import`,
+wrapped by the primary master key, :func:`moderation.crypto.envelope.seal_blob`; the wrapped key
+is kept in the job's parameters), decrypted into memory only while the job reads it, and deleted
+when the job ends. The import goes through the importer's own steps (:func:`prepare_import`,
 :func:`add_entries`), so it computes the same signals as the CLI: entry windows and training
 copies for the classifier stage included.
 """
@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -35,7 +35,6 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import EntrySignals, get_bank
 from moderation.banks.importer import (
     ImportReport,
     add_entries,
@@ -43,16 +42,13 @@ from moderation.banks.importer import (
     prepare_import,
     zip_sources,
 )
-from moderation.banks.operations import commit_with_snapshot
+from moderation.banks.operations import commit_with_snapshot, record_bank_import
+from moderation.banks.records import get_bank
+from moderation.banks.snapshot_payload import EntrySignals
 from moderation.config import Settings
-from moderation.crypto import (
-    KeyRing,
-    WrappedKey,
-    load_keyring,
-    open_blob,
-    seal_blob,
-    write_private_file,
-)
+from moderation.crypto.envelope import WrappedKey, open_blob, seal_blob
+from moderation.crypto.files import write_private_file
+from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.storage.db import transaction
 from moderation.storage.models import Job
 
@@ -153,14 +149,7 @@ def create_import_job(
         JobError: the upload is not a zip archive or is too large.
     """
     bank = get_bank(session, bank_name)
-    buffer = io.BytesIO()
-    while chunk := archive.read(_COPY_CHUNK):
-        if buffer.tell() + len(chunk) > max_bytes:
-            raise JobError(f"the archive is larger than {max_bytes} bytes")
-        buffer.write(chunk)
-    data = buffer.getvalue()
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        raise JobError("the upload is not a zip archive")
+    data = _read_zip_upload(archive, max_bytes)
     job = Job(
         kind=IMPORT_KIND,
         state="queued",
@@ -169,21 +158,7 @@ def create_import_job(
     )
     session.add(job)
     session.flush()
-    sealed, wrapped = seal_blob(data, keyring or load_keyring(settings), context=_context(job.id))
-    directory = imports_dir(settings)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = staged_path(settings, job.id)
-    try:
-        write_private_file(path, [sealed])
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    job.params = {
-        **job.params,
-        "archive": path.name,
-        "size_bytes": len(data),
-        "wrapped_key": base64.b64encode(wrapped.to_bytes()).decode(),
-    }
+    job.params = {**job.params, **_stage_sealed(settings, job.id, data, keyring)}
     record_event(
         session,
         actor=created_by,
@@ -194,12 +169,50 @@ def create_import_job(
     return job
 
 
+def _read_zip_upload(archive: IO[bytes], max_bytes: int) -> bytes:
+    """The whole upload, read in chunks.
+
+    Raises:
+        JobError: it is larger than ``max_bytes`` or not a zip archive.
+    """
+    buffer = io.BytesIO()
+    while chunk := archive.read(_COPY_CHUNK):
+        if buffer.tell() + len(chunk) > max_bytes:
+            raise JobError(f"the archive is larger than {max_bytes} bytes")
+        buffer.write(chunk)
+    data = buffer.getvalue()
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise JobError("the upload is not a zip archive")
+    return data
+
+
+def _stage_sealed(
+    settings: Settings, job_id: str, data: bytes, keyring: KeyRing | None
+) -> dict[str, Any]:
+    """Seal ``data`` under a fresh data key and write it to the job's staged path; returns the
+    job parameters that find and unwrap it (file name, size, wrapped key)."""
+    sealed, wrapped = seal_blob(data, keyring or load_keyring(settings), context=_context(job_id))
+    directory = imports_dir(settings)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = staged_path(settings, job_id)
+    try:
+        write_private_file(path, [sealed])
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return {
+        "archive": path.name,
+        "size_bytes": len(data),
+        "wrapped_key": base64.b64encode(wrapped.to_bytes()).decode(),
+    }
+
+
 def _open_archive(runtime: Runtime, job_id: str, params: dict[str, Any]) -> bytes:
     """The staged archive of a job, decrypted (in memory only).
 
     Raises:
         JobError: the staged file is missing.
-        moderation.crypto.CryptoError: tampering, wrong key.
+        moderation.crypto.errors.CryptoError: tampering, wrong key.
     """
     path = imports_dir(runtime.settings) / PurePosixPath(str(params["archive"])).name
     try:
@@ -257,14 +270,7 @@ def _run_import(
     sources = list(zip_sources(lambda: zipfile.ZipFile(io.BytesIO(data)), "", report.skipped))
     total = len(sources)
     _set(runtime, job_id, total=total, progress=0)
-    last_write = time.monotonic()
-
-    def progress(done: int, count: int) -> None:
-        nonlocal last_write
-        if time.monotonic() - last_write >= PROGRESS_INTERVAL_S:
-            _set(runtime, job_id, progress=done)
-            last_write = time.monotonic()
-
+    progress = _progress_writer(runtime, job_id)
     hooks = runtime.import_hooks()
     prepared = prepare_import(
         sources,
@@ -280,17 +286,14 @@ def _run_import(
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
         signals = add_entries(session, bank_name, prepared, report, added_by=actor)
-        record_event(
+        record_bank_import(
             session,
             actor=actor,
-            action="bank.import",
-            target=f"bank:{get_bank(session, bank_name).id}",
-            details={
-                "added": len(signals),
-                "skipped": len(report.skipped),
-                "job_id": job_id,
-                "sources": [str(params.get("filename", ""))],
-            },
+            bank_name=bank_name,
+            added=len(signals),
+            skipped=len(report.skipped),
+            sources=[str(params.get("filename", ""))],
+            job_id=job_id,
         )
         return signals, ()
 
@@ -305,8 +308,27 @@ def _run_import(
         len(report.added),
         len(report.skipped),
     )
+    return _import_result(report, version)
+
+
+def _progress_writer(runtime: Runtime, job_id: str) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback that records ``done`` on the job at most every
+    :data:`PROGRESS_INTERVAL_S` seconds."""
+    last_write = time.monotonic()
+
+    def progress(done: int, count: int) -> None:
+        nonlocal last_write
+        if time.monotonic() - last_write >= PROGRESS_INTERVAL_S:
+            _set(runtime, job_id, progress=done)
+            last_write = time.monotonic()
+
+    return progress
+
+
+def _import_result(report: ImportReport, version: int) -> dict[str, Any]:
+    """The job result of a finished import (the first :data:`MAX_REPORTED_SKIPS` skips)."""
     return {
-        "bank": bank_name,
+        "bank": report.bank,
         "added": len(report.added),
         "skipped_count": len(report.skipped),
         "skipped": [

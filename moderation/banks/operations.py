@@ -15,15 +15,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import (
-    BlocklistError,
-    EntrySignals,
-    commit_signals,
-    get_bank,
-    parse_entry_id,
-    prune_snapshots,
-)
 from moderation.banks.importer import ImportHooks, ImportReport, RegionEmbedder, import_into_bank
+from moderation.banks.records import BlocklistError, get_bank, parse_entry_id
+from moderation.banks.snapshot_payload import EntrySignals
+from moderation.banks.versions import commit_signals, prune_snapshots
 from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry
 
@@ -75,8 +70,8 @@ def commit_with_snapshot(runtime: Runtime, change: SnapshotChange) -> int:
     older snapshots are pruned after it.
 
     Raises:
-        moderation.banks.blocklist.EncoderMismatchError, SnapshotError: as
-            :func:`moderation.banks.blocklist.commit_signals`; anything ``change`` raises
+        moderation.banks.versions.EncoderMismatchError, SnapshotError: as
+            :func:`moderation.banks.versions.commit_signals`; anything ``change`` raises
             (the transaction rolls back and the new snapshot file is deleted).
     """
     return _commit_with_snapshot(runtime, change)
@@ -116,16 +111,13 @@ def import_bank(
             progress=progress,
         )
         holder["report"] = report
-        record_event(
+        record_bank_import(
             session,
             actor=actor,
-            action="bank.import",
-            target=f"bank:{get_bank(session, bank_name).id}",
-            details={
-                "added": len(report.added),
-                "skipped": len(report.skipped),
-                "sources": [p.name for p in paths],
-            },
+            bank_name=bank_name,
+            added=len(report.added),
+            skipped=len(report.skipped),
+            sources=[p.name for p in paths],
         )
         return signals, ()
 
@@ -135,6 +127,28 @@ def import_bank(
     if hooks.after_commit is not None:
         report.training_pairs = hooks.after_commit(report.entry_of, actor)
     return report
+
+
+def record_bank_import(
+    session: Session,
+    *,
+    actor: str,
+    bank_name: str,
+    added: int,
+    skipped: int,
+    sources: list[str],
+    job_id: str | None = None,
+) -> None:
+    """Audit a bank import (``bank.import``): counts of added and skipped images, the sources
+    (file names) and, for a console import, the job id."""
+    job = {"job_id": job_id} if job_id is not None else {}
+    record_event(
+        session,
+        actor=actor,
+        action="bank.import",
+        target=f"bank:{get_bank(session, bank_name).id}",
+        details={"added": added, "skipped": skipped, **job, "sources": sources},
+    )
 
 
 def set_entry_disabled(

@@ -130,8 +130,8 @@ def _bench_runtime(
     values: dict[str, Any], bank: list[Path], echo: Callable[[str], None]
 ) -> Runtime:
     """A migrated runtime for ``values`` whose block bank ``bench`` holds ``bank``."""
-    from moderation.banks.blocklist import create_bank
     from moderation.banks.operations import import_bank
+    from moderation.banks.records import create_bank
     from moderation.service.runtime import Runtime
     from moderation.storage.db import migrate, transaction
 

@@ -131,8 +131,8 @@ class ScreeningMethod:
         self._ref_of_label: dict[str, str] = {}
 
     def index(self, references: Sequence[tuple[str, Image.Image]]) -> None:
-        from moderation.banks.blocklist import create_bank
         from moderation.banks.operations import import_bank
+        from moderation.banks.records import create_bank
         from moderation.service.runtime import prepared_runtime
         from moderation.storage.db import transaction
 

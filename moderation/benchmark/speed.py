@@ -273,8 +273,8 @@ def bench_pipeline(
     paths: Sequence[Path], settings: Settings, bank_size: int, repeats: int
 ) -> dict[str, Any]:
     """Per-image pipeline rate: :class:`Screener` vs the naive script's pipeline, in-process."""
-    from moderation.banks.blocklist import create_bank
     from moderation.banks.operations import import_bank
+    from moderation.banks.records import create_bank
     from moderation.config import load_settings
     from moderation.service.runtime import prepared_runtime
     from moderation.storage.db import transaction

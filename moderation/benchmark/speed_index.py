@@ -5,7 +5,7 @@ At each bank size (default 100k and 1M): single-query latency p50/p99 of the ind
 full 1280-d vectors), recall@10 against exact search (strict, and ann-benchmarks' tolerant form:
 a hit counts when its true cosine is within 1e-3 of the true 10th), build time, bytes per entry,
 and the encrypted bank snapshot's load time (read, SHA-256, decrypt, parse, zero-copy index
-load; the payload :func:`~moderation.banks.blocklist.commit_signals` writes, without the
+load; the payload :func:`~moderation.banks.versions.commit_signals` writes, without the
 classifier stage's region vectors) against building the index at load (what a worker did before
 snapshots carried the index).
 
@@ -145,13 +145,13 @@ def _exact_latency(gen: Generator, n: int, queries: np.ndarray) -> list[float]:
 
 def _snapshot_load(serialized: bytes, n: int, work: Path) -> tuple[float, int]:
     """Seconds to read, decrypt, parse and load an encrypted bank snapshot of ``n`` active
-    entries holding the built index (as :func:`moderation.banks.blocklist.commit_signals`
+    entries holding the built index (as :func:`moderation.banks.versions.commit_signals`
     writes it: ids, PDQ digests, the index, the global vectors kept only in the index; no
     region vectors, which only the classifier stage adds), and the file's size in bytes."""
-    from moderation.banks.blocklist import Payload
     from moderation.banks.index import CosineIndex, load_index
     from moderation.banks.snapshot import read_snapshot, write_snapshot
-    from moderation.crypto import KeyRing
+    from moderation.banks.snapshot_payload import Payload
+    from moderation.crypto.keys import KeyRing
 
     ring = KeyRing({"bench": secrets.token_bytes(32)}, "bench")
     payload = Payload.empty("bench", 1280)
@@ -191,7 +191,8 @@ def _snapshot_load(serialized: bytes, n: int, work: Path) -> tuple[float, int]:
 def _build(gen: Generator, n: int) -> CosineIndex:
     """The index ``CosineIndex.build`` chooses for ``n`` generated entries, built chunk by chunk."""
     from moderation.banks.index import CosineIndex
-    from moderation.banks.index.cosine import PCA_MIN_ENTRIES, ivf_nlist
+    from moderation.banks.index.cosine import PCA_MIN_ENTRIES
+    from moderation.banks.index.cosine_projection import ivf_nlist
 
     # The projection is learned from the first chunks (PCA_TRAIN_ROWS rows are sampled);
     # the rest is added as it is generated, so full-width vectors are never all in memory.

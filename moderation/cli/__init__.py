@@ -55,9 +55,9 @@ def _fail(message: str) -> None:
 @contextmanager
 def config_errors() -> Iterator[None]:
     """Turn configuration and integrity errors into a one-line message and exit code 3."""
-    from moderation.banks.blocklist import BlocklistError
+    from moderation.banks.records import BlocklistError
     from moderation.banks.snapshot import SnapshotError
-    from moderation.crypto import CryptoError
+    from moderation.crypto.errors import CryptoError
 
     try:
         yield

@@ -380,7 +380,7 @@ def gdpr_held(ctx: Context) -> None:
 @pass_ctx
 def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) -> None:
     """Decrypt a held upload to OUT (for a lawful request); the access is audited."""
-    from moderation.crypto import write_private_file
+    from moderation.crypto.files import write_private_file
     from moderation.governance.erasure_stores import GdprError
     from moderation.governance.holds import read_held_upload
 

@@ -25,7 +25,7 @@ from moderation.cli import (
 def init(ctx: Context) -> None:
     """Create the data directory, the database schema and (dev only) a key file."""
     from moderation.audit.log import public_key_hex, record_event, signing_key
-    from moderation.crypto import load_keyring
+    from moderation.crypto.keys import load_keyring
     from moderation.matching.policy import load_policy
     from moderation.storage.db import migrate, transaction
 
@@ -82,7 +82,7 @@ def bank() -> None:
 def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
     """Create a bank NAME."""
     from moderation.audit.log import record_event
-    from moderation.banks.blocklist import create_bank
+    from moderation.banks.records import create_bank
     from moderation.storage.db import transaction
 
     with config_errors():

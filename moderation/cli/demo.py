@@ -147,8 +147,8 @@ def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[
     """Run the demo end to end and print a table; returns summary counts."""
     from rich.console import Console
 
-    from moderation.banks.blocklist import create_bank
     from moderation.banks.operations import import_bank
+    from moderation.banks.records import create_bank
     from moderation.service.operations import screen_paths
     from moderation.storage.db import transaction
 

@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import EntrySignals
 from moderation.banks.operations import commit_with_snapshot
+from moderation.banks.snapshot_payload import EntrySignals
 from moderation.storage.models import Approval, Bank, Entry, User
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import Integer, cast, func, select
 from sqlalchemy.orm import Session
 
-from moderation.banks.blocklist import current_snapshot
+from moderation.banks.versions import current_snapshot
 from moderation.governance.review import QueueStats, queue_stats, utc
 from moderation.storage.models import ErasureRequest, IndexSnapshot, ReviewItem, Screening
 

@@ -85,7 +85,8 @@ def read_held_upload(
     Raises:
         GdprError: no such upload, or it is not a held upload of an erased subject.
         ValueError: empty ``reason`` (every access to preserved evidence needs one).
-        moderation.service.uploads.BlobMissingError, moderation.crypto.CryptoError: unreadable.
+        moderation.service.uploads.BlobMissingError: the blob is gone.
+        moderation.crypto.errors.CryptoError: unreadable.
     """
     if not reason.strip():
         raise ValueError("reading preserved evidence needs a reason")

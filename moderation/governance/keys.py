@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
 from moderation.banks.snapshot import rewrap_snapshot
-from moderation.crypto import KeyRing, WrappedKey, rewrap_key
+from moderation.crypto.envelope import WrappedKey, rewrap_key
+from moderation.crypto.keys import KeyRing
 from moderation.governance.users import rewrap_totp_secrets
 from moderation.storage.db import transaction
 from moderation.storage.models import (
@@ -149,7 +150,7 @@ def rewrap_all(
     """Re-wrap every stored data key under ``keyring``'s primary key, in one transaction.
 
     Raises:
-        moderation.crypto.UnknownKeyError: something is wrapped under a key the ring lacks
+        moderation.crypto.errors.UnknownKeyError: something is wrapped under a key the ring lacks
             (nothing is changed: the transaction rolls back).
     """
     report = RotationReport(primary=keyring.primary_id)
@@ -176,7 +177,7 @@ def rotate_keys(runtime: Runtime, *, retire_old: bool, actor: str) -> RotationRe
     removing old keys from the variable afterwards.
 
     Raises:
-        moderation.crypto.UnknownKeyError: something is wrapped under a key the ring lacks.
+        moderation.crypto.errors.UnknownKeyError: something is wrapped under a key the ring lacks.
     """
     settings = runtime.settings
     snapshots_dir = settings.snapshots_dir

@@ -19,9 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.blocklist import EntrySignals, get_bank
 from moderation.banks.importer import compute_signals
 from moderation.banks.operations import commit_with_snapshot
+from moderation.banks.records import get_bank
+from moderation.banks.snapshot_payload import EntrySignals
 from moderation.governance.review import NotClaimedError, ReviewError, resolve_now
 from moderation.media.decode import UnscannableImage, decode_image
 from moderation.service.callbacks import notify_decision
@@ -297,7 +298,7 @@ def decide(
     Raises:
         NotClaimedError: the reviewer does not hold the item.
         ReviewError: unknown item or decision, wrong bank kind, image gone or undecodable.
-        moderation.banks.blocklist.BlocklistError: unknown bank.
+        moderation.banks.records.BlocklistError: unknown bank.
     """
     if decision not in DECISIONS:
         raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}")

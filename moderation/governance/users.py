@@ -29,7 +29,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.crypto import KeyRing, WrappedKey, unwrap_key, wrap_key
+from moderation.crypto.envelope import WrappedKey, unwrap_key, wrap_key
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import ConsoleSession, User
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ TOTP_VALID_WINDOW = 1
 """Steps of clock drift accepted either side of now (RFC 6238 §5.2 recommends at most one)."""
 TOTP_SECRET_BYTES = 32
 """Random TOTP key length, bytes (RFC 4226 §4 asks for at least 16; 32 is also the size
-:func:`moderation.crypto.wrap_key` wraps)."""
+:func:`moderation.crypto.envelope.wrap_key` wraps)."""
 
 _HASHER = PasswordHasher.from_parameters(RFC_9106_LOW_MEMORY)
 # Verified against when the e-mail is unknown, so a miss costs as much time as a wrong password.
@@ -118,7 +119,7 @@ def enrol_totp(session: Session, keyring: KeyRing, user: User, *, actor: str) ->
     """Give ``user`` a new TOTP secret (replacing any old one) and return its provisioning URI.
 
     Raises:
-        moderation.crypto.CryptoError: the key ring cannot wrap (no primary key).
+        moderation.crypto.errors.CryptoError: the key ring cannot wrap (no primary key).
     """
     secret = secrets.token_bytes(TOTP_SECRET_BYTES)
     user.totp_secret = wrap_key(secret, keyring, context=_totp_context(user.id)).to_bytes()
@@ -277,7 +278,7 @@ def list_users(session: Session) -> list[User]:
 
 def rewrap_totp_secrets(session: Session, keyring: KeyRing) -> int:
     """Re-wrap every TOTP secret under the primary master key; returns how many changed."""
-    from moderation.crypto import rewrap_key
+    from moderation.crypto.envelope import rewrap_key
 
     count = 0
     for user in session.scalars(select(User).where(User.totp_secret.is_not(None))):

@@ -16,7 +16,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from moderation.banks.blocklist import Blocklist, EntryInfo
+from moderation.banks.blocklist import Blocklist
+from moderation.banks.records import EntryInfo
 from moderation.matching.policy import CandidateRules
 from moderation.signals.pdq import PdqHash
 

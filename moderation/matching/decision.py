@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moderation.banks.blocklist import EntryInfo
+from moderation.banks.records import EntryInfo
 from moderation.matching.candidates import Candidate
 from moderation.matching.policy import SEVERITY, CategoryRules, Policy
 

@@ -20,7 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.crypto import KeyRing, WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.envelope import WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.keys import KeyRing
 from moderation.service.callback_urls import normalise_allowlist_prefix
 from moderation.storage.models import ApiClient
 
@@ -116,7 +117,8 @@ def callback_secret(client: ApiClient, keyring: KeyRing) -> str:
     """The client's callback signing secret (64 hex characters; the HMAC key is its ASCII).
 
     Raises:
-        moderation.crypto.UnknownKeyError, moderation.crypto.DecryptionError: as ``unwrap_key``.
+        moderation.crypto.errors.UnknownKeyError, moderation.crypto.errors.DecryptionError: as
+            ``unwrap_key``.
     """
     wrapped = WrappedKey.from_bytes(client.callback_secret)
     return unwrap_key(wrapped, keyring, context=secret_context(client.id)).hex()

@@ -234,7 +234,7 @@ def _claim(runtime: Runtime, delivery_id: str) -> _Claim | DeliveryOutcome:
         delivery.next_attempt_at = now + timedelta(
             seconds=runtime.settings.callback_timeout * 2 + 30
         )
-        from moderation.crypto import UnknownKeyError
+        from moderation.crypto.errors import UnknownKeyError
 
         try:
             secret = callback_secret(client, runtime.keyring)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from moderation.crypto import DecryptionError, UnknownKeyError
+from moderation.crypto.errors import DecryptionError, UnknownKeyError
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.recording import record_result
 from moderation.matching.screening import Screener

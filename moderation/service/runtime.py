@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from moderation.banks.blocklist import Blocklist, load_blocklist
 from moderation.banks.importer import ImportHooks
 from moderation.config import ConfigurationError, Settings
-from moderation.crypto import KeyRing, load_keyring
+from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.matching.candidates import CandidateRefiner
 from moderation.matching.policy import Policy, load_policy
 from moderation.matching.screening import Screener
@@ -166,7 +166,7 @@ class Runtime:
 def prepared_runtime(settings: Settings) -> Runtime:
     """A :class:`Runtime` over a data directory made ready to use: its folders created, a dev key
     file created when no master keys are configured (with the warning of
-    :func:`~moderation.crypto.load_keyring`), and the database schema migrated to the current
+    :func:`~moderation.crypto.keys.load_keyring`), and the database schema migrated to the current
     revision. The embedded mode's one-call set-up, for the demo, the benchmarks and tests;
     ``moderation init`` does the same and also records the audit event and prints the keys.
 

@@ -16,7 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from moderation.crypto import KeyRing, WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.envelope import WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import DeploymentSecret, Subject
 
 LOOKUP_SECRET_NAME = "subject-lookup"  # noqa: S105 - a name, not a secret

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from moderation.crypto import KeyRing, WrappedKey, open_blob, seal_blob
+from moderation.crypto.envelope import WrappedKey, open_blob, seal_blob
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Upload, new_uuid
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def read_upload(upload: Upload, *, keyring: KeyRing, blobs_dir: Path) -> bytes:
 
     Raises:
         BlobMissingError: the blob or its wrapped key is gone.
-        moderation.crypto.CryptoError: the blob does not authenticate.
+        moderation.crypto.errors.CryptoError: the blob does not authenticate.
     """
     if not upload.blob_ref or not upload.wrapped_key:
         raise BlobMissingError(f"upload {upload.id} has no stored blob")

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.banks.blocklist import BlocklistError, current_snapshot
+from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import SnapshotError
-from moderation.crypto import CryptoError, UnknownKeyError
+from moderation.banks.versions import current_snapshot
+from moderation.crypto.errors import CryptoError, UnknownKeyError
 from moderation.matching.screening import Screener
 from moderation.service.queue import SnapshotUnavailable, seconds_since
 from moderation.storage.db import transaction

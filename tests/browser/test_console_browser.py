@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
-from moderation.banks.blocklist import create_bank
 from moderation.banks.operations import import_bank
+from moderation.banks.records import create_bank
 from moderation.governance.users import create_user, totp_code
 from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime

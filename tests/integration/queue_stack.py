@@ -288,8 +288,8 @@ class Stack:
 
     def init(self, bank: dict[str, bytes] | None = None) -> Any:
         """Schema, and a block bank of ``bank`` images (default: the three bank photos)."""
-        from moderation.banks.blocklist import create_bank
         from moderation.banks.operations import import_bank
+        from moderation.banks.records import create_bank
         from moderation.service.runtime import Runtime
         from moderation.storage.db import migrate, transaction
 

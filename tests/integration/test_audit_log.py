@@ -37,7 +37,7 @@ from moderation.audit.log import (
 )
 from moderation.audit.offline import CHECKPOINT_TYPE, load_public_key, verify_export
 from moderation.audit.verify import verify_chain
-from moderation.crypto import KeyRing
+from moderation.crypto.keys import KeyRing
 from moderation.storage.db import create_db_engine, migrate, session_factory, transaction
 from moderation.storage.models import AuditCheckpoint, AuditEvent
 

@@ -302,7 +302,7 @@ def test_key_rotation_rewraps_and_retires_the_old_key(banked: Cli, tmp_path: Pat
     # The old copy (wrapped under the retired key) can no longer be read: put back in place it
     # is refused, and even without the database's digest check the key is gone.
     from moderation.banks.snapshot import SnapshotError, read_snapshot, read_snapshot_header
-    from moderation.crypto import KeyRing
+    from moderation.crypto.keys import KeyRing
 
     current = current_snapshot(banked)
     shutil.copy(old_copy, current)

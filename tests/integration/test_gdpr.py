@@ -38,10 +38,11 @@ from sqlalchemy.exc import DBAPIError
 from moderation.audit.log import public_key_hex, signing_key
 from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signature
 from moderation.audit.verify import verify_chain
-from moderation.banks.blocklist import current_snapshot, read_payload
 from moderation.banks.operations import import_bank, set_bank_enabled
+from moderation.banks.versions import current_snapshot, read_payload
 from moderation.config import Settings, load_settings
-from moderation.crypto import DecryptionError, KeyRing
+from moderation.crypto.errors import DecryptionError
+from moderation.crypto.keys import KeyRing
 from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime, prepared_runtime
 from moderation.service.subjects import find_subject, lookup_key, pseudonymize
@@ -194,7 +195,7 @@ def build_world(
         images[name] = tmp_path / "img" / f"{name}.jpg"
         skimage_photo(name).save(images[name], quality=90)
     with transaction(runtime.sessions) as session:
-        from moderation.banks.blocklist import create_bank
+        from moderation.banks.records import create_bank
 
         create_bank(session, "known", category="default")
         create_bank(session, "csam-hashes", category="csam")
@@ -504,7 +505,7 @@ def test_g1_erasure_leaves_nothing_in_any_store(
     copied = next(backup.rglob(f"{world.alice['coffee']}*")).read_bytes()
     assert world.images["coffee"].read_bytes()[:4096] not in copied
     ring = world.runtime.keyring
-    from moderation.crypto import decrypt
+    from moderation.crypto.aead import decrypt
 
     for key_id in ring.key_ids:  # not even a master key opens it: the data key is destroyed
         with pytest.raises(DecryptionError):

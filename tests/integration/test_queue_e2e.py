@@ -15,8 +15,8 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from moderation.banks.blocklist import current_snapshot
 from moderation.banks.operations import import_bank
+from moderation.banks.versions import current_snapshot
 from moderation.service.callbacks import SIGNATURE_HEADER
 from moderation.service.platform_client import ModerationClient, verify_callback
 from moderation.storage.models import AuditEvent, Screening, Upload

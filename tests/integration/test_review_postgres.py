@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
-from moderation.banks.blocklist import EntryInfo, create_bank
+from moderation.banks.records import EntryInfo, create_bank
 from moderation.config import load_settings
 from moderation.governance.review import claim_next
 from moderation.governance.review_decisions import decide

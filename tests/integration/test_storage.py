@@ -10,18 +10,12 @@ import pytest
 from sqlalchemy import func, select
 
 from moderation.audit.log import GENESIS_HASH, compute_hash, event_body, record_event
-from moderation.banks.blocklist import (
-    BlocklistError,
-    EncoderMismatchError,
-    EntrySignals,
-    commit_signals,
-    create_bank,
-    get_bank,
-    load_blocklist,
-    prune_snapshots,
-)
+from moderation.banks.blocklist import load_blocklist
+from moderation.banks.records import BlocklistError, create_bank, get_bank
+from moderation.banks.snapshot_payload import EntrySignals
+from moderation.banks.versions import EncoderMismatchError, commit_signals, prune_snapshots
 from moderation.config import load_settings
-from moderation.crypto import load_keyring
+from moderation.crypto.keys import load_keyring
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.recording import record_result
 from moderation.service.runtime import Runtime

@@ -11,8 +11,10 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageFilter
 
-from moderation.banks.blocklist import Blocklist, EntryInfo, EntrySignals, Payload
+from moderation.banks.blocklist import Blocklist
 from moderation.banks.index import CosineIndex, HammingIndex
+from moderation.banks.records import EntryInfo
+from moderation.banks.snapshot_payload import EntrySignals, Payload
 from moderation.benchmark.protocol import query_seed
 from moderation.matching.classifier.features import (
     FEATURE_NAMES,

@@ -12,24 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from moderation import crypto
 from moderation.config import ConfigurationError, Settings, load_settings
-from moderation.crypto import (
-    CryptoError,
-    DecryptionError,
-    KeyRing,
-    UnknownKeyError,
+from moderation.crypto import envelope
+from moderation.crypto import keys as keys_module
+from moderation.crypto.aead import decrypt, encrypt
+from moderation.crypto.envelope import (
     WrappedKey,
-    decrypt,
-    encrypt,
     generate_data_key,
-    load_keyring,
     open_blob,
     rewrap_key,
     seal_blob,
     unwrap_key,
     wrap_key,
 )
+from moderation.crypto.errors import CryptoError, DecryptionError, UnknownKeyError
+from moderation.crypto.keys import KeyRing, load_keyring
 
 K1 = bytes(range(32))
 K2 = bytes(range(100, 132))
@@ -244,7 +241,7 @@ def test_load_keyring_without_keys_is_an_error(settings: Settings) -> None:
 def test_load_keyring_creates_dev_key_file_with_warning(
     settings: Settings, caplog: pytest.LogCaptureFixture, umask_zero: None
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="moderation.crypto"):
+    with caplog.at_level(logging.WARNING, logger="moderation.crypto.keys"):
         ring = load_keyring(settings, create_dev=True)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "DEVELOPMENT ONLY" in warnings[0].getMessage()
@@ -254,7 +251,7 @@ def test_load_keyring_creates_dev_key_file_with_warning(
     assert os.listdir(path.parent) == ["keys.json"]
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="moderation.crypto"):
+    with caplog.at_level(logging.WARNING, logger="moderation.crypto.keys"):
         again = load_keyring(settings, create_dev=True)
     assert again == ring, "an existing key file must be loaded, never replaced"
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -268,8 +265,8 @@ def test_dev_key_creation_never_replaces_an_existing_file(
     path = tmp_path / "keys.json"
     KeyRing({"k1": K1}, "k1").save_file(path)
     before = path.read_bytes()
-    with caplog.at_level(logging.WARNING, logger="moderation.crypto"):
-        crypto._create_dev_key_file(path)
+    with caplog.at_level(logging.WARNING, logger="moderation.crypto.keys"):
+        keys_module._create_dev_key_file(path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["keys.json"]
     assert not caplog.records
@@ -295,7 +292,7 @@ def test_load_keyring_env_wins_over_file(
     settings.key_file_path.parent.mkdir(parents=True)
     KeyRing({"file-key": K1}, "file-key").save_file(settings.key_file_path)
     env_settings = load_settings(data_dir=settings.data_dir, master_keys=f"env-key:{b64(K2)}")
-    with caplog.at_level(logging.INFO, logger="moderation.crypto"):
+    with caplog.at_level(logging.INFO, logger="moderation.crypto.keys"):
         ring = load_keyring(env_settings, create_dev=True)
     assert ring.key_ids == ("env-key",) and ring.get("env-key") == K2
     assert any("ignored" in r.getMessage() for r in caplog.records)
@@ -480,9 +477,9 @@ def test_blob_payload_is_bound_to_its_context(
 ) -> None:
     """Besides the wrap, the payload's own associated data names the blob."""
     data_key = generate_data_key()
-    monkeypatch.setattr(crypto, "generate_data_key", lambda: data_key)
+    monkeypatch.setattr(envelope, "generate_data_key", lambda: data_key)
     sealed, _ = seal_blob(b"jpeg bytes", ring, context="upload:u1")
-    aad = crypto._blob_aad
+    aad = envelope._blob_aad
     assert decrypt(sealed, data_key, aad("upload:u1"), context="u1") == b"jpeg bytes"
     with pytest.raises(DecryptionError, match="u2"):
         decrypt(sealed, data_key, aad("upload:u2"), context="u2")
@@ -495,13 +492,13 @@ def test_blob_is_unreadable_once_its_wrapped_key_is_destroyed(
     key. The sealed bytes contain neither the data key nor anything derived from it that
     unlocks them; deleting the wrapped key (the DB row) leaves only keys that fail."""
     issued: list[bytes] = []
-    original = crypto.generate_data_key
+    original = envelope.generate_data_key
 
     def recording() -> bytes:
         issued.append(original())
         return issued[-1]
 
-    monkeypatch.setattr(crypto, "generate_data_key", recording)
+    monkeypatch.setattr(envelope, "generate_data_key", recording)
     sealed, wrapped = seal_blob(b"personal data", ring, context="upload:u1")
     resealed, rewrapped = seal_blob(b"personal data", ring, context="upload:u1")
     assert len(issued) == 2 and issued[0] != issued[1], "every blob gets its own data key"
@@ -513,5 +510,5 @@ def test_blob_is_unreadable_once_its_wrapped_key_is_destroyed(
     with pytest.raises(DecryptionError):
         decrypt(sealed, generate_data_key(), b"", context="upload:u1")
     with pytest.raises(DecryptionError):
-        decrypt(sealed, ring.get("k1"), crypto._blob_aad("upload:u1"), context="upload:u1")
+        decrypt(sealed, ring.get("k1"), envelope._blob_aad("upload:u1"), context="upload:u1")
     assert open_blob(resealed, rewrapped, ring, context="upload:u1") == b"personal data"

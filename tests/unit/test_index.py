@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moderation.banks.index.cosine as cosine_module
+import moderation.banks.index.cosine_params as cosine_params
 from moderation.banks.index import (
     HNSW_EF_SEARCH,
     TOMBSTONE_COMPACT_FRACTION,
@@ -123,8 +124,8 @@ def test_auto_algorithm_switches_at_the_size_threshold(monkeypatch: pytest.Monke
     assert large.algorithm == "hnsw"
     assert large.params == {
         "algorithm": "hnsw",
-        "hnsw_m": cosine_module.HNSW_M,
-        "ef_construction": cosine_module.HNSW_EF_CONSTRUCTION,
+        "hnsw_m": cosine_params.HNSW_M,
+        "ef_construction": cosine_params.HNSW_EF_CONSTRUCTION,
         "ef_search": HNSW_EF_SEARCH,
     }
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 import moderation.banks.index.cosine as cosine_module
+import moderation.banks.index.cosine_params as cosine_params
+import moderation.banks.index.cosine_projection as cosine_projection
 from moderation.banks.index import CosineIndex, load_index
-from moderation.banks.index.cosine import learn_projection
+from moderation.banks.index.cosine_projection import learn_projection
 
 DIM = 384
 
@@ -113,7 +115,7 @@ def test_round_trip_keeps_parameters_results_and_tombstones(
     assert isinstance(restored, CosineIndex)
     expected = {"algorithm": algorithm, **given}
     if algorithm == "hnsw_pca":
-        expected["ef_construction"] = cosine_module.HNSW_EF_CONSTRUCTION
+        expected["ef_construction"] = cosine_params.HNSW_EF_CONSTRUCTION
     assert restored.params == expected
     assert restored.tombstones == 50 and len(restored) == len(ids) - 50
     queries = vectors[:80]
@@ -181,12 +183,12 @@ def test_auto_choice_by_bank_size(monkeypatch: pytest.MonkeyPatch) -> None:
     assert large.params == {
         "algorithm": "ivf_pca",
         "nlist": 300 // 39,  # at least 39 training rows per list
-        "nprobe": cosine_module.IVF_NPROBE,
+        "nprobe": cosine_projection.IVF_NPROBE,
         "pca_dim": 16,
-        "k_factor": cosine_module.REFINE_K_FACTOR,
+        "k_factor": cosine_projection.REFINE_K_FACTOR,
     }
-    assert cosine_module.ivf_nlist(1_000_000) == 2048 and cosine_module.ivf_nlist(100) == 64
-    assert cosine_module.ivf_nlist(100_000) == 512
+    assert cosine_projection.ivf_nlist(1_000_000) == 2048 and cosine_projection.ivf_nlist(100) == 64
+    assert cosine_projection.ivf_nlist(100_000) == 512
     # Vectors no wider than the projection: plain HNSW.
     assert CosineIndex.build(np.arange(300), vectors, pca_dim=DIM).algorithm == "hnsw"
 

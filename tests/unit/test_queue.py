@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session
 
-from moderation.banks.blocklist import create_bank, current_snapshot
 from moderation.banks.operations import import_bank
+from moderation.banks.records import create_bank
+from moderation.banks.versions import current_snapshot
 from moderation.service.api_clients import create_api_client
 from moderation.service.dispatch import RecordingDispatcher, attach_dispatcher
 from moderation.service.queue import Outcome, SnapshotUnavailable, process_upload, reconcile

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from moderation.banks.blocklist import EntryInfo, create_bank
 from moderation.banks.operations import import_bank, set_entry_disabled
+from moderation.banks.records import EntryInfo, create_bank
 from moderation.config import load_settings
 from moderation.matching.candidates import Candidate
 from moderation.matching.policy import parse_policy

@@ -19,19 +19,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moderation.banks import snapshot
+from moderation.banks import payload, snapshot_header, snapshot_stream
+from moderation.banks.payload import decode_payload, encode_payload
 from moderation.banks.snapshot import (
     SnapshotError,
     SnapshotFile,
-    decode_payload,
-    encode_payload,
     key_context,
     read_snapshot,
     read_snapshot_header,
     rewrap_snapshot,
     write_snapshot,
 )
-from moderation.crypto import KeyRing, UnknownKeyError, WrappedKey, unwrap_key
+from moderation.crypto.envelope import WrappedKey, unwrap_key
+from moderation.crypto.errors import UnknownKeyError
+from moderation.crypto.keys import KeyRing
 
 ENCODER = "timm/efficientnet_lite0@sha256:0123abcd;resize=224"
 # A 256-d float32 vector nobody would produce by accident: the E6 canary.
@@ -79,7 +80,7 @@ def split_file(data: bytes) -> tuple[dict[str, Any], bytes]:
 
 def join_file(header: dict[str, Any], body: bytes) -> bytes:
     raw = canonical(header)
-    return snapshot.MAGIC + struct.pack(">I", len(raw)) + raw + body
+    return snapshot_header.MAGIC + struct.pack(">I", len(raw)) + raw + body
 
 
 def regions(data: bytes) -> dict[str, tuple[int, int]]:
@@ -151,7 +152,7 @@ def test_multi_chunk_round_trip_and_flips(
     tmp_path: Path, ring: KeyRing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Streaming in chunks (here 1000 bytes) must not change the format or weaken the tag."""
-    monkeypatch.setattr(snapshot, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(snapshot_stream, "CHUNK_BYTES", 1000)
     payload = np.random.default_rng(1).bytes(10_500)
     info = write(tmp_path, ring, payload)
     assert read(info.path, ring, sha256=info.sha256) == payload
@@ -316,7 +317,7 @@ def test_e1_non_canonical_header_is_refused(tmp_path: Path, ring: KeyRing) -> No
         canonical(header).replace(b"}", b" }"),
     ):
         assert json.loads(raw) == header
-        info.path.write_bytes(snapshot.MAGIC + struct.pack(">I", len(raw)) + raw + body)
+        info.path.write_bytes(snapshot_header.MAGIC + struct.pack(">I", len(raw)) + raw + body)
         with pytest.raises(SnapshotError, match="canonical"):
             read(info.path, ring)
     info.path.write_bytes(join_file(header, body))
@@ -613,7 +614,7 @@ def test_payload_decode_is_zero_copy_and_aligned() -> None:
     for array in decoded.values():
         assert np.shares_memory(array, base)
         offset = array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-        assert offset % snapshot.PAYLOAD_ALIGN == 0
+        assert offset % payload.PAYLOAD_ALIGN == 0
     assert decoded["v"].flags.writeable
     read_only, _ = decode_payload(bytes(buffer))
     assert not read_only["v"].flags.writeable
@@ -668,9 +669,9 @@ def craft_payload(entries: list[dict[str, Any]], data: bytes) -> bytes:
     for entry in entries:
         entry.setdefault("offset", 1024)
     raw = json.dumps({"format": 1, "meta": {}, "arrays": entries}).encode()
-    header_len = 1024 - len(snapshot.PAYLOAD_MAGIC) - 8
+    header_len = 1024 - len(payload.PAYLOAD_MAGIC) - 8
     assert len(raw) <= header_len
-    return snapshot.PAYLOAD_MAGIC + struct.pack(">Q", header_len) + raw.ljust(header_len) + data
+    return payload.PAYLOAD_MAGIC + struct.pack(">Q", header_len) + raw.ljust(header_len) + data
 
 
 def test_payload_crafted_pickles_are_never_unpickled(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -687,7 +688,7 @@ def test_payload_crafted_pickles_are_never_unpickled(monkeypatch: pytest.MonkeyP
     assert arrays["x"].tobytes() == trap
     _forbid_unpickling(monkeypatch)
     crafted = [craft_payload(entry(d), trap) for d in ("|O", "|O8", "O", "|V1", "<f4,<O", "<f4,O8")]
-    for data in [trap, npy.getvalue(), snapshot.PAYLOAD_MAGIC + trap, *crafted]:
+    for data in [trap, npy.getvalue(), payload.PAYLOAD_MAGIC + trap, *crafted]:
         with pytest.raises(ValueError):
             decode_payload(data)
     assert _UNPICKLED == []

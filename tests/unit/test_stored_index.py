@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 from conftest import skimage_photo
 
-import moderation.banks.blocklist as service
+import moderation.banks.blocklist as blocklist_module
 import moderation.banks.index.cosine as cosine_module
-from moderation.banks.blocklist import Payload, create_bank, current_snapshot, read_payload
+import moderation.banks.index.cosine_params as cosine_params
+import moderation.banks.versions as versions
 from moderation.banks.index import CosineIndex, load_index
 from moderation.banks.operations import import_bank, set_entry_disabled
+from moderation.banks.records import create_bank
+from moderation.banks.snapshot_payload import Payload
+from moderation.banks.versions import current_snapshot, read_payload
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 
@@ -36,7 +40,7 @@ def large_rt(
     runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Runtime]:
     """A runtime where 4 active entries count as a large bank (stored HNSW index)."""
-    monkeypatch.setattr(service, "STORED_INDEX_MIN_ENTRIES", 4)
+    monkeypatch.setattr(versions, "STORED_INDEX_MIN_ENTRIES", 4)
     monkeypatch.setattr(cosine_module, "HNSW_MIN_ENTRIES", 4)
     with transaction(runtime.sessions) as session:
         create_bank(session, "known-bad")
@@ -67,7 +71,7 @@ def test_large_bank_snapshot_round_trips_its_index(
     stored = load_index(payload.cosine_index)
     assert isinstance(stored, CosineIndex)
     assert stored.params["algorithm"] == "hnsw"
-    assert stored.params["ef_search"] == cosine_module.HNSW_EF_SEARCH
+    assert stored.params["ef_search"] == cosine_params.HNSW_EF_SEARCH
     assert sorted(stored.ids().tolist()) == sorted(payload.entry_ids.tolist())
 
     # Loading uses the stored index: building is not called.
@@ -104,7 +108,7 @@ def test_a_stored_index_that_disagrees_is_rebuilt(large_rt: Runtime, tmp_path: P
     partial = CosineIndex.build(active[:2], vectors[payload.active][:2])
     payload.cosine_index = partial.serialize()
     mask = payload.active.copy()
-    rebuilt = service._cosine_index(payload, active, mask)
+    rebuilt = blocklist_module._cosine_index(payload, active, mask)
     assert sorted(rebuilt.ids().tolist()) == sorted(active.tolist())
     # Round trip of a payload with and without the optional array.
     again = Payload.from_bytes(payload.to_bytes())

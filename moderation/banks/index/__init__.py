@@ -8,16 +8,15 @@ pickle-free format, which :func:`load_index` reads back whatever the kind.
 from __future__ import annotations
 
 from moderation.banks.index.base import FORMAT_VERSION, Buffer, Hit, SignalIndex, read_index
-from moderation.banks.index.cosine import (
+from moderation.banks.index.cosine import HNSW_MIN_ENTRIES, CosineIndex
+from moderation.banks.index.cosine_params import (
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
     HNSW_M,
-    HNSW_MIN_ENTRIES,
     TOMBSTONE_COMPACT_FRACTION,
     UNIT_NORM_TOLERANCE,
-    CosineIndex,
-    maybe_to_gpu,
 )
+from moderation.banks.index.gpu import maybe_to_gpu
 from moderation.banks.index.hamming import HammingIndex
 
 __all__ = [

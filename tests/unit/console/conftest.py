@@ -110,7 +110,7 @@ def console_settings(settings: Settings) -> Settings:
 
 
 def _runtime(settings: Settings) -> Runtime:
-    from moderation.crypto import load_keyring
+    from moderation.crypto.keys import load_keyring
     from moderation.storage.db import migrate
 
     settings.ensure_dirs()
@@ -261,7 +261,7 @@ def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
     """
     from sqlalchemy import select
 
-    from moderation.banks.blocklist import EntryInfo, create_bank
+    from moderation.banks.records import EntryInfo, create_bank
     from moderation.matching.decision import MatchResult, ScreeningResult
     from moderation.matching.recording import record_result
     from moderation.service.uploads import create_upload

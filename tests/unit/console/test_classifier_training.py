@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import select
 
 import moderation.matching.classifier.training as training_module
-from moderation.banks.blocklist import create_bank
 from moderation.banks.operations import import_bank
+from moderation.banks.records import create_bank
 from moderation.config import load_settings
 from moderation.governance.review import claim_next
 from moderation.governance.review_decisions import decide

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from moderation.banks.blocklist import create_bank, current_snapshot
 from moderation.banks.jobs import (
     InlineJobRunner,
     JobError,
@@ -21,6 +21,8 @@ from moderation.banks.jobs import (
     imports_dir,
     job_view,
 )
+from moderation.banks.records import create_bank
+from moderation.banks.versions import current_snapshot
 from moderation.governance.approvals import ApprovalError, approve, request_removal
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
@@ -133,31 +135,28 @@ def test_not_a_zip_is_refused(
         assert db.scalar(select(func.count()).select_from(Job)) == 0
 
 
+def _stage_photos(db: Session, rt: Runtime, bank: str, filename: str) -> str:
+    """Queue an import of the photo zip into ``bank``; returns the job id."""
+    return create_import_job(
+        db,
+        rt.settings,
+        bank_name=bank,
+        archive=io.BytesIO(photo_zip()),
+        filename=filename,
+        created_by="test",
+        max_bytes=10**8,
+    ).id
+
+
 def test_thread_runner_reports_progress_and_failures(console_runtime: Runtime) -> None:
     rt = console_runtime
     with transaction(rt.sessions) as db:
         create_bank(db, "threaded")
-        ok = create_import_job(
-            db,
-            rt.settings,
-            bank_name="threaded",
-            archive=io.BytesIO(photo_zip()),
-            filename="ok.zip",
-            created_by="test",
-            max_bytes=10**8,
-        ).id
+        ok = _stage_photos(db, rt, "threaded", "ok.zip")
     # A job whose bank vanished before it ran fails with a message instead of hanging.
     with transaction(rt.sessions) as db:
         create_bank(db, "doomed")
-        doomed = create_import_job(
-            db,
-            rt.settings,
-            bank_name="doomed",
-            archive=io.BytesIO(photo_zip()),
-            filename="doomed.zip",
-            created_by="test",
-            max_bytes=10**8,
-        ).id
+        doomed = _stage_photos(db, rt, "doomed", "doomed.zip")
         db.delete(db.scalar(select(Bank).where(Bank.name == "doomed")))
     runner = ThreadJobRunner(rt)
     runner.submit(ok)

@@ -424,7 +424,7 @@ def test_development_without_secret_key_starts_with_a_throw_away_key(
 def test_step_up_needed_for_destructive_actions_when_sign_in_is_old(
     client: ConsoleClient, make_user: Callable[..., ConsoleUser], console_runtime: Runtime
 ) -> None:
-    from moderation.banks.blocklist import create_bank
+    from moderation.banks.records import create_bank
     from moderation.storage.db import transaction
     from moderation.storage.models import Bank
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 
-from moderation.banks.blocklist import create_bank
 from moderation.banks.operations import import_bank
+from moderation.banks.records import create_bank
 from moderation.governance.review import ReviewError, claim_next, release
 from moderation.governance.review_decisions import decide
 from moderation.governance.review_display import item_view

@@ -1,20 +1,5 @@
-"""Envelope encryption: master keys with ids, per-object data keys, AES-256-GCM, rotation.
-
-Every encrypted object (an index snapshot, an upload blob) has its own 32-byte data key. The
-payload is sealed with AES-256-GCM under that data key; the data key is *wrapped* (itself
-encrypted with AES-256-GCM) under the primary master key of the :class:`KeyRing`. The wrap's
-associated data binds the master key id and a caller-given context naming the object, so a
-wrapped key cannot be moved to another object, and a key id never selects the wrong key.
-
-Rotation adds a new master key, makes it primary and re-wraps the (small) wrapped keys; payloads
-are never re-encrypted. Retiring a master key makes everything still wrapped under it unreadable,
-and destroying one object's wrapped key makes that object unreadable (crypto-shredding, used for
-GDPR erasure of uploads), backups included.
-
-Algorithms: AES-GCM as specified in NIST SP 800-38D, via the ``cryptography`` package (OpenSSL).
-Nonces are 12 random bytes (SP 800-38D §8.2.2, random construction); a data key encrypts one
-snapshot or one blob, so the 2**32 invocation bound of §8.3 is far away.
-"""
+"""Master keys: the :class:`KeyRing` (ids, primary key, rotation), its env-variable and JSON key
+file forms, and where a deployment's ring comes from (:func:`load_keyring`)."""
 
 from __future__ import annotations
 
@@ -26,18 +11,15 @@ import os
 import re
 import secrets
 import stat
-import struct
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from moderation.config import ConfigurationError
+from moderation.crypto.errors import CryptoError, UnknownKeyError
+from moderation.crypto.files import fsync_dir, write_private_file
 
 if TYPE_CHECKING:
     from moderation.config import Settings
@@ -46,45 +28,22 @@ logger = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 """AES-256 key length, bytes (master keys and data keys)."""
-NONCE_BYTES = 12
-"""GCM nonce length, bytes: the 96-bit IV recommended by NIST SP 800-38D §5.2.1.1."""
-TAG_BYTES = 16
-"""GCM authentication tag length, bytes (the full 128-bit tag)."""
-WRAPPED_BLOB_BYTES = NONCE_BYTES + KEY_BYTES + TAG_BYTES
-"""Length of :attr:`WrappedKey.blob`: nonce, encrypted data key, tag."""
-MAX_ONE_SHOT_BYTES = 2**31 - 1
-"""Largest plaintext :func:`encrypt` takes: ``cryptography``'s one-shot AEAD limit. Larger
-payloads (index snapshots) use the streaming writer in :mod:`moderation.banks.snapshot`."""
 
 KEY_FILE_FORMAT = 1
 MASTER_KEYS_ENV = "MODERATION_MASTER_KEYS"
 
 # Ids go into the env variable (``kid:key,kid:key``), file names and log lines: keep them plain.
 _KEY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_WRAP_AAD_PREFIX = b"moderation/wrapped-key/v1\x00"
-_BLOB_AAD_PREFIX = b"moderation/blob/v1\x00"
-_WRAPPED_KEY_MAGIC = b"MWK\x01"
 _MAX_KEY_FILE_BYTES = 1024 * 1024
 
 
-class CryptoError(Exception):
-    """A key is missing or a ciphertext does not authenticate."""
+def check_key_id(key_id: str) -> None:
+    """Refuse a key id that could not go into the env variable, a file name or a log line.
 
-
-class UnknownKeyError(CryptoError):
-    """The key id is not in the key ring (retired, mistyped, or another deployment's)."""
-
-    def __init__(self, key_id: str, detail: str = "") -> None:
-        message = f"master key {key_id!r} is not in the key ring"
-        super().__init__(f"{message}: {detail}" if detail else message)
-        self.key_id = key_id
-
-
-class DecryptionError(CryptoError):
-    """AES-GCM authentication failed: wrong key, wrong associated data, or tampered bytes."""
-
-
-def _check_key_id(key_id: str) -> None:
+    Raises:
+        ValueError: ``key_id`` is not 1-64 characters of ``[A-Za-z0-9._-]`` starting with a
+            letter or digit.
+    """
     if not isinstance(key_id, str) or not _KEY_ID_RE.fullmatch(key_id):
         raise ValueError(
             f"invalid key id {key_id!r}: 1-64 characters from A-Z a-z 0-9 . _ -, "
@@ -115,7 +74,7 @@ class KeyRing:
         if not keys:
             raise ValueError("a key ring needs at least one master key")
         for key_id, key in keys.items():
-            _check_key_id(key_id)
+            check_key_id(key_id)
             if not isinstance(key, bytes) or len(key) != KEY_BYTES:
                 raise ValueError(f"master key {key_id!r} must be {KEY_BYTES} bytes")
         if primary not in keys:
@@ -187,7 +146,7 @@ class KeyRing:
                 )
             label = f"{where}: entry {position} (key id {key_id!r})"
             try:
-                _check_key_id(key_id)
+                check_key_id(key_id)
             except ValueError as exc:
                 raise ConfigurationError(f"{where}: entry {position}: {exc}") from None
             if key_id in keys:
@@ -278,7 +237,7 @@ class KeyRing:
             ValueError: ``key_id`` is invalid or already in the ring.
         """
         key_id = key_id or _new_key_id("k")
-        _check_key_id(key_id)
+        check_key_id(key_id)
         if key_id in self._keys:
             raise ValueError(f"key id {key_id!r} is already in the key ring")
         keys = dict(self._keys)
@@ -312,48 +271,6 @@ def _decode_key(encoded: str, label: str) -> bytes:
             f"{label}: key decodes to {len(key)} bytes, expected {KEY_BYTES} (AES-256)"
         )
     return key
-
-
-def write_private_file(path: Path, parts: Iterable[bytes | bytearray | memoryview]) -> None:
-    """Atomically write ``parts`` to ``path`` with mode 0600 and fsync it.
-
-    The bytes go to a new temp file in the same directory (``O_EXCL``, mode 0600), which is
-    fsynced, renamed over ``path`` with ``os.replace`` and the directory fsynced, so readers see
-    the old file or the new one, never a partial file. Used for key files and ciphertext; nothing
-    goes through :mod:`tempfile` or the system temp directory. ``parts`` may be a generator
-    producing the content piece by piece (each piece is written before the next is requested).
-
-    Raises:
-        OSError: the directory is missing or not writable, or the disk is full (the temp file
-            is removed).
-    """
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(temp, flags, 0o600)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as handle:
-            for part in parts:
-                view = memoryview(part).cast("B")
-                written = 0
-                while written < len(view):
-                    written += handle.write(view[written:]) or 0
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable (POSIX); directories cannot be opened this way on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_keyring(settings: Settings, *, create_dev: bool = False) -> KeyRing:
@@ -408,7 +325,7 @@ def _create_dev_key_file(path: Path) -> None:
         return
     finally:
         temp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     logger.warning(
         "DEVELOPMENT ONLY: generated master key %s in %s. Anyone with this file can decrypt "
         "the blocklist and uploads, and losing it loses them. In production set %s or provide "
@@ -417,199 +334,3 @@ def _create_dev_key_file(path: Path) -> None:
         path,
         MASTER_KEYS_ENV,
     )
-
-
-def generate_data_key() -> bytes:
-    """A fresh random AES-256 data key: 32 bytes from ``os.urandom``."""
-    return secrets.token_bytes(KEY_BYTES)
-
-
-@dataclass(frozen=True)
-class WrappedKey:
-    """A data key encrypted under the master key ``key_id``.
-
-    ``blob`` is ``nonce (12) || AES-256-GCM ciphertext of the 32-byte data key || tag (16)``,
-    60 bytes. Not secret: useless without the master key.
-    """
-
-    key_id: str
-    blob: bytes
-
-    def __post_init__(self) -> None:
-        _check_key_id(self.key_id)
-        if len(self.blob) != WRAPPED_BLOB_BYTES:
-            raise ValueError(
-                f"wrapped key blob is {len(self.blob)} bytes, expected {WRAPPED_BLOB_BYTES}"
-            )
-
-    def to_bytes(self) -> bytes:
-        """Self-describing encoding for a DB column: ``b"MWK\\x01" || len(id) (1 byte) || id
-        (ASCII) || blob``."""
-        key_id = self.key_id.encode("ascii")
-        return _WRAPPED_KEY_MAGIC + bytes([len(key_id)]) + key_id + self.blob
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> WrappedKey:
-        """Inverse of :meth:`to_bytes`. Raises :class:`CryptoError` on malformed input."""
-        magic_len = len(_WRAPPED_KEY_MAGIC)
-        if len(data) < magic_len + 1 or data[:magic_len] != _WRAPPED_KEY_MAGIC:
-            raise CryptoError("malformed wrapped key: bad magic or version")
-        id_len = data[magic_len]
-        id_end = magic_len + 1 + id_len
-        if len(data) != id_end + WRAPPED_BLOB_BYTES:
-            raise CryptoError(
-                f"malformed wrapped key: {len(data)} bytes, expected {id_end + WRAPPED_BLOB_BYTES}"
-            )
-        try:
-            return cls(data[magic_len + 1 : id_end].decode("ascii"), bytes(data[id_end:]))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CryptoError(f"malformed wrapped key: {exc}") from None
-
-
-def _wrap_aad(key_id: str, context: str) -> bytes:
-    if not context:
-        raise ValueError("context must name the object the key belongs to")
-    kid = key_id.encode("ascii")
-    ctx = context.encode("utf-8")
-    # Length prefixes keep (id, context) pairs unambiguous whatever characters they hold.
-    return _WRAP_AAD_PREFIX + struct.pack(">H", len(kid)) + kid + struct.pack(">I", len(ctx)) + ctx
-
-
-def wrap_key(data_key: bytes, keyring: KeyRing, *, context: str) -> WrappedKey:
-    """Encrypt a 32-byte data key under the primary master key, bound to ``context``.
-
-    Args:
-        data_key: from :func:`generate_data_key`.
-        context: names the object (e.g. a snapshot id and version, an upload id); the same
-            string must be given to :func:`unwrap_key`.
-
-    Raises:
-        ValueError: ``data_key`` is not 32 bytes or ``context`` is empty.
-    """
-    if len(data_key) != KEY_BYTES:
-        raise ValueError(f"data key must be {KEY_BYTES} bytes, got {len(data_key)}")
-    key_id = keyring.primary_id
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    sealed = AESGCM(keyring.get(key_id)).encrypt(nonce, data_key, _wrap_aad(key_id, context))
-    return WrappedKey(key_id, nonce + sealed)
-
-
-def unwrap_key(wrapped: WrappedKey, keyring: KeyRing, *, context: str) -> bytes:
-    """Recover the data key. The key id selects the master key; no other key is tried.
-
-    Raises:
-        UnknownKeyError: ``wrapped.key_id`` is not in the ring (message names it).
-        DecryptionError: authentication failed: another deployment's key bytes under the same id,
-            a wrapped key moved from another object (``context`` differs), or corruption.
-    """
-    master = keyring.get(wrapped.key_id)
-    blob = wrapped.blob
-    try:
-        return AESGCM(master).decrypt(
-            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _wrap_aad(wrapped.key_id, context)
-        )
-    except InvalidTag:
-        raise DecryptionError(
-            f"cannot unwrap the data key of {context}: master key {wrapped.key_id!r} does not "
-            "authenticate it (different key bytes under that id, a key moved from another "
-            "object, or corruption)"
-        ) from None
-
-
-def rewrap_key(wrapped: WrappedKey, keyring: KeyRing, *, context: str) -> WrappedKey:
-    """The same data key wrapped under the ring's current primary (key rotation).
-
-    A key already under the primary is verified and returned unchanged, so rotation can be
-    re-run after a crash.
-
-    Raises:
-        UnknownKeyError, DecryptionError: as :func:`unwrap_key`.
-    """
-    data_key = unwrap_key(wrapped, keyring, context=context)
-    if wrapped.key_id == keyring.primary_id:
-        return wrapped
-    return wrap_key(data_key, keyring, context=context)
-
-
-def encrypt(plaintext: bytes | bytearray | memoryview, data_key: bytes, aad: bytes) -> bytes:
-    """AES-256-GCM under ``data_key`` with a fresh random nonce.
-
-    Returns:
-        ``nonce (12) || ciphertext (len(plaintext)) || tag (16)``.
-
-    Raises:
-        ValueError: ``data_key`` is not 32 bytes, or the plaintext exceeds
-            :data:`MAX_ONE_SHOT_BYTES` (index snapshots stream through their own writer).
-    """
-    if len(data_key) != KEY_BYTES:
-        raise ValueError(f"data key must be {KEY_BYTES} bytes, got {len(data_key)}")
-    if memoryview(plaintext).nbytes > MAX_ONE_SHOT_BYTES:
-        raise ValueError(f"plaintext larger than {MAX_ONE_SHOT_BYTES} bytes; stream it instead")
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    return nonce + AESGCM(data_key).encrypt(nonce, plaintext, aad)
-
-
-def decrypt(
-    sealed: bytes | bytearray | memoryview, data_key: bytes, aad: bytes, *, context: str
-) -> bytes:
-    """Inverse of :func:`encrypt`; the ciphertext is sliced, not copied.
-
-    Args:
-        context: names the object in the error message.
-
-    Raises:
-        DecryptionError: too short, or authentication failed (wrong key or associated data,
-            tampered bytes); the message names ``context``.
-    """
-    view = memoryview(sealed).cast("B")
-    if len(view) < NONCE_BYTES + TAG_BYTES:
-        raise DecryptionError(f"cannot decrypt {context}: {len(view)} bytes is too short")
-    try:
-        return AESGCM(data_key).decrypt(view[:NONCE_BYTES], view[NONCE_BYTES:], aad)
-    except InvalidTag:
-        raise DecryptionError(
-            f"cannot decrypt {context}: authentication failed (wrong key or associated data, "
-            "or the ciphertext was altered)"
-        ) from None
-
-
-def _blob_aad(context: str) -> bytes:
-    return _BLOB_AAD_PREFIX + context.encode("utf-8")
-
-
-def seal_blob(
-    plaintext: bytes | bytearray | memoryview, keyring: KeyRing, *, context: str
-) -> tuple[bytes, WrappedKey]:
-    """Encrypt one blob (an upload) under a fresh data key wrapped by the primary master key.
-
-    Both the payload's associated data and the wrap bind ``context`` (e.g. the upload id).
-    Store the sealed bytes and the wrapped key apart (blob store, DB row): deleting the wrapped
-    key destroys the only copy of the data key, so the blob is unreadable everywhere, backups
-    included (crypto-shredding).
-
-    Returns:
-        ``(nonce || ciphertext || tag, wrapped data key)``.
-
-    Raises:
-        ValueError: empty ``context`` or plaintext over :data:`MAX_ONE_SHOT_BYTES`.
-    """
-    data_key = generate_data_key()
-    wrapped = wrap_key(data_key, keyring, context=context)
-    return encrypt(plaintext, data_key, _blob_aad(context)), wrapped
-
-
-def open_blob(
-    sealed: bytes | bytearray | memoryview,
-    wrapped: WrappedKey,
-    keyring: KeyRing,
-    *,
-    context: str,
-) -> bytes:
-    """Decrypt a blob from :func:`seal_blob`.
-
-    Raises:
-        UnknownKeyError: the wrapping master key was retired.
-        DecryptionError: wrong ``context``, a wrapped key from another blob, or tampering.
-    """
-    data_key = unwrap_key(wrapped, keyring, context=context)
-    return decrypt(sealed, data_key, _blob_aad(context), context=context)

@@ -1,0 +1,272 @@
+"""The decrypted snapshot payload: every entry's signals as arrays, and how they are
+(de)serialised.
+
+Snapshot payload (``moderation.banks.payload.encode_payload``), format 1:
+
+======================  =================  ===============================================
+array                   dtype, shape       meaning
+======================  =================  ===============================================
+``entry_ids``           int64 (n,)         entry primary keys
+``vectors``             float32 (n, d)     unit-norm global embeddings; (n - a, d), the
+                                           inactive entries' rows only, when the meta field
+                                           ``vectors_in_index`` is true (below)
+``pdq``                 uint8 (n, 32)      PDQ digests, ThreatExchange bit order
+``pdq_quality``         uint8 (n,)         PDQ quality 0-100
+``active``              bool (n,)          entry enabled and its bank enabled
+``region_entry_ids``    int64 (m,)         owner entry of each region embedding
+``region_vectors``      float32 (m, d)     unit-norm region embeddings (classifier stage)
+``cosine_index``        uint8 (b,)         optional: the active entries' cosine index,
+                                           ``CosineIndex.serialize()`` bytes (its header
+                                           records algorithm and parameters)
+======================  =================  ===============================================
+
+``cosine_index`` is written for banks of at least
+:data:`~moderation.banks.versions.STORED_INDEX_MIN_ENTRIES` active entries, where building the
+index (an HNSW graph, or for the largest banks the projection learned from the bank plus the
+graph) costs far more than reading it: it is built once when the bank changes, not by every
+worker at every load. Payloads without it (older snapshots, small banks) are indexed at load as
+before, and so is one whose stored index does not hold exactly the entries being loaded.
+
+With a stored index, the active entries' global embeddings are not written a second time: the
+index keeps them (``ivf_pca`` and ``hnsw_pca``: as float16 codes, each component to about 5e-4
+relative), and ``vectors`` holds only the inactive entries' rows, in entry order (meta
+``vectors_in_index``). That drops 5,120 bytes per entry (1280-d float32 rows) from a large
+bank's snapshot and from what a worker must decrypt at load. Workers read single embeddings from
+the index (:meth:`~moderation.banks.blocklist.Blocklist.vector_of`); the writer decodes them all
+(:meth:`Payload.full_vectors`) only when it builds the next version. Decoded float16 values
+re-encode to the same codes, so vectors do not drift from version to version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from moderation.banks.index import CosineIndex, load_index
+from moderation.banks.payload import decode_payload, encode_payload
+
+PAYLOAD_FORMAT = 1
+PDQ_BYTES = 32
+
+
+@dataclass(frozen=True)
+class EntrySignals:
+    """The signals of one new entry, computed at import before the original is discarded.
+
+    ``vector`` is float32 (d,) unit-norm; ``pdq`` 32 bytes; ``regions`` float32 (r, d).
+    """
+
+    entry_id: int
+    vector: npt.NDArray[np.float32]
+    pdq: bytes
+    pdq_quality: int
+    regions: npt.NDArray[np.float32] | None = None
+
+
+@dataclass
+class Payload:
+    """A decrypted snapshot payload (see the module docstring for the arrays)."""
+
+    encoder_id: str
+    dim: int
+    entry_ids: npt.NDArray[np.int64]
+    vectors: npt.NDArray[np.float32]
+    pdq: npt.NDArray[np.uint8]
+    pdq_quality: npt.NDArray[np.uint8]
+    active: npt.NDArray[np.bool_]
+    region_entry_ids: npt.NDArray[np.int64]
+    region_vectors: npt.NDArray[np.float32]
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+    # Serialized CosineIndex of the active entries, or None (see the module docstring).
+    cosine_index: bytes | memoryview | None = None
+    # True: ``vectors`` holds only the inactive entries' rows; the rest are in ``cosine_index``.
+    vectors_in_index: bool = False
+
+    @classmethod
+    def empty(cls, encoder_id: str, dim: int) -> Payload:
+        """A payload with no entries."""
+        return cls(
+            encoder_id=encoder_id,
+            dim=dim,
+            entry_ids=np.zeros(0, np.int64),
+            vectors=np.zeros((0, dim), np.float32),
+            pdq=np.zeros((0, PDQ_BYTES), np.uint8),
+            pdq_quality=np.zeros(0, np.uint8),
+            active=np.zeros(0, np.bool_),
+            region_entry_ids=np.zeros(0, np.int64),
+            region_vectors=np.zeros((0, dim), np.float32),
+        )
+
+    def to_bytes(self, *, index_holds_active: bool = False) -> bytes:
+        """Serialise (no pickle) for encryption.
+
+        Args:
+            index_holds_active: the caller built ``cosine_index`` from exactly the active
+                entries' rows of ``vectors``: only the inactive entries' rows are written (see
+                the module docstring). A payload read that way is written that way again.
+        """
+        vectors, in_index = self.vectors, self.vectors_in_index
+        if not in_index and index_holds_active:
+            if self.cosine_index is None:
+                raise ValueError("index_holds_active needs a stored index")
+            vectors, in_index = self.vectors[~self.active], True
+        arrays: dict[str, np.ndarray[Any, Any]] = {
+            "entry_ids": self.entry_ids,
+            "vectors": vectors,
+            "pdq": self.pdq,
+            "pdq_quality": self.pdq_quality,
+            "active": self.active,
+            "region_entry_ids": self.region_entry_ids,
+            "region_vectors": self.region_vectors,
+        }
+        if self.cosine_index is not None:
+            arrays["cosine_index"] = np.frombuffer(self.cosine_index, dtype=np.uint8)
+        meta = {
+            "format": PAYLOAD_FORMAT,
+            "encoder_id": self.encoder_id,
+            "dim": self.dim,
+            **self.extra_meta,
+        }
+        if in_index:
+            meta["vectors_in_index"] = True
+        return encode_payload(arrays, meta)
+
+    def _stored(self) -> CosineIndex:
+        """The stored cosine index (``cosine_index`` must be set; every byte of it was
+        authenticated with the snapshot, or built by this process).
+
+        Raises:
+            ValueError: it does not parse as a cosine index.
+        """
+        assert self.cosine_index is not None
+        index = load_index(self.cosine_index, authenticated=True)
+        if not isinstance(index, CosineIndex) or index.dim != self.dim:
+            raise ValueError("the stored index is not a cosine index of the payload's width")
+        return index
+
+    def full_vectors(self) -> npt.NDArray[np.float32]:
+        """Every entry's global embedding, float32 (n, d), decoding the active entries' rows
+        from the stored index when the payload keeps them there (then cached: this payload
+        holds full vectors from now on).
+
+        Raises:
+            ValueError: the stored index does not hold the active entries.
+        """
+        if not self.vectors_in_index:
+            return self.vectors
+        full = np.empty((len(self.entry_ids), self.dim), dtype=np.float32)
+        full[~self.active] = self.vectors
+        try:
+            full[self.active] = self._stored().reconstruct(self.entry_ids[self.active])
+        except KeyError as exc:
+            raise ValueError(f"the stored index lacks an active entry: {exc}") from exc
+        self.vectors, self.vectors_in_index = full, False
+        return full
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Payload:
+        """Parse a decrypted payload.
+
+        Raises:
+            ValueError: unknown format or inconsistent shapes.
+        """
+        arrays, meta = decode_payload(data)
+        if meta.get("format") != PAYLOAD_FORMAT:
+            raise ValueError(f"unknown snapshot payload format {meta.get('format')!r}")
+        dim = int(meta["dim"])
+        in_index = meta.get("vectors_in_index", False)
+        if not isinstance(in_index, bool) or (in_index and "cosine_index" not in arrays):
+            raise ValueError("vectors_in_index must be a boolean, and needs a stored index")
+        payload = cls(
+            encoder_id=str(meta["encoder_id"]),
+            dim=dim,
+            entry_ids=arrays["entry_ids"].astype(np.int64, copy=False),
+            vectors=arrays["vectors"].astype(np.float32, copy=False).reshape(-1, dim),
+            pdq=arrays["pdq"].astype(np.uint8, copy=False).reshape(-1, PDQ_BYTES),
+            pdq_quality=arrays["pdq_quality"].astype(np.uint8, copy=False),
+            active=arrays["active"].astype(np.bool_, copy=False),
+            region_entry_ids=arrays["region_entry_ids"].astype(np.int64, copy=False),
+            region_vectors=arrays["region_vectors"].astype(np.float32, copy=False).reshape(-1, dim),
+            extra_meta={
+                k: v
+                for k, v in meta.items()
+                if k not in {"format", "encoder_id", "dim", "vectors_in_index"}
+            },
+            vectors_in_index=in_index,
+            # A view into the decrypted payload, not a copy (gigabytes for large banks).
+            cosine_index=(
+                arrays["cosine_index"].astype(np.uint8, copy=False).data
+                if "cosine_index" in arrays
+                else None
+            ),
+        )
+        n = len(payload.entry_ids)
+        rows = int((~payload.active).sum()) if in_index else n
+        if not (len(payload.vectors) == rows and len(payload.pdq) == len(payload.active) == n):
+            raise ValueError("snapshot payload arrays disagree in length")
+        if len(payload.region_entry_ids) != len(payload.region_vectors):
+            raise ValueError("snapshot payload region arrays disagree in length")
+        return payload
+
+    def without(self, removed: Iterable[int]) -> Payload:
+        """A copy without the entries in ``removed`` (and their regions)."""
+        removed_ids = np.fromiter(removed, dtype=np.int64)
+        vectors = self.full_vectors()
+        keep = ~np.isin(self.entry_ids, removed_ids)
+        keep_regions = ~np.isin(self.region_entry_ids, removed_ids)
+        return Payload(
+            encoder_id=self.encoder_id,
+            dim=self.dim,
+            entry_ids=self.entry_ids[keep],
+            vectors=vectors[keep],
+            pdq=self.pdq[keep],
+            pdq_quality=self.pdq_quality[keep],
+            active=self.active[keep],
+            region_entry_ids=self.region_entry_ids[keep_regions],
+            region_vectors=self.region_vectors[keep_regions],
+            extra_meta=dict(self.extra_meta),
+        )
+
+    def with_added(self, signals: Sequence[EntrySignals]) -> Payload:
+        """A copy with new entries appended (active)."""
+        if not signals:
+            return self
+        existing = self.full_vectors()
+        vectors = np.stack([s.vector for s in signals]).astype(np.float32)
+        if vectors.shape[1] != self.dim:
+            raise ValueError(f"vectors have dimension {vectors.shape[1]}, snapshot {self.dim}")
+        regions = [
+            (s.entry_id, s.regions) for s in signals if s.regions is not None and len(s.regions)
+        ]
+        region_ids = (
+            np.concatenate([np.full(len(r), eid, np.int64) for eid, r in regions])
+            if regions
+            else np.zeros(0, np.int64)
+        )
+        region_vecs = (
+            np.concatenate([r for _, r in regions]).astype(np.float32)
+            if regions
+            else np.zeros((0, self.dim), np.float32)
+        )
+        return Payload(
+            encoder_id=self.encoder_id,
+            dim=self.dim,
+            entry_ids=np.concatenate([self.entry_ids, [s.entry_id for s in signals]]).astype(
+                np.int64
+            ),
+            vectors=np.concatenate([existing, vectors]),
+            pdq=np.concatenate(
+                [self.pdq, np.stack([np.frombuffer(s.pdq, np.uint8) for s in signals])]
+            ),
+            pdq_quality=np.concatenate(
+                [self.pdq_quality, np.array([s.pdq_quality for s in signals], np.uint8)]
+            ),
+            active=np.concatenate([self.active, np.ones(len(signals), np.bool_)]),
+            region_entry_ids=np.concatenate([self.region_entry_ids, region_ids]),
+            region_vectors=np.concatenate([self.region_vectors, region_vecs]),
+            extra_meta=dict(self.extra_meta),
+        )
