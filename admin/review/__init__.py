@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
@@ -18,20 +20,18 @@ from moderation.governance.review import (
     NotClaimedError,
     ReviewError,
     claim_next,
-    current_claim,
-    exposure,
-    queue_stats,
     record_reveal,
     release,
-    renew_lease,
 )
-from moderation.governance.review_decisions import DECISIONS, banks_for_decisions, decide
+from moderation.governance.review_decisions import DECISIONS, decide
 from moderation.governance.review_display import (
+    ItemAccessDenied,
+    ItemNotFound,
     ItemView,
-    item_view,
-    previous_item,
+    item_page,
+    load_item,
+    queue_page,
     render_upload,
-    upload_exif,
 )
 from moderation.storage.db import transaction
 
@@ -62,24 +62,20 @@ def _remember(key: str, item_id: int) -> None:
     session[key] = values[-MAX_REMEMBERED:]
 
 
-def _access(view: ItemView, user: Principal) -> str | None:
-    """``work`` (the user holds it), ``read`` (decided by them, or an admin), or None."""
-    if view.claimed_by == user.id and view.state in ("claimed", "escalated"):
-        return "work"
-    if user.role == "admin" or (view.decided_by == user.id and view.decided_by is not None):
-        return "read"
-    return None
+@contextmanager
+def _item_errors() -> Iterator[None]:
+    """404 for an unknown item, 403 for one the user may neither work on nor read."""
+    try:
+        yield
+    except ItemNotFound:
+        abort(404)
+    except ItemAccessDenied:
+        abort(403)
 
 
 def _load(item_id: int, user: Principal) -> tuple[ItemView, str]:
-    with runtime().sessions() as db:
-        view = item_view(db, item_id)
-    if view is None:
-        abort(404)
-    access = _access(view, user)
-    if access is None:
-        abort(403)
-    return view, access
+    with _item_errors():
+        return load_item(runtime(), item_id, user.id, user.role)
 
 
 def _claim_and_go(user: Principal, queue: str) -> Response:
@@ -113,20 +109,13 @@ def _claim_and_go(user: Principal, queue: str) -> Response:
 @permission_required("review")
 def queue() -> str:
     user = require_user()
-    rt = runtime()
-    with rt.sessions() as db:
-        stats = queue_stats(db)
-        mine = current_claim(db, user.id, queue="main") or (
-            current_claim(db, user.id, queue="escalated") if user.can("review.escalated") else None
-        )
-        counts = exposure(db, user.id, limit=rt.settings.review_daily_exposure_limit)
-        last = previous_item(db, user.id)
+    page = queue_page(runtime(), user.id, escalated=user.can("review.escalated"))
     return render_template(
         "review/queue.html",
-        stats=stats,
-        mine=mine.id if mine else None,
-        exposure=counts,
-        last=last,
+        stats=page.stats,
+        mine=page.mine,
+        exposure=page.exposure,
+        last=page.last,
         form=ClaimForm(),
         can_escalated=user.can("review.escalated"),
     )
@@ -149,23 +138,17 @@ def claim() -> Response:
 @permission_required("review")
 def item(item_id: int) -> str:
     user = require_user()
-    view, access = _load(item_id, user)
-    rt = runtime()
-    with transaction(rt.sessions) as db:
-        if access == "work":
-            renew_lease(db, item_id, user.id, lease_seconds=rt.settings.review_lease_seconds)
-        counts = exposure(db, user.id, limit=rt.settings.review_daily_exposure_limit)
-        banks = banks_for_decisions(db)
-        previous = previous_item(db, user.id, before=view.decided_at)
+    with _item_errors():
+        page = item_page(runtime(), item_id, user.id, user.role)
     return render_template(
         "review/item.html",
-        view=view,
-        exif=upload_exif(rt, view.upload_id),
-        access=access,
+        view=page.view,
+        exif=page.exif,
+        access=page.access,
         revealed=item_id in _remembered("revealed"),
-        exposure=counts,
-        banks=banks,
-        previous=previous,
+        exposure=page.exposure,
+        banks=page.banks,
+        previous=page.previous,
         claim_form=ClaimForm(queue=session.get("queue", "main")),
     )
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from moderation.cli import Context, config_errors, echo_json, main, pass_ctx, print_table
+
+if TYPE_CHECKING:
+    from moderation.service.runtime import Runtime
 
 VERIFY_FAILED_EXIT = 1
 ACTOR = "cli"
@@ -32,6 +37,22 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
             param_hint=option,
         ) from None
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+@contextmanager
+def _initialised_runtime(ctx: Context, *refused: type[Exception]) -> Iterator[Runtime]:
+    """The runtime, once the deployment is checked as set up, for the command's body.
+
+    Configuration and integrity errors exit 3 (:func:`moderation.cli.config_errors`); the
+    ``refused`` errors raised by the body (e.g. ``GdprError``) become a one-line CLI error (exit 1).
+    """
+    with config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        try:
+            yield runtime
+        except refused as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 def _subject_argument(subject_id: str) -> str:
@@ -81,9 +102,7 @@ def audit_verify(ctx: Context, public_key: str | None, as_json: bool) -> None:
     """Check the hash chain and the signed checkpoints; exit 1 naming the first bad seq."""
     from moderation.audit.verify import verify_chain
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with _initialised_runtime(ctx) as runtime:
         if public_key is not None and public_key.strip().lower() != _public_key_of_deployment(
             runtime
         ):
@@ -124,20 +143,17 @@ def audit_checkpoint(ctx: Context, if_due: bool) -> None:
     from moderation.audit.log import checkpoint_if_due, write_checkpoint
     from moderation.storage.db import transaction
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with transaction(runtime.sessions) as session:
-            if if_due:
-                every = ctx.settings.audit_checkpoint_every
-                checkpoint = checkpoint_if_due(session, runtime.keyring, every=every)
-            else:
-                checkpoint = write_checkpoint(session, runtime.keyring)
-            row = (
-                None
-                if checkpoint is None
-                else {"seq": checkpoint.seq, "head_hash": checkpoint.head_hash}
-            )
+    with _initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
+        if if_due:
+            every = ctx.settings.audit_checkpoint_every
+            checkpoint = checkpoint_if_due(session, runtime.keyring, every=every)
+        else:
+            checkpoint = write_checkpoint(session, runtime.keyring)
+        row = (
+            None
+            if checkpoint is None
+            else {"seq": checkpoint.seq, "head_hash": checkpoint.head_hash}
+        )
     echo_json({"checkpoint": row})
 
 
@@ -148,11 +164,8 @@ def audit_public_key(ctx: Context) -> None:
     from moderation.audit.log import public_key_hex, signing_key
     from moderation.storage.db import transaction
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with transaction(runtime.sessions) as session:
-            key = signing_key(session, runtime.keyring, create=True, actor=ACTOR)
+    with _initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
+        key = signing_key(session, runtime.keyring, create=True, actor=ACTOR)
     click.echo(public_key_hex(key))
 
 
@@ -184,20 +197,21 @@ def audit_export(
 
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     manifest_path = manifest_path or out_path.with_name(out_path.name + ".manifest.json")
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with transaction(runtime.sessions) as session, open(out_path, "wb") as out:
-            key = signing_key(session, runtime.keyring, create=True, actor=ACTOR)
-            manifest = export_events(
-                session,
-                fmt="csv" if fmt == "csv" else "jsonl",
-                since=start,
-                until=end,
-                out=out,
-                actor=ACTOR,
-                signing_key=key,
-            )
+    with (
+        _initialised_runtime(ctx) as runtime,
+        transaction(runtime.sessions) as session,
+        open(out_path, "wb") as out,
+    ):
+        key = signing_key(session, runtime.keyring, create=True, actor=ACTOR)
+        manifest = export_events(
+            session,
+            fmt="csv" if fmt == "csv" else "jsonl",
+            since=start,
+            until=end,
+            out=out,
+            actor=ACTOR,
+            signing_key=key,
+        )
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     click.echo(
         f"wrote {manifest['count']} events to {out_path} and the manifest to {manifest_path}; "
@@ -283,13 +297,8 @@ def gdpr_preview(ctx: Context, subject_id: str) -> None:
     from moderation.governance.gdpr import preview_erasure
 
     subject = _subject_argument(subject_id)
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        try:
-            counts = preview_erasure(runtime, subject)
-        except GdprError as exc:
-            raise click.ClickException(str(exc)) from None
+    with _initialised_runtime(ctx, GdprError) as runtime:
+        counts = preview_erasure(runtime, subject)
     echo_json(counts)
 
 
@@ -301,9 +310,7 @@ def gdpr_request(ctx: Context, subject_id: str) -> None:
     from moderation.governance.erasure_requests import register_request
 
     subject = _subject_argument(subject_id)
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with _initialised_runtime(ctx) as runtime:
         request_id = register_request(runtime, subject, actor=ACTOR)
     echo_json({"request_id": request_id})
 
@@ -324,13 +331,8 @@ def gdpr_erase(ctx: Context, subject_id: str, dry_run: bool, yes: bool) -> None:
     if not (dry_run or yes):
         raise click.UsageError("erasure cannot be undone: add --yes (or use --dry-run)")
     subject = _subject_argument(subject_id)
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        try:
-            receipt = erase_subject(runtime, subject, actor=ACTOR, dry_run=dry_run)
-        except GdprError as exc:
-            raise click.ClickException(str(exc)) from None
+    with _initialised_runtime(ctx, GdprError) as runtime:
+        receipt = erase_subject(runtime, subject, actor=ACTOR, dry_run=dry_run)
     echo_json(receipt)
 
 
@@ -342,15 +344,12 @@ def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
     """List erasure requests (newest first), or the overdue ones (oldest first)."""
     from moderation.governance.erasure_requests import list_requests, overdue_requests
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with runtime.sessions() as session:
-            rows = (
-                overdue_requests(session, days=ctx.settings.erasure_deadline_days)
-                if overdue
-                else list_requests(session)
-            )
+    with _initialised_runtime(ctx) as runtime, runtime.sessions() as session:
+        rows = (
+            overdue_requests(session, days=ctx.settings.erasure_deadline_days)
+            if overdue
+            else list_requests(session)
+        )
     if as_json:
         for row in rows:
             echo_json(row)
@@ -364,11 +363,8 @@ def gdpr_held(ctx: Context) -> None:
     """List uploads kept under legal hold after their subject's erasure."""
     from moderation.governance.holds import held_uploads
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with runtime.sessions() as session:
-            rows = held_uploads(session)
+    with _initialised_runtime(ctx) as runtime, runtime.sessions() as session:
+        rows = held_uploads(session)
     for row in rows:
         echo_json(row)
 
@@ -384,13 +380,8 @@ def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) ->
     from moderation.governance.erasure_stores import GdprError
     from moderation.governance.holds import read_held_upload
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        try:
-            data = read_held_upload(runtime, upload_id, actor=ACTOR, reason=reason)
-        except (GdprError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+    with _initialised_runtime(ctx, GdprError, ValueError) as runtime:
+        data = read_held_upload(runtime, upload_id, actor=ACTOR, reason=reason)
     write_private_file(out_path, [data])
     echo_json({"upload_id": upload_id, "out": str(out_path), "bytes": len(data)})
 
@@ -402,11 +393,6 @@ def gdpr_release_holds(ctx: Context) -> None:
     from moderation.governance.erasure_stores import GdprError
     from moderation.governance.holds import release_expired_holds
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        try:
-            counts = release_expired_holds(runtime, actor=ACTOR)
-        except GdprError as exc:
-            raise click.ClickException(str(exc)) from None
+    with _initialised_runtime(ctx, GdprError) as runtime:
+        counts = release_expired_holds(runtime, actor=ACTOR)
     echo_json(counts)

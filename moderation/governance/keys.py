@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -23,7 +23,7 @@ from moderation.audit.log import record_event
 from moderation.banks.snapshot import rewrap_snapshot
 from moderation.crypto.envelope import WrappedKey, rewrap_key
 from moderation.crypto.keys import KeyRing
-from moderation.governance.users import rewrap_totp_secrets
+from moderation.governance.users import totp_context
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     ApiClient,
@@ -31,6 +31,7 @@ from moderation.storage.models import (
     IndexSnapshot,
     Subject,
     Upload,
+    User,
 )
 
 if TYPE_CHECKING:
@@ -89,48 +90,47 @@ def _rewrap_uploads(session: Session, keyring: KeyRing, _dir: Path, _r: Rotation
     return count
 
 
-def _rewrap_subjects(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+def _rewrap_column(
+    rows: Iterable[Any], column: str, keyring: KeyRing, context: Callable[[Any], str]
+) -> int:
+    """Re-wrap ``row.<column>`` (a wrapped key) of each row under the primary key.
+
+    Rows already under the primary key are left alone; ``context(row)`` is the wrap context the
+    key was bound to. Returns how many rows changed.
+    """
     count = 0
-    for subject in session.scalars(select(Subject).where(Subject.secret.is_not(None))):
-        assert subject.secret is not None
-        old = WrappedKey.from_bytes(subject.secret)
+    for row in rows:
+        old = WrappedKey.from_bytes(getattr(row, column))
         if old.key_id == keyring.primary_id:
             continue
-        subject.secret = rewrap_key(old, keyring, context=f"subject:{subject.lookup}").to_bytes()
+        setattr(row, column, rewrap_key(old, keyring, context=context(row)).to_bytes())
         count += 1
     return count
+
+
+def _rewrap_subjects(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+    rows = session.scalars(select(Subject).where(Subject.secret.is_not(None)))
+    return _rewrap_column(rows, "secret", keyring, lambda s: f"subject:{s.lookup}")
 
 
 def _rewrap_deployment_secrets(
     session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport
 ) -> int:
-    count = 0
-    for row in session.scalars(select(DeploymentSecret)):
-        old = WrappedKey.from_bytes(row.wrapped)
-        if old.key_id == keyring.primary_id:
-            continue
-        row.wrapped = rewrap_key(old, keyring, context=f"deployment-secret:{row.name}").to_bytes()
-        count += 1
-    return count
+    rows = session.scalars(select(DeploymentSecret))
+    return _rewrap_column(rows, "wrapped", keyring, lambda r: f"deployment-secret:{r.name}")
 
 
 def _rewrap_user_totp(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
-    return rewrap_totp_secrets(session, keyring)
+    rows = session.scalars(select(User).where(User.totp_secret.is_not(None)))
+    return _rewrap_column(rows, "totp_secret", keyring, lambda u: totp_context(u.id))
 
 
 def _rewrap_api_clients(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
     # Callback signing secrets of upload-hook clients (moderation.service.api_clients).
-    count = 0
-    for client in session.scalars(select(ApiClient)):
-        if not client.callback_secret:
-            continue
-        old = WrappedKey.from_bytes(client.callback_secret)
-        if old.key_id == keyring.primary_id:
-            continue
-        context = f"api-client:{client.id}:callback-secret"
-        client.callback_secret = rewrap_key(old, keyring, context=context).to_bytes()
-        count += 1
-    return count
+    rows = (c for c in session.scalars(select(ApiClient)) if c.callback_secret)
+    return _rewrap_column(
+        rows, "callback_secret", keyring, lambda c: f"api-client:{c.id}:callback-secret"
+    )
 
 
 REWRAP_STEPS: dict[str, RewrapStep] = {

@@ -1,8 +1,9 @@
 """What the review pages show: an item with its match explanation, and its image.
 
-:func:`item_view` gathers an item, its upload, screening and matches; :func:`render_upload`
-re-encodes the upload for display (a small greyscale preview until revealed) and
-:func:`upload_exif` extracts its untrusted text metadata.
+:func:`item_view` gathers an item, its upload, screening and matches; :func:`item_access` says
+who may work on or read it; :func:`queue_page` and :func:`item_page` return everything the queue
+and item pages show; :func:`render_upload` re-encodes the upload for display (a small greyscale
+preview until revealed) and :func:`upload_exif` extracts its untrusted text metadata.
 """
 
 from __future__ import annotations
@@ -16,9 +17,20 @@ from PIL import ExifTags, Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.governance.review import utc
+from moderation.governance.review import (
+    Exposure,
+    QueueStats,
+    ReviewError,
+    current_claim,
+    exposure,
+    queue_stats,
+    renew_lease,
+    utc,
+)
+from moderation.governance.review_decisions import banks_for_decisions
 from moderation.media.decode import UnscannableImage, decode_image
 from moderation.service.uploads import BlobMissingError, read_upload
+from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry, ReviewItem, Screening, Upload
 
 if TYPE_CHECKING:
@@ -143,6 +155,110 @@ def previous_item(
     if before is not None:
         query = query.where(ReviewItem.decided_at < before)
     return session.scalar(query.order_by(ReviewItem.decided_at.desc()).limit(1))
+
+
+class ItemNotFound(ReviewError):
+    """No review item has this id."""
+
+
+class ItemAccessDenied(ReviewError):
+    """The user may neither work on nor read this item."""
+
+
+def item_access(view: ItemView, user_id: int, role: str) -> str | None:
+    """What the user may do with the item: ``work``, ``read`` or None (nothing).
+
+    ``work`` when the user holds the item's claim (state ``claimed`` or ``escalated``);
+    ``read`` when they decided it, or when their role is ``admin``; None otherwise.
+    """
+    if view.claimed_by == user_id and view.state in ("claimed", "escalated"):
+        return "work"
+    if role == "admin" or (view.decided_by == user_id and view.decided_by is not None):
+        return "read"
+    return None
+
+
+def load_item(runtime: Runtime, item_id: int, user_id: int, role: str) -> tuple[ItemView, str]:
+    """The item's view and the user's access to it (:func:`item_access`, never None).
+
+    Raises :class:`ItemNotFound` when there is no such item, :class:`ItemAccessDenied` when the
+    user may neither work on nor read it.
+    """
+    with runtime.sessions() as session:
+        view = item_view(session, item_id)
+    if view is None:
+        raise ItemNotFound(f"no review item {item_id}")
+    access = item_access(view, user_id, role)
+    if access is None:
+        raise ItemAccessDenied(f"review item {item_id} is not yours to see")
+    return view, access
+
+
+# --- pages -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueuePage:
+    """What the queue page shows to one reviewer."""
+
+    stats: QueueStats
+    mine: int | None
+    """The item the reviewer holds (main queue first, then escalated when allowed), or None."""
+    exposure: Exposure
+    last: int | None
+    """The item the reviewer decided most recently, or None."""
+
+
+def queue_page(runtime: Runtime, reviewer_id: int, *, escalated: bool) -> QueuePage:
+    """The queue page's data; ``escalated``: the reviewer may work the escalated queue."""
+    with runtime.sessions() as session:
+        stats = queue_stats(session)
+        mine = current_claim(session, reviewer_id, queue="main") or (
+            current_claim(session, reviewer_id, queue="escalated") if escalated else None
+        )
+        counts = exposure(session, reviewer_id, limit=runtime.settings.review_daily_exposure_limit)
+        last = previous_item(session, reviewer_id)
+    return QueuePage(stats=stats, mine=mine.id if mine else None, exposure=counts, last=last)
+
+
+@dataclass(frozen=True)
+class ItemPage:
+    """What the item page shows: the item, the user's access, and what surrounds it."""
+
+    view: ItemView
+    access: str
+    """``work`` or ``read`` (:func:`item_access`)."""
+    exposure: Exposure
+    banks: dict[str, list[str]]
+    """Enabled bank names by the decision that may add to them
+    (:func:`moderation.governance.review_decisions.banks_for_decisions`)."""
+    previous: int | None
+    """The item the user decided before this one, or None."""
+    exif: dict[str, str]
+    """Untrusted text EXIF tags (:func:`upload_exif`)."""
+
+
+def item_page(runtime: Runtime, item_id: int, user_id: int, role: str) -> ItemPage:
+    """The item page's data; renews the user's lease when they work on the item.
+
+    Raises :class:`ItemNotFound` or :class:`ItemAccessDenied` as :func:`load_item` does.
+    """
+    view, access = load_item(runtime, item_id, user_id, role)
+    settings = runtime.settings
+    with transaction(runtime.sessions) as session:
+        if access == "work":
+            renew_lease(session, item_id, user_id, lease_seconds=settings.review_lease_seconds)
+        counts = exposure(session, user_id, limit=settings.review_daily_exposure_limit)
+        banks = banks_for_decisions(session)
+        previous = previous_item(session, user_id, before=view.decided_at)
+    return ItemPage(
+        view=view,
+        access=access,
+        exposure=counts,
+        banks=banks,
+        previous=previous,
+        exif=upload_exif(runtime, view.upload_id),
+    )
 
 
 # --- images ----------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ def normalise_email(email: str) -> str:
     return value
 
 
-def _totp_context(user_id: int) -> str:
+def totp_context(user_id: int) -> str:
+    """The wrap context of a user's TOTP secret (binds the wrapped key to its user)."""
     return f"user-totp:{user_id}"
 
 
@@ -111,7 +112,7 @@ def _totp(secret: bytes) -> pyotp.TOTP:
 def _secret_of(user: User, keyring: KeyRing) -> bytes:
     assert user.totp_secret is not None
     return unwrap_key(
-        WrappedKey.from_bytes(user.totp_secret), keyring, context=_totp_context(user.id)
+        WrappedKey.from_bytes(user.totp_secret), keyring, context=totp_context(user.id)
     )
 
 
@@ -122,7 +123,7 @@ def enrol_totp(session: Session, keyring: KeyRing, user: User, *, actor: str) ->
         moderation.crypto.errors.CryptoError: the key ring cannot wrap (no primary key).
     """
     secret = secrets.token_bytes(TOTP_SECRET_BYTES)
-    user.totp_secret = wrap_key(secret, keyring, context=_totp_context(user.id)).to_bytes()
+    user.totp_secret = wrap_key(secret, keyring, context=totp_context(user.id)).to_bytes()
     user.totp_last_counter = None
     record_event(session, actor=actor, action="user.totp_enrol", target=f"user:{user.id}")
     uri: str = _totp(secret).provisioning_uri(name=user.email, issuer_name=TOTP_ISSUER)
@@ -274,18 +275,3 @@ def get_user_by_email(session: Session, email: str) -> User | None:
 def list_users(session: Session) -> list[User]:
     """Every user, by e-mail."""
     return list(session.scalars(select(User).order_by(User.email)))
-
-
-def rewrap_totp_secrets(session: Session, keyring: KeyRing) -> int:
-    """Re-wrap every TOTP secret under the primary master key; returns how many changed."""
-    from moderation.crypto.envelope import rewrap_key
-
-    count = 0
-    for user in session.scalars(select(User).where(User.totp_secret.is_not(None))):
-        assert user.totp_secret is not None
-        old = WrappedKey.from_bytes(user.totp_secret)
-        if old.key_id == keyring.primary_id:
-            continue
-        user.totp_secret = rewrap_key(old, keyring, context=_totp_context(user.id)).to_bytes()
-        count += 1
-    return count
