@@ -1,7 +1,8 @@
 """The decrypted, in-memory blocklist of one snapshot version, as workers load it.
 
 Entry metadata lives in SQL (:mod:`moderation.banks.records`); every entry's signals
-(embedding, PDQ digest, region embeddings) live only in the current encrypted snapshot
+(embedding, PDQ digest, region embeddings; for hash-list entries a PDQ digest and keyed exact
+hashes, :mod:`moderation.banks.hash_entries`) live only in the current encrypted snapshot
 (:mod:`moderation.banks.versions`, payload in :mod:`moderation.banks.snapshot_payload`).
 :func:`load_blocklist` decrypts the current version and builds its indexes, using the
 snapshot's stored cosine index when it holds exactly the loaded entries.
@@ -19,12 +20,15 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy.orm import Session
 
+from moderation.banks.hash_entries import UNKNOWN_QUALITY
 from moderation.banks.index import CosineIndex, HammingIndex, load_index
 from moderation.banks.records import EntryInfo, entry_infos
 from moderation.banks.snapshot import SnapshotError
 from moderation.banks.snapshot_payload import Payload
 from moderation.banks.versions import EncoderMismatchError, current_snapshot, read_payload
+from moderation.crypto.deployment import existing_deployment_secret
 from moderation.crypto.keys import KeyRing
+from moderation.signals.exact import EXACT_KEY_NAME, EXACT_KINDS
 from moderation.storage.models import IndexSnapshot
 
 logger = logging.getLogger(__name__)
@@ -45,13 +49,47 @@ class Blocklist:
     pdq: HammingIndex
     payload: Payload
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # HMAC key of the keyed exact hashes (None: no hash-list entry has one).
+    exact_key: bytes | None = None
     _rows: dict[int, int] = field(default_factory=dict)
+    _hash_rows: dict[int, int] = field(default_factory=dict)
+    _exact: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._rows = {int(eid): row for row, eid in enumerate(self.payload.entry_ids)}
+        hashes = self.payload.hashes
+        self._hash_rows = {int(eid): row for row, eid in enumerate(hashes.entry_ids.tolist())}
+        for kind, keyed, eid in zip(
+            hashes.exact_kinds.tolist(),
+            hashes.exact_keyed,
+            hashes.exact_entry_ids.tolist(),
+            strict=True,
+        ):
+            if eid in self.entries:  # active entries only
+                self._exact.setdefault((kind, keyed.tobytes()), []).append(eid)
 
     def __len__(self) -> int:
+        """Entries with an embedding (the cosine index's size)."""
         return len(self.cosine)
+
+    @property
+    def hash_entry_count(self) -> int:
+        """Searchable entries that came from hash lists (no embedding)."""
+        return sum(1 for eid in self._hash_rows if eid in self.entries)
+
+    def has_vector(self, entry_id: int) -> bool:
+        """True when the entry has an embedding (an image entry, not a hash-list entry)."""
+        return entry_id in self._rows
+
+    def exact_matches(self, keyed: Mapping[str, bytes]) -> list[tuple[int, str]]:
+        """Active entries whose exact hash equals one of the upload's keyed digests
+        (kind -> 32 bytes, :func:`moderation.signals.exact.keyed_digests`): (entry id, kind)."""
+        found: list[tuple[int, str]] = []
+        for kind_index, kind in enumerate(EXACT_KINDS):
+            value = keyed.get(kind)
+            if value is not None:
+                found.extend((eid, kind) for eid in self._exact.get((kind_index, value), ()))
+        return found
 
     def vector_of(self, entry_id: int) -> npt.NDArray[np.float32]:
         """The stored global embedding of an entry, float32 (d,).
@@ -71,9 +109,21 @@ class Blocklist:
         return vector
 
     def pdq_of(self, entry_id: int) -> tuple[bytes, int]:
-        """The stored PDQ digest (32 bytes) and quality of an entry."""
-        row = self._rows[entry_id]
-        return self.payload.pdq[row].tobytes(), int(self.payload.pdq_quality[row])
+        """The stored PDQ digest (32 bytes) and quality (0-100) of an entry. A hash-list entry
+        whose list gave no quality counts as quality 100 (the list's owner vouched for it).
+
+        Raises:
+            KeyError: the entry is not in this snapshot or has no PDQ digest.
+        """
+        row = self._rows.get(entry_id)
+        if row is not None:
+            return self.payload.pdq[row].tobytes(), int(self.payload.pdq_quality[row])
+        hashes = self.payload.hashes
+        hrow = self._hash_rows[entry_id]
+        if not hashes.has_pdq[hrow]:
+            raise KeyError(entry_id)
+        quality = int(hashes.pdq_quality[hrow])
+        return hashes.pdq[hrow].tobytes(), 100 if quality == UNKNOWN_QUALITY else quality
 
     def regions_of(self, entry_id: int) -> npt.NDArray[np.float32]:
         """The stored region embeddings of an entry, float32 (r, d) (r may be 0)."""
@@ -113,9 +163,21 @@ def load_blocklist(
         raise EncoderMismatchError(
             f"snapshot v{row.version} holds {payload.dim}-d vectors; the encoder gives {dim}-d"
         )
-    active_ids = [int(e) for e in payload.entry_ids[payload.active]]
+    hashes = payload.hashes
+    active_ids = [
+        *payload.entry_ids[payload.active].tolist(),
+        *hashes.entry_ids[hashes.active].tolist(),
+    ]
     infos = entry_infos(session, active_ids)
-    return _build(row, payload, infos, version=row.version)
+    exact_key = None
+    if len(hashes.exact_entry_ids):
+        exact_key = existing_deployment_secret(session, keyring, EXACT_KEY_NAME)
+        if exact_key is None:
+            raise SnapshotError(
+                f"snapshot v{row.version} holds exact hashes but the deployment has no "
+                f"{EXACT_KEY_NAME!r} secret: it was deleted, so they can never match"
+            )
+    return _build(row, payload, infos, version=row.version, exact_key=exact_key)
 
 
 def _cosine_index(
@@ -149,11 +211,18 @@ def _build(
     infos: Mapping[int, EntryInfo],
     *,
     version: int,
+    exact_key: bytes | None = None,
 ) -> Blocklist:
-    mask = payload.active & np.isin(payload.entry_ids, np.fromiter(infos, np.int64, len(infos)))
+    known = np.fromiter(infos, np.int64, len(infos))
+    mask = payload.active & np.isin(payload.entry_ids, known)
     ids = payload.entry_ids[mask]
     cosine = _cosine_index(payload, ids, mask)
-    pdq = HammingIndex.build(ids, payload.pdq[mask])
+    hashes = payload.hashes
+    hash_mask = hashes.active & hashes.has_pdq & np.isin(hashes.entry_ids, known)
+    pdq = HammingIndex.build(
+        np.concatenate([ids, hashes.entry_ids[hash_mask]]),
+        np.concatenate([payload.pdq[mask], hashes.pdq[hash_mask]]),
+    )
     return Blocklist(
         version=version,
         snapshot_id=row.snapshot_id if row else None,
@@ -162,4 +231,5 @@ def _build(
         cosine=cosine,
         pdq=pdq,
         payload=payload,
+        exact_key=exact_key,
     )

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.hash_entries import HashSignals
 from moderation.banks.importer import ImportHooks, ImportReport, RegionEmbedder, import_into_bank
 from moderation.banks.records import BlocklistError, get_bank, parse_entry_id
 from moderation.banks.snapshot_payload import EntrySignals
@@ -27,10 +28,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SnapshotChange = Callable[
+    [Session], tuple[Sequence[EntrySignals] | Sequence[HashSignals], Iterable[int]]
+]
+"""A unit of work on banks/entries: returns (signals of added entries: image entries'
+:class:`EntrySignals` or hash-list entries' :class:`HashSignals`, ids of removed ones)."""
+
 
 def _commit_with_snapshot(
     runtime: Runtime,
-    change: Callable[[Session], tuple[Sequence[EntrySignals], Iterable[int]]],
+    change: SnapshotChange,
 ) -> int:
     """Run ``change`` and write the next snapshot in one transaction; return its version."""
     written_path: Path | None = None
@@ -43,8 +50,9 @@ def _commit_with_snapshot(
                 snapshots_dir=runtime.settings.snapshots_dir,
                 encoder_id=str(runtime.encoder.id),
                 dim=runtime.encoder.dim,
-                added=added,
+                added=[s for s in added if isinstance(s, EntrySignals)],
                 removed=removed,
+                added_hashes=[s for s in added if isinstance(s, HashSignals)],
             )
             written_path = written.path
             version = row.version
@@ -55,10 +63,6 @@ def _commit_with_snapshot(
     with transaction(runtime.sessions) as session:
         prune_snapshots(session, runtime.settings.snapshots_dir)
     return version
-
-
-SnapshotChange = Callable[[Session], tuple[Sequence[EntrySignals], Iterable[int]]]
-"""A unit of work on banks/entries: returns (signals of added entries, ids of removed ones)."""
 
 
 def commit_with_snapshot(runtime: Runtime, change: SnapshotChange) -> int:

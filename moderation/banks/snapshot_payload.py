@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from moderation.banks.hash_entries import HashEntries
 from moderation.banks.index import CosineIndex, load_index
 from moderation.banks.payload import decode_payload, encode_payload
 
@@ -85,6 +86,8 @@ class Payload:
     cosine_index: bytes | memoryview | None = None
     # True: ``vectors`` holds only the inactive entries' rows; the rest are in ``cosine_index``.
     vectors_in_index: bool = False
+    # Entries from hash lists: PDQ and keyed exact hashes, no embedding.
+    hashes: HashEntries = field(default_factory=HashEntries)
 
     @classmethod
     def empty(cls, encoder_id: str, dim: int) -> Payload:
@@ -125,6 +128,7 @@ class Payload:
         }
         if self.cosine_index is not None:
             arrays["cosine_index"] = np.frombuffer(self.cosine_index, dtype=np.uint8)
+        arrays.update(self.hashes.arrays())
         meta = {
             "format": PAYLOAD_FORMAT,
             "encoder_id": self.encoder_id,
@@ -197,6 +201,7 @@ class Payload:
                 if k not in {"format", "encoder_id", "dim", "vectors_in_index"}
             },
             vectors_in_index=in_index,
+            hashes=HashEntries.from_arrays(arrays),
             # A view into the decrypted payload, not a copy (gigabytes for large banks).
             cosine_index=(
                 arrays["cosine_index"].astype(np.uint8, copy=False).data
@@ -229,6 +234,7 @@ class Payload:
             region_entry_ids=self.region_entry_ids[keep_regions],
             region_vectors=self.region_vectors[keep_regions],
             extra_meta=dict(self.extra_meta),
+            hashes=self.hashes.without(removed_ids.tolist()),
         )
 
     def with_added(self, signals: Sequence[EntrySignals]) -> Payload:
@@ -269,4 +275,5 @@ class Payload:
             region_entry_ids=np.concatenate([self.region_entry_ids, region_ids]),
             region_vectors=np.concatenate([self.region_vectors, region_vecs]),
             extra_meta=dict(self.extra_meta),
+            hashes=self.hashes,
         )

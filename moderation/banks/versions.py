@@ -19,6 +19,7 @@ import numpy.typing as npt
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from moderation.banks.hash_entries import HashSignals
 from moderation.banks.index import HNSW_MIN_ENTRIES, CosineIndex
 from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import (
@@ -82,12 +83,16 @@ def read_payload(
         ) from exc
 
 
-def _active_mask(session: Session, entry_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+def _entry_state(session: Session) -> dict[int, bool]:
+    """Every entry id -> whether it is searchable (entry enabled and its bank enabled)."""
     rows = session.execute(
         select(Entry.id, Entry.disabled, Bank.enabled).join(Bank, Entry.bank_id == Bank.id)
     ).all()
-    state = {eid: (not disabled) and enabled for eid, disabled, enabled in rows}
-    return np.array([state.get(int(eid), False) for eid in entry_ids], dtype=np.bool_)
+    return {eid: (not disabled) and enabled for eid, disabled, enabled in rows}
+
+
+def _active_mask(state: dict[int, bool], entry_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    return np.array([state.get(int(eid), False) for eid in entry_ids.tolist()], dtype=np.bool_)
 
 
 def commit_signals(
@@ -99,6 +104,7 @@ def commit_signals(
     dim: int,
     added: Sequence[EntrySignals] = (),
     removed: Iterable[int] = (),
+    added_hashes: Sequence[HashSignals] = (),
 ) -> tuple[IndexSnapshot, SnapshotFile]:
     """Write the next snapshot version reflecting the database and the given changes.
 
@@ -116,7 +122,9 @@ def commit_signals(
     payload, version = _current_payload(
         session, keyring=keyring, snapshots_dir=snapshots_dir, encoder_id=encoder_id, dim=dim
     )
-    payload = _next_payload(session, payload, added=added, removed=removed)
+    payload = _next_payload(
+        session, payload, added=added, removed=removed, added_hashes=added_hashes
+    )
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     written = write_snapshot(
         snapshots_dir,
@@ -165,13 +173,19 @@ def _next_payload(
     *,
     added: Sequence[EntrySignals],
     removed: Iterable[int],
+    added_hashes: Sequence[HashSignals] = (),
 ) -> Payload:
-    """``payload`` minus ``removed`` and entries gone from the database, plus ``added``, with
-    the active mask recomputed from the database and the stored index rebuilt."""
-    existing = {int(eid) for eid in session.scalars(select(Entry.id)).all()}
-    gone = [int(eid) for eid in payload.entry_ids if int(eid) not in existing]
+    """``payload`` minus ``removed`` and entries gone from the database, plus ``added`` (and
+    ``added_hashes``), with the active masks recomputed from the database and the stored index
+    rebuilt."""
+    existing = np.fromiter(session.scalars(select(Entry.id)), np.int64)
+    in_payload = np.concatenate([payload.entry_ids, payload.hashes.entry_ids])
+    gone = in_payload[~np.isin(in_payload, existing)].tolist()
     payload = payload.without([*removed, *gone]).with_added(added)
-    payload.active = _active_mask(session, payload.entry_ids)
+    payload.hashes = payload.hashes.with_added(added_hashes)
+    state = _entry_state(session)
+    payload.active = _active_mask(state, payload.entry_ids)
+    payload.hashes.active = _active_mask(state, payload.hashes.entry_ids)
     payload.cosine_index = _stored_index(payload)
     return payload
 
@@ -185,7 +199,7 @@ def _add_snapshot_row(session: Session, written: SnapshotFile, payload: Payload)
         key_id=written.key_id,
         sha256=written.sha256,
         path=written.path.name,
-        entry_count=int(payload.active.sum()),
+        entry_count=int(payload.active.sum()) + int(payload.hashes.active.sum()),
         size_bytes=written.size_bytes,
     )
     session.add(new_row)

@@ -8,7 +8,7 @@ calibrated copy probabilities before :mod:`moderation.matching.decision` applies
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,10 +33,15 @@ class Candidate:
     probability: float | None = None
     features: dict[str, float] = field(default_factory=dict)
     signals: list[str] = field(default_factory=list)
+    # The exact-hash kind (md5, sha1, sha256) whose keyed digest equals the upload's, if any.
+    exact: str | None = None
 
     @property
     def ranking_score(self) -> float:
-        """Probability when the classifier stage ran, else cosine (PDQ-only: a proxy)."""
+        """Probability when the classifier stage ran, else cosine (PDQ-only: a proxy); an
+        exact-hash match (a byte-identical file) ranks 1.0."""
+        if self.exact is not None:
+            return 1.0
         if self.probability is not None:
             return self.probability
         if self.cosine is not None:
@@ -68,20 +73,34 @@ class CandidateRefiner(Protocol):
         """
 
 
+def exact_candidates(blocklist: Blocklist, keyed: Mapping[str, bytes]) -> list[Candidate]:
+    """The entries whose exact hash equals one of the upload's keyed digests (kind -> 32 bytes,
+    :func:`moderation.signals.exact.keyed_digests` under ``blocklist.exact_key``)."""
+    found: dict[int, Candidate] = {}
+    for entry_id, kind in blocklist.exact_matches(keyed):
+        info = blocklist.entries.get(entry_id)
+        if info is not None and entry_id not in found:
+            found[entry_id] = Candidate(entry=info, exact=kind, signals=[f"exact_{kind}"])
+    return list(found.values())
+
+
 def find_candidates(
     blocklist: Blocklist,
     rules: CandidateRules,
     vectors: npt.NDArray[np.float32],
     pdq: Sequence[Sequence[PdqHash]],
+    exact: Sequence[Candidate] = (),
 ) -> list[Candidate]:
     """Stage 1: the top-k entries per frame above ``rules.min_cosine`` plus the PDQ matches
     within ``rules.max_pdq_distance`` (over each frame's dihedral variants, both digests of
     quality >= ``rules.min_pdq_quality``), merged per entry, best cosine first.
 
     ``vectors`` is float32 (f, d), one unit row per frame; ``pdq`` the 8 variants per frame.
-    Entries found only by PDQ get their cosine too, so every candidate has both signals.
+    Entries found only by PDQ get their cosine too, so every image entry has both signals;
+    hash-list entries have no embedding and keep ``cosine`` None. ``exact`` (from
+    :func:`exact_candidates`) are merged in.
     """
-    found: dict[int, Candidate] = {}
+    found: dict[int, Candidate] = {c.entry.entry_id: c for c in exact}
     entries = blocklist.entries
     hits_per_frame = blocklist.cosine.search(vectors, rules.top_k, rules.min_cosine)
     for frame, hits in enumerate(hits_per_frame):
@@ -110,7 +129,7 @@ def find_candidates(
                 if cand.pdq_distance is None or distance < cand.pdq_distance:
                     cand.pdq_distance = distance
     for cand in found.values():
-        if cand.cosine is None:
+        if cand.cosine is None and blocklist.has_vector(cand.entry.entry_id):
             sims = vectors @ blocklist.vector_of(cand.entry.entry_id)
             cand.frame = int(np.argmax(sims))
             cand.cosine = float(sims[cand.frame])

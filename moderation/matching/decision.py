@@ -40,9 +40,12 @@ class MatchResult:
     probability: float | None
     frame: int
     signals: tuple[str, ...]
+    exact: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The CLI/API contract's match object."""
+        """The CLI/API contract's match object (``exact``: the hash kind, only when the upload's
+        bytes matched a listed file exactly)."""
+        extra = {"exact": self.exact} if self.exact is not None else {}
         return {
             "bank": self.entry.bank_name,
             "entry_id": self.entry.public_id,
@@ -50,6 +53,7 @@ class MatchResult:
             "cosine": None if self.cosine is None else round(self.cosine, 4),
             "pdq_distance": self.pdq_distance,
             "probability": None if self.probability is None else round(self.probability, 4),
+            **extra,
         }
 
 
@@ -95,7 +99,10 @@ class ScreeningResult:
 def match_level(rules: CategoryRules, cand: Candidate) -> str | None:
     """The level ``cand`` reaches under its category's ``rules``: ``rules.action``, "review", or
     None. Probability thresholds decide when the classifier stage set a probability and the
-    rules have them; otherwise cosine similarity or PDQ Hamming distance does."""
+    rules have them; otherwise cosine similarity or PDQ Hamming distance does. An exact-hash
+    match (the upload's bytes are a listed file) always reaches ``rules.action``."""
+    if cand.exact is not None:
+        return rules.action
     if cand.probability is not None and rules.block_probability is not None:
         if cand.probability >= rules.block_probability:
             return rules.action
@@ -121,6 +128,8 @@ def agreed_signals(policy: Policy, rules: CategoryRules, cand: Candidate) -> tup
     """The classifier's signals, then "cosine" and "pdq" where each alone reaches review level
     (PDQ: within the category's review distance, else the candidate search's), without repeats."""
     agreed = list(cand.signals)
+    if cand.exact is not None:
+        agreed.append(f"exact_{cand.exact}")
     if cand.cosine is not None and cand.cosine >= rules.review_cosine:
         agreed.append("cosine")
     if cand.pdq_distance is not None and cand.pdq_distance <= (
@@ -150,6 +159,7 @@ def policy_matches(policy: Policy, block_candidates: Sequence[Candidate]) -> lis
                 probability=cand.probability,
                 frame=cand.frame,
                 signals=agreed_signals(policy, rules, cand),
+                exact=cand.exact,
             )
         )
     matches.sort(key=lambda m: (-SEVERITY[m.level], -(m.probability or m.cosine or 0.0)))
@@ -178,7 +188,8 @@ def allow_bank_hit(policy: Policy, allow_candidates: Sequence[Candidate]) -> Can
         (
             c
             for c in allow_candidates
-            if (c.cosine or -1.0) >= policy.allow.min_cosine
+            if c.exact is not None
+            or (c.cosine or -1.0) >= policy.allow.min_cosine
             or (
                 policy.allow.max_pdq_distance is not None
                 and c.pdq_distance is not None
@@ -199,6 +210,7 @@ def candidate_summary(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
             "pdq_distance": c.pdq_distance,
             "probability": None if c.probability is None else round(c.probability, 4),
             "features": {k: round(v, 4) for k, v in c.features.items()},
+            **({"exact": c.exact} if c.exact is not None else {}),
         }
         for c in sorted(candidates, key=lambda c: -c.ranking_score)[:5]
     ]

@@ -24,6 +24,7 @@ from moderation.matching.candidates import (
     Candidate,
     CandidateRefiner,
     QueryContext,
+    exact_candidates,
     find_candidates,
 )
 from moderation.matching.decision import (
@@ -36,6 +37,7 @@ from moderation.matching.decision import (
 from moderation.matching.policy import Policy
 from moderation.media.decode import DecodedImage, DecodeLimits, UnscannableImage, decode_image
 from moderation.signals.encoders import Encoder
+from moderation.signals.exact import keyed_digests
 from moderation.signals.pdq import PdqHash, pdq_hash_dihedral
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class _Work:
     timings: dict[str, float] = field(default_factory=dict)
     vectors: npt.NDArray[np.float32] | None = None
     pdq: tuple[tuple[PdqHash, ...], ...] = ()
+    exact: list[Candidate] = field(default_factory=list)
 
 
 def _ms(start: float) -> float:
@@ -98,6 +101,14 @@ class Screener:
 
     # --- pipeline stages ------------------------------------------------------------------
 
+    def _exact(self, work: _Work, data: bytes) -> None:
+        """Exact-hash candidates: the upload's keyed MD5/SHA-1/SHA-256 against the hash-list
+        entries (only when the blocklist has any; before decoding, so an undecodable file that
+        is on a list still matches)."""
+        key = self.blocklist.exact_key
+        if key is not None:
+            work.exact = exact_candidates(self.blocklist, keyed_digests(key, data))
+
     def _decode(self, work: _Work, data: bytes) -> None:
         start = time.perf_counter()
         try:
@@ -133,7 +144,9 @@ class Screener:
     def _search(self, work: _Work) -> list[Candidate]:
         assert work.vectors is not None
         start = time.perf_counter()
-        found = find_candidates(self.blocklist, self.policy.candidates, work.vectors, work.pdq)
+        found = find_candidates(
+            self.blocklist, self.policy.candidates, work.vectors, work.pdq, work.exact
+        )
         work.timings["search"] = _ms(start)
         return found
 
@@ -169,19 +182,21 @@ class Screener:
             "index_version": self.blocklist.version,
             "classifier_version": self.refiner.version if self.refiner else None,
         }
-        if work.error is not None:
+        if work.error is not None and not candidates:
             return self._unscannable_result(work, work.error, base)
         start = time.perf_counter()
-        assert work.decoded is not None
+        decoded = work.decoded
         block_cands = [c for c in candidates if c.entry.bank_kind == "block"]
         allow_cands = [c for c in candidates if c.entry.bank_kind == "allow"]
         matches = policy_matches(policy, block_cands)
         best_block = max((c.ranking_score for c in block_cands), default=None)
         explanation: dict[str, Any] = {
-            "frames": len(work.decoded.frames),
-            "frame_indices": list(work.decoded.frame_indices),
+            "frames": len(decoded.frames) if decoded else 0,
+            "frame_indices": list(decoded.frame_indices) if decoded else [],
             "candidates": candidate_summary(candidates),
         }
+        if work.error is not None:  # undecodable, but its bytes are on a hash list
+            explanation["undecodable"] = work.error.reason
         allow_hit = allow_bank_hit(policy, allow_cands)
         decision, reason, category, priority = "allow", None, None, None
         hold_days: int | None = None
@@ -244,11 +259,12 @@ class Screener:
         """
         works = [_Work(i) for i in range(len(items))]
         for work, data in zip(works, items, strict=True):
+            self._exact(work, data)
             self._decode(work, data)
             if work.decoded is not None:
                 self._hash(work)
         self._embed(works)
-        found = [self._search(work) if work.decoded is not None else [] for work in works]
+        found = [self._search(work) if work.decoded is not None else work.exact for work in works]
         self._classify(works, found)
         return [self.decide(work, cands) for work, cands in zip(works, found, strict=True)]
 

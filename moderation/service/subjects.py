@@ -16,26 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from moderation.crypto.envelope import WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.deployment import deployment_secret
+from moderation.crypto.envelope import generate_data_key, wrap_key
 from moderation.crypto.keys import KeyRing
-from moderation.storage.models import DeploymentSecret, Subject
+from moderation.storage.models import Subject
 
 LOOKUP_SECRET_NAME = "subject-lookup"  # noqa: S105 - a name, not a secret
-
-
-def deployment_secret(session: Session, keyring: KeyRing, name: str) -> bytes:
-    """A 32-byte deployment-wide secret, created (wrapped by the primary key) on first use."""
-    row = session.get(DeploymentSecret, name)
-    context = f"deployment-secret:{name}"
-    if row is None:
-        secret = generate_data_key()
-        row = DeploymentSecret(
-            name=name, wrapped=wrap_key(secret, keyring, context=context).to_bytes()
-        )
-        session.add(row)
-        session.flush()
-        return secret
-    return unwrap_key(WrappedKey.from_bytes(row.wrapped), keyring, context=context)
 
 
 def _hmac(key: bytes, value: str) -> str:

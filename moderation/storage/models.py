@@ -8,13 +8,14 @@ UUID hex for uploads).
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -91,6 +92,13 @@ class Entry(Base):
     added_by: Mapped[str] = mapped_column(String(200), default="cli")
     added_at: Mapped[datetime] = mapped_column(default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where its signals came from: "image" (an imported or reviewed image: embedding, regions,
+    # PDQ) or "hash_list" (a PDQ digest and/or keyed exact hashes, no embedding).
+    origin: Mapped[str] = mapped_column(String(20), default="image", server_default="image")
+    # Set while the entry is quarantined (flood control): its matches are sent to review and
+    # never block, until an admin confirms (clears it, entry stays) or releases it.
+    quarantined_at: Mapped[datetime | None] = mapped_column()
+    quarantine_reason: Mapped[str | None] = mapped_column(String(500))
 
     bank: Mapped[Bank] = relationship(back_populates="entries")
 
@@ -98,6 +106,18 @@ class Entry(Base):
     def public_id(self) -> str:
         """The id shown in APIs and CLI output, ``e_<n>``."""
         return f"e_{self.id}"
+
+
+class EntryMatchCount(Base):
+    """How many screenings matched one entry on one UTC day (flood control counts)."""
+
+    __tablename__ = "entry_match_counts"
+
+    entry_id: Mapped[int] = mapped_column(
+        ForeignKey("entries.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    matches: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class IndexSnapshot(Base):

@@ -185,7 +185,15 @@ class ClassifierStage:
     def refine_batch(
         self, items: Sequence[tuple[QueryContext, list[Candidate]]], blocklist: Blocklist
     ) -> None:
-        """Set ``probability``, ``features`` and ``signals`` on every candidate in place."""
+        """Set ``probability``, ``features`` and ``signals`` on every candidate in place.
+
+        Candidates without an embedding (hash-list entries: PDQ or exact hashes only) are left
+        as they are: the policy decides them on their PDQ distance or exact match."""
+        items = [
+            (query, scored)
+            for query, cands in items
+            if (scored := [c for c in cands if blocklist.has_vector(c.entry.entry_id)])
+        ]
         wanted: list[list[Image.Image]] = []
         memo = PdqMemo()
         rank = bank_pdq_rank(blocklist, memo)

@@ -1,0 +1,238 @@
+"""Entries without an image: the signals of hash-list entries inside the snapshot payload.
+
+A bank filled from a hash list (:mod:`moderation.banks.hash_import`) gets entries that carry a
+PDQ digest, exact hashes, or both, and no embedding. They live in the payload beside the image
+entries, in these arrays (all optional: a payload written before hash lists has none):
+
+=======================  =================  ============================================
+array                    dtype, shape       meaning
+=======================  =================  ============================================
+``hash_entry_ids``       int64 (h,)         entry primary keys
+``hash_pdq``             uint8 (h, 32)      PDQ digests, ThreatExchange bit order
+``hash_pdq_quality``     uint8 (h,)         quality 0-100, :data:`UNKNOWN_QUALITY` if the
+                                            list did not say
+``hash_has_pdq``         bool (h,)          the entry has a PDQ digest (else only exact)
+``hash_active``          bool (h,)          entry enabled and its bank enabled
+``exact_entry_ids``      int64 (x,)         owner entry of each exact hash
+``exact_kinds``          uint8 (x,)         index into :data:`~moderation.signals.exact.EXACT_KINDS`
+``exact_keyed``          uint8 (x, 32)      HMAC-SHA256 keyed digest (never the digest)
+``exact_sealed``         uint8 (x, 60)      the digest sealed for export: AES-256-GCM
+                                            nonce 12 + ciphertext 32 (zero-padded) + tag 16
+=======================  =================  ============================================
+
+The snapshot is encrypted as a whole; the exact hashes are keyed as well, so a worker that has
+decrypted the snapshot still holds no list of banned files, only values it can compare an
+upload's keyed digests with (:mod:`moderation.signals.exact`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from moderation.crypto.aead import NONCE_BYTES, TAG_BYTES, decrypt
+from moderation.signals.exact import DIGEST_BYTES, EXACT_KINDS, KEYED_BYTES, keyed
+
+PDQ_BYTES: Final = 32
+#: ``hash_pdq_quality`` of a digest whose list gave no quality.
+UNKNOWN_QUALITY: Final = 255
+#: Width of a sealed digest: nonce, the digest zero-padded to 32 bytes, GCM tag.
+SEALED_BYTES: Final = NONCE_BYTES + 32 + TAG_BYTES
+
+
+@dataclass(frozen=True)
+class ExactSignal:
+    """One exact hash of an entry: its kind, keyed form (32 bytes) and sealed form (60)."""
+
+    kind: str
+    keyed: bytes
+    sealed: bytes
+
+
+class ExactSealer:
+    """Turns raw exact digests into :class:`ExactSignal`: keyed with HMAC-SHA256 under
+    ``hmac_key`` (:func:`moderation.signals.exact.keyed`) and sealed with AES-256-GCM under
+    ``export_key`` (the kind as associated data; one AES context for every digest, since the
+    key schedule would otherwise dominate a million-line import)."""
+
+    def __init__(self, hmac_key: bytes, export_key: bytes) -> None:
+        self.hmac_key = hmac_key
+        self._aead = AESGCM(export_key)
+
+    def signal(self, kind: str, digest: bytes) -> ExactSignal:
+        """The keyed and sealed forms of one digest of ``kind``.
+
+        Raises:
+            ValueError: unknown kind or a digest of the wrong size.
+        """
+        nonce = os.urandom(NONCE_BYTES)
+        padded = digest.ljust(32, b"\x00")
+        sealed = nonce + self._aead.encrypt(nonce, padded, kind.encode())
+        return ExactSignal(kind, keyed(self.hmac_key, kind, digest), sealed)
+
+
+def open_digest(export_key: bytes, kind: str, sealed: bytes) -> bytes:
+    """Inverse of :meth:`ExactSealer.signal`'s sealing: the raw digest of ``kind``.
+
+    Raises:
+        moderation.crypto.errors.DecryptionError: wrong key or altered bytes.
+    """
+    padded = decrypt(sealed, export_key, kind.encode(), context=f"a sealed {kind} hash")
+    return padded[: DIGEST_BYTES[kind]]
+
+
+@dataclass(frozen=True)
+class HashSignals:
+    """The signals of one new hash-list entry (no embedding)."""
+
+    entry_id: int
+    pdq: bytes | None = None
+    pdq_quality: int | None = None
+    exact: tuple[ExactSignal, ...] = ()
+
+
+def _empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray[Any, Any]:
+    return np.zeros(shape, dtype)
+
+
+@dataclass
+class HashEntries:
+    """The hash-list entries of one payload (see the module docstring for the arrays)."""
+
+    entry_ids: npt.NDArray[np.int64] = field(default_factory=lambda: _empty((0,), np.int64))
+    pdq: npt.NDArray[np.uint8] = field(default_factory=lambda: _empty((0, PDQ_BYTES), np.uint8))
+    pdq_quality: npt.NDArray[np.uint8] = field(default_factory=lambda: _empty((0,), np.uint8))
+    has_pdq: npt.NDArray[np.bool_] = field(default_factory=lambda: _empty((0,), np.bool_))
+    active: npt.NDArray[np.bool_] = field(default_factory=lambda: _empty((0,), np.bool_))
+    exact_entry_ids: npt.NDArray[np.int64] = field(default_factory=lambda: _empty((0,), np.int64))
+    exact_kinds: npt.NDArray[np.uint8] = field(default_factory=lambda: _empty((0,), np.uint8))
+    exact_keyed: npt.NDArray[np.uint8] = field(
+        default_factory=lambda: _empty((0, KEYED_BYTES), np.uint8)
+    )
+    exact_sealed: npt.NDArray[np.uint8] = field(
+        default_factory=lambda: _empty((0, SEALED_BYTES), np.uint8)
+    )
+
+    def __len__(self) -> int:
+        return len(self.entry_ids)
+
+    def arrays(self) -> dict[str, np.ndarray[Any, Any]]:
+        """The payload arrays, by name (empty when there are no hash entries, so older readers
+        and payloads stay byte-identical)."""
+        if not len(self.entry_ids):
+            return {}
+        return {
+            "hash_entry_ids": self.entry_ids,
+            "hash_pdq": self.pdq,
+            "hash_pdq_quality": self.pdq_quality,
+            "hash_has_pdq": self.has_pdq,
+            "hash_active": self.active,
+            "exact_entry_ids": self.exact_entry_ids,
+            "exact_kinds": self.exact_kinds,
+            "exact_keyed": self.exact_keyed,
+            "exact_sealed": self.exact_sealed,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray[Any, Any]]) -> HashEntries:
+        """Read them back from a decoded payload (absent arrays: no hash entries).
+
+        Raises:
+            ValueError: arrays that disagree in length or width.
+        """
+        if "hash_entry_ids" not in arrays:
+            return cls()
+        entries = cls(
+            entry_ids=arrays["hash_entry_ids"].astype(np.int64, copy=False),
+            pdq=arrays["hash_pdq"].astype(np.uint8, copy=False).reshape(-1, PDQ_BYTES),
+            pdq_quality=arrays["hash_pdq_quality"].astype(np.uint8, copy=False),
+            has_pdq=arrays["hash_has_pdq"].astype(np.bool_, copy=False),
+            active=arrays["hash_active"].astype(np.bool_, copy=False),
+            exact_entry_ids=arrays["exact_entry_ids"].astype(np.int64, copy=False),
+            exact_kinds=arrays["exact_kinds"].astype(np.uint8, copy=False),
+            exact_keyed=arrays["exact_keyed"].astype(np.uint8, copy=False).reshape(-1, 32),
+            exact_sealed=arrays["exact_sealed"]
+            .astype(np.uint8, copy=False)
+            .reshape(-1, SEALED_BYTES),
+        )
+        n, x = len(entries.entry_ids), len(entries.exact_entry_ids)
+        if not (len(entries.pdq) == len(entries.pdq_quality) == len(entries.has_pdq) == n):
+            raise ValueError("snapshot payload hash-entry arrays disagree in length")
+        if not (len(entries.active) == n and len(entries.exact_kinds) == x):
+            raise ValueError("snapshot payload hash-entry arrays disagree in length")
+        if not (len(entries.exact_keyed) == len(entries.exact_sealed) == x):
+            raise ValueError("snapshot payload exact-hash arrays disagree in length")
+        if x and int(entries.exact_kinds.max()) >= len(EXACT_KINDS):
+            raise ValueError("snapshot payload names an unknown exact-hash kind")
+        return entries
+
+    def without(self, removed: Iterable[int]) -> HashEntries:
+        """A copy without the entries in ``removed``."""
+        removed_ids = np.fromiter(removed, dtype=np.int64)
+        keep = ~np.isin(self.entry_ids, removed_ids)
+        keep_exact = ~np.isin(self.exact_entry_ids, removed_ids)
+        return HashEntries(
+            entry_ids=self.entry_ids[keep],
+            pdq=self.pdq[keep],
+            pdq_quality=self.pdq_quality[keep],
+            has_pdq=self.has_pdq[keep],
+            active=self.active[keep],
+            exact_entry_ids=self.exact_entry_ids[keep_exact],
+            exact_kinds=self.exact_kinds[keep_exact],
+            exact_keyed=self.exact_keyed[keep_exact],
+            exact_sealed=self.exact_sealed[keep_exact],
+        )
+
+    def with_added(self, signals: Sequence[HashSignals]) -> HashEntries:
+        """A copy with new entries appended (active)."""
+        if not signals:
+            return self
+        n = len(signals)
+        pdq = np.zeros((n, PDQ_BYTES), np.uint8)
+        quality = np.full(n, UNKNOWN_QUALITY, np.uint8)
+        has_pdq = np.zeros(n, np.bool_)
+        for row, s in enumerate(signals):
+            if s.pdq is not None:
+                pdq[row] = np.frombuffer(s.pdq, np.uint8)
+                has_pdq[row] = True
+                if s.pdq_quality is not None:
+                    quality[row] = s.pdq_quality
+        exact = [(s.entry_id, e) for s in signals for e in s.exact]
+        kinds = {kind: i for i, kind in enumerate(EXACT_KINDS)}
+        return HashEntries(
+            entry_ids=np.concatenate([self.entry_ids, [s.entry_id for s in signals]]).astype(
+                np.int64
+            ),
+            pdq=np.concatenate([self.pdq, pdq]),
+            pdq_quality=np.concatenate([self.pdq_quality, quality]),
+            has_pdq=np.concatenate([self.has_pdq, has_pdq]),
+            active=np.concatenate([self.active, np.ones(n, np.bool_)]),
+            exact_entry_ids=np.concatenate(
+                [self.exact_entry_ids, np.array([eid for eid, _ in exact], np.int64)]
+            ),
+            exact_kinds=np.concatenate(
+                [self.exact_kinds, np.array([kinds[e.kind] for _, e in exact], np.uint8)]
+            ),
+            exact_keyed=np.concatenate(
+                [self.exact_keyed, _rows([e.keyed for _, e in exact], KEYED_BYTES)]
+            ),
+            exact_sealed=np.concatenate(
+                [self.exact_sealed, _rows([e.sealed for _, e in exact], SEALED_BYTES)]
+            ),
+        )
+
+    def exact_rows(self, entry_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
+        """Row numbers of the exact hashes owned by ``entry_ids``."""
+        return np.flatnonzero(np.isin(self.exact_entry_ids, entry_ids))
+
+
+def _rows(values: Sequence[bytes], width: int) -> npt.NDArray[np.uint8]:
+    if not values:
+        return np.zeros((0, width), np.uint8)
+    return np.frombuffer(b"".join(values), np.uint8).reshape(len(values), width)

@@ -1,0 +1,331 @@
+"""Hash-list banks: import the hash lists the industry exchanges into a bank, and export a bank's.
+
+Import (:func:`import_hash_list`): the file is parsed whole first
+(:func:`moderation.banks.hashlists.parse_hash_list`); one malformed line and nothing is imported
+(:class:`HashListError` lists every line and reason). Otherwise every record becomes one entry
+(``origin="hash_list"``) in one transaction that also writes the next snapshot version and one
+audit event. A record whose signals are all already in the bank (or repeated in the file) is
+merged, not added. PDQ digests go into the snapshot as they are; exact hashes (MD5, SHA-1,
+SHA-256) only keyed, plus sealed for export (:mod:`moderation.banks.hash_entries`), so neither
+the database nor the data directory ever holds a plaintext list. Entries are inserted in bulk
+(one ``INSERT ... RETURNING`` over every row), so a million-line list imports in seconds.
+
+Export (:func:`export_hashes`): the bank's PDQ digests (hash-list and image entries) and the
+exact hashes it was given, written in a ThreatExchange-compatible format
+(:func:`moderation.banks.hashlists.write_hash_list`), so another HMA or python-threatexchange
+deployment can import them; audited.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from moderation.audit.log import record_event
+from moderation.banks.hash_entries import (
+    UNKNOWN_QUALITY,
+    ExactSealer,
+    ExactSignal,
+    HashSignals,
+    open_digest,
+)
+from moderation.banks.hashlists import HashRecord, LineProblem, parse_hash_list, write_hash_list
+from moderation.banks.operations import commit_with_snapshot
+from moderation.banks.records import BlocklistError, get_bank
+from moderation.banks.snapshot_payload import Payload
+from moderation.banks.versions import current_snapshot, read_payload
+from moderation.crypto.deployment import deployment_secret, existing_deployment_secret
+from moderation.signals.exact import (
+    EXACT_EXPORT_KEY_NAME,
+    EXACT_KEY_NAME,
+    EXACT_KINDS,
+    parse_hex,
+)
+from moderation.storage.db import transaction
+from moderation.storage.models import Entry
+
+if TYPE_CHECKING:
+    from moderation.service.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: Malformed lines quoted in a :class:`HashListError` message (all are in ``errors``).
+ERRORS_SHOWN = 20
+
+
+class HashListError(BlocklistError):
+    """A hash list has malformed lines: nothing was imported. ``errors`` holds every one."""
+
+    def __init__(self, path: Path, errors: Sequence[LineProblem]) -> None:
+        self.errors = list(errors)
+        shown = "; ".join(f"line {e.line}: {e.reason}" for e in self.errors[:ERRORS_SHOWN])
+        more = len(self.errors) - ERRORS_SHOWN
+        tail = f"; and {more} more" if more > 0 else ""
+        super().__init__(
+            f"{path.name}: {len(self.errors)} malformed line(s), nothing imported: {shown}{tail}"
+        )
+
+
+@dataclass
+class HashImportReport:
+    """What :func:`import_hash_list` did; ``skipped`` lines were well-formed but refused."""
+
+    bank: str
+    format: str
+    records: int
+    added: int = 0
+    merged: int = 0
+    skipped: list[LineProblem] = field(default_factory=list)
+    snapshot_version: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's and the console's view of the report."""
+        return {
+            "bank": self.bank,
+            "format": self.format,
+            "records": self.records,
+            "added": self.added,
+            "merged": self.merged,
+            "skipped": [{"line": s.line, "reason": s.reason} for s in self.skipped],
+            "snapshot_version": self.snapshot_version,
+        }
+
+
+@dataclass
+class _BankSignals:
+    """The signals already in one bank: PDQ digests and keyed exact hashes."""
+
+    pdq: set[bytes] = field(default_factory=set)
+    exact: set[tuple[str, bytes]] = field(default_factory=set)
+
+
+def _bank_entry_ids(session: Session, bank_id: int) -> npt.NDArray[np.int64]:
+    return np.fromiter(
+        session.scalars(select(Entry.id).where(Entry.bank_id == bank_id)), dtype=np.int64
+    )
+
+
+def _current_payload(session: Session, runtime: Runtime) -> Payload | None:
+    row = current_snapshot(session)
+    if row is None:
+        return None
+    return read_payload(session, runtime.keyring, runtime.settings.snapshots_dir, row)
+
+
+def _bank_signals(payload: Payload | None, ids: npt.NDArray[np.int64]) -> _BankSignals:
+    present = _BankSignals()
+    if payload is None:
+        return present
+    hashes = payload.hashes
+    present.pdq.update(bytes(row) for row in payload.pdq[np.isin(payload.entry_ids, ids)])
+    mine = np.isin(hashes.entry_ids, ids) & hashes.has_pdq
+    present.pdq.update(bytes(row) for row in hashes.pdq[mine])
+    rows = np.flatnonzero(np.isin(hashes.exact_entry_ids, ids))
+    present.exact.update(
+        (EXACT_KINDS[int(hashes.exact_kinds[r])], bytes(hashes.exact_keyed[r])) for r in rows
+    )
+    return present
+
+
+def _new_signals(
+    record: HashRecord, present: _BankSignals, sealer: ExactSealer | None
+) -> tuple[bytes | None, list[ExactSignal]] | None:
+    """The record's PDQ digest and exact signals, or None when the bank has them all."""
+    pdq_hex = record.signals.get("pdq")
+    pdq = bytes.fromhex(pdq_hex) if pdq_hex else None
+    exact = [
+        sealer.signal(kind, parse_hex(kind, value))
+        for kind, value in record.signals.items()
+        if kind != "pdq" and sealer is not None
+    ]
+    new = (pdq is not None and pdq not in present.pdq) or any(
+        (e.kind, e.keyed) not in present.exact for e in exact
+    )
+    if not new:
+        return None
+    if pdq is not None:
+        present.pdq.add(pdq)
+    present.exact.update((e.kind, e.keyed) for e in exact)
+    return pdq, exact
+
+
+def _insert_entries(
+    session: Session, bank_id: int, records: Sequence[HashRecord], default_label: str, actor: str
+) -> list[int]:
+    """Insert one entry per record in one statement; their ids, in record order."""
+    if not records:
+        return []
+    rows = [
+        {
+            "bank_id": bank_id,
+            "label": (r.label or default_label)[:500],
+            "source_ref": r.ref[:1000],
+            "added_by": actor,
+            "origin": "hash_list",
+        }
+        for r in records
+    ]
+    statement = insert(Entry).returning(Entry.id, sort_by_parameter_order=True)
+    return list(session.scalars(statement, rows))
+
+
+def import_hash_list(
+    runtime: Runtime,
+    bank_name: str,
+    path: Path,
+    *,
+    fmt: str = "auto",
+    actor: str,
+    progress: Callable[[int], None] | None = None,
+) -> HashImportReport:
+    """Import the hash list at ``path`` into bank ``bank_name`` as one new snapshot version.
+
+    Args:
+        fmt: one of :data:`moderation.banks.hashlists.FORMATS` (``auto`` detects).
+        progress: called with the number of lines read so far while parsing.
+
+    Raises:
+        HashListError: malformed lines (nothing imported; every line and reason listed).
+        ValueError: unknown format, or one ``auto`` cannot decide (the message says which).
+        BlocklistError: unknown bank.
+        moderation.banks.snapshot.SnapshotError: the current snapshot is unreadable.
+    """
+    parsed = parse_hash_list(path, fmt, progress=progress)
+    if parsed.errors:
+        raise HashListError(path, parsed.errors)
+    report = HashImportReport(
+        bank=bank_name,
+        format=parsed.format,
+        records=len(parsed.records),
+        skipped=list(parsed.skipped),
+    )
+
+    def change(session: Session) -> tuple[Sequence[HashSignals], Iterable[int]]:
+        bank = get_bank(session, bank_name)
+        sealer = None
+        if any(kind != "pdq" for r in parsed.records for kind in r.signals):
+            sealer = ExactSealer(
+                deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
+                deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
+            )
+        present = _bank_signals(
+            _current_payload(session, runtime), _bank_entry_ids(session, bank.id)
+        )
+        kept: list[HashRecord] = []
+        signals: list[tuple[bytes | None, int | None, list[ExactSignal]]] = []
+        for record in parsed.records:
+            new = _new_signals(record, present, sealer)
+            if new is None:
+                continue
+            kept.append(record)
+            signals.append((new[0], record.pdq_quality, new[1]))
+        report.merged = len(parsed.records) - len(kept) + parsed.duplicates
+        ids = _insert_entries(session, bank.id, kept, path.stem, actor)
+        report.added = len(ids)
+        record_event(
+            session,
+            actor=actor,
+            action="bank.import_hashes",
+            target=f"bank:{bank.id}",
+            details={
+                "source": path.name,
+                "format": parsed.format,
+                "records": len(parsed.records),
+                "added": len(ids),
+                "merged": report.merged,
+                "skipped": len(parsed.skipped),
+            },
+        )
+        added = [
+            HashSignals(eid, pdq, quality if pdq is not None else None, tuple(exact))
+            for eid, (pdq, quality, exact) in zip(ids, signals, strict=True)
+        ]
+        return added, ()
+
+    report.snapshot_version = commit_with_snapshot(runtime, change)
+    logger.info(
+        "hash list %s into %s: %d added, %d merged, %d skipped",
+        path.name,
+        bank_name,
+        report.added,
+        report.merged,
+        len(report.skipped),
+    )
+    return report
+
+
+def _export_records(
+    session: Session, runtime: Runtime, bank_id: int, with_exact: bool
+) -> list[HashRecord]:
+    payload = _current_payload(session, runtime)
+    if payload is None:
+        return []
+    labels = dict(
+        session.execute(select(Entry.id, Entry.label).where(Entry.bank_id == bank_id)).tuples()
+    )
+    ids = np.fromiter(labels, np.int64, len(labels))
+    signals: dict[int, dict[str, str]] = {}
+    quality: dict[int, int | None] = {}
+    for row in np.flatnonzero(np.isin(payload.entry_ids, ids)):
+        eid = int(payload.entry_ids[row])
+        signals[eid] = {"pdq": payload.pdq[row].tobytes().hex()}
+        quality[eid] = int(payload.pdq_quality[row])
+    hashes = payload.hashes
+    for row in np.flatnonzero(np.isin(hashes.entry_ids, ids) & hashes.has_pdq):
+        eid = int(hashes.entry_ids[row])
+        signals.setdefault(eid, {})["pdq"] = hashes.pdq[row].tobytes().hex()
+        q = int(hashes.pdq_quality[row])
+        quality[eid] = None if q == UNKNOWN_QUALITY else q
+    exact_rows = np.flatnonzero(np.isin(hashes.exact_entry_ids, ids))
+    if with_exact and len(exact_rows):
+        key = existing_deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME)
+        if key is None:
+            raise BlocklistError("the exact-hash export key is missing: exact hashes unreadable")
+        for row in exact_rows:
+            kind = EXACT_KINDS[int(hashes.exact_kinds[row])]
+            digest = open_digest(key, kind, bytes(hashes.exact_sealed[row]))
+            signals.setdefault(int(hashes.exact_entry_ids[row]), {})[kind] = digest.hex()
+    return [
+        HashRecord(
+            line=n,
+            signals=signals[eid],
+            pdq_quality=quality.get(eid),
+            label=labels.get(eid, ""),
+            ref=f"e_{eid}",
+        )
+        for n, eid in enumerate(sorted(signals), start=1)
+    ]
+
+
+def export_hashes(runtime: Runtime, bank_name: str, out: TextIO, *, fmt: str, actor: str) -> int:
+    """Write bank ``bank_name``'s hashes to ``out`` in format ``fmt``; returns records written.
+
+    PDQ digests of every entry (hash-list and image entries) and, unless ``fmt`` is ``pdq``,
+    the exact hashes the bank was given (unsealed: the file is a plaintext hash list, so the
+    export is an audit event naming the actor, bank, format and count).
+
+    Raises:
+        BlocklistError: unknown bank, or a missing export key.
+        ValueError: a format :func:`moderation.banks.hashlists.write_hash_list` cannot write.
+    """
+    with runtime.sessions() as session:
+        bank = get_bank(session, bank_name)
+        records = _export_records(session, runtime, bank.id, with_exact=fmt != "pdq")
+    written: int = write_hash_list(records, fmt, out)
+    with transaction(runtime.sessions) as session:
+        record_event(
+            session,
+            actor=actor,
+            action="bank.export_hashes",
+            target=f"bank:{bank.id}",
+            details={"format": fmt, "records": written},
+        )
+    return written
