@@ -31,6 +31,8 @@ class EntryInfo:
     bank_kind: str
     category: str
     label: str
+    # Quarantined (flood control): its matches go to review, never block.
+    quarantined: bool = False
 
     @property
     def public_id(self) -> str:
@@ -133,10 +135,20 @@ def entry_infos(session: Session, entry_ids: Iterable[int]) -> dict[int, EntryIn
     for start in range(0, len(wanted), 10_000):
         chunk = wanted[start : start + 10_000]
         rows = session.execute(
-            select(Entry.id, Entry.bank_id, Bank.name, Bank.kind, Bank.category, Entry.label)
+            select(
+                Entry.id,
+                Entry.bank_id,
+                Bank.name,
+                Bank.kind,
+                Bank.category,
+                Entry.label,
+                Entry.quarantined_at,
+            )
             .join(Bank, Entry.bank_id == Bank.id)
             .where(Entry.id.in_(chunk))
         ).all()
-        for eid, bank_id, bank_name, kind, category, label in rows:
-            infos[eid] = EntryInfo(eid, bank_id, bank_name, kind, category, label)
+        for eid, bank_id, bank_name, kind, category, label, quarantined_at in rows:
+            infos[eid] = EntryInfo(
+                eid, bank_id, bank_name, kind, category, label, quarantined_at is not None
+            )
     return infos

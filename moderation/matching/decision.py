@@ -150,6 +150,10 @@ def policy_matches(policy: Policy, block_candidates: Sequence[Candidate]) -> lis
         level = match_level(rules, cand)
         if level is None:
             continue
+        signals = agreed_signals(policy, rules, cand)
+        if cand.entry.quarantined and level == "block":
+            # A quarantined (noisy) entry only ever sends to review.
+            level, signals = "review", (*signals, "quarantined")
         matches.append(
             MatchResult(
                 entry=cand.entry,
@@ -158,7 +162,7 @@ def policy_matches(policy: Policy, block_candidates: Sequence[Candidate]) -> lis
                 pdq_distance=cand.pdq_distance,
                 probability=cand.probability,
                 frame=cand.frame,
-                signals=agreed_signals(policy, rules, cand),
+                signals=signals,
                 exact=cand.exact,
             )
         )
