@@ -138,7 +138,7 @@ def commit_signals(
     logger.info(
         "snapshot v%d written: %d entries (%d active), %d bytes",
         version,
-        len(payload.entry_ids),
+        len(payload.entry_ids) + len(payload.hashes),
         new_row.entry_count,
         written.size_bytes,
     )
