@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from click.testing import CliRunner, Result
 from PIL import Image
 
 from moderation.config import Settings, load_settings
@@ -177,3 +179,36 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
 
     with stack_factory(tmp_path) as make:
         yield make
+
+
+class Cli:
+    """Runs ``moderation`` commands in-process (click's runner, the console script's code path)
+    against one data directory, with the environment's other MODERATION_* cleared."""
+
+    def __init__(self, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.data_dir = data_dir
+        import os
+
+        for key in list(os.environ):
+            if key.startswith("MODERATION_"):
+                monkeypatch.delenv(key)
+        monkeypatch.setenv("MODERATION_DATA_DIR", str(data_dir))
+        monkeypatch.setenv("MODERATION_LOG_LEVEL", "WARNING")
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, ok: bool = True) -> Result:
+        from moderation.cli import main
+
+        result = self.runner.invoke(main, list(args), catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, (args, result.output, result.stderr)
+        return result
+
+    def json_lines(self, *args: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self(*args).stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """A :class:`Cli` over ``tmp_path / "var"``."""
+    return Cli(tmp_path / "var", monkeypatch)

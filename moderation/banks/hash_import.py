@@ -268,9 +268,8 @@ def _export_records(
     payload = _current_payload(session, runtime)
     if payload is None:
         return []
-    labels = dict(
-        session.execute(select(Entry.id, Entry.label).where(Entry.bank_id == bank_id)).tuples()
-    )
+    rows = session.execute(select(Entry.id, Entry.label).where(Entry.bank_id == bank_id))
+    labels = {eid: label for eid, label in rows}
     ids = np.fromiter(labels, np.int64, len(labels))
     signals: dict[int, dict[str, str]] = {}
     quality: dict[int, int | None] = {}

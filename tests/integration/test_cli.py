@@ -15,43 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from conftest import skimage_photo, skimage_photo_path
+from conftest import Cli, skimage_photo, skimage_photo_path
 from hostile import eps, minimal_gif, png_from_header
 from PIL import Image
 
-from moderation.cli import main
-
 BANNED = ("chelsea", "astronaut", "coffee")
-
-
-class Cli:
-    """Runs ``moderation`` commands against one data directory."""
-
-    def __init__(self, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.data_dir = data_dir
-        import os
-
-        for key in list(os.environ):
-            if key.startswith("MODERATION_"):
-                monkeypatch.delenv(key)
-        monkeypatch.setenv("MODERATION_DATA_DIR", str(data_dir))
-        monkeypatch.setenv("MODERATION_LOG_LEVEL", "WARNING")
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str, ok: bool = True) -> Result:
-        result = self.runner.invoke(main, list(args), catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, (args, result.output, result.stderr)
-        return result
-
-    def json_lines(self, *args: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self(*args).stdout.splitlines() if line.strip()]
-
-
-@pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
-    return Cli(tmp_path / "var", monkeypatch)
 
 
 @pytest.fixture
