@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,3 +178,11 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
 
     with stack_factory(tmp_path) as make:
         yield make
+
+
+@pytest.fixture
+def make_pg_stack(
+    make_stack: Callable[..., Stack], redis_server: RedisServer, postgres_url: str
+) -> Callable[..., Stack]:
+    """``make_stack`` on a fresh PostgreSQL database with the test's Redis as broker."""
+    return functools.partial(make_stack, database_url=postgres_url, broker_url=redis_server.url)
