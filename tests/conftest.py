@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from PIL import Image, ImageDraw
@@ -222,3 +223,32 @@ def make_pg_stack(
 ) -> Callable[..., Stack]:
     """``make_stack`` on a fresh PostgreSQL database with the test's Redis as broker."""
     return functools.partial(make_stack, database_url=postgres_url, broker_url=redis_server.url)
+
+
+@pytest.fixture
+def race() -> Callable[[Callable[[int], Any], Sequence[int]], dict[int, Any]]:
+    """``race(work, keys)``: ``work(key)`` for every key, each in a thread of its own, all let go
+    at once (a barrier); returns ``{key: result}`` once every thread ended (120 s join each) and
+    fails the test on any exception a thread raised."""
+
+    def run(work: Callable[[int], Any], keys: Sequence[int]) -> dict[int, Any]:
+        start = threading.Barrier(len(keys))
+        got: dict[int, Any] = {}
+        errors: list[BaseException] = []
+
+        def one(key: int) -> None:
+            try:
+                start.wait()
+                got[key] = work(key)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(key,)) for key in keys]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        return got
+
+    return run
