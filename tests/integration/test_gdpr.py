@@ -396,6 +396,18 @@ def walk_logs(world: World, caplog: pytest.LogCaptureFixture) -> None:
         assert needle not in text_logged, needle
 
 
+def walk_every_store(
+    world: World, before: dict[str, float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing of alice's erased uploads is left in the database, blobs, snapshot, Redis or
+    logs (``before``: :func:`best_cosines` before the erasure)."""
+    walk_database(world)
+    walk_blobs(world)
+    walk_snapshot(world, before)
+    walk_redis(world)
+    walk_logs(world, caplog)
+
+
 def best_cosines(world: World) -> dict[str, float]:
     blocklist = world.runtime.load_blocklist()
     return {
@@ -493,11 +505,7 @@ def test_g1_erasure_leaves_nothing_in_any_store(
         request = session.get(ErasureRequest, receipt["request_id"])
         assert request is not None and request.state == "done" and request.receipt == receipt
 
-    walk_database(world)
-    walk_blobs(world)
-    walk_snapshot(world, before)
-    walk_redis(world)
-    walk_logs(world, caplog)
+    walk_every_store(world, before, caplog)
     assert_references_unresolvable(world)
     assert_bob_intact(world)
     audit_verify_passes(world, cli_env)
@@ -565,11 +573,7 @@ def test_g2_upload_under_legal_hold_is_kept_and_cited(
     assert exception["citation"] == f"{HOLD_BASIS}: 1 year"
     assert exception["category"] == "csam" and exception["uploads"] == 1
 
-    walk_database(world)
-    walk_blobs(world)
-    walk_snapshot(world, before)
-    walk_redis(world)
-    walk_logs(world, caplog)
+    walk_every_store(world, before, caplog)
     assert_references_unresolvable(world)
     audit_verify_passes(world, cli_env)
 
@@ -678,11 +682,7 @@ def test_g3_erasure_killed_halfway_converges_on_rerun(
     assert receipt["counts"] == {k: v for k, v in planned.items() if k != "held_uploads"}
     with world.runtime.sessions() as session:
         assert overdue_requests(session, days=0) == []
-    walk_database(world)
-    walk_blobs(world)
-    walk_snapshot(world, before)
-    walk_redis(world)
-    walk_logs(world, caplog)
+    walk_every_store(world, before, caplog)
     assert_bob_intact(world)
     audit_verify_passes(world, cli_env)
 
