@@ -15,14 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from moderation.cli import (
-    Context,
-    echo_json,
-    initialised_runtime,
-    main,
-    pass_ctx,
-    print_table,
-)
+from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey

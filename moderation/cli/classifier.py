@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import click
 
-from moderation.cli import (
-    Context,
-    echo_json,
-    initialised_runtime,
-    main,
-    pass_ctx,
-    print_table,
-)
+from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
 
 
 @main.group()

@@ -6,14 +6,7 @@ import sys
 
 import click
 
-from moderation.cli import (
-    Context,
-    echo_json,
-    initialised_runtime,
-    main,
-    pass_ctx,
-    print_table,
-)
+from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
 
 
 @main.group()
