@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from click.testing import CliRunner, Result
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from moderation.config import Settings, load_settings
 
@@ -68,6 +70,42 @@ def skimage_photo(name: str) -> Image.Image:
     """A scikit-image photo as an RGB Pillow image."""
     with Image.open(skimage_photo_path(name)) as img:
         return img.convert("RGB")
+
+
+def _centre_crop(image: Image.Image, fraction: float) -> Image.Image:
+    """The middle of ``image``, ``fraction`` of each side cut away."""
+    w, h = image.size
+    return image.crop(
+        (int(w * fraction), int(h * fraction), int(w * (1 - fraction)), int(h * (1 - fraction)))
+    )
+
+
+def _lower_half_covered(image: Image.Image) -> Image.Image:
+    out = image.copy()
+    ImageDraw.Draw(out).rectangle((0, out.height // 2, out.width, out.height), fill=(255, 0, 0))
+    return out
+
+
+@pytest.fixture
+def review_band_copies(tmp_path: Path) -> dict[str, Path]:
+    """Edited copies of three scikit-image photos, as JPEG (quality 85) in ``tmp_path``, by name:
+    astronaut and coffee centre-cropped (25% and 30% of each side cut away), rocket with its
+    lower half covered in red.
+
+    Against a bank holding the originals, their match with the default encoder and policy falls
+    in the review band (policies/default.yaml: cosine 0.70-0.78): measured 0.735, 0.724 and
+    0.745.
+    """
+    edits = {
+        "astronaut": lambda image: _centre_crop(image, 0.25),
+        "coffee": lambda image: _centre_crop(image, 0.30),
+        "rocket": _lower_half_covered,
+    }
+    copies: dict[str, Path] = {}
+    for name, edit in edits.items():
+        copies[name] = tmp_path / f"{name}-edited.jpg"
+        edit(skimage_photo(name)).save(copies[name], quality=85)
+    return copies
 
 
 @pytest.fixture
@@ -179,6 +217,43 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
 
     with stack_factory(tmp_path) as make:
         yield make
+
+
+@pytest.fixture
+def make_pg_stack(
+    make_stack: Callable[..., Stack], redis_server: RedisServer, postgres_url: str
+) -> Callable[..., Stack]:
+    """``make_stack`` on a fresh PostgreSQL database with the test's Redis as broker."""
+    return functools.partial(make_stack, database_url=postgres_url, broker_url=redis_server.url)
+
+
+@pytest.fixture
+def race() -> Callable[[Callable[[int], Any], Sequence[int]], dict[int, Any]]:
+    """``race(work, keys)``: ``work(key)`` for every key, each in a thread of its own, all let go
+    at once (a barrier); returns ``{key: result}`` once every thread ended (120 s join each) and
+    fails the test on any exception a thread raised."""
+
+    def run(work: Callable[[int], Any], keys: Sequence[int]) -> dict[int, Any]:
+        start = threading.Barrier(len(keys))
+        got: dict[int, Any] = {}
+        errors: list[BaseException] = []
+
+        def one(key: int) -> None:
+            try:
+                start.wait()
+                got[key] = work(key)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(key,)) for key in keys]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        return got
+
+    return run
 
 
 class Cli:

@@ -123,6 +123,18 @@ def _refuse_login(db: Session, target: str | None, *, outcome: str, reason: str)
     )
 
 
+def _record_own_step(db: Session, actor: str, action: str, *, ok: bool = True) -> None:
+    """Audit one of a user's own sign-in steps: they are both actor and target."""
+    record_event(
+        db,
+        actor=actor,
+        action=action,
+        target=actor,
+        origin=origin(),
+        outcome="success" if ok else "failure",
+    )
+
+
 def _await_totp(user: User, next_url: str | None) -> None:
     """The password step passed: hold the user as pending until the TOTP code is entered."""
     _fresh_server_session()
@@ -198,23 +210,10 @@ def totp() -> Any:
     rt = runtime()
     with transaction(rt.sessions) as db:
         ok = verify_totp(db, rt.keyring, pending, form.code.data or "")
-        record_event(
-            db,
-            actor=f"user:{pending}",
-            action="auth.totp",
-            target=f"user:{pending}",
-            origin=origin(),
-            outcome="success" if ok else "failure",
-        )
+        _record_own_step(db, f"user:{pending}", "auth.totp", ok=ok)
         user = db.get(User, pending) if ok else None
         if ok and user is not None:
-            record_event(
-                db,
-                actor=f"user:{user.id}",
-                action="auth.login",
-                target=f"user:{user.id}",
-                origin=origin(),
-            )
+            _record_own_step(db, f"user:{user.id}", "auth.login")
     if user is None:
         failures = int(session.get("totp_failures", 0)) + 1
         session["totp_failures"] = failures
@@ -237,9 +236,7 @@ def logout() -> Response:
     user = current_user()
     if user is not None:
         with transaction(runtime().sessions) as db:
-            record_event(
-                db, actor=user.actor, action="auth.logout", target=user.actor, origin=origin()
-            )
+            _record_own_step(db, user.actor, "auth.logout")
     _server_session().destroy()
     flash("Signed out.", "info")
     return redirect(url_for("auth.login"))
@@ -263,14 +260,7 @@ def reauth() -> Any:
         ok = row is not None and verify_password(row, form.password.data or "")
         if ok and user.totp:
             ok = verify_totp(db, rt.keyring, user.id, form.code.data or "")
-        record_event(
-            db,
-            actor=user.actor,
-            action="auth.reauth",
-            target=user.actor,
-            origin=origin(),
-            outcome="success" if ok else "failure",
-        )
+        _record_own_step(db, user.actor, "auth.reauth", ok=ok)
     if not ok:
         flash("That did not match.", "error")
         return render_template("auth/reauth.html", form=form, user=user), 200

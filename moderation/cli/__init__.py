@@ -14,12 +14,15 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from moderation import __version__
 from moderation.config import ConfigurationError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,23 @@ def config_errors() -> Iterator[None]:
         _fail(str(exc))
     except BlocklistError as exc:
         _fail(str(exc))
+
+
+@contextmanager
+def initialised_runtime(ctx: Context, *refused: type[Exception]) -> Iterator[Runtime]:
+    """The runtime, once the deployment is checked as set up, for the command's body.
+
+    Configuration and integrity errors, a missing ``init`` included, exit 3
+    (:func:`config_errors`); the ``refused`` errors raised by the body (e.g. ``GdprError``)
+    become a one-line CLI error (exit 1).
+    """
+    with config_errors():
+        runtime = ctx.runtime
+        runtime.check_initialised()
+        try:
+            yield runtime
+        except refused as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 def echo_json(value: Any) -> None:

@@ -9,18 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from moderation.cli import Context, config_errors, echo_json, main, pass_ctx, print_table
+from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
 
 if TYPE_CHECKING:
-    from moderation.service.runtime import Runtime
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 VERIFY_FAILED_EXIT = 1
 ACTOR = "cli"
@@ -37,22 +35,6 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
             param_hint=option,
         ) from None
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
-
-
-@contextmanager
-def _initialised_runtime(ctx: Context, *refused: type[Exception]) -> Iterator[Runtime]:
-    """The runtime, once the deployment is checked as set up, for the command's body.
-
-    Configuration and integrity errors exit 3 (:func:`moderation.cli.config_errors`); the
-    ``refused`` errors raised by the body (e.g. ``GdprError``) become a one-line CLI error (exit 1).
-    """
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        try:
-            yield runtime
-        except refused as exc:
-            raise click.ClickException(str(exc)) from None
 
 
 def _subject_argument(subject_id: str) -> str:
@@ -81,6 +63,24 @@ def _required_public_key(runtime: Any) -> str:
     return key
 
 
+def _verifying_key(ctx: Context, public_key: str | None) -> tuple[str, Ed25519PublicKey]:
+    """``--public-key`` (hex), or else the deployment's own, with the key it loads to.
+
+    Raises:
+        click.BadParameter: ``--public-key`` is not 64 hex characters.
+        click.ClickException: no ``--public-key`` and the deployment has no audit key yet.
+    """
+    from moderation.audit.offline import load_public_key
+
+    if public_key is None:
+        with initialised_runtime(ctx) as runtime:
+            public_key = _required_public_key(runtime)
+    try:
+        return public_key, load_public_key(public_key)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--public-key") from None
+
+
 # --- audit ----------------------------------------------------------------------------------
 
 
@@ -102,7 +102,7 @@ def audit_verify(ctx: Context, public_key: str | None, as_json: bool) -> None:
     """Check the hash chain and the signed checkpoints; exit 1 naming the first bad seq."""
     from moderation.audit.verify import verify_chain
 
-    with _initialised_runtime(ctx) as runtime:
+    with initialised_runtime(ctx) as runtime:
         if public_key is not None and public_key.strip().lower() != _public_key_of_deployment(
             runtime
         ):
@@ -143,7 +143,7 @@ def audit_checkpoint(ctx: Context, if_due: bool) -> None:
     from moderation.audit.log import checkpoint_if_due, write_checkpoint
     from moderation.storage.db import transaction
 
-    with _initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
+    with initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
         if if_due:
             every = ctx.settings.audit_checkpoint_every
             checkpoint = checkpoint_if_due(session, runtime.keyring, every=every)
@@ -164,7 +164,7 @@ def audit_public_key(ctx: Context) -> None:
     from moderation.audit.log import public_key_hex, signing_key
     from moderation.storage.db import transaction
 
-    with _initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
+    with initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
         key = signing_key(session, runtime.keyring, create=True, actor=ACTOR)
     click.echo(public_key_hex(key))
 
@@ -198,7 +198,7 @@ def audit_export(
     start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
     manifest_path = manifest_path or out_path.with_name(out_path.name + ".manifest.json")
     with (
-        _initialised_runtime(ctx) as runtime,
+        initialised_runtime(ctx) as runtime,
         transaction(runtime.sessions) as session,
         open(out_path, "wb") as out,
     ):
@@ -235,17 +235,9 @@ def audit_verify_export(
     ctx: Context, export_file: Path, manifest_file: Path, public_key: str | None
 ) -> None:
     """Check an export against its manifest; exit 1 naming the first bad line."""
-    from moderation.audit.offline import load_public_key, verify_export
+    from moderation.audit.offline import verify_export
 
-    with config_errors():
-        if public_key is None:
-            runtime = ctx.runtime
-            runtime.check_initialised()
-            public_key = _required_public_key(runtime)
-    try:
-        key = load_public_key(public_key)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--public-key") from None
+    _, key = _verifying_key(ctx, public_key)
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     check = verify_export(export_file.read_bytes(), manifest, key)
     if not check.ok:
@@ -261,17 +253,9 @@ def audit_verify_export(
 @pass_ctx
 def audit_verify_receipt(ctx: Context, receipt_file: Path, public_key: str | None) -> None:
     """Check the Ed25519 signature of an erasure receipt."""
-    from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signature
+    from moderation.audit.offline import RECEIPT_TYPE, verify_signature
 
-    with config_errors():
-        if public_key is None:
-            runtime = ctx.runtime
-            runtime.check_initialised()
-            public_key = _required_public_key(runtime)
-    try:
-        key = load_public_key(public_key)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--public-key") from None
+    public_key, key = _verifying_key(ctx, public_key)
     receipt = json.loads(receipt_file.read_text(encoding="utf-8"))
     problem = verify_signature(receipt, key, expected_type=RECEIPT_TYPE)
     if problem:
@@ -297,7 +281,7 @@ def gdpr_preview(ctx: Context, subject_id: str) -> None:
     from moderation.governance.gdpr import preview_erasure
 
     subject = _subject_argument(subject_id)
-    with _initialised_runtime(ctx, GdprError) as runtime:
+    with initialised_runtime(ctx, GdprError) as runtime:
         counts = preview_erasure(runtime, subject)
     echo_json(counts)
 
@@ -310,7 +294,7 @@ def gdpr_request(ctx: Context, subject_id: str) -> None:
     from moderation.governance.erasure_requests import register_request
 
     subject = _subject_argument(subject_id)
-    with _initialised_runtime(ctx) as runtime:
+    with initialised_runtime(ctx) as runtime:
         request_id = register_request(runtime, subject, actor=ACTOR)
     echo_json({"request_id": request_id})
 
@@ -331,7 +315,7 @@ def gdpr_erase(ctx: Context, subject_id: str, dry_run: bool, yes: bool) -> None:
     if not (dry_run or yes):
         raise click.UsageError("erasure cannot be undone: add --yes (or use --dry-run)")
     subject = _subject_argument(subject_id)
-    with _initialised_runtime(ctx, GdprError) as runtime:
+    with initialised_runtime(ctx, GdprError) as runtime:
         receipt = erase_subject(runtime, subject, actor=ACTOR, dry_run=dry_run)
     echo_json(receipt)
 
@@ -344,7 +328,7 @@ def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
     """List erasure requests (newest first), or the overdue ones (oldest first)."""
     from moderation.governance.erasure_requests import list_requests, overdue_requests
 
-    with _initialised_runtime(ctx) as runtime, runtime.sessions() as session:
+    with initialised_runtime(ctx) as runtime, runtime.sessions() as session:
         rows = (
             overdue_requests(session, days=ctx.settings.erasure_deadline_days)
             if overdue
@@ -363,7 +347,7 @@ def gdpr_held(ctx: Context) -> None:
     """List uploads kept under legal hold after their subject's erasure."""
     from moderation.governance.holds import held_uploads
 
-    with _initialised_runtime(ctx) as runtime, runtime.sessions() as session:
+    with initialised_runtime(ctx) as runtime, runtime.sessions() as session:
         rows = held_uploads(session)
     for row in rows:
         echo_json(row)
@@ -380,7 +364,7 @@ def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) ->
     from moderation.governance.erasure_stores import GdprError
     from moderation.governance.holds import read_held_upload
 
-    with _initialised_runtime(ctx, GdprError, ValueError) as runtime:
+    with initialised_runtime(ctx, GdprError, ValueError) as runtime:
         data = read_held_upload(runtime, upload_id, actor=ACTOR, reason=reason)
     write_private_file(out_path, [data])
     echo_json({"upload_id": upload_id, "out": str(out_path), "bytes": len(data)})
@@ -393,6 +377,6 @@ def gdpr_release_holds(ctx: Context) -> None:
     from moderation.governance.erasure_stores import GdprError
     from moderation.governance.holds import release_expired_holds
 
-    with _initialised_runtime(ctx, GdprError) as runtime:
+    with initialised_runtime(ctx, GdprError) as runtime:
         counts = release_expired_holds(runtime, actor=ACTOR)
     echo_json(counts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from moderation.cli import Context, config_errors, echo_json, main, pass_ctx, print_table
+from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
 
 
 @main.group()
@@ -27,13 +27,8 @@ def classifier_train(ctx: Context, regularisation: float) -> None:
     activated (exit 1); both outcomes are audited."""
     from moderation.matching.classifier.training import train
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        try:
-            report = train(runtime, actor="cli", regularisation=regularisation)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+    with initialised_runtime(ctx, ValueError) as runtime:
+        report = train(runtime, actor="cli", regularisation=regularisation)
     echo_json(report.to_json())
     if not report.activated:
         raise SystemExit(1)
@@ -48,24 +43,21 @@ def classifier_list(ctx: Context, as_json: bool) -> None:
 
     from moderation.storage.models import ClassifierModel
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with runtime.sessions() as session:
-            rows = [
-                {
-                    "version": row.version,
-                    "active": row.active,
-                    "encoder_id": row.encoder_id,
-                    "average_precision": (row.metrics or {})
-                    .get("held_out", {})
-                    .get("average_precision"),
-                    "created_at": row.created_at.isoformat(timespec="seconds"),
-                }
-                for row in session.scalars(
-                    select(ClassifierModel).order_by(ClassifierModel.created_at.desc())
-                )
-            ]
+    with initialised_runtime(ctx) as runtime, runtime.sessions() as session:
+        rows = [
+            {
+                "version": row.version,
+                "active": row.active,
+                "encoder_id": row.encoder_id,
+                "average_precision": (row.metrics or {})
+                .get("held_out", {})
+                .get("average_precision"),
+                "created_at": row.created_at.isoformat(timespec="seconds"),
+            }
+            for row in session.scalars(
+                select(ClassifierModel).order_by(ClassifierModel.created_at.desc())
+            )
+        ]
     if as_json:
         echo_json(rows)
     else:

@@ -11,6 +11,7 @@ from moderation.cli import (
     Context,
     config_errors,
     echo_json,
+    initialised_runtime,
     main,
     pass_ctx,
     print_table,
@@ -85,19 +86,16 @@ def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
     from moderation.banks.records import create_bank
     from moderation.storage.db import transaction
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with transaction(runtime.sessions) as session:
-            created = create_bank(session, name, kind=kind, category=category)
-            record_event(
-                session,
-                actor="cli",
-                action="bank.create",
-                target=f"bank:{created.id}",
-                details={"name": name, "kind": kind, "category": category},
-            )
-            echo_json({"bank_id": created.id, "name": name, "kind": kind, "category": category})
+    with initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
+        created = create_bank(session, name, kind=kind, category=category)
+        record_event(
+            session,
+            actor="cli",
+            action="bank.create",
+            target=f"bank:{created.id}",
+            details={"name": name, "kind": kind, "category": category},
+        )
+        echo_json({"bank_id": created.id, "name": name, "kind": kind, "category": category})
 
 
 @bank.command("import")
@@ -110,23 +108,23 @@ def bank_import(ctx: Context, name: str, paths: tuple[Path, ...]) -> None:
 
     from moderation.banks.operations import import_bank
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with Progress(
+    with (
+        initialised_runtime(ctx) as runtime,
+        Progress(
             "[progress.description]{task.description}",
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             transient=False,
             console=stderr_console(),
-        ) as bar:
-            task = bar.add_task(f"importing into {name}", total=None)
+        ) as bar,
+    ):
+        task = bar.add_task(f"importing into {name}", total=None)
 
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
 
-            report = import_bank(runtime, name, list(paths), actor="cli", progress=progress)
+        report = import_bank(runtime, name, list(paths), actor="cli", progress=progress)
     for ref, reason in report.skipped:
         click.echo(f"skipped {ref}: {reason}", err=True)
     echo_json(
@@ -147,9 +145,7 @@ def bank_list(ctx: Context, as_json: bool) -> None:
     """List banks with their entry counts."""
     from moderation.banks.operations import list_banks
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         rows = list_banks(runtime)
     if as_json:
         for row in rows:
@@ -166,9 +162,7 @@ def bank_entries(ctx: Context, name: str, as_json: bool) -> None:
     """List the entries of bank NAME (metadata only)."""
     from moderation.banks.operations import list_entries
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         rows = list_entries(runtime, name)
     if as_json:
         for row in rows:
@@ -180,9 +174,7 @@ def bank_entries(ctx: Context, name: str, as_json: bool) -> None:
 def _set_entry_disabled(ctx: Context, entry_id: str, disabled: bool) -> None:
     from moderation.banks.operations import set_entry_disabled
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         result = set_entry_disabled(runtime, entry_id, disabled=disabled, actor="cli")
     echo_json(result)
 
@@ -260,9 +252,7 @@ def screen(
         else:
             rows.append(row)
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         screen_paths(
             runtime,
             [Path(p) for p in paths],
@@ -309,9 +299,7 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
     """
     from moderation.governance.keys import rotate_keys
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         report = rotate_keys(runtime, retire_old=retire_old, actor="cli")
     echo_json(
         {"primary_key_id": report.primary, "retired": report.retired, "rewrapped": report.rewrapped}

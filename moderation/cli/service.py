@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from moderation.cli import Context, config_errors, echo_json, main, pass_ctx
+from moderation.cli import Context, config_errors, echo_json, initialised_runtime, main, pass_ctx
 from moderation.cli.core import benchmark
 from moderation.config import Settings
 
@@ -158,9 +158,7 @@ def api_client_create(ctx: Context, name: str, allowlist: tuple[str, ...]) -> No
     from moderation.service.api_clients import ClientError, create_api_client
     from moderation.storage.db import transaction
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         try:
             with transaction(runtime.sessions) as session:
                 created = create_api_client(

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from moderation.cli import Context, config_errors, echo_json, main, pass_ctx, print_table
+from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
 
 
 @main.group()
@@ -39,9 +39,7 @@ def users_create(
     line = sys.stdin.readline() if password_stdin else ""
     password = line[:-1] if line.endswith("\n") else line
     password = password[:-1] if password.endswith("\r") else password
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         try:
             with transaction(runtime.sessions) as session:
                 created = create_user(
@@ -65,20 +63,17 @@ def users_list(ctx: Context, as_json: bool) -> None:
     """List console users."""
     from moderation.governance.users import has_totp, list_users
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with runtime.sessions() as session:
-            rows = [
-                {
-                    "user_id": u.id,
-                    "email": u.email,
-                    "role": u.role,
-                    "totp": has_totp(u),
-                    "disabled": u.disabled,
-                }
-                for u in list_users(session)
-            ]
+    with initialised_runtime(ctx) as runtime, runtime.sessions() as session:
+        rows = [
+            {
+                "user_id": u.id,
+                "email": u.email,
+                "role": u.role,
+                "totp": has_totp(u),
+                "disabled": u.disabled,
+            }
+            for u in list_users(session)
+        ]
     if as_json:
         for row in rows:
             echo_json(row)
@@ -90,15 +85,12 @@ def _set_disabled(ctx: Context, email: str, disabled: bool) -> None:
     from moderation.governance.users import get_user_by_email, set_disabled
     from moderation.storage.db import transaction
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with transaction(runtime.sessions) as session:
-            user = get_user_by_email(session, email)
-            if user is None:
-                raise click.UsageError(f"no user {email!r}")
-            set_disabled(session, user.id, disabled=disabled, actor="cli")
-            echo_json({"user_id": user.id, "disabled": disabled})
+    with initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
+        user = get_user_by_email(session, email)
+        if user is None:
+            raise click.UsageError(f"no user {email!r}")
+        set_disabled(session, user.id, disabled=disabled, actor="cli")
+        echo_json({"user_id": user.id, "disabled": disabled})
 
 
 @users.command("disable")

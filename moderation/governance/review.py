@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
@@ -199,7 +199,16 @@ def _check_may_claim(
         raise ExposureLimitReached(f"daily limit of {daily_limit} review items reached")
 
 
-_QUEUE_ORDER = (ReviewItem.priority.desc(), ReviewItem.created_at.asc(), ReviewItem.id.asc())
+def _queue_head(
+    column: Any, states: Sequence[str], now: datetime, excluded: Iterable[int]
+) -> Select[Any]:
+    """Select ``column`` of the first claimable item: highest priority, then oldest."""
+    return (
+        select(column)
+        .where(_claimable(states, now, excluded))
+        .order_by(ReviewItem.priority.desc(), ReviewItem.created_at.asc(), ReviewItem.id.asc())
+        .limit(1)
+    )
 
 
 def _take_skip_locked(
@@ -213,11 +222,7 @@ def _take_skip_locked(
     """PostgreSQL: lock the first claimable row and set ``values`` on it."""
     # Rows another transaction is claiming are skipped rather than waited for.
     item = session.scalars(
-        select(ReviewItem)
-        .where(_claimable(states, now, excluded))
-        .order_by(*_QUEUE_ORDER)
-        .limit(1)
-        .with_for_update(skip_locked=True)
+        _queue_head(ReviewItem, states, now, excluded).with_for_update(skip_locked=True)
     ).first()
     if item is not None:
         for name, value in values.items():
@@ -236,12 +241,7 @@ def _take_compare_and_set(
     """SQLite: set ``values`` on the first claimable row, retrying when another claim won."""
     # Compare-and-set: the UPDATE only wins while the row is still claimable.
     for _attempt in range(10):
-        candidate = session.scalar(
-            select(ReviewItem.id)
-            .where(_claimable(states, now, excluded))
-            .order_by(*_QUEUE_ORDER)
-            .limit(1)
-        )
+        candidate = session.scalar(_queue_head(ReviewItem.id, states, now, excluded))
         if candidate is None:
             return None
         won = session.execute(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from sqlalchemy import select
 
 from moderation.banks.operations import import_bank
@@ -20,7 +20,7 @@ from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, LabelledPair, ReviewItem, User
-from tests.conftest import skimage_photo, skimage_photo_path
+from tests.conftest import skimage_photo_path
 
 pytestmark = pytest.mark.browser
 
@@ -61,41 +61,22 @@ def press_and_wait(page: Any, key: str) -> None:
         page.keyboard.press(key)
 
 
-def review_screenings(rt: Runtime, tmp_path: Path) -> None:
-    """A bank of four photos and three edited copies screened into the review band."""
+def review_screenings(rt: Runtime, copies: dict[str, Path]) -> None:
+    """A bank of four photos and the three edited copies screened into the review band."""
     with transaction(rt.sessions) as db:
         create_bank(db, "known")
     names = ("astronaut", "chelsea", "coffee", "rocket")
     import_bank(rt, "known", [skimage_photo_path(n) for n in names], actor="test")
-    paths = []
-    for name, fraction in (("astronaut", 0.25), ("coffee", 0.30)):
-        image = skimage_photo(name)
-        w, h = image.size
-        box = (
-            int(w * fraction),
-            int(h * fraction),
-            int(w * (1 - fraction)),
-            int(h * (1 - fraction)),
-        )
-        path = tmp_path / f"{name}-crop.jpg"
-        image.crop(box).save(path, quality=85)
-        paths.append(path)
-    rocket = skimage_photo("rocket")
-    ImageDraw.Draw(rocket).rectangle(
-        (0, rocket.height // 2, rocket.width, rocket.height), fill=(255, 0, 0)
-    )
-    paths.append(tmp_path / "rocket-covered.jpg")
-    rocket.save(paths[-1], quality=85)
     results: list[dict[str, Any]] = []
-    screen_paths(rt, paths, on_result=results.append)
+    screen_paths(rt, list(copies.values()), on_result=results.append)
     assert [r["decision"] for r in results] == ["review"] * 3, results
 
 
 def test_review_three_items_with_the_keyboard(
-    served: Any, page: Any, artifacts: Path, tmp_path: Path
+    served: Any, page: Any, artifacts: Path, review_band_copies: dict[str, Path]
 ) -> None:
     rt = served.runtime
-    review_screenings(rt, tmp_path)
+    review_screenings(rt, review_band_copies)
     reviewer = make_user(rt, "reviewer@example.org", "reviewer", totp=True)
     sign_in(page, served.url, rt, "reviewer@example.org", reviewer)
     assert page.url.endswith("/review")

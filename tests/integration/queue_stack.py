@@ -32,6 +32,7 @@ import pytest
 import requests
 from PIL import Image
 
+from moderation.benchmark.queue import start_redis_server
 from moderation.config import Settings, load_settings
 from tests.conftest import SKIMAGE_PHOTOS, skimage_photo
 
@@ -116,23 +117,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.proc = start_redis_server(self.port, self.workdir)
         wait_until(self.ping, 20, f"redis on port {self.port}", interval=0.1)
 
     def stop_without_saving(self) -> None:

@@ -9,6 +9,7 @@ module starts on a spare port. After ``moderation gdpr erase`` it walks every st
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ from moderation.audit.offline import RECEIPT_TYPE, load_public_key, verify_signa
 from moderation.audit.verify import verify_chain
 from moderation.banks.operations import import_bank, set_bank_enabled
 from moderation.banks.versions import current_snapshot, read_payload
+from moderation.benchmark.queue import start_redis_server
 from moderation.config import Settings, load_settings
 from moderation.crypto.errors import DecryptionError
 from moderation.crypto.keys import KeyRing
@@ -83,12 +85,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip("redis-server is not installed")
     port = _free_port()
     workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_redis_server(port, workdir, binary)
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 30
     while True:
@@ -280,6 +277,14 @@ def build_world(
     )
 
 
+@pytest.fixture
+def make_world(
+    database_url: str, redis_server: str, tmp_path: Path, log_capture: Path
+) -> Callable[..., World]:
+    """``make_world(hold=...)``: :func:`build_world` on this test's database, Redis and log."""
+    return functools.partial(build_world, tmp_path, database_url, redis_server, log_capture)
+
+
 def redis_key_prefix(upload_id: str) -> str:
     return f"moderation:upload:{upload_id}"
 
@@ -391,6 +396,18 @@ def walk_logs(world: World, caplog: pytest.LogCaptureFixture) -> None:
         assert needle not in text_logged, needle
 
 
+def walk_every_store(
+    world: World, before: dict[str, float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing of alice's erased uploads is left in the database, blobs, snapshot, Redis or
+    logs (``before``: :func:`best_cosines` before the erasure)."""
+    walk_database(world)
+    walk_blobs(world)
+    walk_snapshot(world, before)
+    walk_redis(world)
+    walk_logs(world, caplog)
+
+
 def best_cosines(world: World) -> dict[str, float]:
     blocklist = world.runtime.load_blocklist()
     return {
@@ -440,15 +457,13 @@ def receipt_public_key(world: World) -> str:
 @pytest.mark.redis
 @pytest.mark.slow
 def test_g1_erasure_leaves_nothing_in_any_store(
-    database_url: str,
-    redis_server: str,
+    make_world: Callable[..., World],
     tmp_path: Path,
-    log_capture: Path,
     cli_env: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="moderation")
-    world = build_world(tmp_path, database_url, redis_server, log_capture, hold=False)
+    world = make_world(hold=False)
     before = best_cosines(world)
     # Exported before the erasure (G1: "screened, reviewed, exported").
     exported = run_cli(
@@ -490,11 +505,7 @@ def test_g1_erasure_leaves_nothing_in_any_store(
         request = session.get(ErasureRequest, receipt["request_id"])
         assert request is not None and request.state == "done" and request.receipt == receipt
 
-    walk_database(world)
-    walk_blobs(world)
-    walk_snapshot(world, before)
-    walk_redis(world)
-    walk_logs(world, caplog)
+    walk_every_store(world, before, caplog)
     assert_references_unresolvable(world)
     assert_bob_intact(world)
     audit_verify_passes(world, cli_env)
@@ -534,17 +545,14 @@ def _write(path: Path, document: dict[str, Any]) -> Path:
 @pytest.mark.redis
 @pytest.mark.slow
 def test_g2_upload_under_legal_hold_is_kept_and_cited(
-    database_url: str,
-    redis_server: str,
-    tmp_path: Path,
-    log_capture: Path,
+    make_world: Callable[..., World],
     cli_env: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from moderation.governance.holds import held_uploads, read_held_upload, release_expired_holds
 
     caplog.set_level(logging.DEBUG, logger="moderation")
-    world = build_world(tmp_path, database_url, redis_server, log_capture, hold=True)
+    world = make_world(hold=True)
     assert world.held == world.alice["rocket"]
     with world.runtime.sessions() as session:
         upload = session.get(Upload, world.held)
@@ -565,11 +573,7 @@ def test_g2_upload_under_legal_hold_is_kept_and_cited(
     assert exception["citation"] == f"{HOLD_BASIS}: 1 year"
     assert exception["category"] == "csam" and exception["uploads"] == 1
 
-    walk_database(world)
-    walk_blobs(world)
-    walk_snapshot(world, before)
-    walk_redis(world)
-    walk_logs(world, caplog)
+    walk_every_store(world, before, caplog)
     assert_references_unresolvable(world)
     audit_verify_passes(world, cli_env)
 
@@ -632,10 +636,7 @@ main()
 # that transaction's commit and the blob files' deletion.
 @pytest.mark.parametrize("point", ["in_rows_txn", "after_rows"])
 def test_g3_erasure_killed_halfway_converges_on_rerun(
-    database_url: str,
-    redis_server: str,
-    tmp_path: Path,
-    log_capture: Path,
+    make_world: Callable[..., World],
     cli_env: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     point: str,
@@ -644,7 +645,7 @@ def test_g3_erasure_killed_halfway_converges_on_rerun(
     from moderation.governance.gdpr import preview_erasure
 
     caplog.set_level(logging.DEBUG, logger="moderation")
-    world = build_world(tmp_path, database_url, redis_server, log_capture, hold=False)
+    world = make_world(hold=False)
     before = best_cosines(world)
     planned = preview_erasure(world.runtime, ALICE)
     env = {**os.environ, **world.env, "PYTHONPATH": str(REPO_ROOT)}
@@ -681,11 +682,7 @@ def test_g3_erasure_killed_halfway_converges_on_rerun(
     assert receipt["counts"] == {k: v for k, v in planned.items() if k != "held_uploads"}
     with world.runtime.sessions() as session:
         assert overdue_requests(session, days=0) == []
-    walk_database(world)
-    walk_blobs(world)
-    walk_snapshot(world, before)
-    walk_redis(world)
-    walk_logs(world, caplog)
+    walk_every_store(world, before, caplog)
     assert_bob_intact(world)
     audit_verify_passes(world, cli_env)
 
@@ -728,17 +725,14 @@ def _repair_audit_inserts(runtime: Runtime) -> None:
 @pytest.mark.redis
 @pytest.mark.slow
 def test_actions_fail_when_their_audit_event_cannot_be_written(
-    database_url: str,
-    redis_server: str,
-    tmp_path: Path,
-    log_capture: Path,
+    make_world: Callable[..., World],
     cli_env: pytest.MonkeyPatch,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import moderation.governance.gdpr as gdpr
     from moderation.governance.gdpr import erase_subject
 
-    world = build_world(tmp_path, database_url, redis_server, log_capture, hold=False)
+    world = make_world(hold=False)
     runtime = world.runtime
     with runtime.sessions() as session:
         uploads = session.scalar(select(func.count()).select_from(Upload))
@@ -788,10 +782,8 @@ def test_actions_fail_when_their_audit_event_cannot_be_written(
 @pytest.mark.redis
 @pytest.mark.slow
 def test_a6_every_state_change_writes_exactly_one_complete_event(
-    database_url: str,
-    redis_server: str,
+    make_world: Callable[..., World],
     tmp_path: Path,
-    log_capture: Path,
     cli_env: pytest.MonkeyPatch,
 ) -> None:
     from moderation.banks.operations import delete_entries, set_entry_disabled
@@ -800,7 +792,7 @@ def test_a6_every_state_change_writes_exactly_one_complete_event(
     from moderation.governance.holds import read_held_upload
     from moderation.governance.keys import rotate_keys
 
-    world = build_world(tmp_path, database_url, redis_server, log_capture, hold=True)
+    world = make_world(hold=True)
     runtime = world.runtime
     with transaction(runtime.sessions) as session:
         from moderation.audit.log import write_checkpoint

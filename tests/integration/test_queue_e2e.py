@@ -23,7 +23,6 @@ from moderation.storage.models import AuditEvent, Screening, Upload
 from tests.integration.queue_stack import (
     REPO,
     CallbackReceiver,
-    RedisServer,
     Stack,
     bank_images,
     upload_images,
@@ -40,12 +39,10 @@ def count(stack: Stack, query: object) -> int:
 
 @pytest.mark.postgres
 def test_upload_worker_signed_callback_and_get(
-    make_stack: Callable[..., Stack],
-    redis_server: RedisServer,
-    postgres_url: str,
+    make_pg_stack: Callable[..., Stack],
     receiver: CallbackReceiver,
 ) -> None:
-    stack = make_stack(database_url=postgres_url, broker_url=redis_server.url)
+    stack = make_pg_stack()
     client, worker = stack.start_all([receiver.prefix])
 
     # Q5: the worker logged its effective reliability settings at start.
@@ -100,12 +97,10 @@ def test_upload_worker_signed_callback_and_get(
 
 @pytest.mark.postgres
 def test_snapshot_hot_reload_and_fail_closed(
-    make_stack: Callable[..., Stack],
-    redis_server: RedisServer,
-    postgres_url: str,
+    make_pg_stack: Callable[..., Stack],
     tmp_path: Path,
 ) -> None:
-    stack = make_stack(database_url=postgres_url, broker_url=redis_server.url)
+    stack = make_pg_stack()
     runtime = stack.init(bank={"astronaut": bank_images()["astronaut"]})
     client = stack.create_client([])
     stack.start_web()

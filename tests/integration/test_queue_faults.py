@@ -134,12 +134,10 @@ def all_decided(stack: Stack, submitter: Submitter, count: int, *, timeout: floa
 
 
 def test_q1_q2_worker_children_and_whole_worker_killed(
-    make_stack: Callable[..., Stack],
-    redis_server: RedisServer,
-    postgres_url: str,
+    make_pg_stack: Callable[..., Stack],
     receiver: CallbackReceiver,
 ) -> None:
-    stack = make_stack(database_url=postgres_url, broker_url=redis_server.url)
+    stack = make_pg_stack()
     client, worker = stack.start_all([receiver.prefix], concurrency=2)
 
     banned = list(bank_images().values())
@@ -198,10 +196,8 @@ def test_q1_q2_worker_children_and_whole_worker_killed(
     print(f"uploads retried after a kill: {retried}; callback POSTs: {len(receiver.received)}")
 
 
-def test_q3_poison_upload_ends_unscannable(
-    make_stack: Callable[..., Stack], redis_server: RedisServer, postgres_url: str
-) -> None:
-    stack = make_stack(database_url=postgres_url, broker_url=redis_server.url, max_attempts=2)
+def test_q3_poison_upload_ends_unscannable(make_pg_stack: Callable[..., Stack]) -> None:
+    stack = make_pg_stack(max_attempts=2)
     stack.init()
     client = stack.create_client([])
     stack.start_web()
@@ -247,9 +243,9 @@ def test_q3_poison_upload_ends_unscannable(
 
 
 def test_q4_redis_lost_and_restarted(
-    make_stack: Callable[..., Stack], redis_server: RedisServer, postgres_url: str
+    make_pg_stack: Callable[..., Stack], redis_server: RedisServer
 ) -> None:
-    stack = make_stack(database_url=postgres_url, broker_url=redis_server.url)
+    stack = make_pg_stack()
     client, worker = stack.start_all([])
     api = ModerationClient(stack.base_url, client.token, timeout=30)
     submitter = Submitter(api, upload_images(100, seed=9), interval=0.15, callback=None)

@@ -3,9 +3,8 @@ every reviewer a different item, even when their transactions overlap."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,32 +82,20 @@ def _items(rt: Runtime, count: int) -> set[int]:
     return ids
 
 
-def _race(rt: Runtime, reviewers: list[int], hold_s: float) -> dict[int, int | None]:
-    """Every reviewer claims at once; each transaction stays open ``hold_s`` after claiming."""
-    start = threading.Barrier(len(reviewers))
-    got: dict[int, int | None] = {}
-    errors: list[BaseException] = []
+def _holding_claim(rt: Runtime, hold_s: float) -> Callable[[int], int | None]:
+    """A reviewer's claim whose transaction stays open ``hold_s`` after claiming."""
 
-    def work(user_id: int) -> None:
-        try:
-            start.wait()
-            with transaction(rt.sessions) as db:
-                item = claim_next(db, reviewer_id=user_id, lease_seconds=600, daily_limit=100)
-                got[user_id] = item.id if item is not None else None
-                time.sleep(hold_s)  # keep the row lock while the others look
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in reviewers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
-    return got
+    def work(user_id: int) -> int | None:
+        with transaction(rt.sessions) as db:
+            item = claim_next(db, reviewer_id=user_id, lease_seconds=600, daily_limit=100)
+            item_id = item.id if item is not None else None
+            time.sleep(hold_s)  # keep the row lock while the others look
+        return item_id
 
 
-def test_concurrent_claims_never_share_an_item(pg_runtime: Runtime) -> None:
+def test_concurrent_claims_never_share_an_item(
+    pg_runtime: Runtime, race: Callable[..., dict[int, int | None]]
+) -> None:
     statements: list[str] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -117,7 +104,7 @@ def test_concurrent_claims_never_share_an_item(pg_runtime: Runtime) -> None:
     event.listen(pg_runtime.engine, "before_cursor_execute", capture)
     reviewers = _reviewers(pg_runtime, 8)
     items = _items(pg_runtime, 5)
-    got = _race(pg_runtime, reviewers, hold_s=0.3)
+    got = race(_holding_claim(pg_runtime, hold_s=0.3), reviewers)
     claimed = [i for i in got.values() if i is not None]
     assert len(claimed) == len(set(claimed)) == len(items)
     assert set(claimed) == items
@@ -137,12 +124,14 @@ def test_concurrent_claims_never_share_an_item(pg_runtime: Runtime) -> None:
         assert len(db.scalars(reviewed).all()) == len(items)
 
 
-def test_repeated_races_stay_exclusive(pg_runtime: Runtime) -> None:
+def test_repeated_races_stay_exclusive(
+    pg_runtime: Runtime, race: Callable[..., dict[int, int | None]]
+) -> None:
     reviewers = _reviewers(pg_runtime, 4)
     items = _items(pg_runtime, 12)
     seen: list[int] = []
     for _round in range(3):
-        got = _race(pg_runtime, reviewers, hold_s=0.05)
+        got = race(_holding_claim(pg_runtime, hold_s=0.05), reviewers)
         round_items = [i for i in got.values() if i is not None]
         assert len(round_items) == len(set(round_items)) == len(reviewers)
         for user_id, item_id in got.items():

@@ -19,6 +19,7 @@ from werkzeug.test import TestResponse
 
 from moderation.config import Settings, load_settings
 from moderation.service.runtime import Runtime
+from tests.conftest import migrated_runtime
 
 PASSWORD = "correct horse battery staple"
 SECRET_KEY = "test-secret-" + "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -109,23 +110,11 @@ def console_settings(settings: Settings) -> Settings:
     )
 
 
-def _runtime(settings: Settings) -> Runtime:
-    from moderation.crypto.keys import load_keyring
-    from moderation.storage.db import migrate
-
-    settings.ensure_dirs()
-    load_keyring(settings, create_dev=True)
-    rt = Runtime(settings)
-    migrate(rt.engine)
-    return rt
-
-
 @pytest.fixture
 def console_runtime(console_settings: Settings) -> Iterator[Runtime]:
     """A migrated runtime over ``console_settings`` (the test's own handle on the database)."""
-    rt = _runtime(console_settings)
-    yield rt
-    rt.engine.dispose()
+    with migrated_runtime(console_settings) as rt:
+        yield rt
 
 
 @pytest.fixture

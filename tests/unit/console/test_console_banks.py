@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,9 +189,12 @@ def test_archive_size_limit(console_runtime: Runtime) -> None:
     assert not list(imports_dir(rt.settings).glob("*"))
 
 
-def _bank_with_entries(rt: Runtime, tmp: Path) -> tuple[int, list[int]]:
+@pytest.fixture
+def two_person_bank(console_runtime: Runtime) -> tuple[int, list[int]]:
+    """Bank "two-person" with an entry per photo of PHOTOS: its id and the entry ids, in order."""
     from moderation.banks.operations import import_bank
 
+    rt = console_runtime
     with transaction(rt.sessions) as db:
         create_bank(db, "two-person")
     import_bank(rt, "two-person", [skimage_photo_path(n) for n in PHOTOS], actor="test")
@@ -203,17 +205,33 @@ def _bank_with_entries(rt: Runtime, tmp: Path) -> tuple[int, list[int]]:
         )
 
 
-def test_removing_entries_needs_a_second_admin(
-    client: Any,
-    new_client: Callable[[], Any],
-    make_user: Callable[..., Any],
-    console_runtime: Runtime,
-    tmp_path: Path,
-) -> None:
-    rt = console_runtime
-    bid, entries = _bank_with_entries(rt, tmp_path)
+@pytest.fixture
+def second_admin(
+    client: Any, new_client: Callable[[], Any], make_user: Callable[..., Any]
+) -> tuple[Any, Any]:
+    """Two admins: the first signed in on ``client``; the second and a client of their own."""
     first, second = make_user("admin"), make_user("admin")
     client.login(first)
+    other = new_client()
+    other.login(second)
+    return second, other
+
+
+def _approve(client: Any, approval_id: int) -> Any:
+    return client.form(
+        f"/banks/approvals/{approval_id}", {"verdict": "approve"}, token_from="/banks/approvals"
+    )
+
+
+def test_removing_entries_needs_a_second_admin(
+    client: Any,
+    second_admin: tuple[Any, Any],
+    console_runtime: Runtime,
+    two_person_bank: tuple[int, list[int]],
+) -> None:
+    rt = console_runtime
+    bid, entries = two_person_bank
+    second, other = second_admin
     requested = client.form(
         f"/banks/{bid}/entries/remove", {"entry_ids": entries[:2]}, token_from=f"/banks/{bid}"
     )
@@ -225,18 +243,12 @@ def test_removing_entries_needs_a_second_admin(
     page = client.get("/banks/approvals").get_data(as_text=True)
     assert "waiting for another admin" in page
     # The requester cannot approve their own request.
-    client.form(
-        f"/banks/approvals/{approval.id}", {"verdict": "approve"}, token_from="/banks/approvals"
-    )
+    _approve(client, approval.id)
     with rt.sessions() as db:
         assert db.get(Approval, approval.id).state == "pending"  # type: ignore[union-attr]
         assert db.scalar(select(func.count()).select_from(Entry)) == 3
 
-    other = new_client()
-    other.login(second)
-    done = other.form(
-        f"/banks/approvals/{approval.id}", {"verdict": "approve"}, token_from="/banks/approvals"
-    )
+    done = _approve(other, approval.id)
     assert done.status_code == 302
     with rt.sessions() as db:
         row = db.get(Approval, approval.id)
@@ -254,36 +266,32 @@ def test_removing_entries_needs_a_second_admin(
 
 def test_bank_deletion_needs_typed_name_and_second_admin(
     client: Any,
-    new_client: Callable[[], Any],
-    make_user: Callable[..., Any],
+    second_admin: tuple[Any, Any],
     console_runtime: Runtime,
-    tmp_path: Path,
+    two_person_bank: tuple[int, list[int]],
 ) -> None:
     rt = console_runtime
-    bid, _entries = _bank_with_entries(rt, tmp_path)
-    first, second = make_user("admin"), make_user("admin")
-    client.login(first)
+    bid, _entries = two_person_bank
+    _second, other = second_admin
     client.form(f"/banks/{bid}/delete", {"confirm_name": "wrong"}, token_from=f"/banks/{bid}")
     with rt.sessions() as db:
         assert db.scalar(select(func.count()).select_from(Approval)) == 0
     client.form(f"/banks/{bid}/delete", {"confirm_name": "two-person"}, token_from=f"/banks/{bid}")
     with rt.sessions() as db:
         approval_id = db.scalars(select(Approval.id)).one()
-    other = new_client()
-    other.login(second)
-    other.form(
-        f"/banks/approvals/{approval_id}", {"verdict": "approve"}, token_from="/banks/approvals"
-    )
+    _approve(other, approval_id)
     with rt.sessions() as db:
         assert db.get(Bank, bid) is None
         assert db.scalar(select(func.count()).select_from(Entry)) == 0
 
 
 def test_request_removal_refusals(
-    console_runtime: Runtime, make_user: Callable[..., Any], tmp_path: Path
+    console_runtime: Runtime,
+    make_user: Callable[..., Any],
+    two_person_bank: tuple[int, list[int]],
 ) -> None:
     rt = console_runtime
-    bid, entries = _bank_with_entries(rt, tmp_path)
+    bid, entries = two_person_bank
     admin, reviewer = make_user("admin"), make_user("reviewer")
     with pytest.raises(ApprovalError, match="only an active admin"), transaction(rt.sessions) as db:
         request_removal(
@@ -300,10 +308,13 @@ def test_request_removal_refusals(
 
 
 def test_disable_and_enable_bank_and_entry(
-    client: Any, make_user: Callable[..., Any], console_runtime: Runtime, tmp_path: Path
+    client: Any,
+    make_user: Callable[..., Any],
+    console_runtime: Runtime,
+    two_person_bank: tuple[int, list[int]],
 ) -> None:
     rt = console_runtime
-    bid, entries = _bank_with_entries(rt, tmp_path)
+    bid, entries = two_person_bank
     client.login(make_user("admin"))
     page = f"/banks/{bid}"
     client.form(f"{page}/entries/{entries[0]}/disabled", {"disabled": "1"}, token_from=page)

@@ -7,6 +7,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -26,6 +27,14 @@ def count(rt: Runtime, action: str) -> int:
         )
 
 
+@pytest.fixture
+def reviewer(client: Any, make_user: Callable[..., Any]) -> Any:
+    """A reviewer, signed in on ``client``."""
+    user = make_user("reviewer")
+    client.login(user)
+    return user
+
+
 def start(client: Any) -> Any:
     """Press "Start reviewing" on the queue page; returns the redirect."""
     response = client.form("/review/claim", {"queue": "main"}, token_from="/review")
@@ -35,13 +44,11 @@ def start(client: Any) -> Any:
 
 def test_w9_image_is_blurred_greyscale_until_an_audited_reveal(
     client: Any,
-    make_user: Callable[..., Any],
+    reviewer: Any,
     make_review_item: Callable[..., int],
     console_runtime: Runtime,
 ) -> None:
-    reviewer = make_user("reviewer")
     item = make_review_item()
-    client.login(reviewer)
     assert start(client).headers["Location"] == f"/review/{item}"
     page = client.get(f"/review/{item}").get_data(as_text=True)
     assert 'class="upload blurred"' in page
@@ -74,18 +81,13 @@ def test_w9_image_is_blurred_greyscale_until_an_audited_reveal(
     assert "1</strong> of 200 items shown, 1 image revealed" in page
 
 
-def test_i9_untrusted_text_is_escaped(
-    client: Any,
-    make_user: Callable[..., Any],
-    make_review_item: Callable[..., int],
-) -> None:
-    reviewer = make_user("reviewer")
+@pytest.mark.usefixtures("reviewer")
+def test_i9_untrusted_text_is_escaped(client: Any, make_review_item: Callable[..., int]) -> None:
     item = make_review_item(
         external_id=f"{SCRIPT}.jpg'; DROP TABLE uploads;--",
         description=f"{SCRIPT}<img src=x onerror=alert(1)>",
         label=f"{SCRIPT}label",
     )
-    client.login(reviewer)
     start(client)
     page = client.get(f"/review/{item}").get_data(as_text=True)
     assert SCRIPT not in page
@@ -99,15 +101,11 @@ def test_i9_untrusted_text_is_escaped(
     assert client.get(f"/review/{item}/image?variant=preview").status_code == 200
 
 
+@pytest.mark.usefixtures("reviewer")
 def test_decisions_move_through_the_queue(
-    client: Any,
-    make_user: Callable[..., Any],
-    make_review_item: Callable[..., int],
-    console_runtime: Runtime,
+    client: Any, make_review_item: Callable[..., int], console_runtime: Runtime
 ) -> None:
-    reviewer = make_user("reviewer")
     items = [make_review_item(priority=p) for p in (90, 80, 70)]
-    client.login(reviewer)
     assert start(client).headers["Location"] == f"/review/{items[0]}"
     location = f"/review/{items[0]}"
     decided = []

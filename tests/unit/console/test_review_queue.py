@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -221,28 +220,15 @@ def test_bad_decision_and_unknown_item(
 
 
 def test_concurrent_claims_on_sqlite_never_share_an_item(
-    console_runtime: Runtime, make_user: Callable[..., Any], make_review_item: Callable[..., int]
+    console_runtime: Runtime,
+    make_user: Callable[..., Any],
+    make_review_item: Callable[..., int],
+    race: Callable[..., dict[int, int | None]],
 ) -> None:
     rt = console_runtime
     reviewers = [make_user("reviewer") for _ in range(6)]
     items = {make_review_item() for _ in range(4)}
-    start = threading.Barrier(len(reviewers))
-    got: dict[int, int | None] = {}
-    errors: list[BaseException] = []
-
-    def work(user_id: int) -> None:
-        try:
-            start.wait()
-            got[user_id] = claim(rt, user_id)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(r.id,)) for r in reviewers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
+    got = race(lambda user_id: claim(rt, user_id), [r.id for r in reviewers])
     claimed = [i for i in got.values() if i is not None]
     assert len(claimed) == len(set(claimed)) == len(items)
     assert set(claimed) == items
