@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moderation.cli import Context, config_errors, echo_json, pass_ctx, stderr_console
+from moderation.cli import Context, echo_json, initialised_runtime, pass_ctx, stderr_console
 from moderation.cli.core import bank
 
 #: Formats ``bank import-hashes`` reads (``moderation.banks.hashlists.FORMATS``), kept here as
@@ -52,34 +52,32 @@ def bank_import_hashes(ctx: Context, name: str, file: Path, fmt: str) -> None:
 
     from moderation.banks.hash_import import HashListError, import_hash_list
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with Progress(
+    with (
+        initialised_runtime(ctx) as runtime,
+        Progress(
             SpinnerColumn(),
             TextColumn("{task.description}: {task.completed:,} lines"),
             TimeElapsedColumn(),
             console=stderr_console(),
-        ) as bar:
-            task = bar.add_task(f"reading {file.name}", total=None)
-            try:
-                report = import_hash_list(
-                    runtime,
-                    name,
-                    file,
-                    fmt=fmt,
-                    actor="cli",
-                    progress=lambda lines: bar.update(task, completed=lines),
-                )
-            except HashListError as exc:
-                for problem in exc.errors:
-                    click.echo(f"{file.name}:{problem.line}: {problem.reason}", err=True)
-                click.echo(
-                    f"error: {len(exc.errors)} malformed line(s): nothing imported", err=True
-                )
-                sys.exit(REFUSED_EXIT)
-            except ValueError as exc:
-                raise click.UsageError(str(exc)) from exc
+        ) as bar,
+    ):
+        task = bar.add_task(f"reading {file.name}", total=None)
+        try:
+            report = import_hash_list(
+                runtime,
+                name,
+                file,
+                fmt=fmt,
+                actor="cli",
+                progress=lambda lines: bar.update(task, completed=lines),
+            )
+        except HashListError as exc:
+            for problem in exc.errors:
+                click.echo(f"{file.name}:{problem.line}: {problem.reason}", err=True)
+            click.echo(f"error: {len(exc.errors)} malformed line(s): nothing imported", err=True)
+            sys.exit(REFUSED_EXIT)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
     for problem in report.skipped:
         click.echo(f"skipped {file.name}:{problem.line}: {problem.reason}", err=True)
     echo_json(report.to_json())
@@ -99,9 +97,7 @@ def bank_export_hashes(ctx: Context, name: str, fmt: str, out: Path | None) -> N
     another HMA or ThreatExchange deployment can import. Audited: the file is a plaintext list."""
     from moderation.banks.hash_import import export_hashes
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         if out is None:
             count = export_hashes(runtime, name, sys.stdout, fmt=fmt, actor="cli")
         else:
