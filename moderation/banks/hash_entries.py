@@ -97,6 +97,20 @@ class HashSignals:
     exact: tuple[ExactSignal, ...] = ()
 
 
+#: Payload array name of each :class:`HashEntries` field.
+_ARRAY_NAMES: Final = {
+    "entry_ids": "hash_entry_ids",
+    "pdq": "hash_pdq",
+    "pdq_quality": "hash_pdq_quality",
+    "has_pdq": "hash_has_pdq",
+    "active": "hash_active",
+    "exact_entry_ids": "exact_entry_ids",
+    "exact_kinds": "exact_kinds",
+    "exact_keyed": "exact_keyed",
+    "exact_sealed": "exact_sealed",
+}
+
+
 def _empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray[Any, Any]:
     return np.zeros(shape, dtype)
 
@@ -123,21 +137,11 @@ class HashEntries:
         return len(self.entry_ids)
 
     def arrays(self) -> dict[str, np.ndarray[Any, Any]]:
-        """The payload arrays, by name (empty when there are no hash entries, so older readers
-        and payloads stay byte-identical)."""
+        """The payload arrays, by name (none when there are no hash entries, so payloads
+        without them stay byte-identical to those written before hash lists)."""
         if not len(self.entry_ids):
             return {}
-        return {
-            "hash_entry_ids": self.entry_ids,
-            "hash_pdq": self.pdq,
-            "hash_pdq_quality": self.pdq_quality,
-            "hash_has_pdq": self.has_pdq,
-            "hash_active": self.active,
-            "exact_entry_ids": self.exact_entry_ids,
-            "exact_kinds": self.exact_kinds,
-            "exact_keyed": self.exact_keyed,
-            "exact_sealed": self.exact_sealed,
-        }
+        return {_ARRAY_NAMES[k]: v for k, v in self.arrays_full().items()}
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray[Any, Any]]) -> HashEntries:
@@ -189,10 +193,31 @@ class HashEntries:
             exact_sealed=self.exact_sealed[keep_exact],
         )
 
-    def with_added(self, signals: Sequence[HashSignals]) -> HashEntries:
-        """A copy with new entries appended (active)."""
-        if not signals:
+    def with_added(self, added: HashEntries) -> HashEntries:
+        """A copy with ``added``'s entries appended (as they are in ``added``)."""
+        if not len(added.entry_ids):
             return self
+        mine, theirs = self.arrays_full(), added.arrays_full()
+        return HashEntries(**{k: np.concatenate([mine[k], theirs[k]]) for k in mine})
+
+    def arrays_full(self) -> dict[str, np.ndarray[Any, Any]]:
+        """Every array by field name (also when empty)."""
+        return {
+            "entry_ids": self.entry_ids,
+            "pdq": self.pdq,
+            "pdq_quality": self.pdq_quality,
+            "has_pdq": self.has_pdq,
+            "active": self.active,
+            "exact_entry_ids": self.exact_entry_ids,
+            "exact_kinds": self.exact_kinds,
+            "exact_keyed": self.exact_keyed,
+            "exact_sealed": self.exact_sealed,
+        }
+
+    @classmethod
+    def from_signals(cls, signals: Sequence[HashSignals]) -> HashEntries:
+        """New (active) entries from per-entry signals; a bulk import builds the arrays
+        itself (:mod:`moderation.banks.hash_import`)."""
         n = len(signals)
         pdq = np.zeros((n, PDQ_BYTES), np.uint8)
         quality = np.full(n, UNKNOWN_QUALITY, np.uint8)
@@ -205,26 +230,16 @@ class HashEntries:
                     quality[row] = s.pdq_quality
         exact = [(s.entry_id, e) for s in signals for e in s.exact]
         kinds = {kind: i for i, kind in enumerate(EXACT_KINDS)}
-        return HashEntries(
-            entry_ids=np.concatenate([self.entry_ids, [s.entry_id for s in signals]]).astype(
-                np.int64
-            ),
-            pdq=np.concatenate([self.pdq, pdq]),
-            pdq_quality=np.concatenate([self.pdq_quality, quality]),
-            has_pdq=np.concatenate([self.has_pdq, has_pdq]),
-            active=np.concatenate([self.active, np.ones(n, np.bool_)]),
-            exact_entry_ids=np.concatenate(
-                [self.exact_entry_ids, np.array([eid for eid, _ in exact], np.int64)]
-            ),
-            exact_kinds=np.concatenate(
-                [self.exact_kinds, np.array([kinds[e.kind] for _, e in exact], np.uint8)]
-            ),
-            exact_keyed=np.concatenate(
-                [self.exact_keyed, _rows([e.keyed for _, e in exact], KEYED_BYTES)]
-            ),
-            exact_sealed=np.concatenate(
-                [self.exact_sealed, _rows([e.sealed for _, e in exact], SEALED_BYTES)]
-            ),
+        return cls(
+            entry_ids=np.array([s.entry_id for s in signals], np.int64),
+            pdq=pdq,
+            pdq_quality=quality,
+            has_pdq=has_pdq,
+            active=np.ones(n, np.bool_),
+            exact_entry_ids=np.array([eid for eid, _ in exact], np.int64),
+            exact_kinds=np.array([kinds[e.kind] for _, e in exact], np.uint8),
+            exact_keyed=rows_of([e.keyed for _, e in exact], KEYED_BYTES),
+            exact_sealed=rows_of([e.sealed for _, e in exact], SEALED_BYTES),
         )
 
     def exact_rows(self, entry_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
@@ -232,7 +247,8 @@ class HashEntries:
         return np.flatnonzero(np.isin(self.exact_entry_ids, entry_ids))
 
 
-def _rows(values: Sequence[bytes], width: int) -> npt.NDArray[np.uint8]:
+def rows_of(values: Sequence[bytes], width: int) -> npt.NDArray[np.uint8]:
+    """Equal-length byte strings as a uint8 (len(values), width) array."""
     if not values:
         return np.zeros((0, width), np.uint8)
     return np.frombuffer(b"".join(values), np.uint8).reshape(len(values), width)

@@ -21,21 +21,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO, cast
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import insert, select
+from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
 from moderation.banks.hash_entries import (
+    PDQ_BYTES,
+    SEALED_BYTES,
     UNKNOWN_QUALITY,
     ExactSealer,
     ExactSignal,
-    HashSignals,
+    HashEntries,
     open_digest,
+    rows_of,
 )
 from moderation.banks.hashlists import HashRecord, LineProblem, parse_hash_list, write_hash_list
 from moderation.banks.operations import commit_with_snapshot
@@ -47,6 +51,7 @@ from moderation.signals.exact import (
     EXACT_EXPORT_KEY_NAME,
     EXACT_KEY_NAME,
     EXACT_KINDS,
+    KEYED_BYTES,
     parse_hex,
 )
 from moderation.storage.db import transaction
@@ -56,6 +61,9 @@ if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+_NO_PDQ: Final = bytes(PDQ_BYTES)
+_KIND_INDEX: Final = {kind: i for i, kind in enumerate(EXACT_KINDS)}
 
 #: Malformed lines quoted in a :class:`HashListError` message (all are in ``errors``).
 ERRORS_SHOWN = 20
@@ -157,24 +165,91 @@ def _new_signals(
     return pdq, exact
 
 
+def _reserve_entry_ids(session: Session, count: int) -> list[int]:
+    """``count`` fresh entry ids. PostgreSQL: drawn from the column's sequence in one query, so
+    concurrent writers never collide; SQLite: after the largest id, safe because SQLite admits
+    one writer at a time."""
+    if session.get_bind().dialect.name == "postgresql":
+        ids = session.scalars(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('entries', 'id')) "
+                "FROM generate_series(1, :n)"
+            ),
+            {"n": count},
+        )
+        return [int(i) for i in ids]
+    start = (session.scalar(select(func.max(Entry.id))) or 0) + 1
+    return list(range(start, start + count))
+
+
+class _NewEntries:
+    """The kept records of an import and their signals, gathered as array rows (a million
+    per-entry objects would cost more than the import's database work)."""
+
+    def __init__(self) -> None:
+        self.records: list[HashRecord] = []
+        self._pdq: list[bytes] = []
+        self._quality: list[int] = []
+        self._has_pdq: list[bool] = []
+        self._exact_owner: list[int] = []
+        self._exact_kind: list[int] = []
+        self._keyed: list[bytes] = []
+        self._sealed: list[bytes] = []
+
+    def add(self, record: HashRecord, pdq: bytes | None, exact: Sequence[ExactSignal]) -> None:
+        row = len(self.records)
+        self.records.append(record)
+        self._pdq.append(pdq if pdq is not None else _NO_PDQ)
+        self._has_pdq.append(pdq is not None)
+        quality = record.pdq_quality
+        self._quality.append(UNKNOWN_QUALITY if quality is None or pdq is None else quality)
+        for signal in exact:
+            self._exact_owner.append(row)
+            self._exact_kind.append(_KIND_INDEX[signal.kind])
+            self._keyed.append(signal.keyed)
+            self._sealed.append(signal.sealed)
+
+    def entries(self, ids: npt.NDArray[np.int64]) -> HashEntries:
+        """The gathered rows as new (active) :class:`HashEntries` with entry ids ``ids``."""
+        owner = np.array(self._exact_owner, np.intp)
+        return HashEntries(
+            entry_ids=ids,
+            pdq=rows_of(self._pdq, PDQ_BYTES),
+            pdq_quality=np.array(self._quality, np.uint8),
+            has_pdq=np.array(self._has_pdq, np.bool_),
+            active=np.ones(len(ids), np.bool_),
+            exact_entry_ids=ids[owner] if len(owner) else np.zeros(0, np.int64),
+            exact_kinds=np.array(self._exact_kind, np.uint8),
+            exact_keyed=rows_of(self._keyed, KEYED_BYTES),
+            exact_sealed=rows_of(self._sealed, SEALED_BYTES),
+        )
+
+
 def _insert_entries(
     session: Session, bank_id: int, records: Sequence[HashRecord], default_label: str, actor: str
 ) -> list[int]:
-    """Insert one entry per record in one statement; their ids, in record order."""
+    """Insert one entry per record (one executemany with ids reserved up front: RETURNING
+    would send SQLite one statement per row); their ids, in record order."""
     if not records:
         return []
+    ids = _reserve_entry_ids(session, len(records))
+    now = datetime.now(UTC)
     rows = [
         {
+            "id": eid,
             "bank_id": bank_id,
             "label": (r.label or default_label)[:500],
             "source_ref": r.ref[:1000],
             "added_by": actor,
+            "added_at": now,
+            "disabled": False,
             "origin": "hash_list",
         }
-        for r in records
+        for eid, r in zip(ids, records, strict=True)
     ]
-    statement = insert(Entry).returning(Entry.id, sort_by_parameter_order=True)
-    return list(session.scalars(statement, rows))
+    # The Core table, not the ORM class: an executemany without per-row ORM bookkeeping.
+    session.execute(insert(cast(Table, Entry.__table__)), rows)
+    return ids
 
 
 def import_hash_list(
@@ -208,7 +283,7 @@ def import_hash_list(
         skipped=list(parsed.skipped),
     )
 
-    def change(session: Session) -> tuple[Sequence[HashSignals], Iterable[int]]:
+    def change(session: Session) -> tuple[HashEntries, Iterable[int]]:
         bank = get_bank(session, bank_name)
         sealer = None
         if any(kind != "pdq" for r in parsed.records for kind in r.signals):
@@ -219,16 +294,13 @@ def import_hash_list(
         present = _bank_signals(
             _current_payload(session, runtime), _bank_entry_ids(session, bank.id)
         )
-        kept: list[HashRecord] = []
-        signals: list[tuple[bytes | None, int | None, list[ExactSignal]]] = []
+        new = _NewEntries()
         for record in parsed.records:
-            new = _new_signals(record, present, sealer)
-            if new is None:
-                continue
-            kept.append(record)
-            signals.append((new[0], record.pdq_quality, new[1]))
-        report.merged = len(parsed.records) - len(kept) + parsed.duplicates
-        ids = _insert_entries(session, bank.id, kept, path.stem, actor)
+            signals = _new_signals(record, present, sealer)
+            if signals is not None:
+                new.add(record, *signals)
+        report.merged = len(parsed.records) - len(new.records) + parsed.duplicates
+        ids = _insert_entries(session, bank.id, new.records, path.stem, actor)
         report.added = len(ids)
         record_event(
             session,
@@ -244,11 +316,7 @@ def import_hash_list(
                 "skipped": len(parsed.skipped),
             },
         )
-        added = [
-            HashSignals(eid, pdq, quality if pdq is not None else None, tuple(exact))
-            for eid, (pdq, quality, exact) in zip(ids, signals, strict=True)
-        ]
-        return added, ()
+        return new.entries(np.array(ids, np.int64)), ()
 
     report.snapshot_version = commit_with_snapshot(runtime, change)
     logger.info(

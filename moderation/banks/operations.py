@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.hash_entries import HashSignals
+from moderation.banks.hash_entries import HashEntries
 from moderation.banks.importer import ImportHooks, ImportReport, RegionEmbedder, import_into_bank
 from moderation.banks.records import BlocklistError, get_bank, parse_entry_id
 from moderation.banks.snapshot_payload import EntrySignals
@@ -28,11 +28,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SnapshotChange = Callable[
-    [Session], tuple[Sequence[EntrySignals] | Sequence[HashSignals], Iterable[int]]
-]
-"""A unit of work on banks/entries: returns (signals of added entries: image entries'
-:class:`EntrySignals` or hash-list entries' :class:`HashSignals`, ids of removed ones)."""
+SnapshotChange = Callable[[Session], tuple[Sequence[EntrySignals] | HashEntries, Iterable[int]]]
+"""A unit of work on banks/entries: returns (the added entries' signals: image entries'
+:class:`EntrySignals`, or hash-list entries as :class:`HashEntries`; ids of removed ones)."""
 
 
 def _commit_with_snapshot(
@@ -50,9 +48,9 @@ def _commit_with_snapshot(
                 snapshots_dir=runtime.settings.snapshots_dir,
                 encoder_id=str(runtime.encoder.id),
                 dim=runtime.encoder.dim,
-                added=[s for s in added if isinstance(s, EntrySignals)],
+                added=[] if isinstance(added, HashEntries) else added,
                 removed=removed,
-                added_hashes=[s for s in added if isinstance(s, HashSignals)],
+                added_hashes=added if isinstance(added, HashEntries) else None,
             )
             written_path = written.path
             version = row.version

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from moderation.banks.hash_entries import HashSignals
+from moderation.banks.hash_entries import HashEntries
 from moderation.banks.index import HNSW_MIN_ENTRIES, CosineIndex
 from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import (
@@ -83,16 +83,29 @@ def read_payload(
         ) from exc
 
 
-def _entry_state(session: Session) -> dict[int, bool]:
-    """Every entry id -> whether it is searchable (entry enabled and its bank enabled)."""
+def _entry_state(session: Session) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """Every entry id, sorted, and whether it is searchable (entry and its bank enabled)."""
     rows = session.execute(
-        select(Entry.id, Entry.disabled, Bank.enabled).join(Bank, Entry.bank_id == Bank.id)
+        select(Entry.id, Entry.disabled, Bank.enabled)
+        .join(Bank, Entry.bank_id == Bank.id)
+        .order_by(Entry.id)
     ).all()
-    return {eid: (not disabled) and enabled for eid, disabled, enabled in rows}
+    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    searchable = np.fromiter(((not r[1]) and r[2] for r in rows), np.bool_, len(rows))
+    return ids, searchable
 
 
-def _active_mask(state: dict[int, bool], entry_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-    return np.array([state.get(int(eid), False) for eid in entry_ids.tolist()], dtype=np.bool_)
+def _active_mask(
+    ids: npt.NDArray[np.int64],
+    searchable: npt.NDArray[np.bool_],
+    entry_ids: npt.NDArray[np.int64],
+) -> npt.NDArray[np.bool_]:
+    """For each of ``entry_ids``: present in the sorted ``ids`` and searchable there."""
+    if not len(ids):
+        return np.zeros(len(entry_ids), np.bool_)
+    at = np.minimum(np.searchsorted(ids, entry_ids), len(ids) - 1)
+    mask: npt.NDArray[np.bool_] = (ids[at] == entry_ids) & searchable[at]
+    return mask
 
 
 def commit_signals(
@@ -104,7 +117,7 @@ def commit_signals(
     dim: int,
     added: Sequence[EntrySignals] = (),
     removed: Iterable[int] = (),
-    added_hashes: Sequence[HashSignals] = (),
+    added_hashes: HashEntries | None = None,
 ) -> tuple[IndexSnapshot, SnapshotFile]:
     """Write the next snapshot version reflecting the database and the given changes.
 
@@ -173,19 +186,19 @@ def _next_payload(
     *,
     added: Sequence[EntrySignals],
     removed: Iterable[int],
-    added_hashes: Sequence[HashSignals] = (),
+    added_hashes: HashEntries | None = None,
 ) -> Payload:
     """``payload`` minus ``removed`` and entries gone from the database, plus ``added`` (and
     ``added_hashes``), with the active masks recomputed from the database and the stored index
     rebuilt."""
-    existing = np.fromiter(session.scalars(select(Entry.id)), np.int64)
+    ids, searchable = _entry_state(session)
     in_payload = np.concatenate([payload.entry_ids, payload.hashes.entry_ids])
-    gone = in_payload[~np.isin(in_payload, existing)].tolist()
+    gone = in_payload[~np.isin(in_payload, ids)].tolist()
     payload = payload.without([*removed, *gone]).with_added(added)
-    payload.hashes = payload.hashes.with_added(added_hashes)
-    state = _entry_state(session)
-    payload.active = _active_mask(state, payload.entry_ids)
-    payload.hashes.active = _active_mask(state, payload.hashes.entry_ids)
+    if added_hashes is not None:
+        payload.hashes = payload.hashes.with_added(added_hashes)
+    payload.active = _active_mask(ids, searchable, payload.entry_ids)
+    payload.hashes.active = _active_mask(ids, searchable, payload.hashes.entry_ids)
     payload.cosine_index = _stored_index(payload)
     return payload
 

@@ -213,10 +213,7 @@ def benchmark_speed(
     pipeline per image, index search/recall/memory/snapshot load at each bank size."""
     from moderation.benchmark.speed import run_speed_benchmark
 
-    try:
-        sizes = [int(v) for v in index_sizes.split(",") if v.strip()]
-    except ValueError as exc:
-        raise click.UsageError(f"--index-sizes must be comma-separated integers: {exc}") from exc
+    sizes = _sizes("--index-sizes", index_sizes)
     with config_errors():
         report = run_speed_benchmark(
             ctx.settings,
@@ -227,6 +224,38 @@ def benchmark_speed(
             stages=stages,
             echo=click.echo,
         )
+    _write_report(json_out, report)
+
+
+def _sizes(option: str, value: str) -> list[int]:
+    """Comma-separated integers of ``option``.
+
+    Raises:
+        click.UsageError: not integers.
+    """
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.UsageError(f"{option} must be comma-separated integers: {exc}") from exc
+
+
+@benchmark.command("hashes")
+@click.option(
+    "--sizes",
+    default="100000,1000000",
+    show_default=True,
+    help="Comma-separated hash-list lengths (generated PDQ digests).",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def benchmark_hashes(ctx: Context, sizes: str, json_out: Path | None) -> None:
+    """Hash-list banks: import lines/s of a generated PDQ list, snapshot load time, and PDQ
+    lookup p50/p99 and recall at radius 31, at each size."""
+    from moderation.benchmark.hashes import run_hash_benchmark
+
+    lengths = _sizes("--sizes", sizes)
+    with config_errors():
+        report = run_hash_benchmark(ctx.settings, lengths, click.echo)
     _write_report(json_out, report)
 
 
