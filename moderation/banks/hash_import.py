@@ -12,8 +12,8 @@ the database nor the data directory ever holds a plaintext list. Entries are ins
 
 Export (:func:`export_hashes`): the bank's PDQ digests (hash-list and image entries) and the
 exact hashes it was given, written in a ThreatExchange-compatible format
-(:func:`moderation.banks.hashlists.write_hash_list`), so another HMA or python-threatexchange
-deployment can import them; audited.
+(:func:`moderation.banks.hashlists.writer.write_hash_list`), so another HMA or
+python-threatexchange deployment can import them; audited.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from moderation.banks.hash_entries import (
     HashSignals,
     open_digest,
 )
-from moderation.banks.hashlists import HashRecord, LineProblem, parse_hash_list, write_hash_list
+from moderation.banks.hashlists import parse_hash_list
+from moderation.banks.hashlists.records import HashRecord, LineProblem
+from moderation.banks.hashlists.writer import write_hash_list
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, get_bank
 from moderation.banks.snapshot_payload import Payload
@@ -314,7 +316,8 @@ def export_hashes(runtime: Runtime, bank_name: str, out: TextIO, *, fmt: str, ac
 
     Raises:
         BlocklistError: unknown bank, or a missing export key.
-        ValueError: a format :func:`moderation.banks.hashlists.write_hash_list` cannot write.
+        ValueError: a format that :func:`moderation.banks.hashlists.writer.write_hash_list`
+            cannot write.
     """
     with runtime.sessions() as session:
         bank = get_bank(session, bank_name)
