@@ -38,7 +38,7 @@ from moderation.banks.hash_entries import (
     open_digest,
 )
 from moderation.banks.hashlists import parse_hash_list
-from moderation.banks.hashlists.records import HashRecord, LineProblem
+from moderation.banks.hashlists.records import HashRecord, LineProblem, ParsedList
 from moderation.banks.hashlists.writer import write_hash_list
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, get_bank
@@ -179,6 +179,56 @@ def _insert_entries(
     return list(session.scalars(statement, rows))
 
 
+def _add_records(
+    session: Session,
+    runtime: Runtime,
+    parsed: ParsedList,
+    report: HashImportReport,
+    path: Path,
+    actor: str,
+) -> list[HashSignals]:
+    """Add the parsed records the bank lacks as entries (audited ``bank.import_hashes``);
+    fills ``report.added`` and ``report.merged``; returns the new entries' signals."""
+    bank = get_bank(session, report.bank)
+    sealer = None
+    if any(kind != "pdq" for r in parsed.records for kind in r.signals):
+        sealer = ExactSealer(
+            deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
+            deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
+        )
+    present = _bank_signals(_current_payload(session, runtime), _bank_entry_ids(session, bank.id))
+    kept: list[HashRecord] = []
+    signals: list[tuple[bytes | None, int | None, list[ExactSignal]]] = []
+    for record in parsed.records:
+        new = _new_signals(record, present, sealer)
+        if new is None:
+            continue
+        kept.append(record)
+        signals.append((new[0], record.pdq_quality, new[1]))
+    report.merged = len(parsed.records) - len(kept) + parsed.duplicates
+    ids = _insert_entries(session, bank.id, kept, path.stem, actor)
+    report.added = len(ids)
+    record_event(
+        session,
+        actor=actor,
+        action="bank.import_hashes",
+        target=f"bank:{bank.id}",
+        details={
+            "source": path.name,
+            "format": parsed.format,
+            "records": len(parsed.records),
+            "added": len(ids),
+            "merged": report.merged,
+            "skipped": len(parsed.skipped),
+        },
+    )
+    added = [
+        HashSignals(eid, pdq, quality if pdq is not None else None, tuple(exact))
+        for eid, (pdq, quality, exact) in zip(ids, signals, strict=True)
+    ]
+    return added
+
+
 def import_hash_list(
     runtime: Runtime,
     bank_name: str,
@@ -211,46 +261,7 @@ def import_hash_list(
     )
 
     def change(session: Session) -> tuple[Sequence[HashSignals], Iterable[int]]:
-        bank = get_bank(session, bank_name)
-        sealer = None
-        if any(kind != "pdq" for r in parsed.records for kind in r.signals):
-            sealer = ExactSealer(
-                deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
-                deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
-            )
-        present = _bank_signals(
-            _current_payload(session, runtime), _bank_entry_ids(session, bank.id)
-        )
-        kept: list[HashRecord] = []
-        signals: list[tuple[bytes | None, int | None, list[ExactSignal]]] = []
-        for record in parsed.records:
-            new = _new_signals(record, present, sealer)
-            if new is None:
-                continue
-            kept.append(record)
-            signals.append((new[0], record.pdq_quality, new[1]))
-        report.merged = len(parsed.records) - len(kept) + parsed.duplicates
-        ids = _insert_entries(session, bank.id, kept, path.stem, actor)
-        report.added = len(ids)
-        record_event(
-            session,
-            actor=actor,
-            action="bank.import_hashes",
-            target=f"bank:{bank.id}",
-            details={
-                "source": path.name,
-                "format": parsed.format,
-                "records": len(parsed.records),
-                "added": len(ids),
-                "merged": report.merged,
-                "skipped": len(parsed.skipped),
-            },
-        )
-        added = [
-            HashSignals(eid, pdq, quality if pdq is not None else None, tuple(exact))
-            for eid, (pdq, quality, exact) in zip(ids, signals, strict=True)
-        ]
-        return added, ()
+        return _add_records(session, runtime, parsed, report, path, actor), ()
 
     report.snapshot_version = commit_with_snapshot(runtime, change)
     logger.info(
@@ -270,9 +281,9 @@ def _export_records(
     payload = _current_payload(session, runtime)
     if payload is None:
         return []
-    labels = dict(
-        session.execute(select(Entry.id, Entry.label).where(Entry.bank_id == bank_id)).tuples()
-    )
+    # Not dict(result): a Result has keys(), so dict() would take it for a mapping.
+    rows = session.execute(select(Entry.id, Entry.label).where(Entry.bank_id == bank_id))
+    labels = {entry_id: label for entry_id, label in rows}
     ids = np.fromiter(labels, np.int64, len(labels))
     signals: dict[int, dict[str, str]] = {}
     quality: dict[int, int | None] = {}
