@@ -116,7 +116,7 @@ def run_hash_import(
     """
     data = open_staged(runtime, job_id, params)
     workdir = imports_dir(runtime.settings) / f"{PurePosixPath(job_id).name}.d"
-    workdir.mkdir(mode=0o700)
+    workdir.mkdir(mode=0o700, exist_ok=True)
     try:
         path = workdir / _safe_name(str(params.get("filename", "")))
         write_private_file(path, [data])

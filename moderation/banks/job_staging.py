@@ -5,6 +5,8 @@ under a fresh data key wrapped by the primary master key
 (:func:`moderation.crypto.envelope.seal_blob`); the wrapped key is kept in the job's
 parameters, so the staged file alone reveals nothing. The job decrypts it into memory only
 while it reads it (:func:`open_staged`) and deletes it when it ends (:func:`remove_staged`).
+The job's parameters ``archive`` (the staged file's name, whatever was uploaded), ``size_bytes``
+and ``wrapped_key`` find and unwrap it.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def imports_dir(settings: Settings) -> Path:
 
 def staged_path(settings: Settings, job_id: str) -> Path:
     """Where the sealed upload of job ``job_id`` waits."""
-    return imports_dir(settings) / f"{PurePosixPath(job_id).name}.zip.sealed"
+    return imports_dir(settings) / f"{PurePosixPath(job_id).name}.sealed"
 
 
 def _context(job_id: str) -> str:
