@@ -1,4 +1,5 @@
-"""Banks: list, create, import a zip in the background, entries, enable/disable, removals.
+"""Banks: list, create, import a zip or a hash list in the background, entries, enable/disable,
+removals.
 
 Removing entries or a whole bank is a request that a second admin approves (two-person rule,
 :mod:`moderation.governance.approvals`).
@@ -18,7 +19,10 @@ from wtforms.validators import AnyOf, DataRequired, Length
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
-from moderation.banks.jobs import JobError, JobRunner, create_import_job, job_view
+from moderation.banks.hash_jobs import create_hash_import_job
+from moderation.banks.hashlists import FORMATS
+from moderation.banks.job_staging import JobError
+from moderation.banks.jobs import JobRunner, create_import_job, job_view
 from moderation.banks.operations import set_bank_enabled, set_entry_disabled
 from moderation.banks.records import BlocklistError, create_bank_audited, entries_page
 from moderation.governance.approvals import (
@@ -46,6 +50,11 @@ class CreateBankForm(ConsoleForm):
 
 class ImportForm(ConsoleForm):
     archive = FileField("Zip of images", validators=[FileRequired()])
+
+
+class HashListForm(ConsoleForm):
+    hashes = FileField("Hash list", validators=[FileRequired()])
+    format = SelectField("Format", choices=list(FORMATS), default="auto")
 
 
 class BankStateForm(ConsoleForm):
@@ -130,6 +139,7 @@ def show(bank_id: int) -> str:
         page=page,
         pages=max(1, -(-total // ENTRIES_PER_PAGE)),
         import_form=ImportForm(),
+        hash_form=HashListForm(),
         state_form=BankStateForm(),
         entry_form=EntryStateForm(),
         remove_form=RemoveEntriesForm(),
@@ -155,6 +165,40 @@ def import_archive(bank_id: int) -> Any:
                 bank_name=bank.name,
                 archive=upload.stream,
                 filename=upload.filename or "archive.zip",
+                created_by=user.actor,
+                max_bytes=rt.settings.console_max_import_bytes,
+                keyring=rt.keyring,
+            )
+            job_id = job.id
+    except (JobError, BlocklistError) as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("banks.show", bank_id=bank_id))
+    finally:
+        upload.close()
+    runner: JobRunner = current_app.extensions["moderation.jobs"]
+    runner.submit(job_id)
+    return redirect(url_for("banks.job", job_id=job_id))
+
+
+@bp.route("/<int:bank_id>/import-hashes", methods=["POST"])
+@permission_required("banks.write")
+def import_hashes(bank_id: int) -> Any:
+    user = require_user()
+    bank = _bank(bank_id)
+    form = HashListForm()
+    if not form.validate_on_submit():
+        abort(400)
+    rt = runtime()
+    upload = form.hashes.data
+    try:
+        with transaction(rt.sessions) as db:
+            job = create_hash_import_job(
+                db,
+                rt.settings,
+                bank_name=bank.name,
+                upload=upload.stream,
+                filename=upload.filename or "hashes.txt",
+                fmt=form.format.data or "auto",
                 created_by=user.actor,
                 max_bytes=rt.settings.console_max_import_bytes,
                 keyring=rt.keyring,

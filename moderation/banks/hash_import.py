@@ -12,8 +12,8 @@ the database nor the data directory ever holds a plaintext list. Entries are ins
 
 Export (:func:`export_hashes`): the bank's PDQ digests (hash-list and image entries) and the
 exact hashes it was given, written in a ThreatExchange-compatible format
-(:func:`moderation.banks.hashlists.write_hash_list`), so another HMA or python-threatexchange
-deployment can import them; audited.
+(:func:`moderation.banks.hashlists.writer.write_hash_list`), so another HMA or
+python-threatexchange deployment can import them; audited.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ from moderation.banks.hash_entries import (
     open_digest,
     rows_of,
 )
-from moderation.banks.hashlists import HashRecord, LineProblem, parse_hash_list, write_hash_list
+from moderation.banks.hashlists import parse_hash_list
+from moderation.banks.hashlists.records import HashRecord, LineProblem, ParsedList
+from moderation.banks.hashlists.writer import write_hash_list
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, get_bank
 from moderation.banks.snapshot_payload import Payload
@@ -252,6 +254,49 @@ def _insert_entries(
     return ids
 
 
+def _add_records(
+    session: Session,
+    runtime: Runtime,
+    parsed: ParsedList,
+    report: HashImportReport,
+    path: Path,
+    actor: str,
+) -> HashEntries:
+    """Add the parsed records the bank lacks as entries (audited ``bank.import_hashes``);
+    fills ``report.added`` and ``report.merged``; returns the new entries' signals."""
+    bank = get_bank(session, report.bank)
+    sealer = None
+    if any(kind != "pdq" for r in parsed.records for kind in r.signals):
+        sealer = ExactSealer(
+            deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
+            deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
+        )
+    present = _bank_signals(_current_payload(session, runtime), _bank_entry_ids(session, bank.id))
+    new = _NewEntries()
+    for record in parsed.records:
+        signals = _new_signals(record, present, sealer)
+        if signals is not None:
+            new.add(record, *signals)
+    report.merged = len(parsed.records) - len(new.records) + parsed.duplicates
+    ids = _insert_entries(session, bank.id, new.records, path.stem, actor)
+    report.added = len(ids)
+    record_event(
+        session,
+        actor=actor,
+        action="bank.import_hashes",
+        target=f"bank:{bank.id}",
+        details={
+            "source": path.name,
+            "format": parsed.format,
+            "records": len(parsed.records),
+            "added": len(ids),
+            "merged": report.merged,
+            "skipped": len(parsed.skipped),
+        },
+    )
+    return new.entries(np.array(ids, np.int64))
+
+
 def import_hash_list(
     runtime: Runtime,
     bank_name: str,
@@ -284,39 +329,7 @@ def import_hash_list(
     )
 
     def change(session: Session) -> tuple[HashEntries, Iterable[int]]:
-        bank = get_bank(session, bank_name)
-        sealer = None
-        if any(kind != "pdq" for r in parsed.records for kind in r.signals):
-            sealer = ExactSealer(
-                deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
-                deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
-            )
-        present = _bank_signals(
-            _current_payload(session, runtime), _bank_entry_ids(session, bank.id)
-        )
-        new = _NewEntries()
-        for record in parsed.records:
-            signals = _new_signals(record, present, sealer)
-            if signals is not None:
-                new.add(record, *signals)
-        report.merged = len(parsed.records) - len(new.records) + parsed.duplicates
-        ids = _insert_entries(session, bank.id, new.records, path.stem, actor)
-        report.added = len(ids)
-        record_event(
-            session,
-            actor=actor,
-            action="bank.import_hashes",
-            target=f"bank:{bank.id}",
-            details={
-                "source": path.name,
-                "format": parsed.format,
-                "records": len(parsed.records),
-                "added": len(ids),
-                "merged": report.merged,
-                "skipped": len(parsed.skipped),
-            },
-        )
-        return new.entries(np.array(ids, np.int64)), ()
+        return _add_records(session, runtime, parsed, report, path, actor), ()
 
     report.snapshot_version = commit_with_snapshot(runtime, change)
     logger.info(
@@ -336,8 +349,9 @@ def _export_records(
     payload = _current_payload(session, runtime)
     if payload is None:
         return []
+    # Not dict(result): a Result has keys(), so dict() would take it for a mapping.
     rows = session.execute(select(Entry.id, Entry.label).where(Entry.bank_id == bank_id))
-    labels = {eid: label for eid, label in rows}
+    labels = {entry_id: label for entry_id, label in rows}
     ids = np.fromiter(labels, np.int64, len(labels))
     signals: dict[int, dict[str, str]] = {}
     quality: dict[int, int | None] = {}
@@ -381,7 +395,8 @@ def export_hashes(runtime: Runtime, bank_name: str, out: TextIO, *, fmt: str, ac
 
     Raises:
         BlocklistError: unknown bank, or a missing export key.
-        ValueError: a format :func:`moderation.banks.hashlists.write_hash_list` cannot write.
+        ValueError: a format that :func:`moderation.banks.hashlists.writer.write_hash_list`
+            cannot write.
     """
     with runtime.sessions() as session:
         bank = get_bank(session, bank_name)

@@ -10,31 +10,30 @@ The bank import job (``bank.import``) does the slow part (decode, embed, PDQ) ou
 database transaction, writing progress as it goes, and then adds the entries and the new
 snapshot version in one short transaction (:func:`commit_with_snapshot`). On SQLite, whose
 writers are serialised, a long import therefore never blocks the console's other writes.
-The uploaded zip is staged in ``<data_dir>/imports`` sealed (AES-256-GCM under a fresh data key
-wrapped by the primary master key, :func:`moderation.crypto.envelope.seal_blob`; the wrapped key
-is kept in the job's parameters), decrypted into memory only while the job reads it, and deleted
-when the job ends. The import goes through the importer's own steps (:func:`prepare_import`,
-:func:`add_entries`), so it computes the same signals as the CLI: entry windows and training
-copies for the classifier stage included.
+The uploaded zip is staged sealed (:mod:`moderation.banks.job_staging`), decrypted into memory
+only while the job reads it, and deleted when the job ends. The import goes through the
+importer's own steps (:func:`prepare_import`, :func:`add_entries`), so it computes the same
+signals as the CLI: entry windows and training copies for the classifier stage included.
+
+The hash-list import job (``bank.import_hashes``, :mod:`moderation.banks.hash_jobs`) runs
+:func:`moderation.banks.hash_import.import_hash_list` on an uploaded hash list.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import threading
-import time
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.hash_jobs import HASH_IMPORT_KIND, run_hash_import
 from moderation.banks.importer import (
     ImportReport,
     add_entries,
@@ -42,13 +41,21 @@ from moderation.banks.importer import (
     prepare_import,
     zip_sources,
 )
+from moderation.banks.job_staging import (
+    JobError,
+    JobFailed,
+    open_staged,
+    progress_writer,
+    read_upload,
+    remove_staged,
+    set_job,
+    stage_sealed,
+)
 from moderation.banks.operations import commit_with_snapshot, record_bank_import
 from moderation.banks.records import get_bank
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.config import Settings
-from moderation.crypto.envelope import WrappedKey, open_blob, seal_blob
-from moderation.crypto.files import write_private_file
-from moderation.crypto.keys import KeyRing, load_keyring
+from moderation.crypto.keys import KeyRing
 from moderation.storage.db import transaction
 from moderation.storage.models import Job
 
@@ -58,15 +65,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMPORT_KIND = "bank.import"
-PROGRESS_INTERVAL_S = 0.5
-"""At most one progress write per this many seconds (plus one per embedded batch)."""
 MAX_REPORTED_SKIPS = 1000
 """Skipped sources listed in a job's result; the count is always complete."""
-_COPY_CHUNK = 1024 * 1024
-
-
-class JobError(Exception):
-    """A job could not be created or run (bad archive, unknown kind, unknown bank)."""
 
 
 class JobRunner(Protocol):
@@ -110,20 +110,6 @@ class ThreadJobRunner:
             thread.join(timeout)
 
 
-def imports_dir(settings: Settings) -> Path:
-    """Where uploaded archives wait for their import job (mode 0700)."""
-    return settings.resolved_data_dir / "imports"
-
-
-def staged_path(settings: Settings, job_id: str) -> Path:
-    """Where the sealed archive of job ``job_id`` waits."""
-    return imports_dir(settings) / f"{PurePosixPath(job_id).name}.zip.sealed"
-
-
-def _context(job_id: str) -> str:
-    return f"import-archive:{job_id}"
-
-
 def create_import_job(
     session: Session,
     settings: Settings,
@@ -158,7 +144,7 @@ def create_import_job(
     )
     session.add(job)
     session.flush()
-    job.params = {**job.params, **_stage_sealed(settings, job.id, data, keyring)}
+    job.params = {**job.params, **stage_sealed(settings, job.id, data, keyring)}
     record_event(
         session,
         actor=created_by,
@@ -175,60 +161,10 @@ def _read_zip_upload(archive: IO[bytes], max_bytes: int) -> bytes:
     Raises:
         JobError: it is larger than ``max_bytes`` or not a zip archive.
     """
-    buffer = io.BytesIO()
-    while chunk := archive.read(_COPY_CHUNK):
-        if buffer.tell() + len(chunk) > max_bytes:
-            raise JobError(f"the archive is larger than {max_bytes} bytes")
-        buffer.write(chunk)
-    data = buffer.getvalue()
+    data = read_upload(archive, max_bytes, what="archive")
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise JobError("the upload is not a zip archive")
     return data
-
-
-def _stage_sealed(
-    settings: Settings, job_id: str, data: bytes, keyring: KeyRing | None
-) -> dict[str, Any]:
-    """Seal ``data`` under a fresh data key and write it to the job's staged path; returns the
-    job parameters that find and unwrap it (file name, size, wrapped key)."""
-    sealed, wrapped = seal_blob(data, keyring or load_keyring(settings), context=_context(job_id))
-    directory = imports_dir(settings)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = staged_path(settings, job_id)
-    try:
-        write_private_file(path, [sealed])
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return {
-        "archive": path.name,
-        "size_bytes": len(data),
-        "wrapped_key": base64.b64encode(wrapped.to_bytes()).decode(),
-    }
-
-
-def _open_archive(runtime: Runtime, job_id: str, params: dict[str, Any]) -> bytes:
-    """The staged archive of a job, decrypted (in memory only).
-
-    Raises:
-        JobError: the staged file is missing.
-        moderation.crypto.errors.CryptoError: tampering, wrong key.
-    """
-    path = imports_dir(runtime.settings) / PurePosixPath(str(params["archive"])).name
-    try:
-        sealed = path.read_bytes()
-    except FileNotFoundError:
-        raise JobError("the staged archive is gone") from None
-    wrapped = WrappedKey.from_bytes(base64.b64decode(str(params["wrapped_key"])))
-    return open_blob(sealed, wrapped, runtime.keyring, context=_context(job_id))
-
-
-def _set(runtime: Runtime, job_id: str, **values: Any) -> None:
-    with transaction(runtime.sessions) as session:
-        job = session.get(Job, job_id)
-        if job is not None:
-            for key, value in values.items():
-                setattr(job, key, value)
 
 
 def run_job(runtime: Runtime, job_id: str) -> None:
@@ -241,36 +177,38 @@ def run_job(runtime: Runtime, job_id: str) -> None:
         job.state = "running"
         kind, params, actor = job.kind, dict(job.params), job.created_by
     try:
-        if kind != IMPORT_KIND:
+        if kind == IMPORT_KIND:
+            result = _run_import(runtime, job_id, params, actor)
+        elif kind == HASH_IMPORT_KIND:
+            result = run_hash_import(runtime, job_id, params, actor)
+        else:
             raise JobError(f"unknown job kind {kind!r}")
-        result = _run_import(runtime, job_id, params, actor)
+    except JobFailed as exc:
+        logger.info("job %s (%s) refused: %s", job_id, kind, exc)
+        set_job(runtime, job_id, state="failed", result={"error": str(exc), **exc.details})
     except Exception as exc:  # any failure ends the job, with its message
         logger.exception("job %s (%s) failed", job_id, kind)
-        _set(
+        set_job(
             runtime, job_id, state="failed", result={"error": f"{type(exc).__name__}: {exc}"[:1000]}
         )
     else:
-        _set(runtime, job_id, state="done", result=result)
+        set_job(runtime, job_id, state="done", result=result)
     finally:
-        archive = params.get("archive")
-        if archive:
-            (imports_dir(runtime.settings) / PurePosixPath(str(archive)).name).unlink(
-                missing_ok=True
-            )
+        remove_staged(runtime.settings, params)
 
 
 def _run_import(
     runtime: Runtime, job_id: str, params: dict[str, Any], actor: str
 ) -> dict[str, Any]:
     bank_name = str(params["bank"])
-    data = _open_archive(runtime, job_id, params)
+    data = open_staged(runtime, job_id, params)
     with runtime.sessions() as session:
         known = known_hashes(session, get_bank(session, bank_name).id)
     report = ImportReport(bank=bank_name)
     sources = list(zip_sources(lambda: zipfile.ZipFile(io.BytesIO(data)), "", report.skipped))
     total = len(sources)
-    _set(runtime, job_id, total=total, progress=0)
-    progress = _progress_writer(runtime, job_id)
+    set_job(runtime, job_id, total=total, progress=0)
+    write_progress = progress_writer(runtime, job_id)
     hooks = runtime.import_hooks()
     prepared = prepare_import(
         sources,
@@ -281,7 +219,7 @@ def _run_import(
         batch_size=runtime.settings.batch_size,
         region_embedder=hooks.region_embedder,
         on_images=hooks.on_images,
-        progress=progress,
+        progress=lambda done, _count: write_progress(done),
     )
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
@@ -300,7 +238,7 @@ def _run_import(
     version = commit_with_snapshot(runtime, change)
     if hooks.after_commit is not None:
         report.training_pairs = hooks.after_commit(report.entry_of, actor)
-    _set(runtime, job_id, progress=total)
+    set_job(runtime, job_id, progress=total)
     logger.info(
         "import job %s into %s: %d added, %d skipped",
         job_id,
@@ -309,20 +247,6 @@ def _run_import(
         len(report.skipped),
     )
     return _import_result(report, version)
-
-
-def _progress_writer(runtime: Runtime, job_id: str) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback that records ``done`` on the job at most every
-    :data:`PROGRESS_INTERVAL_S` seconds."""
-    last_write = time.monotonic()
-
-    def progress(done: int, count: int) -> None:
-        nonlocal last_write
-        if time.monotonic() - last_write >= PROGRESS_INTERVAL_S:
-            _set(runtime, job_id, progress=done)
-            last_write = time.monotonic()
-
-    return progress
 
 
 def _import_result(report: ImportReport, version: int) -> dict[str, Any]:

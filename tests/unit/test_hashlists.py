@@ -11,20 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from moderation.banks.hashlists import (
-    FORMATS,
+from moderation.banks.hashlists import FORMATS, detect_format, parse_hash_list
+from moderation.banks.hashlists.records import (
     MAX_PROBLEMS_KEPT,
     PDQ_QUALITY_THRESHOLD,
     PROGRESS_EVERY,
     SIGNAL_TYPES,
-    TE_SIGNAL_TYPES,
-    WRITABLE_FORMATS,
     HashRecord,
     LineProblem,
-    detect_format,
-    parse_hash_list,
-    write_hash_list,
 )
+from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
+from moderation.banks.hashlists.writer import WRITABLE_FORMATS, write_hash_list
 
 # PdqSignal.get_examples() (ThreatExchange pdq/data/bridge-mods), VideoMD5Signal.get_examples(),
 # VideoSHA256Signal's first example: real values, copied so the tests need no threatexchange.

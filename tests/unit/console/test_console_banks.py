@@ -12,14 +12,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from moderation.banks.jobs import (
-    InlineJobRunner,
-    JobError,
-    ThreadJobRunner,
-    create_import_job,
-    imports_dir,
-    job_view,
-)
+from moderation.banks.job_staging import JobError, imports_dir
+from moderation.banks.jobs import InlineJobRunner, ThreadJobRunner, create_import_job, job_view
 from moderation.banks.records import create_bank
 from moderation.banks.versions import current_snapshot
 from moderation.governance.approvals import ApprovalError, approve, request_removal

@@ -58,6 +58,7 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/banks", "POST"): only(400, "admin"),
     ("/banks/<>", "GET"): only(200, "admin", "auditor"),
     ("/banks/<>/import", "POST"): only(400, "admin"),
+    ("/banks/<>/import-hashes", "POST"): only(400, "admin"),
     ("/banks/<>/enabled", "POST"): only(400, "admin"),
     ("/banks/<>/delete", "POST"): only(400, "admin"),
     ("/banks/<>/entries/remove", "POST"): only(400, "admin"),

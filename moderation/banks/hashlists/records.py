@@ -1,0 +1,170 @@
+"""What every hash-list reader shares: the record and problem types, value validation, first-wins
+merging of repeated signals, and reading the file's lines."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from moderation.signals.pdq import PDQ_MIN_QUALITY
+
+#: Canonical signal-type names inside the service.
+SIGNAL_TYPES: Final = ("pdq", "md5", "sha1", "sha256")
+
+#: PDQ hashes below this quality are refused (skipped). python-threatexchange
+#: ``signal_type/pdq/signal.py`` ``PdqSignal.QUALITY_THRESHOLD = 50``; the same constant as
+#: :data:`moderation.signals.pdq.PDQ_MIN_QUALITY` (ThreatExchange ``pdq/README.md``).
+PDQ_QUALITY_THRESHOLD: Final = PDQ_MIN_QUALITY
+
+#: Hex digits per value of each signal type (PDQ: 256 bits; MD5: 128; SHA-1: 160; SHA-256: 256).
+HEX_LENGTHS: Final = {"pdq": 64, "md5": 32, "sha1": 40, "sha256": 64}
+
+#: Lines (or records) between two calls of the ``progress`` callback.
+PROGRESS_EVERY: Final = 10_000
+
+#: At most this many errors and skipped lines are kept each; the rest are only counted
+#: (:attr:`ParsedList.errors_not_kept`, :attr:`ParsedList.skipped_not_kept`), so that a garbage
+#: file of millions of lines cannot fill memory with problem reports.
+MAX_PROBLEMS_KEPT: Final = 10_000
+
+HEX = re.compile(r"[0-9a-fA-F]+")
+
+
+@dataclass(frozen=True, slots=True)
+class HashRecord:
+    """One entry of a hash list: its signals and where it came from."""
+
+    #: 1-based line number; record number for the JSON document and XML formats.
+    line: int
+    #: Canonical signal type (one of :data:`SIGNAL_TYPES`) -> lowercase hex value.
+    signals: dict[str, str]
+    #: PDQ quality 0-100 when the file says, else None.
+    pdq_quality: int | None
+    #: Metadata: TE category and tags, NCMEC classification, a filename... or "".
+    label: str
+    #: Where it came from: ``"list.txt:17"``, ``"ncmec:<entry id>"``, ``"stopncii:<cases>"``.
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class LineProblem:
+    """Why one line (or record) was refused."""
+
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+@dataclass
+class ParsedList:
+    """The result of :func:`moderation.banks.hashlists.parse_hash_list`.
+
+    ``errors`` are malformed lines: the caller imports nothing when there is any. ``skipped``
+    are well-formed lines refused on purpose (PDQ quality below :data:`PDQ_QUALITY_THRESHOLD`,
+    an unsupported signal type, deleted NCMEC entries and withdrawn StopNCII hashes): reported,
+    not fatal. ``deleted`` holds the refs of the deletions (``ncmec:<id>``,
+    ``stopncii:<type>:<hash>``) so that a bank fed by an update stream can remove them.
+    """
+
+    format: str
+    records: list[HashRecord] = field(default_factory=list)
+    errors: list[LineProblem] = field(default_factory=list)
+    skipped: list[LineProblem] = field(default_factory=list)
+    #: Records dropped because every signal in them appeared earlier in the file.
+    duplicates: int = 0
+    deleted: list[str] = field(default_factory=list)
+    errors_not_kept: int = 0
+    skipped_not_kept: int = 0
+
+    def error(self, line: int, reason: str) -> None:
+        """Record a malformed line (kept up to :data:`MAX_PROBLEMS_KEPT`)."""
+        if len(self.errors) < MAX_PROBLEMS_KEPT:
+            self.errors.append(LineProblem(line, reason))
+        else:
+            self.errors_not_kept += 1
+
+    def skip(self, line: int, reason: str) -> None:
+        """Record a refused line (kept up to :data:`MAX_PROBLEMS_KEPT`)."""
+        if len(self.skipped) < MAX_PROBLEMS_KEPT:
+            self.skipped.append(LineProblem(line, reason))
+        else:
+            self.skipped_not_kept += 1
+
+
+class Dedup:
+    """First-wins merging of signals across the records of one file."""
+
+    def __init__(self, out: ParsedList) -> None:
+        self.out = out
+        self.seen: set[tuple[str, str]] = set()
+
+    def add(self, record: HashRecord) -> None:
+        new = {t: v for t, v in record.signals.items() if (t, v) not in self.seen}
+        if not new:
+            self.out.duplicates += 1
+            return
+        self.seen.update(new.items())
+        if len(new) != len(record.signals):
+            quality = record.pdq_quality if "pdq" in new else None
+            record = HashRecord(record.line, new, quality, record.label, record.ref)
+        self.out.records.append(record)
+
+
+def check_value(signal_type: str, value: str) -> str:
+    """Validate one hex value of a canonical signal type and return it lowercased.
+
+    Raises:
+        ValueError: with a reason such as ``pdq value must be 64 hex characters, got 63``.
+    """
+    want = HEX_LENGTHS[signal_type]
+    if len(value) != want:
+        raise ValueError(f"{signal_type} value must be {want} hex characters, got {len(value)}")
+    if not HEX.fullmatch(value):
+        raise ValueError(f"{signal_type} value must be hex digits, got {shorten(value)!r}")
+    return value.lower()
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def unsupported_type(signal_type: str) -> str:
+    return f"unsupported signal type {shorten(signal_type)!r}"
+
+
+def open_text(path: Path) -> TextIO:
+    return path.open(encoding="utf-8-sig", errors="replace", newline="")
+
+
+def first_meaningful_line(path: Path) -> str:
+    with open_text(path) as f:
+        for raw in f:
+            line = raw.strip()
+            if line and not line.startswith("#"):
+                return line
+    return ""
+
+
+def json_lines(
+    path: Path, out: ParsedList, report: Callable[[int], None]
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line number, decoded object)`` for each JSON Lines line; report bad JSON."""
+    n = 0
+    with open_text(path) as f:
+        for n, raw in enumerate(f, 1):
+            if n % PROGRESS_EVERY == 0:
+                report(n)
+            line = raw.strip()
+            if not line or line[0] == "#":
+                continue
+            try:
+                yield n, json.loads(line)
+            except ValueError as e:
+                out.error(n, f"invalid JSON: {e}")
+    report(n)
