@@ -28,7 +28,7 @@ upload's keyed digests with (:mod:`moderation.signals.exact`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -171,6 +171,17 @@ class HashEntries:
         if x and int(entries.exact_kinds.max()) >= len(EXACT_KINDS):
             raise ValueError("snapshot payload names an unknown exact-hash kind")
         return entries
+
+    def exact_owners(self, keep: Container[int]) -> dict[tuple[int, bytes], list[int]]:
+        """(index into :data:`~moderation.signals.exact.EXACT_KINDS`, keyed digest) -> the
+        entries in ``keep`` that hold that exact hash."""
+        owners: dict[tuple[int, bytes], list[int]] = {}
+        for kind, keyed_digest, eid in zip(
+            self.exact_kinds.tolist(), self.exact_keyed, self.exact_entry_ids.tolist(), strict=True
+        ):
+            if eid in keep:
+                owners.setdefault((kind, keyed_digest.tobytes()), []).append(eid)
+        return owners
 
     def without(self, removed: Iterable[int]) -> HashEntries:
         """A copy without the entries in ``removed``."""

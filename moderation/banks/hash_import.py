@@ -19,7 +19,7 @@ deployment can import them; audited.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -37,7 +37,15 @@ from moderation.banks.hash_entries import (
     HashSignals,
     open_digest,
 )
-from moderation.banks.hashlists import HashRecord, LineProblem, parse_hash_list, write_hash_list
+from moderation.banks.hashlists import (
+    SIGNAL_TYPES,
+    TE_SIGNAL_TYPES,
+    HashRecord,
+    LineProblem,
+    check_value,
+    parse_hash_list,
+    write_hash_list,
+)
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, get_bank
 from moderation.banks.snapshot_payload import Payload
@@ -85,6 +93,8 @@ class HashImportReport:
     merged: int = 0
     skipped: list[LineProblem] = field(default_factory=list)
     snapshot_version: int | None = None
+    #: Per record, the entry carrying its signals (added, or already in the bank).
+    entry_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's and the console's view of the report."""
@@ -101,10 +111,11 @@ class HashImportReport:
 
 @dataclass
 class _BankSignals:
-    """The signals already in one bank: PDQ digests and keyed exact hashes."""
+    """The signals already in one bank -> their owner: an entry id (>= 0), or ``-(k + 1)`` for
+    the k-th entry this import adds (its id is known only after the insert)."""
 
-    pdq: set[bytes] = field(default_factory=set)
-    exact: set[tuple[str, bytes]] = field(default_factory=set)
+    pdq: dict[bytes, int] = field(default_factory=dict)
+    exact: dict[tuple[str, bytes], int] = field(default_factory=dict)
 
 
 def _bank_entry_ids(session: Session, bank_id: int) -> npt.NDArray[np.int64]:
@@ -125,20 +136,29 @@ def _bank_signals(payload: Payload | None, ids: npt.NDArray[np.int64]) -> _BankS
     if payload is None:
         return present
     hashes = payload.hashes
-    present.pdq.update(bytes(row) for row in payload.pdq[np.isin(payload.entry_ids, ids)])
-    mine = np.isin(hashes.entry_ids, ids) & hashes.has_pdq
-    present.pdq.update(bytes(row) for row in hashes.pdq[mine])
+    for digests, owners, mine in (
+        (payload.pdq, payload.entry_ids, np.isin(payload.entry_ids, ids)),
+        (hashes.pdq, hashes.entry_ids, np.isin(hashes.entry_ids, ids) & hashes.has_pdq),
+    ):
+        present.pdq.update(
+            (bytes(row), eid) for row, eid in zip(digests[mine], owners[mine].tolist(), strict=True)
+        )
     rows = np.flatnonzero(np.isin(hashes.exact_entry_ids, ids))
     present.exact.update(
-        (EXACT_KINDS[int(hashes.exact_kinds[r])], bytes(hashes.exact_keyed[r])) for r in rows
+        (
+            (EXACT_KINDS[int(hashes.exact_kinds[r])], bytes(hashes.exact_keyed[r])),
+            int(hashes.exact_entry_ids[r]),
+        )
+        for r in rows
     )
     return present
 
 
 def _new_signals(
-    record: HashRecord, present: _BankSignals, sealer: ExactSealer | None
-) -> tuple[bytes | None, list[ExactSignal]] | None:
-    """The record's PDQ digest and exact signals, or None when the bank has them all."""
+    record: HashRecord, present: _BankSignals, sealer: ExactSealer | None, pending: int
+) -> tuple[bytes | None, list[ExactSignal]] | int:
+    """The record's PDQ digest and exact signals when the bank lacks one of them (the new ones
+    are then owned by ``pending``), else the owner of the record's first signal."""
     pdq_hex = record.signals.get("pdq")
     pdq = bytes.fromhex(pdq_hex) if pdq_hex else None
     exact = [
@@ -146,14 +166,17 @@ def _new_signals(
         for kind, value in record.signals.items()
         if kind != "pdq" and sealer is not None
     ]
-    new = (pdq is not None and pdq not in present.pdq) or any(
-        (e.kind, e.keyed) not in present.exact for e in exact
-    )
-    if not new:
-        return None
+    owners = [present.pdq.get(pdq)] if pdq is not None else []
+    owners += [present.exact.get((e.kind, e.keyed)) for e in exact]
+    if not owners:
+        raise ValueError(f"{record.ref}: a record without signals")
+    known = [owner for owner in owners if owner is not None]
+    if len(known) == len(owners):
+        return known[0]
     if pdq is not None:
-        present.pdq.add(pdq)
-    present.exact.update((e.kind, e.keyed) for e in exact)
+        present.pdq.setdefault(pdq, pending)
+    for e in exact:
+        present.exact.setdefault((e.kind, e.keyed), pending)
     return pdq, exact
 
 
@@ -201,17 +224,82 @@ def import_hash_list(
     parsed = parse_hash_list(path, fmt, progress=progress)
     if parsed.errors:
         raise HashListError(path, parsed.errors)
+    return add_signals(
+        runtime,
+        bank_name,
+        parsed.records,
+        actor=actor,
+        source=path.name,
+        label=path.stem,
+        fmt=parsed.format,
+        skipped=parsed.skipped,
+        duplicates=parsed.duplicates,
+    )
+
+
+def signal_record(signals: Mapping[str, str], *, ref: str, label: str = "") -> HashRecord:
+    """One record of signals given by name (``{"pdq": "<64 hex>", "md5": ...}``; ThreatExchange
+    names such as ``video_md5`` are accepted, :data:`moderation.banks.hashlists.TE_SIGNAL_TYPES`),
+    validated and canonicalised for :func:`add_signals`.
+
+    Raises:
+        ValueError: no signals, an unsupported signal type, a value of the wrong length or not
+            hexadecimal, or two values for one signal type (the message says which).
+    """
+    if not signals:
+        raise ValueError("no signals given")
+    canonical: dict[str, str] = {}
+    for name, value in signals.items():
+        kind = TE_SIGNAL_TYPES.get(name)
+        if kind is None:
+            raise ValueError(f"no such signal type {name!r}; supported: {', '.join(SIGNAL_TYPES)}")
+        if not isinstance(value, str):
+            raise ValueError(f"the {name} value must be a string")
+        if kind in canonical:
+            raise ValueError(f"two values for signal type {kind}")
+        canonical[kind] = check_value(kind, value)
+    return HashRecord(line=1, signals=canonical, pdq_quality=None, label=label, ref=ref)
+
+
+def add_signals(
+    runtime: Runtime,
+    bank_name: str,
+    records: Sequence[HashRecord],
+    *,
+    actor: str,
+    source: str,
+    label: str,
+    fmt: str = "signals",
+    skipped: Sequence[LineProblem] = (),
+    duplicates: int = 0,
+) -> HashImportReport:
+    """Add ``records`` (canonical, validated signals: :func:`signal_record` or
+    :func:`moderation.banks.hashlists.parse_hash_list`) to bank ``bank_name`` as hash-list
+    entries, in one transaction with the next snapshot version and one ``bank.import_hashes``
+    audit event by ``actor``. A record whose signals are all in the bank already is merged.
+
+    Args:
+        source: where the records came from, for the audit event and log (a file name).
+        label: the label of records that have none.
+        fmt: the format name reported and audited.
+        skipped, duplicates: what the parser refused or merged before, reported and audited.
+
+    Returns:
+        the report; ``entry_ids`` holds, per record, the entry that now carries its signals
+        (new, or the one already holding them).
+
+    Raises:
+        moderation.banks.records.UnknownBankError: unknown bank (a :class:`BlocklistError`).
+        moderation.banks.snapshot.SnapshotError: the current snapshot is unreadable.
+    """
     report = HashImportReport(
-        bank=bank_name,
-        format=parsed.format,
-        records=len(parsed.records),
-        skipped=list(parsed.skipped),
+        bank=bank_name, format=fmt, records=len(records), skipped=list(skipped)
     )
 
     def change(session: Session) -> tuple[Sequence[HashSignals], Iterable[int]]:
         bank = get_bank(session, bank_name)
         sealer = None
-        if any(kind != "pdq" for r in parsed.records for kind in r.signals):
+        if any(kind != "pdq" for r in records for kind in r.signals):
             sealer = ExactSealer(
                 deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
                 deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
@@ -221,27 +309,31 @@ def import_hash_list(
         )
         kept: list[HashRecord] = []
         signals: list[tuple[bytes | None, int | None, list[ExactSignal]]] = []
-        for record in parsed.records:
-            new = _new_signals(record, present, sealer)
-            if new is None:
+        owners: list[int] = []
+        for record in records:
+            new = _new_signals(record, present, sealer, -(len(kept) + 1))
+            if isinstance(new, int):
+                owners.append(new)
                 continue
+            owners.append(-(len(kept) + 1))
             kept.append(record)
             signals.append((new[0], record.pdq_quality, new[1]))
-        report.merged = len(parsed.records) - len(kept) + parsed.duplicates
-        ids = _insert_entries(session, bank.id, kept, path.stem, actor)
+        report.merged = len(records) - len(kept) + duplicates
+        ids = _insert_entries(session, bank.id, kept, label, actor)
         report.added = len(ids)
+        report.entry_ids = [ids[-owner - 1] if owner < 0 else owner for owner in owners]
         record_event(
             session,
             actor=actor,
             action="bank.import_hashes",
             target=f"bank:{bank.id}",
             details={
-                "source": path.name,
-                "format": parsed.format,
-                "records": len(parsed.records),
+                "source": source,
+                "format": fmt,
+                "records": len(records),
                 "added": len(ids),
                 "merged": report.merged,
-                "skipped": len(parsed.skipped),
+                "skipped": len(skipped),
             },
         )
         added = [
@@ -253,7 +345,7 @@ def import_hash_list(
     report.snapshot_version = commit_with_snapshot(runtime, change)
     logger.info(
         "hash list %s into %s: %d added, %d merged, %d skipped",
-        path.name,
+        source,
         bank_name,
         report.added,
         report.merged,
