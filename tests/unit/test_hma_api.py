@@ -292,3 +292,16 @@ def test_unreadable_snapshot_is_503(
     )
     assert response.status_code == 503
     assert response.get_json() == {"message": "index not yet ready"}
+
+
+def test_every_hma_route_is_in_the_openapi_document(app: Flask) -> None:
+    doc = app.test_client().get("/api/v1/openapi.json").get_json()
+    routes = {
+        (rule.rule.replace("<bank_name>", "{bank_name}"), method.lower())
+        for rule in app.url_map.iter_rules()
+        if rule.rule.startswith("/hma/") and rule.endpoint != "hma.not_found"
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}
+    }
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert routes and routes <= documented
+    assert doc["components"]["schemas"]["HmaError"]["required"] == ["message"]
