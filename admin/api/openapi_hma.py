@@ -84,127 +84,155 @@ def _bank_config() -> dict[str, Any]:
     }
 
 
-def hma_paths() -> dict[str, Any]:
-    """The ``/hma`` operations (paths relative to the service root)."""
+def _raw_lookup() -> dict[str, Any]:
+    """``/hma/m/raw_lookup``."""
     include_distance = _query("include_distance", "true: matches with distances.")
     return {
-        "/hma/m/raw_lookup": {
-            "get": {
-                "operationId": "hmaRawLookup",
-                "parameters": [_SIGNAL_TYPE, _SIGNAL, _BANKS, include_distance],
-                "responses": {
-                    "200": _json(
-                        "Matching entry ids (with distances if asked).",
-                        {
-                            "type": "object",
-                            "properties": {
-                                "matches": {
-                                    "type": "array",
-                                    "items": {
-                                        "oneOf": [{"type": "integer"}, _match_with_distance()]
-                                    },
-                                }
-                            },
-                        },
-                    ),
-                    **_LOOKUP_ERRORS,
-                },
-            }
-        },
-        "/hma/m/lookup": {
-            "get": {
-                "operationId": "hmaLookup",
-                "parameters": [_SIGNAL_TYPE, _SIGNAL, _BANKS],
-                "responses": {"200": _json("Matches by bank.", _by_bank()), **_LOOKUP_ERRORS},
-            },
-            "post": {
-                "operationId": "hmaLookupUpload",
-                "parameters": [_BANKS],
-                "requestBody": _PHOTO_UPLOAD,
-                "responses": {
-                    "200": _json(
-                        "Signal type -> matches by bank.",
-                        {"type": "object", "additionalProperties": _by_bank()},
-                    ),
-                    **_LOOKUP_ERRORS,
-                    "413": _error("Photo over the size limit."),
-                },
-            },
-        },
-        "/hma/h/hash": {
-            "post": {
-                "operationId": "hmaHash",
-                "parameters": [_query("types", "Comma-separated signal types to compute.")],
-                "requestBody": _PHOTO_UPLOAD,
-                "responses": {
-                    "200": _json(
-                        "Signal type -> hex hash.",
-                        {"type": "object", "additionalProperties": {"type": "string"}},
-                    ),
-                    "400": _error("No photo, or it cannot be decoded."),
-                    **_COMMON_ERRORS,
-                    "413": _error("Photo over the size limit."),
-                },
-            }
-        },
-        "/hma/c/banks": {
-            "get": {
-                "operationId": "hmaBanks",
-                "responses": {
-                    "200": _json("Every bank.", {"type": "array", "items": _bank_config()}),
-                    **_COMMON_ERRORS,
-                },
-            }
-        },
-        "/hma/c/bank/{bank_name}": {
-            "get": {
-                "operationId": "hmaBank",
-                "parameters": [_BANK_NAME],
-                "responses": {
-                    "200": _json("The bank.", _bank_config()),
-                    **_COMMON_ERRORS,
-                    "404": _error("No such bank."),
-                },
-            }
-        },
-        "/hma/c/bank/{bank_name}/signal": {
-            "post": {
-                "operationId": "hmaAddSignals",
-                "parameters": [_BANK_NAME],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "description": "Signal type -> hex; optional note (the "
-                                "entry's label, at most 255 characters).",
-                                "properties": {"note": {"type": "string", "maxLength": 255}},
-                                "additionalProperties": {"type": "string"},
+        "get": {
+            "operationId": "hmaRawLookup",
+            "parameters": [_SIGNAL_TYPE, _SIGNAL, _BANKS, include_distance],
+            "responses": {
+                "200": _json(
+                    "Matching entry ids (with distances if asked).",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "matches": {
+                                "type": "array",
+                                "items": {"oneOf": [{"type": "integer"}, _match_with_distance()]},
                             }
-                        }
+                        },
                     },
-                },
-                "responses": {
-                    "200": _json(
-                        "The entry holding the signals (new, or already in the bank).",
-                        {
+                ),
+                **_LOOKUP_ERRORS,
+            },
+        }
+    }
+
+
+def _lookup() -> dict[str, Any]:
+    """``/hma/m/lookup``."""
+    return {
+        "get": {
+            "operationId": "hmaLookup",
+            "parameters": [_SIGNAL_TYPE, _SIGNAL, _BANKS],
+            "responses": {"200": _json("Matches by bank.", _by_bank()), **_LOOKUP_ERRORS},
+        },
+        "post": {
+            "operationId": "hmaLookupUpload",
+            "parameters": [_BANKS],
+            "requestBody": _PHOTO_UPLOAD,
+            "responses": {
+                "200": _json(
+                    "Signal type -> matches by bank.",
+                    {"type": "object", "additionalProperties": _by_bank()},
+                ),
+                **_LOOKUP_ERRORS,
+                "413": _error("Photo over the size limit."),
+            },
+        },
+    }
+
+
+def _hash() -> dict[str, Any]:
+    """``/hma/h/hash``."""
+    return {
+        "post": {
+            "operationId": "hmaHash",
+            "parameters": [_query("types", "Comma-separated signal types to compute.")],
+            "requestBody": _PHOTO_UPLOAD,
+            "responses": {
+                "200": _json(
+                    "Signal type -> hex hash.",
+                    {"type": "object", "additionalProperties": {"type": "string"}},
+                ),
+                "400": _error("No photo, or it cannot be decoded."),
+                **_COMMON_ERRORS,
+                "413": _error("Photo over the size limit."),
+            },
+        }
+    }
+
+
+def _banks() -> dict[str, Any]:
+    """``/hma/c/banks``."""
+    return {
+        "get": {
+            "operationId": "hmaBanks",
+            "responses": {
+                "200": _json("Every bank.", {"type": "array", "items": _bank_config()}),
+                **_COMMON_ERRORS,
+            },
+        }
+    }
+
+
+def _bank() -> dict[str, Any]:
+    """``/hma/c/bank/{bank_name}``."""
+    return {
+        "get": {
+            "operationId": "hmaBank",
+            "parameters": [_BANK_NAME],
+            "responses": {
+                "200": _json("The bank.", _bank_config()),
+                **_COMMON_ERRORS,
+                "404": _error("No such bank."),
+            },
+        }
+    }
+
+
+def _add_signals() -> dict[str, Any]:
+    """``/hma/c/bank/{bank_name}/signal``."""
+    return {
+        "post": {
+            "operationId": "hmaAddSignals",
+            "parameters": [_BANK_NAME],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
                             "type": "object",
-                            "properties": {
-                                "id": {"type": "integer"},
-                                "signals": {
-                                    "type": "object",
-                                    "additionalProperties": {"type": "string"},
-                                },
+                            "description": "Signal type -> hex; optional note (the "
+                            "entry's label, at most 255 characters).",
+                            "properties": {"note": {"type": "string", "maxLength": 255}},
+                            "additionalProperties": {"type": "string"},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    "The entry holding the signals (new, or already in the bank).",
+                    {
+                        "type": "object",
+                        "properties": {
+                            "id": {"type": "integer"},
+                            "signals": {
+                                "type": "object",
+                                "additionalProperties": {"type": "string"},
                             },
                         },
-                    ),
-                    "400": _error("No signals, an unknown signal type or a malformed value."),
-                    **_COMMON_ERRORS,
-                    "404": _error("No such bank."),
-                },
-            }
-        },
+                    },
+                ),
+                "400": _error("No signals, an unknown signal type or a malformed value."),
+                **_COMMON_ERRORS,
+                "404": _error("No such bank."),
+            },
+        }
+    }
+
+
+def hma_paths() -> dict[str, Any]:
+    """The ``/hma`` operations (paths relative to the service root)."""
+    return {
+        "/hma/m/raw_lookup": _raw_lookup(),
+        "/hma/m/lookup": _lookup(),
+        "/hma/h/hash": _hash(),
+        "/hma/c/banks": _banks(),
+        "/hma/c/bank/{bank_name}": _bank(),
+        "/hma/c/bank/{bank_name}/signal": _add_signals(),
     }
 
 

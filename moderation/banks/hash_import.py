@@ -180,6 +180,10 @@ def _new_signals(
     return pdq, exact
 
 
+# A new entry's PDQ digest, its quality, and its exact hashes.
+_NewSignals = tuple[bytes | None, int | None, list[ExactSignal]]
+
+
 def _insert_entries(
     session: Session, bank_id: int, records: Sequence[HashRecord], default_label: str, actor: str
 ) -> list[int]:
@@ -261,6 +265,51 @@ def signal_record(signals: Mapping[str, str], *, ref: str, label: str = "") -> H
     return HashRecord(line=1, signals=canonical, pdq_quality=None, label=label, ref=ref)
 
 
+def _split_new(
+    session: Session, runtime: Runtime, bank_id: int, records: Sequence[HashRecord]
+) -> tuple[list[HashRecord], list[_NewSignals], list[int]]:
+    """The records that bring a signal the bank lacks, their signals, and every record's owner
+    (see :class:`_BankSignals`: ``-(k + 1)`` is the k-th kept record)."""
+    sealer = None
+    if any(kind != "pdq" for r in records for kind in r.signals):
+        sealer = ExactSealer(
+            deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
+            deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
+        )
+    present = _bank_signals(_current_payload(session, runtime), _bank_entry_ids(session, bank_id))
+    kept: list[HashRecord] = []
+    signals: list[_NewSignals] = []
+    owners: list[int] = []
+    for record in records:
+        new = _new_signals(record, present, sealer, -(len(kept) + 1))
+        if isinstance(new, int):
+            owners.append(new)
+            continue
+        owners.append(-(len(kept) + 1))
+        kept.append(record)
+        signals.append((new[0], record.pdq_quality, new[1]))
+    return kept, signals, owners
+
+
+def _audit_import(
+    session: Session, report: HashImportReport, *, actor: str, bank_id: int, source: str
+) -> None:
+    record_event(
+        session,
+        actor=actor,
+        action="bank.import_hashes",
+        target=f"bank:{bank_id}",
+        details={
+            "source": source,
+            "format": report.format,
+            "records": report.records,
+            "added": report.added,
+            "merged": report.merged,
+            "skipped": len(report.skipped),
+        },
+    )
+
+
 def add_signals(
     runtime: Runtime,
     bank_name: str,
@@ -298,44 +347,12 @@ def add_signals(
 
     def change(session: Session) -> tuple[Sequence[HashSignals], Iterable[int]]:
         bank = get_bank(session, bank_name)
-        sealer = None
-        if any(kind != "pdq" for r in records for kind in r.signals):
-            sealer = ExactSealer(
-                deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
-                deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
-            )
-        present = _bank_signals(
-            _current_payload(session, runtime), _bank_entry_ids(session, bank.id)
-        )
-        kept: list[HashRecord] = []
-        signals: list[tuple[bytes | None, int | None, list[ExactSignal]]] = []
-        owners: list[int] = []
-        for record in records:
-            new = _new_signals(record, present, sealer, -(len(kept) + 1))
-            if isinstance(new, int):
-                owners.append(new)
-                continue
-            owners.append(-(len(kept) + 1))
-            kept.append(record)
-            signals.append((new[0], record.pdq_quality, new[1]))
+        kept, signals, owners = _split_new(session, runtime, bank.id, records)
         report.merged = len(records) - len(kept) + duplicates
         ids = _insert_entries(session, bank.id, kept, label, actor)
         report.added = len(ids)
         report.entry_ids = [ids[-owner - 1] if owner < 0 else owner for owner in owners]
-        record_event(
-            session,
-            actor=actor,
-            action="bank.import_hashes",
-            target=f"bank:{bank.id}",
-            details={
-                "source": source,
-                "format": fmt,
-                "records": len(records),
-                "added": len(ids),
-                "merged": report.merged,
-                "skipped": len(skipped),
-            },
-        )
+        _audit_import(session, report, actor=actor, bank_id=bank.id, source=source)
         added = [
             HashSignals(eid, pdq, quality if pdq is not None else None, tuple(exact))
             for eid, (pdq, quality, exact) in zip(ids, signals, strict=True)

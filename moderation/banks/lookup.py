@@ -172,7 +172,7 @@ class HashLookup:
 
 class HashLookupCache:
     """The :class:`HashLookup` of the current snapshot version, rebuilt when it changes;
-    thread-safe (one rebuild at a time, lookups on the previous one meanwhile wait)."""
+    thread-safe (one rebuild at a time; lookups wait for it)."""
 
     def __init__(self, snapshots_dir: Path) -> None:
         self.snapshots_dir = snapshots_dir
