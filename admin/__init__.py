@@ -26,6 +26,7 @@ BLUEPRINTS: tuple[str, ...] = (
     "admin.gdpr:bp",
     "admin.api:bp",
     "admin.api:status_bp",
+    "admin.hma:bp",
 )
 
 

@@ -68,7 +68,7 @@ CONTENT_SECURITY_POLICY: dict[str, str] = {
 HSTS_MAX_AGE = 365 * 24 * 3600
 """One year, as hstspreload.org asks."""
 
-MACHINE_BLUEPRINTS = frozenset({"api", "status"})
+MACHINE_BLUEPRINTS = frozenset({"api", "status", "hma"})
 """Blueprints called by programs (upload hooks, probes, Prometheus), not by browsers."""
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -149,6 +149,10 @@ def _is_api_request() -> bool:
 
 def _error_response(error: HTTPException) -> Any:
     code = error.code or 500
+    if request.path.startswith("/hma/"):  # HMA's error shape (admin.hma)
+        response = jsonify({"message": error.description or error.name})
+        response.status_code = code
+        return response
     if _is_api_request():
         name = (error.name or "error").lower().replace(" ", "_")
         response = jsonify({"error": {"code": name, "message": error.description or name}})
@@ -198,7 +202,9 @@ def init_app(app: Flask, settings: Settings, sessions: Any) -> None:
             # break their clients, and HSTS still applies once they use HTTPS.
             if request.is_secure or request.headers.get("X-Forwarded-Proto") == "https":
                 return None
-            if request.blueprint in MACHINE_BLUEPRINTS or request.path.startswith("/api/"):
+            if request.blueprint in MACHINE_BLUEPRINTS or request.path.startswith(
+                ("/api/", "/hma/")
+            ):
                 return None
             return redirect(request.url.replace("http://", "https://", 1), code=302)
 
@@ -223,7 +229,8 @@ def init_app(app: Flask, settings: Settings, sessions: Any) -> None:
 
 
 def exempt_api(app: Flask) -> None:
-    """The bearer-token API (``admin.api``) takes no cookies, so CSRF tokens do not apply."""
+    """The bearer-token APIs (``admin.api``, ``admin.hma``) take no cookies, so CSRF tokens do
+    not apply."""
     for blueprint in app.blueprints.values():
-        if blueprint.import_name == "admin.api" or blueprint.import_name.startswith("admin.api."):
+        if blueprint.import_name.split(".")[:2] in (["admin", "api"], ["admin", "hma"]):
             csrf.exempt(blueprint)

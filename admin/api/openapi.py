@@ -1,9 +1,11 @@
-"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json``."""
+"""The OpenAPI 3.1 document served at ``/api/v1/openapi.json`` (with the ``/hma`` paths,
+:mod:`admin.api.openapi_hma`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from admin.api.openapi_hma import hma_error_schema, hma_paths
 from moderation import __version__
 
 
@@ -214,11 +216,13 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
         "paths": {
             "/api/v1/screenings": {"post": _create_screening()},
             "/api/v1/screenings/{id}": {"get": _get_screening()},
+            **hma_paths(),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": _error_schema(),
+                "HmaError": hma_error_schema(),
                 "Match": _match_schema(),
                 "Result": _result_schema(),
                 "Screening": _screening_schema(),

@@ -16,9 +16,9 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from admin.api.clients import ApiError, authenticated_client_id
 from admin.api.openapi import openapi_document
-from admin.api.services import ApiServices, services, setup
-from moderation.service.api_clients import authenticate
+from admin.api.services import services, setup
 from moderation.service.results import upload_view
 from moderation.service.submission import SubmissionError, submit_upload, wait_for_upload
 from moderation.storage.models import Upload
@@ -30,17 +30,6 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 MAX_FIELD = 500
 MAX_IDEMPOTENCY_KEY = 200
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around the image, bytes
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
@@ -98,36 +87,6 @@ def _runtime() -> Any:
     return runtime()
 
 
-def _client_id() -> int:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(
-            401, "unauthorized", "a bearer token is required", {"WWW-Authenticate": "Bearer"}
-        )
-    with _runtime().sessions() as session:
-        client = authenticate(session, token.strip())
-        if client is None:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "invalid or revoked token",
-                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        return client.id
-
-
-def _rate_limit(api: ApiServices, client_id: int) -> None:
-    allowed, retry_after = api.limiter.hit(str(client_id))
-    if not allowed:
-        raise ApiError(
-            429,
-            "rate_limited",
-            "too many requests for this client",
-            {"Retry-After": str(int(retry_after + 0.999))},
-        )
-
-
 def _wait_seconds() -> float:
     raw = request.args.get("wait")
     if raw is None or raw == "":
@@ -177,9 +136,8 @@ def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
 def create_screening() -> Any:
     """Accept an image for screening (multipart ``image``, ``external_id``, ``subject_id``,
     optional ``callback_url``; optional ``Idempotency-Key`` header)."""
-    client_id = _client_id()
+    client_id = authenticated_client_id()
     api = services()
-    _rate_limit(api, client_id)
     wait = _wait_seconds()
     settings = _runtime().settings
     request.max_content_length = settings.max_image_bytes + MULTIPART_OVERHEAD
@@ -207,8 +165,7 @@ def create_screening() -> Any:
 @bp.get("/screenings/<upload_id>")
 def get_screening(upload_id: str) -> Any:
     """The upload's status and, once done, its result (``?wait=`` up to 10 s)."""
-    client_id = _client_id()
-    _rate_limit(services(), client_id)
+    client_id = authenticated_client_id()
     wait = _wait_seconds()
     with _runtime().sessions() as session:
         upload = session.get(Upload, upload_id[:32])

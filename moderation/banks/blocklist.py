@@ -59,14 +59,7 @@ class Blocklist:
         self._rows = {int(eid): row for row, eid in enumerate(self.payload.entry_ids)}
         hashes = self.payload.hashes
         self._hash_rows = {int(eid): row for row, eid in enumerate(hashes.entry_ids.tolist())}
-        for kind, keyed, eid in zip(
-            hashes.exact_kinds.tolist(),
-            hashes.exact_keyed,
-            hashes.exact_entry_ids.tolist(),
-            strict=True,
-        ):
-            if eid in self.entries:  # active entries only
-                self._exact.setdefault((kind, keyed.tobytes()), []).append(eid)
+        self._exact = hashes.exact_owners(self.entries)  # active entries only
 
     def __len__(self) -> int:
         """Entries with an embedding (the cosine index's size)."""
@@ -169,15 +162,27 @@ def load_blocklist(
         *hashes.entry_ids[hashes.active].tolist(),
     ]
     infos = entry_infos(session, active_ids)
-    exact_key = None
-    if len(hashes.exact_entry_ids):
-        exact_key = existing_deployment_secret(session, keyring, EXACT_KEY_NAME)
-        if exact_key is None:
-            raise SnapshotError(
-                f"snapshot v{row.version} holds exact hashes but the deployment has no "
-                f"{EXACT_KEY_NAME!r} secret: it was deleted, so they can never match"
-            )
+    exact_key = snapshot_exact_key(session, keyring, row, payload)
     return _build(row, payload, infos, version=row.version, exact_key=exact_key)
+
+
+def snapshot_exact_key(
+    session: Session, keyring: KeyRing, row: IndexSnapshot, payload: Payload
+) -> bytes | None:
+    """The HMAC key of the keyed exact hashes in snapshot ``row`` (None: it holds none).
+
+    Raises:
+        SnapshotError: the snapshot holds exact hashes but the deployment secret is gone.
+    """
+    if not len(payload.hashes.exact_entry_ids):
+        return None
+    exact_key = existing_deployment_secret(session, keyring, EXACT_KEY_NAME)
+    if exact_key is None:
+        raise SnapshotError(
+            f"snapshot v{row.version} holds exact hashes but the deployment has no "
+            f"{EXACT_KEY_NAME!r} secret: it was deleted, so they can never match"
+        )
+    return exact_key
 
 
 def _cosine_index(

@@ -28,7 +28,7 @@ upload's keyed digests with (:mod:`moderation.signals.exact`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -85,16 +85,6 @@ def open_digest(export_key: bytes, kind: str, sealed: bytes) -> bytes:
     """
     padded = decrypt(sealed, export_key, kind.encode(), context=f"a sealed {kind} hash")
     return padded[: DIGEST_BYTES[kind]]
-
-
-@dataclass(frozen=True)
-class HashSignals:
-    """The signals of one new hash-list entry (no embedding)."""
-
-    entry_id: int
-    pdq: bytes | None = None
-    pdq_quality: int | None = None
-    exact: tuple[ExactSignal, ...] = ()
 
 
 #: Payload array name of each :class:`HashEntries` field.
@@ -176,6 +166,17 @@ class HashEntries:
             raise ValueError("snapshot payload names an unknown exact-hash kind")
         return entries
 
+    def exact_owners(self, keep: Container[int]) -> dict[tuple[int, bytes], list[int]]:
+        """(index into :data:`~moderation.signals.exact.EXACT_KINDS`, keyed digest) -> the
+        entries in ``keep`` that hold that exact hash."""
+        owners: dict[tuple[int, bytes], list[int]] = {}
+        for kind, keyed_digest, eid in zip(
+            self.exact_kinds.tolist(), self.exact_keyed, self.exact_entry_ids.tolist(), strict=True
+        ):
+            if eid in keep:
+                owners.setdefault((kind, keyed_digest.tobytes()), []).append(eid)
+        return owners
+
     def without(self, removed: Iterable[int]) -> HashEntries:
         """A copy without the entries in ``removed``."""
         removed_ids = np.fromiter(removed, dtype=np.int64)
@@ -213,34 +214,6 @@ class HashEntries:
             "exact_keyed": self.exact_keyed,
             "exact_sealed": self.exact_sealed,
         }
-
-    @classmethod
-    def from_signals(cls, signals: Sequence[HashSignals]) -> HashEntries:
-        """New (active) entries from per-entry signals; a bulk import builds the arrays
-        itself (:mod:`moderation.banks.hash_import`)."""
-        n = len(signals)
-        pdq = np.zeros((n, PDQ_BYTES), np.uint8)
-        quality = np.full(n, UNKNOWN_QUALITY, np.uint8)
-        has_pdq = np.zeros(n, np.bool_)
-        for row, s in enumerate(signals):
-            if s.pdq is not None:
-                pdq[row] = np.frombuffer(s.pdq, np.uint8)
-                has_pdq[row] = True
-                if s.pdq_quality is not None:
-                    quality[row] = s.pdq_quality
-        exact = [(s.entry_id, e) for s in signals for e in s.exact]
-        kinds = {kind: i for i, kind in enumerate(EXACT_KINDS)}
-        return cls(
-            entry_ids=np.array([s.entry_id for s in signals], np.int64),
-            pdq=pdq,
-            pdq_quality=quality,
-            has_pdq=has_pdq,
-            active=np.ones(n, np.bool_),
-            exact_entry_ids=np.array([eid for eid, _ in exact], np.int64),
-            exact_kinds=np.array([kinds[e.kind] for _, e in exact], np.uint8),
-            exact_keyed=rows_of([e.keyed for _, e in exact], KEYED_BYTES),
-            exact_sealed=rows_of([e.sealed for _, e in exact], SEALED_BYTES),
-        )
 
     def exact_rows(self, entry_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
         """Row numbers of the exact hashes owned by ``entry_ids``."""

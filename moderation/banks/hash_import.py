@@ -12,14 +12,14 @@ the database nor the data directory ever holds a plaintext list. Entries are ins
 
 Export (:func:`export_hashes`): the bank's PDQ digests (hash-list and image entries) and the
 exact hashes it was given, written in a ThreatExchange-compatible format
-(:func:`moderation.banks.hashlists.writer.write_hash_list`), so another HMA or
-python-threatexchange deployment can import them; audited.
+(:func:`moderation.banks.hashlists.write_hash_list`), so another HMA or python-threatexchange
+deployment can import them; audited.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +42,13 @@ from moderation.banks.hash_entries import (
     rows_of,
 )
 from moderation.banks.hashlists import parse_hash_list
-from moderation.banks.hashlists.records import HashRecord, LineProblem, ParsedList
+from moderation.banks.hashlists.records import (
+    SIGNAL_TYPES,
+    HashRecord,
+    LineProblem,
+    check_value,
+)
+from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
 from moderation.banks.hashlists.writer import write_hash_list
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, get_bank
@@ -95,6 +101,8 @@ class HashImportReport:
     merged: int = 0
     skipped: list[LineProblem] = field(default_factory=list)
     snapshot_version: int | None = None
+    #: Per record, the entry carrying its signals (added, or already in the bank).
+    entry_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's and the console's view of the report."""
@@ -111,10 +119,11 @@ class HashImportReport:
 
 @dataclass
 class _BankSignals:
-    """The signals already in one bank: PDQ digests and keyed exact hashes."""
+    """The signals already in one bank -> their owner: an entry id (>= 0), or ``-(k + 1)`` for
+    the k-th entry this import adds (its id is known only after the insert)."""
 
-    pdq: set[bytes] = field(default_factory=set)
-    exact: set[tuple[str, bytes]] = field(default_factory=set)
+    pdq: dict[bytes, int] = field(default_factory=dict)
+    exact: dict[tuple[str, bytes], int] = field(default_factory=dict)
 
 
 def _bank_entry_ids(session: Session, bank_id: int) -> npt.NDArray[np.int64]:
@@ -135,20 +144,29 @@ def _bank_signals(payload: Payload | None, ids: npt.NDArray[np.int64]) -> _BankS
     if payload is None:
         return present
     hashes = payload.hashes
-    present.pdq.update(bytes(row) for row in payload.pdq[np.isin(payload.entry_ids, ids)])
-    mine = np.isin(hashes.entry_ids, ids) & hashes.has_pdq
-    present.pdq.update(bytes(row) for row in hashes.pdq[mine])
+    for digests, owners, mine in (
+        (payload.pdq, payload.entry_ids, np.isin(payload.entry_ids, ids)),
+        (hashes.pdq, hashes.entry_ids, np.isin(hashes.entry_ids, ids) & hashes.has_pdq),
+    ):
+        present.pdq.update(
+            (bytes(row), eid) for row, eid in zip(digests[mine], owners[mine].tolist(), strict=True)
+        )
     rows = np.flatnonzero(np.isin(hashes.exact_entry_ids, ids))
     present.exact.update(
-        (EXACT_KINDS[int(hashes.exact_kinds[r])], bytes(hashes.exact_keyed[r])) for r in rows
+        (
+            (EXACT_KINDS[int(hashes.exact_kinds[r])], bytes(hashes.exact_keyed[r])),
+            int(hashes.exact_entry_ids[r]),
+        )
+        for r in rows
     )
     return present
 
 
 def _new_signals(
-    record: HashRecord, present: _BankSignals, sealer: ExactSealer | None
-) -> tuple[bytes | None, list[ExactSignal]] | None:
-    """The record's PDQ digest and exact signals, or None when the bank has them all."""
+    record: HashRecord, present: _BankSignals, sealer: ExactSealer | None, pending: int
+) -> tuple[bytes | None, list[ExactSignal]] | int:
+    """The record's PDQ digest and exact signals when the bank lacks one of them (the new ones
+    are then owned by ``pending``), else the owner of the record's first signal."""
     pdq_hex = record.signals.get("pdq")
     pdq = bytes.fromhex(pdq_hex) if pdq_hex else None
     exact = [
@@ -156,14 +174,17 @@ def _new_signals(
         for kind, value in record.signals.items()
         if kind != "pdq" and sealer is not None
     ]
-    new = (pdq is not None and pdq not in present.pdq) or any(
-        (e.kind, e.keyed) not in present.exact for e in exact
-    )
-    if not new:
-        return None
+    owners = [present.pdq.get(pdq)] if pdq is not None else []
+    owners += [present.exact.get((e.kind, e.keyed)) for e in exact]
+    if not owners:
+        raise ValueError(f"{record.ref}: a record without signals")
+    known = [owner for owner in owners if owner is not None]
+    if len(known) == len(owners):
+        return known[0]
     if pdq is not None:
-        present.pdq.add(pdq)
-    present.exact.update((e.kind, e.keyed) for e in exact)
+        present.pdq.setdefault(pdq, pending)
+    for e in exact:
+        present.exact.setdefault((e.kind, e.keyed), pending)
     return pdq, exact
 
 
@@ -182,49 +203,6 @@ def _reserve_entry_ids(session: Session, count: int) -> list[int]:
         return [int(i) for i in ids]
     start = (session.scalar(select(func.max(Entry.id))) or 0) + 1
     return list(range(start, start + count))
-
-
-class _NewEntries:
-    """The kept records of an import and their signals, gathered as array rows (a million
-    per-entry objects would cost more than the import's database work)."""
-
-    def __init__(self) -> None:
-        self.records: list[HashRecord] = []
-        self._pdq: list[bytes] = []
-        self._quality: list[int] = []
-        self._has_pdq: list[bool] = []
-        self._exact_owner: list[int] = []
-        self._exact_kind: list[int] = []
-        self._keyed: list[bytes] = []
-        self._sealed: list[bytes] = []
-
-    def add(self, record: HashRecord, pdq: bytes | None, exact: Sequence[ExactSignal]) -> None:
-        row = len(self.records)
-        self.records.append(record)
-        self._pdq.append(pdq if pdq is not None else _NO_PDQ)
-        self._has_pdq.append(pdq is not None)
-        quality = record.pdq_quality
-        self._quality.append(UNKNOWN_QUALITY if quality is None or pdq is None else quality)
-        for signal in exact:
-            self._exact_owner.append(row)
-            self._exact_kind.append(_KIND_INDEX[signal.kind])
-            self._keyed.append(signal.keyed)
-            self._sealed.append(signal.sealed)
-
-    def entries(self, ids: npt.NDArray[np.int64]) -> HashEntries:
-        """The gathered rows as new (active) :class:`HashEntries` with entry ids ``ids``."""
-        owner = np.array(self._exact_owner, np.intp)
-        return HashEntries(
-            entry_ids=ids,
-            pdq=rows_of(self._pdq, PDQ_BYTES),
-            pdq_quality=np.array(self._quality, np.uint8),
-            has_pdq=np.array(self._has_pdq, np.bool_),
-            active=np.ones(len(ids), np.bool_),
-            exact_entry_ids=ids[owner] if len(owner) else np.zeros(0, np.int64),
-            exact_kinds=np.array(self._exact_kind, np.uint8),
-            exact_keyed=rows_of(self._keyed, KEYED_BYTES),
-            exact_sealed=rows_of(self._sealed, SEALED_BYTES),
-        )
 
 
 def _insert_entries(
@@ -254,47 +232,48 @@ def _insert_entries(
     return ids
 
 
-def _add_records(
-    session: Session,
-    runtime: Runtime,
-    parsed: ParsedList,
-    report: HashImportReport,
-    path: Path,
-    actor: str,
-) -> HashEntries:
-    """Add the parsed records the bank lacks as entries (audited ``bank.import_hashes``);
-    fills ``report.added`` and ``report.merged``; returns the new entries' signals."""
-    bank = get_bank(session, report.bank)
-    sealer = None
-    if any(kind != "pdq" for r in parsed.records for kind in r.signals):
-        sealer = ExactSealer(
-            deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
-            deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
+class _NewEntries:
+    """The kept records of an import and their signals, gathered as array rows (a million
+    per-entry objects would cost more than the import's database work)."""
+
+    def __init__(self) -> None:
+        self.records: list[HashRecord] = []
+        self._pdq: list[bytes] = []
+        self._quality: list[int] = []
+        self._has_pdq: list[bool] = []
+        self._exact_owner: list[int] = []
+        self._exact_kind: list[int] = []
+        self._keyed: list[bytes] = []
+        self._sealed: list[bytes] = []
+
+    def add(self, record: HashRecord, pdq: bytes | None, exact: Sequence[ExactSignal]) -> None:
+        row = len(self.records)
+        self.records.append(record)
+        self._pdq.append(pdq if pdq is not None else _NO_PDQ)
+        self._has_pdq.append(pdq is not None)
+        quality = record.pdq_quality
+        self._quality.append(UNKNOWN_QUALITY if quality is None or pdq is None else quality)
+        for signal in exact:
+            self._exact_owner.append(row)
+            self._exact_kind.append(_KIND_INDEX[signal.kind])
+            self._keyed.append(signal.keyed)
+            self._sealed.append(signal.sealed)
+
+    def entries(self, ids: Sequence[int]) -> HashEntries:
+        """The gathered rows as new (active) :class:`HashEntries` with entry ids ``ids``."""
+        entry_ids = np.array(ids, np.int64)
+        owner = np.array(self._exact_owner, np.intp)
+        return HashEntries(
+            entry_ids=entry_ids,
+            pdq=rows_of(self._pdq, PDQ_BYTES),
+            pdq_quality=np.array(self._quality, np.uint8),
+            has_pdq=np.array(self._has_pdq, np.bool_),
+            active=np.ones(len(entry_ids), np.bool_),
+            exact_entry_ids=entry_ids[owner] if len(owner) else np.zeros(0, np.int64),
+            exact_kinds=np.array(self._exact_kind, np.uint8),
+            exact_keyed=rows_of(self._keyed, KEYED_BYTES),
+            exact_sealed=rows_of(self._sealed, SEALED_BYTES),
         )
-    present = _bank_signals(_current_payload(session, runtime), _bank_entry_ids(session, bank.id))
-    new = _NewEntries()
-    for record in parsed.records:
-        signals = _new_signals(record, present, sealer)
-        if signals is not None:
-            new.add(record, *signals)
-    report.merged = len(parsed.records) - len(new.records) + parsed.duplicates
-    ids = _insert_entries(session, bank.id, new.records, path.stem, actor)
-    report.added = len(ids)
-    record_event(
-        session,
-        actor=actor,
-        action="bank.import_hashes",
-        target=f"bank:{bank.id}",
-        details={
-            "source": path.name,
-            "format": parsed.format,
-            "records": len(parsed.records),
-            "added": len(ids),
-            "merged": report.merged,
-            "skipped": len(parsed.skipped),
-        },
-    )
-    return new.entries(np.array(ids, np.int64))
 
 
 def import_hash_list(
@@ -321,20 +300,136 @@ def import_hash_list(
     parsed = parse_hash_list(path, fmt, progress=progress)
     if parsed.errors:
         raise HashListError(path, parsed.errors)
+    return add_signals(
+        runtime,
+        bank_name,
+        parsed.records,
+        actor=actor,
+        source=path.name,
+        label=path.stem,
+        fmt=parsed.format,
+        skipped=parsed.skipped,
+        duplicates=parsed.duplicates,
+    )
+
+
+def signal_record(signals: Mapping[str, str], *, ref: str, label: str = "") -> HashRecord:
+    """One record of signals given by name (``{"pdq": "<64 hex>", "md5": ...}``; ThreatExchange
+    names such as ``video_md5`` are accepted, :data:`moderation.banks.hashlists.TE_SIGNAL_TYPES`),
+    validated and canonicalised for :func:`add_signals`.
+
+    Raises:
+        ValueError: no signals, an unsupported signal type, a value of the wrong length or not
+            hexadecimal, or two values for one signal type (the message says which).
+    """
+    if not signals:
+        raise ValueError("no signals given")
+    canonical: dict[str, str] = {}
+    for name, value in signals.items():
+        kind = TE_SIGNAL_TYPES.get(name)
+        if kind is None:
+            raise ValueError(f"no such signal type {name!r}; supported: {', '.join(SIGNAL_TYPES)}")
+        if not isinstance(value, str):
+            raise ValueError(f"the {name} value must be a string")
+        if kind in canonical:
+            raise ValueError(f"two values for signal type {kind}")
+        canonical[kind] = check_value(kind, value)
+    return HashRecord(line=1, signals=canonical, pdq_quality=None, label=label, ref=ref)
+
+
+def _split_new(
+    session: Session, runtime: Runtime, bank_id: int, records: Sequence[HashRecord]
+) -> tuple[_NewEntries, list[int]]:
+    """The records that bring a signal the bank lacks (with their signals), and every record's
+    owner (see :class:`_BankSignals`: ``-(k + 1)`` is the k-th kept record)."""
+    sealer = None
+    if any(kind != "pdq" for r in records for kind in r.signals):
+        sealer = ExactSealer(
+            deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
+            deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
+        )
+    present = _bank_signals(_current_payload(session, runtime), _bank_entry_ids(session, bank_id))
+    new = _NewEntries()
+    owners: list[int] = []
+    for record in records:
+        pending = -(len(new.records) + 1)
+        signals = _new_signals(record, present, sealer, pending)
+        if isinstance(signals, int):
+            owners.append(signals)
+            continue
+        owners.append(pending)
+        new.add(record, *signals)
+    return new, owners
+
+
+def _audit_import(
+    session: Session, report: HashImportReport, *, actor: str, bank_id: int, source: str
+) -> None:
+    record_event(
+        session,
+        actor=actor,
+        action="bank.import_hashes",
+        target=f"bank:{bank_id}",
+        details={
+            "source": source,
+            "format": report.format,
+            "records": report.records,
+            "added": report.added,
+            "merged": report.merged,
+            "skipped": len(report.skipped),
+        },
+    )
+
+
+def add_signals(
+    runtime: Runtime,
+    bank_name: str,
+    records: Sequence[HashRecord],
+    *,
+    actor: str,
+    source: str,
+    label: str,
+    fmt: str = "signals",
+    skipped: Sequence[LineProblem] = (),
+    duplicates: int = 0,
+) -> HashImportReport:
+    """Add ``records`` (canonical, validated signals: :func:`signal_record` or
+    :func:`moderation.banks.hashlists.parse_hash_list`) to bank ``bank_name`` as hash-list
+    entries, in one transaction with the next snapshot version and one ``bank.import_hashes``
+    audit event by ``actor``. A record whose signals are all in the bank already is merged.
+
+    Args:
+        source: where the records came from, for the audit event and log (a file name).
+        label: the label of records that have none.
+        fmt: the format name reported and audited.
+        skipped, duplicates: what the parser refused or merged before, reported and audited.
+
+    Returns:
+        the report; ``entry_ids`` holds, per record, the entry that now carries its signals
+        (new, or the one already holding them).
+
+    Raises:
+        moderation.banks.records.UnknownBankError: unknown bank (a :class:`BlocklistError`).
+        moderation.banks.snapshot.SnapshotError: the current snapshot is unreadable.
+    """
     report = HashImportReport(
-        bank=bank_name,
-        format=parsed.format,
-        records=len(parsed.records),
-        skipped=list(parsed.skipped),
+        bank=bank_name, format=fmt, records=len(records), skipped=list(skipped)
     )
 
     def change(session: Session) -> tuple[HashEntries, Iterable[int]]:
-        return _add_records(session, runtime, parsed, report, path, actor), ()
+        bank = get_bank(session, bank_name)
+        new, owners = _split_new(session, runtime, bank.id, records)
+        report.merged = len(records) - len(new.records) + duplicates
+        ids = _insert_entries(session, bank.id, new.records, label, actor)
+        report.added = len(ids)
+        report.entry_ids = [ids[-owner - 1] if owner < 0 else owner for owner in owners]
+        _audit_import(session, report, actor=actor, bank_id=bank.id, source=source)
+        return new.entries(ids), ()
 
     report.snapshot_version = commit_with_snapshot(runtime, change)
     logger.info(
         "hash list %s into %s: %d added, %d merged, %d skipped",
-        path.name,
+        source,
         bank_name,
         report.added,
         report.merged,
@@ -395,8 +490,7 @@ def export_hashes(runtime: Runtime, bank_name: str, out: TextIO, *, fmt: str, ac
 
     Raises:
         BlocklistError: unknown bank, or a missing export key.
-        ValueError: a format that :func:`moderation.banks.hashlists.writer.write_hash_list`
-            cannot write.
+        ValueError: a format :func:`moderation.banks.hashlists.write_hash_list` cannot write.
     """
     with runtime.sessions() as session:
         bank = get_bank(session, bank_name)

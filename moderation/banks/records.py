@@ -21,6 +21,10 @@ class BlocklistError(Exception):
     """A bank or entry operation was refused (unknown bank, bad kind, ...)."""
 
 
+class UnknownBankError(BlocklistError):
+    """No bank has the given name."""
+
+
 @dataclass(frozen=True)
 class EntryInfo:
     """What screening needs to know about a matched entry (no signals)."""
@@ -106,12 +110,12 @@ def get_bank(session: Session, name: str) -> Bank:
     """The bank called ``name``.
 
     Raises:
-        BlocklistError: no such bank.
+        UnknownBankError: no such bank (a :class:`BlocklistError`).
     """
     bank = session.scalar(select(Bank).where(Bank.name == name))
     if bank is None:
         known = session.scalars(select(Bank.name).order_by(Bank.name)).all()
-        raise BlocklistError(f"no bank named {name!r} (banks: {list(known)})")
+        raise UnknownBankError(f"no bank named {name!r} (banks: {list(known)})")
     return bank
 
 

@@ -87,6 +87,15 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
         ("/api/v1/<>", method): everyone(404)
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
     },
+    # The HMA-compatible API: bearer tokens only, like /api/v1.
+    ("/hma/m/raw_lookup", "GET"): everyone(401),
+    ("/hma/m/lookup", "GET"): everyone(401),
+    ("/hma/m/lookup", "POST"): everyone(401),
+    ("/hma/h/hash", "POST"): everyone(401),
+    ("/hma/c/banks", "GET"): everyone(401),
+    ("/hma/c/bank/<>", "GET"): everyone(401),
+    ("/hma/c/bank/<>/signal", "POST"): everyone(401),
+    **{("/hma/<>", method): everyone(404) for method in ("GET", "POST", "PUT", "PATCH", "DELETE")},
 }
 
 

@@ -1,0 +1,67 @@
+"""Bearer-token authentication and per-client rate limiting of the machine APIs.
+
+Every API blueprint (``/api/v1``, the HMA-compatible ``/hma``) authenticates with
+:func:`authenticated_client_id`; each renders :class:`ApiError` in its own JSON error shape.
+"""
+
+from __future__ import annotations
+
+from flask import request
+
+from admin.api.services import services
+from moderation.service.api_clients import authenticate
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+def _client_id() -> int:
+    from admin import runtime
+
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401, "unauthorized", "a bearer token is required", {"WWW-Authenticate": "Bearer"}
+        )
+    with runtime().sessions() as session:
+        client = authenticate(session, token.strip())
+        if client is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "invalid or revoked token",
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return client.id
+
+
+def _rate_limit(client_id: int) -> None:
+    allowed, retry_after = services().limiter.hit(str(client_id))
+    if not allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many requests for this client",
+            {"Retry-After": str(int(retry_after + 0.999))},
+        )
+
+
+def authenticated_client_id() -> int:
+    """The id of the API client whose bearer token the request carries, after counting the
+    request against its rate limit.
+
+    Raises:
+        ApiError: 401 without a valid, unrevoked token; 429 over the client's rate limit.
+    """
+    client_id = _client_id()
+    _rate_limit(client_id)
+    return client_id
