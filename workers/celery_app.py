@@ -28,6 +28,10 @@ SCREEN_TASK = "moderation.screen"
 CALLBACK_TASK = "moderation.deliver_callback"
 RECONCILE_TASK = "moderation.reconcile"
 CHECKPOINT_TASK = "moderation.audit_checkpoint"
+FLOOD_TASK = "moderation.flood_control"
+# How often beat runs the flood-control check (noisy-entry quarantine): a flooding entry sends at
+# most a few minutes of matches to review (or blocks) before it is quarantined.
+FLOOD_INTERVAL = 300.0
 # How often beat asks for an audit checkpoint; checkpoint_if_due decides whether one is due.
 CHECKPOINT_INTERVAL = 60.0
 QUEUES = ("screening", "maintenance", "callbacks")
@@ -35,6 +39,7 @@ ROUTES = {
     SCREEN_TASK: {"queue": "screening"},
     CALLBACK_TASK: {"queue": "callbacks"},
     RECONCILE_TASK: {"queue": "maintenance"},
+    FLOOD_TASK: {"queue": "maintenance"},
 }
 UNSAFE_EXIT = 3
 
@@ -68,6 +73,11 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
             "task": CHECKPOINT_TASK,
             "schedule": CHECKPOINT_INTERVAL,
             "options": {"queue": "maintenance", "expires": CHECKPOINT_INTERVAL},
+        },
+        "flood-control": {
+            "task": FLOOD_TASK,
+            "schedule": FLOOD_INTERVAL,
+            "options": {"queue": "maintenance", "expires": FLOOD_INTERVAL},
         },
     }
 

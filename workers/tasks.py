@@ -17,6 +17,7 @@ from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 
 from moderation.audit.log import checkpoint_if_due
+from moderation.banks.flood_control import check_flood
 from moderation.service.callbacks import deliver_callback
 from moderation.service.dispatch import attach_dispatcher
 from moderation.service.queue import RetryLater, process_upload, reconcile
@@ -26,6 +27,7 @@ from moderation.storage.db import transaction
 from workers.celery_app import (
     CALLBACK_TASK,
     CHECKPOINT_TASK,
+    FLOOD_TASK,
     RECONCILE_TASK,
     SCREEN_TASK,
     get_app,
@@ -144,3 +146,9 @@ def audit_checkpoint() -> int | None:
             max_age=timedelta(seconds=rt.settings.audit_checkpoint_max_age),
         )
         return None if checkpoint is None else checkpoint.seq
+
+
+@app.task(name=FLOOD_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def flood_control() -> list[str]:
+    """Quarantine entries over the policy's flood-control threshold today; their ids."""
+    return [figures.entry_id for figures in check_flood(runtime(), actor="flood_control")]

@@ -1,5 +1,6 @@
 """Banks: list, create, import a zip or a hash list in the background, entries, enable/disable,
-removals.
+removals, and quarantined (noisy) entries to confirm or release
+(:mod:`moderation.banks.flood_control`).
 
 Removing entries or a whole bank is a request that a second admin approves (two-person rule,
 :mod:`moderation.governance.approvals`).
@@ -19,6 +20,7 @@ from wtforms.validators import AnyOf, DataRequired, Length
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
+from moderation.banks.flood_control import confirm_entry, list_quarantined, release_entry
 from moderation.banks.hash_jobs import create_hash_import_job
 from moderation.banks.hashlists import FORMATS
 from moderation.banks.job_staging import JobError
@@ -63,6 +65,10 @@ class BankStateForm(ConsoleForm):
 
 class EntryStateForm(ConsoleForm):
     disabled = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
+
+
+class QuarantineForm(ConsoleForm):
+    outcome = HiddenField(validators=[DataRequired(), AnyOf(["confirm", "release"])])
 
 
 class RemoveEntriesForm(ConsoleForm):
@@ -131,6 +137,7 @@ def show(bank_id: int) -> str:
     page = max(1, request.args.get("page", 1, type=int) or 1)
     with runtime().sessions() as db:
         entries, total = entries_page(db, bank_id, page=page, per_page=ENTRIES_PER_PAGE)
+        quarantined = list_quarantined(db, bank_id=bank_id)
     return render_template(
         "banks/show.html",
         bank=bank,
@@ -142,6 +149,8 @@ def show(bank_id: int) -> str:
         hash_form=HashListForm(),
         state_form=BankStateForm(),
         entry_form=EntryStateForm(),
+        quarantined=quarantined,
+        quarantine_form=QuarantineForm(),
         remove_form=RemoveEntriesForm(),
         delete_form=DeleteBankForm(),
     )
@@ -259,6 +268,28 @@ def entry_disabled(bank_id: int, entry_id: int) -> Response:
     disabled = form.disabled.data == "1"
     set_entry_disabled(runtime(), f"e_{entry_id}", disabled=disabled, actor=user.actor)
     flash(f"Entry e_{entry_id} {'disabled' if disabled else 'enabled'}.", "info")
+    return redirect(url_for("banks.show", bank_id=bank_id))
+
+
+@bp.route("/<int:bank_id>/entries/<int:entry_id>/quarantine", methods=["POST"])
+@permission_required("banks.write")
+@step_up_required
+def entry_quarantine(bank_id: int, entry_id: int) -> Response:
+    user = require_user()
+    form = QuarantineForm()
+    if not form.validate_on_submit():
+        abort(400)
+    with runtime().sessions() as db:
+        entry = db.get(Entry, entry_id)
+        if entry is None or entry.bank_id != bank_id:
+            abort(404)
+    resolve = confirm_entry if form.outcome.data == "confirm" else release_entry
+    try:
+        result = resolve(runtime(), f"e_{entry_id}", actor=user.actor, origin=origin())
+    except BlocklistError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(f"Entry e_{entry_id} {result['outcome']}.", "info")
     return redirect(url_for("banks.show", bank_id=bank_id))
 
 

@@ -131,4 +131,12 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 
 # Command modules register on `main` when imported.
-from moderation.cli import audit, classifier, core, hashes, service, users  # noqa: E402, F401
+from moderation.cli import (  # noqa: E402, F401
+    audit,
+    classifier,
+    core,
+    hashes,
+    quarantine,
+    service,
+    users,
+)

@@ -1,8 +1,8 @@
 """Operational figures for the console's dashboard, computed from the database.
 
 Screenings per hour by decision, screening latency percentiles (from ``screenings.timings``),
-review queue depth and oldest item, review throughput, index version and staleness, and
-erasure requests nearing the GDPR deadline.
+review queue depth and oldest item, review throughput, index version and staleness, erasure
+requests nearing the GDPR deadline, and quarantined (noisy) entries awaiting an admin.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 from sqlalchemy import Integer, cast, func, select
 from sqlalchemy.orm import Session
 
+from moderation.banks.flood_control import count_quarantined
 from moderation.banks.versions import current_snapshot
 from moderation.governance.review import QueueStats, queue_stats, utc
 from moderation.storage.models import ErasureRequest, IndexSnapshot, ReviewItem, Screening
@@ -73,6 +74,7 @@ class DashboardStats:
     latest_screening_version: int | None
     index_stale: bool
     overdue_erasures: list[OverdueErasure]
+    quarantined_entries: int = 0
 
 
 def _hour_number(session: Session, column: Any) -> Any:
@@ -201,4 +203,5 @@ def dashboard_stats(
         latest_screening_version=latest_version,
         index_stale=stale,
         overdue_erasures=_overdue_erasures(session, moment),
+        quarantined_entries=count_quarantined(session),
     )

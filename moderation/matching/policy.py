@@ -109,6 +109,25 @@ class AllowRules(_Strict):
     max_pdq_distance: int | None = Field(default=None, ge=0, le=256)
 
 
+class FloodControlRules(_Strict):
+    """Noisy-entry quarantine: an entry of a block bank whose matches today (UTC) reach
+    ``max(min_matches, bank_median_multiple x the median of today's counts of its bank's active
+    entries, 0 for those not matched)`` or ``max_matches_per_day`` is quarantined (its matches
+    only reach review) until an admin confirms or releases it
+    (:mod:`moderation.banks.flood_control`)."""
+
+    enabled: bool = True
+    max_matches_per_day: int = Field(default=1000, ge=1)
+    bank_median_multiple: float = Field(default=100.0, gt=1.0)
+    min_matches: int = Field(default=50, ge=1)
+
+    @model_validator(mode="after")
+    def _floor_below_cap(self) -> FloodControlRules:
+        if self.min_matches > self.max_matches_per_day:
+            raise ValueError("min_matches must be <= max_matches_per_day")
+        return self
+
+
 class Policy(_Strict):
     """A validated policy file."""
 
@@ -118,6 +137,7 @@ class Policy(_Strict):
     allow: AllowRules = Field(default_factory=AllowRules)
     categories: dict[str, CategoryRules]
     default_category: str = "default"
+    flood_control: FloodControlRules = Field(default_factory=FloodControlRules)
 
     @model_validator(mode="after")
     def _has_default(self) -> Policy:

@@ -1,6 +1,8 @@
 """The last stage of screening: a :class:`~moderation.matching.decision.ScreeningResult` written
 to the database as a screening row with its match rows, a review item when a human must look,
-the upload's legal hold, and the ``screening.decide`` audit event, in the caller's transaction.
+the upload's legal hold, the matched entries' daily match counts (flood control,
+:mod:`moderation.banks.match_counts`) and the ``screening.decide`` audit event, in the caller's
+transaction.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.match_counts import count_matches, utc_today
 from moderation.matching.decision import ScreeningResult
 from moderation.storage.models import Match, ReviewItem, Screening, Upload
 
@@ -18,7 +21,8 @@ from moderation.storage.models import Match, ReviewItem, Screening, Upload
 def record_result(
     session: Session, upload: Upload, result: ScreeningResult, *, actor: str = "screening"
 ) -> Screening:
-    """Write a result: screening row, match rows, review item if needed, audit event.
+    """Write a result: screening row, match rows, review item if needed, one more match today
+    (UTC) for each matched entry (``entry_match_counts``), audit event.
 
     Idempotent by upload: an upload that already has a screening keeps it (returned as is).
     """
@@ -39,6 +43,7 @@ def record_result(
             )
         )
     session.flush()
+    count_matches(session, (m.entry.entry_id for m in result.matches), day=utc_today())
     record_event(
         session,
         actor=actor,

@@ -99,6 +99,9 @@ class Entry(Base):
     # never block, until an admin confirms (clears it, entry stays) or releases it.
     quarantined_at: Mapped[datetime | None] = mapped_column()
     quarantine_reason: Mapped[str | None] = mapped_column(String(500))
+    # The UTC day an admin last confirmed the entry out of quarantine: flood control leaves it
+    # alone for the rest of that day (moderation.banks.flood_control).
+    quarantine_confirmed_on: Mapped[date | None] = mapped_column(Date)
 
     bank: Mapped[Bank] = relationship(back_populates="entries")
 

@@ -63,6 +63,7 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/banks/<>/delete", "POST"): only(400, "admin"),
     ("/banks/<>/entries/remove", "POST"): only(400, "admin"),
     ("/banks/<>/entries/<>/disabled", "POST"): only(400, "admin"),
+    ("/banks/<>/entries/<>/quarantine", "POST"): only(400, "admin"),
     ("/banks/jobs/<>", "GET"): only(200, "admin", "auditor"),
     ("/banks/approvals", "GET"): only(200, "admin", "auditor"),
     ("/banks/approvals/<>", "POST"): only(400, "admin"),

@@ -2,7 +2,8 @@
 
 ``entries.origin`` (``image`` or ``hash_list``: hash-list entries have a PDQ digest and/or keyed
 exact hashes in the snapshot, no embedding), ``entries.quarantined_at`` and
-``.quarantine_reason`` (noisy-entry quarantine: matches go to review, never block), and
+``.quarantine_reason`` (noisy-entry quarantine: matches go to review, never block),
+``.quarantine_confirmed_on`` (the UTC day an admin last confirmed it out of quarantine), and
 ``entry_match_counts`` (matches per entry per UTC day, for the flood-control thresholds).
 
 Revision ID: 0006
@@ -27,6 +28,7 @@ def upgrade() -> None:
         )
         batch_op.add_column(sa.Column("quarantined_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("quarantine_reason", sa.String(length=500), nullable=True))
+        batch_op.add_column(sa.Column("quarantine_confirmed_on", sa.Date(), nullable=True))
     op.create_table(
         "entry_match_counts",
         sa.Column("entry_id", sa.Integer(), nullable=False),
@@ -45,6 +47,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("entry_match_counts")
     with op.batch_alter_table("entries", schema=None) as batch_op:
+        batch_op.drop_column("quarantine_confirmed_on")
         batch_op.drop_column("quarantine_reason")
         batch_op.drop_column("quarantined_at")
         batch_op.drop_column("origin")

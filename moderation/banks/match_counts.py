@@ -1,0 +1,40 @@
+"""Daily match counts per entry (``entry_match_counts``), the input of flood control.
+
+Kept apart from :mod:`moderation.banks.flood_control` so that recording a screening result
+imports no encoder code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, date, datetime
+
+from sqlalchemy import Date, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from moderation.storage.models import Entry, EntryMatchCount
+
+
+def utc_today(now: datetime | None = None) -> date:
+    """The current UTC day (the key of ``entry_match_counts``)."""
+    return (now or datetime.now(UTC)).astimezone(UTC).date()
+
+
+def count_matches(session: Session, entry_ids: Iterable[int], *, day: date) -> None:
+    """Add one to each entry's count for ``day`` (an upsert; entries deleted meanwhile skipped).
+
+    One ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` statement (SQLite >= 3.24 and
+    PostgreSQL), so concurrent screenings add up instead of losing increments.
+    """
+    ids = sorted(set(entry_ids))
+    if not ids:
+        return
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    rows = select(Entry.id, literal(day, Date), literal(1)).where(Entry.id.in_(ids))
+    stmt = dialect.insert(EntryMatchCount).from_select(["entry_id", "day", "matches"], rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["entry_id", "day"],
+        set_={"matches": EntryMatchCount.matches + stmt.excluded.matches},
+    )
+    session.execute(stmt)
