@@ -41,7 +41,7 @@ from moderation.banks.hash_entries import (
     open_digest,
     rows_of,
 )
-from moderation.banks.hashlists import parse_hash_list
+from moderation.banks.hashlists import gc_paused, parse_hash_list
 from moderation.banks.hashlists.records import (
     SIGNAL_TYPES,
     HashRecord,
@@ -300,17 +300,18 @@ def import_hash_list(
     parsed = parse_hash_list(path, fmt, progress=progress)
     if parsed.errors:
         raise HashListError(path, parsed.errors)
-    return add_signals(
-        runtime,
-        bank_name,
-        parsed.records,
-        actor=actor,
-        source=path.name,
-        label=path.stem,
-        fmt=parsed.format,
-        skipped=parsed.skipped,
-        duplicates=parsed.duplicates,
-    )
+    with gc_paused():  # a million records and their signals: nothing for the collector to free
+        return add_signals(
+            runtime,
+            bank_name,
+            parsed.records,
+            actor=actor,
+            source=path.name,
+            label=path.stem,
+            fmt=parsed.format,
+            skipped=parsed.skipped,
+            duplicates=parsed.duplicates,
+        )
 
 
 def signal_record(signals: Mapping[str, str], *, ref: str, label: str = "") -> HashRecord:

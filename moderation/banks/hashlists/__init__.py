@@ -89,7 +89,7 @@ def parse_hash_list(
     Speed: a plain list of 1,000,000 PDQ lines parses in about 3.5-4.5 s of CPU on the shared
     2-core development machine under load (where an empty 10,000,000-step Python loop takes
     0.33 s); a ``/tmp`` benchmark, not a test. The garbage collector is paused meanwhile
-    (:func:`_gc_paused`).
+    (:func:`gc_paused`).
 
     Raises:
         ValueError: ``fmt`` is not in :data:`FORMATS`, or ``auto`` cannot decide (plain
@@ -102,7 +102,7 @@ def parse_hash_list(
         fmt = detect_format(path)
     out = ParsedList(fmt)
     report = progress or _no_progress
-    with _gc_paused():
+    with gc_paused():
         if fmt in HEX_LENGTHS:
             parse_plain(path, fmt, out, report)
         elif fmt == "threatexchange":
@@ -126,8 +126,9 @@ def parse_hash_list(
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a list of records is built.
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a list of records is built (also used by the
+    bulk import, :func:`moderation.banks.hash_import.import_hash_list`).
 
     Every record is a new GC-tracked object that lives on, so the collector's passes over
     them find nothing to free; on a million PDQ lines they were about 40% of the parse time.
