@@ -627,8 +627,11 @@ def _hamming_malformed() -> dict[str, bytes]:
     mutations: dict[str, Callable[[dict[str, Any]], None]] = {
         "unknown algorithm": lambda h: h["params"].update(algorithm="lsh"),
         "no algorithm": lambda h: h["params"].pop("algorithm"),
+        "list algorithm": lambda h: h["params"].update(algorithm=["mih"]),
         "wrong nhash": lambda h: h["params"].update(nhash=8),
         "bad nhash": lambda h: h["params"].update(nhash=12),
+        "string nhash": lambda h: h["params"].update(nhash="16"),
+        "no nhash": lambda h: h["params"].pop("nhash"),
         "flat with nhash": lambda h: h["params"].update(algorithm="flat"),
         "unknown param": lambda h: h["params"].update(colour="red"),
         "wrong count": lambda h: h.update(count=h["count"] + 1),

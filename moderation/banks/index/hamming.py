@@ -267,12 +267,16 @@ class HammingIndex(SignalIndex):
                 f"got dim {dim} and params {dict(params)}"
             )
         algorithm = header.pop("algorithm", None)
-        expected = {"flat": {"faiss"}, "mih": {"faiss", "labels"}}.get(str(algorithm))
-        if expected is None or (algorithm == "flat" and header) or set(header) - {"nhash"}:
+        # Per algorithm: its further header params, and its sections.
+        layout = {"flat": (set(), {"faiss"}), "mih": ({"nhash"}, {"faiss", "labels"})}
+        if not isinstance(algorithm, str) or algorithm not in layout:
+            raise ValueError(f"unknown Hamming index algorithm {algorithm!r}")
+        if set(header) != layout[algorithm][0]:
             raise ValueError(f"unknown or invalid Hamming index params {dict(params)}")
+        expected = layout[algorithm][1]
         if set(sections) != expected:
             raise ValueError(f"{algorithm} Hamming index needs sections {sorted(expected)}")
-        index = cls(algorithm=algorithm, **header)
+        index = cls(algorithm="flat" if algorithm == "flat" else "mih", **header)
         loaded = _read_binary(sections["faiss"])
         if algorithm == "flat":
             index._load_flat(loaded, count)
