@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import moderation.banks.index.cosine as cosine_module
 import moderation.banks.index.cosine_params as cosine_params
+import moderation.banks.index.hamming as hamming_module
 from moderation.banks.index import (
     HNSW_EF_SEARCH,
     TOMBSTONE_COMPACT_FRACTION,
@@ -313,6 +314,114 @@ def test_hamming_add_remove_sequences_match_a_dict_model(
     assert pairs(index.search(query, k, 120)[0]) == expected
 
 
+# --- Hamming: multi-index hashing -----------------------------------------------------------
+
+# Thresholds the property test compares: every radius multi-index hashing covers with one flip
+# (0-31, the PDQ threshold), the edges of two flips, and 52, which needs three and scans.
+MIH_THRESHOLDS = [*range(32), 32, 40, 47, 47.5, 48, 52, 256]
+
+
+def planted_bank(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` random digests with near neighbours of a few queries at every distance 0..40.
+
+    Returns ids, digests and queries (``uint8 (q, 32)``).
+    """
+    base = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+    queries = rng.integers(0, 256, size=(6, 32), dtype=np.uint8)
+    planted = [flip_bits(rng, q, d) for q in queries for d in range(41)]
+    digests = np.concatenate([base, np.stack(planted), queries[:2]])  # two exact copies
+    ids = random_ids(rng, len(digests))
+    return ids, digests, queries
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(0, 400),
+    nhash=st.sampled_from([8, 16, 32]),
+    k=st.sampled_from([1, 3, 1000]),
+    removals=st.integers(0, 120),
+)
+def test_mih_returns_exactly_what_the_flat_scan_returns(
+    seed: int, n: int, nhash: int, k: int, removals: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    ids, digests, queries = planted_bank(rng, n)
+    flat = HammingIndex.build(ids, digests, algorithm="flat")
+    mih = HammingIndex.build(ids, digests, algorithm="mih", nhash=nhash)
+    gone = rng.choice(ids, size=min(removals, len(ids)), replace=False).tolist()
+    assert mih.remove(gone) == flat.remove(gone) == len(gone)
+    # Re-adding a removed id under a new digest must forget the old one.
+    readd = np.array(gone[:3], dtype=np.int64)
+    fresh = np.array([flip_bits(rng, queries[0], 5 + i) for i in range(len(readd))], np.uint8)
+    flat.add(readd, fresh.reshape(-1, 32))
+    mih.add(readd, fresh.reshape(-1, 32))
+    assert mih.ids().tolist() == flat.ids().tolist()
+    for threshold in MIH_THRESHOLDS:
+        assert mih.search(queries, k, threshold) == flat.search(queries, k, threshold)
+
+
+def test_mih_finds_every_planted_neighbour_up_to_31_bits() -> None:
+    rng = np.random.default_rng(20)
+    digests = rng.integers(0, 256, size=(5000, 32), dtype=np.uint8)
+    query = digests[0]
+    near = np.stack([flip_bits(rng, query, d) for d in range(32) for _ in range(3)])
+    ids = np.arange(len(digests) + len(near))
+    index = HammingIndex.build(ids, np.concatenate([digests, near]), algorithm="mih")
+    hits = index.search(query.reshape(1, 32), 1000, 31)[0]
+    assert pairs(hits) == hamming_reference(query, np.concatenate([digests, near]), ids, 1000, 31)
+    assert {h.id for h in hits} >= set(range(5000, len(ids)))
+
+
+def test_mih_serialization_is_deterministic_for_a_build() -> None:
+    rng = np.random.default_rng(23)
+    ids, digests, _ = planted_bank(rng, 300)
+    first = HammingIndex.build(ids, digests, algorithm="mih").serialize()
+    assert HammingIndex.build(ids, digests, algorithm="mih").serialize() == first
+
+
+def test_mih_compacts_after_many_removals_and_keeps_results() -> None:
+    rng = np.random.default_rng(21)
+    ids, digests, queries = planted_bank(rng, 500)
+    index = HammingIndex.build(ids, digests, algorithm="mih")
+    flat = HammingIndex.build(ids, digests, algorithm="flat")
+    stored = index._mih.ntotal
+    gone = ids[: len(ids) // 4].tolist()
+    index.remove(gone)
+    flat.remove(gone)
+    assert index._mih.ntotal == len(index) < stored  # rebuilt without the dead entries
+    assert index._dead == 0
+    for threshold in (0, 31, 52):
+        assert index.search(queries, 50, threshold) == flat.search(queries, 50, threshold)
+    assert HammingIndex.deserialize(index.serialize()).search(queries, 50, 31) == flat.search(
+        queries, 50, 31
+    )
+
+
+def test_auto_uses_mih_from_the_size_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hamming_module, "MIH_MIN_ENTRIES", 100)
+    rng = np.random.default_rng(22)
+    digests = rng.integers(0, 256, size=(100, 32), dtype=np.uint8)
+    assert HammingIndex.build(np.arange(99), digests[:99]).algorithm == "flat"
+    big = HammingIndex.build(np.arange(100), digests)
+    assert big.algorithm == "mih"
+    assert big.params == {"algorithm": "mih", "bits": 256, "nhash": 16}
+    assert HammingIndex.build(np.arange(100), digests, algorithm="flat").algorithm == "flat"
+
+
+def test_flat_hamming_written_before_algorithm_was_recorded_still_loads() -> None:
+    index = _hamming()
+    header, body = _split(index.serialize())
+    assert header["params"] == {"algorithm": "flat", "bits": 256}
+    header["params"] = {"bits": 256}
+    restored = load_index(_join(header, body))
+    assert isinstance(restored, HammingIndex)
+    assert restored.algorithm == "flat"
+    assert restored.ids().tolist() == index.ids().tolist()
+    queries = _queries_for(index)
+    assert restored.search(queries, 20, 120) == index.search(queries, 20, 120)
+
+
 # --- serialization --------------------------------------------------------------------------
 
 
@@ -344,10 +453,20 @@ def _queries_for(index: SignalIndex, n: int = 25) -> np.ndarray:
     return unit_vectors(rng, n, index.dim)
 
 
+def _hamming_mih() -> HammingIndex:
+    rng = np.random.default_rng(12)
+    index = HammingIndex.build(
+        random_ids(rng, 300), rng.integers(0, 256, (300, 32), np.uint8), algorithm="mih"
+    )
+    index.remove(index.ids()[:5].tolist())  # dead entries must survive the round trip
+    return index
+
+
 INDEX_FACTORIES: dict[str, Callable[[], SignalIndex]] = {
     "cosine-flat": _cosine_flat,
     "cosine-hnsw": _cosine_hnsw,
     "hamming": _hamming,
+    "hamming-mih": _hamming_mih,
 }
 
 
@@ -370,7 +489,12 @@ def test_serialize_round_trip_gives_identical_results(factory: Callable[[], Sign
         assert restored.params == index.params
         assert restored.dim == index.dim
         assert restored.search(queries, 20, threshold) == before
-        assert restored.serialize() == data
+        if isinstance(index, HammingIndex) and index.algorithm == "mih":
+            # FAISS writes hash tables in hash-map order, which a reload does not keep;
+            # the bytes differ but read back to the same index.
+            assert load_index(restored.serialize()).search(queries, 20, threshold) == before
+        else:
+            assert restored.serialize() == data
 
 
 def test_round_trip_keeps_hnsw_tombstones_and_ef_search() -> None:
@@ -494,6 +618,48 @@ MALFORMED = _malformed_cases()
 def test_malformed_bytes_are_refused(name: str, reader: Callable[[bytes], SignalIndex]) -> None:
     with pytest.raises(ValueError):
         reader(MALFORMED[name])
+
+
+def _hamming_malformed() -> dict[str, bytes]:
+    valid = _hamming_mih().serialize()
+    header, body = _split(valid)
+    labels = next(s for s in header["sections"] if s["name"] == "labels")
+    mutations: dict[str, Callable[[dict[str, Any]], None]] = {
+        "unknown algorithm": lambda h: h["params"].update(algorithm="lsh"),
+        "no algorithm": lambda h: h["params"].pop("algorithm"),
+        "list algorithm": lambda h: h["params"].update(algorithm=["mih"]),
+        "wrong nhash": lambda h: h["params"].update(nhash=8),
+        "bad nhash": lambda h: h["params"].update(nhash=12),
+        "string nhash": lambda h: h["params"].update(nhash="16"),
+        "no nhash": lambda h: h["params"].pop("nhash"),
+        "flat with nhash": lambda h: h["params"].update(algorithm="flat"),
+        "unknown param": lambda h: h["params"].update(colour="red"),
+        "wrong count": lambda h: h.update(count=h["count"] + 1),
+        "missing labels": lambda h: h.update(sections=h["sections"][:1]),
+    }
+    cases = {name: _with_header(valid, change) for name, change in mutations.items()}
+    flat_header, _ = _split(_hamming().serialize())
+    cases["multi-hash under a flat header"] = _with_faiss_section(
+        dict(flat_header, count=len(_hamming_mih())),
+        faiss.serialize_index_binary(_hamming_mih()._mih).tobytes(),
+    )
+    short = dict(header)
+    short["sections"] = [
+        s if s["name"] != "labels" else dict(labels, length=0) for s in header["sections"]
+    ]
+    short_body = body[: len(body) - labels["length"]]
+    short["sections"][1]["sha256"] = hashlib.sha256(b"").hexdigest()
+    cases["empty labels"] = _join(short, short_body)
+    return cases
+
+
+HAMMING_MALFORMED = _hamming_malformed()
+
+
+@pytest.mark.parametrize("name", sorted(HAMMING_MALFORMED))
+def test_malformed_hamming_bytes_are_refused(name: str) -> None:
+    with pytest.raises(ValueError):
+        load_index(HAMMING_MALFORMED[name])
 
 
 def test_non_bytes_are_refused() -> None:
@@ -623,8 +789,12 @@ def test_hamming_validates_search_arguments() -> None:
         index.search(np.zeros((1, 32), np.uint8), 1, 257)
     with pytest.raises(ValueError, match="k must"):
         index.search(np.zeros((1, 32), np.uint8), 0, 31)
-    with pytest.raises(ValueError, match="no parameters"):
+    with pytest.raises(ValueError, match="unknown HammingIndex parameter"):
         HammingIndex.build(np.arange(2), np.zeros((2, 32), np.uint8), bits=64)
+    with pytest.raises(ValueError, match="algorithm"):
+        HammingIndex.build(np.arange(2), np.zeros((2, 32), np.uint8), algorithm="lsh")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nhash"):
+        HammingIndex.build(np.arange(2), np.zeros((2, 32), np.uint8), algorithm="mih", nhash=12)
     with pytest.raises(ValueError, match="already in the index"):
         index.add(np.array([1]), np.zeros((1, 32), np.uint8))
 
