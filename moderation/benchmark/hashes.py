@@ -47,9 +47,8 @@ SEED: Final = 20261205
 def generate_digests(n: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
     """``n`` PDQ-like digests, uint8 (n, 32): 128 bits set each; a tenth of them are 1-12 bits
     from another digest of the set."""
-    bits = np.zeros((n, PDQ_BITS), dtype=np.uint8)
-    order = rng.random((n, PDQ_BITS)).argsort(axis=1)[:, : PDQ_BITS // 2]
-    np.put_along_axis(bits, order, 1, axis=1)
+    half = np.repeat(np.array([0, 1], np.uint8), PDQ_BITS // 2)
+    bits = rng.permuted(np.tile(half, (n, 1)), axis=1)
     near = rng.choice(n, size=int(n * NEAR_DUPLICATE_SHARE), replace=False)
     sources = rng.integers(0, n, size=len(near))
     for row, source in zip(near.tolist(), sources.tolist(), strict=True):
