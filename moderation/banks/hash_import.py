@@ -46,6 +46,7 @@ from moderation.banks.hashlists.records import (
     SIGNAL_TYPES,
     HashRecord,
     LineProblem,
+    ListSource,
     check_value,
 )
 from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
@@ -80,13 +81,13 @@ ERRORS_SHOWN = 20
 class HashListError(BlocklistError):
     """A hash list has malformed lines: nothing was imported. ``errors`` holds every one."""
 
-    def __init__(self, path: Path, errors: Sequence[LineProblem]) -> None:
+    def __init__(self, name: str, errors: Sequence[LineProblem]) -> None:
         self.errors = list(errors)
         shown = "; ".join(f"line {e.line}: {e.reason}" for e in self.errors[:ERRORS_SHOWN])
         more = len(self.errors) - ERRORS_SHOWN
         tail = f"; and {more} more" if more > 0 else ""
         super().__init__(
-            f"{path.name}: {len(self.errors)} malformed line(s), nothing imported: {shown}{tail}"
+            f"{name}: {len(self.errors)} malformed line(s), nothing imported: {shown}{tail}"
         )
 
 
@@ -279,15 +280,19 @@ class _NewEntries:
 def import_hash_list(
     runtime: Runtime,
     bank_name: str,
-    path: Path,
+    source: ListSource | Path,
     *,
     fmt: str = "auto",
     actor: str,
     progress: Callable[[int], None] | None = None,
 ) -> HashImportReport:
-    """Import the hash list at ``path`` into bank ``bank_name`` as one new snapshot version.
+    """Import a hash list into bank ``bank_name`` as one new snapshot version.
 
     Args:
+        source: the file at a path (streamed), or a
+            :class:`~moderation.banks.hashlists.records.ListSource`: a file, or the list's bytes
+            in memory (parsed there, never written). Its name makes the entries' refs
+            (``name:line``) and the audited ``source``; its stem labels records that have none.
         fmt: one of :data:`moderation.banks.hashlists.FORMATS` (``auto`` detects).
         progress: called with the number of lines read so far while parsing.
 
@@ -297,17 +302,18 @@ def import_hash_list(
         BlocklistError: unknown bank.
         moderation.banks.snapshot.SnapshotError: the current snapshot is unreadable.
     """
-    parsed = parse_hash_list(path, fmt, progress=progress)
+    source = ListSource.of(source)
+    parsed = parse_hash_list(source, fmt, progress=progress)
     if parsed.errors:
-        raise HashListError(path, parsed.errors)
+        raise HashListError(source.name, parsed.errors)
     with gc_paused():  # a million records and their signals: nothing for the collector to free
         return add_signals(
             runtime,
             bank_name,
             parsed.records,
             actor=actor,
-            source=path.name,
-            label=path.stem,
+            source=source.name,
+            label=source.stem,
             fmt=parsed.format,
             skipped=parsed.skipped,
             duplicates=parsed.duplicates,
