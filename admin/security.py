@@ -167,12 +167,29 @@ def _error_response(error: HTTPException) -> Any:
 def init_app(app: Flask, settings: Settings, sessions: Any) -> None:
     """Bind headers, sessions, CSRF, rate limits and error pages to ``app``."""
     plain = settings.console_plain_http_localhost
+    _install_headers(app, settings, plain=plain)
+    app.session_interface = DatabaseSessionInterface(
+        sessions,
+        lifetime=timedelta(hours=settings.console_session_hours),
+        idle=timedelta(minutes=settings.console_session_idle_minutes),
+        secure=not plain,
+    )
+    csrf.init_app(app)
+    limiter.init_app(app)
+    app.before_request(_loopback_only if plain else _https_only)
+    # Also reached for unhandled exceptions (as InternalServerError) and CSRFError (400).
+    app.register_error_handler(HTTPException, _error_response)
+
+
+def _install_headers(app: Flask, settings: Settings, *, plain: bool) -> None:
+    """Trust the configured proxies' forwarded headers and set the security headers
+    (HSTS, CSP, frame and referrer policies) and the session cookie's flags."""
     if settings.console_trusted_proxies:
         n = settings.console_trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     Talisman(
         app,
-        # Redirecting plain HTTP is done below, for the console's pages only.
+        # Redirecting plain HTTP is done by _https_only, for the console's pages only.
         force_https=False,
         strict_transport_security=True,
         strict_transport_security_max_age=HSTS_MAX_AGE,
@@ -184,48 +201,29 @@ def init_app(app: Flask, settings: Settings, sessions: Any) -> None:
         session_cookie_http_only=True,
         x_content_type_options=True,
     )
-    app.session_interface = DatabaseSessionInterface(
-        sessions,
-        lifetime=timedelta(hours=settings.console_session_hours),
-        idle=timedelta(minutes=settings.console_session_idle_minutes),
-        secure=not plain,
-    )
-    csrf.init_app(app)
-    limiter.init_app(app)
 
-    if not plain:
 
-        @app.before_request
-        def _https_only() -> Any:
-            # Browsers are sent to HTTPS (the session cookie is Secure). Machine endpoints (the
-            # bearer-token API, health probes, metrics) are left alone: a redirect would only
-            # break their clients, and HSTS still applies once they use HTTPS.
-            if request.is_secure or request.headers.get("X-Forwarded-Proto") == "https":
-                return None
-            if request.blueprint in MACHINE_BLUEPRINTS or request.path.startswith(
-                ("/api/", "/hma/")
-            ):
-                return None
-            return redirect(request.url.replace("http://", "https://", 1), code=302)
+def _https_only() -> Any:
+    # Browsers are sent to HTTPS (the session cookie is Secure). Machine endpoints (the
+    # bearer-token API, health probes, metrics) are left alone: a redirect would only
+    # break their clients, and HSTS still applies once they use HTTPS.
+    if request.is_secure or request.headers.get("X-Forwarded-Proto") == "https":
+        return None
+    if request.blueprint in MACHINE_BLUEPRINTS or request.path.startswith(("/api/", "/hma/")):
+        return None
+    return redirect(request.url.replace("http://", "https://", 1), code=302)
 
-    if plain:
 
-        @app.before_request
-        def _loopback_only() -> None:
-            # Plain HTTP is allowed for a developer's own machine, nothing else.
-            host = urlsplit("//" + request.host).hostname or ""
-            remote = request.remote_addr or ""
-            try:
-                remote_loopback = ipaddress.ip_address(remote).is_loopback
-            except ValueError:
-                remote_loopback = False
-            if host not in LOOPBACK_HOSTS or not remote_loopback:
-                abort(400, "plain-HTTP mode serves localhost only")
-
-    @app.errorhandler(HTTPException)
-    def _http_error(error: HTTPException) -> Any:
-        # Also reached for unhandled exceptions (as InternalServerError) and CSRFError (400).
-        return _error_response(error)
+def _loopback_only() -> None:
+    # Plain HTTP is allowed for a developer's own machine, nothing else.
+    host = urlsplit("//" + request.host).hostname or ""
+    remote = request.remote_addr or ""
+    try:
+        remote_loopback = ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        remote_loopback = False
+    if host not in LOOPBACK_HOSTS or not remote_loopback:
+        abort(400, "plain-HTTP mode serves localhost only")
 
 
 def exempt_api(app: Flask) -> None:

@@ -1,6 +1,6 @@
-"""Hash-list banks: import the hash lists the industry exchanges into a bank, and export a bank's.
+"""Hash-list banks: import the hash lists the industry exchanges into a bank.
 
-Import (:func:`import_hash_list`): the file is parsed whole first
+Import (:func:`import_hash_list`): the list is parsed whole first
 (:func:`moderation.banks.hashlists.parse_hash_list`); one malformed line and nothing is imported
 (:class:`HashListError` lists every line and reason). Otherwise every record becomes one entry
 (``origin="hash_list"``) in one transaction that also writes the next snapshot version and one
@@ -9,11 +9,8 @@ merged, not added. PDQ digests go into the snapshot as they are; exact hashes (M
 SHA-256) only keyed, plus sealed for export (:mod:`moderation.banks.hash_entries`), so neither
 the database nor the data directory ever holds a plaintext list. Entries are inserted in bulk
 (one ``INSERT ... RETURNING`` over every row), so a million-line list imports in seconds.
-
-Export (:func:`export_hashes`): the bank's PDQ digests (hash-list and image entries) and the
-exact hashes it was given, written in a ThreatExchange-compatible format
-(:func:`moderation.banks.hashlists.write_hash_list`), so another HMA or python-threatexchange
-deployment can import them; audited.
+:func:`add_signals` is the same path for signals given one by one (the HMA API). The export
+side is :mod:`moderation.banks.hash_export`.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TextIO, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +35,6 @@ from moderation.banks.hash_entries import (
     ExactSealer,
     ExactSignal,
     HashEntries,
-    open_digest,
     rows_of,
 )
 from moderation.banks.hashlists import gc_paused, parse_hash_list
@@ -46,15 +42,15 @@ from moderation.banks.hashlists.records import (
     SIGNAL_TYPES,
     HashRecord,
     LineProblem,
+    ListSource,
     check_value,
 )
 from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
-from moderation.banks.hashlists.writer import write_hash_list
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, get_bank
 from moderation.banks.snapshot_payload import Payload
 from moderation.banks.versions import current_snapshot, read_payload
-from moderation.crypto.deployment import deployment_secret, existing_deployment_secret
+from moderation.crypto.deployment import deployment_secret
 from moderation.signals.exact import (
     EXACT_EXPORT_KEY_NAME,
     EXACT_KEY_NAME,
@@ -62,7 +58,6 @@ from moderation.signals.exact import (
     KEYED_BYTES,
     parse_hex,
 )
-from moderation.storage.db import transaction
 from moderation.storage.models import Entry
 
 if TYPE_CHECKING:
@@ -80,13 +75,13 @@ ERRORS_SHOWN = 20
 class HashListError(BlocklistError):
     """A hash list has malformed lines: nothing was imported. ``errors`` holds every one."""
 
-    def __init__(self, path: Path, errors: Sequence[LineProblem]) -> None:
+    def __init__(self, name: str, errors: Sequence[LineProblem]) -> None:
         self.errors = list(errors)
         shown = "; ".join(f"line {e.line}: {e.reason}" for e in self.errors[:ERRORS_SHOWN])
         more = len(self.errors) - ERRORS_SHOWN
         tail = f"; and {more} more" if more > 0 else ""
         super().__init__(
-            f"{path.name}: {len(self.errors)} malformed line(s), nothing imported: {shown}{tail}"
+            f"{name}: {len(self.errors)} malformed line(s), nothing imported: {shown}{tail}"
         )
 
 
@@ -132,7 +127,12 @@ def _bank_entry_ids(session: Session, bank_id: int) -> npt.NDArray[np.int64]:
     )
 
 
-def _current_payload(session: Session, runtime: Runtime) -> Payload | None:
+def current_payload(session: Session, runtime: Runtime) -> Payload | None:
+    """The current snapshot's payload, decrypted; None before the first snapshot.
+
+    Raises:
+        moderation.banks.snapshot.SnapshotError: the current snapshot is unreadable.
+    """
     row = current_snapshot(session)
     if row is None:
         return None
@@ -293,15 +293,19 @@ class _NewEntries:
 def import_hash_list(
     runtime: Runtime,
     bank_name: str,
-    path: Path,
+    source: ListSource | Path,
     *,
     fmt: str = "auto",
     actor: str,
     progress: Callable[[int], None] | None = None,
 ) -> HashImportReport:
-    """Import the hash list at ``path`` into bank ``bank_name`` as one new snapshot version.
+    """Import a hash list into bank ``bank_name`` as one new snapshot version.
 
     Args:
+        source: the file at a path (streamed), or a
+            :class:`~moderation.banks.hashlists.records.ListSource`: a file, or the list's bytes
+            in memory (parsed there, never written). Its name makes the entries' refs
+            (``name:line``) and the audited ``source``; its stem labels records that have none.
         fmt: one of :data:`moderation.banks.hashlists.FORMATS` (``auto`` detects).
         progress: called with the number of lines read so far while parsing.
 
@@ -311,17 +315,18 @@ def import_hash_list(
         BlocklistError: unknown bank.
         moderation.banks.snapshot.SnapshotError: the current snapshot is unreadable.
     """
-    parsed = parse_hash_list(path, fmt, progress=progress)
+    source = ListSource.of(source)
+    parsed = parse_hash_list(source, fmt, progress=progress)
     if parsed.errors:
-        raise HashListError(path, parsed.errors)
+        raise HashListError(source.name, parsed.errors)
     with gc_paused():  # a million records and their signals: nothing for the collector to free
         return add_signals(
             runtime,
             bank_name,
             parsed.records,
             actor=actor,
-            source=path.name,
-            label=path.stem,
+            source=source.name,
+            label=source.stem,
             fmt=parsed.format,
             skipped=parsed.skipped,
             duplicates=parsed.duplicates,
@@ -363,7 +368,7 @@ def _split_new(
             deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
             deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
         )
-    present = _bank_signals(_current_payload(session, runtime), _bank_entry_ids(session, bank_id))
+    present = _bank_signals(current_payload(session, runtime), _bank_entry_ids(session, bank_id))
     new = _NewEntries()
     owners: list[int] = []
     for record in records:
@@ -451,72 +456,3 @@ def add_signals(
         len(report.skipped),
     )
     return report
-
-
-def _export_records(
-    session: Session, runtime: Runtime, bank_id: int, with_exact: bool
-) -> list[HashRecord]:
-    payload = _current_payload(session, runtime)
-    if payload is None:
-        return []
-    # Not dict(result): a Result has keys(), so dict() would take it for a mapping.
-    rows = session.execute(select(Entry.id, Entry.label).where(Entry.bank_id == bank_id))
-    labels = {entry_id: label for entry_id, label in rows}
-    ids = np.fromiter(labels, np.int64, len(labels))
-    signals: dict[int, dict[str, str]] = {}
-    quality: dict[int, int | None] = {}
-    for row in np.flatnonzero(np.isin(payload.entry_ids, ids)):
-        eid = int(payload.entry_ids[row])
-        signals[eid] = {"pdq": payload.pdq[row].tobytes().hex()}
-        quality[eid] = int(payload.pdq_quality[row])
-    hashes = payload.hashes
-    for row in np.flatnonzero(np.isin(hashes.entry_ids, ids) & hashes.has_pdq):
-        eid = int(hashes.entry_ids[row])
-        signals.setdefault(eid, {})["pdq"] = hashes.pdq[row].tobytes().hex()
-        q = int(hashes.pdq_quality[row])
-        quality[eid] = None if q == UNKNOWN_QUALITY else q
-    exact_rows = np.flatnonzero(np.isin(hashes.exact_entry_ids, ids))
-    if with_exact and len(exact_rows):
-        key = existing_deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME)
-        if key is None:
-            raise BlocklistError("the exact-hash export key is missing: exact hashes unreadable")
-        for row in exact_rows:
-            kind = EXACT_KINDS[int(hashes.exact_kinds[row])]
-            digest = open_digest(key, kind, bytes(hashes.exact_sealed[row]))
-            signals.setdefault(int(hashes.exact_entry_ids[row]), {})[kind] = digest.hex()
-    return [
-        HashRecord(
-            line=n,
-            signals=signals[eid],
-            pdq_quality=quality.get(eid),
-            label=labels.get(eid, ""),
-            ref=f"e_{eid}",
-        )
-        for n, eid in enumerate(sorted(signals), start=1)
-    ]
-
-
-def export_hashes(runtime: Runtime, bank_name: str, out: TextIO, *, fmt: str, actor: str) -> int:
-    """Write bank ``bank_name``'s hashes to ``out`` in format ``fmt``; returns records written.
-
-    PDQ digests of every entry (hash-list and image entries) and, unless ``fmt`` is ``pdq``,
-    the exact hashes the bank was given (unsealed: the file is a plaintext hash list, so the
-    export is an audit event naming the actor, bank, format and count).
-
-    Raises:
-        BlocklistError: unknown bank, or a missing export key.
-        ValueError: a format :func:`moderation.banks.hashlists.write_hash_list` cannot write.
-    """
-    with runtime.sessions() as session:
-        bank = get_bank(session, bank_name)
-        records = _export_records(session, runtime, bank.id, with_exact=fmt != "pdq")
-    written: int = write_hash_list(records, fmt, out)
-    with transaction(runtime.sessions) as session:
-        record_event(
-            session,
-            actor=actor,
-            action="bank.export_hashes",
-            target=f"bank:{bank.id}",
-            details={"format": fmt, "records": written},
-        )
-    return written

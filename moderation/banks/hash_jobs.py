@@ -3,9 +3,9 @@ background by :func:`moderation.banks.hash_import.import_hash_list`.
 
 The console stages the upload sealed (:mod:`moderation.banks.job_staging`) with
 :func:`create_hash_import_job`; :func:`moderation.banks.jobs.run_job` calls
-:func:`run_hash_import`. The parser reads files, so the job writes the decrypted list to a
-private file (mode 0600, in a mode-0700 directory next to the staged copy) only while it is
-parsed, and deletes it before the job ends, whatever the outcome. A file with malformed lines
+:func:`run_hash_import`. The job decrypts the list into memory and parses it there
+(:class:`~moderation.banks.hashlists.records.ListSource`): the plaintext list is never written,
+so the data directory holds it only sealed, and only until the job ends. A file with malformed lines
 fails the job (:class:`~moderation.banks.job_staging.JobFailed`) with every line number and
 reason in its result, and imports nothing.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from pathlib import PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
@@ -23,10 +22,10 @@ from sqlalchemy.orm import Session
 from moderation.audit.log import record_event
 from moderation.banks.hash_import import HashListError, import_hash_list
 from moderation.banks.hashlists import FORMATS
+from moderation.banks.hashlists.records import ListSource
 from moderation.banks.job_staging import (
     JobError,
     JobFailed,
-    imports_dir,
     open_staged,
     progress_writer,
     read_upload,
@@ -35,7 +34,6 @@ from moderation.banks.job_staging import (
 )
 from moderation.banks.records import get_bank
 from moderation.config import Settings
-from moderation.crypto.files import write_private_file
 from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Job
 
@@ -114,17 +112,14 @@ def run_hash_import(
         JobFailed: malformed lines (nothing imported; ``errors`` lists line and reason).
         JobError: the staged upload is gone.
     """
-    data = open_staged(runtime, job_id, params)
-    workdir = imports_dir(runtime.settings) / f"{PurePosixPath(job_id).name}.d"
-    workdir.mkdir(mode=0o700, exist_ok=True)
+    source = ListSource.from_bytes(
+        _safe_name(str(params.get("filename", ""))), open_staged(runtime, job_id, params)
+    )
     try:
-        path = workdir / _safe_name(str(params.get("filename", "")))
-        write_private_file(path, [data])
-        del data
         report = import_hash_list(
             runtime,
             str(params["bank"]),
-            path,
+            source,
             fmt=str(params.get("format", "auto")),
             actor=actor,
             progress=progress_writer(runtime, job_id),
@@ -139,8 +134,6 @@ def run_hash_import(
                 ],
             },
         ) from exc
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     set_job(runtime, job_id, total=report.records, progress=report.records)
     result = report.to_json()
     result["skipped_count"] = len(report.skipped)

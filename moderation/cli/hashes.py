@@ -95,7 +95,7 @@ def bank_import_hashes(ctx: Context, name: str, file: Path, fmt: str) -> None:
 def bank_export_hashes(ctx: Context, name: str, fmt: str, out: Path | None) -> None:
     """Write bank NAME's PDQ digests (and the exact hashes it was given) as a hash list that
     another HMA or ThreatExchange deployment can import. Audited: the file is a plaintext list."""
-    from moderation.banks.hash_import import export_hashes
+    from moderation.banks.hash_export import export_hashes
 
     with initialised_runtime(ctx) as runtime:
         if out is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from moderation.banks.hash_import import export_hashes, import_hash_list
+from moderation.banks.hash_export import export_hashes
+from moderation.banks.hash_import import import_hash_list
 from moderation.banks.records import create_bank
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction

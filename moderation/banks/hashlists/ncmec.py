@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any, Final
 from xml.parsers import expat
 
@@ -13,6 +12,7 @@ from moderation.banks.hashlists.records import (
     PROGRESS_EVERY,
     Dedup,
     HashRecord,
+    ListSource,
     ParsedList,
     check_value,
     first_meaningful_line,
@@ -30,12 +30,12 @@ NCMEC_FINGERPRINTS: Final = {"md5": "md5", "sha1": "sha1", "pdq": "pdq"}
 NCMEC_ENTRY_TAGS: Final = frozenset({"image", "video", "deletedImage", "deletedVideo"})
 
 
-def parse_ncmec(path: Path, out: ParsedList, report: Callable[[int], None]) -> None:
+def parse_ncmec(source: ListSource, out: ParsedList, report: Callable[[int], None]) -> None:
     dedup = Dedup(out)
-    if first_meaningful_line(path).startswith("<"):
-        entries: Iterable[tuple[int, Any]] = _ncmec_xml_entries(path, out, report)
+    if first_meaningful_line(source).startswith("<"):
+        entries: Iterable[tuple[int, Any]] = _ncmec_xml_entries(source, out, report)
     else:
-        entries = json_lines(path, out, report)
+        entries = json_lines(source, out, report)
     for n, entry in entries:
         try:
             record = _ncmec_entry(out, n, entry)
@@ -133,10 +133,10 @@ def _parse_xml_without_dtd(text: str) -> ET.Element:
 
 
 def _ncmec_xml_entries(
-    path: Path, out: ParsedList, report: Callable[[int], None]
+    source: ListSource, out: ParsedList, report: Callable[[int], None]
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(record number, entry dict)`` for each entry of an NCMEC XML document."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    text = source.read_text()
     try:
         root = _parse_xml_without_dtd(text)
     except expat.ExpatError as e:

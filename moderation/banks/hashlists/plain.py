@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 from moderation.banks.hashlists.records import (
     HEX_LENGTHS,
     PDQ_QUALITY_THRESHOLD,
     PROGRESS_EVERY,
     HashRecord,
+    ListSource,
     ParsedList,
     check_value,
-    open_text,
     shorten,
 )
 
@@ -32,18 +31,18 @@ def _low_quality(quality: int) -> str:
 
 
 def parse_plain(
-    path: Path, signal_type: str, out: ParsedList, report: Callable[[int], None]
+    source: ListSource, signal_type: str, out: ParsedList, report: Callable[[int], None]
 ) -> None:
     # The hot path (millions of PDQ lines): one fullmatch per line, no per-line function calls
     # on the happy path.
     want = HEX_LENGTHS[signal_type]
     value_re = re.compile(rf"[0-9a-fA-F]{{{want}}}")
-    name = path.name
+    name = source.name
     is_pdq = signal_type == "pdq"
     seen: set[str] = set()
     records = out.records
     n = 0
-    with open_text(path) as f:
+    with source.open_text() as f:
         for n, raw in enumerate(f, 1):
             if n % PROGRESS_EVERY == 0:
                 report(n)

@@ -1,13 +1,15 @@
 """What every hash-list reader shares: the record and problem types, value validation, first-wins
-merging of repeated signals, and reading the file's lines."""
+merging of repeated signals, and reading the list's lines from a file or from memory
+(:class:`ListSource`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final, TextIO
 
 from moderation.signals.pdq import PDQ_MIN_QUALITY
@@ -138,12 +140,63 @@ def unsupported_type(signal_type: str) -> str:
     return f"unsupported signal type {shorten(signal_type)!r}"
 
 
-def open_text(path: Path) -> TextIO:
-    return path.open(encoding="utf-8-sig", errors="replace", newline="")
+@dataclass(frozen=True, slots=True)
+class ListSource:
+    """A hash list to parse: a file, streamed by path, or its content held in memory.
+
+    The in-memory form lets a caller that holds the list decrypted (the console's import job,
+    :mod:`moderation.banks.hash_jobs`) parse it without writing it anywhere. Either way it is
+    read as UTF-8 (a byte-order mark is ignored; undecodable bytes become U+FFFD and fail their
+    line's validation).
+    """
+
+    #: Names the list in record refs (``name:line``), messages and logs; a file's own name.
+    name: str
+    path: Path | None = None
+    #: The list's bytes; never in the repr (a plaintext hash list must not reach a log).
+    data: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise ValueError("a ListSource holds either a path or bytes")
+
+    @classmethod
+    def of(cls, source: ListSource | Path) -> ListSource:
+        """``source`` itself, or the file at that path."""
+        if isinstance(source, ListSource):
+            return source
+        return cls(source.name, path=source)
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes) -> ListSource:
+        """A list held in memory, named ``name``."""
+        return cls(name, data=data)
+
+    @property
+    def stem(self) -> str:
+        """``name`` without its last suffix (as :attr:`pathlib.PurePath.stem`)."""
+        return PurePosixPath(self.name).stem
+
+    def open_text(self, newline: str | None = "") -> TextIO:
+        """The list as text (``newline`` as :func:`open`'s: ``""`` keeps line endings)."""
+        if self.path is not None:
+            return self.path.open(encoding="utf-8-sig", errors="replace", newline=newline)
+        assert self.data is not None  # __post_init__: one of the two
+        return io.TextIOWrapper(
+            io.BytesIO(self.data), encoding="utf-8-sig", errors="replace", newline=newline
+        )
+
+    def read_text(self) -> str:
+        """The whole list as one string, line endings translated to ``\\n``."""
+        with self.open_text(newline=None) as f:
+            return f.read()
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else self.name
 
 
-def first_meaningful_line(path: Path) -> str:
-    with open_text(path) as f:
+def first_meaningful_line(source: ListSource) -> str:
+    with source.open_text() as f:
         for raw in f:
             line = raw.strip()
             if line and not line.startswith("#"):
@@ -152,11 +205,11 @@ def first_meaningful_line(path: Path) -> str:
 
 
 def json_lines(
-    path: Path, out: ParsedList, report: Callable[[int], None]
+    source: ListSource, out: ParsedList, report: Callable[[int], None]
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(line number, decoded object)`` for each JSON Lines line; report bad JSON."""
     n = 0
-    with open_text(path) as f:
+    with source.open_text() as f:
         for n, raw in enumerate(f, 1):
             if n % PROGRESS_EVERY == 0:
                 report(n)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, Final
 
 from moderation.banks.hashlists.records import (
     Dedup,
     HashRecord,
+    ListSource,
     ParsedList,
     check_value,
     first_meaningful_line,
     json_lines,
-    open_text,
     unsupported_type,
 )
 
@@ -26,27 +25,27 @@ STOPNCII_SIGNAL_TYPES: Final = {"ImagePDQ": "pdq", "VideoMD5": "md5"}
 STOPNCII_DELETED_STATUSES: Final = frozenset({"Withdrawn", "Deleted"})
 
 
-def parse_stopncii(path: Path, out: ParsedList, report: Callable[[int], None]) -> None:
+def parse_stopncii(source: ListSource, out: ParsedList, report: Callable[[int], None]) -> None:
     dedup = Dedup(out)
     records: Iterable[tuple[int, Any]]
-    first = first_meaningful_line(path)
+    first = first_meaningful_line(source)
     try:
         whole = json.loads(first)
         is_document = isinstance(whole, dict) and "hashRecords" in whole
     except ValueError:
         is_document = True  # not one object per line: a (pretty-printed) document
     if is_document:
-        hash_records = _stopncii_document(path, out)
+        hash_records = _stopncii_document(source, out)
         if hash_records is None:
             return
         records = enumerate(hash_records, 1)
         total = len(hash_records)
     else:
-        records = json_lines(path, out, report)
+        records = json_lines(source, out, report)
         total = 0
     for n, record in records:
         try:
-            parsed = _stopncii_record(out, n, record, path.name)
+            parsed = _stopncii_record(out, n, record, source.name)
         except ValueError as e:
             out.error(n, str(e))
             continue
@@ -56,10 +55,10 @@ def parse_stopncii(path: Path, out: ParsedList, report: Callable[[int], None]) -
         report(total)
 
 
-def _stopncii_document(path: Path, out: ParsedList) -> list[Any] | None:
+def _stopncii_document(source: ListSource, out: ParsedList) -> list[Any] | None:
     """The ``hashRecords`` list of a ``FetchHashes`` document; None (reported) if malformed."""
     try:
-        with open_text(path) as f:
+        with source.open_text() as f:
             document = json.load(f)
     except json.JSONDecodeError as e:
         out.error(e.lineno, f"invalid JSON: {e}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Final
 
 from moderation.banks.hashlists.records import (
@@ -14,9 +13,9 @@ from moderation.banks.hashlists.records import (
     PROGRESS_EVERY,
     Dedup,
     HashRecord,
+    ListSource,
     ParsedList,
     check_value,
-    open_text,
     shorten,
     unsupported_type,
 )
@@ -66,10 +65,10 @@ def _te_signal(out: ParsedList, n: int, te_type: str, value: str) -> tuple[str, 
         return None
 
 
-def parse_te(path: Path, out: ParsedList, report: Callable[[int], None]) -> None:
+def parse_te(source: ListSource, out: ParsedList, report: Callable[[int], None]) -> None:
     dedup = Dedup(out)
     n = 0
-    with open_text(path) as f:
+    with source.open_text() as f:
         for n, raw in enumerate(f, 1):
             if n % PROGRESS_EVERY == 0:
                 report(n)
@@ -83,14 +82,14 @@ def parse_te(path: Path, out: ParsedList, report: Callable[[int], None]) -> None
             mapped = _te_signal(out, n, parts[0], parts[1])
             if mapped is not None:
                 label = parts[2].strip() if len(parts) == 3 else ""
-                dedup.add(HashRecord(n, dict([mapped]), None, label, f"{path.name}:{n}"))
+                dedup.add(HashRecord(n, dict([mapped]), None, label, f"{source.name}:{n}"))
     report(n)
 
 
-def parse_te_csv(path: Path, out: ParsedList, report: Callable[[int], None]) -> None:
+def parse_te_csv(source: ListSource, out: ParsedList, report: Callable[[int], None]) -> None:
     dedup = Dedup(out)
     count = 0
-    with open_text(path) as f:
+    with source.open_text() as f:
         reader = csv.reader(f)
         columns: dict[str, int] | None = None
         for row in reader:
@@ -122,5 +121,5 @@ def parse_te_csv(path: Path, out: ParsedList, report: Callable[[int], None]) -> 
             category = row[columns["category"]].strip() if "category" in columns else ""
             tags = row[columns["tags"]].strip() if "tags" in columns else ""
             label = f"{category} {tags}".strip()
-            dedup.add(HashRecord(n, dict([mapped]), None, label, f"{path.name}:{n}"))
+            dedup.add(HashRecord(n, dict([mapped]), None, label, f"{source.name}:{n}"))
     report(count)

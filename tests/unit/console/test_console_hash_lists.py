@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from moderation.banks.hash_jobs import HASH_IMPORT_KIND
+from moderation.banks.hashlists import te
 from moderation.banks.job_staging import imports_dir
 from moderation.banks.records import create_bank
 from moderation.banks.versions import current_snapshot
@@ -61,7 +64,7 @@ def test_admin_imports_a_pdq_list_and_the_bank_shows_it(
     job_page = client.get(job_url).get_data(as_text=True)
     assert 'data-state="done"' in job_page
     assert "Added 2 entries; merged 0; skipped 0 lines." in job_page
-    assert not list(imports_dir(console_runtime.settings).glob("*"))  # staged and plain copies
+    assert not list(imports_dir(console_runtime.settings).glob("*"))  # the staged copy is gone
 
     bank_page = client.get(f"/banks/{bid}").get_data(as_text=True)
     assert 'id="entry-count">2<' in bank_page
@@ -107,3 +110,69 @@ def test_a_reviewer_cannot_import(
     with console_runtime.sessions() as db:
         assert db.scalar(select(func.count()).select_from(Job)) == 0
         assert db.scalar(select(func.count()).select_from(Entry)) == 0
+
+
+# VideoMD5Signal.get_examples(); SHA-1 and SHA-256 of b"" (any exact hashes would do).
+MD5_A = "cab08b36195edb1a1231d2d09fa450e0"
+SHA1_A = "da39a3ee5e6b4b0d3255bfef95601890afd80709"
+SHA256_A = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+LISTED = (PDQ_A, PDQ_B, MD5_A, SHA1_A, SHA256_A)
+TE_TYPES = ("pdq", "pdq", "video_md5", "sha1", "video_sha256")
+
+
+def plaintext_in(data_dir: Path) -> list[str]:
+    """Files under ``data_dir`` holding one of :data:`LISTED`: as hex (either case) or as raw
+    digest bytes."""
+    needles = [n for h in LISTED for n in (h.encode(), h.upper().encode(), bytes.fromhex(h))]
+    return [
+        f"{path.relative_to(data_dir)}: {needle!r}"
+        for path in sorted(data_dir.rglob("*"))
+        if path.is_file()
+        for needle in needles
+        if needle in path.read_bytes()
+    ]
+
+
+def scanning_check_value(
+    monkeypatch: pytest.MonkeyPatch, data_dir: Path, found: list[list[str]]
+) -> None:
+    """Scan ``data_dir`` each time the ThreatExchange reader validates a value, i.e. while the
+    job parses the list, recording what the scan found."""
+    check = te.check_value
+
+    def scan_then_check(signal_type: str, value: str) -> str:
+        found.append(plaintext_in(data_dir))
+        return check(signal_type, value)
+
+    monkeypatch.setattr(te, "check_value", scan_then_check)
+
+
+@pytest.mark.parametrize("malformed", [False, True])
+def test_the_data_dir_never_holds_the_list_in_plaintext(
+    client: Any,
+    make_user: Callable[..., Any],
+    console_runtime: Runtime,
+    monkeypatch: pytest.MonkeyPatch,
+    malformed: bool,
+) -> None:
+    client.login(make_user("admin"))
+    bid = new_bank(console_runtime, "private")
+    data_dir = console_runtime.settings.resolved_data_dir
+    found: list[list[str]] = []
+    scanning_check_value(monkeypatch, data_dir, found)
+    lines = [f"{t} {v}\n" for t, v in zip(TE_TYPES, LISTED, strict=True)]
+    if malformed:  # the job fails mid-way, after reading the first values
+        lines.insert(3, f"pdq {PDQ_B[:-1]}\n")
+    text = "".join(lines)
+    response = post_list(
+        client, bid, text, "list.txt", "threatexchange", client.token(f"/banks/{bid}")
+    )
+    job_page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert f'data-state="{"failed" if malformed else "done"}"' in job_page
+    assert len(found) == len(LISTED) + malformed  # scanned while each value was read
+    assert found == [[]] * len(found)
+    assert plaintext_in(data_dir) == []
+    with console_runtime.sessions() as db:
+        assert db.scalar(select(func.count()).select_from(Entry)) == (
+            0 if malformed else len(LISTED)
+        )
