@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.datastructures import CallbackDict
 
 from moderation.governance.review import utc
+from moderation.storage.console import ConsoleSession
 from moderation.storage.db import transaction
-from moderation.storage.models import ConsoleSession
 
 TOKEN_BYTES = 32
 """Session token entropy, bytes (OWASP Session Management: at least 64 bits; we use 256)."""

@@ -8,7 +8,7 @@ audit event. A record whose signals are all already in the bank (or repeated in 
 merged, not added. PDQ digests go into the snapshot as they are; exact hashes (MD5, SHA-1,
 SHA-256) only keyed, plus sealed for export (:mod:`moderation.banks.hash_entries`), so neither
 the database nor the data directory ever holds a plaintext list. Entries are inserted in bulk
-(one ``INSERT ... RETURNING`` over every row), so a million-line list imports in seconds.
+(ids reserved up front, one executemany of every row), so a million-line list imports in seconds.
 :func:`add_signals` is the same path for signals given one by one (the HMA API). The export
 side is :mod:`moderation.banks.hash_export`.
 """

@@ -35,7 +35,7 @@ from moderation.banks.job_staging import (
 from moderation.banks.records import get_bank
 from moderation.config import Settings
 from moderation.crypto.keys import KeyRing
-from moderation.storage.models import Job
+from moderation.storage.console import Job
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime

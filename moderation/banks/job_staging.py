@@ -22,8 +22,8 @@ from moderation.config import Settings
 from moderation.crypto.envelope import WrappedKey, open_blob, seal_blob
 from moderation.crypto.files import write_private_file
 from moderation.crypto.keys import KeyRing, load_keyring
+from moderation.storage.console import Job
 from moderation.storage.db import transaction
-from moderation.storage.models import Job
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime

@@ -56,8 +56,8 @@ from moderation.banks.records import get_bank
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.config import Settings
 from moderation.crypto.keys import KeyRing
+from moderation.storage.console import Job
 from moderation.storage.db import transaction
-from moderation.storage.models import Job
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from moderation.audit.log import record_event
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.snapshot_payload import EntrySignals
-from moderation.storage.models import Approval, Bank, Entry, User
+from moderation.storage.console import Approval
+from moderation.storage.models import Bank, Entry, User
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime

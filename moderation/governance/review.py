@@ -25,7 +25,8 @@ from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.storage.models import ReviewerExposure, ReviewItem, User
+from moderation.storage.console import ReviewerExposure
+from moderation.storage.models import ReviewItem, User
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 from moderation.audit.log import record_event
 from moderation.crypto.envelope import WrappedKey, unwrap_key, wrap_key
 from moderation.crypto.keys import KeyRing
-from moderation.storage.models import ConsoleSession, User
+from moderation.storage.console import ConsoleSession
+from moderation.storage.models import User
 
 logger = logging.getLogger(__name__)
 

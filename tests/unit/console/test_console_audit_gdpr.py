@@ -99,8 +99,9 @@ def test_erasure_request_is_recorded_and_erasing_needs_a_fresh_sign_in(
 
     from sqlalchemy import update
 
+    from moderation.storage.console import ConsoleSession
     from moderation.storage.db import transaction
-    from moderation.storage.models import ConsoleSession, ErasureRequest
+    from moderation.storage.models import ErasureRequest
 
     subject = "subject-0815"
     upload_id = _subject_upload(console_runtime, subject)

@@ -18,8 +18,9 @@ from moderation.banks.records import create_bank
 from moderation.banks.versions import current_snapshot
 from moderation.governance.approvals import ApprovalError, approve, request_removal
 from moderation.service.runtime import Runtime
+from moderation.storage.console import Approval, Job
 from moderation.storage.db import transaction
-from moderation.storage.models import Approval, AuditEvent, Bank, Entry, Job
+from moderation.storage.models import AuditEvent, Bank, Entry
 from tests.conftest import skimage_photo_path
 
 PHOTOS = ("astronaut", "chelsea", "coffee")

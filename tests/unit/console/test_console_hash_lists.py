@@ -18,8 +18,9 @@ from moderation.banks.job_staging import imports_dir
 from moderation.banks.records import create_bank
 from moderation.banks.versions import current_snapshot
 from moderation.service.runtime import Runtime
+from moderation.storage.console import Job
 from moderation.storage.db import transaction
-from moderation.storage.models import AuditEvent, Bank, Entry, Job
+from moderation.storage.models import AuditEvent, Bank, Entry
 
 # PdqSignal.get_examples() (ThreatExchange pdq/data/bridge-mods).
 PDQ_A = "f8f8f0cee0f4a84f06370a22038f63f0b36e2ed596621e1d33e6b39c4e9c9b22"

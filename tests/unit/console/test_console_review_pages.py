@@ -12,7 +12,8 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from moderation.service.runtime import Runtime
-from moderation.storage.models import AuditEvent, LabelledPair, ReviewerExposure, ReviewItem
+from moderation.storage.console import ReviewerExposure
+from moderation.storage.models import AuditEvent, LabelledPair, ReviewItem
 
 SCRIPT = '<script>alert("x")</script>'
 

@@ -14,7 +14,8 @@ from sqlalchemy import func, select, update
 
 from moderation.config import ConfigurationError, load_settings
 from moderation.service.runtime import Runtime
-from moderation.storage.models import AuditEvent, ConsoleSession
+from moderation.storage.console import ConsoleSession
+from moderation.storage.models import AuditEvent
 
 # Test clients and users come from this directory's conftest fixtures.
 ConsoleClient = Any

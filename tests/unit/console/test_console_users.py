@@ -13,7 +13,8 @@ from sqlalchemy import select, update
 
 from moderation.governance.users import has_totp
 from moderation.service.runtime import Runtime
-from moderation.storage.models import AuditEvent, ConsoleSession, User
+from moderation.storage.console import ConsoleSession
+from moderation.storage.models import AuditEvent, User
 
 
 def test_admin_creates_a_user_and_sees_the_totp_uri_once(

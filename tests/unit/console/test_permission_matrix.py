@@ -133,8 +133,9 @@ def world(
 
     from moderation.governance.approvals import request_removal
     from moderation.governance.review import claim_next
+    from moderation.storage.console import Job
     from moderation.storage.db import transaction
-    from moderation.storage.models import Bank, Entry, Job
+    from moderation.storage.models import Bank, Entry
 
     users = {role: make_user(role) for role in SIGNED_IN}
     second_admin = make_user("admin")
