@@ -92,6 +92,8 @@ def _holding_claim(rt: Runtime, hold_s: float) -> Callable[[int], int | None]:
             time.sleep(hold_s)  # keep the row lock while the others look
         return item_id
 
+    return work
+
 
 def test_concurrent_claims_never_share_an_item(
     pg_runtime: Runtime, race: Callable[..., dict[int, int | None]]
