@@ -287,3 +287,14 @@ class Cli:
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
     """A :class:`Cli` over ``tmp_path / "var"``."""
     return Cli(tmp_path / "var", monkeypatch)
+
+
+def assert_nowhere_in(data_dir: Path, needles: Sequence[bytes]) -> None:
+    """Fail naming the file when any of ``needles`` occurs in any file under ``data_dir``
+    (which must hold at least one encrypted snapshot: the scan is of a data dir in use)."""
+    files = [p for p in data_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".snapshot" for p in files)
+    for path in files:
+        content = path.read_bytes()
+        for needle in needles:
+            assert needle not in content, f"plaintext signal found in {path}"

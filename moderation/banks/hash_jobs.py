@@ -19,7 +19,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from moderation.audit.log import record_event
 from moderation.banks.hash_import import HashListError, import_hash_list
 from moderation.banks.hashlists import FORMATS
 from moderation.banks.hashlists.records import ListSource
@@ -28,9 +27,9 @@ from moderation.banks.job_staging import (
     JobFailed,
     open_staged,
     progress_writer,
+    queue_staged_job,
     read_upload,
     set_job,
-    stage_sealed,
 )
 from moderation.banks.records import get_bank
 from moderation.config import Settings
@@ -79,23 +78,16 @@ def create_hash_import_job(
         raise JobError(f"unknown hash-list format {fmt!r}")
     bank = get_bank(session, bank_name)
     data = read_upload(upload, max_bytes, what="hash list")
-    job = Job(
+    return queue_staged_job(
+        session,
+        settings,
         kind=HASH_IMPORT_KIND,
-        state="queued",
-        params={"bank": bank.name, "filename": _safe_name(filename), "format": fmt},
+        bank=bank,
+        params={"filename": _safe_name(filename), "format": fmt},
+        data=data,
+        keyring=keyring,
         created_by=created_by,
     )
-    session.add(job)
-    session.flush()
-    job.params = {**job.params, **stage_sealed(settings, job.id, data, keyring)}
-    record_event(
-        session,
-        actor=created_by,
-        action="job.create",
-        target=f"job:{job.id}",
-        details={"kind": HASH_IMPORT_KIND, "bank_id": bank.id, "size_bytes": len(data)},
-    )
-    return job
 
 
 def _safe_name(filename: str) -> str:

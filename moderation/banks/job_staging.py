@@ -18,12 +18,16 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
+from sqlalchemy.orm import Session
+
+from moderation.audit.log import record_event
 from moderation.config import Settings
 from moderation.crypto.envelope import WrappedKey, open_blob, seal_blob
 from moderation.crypto.files import write_private_file
 from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.storage.console import Job
 from moderation.storage.db import transaction
+from moderation.storage.models import Bank
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
@@ -94,6 +98,35 @@ def stage_sealed(
         "size_bytes": len(data),
         "wrapped_key": base64.b64encode(wrapped.to_bytes()).decode(),
     }
+
+
+def queue_staged_job(
+    session: Session,
+    settings: Settings,
+    *,
+    kind: str,
+    bank: Bank,
+    params: dict[str, Any],
+    data: bytes,
+    keyring: KeyRing | None,
+    created_by: str,
+) -> Job:
+    """Add a queued job of ``kind`` for ``bank`` with ``data`` staged sealed (its reference
+    merged into ``params``), and its ``job.create`` audit event, in the caller's transaction."""
+    job = Job(
+        kind=kind, state="queued", params={"bank": bank.name, **params}, created_by=created_by
+    )
+    session.add(job)
+    session.flush()
+    job.params = {**job.params, **stage_sealed(settings, job.id, data, keyring)}
+    record_event(
+        session,
+        actor=created_by,
+        action="job.create",
+        target=f"job:{job.id}",
+        details={"kind": kind, "bank_id": bank.id, "size_bytes": len(data)},
+    )
+    return job
 
 
 def open_staged(runtime: Runtime, job_id: str, params: dict[str, Any]) -> bytes:

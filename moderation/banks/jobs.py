@@ -32,7 +32,6 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from moderation.audit.log import record_event
 from moderation.banks.hash_jobs import HASH_IMPORT_KIND, run_hash_import
 from moderation.banks.importer import (
     ImportReport,
@@ -46,10 +45,10 @@ from moderation.banks.job_staging import (
     JobFailed,
     open_staged,
     progress_writer,
+    queue_staged_job,
     read_upload,
     remove_staged,
     set_job,
-    stage_sealed,
 )
 from moderation.banks.operations import commit_with_snapshot, record_bank_import
 from moderation.banks.records import get_bank
@@ -136,23 +135,16 @@ def create_import_job(
     """
     bank = get_bank(session, bank_name)
     data = _read_zip_upload(archive, max_bytes)
-    job = Job(
+    return queue_staged_job(
+        session,
+        settings,
         kind=IMPORT_KIND,
-        state="queued",
-        params={"bank": bank.name, "filename": filename[:200]},
+        bank=bank,
+        params={"filename": filename[:200]},
+        data=data,
+        keyring=keyring,
         created_by=created_by,
     )
-    session.add(job)
-    session.flush()
-    job.params = {**job.params, **stage_sealed(settings, job.id, data, keyring)}
-    record_event(
-        session,
-        actor=created_by,
-        action="job.create",
-        target=f"job:{job.id}",
-        details={"kind": IMPORT_KIND, "bank_id": bank.id, "size_bytes": len(data)},
-    )
-    return job
 
 
 def _read_zip_upload(archive: IO[bytes], max_bytes: int) -> bytes:

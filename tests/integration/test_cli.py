@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Cli, skimage_photo, skimage_photo_path
+from conftest import Cli, assert_nowhere_in, skimage_photo, skimage_photo_path
 from hostile import eps, minimal_gif, png_from_header
 from PIL import Image
 
@@ -213,12 +213,7 @@ def test_no_plaintext_vectors_or_pdq_digests_under_the_data_dir(banked: Cli) -> 
     for image in images:
         digest = pdq_hash(image)
         needles += [digest.digest, digest.hex.encode(), digest.hex.upper().encode()]
-    files = [p for p in banked.data_dir.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".snapshot" for p in files)
-    for path in files:
-        content = path.read_bytes()
-        for needle in needles:
-            assert needle not in content, f"plaintext signal found in {path}"
+    assert_nowhere_in(banked.data_dir, needles)
 
 
 def test_flipped_bit_in_snapshot_stops_screening_with_a_clear_error(banked: Cli) -> None:

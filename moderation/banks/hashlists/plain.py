@@ -9,11 +9,11 @@ from collections.abc import Callable
 from moderation.banks.hashlists.records import (
     HEX_LENGTHS,
     PDQ_QUALITY_THRESHOLD,
-    PROGRESS_EVERY,
     HashRecord,
     ListSource,
     ParsedList,
     check_value,
+    meaningful_lines,
     shorten,
 )
 
@@ -41,39 +41,31 @@ def parse_plain(
     is_pdq = signal_type == "pdq"
     seen: set[str] = set()
     records = out.records
-    n = 0
-    with source.open_text() as f:
-        for n, raw in enumerate(f, 1):
-            if n % PROGRESS_EVERY == 0:
-                report(n)
-            line = raw.strip()
-            if not line or line[0] == "#":
+    for n, line in meaningful_lines(source, report):
+        quality: int | None = None
+        label = ""
+        if is_pdq and "," in line:
+            parts = line.split(",", 2)
+            line = parts[0].strip()
+            try:
+                quality = _check_quality(parts[1].strip())
+            except ValueError as e:
+                out.error(n, str(e))
                 continue
-            quality: int | None = None
-            label = ""
-            if is_pdq and "," in line:
-                parts = line.split(",", 2)
-                line = parts[0].strip()
-                try:
-                    quality = _check_quality(parts[1].strip())
-                except ValueError as e:
-                    out.error(n, str(e))
-                    continue
-                if len(parts) == 3:
-                    label = parts[2].strip()
-            if value_re.fullmatch(line) is None:
-                try:
-                    check_value(signal_type, line)
-                except ValueError as e:
-                    out.error(n, str(e))
-                continue
-            value = line.lower()
-            if quality is not None and quality < PDQ_QUALITY_THRESHOLD:
-                out.skip(n, _low_quality(quality))
-                continue
-            if value in seen:
-                out.duplicates += 1
-                continue
-            seen.add(value)
-            records.append(HashRecord(n, {signal_type: value}, quality, label, f"{name}:{n}"))
-    report(n)
+            if len(parts) == 3:
+                label = parts[2].strip()
+        if value_re.fullmatch(line) is None:
+            try:
+                check_value(signal_type, line)
+            except ValueError as e:
+                out.error(n, str(e))
+            continue
+        value = line.lower()
+        if quality is not None and quality < PDQ_QUALITY_THRESHOLD:
+            out.skip(n, _low_quality(quality))
+            continue
+        if value in seen:
+            out.duplicates += 1
+            continue
+        seen.add(value)
+        records.append(HashRecord(n, {signal_type: value}, quality, label, f"{name}:{n}"))

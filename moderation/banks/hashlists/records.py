@@ -204,20 +204,29 @@ def first_meaningful_line(source: ListSource) -> str:
     return ""
 
 
-def json_lines(
-    source: ListSource, out: ParsedList, report: Callable[[int], None]
-) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line number, decoded object)`` for each JSON Lines line; report bad JSON."""
+def meaningful_lines(
+    source: ListSource, report: Callable[[int], None]
+) -> Iterator[tuple[int, str]]:
+    """Yield ``(line number, stripped line)`` for every line that is neither blank nor a ``#``
+    comment; ``report`` gets the lines read every :data:`PROGRESS_EVERY` and the total at the
+    end (the readers' one line loop)."""
     n = 0
     with source.open_text() as f:
         for n, raw in enumerate(f, 1):
             if n % PROGRESS_EVERY == 0:
                 report(n)
             line = raw.strip()
-            if not line or line[0] == "#":
-                continue
-            try:
-                yield n, json.loads(line)
-            except ValueError as e:
-                out.error(n, f"invalid JSON: {e}")
+            if line and line[0] != "#":
+                yield n, line
     report(n)
+
+
+def json_lines(
+    source: ListSource, out: ParsedList, report: Callable[[int], None]
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line number, decoded object)`` for each JSON Lines line; report bad JSON."""
+    for n, line in meaningful_lines(source, report):
+        try:
+            yield n, json.loads(line)
+        except ValueError as e:
+            out.error(n, f"invalid JSON: {e}")

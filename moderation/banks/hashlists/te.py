@@ -16,6 +16,7 @@ from moderation.banks.hashlists.records import (
     ListSource,
     ParsedList,
     check_value,
+    meaningful_lines,
     shorten,
     unsupported_type,
 )
@@ -67,23 +68,15 @@ def _te_signal(out: ParsedList, n: int, te_type: str, value: str) -> tuple[str, 
 
 def parse_te(source: ListSource, out: ParsedList, report: Callable[[int], None]) -> None:
     dedup = Dedup(out)
-    n = 0
-    with source.open_text() as f:
-        for n, raw in enumerate(f, 1):
-            if n % PROGRESS_EVERY == 0:
-                report(n)
-            line = raw.strip()
-            if not line or line[0] == "#":
-                continue
-            parts = line.split(None, 2)
-            if len(parts) < 2 or not TE_TYPE.fullmatch(parts[0]) or HEX.fullmatch(parts[0]):
-                out.error(n, f"expected 'signal_type signal', got {shorten(line)!r}")
-                continue
-            mapped = _te_signal(out, n, parts[0], parts[1])
-            if mapped is not None:
-                label = parts[2].strip() if len(parts) == 3 else ""
-                dedup.add(HashRecord(n, dict([mapped]), None, label, f"{source.name}:{n}"))
-    report(n)
+    for n, line in meaningful_lines(source, report):
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not TE_TYPE.fullmatch(parts[0]) or HEX.fullmatch(parts[0]):
+            out.error(n, f"expected 'signal_type signal', got {shorten(line)!r}")
+            continue
+        mapped = _te_signal(out, n, parts[0], parts[1])
+        if mapped is not None:
+            label = parts[2].strip() if len(parts) == 3 else ""
+            dedup.add(HashRecord(n, dict([mapped]), None, label, f"{source.name}:{n}"))
 
 
 def parse_te_csv(source: ListSource, out: ParsedList, report: Callable[[int], None]) -> None:
