@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path, skimage_photo, skimage_photo_path
 from hostile import encode, eps, fits, minimal_gif, pdf, png_chunk, png_from_header, psd
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,6 +38,7 @@ from moderation.media.decode import (
 )
 from moderation.media.formats import ALLOWED_FORMATS, sniff_format
 from moderation.media.pixels import ALPHA_BACKGROUND, to_rgb
+from tests.conftest import shared_path, skimage_photo, skimage_photo_path
 
 # --- helpers ---------------------------------------------------------------------------------
 
