@@ -281,10 +281,6 @@ def write_list(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-def values(parsed_records: list[HashRecord], signal_type: str) -> list[str]:
-    return [r.signals[signal_type] for r in parsed_records if signal_type in r.signals]
-
-
 def sample_records() -> list[HashRecord]:
     return [
         HashRecord(1, {"pdq": PDQ_A}, 93, "POSITIVE_CLASS csam", "x:1"),

@@ -10,6 +10,7 @@ import pytest
 from moderation.banks.hashlists import FORMATS, parse_hash_list
 from moderation.banks.hashlists.records import (
     SIGNAL_TYPES,
+    HashRecord,
 )
 from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
 from moderation.banks.hashlists.writer import WRITABLE_FORMATS, write_hash_list
@@ -17,11 +18,14 @@ from tests.unit.conftest import (
     MD5_A,
     PDQ_A,
     sample_records,
-    values,
     write_list,
 )
 
 # --- writing ----------------------------------------------------------------------------
+
+
+def values(parsed_records: list[HashRecord], signal_type: str) -> list[str]:
+    return [r.signals[signal_type] for r in parsed_records if signal_type in r.signals]
 
 
 @pytest.mark.parametrize("fmt", WRITABLE_FORMATS)
