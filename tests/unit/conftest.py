@@ -1,14 +1,17 @@
 """Shared helpers of the unit tests, by the topic whose files use them: random unit vectors and
 ids (``test_index_*.py``); photos, image comparison and unscannable reasons (``test_imaging_*.py``);
-the key ring, payloads and file surgery of the snapshot tests (``test_snapshot_*.py``); real
+the key ring (shared by the snapshot and crypto tests), payloads and file surgery of the snapshot
+tests (``test_snapshot_*.py``); keys and a permissive umask (``test_crypto_*.py``); real
 hash values, sample lists and records of the hash-list format tests (``test_hashlists_*.py``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +89,14 @@ def photo(name: str = "chelsea", size: tuple[int, int] | None = None) -> Image.I
 ENCODER = "timm/efficientnet_lite0@sha256:0123abcd;resize=224"
 
 
+# The key ring of the snapshot and crypto tests; K2 is a second key for rotation.
+K1 = bytes(range(32))
+K2 = bytes(range(100, 132))
+
+
 @pytest.fixture
 def ring() -> KeyRing:
-    return KeyRing({"k1": bytes(range(32))}, "k1")
+    return KeyRing({"k1": K1}, "k1")
 
 
 def small_payload(seed: int = 0) -> bytes:
@@ -288,3 +296,20 @@ def sample_records() -> list[HashRecord]:
         HashRecord(3, {"sha256": SHA256_A}, None, "", "x:3"),
         HashRecord(4, {"md5": MD5_B}, None, "INVESTIGATION_SEED", "x:4"),
     ]
+
+
+# --- key ring, key files, envelope encryption (test_crypto_*.py) --------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def umask_zero() -> Iterator[None]:
+    """A permissive umask, so a 0600 file proves the code sets the mode itself."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
