@@ -32,18 +32,7 @@ def _contains_canary(data: bytes, canary: bytes) -> bool:
     return any(canary[i : i + 16] in data for i in range(0, len(canary) - 15, 4))
 
 
-def test_e6_no_plaintext_reaches_disk(
-    tmp_path: Path, ring: KeyRing, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    directory = tmp_path / "var" / "snapshots"
-    vectors = np.stack([CANARY, CANARY[::-1], CANARY * 2]).astype(np.float32)
-    payload = encode_payload({"vectors": vectors}, {"bank": "known-bad"})
-    canary = CANARY.tobytes()
-    assert _contains_canary(payload, canary), "the canary must be in the plaintext payload"
-
-    system_tmp = Path(tempfile.gettempdir())
-    tmp_before = set(os.listdir(system_tmp))
-
+def _forbid_tempfile(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("snapshots must not use the tempfile module")
 
@@ -57,6 +46,11 @@ def test_e6_no_plaintext_reaches_disk(
         "TemporaryDirectory",
     ):
         monkeypatch.setattr(tempfile, name, forbidden)
+
+
+def _spy_on_writes(monkeypatch: pytest.MonkeyPatch, canary: bytes) -> tuple[list[str], list[str]]:
+    """Record every path opened for writing, and check each file for ``canary`` just before it
+    is removed or renamed; returns (written, seen_before_removal)."""
     written: list[str] = []
     real_os_open, real_open = os.open, builtins.open
 
@@ -89,6 +83,23 @@ def test_e6_no_plaintext_reaches_disk(
     monkeypatch.setattr(io, "open", spy_open)
     for name in ("unlink", "remove", "replace", "rename"):
         monkeypatch.setattr(os, name, scanning(getattr(os, name)))
+    return written, seen_before_removal
+
+
+def test_e6_no_plaintext_reaches_disk(
+    tmp_path: Path, ring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "var" / "snapshots"
+    vectors = np.stack([CANARY, CANARY[::-1], CANARY * 2]).astype(np.float32)
+    payload = encode_payload({"vectors": vectors}, {"bank": "known-bad"})
+    canary = CANARY.tobytes()
+    assert _contains_canary(payload, canary), "the canary must be in the plaintext payload"
+
+    system_tmp = Path(tempfile.gettempdir())
+    tmp_before = set(os.listdir(system_tmp))
+
+    _forbid_tempfile(monkeypatch)
+    written, seen_before_removal = _spy_on_writes(monkeypatch, canary)
     info = write(directory, ring, payload)
     plaintext = read(info.path, ring, sha256=info.sha256)
     monkeypatch.undo()
