@@ -1,20 +1,35 @@
-"""Fixtures shared by every test: settings in a private data dir, photos, ../shared data."""
+"""Fixtures shared by every test: settings in a private data dir, photos, ../shared data, and the
+audit-log database handle (``db``) of the integration audit tests."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from click.testing import CliRunner, Result
 from PIL import Image, ImageDraw
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
+from moderation.audit.log import (
+    record_event,
+    signing_key,
+    write_checkpoint,
+)
+from moderation.audit.verify import verify_chain
 from moderation.config import Settings, load_settings
+from moderation.crypto.keys import KeyRing
+from moderation.storage.db import create_db_engine, migrate, session_factory, transaction
+from moderation.storage.models import AuditCheckpoint
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
@@ -111,7 +126,6 @@ def review_band_copies(tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Settings in a private data dir, with the environment's MODERATION_* cleared."""
-    import os
 
     for key in list(os.environ):
         if key.startswith("MODERATION_"):
@@ -126,7 +140,7 @@ PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 def _postgres_available() -> str | None:
     """None when the PostgreSQL server answers, else why not."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
 
     try:
         engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -150,7 +164,6 @@ def postgres_server() -> str:
 @pytest.fixture
 def postgres_url(postgres_server: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
-    import uuid
 
     from sqlalchemy import create_engine, text
 
@@ -262,7 +275,6 @@ class Cli:
 
     def __init__(self, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.data_dir = data_dir
-        import os
 
         for key in list(os.environ):
             if key.startswith("MODERATION_"):
@@ -298,3 +310,65 @@ def assert_nowhere_in(data_dir: Path, needles: Sequence[bytes]) -> None:
         content = path.read_bytes()
         for needle in needles:
             assert needle not in content, f"plaintext signal found in {path}"
+
+
+# --- the audit log on SQLite and PostgreSQL (integration/test_audit_log_*.py) -------------
+
+
+@dataclass
+class Db:
+    url: str
+    engine: Engine
+    sessions: sessionmaker[Session]
+    keyring: KeyRing
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def events(self, n: int, *, start: int = 0) -> None:
+        for i in range(start, start + n):
+            with transaction(self.sessions) as session:
+                record_event(
+                    session,
+                    actor=f"user:{i % 3}",
+                    action="test.write",
+                    target=f"thing:{i}",
+                    origin="203.0.113.7",
+                    details={"i": i, "ratio": i / 7, "note": "naïve ✓"},
+                )
+
+    def checkpoint(self) -> AuditCheckpoint | None:
+        with transaction(self.sessions) as session:
+            return write_checkpoint(session, self.keyring)
+
+    def verify(self, **kwargs: Any) -> Any:
+        with self.sessions() as session:
+            return verify_chain(session, keyring=self.keyring, **kwargs)
+
+    def execute(self, sql: str, **params: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(text(sql), params)
+
+
+def unguard(db: Db) -> None:
+    """Drop the append-only triggers (an attacker who owns the tables can)."""
+    for table in ("audit_events", "audit_checkpoints"):
+        if db.dialect == "postgresql":
+            db.execute(f"DROP TRIGGER {table}_append_only ON {table}")
+            db.execute(f"DROP TRIGGER {table}_no_truncate ON {table}")
+        else:
+            db.execute(f"DROP TRIGGER {table}_no_update")
+            db.execute(f"DROP TRIGGER {table}_no_delete")
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Db]:
+    engine = create_db_engine(database_url)
+    migrate(engine)
+    keyring = KeyRing.generate("audit-test")
+    handle = Db(database_url, engine, session_factory(engine), keyring)
+    with transaction(handle.sessions) as session:
+        signing_key(session, keyring, create=True, actor="cli")  # event 1
+    yield handle
+    engine.dispose()

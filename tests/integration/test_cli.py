@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Cli, assert_nowhere_in, skimage_photo, skimage_photo_path
 from hostile import eps, minimal_gif, png_from_header
 from PIL import Image
+
+from tests.conftest import Cli, assert_nowhere_in, skimage_photo, skimage_photo_path
 
 BANNED = ("chelsea", "astronaut", "coffee")
 

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Cli, assert_nowhere_in, shared_path, skimage_photo, skimage_photo_path
 from PIL import Image
 
 from moderation.signals.pdq import pdq_hash
+from tests.conftest import Cli, assert_nowhere_in, shared_path, skimage_photo, skimage_photo_path
 
 LISTED = ("chelsea", "coffee")
 UNLISTED = "rocket"

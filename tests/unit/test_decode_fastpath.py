@@ -7,13 +7,13 @@ import io
 
 import numpy as np
 import pytest
-from conftest import skimage_photo
 from PIL import Image
 
 from moderation.matching.screening import Screener
 from moderation.media.decode import decode_image
 from moderation.signals.encoders import create_encoder
 from moderation.signals.pdq import pdq_hash
+from tests.conftest import skimage_photo
 
 
 def _jpeg(image: Image.Image, orientation: int | None = None) -> bytes:

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import skimage_photo
 from PIL import Image
 
 from moderation.signals.encoders import create_encoder
@@ -25,6 +24,7 @@ from moderation.signals.encoders.timm_backend import (
     _resize_transform,
     square_pixels,
 )
+from tests.conftest import skimage_photo
 
 LITE0 = "timm/efficientnet_lite0"
 CPU = torch.device("cpu")

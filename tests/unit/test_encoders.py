@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path, skimage_photo
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
@@ -34,6 +33,7 @@ from moderation.signals.encoders.timm_backend import (
     map_state_dict_by_position,
     packaged_weights_path,
 )
+from tests.conftest import shared_path, skimage_photo
 
 LITE0 = "timm/efficientnet_lite0"
 # ImageNet-1k indices (timm's sorted-WordNet-id order).

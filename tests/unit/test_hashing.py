@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, SKIMAGE_PHOTOS, shared_path, skimage_photo
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
@@ -24,6 +23,7 @@ from moderation.signals.pdq import (
     pdq_hash,
     pdq_hash_dihedral,
 )
+from tests.conftest import SHARED_DATA, SKIMAGE_PHOTOS, shared_path, skimage_photo
 
 TE_PDQ = "threatexchange-pdq"
 EXPECTED_CSV = SHARED_DATA / TE_PDQ / "expected-pdq.csv"

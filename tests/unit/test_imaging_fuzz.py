@@ -16,7 +16,6 @@ from functools import cache
 
 import numpy as np
 import pytest
-from conftest import skimage_photo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import ExifTags, Image
@@ -28,6 +27,7 @@ from moderation.media.decode import (
     UnscannableImage,
     decode_image,
 )
+from tests.conftest import skimage_photo
 
 # Small limits keep a mutated header that declares a large image cheap to reject or decode.
 LIMITS = DecodeLimits(

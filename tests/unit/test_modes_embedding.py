@@ -7,10 +7,10 @@ Colour is lost in the grey modes, nothing else: their threshold is lower.
 from __future__ import annotations
 
 import pytest
-from conftest import shared_path
 
 from moderation.media.decode import decode_file
 from moderation.signals.encoders import create_encoder
+from tests.conftest import shared_path
 
 COLOUR = (
     "CMYK.jpg",

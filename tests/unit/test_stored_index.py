@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import skimage_photo
 
 import moderation.banks.blocklist as blocklist_module
 import moderation.banks.index.cosine as cosine_module
@@ -23,6 +22,7 @@ from moderation.banks.snapshot_payload import Payload
 from moderation.banks.versions import current_snapshot, read_payload
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
+from tests.conftest import skimage_photo
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket")
 

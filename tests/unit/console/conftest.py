@@ -9,12 +9,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http.cookies import SimpleCookie
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
+from sqlalchemy import select
 from werkzeug.test import TestResponse
 
 from moderation.config import Settings, load_settings
@@ -248,7 +250,6 @@ def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
     hand-made result, so the rows are exactly what real screenings produce (the decision path
     itself is tested with the real encoder elsewhere).
     """
-    from sqlalchemy import select
 
     from moderation.banks.records import EntryInfo, create_bank
     from moderation.matching.decision import MatchResult, ScreeningResult
@@ -322,3 +323,38 @@ def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
             return item.id
 
     return build_item
+
+
+# --- the session cookie (test_console_*_security.py) --------------------------------------
+
+
+COOKIE = "__Host-moderation_session"
+
+
+def session_cookie(response: Any, name: str = COOKIE) -> tuple[str, dict[str, str]]:
+    """The session cookie a response sets: value and attributes (lower-cased names)."""
+    for header in response.headers.getlist("Set-Cookie"):
+        parsed: SimpleCookie = SimpleCookie()
+        parsed.load(header)
+        if name in parsed:
+            morsel = parsed[name]
+            flags = {k.lower(): v for k, v in morsel.items() if v}
+            lowered = header.lower()
+            flags["secure"] = "secure" if "; secure" in lowered else ""
+            flags["httponly"] = "httponly" if "; httponly" in lowered else ""
+            return morsel.value, flags
+    raise AssertionError(f"no {name} cookie set")
+
+
+def assert_security_headers(response: Any, *, hsts: bool = True) -> None:
+    """RELIABILITY.md W4: the CSP, framing and sniffing headers, and HSTS unless ``hsts`` is off."""
+    csp = response.headers.get("Content-Security-Policy", "")
+    assert "frame-ancestors 'none'" in csp, csp
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp, csp
+    assert "object-src 'none'" in csp
+    assert response.headers.get("X-Content-Type-Options") == "nosniff"
+    assert response.headers.get("X-Frame-Options") == "DENY"
+    if hsts:
+        assert response.headers.get("Strict-Transport-Security", "").startswith("max-age=31536000")
+    else:
+        assert "Strict-Transport-Security" not in response.headers

@@ -1,28 +1,33 @@
-"""RELIABILITY.md W1-W4, W6, W8, W10 and step-up re-authentication, against the real app."""
+"""RELIABILITY.md W1-W3, W6, W8 and step-up re-authentication, against the real app: session
+cookies and ids, logout, CSRF, TOTP reuse and guessing, login rate limits, idle and absolute
+session lifetimes.
+"""
 
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Callable
-from http.cookies import SimpleCookie
 from typing import Any
 
 import pytest
 from flask import Flask
 from sqlalchemy import func, select, update
 
-from moderation.config import ConfigurationError, load_settings
 from moderation.service.runtime import Runtime
 from moderation.storage.console import ConsoleSession
 from moderation.storage.models import AuditEvent
+from tests.unit.console.conftest import (
+    COOKIE,
+    assert_security_headers,
+    session_cookie,
+)
 
 # Test clients and users come from this directory's conftest fixtures.
 ConsoleClient = Any
 ConsoleUser = Any
 
-COOKIE = "__Host-moderation_session"
-SECRET_KEY = "another-test-secret-" + "0123456789abcdefghijklmnopqrstuvwxyz"
+
 CSRF_RE = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
 
 
@@ -30,21 +35,6 @@ def csrf_from(html: str) -> str:
     match = CSRF_RE.search(html)
     assert match, "no csrf_token field"
     return match.group(1)
-
-
-def session_cookie(response: Any, name: str = COOKIE) -> tuple[str, dict[str, str]]:
-    """The session cookie a response sets: value and attributes (lower-cased names)."""
-    for header in response.headers.getlist("Set-Cookie"):
-        parsed: SimpleCookie = SimpleCookie()
-        parsed.load(header)
-        if name in parsed:
-            morsel = parsed[name]
-            flags = {k.lower(): v for k, v in morsel.items() if v}
-            lowered = header.lower()
-            flags["secure"] = "secure" if "; secure" in lowered else ""
-            flags["httponly"] = "httponly" if "; httponly" in lowered else ""
-            return morsel.value, flags
-    raise AssertionError(f"no {name} cookie set")
 
 
 def audit_count(rt: Runtime, action: str, outcome: str | None = None) -> int:
@@ -174,88 +164,6 @@ def test_w3_post_without_or_with_foreign_csrf_token_is_refused(
     )
 
 
-# --- W4: security headers on every response ----------------------------------------------
-
-
-def _assert_headers(response: Any, *, hsts: bool = True) -> None:
-    csp = response.headers.get("Content-Security-Policy", "")
-    assert "frame-ancestors 'none'" in csp, csp
-    assert "script-src 'self'" in csp and "unsafe-inline" not in csp, csp
-    assert "object-src 'none'" in csp
-    assert response.headers.get("X-Content-Type-Options") == "nosniff"
-    assert response.headers.get("X-Frame-Options") == "DENY"
-    if hsts:
-        assert response.headers.get("Strict-Transport-Security", "").startswith("max-age=31536000")
-    else:
-        assert "Strict-Transport-Security" not in response.headers
-
-
-def test_w4_headers_on_pages_redirects_errors_and_crashes(
-    app: Flask, client: ConsoleClient, make_user: Callable[..., ConsoleUser]
-) -> None:
-    def boom() -> str:
-        raise RuntimeError("a bug")
-
-    app.add_url_rule("/test-boom", "test_boom", boom)
-    app.config["PROPAGATE_EXCEPTIONS"] = False
-    responses = {
-        "page": client.get("/login"),
-        "redirect": client.get("/dashboard"),
-        "not_found": client.get("/no/such/page"),
-        "method": client.put("/login"),
-        "static": client.get("/static/js/console.js"),
-        "csrf": client.post("/login", data={}),
-        "crash": client.get("/test-boom"),
-    }
-    expected = {
-        "page": 200,
-        "redirect": 302,
-        "not_found": 404,
-        "method": 405,
-        "static": 200,
-        "csrf": 400,
-        "crash": 500,
-    }
-    for name, response in responses.items():
-        assert response.status_code == expected[name], name
-        _assert_headers(response)
-    assert "a bug" not in responses["crash"].get_data(as_text=True)
-    reviewer = make_user("reviewer")
-    client.login(reviewer)
-    _assert_headers(client.get("/dashboard"))  # 403
-
-
-def test_w4_plain_http_localhost_mode_has_no_hsts_and_no_secure_cookie(
-    make_app: Callable[..., Flask], console_runtime: Runtime
-) -> None:
-    app = make_app(environment="development", console_plain_http_localhost=True)
-    http = app.test_client()
-    page = http.get("/login", base_url="http://localhost")
-    assert page.status_code == 200
-    _assert_headers(page, hsts=False)
-    value, flags = session_cookie(page, "moderation_session")
-    assert value and not flags["secure"] and flags["httponly"]
-    # Plain HTTP is for this machine only.
-    assert http.get("/login", base_url="http://console.example.org").status_code == 400
-
-
-def test_w4_https_app_redirects_plain_http_pages_but_not_machine_endpoints(
-    client: ConsoleClient,
-) -> None:
-    response = client.get("/login", base_url="http://localhost")
-    assert response.status_code == 302
-    assert response.headers["Location"].startswith("https://localhost/login")
-    behind_proxy = client.get(
-        "/login", base_url="http://localhost", headers={"X-Forwarded-Proto": "https"}
-    )
-    assert behind_proxy.status_code == 200
-    # Probes and upload hooks are not redirected (HSTS is sent only over HTTPS).
-    for path in ("/status/live", "/api/v1/openapi.json"):
-        machine = client.get(path, base_url="http://localhost")
-        assert machine.status_code == 200, path
-        _assert_headers(machine, hsts=False)
-
-
 # --- W6: TOTP reuse and guessing -----------------------------------------------------------
 
 
@@ -340,7 +248,7 @@ def test_w8_many_logins_from_one_address_get_429(
         "/login", data={"email": reviewer.email, "password": reviewer.password, "csrf_token": token}
     )
     assert blocked.status_code == 429
-    _assert_headers(blocked)
+    assert_security_headers(blocked)
     assert audit_count(console_runtime, "auth.login", "failure") == 5
     # Another address is not affected.
     other = client.post(
@@ -349,74 +257,6 @@ def test_w8_many_logins_from_one_address_get_429(
         environ_base={"REMOTE_ADDR": "127.0.0.2", "HTTP_REFERER": "https://localhost/"},
     )
     assert other.status_code == 302
-
-
-# --- W10: production settings --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "secret",
-    [None, "changeme", "secret-key", "x" * 40, "short-but-random-7f3a"],
-    ids=["missing", "placeholder", "placeholder2", "low-variety", "short"],
-)
-def test_w10_production_refuses_missing_or_default_secret_key(
-    console_runtime: Runtime, secret: str | None
-) -> None:
-    from admin import create_app
-
-    settings = load_settings(data_dir=console_runtime.settings.data_dir, secret_key=secret)
-    assert settings.environment == "production"
-    with pytest.raises(ConfigurationError, match="MODERATION_SECRET_KEY"):
-        create_app({"SETTINGS": settings})
-
-
-def test_w10_production_refuses_debug_and_plain_http(
-    console_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from admin import create_app
-
-    settings = load_settings(data_dir=console_runtime.settings.data_dir, secret_key=SECRET_KEY)
-    app = create_app({"SETTINGS": settings})
-    assert app.debug is False and app.testing is False
-    app.extensions["moderation"].engine.dispose()
-
-    monkeypatch.setenv("FLASK_DEBUG", "1")
-    with pytest.raises(ConfigurationError, match="debug"):
-        create_app({"SETTINGS": settings})
-    monkeypatch.delenv("FLASK_DEBUG")
-
-    plain = load_settings(
-        data_dir=console_runtime.settings.data_dir,
-        secret_key=SECRET_KEY,
-        console_plain_http_localhost=True,
-    )
-    with pytest.raises(ConfigurationError, match="PLAIN_HTTP"):
-        create_app({"SETTINGS": plain})
-
-
-def test_w10_secret_key_from_the_environment(
-    console_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from admin import create_app
-
-    monkeypatch.setenv("MODERATION_DATA_DIR", str(console_runtime.settings.data_dir))
-    monkeypatch.setenv("MODERATION_SECRET_KEY", SECRET_KEY)
-    app = create_app()
-    assert app.config["SECRET_KEY"] == SECRET_KEY
-    app.extensions["moderation"].engine.dispose()
-
-
-def test_development_without_secret_key_starts_with_a_throw_away_key(
-    console_runtime: Runtime,
-) -> None:
-    from admin import create_app
-
-    settings = load_settings(data_dir=console_runtime.settings.data_dir, environment="development")
-    first, second = create_app({"SETTINGS": settings}), create_app({"SETTINGS": settings})
-    assert len(first.config["SECRET_KEY"]) >= 32
-    assert first.config["SECRET_KEY"] != second.config["SECRET_KEY"]
-    for app in (first, second):
-        app.extensions["moderation"].engine.dispose()
 
 
 # --- step-up re-authentication --------------------------------------------------------------
