@@ -8,11 +8,13 @@ Removing entries or a whole bank is a request that a second admin approves (two-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, url_for
 from flask_wtf.file import FileField, FileRequired
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, SelectField, SelectMultipleField, StringField
 from wtforms.validators import AnyOf, DataRequired, Length
@@ -36,6 +38,7 @@ from moderation.governance.approvals import (
     reject,
     request_removal,
 )
+from moderation.storage.console import Job
 from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry
 
@@ -156,6 +159,22 @@ def show(bank_id: int) -> str:
     )
 
 
+def _start_job(bank_id: int, upload: Any, create: Callable[[Session], Job]) -> Any:
+    """Stage an upload as an import job (``create``, one transaction), hand it to the job runner
+    and show its page; a refused upload (bad file, unknown bank) flashes why on the bank page."""
+    try:
+        with transaction(runtime().sessions) as db:
+            job_id = create(db).id
+    except (JobError, BlocklistError) as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("banks.show", bank_id=bank_id))
+    finally:
+        upload.close()
+    runner: JobRunner = current_app.extensions["moderation.jobs"]
+    runner.submit(job_id)
+    return redirect(url_for("banks.job", job_id=job_id))
+
+
 @bp.route("/<int:bank_id>/import", methods=["POST"])
 @permission_required("banks.write")
 def import_archive(bank_id: int) -> Any:
@@ -166,27 +185,20 @@ def import_archive(bank_id: int) -> Any:
         abort(400)
     rt = runtime()
     upload = form.archive.data
-    try:
-        with transaction(rt.sessions) as db:
-            job = create_import_job(
-                db,
-                rt.settings,
-                bank_name=bank.name,
-                archive=upload.stream,
-                filename=upload.filename or "archive.zip",
-                created_by=user.actor,
-                max_bytes=rt.settings.console_max_import_bytes,
-                keyring=rt.keyring,
-            )
-            job_id = job.id
-    except (JobError, BlocklistError) as exc:
-        flash(str(exc), "error")
-        return redirect(url_for("banks.show", bank_id=bank_id))
-    finally:
-        upload.close()
-    runner: JobRunner = current_app.extensions["moderation.jobs"]
-    runner.submit(job_id)
-    return redirect(url_for("banks.job", job_id=job_id))
+    return _start_job(
+        bank_id,
+        upload,
+        lambda db: create_import_job(
+            db,
+            rt.settings,
+            bank_name=bank.name,
+            archive=upload.stream,
+            filename=upload.filename or "archive.zip",
+            created_by=user.actor,
+            max_bytes=rt.settings.console_max_import_bytes,
+            keyring=rt.keyring,
+        ),
+    )
 
 
 @bp.route("/<int:bank_id>/import-hashes", methods=["POST"])
@@ -199,28 +211,21 @@ def import_hashes(bank_id: int) -> Any:
         abort(400)
     rt = runtime()
     upload = form.hashes.data
-    try:
-        with transaction(rt.sessions) as db:
-            job = create_hash_import_job(
-                db,
-                rt.settings,
-                bank_name=bank.name,
-                upload=upload.stream,
-                filename=upload.filename or "hashes.txt",
-                fmt=form.format.data or "auto",
-                created_by=user.actor,
-                max_bytes=rt.settings.console_max_import_bytes,
-                keyring=rt.keyring,
-            )
-            job_id = job.id
-    except (JobError, BlocklistError) as exc:
-        flash(str(exc), "error")
-        return redirect(url_for("banks.show", bank_id=bank_id))
-    finally:
-        upload.close()
-    runner: JobRunner = current_app.extensions["moderation.jobs"]
-    runner.submit(job_id)
-    return redirect(url_for("banks.job", job_id=job_id))
+    return _start_job(
+        bank_id,
+        upload,
+        lambda db: create_hash_import_job(
+            db,
+            rt.settings,
+            bank_name=bank.name,
+            upload=upload.stream,
+            filename=upload.filename or "hashes.txt",
+            fmt=form.format.data or "auto",
+            created_by=user.actor,
+            max_bytes=rt.settings.console_max_import_bytes,
+            keyring=rt.keyring,
+        ),
+    )
 
 
 @bp.route("/jobs/<job_id>")

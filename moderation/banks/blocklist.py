@@ -65,11 +65,6 @@ class Blocklist:
         """Entries with an embedding (the cosine index's size)."""
         return len(self.cosine)
 
-    @property
-    def hash_entry_count(self) -> int:
-        """Searchable entries that came from hash lists (no embedding)."""
-        return sum(1 for eid in self._hash_rows if eid in self.entries)
-
     def has_vector(self, entry_id: int) -> bool:
         """True when the entry has an embedding (an image entry, not a hash-list entry)."""
         return entry_id in self._rows

@@ -52,7 +52,7 @@ def _export_records(
         signals.setdefault(eid, {})["pdq"] = hashes.pdq[row].tobytes().hex()
         q = int(hashes.pdq_quality[row])
         quality[eid] = None if q == UNKNOWN_QUALITY else q
-    exact_rows = np.flatnonzero(np.isin(hashes.exact_entry_ids, ids))
+    exact_rows = hashes.exact_rows(ids)
     if with_exact and len(exact_rows):
         key = existing_deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME)
         if key is None:

@@ -151,7 +151,7 @@ def _bank_signals(payload: Payload | None, ids: npt.NDArray[np.int64]) -> _BankS
         present.pdq.update(
             (bytes(row), eid) for row, eid in zip(digests[mine], owners[mine].tolist(), strict=True)
         )
-    rows = np.flatnonzero(np.isin(hashes.exact_entry_ids, ids))
+    rows = hashes.exact_rows(ids)
     present.exact.update(
         (
             (EXACT_KINDS[int(hashes.exact_kinds[r])], bytes(hashes.exact_keyed[r])),
