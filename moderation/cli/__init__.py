@@ -120,6 +120,15 @@ def stderr_console() -> Any:
     return Console(stderr=True)
 
 
+def echo_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, as_json: bool) -> None:
+    """A listing: one JSON object per row (``--json``), else a table of ``columns``."""
+    if as_json:
+        for row in rows:
+            echo_json(row)
+    else:
+        print_table(rows, list(columns))
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     from rich.console import Console
     from rich.table import Table

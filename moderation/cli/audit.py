@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
+from moderation.cli import (
+    Context,
+    echo_json,
+    echo_rows,
+    initialised_runtime,
+    main,
+    pass_ctx,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -334,11 +341,7 @@ def gdpr_requests(ctx: Context, overdue: bool, as_json: bool) -> None:
             if overdue
             else list_requests(session)
         )
-    if as_json:
-        for row in rows:
-            echo_json(row)
-        return
-    print_table(rows, ["id", "state", "received_at", "requested_by"])
+    echo_rows(rows, ["id", "state", "received_at", "requested_by"], as_json=as_json)
 
 
 @gdpr.command("held")

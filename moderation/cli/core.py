@@ -11,6 +11,7 @@ from moderation.cli import (
     Context,
     config_errors,
     echo_json,
+    echo_rows,
     initialised_runtime,
     main,
     pass_ctx,
@@ -147,11 +148,11 @@ def bank_list(ctx: Context, as_json: bool) -> None:
 
     with initialised_runtime(ctx) as runtime:
         rows = list_banks(runtime)
-    if as_json:
-        for row in rows:
-            echo_json(row)
-        return
-    print_table(rows, ["name", "kind", "category", "enabled", "entries", "disabled_entries"])
+    echo_rows(
+        rows,
+        ["name", "kind", "category", "enabled", "entries", "disabled_entries"],
+        as_json=as_json,
+    )
 
 
 @bank.command("entries")
@@ -164,11 +165,7 @@ def bank_entries(ctx: Context, name: str, as_json: bool) -> None:
 
     with initialised_runtime(ctx) as runtime:
         rows = list_entries(runtime, name)
-    if as_json:
-        for row in rows:
-            echo_json(row)
-        return
-    print_table(rows, ["entry_id", "label", "source_ref", "added_at", "disabled"])
+    echo_rows(rows, ["entry_id", "label", "source_ref", "added_at", "disabled"], as_json=as_json)
 
 
 def _set_entry_disabled(ctx: Context, entry_id: str, disabled: bool) -> None:

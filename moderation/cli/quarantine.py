@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from moderation.cli import Context, config_errors, echo_json, pass_ctx, print_table
+from moderation.cli import Context, echo_json, echo_rows, initialised_runtime, pass_ctx
 from moderation.cli.core import bank
 
 
@@ -16,16 +16,13 @@ def bank_quarantined(ctx: Context, as_json: bool) -> None:
     """List quarantined (noisy) entries with the figures that quarantined them."""
     from moderation.banks.flood_control import list_quarantined
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
-        with runtime.sessions() as session:
-            rows = list_quarantined(session)
-    if as_json:
-        for row in rows:
-            echo_json(row)
-        return
-    print_table(rows, ["entry_id", "bank", "label", "quarantined_at", "matches_today", "reason"])
+    with initialised_runtime(ctx) as runtime, runtime.sessions() as session:
+        rows = list_quarantined(session)
+    echo_rows(
+        rows,
+        ["entry_id", "bank", "label", "quarantined_at", "matches_today", "reason"],
+        as_json=as_json,
+    )
 
 
 @bank.command("confirm-entry")
@@ -36,9 +33,7 @@ def bank_confirm_entry(ctx: Context, entry_id: str) -> None:
     for the rest of the UTC day."""
     from moderation.banks.flood_control import confirm_entry
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         echo_json(confirm_entry(runtime, entry_id, actor="cli"))
 
 
@@ -50,9 +45,7 @@ def bank_release_entry(ctx: Context, entry_id: str) -> None:
     enable-entry`` undoes it)."""
     from moderation.banks.flood_control import release_entry
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         echo_json(release_entry(runtime, entry_id, actor="cli"))
 
 
@@ -64,8 +57,6 @@ def bank_check_flood(ctx: Context) -> None:
 
     from moderation.banks.flood_control import check_flood
 
-    with config_errors():
-        runtime = ctx.runtime
-        runtime.check_initialised()
+    with initialised_runtime(ctx) as runtime:
         for figures in check_flood(runtime, actor="cli"):
             echo_json(asdict(figures))

@@ -6,7 +6,14 @@ import sys
 
 import click
 
-from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
+from moderation.cli import (
+    Context,
+    echo_json,
+    echo_rows,
+    initialised_runtime,
+    main,
+    pass_ctx,
+)
 
 
 @main.group()
@@ -74,11 +81,7 @@ def users_list(ctx: Context, as_json: bool) -> None:
             }
             for u in list_users(session)
         ]
-    if as_json:
-        for row in rows:
-            echo_json(row)
-    else:
-        print_table(rows, ["user_id", "email", "role", "totp", "disabled"])
+    echo_rows(rows, ["user_id", "email", "role", "totp", "disabled"], as_json=as_json)
 
 
 def _set_disabled(ctx: Context, email: str, disabled: bool) -> None:
