@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from admin import create_app
-from moderation.config import load_settings
+from moderation.config import Settings, load_settings
 from moderation.service.api_clients import (
     ClientError,
     UnknownClientError,
@@ -32,15 +32,16 @@ from moderation.service.platform_client import verify_callback
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import ApiClient, AuditEvent, CallbackDelivery, Upload
-from tests.conftest import Cli
+from tests.conftest import Cli, migrated_runtime
 from tests.integration.queue_stack import CallbackReceiver
 
 HOOKS = "https://hooks.example.com/moderation"
 
 
-def web_process(data_dir: Path) -> FlaskClient:
+def web_process(data_dir: Path, **overrides: object) -> FlaskClient:
     """One more web process: its own app, engine and connection pool over the same database."""
-    app: Flask = create_app({"SETTINGS": load_settings(data_dir=data_dir), "TESTING": True})
+    settings = load_settings(data_dir=data_dir, **overrides)
+    app: Flask = create_app({"SETTINGS": settings, "TESTING": True})
     return app.test_client()
 
 
@@ -58,16 +59,24 @@ def new_client(runtime: Runtime, name: str = "acme", allowlist: tuple[str, ...] 
         return create_api_client(session, runtime.keyring, name, callback_allowlist=allowlist)
 
 
-def test_revocation_is_refused_at_once_by_every_web_process(runtime: Runtime) -> None:
-    created = new_client(runtime)
-    first, second = web_process(runtime.settings.data_dir), web_process(runtime.settings.data_dir)
-    assert api_status(first, created.token) == 404
-    assert api_status(second, created.token) == 404
-    with transaction(runtime.sessions) as session:
-        info = revoke_api_client(session, created.client_id, actor="test")
-    assert info.state == "revoked" and info.revoked_at is not None
-    assert api_status(first, created.token) == 401
-    assert api_status(second, created.token) == 401
+def test_revocation_is_refused_at_once_by_every_web_process(
+    settings: Settings, database_url: str
+) -> None:
+    shared = load_settings(data_dir=settings.data_dir, database_url=database_url)
+    with migrated_runtime(shared) as rt:
+        created = new_client(rt)
+        first, second = (
+            web_process(settings.data_dir, database_url=database_url) for _ in range(2)
+        )
+        assert api_status(first, created.token) == 404
+        assert api_status(second, created.token) == 404
+        with transaction(rt.sessions) as session:
+            info = revoke_api_client(session, created.client_id, actor="test")
+        assert info.state == "revoked" and info.revoked_at is not None
+        assert api_status(first, created.token) == 401
+        assert api_status(second, created.token) == 401
+        for web in (first, second):
+            web.application.extensions["moderation"].engine.dispose()
 
 
 def test_rotated_token_replaces_the_old_one_at_once(runtime: Runtime) -> None:
