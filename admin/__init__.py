@@ -24,6 +24,7 @@ BLUEPRINTS: tuple[str, ...] = (
     "admin.dashboard:bp",
     "admin.audit:bp",
     "admin.gdpr:bp",
+    "admin.clients:bp",
     "admin.api:bp",
     "admin.api:status_bp",
     "admin.hma:bp",

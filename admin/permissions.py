@@ -27,6 +27,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "banks.read": frozenset({"admin", "auditor"}),
     "banks.write": frozenset({"admin"}),
     "users": frozenset({"admin"}),
+    "api_clients": frozenset({"admin"}),
     "dashboard": frozenset({"admin", "auditor", "dpo"}),
     "audit": frozenset({"admin", "auditor"}),
     "gdpr": frozenset({"dpo"}),

@@ -22,6 +22,8 @@ from pydantic_settings import (
 
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
 ENV_PREFIX = "MODERATION_"
+MIN_METRICS_TOKEN_LENGTH = 32
+"""Characters of ``metrics_token``; ``secrets.token_urlsafe(32)`` gives 43."""
 
 # Pillow's own default (``PIL.Image.MAX_IMAGE_PIXELS``): about 89.5 Mpx, a 0.25 GiB RGB bitmap.
 # Pillow raises DecompressionBombError at twice this and warns above it; we treat the warning as
@@ -253,6 +255,12 @@ class Settings(BaseSettings):
         description="prometheus-client multiprocess directory shared by `serve` and `worker` "
         "on one machine; default <data_dir>/metrics.",
     )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token that /metrics and the detailed /status require (Prometheus's "
+        "`authorization` setting), at least 32 characters; unset, both answer 404. /status/live "
+        "and /status/ready stay public and minimal.",
+    )
 
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field(default="INFO")
@@ -277,6 +285,15 @@ class Settings(BaseSettings):
         description="Open erasure requests older than this many days are overdue (GDPR Art. "
         "12(3): answer within one month).",
     )
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # an empty variable (compose's ${VAR:-}) means unset
+        if len(value.get_secret_value()) < MIN_METRICS_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_METRICS_TOKEN_LENGTH} characters")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -6,10 +6,16 @@ Every API blueprint (``/api/v1``, the HMA-compatible ``/hma``) authenticates wit
 
 from __future__ import annotations
 
+import logging
+
 from flask import request
+from sqlalchemy.exc import SQLAlchemyError
 
 from admin.api.services import services
-from moderation.service.api_clients import authenticate
+from moderation.service.api_clients import authenticate, record_use, use_is_stale
+from moderation.storage.db import transaction
+
+logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -41,7 +47,21 @@ def _client_id() -> int:
                 "invalid or revoked token",
                 {"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
-        return client.id
+        client_id, stale = client.id, use_is_stale(client)
+    if stale:
+        _note_use(client_id)
+    return client_id
+
+
+def _note_use(client_id: int) -> None:
+    """Best effort: a failed ``last_used_at`` write must not refuse the request."""
+    from admin import runtime
+
+    try:
+        with transaction(runtime().sessions) as session:
+            record_use(session, client_id)
+    except SQLAlchemyError as exc:
+        logger.warning("could not record the use of API client %s: %s", client_id, exc)
 
 
 def _rate_limit(client_id: int) -> None:

@@ -1,5 +1,10 @@
 """Readiness (``/status``), liveness (``/status/live``) and Prometheus ``/metrics``.
 
+Public, and minimal: ``/status/live`` (``{"status": "ok"}``) and ``/status/ready``
+(``{"ready": bool}``, 200/503). ``/metrics`` and the detailed ``/status`` (worker ids, encoder
+ids, snapshot versions) need ``Authorization: Bearer <MODERATION_METRICS_TOKEN>``
+(:func:`metrics_token_required`); with no token configured they are not served (404).
+
 Readiness (STYLE.md rule 12) is true when the database and the broker answer and at least one
 worker reported, within the last few poll intervals, an encoder loaded and the current snapshot
 version decrypted and verified (or a version older by less than the reload bound); a worker
@@ -8,13 +13,15 @@ reporting a snapshot it cannot decrypt or verify makes the service not ready (50
 
 from __future__ import annotations
 
+import functools
+import hmac
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -84,66 +91,110 @@ def _queue_depths() -> dict[str, int]:
     return depths
 
 
+def metrics_token_required(view: Callable[[], Any]) -> Callable[[], Any]:
+    """Serve ``view`` only to ``Authorization: Bearer <MODERATION_METRICS_TOKEN>``: 404 when no
+    token is configured (not served at all), 401 for a missing or wrong token. The comparison
+    is constant-time (``hmac.compare_digest``)."""
+
+    @functools.wraps(view)
+    def wrapped() -> Any:
+        expected = _runtime().settings.metrics_token
+        if expected is None:
+            return _json_error(404, "not_found", "not served: MODERATION_METRICS_TOKEN is unset")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8"), expected.get_secret_value().encode("utf-8")
+        ):
+            response = _json_error(401, "unauthorized", "the metrics bearer token is required")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+        return view()
+
+    return wrapped
+
+
+def _json_error(status: int, code: str, message: str) -> Response:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
 @bp.get("/status/live")
 def live() -> Any:
-    """Liveness: the process answers."""
+    """Liveness, public: the process answers; ``{"status": "ok"}`` and nothing else."""
     return jsonify({"status": "ok"})
 
 
+@bp.get("/status/ready")
+def ready() -> Any:
+    """Readiness, public: ``{"ready": bool}`` only, 200 or 503 (the reasons are on the
+    token-protected ``/status``)."""
+    is_ready, _ = _readiness()
+    return jsonify({"ready": is_ready}), 200 if is_ready else 503
+
+
 @bp.get("/status")
+@metrics_token_required
 def status() -> Any:
-    """Readiness with the reasons; 503 when not ready."""
+    """Readiness with the reasons (workers, versions, staleness); 503 when not ready. Needs the
+    metrics bearer token."""
+    is_ready, checks = _readiness()
+    response = jsonify({"ready": is_ready, "checks": checks})
+    response.status_code = 200 if is_ready else 503
+    return response
+
+
+def _readiness() -> tuple[bool, dict[str, Any]]:
+    """(ready, the checks of the database, the broker and the workers' snapshots)."""
     runtime = _runtime()
-    settings = runtime.settings
     database = _check_database(runtime)
     broker = _check_broker()
     snapshot: dict[str, Any] = {"ok": False}
     if database["ok"]:
-        alive_within = max(3 * settings.snapshot_poll_interval, 30.0)
         try:
-            with runtime.sessions() as session:
-                current, reports = worker_reports(session, alive_within=alive_within)
-            workers = [
-                {
-                    "id": r.worker_id,
-                    "encoder_loaded": r.encoder_id is not None,
-                    "encoder_id": r.encoder_id,
-                    "snapshot_version": r.snapshot_version,
-                    "stale_s": None if r.stale_s is None else round(r.stale_s, 1),
-                    "seen_s_ago": round(r.seen_s_ago, 1),
-                    "error": r.error,
-                }
-                for r in reports
-            ]
-            errors = [r for r in reports if r.error]
-            fresh = [
-                r
-                for r in reports
-                if r.error is None
-                and r.encoder_id is not None
-                and r.stale_s is not None
-                and r.stale_s <= RELOAD_BOUND_S
-            ]
-            snapshot = {
-                "ok": bool(fresh) and not errors,
-                "current_version": current,
-                "workers": workers,
-            }
-            if not reports:
-                snapshot["detail"] = "no worker has reported (is `moderation worker` running?)"
-            elif errors:
-                snapshot["detail"] = "a worker cannot decrypt or verify the snapshot"
+            snapshot = _check_snapshot(runtime)
         except Exception as exc:
             snapshot = {"ok": False, "error": type(exc).__name__}
     ready = bool(database["ok"] and broker["ok"] and snapshot["ok"])
-    response = jsonify(
+    return ready, {"database": database, "broker": broker, "snapshot": snapshot}
+
+
+def _check_snapshot(runtime: Runtime) -> dict[str, Any]:
+    """At least one worker fresh on the current snapshot and none failing to read it."""
+    alive_within = max(3 * runtime.settings.snapshot_poll_interval, 30.0)
+    with runtime.sessions() as session:
+        current, reports = worker_reports(session, alive_within=alive_within)
+    workers = [
         {
-            "ready": ready,
-            "checks": {"database": database, "broker": broker, "snapshot": snapshot},
+            "id": r.worker_id,
+            "encoder_loaded": r.encoder_id is not None,
+            "encoder_id": r.encoder_id,
+            "snapshot_version": r.snapshot_version,
+            "stale_s": None if r.stale_s is None else round(r.stale_s, 1),
+            "seen_s_ago": round(r.seen_s_ago, 1),
+            "error": r.error,
         }
-    )
-    response.status_code = 200 if ready else 503
-    return response
+        for r in reports
+    ]
+    errors = [r for r in reports if r.error]
+    fresh = [
+        r
+        for r in reports
+        if r.error is None
+        and r.encoder_id is not None
+        and r.stale_s is not None
+        and r.stale_s <= RELOAD_BOUND_S
+    ]
+    snapshot: dict[str, Any] = {
+        "ok": bool(fresh) and not errors,
+        "current_version": current,
+        "workers": workers,
+    }
+    if not reports:
+        snapshot["detail"] = "no worker has reported (is `moderation worker` running?)"
+    elif errors:
+        snapshot["detail"] = "a worker cannot decrypt or verify the snapshot"
+    return snapshot
 
 
 def _labelled(family: GaugeMetricFamily | CounterMetricFamily, counts: Mapping[str, int]) -> Metric:
@@ -211,9 +262,10 @@ class _ScrapeCollector(Collector):
 
 
 @bp.get("/metrics")
+@metrics_token_required
 def metrics() -> Response:
     """Prometheus text format: this machine's processes (multiprocess mode) plus scrape-time
-    figures from the database and the broker."""
+    figures from the database and the broker. Needs the metrics bearer token."""
     start = time.perf_counter()
     scrape = CollectorRegistry()
     scrape.register(_ScrapeCollector(_runtime()))

@@ -141,6 +141,7 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 # Command modules register on `main` when imported.
 from moderation.cli import (  # noqa: E402, F401
+    api_clients,
     audit,
     classifier,
     core,

@@ -1,4 +1,4 @@
-"""Service commands: serve (gunicorn), worker and beat (Celery), api-client, benchmark queue.
+"""Service commands: serve (gunicorn), worker and beat (Celery), benchmark queue.
 
 The library never imports Flask or Celery, so ``serve``, ``worker`` and ``beat`` replace this
 process (``os.execvpe``) with gunicorn or Celery, which then build their apps from the same
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from moderation.cli import Context, config_errors, echo_json, initialised_runtime, main, pass_ctx
+from moderation.cli import Context, config_errors, main, pass_ctx
 from moderation.cli.core import benchmark
 from moderation.config import Settings
 
@@ -137,44 +137,6 @@ def beat(ctx: Context) -> None:
         settings.log_level,
     ]
     _exec(argv, service_env(settings))
-
-
-@main.group("api-client")
-def api_client() -> None:
-    """Upload-hook API clients."""
-
-
-@api_client.command("create")
-@click.argument("name")
-@click.option(
-    "--callback-allowlist",
-    "allowlist",
-    multiple=True,
-    help="URL prefix callbacks may go to (repeatable), e.g. https://hooks.example.com/moderation",
-)
-@pass_ctx
-def api_client_create(ctx: Context, name: str, allowlist: tuple[str, ...]) -> None:
-    """Create an API client; prints its token and callback secret (shown only once)."""
-    from moderation.service.api_clients import ClientError, create_api_client
-    from moderation.storage.db import transaction
-
-    with initialised_runtime(ctx) as runtime:
-        try:
-            with transaction(runtime.sessions) as session:
-                created = create_api_client(
-                    session, runtime.keyring, name, callback_allowlist=allowlist, actor="cli"
-                )
-        except ClientError as exc:
-            raise click.UsageError(str(exc)) from exc
-    echo_json(
-        {
-            "client_id": created.client_id,
-            "name": created.name,
-            "token": created.token,
-            "callback_secret": created.callback_secret,
-            "callback_allowlist": list(created.callback_allowlist),
-        }
-    )
 
 
 @benchmark.command("speed")

@@ -343,6 +343,10 @@ class ApiClient(Base):
     callback_allowlist: Mapped[list[Any]] = mapped_column(JSON, default=list)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()  # revocation is final
+    token_rotated_at: Mapped[datetime | None] = mapped_column()
+    secret_rotated_at: Mapped[datetime | None] = mapped_column()
+    last_used_at: Mapped[datetime | None] = mapped_column()  # to the minute (api_clients)
 
 
 class Subject(Base):

@@ -38,6 +38,7 @@ from tests.conftest import SKIMAGE_PHOTOS, skimage_photo
 
 REPO = Path(__file__).resolve().parents[2]
 BANK_PHOTOS = ("astronaut", "chelsea", "coffee")
+METRICS_TOKEN = "queue-stack-metrics-0123456789abcdefghijklmnop"
 
 
 def free_port() -> int:
@@ -247,6 +248,8 @@ class Stack:
             "api_rate_limit": "100000/minute",
             # The console in the same app refuses to start in production without one.
             "secret_key": "queue-stack-secret-0123456789abcdefghijklmnopqrstuvwxyz",
+            # /metrics and the detailed /status answer only to this bearer token.
+            "metrics_token": METRICS_TOKEN,
         }
         if database_url:
             self.values["database_url"] = database_url
@@ -338,10 +341,18 @@ class Stack:
 
     def status(self) -> tuple[int, dict[str, Any]]:
         try:
-            response = requests.get(f"{self.base_url}/status", timeout=5)
+            response = self.get_private("/status")
             return response.status_code, response.json()
         except (requests.RequestException, ValueError):
             return 0, {}
+
+    def get_private(self, path: str) -> requests.Response:
+        """GET a token-protected path (``/metrics``, ``/status``) with the metrics token."""
+        return requests.get(
+            f"{self.base_url}{path}",
+            headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+            timeout=10,
+        )
 
     def wait_ready(self, timeout: float = 180) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:

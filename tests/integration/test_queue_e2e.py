@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import requests
 from sqlalchemy import func, select
 
 from moderation.banks.operations import import_bank
@@ -88,7 +87,7 @@ def test_upload_worker_signed_callback_and_get(
     assert count(stack, select(func.count()).where(Screening.upload_id == first["id"])) == 1
 
     # Metrics come from the worker processes (multiprocess directory) and the database.
-    metrics = requests.get(f"{stack.base_url}/metrics", timeout=10).text
+    metrics = stack.get_private("/metrics").text
     assert 'moderation_stage_seconds_count{stage="embed"}' in metrics
     assert 'moderation_results_total{decision="block"} 1.0' in metrics
     assert 'moderation_queue_depth{queue="screening"} 0.0' in metrics

@@ -236,7 +236,7 @@ def test_q3_poison_upload_ends_unscannable(make_pg_stack: Callable[..., Stack]) 
         redeliveries = sum(n - 1 for n in attempts) + 1
     assert_exactly_one_result_each(stack, [poison_id, *others])
     assert "did not finish in 2 attempts: recording unscannable (poison)" in worker.output()
-    metrics = requests.get(f"{stack.base_url}/metrics", timeout=10).text
+    metrics = stack.get_private("/metrics").text
     assert "moderation_poison_uploads_total 1.0" in metrics
     assert 'moderation_unscannable_results_total{reason="poison"} 1.0' in metrics
     assert f"moderation_redeliveries_total {float(redeliveries)}" in metrics

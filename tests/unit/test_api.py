@@ -214,18 +214,26 @@ def test_openapi_document(client: FlaskClient) -> None:
     assert "/api/v1/screenings/{id}" in doc["paths"]
 
 
-def test_status_and_metrics(client: FlaskClient, runtime: Runtime) -> None:
+METRICS_TOKEN = "metrics-" + "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def test_status_and_metrics(runtime: Runtime, dispatcher: RecordingDispatcher) -> None:
+    client = make_app(runtime, dispatcher, metrics_token=METRICS_TOKEN).test_client()
+    auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
     assert client.get("/status/live").get_json() == {"status": "ok"}
-    response = client.get("/status")
+    response = client.get("/status", headers=auth)
     assert response.status_code == 503  # no worker has reported
     checks = response.get_json()["checks"]
     assert checks["database"]["ok"] and not checks["snapshot"]["ok"]
+    assert client.get("/status/ready").get_json() == {"ready": False}
     state = WorkerState(runtime, poll_interval=60)
     state.refresh()
-    ready = client.get("/status")
+    ready = client.get("/status", headers=auth)
     assert ready.status_code == 200, ready.get_json()
     assert ready.get_json()["checks"]["snapshot"]["workers"][0]["stale_s"] == 0.0
-    text = client.get("/metrics").get_data(as_text=True)
+    public_ready = client.get("/status/ready")
+    assert public_ready.status_code == 200 and public_ready.get_json() == {"ready": True}
+    text = client.get("/metrics", headers=auth).get_data(as_text=True)
     for name in (
         "moderation_uploads",
         "moderation_results_total",

@@ -36,7 +36,9 @@ def compose_config(**env: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
     result = compose_config(
-        MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=", MODERATION_SECRET_KEY="s" * 10 + "x" * 40
+        MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=",
+        MODERATION_SECRET_KEY="s" * 10 + "x" * 40,
+        MODERATION_METRICS_TOKEN="m" * 10 + "y" * 40,
     )
     assert result.returncode == 0, result.stderr
     parsed: dict[str, Any] = yaml.safe_load(result.stdout)
@@ -88,3 +90,14 @@ def test_console_secret_key_is_required() -> None:
     result = compose_config(MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=")
     assert result.returncode != 0
     assert "MODERATION_SECRET_KEY" in result.stderr
+
+
+def test_metrics_token_is_required(config: dict[str, Any]) -> None:
+    result = compose_config(
+        MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=", MODERATION_SECRET_KEY="s" * 10 + "x" * 40
+    )
+    assert result.returncode != 0
+    assert "MODERATION_METRICS_TOKEN" in result.stderr
+    assert (
+        config["services"]["web"]["environment"]["MODERATION_METRICS_TOKEN"] == "m" * 10 + "y" * 40
+    )

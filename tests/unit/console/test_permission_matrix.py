@@ -17,7 +17,7 @@ import pytest
 from flask import Flask
 
 ROLES = ("anonymous", "admin", "reviewer", "auditor", "dpo")
-CONSOLE_BLUEPRINTS = {"auth", "review", "banks", "dashboard", "audit", "gdpr"}
+CONSOLE_BLUEPRINTS = {"auth", "review", "banks", "dashboard", "audit", "gdpr", "clients"}
 
 
 def only(allowed: int, *roles: str, other: int = 403, anonymous: int = 302) -> dict[str, Any]:
@@ -75,15 +75,22 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/gdpr/register", "POST"): only(400, "dpo"),
     ("/gdpr/preview", "POST"): only(400, "dpo"),
     ("/gdpr/erase", "POST"): only(400, "dpo"),
+    ("/clients", "GET"): only(200, "admin"),
+    ("/clients", "POST"): only(400, "admin"),
+    ("/clients/<>/revoke", "POST"): only(400, "admin"),
+    ("/clients/<>/rotate", "POST"): only(400, "admin"),
+    ("/clients/<>/allowlist", "POST"): only(400, "admin"),
     ("/static/<>", "GET"): everyone(200),
     # The queue's status pages and bearer-token API: public or bearer-only whatever the
-    # console role (a console session is no API credential).
-    ("/status", "GET"): everyone({200, 503}),
+    # console role (a console session is no API credential). /metrics and the detailed
+    # /status need the metrics token, not configured here: not served.
+    ("/status", "GET"): everyone(404),
     ("/status/live", "GET"): everyone(200),
+    ("/status/ready", "GET"): everyone({200, 503}),
     ("/api/v1/screenings", "POST"): everyone(401),
     ("/api/v1/screenings/<>", "GET"): everyone(401),
     ("/api/v1/openapi.json", "GET"): everyone(200),
-    ("/metrics", "GET"): everyone(200),
+    ("/metrics", "GET"): everyone(404),
     **{
         ("/api/v1/<>", method): everyone(404)
         for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
