@@ -29,9 +29,13 @@ CALLBACK_TASK = "moderation.deliver_callback"
 RECONCILE_TASK = "moderation.reconcile"
 CHECKPOINT_TASK = "moderation.audit_checkpoint"
 FLOOD_TASK = "moderation.flood_control"
+ENCODER_MIGRATION_TASK = "moderation.encoder_migrate"
 # How often beat runs the flood-control check (noisy-entry quarantine): a flooding entry sends at
 # most a few minutes of matches to review (or blocks) before it is quarantined.
 FLOOD_INTERVAL = 300.0
+# How often beat sends the encoder-migration job: each run goes on with a running migration for
+# most of one task time limit, and a run lost with its worker is resumed at the next tick.
+ENCODER_MIGRATION_INTERVAL = 15.0
 # How often beat asks for an audit checkpoint; checkpoint_if_due decides whether one is due.
 CHECKPOINT_INTERVAL = 60.0
 QUEUES = ("screening", "maintenance", "callbacks")
@@ -40,6 +44,7 @@ ROUTES = {
     CALLBACK_TASK: {"queue": "callbacks"},
     RECONCILE_TASK: {"queue": "maintenance"},
     FLOOD_TASK: {"queue": "maintenance"},
+    ENCODER_MIGRATION_TASK: {"queue": "maintenance"},
 }
 UNSAFE_EXIT = 3
 
@@ -78,6 +83,11 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
             "task": FLOOD_TASK,
             "schedule": FLOOD_INTERVAL,
             "options": {"queue": "maintenance", "expires": FLOOD_INTERVAL},
+        },
+        "encoder-migration": {
+            "task": ENCODER_MIGRATION_TASK,
+            "schedule": ENCODER_MIGRATION_INTERVAL,
+            "options": {"queue": "maintenance", "expires": ENCODER_MIGRATION_INTERVAL},
         },
     }
 

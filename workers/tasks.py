@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from moderation.audit.log import checkpoint_if_due
 from moderation.banks.flood_control import check_flood
+from moderation.modelops.encoder_migration import resume_migration
 from moderation.service.callbacks import deliver_callback
 from moderation.service.dispatch import attach_dispatcher
 from moderation.service.queue import RetryLater, process_upload, reconcile
@@ -27,6 +28,7 @@ from moderation.storage.db import transaction
 from workers.celery_app import (
     CALLBACK_TASK,
     CHECKPOINT_TASK,
+    ENCODER_MIGRATION_TASK,
     FLOOD_TASK,
     RECONCILE_TASK,
     SCREEN_TASK,
@@ -104,6 +106,7 @@ def screen(upload_id: str) -> str:
         max_attempts=settings.max_attempts,
         batch_size=settings.worker_batch_size,
         batch_wait=settings.worker_batch_wait_ms / 1000.0,
+        shadow=state.shadow,
     )
     return done.outcome.value
 
@@ -152,3 +155,12 @@ def audit_checkpoint() -> int | None:
 def flood_control() -> list[str]:
     """Quarantine entries over the policy's flood-control threshold today; their ids."""
     return [figures.entry_id for figures in check_flood(runtime(), actor="flood_control")]
+
+
+@app.task(name=ENCODER_MIGRATION_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def encoder_migration() -> dict[str, Any] | None:
+    """Go on with a running encoder migration for most of one task time limit (beat sends this
+    every ``ENCODER_MIGRATION_INTERVAL``; a run lost with its worker is resumed by the next)."""
+    rt = runtime()
+    progress = resume_migration(rt, max_seconds=0.6 * rt.settings.task_time_limit)
+    return None if progress is None else {"state": progress.state, "done": progress.done}

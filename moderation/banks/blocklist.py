@@ -128,16 +128,19 @@ def load_blocklist(
     *,
     encoder_id: str,
     dim: int,
+    own_chain: bool = False,
 ) -> Blocklist:
     """Decrypt the current snapshot and build its in-memory indexes.
 
-    With no snapshot yet (no bank ever imported) the blocklist is empty.
+    With no snapshot yet (no bank ever imported) the blocklist is empty. ``own_chain``: the
+    newest snapshot of ``encoder_id``'s chain, not the serving one (an encoder migration's
+    shadow, :mod:`moderation.banks.encoder_chains`).
 
     Raises:
         EncoderMismatchError: the snapshot's encoder id differs from ``encoder_id``.
         SnapshotError: the snapshot cannot be decrypted or verified (screening must not run).
     """
-    row = current_snapshot(session)
+    row = current_snapshot(session, encoder_id if own_chain else None)
     if row is None:
         payload = Payload.empty(encoder_id, dim)
         return _build(None, payload, {}, version=0)

@@ -21,6 +21,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from moderation.banks.originals import OriginalsVault
 from moderation.banks.records import get_bank
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.media.decode import DecodeLimits, UnscannableImage, decode_image
@@ -163,6 +164,7 @@ class _Decoded:
     source: Source
     sha256: str
     image: Image.Image
+    data: bytes | None = None  # the original's bytes, only when the bank retains originals
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ class PreparedEntry:
     pdq: bytes
     pdq_quality: int
     regions: npt.NDArray[np.float32] | None
+    # The original's bytes, kept only for a bank that retains originals (sealed at add_entries).
+    original: bytes | None = None
 
 
 def compute_signals(
@@ -205,6 +209,7 @@ def prepare_import(
     region_embedder: RegionEmbedder | None = None,
     on_images: ImageHook | None = None,
     progress: Callable[[int, int], None] | None = None,
+    keep_originals: bool = False,
 ) -> list[PreparedEntry]:
     """Decode every source and compute its signals, outside any transaction.
 
@@ -212,6 +217,7 @@ def prepare_import(
     are skipped as duplicates; undecodable, unreadable and oversized ones with their reason.
     Animated images contribute their first frame. ``on_images`` sees each batch of decoded
     images before they are dropped. ``progress(done, total)`` is called after each source.
+    ``keep_originals``: each prepared entry carries its original bytes (for the originals vault).
     Returns the prepared entries; skipped ``(source ref, reason)`` pairs go to ``skipped``.
     """
     seen = set(known)
@@ -231,7 +237,15 @@ def prepare_import(
             pending, vectors, pdqs, regions, strict=True
         ):
             prepared.append(
-                PreparedEntry(decoded.source.ref, decoded.sha256, vector, digest, quality, region)
+                PreparedEntry(
+                    decoded.source.ref,
+                    decoded.sha256,
+                    vector,
+                    digest,
+                    quality,
+                    region,
+                    decoded.data if keep_originals else None,
+                )
             )
         pending.clear()
 
@@ -272,7 +286,7 @@ def _decode_source(
     except UnscannableImage as exc:
         skipped.append((source.ref, exc.reason))
         return None
-    return _Decoded(source, sha256, decoded.frames[0])
+    return _Decoded(source, sha256, decoded.frames[0], data)
 
 
 def known_hashes(session: Session, bank_id: int) -> set[str]:
@@ -288,9 +302,11 @@ def add_entries(
     report: ImportReport,
     *,
     added_by: str,
+    vault: OriginalsVault | None = None,
 ) -> list[EntrySignals]:
     """Create the entries of ``prepared`` in the caller's transaction; images that reached the
-    bank meanwhile (another import) are skipped as duplicates. Appends to ``report``.
+    bank meanwhile (another import) are skipped as duplicates. Appends to ``report``. With
+    ``vault`` and a bank that retains originals, each original is sealed there.
 
     Raises:
         BlocklistError: unknown bank.
@@ -311,6 +327,8 @@ def add_entries(
         )
         session.add(entry)
         session.flush()
+        if vault is not None and bank.retain_originals and item.original is not None:
+            vault.store(session, entry.id, item.original)
         present.add(item.sha256)
         report.added.append(entry.id)
         report.entry_of[item.sha256] = entry.id
@@ -332,12 +350,14 @@ def import_into_bank(
     region_embedder: RegionEmbedder | None = None,
     on_images: ImageHook | None = None,
     progress: Callable[[int, int], None] | None = None,
+    vault: OriginalsVault | None = None,
 ) -> tuple[ImportReport, list[EntrySignals]]:
     """Create entries for every decodable image under ``paths`` and compute their signals:
     :func:`prepare_import` then :func:`add_entries`, inside the caller's transaction.
 
     The caller then writes the snapshot with
-    :func:`moderation.banks.versions.commit_signals`.
+    :func:`moderation.banks.versions.commit_signals`. With ``vault``, a bank that retains
+    originals keeps them there (:mod:`moderation.banks.originals`).
 
     Raises:
         BlocklistError: unknown bank.
@@ -355,8 +375,9 @@ def import_into_bank(
         region_embedder=region_embedder,
         on_images=on_images,
         progress=progress,
+        keep_originals=vault is not None and bank.retain_originals,
     )
-    signals = add_entries(session, bank.name, prepared, report, added_by=added_by)
+    signals = add_entries(session, bank.name, prepared, report, added_by=added_by, vault=vault)
     logger.info(
         "import into %s: %d added, %d skipped", bank.name, len(report.added), len(report.skipped)
     )

@@ -50,7 +50,11 @@ from moderation.banks.job_staging import (
     remove_staged,
     set_job,
 )
-from moderation.banks.operations import commit_with_snapshot, record_bank_import
+from moderation.banks.operations import (
+    commit_with_snapshot,
+    originals_vault,
+    record_bank_import,
+)
 from moderation.banks.records import get_bank
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.config import Settings
@@ -195,7 +199,8 @@ def _run_import(
     bank_name = str(params["bank"])
     data = open_staged(runtime, job_id, params)
     with runtime.sessions() as session:
-        known = known_hashes(session, get_bank(session, bank_name).id)
+        bank = get_bank(session, bank_name)
+        known, retain = known_hashes(session, bank.id), bank.retain_originals
     report = ImportReport(bank=bank_name)
     sources = list(zip_sources(lambda: zipfile.ZipFile(io.BytesIO(data)), "", report.skipped))
     total = len(sources)
@@ -212,10 +217,13 @@ def _run_import(
         region_embedder=hooks.region_embedder,
         on_images=hooks.on_images,
         progress=lambda done, _count: write_progress(done),
+        keep_originals=retain,
     )
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
-        signals = add_entries(session, bank_name, prepared, report, added_by=actor)
+        signals = add_entries(
+            session, bank_name, prepared, report, added_by=actor, vault=originals_vault(runtime)
+        )
         record_bank_import(
             session,
             actor=actor,

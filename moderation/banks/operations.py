@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session
 from moderation.audit.log import record_event
 from moderation.banks.hash_entries import HashEntries
 from moderation.banks.importer import ImportHooks, ImportReport, RegionEmbedder, import_into_bank
+from moderation.banks.originals import OriginalsVault, shred_originals, vault_dir
 from moderation.banks.records import BlocklistError, get_bank, parse_entry_id
 from moderation.banks.snapshot_payload import EntrySignals
-from moderation.banks.versions import commit_signals, prune_snapshots
+from moderation.banks.versions import commit_signals, prune_snapshots, sync_kept_chains
 from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry
 
@@ -38,10 +39,14 @@ def _commit_with_snapshot(
     change: SnapshotChange,
 ) -> int:
     """Run ``change`` and write the next snapshot in one transaction; return its version."""
-    written_path: Path | None = None
+    written_paths: list[Path] = []
     try:
         with transaction(runtime.sessions) as session:
             added, removed = change(session)
+            removed = list(removed)
+            shred_originals(
+                session, removed, directory=vault_dir(runtime.settings.resolved_data_dir)
+            )
             row, written = commit_signals(
                 session,
                 keyring=runtime.keyring,
@@ -52,15 +57,28 @@ def _commit_with_snapshot(
                 removed=removed,
                 added_hashes=added if isinstance(added, HashEntries) else None,
             )
-            written_path = written.path
+            written_paths.append(written.path)
+            written_paths += sync_kept_chains(
+                session,
+                keyring=runtime.keyring,
+                snapshots_dir=runtime.settings.snapshots_dir,
+                added=[] if isinstance(added, HashEntries) else added,
+                removed=removed,
+                added_hashes=added if isinstance(added, HashEntries) else None,
+            )
             version = row.version
     except BaseException:
-        if written_path is not None:
-            written_path.unlink(missing_ok=True)
+        for path in written_paths:
+            path.unlink(missing_ok=True)
         raise
     with transaction(runtime.sessions) as session:
         prune_snapshots(session, runtime.settings.snapshots_dir)
     return version
+
+
+def originals_vault(runtime: Runtime) -> OriginalsVault:
+    """The originals vault of ``runtime``'s data directory."""
+    return OriginalsVault(runtime.keyring, vault_dir(runtime.settings.resolved_data_dir))
 
 
 def commit_with_snapshot(runtime: Runtime, change: SnapshotChange) -> int:
@@ -111,6 +129,7 @@ def import_bank(
             region_embedder=hooks.region_embedder,
             on_images=hooks.on_images,
             progress=progress,
+            vault=originals_vault(runtime),
         )
         holder["report"] = report
         record_bank_import(

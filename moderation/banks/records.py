@@ -45,9 +45,15 @@ class EntryInfo:
 
 
 def create_bank(
-    session: Session, name: str, *, kind: str = "block", category: str = "default"
+    session: Session,
+    name: str,
+    *,
+    kind: str = "block",
+    category: str = "default",
+    retain_originals: bool = False,
 ) -> Bank:
-    """Create a bank.
+    """Create a bank; ``retain_originals`` keeps each entry's original sealed in the originals
+    vault (:mod:`moderation.banks.originals`).
 
     Raises:
         BlocklistError: bad kind, empty name, or the name is taken.
@@ -58,7 +64,13 @@ def create_bank(
         raise BlocklistError("bank name must not be empty")
     if session.scalar(select(Bank).where(Bank.name == name)) is not None:
         raise BlocklistError(f"bank {name!r} already exists")
-    bank = Bank(name=name, kind=kind, category=category or "default", enabled=True)
+    bank = Bank(
+        name=name,
+        kind=kind,
+        category=category or "default",
+        enabled=True,
+        retain_originals=retain_originals,
+    )
     session.add(bank)
     session.flush()
     return bank
@@ -72,20 +84,29 @@ def create_bank_audited(
     category: str,
     actor: str,
     origin: str | None = None,
+    retain_originals: bool = False,
 ) -> Bank:
-    """:func:`create_bank`, audited as ``bank.create`` (name, kind, category).
+    """:func:`create_bank`, audited as ``bank.create`` (name, kind, category, whether it
+    retains originals).
 
     Raises:
         BlocklistError: as :func:`create_bank`.
     """
-    bank = create_bank(session, name, kind=kind, category=category)
+    bank = create_bank(
+        session, name, kind=kind, category=category, retain_originals=retain_originals
+    )
     record_event(
         session,
         actor=actor,
         action="bank.create",
         target=f"bank:{bank.id}",
         origin=origin,
-        details={"name": bank.name, "kind": bank.kind, "category": bank.category},
+        details={
+            "name": bank.name,
+            "kind": bank.kind,
+            "category": bank.category,
+            "retain_originals": bank.retain_originals,
+        },
     )
     return bank
 

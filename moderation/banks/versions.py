@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from moderation.banks.encoder_chains import encoder_chains
 from moderation.banks.hash_entries import HashEntries
 from moderation.banks.index import HNSW_MIN_ENTRIES, CosineIndex
 from moderation.banks.records import BlocklistError
@@ -46,12 +47,25 @@ class EncoderMismatchError(BlocklistError):
     """The snapshot was built by another encoder: embeddings would not be comparable."""
 
 
-def current_snapshot(session: Session) -> IndexSnapshot | None:
-    """The newest snapshot row, or None before the first bank import."""
-    return session.scalar(select(IndexSnapshot).order_by(IndexSnapshot.version.desc()).limit(1))
+def current_snapshot(session: Session, encoder_id: str | None = None) -> IndexSnapshot | None:
+    """The newest snapshot row of the serving chain (of ``encoder_id``'s chain when given; see
+    :mod:`moderation.banks.encoder_chains`), or None before the first bank import."""
+    query = select(IndexSnapshot)
+    if encoder_id is None:
+        encoder_id = encoder_chains(session).serving_id
+    if encoder_id is not None:
+        query = query.where(IndexSnapshot.encoder_id == encoder_id)
+    return session.scalar(query.order_by(IndexSnapshot.version.desc()).limit(1))
 
 
-def _lock_snapshots(session: Session) -> None:
+def next_version(session: Session) -> int:
+    """The next snapshot version: one sequence for every encoder's chain."""
+    newest = session.scalar(select(func.max(IndexSnapshot.version)))
+    return 1 if newest is None else int(newest) + 1
+
+
+def lock_snapshots(session: Session) -> None:
+    """Serialise snapshot writers until the transaction ends (PostgreSQL advisory lock)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SNAPSHOT_LOCK_KEY})
 
@@ -131,11 +145,11 @@ def commit_signals(
         EncoderMismatchError: the current snapshot was built by another encoder.
         SnapshotError: the current snapshot cannot be read (fail closed: no blind rebuild).
     """
-    _lock_snapshots(session)
+    lock_snapshots(session)
     payload, version = _current_payload(
         session, keyring=keyring, snapshots_dir=snapshots_dir, encoder_id=encoder_id, dim=dim
     )
-    payload = _next_payload(
+    payload = next_payload(
         session, payload, added=added, removed=removed, added_hashes=added_hashes
     )
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -169,7 +183,7 @@ def _current_payload(
     """
     row = current_snapshot(session)
     if row is None:
-        return Payload.empty(encoder_id, dim), 1
+        return Payload.empty(encoder_id, dim), next_version(session)
     if row.encoder_id != encoder_id:
         raise EncoderMismatchError(
             f"snapshot v{row.version} was built with encoder {row.encoder_id}; this process "
@@ -177,10 +191,10 @@ def _current_payload(
             "configure the snapshot's encoder (MODERATION_ENCODER) or re-import the banks "
             "into a new data directory."
         )
-    return read_payload(session, keyring, snapshots_dir, row), row.version + 1
+    return read_payload(session, keyring, snapshots_dir, row), next_version(session)
 
 
-def _next_payload(
+def next_payload(
     session: Session,
     payload: Payload,
     *,
@@ -220,24 +234,112 @@ def _add_snapshot_row(session: Session, written: SnapshotFile, payload: Payload)
     return new_row
 
 
-def prune_snapshots(session: Session, snapshots_dir: Path) -> list[Path]:
-    """Delete every snapshot file and row older than the current version.
+def kept_snapshots(session: Session) -> list[IndexSnapshot]:
+    """The newest row of the serving chain and of every other kept chain (an encoder
+    migration's target while it shadows, the previous encoder's after promotion)."""
+    rows = [current_snapshot(session)]
+    rows += [current_snapshot(session, eid) for eid in encoder_chains(session).kept_ids]
+    return list({row.version: row for row in rows if row is not None}.values())
 
-    Old snapshots hold signals of erased or deleted entries, so they are not kept around.
+
+def prune_snapshots(session: Session, snapshots_dir: Path) -> list[Path]:
+    """Delete every snapshot file and row but the newest of each kept chain
+    (:func:`kept_snapshots`).
+
+    Old snapshots hold signals of erased or deleted entries, so they are not kept around
+    (the kept chains are rewritten without them: :func:`sync_kept_chains`).
     Returns the deleted paths.
     """
-    row = current_snapshot(session)
-    if row is None:
+    kept = kept_snapshots(session)
+    if not kept:
         return []
     removed: list[Path] = []
-    for old in session.scalars(select(IndexSnapshot).where(IndexSnapshot.version < row.version)):
+    versions = [row.version for row in kept]
+    for old in session.scalars(select(IndexSnapshot).where(IndexSnapshot.version.not_in(versions))):
         session.delete(old)
-    keep = Path(row.path).name
+    keep = {Path(row.path).name for row in kept}
     for path in snapshots_dir.glob("*.snapshot"):
-        if path.name != keep:
+        if path.name not in keep:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def pdq_only(payload: Payload) -> HashEntries:
+    """``payload``'s image entries as hash entries matched by PDQ alone (no embedding): how
+    another encoder's chain holds entries it has no embedding of."""
+    n = len(payload.entry_ids)
+    return HashEntries(
+        entry_ids=payload.entry_ids.copy(),
+        pdq=payload.pdq.copy(),
+        pdq_quality=payload.pdq_quality.copy(),
+        has_pdq=np.ones(n, np.bool_),
+        active=payload.active.copy(),
+    )
+
+
+def _signals_by_pdq(added: Sequence[EntrySignals]) -> HashEntries:
+    """New image entries as PDQ-only hash entries (active; recomputed from the database)."""
+    n = len(added)
+    return HashEntries(
+        entry_ids=np.fromiter((s.entry_id for s in added), np.int64, n),
+        pdq=np.frombuffer(b"".join(s.pdq for s in added), np.uint8).reshape(n, 32),
+        pdq_quality=np.fromiter((s.pdq_quality for s in added), np.uint8, n),
+        has_pdq=np.ones(n, np.bool_),
+        active=np.ones(n, np.bool_),
+    )
+
+
+def write_payload(
+    session: Session, keyring: KeyRing, snapshots_dir: Path, payload: Payload
+) -> tuple[IndexSnapshot, SnapshotFile]:
+    """Write ``payload`` (its stored index rebuilt) as the next version of its encoder's chain,
+    adding (and flushing) its row; the caller commits, or deletes the file on failure."""
+    payload.cosine_index = _stored_index(payload)
+    snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    written = write_snapshot(
+        snapshots_dir,
+        payload.to_bytes(index_holds_active=payload.cosine_index is not None),
+        snapshot_id=uuid.uuid4().hex,
+        version=next_version(session),
+        encoder_id=payload.encoder_id,
+        keyring=keyring,
+    )
+    return _add_snapshot_row(session, written, payload), written
+
+
+def sync_kept_chains(
+    session: Session,
+    *,
+    keyring: KeyRing,
+    snapshots_dir: Path,
+    added: Sequence[EntrySignals] = (),
+    removed: Iterable[int] = (),
+    added_hashes: HashEntries | None = None,
+) -> list[Path]:
+    """After :func:`commit_signals` wrote the serving chain, write the next version of every
+    other kept chain with the same change: removed and deleted entries dropped (so erasure
+    reaches every kept snapshot), active masks recomputed, added hash entries as they are and
+    added image entries by PDQ only (their embedding is the serving encoder's; an encoder
+    migration embeds retained originals with its target). Returns the files written.
+
+    Raises:
+        SnapshotError: a kept chain's snapshot cannot be read.
+    """
+    serving = current_snapshot(session)
+    removed = list(removed)
+    written: list[Path] = []
+    for encoder_id in encoder_chains(session).kept_ids:
+        row = current_snapshot(session, encoder_id)
+        if row is None or serving is None or row.version == serving.version:
+            continue
+        payload = read_payload(session, keyring, snapshots_dir, row)
+        extra = _signals_by_pdq(added)
+        if added_hashes is not None:
+            extra = extra.with_added(added_hashes)
+        payload = next_payload(session, payload, added=(), removed=removed, added_hashes=extra)
+        written.append(write_payload(session, keyring, snapshots_dir, payload)[1].path)
+    return written
 
 
 def _stored_index(payload: Payload) -> bytes | None:

@@ -145,6 +145,7 @@ from moderation.cli import (  # noqa: E402, F401
     audit,
     classifier,
     core,
+    encoder,
     hashes,
     quarantine,
     service,

@@ -80,23 +80,37 @@ def bank() -> None:
 @click.argument("name")
 @click.option("--kind", type=click.Choice(["block", "allow"]), default="block", show_default=True)
 @click.option("--category", default="default", show_default=True)
+@click.option(
+    "--retain-originals",
+    is_flag=True,
+    help="Keep each entry's original, sealed under its own data key, so an encoder migration "
+    "can re-embed it (entry removal and erasure crypto-shred it). A legal decision: banks of "
+    "illegal content usually must not keep originals.",
+)
 @pass_ctx
-def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
+def bank_create(ctx: Context, name: str, kind: str, category: str, retain_originals: bool) -> None:
     """Create a bank NAME."""
-    from moderation.audit.log import record_event
-    from moderation.banks.records import create_bank
+    from moderation.banks.records import create_bank_audited
     from moderation.storage.db import transaction
 
     with initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
-        created = create_bank(session, name, kind=kind, category=category)
-        record_event(
+        created = create_bank_audited(
             session,
+            name,
+            kind=kind,
+            category=category,
             actor="cli",
-            action="bank.create",
-            target=f"bank:{created.id}",
-            details={"name": name, "kind": kind, "category": category},
+            retain_originals=retain_originals,
         )
-        echo_json({"bank_id": created.id, "name": name, "kind": kind, "category": category})
+        echo_json(
+            {
+                "bank_id": created.id,
+                "name": name,
+                "kind": kind,
+                "category": category,
+                "retain_originals": retain_originals,
+            }
+        )
 
 
 @bank.command("import")

@@ -45,6 +45,7 @@ from moderation.service.metrics import (
     REDELIVERIES,
     STAGE_SECONDS,
 )
+from moderation.service.shadow import Shadow, screen_shadow
 from moderation.service.uploads import BlobMissingError, read_upload
 from moderation.storage.db import transaction
 from moderation.storage.models import Screening, Upload, WorkerHeartbeat
@@ -183,6 +184,7 @@ def process_upload(
     actor: str = "worker",
     batch_size: int = 1,
     batch_wait: float = 0.0,
+    shadow: Callable[[], Shadow | None] | None = None,
 ) -> ProcessResult:
     """Screen one queued upload and record its result (the ``moderation.screen`` task's body).
 
@@ -201,6 +203,9 @@ def process_upload(
         max_attempts: unfinished attempts after which the upload ends ``unscannable/poison``.
         batch_size: most uploads screened together (1: this upload alone).
         batch_wait: bounded wait for more uploads, seconds.
+        shadow: returns an encoder migration's target screener while one shadows, else None;
+            it screens the same batch after the serving screener decided (its decisions are
+            recorded beside, never instead: :mod:`moderation.service.shadow`).
 
     Returns:
         The outcome for ``upload_id`` itself.
@@ -227,7 +232,9 @@ def process_upload(
         time.sleep(batch_wait)
         with transaction(runtime.sessions) as session:
             batch += _drain(runtime, session, {c.upload_id for c in batch}, batch_size - len(batch))
-    return _screen_batch(runtime, batch, current, upload_id, actor=actor)
+    return _screen_batch(
+        runtime, batch, current, upload_id, actor=actor, shadow=shadow() if shadow else None
+    )
 
 
 def _settled(
@@ -256,7 +263,13 @@ def _settled(
 
 
 def _screen_batch(
-    runtime: Runtime, batch: list[_Claimed], current: Screener, upload_id: str, *, actor: str
+    runtime: Runtime,
+    batch: list[_Claimed],
+    current: Screener,
+    upload_id: str,
+    *,
+    actor: str,
+    shadow: Shadow | None = None,
 ) -> ProcessResult:
     """Screen the claimed ``batch`` in one encoder call and record each result; returns the
     outcome for ``upload_id``."""
@@ -267,6 +280,10 @@ def _screen_batch(
         readable = [c for c in batch if c.data is not None]
         screened = current.screen_bytes([c.data for c in readable if c.data is not None])
         results = dict(zip((c.upload_id for c in readable), screened, strict=True))
+        if shadow is not None and readable:
+            ids_read = [c.upload_id for c in readable]
+            data = [c.data for c in readable if c.data is not None]
+            screen_shadow(session, shadow, ids_read, data, screened)
         own: ProcessResult | None = None
         for claimed in batch:
             result = results.get(claimed.upload_id) or current.screen_unscannable(

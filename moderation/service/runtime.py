@@ -10,9 +10,11 @@ import logging
 from functools import cached_property
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from moderation.banks.blocklist import Blocklist, load_blocklist
+from moderation.banks.encoder_chains import encoder_chains
 from moderation.banks.importer import ImportHooks
 from moderation.config import ConfigurationError, Settings
 from moderation.crypto.keys import KeyRing, load_keyring
@@ -86,13 +88,41 @@ class Runtime:
 
     @cached_property
     def encoder(self) -> Encoder:
-        """The configured encoder (weights load lazily on first use)."""
+        """The serving encoder (weights load lazily on first use): the configured one, unless
+        an encoder migration was promoted (:mod:`moderation.banks.encoder_chains`)."""
+        return self.encoder_named(self.serving_encoder_name())
+
+    def encoder_named(self, name: str) -> Encoder:
+        """The encoder called ``name`` with this process's device, runtime and cache.
+
+        Raises:
+            ValueError, FileNotFoundError: as :func:`moderation.signals.encoders.create_encoder`.
+        """
         return create_encoder(
-            self.settings.encoder,
+            name,
             device=self.settings.device,
             runtime=self.settings.encoder_runtime,
             cache_dir=self.settings.resolved_data_dir / "cache",
         )
+
+    def serving_encoder_name(self) -> str:
+        """The name of the encoder whose snapshots serve: a promoted encoder migration's target
+        (its source after a rollback), else ``settings.encoder`` (also when the database cannot
+        say: not initialised yet)."""
+        try:
+            with self.sessions() as session:
+                name = encoder_chains(session).serving_name
+        except SQLAlchemyError:
+            return self.settings.encoder
+        return name or self.settings.encoder
+
+    def switch_encoder(self, name: str) -> Encoder:
+        """Serve with the encoder called ``name`` from now on (a worker following a promotion
+        or rollback); returns it, loaded."""
+        encoder = self.encoder_named(name)
+        encoder.load()
+        self.__dict__["encoder"] = encoder
+        return encoder
 
     @cached_property
     def policy(self) -> Policy:
@@ -104,18 +134,21 @@ class Runtime:
         """Decode limits from settings."""
         return DecodeLimits.from_settings(self.settings)
 
-    def load_blocklist(self) -> Blocklist:
+    def load_blocklist(self, shadow: Encoder | None = None) -> Blocklist:
         """Decrypt the current snapshot into memory (fail closed on any error); with the encoder
-        on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed."""
+        on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed.
+        ``shadow``: the newest snapshot of that encoder's chain instead (a migration target)."""
+        encoder = shadow or self.encoder
         with self.sessions() as session:
             blocklist = load_blocklist(
                 session,
                 self.keyring,
                 self.settings.snapshots_dir,
-                encoder_id=str(self.encoder.id),
-                dim=self.encoder.dim,
+                encoder_id=str(encoder.id),
+                dim=encoder.dim,
+                own_chain=shadow is not None,
             )
-        if self.encoder.device.type == "cuda":
+        if encoder.device.type == "cuda":
             # Search a GPU copy when FAISS GPU is installed (flat indexes; never run on a GPU
             # here, see README "What has never run on a GPU").
             on_gpu = blocklist.cosine.use_gpu()
@@ -160,6 +193,24 @@ class Runtime:
             limits=self.limits,
             batch_size=self.settings.batch_size,
             refiner=refiner,
+        )
+
+    def shadow_screener(self, name: str) -> Screener:
+        """A :class:`Screener` with the encoder called ``name`` over the newest snapshot of its
+        own chain (an encoder migration's target; no classifier stage, whose models belong to
+        one encoder).
+
+        Raises:
+            SnapshotError, BlocklistError, CryptoError: its snapshot cannot be loaded.
+        """
+        encoder = self.encoder_named(name)
+        encoder.load()
+        return Screener(
+            encoder=encoder,
+            blocklist=self.load_blocklist(shadow=encoder),
+            policy=self.policy,
+            limits=self.limits,
+            batch_size=self.settings.batch_size,
         )
 
 

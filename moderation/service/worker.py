@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from moderation.banks.encoder_chains import EncoderChains, encoder_chains
 from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import SnapshotError
 from moderation.banks.versions import current_snapshot
 from moderation.crypto.errors import CryptoError, UnknownKeyError
 from moderation.matching.screening import Screener
 from moderation.service.queue import SnapshotUnavailable, seconds_since
+from moderation.service.shadow import Shadow
 from moderation.storage.db import transaction
 from moderation.storage.models import WorkerHeartbeat
 
@@ -107,6 +109,9 @@ class WorkerState:
         self._error: str | None = None
         self._loaded_at: datetime | None = None
         self._model: str | None = None
+        self._serving: str | None = None  # the serving encoder's name once loaded
+        self._shadow: Shadow | None = None
+        self._shadow_key: tuple[str, int] | None = None  # (migration id, its chain's version)
         self._checked: float = float("-inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -121,18 +126,26 @@ class WorkerState:
         """The snapshot version in use, or None."""
         return None if self._screener is None else self._screener.blocklist.version
 
-    def _current_state(self) -> tuple[int, str | None]:
-        """(current snapshot version or 0, active classifier model version or None)."""
+    def _current_state(self) -> tuple[int, str | None, EncoderChains, int]:
+        """(current snapshot version or 0, active classifier model version or None, the
+        encoder chains, the shadow chain's newest version or 0)."""
         from moderation.matching.classifier.model import active_model_version
 
         with self.runtime.sessions() as session:
+            chains = encoder_chains(session)
             row = current_snapshot(session)
+            shadow = current_snapshot(session, chains.shadow_id) if chains.shadow_id else None
             model = (
                 active_model_version(session, str(self.runtime.encoder.id))
                 if self.runtime.settings.classifier
                 else None
             )
-            return (0 if row is None else row.version), model
+            version = 0 if row is None else row.version
+            return version, model, chains, (0 if shadow is None else shadow.version)
+
+    def shadow(self) -> Shadow | None:
+        """The encoder migration's target screener while one shadows, else None."""
+        return self._shadow
 
     def refresh(self, *, force: bool = False) -> None:
         """Reload the screener when the current snapshot version or the active classifier
@@ -141,7 +154,12 @@ class WorkerState:
         with self._lock:
             self._checked = time.monotonic()
             try:
-                version, model = self._current_state()
+                version, model, chains, shadow_version = self._current_state()
+                serving = chains.serving_name or self.runtime.settings.encoder
+                if serving != self._serving:
+                    # Promotion or rollback: the old screener serves until the new one is built.
+                    self.runtime.switch_encoder(serving)
+                    self._serving, force = serving, True
                 if (
                     force
                     or self._screener is None
@@ -150,6 +168,7 @@ class WorkerState:
                 ):
                     self._model = model
                     self._load()
+                self._refresh_shadow(chains, shadow_version)
             except Exception as exc:  # database down: keep the screener, report it
                 logger.warning("snapshot check failed: %s", exc)
                 self._error = self._error or f"snapshot check failed: {type(exc).__name__}"
@@ -179,6 +198,25 @@ class WorkerState:
             blocklist.version,
             len(blocklist),
             previous,
+        )
+
+    def _refresh_shadow(self, chains: EncoderChains, version: int) -> None:
+        """Load (or drop) the migration target's screener when its chain changed."""
+        if chains.shadow_name is None or chains.migration_id is None or not version:
+            self._shadow, self._shadow_key = None, None
+            return
+        key = (chains.migration_id, version)
+        if key == self._shadow_key:
+            return
+        try:
+            screener = self.runtime.shadow_screener(chains.shadow_name)
+        except Exception as exc:  # the shadow never affects serving
+            logger.warning("worker %s: no shadow screener: %s", self.worker_id, exc)
+            self._shadow, self._shadow_key = None, None
+            return
+        self._shadow, self._shadow_key = Shadow(chains.migration_id, screener), key
+        logger.info(
+            "worker %s shadows with %s (snapshot v%d)", self.worker_id, chains.shadow_name, version
         )
 
     def _heartbeat(self) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import false as sa_false
 
 # Stable constraint names, so Alembic migrations are identical on SQLite and PostgreSQL.
 NAMING_CONVENTION = {
@@ -71,6 +72,11 @@ class Bank(Base):
     kind: Mapped[str] = mapped_column(String(16), default="block")  # block | allow
     category: Mapped[str] = mapped_column(String(100), default="default")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Opt-in originals vault (moderation.banks.originals): each entry's original kept sealed
+    # under its own data key, so an encoder migration can re-embed it.
+    retain_originals: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=sa_false()
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     entries: Mapped[list[Entry]] = relationship(back_populates="bank")

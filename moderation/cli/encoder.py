@@ -1,0 +1,107 @@
+"""Encoder upgrade commands: ``moderation encoder migrate TARGET|status|promote|rollback``
+(:mod:`moderation.modelops.encoder_migration`, :mod:`moderation.modelops.encoder_promotion`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import click
+
+from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
+
+
+@main.group()
+def encoder() -> None:
+    """Upgrade the encoder blue-green: migrate, watch the shadow, promote, roll back."""
+
+
+@encoder.command("migrate")
+@click.argument("target")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Build the target's snapshots in this process instead of leaving it to the workers' "
+    "background job (Celery beat, maintenance queue).",
+)
+@pass_ctx
+def encoder_migrate(ctx: Context, target: str, wait: bool) -> None:
+    """Start building a second set of bank snapshots embedded with encoder TARGET (e.g.
+    open_clip/ViT-B-32//srv/models/vitb32.pt) from the retained originals. The current encoder
+    keeps deciding; workers screen each upload with TARGET too and record its decision as
+    shadow. Resumable: a worker restart only delays it."""
+    from moderation.modelops.encoder_migration import (
+        MigrationError,
+        run_migration,
+        start_migration,
+    )
+
+    with initialised_runtime(ctx, MigrationError, ValueError, FileNotFoundError) as runtime:
+        progress = start_migration(runtime, target, actor="cli")
+        if wait:
+            progress = run_migration(
+                runtime,
+                progress.migration_id,
+                progress=lambda p: click.echo(f"{p.done}/{p.total} originals embedded", err=True),
+            )
+    echo_json(asdict(progress))
+
+
+@encoder.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
+@click.option(
+    "--canary/--no-canary",
+    default=True,
+    show_default=True,
+    help="Run the golden-set canary for both encoders (takes a while on large sets).",
+)
+@pass_ctx
+def encoder_status_cmd(ctx: Context, as_json: bool, canary: bool) -> None:
+    """Serving and target encoder, migration progress, how each bank is matched, shadow
+    agreement (uploads whose decision would change, by category), workers' encoders and both
+    encoders' canary figures."""
+    from moderation.modelops.encoder_status import encoder_status
+
+    with initialised_runtime(ctx) as runtime:
+        status = encoder_status(runtime, canary=canary)
+    if as_json:
+        echo_json(status)
+        return
+    migration = status["migration"] or {}
+    click.echo(f"serving: {status['serving']}  shadow: {status['shadow'] or '-'}")
+    if migration:
+        progress = migration["progress"]
+        click.echo(
+            f"migration {migration['id']} -> {migration['target']}: {migration['state']}, "
+            f"{progress['done']}/{progress['total']} originals embedded"
+        )
+    print_table(status["banks"], ["bank", "retain_originals", "originals", "matched_by"])
+    if status["shadow_agreement"]:
+        agreement = status["shadow_agreement"]
+        click.echo(f"shadow: {agreement['uploads']} uploads, {agreement['changed']} would change")
+
+
+@encoder.command("promote")
+@pass_ctx
+def encoder_promote(ctx: Context) -> None:
+    """Serve with the migration's target encoder: every running worker switches within its
+    snapshot poll interval, without restart. Refused (exit 1, with the figures) when the
+    target is below the policy's canary SLOs."""
+    from moderation.modelops.encoder_migration import MigrationError
+    from moderation.modelops.encoder_promotion import promote
+
+    with initialised_runtime(ctx, MigrationError) as runtime:
+        switch = promote(runtime, actor="cli")
+    echo_json(asdict(switch))
+
+
+@encoder.command("rollback")
+@pass_ctx
+def encoder_rollback(ctx: Context) -> None:
+    """Serve with the previous encoder again (its snapshots were kept): every running worker
+    switches back within its snapshot poll interval."""
+    from moderation.modelops.encoder_migration import MigrationError
+    from moderation.modelops.encoder_promotion import rollback
+
+    with initialised_runtime(ctx, MigrationError) as runtime:
+        switch = rollback(runtime, actor="cli")
+    echo_json(asdict(switch))
