@@ -25,6 +25,7 @@ BLUEPRINTS: tuple[str, ...] = (
     "admin.audit:bp",
     "admin.gdpr:bp",
     "admin.clients:bp",
+    "admin.encoder:bp",
     "admin.api:bp",
     "admin.api:status_bp",
     "admin.hma:bp",

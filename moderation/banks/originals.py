@@ -36,7 +36,8 @@ def vault_dir(data_dir: Path) -> Path:
     return data_dir / "originals"
 
 
-def _context(entry_id: int) -> str:
+def original_context(entry_id: int) -> str:
+    """The context an original's blob and wrapped key are bound to."""
     return f"entry-original:{entry_id}"
 
 
@@ -50,7 +51,7 @@ def store_original(
     Raises:
         OSError: the blob could not be written.
     """
-    sealed, wrapped = seal_blob(data, keyring, context=_context(entry_id))
+    sealed, wrapped = seal_blob(data, keyring, context=original_context(entry_id))
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     name = _blob_name(entry_id)
     write_private_file(directory / name, [sealed])
@@ -80,7 +81,7 @@ def read_original(session: Session, entry_id: int, *, keyring: KeyRing, director
     except FileNotFoundError as exc:
         raise OriginalMissingError(f"entry e_{entry_id}: original blob is missing") from exc
     wrapped = WrappedKey.from_bytes(row.wrapped_key)
-    return open_blob(sealed, wrapped, keyring, context=_context(entry_id))
+    return open_blob(sealed, wrapped, keyring, context=original_context(entry_id))
 
 
 def retained_ids(session: Session) -> set[int]:

@@ -20,11 +20,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.originals import original_context
 from moderation.banks.snapshot import rewrap_snapshot
 from moderation.crypto.envelope import WrappedKey, rewrap_key
 from moderation.crypto.keys import KeyRing
 from moderation.governance.users import totp_context
 from moderation.storage.db import transaction
+from moderation.storage.encoders import EntryOriginal
 from moderation.storage.models import (
     ApiClient,
     DeploymentSecret,
@@ -133,6 +135,17 @@ def _rewrap_api_clients(session: Session, keyring: KeyRing, _dir: Path, _r: Rota
     )
 
 
+def _rewrap_entry_originals(
+    session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport
+) -> int:
+    # Data keys of the originals vault (moderation.banks.originals).
+    rows = list(session.scalars(select(EntryOriginal)))
+    count = _rewrap_column(rows, "wrapped_key", keyring, lambda o: original_context(o.entry_id))
+    for row in rows:
+        row.key_id = WrappedKey.from_bytes(row.wrapped_key).key_id
+    return count
+
+
 REWRAP_STEPS: dict[str, RewrapStep] = {
     "snapshots": _rewrap_snapshots,
     "uploads": _rewrap_uploads,
@@ -140,6 +153,7 @@ REWRAP_STEPS: dict[str, RewrapStep] = {
     "deployment_secrets": _rewrap_deployment_secrets,
     "user_totp_secrets": _rewrap_user_totp,
     "api_clients": _rewrap_api_clients,
+    "entry_originals": _rewrap_entry_originals,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
 

@@ -15,6 +15,7 @@ from moderation.banks.operations import delete_entries, import_bank
 from moderation.banks.originals import read_original, vault_dir
 from moderation.banks.records import create_bank_audited
 from moderation.banks.versions import current_snapshot, read_payload
+from moderation.governance.keys import rotate_keys
 from moderation.modelops.encoder_migration import MigrationError, run_migration, start_migration
 from moderation.modelops.encoder_promotion import promote, rollback
 from moderation.modelops.encoder_status import encoder_status
@@ -85,6 +86,16 @@ def test_retained_originals_are_sealed_and_crypto_shredded(
         assert session.get(EntryOriginal, kept[0]) is None
         assert session.get(EntryOriginal, kept[1]) is not None
     assert not (directory / f"{kept[0]}.original").exists()
+
+    # Key rotation re-wraps the vault's data keys: readable with only the new master key.
+    report = rotate_keys(runtime, retire_old=True, actor="test")
+    assert report.retired
+    runtime.reload_keyring()
+    with runtime.sessions() as session:
+        row = session.get(EntryOriginal, kept[1])
+        assert row is not None and row.key_id == runtime.keyring.primary_id
+        data = read_original(session, kept[1], keyring=runtime.keyring, directory=directory)
+    assert data == _jpeg("coffee")
 
 
 def _payload_ids(runtime: Runtime, encoder_id: str) -> tuple[set[int], set[int]]:

@@ -17,7 +17,16 @@ import pytest
 from flask import Flask
 
 ROLES = ("anonymous", "admin", "reviewer", "auditor", "dpo")
-CONSOLE_BLUEPRINTS = {"auth", "review", "banks", "dashboard", "audit", "gdpr", "clients"}
+CONSOLE_BLUEPRINTS = {
+    "auth",
+    "review",
+    "banks",
+    "dashboard",
+    "audit",
+    "gdpr",
+    "clients",
+    "encoder",
+}
 
 
 def only(allowed: int, *roles: str, other: int = 403, anonymous: int = 302) -> dict[str, Any]:
@@ -80,6 +89,10 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/clients/<>/revoke", "POST"): only(400, "admin"),
     ("/clients/<>/rotate", "POST"): only(400, "admin"),
     ("/clients/<>/allowlist", "POST"): only(400, "admin"),
+    ("/encoder", "GET"): only(200, "admin", "auditor"),
+    ("/encoder/migrate", "POST"): only(400, "admin"),
+    ("/encoder/promote", "POST"): only(400, "admin"),
+    ("/encoder/rollback", "POST"): only(400, "admin"),
     ("/static/<>", "GET"): everyone(200),
     # The queue's status pages and bearer-token API: public or bearer-only whatever the
     # console role (a console session is no API credential). /metrics and the detailed
