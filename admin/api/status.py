@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 
 from admin.api.services import services
+from moderation.modelops.encoder_status import migration_progress
 from moderation.service.metrics import database_samples
 from moderation.service.runtime import Runtime
 from moderation.service.worker import worker_reports
@@ -214,6 +215,7 @@ class _ScrapeCollector(Collector):
         try:
             with self.runtime.sessions() as session:
                 samples = database_samples(session)
+                migration = migration_progress(session)
                 current, reports = worker_reports(
                     session, alive_within=max(3 * self.runtime.settings.snapshot_poll_interval, 30)
                 )
@@ -245,6 +247,14 @@ class _ScrapeCollector(Collector):
             samples.callbacks_by_state,
         )
         yield GaugeMetricFamily("moderation_snapshot_version", "Current version.", value=current)
+        progress = GaugeMetricFamily(
+            "moderation_encoder_migration_progress_ratio",
+            "Retained originals embedded by the newest encoder migration, of all (0-1).",
+            labels=["target"],
+        )
+        for target, ratio in migration.items():
+            progress.add_metric([target], ratio)
+        yield progress
         yield GaugeMetricFamily(
             "moderation_workers_alive", "Workers heard from recently.", value=len(reports)
         )

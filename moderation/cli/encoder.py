@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 
 from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
+from moderation.cli.core import benchmark
 
 
 @main.group()
@@ -105,3 +108,55 @@ def encoder_rollback(ctx: Context) -> None:
     with initialised_runtime(ctx, MigrationError) as runtime:
         switch = rollback(runtime, actor="cli")
     echo_json(asdict(switch))
+
+
+@benchmark.command("encoder-upgrade")
+@click.option("--target", help="Encoder to migrate to (an encoder name, as for migrate).")
+@click.option(
+    "--random-open-clip",
+    "random_open_clip",
+    metavar="ARCH",
+    help="Instead of --target: a randomly initialised open_clip ARCH (e.g. ViT-B-32), built "
+    "here; its compute is the real model's, its decisions meaningless (timing only).",
+)
+@click.option("--entries", default=200, show_default=True, help="Bank entries to migrate.")
+@click.option("--uploads", default=60, show_default=True, help="Uploads screened per variant.")
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Photos (default: ../shared/data/photos-dev, else scikit-image's photos).",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def benchmark_encoder_upgrade(
+    ctx: Context,
+    target: str | None,
+    random_open_clip: str | None,
+    entries: int,
+    uploads: int,
+    images_dir: Path | None,
+    json_out: Path | None,
+) -> None:
+    """Encoder-upgrade figures in one run on a private data directory: migration throughput
+    (entries/s) and the shadow overhead on screening (time per upload with the shadow over
+    without)."""
+    from moderation.benchmark.encoder_upgrade import run_encoder_upgrade_benchmark
+    from moderation.cli import config_errors
+
+    with config_errors():
+        try:
+            report = run_encoder_upgrade_benchmark(
+                ctx.settings,
+                target=target,
+                random_open_clip=random_open_clip,
+                entries=entries,
+                uploads=uploads,
+                images_dir=images_dir,
+                echo=lambda line: click.echo(line, err=True),
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    echo_json(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))

@@ -147,6 +147,8 @@ def test_migrate_shadow_promote_rollback_on_a_running_worker(
             assert row is not None and (row.done, row.total, row.without_originals) == (2, 2, 1)
             target_id = row.target_id
         assert target_id and target_id != source_id
+        metrics = stack.get_private("/metrics").text
+        assert f'moderation_encoder_migration_progress_ratio{{target="{target}"}} 1.0' in metrics
 
         def shadowed() -> int:
             with runtime.sessions() as session:
