@@ -207,6 +207,7 @@ def _run_import(
     set_job(runtime, job_id, total=total, progress=0)
     write_progress = progress_writer(runtime, job_id)
     hooks = runtime.import_hooks()
+    runtime.follow_serving_encoder()
     prepared = prepare_import(
         sources,
         report.skipped,
@@ -235,7 +236,7 @@ def _run_import(
         )
         return signals, ()
 
-    version = commit_with_snapshot(runtime, change)
+    version = commit_with_snapshot(runtime, change, follow_encoder=False)
     if hooks.after_commit is not None:
         report.training_pairs = hooks.after_commit(report.entry_of, actor)
     set_job(runtime, job_id, progress=total)

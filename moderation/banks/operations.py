@@ -35,10 +35,16 @@ SnapshotChange = Callable[[Session], tuple[Sequence[EntrySignals] | HashEntries,
 
 
 def _commit_with_snapshot(
-    runtime: Runtime,
-    change: SnapshotChange,
+    runtime: Runtime, change: SnapshotChange, *, follow_encoder: bool = True
 ) -> int:
-    """Run ``change`` and write the next snapshot in one transaction; return its version."""
+    """Run ``change`` and write the next snapshot in one transaction; return its version.
+
+    ``follow_encoder``: first follow a promotion or rollback (the process's encoder becomes the
+    serving one); pass False when ``change`` returns signals embedded before this call, so that
+    a promotion in between is refused (``EncoderMismatchError``) instead of mixing encoders.
+    """
+    if follow_encoder:
+        runtime.follow_serving_encoder()
     written_paths: list[Path] = []
     try:
         with transaction(runtime.sessions) as session:
@@ -81,20 +87,23 @@ def originals_vault(runtime: Runtime) -> OriginalsVault:
     return OriginalsVault(runtime.keyring, vault_dir(runtime.settings.resolved_data_dir))
 
 
-def commit_with_snapshot(runtime: Runtime, change: SnapshotChange) -> int:
+def commit_with_snapshot(
+    runtime: Runtime, change: SnapshotChange, *, follow_encoder: bool = True
+) -> int:
     """Run ``change`` and write the next snapshot version in one transaction; return the version.
 
     For units of work outside this module (a review decision that adds the upload to a bank, a
     two-person-approved deletion): ``change`` makes its metadata changes and audit event in the
     session it is given; the snapshot reflecting them is written before the commit and the
-    older snapshots are pruned after it.
+    older snapshots are pruned after it. ``follow_encoder``: as :func:`_commit_with_snapshot`
+    (False when ``change`` returns signals embedded before the call).
 
     Raises:
         moderation.banks.versions.EncoderMismatchError, SnapshotError: as
             :func:`moderation.banks.versions.commit_signals`; anything ``change`` raises
             (the transaction rolls back and the new snapshot file is deleted).
     """
-    return _commit_with_snapshot(runtime, change)
+    return _commit_with_snapshot(runtime, change, follow_encoder=follow_encoder)
 
 
 def import_bank(
@@ -113,6 +122,7 @@ def import_bank(
         moderation.banks.snapshot.SnapshotError: the current snapshot is unreadable.
     """
     holder: dict[str, ImportReport] = {}
+    runtime.follow_serving_encoder()  # before the hooks, which embed entry windows with it
     hooks = ImportHooks(region_embedder=region_embedder)
     if region_embedder is None:
         hooks = runtime.import_hooks()

@@ -310,6 +310,7 @@ def decide(
             if item is None:
                 raise ReviewError(f"no review item {item_id}")
             upload_id = item.upload_id
+        runtime.follow_serving_encoder()
         prepared = _prepare_bank_entry(runtime, upload_id, bank_name, decision)
     holder: dict[str, DecisionOutcome] = {}
 
@@ -331,7 +332,7 @@ def decide(
         with transaction(runtime.sessions) as session:
             change(session)
         return holder["outcome"]
-    version = commit_with_snapshot(runtime, change)
+    version = commit_with_snapshot(runtime, change, follow_encoder=False)
     return replace(holder["outcome"], snapshot_version=version)
 
 

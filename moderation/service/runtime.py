@@ -116,6 +116,15 @@ class Runtime:
             return self.settings.encoder
         return name or self.settings.encoder
 
+    def follow_serving_encoder(self) -> Encoder:
+        """Switch :attr:`encoder` to the serving one if a promotion or rollback happened since
+        this process chose it (a long-lived web or CLI process before a bank change); returns
+        it. Callers embed after this, so the snapshot check never sees a stale encoder."""
+        name = self.serving_encoder_name()
+        if "encoder" in self.__dict__ and self.encoder.name == name:
+            return self.encoder
+        return self.switch_encoder(name)
+
     def switch_encoder(self, name: str) -> Encoder:
         """Serve with the encoder called ``name`` from now on (a worker following a promotion
         or rollback); returns it, loaded."""

@@ -185,12 +185,19 @@ def test_worker_shadows_then_follows_promotion_and_rollback(
     agreement = encoder_status(runtime)["shadow_agreement"]
     assert agreement["uploads"] == 1 and set(agreement["by_category"]) == {"kept"}
 
+    stale = Runtime(runtime.settings)  # a long-lived process that chose its encoder before
+    assert str(stale.encoder.id) == source_id
     switched = promote(runtime, actor="test", gate=False)
     assert switched.serving == target
     after = _screen(runtime, state, _jpeg("chelsea"))
     target_id = str(runtime.encoder.id)
     assert target_id != source_id and after.encoder_id == target_id
     assert after.decision == "block" and state.shadow() is None
+    # That process's next import follows the promotion: embedded with the target.
+    _bank(stale, tmp_path, "late", ["astronaut"], retain=True)
+    (late,) = _entry_ids(runtime, "late")
+    assert late in _payload_ids(runtime, target_id)[0]
+    assert late in _payload_ids(runtime, source_id)[1]  # PDQ only in the kept source chain
 
     rollback(runtime, actor="test")
     back = _screen(runtime, state, _jpeg("coffee"))
