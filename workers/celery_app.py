@@ -29,6 +29,14 @@ CALLBACK_TASK = "moderation.deliver_callback"
 RECONCILE_TASK = "moderation.reconcile"
 CHECKPOINT_TASK = "moderation.audit_checkpoint"
 FLOOD_TASK = "moderation.flood_control"
+CANARY_TASK = "moderation.canary"
+DRIFT_TASK = "moderation.drift"
+# How often beat asks whether the snapshot, classifier model, policy or encoder changed since the
+# last canary run (a cheap comparison; the run itself only when something changed): changes made
+# where no listener enqueues a run (a CLI import) are measured within this bound.
+CANARY_CHECK_INTERVAL = 60.0
+# Drift compares the last hour of uploads with the reference window, once an hour (issue 18).
+DRIFT_INTERVAL = 3600.0
 # How often beat runs the flood-control check (noisy-entry quarantine): a flooding entry sends at
 # most a few minutes of matches to review (or blocks) before it is quarantined.
 FLOOD_INTERVAL = 300.0
@@ -40,6 +48,8 @@ ROUTES = {
     CALLBACK_TASK: {"queue": "callbacks"},
     RECONCILE_TASK: {"queue": "maintenance"},
     FLOOD_TASK: {"queue": "maintenance"},
+    CANARY_TASK: {"queue": "maintenance"},
+    DRIFT_TASK: {"queue": "maintenance"},
 }
 UNSAFE_EXIT = 3
 
@@ -78,6 +88,23 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
             "task": FLOOD_TASK,
             "schedule": FLOOD_INTERVAL,
             "options": {"queue": "maintenance", "expires": FLOOD_INTERVAL},
+        },
+        "canary": {
+            "task": CANARY_TASK,
+            "schedule": float(settings.canary_interval),
+            "args": ["schedule", True],
+            "options": {"queue": "maintenance", "expires": float(settings.canary_interval)},
+        },
+        "canary-change-check": {
+            "task": CANARY_TASK,
+            "schedule": CANARY_CHECK_INTERVAL,
+            "args": ["change", False],
+            "options": {"queue": "maintenance", "expires": CANARY_CHECK_INTERVAL},
+        },
+        "drift": {
+            "task": DRIFT_TASK,
+            "schedule": DRIFT_INTERVAL,
+            "options": {"queue": "maintenance", "expires": DRIFT_INTERVAL},
         },
     }
 

@@ -20,19 +20,22 @@ from moderation.audit.log import checkpoint_if_due
 from moderation.banks.flood_control import check_flood
 from moderation.service.callbacks import deliver_callback
 from moderation.service.dispatch import attach_dispatcher
+from moderation.service.model_events import add_change_listener
 from moderation.service.queue import RetryLater, process_upload, reconcile
 from moderation.service.runtime import Runtime
 from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from workers.celery_app import (
     CALLBACK_TASK,
+    CANARY_TASK,
     CHECKPOINT_TASK,
+    DRIFT_TASK,
     FLOOD_TASK,
     RECONCILE_TASK,
     SCREEN_TASK,
     get_app,
 )
-from workers.dispatch import CeleryDispatcher
+from workers.dispatch import CeleryDispatcher, canary_requester
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ def runtime() -> Runtime:
     if _runtime is None:
         _runtime = Runtime(app.conf.moderation_settings)
         attach_dispatcher(_runtime.sessions, CeleryDispatcher(app))
+        add_change_listener(canary_requester(app))
     return _runtime
 
 
@@ -152,3 +156,20 @@ def audit_checkpoint() -> int | None:
 def flood_control() -> list[str]:
     """Quarantine entries over the policy's flood-control threshold today; their ids."""
     return [figures.entry_id for figures in check_flood(runtime(), actor="flood_control")]
+
+
+@app.task(name=CANARY_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def canary(reason: str = "schedule", force: bool = True) -> dict[str, Any] | None:
+    """Run the golden-set canary (when what it measures changed, or ``force``); its figures."""
+    from moderation.modelops.canary import run_if_changed
+
+    report = run_if_changed(runtime(), reason=reason, force=force)
+    return None if report is None else report.to_json()
+
+
+@app.task(name=DRIFT_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def drift() -> dict[str, float]:
+    """Compare the last hour of uploads with the reference window; a drift score per signal."""
+    from moderation.modelops.drift import run_drift
+
+    return {s.signal: s.score for s in run_drift(runtime(), actor="drift").signals}

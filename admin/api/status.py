@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 
 from admin.api.services import services
+from moderation.modelops.gauges import ModelOpsCollector
 from moderation.service.metrics import database_samples
 from moderation.service.runtime import Runtime
 from moderation.service.worker import worker_reports
@@ -269,6 +270,7 @@ def metrics() -> Response:
     start = time.perf_counter()
     scrape = CollectorRegistry()
     scrape.register(_ScrapeCollector(_runtime()))
+    scrape.register(ModelOpsCollector(_runtime()))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

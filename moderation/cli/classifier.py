@@ -23,12 +23,16 @@ def classifier() -> None:
 @pass_ctx
 def classifier_train(ctx: Context, regularisation: float) -> None:
     """Retrain from synthetic (bank import) and review-decision labelled pairs; prints held-out
-    figures before (active model) and after (new model). A worse model is stored but not
-    activated (exit 1); both outcomes are audited."""
+    figures before (active model) and after (new model). A worse model, or one whose golden-set
+    canary figures miss the policy's SLOs (the reason gives them), is stored but not activated
+    (exit 1); both outcomes are audited."""
     from moderation.matching.classifier.training import train
+    from moderation.modelops.canary import canary_gate
 
     with initialised_runtime(ctx, ValueError) as runtime:
-        report = train(runtime, actor="cli", regularisation=regularisation)
+        report = train(
+            runtime, actor="cli", regularisation=regularisation, gate=canary_gate(runtime)
+        )
     echo_json(report.to_json())
     if not report.activated:
         raise SystemExit(1)
