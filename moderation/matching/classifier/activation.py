@@ -44,7 +44,7 @@ def rollback_target(runtime: Runtime) -> str:
         models = session.scalars(
             select(ClassifierModel)
             .where(ClassifierModel.encoder_id == encoder_id)
-            .order_by(ClassifierModel.created_at.desc(), ClassifierModel.id.desc())
+            .order_by(ClassifierModel.created_at.desc(), ClassifierModel.version.desc())
         ).all()
     active = next((i for i, m in enumerate(models) if m.active), None)
     if active is None or active + 1 >= len(models):
