@@ -4,8 +4,8 @@ signal in [0, 1] (0: no drift).
 Neither ``evidently`` nor ``alibi-detect`` is installed in this deployment's environment, so the
 tests are scipy.stats's (both libraries compute these same tests for these data types):
 
-* ``nearest_cosine``: the cosine of each upload's nearest bank entry (0 when none was a
-  candidate), as recorded in its result's explanation; score = the two-sample
+* ``nearest_cosine``: the cosine of each upload's nearest bank entry, however far, as
+  recorded in its result's explanation (``Screener._nearest``); score = the two-sample
   Kolmogorov-Smirnov statistic (``scipy.stats.ks_2samp``), the largest gap between the two
   empirical distributions. A preprocessing bug (colour inversion, blur) or an upstream format
   change moves every upload's nearest cosine.
@@ -115,7 +115,10 @@ class _Window:
 
 
 def nearest_cosine(explanation: dict[str, Any]) -> float:
-    """The highest cosine among an explanation's candidates, 0.0 when there is none."""
+    """The cosine of the nearest bank entry recorded in a result's explanation, else the
+    highest among its candidates (results screened before it was recorded), else 0.0."""
+    if explanation.get("nearest_cosine") is not None:
+        return float(explanation["nearest_cosine"])
     cosines = [
         c["cosine"] for c in explanation.get("candidates", []) if c.get("cosine") is not None
     ]
@@ -191,7 +194,7 @@ def categorical_drift(signal: str, current: Sequence[str], reference: Sequence[s
     moved = sorted(shares.items(), key=lambda kv: -abs(kv[1][0] - kv[1][1]))[:5]
     details["p_value"] = float(p_value)
     details["moved"] = {
-        k: {"current": round(c, 4), "reference": round(r, 4)} for k, (c, r) in moved
+        k: {"current": round(float(c), 4), "reference": round(float(r), 4)} for k, (c, r) in moved
     }
     return SignalDrift(signal, min(1.0, score), THRESHOLDS[signal], details)
 
