@@ -199,3 +199,34 @@ def test_canary_gauges_are_exported_and_beat_schedules_the_checks(banked: Cli) -
     assert schedule["canary-change-check"]["args"] == ["change", False]
     assert schedule["drift"]["task"] == DRIFT_TASK and schedule["drift"]["schedule"] == 3600.0
     runtime.engine.dispose()
+
+
+def test_rollback_goes_to_the_model_stored_before_the_active_one_through_the_canary(
+    banked: Cli,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    runtime = cli_runtime(banked)
+    model = degraded_model(runtime)
+    now = datetime.now(UTC)
+    with runtime.sessions() as session, session.begin():
+        for version, age, active in (("older", 2, False), ("current", 1, True)):
+            session.add(
+                ClassifierModel(
+                    version=version,
+                    encoder_id=model.encoder_id,
+                    params={**model.to_json(), "version": version},
+                    metrics={},
+                    active=active,
+                    created_at=now - timedelta(hours=age),
+                )
+            )
+    result = banked("classifier", "rollback", ok=False)
+    outcome = json.loads(result.stdout)
+    assert result.exit_code == 1 and outcome["version"] == "older"
+    assert outcome["previous_version"] == "current" and not outcome["activated"]
+    assert (
+        "false-positive rate" in outcome["reason"]
+        and "recall at review 0.0000" in outcome["reason"]
+    )
+    runtime.engine.dispose()
