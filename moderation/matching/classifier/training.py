@@ -225,10 +225,8 @@ def _compare_and_store(
     with runtime.sessions() as session:
         current = active_model(session, encoder_id)
     before = None if current is None else evaluate(current.predict(x_held), y_held)
-    activated, reason = decide_activation(before, after)
-    gate_figures: dict[str, Any] | None = None
-    if activated and gate is not None:
-        activated, reason, gate_figures = gate(model)
+    activated, reason, gate_figures = _judge(model, before, after, gate)
+    figures = {"held_out": after, "before": before, "pairs": counts, "canary": gate_figures}
     with transaction(runtime.sessions) as session:
         model = CopyModel(**{**model.__dict__, "metrics": {"held_out": after, "pairs": counts}})
         if activated:
@@ -238,12 +236,7 @@ def _compare_and_store(
                 version=model.version,
                 encoder_id=encoder_id,
                 params=model.to_json(),
-                metrics={
-                    "held_out": after,
-                    "before": before,
-                    "pairs": counts,
-                    "canary": gate_figures,
-                },
+                metrics=figures,
                 active=activated,
             )
         )
@@ -256,14 +249,12 @@ def _compare_and_store(
             details={
                 "reason": reason,
                 "previous": current.version if current else None,
-                "before": before,
                 "after": after,
-                "pairs": counts,
-                "canary": gate_figures,
+                **figures,
             },
         )
     if activated:
-        runtime.notify_change("classifier")
+        runtime.notify_change("classifier")  # the canary measures the new model
     logger.info(
         "classifier %s: %s (%s)", model.version, "activated" if activated else "refused", reason
     )
@@ -277,6 +268,19 @@ def _compare_and_store(
         previous_version=current.version if current else None,
         canary=gate_figures,
     )
+
+
+def _judge(
+    model: CopyModel,
+    before: dict[str, float] | None,
+    after: dict[str, float],
+    gate: ActivationGate | None,
+) -> tuple[bool, str, dict[str, Any] | None]:
+    """(activate?, reason, the gate's figures): :func:`decide_activation`, then ``gate``."""
+    activated, reason = decide_activation(before, after)
+    if activated and gate is not None:
+        return gate(model)
+    return activated, reason, None
 
 
 def decide_activation(before: dict[str, float] | None, after: dict[str, float]) -> tuple[bool, str]:
