@@ -35,6 +35,10 @@ DRIFT_TASK = "moderation.drift"
 # last canary run (a cheap comparison; the run itself only when something changed): changes made
 # where no listener enqueues a run (a CLI import) are measured within this bound.
 CANARY_CHECK_INTERVAL = 60.0
+# A canary run screens the whole golden set (minutes on a CPU for a few thousand images): it gets
+# its own time limit and is acknowledged on receipt, so the screening tasks' limit never kills it
+# into an endless redelivery; a run lost to a crash is redone by the next change check.
+CANARY_TIME_LIMIT = 3600
 # Drift compares the last hour of uploads with the reference window, once an hour (issue 18).
 DRIFT_INTERVAL = 3600.0
 # How often beat runs the flood-control check (noisy-entry quarantine): a flooding entry sends at

@@ -28,6 +28,7 @@ from moderation.storage.db import transaction
 from workers.celery_app import (
     CALLBACK_TASK,
     CANARY_TASK,
+    CANARY_TIME_LIMIT,
     CHECKPOINT_TASK,
     DRIFT_TASK,
     FLOOD_TASK,
@@ -158,7 +159,14 @@ def flood_control() -> list[str]:
     return [figures.entry_id for figures in check_flood(runtime(), actor="flood_control")]
 
 
-@app.task(name=CANARY_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+@app.task(  # type: ignore[untyped-decorator]
+    name=CANARY_TASK,
+    acks_late=False,
+    time_limit=CANARY_TIME_LIMIT,
+    soft_time_limit=CANARY_TIME_LIMIT - 60,
+    autoretry_for=(SQLAlchemyError,),
+    max_retries=3,
+)
 def canary(reason: str = "schedule", force: bool = True) -> dict[str, Any] | None:
     """Run the golden-set canary (when what it measures changed, or ``force``); its figures."""
     from moderation.modelops.canary import run_if_changed

@@ -148,6 +148,22 @@ def usable_items(session: Session) -> list[CanaryItem]:
     return [item for item, disabled in rows if not disabled]
 
 
+def prune_blobs(runtime: Runtime) -> int:
+    """Delete the blob files whose row is gone (their entry was removed: the key went with the
+    row, so they were already unreadable). Returns how many were deleted."""
+    directory = golden_dir(runtime.settings.resolved_data_dir)
+    if not directory.is_dir():
+        return 0
+    with runtime.sessions() as session:
+        known = set(session.scalars(select(CanaryItem.blob_ref)))
+    removed = 0
+    for path in directory.glob("*.blob"):
+        if path.name not in known:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 @dataclass
 class GoldenCollector:
     """Makes the golden set's copies and negatives at bank import (``__call__`` is the

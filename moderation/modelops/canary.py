@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from moderation.audit.log import record_event
 from moderation.banks.versions import current_snapshot
 from moderation.matching.decision import ScreeningResult
-from moderation.matching.golden import read_item, usable_items
+from moderation.matching.golden import prune_blobs, read_item, usable_items
 from moderation.matching.policy import Policy
 from moderation.modelops.metrics import Prediction, micro_ap
 from moderation.service.model_events import notify_change
@@ -362,10 +362,17 @@ def current_state(runtime: Runtime) -> dict[str, Any]:
     }
 
 
-def record_run(runtime: Runtime, report: CanaryReport, *, reason: str, actor: str) -> CanaryRun:
-    """Store ``report`` (with the fingerprint of what it measured) and audit it
-    (``canary.run``)."""
-    state = fingerprint(current_state(runtime))
+def record_run(
+    runtime: Runtime,
+    report: CanaryReport,
+    *,
+    reason: str,
+    actor: str,
+    state: str | None = None,
+) -> CanaryRun:
+    """Store ``report`` with ``state``, the fingerprint of what it measured (taken before the
+    run; default: now), and audit it (``canary.run``)."""
+    state = state or fingerprint(current_state(runtime))
     with transaction(runtime.sessions) as session:
         row = CanaryRun(
             reason=reason,
@@ -390,21 +397,32 @@ def record_run(runtime: Runtime, report: CanaryReport, *, reason: str, actor: st
 
 def latest_runs(runtime: Runtime) -> list[CanaryRun]:
     """The latest stored run per encoder id, newest first."""
+    newest = (
+        select(CanaryRun.encoder_id, func.max(CanaryRun.id).label("id"))
+        .group_by(CanaryRun.encoder_id)
+        .subquery()
+    )
     with runtime.sessions() as session:
-        rows = session.scalars(select(CanaryRun).order_by(CanaryRun.id.desc())).all()
-        seen: dict[str, CanaryRun] = {}
-        for row in rows:
-            seen.setdefault(row.encoder_id, row)
+        rows = session.scalars(
+            select(CanaryRun)
+            .join(newest, CanaryRun.id == newest.c.id)
+            .order_by(CanaryRun.id.desc())
+        ).all()
         session.expunge_all()
-    return list(seen.values())
+    return list(rows)
 
 
 def run_if_changed(runtime: Runtime, *, reason: str, force: bool = False) -> CanaryReport | None:
     """Run and record the canary when what it measures changed since the last run (or
     ``force``: the schedule, an operator); None when unchanged or the golden set is empty."""
-    state = fingerprint(current_state(runtime))
+    measured = current_state(runtime)
+    state = fingerprint(measured)
     with runtime.sessions() as session:
-        last = session.scalar(select(CanaryRun.fingerprint).order_by(CanaryRun.id.desc()))
+        last = session.scalar(
+            select(CanaryRun.fingerprint)
+            .where(CanaryRun.encoder_id == measured["encoder"])
+            .order_by(CanaryRun.id.desc())
+        )
     if not force and last == state:
         logger.debug("canary skipped (%s): nothing changed since the last run", reason)
         return None
@@ -413,7 +431,8 @@ def run_if_changed(runtime: Runtime, *, reason: str, force: bool = False) -> Can
     except CanaryError as exc:
         logger.warning("canary not run (%s): %s", reason, exc)
         return None
-    record_run(runtime, report, reason=reason, actor="canary")
+    record_run(runtime, report, reason=reason, actor="canary", state=state)
+    prune_blobs(runtime)
     return report
 
 

@@ -89,6 +89,13 @@ def test_entry_removal_crypto_shreds_its_golden_copies(banked: Cli) -> None:
     delete_entries(runtime, [entry_id], actor="test")
     with runtime.sessions() as session:
         assert session.get(CanaryItem, item.id) is None  # its wrapped key is gone with the row
+    blob = banked.data_dir / "canary" / item.blob_ref
+    assert blob.exists()
+    from moderation.modelops.canary import run_if_changed
+
+    report = run_if_changed(runtime, reason="snapshot")
+    assert report is not None and report.positives == 5
+    assert not blob.exists()  # the unreadable blob is deleted after the run
     runtime.engine.dispose()
 
 
