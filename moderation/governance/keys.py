@@ -24,9 +24,11 @@ from moderation.banks.snapshot import rewrap_snapshot
 from moderation.crypto.envelope import WrappedKey, rewrap_key
 from moderation.crypto.keys import KeyRing
 from moderation.governance.users import totp_context
+from moderation.matching.golden import item_context
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     ApiClient,
+    CanaryItem,
     DeploymentSecret,
     IndexSnapshot,
     Subject,
@@ -133,6 +135,12 @@ def _rewrap_api_clients(session: Session, keyring: KeyRing, _dir: Path, _r: Rota
     )
 
 
+def _rewrap_canary_items(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+    # The golden set's images (moderation.matching.golden), one data key each.
+    rows = session.scalars(select(CanaryItem))
+    return _rewrap_column(rows, "wrapped_key", keyring, lambda i: item_context(i.id))
+
+
 REWRAP_STEPS: dict[str, RewrapStep] = {
     "snapshots": _rewrap_snapshots,
     "uploads": _rewrap_uploads,
@@ -140,6 +148,7 @@ REWRAP_STEPS: dict[str, RewrapStep] = {
     "deployment_secrets": _rewrap_deployment_secrets,
     "user_totp_secrets": _rewrap_user_totp,
     "api_clients": _rewrap_api_clients,
+    "canary_items": _rewrap_canary_items,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
 

@@ -77,7 +77,8 @@ def png_bytes(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def _context(item_id: str) -> str:
+def item_context(item_id: str) -> str:
+    """The wrap context of a golden-set item's data key (also used by key rotation)."""
     return f"canary:{item_id}"
 
 
@@ -103,7 +104,7 @@ def add_item(
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
     item_id = new_uuid()
-    sealed, wrapped = seal_blob(data, keyring, context=_context(item_id))
+    sealed, wrapped = seal_blob(data, keyring, context=item_context(item_id))
     directory = golden_dir(data_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     from moderation.crypto.files import write_private_file
@@ -133,7 +134,7 @@ def read_item(item: CanaryItem, keyring: KeyRing, data_dir: Path) -> bytes:
     """
     sealed = (golden_dir(data_dir) / item.blob_ref).read_bytes()
     return open_blob(
-        sealed, WrappedKey.from_bytes(item.wrapped_key), keyring, context=_context(item.id)
+        sealed, WrappedKey.from_bytes(item.wrapped_key), keyring, context=item_context(item.id)
     )
 
 

@@ -60,6 +60,9 @@ def test_canary_on_a_real_bank_gives_sensible_figures_from_a_sealed_golden_set(
     status = json.loads(banked("canary", "status").stdout)
     assert status["golden_set"]["by_origin_label"] == {"import/match": 6, "import/no-match": 6}
     assert status["latest_runs"][0]["recall_review"] == 1.0
+    # Key rotation re-wraps the golden images' keys: with the old key retired, they still open.
+    rotated = json.loads(banked("keys", "rotate", "--retire-old").stdout)
+    assert rotated["rewrapped"]["canary_items"] == 12
 
     # A mislabelled operator file (a banked photo labelled no-match) is a false positive: the
     # run misses the SLO (exit 1) and says so; a correctly labelled copy adds a positive.
