@@ -30,6 +30,18 @@ RECONCILE_TASK = "moderation.reconcile"
 CHECKPOINT_TASK = "moderation.audit_checkpoint"
 FLOOD_TASK = "moderation.flood_control"
 ENCODER_MIGRATION_TASK = "moderation.encoder_migrate"
+CANARY_TASK = "moderation.canary"
+DRIFT_TASK = "moderation.drift"
+# How often beat asks whether the snapshot, classifier model, policy or encoder changed since the
+# last canary run (a cheap comparison; the run itself only when something changed): changes made
+# where no listener enqueues a run (a CLI import) are measured within this bound.
+CANARY_CHECK_INTERVAL = 60.0
+# A canary run screens the whole golden set (minutes on a CPU for a few thousand images): it gets
+# its own time limit and is acknowledged on receipt, so the screening tasks' limit never kills it
+# into an endless redelivery; a run lost to a crash is redone by the next change check.
+CANARY_TIME_LIMIT = 3600
+# Drift compares the last hour of uploads with the reference window, once an hour (issue 18).
+DRIFT_INTERVAL = 3600.0
 # How often beat runs the flood-control check (noisy-entry quarantine): a flooding entry sends at
 # most a few minutes of matches to review (or blocks) before it is quarantined.
 FLOOD_INTERVAL = 300.0
@@ -45,6 +57,8 @@ ROUTES = {
     RECONCILE_TASK: {"queue": "maintenance"},
     FLOOD_TASK: {"queue": "maintenance"},
     ENCODER_MIGRATION_TASK: {"queue": "maintenance"},
+    CANARY_TASK: {"queue": "maintenance"},
+    DRIFT_TASK: {"queue": "maintenance"},
 }
 UNSAFE_EXIT = 3
 
@@ -88,6 +102,23 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
             "task": ENCODER_MIGRATION_TASK,
             "schedule": ENCODER_MIGRATION_INTERVAL,
             "options": {"queue": "maintenance", "expires": ENCODER_MIGRATION_INTERVAL},
+        },
+        "canary": {
+            "task": CANARY_TASK,
+            "schedule": float(settings.canary_interval),
+            "args": ["schedule", True],
+            "options": {"queue": "maintenance", "expires": float(settings.canary_interval)},
+        },
+        "canary-change-check": {
+            "task": CANARY_TASK,
+            "schedule": CANARY_CHECK_INTERVAL,
+            "args": ["change", False],
+            "options": {"queue": "maintenance", "expires": CANARY_CHECK_INTERVAL},
+        },
+        "drift": {
+            "task": DRIFT_TASK,
+            "schedule": DRIFT_INTERVAL,
+            "options": {"queue": "maintenance", "expires": DRIFT_INTERVAL},
         },
     }
 

@@ -3,9 +3,11 @@ name."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from celery import Celery
 
-from workers.celery_app import CALLBACK_TASK, ROUTES, SCREEN_TASK
+from workers.celery_app import CALLBACK_TASK, CANARY_TASK, ROUTES, SCREEN_TASK
 
 
 class CeleryDispatcher:
@@ -29,3 +31,14 @@ class CeleryDispatcher:
             countdown=countdown or None,
             **ROUTES[CALLBACK_TASK],
         )
+
+
+def canary_requester(app: Celery) -> Callable[[str], None]:
+    """A model-change listener (:func:`moderation.service.model_events.add_change_listener`)
+    that queues a canary run for ``reason``; the run is skipped when nothing it measures
+    changed (``moderation.modelops.canary.run_if_changed``)."""
+
+    def request(reason: str) -> None:
+        app.send_task(CANARY_TASK, args=[reason, False], **ROUTES[CANARY_TASK])
+
+    return request

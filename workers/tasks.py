@@ -21,20 +21,24 @@ from moderation.banks.flood_control import check_flood
 from moderation.modelops.encoder_migration import resume_migration
 from moderation.service.callbacks import deliver_callback
 from moderation.service.dispatch import attach_dispatcher
+from moderation.service.model_events import add_change_listener
 from moderation.service.queue import RetryLater, process_upload, reconcile
 from moderation.service.runtime import Runtime
 from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from workers.celery_app import (
     CALLBACK_TASK,
+    CANARY_TASK,
+    CANARY_TIME_LIMIT,
     CHECKPOINT_TASK,
+    DRIFT_TASK,
     ENCODER_MIGRATION_TASK,
     FLOOD_TASK,
     RECONCILE_TASK,
     SCREEN_TASK,
     get_app,
 )
-from workers.dispatch import CeleryDispatcher
+from workers.dispatch import CeleryDispatcher, canary_requester
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ def runtime() -> Runtime:
     if _runtime is None:
         _runtime = Runtime(app.conf.moderation_settings)
         attach_dispatcher(_runtime.sessions, CeleryDispatcher(app))
+        add_change_listener(canary_requester(app))
     return _runtime
 
 
@@ -164,3 +169,27 @@ def encoder_migration() -> dict[str, Any] | None:
     rt = runtime()
     progress = resume_migration(rt, max_seconds=0.6 * rt.settings.task_time_limit)
     return None if progress is None else {"state": progress.state, "done": progress.done}
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=CANARY_TASK,
+    acks_late=False,
+    time_limit=CANARY_TIME_LIMIT,
+    soft_time_limit=CANARY_TIME_LIMIT - 60,
+    autoretry_for=(SQLAlchemyError,),
+    max_retries=3,
+)
+def canary(reason: str = "schedule", force: bool = True) -> dict[str, Any] | None:
+    """Run the golden-set canary (when what it measures changed, or ``force``); its figures."""
+    from moderation.modelops.canary import run_if_changed
+
+    report = run_if_changed(runtime(), reason=reason, force=force)
+    return None if report is None else report.to_json()
+
+
+@app.task(name=DRIFT_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def drift() -> dict[str, float]:
+    """Compare the last hour of uploads with the reference window; a drift score per signal."""
+    from moderation.modelops.drift import run_drift
+
+    return {s.signal: s.score for s in run_drift(runtime(), actor="drift").signals}

@@ -33,6 +33,7 @@ from sqlalchemy import text
 
 from admin.api.services import services
 from moderation.modelops.encoder_status import migration_progress
+from moderation.modelops.gauges import ModelOpsCollector
 from moderation.service.metrics import database_samples
 from moderation.service.runtime import Runtime
 from moderation.service.worker import worker_reports
@@ -279,6 +280,7 @@ def metrics() -> Response:
     start = time.perf_counter()
     scrape = CollectorRegistry()
     scrape.register(_ScrapeCollector(_runtime()))
+    scrape.register(ModelOpsCollector(_runtime()))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

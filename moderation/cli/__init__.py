@@ -143,6 +143,7 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 from moderation.cli import (  # noqa: E402, F401
     api_clients,
     audit,
+    canary,
     classifier,
     core,
     encoder,

@@ -1,4 +1,4 @@
-"""Classifier-stage commands: ``moderation classifier train|list``."""
+"""Classifier-stage commands: ``moderation classifier train|list|activate|rollback``."""
 
 from __future__ import annotations
 
@@ -23,12 +23,16 @@ def classifier() -> None:
 @pass_ctx
 def classifier_train(ctx: Context, regularisation: float) -> None:
     """Retrain from synthetic (bank import) and review-decision labelled pairs; prints held-out
-    figures before (active model) and after (new model). A worse model is stored but not
-    activated (exit 1); both outcomes are audited."""
+    figures before (active model) and after (new model). A worse model, or one whose golden-set
+    canary figures miss the policy's SLOs (the reason gives them), is stored but not activated
+    (exit 1); both outcomes are audited."""
     from moderation.matching.classifier.training import train
+    from moderation.modelops.canary import canary_gate
 
     with initialised_runtime(ctx, ValueError) as runtime:
-        report = train(runtime, actor="cli", regularisation=regularisation)
+        report = train(
+            runtime, actor="cli", regularisation=regularisation, gate=canary_gate(runtime)
+        )
     echo_json(report.to_json())
     if not report.activated:
         raise SystemExit(1)
@@ -62,3 +66,37 @@ def classifier_list(ctx: Context, as_json: bool) -> None:
         echo_json(rows)
     else:
         print_table(rows, ["version", "active", "average_precision", "created_at"])
+
+
+def _activate(ctx: Context, version: str | None) -> None:
+    from moderation.matching.classifier.activation import (
+        ActivationError,
+        activate_version,
+        rollback_target,
+    )
+    from moderation.modelops.canary import canary_gate
+
+    with initialised_runtime(ctx, ActivationError) as runtime:
+        target = version or rollback_target(runtime)
+        outcome = activate_version(runtime, target, actor="cli", gate=canary_gate(runtime))
+    echo_json(outcome)
+    if not outcome["activated"]:
+        raise SystemExit(1)
+
+
+@classifier.command("activate")
+@click.argument("version")
+@pass_ctx
+def classifier_activate(ctx: Context, version: str) -> None:
+    """Make the stored model VERSION active (workers switch without a restart), unless its
+    golden-set canary figures miss the policy's SLOs: then it is refused (exit 1) with the
+    figures. Audited either way."""
+    _activate(ctx, version)
+
+
+@classifier.command("rollback")
+@pass_ctx
+def classifier_rollback(ctx: Context) -> None:
+    """Activate the model stored before the active one, through the same canary check as
+    `activate` (exit 1 when refused)."""
+    _activate(ctx, None)
