@@ -41,3 +41,17 @@ def tiny_clip_encoder(directory: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         f"import open_clip\nopen_clip.add_model_config({str(config)!r})\n"
     )
     return f"open_clip/{TINY_ARCH}/{checkpoint}"
+
+
+def relaxed_slo_policies(directory: Path) -> Path:
+    """A policies directory whose ``default`` policy is the repository's with SLOs any encoder
+    meets (``min_recall`` 0, ``max_false_positive_rate`` 1): the canary gate runs and passes,
+    for tests of what promotion does (the tiny encoder's decisions are meaningless)."""
+    import yaml
+
+    source = Path(__file__).resolve().parents[1] / "policies" / "default.yaml"
+    document = yaml.safe_load(source.read_text())
+    document["slo"] = {**document["slo"], "min_recall": 0.0, "max_false_positive_rate": 1.0}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "default.yaml").write_text(yaml.safe_dump(document))
+    return directory

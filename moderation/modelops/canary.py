@@ -206,19 +206,23 @@ def _correct(target: str, result: ScreeningResult, levels: frozenset[str]) -> bo
 def _screener(
     runtime: Runtime, encoder_name: str | None, classifier_model: CopyModel | None
 ) -> tuple[Runtime, Screener]:
-    """The runtime (another one for ``encoder_name``, over the same database and keys) and a
-    screener over its current snapshot, with ``classifier_model`` instead of the active one
-    when given.
+    """The runtime and a screener over the current snapshot, with ``classifier_model`` instead
+    of the active one when given. An ``encoder_name`` other than the serving encoder (an
+    encoder migration's target, or the previous encoder kept for rollback) is measured against
+    its own snapshot chain (:meth:`Runtime.shadow_screener`; no classifier stage: its models
+    belong to one encoder).
 
     Raises:
         CanaryError: the snapshot cannot be used with that encoder.
     """
-    from moderation.banks.versions import EncoderMismatchError
+    from moderation.banks.records import BlocklistError
+    from moderation.banks.snapshot import SnapshotError
 
-    if encoder_name is not None and encoder_name != runtime.settings.encoder:
-        from moderation.service.runtime import Runtime
-
-        runtime = Runtime(runtime.settings.model_copy(update={"encoder": encoder_name}))
+    if encoder_name is not None and encoder_name != runtime.encoder.name:
+        try:
+            return runtime, runtime.shadow_screener(encoder_name)
+        except (BlocklistError, SnapshotError) as exc:
+            raise CanaryError(f"no snapshot for encoder {encoder_name}: {exc}") from exc
     refiner = None
     if classifier_model is not None:
         from moderation.matching.classifier.stage import ClassifierStage
@@ -228,8 +232,8 @@ def _screener(
         )
     try:
         return runtime, runtime.screener(refiner=refiner)
-    except EncoderMismatchError as exc:
-        raise CanaryError(f"no snapshot for encoder {runtime.settings.encoder}: {exc}") from exc
+    except BlocklistError as exc:
+        raise CanaryError(f"no snapshot for encoder {runtime.encoder.name}: {exc}") from exc
 
 
 @dataclass

@@ -14,7 +14,7 @@ policy's SLOs is refused with its figures.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -48,25 +48,25 @@ class Switch:
     canary: dict[str, Any] | None = None
 
 
-def canary_gate(runtime: Runtime, encoder_name: str) -> dict[str, Any] | None:
-    """Run the golden-set canary for ``encoder_name`` (against its own snapshot chain) and
-    refuse below the policy's SLOs. Returns the figures, or None where this deployment has no
-    canary module (:mod:`moderation.modelops.canary`, issue 18 item 2).
+def canary_gate(runtime: Runtime, encoder_name: str) -> dict[str, Any]:
+    """Run the golden-set canary (:mod:`moderation.modelops.canary`) for ``encoder_name``
+    against its own snapshot chain and refuse below the policy's SLOs (``slo.min_recall``,
+    ``slo.max_false_positive_rate``). Returns the figures (``CanaryReport.to_json``).
 
     Raises:
-        PromotionRefused: below ``slo.min_recall`` / ``slo.max_false_positive_rate``; the
-            message and ``figures`` carry the canary figures.
+        PromotionRefused: below the SLOs, or the canary cannot run (no golden set, no snapshot
+            for that encoder): fail closed; the message and ``figures`` carry the canary figures.
     """
+    from moderation.modelops.canary import CanaryError, SloViolation, check_slo, run_canary
+
     try:
-        from moderation.modelops import canary  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        logger.warning("no golden-set canary in this deployment: promotion is not gated")
-        return None
-    report = canary.run_canary(runtime, encoder_name=encoder_name)
-    figures = asdict(report) if is_dataclass(report) and not isinstance(report, type) else {}
+        report = run_canary(runtime, encoder_name=encoder_name)
+    except CanaryError as exc:
+        raise PromotionRefused(f"the canary cannot measure {encoder_name}: {exc}") from exc
+    figures = report.to_json()
     try:
-        canary.check_slo(report, runtime.policy)
-    except canary.SloViolation as exc:
+        check_slo(report, runtime.policy)
+    except SloViolation as exc:
         raise PromotionRefused(f"{encoder_name} is below the canary SLOs: {exc}", figures) from exc
     return figures
 
@@ -76,7 +76,6 @@ def promote(
     *,
     actor: str,
     origin: str | None = None,
-    gate: bool = True,
 ) -> Switch:
     """Serve with the newest migration's target (audited as ``encoder.promote``, the canary
     figures included). Originals added since the migration became ready are embedded first.
@@ -93,7 +92,7 @@ def promote(
         migration_id, target = row.id, row.target_name
     run_migration(runtime, migration_id, actor=actor)
     try:
-        figures = canary_gate(runtime, target) if gate else None
+        figures = canary_gate(runtime, target)
     except PromotionRefused as exc:
         _refused(runtime, migration_id, actor=actor, origin=origin, exc=exc)
         raise
@@ -161,6 +160,7 @@ def _switch(
             details={"serving": serving, "canary": _jsonable(canary)},
         )
     logger.info("encoder migration %s %s: %s serves", migration_id, state, serving)
+    runtime.notify_change("encoder")  # the canary measures the encoder that serves now
     return Switch(migration_id, state, serving, canary)
 
 

@@ -138,11 +138,11 @@ def _canary(runtime: Runtime, name: str | None) -> dict[str, Any] | None:
     try:
         figures = canary_gate(runtime, name)
     except PromotionRefused as exc:
-        return {**exc.figures, "passed_slo": False}
+        return {**exc.figures, "passed_slo": False, "refusal": str(exc)[:1000]}
     except Exception as exc:  # a status page must not fail on the canary
         logger.warning("canary for %s failed: %s", name, exc)
         return {"error": str(exc)[:500]}
-    return figures if figures is not None else {"error": "no canary in this deployment"}
+    return figures
 
 
 def encoder_status(runtime: Runtime, *, canary: bool = False) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from moderation.storage.db import migrate, transaction
 from moderation.storage.encoders import EncoderMigration, ShadowDecision
 from moderation.storage.models import Screening, Upload, WorkerHeartbeat
 from tests.integration.queue_stack import REPO, Stack, bank_images, upload_images, wait_until
-from tests.tiny_clip import tiny_clip_encoder
+from tests.tiny_clip import relaxed_slo_policies, tiny_clip_encoder
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.postgres]
 
@@ -95,8 +96,15 @@ def _cli(stack: Stack, env: dict[str, str], *args: str) -> dict[str, object]:
 
 
 def _worker_encoders(runtime: Runtime) -> set[str | None]:
+    """The encoders of the worker processes heard from in the last 3 s (a pool process
+    replaced meanwhile leaves its last heartbeat behind)."""
+    since = datetime.now(UTC) - timedelta(seconds=3)
     with runtime.sessions() as session:
-        return set(session.scalars(select(WorkerHeartbeat.encoder_id)))
+        return set(
+            session.scalars(
+                select(WorkerHeartbeat.encoder_id).where(WorkerHeartbeat.updated_at >= since)
+            )
+        )
 
 
 def _screened_with(runtime: Runtime, encoder_id: str, after: int) -> bool:
@@ -117,7 +125,8 @@ def test_migrate_shadow_promote_rollback_on_a_running_worker(
     make_pg_stack: Callable[..., Stack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tiny_clip_encoder(tmp_path / "clip", monkeypatch)
-    stack = make_pg_stack()
+    # The canary gate runs on promotion; these SLOs let the tiny random encoder through.
+    stack = make_pg_stack(policies_dir=relaxed_slo_policies(tmp_path / "policies"))
     runtime = _init(stack, tmp_path)
     source_id = str(runtime.encoder.id)
     client = stack.create_client([])
@@ -165,6 +174,7 @@ def test_migrate_shadow_promote_rollback_on_a_running_worker(
         mark = _last_screening(runtime)
         promoted = _cli(stack, cli_env, "promote")
         assert promoted["state"] == "promoted" and promoted["serving"] == target
+        assert isinstance(promoted["canary"], dict) and promoted["canary"]["pairs"] > 0
         wait_until(lambda: _worker_encoders(runtime) == {target_id}, 60, "workers on the target")
         wait_until(lambda: _screened_with(runtime, target_id, mark), 60, "a target screening")
 

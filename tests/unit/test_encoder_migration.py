@@ -15,19 +15,29 @@ from moderation.banks.operations import delete_entries, import_bank
 from moderation.banks.originals import read_original, vault_dir
 from moderation.banks.records import create_bank_audited
 from moderation.banks.versions import current_snapshot, read_payload
+from moderation.config import Settings
 from moderation.governance.keys import rotate_keys
 from moderation.modelops.encoder_migration import MigrationError, run_migration, start_migration
-from moderation.modelops.encoder_promotion import promote, rollback
+from moderation.modelops.encoder_promotion import PromotionRefused, promote, rollback
 from moderation.modelops.encoder_status import encoder_status
 from moderation.service.queue import process_upload
 from moderation.service.runtime import Runtime
 from moderation.service.uploads import create_upload
 from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
-from moderation.storage.encoders import EntryOriginal, ShadowDecision
+from moderation.storage.encoders import EncoderMigration, EntryOriginal, ShadowDecision
 from moderation.storage.models import AuditEvent, Entry, IndexSnapshot, Screening
 from tests.conftest import skimage_photo
-from tests.tiny_clip import tiny_clip_encoder
+from tests.tiny_clip import relaxed_slo_policies, tiny_clip_encoder
+
+REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+@pytest.fixture
+def settings(settings: Settings, tmp_path: Path) -> Settings:
+    """SLOs the tiny test encoder meets, so the canary gate runs and passes unless a test
+    builds a runtime with the repository's policies."""
+    return settings.model_copy(update={"policies_dir": relaxed_slo_policies(tmp_path / "pol")})
 
 
 def _jpeg(name: str) -> bytes:
@@ -182,12 +192,28 @@ def test_worker_shadows_then_follows_promotion_and_rollback(
         shadows = session.scalars(select(ShadowDecision)).all()
         assert [(s.upload_id, s.decision) for s in shadows] == [(before.upload_id, "block")]
         assert shadows[0].category == "kept" and shadows[0].migration_id == migration
-    agreement = encoder_status(runtime)["shadow_agreement"]
+    status = encoder_status(runtime, canary=True)
+    agreement = status["shadow_agreement"]
     assert agreement["uploads"] == 1 and set(agreement["by_category"]) == {"kept"}
+    assert {"micro_ap", "recall_review", "false_positive_rate"} <= set(status["canary"]["source"])
+    assert status["canary"]["target"]["encoder"] == target
+    assert "false_positive_rate" in status["canary"]["target"]
+
+    # Under the repository's SLOs the tiny random encoder is refused, with the figures.
+    strict = Runtime(runtime.settings.model_copy(update={"policies_dir": REPO_POLICIES}))
+    with pytest.raises(PromotionRefused, match="below the canary SLOs") as refused:
+        promote(strict, actor="test")
+    assert refused.value.figures["pairs"] > 0 and not refused.value.figures["passed_slo"]
+    with runtime.sessions() as session:
+        outcomes = session.scalars(
+            select(AuditEvent.outcome).where(AuditEvent.action == "encoder.promote")
+        ).all()
+        assert outcomes == ["refused"]
+        assert session.get(EncoderMigration, migration).state == "ready"
 
     stale = Runtime(runtime.settings)  # a long-lived process that chose its encoder before
     assert str(stale.encoder.id) == source_id
-    switched = promote(runtime, actor="test", gate=False)
+    switched = promote(runtime, actor="test")
     assert switched.serving == target
     after = _screen(runtime, state, _jpeg("chelsea"))
     target_id = str(runtime.encoder.id)

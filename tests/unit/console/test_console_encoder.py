@@ -12,13 +12,21 @@ from sqlalchemy import select
 
 from moderation.banks.operations import import_bank
 from moderation.banks.records import create_bank_audited
+from moderation.config import Settings
 from moderation.modelops.encoder_migration import run_migration
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.encoders import EncoderMigration
 from moderation.storage.models import AuditEvent
 from tests.conftest import skimage_photo
-from tests.tiny_clip import tiny_clip_encoder
+from tests.tiny_clip import relaxed_slo_policies, tiny_clip_encoder
+
+
+@pytest.fixture
+def console_settings(console_settings: Settings, tmp_path: Path) -> Settings:
+    """The console's settings with SLOs the tiny test encoder meets (the canary gate runs)."""
+    policies = relaxed_slo_policies(tmp_path / "policies")
+    return console_settings.model_copy(update={"policies_dir": policies})
 
 
 def _migration(runtime: Runtime) -> EncoderMigration:
@@ -63,6 +71,11 @@ def test_admin_migrates_promotes_and_rolls_back_auditor_reads(
         client.form("/encoder/promote", {"confirm": "1"}, token_from="/encoder").status_code == 302
     )
     assert _migration(console_runtime).state == "promoted"
+    with console_runtime.sessions() as db:
+        promoted = db.scalars(
+            select(AuditEvent).where(AuditEvent.action == "encoder.promote")
+        ).one()
+    assert promoted.details["canary"]["pairs"] > 0  # the gate ran the canary
     assert (
         client.form("/encoder/rollback", {"confirm": "1"}, token_from="/encoder").status_code == 302
     )
