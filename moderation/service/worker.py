@@ -147,33 +147,37 @@ class WorkerState:
         """The encoder migration's target screener while one shadows, else None."""
         return self._shadow
 
-    def refresh(self, *, force: bool = False) -> None:
+    def refresh(self, *, force: bool = False, wait: bool = True) -> None:
         """Reload the screener when the current snapshot version or the active classifier
         model differs (or after an error), then write this worker's heartbeat. Never raises for
-        snapshot problems: they become :attr:`error`."""
-        with self._lock:
-            self._checked = time.monotonic()
-            try:
-                version, model, chains, shadow_version = self._current_state()
-                serving = chains.serving_name or self.runtime.settings.encoder
-                if serving != self._serving:
-                    # Promotion or rollback: the old screener serves until the new one is built.
-                    self.runtime.switch_encoder(serving)
-                    self._serving, force = serving, True
-                if (
-                    force
-                    or self._screener is None
-                    or version != self.version
-                    or model != self._model
-                ):
-                    self._model = model
-                    self._load()
-                self._refresh_shadow(chains, shadow_version)
-            except Exception as exc:  # database down: keep the screener, report it
-                logger.warning("snapshot check failed: %s", exc)
-                self._error = self._error or f"snapshot check failed: {type(exc).__name__}"
-                return
-            self._heartbeat()
+        snapshot problems: they become :attr:`error`. ``wait=False``: return at once when a
+        reload is already under way in another thread (the current screener goes on)."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
+            self._refresh(force)
+        finally:
+            self._lock.release()
+
+    def _refresh(self, force: bool) -> None:
+        """The body of :meth:`refresh`, under its lock."""
+        self._checked = time.monotonic()
+        try:
+            version, model, chains, shadow_version = self._current_state()
+            serving = chains.serving_name or self.runtime.settings.encoder
+            if serving != self._serving:
+                # Promotion or rollback: the old screener serves until the new one is built.
+                self.runtime.switch_encoder(serving)
+                self._serving, force = serving, True
+            if force or self._screener is None or version != self.version or model != self._model:
+                self._model = model
+                self._load()
+            self._refresh_shadow(chains, shadow_version)
+        except Exception as exc:  # database down: keep the screener, report it
+            logger.warning("snapshot check failed: %s", exc)
+            self._error = self._error or f"snapshot check failed: {type(exc).__name__}"
+            return
+        self._heartbeat()
 
     def _load(self) -> None:
         try:
@@ -245,7 +249,9 @@ class WorkerState:
             SnapshotUnavailable: no verified snapshot (the message says why).
         """
         if time.monotonic() - self._checked >= self.poll_interval:
-            self.refresh()
+            # While the watcher builds another screener (a new snapshot, a promotion), tasks
+            # go on with the current one instead of waiting for it.
+            self.refresh(wait=self._screener is None)
         current = self._screener
         if current is None:
             raise SnapshotUnavailable(self._error or "no snapshot loaded")
