@@ -142,9 +142,11 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 # Command modules register on `main` when imported.
 from moderation.cli import (  # noqa: E402, F401
     audit,
+    bank_admin,
     classifier,
     core,
     hashes,
+    holds,
     quarantine,
     service,
     users,
