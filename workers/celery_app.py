@@ -35,6 +35,9 @@ RECOVER_JOBS_TASK = "moderation.recover_jobs"
 # How often beat releases legal holds that have ended (and erases held uploads of erased subjects
 # no hold keeps): holds are days long, so an hour late at most is well inside any legal period.
 HOLDS_INTERVAL = 3600.0
+# Hard time limit of one console import job, seconds: a large zip (tens of thousands of images)
+# embeds for hours on CPU; the screening tasks' task_time_limit is far too short for it.
+JOB_TIME_LIMIT = 6 * 3600
 # How often beat re-queues console import jobs lost to a restart (moderation.banks.job_recovery).
 RECOVER_JOBS_INTERVAL = 60.0
 # How often beat runs the flood-control check (noisy-entry quarantine): a flooding entry sends at

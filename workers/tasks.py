@@ -33,6 +33,7 @@ from workers.celery_app import (
     FLOOD_TASK,
     HOLDS_TASK,
     JOB_TASK,
+    JOB_TIME_LIMIT,
     RECONCILE_TASK,
     RECOVER_JOBS_TASK,
     SCREEN_TASK,
@@ -166,9 +167,18 @@ def release_holds() -> dict[str, int]:
     return release_expired_holds(runtime(), actor="scheduler")
 
 
-@app.task(name=JOB_TASK, autoretry_for=(SQLAlchemyError,), retry_backoff=2, max_retries=5)  # type: ignore[untyped-decorator]
+@app.task(  # type: ignore[untyped-decorator]
+    name=JOB_TASK,
+    autoretry_for=(SQLAlchemyError,),
+    retry_backoff=2,
+    max_retries=5,
+    time_limit=JOB_TIME_LIMIT,
+    soft_time_limit=JOB_TIME_LIMIT - 60,
+)
 def run_console_job(job_id: str) -> None:
-    """Run one queued console import job (a job in any other state is left alone)."""
+    """Run one queued console import job (a job in any other state is left alone); an import
+    may run for up to ``JOB_TIME_LIMIT`` seconds, not the screening tasks' limit. A redelivery
+    while it runs (past Redis's visibility timeout) finds the job ``running`` and does nothing."""
     run_job(runtime(), job_id)
 
 

@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select, update
 
-from moderation.banks.job_recovery import lost_jobs
+from moderation.banks.job_recovery import MAX_REQUEUES, lost_jobs
 from moderation.banks.job_staging import imports_dir
 from moderation.banks.jobs import create_import_job, job_view
 from moderation.banks.records import create_bank
@@ -102,6 +102,18 @@ def test_recovery_finds_the_jobs_a_restart_lost(console_runtime: Runtime) -> Non
         assert db.get(Job, fresh).state == "running"  # type: ignore[union-attr]
         (requeue,) = db.scalars(select(AuditEvent).where(AuditEvent.action == "job.requeue"))
     assert requeue.target == f"job:{crashed}"
+    # A job that keeps killing its worker is given up after MAX_REQUEUES, its upload deleted.
+    with transaction(rt.sessions) as db:
+        job = db.get(Job, crashed)
+        assert job is not None and job.params["requeues"] == 1
+        job.params = {**job.params, "requeues": MAX_REQUEUES}
+    _age(rt, crashed, state="running", minutes=20)
+    staged = {p.name for p in imports_dir(rt.settings).glob("*")}
+    assert lost_jobs(rt) == []
+    with rt.sessions() as db:
+        gone = db.get(Job, crashed)
+        assert gone is not None and gone.state == "failed" and "not retried" in gone.result["error"]
+    assert len(staged - {p.name for p in imports_dir(rt.settings).glob("*")}) == 1
 
 
 def test_a_job_resent_after_a_worker_crash_runs_to_the_end(
