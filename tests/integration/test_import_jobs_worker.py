@@ -4,7 +4,6 @@ is re-sent by the recovery step and finished by a live worker."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -12,26 +11,12 @@ import pytest
 from sqlalchemy import update
 
 from moderation.banks.job_recovery import lost_jobs
-from moderation.banks.jobs import create_import_job, job_view
+from moderation.banks.jobs import job_view
 from moderation.banks.records import create_bank
 from moderation.storage.console import Job
 from moderation.storage.db import transaction
 from tests.integration.queue_stack import RedisServer, Stack, wait_until
-from tests.unit.console.test_console_banks import photo_zip
-
-
-def _stage(stack: Stack) -> str:
-    rt = stack.runtime
-    with transaction(rt.sessions) as db:
-        return create_import_job(
-            db,
-            rt.settings,
-            bank_name="console",
-            archive=io.BytesIO(photo_zip()),
-            filename="bank.zip",
-            created_by="user:1",
-            max_bytes=10**8,
-        ).id
+from tests.unit.console.test_console_import_jobs import stage_photos_job
 
 
 def _done(stack: Stack, job_id: str) -> bool:
@@ -56,7 +41,7 @@ def test_import_jobs_survive_restarts(
     with transaction(stack.runtime.sessions) as db:
         create_bank(db, "console")
     runner = CeleryJobRunner(create_celery(stack.settings()))
-    first = _stage(stack)
+    first = stage_photos_job(stack.runtime, "console")
     runner.submit(first)  # the web process sends it, then goes away; no worker runs yet
     worker = stack.start_worker()
     try:
@@ -65,7 +50,7 @@ def test_import_jobs_survive_restarts(
         print(worker.output()[-4000:])
         raise
     # A worker killed mid-import leaves its job "running" without progress: recovery re-sends it.
-    second = _stage(stack)
+    second = stage_photos_job(stack.runtime, "console")
     with transaction(stack.runtime.sessions) as db:
         stale = datetime.now(UTC) - timedelta(minutes=30)
         db.execute(update(Job).where(Job.id == second).values(state="running", updated_at=stale))

@@ -24,7 +24,8 @@ from moderation.storage.models import AuditEvent, Entry
 from tests.unit.console.test_console_banks import bank_id, photo_zip
 
 
-def _stage(rt: Runtime, bank: str) -> str:
+def stage_photos_job(rt: Runtime, bank: str) -> str:
+    """A queued console import job of the three bank photos into ``bank``; its id."""
     with transaction(rt.sessions) as db:
         return create_import_job(
             db,
@@ -88,9 +89,9 @@ def test_recovery_finds_the_jobs_a_restart_lost(console_runtime: Runtime) -> Non
     with transaction(rt.sessions) as db:
         create_bank(db, "recovered")
     crashed, unsent, fresh = (
-        _stage(rt, "recovered"),
-        _stage(rt, "recovered"),
-        _stage(rt, "recovered"),
+        stage_photos_job(rt, "recovered"),
+        stage_photos_job(rt, "recovered"),
+        stage_photos_job(rt, "recovered"),
     )
     _age(rt, crashed, state="running", minutes=20)  # its worker was killed mid-import
     _age(rt, unsent, state="queued", minutes=10)  # the web process died before the send
@@ -126,7 +127,7 @@ def test_a_job_resent_after_a_worker_crash_runs_to_the_end(
     monkeypatch.setattr(tasks, "_runtime", rt)
     with transaction(rt.sessions) as db:
         create_bank(db, "resumed")
-    job_id = _stage(rt, "resumed")
+    job_id = stage_photos_job(rt, "resumed")
     _age(rt, job_id, state="running", minutes=30)
     tasks.run_console_job(job_id)  # a duplicate delivery while "running" does nothing
     assert lost_jobs(rt) == [job_id]
