@@ -27,7 +27,7 @@ from moderation.banks.hash_jobs import create_hash_import_job
 from moderation.banks.hashlists import FORMATS
 from moderation.banks.job_staging import JobError
 from moderation.banks.jobs import JobRunner, create_import_job, job_view
-from moderation.banks.operations import set_bank_enabled, set_entry_disabled
+from moderation.banks.operations import rename_bank, set_bank_enabled, set_entry_disabled
 from moderation.banks.records import BlocklistError, create_bank_audited, entries_page
 from moderation.governance.approvals import (
     DELETE_BANK,
@@ -76,6 +76,10 @@ class QuarantineForm(ConsoleForm):
 
 class RemoveEntriesForm(ConsoleForm):
     entry_ids = SelectMultipleField(coerce=int, validate_choice=False, validators=[DataRequired()])
+
+
+class RenameBankForm(ConsoleForm):
+    new_name = StringField("New name", validators=[DataRequired(), Length(max=200)])
 
 
 class DeleteBankForm(ConsoleForm):
@@ -156,6 +160,7 @@ def show(bank_id: int) -> str:
         quarantine_form=QuarantineForm(),
         remove_form=RemoveEntriesForm(),
         delete_form=DeleteBankForm(),
+        rename_form=RenameBankForm(),
     )
 
 
@@ -255,6 +260,26 @@ def bank_enabled(bank_id: int) -> Response:
     enabled = form.enabled.data == "1"
     set_bank_enabled(runtime(), bank.name, enabled=enabled, actor=user.actor)
     flash("Bank enabled." if enabled else "Bank disabled.", "info")
+    return redirect(url_for("banks.show", bank_id=bank_id))
+
+
+@bp.route("/<int:bank_id>/rename", methods=["POST"])
+@permission_required("banks.write")
+@step_up_required
+def rename(bank_id: int) -> Response:
+    user = require_user()
+    bank = _bank(bank_id)
+    form = RenameBankForm()
+    if not form.validate_on_submit():
+        abort(400)
+    try:
+        rename_bank(
+            runtime(), bank.name, form.new_name.data or "", actor=user.actor, origin=origin()
+        )
+    except BlocklistError as exc:
+        flash(str(exc), "error")
+    else:
+        flash("Bank renamed.", "info")
     return redirect(url_for("banks.show", bank_id=bank_id))
 
 

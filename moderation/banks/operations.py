@@ -219,6 +219,39 @@ def set_bank_enabled(runtime: Runtime, bank_name: str, *, enabled: bool, actor: 
     return _commit_with_snapshot(runtime, change)
 
 
+def rename_bank(
+    runtime: Runtime, bank_name: str, new_name: str, *, actor: str, origin: str | None = None
+) -> int:
+    """Rename a bank (audited ``bank.rename``, old and new name) and publish a new snapshot, so
+    workers report matches under the new name; returns the version.
+
+    Policies name banks (``banks:`` patterns): check them before renaming.
+
+    Raises:
+        BlocklistError: no such bank, empty new name, or the new name is taken.
+    """
+    name = new_name.strip()
+    if not name:
+        raise BlocklistError("bank name must not be empty")
+
+    def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
+        bank = get_bank(session, bank_name)
+        if session.scalar(select(Bank.id).where(Bank.name == name, Bank.id != bank.id)):
+            raise BlocklistError(f"bank {name!r} already exists")
+        bank.name = name
+        record_event(
+            session,
+            actor=actor,
+            action="bank.rename",
+            target=f"bank:{bank.id}",
+            origin=origin,
+            details={"from": bank_name, "to": name},
+        )
+        return (), ()
+
+    return _commit_with_snapshot(runtime, change)
+
+
 def list_banks(runtime: Runtime) -> list[dict[str, Any]]:
     """Every bank with entry counts."""
     with runtime.sessions() as session:

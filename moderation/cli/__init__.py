@@ -143,9 +143,11 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 from moderation.cli import (  # noqa: E402, F401
     api_clients,
     audit,
+    bank_admin,
     classifier,
     core,
     hashes,
+    holds,
     quarantine,
     service,
     users,

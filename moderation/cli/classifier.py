@@ -1,4 +1,4 @@
-"""Classifier-stage commands: ``moderation classifier train|list``."""
+"""Classifier-stage commands: ``moderation classifier train|list|rollback``."""
 
 from __future__ import annotations
 
@@ -62,3 +62,22 @@ def classifier_list(ctx: Context, as_json: bool) -> None:
         echo_json(rows)
     else:
         print_table(rows, ["version", "active", "average_precision", "created_at"])
+
+
+@classifier.command("rollback")
+@click.option("--to", "version", default=None, help="Version to activate (see `list`).")
+@pass_ctx
+def classifier_rollback(ctx: Context, version: str | None) -> None:
+    """Make an earlier model active again (default: the newest one older than the active);
+    workers switch without a restart. Prints {"previous", "active"}."""
+    from moderation.matching.classifier.activation import RollbackError, rollback_model
+    from moderation.storage.db import transaction
+
+    with (
+        initialised_runtime(ctx, RollbackError) as runtime,
+        transaction(runtime.sessions) as session,
+    ):
+        result = rollback_model(
+            session, encoder_id=str(runtime.encoder.id), to=version, actor="cli"
+        )
+    echo_json(result)

@@ -56,6 +56,7 @@ from moderation.governance.erasure_stores import (
     zero_counts,
 )
 from moderation.governance.holds import hold_citation, is_held
+from moderation.governance.legal_holds import held_items
 from moderation.service.subjects import lookup_key
 from moderation.storage.db import transaction
 from moderation.storage.models import (
@@ -316,6 +317,9 @@ def _finish(runtime: Runtime, request_id: str, actor: str) -> dict[str, Any]:
             "uploads": len(plan["held"]),
             "kept": plan["held_kept"],
             "exceptions": plan["exceptions"],
+            "items": held_items(
+                session, plan["held"], {e["category"]: e["citation"] for e in plan["exceptions"]}
+            ),
         }
         completed = now_utc()
         event = record_event(
@@ -410,7 +414,9 @@ def erase_subject(
     Receipt fields: ``type`` (``moderation-erasure-receipt/1``), ``request_id``, ``dry_run``,
     ``received_at``, ``completed_at``, ``requested_by``, ``executed_by``, ``subject_known``,
     ``counts`` (:data:`moderation.governance.erasure_stores.ERASED_STORES`), ``held``
-    (``uploads``, ``kept`` per store, ``exceptions``: citation, category, uploads, until),
+    (``uploads``, ``kept`` per store, ``exceptions``: citation, category, uploads, until;
+    ``items``: each held upload kept back, with its category, citation and holds,
+    :func:`moderation.governance.legal_holds.held_items`),
     ``snapshot_version``, ``audit_seq``, ``public_key``, ``signature`` (Ed25519; check with
     ``moderation audit verify-receipt`` or :mod:`moderation.audit.offline`). A dry run returns
     the preview counts (and ``held_uploads``), signed, and changes nothing.

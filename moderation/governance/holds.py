@@ -16,7 +16,7 @@ from collections import Counter
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from moderation.audit.log import record_event
 from moderation.governance.erasure_stores import (
@@ -116,7 +116,8 @@ def _expired_holds(runtime: Runtime, moment: datetime) -> tuple[list[str], list[
         ids = list(
             session.scalars(
                 select(Upload.id).where(
-                    Upload.erasure_request_id.is_not(None), Upload.legal_hold_until <= moment
+                    Upload.erasure_request_id.is_not(None),
+                    or_(Upload.legal_hold_until.is_(None), Upload.legal_hold_until <= moment),
                 )
             )
         )
@@ -158,7 +159,10 @@ def _delete_held_blob_files(runtime: Runtime, ids: list[str]) -> None:
 def release_expired_holds(
     runtime: Runtime, *, actor: str, now: datetime | None = None
 ) -> dict[str, int]:
-    """Erase held uploads of erased subjects whose legal hold has ended; returns counts.
+    """Release the holds that have ended (:func:`moderation.governance.legal_holds.expire_holds`,
+    audited ``hold.expire``), then erase held uploads of erased subjects no hold keeps any more;
+    returns counts per store plus ``holds_expired``. The beat task ``moderation.release_holds``
+    runs this.
 
     Order: bank entries made from them, Redis keys, blob files, then the rows (so a rerun after
     a crash still finds every upload). Audited as ``gdpr.hold_release``.
@@ -167,9 +171,13 @@ def release_expired_holds(
         GdprError: Redis is configured but failed.
     """
     from moderation.banks.operations import delete_entries
+    from moderation.governance.legal_holds import expire_holds
 
-    ids, entries = _expired_holds(runtime, now or now_utc())
-    counts = zero_counts()
+    moment = now or now_utc()
+    with transaction(runtime.sessions) as session:
+        expired = expire_holds(session, actor=actor, now=moment)
+    ids, entries = _expired_holds(runtime, moment)
+    counts = {**zero_counts(), "holds_expired": len(expired)}
     if not ids:
         return counts
     if entries:

@@ -23,6 +23,7 @@ from moderation.banks.importer import compute_signals
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import get_bank
 from moderation.banks.snapshot_payload import EntrySignals
+from moderation.governance.legal_holds import hold_confirmed
 from moderation.governance.review import NotClaimedError, ReviewError, resolve_now
 from moderation.media.decode import UnscannableImage, decode_image
 from moderation.service.callbacks import notify_decision
@@ -39,6 +40,7 @@ from moderation.storage.models import (
 )
 
 if TYPE_CHECKING:
+    from moderation.matching.policy import Policy
     from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -191,6 +193,7 @@ def _apply_decision(
     origin: str | None,
     now: datetime,
     prepared: _Prepared | None,
+    policy: Policy | None = None,
 ) -> tuple[DecisionOutcome, list[EntrySignals]]:
     item = _claimed_item(session, item_id, reviewer_id, decision)
     screening = session.scalar(select(Screening).where(Screening.upload_id == item.upload_id))
@@ -207,6 +210,8 @@ def _apply_decision(
         item.state = "escalated"
     else:
         item.state = "decided"
+        if decision == "confirm" and policy is not None:  # the hold a block places (issue 14)
+            hold_confirmed(session, item, policy, actor=f"user:{reviewer_id}", origin=origin)
         pairs = _add_labelled_pairs(
             session,
             item,
@@ -288,7 +293,9 @@ def decide(
 ) -> DecisionOutcome:
     """Settle a claimed item, in one transaction (with a new snapshot when a bank changes).
 
-    ``confirm`` makes the upload's decision block and ``not_a_match`` allow; both write one
+    ``confirm`` makes the upload's decision block (placing the legal hold an automatic block of
+    its category places, :func:`moderation.governance.legal_holds.hold_confirmed`) and
+    ``not_a_match`` allow; both write one
     labelled pair per matched entry (features from the screening's explanation) and call
     ``moderation.service.callbacks.notify_decision``. ``bank_name`` adds the upload's image to that
     bank
@@ -323,6 +330,7 @@ def decide(
             origin=origin,
             now=moment,
             prepared=prepared,
+            policy=runtime.policy,
         )
         holder["outcome"] = outcome
         return signals, ()

@@ -175,6 +175,25 @@ class Upload(Base):
     erasure_request_id: Mapped[str | None] = mapped_column(String(32), index=True)
 
 
+class LegalHold(Base):
+    """One legal hold on an upload: placed by a block (``automatic``), a reviewer's confirm
+    (``review``) or by hand (``manual``, with a reason); ``Upload.legal_hold_until`` is the
+    latest ``until`` of its holds not yet released (``moderation.governance.legal_holds``)."""
+
+    __tablename__ = "legal_holds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # automatic | review | manual
+    reason: Mapped[str] = mapped_column(String(1000))
+    placed_by: Mapped[str] = mapped_column(String(200))
+    placed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    until: Mapped[datetime] = mapped_column(index=True)
+    released_at: Mapped[datetime | None] = mapped_column()
+    released_by: Mapped[str | None] = mapped_column(String(200))
+    release_reason: Mapped[str | None] = mapped_column(String(1000))
+
+
 class Screening(Base):
     """The result for one upload: exactly one row per upload."""
 

@@ -17,7 +17,7 @@ import pytest
 from flask import Flask
 
 ROLES = ("anonymous", "admin", "reviewer", "auditor", "dpo")
-CONSOLE_BLUEPRINTS = {"auth", "review", "banks", "dashboard", "audit", "gdpr", "clients"}
+CONSOLE_BLUEPRINTS = {"auth", "review", "banks", "dashboard", "audit", "gdpr", "clients", "holds"}
 
 
 def only(allowed: int, *roles: str, other: int = 403, anonymous: int = 302) -> dict[str, Any]:
@@ -49,6 +49,9 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/users", "GET"): only(200, "admin"),
     ("/users", "POST"): only(400, "admin"),
     ("/users/<>/disabled", "POST"): only(400, "admin"),
+    ("/users/<>/role", "POST"): only(400, "admin"),
+    ("/users/<>/password", "POST"): only(400, "admin"),
+    ("/users/<>/totp", "POST"): only(400, "admin"),
     ("/review", "GET"): only(200, "admin", "reviewer"),
     ("/review/claim", "POST"): only(400, "admin", "reviewer"),
     ("/review/<>", "GET"): only(200, "admin", "reviewer"),
@@ -60,6 +63,7 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/banks/<>/import", "POST"): only(400, "admin"),
     ("/banks/<>/import-hashes", "POST"): only(400, "admin"),
     ("/banks/<>/enabled", "POST"): only(400, "admin"),
+    ("/banks/<>/rename", "POST"): only(400, "admin"),
     ("/banks/<>/delete", "POST"): only(400, "admin"),
     ("/banks/<>/entries/remove", "POST"): only(400, "admin"),
     ("/banks/<>/entries/<>/disabled", "POST"): only(400, "admin"),
@@ -80,6 +84,9 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/clients/<>/revoke", "POST"): only(400, "admin"),
     ("/clients/<>/rotate", "POST"): only(400, "admin"),
     ("/clients/<>/allowlist", "POST"): only(400, "admin"),
+    ("/holds", "GET"): only(200, "admin", "dpo"),
+    ("/holds", "POST"): only(400, "admin", "dpo"),
+    ("/holds/<>/release", "POST"): only(400, "admin", "dpo"),
     ("/static/<>", "GET"): everyone(200),
     # The queue's status pages and bearer-token API: public or bearer-only whatever the
     # console role (a console session is no API credential). /metrics and the detailed

@@ -1,0 +1,76 @@
+"""Classifier rollback: make an earlier stored model the active one again.
+
+Training (:mod:`moderation.matching.classifier.training`) activates a new model unless it is
+worse on held-out pairs; a model that turns out bad in production is rolled back here by an admin
+(``moderation classifier rollback``). Workers poll the active version
+(:func:`~moderation.matching.classifier.model.active_model_version`) and switch without a
+restart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from moderation.audit.log import record_event
+from moderation.storage.models import ClassifierModel
+
+
+class RollbackError(Exception):
+    """No model to roll back to (unknown version, other encoder, nothing older)."""
+
+
+def rollback_model(
+    session: Session,
+    *,
+    encoder_id: str,
+    to: str | None = None,
+    actor: str,
+    origin: str | None = None,
+) -> dict[str, Any]:
+    """Activate model ``to`` (default: the newest model of ``encoder_id`` older than the active
+    one) for ``encoder_id``; audited ``classifier.rollback``. Returns ``{"previous", "active"}``
+    (versions; ``previous`` None when no model was active).
+
+    Raises:
+        RollbackError: unknown version, a model of another encoder, or no older model.
+    """
+    current = session.scalar(
+        select(ClassifierModel).where(
+            ClassifierModel.active.is_(True), ClassifierModel.encoder_id == encoder_id
+        )
+    )
+    if to is not None:
+        target = session.get(ClassifierModel, to)
+        if target is None or target.encoder_id != encoder_id:
+            raise RollbackError(f"no stored model {to!r} for encoder {encoder_id}")
+    else:
+        if current is None:
+            raise RollbackError("no model is active: name the version to activate (--to)")
+        target = session.scalar(
+            select(ClassifierModel)
+            .where(
+                ClassifierModel.encoder_id == encoder_id,
+                ClassifierModel.created_at < current.created_at,
+            )
+            .order_by(ClassifierModel.created_at.desc())
+            .limit(1)
+        )
+        if target is None:
+            raise RollbackError(f"no model older than the active {current.version}")
+    session.execute(
+        update(ClassifierModel).where(ClassifierModel.encoder_id == encoder_id).values(active=False)
+    )
+    target.active = True
+    previous = current.version if current is not None else None
+    record_event(
+        session,
+        actor=actor,
+        action="classifier.rollback",
+        target=f"classifier:{target.version}",
+        origin=origin,
+        details={"previous": previous},
+    )
+    return {"previous": previous, "active": target.version}
