@@ -147,5 +147,6 @@ from moderation.cli import (  # noqa: E402, F401
     hashes,
     quarantine,
     service,
+    tenancy,
     users,
 )
