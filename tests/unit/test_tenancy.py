@@ -12,12 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from moderation.banks.hash_import import import_hash_list
+from moderation.banks.index import CosineIndex
 from moderation.banks.records import create_bank
 from moderation.banks.tenancy import share_bank, unshare_bank
 from moderation.cli import main
@@ -25,6 +27,7 @@ from moderation.config import load_settings
 from moderation.governance.review import ReviewError, claim_next, queue_stats
 from moderation.governance.tenancy import set_reviewer_client
 from moderation.governance.users import create_user
+from moderation.matching.candidates import search_within
 from moderation.service.api_clients import create_api_client
 from moderation.service.dispatch import RecordingDispatcher
 from moderation.service.queue import process_upload
@@ -34,6 +37,7 @@ from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from moderation.storage.models import ApiClient, AuditEvent, ReviewItem, User
 from tests.conftest import Cli
+from tests.unit.conftest import unit_vectors
 from tests.unit.test_api import inline_dispatcher, jpeg, make_app, post
 from tests.unit.test_hma_api import pdq_of
 
@@ -276,3 +280,20 @@ def test_cli_sets_owner_sharing_policy_and_reviewer_scope(cli: Cli) -> None:
     expected = ["bank.create", "bank.share", "bank.unshare", "bank.share", "bank.set_owner"]
     assert [a for a in actions if a.startswith("bank.")] == expected
     assert "api_client.set_policy" in actions and "user.set_client" in actions
+
+
+def test_other_tenants_entries_never_crowd_out_a_clients_own() -> None:
+    """With top-k = 3 and the 50 nearest entries another tenant's, a client still gets its own
+    three nearest (what a search of its entries alone returns)."""
+    rng = np.random.default_rng(7)
+    query = unit_vectors(rng, 1, 16)
+    near = query + 0.01 * unit_vectors(rng, 50, 16)
+    far = unit_vectors(rng, 200, 16)
+    vectors = np.vstack([near / np.linalg.norm(near, axis=1, keepdims=True), far])
+    ids = np.arange(len(vectors))
+    mine = ids[50:]  # the other tenant owns ids 0-49, the nearest
+    index = CosineIndex.build(ids, vectors.astype(np.float32))
+    alone = CosineIndex.build(mine, vectors[50:].astype(np.float32))
+    scoped = search_within(index, query, 3, -1.0, lambda i: i >= 50)
+    assert [h.id for h in scoped[0]] == [h.id for h in alone.search(query, 3, -1.0)[0]]
+    assert all(h.id >= 50 for h in scoped[0]) and len(scoped[0]) == 3
