@@ -20,6 +20,7 @@ from wtforms import HiddenField, SelectField, SelectMultipleField, StringField
 from wtforms.validators import AnyOf, DataRequired, Length
 
 from admin import runtime
+from admin.banks.sharing import SharingForm, sharing
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
 from moderation.banks.flood_control import confirm_entry, list_quarantined, release_entry
@@ -29,6 +30,7 @@ from moderation.banks.job_staging import JobError
 from moderation.banks.jobs import JobRunner, create_import_job, job_view
 from moderation.banks.operations import rename_bank, set_bank_enabled, set_entry_disabled
 from moderation.banks.records import BlocklistError, create_bank_audited, entries_page
+from moderation.banks.tenancy import sharing_of
 from moderation.governance.approvals import (
     DELETE_BANK,
     DELETE_ENTRIES,
@@ -43,6 +45,7 @@ from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry
 
 bp = Blueprint("banks", __name__, url_prefix="/banks")
+bp.add_url_rule("/<int:bank_id>/sharing", view_func=sharing, methods=["POST"])
 
 ENTRIES_PER_PAGE = 500
 
@@ -145,6 +148,7 @@ def show(bank_id: int) -> str:
     with runtime().sessions() as db:
         entries, total = entries_page(db, bank_id, page=page, per_page=ENTRIES_PER_PAGE)
         quarantined = list_quarantined(db, bank_id=bank_id)
+        shares = sharing_of(db, bank)
     return render_template(
         "banks/show.html",
         bank=bank,
@@ -161,6 +165,8 @@ def show(bank_id: int) -> str:
         remove_form=RemoveEntriesForm(),
         delete_form=DeleteBankForm(),
         rename_form=RenameBankForm(),
+        sharing=shares,
+        sharing_form=SharingForm(),
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
-from wtforms import HiddenField, StringField, TextAreaField
+from wtforms import HiddenField, IntegerField, StringField, TextAreaField
 from wtforms.validators import AnyOf, DataRequired, Length, Optional
 
 from admin import runtime
@@ -33,6 +33,7 @@ from moderation.governance.review_display import (
     queue_page,
     render_upload,
 )
+from moderation.governance.tenancy import client_choices
 from moderation.storage.db import transaction
 
 bp = Blueprint("review", __name__, url_prefix="/review")
@@ -44,6 +45,7 @@ MAX_REMEMBERED = 200
 
 class ClaimForm(ConsoleForm):
     queue = HiddenField(validators=[DataRequired(), AnyOf(["main", "escalated"])])
+    client = IntegerField(validators=[Optional()])
 
 
 class ActForm(ConsoleForm):
@@ -78,7 +80,7 @@ def _load(item_id: int, user: Principal) -> tuple[ItemView, str]:
         return load_item(runtime(), item_id, user.id, user.role)
 
 
-def _claim_and_go(user: Principal, queue: str) -> Response:
+def _claim_and_go(user: Principal, queue: str, client_id: int | None = None) -> Response:
     rt = runtime()
     settings = rt.settings
     try:
@@ -90,6 +92,7 @@ def _claim_and_go(user: Principal, queue: str) -> Response:
                 daily_limit=settings.review_daily_exposure_limit,
                 queue=queue,
                 exclude=_remembered("skipped"),
+                client_id=client_id,
             )
             item_id = item.id if item is not None else None
     except ExposureLimitReached:
@@ -109,7 +112,15 @@ def _claim_and_go(user: Principal, queue: str) -> Response:
 @permission_required("review")
 def queue() -> str:
     user = require_user()
-    page = queue_page(runtime(), user.id, escalated=user.can("review.escalated"))
+    client_id = request.args.get("client", type=int)
+    try:
+        page = queue_page(
+            runtime(), user.id, escalated=user.can("review.escalated"), client_id=client_id
+        )
+    except ReviewError:
+        abort(404)
+    with runtime().sessions() as db:
+        clients = client_choices(db)
     return render_template(
         "review/queue.html",
         stats=page.stats,
@@ -118,6 +129,8 @@ def queue() -> str:
         last=page.last,
         form=ClaimForm(),
         can_escalated=user.can("review.escalated"),
+        clients=clients,
+        client_id=client_id,
     )
 
 
@@ -131,7 +144,7 @@ def claim() -> Response:
     queue_name = form.queue.data or "main"
     if queue_name == "escalated" and not user.can("review.escalated"):
         abort(403)
-    return _claim_and_go(user, queue_name)
+    return _claim_and_go(user, queue_name, form.client.data)
 
 
 @bp.route("/<int:item_id>")

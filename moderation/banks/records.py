@@ -45,9 +45,16 @@ class EntryInfo:
 
 
 def create_bank(
-    session: Session, name: str, *, kind: str = "block", category: str = "default"
+    session: Session,
+    name: str,
+    *,
+    kind: str = "block",
+    category: str = "default",
+    owner_client_id: int | None = None,
 ) -> Bank:
-    """Create a bank.
+    """Create a bank: the deployment's (shared with every client) or, with
+    ``owner_client_id``, that client's (private to it until shared;
+    :mod:`moderation.banks.tenancy`).
 
     Raises:
         BlocklistError: bad kind, empty name, or the name is taken.
@@ -58,7 +65,14 @@ def create_bank(
         raise BlocklistError("bank name must not be empty")
     if session.scalar(select(Bank).where(Bank.name == name)) is not None:
         raise BlocklistError(f"bank {name!r} already exists")
-    bank = Bank(name=name, kind=kind, category=category or "default", enabled=True)
+    bank = Bank(
+        name=name,
+        kind=kind,
+        category=category or "default",
+        enabled=True,
+        owner_client_id=owner_client_id,
+        shared_with_all=owner_client_id is None,
+    )
     session.add(bank)
     session.flush()
     return bank
@@ -72,20 +86,26 @@ def create_bank_audited(
     category: str,
     actor: str,
     origin: str | None = None,
+    owner_client_id: int | None = None,
 ) -> Bank:
-    """:func:`create_bank`, audited as ``bank.create`` (name, kind, category).
+    """:func:`create_bank`, audited as ``bank.create`` (name, kind, category, owner client id).
 
     Raises:
         BlocklistError: as :func:`create_bank`.
     """
-    bank = create_bank(session, name, kind=kind, category=category)
+    bank = create_bank(session, name, kind=kind, category=category, owner_client_id=owner_client_id)
     record_event(
         session,
         actor=actor,
         action="bank.create",
         target=f"bank:{bank.id}",
         origin=origin,
-        details={"name": bank.name, "kind": bank.kind, "category": bank.category},
+        details={
+            "name": bank.name,
+            "kind": bank.kind,
+            "category": bank.category,
+            "owner_client_id": owner_client_id,
+        },
     )
     return bank
 

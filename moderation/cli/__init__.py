@@ -150,5 +150,6 @@ from moderation.cli import (  # noqa: E402, F401
     holds,
     quarantine,
     service,
+    tenancy,
     users,
 )

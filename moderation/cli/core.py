@@ -80,23 +80,34 @@ def bank() -> None:
 @click.argument("name")
 @click.option("--kind", type=click.Choice(["block", "allow"]), default="block", show_default=True)
 @click.option("--category", default="default", show_default=True)
+@click.option(
+    "--owner",
+    default=None,
+    metavar="CLIENT",
+    help="API client owning the bank: it applies only to that client until shared "
+    "(`bank share`). Without it the bank is the deployment's, shared with every client.",
+)
 @pass_ctx
-def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
+def bank_create(ctx: Context, name: str, kind: str, category: str, owner: str | None) -> None:
     """Create a bank NAME."""
-    from moderation.audit.log import record_event
-    from moderation.banks.records import create_bank
+    from moderation.banks.records import create_bank_audited
+    from moderation.banks.tenancy import client_named
     from moderation.storage.db import transaction
 
     with initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
-        created = create_bank(session, name, kind=kind, category=category)
-        record_event(
-            session,
-            actor="cli",
-            action="bank.create",
-            target=f"bank:{created.id}",
-            details={"name": name, "kind": kind, "category": category},
+        owner_id = client_named(session, owner).id if owner is not None else None
+        created = create_bank_audited(
+            session, name, kind=kind, category=category, actor="cli", owner_client_id=owner_id
         )
-        echo_json({"bank_id": created.id, "name": name, "kind": kind, "category": category})
+        echo_json(
+            {
+                "bank_id": created.id,
+                "name": name,
+                "kind": kind,
+                "category": category,
+                "owner": owner,
+            }
+        )
 
 
 @bank.command("import")

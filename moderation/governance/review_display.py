@@ -25,6 +25,7 @@ from moderation.governance.review import (
     exposure,
     queue_stats,
     renew_lease,
+    reviewer_client,
     utc,
 )
 from moderation.governance.review_decisions import banks_for_decisions
@@ -209,10 +210,18 @@ class QueuePage:
     """The item the reviewer decided most recently, or None."""
 
 
-def queue_page(runtime: Runtime, reviewer_id: int, *, escalated: bool) -> QueuePage:
-    """The queue page's data; ``escalated``: the reviewer may work the escalated queue."""
+def queue_page(
+    runtime: Runtime, reviewer_id: int, *, escalated: bool, client_id: int | None = None
+) -> QueuePage:
+    """The queue page's data; ``escalated``: the reviewer may work the escalated queue;
+    ``client_id``: figures of that API client's items only (a reviewer scoped to a client
+    always sees their client's, :func:`moderation.governance.review.reviewer_client`).
+
+    Raises:
+        ReviewError: a reviewer scoped to one client asked for another's figures.
+    """
     with runtime.sessions() as session:
-        stats = queue_stats(session)
+        stats = queue_stats(session, client_id=reviewer_client(session, reviewer_id, client_id))
         mine = current_claim(session, reviewer_id, queue="main") or (
             current_claim(session, reviewer_id, queue="escalated") if escalated else None
         )

@@ -49,6 +49,7 @@ def record_result(
         session.add(
             ReviewItem(
                 upload_id=upload.id,
+                client_id=upload.client_id,
                 category=result.category,
                 priority=result.review_priority or 50,
             )

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from moderation.banks.tenancy import applicable_bank_ids
 from moderation.storage.models import Bank, Entry, Match, ReviewItem, Screening, Upload
 
 
@@ -18,10 +19,29 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def result_json(session: Session, screening: Screening) -> dict[str, Any]:
+def match_json(
+    match: Match, bank_name: str | None, label: str | None, *, named: bool
+) -> dict[str, Any]:
+    """One match as a client sees it. Unless ``named`` (the bank applies to the client,
+    :mod:`moderation.banks.tenancy`), the bank name, entry id and label are null: nothing
+    that identifies another tenant's bank or its entries."""
+    return {
+        "bank": bank_name if named else None,
+        "entry_id": f"e_{match.entry_id}" if named and match.entry_id is not None else None,
+        "label": label if named else None,
+        "cosine": _round(match.cosine),
+        "pdq_distance": match.pdq_distance,
+        "probability": _round(match.probability),
+    }
+
+
+def result_json(
+    session: Session, screening: Screening, client_id: int | None = None
+) -> dict[str, Any]:
     """The result object: ``decision``, ``policy``, ``score``, ``reason``, ``category``,
     ``matches`` (``bank``, ``entry_id``, ``label``, ``cosine``, ``pdq_distance``,
-    ``probability``), ``timings_ms``, ``index_version``."""
+    ``probability``; see :func:`match_json`), ``timings_ms``, ``index_version``, as API client
+    ``client_id`` (None: the operator, who sees every bank) may see it."""
     rows = session.execute(
         select(Match, Bank.name, Entry.label)
         .outerjoin(Bank, Match.bank_id == Bank.id)
@@ -29,6 +49,7 @@ def result_json(session: Session, screening: Screening) -> dict[str, Any]:
         .where(Match.screening_id == screening.id)
         .order_by(Match.id)
     ).all()
+    named = applicable_bank_ids(session, client_id)
     return {
         "decision": screening.decision,
         "policy": screening.policy,
@@ -36,14 +57,7 @@ def result_json(session: Session, screening: Screening) -> dict[str, Any]:
         "reason": screening.reason,
         "category": screening.category,
         "matches": [
-            {
-                "bank": bank_name,
-                "entry_id": None if match.entry_id is None else f"e_{match.entry_id}",
-                "label": label,
-                "cosine": _round(match.cosine),
-                "pdq_distance": match.pdq_distance,
-                "probability": _round(match.probability),
-            }
+            match_json(match, bank_name, label, named=named is None or match.bank_id in named)
             for match, bank_name, label in rows
         ],
         "timings_ms": {k: round(float(v), 2) for k, v in (screening.timings or {}).items()},
@@ -52,7 +66,8 @@ def result_json(session: Session, screening: Screening) -> dict[str, Any]:
 
 
 def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
-    """``{"id", "external_id", "status", "received_at", "result"}`` (``result`` null until done),
+    """``{"id", "external_id", "status", "received_at", "result"}`` (``result`` null until done,
+    and as the upload's own client may see it: :func:`result_json`),
     plus ``review`` (``state``, ``decision``, ``decided_at``) once a reviewer has decided."""
     view: dict[str, Any] = {
         "id": upload.id,
@@ -64,7 +79,7 @@ def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
     screening = session.scalar(select(Screening).where(Screening.upload_id == upload.id))
     if screening is not None:
         view["status"] = "done"
-        view["result"] = result_json(session, screening)
+        view["result"] = result_json(session, screening, upload.client_id)
     item = session.scalar(select(ReviewItem).where(ReviewItem.upload_id == upload.id))
     if item is not None and item.decided_at is not None:
         view["review"] = {

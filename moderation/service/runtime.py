@@ -99,6 +99,20 @@ class Runtime:
         """The active policy, validated."""
         return load_policy(self.settings.policies_dir, self.settings.policy)
 
+    def policy_named(self, name: str | None) -> Policy:
+        """The policy ``policies/<name>.yaml`` (None: the active one), validated once per
+        process (an API client's own policy, :mod:`moderation.service.tenancy`).
+
+        Raises:
+            PolicyError: as :func:`load_policy`.
+        """
+        if name is None or name == self.settings.policy:
+            return self.policy
+        cache: dict[str, Policy] = self.__dict__.setdefault("_named_policies", {})
+        if name not in cache:
+            cache[name] = load_policy(self.settings.policies_dir, name)
+        return cache[name]
+
     @cached_property
     def limits(self) -> DecodeLimits:
         """Decode limits from settings."""

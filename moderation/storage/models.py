@@ -72,8 +72,29 @@ class Bank(Base):
     category: Mapped[str] = mapped_column(String(100), default="default")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Tenancy (moderation.banks.tenancy): the API client owning the bank (None: the
+    # deployment's own bank); it applies to, and is named to, its owner, the clients in
+    # ``bank_shares``, and every client when ``shared_with_all``.
+    owner_client_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_clients.id", ondelete="RESTRICT"), index=True
+    )
+    shared_with_all: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
 
     entries: Mapped[list[Entry]] = relationship(back_populates="bank")
+
+
+class BankShare(Base):
+    """A bank shared with one API client: it matches that client's uploads and is named to it."""
+
+    __tablename__ = "bank_shares"
+
+    bank_id: Mapped[int] = mapped_column(
+        ForeignKey("banks.id", ondelete="CASCADE"), primary_key=True
+    )
+    client_id: Mapped[int] = mapped_column(
+        ForeignKey("api_clients.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Entry(Base):
@@ -260,6 +281,10 @@ class ReviewItem(Base):
     claimed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     lease_until: Mapped[datetime | None] = mapped_column()
     decision: Mapped[str | None] = mapped_column(String(32))  # confirm | not_a_match | escalate
+    # The API client whose upload this is (None: CLI/console uploads); queues filter on it.
+    client_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_clients.id", ondelete="SET NULL"), index=True
+    )
     decided_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     decided_at: Mapped[datetime | None] = mapped_column()
     notes: Mapped[str | None] = mapped_column(Text)
@@ -348,6 +373,10 @@ class User(Base):
     totp_last_counter: Mapped[int | None] = mapped_column(BigInteger)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A reviewer scoped to one API client sees and claims only that client's review items.
+    client_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_clients.id", ondelete="SET NULL"), index=True
+    )
 
 
 class ApiClient(Base):
@@ -366,6 +395,8 @@ class ApiClient(Base):
     token_rotated_at: Mapped[datetime | None] = mapped_column()
     secret_rotated_at: Mapped[datetime | None] = mapped_column()
     last_used_at: Mapped[datetime | None] = mapped_column()  # to the minute (api_clients)
+    # The client's policy, ``policies/<name>.yaml`` (None: the deployment's active policy).
+    policy: Mapped[str | None] = mapped_column(String(100))
 
 
 class Subject(Base):

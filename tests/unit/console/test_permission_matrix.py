@@ -64,6 +64,7 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/banks/<>/import-hashes", "POST"): only(400, "admin"),
     ("/banks/<>/enabled", "POST"): only(400, "admin"),
     ("/banks/<>/rename", "POST"): only(400, "admin"),
+    ("/banks/<>/sharing", "POST"): only(400, "admin"),
     ("/banks/<>/delete", "POST"): only(400, "admin"),
     ("/banks/<>/entries/remove", "POST"): only(400, "admin"),
     ("/banks/<>/entries/<>/disabled", "POST"): only(400, "admin"),
