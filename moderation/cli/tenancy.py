@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from moderation.cli import Context, echo_json, initialised_runtime, pass_ctx
+from moderation.cli.api_clients import api_client
 from moderation.cli.core import bank
-from moderation.cli.service import api_client
 from moderation.cli.users import users
 
 _client_option = click.option(
