@@ -144,6 +144,7 @@ from moderation.cli import (  # noqa: E402, F401
     audit,
     classifier,
     core,
+    decisions,
     hashes,
     quarantine,
     service,
