@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.matching.statements import statement_json
@@ -99,3 +99,22 @@ def appeal_page(session: Session, appeal_id: str, viewer_id: int) -> AppealPage 
         mine=appeal.claimed_by == viewer_id and appeal.state == "claimed",
         may_work=appeal.original_decided_by != viewer_id,
     )
+
+
+def appeal_counts(session: Session, since: datetime) -> dict[str, int]:
+    """``open``: unsettled appeals now; ``upheld``, ``overturned``: settled since ``since``."""
+    settled = dict(
+        session.execute(
+            select(Appeal.outcome, func.count())
+            .where(Appeal.state == "decided", Appeal.decided_at >= since)
+            .group_by(Appeal.outcome)
+        ).all()
+    )
+    waiting = session.scalar(
+        select(func.count()).select_from(Appeal).where(Appeal.state != "decided")
+    )
+    return {
+        "open": int(waiting or 0),
+        "upheld": int(settled.get("upheld", 0)),
+        "overturned": int(settled.get("overturned", 0)),
+    }

@@ -139,6 +139,10 @@ def test_appeal_goes_to_another_reviewer_who_overturns_it(
     assert "licensed" not in json.dumps(decide_event.details)  # the reason stays out of the log
     # An appeal's outcome is final.
     assert _appeal(client, token, upload_id, "once more").status_code == 409
+    admin = new_client()
+    admin.login(make_user("admin"))
+    dashboard = admin.get("/dashboard").get_data(as_text=True)
+    assert 'id="appeals-open">0<' in dashboard and 'id="appeals-overturned">1<' in dashboard
 
 
 def _decider_is_refused(
