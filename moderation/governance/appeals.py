@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
 from moderation.governance.review import _bump, exposure, resolve_now
-from moderation.matching.statements import current_statement, record_decision
+from moderation.matching.statements import OVERTURNED, current_statement, record_decision
 from moderation.service.callbacks import notify_decision
 from moderation.service.metrics import APPEALS
 from moderation.storage.db import transaction
@@ -36,7 +36,7 @@ from moderation.storage.models import Screening, Upload, User
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
 
-APPEALABLE: dict[str, str] = {"block": "allow", "allow": "block"}
+APPEALABLE = OVERTURNED
 """Decisions a platform may appeal -> what overturning makes of them."""
 OUTCOMES: tuple[str, ...] = ("upheld", "overturned")
 MAX_REASON = 2000

@@ -29,6 +29,8 @@ GROUNDS: tuple[str, ...] = ("illegal_content", "incompatible_with_terms")
 DEFAULT_GROUND = "incompatible_with_terms"
 """Ground of a block whose category names none (``CategoryRules.decision_ground``'s default)."""
 SOURCES: tuple[str, ...] = ("screening", "review", "appeal")
+OVERTURNED: dict[str, str] = {"block": "allow", "allow": "block"}
+"""Decisions a platform may appeal -> what overturning them on appeal makes of them."""
 CONTENT_TYPE = "image"
 """The only content type this service screens (DSA ``content_type``: CONTENT_TYPE_IMAGE)."""
 

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.matching.statements import current_statement, statement_json
+from moderation.matching.statements import OVERTURNED, current_statement, statement_json
 from moderation.storage.decisions import Appeal
 from moderation.storage.models import Bank, Entry, Match, ReviewItem, Screening, Upload
 
@@ -92,7 +92,6 @@ def appeal_json(appeal: Appeal) -> dict[str, Any]:
     "decided_at"}``: ``outcome`` upheld | overturned and ``decision`` (what the upload is now)
     are null until decided."""
     decided = appeal.outcome is not None
-    flipped = {"block": "allow", "allow": "block"}
     return {
         "id": appeal.id,
         "state": appeal.state,
@@ -102,7 +101,7 @@ def appeal_json(appeal: Appeal) -> dict[str, Any]:
         "decision": (
             None
             if not decided
-            else flipped[appeal.original_decision]
+            else OVERTURNED[appeal.original_decision]
             if appeal.outcome == "overturned"
             else appeal.original_decision
         ),

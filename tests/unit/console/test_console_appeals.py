@@ -251,3 +251,18 @@ def test_auditor_downloads_statements_of_reasons(
             .where(AuditEvent.action == "decisions.export")
         )
     assert exports == 2
+
+
+def test_openapi_documents_the_appeal(client: ConsoleClient) -> None:
+    doc = client.get("/api/v1/openapi.json").get_json()
+    operation = doc["paths"]["/api/v1/screenings/{id}/appeal"]["post"]
+    assert {"201", "400", "401", "404", "409"} <= set(operation["responses"])
+    schemas = doc["components"]["schemas"]
+    assert {"Appeal", "StatementOfReasons"} <= set(schemas)
+    assert set(schemas["StatementOfReasons"]["properties"]) >= {
+        "decision_ground",
+        "automated_detection",
+        "automated_decision",
+        "content_type",
+        "category",
+    }
