@@ -242,3 +242,61 @@ def test_concurrent_appeals_and_claims_have_one_winner(
 
     claims = race(claim, reviewers)
     assert sorted(claims.values()) == ["claimed", "conflict", "conflict"]
+
+
+def test_migration_0011_copies_existing_decisions(database_url: str) -> None:
+    """A database at 0006 with a blocked screening and a reviewer's not-a-match gets their
+    statements of reasons from the migration (SQLite and PostgreSQL)."""
+    from sqlalchemy import create_engine, text
+
+    from moderation.storage.db import migrate
+
+    engine = create_engine(database_url)
+    migrate(engine, "0006")
+    now = "2026-01-01 00:00:00"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO users (id, email, role, password_hash, disabled, created_at) "
+                "VALUES (7, 'r@example.org', 'reviewer', 'x', FALSE, :now)"
+            ),
+            {"now": now},
+        )
+        for upload, decision in (("a" * 32, "block"), ("b" * 32, "review")):
+            conn.execute(
+                text(
+                    "INSERT INTO uploads (id, source, received_at, updated_at, status, attempts) "
+                    "VALUES (:id, 'api', :now, :now, 'done', 1)"
+                ),
+                {"id": upload, "now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO screenings (upload_id, decision, policy, category, timings, "
+                    "explanation, created_at) VALUES (:id, :d, 'default', 'default', '{}', "
+                    "'{}', :now)"
+                ),
+                {"id": upload, "d": decision, "now": now},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO review_items (upload_id, priority, state, decision, decided_by, "
+                "decided_at, created_at) VALUES (:id, 50, 'decided', 'not_a_match', 7, :now, "
+                ":now)"
+            ),
+            {"id": "b" * 32, "now": now},
+        )
+    migrate(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT upload_id, source, decision, decision_ground, automated_decision, "
+                "decided_by, content_type FROM decisions ORDER BY id"
+            )
+        ).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [
+        ("a" * 32, "screening", "block", "incompatible_with_terms", True, None, "image"),
+        ("b" * 32, "screening", "review", None, True, None, "image"),
+        ("b" * 32, "review", "allow", None, False, 7, "image"),
+    ]
