@@ -7,7 +7,8 @@ statements`): only a final ``block`` or ``allow``, only the client's own upload,
 decision, never an appeal of an appeal's outcome. A reviewer claims it in the console
 (:func:`claim_appeal`; the person who made the appealed decision never may, anyone may when it
 was automated) and settles it (:func:`decide_appeal`): ``upheld`` keeps the decision,
-``overturned`` flips it (block <-> allow). Either outcome is a new decision row (a person
+``overturned`` flips it (block <-> allow; a new block gets its category's legal hold, as an
+automatic one does). Either outcome is a new decision row (a person
 decided), an ``appeal.decide`` audit event, a signed ``appeal.decided`` callback
 (:func:`moderation.service.callbacks.notify_decision`) and one count of
 ``moderation_appeals_total{outcome}``. The platform's reason text stays out of the audit log (it
@@ -25,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.governance.review import _bump, exposure, resolve_now
+from moderation.governance.review import _bump, exposure, resolve_now, utc
 from moderation.matching.statements import OVERTURNED, current_statement, record_decision
 from moderation.service.callbacks import notify_decision
 from moderation.service.metrics import APPEALS
@@ -237,9 +238,12 @@ def decide_appeal(
         _check_reviewer(session, appeal, reviewer_id)
         if appeal.state != "claimed" or appeal.claimed_by != reviewer_id:
             raise AppealConflict("the appeal is not claimed by you")
+        moment = resolve_now(now)
         result = _settle(
-            session, appeal, reviewer_id, outcome, notes=notes, origin=origin, now=resolve_now(now)
+            session, appeal, reviewer_id, outcome, notes=notes, origin=origin, now=moment
         )
+        if result.decision == "block" and outcome == "overturned":
+            _hold(session, runtime, appeal.upload_id, moment)
     APPEALS.labels(outcome).inc()
     return result
 
@@ -286,3 +290,19 @@ def _settle(
     )
     notify_decision(session, appeal.upload_id, event="appeal.decided")
     return AppealOutcome(appeal.id, appeal.upload_id, outcome, decision)
+
+
+def _hold(session: Session, runtime: Runtime, upload_id: str, now: datetime) -> None:
+    """An allow overturned to block keeps the upload as an automatic block would: the legal
+    hold of its category (``CategoryRules.legal_hold_days``), never shortening one in place."""
+    upload = session.get(Upload, upload_id)
+    screening = session.scalar(select(Screening).where(Screening.upload_id == upload_id))
+    if upload is None or screening is None:
+        return
+    days = runtime.policy.rules_for(screening.category or "").legal_hold_days
+    if not days:
+        return
+    until = now + timedelta(days=days)
+    current = upload.legal_hold_until
+    if current is None or utc(current) < until:
+        upload.legal_hold_until = until

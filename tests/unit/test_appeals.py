@@ -9,6 +9,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from moderation.governance.appeals import (
     decide_appeal,
     file_appeal,
 )
+from moderation.governance.review import utc
 from moderation.governance.users import create_user
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.recording import record_result
@@ -38,7 +40,7 @@ from moderation.service.uploads import create_upload
 from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from moderation.storage.decisions import Appeal
-from moderation.storage.models import CallbackDelivery
+from moderation.storage.models import CallbackDelivery, Upload
 from tests.conftest import Cli, migrated_runtime, skimage_photo_path
 from tests.unit.test_api import make_app
 from tests.unit.test_callbacks import Receiver
@@ -75,17 +77,23 @@ def receiver() -> Iterator[Receiver]:
     server.close()
 
 
+def _policy_variant(tmp_path: Path, settings: Any, name: str, **category: Any) -> Any:
+    """Settings over a copy of the default policy called ``name`` whose default category has
+    ``category``'s fields changed."""
+    document = yaml.safe_load((_default_policies_dir() / "default.yaml").read_text())
+    document["name"] = name
+    document["categories"]["default"].update(category)
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / f"{name}.yaml").write_text(yaml.safe_dump(document))
+    return load_settings(data_dir=settings.data_dir, policies_dir=policies, policy=name)
+
+
 @pytest.fixture
 def dsa_runtime(tmp_path: Path, settings: Any) -> Iterator[Runtime]:
     """The default policy with its category's ground set to illegal_content, and a block bank
     holding the coffee photo (real encoder, real snapshot)."""
-    document = yaml.safe_load((_default_policies_dir() / "default.yaml").read_text())
-    document["name"] = "dsa"
-    document["categories"]["default"]["decision_ground"] = "illegal_content"
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "dsa.yaml").write_text(yaml.safe_dump(document))
-    dsa = load_settings(data_dir=settings.data_dir, policies_dir=policies, policy="dsa")
+    dsa = _policy_variant(tmp_path, settings, "dsa", decision_ground="illegal_content")
     with migrated_runtime(dsa) as rt:
         with transaction(rt.sessions) as db:
             create_bank(db, "known-bad")
@@ -185,8 +193,8 @@ def any_db_runtime(database_url: str, tmp_path: Path) -> Iterator[Runtime]:
         yield rt
 
 
-def _automated_block(rt: Runtime) -> tuple[int, str]:
-    """A client's upload with an automated block (recorded by ``record_result``)."""
+def _automated_block(rt: Runtime, decision: str = "block") -> tuple[int, str]:
+    """A client's upload with an automated block (or ``decision``), by ``record_result``."""
     with transaction(rt.sessions) as db:
         client = create_api_client(db, rt.keyring, "acme", callback_allowlist=[])
         upload = create_upload(
@@ -194,7 +202,7 @@ def _automated_block(rt: Runtime) -> tuple[int, str]:
         )
         upload.client_id = client.client_id
         result = ScreeningResult(
-            decision="block",
+            decision=decision,
             policy="default",
             score=0.9,
             reason=None,
@@ -300,3 +308,20 @@ def test_migration_0011_copies_existing_decisions(database_url: str) -> None:
         ("b" * 32, "screening", "review", None, True, None, "image"),
         ("b" * 32, "review", "allow", None, False, 7, "image"),
     ]
+
+
+def test_allow_overturned_to_block_gets_the_legal_hold(tmp_path: Path, settings: Any) -> None:
+    held = _policy_variant(tmp_path, settings, "held", legal_hold_days=30, legal_hold_basis="x")
+    with migrated_runtime(held) as rt:
+        client_id, upload_id = _automated_block(rt, "allow")
+        appeal = file_appeal(rt, client_id=client_id, upload_id=upload_id, reason="it is banned")
+        reviewer = _reviewer(rt, "r@example.org")
+        with transaction(rt.sessions) as db:
+            claim_appeal(db, appeal.id, reviewer_id=reviewer, lease_seconds=60, daily_limit=9)
+        outcome = decide_appeal(rt, appeal.id, reviewer_id=reviewer, outcome="overturned")
+        assert outcome.decision == "block"
+        with rt.sessions() as db:
+            upload = db.get(Upload, upload_id)
+            assert upload is not None and upload.legal_hold_until is not None
+            days = (utc(upload.legal_hold_until) - datetime.now(UTC)).total_seconds() / 86400
+        assert 29.9 < days <= 30
