@@ -219,7 +219,7 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
         "paths": {
             "/api/v1/screenings": {"post": _create_screening()},
             "/api/v1/screenings/{id}": {"get": _get_screening()},
-            "/api/v1/screenings/{id}/appeal": {"post": appeal_operation()},
+            "/api/v1/screenings/{id}/appeal": {"post": appeal_operation(_error_response)},
             **hma_paths(),
         },
         "components": {

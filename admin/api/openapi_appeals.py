@@ -3,14 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
 
 
 def statement_schema() -> dict[str, Any]:
@@ -59,8 +53,8 @@ def appeal_schema() -> dict[str, Any]:
     }
 
 
-def appeal_operation() -> dict[str, Any]:
-    """``POST /api/v1/screenings/{id}/appeal``."""
+def appeal_operation(_error: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """``POST /api/v1/screenings/{id}/appeal``; ``_error`` builds an error response."""
     reason = {"type": "string", "minLength": 1, "maxLength": 2000}
     body = {"type": "object", "required": ["reason"], "properties": {"reason": reason}}
     return {

@@ -21,7 +21,7 @@ from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user
 from admin.review import upload_image_response
-from moderation.governance.appeal_display import appeal_page
+from moderation.governance.appeal_display import AppealPage, appeal_page
 from moderation.governance.appeals import (
     OUTCOMES,
     AppealError,
@@ -49,14 +49,19 @@ class DecisionsExportForm(ConsoleForm):
     since = DateTimeLocalField("From (UTC)", format="%Y-%m-%dT%H:%M", validators=[Optional()])
 
 
+def _page(appeal_id: str) -> AppealPage:
+    """The appeal's page for the signed-in reviewer; 404 when there is no such appeal."""
+    with runtime().sessions() as db:
+        page = appeal_page(db, appeal_id[:32], require_user().id)
+    if page is None:
+        abort(404)
+    return page
+
+
 @bp.route("/review/appeals/<appeal_id>")
 @permission_required("review")
 def appeal(appeal_id: str) -> str:
-    user = require_user()
-    with runtime().sessions() as db:
-        page = appeal_page(db, appeal_id[:32], user.id)
-    if page is None:
-        abort(404)
+    page = _page(appeal_id)
     return render_template(
         "review/appeal.html",
         page=page,
@@ -69,10 +74,8 @@ def appeal(appeal_id: str) -> str:
 @permission_required("review")
 def appeal_image(appeal_id: str) -> Response:
     """The blurred greyscale preview, for the reviewer holding the appeal only."""
-    user = require_user()
-    with runtime().sessions() as db:
-        page = appeal_page(db, appeal_id[:32], user.id)
-    if page is None or not page.mine:
+    page = _page(appeal_id)
+    if not page.mine:
         abort(404)
     return upload_image_response(page.appeal.upload_id, preview=True)
 
