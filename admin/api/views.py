@@ -186,6 +186,7 @@ def appeal_screening(upload_id: str) -> Any:
     """Appeal the screening's current decision (JSON or form field ``reason``): ``201`` with
     the appeal; 404 for another client's upload, 409 when undecided or already appealed."""
     client_id = authenticated_client_id()
+    request.max_content_length = MULTIPART_OVERHEAD  # a reason is at most 2000 characters
     body = request.get_json(silent=True)
     reason = body.get("reason") if isinstance(body, dict) else request.form.get("reason")
     appeal = file_appeal(

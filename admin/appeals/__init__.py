@@ -12,7 +12,17 @@ import io
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, abort, flash, redirect, render_template, send_file, url_for
+from flask import (
+    Blueprint,
+    abort,
+    flash,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    session,
+    url_for,
+)
 from werkzeug.wrappers import Response
 from wtforms import DateTimeLocalField, SelectField, StringField, TextAreaField
 from wtforms.validators import AnyOf, DataRequired, Length, Optional
@@ -20,7 +30,7 @@ from wtforms.validators import AnyOf, DataRequired, Length, Optional
 from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user
-from admin.review import upload_image_response
+from admin.review import MAX_REMEMBERED, upload_image_response
 from moderation.governance.appeal_display import AppealPage, appeal_page
 from moderation.governance.appeals import (
     OUTCOMES,
@@ -28,11 +38,15 @@ from moderation.governance.appeals import (
     AppealNotFound,
     claim_appeal,
     decide_appeal,
+    record_appeal_reveal,
 )
 from moderation.matching.statements import export_decisions
 from moderation.storage.db import transaction
 
 bp = Blueprint("appeals", __name__)
+
+REVEALED_KEY = "revealed_appeals"
+"""Session key: ids of the appeals whose image this reviewer revealed."""
 
 
 class AppealClaimForm(ConsoleForm):
@@ -67,6 +81,7 @@ def appeal(appeal_id: str) -> str:
         page=page,
         claim_form=AppealClaimForm(),
         decide_form=AppealDecideForm(),
+        revealed=page.appeal.id in _revealed(),
     )
 
 
@@ -77,7 +92,33 @@ def appeal_image(appeal_id: str) -> Response:
     page = _page(appeal_id)
     if not page.mine:
         abort(404)
-    return upload_image_response(page.appeal.upload_id, preview=True)
+    full = request.args.get("variant") == "full"
+    if full and page.appeal.id not in _revealed():
+        abort(403)
+    return upload_image_response(page.appeal.upload_id, preview=not full)
+
+
+def _revealed() -> list[str]:
+    value = session.get(REVEALED_KEY)
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+@bp.route("/review/appeals/<appeal_id>/reveal", methods=["POST"])
+@permission_required("review")
+def reveal(appeal_id: str) -> Response:
+    """Show the held appeal's image un-blurred from now on (counted and audited)."""
+    user = require_user()
+    if not AppealClaimForm().validate_on_submit():
+        abort(400)
+    page = _page(appeal_id)
+    try:
+        with transaction(runtime().sessions) as db:
+            record_appeal_reveal(db, page.appeal.id, user.id, origin=origin())
+    except AppealError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("review.queue"))
+    session[REVEALED_KEY] = [*_revealed(), page.appeal.id][-MAX_REMEMBERED:]
+    return redirect(url_for("appeals.appeal", appeal_id=page.appeal.id))
 
 
 @bp.route("/review/appeals/<appeal_id>/claim", methods=["POST"])

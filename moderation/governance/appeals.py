@@ -209,6 +209,33 @@ def claim_appeal(
     return appeal
 
 
+def record_appeal_reveal(
+    session: Session,
+    appeal_id: str,
+    reviewer_id: int,
+    *,
+    origin: str | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Count (daily exposure) and audit (``appeal.reveal``) that the reviewer holding the
+    appeal un-blurred its image.
+
+    Raises:
+        AppealConflict: the reviewer does not hold the appeal.
+    """
+    appeal = session.get(Appeal, appeal_id)
+    if appeal is None or appeal.state != "claimed" or appeal.claimed_by != reviewer_id:
+        raise AppealConflict("the appeal is not claimed by you")
+    _bump(session, reviewer_id, resolve_now(now), reveals=1)
+    record_event(
+        session,
+        actor=f"user:{reviewer_id}",
+        action="appeal.reveal",
+        target=f"appeal:{appeal.id}",
+        origin=origin,
+    )
+
+
 def decide_appeal(
     runtime: Runtime,
     appeal_id: str,

@@ -126,6 +126,9 @@ def test_appeal_goes_to_another_reviewer_who_overturns_it(
     shown = other.get(page).get_data(as_text=True)
     assert "Overturn (allow)" in shown and "incompatible_with_terms" in shown
     assert other.get(f"{page}/image").status_code == 200
+    assert other.get(f"{page}/image?variant=full").status_code == 403  # not revealed yet
+    assert other.form(f"{page}/reveal", {}, token_from=page).status_code == 302
+    assert other.get(f"{page}/image?variant=full").status_code == 200
     done = other.form(f"{page}/decide", {"outcome": "overturned"}, token_from=page)
     assert done.status_code == 302
 
@@ -134,7 +137,7 @@ def test_appeal_goes_to_another_reviewer_who_overturns_it(
     with rt.sessions() as db:
         actions = set(db.scalars(select(AuditEvent.action)).all())
         decide_event = db.scalar(select(AuditEvent).where(AuditEvent.action == "appeal.decide"))
-    assert {"appeal.file", "appeal.claim", "appeal.decide"} <= actions
+    assert {"appeal.file", "appeal.claim", "appeal.reveal", "appeal.decide"} <= actions
     assert decide_event is not None and decide_event.actor == f"user:{second.id}"
     assert "licensed" not in json.dumps(decide_event.details)  # the reason stays out of the log
     # An appeal's outcome is final.
@@ -208,6 +211,7 @@ def test_what_may_not_be_appealed(
     assert _appeal(client, token, "0" * 32, "missing").status_code == 404
     assert _appeal(client, token, upload_id, "   ").status_code == 400
     assert _appeal(client, token, upload_id, "x" * 2001).status_code == 400
+    assert _appeal(client, token, upload_id, "x" * 100_000).status_code == 413
     no_auth = client.post(f"/api/v1/screenings/{upload_id}/appeal", json={"reason": "x"})
     assert no_auth.status_code == 401
     # An allow may be appealed too (the platform thinks it should be blocked), as a form post.

@@ -58,6 +58,7 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/review/appeals/<>", "GET"): only(404, "admin", "reviewer"),
     ("/review/appeals/<>/image", "GET"): only(404, "admin", "reviewer"),
     ("/review/appeals/<>/claim", "POST"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/reveal", "POST"): only(404, "admin", "reviewer"),
     ("/review/appeals/<>/decide", "POST"): only(400, "admin", "reviewer"),
     ("/decisions/export", "POST"): only(400, "admin", "auditor"),
     ("/banks", "GET"): only(200, "admin", "auditor"),
