@@ -20,6 +20,7 @@ from moderation.service.runtime import Runtime
 BLUEPRINTS: tuple[str, ...] = (
     "admin.auth:bp",
     "admin.review:bp",
+    "admin.appeals:bp",
     "admin.banks:bp",
     "admin.dashboard:bp",
     "admin.audit:bp",

@@ -15,6 +15,7 @@ from admin import runtime
 from admin.forms import ConsoleForm
 from admin.permissions import Principal, origin, permission_required, require_user
 from moderation.banks.records import BlocklistError
+from moderation.governance.appeal_display import open_appeals
 from moderation.governance.review import (
     ExposureLimitReached,
     NotClaimedError,
@@ -121,6 +122,7 @@ def queue() -> str:
         abort(404)
     with runtime().sessions() as db:
         clients = client_choices(db)
+        appeals = open_appeals(db, user.id)
     return render_template(
         "review/queue.html",
         stats=page.stats,
@@ -131,6 +133,7 @@ def queue() -> str:
         can_escalated=user.can("review.escalated"),
         clients=clients,
         client_id=client_id,
+        appeals=appeals,
     )
 
 
@@ -174,7 +177,12 @@ def image(item_id: int) -> Response:
     full = request.args.get("variant") == "full"
     if full and item_id not in _remembered("revealed"):
         abort(403)
-    rendered = render_upload(runtime(), view.upload_id, preview=not full)
+    return upload_image_response(view.upload_id, preview=not full)
+
+
+def upload_image_response(upload_id: str, *, preview: bool) -> Response:
+    """The upload re-encoded as JPEG (``render_upload``), never cached; 404 when it is gone."""
+    rendered = render_upload(runtime(), upload_id, preview=preview)
     if rendered is None:
         abort(404)
     response = Response(rendered.jpeg, mimetype="image/jpeg")

@@ -146,6 +146,7 @@ from moderation.cli import (  # noqa: E402, F401
     bank_admin,
     classifier,
     core,
+    decisions,
     hashes,
     holds,
     quarantine,

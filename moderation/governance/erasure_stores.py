@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import CursorResult, delete, func, select, text
 from sqlalchemy.orm import Session
 
+from moderation.storage.decisions import Appeal, Decision
 from moderation.storage.models import (
     CallbackAttempt,
     Entry,
@@ -52,6 +53,8 @@ ERASED_STORES = (
     "screenings",
     "matches",
     "review_items",
+    "appeals",
+    "decisions",
     "labelled_pairs",
     "callback_attempts",
     "redis_keys",
@@ -185,6 +188,8 @@ def store_counts(session: Session, upload_ids: Sequence[str]) -> Counter[str]:
         for name, model in (
             ("screenings", Screening),
             ("review_items", ReviewItem),
+            ("appeals", Appeal),
+            ("decisions", Decision),
             ("labelled_pairs", LabelledPair),
             ("callback_attempts", CallbackAttempt),
         ):
@@ -246,6 +251,8 @@ def delete_upload_rows(
             ("callback_attempts", CallbackAttempt),
             ("labelled_pairs", LabelledPair),
             ("review_items", ReviewItem),
+            ("appeals", Appeal),  # before decisions: an appeal names the decision it contests
+            ("decisions", Decision),
             ("screenings", Screening),
         ):
             counts[name] += _deleted(session, delete(model).where(model.upload_id.in_(chunk)))

@@ -25,6 +25,7 @@ from moderation.banks.records import get_bank
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.governance.legal_holds import hold_confirmed
 from moderation.governance.review import NotClaimedError, ReviewError, resolve_now
+from moderation.matching.statements import current_statement, record_decision
 from moderation.media.decode import UnscannableImage, decode_image
 from moderation.service.callbacks import notify_decision
 from moderation.service.uploads import BlobMissingError, read_upload
@@ -234,8 +235,7 @@ def _apply_decision(
         details=_decision_details(item, final, matches, prepared, entry_id),
     )
     if final is not None:
-        # The platform hears about the decision after this transaction commits.
-        notify_decision(session, item.upload_id)
+        _announce(session, item, screening, final)
     outcome = DecisionOutcome(
         item_id=item.id,
         upload_id=item.upload_id,
@@ -246,6 +246,20 @@ def _apply_decision(
         notified=final is not None,
     )
     return outcome, signals
+
+
+def _announce(session: Session, item: ReviewItem, screening: Screening | None, final: str) -> None:
+    """Record the final decision's statement of reasons and tell the platform (after commit)."""
+    record_decision(
+        session,
+        item.upload_id,
+        source="review",
+        decision=final,
+        screening=screening,
+        decided_by=item.decided_by,
+        reason=f"review_{item.decision}",
+    )
+    notify_decision(session, item.upload_id)
 
 
 def _add_entry(
@@ -344,7 +358,11 @@ def decide(
 
 
 def current_decision(session: Session, upload_id: str) -> str | None:
-    """The upload's decision now: the reviewer's final one when settled, else the screening's."""
+    """The upload's decision now: its newest statement of reasons (an appeal's, a reviewer's),
+    else the reviewer's final one when settled, else the screening's."""
+    statement = current_statement(session, upload_id)
+    if statement is not None:
+        return statement.decision
     item = session.scalar(select(ReviewItem).where(ReviewItem.upload_id == upload_id))
     if item is not None and item.state == "decided" and item.decision in FINAL_DECISION:
         return FINAL_DECISION[item.decision]

@@ -17,7 +17,8 @@ from moderation.banks.records import EntryInfo
 from moderation.matching.candidates import Candidate
 from moderation.matching.policy import SEVERITY, CategoryRules, Policy
 
-# The category thresholds copied into a decision's explanation (what the top match was held to).
+# The category thresholds copied into a decision's explanation (what the top match was held to,
+# and the ground of its statement of reasons: moderation.matching.statements).
 _EXPLAINED_THRESHOLDS = {
     "block_cosine",
     "review_cosine",
@@ -26,6 +27,7 @@ _EXPLAINED_THRESHOLDS = {
     "block_probability",
     "review_probability",
     "action",
+    "decision_ground",
 }
 
 

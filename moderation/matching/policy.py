@@ -66,6 +66,10 @@ class CategoryRules(_Strict):
     # cited on the erasure receipt.
     legal_hold_days: int | None = Field(default=None, ge=1, le=36500)
     legal_hold_basis: str | None = Field(default=None, min_length=1, max_length=300)
+    # The statement of reasons' ground for a block in this category (EU DSA Art. 17(3)(d)/(e)).
+    decision_ground: Literal["illegal_content", "incompatible_with_terms"] = (
+        "incompatible_with_terms"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> CategoryRules:

@@ -1,6 +1,7 @@
 """The last stage of screening: a :class:`~moderation.matching.decision.ScreeningResult` written
 to the database as a screening row with its match rows, a review item when a human must look,
-the upload's legal hold (:func:`place_block_hold`, also called for a reviewer's confirm), the
+the upload's legal hold (:func:`place_block_hold`, also called for a reviewer's confirm), its
+statement of reasons (:mod:`moderation.matching.statements`), the
 matched entries' daily match counts (flood control,
 :mod:`moderation.banks.match_counts`) and the ``screening.decide`` audit event, in the caller's
 transaction.
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 from moderation.audit.log import record_event
 from moderation.banks.match_counts import count_matches, utc_today
 from moderation.matching.decision import ScreeningResult
+from moderation.matching.statements import record_decision
 from moderation.storage.models import LegalHold, Match, ReviewItem, Screening, Upload
 
 HOLD_SOURCES: tuple[str, ...] = ("automatic", "review", "manual")
@@ -25,7 +27,8 @@ HOLD_SOURCES: tuple[str, ...] = ("automatic", "review", "manual")
 def record_result(
     session: Session, upload: Upload, result: ScreeningResult, *, actor: str = "screening"
 ) -> Screening:
-    """Write a result: screening row, match rows, review item if needed, one more match today
+    """Write a result: screening row, match rows, review item if needed, its decision row
+    (statement of reasons), one more match today
     (UTC) for each matched entry (``entry_match_counts``), audit event.
 
     Idempotent by upload: an upload that already has a screening keeps it (returned as is).
@@ -55,6 +58,9 @@ def record_result(
             )
         )
     session.flush()
+    record_decision(
+        session, upload.id, source="screening", decision=result.decision, screening=screening
+    )
     count_matches(session, (m.entry.entry_id for m in result.matches), day=utc_today())
     record_event(
         session,

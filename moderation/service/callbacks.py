@@ -99,8 +99,11 @@ def backoff_seconds(attempt: int, base: float) -> float:
 # --- marking a decision for delivery -----------------------------------------------------------
 
 
-def notify_decision(session: Session, upload_id: str) -> None:
+def notify_decision(session: Session, upload_id: str, *, event: str | None = None) -> None:
     """Mark the upload's current decision for delivery to its client's callback URL.
+
+    ``event`` names it in the body (``appeal.decided``...); by default ``review.decided`` once
+    a reviewer has decided, else ``screening.decided``.
 
     Runs inside the caller's transaction: the delivery row commits (or rolls back) with the
     decision, and the delivery task is sent only after the commit (by the session's dispatcher;
@@ -126,7 +129,9 @@ def notify_decision(session: Session, upload_id: str) -> None:
         "event": "screening.decided",
         **upload_view(session, upload),
     }
-    if "review" in delivery.payload:
+    if event is not None:
+        delivery.payload["event"] = event
+    elif "review" in delivery.payload:
         delivery.payload["event"] = "review.decided"
     session.flush()
     dispatcher = session_dispatcher(session)

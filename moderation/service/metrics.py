@@ -71,6 +71,12 @@ CALLBACK_ATTEMPTS = Counter(
     ["outcome"],
 )
 
+APPEALS = Counter(
+    "moderation_appeals",
+    "Appeals of decisions by platforms, by outcome (filed, upheld, overturned).",
+    ["outcome"],
+)
+
 
 @dataclass(frozen=True)
 class DatabaseSamples:

@@ -12,6 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.banks.tenancy import applicable_bank_ids
+from moderation.matching.statements import OVERTURNED, current_statement, statement_json
+from moderation.storage.decisions import Appeal
 from moderation.storage.models import Bank, Entry, Match, ReviewItem, Screening, Upload
 
 
@@ -67,8 +69,10 @@ def result_json(
 
 def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
     """``{"id", "external_id", "status", "received_at", "result"}`` (``result`` null until done,
-    and as the upload's own client may see it: :func:`result_json`),
-    plus ``review`` (``state``, ``decision``, ``decided_at``) once a reviewer has decided."""
+    and as the upload's own client may see it: :func:`result_json`), plus ``review`` (``state``,
+    ``decision``, ``decided_at``) once a reviewer has decided, and ``appeal``
+    (:func:`appeal_json`) once the platform has appealed. ``result`` carries the current
+    decision's ``statement_of_reasons`` (``moderation.matching.statements``)."""
     view: dict[str, Any] = {
         "id": upload.id,
         "external_id": upload.external_id,
@@ -80,6 +84,9 @@ def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
     if screening is not None:
         view["status"] = "done"
         view["result"] = result_json(session, screening, upload.client_id)
+        statement = current_statement(session, upload.id)
+        if statement is not None:
+            view["result"]["statement_of_reasons"] = statement_json(statement)
     item = session.scalar(select(ReviewItem).where(ReviewItem.upload_id == upload.id))
     if item is not None and item.decided_at is not None:
         view["review"] = {
@@ -87,4 +94,32 @@ def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
             "decision": item.decision,
             "decided_at": item.decided_at.isoformat(),
         }
+    appeal = session.scalar(
+        select(Appeal).where(Appeal.upload_id == upload.id).order_by(Appeal.created_at.desc())
+    )
+    if appeal is not None:
+        view["appeal"] = appeal_json(appeal)
     return view
+
+
+def appeal_json(appeal: Appeal) -> dict[str, Any]:
+    """``{"id", "state", "reason", "original_decision", "outcome", "decision", "created_at",
+    "decided_at"}``: ``outcome`` upheld | overturned and ``decision`` (what the upload is now)
+    are null until decided."""
+    decided = appeal.outcome is not None
+    return {
+        "id": appeal.id,
+        "state": appeal.state,
+        "reason": appeal.reason,
+        "original_decision": appeal.original_decision,
+        "outcome": appeal.outcome,
+        "decision": (
+            None
+            if not decided
+            else OVERTURNED[appeal.original_decision]
+            if appeal.outcome == "overturned"
+            else appeal.original_decision
+        ),
+        "created_at": appeal.created_at.isoformat(),
+        "decided_at": appeal.decided_at.isoformat() if appeal.decided_at else None,
+    }

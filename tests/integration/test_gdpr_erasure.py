@@ -73,6 +73,7 @@ def _preview_then_erase(world: World, cli_env: pytest.MonkeyPatch) -> dict[str, 
     assert counts["uploads"] == 2 and counts["blobs"] == 2 and counts["data_keys"] == 2
     assert counts["screenings"] == 2 and counts["matches"] >= 1
     assert counts["review_items"] == 1 and counts["labelled_pairs"] == 1
+    assert counts["decisions"] >= counts["screenings"]  # statements of reasons go too
     assert counts["callback_attempts"] == 1 and counts["bank_entries"] == 1
     assert counts["redis_keys"] == 3 * 2 and counts["subject_secrets"] == 1
     assert receipt["held"]["uploads"] == 0

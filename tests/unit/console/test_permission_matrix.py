@@ -17,7 +17,17 @@ import pytest
 from flask import Flask
 
 ROLES = ("anonymous", "admin", "reviewer", "auditor", "dpo")
-CONSOLE_BLUEPRINTS = {"auth", "review", "banks", "dashboard", "audit", "gdpr", "clients", "holds"}
+CONSOLE_BLUEPRINTS = {
+    "auth",
+    "review",
+    "appeals",
+    "banks",
+    "dashboard",
+    "audit",
+    "gdpr",
+    "clients",
+    "holds",
+}
 
 
 def only(allowed: int, *roles: str, other: int = 403, anonymous: int = 302) -> dict[str, Any]:
@@ -57,6 +67,13 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/review/<>", "GET"): only(200, "admin", "reviewer"),
     ("/review/<>/image", "GET"): only(200, "admin", "reviewer"),
     ("/review/<>/act", "POST"): only(400, "admin", "reviewer"),
+    # No appeal in the world: its pages are 404 to those who may see them.
+    ("/review/appeals/<>", "GET"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/image", "GET"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/claim", "POST"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/reveal", "POST"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/decide", "POST"): only(400, "admin", "reviewer"),
+    ("/decisions/export", "POST"): only(400, "admin", "auditor"),
     ("/banks", "GET"): only(200, "admin", "auditor"),
     ("/banks", "POST"): only(400, "admin"),
     ("/banks/<>", "GET"): only(200, "admin", "auditor"),
@@ -97,6 +114,7 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/status/ready", "GET"): everyone({200, 503}),
     ("/api/v1/screenings", "POST"): everyone(401),
     ("/api/v1/screenings/<>", "GET"): everyone(401),
+    ("/api/v1/screenings/<>/appeal", "POST"): everyone(401),
     ("/api/v1/openapi.json", "GET"): everyone(200),
     ("/metrics", "GET"): everyone(404),
     **{
