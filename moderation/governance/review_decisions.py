@@ -1,7 +1,8 @@
 """Settling a review item: confirm, not a match, or escalate.
 
 :func:`decide` settles an item: ``confirm`` (the upload is blocked; optionally added to a block
-bank), ``not_a_match`` (allowed; optionally added to an allow bank) or ``escalate`` (to an
+bank), ``not_a_match`` (allowed; optionally proposed for an allow bank, which a second reviewer
+or an admin must approve: :mod:`moderation.governance.allow_proposals`) or ``escalate`` (to an
 admin's queue). Each final decision writes an audit event, asks the callback queue to tell the
 platform, and writes one :class:`~moderation.storage.models.LabelledPair` per matched entry for
 the classifier stage. Claiming items is :mod:`moderation.governance.review`.
@@ -23,6 +24,7 @@ from moderation.banks.importer import compute_signals
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import get_bank
 from moderation.banks.snapshot_payload import EntrySignals
+from moderation.governance.approvals import ApprovalError, propose_allow
 from moderation.governance.review import NotClaimedError, ReviewError, resolve_now
 from moderation.media.decode import UnscannableImage, decode_image
 from moderation.service.callbacks import notify_decision
@@ -60,6 +62,7 @@ class DecisionOutcome:
     final: str | None  # block | allow | None (escalated)
     labelled_pairs: int
     entry_id: str | None = None  # the entry made from the upload, when added to a bank
+    proposal_id: int | None = None  # the pending allow proposal (not_a_match with an allow bank)
     snapshot_version: int | None = None
     notified: bool = False  # the callback queue was told (final decisions; a no-op without URL)
 
@@ -81,18 +84,34 @@ def _candidate_features(screening: Screening) -> dict[str, dict[str, Any]]:
     return features
 
 
-def _prepare_bank_entry(
+def _bank_for(session: Session, bank_name: str, decision: str) -> Bank:
+    """The bank ``decision`` may add to, by name.
+
+    Raises:
+        ReviewError: the decision adds to no bank, or to banks of another kind.
+        moderation.banks.records.BlocklistError: unknown bank.
+    """
+    bank = get_bank(session, bank_name)
+    wanted = BANK_KIND_FOR.get(decision)
+    if wanted is None:
+        raise ReviewError(f"{decision} cannot add the upload to a bank")
+    if bank.kind != wanted:
+        raise ReviewError(f"{decision} adds to {wanted} banks; {bank.name!r} is a {bank.kind} bank")
+    return bank
+
+
+def prepare_bank_entry(
     runtime: Runtime, upload_id: str, bank_name: str, decision: str
 ) -> _Prepared:
+    """The upload's signals, computed outside any transaction, ready for :func:`add_entry`.
+
+    Raises:
+        ReviewError: wrong bank kind for ``decision``, no such upload, image gone (erased) or
+            undecodable.
+        moderation.banks.records.BlocklistError: unknown bank.
+    """
     with runtime.sessions() as session:
-        bank = get_bank(session, bank_name)
-        wanted = BANK_KIND_FOR.get(decision)
-        if wanted is None:
-            raise ReviewError(f"{decision} cannot add the upload to a bank")
-        if bank.kind != wanted:
-            raise ReviewError(
-                f"{decision} adds to {wanted} banks; {bank.name!r} is a {bank.kind} bank"
-            )
+        bank = _bank_for(session, bank_name, decision)
         upload = session.get(Upload, upload_id)
         if upload is None:
             raise ReviewError(f"no upload {upload_id}")
@@ -181,6 +200,48 @@ def _decision_details(
     }
 
 
+def _settle(
+    session: Session,
+    item: ReviewItem,
+    screening: Screening | None,
+    *,
+    reviewer_id: int,
+    origin: str | None,
+    prepared: _Prepared | None,
+    allow_bank: str | None,
+) -> tuple[int, str | None, int | None, list[EntrySignals]]:
+    """A final decision's labelled pairs and bank change: (pairs, entry id, allow proposal id,
+    new entry signals). ``allow_bank`` files a proposal instead of adding an entry."""
+    decision = item.decision or ""
+    matches = list(screening.matches) if screening is not None else []
+    pairs = _add_labelled_pairs(
+        session,
+        item,
+        screening,
+        matches,
+        is_copy=decision == "confirm",
+        reviewer_id=reviewer_id,
+    )
+    if allow_bank is not None:
+        try:
+            proposal = propose_allow(
+                session,
+                bank=_bank_for(session, allow_bank, decision),
+                upload_id=item.upload_id,
+                review_item_id=item.id,
+                requested_by=reviewer_id,
+                origin=origin,
+            )
+        except ApprovalError as exc:
+            raise ReviewError(str(exc)) from exc
+        return pairs, None, proposal.id, []
+    if prepared is not None and prepared.signals is not None:
+        entry, signal = add_entry(session, prepared, actor=f"user:{reviewer_id}")
+        if entry is not None and signal is not None:
+            return pairs, entry.public_id, None, [signal]
+    return pairs, None, None, []
+
+
 def _apply_decision(
     session: Session,
     *,
@@ -191,6 +252,7 @@ def _apply_decision(
     origin: str | None,
     now: datetime,
     prepared: _Prepared | None,
+    allow_bank: str | None = None,
 ) -> tuple[DecisionOutcome, list[EntrySignals]]:
     item = _claimed_item(session, item_id, reviewer_id, decision)
     screening = session.scalar(select(Screening).where(Screening.upload_id == item.upload_id))
@@ -200,33 +262,32 @@ def _apply_decision(
         item.notes = notes
     item.claimed_by, item.lease_until = None, None
     final = FINAL_DECISION.get(decision)
-    pairs = 0
+    pairs, entry_id, proposal_id = 0, None, None
     signals: list[EntrySignals] = []
-    entry_id: str | None = None
     if final is None:
         item.state = "escalated"
     else:
         item.state = "decided"
-        pairs = _add_labelled_pairs(
+        pairs, entry_id, proposal_id, signals = _settle(
             session,
             item,
             screening,
-            matches,
-            is_copy=decision == "confirm",
             reviewer_id=reviewer_id,
+            origin=origin,
+            prepared=prepared,
+            allow_bank=allow_bank,
         )
-        if prepared is not None and prepared.signals is not None:
-            entry, signal = _add_entry(session, prepared, actor=f"user:{reviewer_id}")
-            if entry is not None and signal is not None:
-                entry_id, signals = entry.public_id, [signal]
     session.flush()
+    details = _decision_details(item, final, matches, prepared, entry_id)
+    if proposal_id is not None:
+        details.update(bank=allow_bank, allow_proposal=proposal_id)
     record_event(
         session,
         actor=f"user:{reviewer_id}",
         action="review.decide",
         target=f"review_item:{item.id}",
         origin=origin,
-        details=_decision_details(item, final, matches, prepared, entry_id),
+        details=details,
     )
     if final is not None:
         # The platform hears about the decision after this transaction commits.
@@ -238,14 +299,17 @@ def _apply_decision(
         final=final,
         labelled_pairs=pairs,
         entry_id=entry_id,
+        proposal_id=proposal_id,
         notified=final is not None,
     )
     return outcome, signals
 
 
-def _add_entry(
+def add_entry(
     session: Session, prepared: _Prepared, *, actor: str
 ) -> tuple[Entry | None, EntrySignals | None]:
+    """Add the prepared upload to its bank (audited ``entry.add_upload``): (entry, its signals
+    for the next snapshot), or (None, None) when the bank already holds the upload's bytes."""
     assert prepared.signals is not None
     bank = get_bank(session, prepared.bank)
     if prepared.sha256 is not None and session.scalar(
@@ -290,10 +354,11 @@ def decide(
 
     ``confirm`` makes the upload's decision block and ``not_a_match`` allow; both write one
     labelled pair per matched entry (features from the screening's explanation) and call
-    ``moderation.service.callbacks.notify_decision``. ``bank_name`` adds the upload's image to that
-    bank
-    (block bank for confirm, allow bank for not_a_match) with ``Entry.upload_id`` set, so erasure
-    follows it. ``escalate`` moves the item to the admins' queue without a label.
+    ``moderation.service.callbacks.notify_decision``. With ``confirm``, ``bank_name`` adds the
+    upload's image to that block bank with ``Entry.upload_id`` set, so erasure follows it. With
+    ``not_a_match``, ``bank_name`` (an allow bank) only files an allow proposal
+    (``DecisionOutcome.proposal_id``): the image suppresses nothing until a second reviewer or
+    an admin approves it. ``escalate`` moves the item to the admins' queue without a label.
 
     Raises:
         NotClaimedError: the reviewer does not hold the item.
@@ -304,13 +369,14 @@ def decide(
         raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}")
     moment = resolve_now(now)
     prepared: _Prepared | None = None
-    if bank_name:
+    allow_bank = bank_name if bank_name and decision == "not_a_match" else None
+    if bank_name and allow_bank is None:
         with runtime.sessions() as session:
             item = session.get(ReviewItem, item_id)
             if item is None:
                 raise ReviewError(f"no review item {item_id}")
             upload_id = item.upload_id
-        prepared = _prepare_bank_entry(runtime, upload_id, bank_name, decision)
+        prepared = prepare_bank_entry(runtime, upload_id, bank_name, decision)
     holder: dict[str, DecisionOutcome] = {}
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
@@ -323,6 +389,7 @@ def decide(
             origin=origin,
             now=moment,
             prepared=prepared,
+            allow_bank=allow_bank,
         )
         holder["outcome"] = outcome
         return signals, ()
