@@ -146,6 +146,7 @@ from moderation.cli import (  # noqa: E402, F401
     core,
     hashes,
     quarantine,
+    review,
     service,
     users,
 )

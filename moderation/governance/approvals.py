@@ -69,7 +69,7 @@ class ApprovalView:
     decided_at: datetime | None
 
 
-def _admin(session: Session, user_id: int, action: str = DELETE_ENTRIES) -> User:
+def _entitled(session: Session, user_id: int, action: str) -> User:
     """The user, once checked to be active with a role that may request or decide ``action``."""
     user = session.get(User, user_id)
     roles = APPROVER_ROLES.get(action, frozenset())
@@ -121,9 +121,9 @@ def request_removal(
         ApprovalError: unknown action or bank, no entries named, an entry of another bank, or
             the requester is not an active admin.
     """
-    _admin(session, requested_by)
     if action not in ACTIONS:
         raise ApprovalError(f"unknown action {action!r}")
+    _entitled(session, requested_by, action)
     bank = session.get(Bank, bank_id)
     if bank is None:
         raise ApprovalError(f"no bank {bank_id}")
@@ -165,7 +165,7 @@ def propose_allow(
         ApprovalError: ``bank`` is not an allow bank, or the proposer is not an active reviewer
             or admin.
     """
-    _admin(session, requested_by, ADD_ALLOW)
+    _entitled(session, requested_by, ADD_ALLOW)
     if bank.kind != "allow":
         raise ApprovalError(f"{bank.name!r} is a {bank.kind} bank, not an allow bank")
     params: dict[str, Any] = {
@@ -194,7 +194,7 @@ def locked_pending(session: Session, approval_id: int, user_id: int) -> Approval
     approval = session.get(Approval, approval_id, with_for_update=True)
     if approval is None:
         raise ApprovalError(f"no approval request {approval_id}")
-    _admin(session, user_id, approval.action)
+    _entitled(session, user_id, approval.action)
     if approval.state != "pending":
         raise ApprovalError(f"approval request {approval_id} is already {approval.state}")
     return approval

@@ -54,6 +54,10 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/review/<>", "GET"): only(200, "admin", "reviewer"),
     ("/review/<>/image", "GET"): only(200, "admin", "reviewer"),
     ("/review/<>/act", "POST"): only(400, "admin", "reviewer"),
+    ("/review/allow-proposals", "GET"): only(200, "admin", "reviewer"),
+    ("/review/allow-proposals/<>", "POST"): only(400, "admin", "reviewer"),
+    # The world's approval is a removal request, not an allow proposal: no preview.
+    ("/review/allow-proposals/<>/image", "GET"): only(404, "admin", "reviewer"),
     ("/banks", "GET"): only(200, "admin", "auditor"),
     ("/banks", "POST"): only(400, "admin"),
     ("/banks/<>", "GET"): only(200, "admin", "auditor"),
