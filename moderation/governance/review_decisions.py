@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -182,12 +182,23 @@ def _add_labelled_pairs(
     return pairs
 
 
+@dataclass
+class _Settled:
+    """What a final decision did beyond the item: labelled pairs, the entry added, or the allow
+    proposal filed, and the new entry's signals for the snapshot."""
+
+    pairs: int = 0
+    entry_id: str | None = None
+    proposal_id: int | None = None
+    signals: list[EntrySignals] = field(default_factory=list)
+
+
 def _decision_details(
     item: ReviewItem,
     final: str | None,
     matches: Sequence[Match],
-    prepared: _Prepared | None,
-    entry_id: str | None,
+    bank: str | None,
+    settled: _Settled,
 ) -> dict[str, Any]:
     """The ``review.decide`` audit event's details."""
     return {
@@ -195,8 +206,9 @@ def _decision_details(
         "decision": item.decision,
         "final": final,
         "matches": [f"e_{m.entry_id}" for m in matches if m.entry_id is not None],
-        "bank": prepared.bank if prepared else None,
-        "entry_id": entry_id,
+        "bank": bank,
+        "entry_id": settled.entry_id,
+        "allow_proposal": settled.proposal_id,
     }
 
 
@@ -209,9 +221,9 @@ def _settle(
     origin: str | None,
     prepared: _Prepared | None,
     allow_bank: str | None,
-) -> tuple[int, str | None, int | None, list[EntrySignals]]:
-    """A final decision's labelled pairs and bank change: (pairs, entry id, allow proposal id,
-    new entry signals). ``allow_bank`` files a proposal instead of adding an entry."""
+) -> _Settled:
+    """A final decision's labelled pairs and bank change; ``allow_bank`` files a proposal
+    instead of adding an entry."""
     decision = item.decision or ""
     matches = list(screening.matches) if screening is not None else []
     pairs = _add_labelled_pairs(
@@ -234,12 +246,12 @@ def _settle(
             )
         except ApprovalError as exc:
             raise ReviewError(str(exc)) from exc
-        return pairs, None, proposal.id, []
+        return _Settled(pairs, proposal_id=proposal.id)
     if prepared is not None and prepared.signals is not None:
         entry, signal = add_entry(session, prepared, actor=f"user:{reviewer_id}")
         if entry is not None and signal is not None:
-            return pairs, entry.public_id, None, [signal]
-    return pairs, None, None, []
+            return _Settled(pairs, entry_id=entry.public_id, signals=[signal])
+    return _Settled(pairs)
 
 
 def _apply_decision(
@@ -262,13 +274,12 @@ def _apply_decision(
         item.notes = notes
     item.claimed_by, item.lease_until = None, None
     final = FINAL_DECISION.get(decision)
-    pairs, entry_id, proposal_id = 0, None, None
-    signals: list[EntrySignals] = []
+    settled = _Settled()
     if final is None:
         item.state = "escalated"
     else:
         item.state = "decided"
-        pairs, entry_id, proposal_id, signals = _settle(
+        settled = _settle(
             session,
             item,
             screening,
@@ -278,16 +289,14 @@ def _apply_decision(
             allow_bank=allow_bank,
         )
     session.flush()
-    details = _decision_details(item, final, matches, prepared, entry_id)
-    if proposal_id is not None:
-        details.update(bank=allow_bank, allow_proposal=proposal_id)
+    bank = prepared.bank if prepared is not None else allow_bank
     record_event(
         session,
         actor=f"user:{reviewer_id}",
         action="review.decide",
         target=f"review_item:{item.id}",
         origin=origin,
-        details=details,
+        details=_decision_details(item, final, matches, bank, settled),
     )
     if final is not None:
         # The platform hears about the decision after this transaction commits.
@@ -297,12 +306,12 @@ def _apply_decision(
         upload_id=item.upload_id,
         decision=decision,
         final=final,
-        labelled_pairs=pairs,
-        entry_id=entry_id,
-        proposal_id=proposal_id,
+        labelled_pairs=settled.pairs,
+        entry_id=settled.entry_id,
+        proposal_id=settled.proposal_id,
         notified=final is not None,
     )
-    return outcome, signals
+    return outcome, settled.signals
 
 
 def add_entry(
@@ -354,11 +363,11 @@ def decide(
 
     ``confirm`` makes the upload's decision block and ``not_a_match`` allow; both write one
     labelled pair per matched entry (features from the screening's explanation) and call
-    ``moderation.service.callbacks.notify_decision``. With ``confirm``, ``bank_name`` adds the
-    upload's image to that block bank with ``Entry.upload_id`` set, so erasure follows it. With
-    ``not_a_match``, ``bank_name`` (an allow bank) only files an allow proposal
-    (``DecisionOutcome.proposal_id``): the image suppresses nothing until a second reviewer or
-    an admin approves it. ``escalate`` moves the item to the admins' queue without a label.
+    ``moderation.service.callbacks.notify_decision``. ``confirm`` with ``bank_name`` adds the
+    image to that block bank (``Entry.upload_id`` set, so erasure follows it); ``not_a_match``
+    with an allow bank only files an allow proposal (``DecisionOutcome.proposal_id``) that
+    suppresses nothing until a second reviewer or an admin approves it. ``escalate`` moves the
+    item to the admins' queue without a label.
 
     Raises:
         NotClaimedError: the reviewer does not hold the item.
@@ -367,7 +376,6 @@ def decide(
     """
     if decision not in DECISIONS:
         raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}")
-    moment = resolve_now(now)
     prepared: _Prepared | None = None
     allow_bank = bank_name if bank_name and decision == "not_a_match" else None
     if bank_name and allow_bank is None:
@@ -387,7 +395,7 @@ def decide(
             decision=decision,
             notes=notes,
             origin=origin,
-            now=moment,
+            now=resolve_now(now),
             prepared=prepared,
             allow_bank=allow_bank,
         )
