@@ -234,18 +234,30 @@ def mark_approved(
     session: Session, approval: Approval, approver_id: int, origin: str | None
 ) -> None:
     """Set ``approval`` approved by ``approver_id`` now and record ``approval.approve``."""
-    approval.state, approval.approved_by, approval.decided_at = (
-        "approved",
-        approver_id,
-        datetime.now(UTC),
-    )
+    details = {"action": approval.action, "requested_by": approval.requested_by}
+    _close(session, approval, approver_id, verdict="approve", origin=origin, details=details)
+
+
+def _close(
+    session: Session,
+    approval: Approval,
+    user_id: int,
+    *,
+    verdict: str,
+    origin: str | None,
+    details: dict[str, Any],
+) -> None:
+    """Close ``approval`` with ``verdict`` (approve | reject) by ``user_id`` now, audited
+    ``approval.<verdict>``."""
+    state = {"approve": "approved", "reject": "rejected"}[verdict]
+    approval.state, approval.approved_by, approval.decided_at = state, user_id, datetime.now(UTC)
     record_event(
         session,
-        actor=f"user:{approver_id}",
-        action="approval.approve",
+        actor=f"user:{user_id}",
+        action=f"approval.{verdict}",
         target=f"approval:{approval.id}",
         origin=origin,
-        details={"action": approval.action, "requested_by": approval.requested_by},
+        details=details,
     )
 
 
@@ -309,19 +321,8 @@ def reject(
             for allow proposals, an active reviewer or admin).
     """
     approval = locked_pending(session, approval_id, approver_id)
-    approval.state, approval.approved_by, approval.decided_at = (
-        "rejected",
-        approver_id,
-        datetime.now(UTC),
-    )
-    record_event(
-        session,
-        actor=f"user:{approver_id}",
-        action="approval.reject",
-        target=f"approval:{approval.id}",
-        origin=origin,
-        details={"action": approval.action},
-    )
+    details = {"action": approval.action}
+    _close(session, approval, approver_id, verdict="reject", origin=origin, details=details)
     return approval
 
 

@@ -108,17 +108,16 @@ def test_console_allow_proposal_needs_another_reviewer(
 
 
 def test_console_allow_proposal_rejected_by_an_admin(
+    proposed: tuple[Any, int],
     new_client: Callable[[], Any],
     make_user: Callable[..., Any],
     console_runtime: Runtime,
-    proposed: tuple[Any, int],
 ) -> None:
-    rt = console_runtime
-    _first, proposal = proposed
+    proposal = proposed[1]
     admin = new_client()
     admin.login(make_user("admin"))
     assert _verdict(admin, proposal, "reject").status_code == 302
-    with rt.sessions() as db:
+    with console_runtime.sessions() as db:
         assert db.get(Approval, proposal).state == "rejected"  # type: ignore[union-attr]
         assert db.scalar(select(Entry.id).where(Entry.upload_id.is_not(None))) is None
     # Allow proposals are not removal requests: the banks' approval page does not list them.
