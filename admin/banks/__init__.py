@@ -23,6 +23,7 @@ from admin import runtime
 from admin.banks.sharing import SharingForm, sharing
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
+from admin.verdicts import VerdictForm, settle_verdict
 from moderation.banks.flood_control import confirm_entry, list_quarantined, release_entry
 from moderation.banks.hash_jobs import create_hash_import_job
 from moderation.banks.hashlists import FORMATS
@@ -37,7 +38,6 @@ from moderation.governance.approvals import (
     ApprovalError,
     approve,
     list_approvals,
-    reject,
     request_removal,
 )
 from moderation.storage.console import Job
@@ -87,10 +87,6 @@ class RenameBankForm(ConsoleForm):
 
 class DeleteBankForm(ConsoleForm):
     confirm_name = StringField("Type the bank's name", validators=[DataRequired()])
-
-
-class VerdictForm(ConsoleForm):
-    verdict = HiddenField(validators=[DataRequired(), AnyOf(["approve", "reject"])])
 
 
 def _bank(bank_id: int) -> Bank:
@@ -390,19 +386,8 @@ def approvals() -> str:
 @permission_required("banks.write")
 @step_up_required
 def decide_approval(approval_id: int) -> Response:
-    user = require_user()
-    form = VerdictForm()
-    if not form.validate_on_submit():
-        abort(400)
-    rt = runtime()
-    try:
-        if form.verdict.data == "approve":
-            version = approve(rt, approval_id, approver_id=user.id, origin=origin())
-            flash(f"Approved and carried out (index version {version}).", "info")
-        else:
-            with transaction(rt.sessions) as db:
-                reject(db, approval_id, approver_id=user.id, origin=origin())
-            flash("Request rejected.", "info")
-    except ApprovalError as exc:
-        flash(str(exc), "error")
-    return redirect(url_for("banks.approvals"))
+    def carry_out(user_id: int) -> str:
+        version = approve(runtime(), approval_id, approver_id=user_id, origin=origin())
+        return f"Approved and carried out (index version {version})."
+
+    return settle_verdict(approval_id, carry_out, "banks.approvals")

@@ -13,8 +13,20 @@ from wtforms.validators import AnyOf, DataRequired, Length, Optional
 
 from admin import runtime
 from admin.forms import ConsoleForm
-from admin.permissions import Principal, origin, permission_required, require_user
+from admin.permissions import (
+    Principal,
+    origin,
+    permission_required,
+    require_user,
+    step_up_required,
+)
+from admin.verdicts import VerdictForm, settle_verdict
 from moderation.banks.records import BlocklistError
+from moderation.governance.allow_proposals import (
+    approve_allow,
+    pending_allow_proposals,
+    pending_proposal_upload,
+)
 from moderation.governance.appeal_display import open_appeals
 from moderation.governance.review import (
     ExposureLimitReached,
@@ -185,7 +197,12 @@ def upload_image_response(upload_id: str, *, preview: bool) -> Response:
     rendered = render_upload(runtime(), upload_id, preview=preview)
     if rendered is None:
         abort(404)
-    response = Response(rendered.jpeg, mimetype="image/jpeg")
+    return _jpeg(rendered.jpeg)
+
+
+def _jpeg(data: bytes) -> Response:
+    """An upload's re-encoded JPEG, never cached."""
+    response = Response(data, mimetype="image/jpeg")
     response.headers["Cache-Control"] = "no-store, private"
     return response
 
@@ -232,5 +249,41 @@ def act(item_id: int) -> Any:
         return redirect(url_for("review.item", item_id=item_id))
     label = {"confirm": "Confirmed", "not_a_match": "Not a match", "escalate": "Escalated"}[action]
     note = f" and added to the bank as {outcome.entry_id}" if outcome.entry_id else ""
+    if outcome.proposal_id is not None:
+        note = f"; allow-bank addition proposed ({outcome.proposal_id}), a second person approves"
     flash(f"{label}: item {item_id}{note}.", "info")
     return _claim_and_go(user, queue_name)
+
+
+# --- allow proposals (two-person rule for allow banks) -------------------------------------
+
+
+@bp.route("/allow-proposals")
+@permission_required("review")
+def allow_proposals() -> str:
+    with runtime().sessions() as db:
+        pending = pending_allow_proposals(db)
+    return render_template("review/allow_proposals.html", pending=pending, form=VerdictForm())
+
+
+@bp.route("/allow-proposals/<int:approval_id>/image")
+@permission_required("review")
+def allow_proposal_image(approval_id: int) -> Response:
+    rt = runtime()
+    with rt.sessions() as db:
+        upload_id = pending_proposal_upload(db, approval_id)
+    rendered = render_upload(rt, upload_id, preview=True) if upload_id is not None else None
+    if rendered is None:
+        abort(404)
+    return _jpeg(rendered.jpeg)
+
+
+@bp.route("/allow-proposals/<int:approval_id>", methods=["POST"])
+@permission_required("review")
+@step_up_required
+def decide_allow_proposal(approval_id: int) -> Response:
+    def carry_out(user_id: int) -> str:
+        done = approve_allow(runtime(), approval_id, approver_id=user_id, origin=origin())
+        return f"Approved: the image is in allow bank {done.bank} ({done.entry_id})."
+
+    return settle_verdict(approval_id, carry_out, "review.allow_proposals")

@@ -150,6 +150,7 @@ from moderation.cli import (  # noqa: E402, F401
     hashes,
     holds,
     quarantine,
+    review,
     service,
     tenancy,
     users,

@@ -74,6 +74,10 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/review/appeals/<>/reveal", "POST"): only(404, "admin", "reviewer"),
     ("/review/appeals/<>/decide", "POST"): only(400, "admin", "reviewer"),
     ("/decisions/export", "POST"): only(400, "admin", "auditor"),
+    ("/review/allow-proposals", "GET"): only(200, "admin", "reviewer"),
+    ("/review/allow-proposals/<>", "POST"): only(400, "admin", "reviewer"),
+    # The world's approval is a removal request, not an allow proposal: no preview.
+    ("/review/allow-proposals/<>/image", "GET"): only(404, "admin", "reviewer"),
     ("/banks", "GET"): only(200, "admin", "auditor"),
     ("/banks", "POST"): only(400, "admin"),
     ("/banks/<>", "GET"): only(200, "admin", "auditor"),
