@@ -52,6 +52,7 @@ from moderation.banks.job_staging import (
 )
 from moderation.banks.operations import commit_with_snapshot, record_bank_import
 from moderation.banks.records import get_bank
+from moderation.banks.sealed_fields import hmac_key
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.config import Settings
 from moderation.crypto.keys import KeyRing
@@ -194,8 +195,9 @@ def _run_import(
 ) -> dict[str, Any]:
     bank_name = str(params["bank"])
     data = open_staged(runtime, job_id, params)
-    with runtime.sessions() as session:
+    with transaction(runtime.sessions) as session:  # commits the HMAC key if it is new
         known = known_hashes(session, get_bank(session, bank_name).id)
+        key = hmac_key(session, runtime.keyring)
     report = ImportReport(bank=bank_name)
     sources = list(zip_sources(lambda: zipfile.ZipFile(io.BytesIO(data)), "", report.skipped))
     total = len(sources)
@@ -206,6 +208,7 @@ def _run_import(
         sources,
         report.skipped,
         known=known,
+        hmac_key=key,
         encoder=runtime.encoder,
         limits=runtime.limits,
         batch_size=runtime.settings.batch_size,
@@ -215,7 +218,9 @@ def _run_import(
     )
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
-        signals = add_entries(session, bank_name, prepared, report, added_by=actor)
+        signals = add_entries(
+            session, bank_name, prepared, report, keyring=runtime.keyring, added_by=actor
+        )
         record_bank_import(
             session,
             actor=actor,

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from moderation.banks.job_staging import JobError, imports_dir
 from moderation.banks.jobs import InlineJobRunner, ThreadJobRunner, create_import_job, job_view
 from moderation.banks.records import create_bank
+from moderation.banks.sealed_fields import entry_labels
 from moderation.banks.versions import current_snapshot
 from moderation.governance.approvals import ApprovalError, approve, request_removal
 from moderation.service.runtime import Runtime
@@ -85,7 +86,8 @@ def test_create_bank_import_zip_and_see_entries(
     assert 'id="entry-count">3<' in entries
     with console_runtime.sessions() as db:
         rows = db.scalars(select(Entry).where(Entry.bank_id == bid)).all()
-        assert sorted(e.label for e in rows) == sorted(PHOTOS)
+        labels = entry_labels(db, console_runtime.keyring, [e.id for e in rows])
+        assert sorted(labels.values()) == sorted(PHOTOS)
         assert all(e.added_by == f"user:{admin.id}" for e in rows)
         snapshot = current_snapshot(db)
         assert snapshot is not None and snapshot.entry_count == 3
