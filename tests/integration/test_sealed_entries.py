@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from sqlalchemy import create_engine, inspect, select, text
 
 from moderation.banks.hash_export import export_hashes
 from moderation.banks.hash_import import add_signals, signal_record
+from moderation.banks.hashlists.records import HashRecord
 from moderation.banks.operations import import_bank, list_entries
 from moderation.banks.records import create_bank
 from moderation.banks.sealed_fields import (
@@ -131,50 +133,51 @@ def test_sql_holds_no_hash_label_or_file_name_of_a_banned_image(
         runtime.engine.dispose()
 
 
-def test_a_moved_or_altered_sealed_label_does_not_decrypt(tmp_path: Path) -> None:
+@pytest.fixture
+def sqlite_runtime(tmp_path: Path) -> Iterator[Runtime]:
+    runtime = _runtime(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    yield runtime
+    runtime.engine.dispose()
+
+
+def _hash_entries(runtime: Runtime, records: list[HashRecord]) -> list[int]:
+    """Bank "hashes" with ``records`` as hash-list entries; their entry ids."""
+    with transaction(runtime.sessions) as session:
+        create_bank(session, "hashes")
+    return add_signals(runtime, "hashes", records, actor="cli", source="x", label="").entry_ids
+
+
+def test_a_moved_or_altered_sealed_label_does_not_decrypt(sqlite_runtime: Runtime) -> None:
     from moderation.crypto.errors import DecryptionError
 
-    runtime = _runtime(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
-    try:
-        with transaction(runtime.sessions) as session:
-            create_bank(session, "hashes")
-        records = [
+    runtime = sqlite_runtime
+    first, second = _hash_entries(
+        runtime,
+        [
             signal_record({"pdq": PDQ}, ref="a", label="first"),
             signal_record({"pdq": PDQ.replace("f8", "07", 1)}, ref="b", label="second"),
-        ]
-        first, second = add_signals(
-            runtime, "hashes", records, actor="cli", source="x", label=""
-        ).entry_ids
-        with transaction(runtime.sessions) as session:
-            one, two = session.get(Entry, first), session.get(Entry, second)
-            assert one is not None and two is not None
-            one.label_sealed = two.label_sealed  # a label copied onto another entry
-        with runtime.sessions() as session, pytest.raises(DecryptionError):
-            entry_fields(session, runtime.keyring, [first])
-    finally:
-        runtime.engine.dispose()
+        ],
+    )
+    with transaction(runtime.sessions) as session:
+        one, two = session.get(Entry, first), session.get(Entry, second)
+        assert one is not None and two is not None
+        one.label_sealed = two.label_sealed  # a label copied onto another entry
+    with runtime.sessions() as session, pytest.raises(DecryptionError):
+        entry_fields(session, runtime.keyring, [first])
 
 
-def test_key_rotation_rewraps_the_bank_entry_keys(tmp_path: Path) -> None:
-    runtime = _runtime(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
-    try:
-        with transaction(runtime.sessions) as session:
-            create_bank(session, "hashes")
-        record = signal_record({"pdq": PDQ}, ref=HASH_REF, label=HASH_LABEL)
-        (eid,) = add_signals(
-            runtime, "hashes", [record], actor="cli", source="x", label=""
-        ).entry_ids
-        old = runtime.keyring.primary_id
-        report = rotate_keys(runtime, retire_old=True, actor="cli")
-        assert report.rewrapped["bank_entry_keys"] == 1 and report.retired == [old]
-        assert old not in runtime.keyring
-        with runtime.sessions() as session:
-            assert entry_fields(session, runtime.keyring, [eid])[eid].label == HASH_LABEL
-            bank = session.scalar(select(Bank).where(Bank.name == "hashes"))
-            assert bank is not None and bank.entry_key is not None
-            assert runtime.keyring.primary_id.encode() in bank.entry_key
-    finally:
-        runtime.engine.dispose()
+def test_key_rotation_rewraps_the_bank_entry_keys(sqlite_runtime: Runtime) -> None:
+    runtime = sqlite_runtime
+    (eid,) = _hash_entries(runtime, [signal_record({"pdq": PDQ}, ref=HASH_REF, label=HASH_LABEL)])
+    old = runtime.keyring.primary_id
+    report = rotate_keys(runtime, retire_old=True, actor="cli")
+    assert report.rewrapped["bank_entry_keys"] == 1 and report.retired == [old]
+    assert old not in runtime.keyring
+    with runtime.sessions() as session:
+        assert entry_fields(session, runtime.keyring, [eid])[eid].label == HASH_LABEL
+        bank = session.scalar(select(Bank).where(Bank.name == "hashes"))
+        assert bank is not None and bank.entry_key is not None
+        assert runtime.keyring.primary_id.encode() in bank.entry_key
 
 
 def test_migration_0012_seals_existing_plaintext_rows(tmp_path: Path, database_url: str) -> None:
