@@ -236,7 +236,7 @@ def import_hashes(bank_id: int) -> Any:
 @permission_required("banks.read")
 def job(job_id: str) -> str:
     with runtime().sessions() as db:
-        view = job_view(db, job_id)
+        view = job_view(db, job_id, keyring=runtime().keyring)
         bank_id = (
             db.scalar(select(Bank.id).where(Bank.name == str(view.params.get("bank"))))
             if view

@@ -16,19 +16,23 @@ a source ref (console, API results, CLI, hash-list export) reads through it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session
 
-from moderation.crypto.aead import NONCE_BYTES, decrypt
+from moderation.crypto.aead import NONCE_BYTES, TAG_BYTES
 from moderation.crypto.deployment import deployment_secret
 from moderation.crypto.envelope import WrappedKey, generate_data_key, unwrap_key, wrap_key
+from moderation.crypto.errors import DecryptionError
 from moderation.crypto.keys import KeyRing
 from moderation.signals.exact import EXACT_KEY_NAME, keyed
 from moderation.storage.models import Bank, Entry
@@ -110,24 +114,43 @@ class EntryFields:
 
 
 class _Opener:
-    """Decrypts sealed fields, unwrapping each bank's key once."""
+    """Decrypts sealed fields, unwrapping each bank's key once (one AES-GCM context per bank)."""
 
     def __init__(self, session: Session, keyring: KeyRing) -> None:
         self._session, self._keyring = session, keyring
-        self._keys: dict[int, bytes] = {}
+        self._aeads: dict[int, AESGCM | None] = {}
+
+    def _aead(self, bank_id: int) -> AESGCM | None:
+        if bank_id not in self._aeads:
+            wrapped = self._session.scalar(select(Bank.entry_key).where(Bank.id == bank_id))
+            self._aeads[bank_id] = (
+                None
+                if wrapped is None
+                else AESGCM(
+                    unwrap_key(
+                        WrappedKey.from_bytes(wrapped),
+                        self._keyring,
+                        context=bank_key_context(bank_id),
+                    )
+                )
+            )
+        return self._aeads[bank_id]
 
     def open(self, bank_id: int, entry_id: int, field: str, sealed: bytes | None) -> str:
-        if sealed is None:
+        aead = self._aead(bank_id) if sealed is not None else None
+        if sealed is None or aead is None:
             return ""
-        if bank_id not in self._keys:
-            wrapped = self._session.scalar(select(Bank.entry_key).where(Bank.id == bank_id))
-            if wrapped is None:
-                return ""
-            self._keys[bank_id] = unwrap_key(
-                WrappedKey.from_bytes(wrapped), self._keyring, context=bank_key_context(bank_id)
+        if len(sealed) < NONCE_BYTES + TAG_BYTES:
+            raise DecryptionError(f"cannot decrypt entry {entry_id} {field}: too short")
+        try:
+            text = aead.decrypt(
+                sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], field_aad(bank_id, entry_id, field)
             )
-        aad = field_aad(bank_id, entry_id, field)
-        text = decrypt(sealed, self._keys[bank_id], aad, context=f"entry {entry_id} {field}")
+        except InvalidTag:
+            raise DecryptionError(
+                f"cannot decrypt entry {entry_id} {field}: authentication failed (wrong key, "
+                "a value moved from another entry or field, or altered bytes)"
+            ) from None
         return text.decode("utf-8")
 
 
@@ -246,3 +269,24 @@ def migration_attributes(keyring: KeyRing) -> dict[str, Any]:
 
     sealer: LegacySealer = seal
     return {"entry_sealer": sealer}
+
+
+def seal_bank_note(
+    session: Session, keyring: KeyRing, bank_id: int, purpose: str, value: Any
+) -> str:
+    """``value`` (JSON-able) sealed under bank ``bank_id``'s key for a JSON column (base64),
+    bound to ``purpose`` (e.g. ``job:<id>:skipped``: the file names an import skipped)."""
+    sealed = BankSealer(session, keyring, bank_id).seal(0, purpose, json.dumps(value))
+    return base64.b64encode(sealed).decode("ascii")
+
+
+def open_bank_note(
+    session: Session, keyring: KeyRing, bank_id: int, purpose: str, sealed: str
+) -> Any:
+    """Inverse of :func:`seal_bank_note`.
+
+    Raises:
+        moderation.crypto.errors.CryptoError: wrong bank, purpose or key; altered bytes.
+    """
+    text = _Opener(session, keyring).open(bank_id, 0, purpose, base64.b64decode(sealed))
+    return json.loads(text)

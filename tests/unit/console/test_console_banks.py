@@ -4,6 +4,7 @@ enable/disable, and removals under the two-person rule."""
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -94,6 +95,8 @@ def test_create_bank_import_zip_and_see_entries(
         job = db.scalars(select(Job)).one()
         # notes.txt is skipped by name before reading, so 4 files are handled.
         assert (job.state, job.progress, job.total) == ("done", 4, 4)
+        # The skipped file names are on the page (above) but sealed in the row.
+        assert "script" not in json.dumps(job.result) and job.result["skipped_sealed"]
         actions = set(db.scalars(select(AuditEvent.action)))
     assert {"bank.create", "job.create", "bank.import"} <= actions
 
