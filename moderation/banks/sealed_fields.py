@@ -37,8 +37,6 @@ from moderation.crypto.keys import KeyRing
 from moderation.signals.exact import EXACT_KEY_NAME, keyed
 from moderation.storage.models import Bank, Entry
 
-FIELDS = ("label", "source_ref")
-"""The sealed text fields of an entry (columns ``<field>_sealed``)."""
 _AAD_PREFIX = b"moderation/entry-field/v1\x00"
 
 
