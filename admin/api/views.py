@@ -120,7 +120,7 @@ def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
         upload = session.get(Upload, upload_id)
         if upload is None:
             raise ApiError(404, "not_found", "no such screening")
-        view = upload_view(session, upload)
+        view = upload_view(session, upload, runtime.keyring)
     if view["status"] == "done":
         response = jsonify(view)
         response.status_code = 200

@@ -31,6 +31,7 @@ from moderation.banks.job_staging import JobError
 from moderation.banks.jobs import JobRunner, create_import_job, job_view
 from moderation.banks.operations import rename_bank, set_bank_enabled, set_entry_disabled
 from moderation.banks.records import BlocklistError, create_bank_audited, entries_page
+from moderation.banks.sealed_fields import entry_fields
 from moderation.banks.tenancy import sharing_of
 from moderation.governance.approvals import (
     DELETE_BANK,
@@ -141,14 +142,17 @@ def show(bank_id: int) -> str:
 
     bank = _bank(bank_id)
     page = max(1, request.args.get("page", 1, type=int) or 1)
+    keyring = runtime().keyring
     with runtime().sessions() as db:
         entries, total = entries_page(db, bank_id, page=page, per_page=ENTRIES_PER_PAGE)
-        quarantined = list_quarantined(db, bank_id=bank_id)
         shares = sharing_of(db, bank)
+        fields = entry_fields(db, keyring, [e.id for e in entries])
+        quarantined = list_quarantined(db, keyring, bank_id=bank_id)
     return render_template(
         "banks/show.html",
         bank=bank,
         entries=entries,
+        fields=fields,
         total=total,
         page=page,
         pages=max(1, -(-total // ENTRIES_PER_PAGE)),
@@ -239,7 +243,7 @@ def import_hashes(bank_id: int) -> Any:
 @permission_required("banks.read")
 def job(job_id: str) -> str:
     with runtime().sessions() as db:
-        view = job_view(db, job_id)
+        view = job_view(db, job_id, keyring=runtime().keyring)
         bank_id = (
             db.scalar(select(Bank.id).where(Bank.name == str(view.params.get("bank"))))
             if view

@@ -18,6 +18,7 @@ from moderation.audit.log import record_event
 from moderation.banks.hash_entries import HashEntries
 from moderation.banks.importer import ImportHooks, ImportReport, RegionEmbedder, import_into_bank
 from moderation.banks.records import BlocklistError, get_bank, parse_entry_id
+from moderation.banks.sealed_fields import entry_fields
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.banks.versions import commit_signals, prune_snapshots
 from moderation.storage.db import transaction
@@ -104,6 +105,7 @@ def import_bank(
             session,
             bank_name,
             paths,
+            keyring=runtime.keyring,
             encoder=runtime.encoder,
             limits=runtime.limits,
             batch_size=runtime.settings.batch_size,
@@ -141,15 +143,16 @@ def record_bank_import(
     sources: list[str],
     job_id: str | None = None,
 ) -> None:
-    """Audit a bank import (``bank.import``): counts of added and skipped images, the sources
-    (file names) and, for a console import, the job id."""
+    """Audit a bank import (``bank.import``): counts of added and skipped images, how many
+    sources were given and, for a console import, the job id. The source names are not
+    recorded: a file name of a banned image would stay readable in the append-only log."""
     job = {"job_id": job_id} if job_id is not None else {}
     record_event(
         session,
         actor=actor,
         action="bank.import",
         target=f"bank:{get_bank(session, bank_name).id}",
-        details={"added": added, "skipped": skipped, **job, "sources": sources},
+        details={"added": added, "skipped": skipped, **job, "sources": len(sources)},
     )
 
 
@@ -288,16 +291,18 @@ def list_entries(runtime: Runtime, bank_name: str) -> list[dict[str, Any]]:
     """
     with runtime.sessions() as session:
         bank = get_bank(session, bank_name)
+        entries = session.scalars(
+            select(Entry).where(Entry.bank_id == bank.id).order_by(Entry.id)
+        ).all()
+        fields = entry_fields(session, runtime.keyring, [e.id for e in entries])
         return [
             {
                 "entry_id": e.public_id,
                 "bank": bank.name,
-                "label": e.label,
-                "source_ref": e.source_ref,
+                "label": fields[e.id].label,
+                "source_ref": fields[e.id].source_ref,
                 "added_at": e.added_at.isoformat(),
                 "disabled": e.disabled,
             }
-            for e in session.scalars(
-                select(Entry).where(Entry.bank_id == bank.id).order_by(Entry.id)
-            )
+            for e in entries
         ]

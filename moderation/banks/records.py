@@ -14,6 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.sealed_fields import entry_labels
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Bank, Entry
 
 
@@ -152,9 +154,13 @@ def parse_entry_id(text_id: str | int) -> int:
     return int(raw)
 
 
-def entry_infos(session: Session, entry_ids: Iterable[int]) -> dict[int, EntryInfo]:
-    """Metadata for the given entry ids (missing ids are left out)."""
+def entry_infos(
+    session: Session, entry_ids: Iterable[int], keyring: KeyRing | None = None
+) -> dict[int, EntryInfo]:
+    """Metadata for the given entry ids (missing ids are left out); labels are decrypted with
+    ``keyring`` (:func:`moderation.banks.sealed_fields.entry_labels`), else empty."""
     wanted = list(entry_ids)
+    labels = entry_labels(session, keyring, wanted) if keyring is not None else {}
     infos: dict[int, EntryInfo] = {}
     for start in range(0, len(wanted), 10_000):
         chunk = wanted[start : start + 10_000]
@@ -165,13 +171,13 @@ def entry_infos(session: Session, entry_ids: Iterable[int]) -> dict[int, EntryIn
                 Bank.name,
                 Bank.kind,
                 Bank.category,
-                Entry.label,
                 Entry.quarantined_at,
             )
             .join(Bank, Entry.bank_id == Bank.id)
             .where(Entry.id.in_(chunk))
         ).all()
-        for eid, bank_id, bank_name, kind, category, label, quarantined_at in rows:
+        for eid, bank_id, bank_name, kind, category, quarantined_at in rows:
+            label = labels.get(eid, "")
             infos[eid] = EntryInfo(
                 eid, bank_id, bank_name, kind, category, label, quarantined_at is not None
             )

@@ -27,6 +27,7 @@ from moderation.cli import (
 def init(ctx: Context) -> None:
     """Create the data directory, the database schema and (dev only) a key file."""
     from moderation.audit.log import public_key_hex, record_event, signing_key
+    from moderation.banks.sealed_fields import migration_attributes
     from moderation.crypto.keys import load_keyring
     from moderation.matching.policy import load_policy
     from moderation.storage.db import migrate, transaction
@@ -38,7 +39,7 @@ def init(ctx: Context) -> None:
         had_key_file = settings.key_file_path.exists()
         keyring = load_keyring(settings, create_dev=True)
         runtime = ctx.runtime
-        migrate(runtime.engine)
+        migrate(runtime.engine, attributes=migration_attributes(keyring))
         with transaction(runtime.sessions) as session:
             record_event(
                 session,

@@ -26,9 +26,6 @@ from moderation.governance.erasure_stores import (
     delete_blob_files,
     delete_upload_rows,
     now_utc,
-    redis_client,
-    redis_error,
-    redis_keys_for,
     secure_delete,
     truncate_sqlite_wal,
     zero_counts,
@@ -129,22 +126,6 @@ def _expired_holds(runtime: Runtime, moment: datetime) -> tuple[list[str], list[
     return ids, entries
 
 
-def _delete_redis_keys_of(runtime: Runtime, ids: list[str]) -> int | None:
-    """Delete the uploads' Redis keys; how many, or None when no Redis is configured."""
-    client = redis_client(runtime)
-    if client is None:
-        return None
-    try:
-        keys = redis_keys_for(client, set(ids))
-        for chunk in chunks(keys):
-            client.delete(*chunk)
-        return len(keys)
-    except Exception as exc:
-        raise redis_error(runtime, exc) from exc
-    finally:
-        client.close()
-
-
 def _delete_held_blob_files(runtime: Runtime, ids: list[str]) -> None:
     with runtime.sessions() as session:
         refs = [
@@ -164,11 +145,8 @@ def release_expired_holds(
     returns counts per store plus ``holds_expired``. The beat task ``moderation.release_holds``
     runs this.
 
-    Order: bank entries made from them, Redis keys, blob files, then the rows (so a rerun after
-    a crash still finds every upload). Audited as ``gdpr.hold_release``.
-
-    Raises:
-        GdprError: Redis is configured but failed.
+    Order: bank entries made from them, blob files, then the rows (so a rerun after a crash
+    still finds every upload). Audited as ``gdpr.hold_release``.
     """
     from moderation.banks.operations import delete_entries
     from moderation.governance.legal_holds import expire_holds
@@ -183,9 +161,6 @@ def release_expired_holds(
     if entries:
         delete_entries(runtime, entries, actor=actor)
         counts["bank_entries"] = len(entries)
-    redis_keys = _delete_redis_keys_of(runtime, ids)
-    if redis_keys is not None:
-        counts["redis_keys"] = redis_keys
     _delete_held_blob_files(runtime, ids)
     with transaction(runtime.sessions) as session:
         secure_delete(session)

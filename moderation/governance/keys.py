@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.sealed_fields import bank_key_context
 from moderation.banks.snapshot import rewrap_snapshot
 from moderation.crypto.envelope import WrappedKey, rewrap_key
 from moderation.crypto.keys import KeyRing
@@ -27,6 +28,7 @@ from moderation.governance.users import totp_context
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     ApiClient,
+    Bank,
     DeploymentSecret,
     IndexSnapshot,
     Subject,
@@ -133,6 +135,14 @@ def _rewrap_api_clients(session: Session, keyring: KeyRing, _dir: Path, _r: Rota
     )
 
 
+def _rewrap_bank_entry_keys(
+    session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport
+) -> int:
+    # The keys sealing entry labels and source refs (moderation.banks.sealed_fields).
+    rows = session.scalars(select(Bank).where(Bank.entry_key.is_not(None)))
+    return _rewrap_column(rows, "entry_key", keyring, lambda b: bank_key_context(b.id))
+
+
 REWRAP_STEPS: dict[str, RewrapStep] = {
     "snapshots": _rewrap_snapshots,
     "uploads": _rewrap_uploads,
@@ -140,6 +150,7 @@ REWRAP_STEPS: dict[str, RewrapStep] = {
     "deployment_secrets": _rewrap_deployment_secrets,
     "user_totp_secrets": _rewrap_user_totp,
     "api_clients": _rewrap_api_clients,
+    "bank_entry_keys": _rewrap_bank_entry_keys,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
 

@@ -23,7 +23,9 @@ from moderation.audit.log import record_event
 from moderation.banks.importer import compute_signals
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import get_bank
+from moderation.banks.sealed_fields import new_entry
 from moderation.banks.snapshot_payload import EntrySignals
+from moderation.crypto.keys import KeyRing
 from moderation.governance.approvals import ApprovalError, propose_allow
 from moderation.governance.legal_holds import hold_confirmed
 from moderation.governance.review import NotClaimedError, ReviewError, resolve_now
@@ -74,7 +76,8 @@ class DecisionOutcome:
 class _Prepared:
     bank: str
     upload_id: str
-    sha256: str | None
+    content_hmac: str | None
+    keyring: KeyRing
     signals: tuple[Any, list[tuple[bytes, int]], list[Any]] | None = None
 
 
@@ -126,7 +129,12 @@ def prepare_bank_entry(
             raise ReviewError(
                 "the upload's image is gone (erased?): cannot add it to a bank"
             ) from exc
-        prepared = _Prepared(bank=bank.name, upload_id=upload.id, sha256=upload.sha256)
+        prepared = _Prepared(
+            bank=bank.name,
+            upload_id=upload.id,
+            content_hmac=upload.content_hmac,
+            keyring=runtime.keyring,
+        )
     try:
         decoded = decode_image(data, runtime.limits)
     except UnscannableImage as exc:
@@ -340,22 +348,24 @@ def add_entry(
     for the next snapshot), or (None, None) when the bank already holds the upload's bytes."""
     assert prepared.signals is not None
     bank = get_bank(session, prepared.bank)
-    if prepared.sha256 is not None and session.scalar(
-        select(Entry.id).where(Entry.bank_id == bank.id, Entry.source_sha256 == prepared.sha256)
+    known = prepared.content_hmac
+    if known is not None and session.scalar(
+        select(Entry.id).where(Entry.bank_id == bank.id, Entry.source_hmac == known)
     ):
         logger.info("upload %s is already in bank %s", prepared.upload_id, bank.name)
         return None, None
     vectors, pdqs, regions = prepared.signals
-    entry = Entry(
+    upload_id = prepared.upload_id
+    entry = new_entry(
+        session,
+        prepared.keyring,
         bank_id=bank.id,
-        label=f"upload {prepared.upload_id}",
-        source_ref=f"upload:{prepared.upload_id}",
-        source_sha256=prepared.sha256,
-        upload_id=prepared.upload_id,
+        label=f"upload {upload_id}",
+        source_ref=f"upload:{upload_id}",
+        source_hmac=known,
+        upload_id=upload_id,
         added_by=actor,
     )
-    session.add(entry)
-    session.flush()
     digest, quality = pdqs[0]
     record_event(
         session,

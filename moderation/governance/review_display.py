@@ -17,6 +17,8 @@ from PIL import ExifTags, Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from moderation.banks.sealed_fields import entry_labels
+from moderation.crypto.keys import KeyRing
 from moderation.governance.review import (
     Exposure,
     QueueStats,
@@ -96,8 +98,8 @@ class ItemView:
     matches: tuple[MatchView, ...] = ()
 
 
-def item_view(session: Session, item_id: int) -> ItemView | None:
-    """The review page's data for an item, or None."""
+def item_view(session: Session, item_id: int, keyring: KeyRing) -> ItemView | None:
+    """The review page's data for an item (labels decrypted with ``keyring``), or None."""
     item = session.get(ReviewItem, item_id)
     if item is None:
         return None
@@ -105,6 +107,9 @@ def item_view(session: Session, item_id: int) -> ItemView | None:
     screening = session.scalar(select(Screening).where(Screening.upload_id == item.upload_id))
     matches: list[MatchView] = []
     if screening is not None:
+        labels = entry_labels(
+            session, keyring, [m.entry_id for m in screening.matches if m.entry_id is not None]
+        )
         for match in screening.matches:
             entry = session.get(Entry, match.entry_id) if match.entry_id is not None else None
             bank = session.get(Bank, match.bank_id) if match.bank_id is not None else None
@@ -112,7 +117,7 @@ def item_view(session: Session, item_id: int) -> ItemView | None:
             matches.append(
                 MatchView(
                     entry_id=entry.public_id if entry else None,
-                    label=entry.label if entry else "(entry deleted)",
+                    label=labels.get(entry.id, "") if entry else "(entry deleted)",
                     bank=bank.name if bank else "(bank deleted)",
                     bank_kind=bank.kind if bank else "",
                     cosine=match.cosine,
@@ -186,7 +191,7 @@ def load_item(runtime: Runtime, item_id: int, user_id: int, role: str) -> tuple[
     user may neither work on nor read it.
     """
     with runtime.sessions() as session:
-        view = item_view(session, item_id)
+        view = item_view(session, item_id, runtime.keyring)
     if view is None:
         raise ItemNotFound(f"no review item {item_id}")
     access = item_access(view, user_id, role)

@@ -38,7 +38,7 @@ from moderation.service.api_clients import callback_secret
 from moderation.service.callback_urls import url_allowed
 from moderation.service.dispatch import send_after_commit, session_dispatcher
 from moderation.service.metrics import CALLBACK_ATTEMPTS
-from moderation.service.results import upload_view
+from moderation.service.results import upload_view, with_labels
 from moderation.storage.db import transaction
 from moderation.storage.models import ApiClient, CallbackAttempt, CallbackDelivery, Upload
 
@@ -127,7 +127,7 @@ def notify_decision(session: Session, upload_id: str, *, event: str | None = Non
     delivery.payload = {
         "delivery_id": delivery.id,
         "event": "screening.decided",
-        **upload_view(session, upload),
+        **upload_view(session, upload, None),  # labels stay sealed: added when sent
     }
     if event is not None:
         delivery.payload["event"] = event
@@ -248,7 +248,11 @@ def _claim(runtime: Runtime, delivery_id: str) -> _Claim | DeliveryOutcome:
             runtime.reload_keyring()
             secret = callback_secret(client, runtime.keyring)
         return _Claim(
-            delivery.attempts, delivery.url, delivery.upload_id, _body(delivery.payload), secret
+            delivery.attempts,
+            delivery.url,
+            delivery.upload_id,
+            _body(with_labels(session, runtime.keyring, delivery.payload)),
+            secret,
         )
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from moderation.banks.blocklist import Blocklist, load_blocklist
 from moderation.banks.importer import ImportHooks
+from moderation.banks.sealed_fields import migration_attributes
 from moderation.config import ConfigurationError, Settings
 from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.matching.candidates import CandidateRefiner
@@ -190,5 +191,5 @@ def prepared_runtime(settings: Settings) -> Runtime:
     settings.ensure_dirs()
     load_keyring(settings, create_dev=True)
     runtime = Runtime(settings)
-    migrate(runtime.engine)
+    migrate(runtime.engine, attributes=migration_attributes(runtime.keyring))
     return runtime

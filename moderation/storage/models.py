@@ -79,6 +79,9 @@ class Bank(Base):
         ForeignKey("api_clients.id", ondelete="RESTRICT"), index=True
     )
     shared_with_all: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    # Data key sealing the bank's entry labels and source refs, wrapped by a master key
+    # (moderation.banks.sealed_fields); created with the first entry.
+    entry_key: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     entries: Mapped[list[Entry]] = relationship(back_populates="bank")
 
@@ -104,10 +107,13 @@ class Entry(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id", ondelete="CASCADE"), index=True)
-    label: Mapped[str] = mapped_column(String(500), default="")
-    source_ref: Mapped[str] = mapped_column(String(1000), default="")
-    # SHA-256 of the original file's bytes: lets an import skip exact duplicates.
-    source_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Label and source ref (a file name, URL), AES-256-GCM under the bank's entry key: read
+    # them with moderation.banks.sealed_fields.entry_fields, never from SQL.
+    label_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    source_ref_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Keyed SHA-256 (HMAC, hex) of the original file's bytes: lets an import skip exact
+    # duplicates without storing a plain hash list of the banned set.
+    source_hmac: Mapped[str | None] = mapped_column(String(64), index=True)
     # Set when the entry was made from a user upload (review confirm): erasure follows it.
     upload_id: Mapped[str | None] = mapped_column(String(32), index=True)
     added_by: Mapped[str] = mapped_column(String(200), default="cli")
@@ -187,7 +193,8 @@ class Upload(Base):
     # The upload's data key wrapped by a master key; deleting it crypto-shreds the blob.
     wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     key_id: Mapped[str | None] = mapped_column(String(100))
-    sha256: Mapped[str | None] = mapped_column(String(64))
+    # Keyed SHA-256 (HMAC, hex) of the bytes (moderation.banks.sealed_fields.content_hmac).
+    content_hmac: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int | None] = mapped_column(Integer)
     legal_hold_until: Mapped[datetime | None] = mapped_column()
     # Set when an erasure request found this upload under legal hold: the upload is detached

@@ -271,9 +271,12 @@ def test_disabled_entry_stops_matching(bank_runtime: Runtime, tmp_path: Path) ->
     with bank_runtime.sessions() as session:
         from sqlalchemy import select
 
+        from moderation.banks.sealed_fields import entry_labels
         from moderation.storage.models import Entry
 
-        eid = session.scalar(select(Entry.id).where(Entry.label == "chelsea"))
+        ids = session.scalars(select(Entry.id)).all()
+        labels = entry_labels(session, bank_runtime.keyring, ids)
+        eid = next(e for e, label in labels.items() if label == "chelsea")
     set_entry_disabled(bank_runtime, f"e_{eid}", disabled=True, actor="test")
     try:
         (result,) = bank_runtime.screener().screen_bytes([chelsea_copy])

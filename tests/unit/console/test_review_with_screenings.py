@@ -68,7 +68,7 @@ def test_reviewers_settle_real_screenings(
     by_name: dict[str, int] = {}
     with rt.sessions() as db:
         for item_id in claimed:
-            view = item_view(db, item_id)
+            view = item_view(db, item_id, rt.keyring)
             assert view is not None and view.matches
             assert view.matches[0].bank == "known" and view.matches[0].cosine is not None
             assert "cosine" in view.matches[0].signals
