@@ -21,8 +21,10 @@ from sqlalchemy import func, select
 from moderation.banks.operations import import_bank
 from moderation.banks.records import create_bank
 from moderation.config import _default_policies_dir, load_settings
+from moderation.governance.appeal_display import open_appeals
 from moderation.governance.appeals import (
     AppealConflict,
+    AppealNotFound,
     claim_appeal,
     decide_appeal,
     file_appeal,
@@ -40,7 +42,7 @@ from moderation.service.uploads import create_upload
 from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from moderation.storage.decisions import Appeal
-from moderation.storage.models import CallbackDelivery, Upload
+from moderation.storage.models import CallbackDelivery, LegalHold, Upload, User
 from tests.conftest import Cli, migrated_runtime, skimage_photo_path
 from tests.unit.test_api import make_app
 from tests.unit.test_callbacks import Receiver
@@ -325,3 +327,26 @@ def test_allow_overturned_to_block_gets_the_legal_hold(tmp_path: Path, settings:
             assert upload is not None and upload.legal_hold_until is not None
             days = (utc(upload.legal_hold_until) - datetime.now(UTC)).total_seconds() / 86400
         assert 29.9 < days <= 30
+        hold = db.scalar(select(LegalHold).where(LegalHold.upload_id == upload_id))
+        assert hold is not None and (hold.source, hold.placed_by) == ("review", f"user:{reviewer}")
+
+
+def test_a_reviewer_scoped_to_another_client_never_sees_the_appeal(
+    tmp_path: Path, settings: Any
+) -> None:
+    """Tenant isolation reaches the appeal queue: a reviewer working only client B's items
+    neither lists nor claims client A's appeal (as if it did not exist)."""
+    with migrated_runtime(settings) as rt:
+        client_a, upload_id = _automated_block(rt)
+        appeal = file_appeal(rt, client_id=client_a, upload_id=upload_id, reason="ours")
+        scoped, free = _reviewer(rt, "b@example.org"), _reviewer(rt, "any@example.org")
+        with transaction(rt.sessions) as db:
+            other = create_api_client(db, rt.keyring, "platform-b", callback_allowlist=[])
+            user = db.get(User, scoped)
+            assert user is not None
+            user.client_id = other.client_id
+        with rt.sessions() as db:
+            assert [row.id for row in open_appeals(db, scoped)] == []
+            assert [row.id for row in open_appeals(db, free)] == [appeal.id]
+        with pytest.raises(AppealNotFound), transaction(rt.sessions) as db:
+            claim_appeal(db, appeal.id, reviewer_id=scoped, lease_seconds=60, daily_limit=9)
