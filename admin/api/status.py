@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 
 from admin.api.services import services
+from moderation.governance.health_metrics import HealthSamples, health_samples
 from moderation.service.metrics import database_samples
 from moderation.service.runtime import Runtime
 from moderation.service.worker import worker_reports
@@ -197,7 +198,9 @@ def _check_snapshot(runtime: Runtime) -> dict[str, Any]:
     return snapshot
 
 
-def _labelled(family: GaugeMetricFamily | CounterMetricFamily, counts: Mapping[str, int]) -> Metric:
+def _labelled(
+    family: GaugeMetricFamily | CounterMetricFamily, counts: Mapping[str, float]
+) -> Metric:
     """``family`` with one sample per label value of ``counts``, in label order."""
     for key, value in sorted(counts.items()):
         family.add_metric([key], value)
@@ -214,8 +217,10 @@ class _ScrapeCollector(Collector):
         try:
             with self.runtime.sessions() as session:
                 samples = database_samples(session)
-                current, reports = worker_reports(
-                    session, alive_within=max(3 * self.runtime.settings.snapshot_poll_interval, 30)
+                alive_within = max(3 * self.runtime.settings.snapshot_poll_interval, 30)
+                current, reports = worker_reports(session, alive_within=alive_within)
+                health = health_samples(
+                    session, self.runtime.keyring.key_ids, alive_within=alive_within
                 )
         except Exception as exc:
             logger.warning("metrics: database unavailable: %s", exc)
@@ -248,6 +253,7 @@ class _ScrapeCollector(Collector):
         yield GaugeMetricFamily(
             "moderation_workers_alive", "Workers heard from recently.", value=len(reports)
         )
+        yield from _health_families(health)
         try:
             depths = _queue_depths()
         except Exception as exc:
@@ -259,6 +265,31 @@ class _ScrapeCollector(Collector):
         for key, value in sorted(depths.items()):
             depth.add_metric([key], value)
         yield depth
+
+
+def _health_families(health: HealthSamples) -> Iterator[Metric]:
+    """The ages the alert rules watch (:mod:`moderation.governance.health_metrics`)."""
+    yield GaugeMetricFamily(
+        "moderation_oldest_queued_upload_seconds",
+        "Age of the oldest upload still queued or processing (0 when none), seconds.",
+        value=health.oldest_queued_upload_s,
+    )
+    labelled = (
+        ("moderation_snapshot_age_seconds", "Age of the snapshot serving each enabled bank, s.",
+         "bank", health.snapshot_age_s),
+        ("moderation_worker_snapshot_lag_seconds", "How long a newer snapshot has existed "
+         "while the worker still serves an older one (0 when current), s.", "worker",
+         health.worker_lag_s),
+        ("moderation_key_age_seconds", "Time since each master key became primary, s.", "key",
+         health.key_age_s),
+    )  # fmt: skip
+    for name, documentation, label, values in labelled:
+        yield _labelled(GaugeMetricFamily(name, documentation, labels=[label]), values)
+    yield GaugeMetricFamily(
+        "moderation_erasure_requests_overdue",
+        "Open erasure requests older than 25 days (GDPR Art. 12(3): one month).",
+        value=health.overdue_erasures,
+    )
 
 
 @bp.get("/metrics")

@@ -1,0 +1,96 @@
+"""Operational ages read from the database at scrape time, for the alert rules in
+``monitoring/prometheus/rules.yml``: the oldest queued upload, the snapshot age per bank,
+each worker's lag behind the current snapshot, the master keys' ages and overdue erasure
+requests.
+
+They are read by the web process's ``/metrics`` (``admin/api/status.py``) from the database,
+which every machine shares, so they are true fleet-wide even where worker containers are not
+scraped (Docker Compose keeps each container's prometheus-client files apart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from moderation.banks.versions import current_snapshot
+from moderation.governance.erasure_requests import overdue_requests
+from moderation.service.worker import worker_reports
+from moderation.storage.models import AuditEvent, Bank, Upload
+
+#: Upload statuses that still wait for a result (``Upload.status``).
+WAITING_STATUSES = ("queued", "processing")
+
+
+@dataclass(frozen=True)
+class HealthSamples:
+    """Ages in seconds (floats >= 0) and counts, as exported by ``/metrics``.
+
+    ``oldest_queued_upload_s`` is 0 when nothing waits. ``snapshot_age_s`` maps every enabled
+    bank to the age of the current snapshot version holding its entries (empty before the first
+    snapshot). ``worker_lag_s`` maps alive worker ids to how long a newer snapshot has existed
+    while the worker still serves an older one (0 when current). ``key_age_s`` maps each master
+    key id to the time since it became primary (its ``keys.rotate`` audit event; for keys older
+    than every rotation, the deployment's first audit event). ``overdue_erasures`` counts open
+    erasure requests older than ``overdue_days``.
+    """
+
+    oldest_queued_upload_s: float
+    snapshot_age_s: dict[str, float]
+    worker_lag_s: dict[str, float]
+    key_age_s: dict[str, float]
+    overdue_erasures: int
+
+
+def _age(value: datetime | None, now: datetime) -> float:
+    if value is None:
+        return 0.0
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return max(0.0, (now - value).total_seconds())
+
+
+def key_ages(session: Session, key_ids: tuple[str, ...], now: datetime) -> dict[str, float]:
+    """Seconds since each of ``key_ids`` became primary (see :class:`HealthSamples`); keys
+    with no audit trail at all (an empty log) are left out."""
+    first = session.scalar(select(func.min(AuditEvent.ts)))
+    ages: dict[str, float] = {}
+    for key_id in key_ids:
+        promoted = session.scalar(
+            select(func.max(AuditEvent.ts)).where(
+                AuditEvent.action == "keys.rotate", AuditEvent.target == f"key:{key_id}"
+            )
+        )
+        since = promoted if promoted is not None else first
+        if since is not None:
+            ages[key_id] = _age(since, now)
+    return ages
+
+
+def health_samples(
+    session: Session,
+    key_ids: tuple[str, ...],
+    *,
+    alive_within: float,
+    overdue_days: int = 25,
+) -> HealthSamples:
+    """Read :class:`HealthSamples` now. ``alive_within`` (s) selects the workers counted;
+    ``overdue_days`` is the erasure dashboard's margin before GDPR Art. 12(3)'s one month."""
+    now = datetime.now(UTC)
+    oldest = session.scalar(
+        select(func.min(Upload.received_at)).where(Upload.status.in_(WAITING_STATUSES))
+    )
+    snapshot = current_snapshot(session)
+    banks = session.scalars(select(Bank.name).where(Bank.enabled.is_(True)).order_by(Bank.name))
+    snapshot_age = {} if snapshot is None else dict.fromkeys(banks, _age(snapshot.created_at, now))
+    _, reports = worker_reports(session, alive_within=alive_within)
+    return HealthSamples(
+        oldest_queued_upload_s=_age(oldest, now),
+        snapshot_age_s=snapshot_age,
+        worker_lag_s={r.worker_id: r.stale_s or 0.0 for r in reports},
+        key_age_s=key_ages(session, key_ids, now),
+        overdue_erasures=len(overdue_requests(session, overdue_days)),
+    )
