@@ -146,6 +146,7 @@ from moderation.cli import (  # noqa: E402, F401
     classifier,
     core,
     hashes,
+    ops,
     quarantine,
     service,
     users,

@@ -1,7 +1,8 @@
 """Operational ages read from the database at scrape time, for the alert rules in
 ``monitoring/prometheus/rules.yml``: the oldest queued upload, the snapshot age per bank,
 each worker's lag behind the current snapshot, the master keys' ages and overdue erasure
-requests.
+requests; and :func:`health_report`, the same figures with the checks an operator runs to
+call an incident over (``moderation status``).
 
 They are read by the web process's ``/metrics`` (``admin/api/status.py``) from the database,
 which every machine shares, so they are true fleet-wide even where worker containers are not
@@ -12,14 +13,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from moderation.banks.versions import current_snapshot
+from moderation.banks.snapshot import SnapshotError
+from moderation.banks.versions import current_snapshot, read_payload
+from moderation.crypto.errors import CryptoError
 from moderation.governance.erasure_requests import overdue_requests
 from moderation.service.worker import worker_reports
 from moderation.storage.models import AuditEvent, Bank, Upload
+
+if TYPE_CHECKING:
+    from moderation.service.runtime import Runtime
 
 #: Upload statuses that still wait for a result (``Upload.status``).
 WAITING_STATUSES = ("queued", "processing")
@@ -94,3 +102,75 @@ def health_samples(
         key_age_s=key_ages(session, key_ids, now),
         overdue_erasures=len(overdue_requests(session, overdue_days)),
     )
+
+
+def _snapshot_state(runtime: Runtime, session: Session, now: datetime) -> dict[str, Any]:
+    """The current snapshot's row and whether its file decrypts and verifies now."""
+    row = current_snapshot(session)
+    if row is None:
+        return {"version": 0, "verified": False, "error": "no snapshot yet (import a bank)"}
+    state: dict[str, Any] = {
+        "version": row.version,
+        "file": Path(row.path).name,
+        "sha256": row.sha256,
+        "key_id": row.key_id,
+        "encoder_id": row.encoder_id,
+        "entry_count": row.entry_count,
+        "age_s": round(_age(row.created_at, now), 1),
+        "verified": True,
+        "error": None,
+    }
+    try:
+        read_payload(session, runtime.keyring, runtime.settings.snapshots_dir, row)
+    except (SnapshotError, CryptoError) as exc:
+        state.update(verified=False, error=str(exc))
+    return state
+
+
+def health_report(
+    runtime: Runtime, *, max_wait_s: float = 300.0, max_lag_s: float = 60.0
+) -> dict[str, Any]:
+    """What an operator checks to call an incident over (``moderation status``), as JSON-ready
+    values, with ``ok`` and the ``problems`` (strings) that make it false: an upload waiting
+    longer than ``max_wait_s`` (s; the queue alert's threshold), a current snapshot that does not
+    decrypt and verify, no worker alive, a worker reporting an error or serving an older
+    snapshot for more than ``max_lag_s`` (s), an overdue erasure request.
+    """
+    alive_within = max(3 * runtime.settings.snapshot_poll_interval, 30.0)
+    now = datetime.now(UTC)
+    with runtime.sessions() as session:
+        samples = health_samples(session, runtime.keyring.key_ids, alive_within=alive_within)
+        waiting = session.scalar(
+            select(func.count()).select_from(Upload).where(Upload.status.in_(WAITING_STATUSES))
+        )
+        snapshot = _snapshot_state(runtime, session, now)
+        _, reports = worker_reports(session, alive_within=alive_within)
+    workers: list[dict[str, Any]] = [
+        {"id": r.worker_id, "snapshot_version": r.snapshot_version, "error": r.error,
+         "lag_s": round(samples.worker_lag_s.get(r.worker_id, 0.0), 1),
+         "seen_s_ago": round(r.seen_s_ago, 1)}
+        for r in reports
+    ]  # fmt: skip
+    problems = []
+    if samples.oldest_queued_upload_s > max_wait_s:
+        problems.append(f"an upload has waited {samples.oldest_queued_upload_s:.0f} s")
+    if not snapshot["verified"]:
+        problems.append(f"snapshot: {snapshot['error']}")
+    if not workers:
+        problems.append("no worker has reported (is `moderation worker` running?)")
+    for worker in workers:
+        if worker["error"] or worker["lag_s"] > max_lag_s:
+            problems.append(f"worker {worker['id']}: {worker['error'] or 'old snapshot'}")
+    if samples.overdue_erasures:
+        problems.append(f"{samples.overdue_erasures} erasure requests are overdue")
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "uploads_waiting": int(waiting or 0),
+        "oldest_queued_upload_s": round(samples.oldest_queued_upload_s, 1),
+        "snapshot": snapshot,
+        "workers": workers,
+        "primary_key": runtime.keyring.primary_id,
+        "key_age_s": {k: round(v, 1) for k, v in samples.key_age_s.items()},
+        "overdue_erasures": samples.overdue_erasures,
+    }
