@@ -14,7 +14,6 @@ reporting a snapshot it cannot decrypt or verify makes the service not ready (50
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import os
 import time
@@ -33,7 +32,7 @@ from sqlalchemy import text
 
 from admin.api.services import services
 from moderation.governance.health_metrics import HealthSamples, health_samples
-from moderation.service.metrics import database_samples
+from moderation.service.metrics import bearer_token_matches, database_samples
 from moderation.service.runtime import Runtime
 from moderation.service.worker import worker_reports
 
@@ -102,10 +101,8 @@ def metrics_token_required(view: Callable[[], Any]) -> Callable[[], Any]:
         expected = _runtime().settings.metrics_token
         if expected is None:
             return _json_error(404, "not_found", "not served: MODERATION_METRICS_TOKEN is unset")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8"), expected.get_secret_value().encode("utf-8")
-        ):
+        authorization = request.headers.get("Authorization", "")
+        if not bearer_token_matches(authorization, expected.get_secret_value()):
             response = _json_error(401, "unauthorized", "the metrics bearer token is required")
             response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
             return response
@@ -220,7 +217,10 @@ class _ScrapeCollector(Collector):
                 alive_within = max(3 * self.runtime.settings.snapshot_poll_interval, 30)
                 current, reports = worker_reports(session, alive_within=alive_within)
                 health = health_samples(
-                    session, self.runtime.keyring.key_ids, alive_within=alive_within
+                    session,
+                    self.runtime.keyring.key_ids,
+                    alive_within=alive_within,
+                    overdue_days=self.runtime.settings.erasure_deadline_days,
                 )
         except Exception as exc:
             logger.warning("metrics: database unavailable: %s", exc)
@@ -287,7 +287,8 @@ def _health_families(health: HealthSamples) -> Iterator[Metric]:
         yield _labelled(GaugeMetricFamily(name, documentation, labels=[label]), values)
     yield GaugeMetricFamily(
         "moderation_erasure_requests_overdue",
-        "Open erasure requests older than 25 days (GDPR Art. 12(3): one month).",
+        "Open erasure requests past MODERATION_ERASURE_DEADLINE_DAYS (default 25; GDPR Art. "
+        "12(3): one month).",
         value=health.overdue_erasures,
     )
 

@@ -139,7 +139,12 @@ def health_report(
     alive_within = max(3 * runtime.settings.snapshot_poll_interval, 30.0)
     now = datetime.now(UTC)
     with runtime.sessions() as session:
-        samples = health_samples(session, runtime.keyring.key_ids, alive_within=alive_within)
+        samples = health_samples(
+            session,
+            runtime.keyring.key_ids,
+            alive_within=alive_within,
+            overdue_days=runtime.settings.erasure_deadline_days,
+        )
         waiting = session.scalar(
             select(func.count()).select_from(Upload).where(Upload.status.in_(WAITING_STATUSES))
         )

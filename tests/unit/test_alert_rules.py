@@ -160,13 +160,15 @@ def test_dashboard_has_executive_on_call_and_debug_rows() -> None:
 
 def test_scrape_config_is_valid_and_sends_the_metrics_token(tmp_path: Path) -> None:
     config = yaml.safe_load((MONITORING / "prometheus" / "prometheus.yml").read_text())
-    job = config["scrape_configs"][0]
-    assert job["authorization"]["type"] == "Bearer"
-    assert job["static_configs"][0]["targets"] == ["web:8000"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["moderation"]["static_configs"][0]["targets"] == ["web:8000"]
+    assert jobs["moderation-workers"]["dns_sd_configs"][0]["names"] == ["worker"]
     # The container paths, pointed at local files for promtool.
     token = tmp_path / "token"
     token.write_text("t" * 40)
-    job["authorization"]["credentials_file"] = str(token)
+    for job in jobs.values():
+        assert job["authorization"]["type"] == "Bearer"
+        job["authorization"]["credentials_file"] = str(token)
     config["rule_files"] = [str(RULES)]
     local = tmp_path / "prometheus.yml"
     local.write_text(yaml.safe_dump(config))

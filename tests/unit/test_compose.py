@@ -132,6 +132,11 @@ def test_prometheus_scrapes_web_with_the_metrics_token_and_loads_the_rules(
     assert mounts["/etc/prometheus/prometheus.yml"] == REPO / "monitoring/prometheus/prometheus.yml"
     assert scrape["rule_files"] == ["/etc/prometheus/rules.yml"]
     assert all(path.exists() for path in mounts.values())
+    workers = next(j for j in scrape["scrape_configs"] if j["job_name"] == "moderation-workers")
+    worker_env = config["services"]["worker"]["environment"]
+    assert str(workers["dns_sd_configs"][0]["port"]) == worker_env["MODERATION_WORKER_METRICS_PORT"]
+    assert workers["authorization"]["credentials_file"] == token_file
+    assert worker_env["MODERATION_METRICS_TOKEN"] == "m" * 10 + "y" * 40
 
 
 def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(
