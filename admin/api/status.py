@@ -210,18 +210,27 @@ class _ScrapeCollector(Collector):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
+    def _health(self) -> Iterator[Metric]:
+        settings = self.runtime.settings
+        try:
+            with self.runtime.sessions() as session:
+                health = health_samples(
+                    session,
+                    self.runtime.keyring.key_ids,
+                    alive_within=max(3 * settings.snapshot_poll_interval, 30),
+                    overdue_days=settings.erasure_deadline_days,
+                )
+        except Exception as exc:
+            logger.warning("metrics: operational ages unavailable: %s", exc)
+            return
+        yield from _health_families(health)
+
     def collect(self) -> Iterator[Metric]:
         try:
             with self.runtime.sessions() as session:
                 samples = database_samples(session)
                 alive_within = max(3 * self.runtime.settings.snapshot_poll_interval, 30)
                 current, reports = worker_reports(session, alive_within=alive_within)
-                health = health_samples(
-                    session,
-                    self.runtime.keyring.key_ids,
-                    alive_within=alive_within,
-                    overdue_days=self.runtime.settings.erasure_deadline_days,
-                )
         except Exception as exc:
             logger.warning("metrics: database unavailable: %s", exc)
             return
@@ -253,7 +262,7 @@ class _ScrapeCollector(Collector):
         yield GaugeMetricFamily(
             "moderation_workers_alive", "Workers heard from recently.", value=len(reports)
         )
-        yield from _health_families(health)
+        yield from self._health()
         try:
             depths = _queue_depths()
         except Exception as exc:
