@@ -174,3 +174,17 @@ def test_scrape_config_is_valid_and_sends_the_metrics_token(tmp_path: Path) -> N
     local.write_text(yaml.safe_dump(config))
     result = promtool("check", "config", str(local))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    # promtool parses expressions only inside rules: each panel query as a recording rule.
+    records = [
+        {"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": target["expr"]}
+        for panel in dashboard_panels()
+        for target in panel["targets"]
+    ]
+    assert len(records) >= 25
+    queries = tmp_path / "dashboard_queries.yml"
+    queries.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    result = promtool("check", "rules", str(queries))
+    assert result.returncode == 0, result.stdout + result.stderr
