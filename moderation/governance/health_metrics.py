@@ -5,8 +5,8 @@ requests; and :func:`health_report`, the same figures with the checks an operato
 call an incident over (``moderation status``).
 
 They are read by the web process's ``/metrics`` (``admin/api/status.py``) from the database,
-which every machine shares, so they are true fleet-wide even where worker containers are not
-scraped (Docker Compose keeps each container's prometheus-client files apart).
+which every machine shares, so they are true fleet-wide whichever web process is scraped (a
+worker's own ``/metrics``, ``workers/metrics_server.py``, carries only its processes' figures).
 """
 
 from __future__ import annotations
