@@ -23,6 +23,7 @@ from moderation.banks.snapshot import SnapshotError
 from moderation.banks.versions import current_snapshot, read_payload
 from moderation.crypto.errors import CryptoError
 from moderation.governance.erasure_requests import overdue_requests
+from moderation.service.metrics import database_samples
 from moderation.service.worker import worker_reports
 from moderation.storage.models import AuditEvent, Bank, Upload
 
@@ -134,7 +135,8 @@ def health_report(
     values, with ``ok`` and the ``problems`` (strings) that make it false: an upload waiting
     longer than ``max_wait_s`` (s; the queue alert's threshold), a current snapshot that does not
     decrypt and verify, no worker alive, a worker reporting an error or serving an older
-    snapshot for more than ``max_lag_s`` (s), an overdue erasure request.
+    snapshot for more than ``max_lag_s`` (s), an overdue erasure request. Also the unscannable
+    results by reason (``poison``: workers died screening the upload).
     """
     alive_within = max(3 * runtime.settings.snapshot_poll_interval, 30.0)
     now = datetime.now(UTC)
@@ -149,6 +151,7 @@ def health_report(
             select(func.count()).select_from(Upload).where(Upload.status.in_(WAITING_STATUSES))
         )
         snapshot = _snapshot_state(runtime, session, now)
+        unscannable = database_samples(session).results_by_reason
         _, reports = worker_reports(session, alive_within=alive_within)
     workers: list[dict[str, Any]] = [
         {"id": r.worker_id, "snapshot_version": r.snapshot_version, "error": r.error,
@@ -172,6 +175,7 @@ def health_report(
         "ok": not problems,
         "problems": problems,
         "uploads_waiting": int(waiting or 0),
+        "unscannable_by_reason": unscannable,
         "oldest_queued_upload_s": round(samples.oldest_queued_upload_s, 1),
         "snapshot": snapshot,
         "workers": workers,

@@ -224,6 +224,7 @@ def test_status_check_detects_a_damaged_snapshot_until_the_backup_is_restored(
     report = json.loads(failed.stdout)
     assert not report["snapshot"]["verified"] and snapshot["file"] in report["snapshot"]["error"]
     assert any(p.startswith("snapshot:") for p in report["problems"])
+    assert report["unscannable_by_reason"] == {}
     path.write_bytes(backup)  # the runbook's restore from the data volume's backup
     assert cli("status", "--check").exit_code == 0
 
