@@ -26,20 +26,23 @@ RULE_TESTS = sorted((MONITORING / "prometheus" / "tests").glob("*.yml"))
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "moderation.json"
 RUNBOOKS = REPO / "docs" / "runbooks"
 
-#: Metrics of the issue-18 contract that the encoder and canary branches define (the canary
-#: and drift gauges, the migration progress and shadow counters); on a branch without them the
-#: rules may still name them. Once merged, they are found in the code like every other metric.
+#: Metrics of the issue-18 contract that the canary and encoder branches define, by the module
+#: (a glob under moderation/) that provides them. Until that module exists on this branch the
+#: rules may name them; once it exists, they must be defined in the code like every other one.
 CONTRACT_METRICS = {
-    "moderation_canary_micro_ap",
-    "moderation_canary_recall",
-    "moderation_canary_false_positive_rate",
-    "moderation_canary_last_run_timestamp_seconds",
-    "moderation_slo_min_recall",
-    "moderation_slo_max_false_positive_rate",
-    "moderation_drift_score",
-    "moderation_drift_threshold",
-    "moderation_encoder_migration_progress_ratio",
-    "moderation_shadow_decisions_total",
+    "modelops/canary*.py": {
+        "moderation_canary_micro_ap",
+        "moderation_canary_recall",
+        "moderation_canary_false_positive_rate",
+        "moderation_canary_last_run_timestamp_seconds",
+        "moderation_slo_min_recall",
+        "moderation_slo_max_false_positive_rate",
+    },
+    "modelops/drift*.py": {"moderation_drift_score", "moderation_drift_threshold"},
+    "modelops/encoder_migration*.py": {
+        "moderation_encoder_migration_progress_ratio",
+        "moderation_shadow_decisions_total",
+    },
 }
 #: Runbooks the encoder and canary branches write (issue 18's contract).
 CONTRACT_RUNBOOKS = {"recall-drop.md", "encoder-rollback.md"}
@@ -68,6 +71,16 @@ def defined_metrics() -> set[str]:
         for path in (REPO / package).rglob("*.py"):
             names.update(re.findall(r"[\"'](moderation_[a-z0-9_]+)[\"']", path.read_text()))
     return {name + suffix for name in names for suffix in SUFFIXES}
+
+
+def pending_contract_metrics() -> set[str]:
+    """Contract metrics whose providing module is not on this branch yet."""
+    return {
+        name
+        for pattern, names in CONTRACT_METRICS.items()
+        if not any((REPO / "moderation").glob(pattern))
+        for name in names
+    }
 
 
 def rules() -> list[dict[str, Any]]:
@@ -110,7 +123,7 @@ def test_the_recall_alert_has_a_firing_unit_test() -> None:
 
 def test_every_metric_a_rule_or_panel_names_is_defined() -> None:
     recorded = {rule["record"] for rule in rules() if "record" in rule}
-    known = defined_metrics() | CONTRACT_METRICS | recorded | BUILTIN
+    known = defined_metrics() | pending_contract_metrics() | recorded | BUILTIN
     exprs = [rule["expr"] for rule in rules()]
     exprs += [target["expr"] for panel in dashboard_panels() for target in panel["targets"]]
     unknown = {name for expr in exprs for name in referenced(expr)} - known
