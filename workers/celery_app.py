@@ -222,3 +222,18 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         )
         sys.stderr.flush()
         raise SystemExit(UNSAFE_EXIT)
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _serve_worker_metrics(sender: Any = None, **_: Any) -> None:
+    """Serve this worker's metrics on MODERATION_WORKER_METRICS_PORT (workers/metrics_server)."""
+    settings = get_app().conf.moderation_settings
+    if settings.worker_metrics_port is None:
+        return
+    if settings.metrics_token is None:
+        logger.error("MODERATION_WORKER_METRICS_PORT is set without MODERATION_METRICS_TOKEN: "
+                     "worker metrics are not served")  # fmt: skip
+        return
+    from workers.metrics_server import serve_metrics
+
+    serve_metrics(settings.worker_metrics_port, settings.metrics_token.get_secret_value())

@@ -149,6 +149,7 @@ from moderation.cli import (  # noqa: E402, F401
     decisions,
     hashes,
     holds,
+    ops,
     quarantine,
     review,
     service,
