@@ -89,7 +89,12 @@ class Settings(BaseSettings):
         description="Forward path of the default encoder: auto (ONNX Runtime on CPU when "
         "installed, else torch), onnxruntime, torch (channels_last) or eager.",
     )
-    torch_threads: int = Field(default=0, ge=0, description="0: torch's own default.")
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Encoder threads (torch, or ONNX Runtime intra-op); 0: one per core for "
+        "ONNX Runtime, torch's own default for torch.",
+    )
     faiss_threads: int = Field(
         default=1,
         ge=0,

@@ -207,7 +207,7 @@ def bench_encoder(
         runtime=settings.encoder_runtime,
         cache_dir=Path(tempfile.gettempdir()) / f"moderation-cache-{os.getuid()}",
     )
-    eager = EfficientNetLite0Encoder(device=fast.device, runtime="eager")
+    eager = EfficientNetLite0Encoder(device=torch.device(str(fast.device)), runtime="eager")
     eager.load()
     fast.load()
 
