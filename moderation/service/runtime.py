@@ -90,6 +90,8 @@ class Runtime:
             runtime=self.settings.encoder_runtime,
             cache_dir=self.settings.resolved_data_dir / "cache",
             threads=self.settings.torch_threads,
+            precision=self.settings.encoder_precision,
+            calibration_dir=self.settings.encoder_calibration_dir,
         )
         if encoder.uses_torch and self.settings.torch_threads:
             import torch

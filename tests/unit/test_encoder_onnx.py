@@ -190,3 +190,20 @@ def test_web_app_imports_no_torch(data_dir: Path) -> None:
         "assert client.get('/status/live').status_code == 200\n"
     )
     assert _run(code, data_dir) == []
+
+
+def test_int8_is_a_different_encoder_id_and_needs_calibration_images(tmp_path: Path) -> None:
+    fp32 = OnnxLite0Encoder(cache_dir=tmp_path)
+    int8 = create_encoder(
+        "timm/efficientnet_lite0", device="cpu", cache_dir=tmp_path, precision="int8"
+    )
+    assert isinstance(int8, OnnxLite0Encoder) and int8.precision == "int8"
+    # int8 embeddings differ, so they must never meet fp32 snapshots.
+    assert int8.id != fp32.id and int8.id.preprocessing.endswith(",precision=int8")
+    assert int8.files.onnx != fp32.files.onnx
+    with pytest.raises(FastPathError, match="MODERATION_ENCODER_CALIBRATION_DIR"):
+        int8.load()
+    with pytest.raises(ValueError, match="precision"):
+        create_encoder("timm/efficientnet_lite0", device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        create_encoder("timm/efficientnet_lite0", device="cpu", runtime="torch", precision="int8")

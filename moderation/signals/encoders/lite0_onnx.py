@@ -37,6 +37,7 @@ from moderation.signals.encoders.lite0 import (
     square_pixels,
 )
 from moderation.signals.encoders.onnx_model import (
+    CALIBRATION_IMAGES,
     FastPathError,
     ModelFiles,
     Precision,
@@ -58,7 +59,8 @@ class OnnxLite0Encoder(Encoder):
     ``precision="fp32"`` (the embeddings agree to cosine >= 0.9999); ``"int8"`` (static
     quantisation, :mod:`.lite0_export`) adds ``,precision=int8`` to the preprocessing, because
     its embeddings differ. ``threads``: ONNX Runtime intra-op threads, 0 for one per core.
-    ``cache_dir`` holds the model files (default :func:`.fastpath.default_cache_dir`).
+    ``cache_dir`` holds the model files (default :func:`.fastpath.default_cache_dir`);
+    ``calibration_dir`` the images int8 is calibrated on when its model is built.
     """
 
     def __init__(
@@ -68,12 +70,14 @@ class OnnxLite0Encoder(Encoder):
         threads: int = 0,
         weights_path: Path | None = None,
         precision: Precision = "fp32",
+        calibration_dir: Path | None = None,
     ) -> None:
         super().__init__(name=NAME, dim=NUM_FEATURES, device=HostCpu())
         self.weights_path = weights_path if weights_path is not None else packaged_weights_path()
         self.cache_dir = cache_dir
         self.threads = threads
         self.precision: Precision = precision
+        self.calibration_dir = calibration_dir
         self.runtime = "onnxruntime"
 
     @property
@@ -106,12 +110,35 @@ class OnnxLite0Encoder(Encoder):
             from moderation.signals.encoders.lite0_export import build_model_files
 
             logger.info("building the ONNX model %s from %s", files.onnx, self.weights_path)
-            build_model_files(self.weights_path, files, precision=self.precision)
+            build_model_files(
+                self.weights_path,
+                files,
+                precision=self.precision,
+                calibration=self._calibration_inputs(),
+            )
             session = checked_session(files, threads=self.threads, **arguments)
         if session is None:
             raise FastPathError(f"the ONNX model built at {files.onnx} fails its own checks")
         logger.info("encoder %s on ONNX Runtime (%s): %s", NAME, self.precision, files.onnx)
         return session
+
+    def _calibration_inputs(self) -> list[npt.NDArray[np.float32]]:
+        """Encoder inputs (1, 3, 224, 224) of the first images in ``calibration_dir`` (int8)."""
+        if self.precision == "fp32":
+            return []
+        if self.calibration_dir is None or not self.calibration_dir.is_dir():
+            raise FastPathError(
+                "the int8 encoder is built from calibration images: set "
+                "MODERATION_ENCODER_CALIBRATION_DIR to a folder of bank images"
+            )
+        inputs = []
+        for path in sorted(self.calibration_dir.iterdir())[:CALIBRATION_IMAGES]:
+            try:
+                with Image.open(path) as image:
+                    inputs.append(square_pixels(image.convert("RGB"))[None])
+            except OSError:
+                continue  # not an image
+        return inputs
 
     def preprocess(self, images: Sequence[Image.Image]) -> list[Any]:
         """Each image resized and normalised: float32 (3, 224, 224) (:func:`.lite0.square_pixels`;

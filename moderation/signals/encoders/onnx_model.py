@@ -41,6 +41,8 @@ MANIFEST_FORMAT: Final = 1
 #: The same float32 graph agrees to about 1e-6 (measured min 0.9999999); 0.999 leaves room for
 #: kernel-order rounding while any wrong weight or truncated file fails by far.
 PROBE_MIN_COSINE: Final = 0.999
+#: Images the int8 activation ranges are calibrated on (the first ones given).
+CALIBRATION_IMAGES: Final = 64
 #: Probe batch: rows of seeded uniform noise in the normalised input range [-1, 1].
 PROBE_ROWS: Final = 2
 PROBE_SEED: Final = 20240607
