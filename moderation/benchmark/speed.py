@@ -309,6 +309,18 @@ def bench_pipeline(
 # --- entry point ------------------------------------------------------------------------------
 
 
+def _process_section(
+    paths: Sequence[Path], settings: Settings, bank_size: int, repeats: int, echo: Echo
+) -> dict[str, Any]:
+    """:func:`bench_process` over up to 240 photos, echoed."""
+    row = bench_process(
+        paths, settings, bank_size=bank_size, screen_count=min(240, len(paths)), repeats=repeats
+    )
+    for line in describe_process(row):
+        echo(line)
+    return row
+
+
 def run_speed_benchmark(
     settings: Settings,
     *,
@@ -338,12 +350,7 @@ def run_speed_benchmark(
         f"{os.cpu_count()} CPUs, load {report['machine']['load_1min']}"
     )
     if stages:
-        process = bench_process(
-            paths, settings, bank_size=bank_size, screen_count=min(240, len(paths)), repeats=repeats
-        )
-        for line in describe_process(process):
-            echo(line)
-        report["process"] = process
+        report["process"] = _process_section(paths, settings, bank_size, repeats, echo)
         decode_rows = bench_decode(datas, settings, repeats)
         for row in decode_rows:
             _echo_pair(echo, row, "baseline", "fast")

@@ -53,10 +53,9 @@ def screen_paths(
     plus ``upload_id``. Files over the byte limit are not read: they end ``unscannable`` with
     reason ``too_large``.
 
-    Three stages overlap, one batch (``batch_size`` files) apart: reading, decoding, PDQ and
-    the encoder's preprocessing of batch k+1 (a thread); embedding, search and decision of
-    batch k (this thread, ONNX Runtime on every core); storing batch k-1 and calling
-    ``on_result`` (a thread; blob writes wait on fsync). Results still come in input order.
+    Three stages overlap a batch (``batch_size`` files) apart: reading, decoding, PDQ and
+    preprocessing of batch k+1 (a thread); embedding, search and decision of batch k; storing
+    batch k-1 and ``on_result`` (a thread; fsync waits). Results keep the input order.
 
     Raises:
         moderation.banks.snapshot.SnapshotError: the blocklist cannot be decrypted or
