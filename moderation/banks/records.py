@@ -14,6 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.sealed_fields import entry_labels
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Bank, Entry
 
 
@@ -51,9 +53,12 @@ def create_bank(
     kind: str = "block",
     category: str = "default",
     retain_originals: bool = False,
+    owner_client_id: int | None = None,
 ) -> Bank:
-    """Create a bank; ``retain_originals`` keeps each entry's original sealed in the originals
-    vault (:mod:`moderation.banks.originals`).
+    """Create a bank: the deployment's (shared with every client) or, with
+    ``owner_client_id``, that client's (private to it until shared;
+    :mod:`moderation.banks.tenancy`). ``retain_originals`` keeps each entry's original sealed
+    in the originals vault (:mod:`moderation.banks.originals`).
 
     Raises:
         BlocklistError: bad kind, empty name, or the name is taken.
@@ -70,6 +75,8 @@ def create_bank(
         category=category or "default",
         enabled=True,
         retain_originals=retain_originals,
+        owner_client_id=owner_client_id,
+        shared_with_all=owner_client_id is None,
     )
     session.add(bank)
     session.flush()
@@ -85,15 +92,21 @@ def create_bank_audited(
     actor: str,
     origin: str | None = None,
     retain_originals: bool = False,
+    owner_client_id: int | None = None,
 ) -> Bank:
     """:func:`create_bank`, audited as ``bank.create`` (name, kind, category, whether it
-    retains originals).
+    retains originals, owner client id).
 
     Raises:
         BlocklistError: as :func:`create_bank`.
     """
     bank = create_bank(
-        session, name, kind=kind, category=category, retain_originals=retain_originals
+        session,
+        name,
+        kind=kind,
+        category=category,
+        retain_originals=retain_originals,
+        owner_client_id=owner_client_id,
     )
     record_event(
         session,
@@ -106,6 +119,7 @@ def create_bank_audited(
             "kind": bank.kind,
             "category": bank.category,
             "retain_originals": bank.retain_originals,
+            "owner_client_id": owner_client_id,
         },
     )
     return bank
@@ -153,9 +167,13 @@ def parse_entry_id(text_id: str | int) -> int:
     return int(raw)
 
 
-def entry_infos(session: Session, entry_ids: Iterable[int]) -> dict[int, EntryInfo]:
-    """Metadata for the given entry ids (missing ids are left out)."""
+def entry_infos(
+    session: Session, entry_ids: Iterable[int], keyring: KeyRing | None = None
+) -> dict[int, EntryInfo]:
+    """Metadata for the given entry ids (missing ids are left out); labels are decrypted with
+    ``keyring`` (:func:`moderation.banks.sealed_fields.entry_labels`), else empty."""
     wanted = list(entry_ids)
+    labels = entry_labels(session, keyring, wanted) if keyring is not None else {}
     infos: dict[int, EntryInfo] = {}
     for start in range(0, len(wanted), 10_000):
         chunk = wanted[start : start + 10_000]
@@ -166,13 +184,13 @@ def entry_infos(session: Session, entry_ids: Iterable[int]) -> dict[int, EntryIn
                 Bank.name,
                 Bank.kind,
                 Bank.category,
-                Entry.label,
                 Entry.quarantined_at,
             )
             .join(Bank, Entry.bank_id == Bank.id)
             .where(Entry.id.in_(chunk))
         ).all()
-        for eid, bank_id, bank_name, kind, category, label, quarantined_at in rows:
+        for eid, bank_id, bank_name, kind, category, quarantined_at in rows:
+            label = labels.get(eid, "")
             infos[eid] = EntryInfo(
                 eid, bank_id, bank_name, kind, category, label, quarantined_at is not None
             )

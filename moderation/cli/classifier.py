@@ -68,17 +68,21 @@ def classifier_list(ctx: Context, as_json: bool) -> None:
         print_table(rows, ["version", "active", "average_precision", "created_at"])
 
 
-def _activate(ctx: Context, version: str | None) -> None:
+def _switch(ctx: Context, version: str | None, *, rollback: bool) -> None:
     from moderation.matching.classifier.activation import (
         ActivationError,
-        activate_version,
-        rollback_target,
+        activate_model,
+        rollback_model,
     )
     from moderation.modelops.canary import canary_gate
 
     with initialised_runtime(ctx, ActivationError) as runtime:
-        target = version or rollback_target(runtime)
-        outcome = activate_version(runtime, target, actor="cli", gate=canary_gate(runtime))
+        gate = canary_gate(runtime)
+        if rollback:
+            outcome = rollback_model(runtime, actor="cli", to=version, gate=gate)
+        else:
+            assert version is not None
+            outcome = activate_model(runtime, version, actor="cli", gate=gate)
     echo_json(outcome)
     if not outcome["activated"]:
         raise SystemExit(1)
@@ -90,13 +94,16 @@ def _activate(ctx: Context, version: str | None) -> None:
 def classifier_activate(ctx: Context, version: str) -> None:
     """Make the stored model VERSION active (workers switch without a restart), unless its
     golden-set canary figures miss the policy's SLOs: then it is refused (exit 1) with the
-    figures. Audited either way."""
-    _activate(ctx, version)
+    figures. Audited either way. Prints {"previous", "active", "activated", "reason",
+    "canary"}."""
+    _switch(ctx, version, rollback=False)
 
 
 @classifier.command("rollback")
+@click.option("--to", "version", default=None, help="Version to activate (see `list`).")
 @pass_ctx
-def classifier_rollback(ctx: Context) -> None:
-    """Activate the model stored before the active one, through the same canary check as
-    `activate` (exit 1 when refused)."""
-    _activate(ctx, None)
+def classifier_rollback(ctx: Context, version: str | None) -> None:
+    """Make an earlier model active again (default: the newest one older than the active),
+    through the same canary check as `activate` (exit 1 when refused); workers switch without
+    a restart. Prints {"previous", "active", "activated", "reason", "canary"}."""
+    _switch(ctx, version, rollback=True)

@@ -27,6 +27,7 @@ from moderation.cli import (
 def init(ctx: Context) -> None:
     """Create the data directory, the database schema and (dev only) a key file."""
     from moderation.audit.log import public_key_hex, record_event, signing_key
+    from moderation.banks.sealed_fields import migration_attributes
     from moderation.crypto.keys import load_keyring
     from moderation.matching.policy import load_policy
     from moderation.storage.db import migrate, transaction
@@ -38,7 +39,7 @@ def init(ctx: Context) -> None:
         had_key_file = settings.key_file_path.exists()
         keyring = load_keyring(settings, create_dev=True)
         runtime = ctx.runtime
-        migrate(runtime.engine)
+        migrate(runtime.engine, attributes=migration_attributes(keyring))
         with transaction(runtime.sessions) as session:
             record_event(
                 session,
@@ -87,13 +88,24 @@ def bank() -> None:
     "can re-embed it (entry removal and erasure crypto-shred it). A legal decision: banks of "
     "illegal content usually must not keep originals.",
 )
+@click.option(
+    "--owner",
+    default=None,
+    metavar="CLIENT",
+    help="API client owning the bank: it applies only to that client until shared "
+    "(`bank share`). Without it the bank is the deployment's, shared with every client.",
+)
 @pass_ctx
-def bank_create(ctx: Context, name: str, kind: str, category: str, retain_originals: bool) -> None:
+def bank_create(
+    ctx: Context, name: str, kind: str, category: str, retain_originals: bool, owner: str | None
+) -> None:
     """Create a bank NAME."""
     from moderation.banks.records import create_bank_audited
+    from moderation.banks.tenancy import client_named
     from moderation.storage.db import transaction
 
     with initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
+        owner_id = client_named(session, owner).id if owner is not None else None
         created = create_bank_audited(
             session,
             name,
@@ -101,6 +113,7 @@ def bank_create(ctx: Context, name: str, kind: str, category: str, retain_origin
             category=category,
             actor="cli",
             retain_originals=retain_originals,
+            owner_client_id=owner_id,
         )
         echo_json(
             {
@@ -109,6 +122,7 @@ def bank_create(ctx: Context, name: str, kind: str, category: str, retain_origin
                 "kind": kind,
                 "category": category,
                 "retain_originals": retain_originals,
+                "owner": owner,
             }
         )
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
 from moderation.banks.originals import original_context
+from moderation.banks.sealed_fields import bank_key_context
 from moderation.banks.snapshot import rewrap_snapshot
 from moderation.crypto.envelope import WrappedKey, rewrap_key
 from moderation.crypto.keys import KeyRing
@@ -30,6 +31,7 @@ from moderation.storage.db import transaction
 from moderation.storage.encoders import EntryOriginal
 from moderation.storage.models import (
     ApiClient,
+    Bank,
     CanaryItem,
     DeploymentSecret,
     IndexSnapshot,
@@ -154,6 +156,14 @@ def _rewrap_canary_items(session: Session, keyring: KeyRing, _dir: Path, _r: Rot
     return _rewrap_column(rows, "wrapped_key", keyring, lambda i: item_context(i.id))
 
 
+def _rewrap_bank_entry_keys(
+    session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport
+) -> int:
+    # The keys sealing entry labels and source refs (moderation.banks.sealed_fields).
+    rows = session.scalars(select(Bank).where(Bank.entry_key.is_not(None)))
+    return _rewrap_column(rows, "entry_key", keyring, lambda b: bank_key_context(b.id))
+
+
 REWRAP_STEPS: dict[str, RewrapStep] = {
     "snapshots": _rewrap_snapshots,
     "uploads": _rewrap_uploads,
@@ -163,6 +173,7 @@ REWRAP_STEPS: dict[str, RewrapStep] = {
     "api_clients": _rewrap_api_clients,
     "entry_originals": _rewrap_entry_originals,
     "canary_items": _rewrap_canary_items,
+    "bank_entry_keys": _rewrap_bank_entry_keys,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
 

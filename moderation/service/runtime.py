@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from moderation.banks.blocklist import Blocklist, load_blocklist
 from moderation.banks.encoder_chains import encoder_chains
 from moderation.banks.importer import ImportHooks
+from moderation.banks.sealed_fields import migration_attributes
 from moderation.config import ConfigurationError, Settings
 from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.matching.candidates import CandidateRefiner
@@ -37,10 +38,6 @@ def _apply_thread_settings(settings: Settings) -> None:
         import faiss
 
         faiss.omp_set_num_threads(settings.faiss_threads)
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
 
 
 class Runtime:
@@ -93,17 +90,29 @@ class Runtime:
         return self.encoder_named(self.serving_encoder_name())
 
     def encoder_named(self, name: str) -> Encoder:
-        """The encoder called ``name`` with this process's device, runtime and cache.
+        """The encoder called ``name`` with this process's device, runtime, cache and threads.
+        ``torch_threads`` sets torch's thread count for PyTorch encoders and ONNX Runtime's for
+        the torch-free one; ``encoder_precision`` and ``encoder_calibration_dir`` apply to the
+        configured encoder only (a migration's other encoder runs at fp32).
 
         Raises:
             ValueError, FileNotFoundError: as :func:`moderation.signals.encoders.create_encoder`.
         """
-        return create_encoder(
+        configured = name == self.settings.encoder
+        encoder = create_encoder(
             name,
             device=self.settings.device,
             runtime=self.settings.encoder_runtime,
             cache_dir=self.settings.resolved_data_dir / "cache",
+            threads=self.settings.torch_threads,
+            precision=self.settings.encoder_precision if configured else "fp32",
+            calibration_dir=self.settings.encoder_calibration_dir if configured else None,
         )
+        if encoder.uses_torch and self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        return encoder
 
     def serving_encoder_name(self) -> str:
         """The name of the encoder whose snapshots serve: a promoted encoder migration's target
@@ -140,6 +149,20 @@ class Runtime:
         policy = load_policy(self.settings.policies_dir, self.settings.policy)
         self.notify_change("policy")
         return policy
+
+    def policy_named(self, name: str | None) -> Policy:
+        """The policy ``policies/<name>.yaml`` (None: the active one), validated once per
+        process (an API client's own policy, :mod:`moderation.service.tenancy`).
+
+        Raises:
+            PolicyError: as :func:`load_policy`.
+        """
+        if name is None or name == self.settings.policy:
+            return self.policy
+        cache: dict[str, Policy] = self.__dict__.setdefault("_named_policies", {})
+        if name not in cache:
+            cache[name] = load_policy(self.settings.policies_dir, name)
+        return cache[name]
 
     @cached_property
     def limits(self) -> DecodeLimits:
@@ -251,5 +274,5 @@ def prepared_runtime(settings: Settings) -> Runtime:
     settings.ensure_dirs()
     load_keyring(settings, create_dev=True)
     runtime = Runtime(settings)
-    migrate(runtime.engine)
+    migrate(runtime.engine, attributes=migration_attributes(runtime.keyring))
     return runtime

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 from sqlalchemy.orm import Session
 
+from moderation.matching.candidates import Scope
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.screening import Screener
 from moderation.storage.encoders import ShadowDecision
@@ -57,13 +58,16 @@ def screen_shadow(
     upload_ids: Sequence[str],
     data: Sequence[bytes],
     results: Sequence[ScreeningResult],
+    scopes: Sequence[Scope] | None = None,
 ) -> list[ShadowDecision]:
     """Screen ``data`` with the shadow and add one :class:`ShadowDecision` per upload to
-    ``session`` (the caller's transaction, the one recording ``results``). Returns the rows;
-    none when the shadow failed (logged; serving is unaffected)."""
+    ``session`` (the caller's transaction, the one recording ``results``). ``scopes`` (one per
+    item, as given to the serving screener) limits each upload to its client's banks and
+    policy, so both encoders decide under the same tenant isolation. Returns the rows; none
+    when the shadow failed (logged; serving is unaffected)."""
     start = time.perf_counter()
     try:
-        shadowed = shadow.screener.screen_bytes(list(data))
+        shadowed = shadow.screener.screen_bytes(list(data), scopes)
     except Exception:  # the shadow must never fail a serving decision
         logger.exception("shadow screening failed (migration %s)", shadow.migration_id)
         return []

@@ -1,6 +1,11 @@
 """Persistence: SQLAlchemy models, repositories and Alembic migrations."""
 
-from moderation.storage import console, encoders, models  # noqa: F401 - every table on Base.metadata
+from moderation.storage import (  # noqa: F401 - every table on Base.metadata
+    console,
+    decisions,
+    encoders,
+    models,
+)
 from moderation.storage.db import create_db_engine, migrate, session_factory, transaction
 
 __all__ = ["create_db_engine", "migrate", "session_factory", "transaction"]

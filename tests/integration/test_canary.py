@@ -167,7 +167,7 @@ def test_changes_request_a_run_and_the_change_check_runs_only_after_one(banked: 
         assert "snapshot" in reasons  # the new snapshot version was published
         again = run_if_changed(runtime, reason="change")
         assert again is not None and again.snapshot_version == 2 and again.positives == 7
-        from moderation.matching.classifier.activation import activate_version
+        from moderation.matching.classifier.activation import activate_model
 
         model = degraded_model(runtime)
         with runtime.sessions() as session, session.begin():
@@ -180,7 +180,7 @@ def test_changes_request_a_run_and_the_change_check_runs_only_after_one(banked: 
                     active=False,
                 )
             )
-        activate_version(runtime, "ungated", actor="test")  # no gate: activated
+        activate_model(runtime, "ungated", actor="test")  # no gate: activated
         assert reasons[-1] == "classifier"
         runtime.engine.dispose()
     finally:

@@ -45,8 +45,9 @@ TINY_ARCH = "moderation-test-tiny-vit"
 
 @pytest.fixture(scope="session")
 def lite0() -> EfficientNetLite0Encoder:
-    """The default encoder with its real weights, loaded once per session."""
-    encoder = create_encoder(LITE0, device="cpu")
+    """The default encoder's PyTorch model (``classify`` needs it) with its real weights, loaded
+    once per session. The torch-free ONNX encoder is tested in test_encoder_onnx.py."""
+    encoder = create_encoder(LITE0, device="cpu", runtime="torch")
     assert isinstance(encoder, EfficientNetLite0Encoder)
     encoder.load()
     return encoder
@@ -145,7 +146,7 @@ def test_create_encoder_is_lazy_and_cached(monkeypatch: pytest.MonkeyPatch) -> N
     assert not encoder.loaded
     assert create_encoder(LITE0, device="cpu") is encoder
     assert create_encoder(LITE0, device="auto") is encoder  # auto resolves to the CPU here
-    assert encoder.dim == 1280 and encoder.device == torch.device("cpu")
+    assert encoder.dim == 1280 and str(encoder.device) == "cpu"
     encoder.encode([skimage_photo("chelsea")])
     assert encoder.loaded
 

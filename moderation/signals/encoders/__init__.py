@@ -7,18 +7,24 @@ Names:
     ``open_clip/<arch>/<checkpoint file>``, e.g. ``open_clip/ViT-B-32//srv/models/vitb32.pt``;
     see :mod:`.open_clip_backend`.
 
-Importing this package loads no model and imports neither timm nor open_clip.
+Importing this package loads no model and imports neither torch, timm nor open_clip. On the
+CPU the default encoder runs on ONNX Runtime without torch (:mod:`.lite0_onnx`); torch is
+imported only for the PyTorch runtimes, open_clip, CUDA, or to build the ONNX model once.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from moderation.signals.encoders.base import Encoder, EncoderId, l2_normalise
-from moderation.signals.encoders.device import DeviceUnavailableError, select_device
+from moderation.signals.encoders.device import DeviceUnavailableError, cpu_only, select_device
+
+if TYPE_CHECKING:
+    import torch
+
+    from moderation.signals.encoders.onnx_model import Precision
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -42,16 +48,26 @@ _cache_lock = threading.Lock()
 
 
 def create_encoder(
-    name: str, *, device: str = "auto", runtime: str = "auto", cache_dir: Path | None = None
+    name: str,
+    *,
+    device: str = "auto",
+    runtime: str = "auto",
+    cache_dir: Path | None = None,
+    threads: int = 0,
+    precision: str = "fp32",
+    calibration_dir: Path | None = None,
 ) -> Encoder:
     """The encoder called ``name`` on ``device`` (see :func:`select_device`), with its
     preprocessing.
 
     ``runtime`` chooses the forward path of the default encoder (``auto``, ``onnxruntime``,
-    ``torch``, ``eager``; see :mod:`moderation.signals.encoders.fastpath`), whose ONNX export is
-    cached
-    in ``cache_dir`` (default: a private temporary directory). open_clip encoders run eager
-    PyTorch whatever ``auto``/``torch``/``eager`` says.
+    ``torch``, ``eager``; see :mod:`moderation.signals.encoders.fastpath`), whose ONNX model is
+    cached in ``cache_dir`` (default: a private temporary directory). With ``auto`` or
+    ``onnxruntime`` on a CPU-only device (:func:`~.device.cpu_only`) it is the torch-free
+    :class:`~.lite0_onnx.OnnxLite0Encoder`, with ``threads`` ONNX Runtime threads (0: one per
+    core) and ``precision`` ``fp32`` or ``int8`` (static quantisation calibrated on the images
+    in ``calibration_dir`` when the model is built). open_clip encoders run eager PyTorch
+    whatever ``auto``/``torch``/``eager`` says.
 
     Returns the same object for the same name, resolved device, runtime and cache directory
     within a process. The model is not loaded here but on first use (``encode``,
@@ -60,10 +76,29 @@ def create_encoder(
     Raises:
         ValueError: ``name`` is none of the accepted forms (the message lists them), an
             open_clip architecture or tag is unknown, ``device`` is not understood, or
-            ``runtime`` is unknown or cannot run there.
+            ``runtime`` is unknown or cannot run there, or ``precision`` is unknown or asked
+            of another encoder.
         FileNotFoundError: an open_clip checkpoint file does not exist.
         DeviceUnavailableError: ``device`` asks for CUDA that is not there.
     """
+    if name == DEFAULT_ENCODER and runtime in ("auto", "onnxruntime") and cpu_only(device):
+        from moderation.signals.encoders.onnx_model import onnxruntime_available
+
+        if onnxruntime_available():
+            key = (name, "cpu", f"onnxruntime/{threads}/{precision}", str(cache_dir))
+            with _cache_lock:
+                if key not in _cache:
+                    from moderation.signals.encoders.lite0_onnx import OnnxLite0Encoder
+
+                    _cache[key] = OnnxLite0Encoder(
+                        cache_dir=cache_dir,
+                        threads=threads,
+                        precision=_precision(precision),
+                        calibration_dir=calibration_dir,
+                    )
+                return _cache[key]
+    if precision != "fp32":
+        raise ValueError(f"encoder precision {precision!r} needs the ONNX Runtime CPU encoder")
     resolved = select_device(device)
     key = (name, str(resolved), runtime, str(cache_dir))
     with _cache_lock:
@@ -93,6 +128,14 @@ def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | 
             raise ValueError(_unknown(name)) from None
         return OpenClipEncoder(name=name, device=device)
     raise ValueError(_unknown(name))
+
+
+def _precision(value: str) -> Precision:
+    if value == "fp32":
+        return "fp32"
+    if value == "int8":
+        return "int8"
+    raise ValueError(f"unknown encoder precision {value!r}; expected 'fp32' or 'int8'")
 
 
 def _unknown(name: str) -> str:
