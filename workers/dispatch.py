@@ -33,6 +33,10 @@ class CeleryDispatcher:
         )
 
 
+CANARY_LISTENER = "celery-canary"
+"""The key of the canary requester among a process's change listeners (one per process)."""
+
+
 def canary_requester(app: Celery) -> Callable[[str], None]:
     """A model-change listener (:func:`moderation.service.model_events.add_change_listener`)
     that queues a canary run for ``reason``; the run is skipped when nothing it measures
