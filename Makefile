@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit services browsers compose clean
+.PHONY: venv demo test lint typecheck unit services browsers compose monitoring-tools clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ browsers:
 compose:
 	bash scripts/compose.sh
 
+monitoring-tools:
+	bash scripts/monitoring_tools.sh
+
 lint: venv
 	$(PY) -m ruff check moderation workers admin tests
 	$(PY) -m ruff format --check moderation workers admin tests
@@ -40,7 +43,7 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy moderation workers admin
 
-test: venv services browsers compose lint typecheck
+test: venv services browsers compose monitoring-tools lint typecheck
 	$(PY) -m pytest
 
 unit: venv

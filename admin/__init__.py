@@ -20,11 +20,13 @@ from moderation.service.runtime import Runtime
 BLUEPRINTS: tuple[str, ...] = (
     "admin.auth:bp",
     "admin.review:bp",
+    "admin.appeals:bp",
     "admin.banks:bp",
     "admin.dashboard:bp",
     "admin.audit:bp",
     "admin.gdpr:bp",
     "admin.clients:bp",
+    "admin.holds:bp",
     "admin.api:bp",
     "admin.api:status_bp",
     "admin.hma:bp",
@@ -35,7 +37,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app from :class:`~moderation.config.Settings`.
 
     ``test_config`` may carry ``SETTINGS`` (a ready :class:`Settings`), ``JOB_RUNNER`` (a
-    :class:`moderation.banks.jobs.JobRunner`; default: a background thread) and any Flask
+    :class:`moderation.banks.jobs.JobRunner`; default: Celery workers, so a restart of the web
+    process loses no import, :mod:`moderation.banks.job_recovery`) and any Flask
     config keys; without it, settings come from the environment like every other entry point.
 
     Raises:
@@ -43,7 +46,6 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
             secret key, debug on: RELIABILITY.md W10).
     """
     from admin import security
-    from moderation.banks.jobs import ThreadJobRunner
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -59,7 +61,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     security.check_production(app, settings)
     rt = Runtime(settings)
     app.extensions["moderation"] = rt
-    app.extensions["moderation.jobs"] = job_runner or ThreadJobRunner(rt)
+    app.extensions["moderation.jobs"] = job_runner or _celery_job_runner(settings)
     security.init_app(app, settings, lambda: rt.sessions)
     for spec in BLUEPRINTS:
         module_name, attribute = spec.split(":")
@@ -68,6 +70,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.jinja_env.filters["age"] = _age
     app.jinja_env.filters["utc"] = _utc_text
     return app
+
+
+def _celery_job_runner(settings: Settings) -> Any:
+    """Console imports go to the Celery workers (``moderation.run_job``), never a web thread."""
+    from workers.celery_app import create_celery
+    from workers.dispatch import CeleryJobRunner
+
+    return CeleryJobRunner(create_celery(settings))
 
 
 def runtime() -> Runtime:

@@ -31,6 +31,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "dashboard": frozenset({"admin", "auditor", "dpo"}),
     "audit": frozenset({"admin", "auditor"}),
     "gdpr": frozenset({"dpo"}),
+    "holds": frozenset({"admin", "dpo"}),
 }
 """Permission -> roles holding it. Separation of duties: only the DPO erases data subjects;
 only admins change banks and users; auditors read."""

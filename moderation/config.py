@@ -279,6 +279,14 @@ class Settings(BaseSettings):
         "`authorization` setting), at least 32 characters; unset, both answer 404. /status/live "
         "and /status/ready stay public and minimal.",
     )
+    worker_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port on which `moderation worker` serves its processes' metrics (latency "
+        "histograms, decisions) to Prometheus, behind the metrics token; unset: not served "
+        "(the web tier's /metrics then carries them only when both share a metrics dir).",
+    )
 
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field(default="INFO")

@@ -29,6 +29,17 @@ CALLBACK_TASK = "moderation.deliver_callback"
 RECONCILE_TASK = "moderation.reconcile"
 CHECKPOINT_TASK = "moderation.audit_checkpoint"
 FLOOD_TASK = "moderation.flood_control"
+HOLDS_TASK = "moderation.release_holds"
+JOB_TASK = "moderation.run_job"
+RECOVER_JOBS_TASK = "moderation.recover_jobs"
+# How often beat releases legal holds that have ended (and erases held uploads of erased subjects
+# no hold keeps): holds are days long, so an hour late at most is well inside any legal period.
+HOLDS_INTERVAL = 3600.0
+# Hard time limit of one console import job, seconds: a large zip (tens of thousands of images)
+# embeds for hours on CPU; the screening tasks' task_time_limit is far too short for it.
+JOB_TIME_LIMIT = 6 * 3600
+# How often beat re-queues console import jobs lost to a restart (moderation.banks.job_recovery).
+RECOVER_JOBS_INTERVAL = 60.0
 CANARY_TASK = "moderation.canary"
 DRIFT_TASK = "moderation.drift"
 # How often beat asks whether the snapshot, classifier model, policy or encoder changed since the
@@ -52,6 +63,9 @@ ROUTES = {
     CALLBACK_TASK: {"queue": "callbacks"},
     RECONCILE_TASK: {"queue": "maintenance"},
     FLOOD_TASK: {"queue": "maintenance"},
+    HOLDS_TASK: {"queue": "maintenance"},
+    JOB_TASK: {"queue": "maintenance"},
+    RECOVER_JOBS_TASK: {"queue": "maintenance"},
     CANARY_TASK: {"queue": "maintenance"},
     DRIFT_TASK: {"queue": "maintenance"},
 }
@@ -76,40 +90,32 @@ def _transport_options(settings: Settings, broker: str) -> dict[str, Any]:
     return {"connect_args": {"timeout": 30}}
 
 
+def _every(task: str, seconds: float) -> dict[str, Any]:
+    """A beat entry: ``task`` on the maintenance queue every ``seconds``; a run not started by
+    the next one expires."""
+    return {
+        "task": task,
+        "schedule": seconds,
+        "options": {"queue": "maintenance", "expires": seconds},
+    }
+
+
 def _beat_schedule(settings: Settings) -> dict[str, Any]:
     return {
-        "reconcile": {
-            "task": RECONCILE_TASK,
-            "schedule": float(settings.reconcile_interval),
-            "options": {"queue": "maintenance", "expires": float(settings.reconcile_interval)},
-        },
-        "audit-checkpoint": {
-            "task": CHECKPOINT_TASK,
-            "schedule": CHECKPOINT_INTERVAL,
-            "options": {"queue": "maintenance", "expires": CHECKPOINT_INTERVAL},
-        },
-        "flood-control": {
-            "task": FLOOD_TASK,
-            "schedule": FLOOD_INTERVAL,
-            "options": {"queue": "maintenance", "expires": FLOOD_INTERVAL},
-        },
+        "reconcile": _every(RECONCILE_TASK, float(settings.reconcile_interval)),
+        "audit-checkpoint": _every(CHECKPOINT_TASK, CHECKPOINT_INTERVAL),
+        "flood-control": _every(FLOOD_TASK, FLOOD_INTERVAL),
+        "release-holds": _every(HOLDS_TASK, HOLDS_INTERVAL),
+        "recover-jobs": _every(RECOVER_JOBS_TASK, RECOVER_JOBS_INTERVAL),
         "canary": {
-            "task": CANARY_TASK,
-            "schedule": float(settings.canary_interval),
+            **_every(CANARY_TASK, float(settings.canary_interval)),
             "args": ["schedule", True],
-            "options": {"queue": "maintenance", "expires": float(settings.canary_interval)},
         },
         "canary-change-check": {
-            "task": CANARY_TASK,
-            "schedule": CANARY_CHECK_INTERVAL,
+            **_every(CANARY_TASK, CANARY_CHECK_INTERVAL),
             "args": ["change", False],
-            "options": {"queue": "maintenance", "expires": CANARY_CHECK_INTERVAL},
         },
-        "drift": {
-            "task": DRIFT_TASK,
-            "schedule": DRIFT_INTERVAL,
-            "options": {"queue": "maintenance", "expires": DRIFT_INTERVAL},
-        },
+        "drift": _every(DRIFT_TASK, DRIFT_INTERVAL),
     }
 
 
@@ -239,3 +245,18 @@ def _check_worker_settings(sender: Any = None, **_: Any) -> None:
         )
         sys.stderr.flush()
         raise SystemExit(UNSAFE_EXIT)
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _serve_worker_metrics(sender: Any = None, **_: Any) -> None:
+    """Serve this worker's metrics on MODERATION_WORKER_METRICS_PORT (workers/metrics_server)."""
+    settings = get_app().conf.moderation_settings
+    if settings.worker_metrics_port is None:
+        return
+    if settings.metrics_token is None:
+        logger.error("MODERATION_WORKER_METRICS_PORT is set without MODERATION_METRICS_TOKEN: "
+                     "worker metrics are not served")  # fmt: skip
+        return
+    from workers.metrics_server import serve_metrics
+
+    serve_metrics(settings.worker_metrics_port, settings.metrics_token.get_secret_value())

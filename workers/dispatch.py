@@ -3,11 +3,14 @@ name."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from celery import Celery
 
-from workers.celery_app import CALLBACK_TASK, CANARY_TASK, ROUTES, SCREEN_TASK
+from workers.celery_app import CALLBACK_TASK, CANARY_TASK, JOB_TASK, ROUTES, SCREEN_TASK
+
+logger = logging.getLogger(__name__)
 
 
 class CeleryDispatcher:
@@ -31,6 +34,24 @@ class CeleryDispatcher:
             countdown=countdown or None,
             **ROUTES[CALLBACK_TASK],
         )
+
+
+class CeleryJobRunner:
+    """A :class:`moderation.banks.jobs.JobRunner` that hands console import jobs to a Celery
+    worker (``moderation.run_job``): nothing is imported in the web process.
+
+    A failed send is logged, not raised: the job row stays ``queued`` and the beat task
+    ``moderation.recover_jobs`` sends it again (:mod:`moderation.banks.job_recovery`).
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def submit(self, job_id: str) -> None:
+        try:
+            self.app.send_task(JOB_TASK, args=[job_id], **ROUTES[JOB_TASK])
+        except Exception:
+            logger.warning("sending job %s failed; recovery will re-send it", job_id, exc_info=True)
 
 
 CANARY_LISTENER = "celery-canary"

@@ -27,10 +27,7 @@ from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from workers.celery_app import (
     CALLBACK_TASK,
-    CANARY_TASK,
-    CANARY_TIME_LIMIT,
     CHECKPOINT_TASK,
-    DRIFT_TASK,
     FLOOD_TASK,
     RECONCILE_TASK,
     SCREEN_TASK,
@@ -157,27 +154,3 @@ def audit_checkpoint() -> int | None:
 def flood_control() -> list[str]:
     """Quarantine entries over the policy's flood-control threshold today; their ids."""
     return [figures.entry_id for figures in check_flood(runtime(), actor="flood_control")]
-
-
-@app.task(  # type: ignore[untyped-decorator]
-    name=CANARY_TASK,
-    acks_late=False,
-    time_limit=CANARY_TIME_LIMIT,
-    soft_time_limit=CANARY_TIME_LIMIT - 60,
-    autoretry_for=(SQLAlchemyError,),
-    max_retries=3,
-)
-def canary(reason: str = "schedule", force: bool = True) -> dict[str, Any] | None:
-    """Run the golden-set canary (when what it measures changed, or ``force``); its figures."""
-    from moderation.modelops.canary import run_if_changed
-
-    report = run_if_changed(runtime(), reason=reason, force=force)
-    return None if report is None else report.to_json()
-
-
-@app.task(name=DRIFT_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
-def drift() -> dict[str, float]:
-    """Compare the last hour of uploads with the reference window; a drift score per signal."""
-    from moderation.modelops.drift import run_drift
-
-    return {s.signal: s.score for s in run_drift(runtime(), actor="drift").signals}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from admin.api.openapi_appeals import appeal_operation, appeal_schema, statement_schema
 from admin.api.openapi_hma import hma_error_schema, hma_paths
 from moderation import __version__
 
@@ -56,6 +57,7 @@ def _result_schema() -> dict[str, Any]:
             "matches": {"type": "array", "items": {"$ref": "#/components/schemas/Match"}},
             "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
             "index_version": {"type": ["integer", "null"]},
+            "statement_of_reasons": {"$ref": "#/components/schemas/StatementOfReasons"},
         },
     }
 
@@ -70,6 +72,7 @@ def _screening_schema() -> dict[str, Any]:
             "status": {"enum": ["queued", "processing", "done"]},
             "received_at": {"type": "string", "format": "date-time"},
             "result": {"oneOf": [{"$ref": "#/components/schemas/Result"}, {"type": "null"}]},
+            "appeal": {"$ref": "#/components/schemas/Appeal"},
             "review": {
                 "type": "object",
                 "description": "Present once a reviewer decided.",
@@ -216,6 +219,7 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
         "paths": {
             "/api/v1/screenings": {"post": _create_screening()},
             "/api/v1/screenings/{id}": {"get": _get_screening()},
+            "/api/v1/screenings/{id}/appeal": {"post": appeal_operation(_error_response)},
             **hma_paths(),
         },
         "components": {
@@ -226,6 +230,8 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
                 "Match": _match_schema(),
                 "Result": _result_schema(),
                 "Screening": _screening_schema(),
+                "Appeal": appeal_schema(),
+                "StatementOfReasons": statement_schema(),
             },
         },
     }

@@ -14,7 +14,6 @@ reporting a snapshot it cannot decrypt or verify makes the service not ready (50
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import os
 import time
@@ -32,8 +31,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 
 from admin.api.services import services
+from moderation.governance.health_metrics import HealthSamples, health_samples
 from moderation.modelops.gauges import ModelOpsCollector
-from moderation.service.metrics import database_samples
+from moderation.service.metrics import bearer_token_matches, database_samples
 from moderation.service.runtime import Runtime
 from moderation.service.worker import worker_reports
 
@@ -102,10 +102,8 @@ def metrics_token_required(view: Callable[[], Any]) -> Callable[[], Any]:
         expected = _runtime().settings.metrics_token
         if expected is None:
             return _json_error(404, "not_found", "not served: MODERATION_METRICS_TOKEN is unset")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8"), expected.get_secret_value().encode("utf-8")
-        ):
+        authorization = request.headers.get("Authorization", "")
+        if not bearer_token_matches(authorization, expected.get_secret_value()):
             response = _json_error(401, "unauthorized", "the metrics bearer token is required")
             response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
             return response
@@ -198,7 +196,9 @@ def _check_snapshot(runtime: Runtime) -> dict[str, Any]:
     return snapshot
 
 
-def _labelled(family: GaugeMetricFamily | CounterMetricFamily, counts: Mapping[str, int]) -> Metric:
+def _labelled(
+    family: GaugeMetricFamily | CounterMetricFamily, counts: Mapping[str, float]
+) -> Metric:
     """``family`` with one sample per label value of ``counts``, in label order."""
     for key, value in sorted(counts.items()):
         family.add_metric([key], value)
@@ -211,13 +211,27 @@ class _ScrapeCollector(Collector):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
+    def _health(self) -> Iterator[Metric]:
+        settings = self.runtime.settings
+        try:
+            with self.runtime.sessions() as session:
+                health = health_samples(
+                    session,
+                    self.runtime.keyring.key_ids,
+                    alive_within=max(3 * settings.snapshot_poll_interval, 30),
+                    overdue_days=settings.erasure_deadline_days,
+                )
+        except Exception as exc:
+            logger.warning("metrics: operational ages unavailable: %s", exc)
+            return
+        yield from _health_families(health)
+
     def collect(self) -> Iterator[Metric]:
         try:
             with self.runtime.sessions() as session:
                 samples = database_samples(session)
-                current, reports = worker_reports(
-                    session, alive_within=max(3 * self.runtime.settings.snapshot_poll_interval, 30)
-                )
+                alive_within = max(3 * self.runtime.settings.snapshot_poll_interval, 30)
+                current, reports = worker_reports(session, alive_within=alive_within)
         except Exception as exc:
             logger.warning("metrics: database unavailable: %s", exc)
             return
@@ -249,6 +263,7 @@ class _ScrapeCollector(Collector):
         yield GaugeMetricFamily(
             "moderation_workers_alive", "Workers heard from recently.", value=len(reports)
         )
+        yield from self._health()
         try:
             depths = _queue_depths()
         except Exception as exc:
@@ -260,6 +275,32 @@ class _ScrapeCollector(Collector):
         for key, value in sorted(depths.items()):
             depth.add_metric([key], value)
         yield depth
+
+
+def _health_families(health: HealthSamples) -> Iterator[Metric]:
+    """The ages the alert rules watch (:mod:`moderation.governance.health_metrics`)."""
+    yield GaugeMetricFamily(
+        "moderation_oldest_queued_upload_seconds",
+        "Age of the oldest upload still queued or processing (0 when none), seconds.",
+        value=health.oldest_queued_upload_s,
+    )
+    labelled = (
+        ("moderation_snapshot_age_seconds", "Age of the snapshot serving each enabled bank, s.",
+         "bank", health.snapshot_age_s),
+        ("moderation_worker_snapshot_lag_seconds", "How long a newer snapshot has existed "
+         "while the worker still serves an older one (0 when current), s.", "worker",
+         health.worker_lag_s),
+        ("moderation_key_age_seconds", "Time since each master key became primary, s.", "key",
+         health.key_age_s),
+    )  # fmt: skip
+    for name, documentation, label, values in labelled:
+        yield _labelled(GaugeMetricFamily(name, documentation, labels=[label]), values)
+    yield GaugeMetricFamily(
+        "moderation_erasure_requests_overdue",
+        "Open erasure requests past MODERATION_ERASURE_DEADLINE_DAYS (default 25; GDPR Art. "
+        "12(3): one month).",
+        value=health.overdue_erasures,
+    )
 
 
 @bp.get("/metrics")

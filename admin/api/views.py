@@ -19,7 +19,8 @@ from werkzeug.exceptions import HTTPException
 from admin.api.clients import ApiError, authenticated_client_id
 from admin.api.openapi import openapi_document
 from admin.api.services import services, setup
-from moderation.service.results import upload_view
+from moderation.governance.appeals import AppealError, file_appeal
+from moderation.service.results import appeal_json, upload_view
 from moderation.service.submission import SubmissionError, submit_upload, wait_for_upload
 from moderation.storage.models import Upload
 
@@ -119,7 +120,7 @@ def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
         upload = session.get(Upload, upload_id)
         if upload is None:
             raise ApiError(404, "not_found", "no such screening")
-        view = upload_view(session, upload)
+        view = upload_view(session, upload, runtime.keyring)
     if view["status"] == "done":
         response = jsonify(view)
         response.status_code = 200
@@ -173,6 +174,32 @@ def get_screening(upload_id: str) -> Any:
         if upload is None or upload.client_id != client_id:
             raise ApiError(404, "not_found", "no such screening")
     return _answer(upload.id, wait)
+
+
+@bp.errorhandler(AppealError)
+def _appeal_error(exc: AppealError) -> Any:
+    return _error(exc.status, exc.code, str(exc))
+
+
+@bp.post("/screenings/<upload_id>/appeal")
+def appeal_screening(upload_id: str) -> Any:
+    """Appeal the screening's current decision (JSON or form field ``reason``): ``201`` with
+    the appeal; 404 for another client's upload, 409 when undecided or already appealed."""
+    client_id = authenticated_client_id()
+    request.max_content_length = MULTIPART_OVERHEAD  # a reason is at most 2000 characters
+    body = request.get_json(silent=True)
+    reason = body.get("reason") if isinstance(body, dict) else request.form.get("reason")
+    appeal = file_appeal(
+        _runtime(),
+        client_id=client_id,
+        upload_id=upload_id,
+        reason=reason if isinstance(reason, str) else "",
+        origin=request.remote_addr,
+    )
+    response = jsonify(appeal_json(appeal))
+    response.status_code = 201
+    response.headers["Location"] = f"/api/v1/screenings/{appeal.upload_id}"
+    return response
 
 
 @bp.get("/openapi.json")

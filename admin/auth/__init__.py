@@ -14,9 +14,12 @@ from admin import runtime
 from admin.auth.forms import (
     CreateUserForm,
     LoginForm,
+    PasswordResetForm,
     ReauthForm,
+    RoleForm,
     TotpEnrolForm,
     TotpForm,
+    TotpResetForm,
     UserStateForm,
 )
 from admin.extensions import limiter
@@ -41,7 +44,10 @@ from moderation.governance.users import (
     get_user_by_email,
     has_totp,
     list_users,
+    reset_password,
+    reset_totp,
     set_disabled,
+    set_role,
     totp_required,
     verify_password,
     verify_totp,
@@ -330,7 +336,14 @@ def users() -> Any:
         ]
     return (
         render_template(
-            "auth/users.html", form=form, people=people, created=created, state_form=UserStateForm()
+            "auth/users.html",
+            form=form,
+            people=people,
+            created=created,
+            state_form=UserStateForm(),
+            role_form=RoleForm(),
+            password_form=PasswordResetForm(),
+            totp_form=TotpResetForm(),
         ),
         status,
     )
@@ -355,3 +368,62 @@ def user_disabled(user_id: int) -> Any:
         abort(404)
     flash("User disabled." if disabled else "User enabled.", "info")
     return redirect(url_for("auth.users"))
+
+
+@bp.route("/users/<int:user_id>/role", methods=["POST"])
+@permission_required("users")
+@step_up_required
+def user_role(user_id: int) -> Any:
+    user = require_user()
+    form = RoleForm()
+    if not form.validate_on_submit():
+        abort(400)
+    if user_id == user.id:
+        flash("You cannot change your own role.", "error")
+        return redirect(url_for("auth.users"))
+    try:
+        with transaction(runtime().sessions) as db:
+            set_role(db, user_id, form.role.data or "", actor=user.actor, origin=origin())
+    except UserError as exc:
+        flash(str(exc), "error")
+    else:
+        flash("Role changed; the user's sessions ended.", "info")
+    return redirect(url_for("auth.users"))
+
+
+@bp.route("/users/<int:user_id>/password", methods=["POST"])
+@permission_required("users")
+@step_up_required
+def user_password(user_id: int) -> Any:
+    user = require_user()
+    form = PasswordResetForm()
+    if not form.validate_on_submit():
+        abort(400)
+    try:
+        with transaction(runtime().sessions) as db:
+            reset_password(db, user_id, form.password.data or "", actor=user.actor, origin=origin())
+    except UserError as exc:
+        flash(str(exc), "error")
+    else:
+        flash("Password reset; the user's sessions ended.", "info")
+    return redirect(url_for("auth.users"))
+
+
+@bp.route("/users/<int:user_id>/totp", methods=["POST"])
+@permission_required("users")
+@step_up_required
+def user_totp(user_id: int) -> Any:
+    user = require_user()
+    form = TotpResetForm()
+    if not form.validate_on_submit():
+        abort(400)
+    rt = runtime()
+    try:
+        with transaction(rt.sessions) as db:
+            uri = reset_totp(db, rt.keyring, user_id, actor=user.actor, origin=origin())
+            target = db.get(User, user_id)
+            email = target.email if target is not None else ""
+    except UserError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("auth.users"))
+    return render_template("auth/totp_enrolled.html", uri=uri, email=email)

@@ -45,6 +45,20 @@ class UserStateForm(ConsoleForm):
     disabled = HiddenField(validators=[DataRequired(), AnyOf(["0", "1"])])
 
 
+class RoleForm(ConsoleForm):
+    role = SelectField("Role", choices=list(ROLES), validators=[DataRequired()])
+
+
+class PasswordResetForm(ConsoleForm):
+    password = PasswordField(
+        "New password", validators=[DataRequired(), Length(max=MAX_PASSWORD_LENGTH)]
+    )
+
+
+class TotpResetForm(ConsoleForm):
+    confirm = HiddenField(validators=[DataRequired(), AnyOf(["reset"])])
+
+
 class TotpEnrolForm(ConsoleForm):
     confirm = HiddenField(validators=[DataRequired(), AnyOf(["enrol"])])
 

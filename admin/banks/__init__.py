@@ -20,22 +20,25 @@ from wtforms import HiddenField, SelectField, SelectMultipleField, StringField
 from wtforms.validators import AnyOf, DataRequired, Length
 
 from admin import runtime
+from admin.banks.sharing import SharingForm, sharing
 from admin.forms import ConsoleForm
 from admin.permissions import origin, permission_required, require_user, step_up_required
+from admin.verdicts import VerdictForm, settle_verdict
 from moderation.banks.flood_control import confirm_entry, list_quarantined, release_entry
 from moderation.banks.hash_jobs import create_hash_import_job
 from moderation.banks.hashlists import FORMATS
 from moderation.banks.job_staging import JobError
 from moderation.banks.jobs import JobRunner, create_import_job, job_view
-from moderation.banks.operations import set_bank_enabled, set_entry_disabled
+from moderation.banks.operations import rename_bank, set_bank_enabled, set_entry_disabled
 from moderation.banks.records import BlocklistError, create_bank_audited, entries_page
+from moderation.banks.sealed_fields import entry_fields
+from moderation.banks.tenancy import sharing_of
 from moderation.governance.approvals import (
     DELETE_BANK,
     DELETE_ENTRIES,
     ApprovalError,
     approve,
     list_approvals,
-    reject,
     request_removal,
 )
 from moderation.storage.console import Job
@@ -43,6 +46,7 @@ from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry
 
 bp = Blueprint("banks", __name__, url_prefix="/banks")
+bp.add_url_rule("/<int:bank_id>/sharing", view_func=sharing, methods=["POST"])
 
 ENTRIES_PER_PAGE = 500
 
@@ -78,12 +82,12 @@ class RemoveEntriesForm(ConsoleForm):
     entry_ids = SelectMultipleField(coerce=int, validate_choice=False, validators=[DataRequired()])
 
 
+class RenameBankForm(ConsoleForm):
+    new_name = StringField("New name", validators=[DataRequired(), Length(max=200)])
+
+
 class DeleteBankForm(ConsoleForm):
     confirm_name = StringField("Type the bank's name", validators=[DataRequired()])
-
-
-class VerdictForm(ConsoleForm):
-    verdict = HiddenField(validators=[DataRequired(), AnyOf(["approve", "reject"])])
 
 
 def _bank(bank_id: int) -> Bank:
@@ -138,13 +142,17 @@ def show(bank_id: int) -> str:
 
     bank = _bank(bank_id)
     page = max(1, request.args.get("page", 1, type=int) or 1)
+    keyring = runtime().keyring
     with runtime().sessions() as db:
         entries, total = entries_page(db, bank_id, page=page, per_page=ENTRIES_PER_PAGE)
-        quarantined = list_quarantined(db, bank_id=bank_id)
+        shares = sharing_of(db, bank)
+        fields = entry_fields(db, keyring, [e.id for e in entries])
+        quarantined = list_quarantined(db, keyring, bank_id=bank_id)
     return render_template(
         "banks/show.html",
         bank=bank,
         entries=entries,
+        fields=fields,
         total=total,
         page=page,
         pages=max(1, -(-total // ENTRIES_PER_PAGE)),
@@ -156,6 +164,9 @@ def show(bank_id: int) -> str:
         quarantine_form=QuarantineForm(),
         remove_form=RemoveEntriesForm(),
         delete_form=DeleteBankForm(),
+        rename_form=RenameBankForm(),
+        sharing=shares,
+        sharing_form=SharingForm(),
     )
 
 
@@ -232,7 +243,7 @@ def import_hashes(bank_id: int) -> Any:
 @permission_required("banks.read")
 def job(job_id: str) -> str:
     with runtime().sessions() as db:
-        view = job_view(db, job_id)
+        view = job_view(db, job_id, keyring=runtime().keyring)
         bank_id = (
             db.scalar(select(Bank.id).where(Bank.name == str(view.params.get("bank"))))
             if view
@@ -255,6 +266,26 @@ def bank_enabled(bank_id: int) -> Response:
     enabled = form.enabled.data == "1"
     set_bank_enabled(runtime(), bank.name, enabled=enabled, actor=user.actor)
     flash("Bank enabled." if enabled else "Bank disabled.", "info")
+    return redirect(url_for("banks.show", bank_id=bank_id))
+
+
+@bp.route("/<int:bank_id>/rename", methods=["POST"])
+@permission_required("banks.write")
+@step_up_required
+def rename(bank_id: int) -> Response:
+    user = require_user()
+    bank = _bank(bank_id)
+    form = RenameBankForm()
+    if not form.validate_on_submit():
+        abort(400)
+    try:
+        rename_bank(
+            runtime(), bank.name, form.new_name.data or "", actor=user.actor, origin=origin()
+        )
+    except BlocklistError as exc:
+        flash(str(exc), "error")
+    else:
+        flash("Bank renamed.", "info")
     return redirect(url_for("banks.show", bank_id=bank_id))
 
 
@@ -359,19 +390,8 @@ def approvals() -> str:
 @permission_required("banks.write")
 @step_up_required
 def decide_approval(approval_id: int) -> Response:
-    user = require_user()
-    form = VerdictForm()
-    if not form.validate_on_submit():
-        abort(400)
-    rt = runtime()
-    try:
-        if form.verdict.data == "approve":
-            version = approve(rt, approval_id, approver_id=user.id, origin=origin())
-            flash(f"Approved and carried out (index version {version}).", "info")
-        else:
-            with transaction(rt.sessions) as db:
-                reject(db, approval_id, approver_id=user.id, origin=origin())
-            flash("Request rejected.", "info")
-    except ApprovalError as exc:
-        flash(str(exc), "error")
-    return redirect(url_for("banks.approvals"))
+    def carry_out(user_id: int) -> str:
+        version = approve(runtime(), approval_id, approver_id=user_id, origin=origin())
+        return f"Approved and carried out (index version {version})."
+
+    return settle_verdict(approval_id, carry_out, "banks.approvals")

@@ -23,8 +23,9 @@ from moderation.banks.hash_import import add_signals, signal_record
 from moderation.banks.hashlists.records import SIGNAL_TYPES
 from moderation.banks.lookup import HashLookupCache, HashMatch, InvalidSignalError, hash_content
 from moderation.banks.operations import list_banks
-from moderation.banks.records import UnknownBankError
+from moderation.banks.records import BlocklistError, UnknownBankError
 from moderation.banks.snapshot import SnapshotError
+from moderation.banks.tenancy import applicable_bank_names, bank_for_client
 from moderation.media.decode import UnscannableImage
 from moderation.service.runtime import Runtime
 
@@ -117,9 +118,18 @@ def _cache() -> HashLookupCache:
     return cache
 
 
-def _banks_param() -> set[str] | None:
+def _my_banks(client_id: int) -> frozenset[str]:
+    """The names of the banks that apply to the client (:mod:`moderation.banks.tenancy`)."""
+    with _runtime().sessions() as session:
+        return applicable_bank_names(session, client_id)
+
+
+def _banks_param(client_id: int) -> set[str]:
+    """The banks a lookup searches: those of ``?banks=`` (all when absent) that apply to the
+    client; others' banks are left out as if they did not exist."""
+    allowed = _my_banks(client_id)
     raw = request.args.get("banks")
-    return set(raw.split(",")) if raw else None
+    return set(allowed) & set(raw.split(",")) if raw else set(allowed)
 
 
 def _bool_param(name: str) -> bool:
@@ -175,7 +185,7 @@ def _bank_config(bank: dict[str, Any]) -> dict[str, Any]:
 def raw_lookup() -> Any:
     """Look a hash up: ``{"matches": [bank_content_id, ...]}``, or with
     ``include_distance=true`` ``{"matches": [{"bank_content_id", "distance"}, ...]}``."""
-    authenticated_client_id()
+    client_id = authenticated_client_id()
     include_distance = _bool_param("include_distance")
     runtime = _runtime()
     with runtime.sessions() as session:
@@ -184,7 +194,7 @@ def raw_lookup() -> Any:
             runtime.keyring,
             _required("signal_type"),
             _required("signal"),
-            banks=_banks_param(),
+            banks=_banks_param(client_id),
         )
     if include_distance:
         return {
@@ -198,7 +208,7 @@ def raw_lookup() -> Any:
 @bp.get("/m/lookup")
 def lookup_get() -> Any:
     """Look a hash up: ``{bank name: [{"bank_content_id", "distance"}, ...]}``."""
-    authenticated_client_id()
+    client_id = authenticated_client_id()
     if request.args.get("url"):
         raise HmaError(400, "url lookups are not supported here; upload the file (POST)")
     signal_type, signal = request.args.get("signal_type"), request.args.get("signal")
@@ -207,7 +217,7 @@ def lookup_get() -> Any:
     runtime = _runtime()
     with runtime.sessions() as session:
         matches = _cache().lookup(
-            session, runtime.keyring, signal_type, signal, banks=_banks_param()
+            session, runtime.keyring, signal_type, signal, banks=_banks_param(client_id)
         )
     return _by_bank(matches)
 
@@ -216,13 +226,13 @@ def lookup_get() -> Any:
 def lookup_post() -> Any:
     """Hash the uploaded photo and look every signal up: ``{signal type: {bank name:
     [{"bank_content_id", "distance"}, ...]}}``."""
-    authenticated_client_id()
+    client_id = authenticated_client_id()
     data = _uploaded_photo()
     runtime = _runtime()
     try:
         with runtime.sessions() as session:
             found = _cache().lookup_content(
-                session, runtime.keyring, data, runtime.limits, banks=_banks_param()
+                session, runtime.keyring, data, runtime.limits, banks=_banks_param(client_id)
             )
     except UnscannableImage as exc:
         raise HmaError(400, f"the photo cannot be hashed: {exc.reason}") from exc
@@ -251,17 +261,17 @@ def hash_post() -> Any:
 
 @bp.get("/c/banks")
 def banks_index() -> Any:
-    """Every bank: ``[{"name", "matching_enabled_ratio"}, ...]``."""
-    authenticated_client_id()
-    return jsonify([_bank_config(bank) for bank in list_banks(_runtime())])
+    """Every bank that applies to the client: ``[{"name", "matching_enabled_ratio"}, ...]``."""
+    mine = _my_banks(authenticated_client_id())
+    return jsonify([_bank_config(bank) for bank in list_banks(_runtime()) if bank["name"] in mine])
 
 
 @bp.get("/c/bank/<bank_name>")
 def bank_show_by_name(bank_name: str) -> Any:
-    """One bank: ``{"name", "matching_enabled_ratio"}``."""
-    authenticated_client_id()
+    """One bank: ``{"name", "matching_enabled_ratio"}`` (404 for another client's)."""
+    mine = _my_banks(authenticated_client_id())
     for bank in list_banks(_runtime()):
-        if bank["name"] == bank_name:
+        if bank["name"] == bank_name and bank_name in mine:
             return _bank_config(bank)
     raise HmaError(404, f"bank '{bank_name}' not found")
 
@@ -284,6 +294,13 @@ def bank_add_as_signals(bank_name: str) -> Any:
         record = signal_record(body, ref="hma:signal", label=note or "")
     except ValueError as exc:
         raise HmaError(400, str(exc)) from exc
+    with _runtime().sessions() as session:
+        try:
+            bank_for_client(session, bank_name, client_id, write=True)
+        except UnknownBankError:
+            raise
+        except BlocklistError as exc:
+            raise HmaError(403, str(exc)) from exc
     report = add_signals(
         _runtime(),
         bank_name,

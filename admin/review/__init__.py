@@ -8,13 +8,26 @@ from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
-from wtforms import HiddenField, StringField, TextAreaField
+from wtforms import HiddenField, IntegerField, StringField, TextAreaField
 from wtforms.validators import AnyOf, DataRequired, Length, Optional
 
 from admin import runtime
 from admin.forms import ConsoleForm
-from admin.permissions import Principal, origin, permission_required, require_user
+from admin.permissions import (
+    Principal,
+    origin,
+    permission_required,
+    require_user,
+    step_up_required,
+)
+from admin.verdicts import VerdictForm, settle_verdict
 from moderation.banks.records import BlocklistError
+from moderation.governance.allow_proposals import (
+    approve_allow,
+    pending_allow_proposals,
+    pending_proposal_upload,
+)
+from moderation.governance.appeal_display import open_appeals
 from moderation.governance.review import (
     ExposureLimitReached,
     NotClaimedError,
@@ -33,6 +46,7 @@ from moderation.governance.review_display import (
     queue_page,
     render_upload,
 )
+from moderation.governance.tenancy import client_choices
 from moderation.storage.db import transaction
 
 bp = Blueprint("review", __name__, url_prefix="/review")
@@ -44,6 +58,7 @@ MAX_REMEMBERED = 200
 
 class ClaimForm(ConsoleForm):
     queue = HiddenField(validators=[DataRequired(), AnyOf(["main", "escalated"])])
+    client = IntegerField(validators=[Optional()])
 
 
 class ActForm(ConsoleForm):
@@ -78,7 +93,7 @@ def _load(item_id: int, user: Principal) -> tuple[ItemView, str]:
         return load_item(runtime(), item_id, user.id, user.role)
 
 
-def _claim_and_go(user: Principal, queue: str) -> Response:
+def _claim_and_go(user: Principal, queue: str, client_id: int | None = None) -> Response:
     rt = runtime()
     settings = rt.settings
     try:
@@ -90,6 +105,7 @@ def _claim_and_go(user: Principal, queue: str) -> Response:
                 daily_limit=settings.review_daily_exposure_limit,
                 queue=queue,
                 exclude=_remembered("skipped"),
+                client_id=client_id,
             )
             item_id = item.id if item is not None else None
     except ExposureLimitReached:
@@ -109,7 +125,16 @@ def _claim_and_go(user: Principal, queue: str) -> Response:
 @permission_required("review")
 def queue() -> str:
     user = require_user()
-    page = queue_page(runtime(), user.id, escalated=user.can("review.escalated"))
+    client_id = request.args.get("client", type=int)
+    try:
+        page = queue_page(
+            runtime(), user.id, escalated=user.can("review.escalated"), client_id=client_id
+        )
+    except ReviewError:
+        abort(404)
+    with runtime().sessions() as db:
+        clients = client_choices(db)
+        appeals = open_appeals(db, user.id)
     return render_template(
         "review/queue.html",
         stats=page.stats,
@@ -118,6 +143,9 @@ def queue() -> str:
         last=page.last,
         form=ClaimForm(),
         can_escalated=user.can("review.escalated"),
+        clients=clients,
+        client_id=client_id,
+        appeals=appeals,
     )
 
 
@@ -131,7 +159,7 @@ def claim() -> Response:
     queue_name = form.queue.data or "main"
     if queue_name == "escalated" and not user.can("review.escalated"):
         abort(403)
-    return _claim_and_go(user, queue_name)
+    return _claim_and_go(user, queue_name, form.client.data)
 
 
 @bp.route("/<int:item_id>")
@@ -161,10 +189,20 @@ def image(item_id: int) -> Response:
     full = request.args.get("variant") == "full"
     if full and item_id not in _remembered("revealed"):
         abort(403)
-    rendered = render_upload(runtime(), view.upload_id, preview=not full)
+    return upload_image_response(view.upload_id, preview=not full)
+
+
+def upload_image_response(upload_id: str, *, preview: bool) -> Response:
+    """The upload re-encoded as JPEG (``render_upload``), never cached; 404 when it is gone."""
+    rendered = render_upload(runtime(), upload_id, preview=preview)
     if rendered is None:
         abort(404)
-    response = Response(rendered.jpeg, mimetype="image/jpeg")
+    return _jpeg(rendered.jpeg)
+
+
+def _jpeg(data: bytes) -> Response:
+    """An upload's re-encoded JPEG, never cached."""
+    response = Response(data, mimetype="image/jpeg")
     response.headers["Cache-Control"] = "no-store, private"
     return response
 
@@ -211,5 +249,41 @@ def act(item_id: int) -> Any:
         return redirect(url_for("review.item", item_id=item_id))
     label = {"confirm": "Confirmed", "not_a_match": "Not a match", "escalate": "Escalated"}[action]
     note = f" and added to the bank as {outcome.entry_id}" if outcome.entry_id else ""
+    if outcome.proposal_id is not None:
+        note = f"; allow-bank addition proposed ({outcome.proposal_id}), a second person approves"
     flash(f"{label}: item {item_id}{note}.", "info")
     return _claim_and_go(user, queue_name)
+
+
+# --- allow proposals (two-person rule for allow banks) -------------------------------------
+
+
+@bp.route("/allow-proposals")
+@permission_required("review")
+def allow_proposals() -> str:
+    with runtime().sessions() as db:
+        pending = pending_allow_proposals(db)
+    return render_template("review/allow_proposals.html", pending=pending, form=VerdictForm())
+
+
+@bp.route("/allow-proposals/<int:approval_id>/image")
+@permission_required("review")
+def allow_proposal_image(approval_id: int) -> Response:
+    rt = runtime()
+    with rt.sessions() as db:
+        upload_id = pending_proposal_upload(db, approval_id)
+    rendered = render_upload(rt, upload_id, preview=True) if upload_id is not None else None
+    if rendered is None:
+        abort(404)
+    return _jpeg(rendered.jpeg)
+
+
+@bp.route("/allow-proposals/<int:approval_id>", methods=["POST"])
+@permission_required("review")
+@step_up_required
+def decide_allow_proposal(approval_id: int) -> Response:
+    def carry_out(user_id: int) -> str:
+        done = approve_allow(runtime(), approval_id, approver_id=user_id, origin=origin())
+        return f"Approved: the image is in allow bank {done.bank} ({done.entry_id})."
+
+    return settle_verdict(approval_id, carry_out, "review.allow_proposals")

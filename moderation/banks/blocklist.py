@@ -156,7 +156,7 @@ def load_blocklist(
         *payload.entry_ids[payload.active].tolist(),
         *hashes.entry_ids[hashes.active].tolist(),
     ]
-    infos = entry_infos(session, active_ids)
+    infos = entry_infos(session, active_ids, keyring)
     exact_key = snapshot_exact_key(session, keyring, row, payload)
     return _build(row, payload, infos, version=row.version, exact_key=exact_key)
 

@@ -35,7 +35,9 @@ from moderation.audit.log import record_event
 from moderation.banks.match_counts import utc_today
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, parse_entry_id
+from moderation.banks.sealed_fields import entry_labels
 from moderation.banks.snapshot_payload import EntrySignals
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Bank, Entry, EntryMatchCount
 
 if TYPE_CHECKING:
@@ -181,7 +183,9 @@ def check_flood(runtime: Runtime, *, actor: str, now: datetime | None = None) ->
     return found
 
 
-def list_quarantined(session: Session, *, bank_id: int | None = None) -> list[dict[str, Any]]:
+def list_quarantined(
+    session: Session, keyring: KeyRing, *, bank_id: int | None = None
+) -> list[dict[str, Any]]:
     """Quarantined entries (optionally of one bank), oldest quarantine first, with the reason
     and today's count."""
     today = utc_today()
@@ -195,12 +199,13 @@ def list_quarantined(session: Session, *, bank_id: int | None = None) -> list[di
         .where(Entry.quarantined_at.is_not(None), *([Entry.bank_id == bank_id] if bank_id else []))
         .order_by(Entry.quarantined_at, Entry.id)
     ).all()
+    labels = entry_labels(session, keyring, [entry.id for entry, _, _ in rows])
     return [
         {
             "entry_id": entry.public_id,
             "id": entry.id,
             "bank": bank_name,
-            "label": entry.label,
+            "label": labels.get(entry.id, ""),
             "quarantined_at": entry.quarantined_at.isoformat() if entry.quarantined_at else None,
             "reason": entry.quarantine_reason,
             "matches_today": matches or 0,

@@ -21,6 +21,7 @@ from moderation.banks.hash_import import current_payload
 from moderation.banks.hashlists.records import HashRecord
 from moderation.banks.hashlists.writer import write_hash_list
 from moderation.banks.records import BlocklistError, get_bank
+from moderation.banks.sealed_fields import entry_labels
 from moderation.crypto.deployment import existing_deployment_secret
 from moderation.signals.exact import EXACT_EXPORT_KEY_NAME, EXACT_KINDS
 from moderation.storage.db import transaction
@@ -37,8 +38,8 @@ def _export_records(
     if payload is None:
         return []
     # Not dict(result): a Result has keys(), so dict() would take it for a mapping.
-    rows = session.execute(select(Entry.id, Entry.label).where(Entry.bank_id == bank_id))
-    labels = {entry_id: label for entry_id, label in rows}
+    ids_of_bank = session.scalars(select(Entry.id).where(Entry.bank_id == bank_id)).all()
+    labels = entry_labels(session, runtime.keyring, ids_of_bank)
     ids = np.fromiter(labels, np.int64, len(labels))
     signals: dict[int, dict[str, str]] = {}
     quality: dict[int, int | None] = {}

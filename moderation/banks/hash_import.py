@@ -48,6 +48,7 @@ from moderation.banks.hashlists.records import (
 from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, get_bank
+from moderation.banks.sealed_fields import BankSealer
 from moderation.banks.snapshot_payload import Payload
 from moderation.banks.versions import current_snapshot, read_payload
 from moderation.crypto.deployment import deployment_secret
@@ -216,10 +217,15 @@ def _bound(column: Any, dialect: Any, value: Any) -> Any:
 
 
 def _insert_entries(
-    session: Session, bank_id: int, records: Sequence[HashRecord], default_label: str, actor: str
+    session: Session,
+    sealer: BankSealer,
+    records: Sequence[HashRecord],
+    default_label: str,
+    actor: str,
 ) -> list[int]:
     """Insert one entry per record (one executemany with ids reserved up front: RETURNING
-    would send SQLite one statement per row); their ids, in record order."""
+    would send SQLite one statement per row), labels and refs sealed by ``sealer``; their ids,
+    in record order."""
     if not records:
         return []
     ids = _reserve_entry_ids(session, len(records))
@@ -231,14 +237,24 @@ def _insert_entries(
         _bound(table.c.disabled, dialect, False),
     )
     origin = "hash_list"
+    seal, bank_id = sealer.seal, sealer.bank_id
     rows = [
-        (eid, bank_id, (r.label or default_label)[:500], r.ref[:1000], actor, now, enabled, origin)
+        (
+            eid,
+            bank_id,
+            seal(eid, "label", (r.label or default_label)[:500]),
+            seal(eid, "source_ref", r.ref[:1000]),
+            actor,
+            now,
+            enabled,
+            origin,
+        )
         for eid, r in zip(ids, records, strict=True)
     ]
     # The driver's own executemany: SQLAlchemy's per-row parameter processing (even for a Core
     # insert) cost more than SQLite's work at a million rows.
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
-    columns = "id, bank_id, label, source_ref, added_by, added_at, disabled, origin"
+    columns = "id, bank_id, label_sealed, source_ref_sealed, added_by, added_at, disabled, origin"
     connection.exec_driver_sql(
         f"INSERT INTO entries ({columns}) VALUES ({', '.join([mark] * 8)})",  # noqa: S608
         rows,
@@ -440,7 +456,8 @@ def add_signals(
         bank = get_bank(session, bank_name)
         new, owners = _split_new(session, runtime, bank.id, records)
         report.merged = len(records) - len(new.records) + duplicates
-        ids = _insert_entries(session, bank.id, new.records, label, actor)
+        sealer = BankSealer(session, runtime.keyring, bank.id)
+        ids = _insert_entries(session, sealer, new.records, label, actor)
         report.added = len(ids)
         report.entry_ids = [ids[-owner - 1] if owner < 0 else owner for owner in owners]
         _audit_import(session, report, actor=actor, bank_id=bank.id, source=source)

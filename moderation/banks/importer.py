@@ -22,7 +22,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.banks.records import get_bank
+from moderation.banks.sealed_fields import hmac_key, keyed_sha256, new_entry
 from moderation.banks.snapshot_payload import EntrySignals
+from moderation.crypto.keys import KeyRing
 from moderation.media.decode import DecodeLimits, UnscannableImage, decode_image
 from moderation.signals.encoders import Encoder
 from moderation.signals.pdq import pdq_hash
@@ -162,6 +164,7 @@ class ImportHooks:
 class _Decoded:
     source: Source
     sha256: str
+    source_hmac: str
     image: Image.Image
 
 
@@ -171,6 +174,7 @@ class PreparedEntry:
 
     ref: str
     sha256: str
+    source_hmac: str
     vector: npt.NDArray[np.float32]
     pdq: bytes
     pdq_quality: int
@@ -199,6 +203,7 @@ def prepare_import(
     skipped: list[tuple[str, str]],
     *,
     known: set[str],
+    hmac_key: bytes,
     encoder: Encoder,
     limits: DecodeLimits,
     batch_size: int = 32,
@@ -208,8 +213,9 @@ def prepare_import(
 ) -> list[PreparedEntry]:
     """Decode every source and compute its signals, outside any transaction.
 
-    Images whose SHA-256 is in ``known`` (already in the bank) or repeats within this import
-    are skipped as duplicates; undecodable, unreadable and oversized ones with their reason.
+    Images whose keyed SHA-256 under ``hmac_key`` (:func:`~moderation.banks.sealed_fields.
+    keyed_sha256`) is in ``known`` (already in the bank) or repeats within this import are
+    skipped as duplicates; undecodable, unreadable and oversized ones with their reason.
     Animated images contribute their first frame. ``on_images`` sees each batch of decoded
     images before they are dropped. ``progress(done, total)`` is called after each source.
     Returns the prepared entries; skipped ``(source ref, reason)`` pairs go to ``skipped``.
@@ -231,17 +237,25 @@ def prepare_import(
             pending, vectors, pdqs, regions, strict=True
         ):
             prepared.append(
-                PreparedEntry(decoded.source.ref, decoded.sha256, vector, digest, quality, region)
+                PreparedEntry(
+                    decoded.source.ref,
+                    decoded.sha256,
+                    decoded.source_hmac,
+                    vector,
+                    digest,
+                    quality,
+                    region,
+                )
             )
         pending.clear()
 
     for handled, source in enumerate(sources, start=1):
         if progress:
             progress(handled, len(sources))
-        decoded = _decode_source(source, limits, seen, skipped)
+        decoded = _decode_source(source, limits, seen, skipped, hmac_key)
         if decoded is None:
             continue
-        seen.add(decoded.sha256)
+        seen.add(decoded.source_hmac)
         pending.append(decoded)
         if len(pending) >= batch_size:
             flush()
@@ -250,7 +264,11 @@ def prepare_import(
 
 
 def _decode_source(
-    source: Source, limits: DecodeLimits, seen: set[str], skipped: list[tuple[str, str]]
+    source: Source,
+    limits: DecodeLimits,
+    seen: set[str],
+    skipped: list[tuple[str, str]],
+    hmac_key: bytes,
 ) -> _Decoded | None:
     """Read and decode one source (its first frame), or None with ``(ref, reason)`` appended
     to ``skipped``: too large, unreadable, a duplicate of an image in ``seen``, or
@@ -264,7 +282,8 @@ def _decode_source(
         skipped.append((source.ref, f"unreadable: {exc}"))
         return None
     sha256 = hashlib.sha256(data).hexdigest()
-    if sha256 in seen:
+    source_hmac = keyed_sha256(hmac_key, data)
+    if source_hmac in seen:
         skipped.append((source.ref, "duplicate"))
         return None
     try:
@@ -272,12 +291,12 @@ def _decode_source(
     except UnscannableImage as exc:
         skipped.append((source.ref, exc.reason))
         return None
-    return _Decoded(source, sha256, decoded.frames[0])
+    return _Decoded(source, sha256, source_hmac, decoded.frames[0])
 
 
 def known_hashes(session: Session, bank_id: int) -> set[str]:
-    """SHA-256 of every entry's source in the bank."""
-    rows = session.scalars(select(Entry.source_sha256).where(Entry.bank_id == bank_id)).all()
+    """Keyed SHA-256 (``entries.source_hmac``) of every entry's source in the bank."""
+    rows = session.scalars(select(Entry.source_hmac).where(Entry.bank_id == bank_id)).all()
     return {r for r in rows if r}
 
 
@@ -287,6 +306,7 @@ def add_entries(
     prepared: Sequence[PreparedEntry],
     report: ImportReport,
     *,
+    keyring: KeyRing,
     added_by: str,
 ) -> list[EntrySignals]:
     """Create the entries of ``prepared`` in the caller's transaction; images that reached the
@@ -299,19 +319,19 @@ def add_entries(
     present = known_hashes(session, bank.id)
     signals: list[EntrySignals] = []
     for item in prepared:
-        if item.sha256 in present:
+        if item.source_hmac in present:
             report.skipped.append((item.ref, "duplicate"))
             continue
-        entry = Entry(
+        entry = new_entry(
+            session,
+            keyring,
             bank_id=bank.id,
             label=PurePosixPath(item.ref).stem,
             source_ref=item.ref,
-            source_sha256=item.sha256,
+            source_hmac=item.source_hmac,
             added_by=added_by,
         )
-        session.add(entry)
-        session.flush()
-        present.add(item.sha256)
+        present.add(item.source_hmac)
         report.added.append(entry.id)
         report.entry_of[item.sha256] = entry.id
         signals.append(
@@ -325,6 +345,7 @@ def import_into_bank(
     bank_name: str,
     paths: Sequence[Path],
     *,
+    keyring: KeyRing,
     encoder: Encoder,
     limits: DecodeLimits,
     batch_size: int = 32,
@@ -349,6 +370,7 @@ def import_into_bank(
         sources,
         report.skipped,
         known=known_hashes(session, bank.id),
+        hmac_key=hmac_key(session, keyring),
         encoder=encoder,
         limits=limits,
         batch_size=batch_size,
@@ -356,7 +378,7 @@ def import_into_bank(
         on_images=on_images,
         progress=progress,
     )
-    signals = add_entries(session, bank.name, prepared, report, added_by=added_by)
+    signals = add_entries(session, bank.name, prepared, report, keyring=keyring, added_by=added_by)
     logger.info(
         "import into %s: %d added, %d skipped", bank.name, len(report.added), len(report.skipped)
     )

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.banks.hash_jobs import HASH_IMPORT_KIND, run_hash_import
@@ -52,11 +53,13 @@ from moderation.banks.job_staging import (
 )
 from moderation.banks.operations import commit_with_snapshot, record_bank_import
 from moderation.banks.records import get_bank
+from moderation.banks.sealed_fields import hmac_key, open_bank_note, seal_bank_note
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.config import Settings
 from moderation.crypto.keys import KeyRing
 from moderation.storage.console import Job
 from moderation.storage.db import transaction
+from moderation.storage.models import Bank
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
@@ -194,8 +197,9 @@ def _run_import(
 ) -> dict[str, Any]:
     bank_name = str(params["bank"])
     data = open_staged(runtime, job_id, params)
-    with runtime.sessions() as session:
+    with transaction(runtime.sessions) as session:  # commits the HMAC key if it is new
         known = known_hashes(session, get_bank(session, bank_name).id)
+        key = hmac_key(session, runtime.keyring)
     report = ImportReport(bank=bank_name)
     sources = list(zip_sources(lambda: zipfile.ZipFile(io.BytesIO(data)), "", report.skipped))
     total = len(sources)
@@ -206,6 +210,7 @@ def _run_import(
         sources,
         report.skipped,
         known=known,
+        hmac_key=key,
         encoder=runtime.encoder,
         limits=runtime.limits,
         batch_size=runtime.settings.batch_size,
@@ -215,7 +220,9 @@ def _run_import(
     )
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
-        signals = add_entries(session, bank_name, prepared, report, added_by=actor)
+        signals = add_entries(
+            session, bank_name, prepared, report, keyring=runtime.keyring, added_by=actor
+        )
         record_bank_import(
             session,
             actor=actor,
@@ -238,18 +245,30 @@ def _run_import(
         len(report.added),
         len(report.skipped),
     )
-    return _import_result(report, version)
+    with transaction(runtime.sessions) as session:
+        return _import_result(session, runtime.keyring, job_id, report, version)
 
 
-def _import_result(report: ImportReport, version: int) -> dict[str, Any]:
-    """The job result of a finished import (the first :data:`MAX_REPORTED_SKIPS` skips)."""
+def _skipped_purpose(job_id: str) -> str:
+    return f"job:{job_id}:skipped"
+
+
+def _import_result(
+    session: Session, keyring: KeyRing, job_id: str, report: ImportReport, version: int
+) -> dict[str, Any]:
+    """The job result of a finished import. The first :data:`MAX_REPORTED_SKIPS` skips name
+    files of the imported (banned) set, so they are sealed under the bank's key
+    (:func:`~moderation.banks.sealed_fields.seal_bank_note`); :func:`job_view` opens them."""
+    skipped = [{"source_ref": r, "reason": why} for r, why in report.skipped[:MAX_REPORTED_SKIPS]]
+    bank_id = get_bank(session, report.bank).id
     return {
         "bank": report.bank,
         "added": len(report.added),
         "skipped_count": len(report.skipped),
-        "skipped": [
-            {"source_ref": r, "reason": why} for r, why in report.skipped[:MAX_REPORTED_SKIPS]
-        ],
+        "skipped": [],
+        "skipped_sealed": seal_bank_note(
+            session, keyring, bank_id, _skipped_purpose(job_id), skipped
+        ),
         "snapshot_version": version,
         "training_pairs": report.training_pairs,
     }
@@ -286,8 +305,26 @@ class JobView:
         return self.state in ("done", "failed")
 
 
-def job_view(session: Session, job_id: str, *, stall_after_s: float = 600.0) -> JobView | None:
-    """The job's state, or None; ``stalled`` when running without progress for ``stall_after_s``."""
+def _opened_result(session: Session, keyring: KeyRing | None, job: Job) -> dict[str, Any]:
+    result = dict(job.result)
+    sealed = result.pop("skipped_sealed", None)
+    if sealed is not None and keyring is not None:
+        bank_id = session.scalar(select(Bank.id).where(Bank.name == result.get("bank")))
+        if bank_id is not None:
+            purpose = _skipped_purpose(job.id)
+            result["skipped"] = open_bank_note(session, keyring, bank_id, purpose, sealed)
+    return result
+
+
+def job_view(
+    session: Session,
+    job_id: str,
+    *,
+    keyring: KeyRing | None = None,
+    stall_after_s: float = 600.0,
+) -> JobView | None:
+    """The job's state, or None; ``stalled`` when running without progress for ``stall_after_s``.
+    With ``keyring``, an import's sealed list of skipped files is opened into ``skipped``."""
     job = session.get(Job, job_id)
     if job is None:
         return None
@@ -302,7 +339,7 @@ def job_view(session: Session, job_id: str, *, stall_after_s: float = 600.0) -> 
         progress=job.progress,
         total=job.total,
         params=dict(job.params),
-        result=dict(job.result),
+        result=_opened_result(session, keyring, job),
         created_by=job.created_by,
         stalled=stalled,
     )

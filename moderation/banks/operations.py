@@ -18,6 +18,7 @@ from moderation.audit.log import record_event
 from moderation.banks.hash_entries import HashEntries
 from moderation.banks.importer import ImportHooks, ImportReport, RegionEmbedder, import_into_bank
 from moderation.banks.records import BlocklistError, get_bank, parse_entry_id
+from moderation.banks.sealed_fields import entry_fields
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.banks.versions import commit_signals, prune_snapshots
 from moderation.storage.db import transaction
@@ -105,6 +106,7 @@ def import_bank(
             session,
             bank_name,
             paths,
+            keyring=runtime.keyring,
             encoder=runtime.encoder,
             limits=runtime.limits,
             batch_size=runtime.settings.batch_size,
@@ -142,15 +144,16 @@ def record_bank_import(
     sources: list[str],
     job_id: str | None = None,
 ) -> None:
-    """Audit a bank import (``bank.import``): counts of added and skipped images, the sources
-    (file names) and, for a console import, the job id."""
+    """Audit a bank import (``bank.import``): counts of added and skipped images, how many
+    sources were given and, for a console import, the job id. The source names are not
+    recorded: a file name of a banned image would stay readable in the append-only log."""
     job = {"job_id": job_id} if job_id is not None else {}
     record_event(
         session,
         actor=actor,
         action="bank.import",
         target=f"bank:{get_bank(session, bank_name).id}",
-        details={"added": added, "skipped": skipped, **job, "sources": sources},
+        details={"added": added, "skipped": skipped, **job, "sources": len(sources)},
     )
 
 
@@ -220,6 +223,39 @@ def set_bank_enabled(runtime: Runtime, bank_name: str, *, enabled: bool, actor: 
     return _commit_with_snapshot(runtime, change)
 
 
+def rename_bank(
+    runtime: Runtime, bank_name: str, new_name: str, *, actor: str, origin: str | None = None
+) -> int:
+    """Rename a bank (audited ``bank.rename``, old and new name) and publish a new snapshot, so
+    workers report matches under the new name; returns the version.
+
+    Policies name banks (``banks:`` patterns): check them before renaming.
+
+    Raises:
+        BlocklistError: no such bank, empty new name, or the new name is taken.
+    """
+    name = new_name.strip()
+    if not name:
+        raise BlocklistError("bank name must not be empty")
+
+    def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
+        bank = get_bank(session, bank_name)
+        if session.scalar(select(Bank.id).where(Bank.name == name, Bank.id != bank.id)):
+            raise BlocklistError(f"bank {name!r} already exists")
+        bank.name = name
+        record_event(
+            session,
+            actor=actor,
+            action="bank.rename",
+            target=f"bank:{bank.id}",
+            origin=origin,
+            details={"from": bank_name, "to": name},
+        )
+        return (), ()
+
+    return _commit_with_snapshot(runtime, change)
+
+
 def list_banks(runtime: Runtime) -> list[dict[str, Any]]:
     """Every bank with entry counts."""
     with runtime.sessions() as session:
@@ -256,16 +292,18 @@ def list_entries(runtime: Runtime, bank_name: str) -> list[dict[str, Any]]:
     """
     with runtime.sessions() as session:
         bank = get_bank(session, bank_name)
+        entries = session.scalars(
+            select(Entry).where(Entry.bank_id == bank.id).order_by(Entry.id)
+        ).all()
+        fields = entry_fields(session, runtime.keyring, [e.id for e in entries])
         return [
             {
                 "entry_id": e.public_id,
                 "bank": bank.name,
-                "label": e.label,
-                "source_ref": e.source_ref,
+                "label": fields[e.id].label,
+                "source_ref": fields[e.id].source_ref,
                 "added_at": e.added_at.isoformat(),
                 "disabled": e.disabled,
             }
-            for e in session.scalars(
-                select(Entry).where(Entry.bank_id == bank.id).order_by(Entry.id)
-            )
+            for e in entries
         ]

@@ -14,6 +14,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.sealed_fields import entry_labels
+from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Bank, Entry
 
 
@@ -45,9 +47,16 @@ class EntryInfo:
 
 
 def create_bank(
-    session: Session, name: str, *, kind: str = "block", category: str = "default"
+    session: Session,
+    name: str,
+    *,
+    kind: str = "block",
+    category: str = "default",
+    owner_client_id: int | None = None,
 ) -> Bank:
-    """Create a bank.
+    """Create a bank: the deployment's (shared with every client) or, with
+    ``owner_client_id``, that client's (private to it until shared;
+    :mod:`moderation.banks.tenancy`).
 
     Raises:
         BlocklistError: bad kind, empty name, or the name is taken.
@@ -58,7 +67,14 @@ def create_bank(
         raise BlocklistError("bank name must not be empty")
     if session.scalar(select(Bank).where(Bank.name == name)) is not None:
         raise BlocklistError(f"bank {name!r} already exists")
-    bank = Bank(name=name, kind=kind, category=category or "default", enabled=True)
+    bank = Bank(
+        name=name,
+        kind=kind,
+        category=category or "default",
+        enabled=True,
+        owner_client_id=owner_client_id,
+        shared_with_all=owner_client_id is None,
+    )
     session.add(bank)
     session.flush()
     return bank
@@ -72,20 +88,26 @@ def create_bank_audited(
     category: str,
     actor: str,
     origin: str | None = None,
+    owner_client_id: int | None = None,
 ) -> Bank:
-    """:func:`create_bank`, audited as ``bank.create`` (name, kind, category).
+    """:func:`create_bank`, audited as ``bank.create`` (name, kind, category, owner client id).
 
     Raises:
         BlocklistError: as :func:`create_bank`.
     """
-    bank = create_bank(session, name, kind=kind, category=category)
+    bank = create_bank(session, name, kind=kind, category=category, owner_client_id=owner_client_id)
     record_event(
         session,
         actor=actor,
         action="bank.create",
         target=f"bank:{bank.id}",
         origin=origin,
-        details={"name": bank.name, "kind": bank.kind, "category": bank.category},
+        details={
+            "name": bank.name,
+            "kind": bank.kind,
+            "category": bank.category,
+            "owner_client_id": owner_client_id,
+        },
     )
     return bank
 
@@ -132,9 +154,13 @@ def parse_entry_id(text_id: str | int) -> int:
     return int(raw)
 
 
-def entry_infos(session: Session, entry_ids: Iterable[int]) -> dict[int, EntryInfo]:
-    """Metadata for the given entry ids (missing ids are left out)."""
+def entry_infos(
+    session: Session, entry_ids: Iterable[int], keyring: KeyRing | None = None
+) -> dict[int, EntryInfo]:
+    """Metadata for the given entry ids (missing ids are left out); labels are decrypted with
+    ``keyring`` (:func:`moderation.banks.sealed_fields.entry_labels`), else empty."""
     wanted = list(entry_ids)
+    labels = entry_labels(session, keyring, wanted) if keyring is not None else {}
     infos: dict[int, EntryInfo] = {}
     for start in range(0, len(wanted), 10_000):
         chunk = wanted[start : start + 10_000]
@@ -145,13 +171,13 @@ def entry_infos(session: Session, entry_ids: Iterable[int]) -> dict[int, EntryIn
                 Bank.name,
                 Bank.kind,
                 Bank.category,
-                Entry.label,
                 Entry.quarantined_at,
             )
             .join(Bank, Entry.bank_id == Bank.id)
             .where(Entry.id.in_(chunk))
         ).all()
-        for eid, bank_id, bank_name, kind, category, label, quarantined_at in rows:
+        for eid, bank_id, bank_name, kind, category, quarantined_at in rows:
+            label = labels.get(eid, "")
             infos[eid] = EntryInfo(
                 eid, bank_id, bank_name, kind, category, label, quarantined_at is not None
             )

@@ -143,11 +143,17 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 from moderation.cli import (  # noqa: E402, F401
     api_clients,
     audit,
+    bank_admin,
     canary,
     classifier,
     core,
+    decisions,
     hashes,
+    holds,
+    ops,
     quarantine,
+    review,
     service,
+    tenancy,
     users,
 )

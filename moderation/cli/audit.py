@@ -376,7 +376,8 @@ def gdpr_read_held(ctx: Context, upload_id: str, out_path: Path, reason: str) ->
 @gdpr.command("release-holds")
 @pass_ctx
 def gdpr_release_holds(ctx: Context) -> None:
-    """Erase held uploads of erased subjects whose legal hold has ended."""
+    """Release legal holds that have ended and erase the held uploads of erased subjects they
+    kept (the beat task moderation.release_holds does this hourly)."""
     from moderation.governance.erasure_stores import GdprError
     from moderation.governance.holds import release_expired_holds
 

@@ -27,6 +27,7 @@ from moderation.cli import (
 def init(ctx: Context) -> None:
     """Create the data directory, the database schema and (dev only) a key file."""
     from moderation.audit.log import public_key_hex, record_event, signing_key
+    from moderation.banks.sealed_fields import migration_attributes
     from moderation.crypto.keys import load_keyring
     from moderation.matching.policy import load_policy
     from moderation.storage.db import migrate, transaction
@@ -38,7 +39,7 @@ def init(ctx: Context) -> None:
         had_key_file = settings.key_file_path.exists()
         keyring = load_keyring(settings, create_dev=True)
         runtime = ctx.runtime
-        migrate(runtime.engine)
+        migrate(runtime.engine, attributes=migration_attributes(keyring))
         with transaction(runtime.sessions) as session:
             record_event(
                 session,
@@ -80,23 +81,34 @@ def bank() -> None:
 @click.argument("name")
 @click.option("--kind", type=click.Choice(["block", "allow"]), default="block", show_default=True)
 @click.option("--category", default="default", show_default=True)
+@click.option(
+    "--owner",
+    default=None,
+    metavar="CLIENT",
+    help="API client owning the bank: it applies only to that client until shared "
+    "(`bank share`). Without it the bank is the deployment's, shared with every client.",
+)
 @pass_ctx
-def bank_create(ctx: Context, name: str, kind: str, category: str) -> None:
+def bank_create(ctx: Context, name: str, kind: str, category: str, owner: str | None) -> None:
     """Create a bank NAME."""
-    from moderation.audit.log import record_event
-    from moderation.banks.records import create_bank
+    from moderation.banks.records import create_bank_audited
+    from moderation.banks.tenancy import client_named
     from moderation.storage.db import transaction
 
     with initialised_runtime(ctx) as runtime, transaction(runtime.sessions) as session:
-        created = create_bank(session, name, kind=kind, category=category)
-        record_event(
-            session,
-            actor="cli",
-            action="bank.create",
-            target=f"bank:{created.id}",
-            details={"name": name, "kind": kind, "category": category},
+        owner_id = client_named(session, owner).id if owner is not None else None
+        created = create_bank_audited(
+            session, name, kind=kind, category=category, actor="cli", owner_client_id=owner_id
         )
-        echo_json({"bank_id": created.id, "name": name, "kind": kind, "category": category})
+        echo_json(
+            {
+                "bank_id": created.id,
+                "name": name,
+                "kind": kind,
+                "category": category,
+                "owner": owner,
+            }
+        )
 
 
 @bank.command("import")

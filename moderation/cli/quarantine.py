@@ -17,7 +17,7 @@ def bank_quarantined(ctx: Context, as_json: bool) -> None:
     from moderation.banks.flood_control import list_quarantined
 
     with initialised_runtime(ctx) as runtime, runtime.sessions() as session:
-        rows = list_quarantined(session)
+        rows = list_quarantined(session, runtime.keyring)
     echo_rows(
         rows,
         ["entry_id", "bank", "label", "quarantined_at", "matches_today", "reason"],

@@ -1,8 +1,10 @@
-"""Console user commands: ``moderation users create|list|disable|enable``."""
+"""Console user commands: ``moderation users
+create|list|disable|enable|set-role|reset-password|reset-totp``."""
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,10 +17,22 @@ from moderation.cli import (
     pass_ctx,
 )
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+ACTOR = "cli"
+
 
 @main.group()
 def users() -> None:
     """Manage admin console users (roles: admin, reviewer, auditor, dpo)."""
+
+
+def _stdin_password() -> str:
+    """The first line of standard input, without its line ending."""
+    line = sys.stdin.readline()
+    password = line[:-1] if line.endswith("\n") else line
+    return password[:-1] if password.endswith("\r") else password
 
 
 @users.command("create")
@@ -43,9 +57,7 @@ def users_create(
     from moderation.governance.users import UserError, create_user
     from moderation.storage.db import transaction
 
-    line = sys.stdin.readline() if password_stdin else ""
-    password = line[:-1] if line.endswith("\n") else line
-    password = password[:-1] if password.endswith("\r") else password
+    password = _stdin_password() if password_stdin else ""
     with initialised_runtime(ctx) as runtime:
         try:
             with transaction(runtime.sessions) as session:
@@ -110,3 +122,70 @@ def users_disable(ctx: Context, email: str) -> None:
 def users_enable(ctx: Context, email: str) -> None:
     """Re-enable a disabled user."""
     _set_disabled(ctx, email, False)
+
+
+def _user_id(session: Session, email: str) -> int:
+    from moderation.governance.users import get_user_by_email
+
+    user = get_user_by_email(session, email)
+    if user is None:
+        raise click.UsageError(f"no user {email!r}")
+    return user.id
+
+
+@users.command("set-role")
+@click.argument("email")
+@click.argument("role", type=click.Choice(["admin", "reviewer", "auditor", "dpo"]))
+@pass_ctx
+def users_set_role(ctx: Context, email: str, role: str) -> None:
+    """Change the role of user EMAIL (their console sessions end)."""
+    from moderation.governance.users import UserError, set_role
+    from moderation.storage.db import transaction
+
+    with (
+        initialised_runtime(ctx, UserError) as runtime,
+        transaction(runtime.sessions) as session,
+    ):
+        user = set_role(session, _user_id(session, email), role, actor=ACTOR)
+        echo_json({"user_id": user.id, "role": user.role})
+
+
+@users.command("reset-password")
+@click.argument("email")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    required=True,
+    help="Read the new password from the first line of standard input.",
+)
+@pass_ctx
+def users_reset_password(ctx: Context, email: str, password_stdin: bool) -> None:
+    """Set a new password for user EMAIL (their console sessions end)."""
+    from moderation.governance.users import UserError, reset_password
+    from moderation.storage.db import transaction
+
+    password = _stdin_password() if password_stdin else ""
+    with (
+        initialised_runtime(ctx, UserError) as runtime,
+        transaction(runtime.sessions) as session,
+    ):
+        user = reset_password(session, _user_id(session, email), password, actor=ACTOR)
+        echo_json({"user_id": user.id, "password_reset": True})
+
+
+@users.command("reset-totp")
+@click.argument("email")
+@pass_ctx
+def users_reset_totp(ctx: Context, email: str) -> None:
+    """Give user EMAIL a new TOTP secret (lost authenticator); prints {"user_id", "totp_uri"}
+    (shown only once: hand it to the user alone)."""
+    from moderation.governance.users import UserError, reset_totp
+    from moderation.storage.db import transaction
+
+    with (
+        initialised_runtime(ctx, UserError) as runtime,
+        transaction(runtime.sessions) as session,
+    ):
+        user_id = _user_id(session, email)
+        uri = reset_totp(session, runtime.keyring, user_id, actor=ACTOR)
+    echo_json({"user_id": user_id, "totp_uri": uri})

@@ -1,9 +1,15 @@
-"""The two-person rule: removing entries from a bank (or a whole bank) needs a second admin.
+"""The two-person rule: removing entries from a bank (or a whole bank) needs a second admin, and
+adding a reviewed upload to an allow bank needs a second reviewer or an admin.
 
-One admin files a request (:func:`request_removal`, audited ``approval.request``); a different,
-active admin approves it (:func:`approve`), which runs the removal, the new snapshot version, the
-approval's state change and its audit events in one transaction, or rejects it
+One admin files a removal request (:func:`request_removal`, audited ``approval.request``); a
+different, active admin approves it (:func:`approve`), which runs the removal, the new snapshot
+version, the approval's state change and its audit events in one transaction, or rejects it
 (:func:`reject`). Nothing is removed on a request alone.
+
+A reviewer's "not a match" with an allow bank files an allow proposal (:func:`propose_allow`,
+action :data:`ADD_ALLOW`); nothing is added to the bank, so nothing is suppressed, until a
+different active reviewer or admin approves it
+(:func:`moderation.governance.allow_proposals.approve_allow`). Either role may reject it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from moderation.audit.log import record_event
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.storage.console import Approval
+from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry, User
 
 if TYPE_CHECKING:
@@ -31,7 +38,16 @@ logger = logging.getLogger(__name__)
 DELETE_ENTRIES = "entries.delete"
 DELETE_BANK = "bank.delete"
 ACTIONS: tuple[str, ...] = (DELETE_ENTRIES, DELETE_BANK)
+"""The removal requests (:func:`request_removal`, carried out by :func:`approve`)."""
+ADD_ALLOW = "allow.add"
+"""An allow proposal: add a reviewed upload's image to an allow bank."""
 APPROVER_ROLE = "admin"
+APPROVER_ROLES: dict[str, frozenset[str]] = {
+    DELETE_ENTRIES: frozenset({APPROVER_ROLE}),
+    DELETE_BANK: frozenset({APPROVER_ROLE}),
+    ADD_ALLOW: frozenset({"admin", "reviewer"}),
+}
+"""Action -> roles that may file, approve or reject it."""
 
 
 class ApprovalError(Exception):
@@ -53,11 +69,38 @@ class ApprovalView:
     decided_at: datetime | None
 
 
-def _admin(session: Session, user_id: int) -> User:
+def _entitled(session: Session, user_id: int, action: str) -> User:
+    """The user, once checked to be active with a role that may request or decide ``action``."""
     user = session.get(User, user_id)
-    if user is None or user.disabled or user.role != APPROVER_ROLE:
-        raise ApprovalError("only an active admin may request or decide removals")
+    roles = APPROVER_ROLES.get(action, frozenset())
+    if user is None or user.disabled or user.role not in roles:
+        who = " or ".join(f"an active {r}" for r in sorted(roles)) or "nobody"
+        raise ApprovalError(f"only {who} may request or decide {action}")
     return user
+
+
+def _file(
+    session: Session,
+    *,
+    action: str,
+    params: dict[str, Any],
+    requested_by: int,
+    origin: str | None,
+    details: dict[str, Any],
+) -> Approval:
+    """A new pending request, flushed, with its ``approval.request`` audit event."""
+    approval = Approval(action=action, params=params, requested_by=requested_by, state="pending")
+    session.add(approval)
+    session.flush()
+    record_event(
+        session,
+        actor=f"user:{requested_by}",
+        action="approval.request",
+        target=f"approval:{approval.id}",
+        origin=origin,
+        details={"action": action, **details},
+    )
+    return approval
 
 
 def request_removal(
@@ -78,9 +121,9 @@ def request_removal(
         ApprovalError: unknown action or bank, no entries named, an entry of another bank, or
             the requester is not an active admin.
     """
-    _admin(session, requested_by)
     if action not in ACTIONS:
         raise ApprovalError(f"unknown action {action!r}")
+    _entitled(session, requested_by, action)
     bank = session.get(Bank, bank_id)
     if bank is None:
         raise ApprovalError(f"no bank {bank_id}")
@@ -95,52 +138,146 @@ def request_removal(
         if found != set(ids):
             raise ApprovalError("some entries are not in this bank")
         params["entry_ids"] = ids
-    approval = Approval(action=action, params=params, requested_by=requested_by, state="pending")
-    session.add(approval)
-    session.flush()
-    record_event(
+    details = {**params, "entry_ids": params.get("entry_ids", [])[:100]}
+    return _file(
         session,
-        actor=f"user:{requested_by}",
-        action="approval.request",
-        target=f"approval:{approval.id}",
+        action=action,
+        params=params,
+        requested_by=requested_by,
         origin=origin,
-        details={"action": action, **params, "entry_ids": params.get("entry_ids", [])[:100]},
+        details=details,
     )
-    return approval
 
 
-def _locked_pending(session: Session, approval_id: int, admin_id: int) -> Approval:
-    """The pending request, locked, once ``admin_id`` is checked to be an active admin."""
-    _admin(session, admin_id)
+def propose_allow(
+    session: Session,
+    *,
+    bank: Bank,
+    upload_id: str,
+    review_item_id: int,
+    requested_by: int,
+    origin: str | None = None,
+) -> Approval:
+    """File a pending allow proposal: add upload ``upload_id``'s image to allow bank ``bank``
+    once a second person approves; audited ``approval.request``. Adds nothing to the bank.
+
+    Raises:
+        ApprovalError: ``bank`` is not an allow bank, or the proposer is not an active reviewer
+            or admin.
+    """
+    _entitled(session, requested_by, ADD_ALLOW)
+    if bank.kind != "allow":
+        raise ApprovalError(f"{bank.name!r} is a {bank.kind} bank, not an allow bank")
+    params: dict[str, Any] = {
+        "bank_id": bank.id,
+        "bank": bank.name,
+        "upload_id": upload_id,
+        "review_item_id": review_item_id,
+    }
+    return _file(
+        session,
+        action=ADD_ALLOW,
+        params=params,
+        requested_by=requested_by,
+        origin=origin,
+        details=params,
+    )
+
+
+def locked_pending(session: Session, approval_id: int, user_id: int) -> Approval:
+    """The pending request, locked, once ``user_id`` is checked to be active with a role that
+    may decide its action (:data:`APPROVER_ROLES`).
+
+    Raises:
+        ApprovalError: no such request, not pending, or the user may not decide it.
+    """
     approval = session.get(Approval, approval_id, with_for_update=True)
     if approval is None:
         raise ApprovalError(f"no approval request {approval_id}")
+    _entitled(session, user_id, approval.action)
     if approval.state != "pending":
         raise ApprovalError(f"approval request {approval_id} is already {approval.state}")
     return approval
 
 
-def _pending(session: Session, approval_id: int, approver_id: int) -> Approval:
-    approval = _locked_pending(session, approval_id, approver_id)
-    if approval.requested_by == approver_id:
-        raise ApprovalError("a second admin must approve: you filed this request")
-    return approval
+def checked_pending(
+    runtime: Runtime, approval_id: int, approver_id: int, *, origin: str | None
+) -> tuple[str, dict[str, Any]]:
+    """(action, params) of a pending request ``approver_id`` may approve, read before the work.
+
+    A self-approval is recorded (``approval.approve``, outcome ``denied``) in a transaction of
+    its own, then refused.
+
+    Raises:
+        ApprovalError: as :func:`locked_pending`, or ``approver_id`` filed the request.
+    """
+    with runtime.sessions() as session:
+        approval = locked_pending(session, approval_id, approver_id)
+        action, params, requested_by = approval.action, dict(approval.params), approval.requested_by
+    if requested_by == approver_id:
+        with transaction(runtime.sessions) as session:
+            record_event(
+                session,
+                actor=f"user:{approver_id}",
+                action="approval.approve",
+                target=f"approval:{approval_id}",
+                origin=origin,
+                outcome="denied",
+                details={"action": action, "reason": "self_approval"},
+            )
+        second = "a second admin" if action in ACTIONS else "a second reviewer or an admin"
+        raise ApprovalError(f"{second} must approve: you filed this request")
+    return action, params
+
+
+def mark_approved(
+    session: Session, approval: Approval, approver_id: int, origin: str | None
+) -> None:
+    """Set ``approval`` approved by ``approver_id`` now and record ``approval.approve``."""
+    details = {"action": approval.action, "requested_by": approval.requested_by}
+    _close(session, approval, approver_id, verdict="approve", origin=origin, details=details)
+
+
+def _close(
+    session: Session,
+    approval: Approval,
+    user_id: int,
+    *,
+    verdict: str,
+    origin: str | None,
+    details: dict[str, Any],
+) -> None:
+    """Close ``approval`` with ``verdict`` (approve | reject) by ``user_id`` now, audited
+    ``approval.<verdict>``."""
+    state = {"approve": "approved", "reject": "rejected"}[verdict]
+    approval.state, approval.approved_by, approval.decided_at = state, user_id, datetime.now(UTC)
+    record_event(
+        session,
+        actor=f"user:{user_id}",
+        action=f"approval.{verdict}",
+        target=f"approval:{approval.id}",
+        origin=origin,
+        details=details,
+    )
 
 
 def approve(
     runtime: Runtime, approval_id: int, *, approver_id: int, origin: str | None = None
 ) -> int:
-    """Approve and carry out a pending request; returns the new snapshot version.
+    """Approve and carry out a pending removal request; returns the new snapshot version.
 
     Raises:
-        ApprovalError: not pending, self-approval, or the approver is not an active admin.
+        ApprovalError: not pending, not a removal (allow proposals:
+            :func:`moderation.governance.allow_proposals.approve_allow`), self-approval
+            (audited), or the approver is not an active admin.
     """
-    now = datetime.now(UTC)
+    action, _ = checked_pending(runtime, approval_id, approver_id, origin=origin)
+    if action not in ACTIONS:
+        raise ApprovalError(f"approval request {approval_id} is not a removal ({action})")
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:
-        approval = _pending(session, approval_id, approver_id)
+        approval = locked_pending(session, approval_id, approver_id)
         params = dict(approval.params)
-        actor = f"user:{approver_id}"
         if approval.action == DELETE_ENTRIES:
             ids = [int(e) for e in params.get("entry_ids", [])]
             entries = session.scalars(
@@ -158,18 +295,10 @@ def approve(
             bank = session.get(Bank, int(params["bank_id"]))
             if bank is not None:
                 session.delete(bank)
-        approval.state, approval.approved_by, approval.decided_at = "approved", approver_id, now
+        mark_approved(session, approval, approver_id, origin)
         record_event(
             session,
-            actor=actor,
-            action="approval.approve",
-            target=f"approval:{approval.id}",
-            origin=origin,
-            details={"action": approval.action, "requested_by": approval.requested_by},
-        )
-        record_event(
-            session,
-            actor=actor,
+            actor=f"user:{approver_id}",
             action=approval.action,
             target=f"bank:{params['bank_id']}",
             origin=origin,
@@ -188,28 +317,22 @@ def reject(
     The requester may withdraw their own request this way.
 
     Raises:
-        ApprovalError: not pending, or the rejecter is not an active admin.
+        ApprovalError: not pending, or the rejecter may not decide it (an active admin;
+            for allow proposals, an active reviewer or admin).
     """
-    approval = _locked_pending(session, approval_id, approver_id)
-    approval.state, approval.approved_by, approval.decided_at = (
-        "rejected",
-        approver_id,
-        datetime.now(UTC),
-    )
-    record_event(
-        session,
-        actor=f"user:{approver_id}",
-        action="approval.reject",
-        target=f"approval:{approval.id}",
-        origin=origin,
-        details={"action": approval.action},
-    )
+    approval = locked_pending(session, approval_id, approver_id)
+    details = {"action": approval.action}
+    _close(session, approval, approver_id, verdict="reject", origin=origin, details=details)
     return approval
 
 
-def list_approvals(session: Session, *, state: str | None = "pending") -> list[ApprovalView]:
-    """Requests (newest first), by state (None: all)."""
+def list_approvals(
+    session: Session, *, state: str | None = "pending", actions: Sequence[str] = ACTIONS
+) -> list[ApprovalView]:
+    """Requests (newest first, at most 200) of ``actions`` (default: removals), by state (None:
+    all)."""
     query = select(Approval, User.email).join(User, Approval.requested_by == User.id)
+    query = query.where(Approval.action.in_(list(actions)))
     if state is not None:
         query = query.where(Approval.state == state)
     return [

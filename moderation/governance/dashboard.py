@@ -2,13 +2,14 @@
 
 Screenings per hour by decision, screening latency percentiles (from ``screenings.timings``),
 review queue depth and oldest item, review throughput, index version and staleness, erasure
-requests nearing the GDPR deadline, and quarantined (noisy) entries awaiting an admin.
+requests nearing the GDPR deadline, quarantined (noisy) entries awaiting an admin, and appeals
+(open, upheld, overturned).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from moderation.banks.flood_control import count_quarantined
 from moderation.banks.versions import current_snapshot
+from moderation.governance.appeal_display import appeal_counts
 from moderation.governance.review import QueueStats, queue_stats, utc
 from moderation.storage.models import ErasureRequest, IndexSnapshot, ReviewItem, Screening
 
@@ -75,6 +77,7 @@ class DashboardStats:
     index_stale: bool
     overdue_erasures: list[OverdueErasure]
     quarantined_entries: int = 0
+    appeals: dict[str, int] = field(default_factory=dict)
 
 
 def _hour_number(session: Session, column: Any) -> Any:
@@ -204,4 +207,5 @@ def dashboard_stats(
         index_stale=stale,
         overdue_erasures=_overdue_erasures(session, moment),
         quarantined_entries=count_quarantined(session),
+        appeals=appeal_counts(session, since),
     )

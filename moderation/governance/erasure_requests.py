@@ -43,7 +43,6 @@ def empty_plan() -> dict[str, Any]:
         "erase": [],
         "held": [],
         "entries": [],
-        "redis_keys": [],
         "blobs": [],
         "counts": zero_counts(),
         "held_kept": {},

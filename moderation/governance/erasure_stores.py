@@ -1,11 +1,10 @@
 """The per-store primitives that erasure and legal-hold release share.
 
-Owns the Redis key contract (:data:`UPLOAD_KEY_PREFIX`, :data:`IDEMPOTENCY_KEY_PATTERN`), the
-receipt's store names (:data:`ERASED_STORES`), :class:`GdprError`, and the steps that count or
-delete one set of uploads in every store: database rows (:func:`store_counts`,
-:func:`delete_upload_rows`), Redis keys (:func:`redis_client`, :func:`redis_keys_for`), blob
-files (:func:`delete_blob_files`), plus the locking and SQLite scrubbing around them.
-:mod:`moderation.governance.gdpr` (erasure by data subject) and
+Owns the receipt's store names (:data:`ERASED_STORES`), :class:`GdprError`, and the steps that
+count or delete one set of uploads in every store: database rows (:func:`store_counts`,
+:func:`delete_upload_rows`), blob files (:func:`delete_blob_files`), plus the locking and SQLite
+scrubbing around them. Nothing per-upload lives in Redis (Celery keeps no results there), so
+there is no Redis step. :mod:`moderation.governance.gdpr` (erasure by data subject) and
 :mod:`moderation.governance.holds` (release of expired legal holds) build on these.
 """
 
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import CursorResult, delete, func, select, text
 from sqlalchemy.orm import Session
 
+from moderation.storage.decisions import Appeal, Decision
 from moderation.storage.models import (
     CallbackAttempt,
     Entry,
@@ -32,18 +32,11 @@ from moderation.storage.models import (
 )
 
 if TYPE_CHECKING:
-    import redis
-
     from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-UPLOAD_KEY_PREFIX = "moderation:upload:"
-"""Redis keys holding per-upload data start with this, then the upload id (pinned contract)."""
-IDEMPOTENCY_KEY_PATTERN = "moderation:idem:*"
-"""Redis idempotency keys (``moderation:idem:<client>:<sha256>``); their value is an upload id."""
 
 ERASED_STORES = (
     "uploads",
@@ -52,9 +45,10 @@ ERASED_STORES = (
     "screenings",
     "matches",
     "review_items",
+    "appeals",
+    "decisions",
     "labelled_pairs",
     "callback_attempts",
-    "redis_keys",
     "bank_entries",
     "subject_secrets",
 )
@@ -63,11 +57,11 @@ ERASED_STORES = (
 # Arbitrary constant naming the PostgreSQL advisory lock that serialises erasure bookkeeping.
 _ERASURE_LOCK_KEY = 0x6D6F645F67647072  # "mod_gdpr"
 CHUNK = 500
-"""Ids per ``IN (...)`` clause or Redis call, to keep statements small."""
+"""Ids per ``IN (...)`` clause, to keep statements small."""
 
 
 class GdprError(Exception):
-    """An erasure step could not run (e.g. Redis unreachable); rerun once fixed."""
+    """An erasure step could not run; rerun once fixed."""
 
 
 def now_utc() -> datetime:
@@ -121,42 +115,6 @@ def truncate_sqlite_wal(runtime: Runtime) -> None:
         )
 
 
-def redis_client(runtime: Runtime) -> redis.Redis | None:
-    """A client for the configured Redis, or None when none is configured."""
-    url = runtime.settings.effective_redis_url
-    if not url:
-        return None
-    import redis as redis_lib
-
-    return redis_lib.Redis.from_url(
-        url, decode_responses=True, socket_timeout=30, socket_connect_timeout=10
-    )
-
-
-def redis_keys_for(client: redis.Redis, upload_ids: set[str]) -> list[str]:
-    """Every Redis key holding data of these uploads (one SCAN per key family)."""
-    if not upload_ids:
-        return []
-    found: list[str] = []
-    prefix_len = len(UPLOAD_KEY_PREFIX)
-    for key in client.scan_iter(match=f"{UPLOAD_KEY_PREFIX}*", count=1000):
-        rest = str(key)[prefix_len:]
-        if rest.split(":", 1)[0] in upload_ids:
-            found.append(str(key))
-    idem = [str(key) for key in client.scan_iter(match=IDEMPOTENCY_KEY_PATTERN, count=1000)]
-    for chunk in chunks(idem):
-        values = client.mget(list(chunk))
-        found.extend(k for k, v in zip(chunk, values, strict=True) if v in upload_ids)
-    return found
-
-
-def redis_error(runtime: Runtime, exc: Exception) -> GdprError:
-    """The :class:`GdprError` to raise for a Redis failure (the URL's password left out)."""
-    url = runtime.settings.effective_redis_url or ""
-    where = url.rsplit("@", 1)[-1]  # never print a password
-    return GdprError(f"Redis at {where} failed during erasure ({exc}); rerun the erasure")
-
-
 def store_counts(session: Session, upload_ids: Sequence[str]) -> Counter[str]:
     """How many rows these uploads hold, per store name of :data:`ERASED_STORES`."""
     counts: Counter[str] = Counter()
@@ -185,6 +143,8 @@ def store_counts(session: Session, upload_ids: Sequence[str]) -> Counter[str]:
         for name, model in (
             ("screenings", Screening),
             ("review_items", ReviewItem),
+            ("appeals", Appeal),
+            ("decisions", Decision),
             ("labelled_pairs", LabelledPair),
             ("callback_attempts", CallbackAttempt),
         ):
@@ -246,6 +206,8 @@ def delete_upload_rows(
             ("callback_attempts", CallbackAttempt),
             ("labelled_pairs", LabelledPair),
             ("review_items", ReviewItem),
+            ("appeals", Appeal),  # before decisions: an appeal names the decision it contests
+            ("decisions", Decision),
             ("screenings", Screening),
         ):
             counts[name] += _deleted(session, delete(model).where(model.upload_id.in_(chunk)))

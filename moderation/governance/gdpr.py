@@ -2,13 +2,11 @@
 
 :func:`erase_subject` removes everything the service holds about one data subject: their
 uploads (blob deleted and data key destroyed, so copies in backups are unreadable:
-crypto-shredding), screenings, matches, review items, labelled pairs, callback attempts, the
-per-upload Redis keys of ``moderation:upload:<id>*`` and the idempotency keys
-``moderation:idem:*`` whose value is one of their uploads, and the bank entries made from their
-uploads (removed from the encrypted snapshot, which gets a new version every worker reloads;
-older snapshot files are pruned). Finally it destroys the subject's pseudonymisation secret, so
-the pseudonym left in audit events can no longer be linked to anyone while the hash chain still
-verifies.
+crypto-shredding), screenings, matches, review items, labelled pairs, callback attempts and
+deliveries, and the bank entries made from their uploads (removed from the encrypted snapshot,
+which gets a new version every worker reloads; older snapshot files are pruned). Finally it
+destroys the subject's pseudonymisation secret, so the pseudonym left in audit events can no
+longer be linked to anyone while the hash chain still verifies.
 
 Uploads under legal hold (:mod:`moderation.governance.holds`) are kept, detached from the
 subject, and the receipt cites the exception. The per-store steps live in
@@ -16,7 +14,7 @@ subject, and the receipt cites the exception. The per-store steps live in
 :mod:`moderation.governance.erasure_requests`.
 
 Resumable and idempotent: the request row (``erasure_requests``) keeps a work list (``plan``)
-of upload ids, entry ids, Redis keys, blob paths and counts. Every step can be repeated: a rerun
+of upload ids, entry ids, blob paths and counts. Every step can be repeated: a rerun
 after a crash picks the open request up by the subject's keyed lookup hash and converges; each
 item is counted once. The database part is one transaction, so readers see the subject's rows
 either all present or all gone. When the request is done, the lookup hash, pseudonym and work
@@ -39,7 +37,6 @@ from moderation.audit.offline import RECEIPT_TYPE
 from moderation.banks.versions import prune_snapshots
 from moderation.governance.erasure_requests import empty_plan, new_request, open_request
 from moderation.governance.erasure_stores import (
-    GdprError,
     as_utc,
     chunks,
     delete_blob_files,
@@ -47,15 +44,13 @@ from moderation.governance.erasure_stores import (
     delete_upload_rows,
     erasure_lock,
     now_utc,
-    redis_client,
-    redis_error,
-    redis_keys_for,
     secure_delete,
     store_counts,
     truncate_sqlite_wal,
     zero_counts,
 )
 from moderation.governance.holds import hold_citation, is_held
+from moderation.governance.legal_holds import held_items
 from moderation.service.subjects import lookup_key
 from moderation.storage.db import transaction
 from moderation.storage.models import (
@@ -82,11 +77,12 @@ class _Replan(Exception):
 def preview_erasure(runtime: Runtime, subject_id: str) -> dict[str, int]:
     """What :func:`erase_subject` would erase now, per store, plus ``held_uploads``.
 
-    Reads only (the session is rolled back). Redis keys are counted when Redis is configured.
+    Reads only (the session is rolled back). Nothing is read from Redis: the service keeps no
+    per-upload data there (Celery messages carry upload ids only until a worker takes them;
+    results are not stored).
 
     Raises:
         ValueError: empty subject id.
-        GdprError: Redis is configured but unreachable.
     """
     if not subject_id:
         raise ValueError("subject id must not be empty")
@@ -107,14 +103,6 @@ def preview_erasure(runtime: Runtime, subject_id: str) -> dict[str, int]:
             counts["subject_secrets"] = 1
         counts["held_uploads"] = len(held)
         session.rollback()
-    client = redis_client(runtime)
-    if client is not None and (erase or held):
-        try:
-            counts["redis_keys"] = len(redis_keys_for(client, {*erase, *held}))
-        except Exception as exc:
-            raise redis_error(runtime, exc) from exc
-        finally:
-            client.close()
     return counts
 
 
@@ -170,34 +158,6 @@ def _delete_bank_entries(runtime: Runtime, request_id: str, actor: str) -> None:
     # file (with the erased vectors) behind: prune again, it is idempotent.
     with transaction(runtime.sessions) as session:
         prune_snapshots(session, runtime.settings.snapshots_dir)
-
-
-def _delete_redis_keys(runtime: Runtime, request_id: str) -> None:
-    client = redis_client(runtime)
-    if client is None:
-        return
-    with runtime.sessions() as session:
-        request = session.get(ErasureRequest, request_id)
-        assert request is not None and request.plan is not None
-        ids = {*request.plan["erase"], *request.plan["held"]}
-        planned = list(request.plan["redis_keys"])
-    try:
-        found = redis_keys_for(client, ids)
-        keys = sorted({*planned, *found})
-        if len(keys) != len(planned):
-            # Record the keys before deleting them: a rerun then still counts them once.
-            with transaction(runtime.sessions) as session:
-                request = session.get(ErasureRequest, request_id)
-                assert request is not None and request.plan is not None
-                request.plan = {**request.plan, "redis_keys": keys}
-        for chunk in chunks(keys):
-            client.delete(*chunk)
-    except GdprError:
-        raise
-    except Exception as exc:
-        raise redis_error(runtime, exc) from exc
-    finally:
-        client.close()
 
 
 def _destroy_subject(session: Session, request: ErasureRequest, known: set[str]) -> int:
@@ -311,11 +271,13 @@ def _finish(runtime: Runtime, request_id: str, actor: str) -> dict[str, Any]:
         plan = request.plan
         counts = {**zero_counts(), **plan["counts"]}
         counts["bank_entries"] = len(plan["entries"])
-        counts["redis_keys"] = len(plan["redis_keys"])
         held = {
             "uploads": len(plan["held"]),
             "kept": plan["held_kept"],
             "exceptions": plan["exceptions"],
+            "items": held_items(
+                session, plan["held"], {e["category"]: e["citation"] for e in plan["exceptions"]}
+            ),
         }
         completed = now_utc()
         event = record_event(
@@ -402,22 +364,23 @@ def erase_subject(
     """Erase everything held about one data subject; return the signed JSON receipt.
 
     Steps (each repeatable; see the module docstring): open or resume the request and plan;
-    remove bank entries made from the subject's uploads (new snapshot, old ones pruned); delete
-    their Redis keys; in one transaction delete their rows, destroy their uploads' data keys,
+    remove bank entries made from the subject's uploads (new snapshot, old ones pruned); in one
+    transaction delete their rows, destroy their uploads' data keys,
     detach held uploads and destroy the subject secret; delete the blob files; sign and store
     the receipt, audit it (``gdpr.erase``) and checkpoint the audit chain.
 
     Receipt fields: ``type`` (``moderation-erasure-receipt/1``), ``request_id``, ``dry_run``,
     ``received_at``, ``completed_at``, ``requested_by``, ``executed_by``, ``subject_known``,
     ``counts`` (:data:`moderation.governance.erasure_stores.ERASED_STORES`), ``held``
-    (``uploads``, ``kept`` per store, ``exceptions``: citation, category, uploads, until),
+    (``uploads``, ``kept`` per store, ``exceptions``: citation, category, uploads, until;
+    ``items``: each held upload kept back, with its category, citation and holds,
+    :func:`moderation.governance.legal_holds.held_items`),
     ``snapshot_version``, ``audit_seq``, ``public_key``, ``signature`` (Ed25519; check with
     ``moderation audit verify-receipt`` or :mod:`moderation.audit.offline`). A dry run returns
     the preview counts (and ``held_uploads``), signed, and changes nothing.
 
     Raises:
         ValueError: empty subject id.
-        GdprError: Redis is configured but failed (rerun to finish).
         moderation.banks.snapshot.SnapshotError: the current snapshot cannot be read
             (bank entries cannot be removed; nothing else was changed yet).
     """
@@ -430,7 +393,6 @@ def erase_subject(
     while True:
         request_id = _open_and_plan(runtime, subject_id, actor)
         _delete_bank_entries(runtime, request_id, actor)
-        _delete_redis_keys(runtime, request_id)
         try:
             _erase_rows(runtime, request_id)
         except _Replan:

@@ -16,7 +16,7 @@ from collections import Counter
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from moderation.audit.log import record_event
 from moderation.governance.erasure_stores import (
@@ -26,9 +26,6 @@ from moderation.governance.erasure_stores import (
     delete_blob_files,
     delete_upload_rows,
     now_utc,
-    redis_client,
-    redis_error,
-    redis_keys_for,
     secure_delete,
     truncate_sqlite_wal,
     zero_counts,
@@ -116,7 +113,8 @@ def _expired_holds(runtime: Runtime, moment: datetime) -> tuple[list[str], list[
         ids = list(
             session.scalars(
                 select(Upload.id).where(
-                    Upload.erasure_request_id.is_not(None), Upload.legal_hold_until <= moment
+                    Upload.erasure_request_id.is_not(None),
+                    or_(Upload.legal_hold_until.is_(None), Upload.legal_hold_until <= moment),
                 )
             )
         )
@@ -126,22 +124,6 @@ def _expired_holds(runtime: Runtime, moment: datetime) -> tuple[list[str], list[
             for e in session.scalars(select(Entry.id).where(Entry.upload_id.in_(chunk)))
         ]
     return ids, entries
-
-
-def _delete_redis_keys_of(runtime: Runtime, ids: list[str]) -> int | None:
-    """Delete the uploads' Redis keys; how many, or None when no Redis is configured."""
-    client = redis_client(runtime)
-    if client is None:
-        return None
-    try:
-        keys = redis_keys_for(client, set(ids))
-        for chunk in chunks(keys):
-            client.delete(*chunk)
-        return len(keys)
-    except Exception as exc:
-        raise redis_error(runtime, exc) from exc
-    finally:
-        client.close()
 
 
 def _delete_held_blob_files(runtime: Runtime, ids: list[str]) -> None:
@@ -158,26 +140,27 @@ def _delete_held_blob_files(runtime: Runtime, ids: list[str]) -> None:
 def release_expired_holds(
     runtime: Runtime, *, actor: str, now: datetime | None = None
 ) -> dict[str, int]:
-    """Erase held uploads of erased subjects whose legal hold has ended; returns counts.
+    """Release the holds that have ended (:func:`moderation.governance.legal_holds.expire_holds`,
+    audited ``hold.expire``), then erase held uploads of erased subjects no hold keeps any more;
+    returns counts per store plus ``holds_expired``. The beat task ``moderation.release_holds``
+    runs this.
 
-    Order: bank entries made from them, Redis keys, blob files, then the rows (so a rerun after
-    a crash still finds every upload). Audited as ``gdpr.hold_release``.
-
-    Raises:
-        GdprError: Redis is configured but failed.
+    Order: bank entries made from them, blob files, then the rows (so a rerun after a crash
+    still finds every upload). Audited as ``gdpr.hold_release``.
     """
     from moderation.banks.operations import delete_entries
+    from moderation.governance.legal_holds import expire_holds
 
-    ids, entries = _expired_holds(runtime, now or now_utc())
-    counts = zero_counts()
+    moment = now or now_utc()
+    with transaction(runtime.sessions) as session:
+        expired = expire_holds(session, actor=actor, now=moment)
+    ids, entries = _expired_holds(runtime, moment)
+    counts = {**zero_counts(), "holds_expired": len(expired)}
     if not ids:
         return counts
     if entries:
         delete_entries(runtime, entries, actor=actor)
         counts["bank_entries"] = len(entries)
-    redis_keys = _delete_redis_keys_of(runtime, ids)
-    if redis_keys is not None:
-        counts["redis_keys"] = redis_keys
     _delete_held_blob_files(runtime, ids)
     with transaction(runtime.sessions) as session:
         secure_delete(session)

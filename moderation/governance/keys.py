@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.sealed_fields import bank_key_context
 from moderation.banks.snapshot import rewrap_snapshot
 from moderation.crypto.envelope import WrappedKey, rewrap_key
 from moderation.crypto.keys import KeyRing
@@ -28,6 +29,7 @@ from moderation.matching.golden import item_context
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     ApiClient,
+    Bank,
     CanaryItem,
     DeploymentSecret,
     IndexSnapshot,
@@ -135,6 +137,14 @@ def _rewrap_api_clients(session: Session, keyring: KeyRing, _dir: Path, _r: Rota
     )
 
 
+def _rewrap_bank_entry_keys(
+    session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport
+) -> int:
+    # The keys sealing entry labels and source refs (moderation.banks.sealed_fields).
+    rows = session.scalars(select(Bank).where(Bank.entry_key.is_not(None)))
+    return _rewrap_column(rows, "entry_key", keyring, lambda b: bank_key_context(b.id))
+
+
 def _rewrap_canary_items(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
     # The golden set's images (moderation.matching.golden), one data key each.
     rows = session.scalars(select(CanaryItem))
@@ -148,6 +158,7 @@ REWRAP_STEPS: dict[str, RewrapStep] = {
     "deployment_secrets": _rewrap_deployment_secrets,
     "user_totp_secrets": _rewrap_user_totp,
     "api_clients": _rewrap_api_clients,
+    "bank_entry_keys": _rewrap_bank_entry_keys,
     "canary_items": _rewrap_canary_items,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""

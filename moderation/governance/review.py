@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
@@ -103,7 +103,9 @@ def _bump(
 # --- claiming --------------------------------------------------------------------------------
 
 
-def _claimable(states: Sequence[str], now: datetime, exclude: Iterable[int]) -> Any:
+def _claimable(
+    states: Sequence[str], now: datetime, exclude: Iterable[int], client_id: int | None = None
+) -> Any:
     condition = and_(
         ReviewItem.state.in_(states),
         or_(ReviewItem.lease_until.is_(None), ReviewItem.lease_until < now),
@@ -111,7 +113,25 @@ def _claimable(states: Sequence[str], now: datetime, exclude: Iterable[int]) -> 
     excluded = list(exclude)
     if excluded:
         condition = and_(condition, ReviewItem.id.not_in(excluded))
+    if client_id is not None:
+        condition = and_(condition, ReviewItem.client_id == client_id)
     return condition
+
+
+def reviewer_client(session: Session, reviewer_id: int, client_id: int | None) -> int | None:
+    """The API client whose items ``reviewer_id`` works: their own scope
+    (``users.client_id``) when they have one, else ``client_id`` (None: every client's).
+
+    Raises:
+        ReviewError: a reviewer scoped to one client asked for another's items.
+    """
+    reviewer = session.get(User, reviewer_id)
+    scope = None if reviewer is None else reviewer.client_id
+    if scope is None:
+        return client_id
+    if client_id not in (None, scope):
+        raise ReviewError("this reviewer works only one API client's items")
+    return scope
 
 
 def current_claim(
@@ -139,8 +159,11 @@ def claim_next(
     queue: str = "main",
     exclude: Iterable[int] = (),
     now: datetime | None = None,
+    client_id: int | None = None,
 ) -> ReviewItem | None:
     """Lease the next item (priority, then age) to ``reviewer_id``; None when the queue is empty.
+    Only items of API client ``client_id`` (None: any), and only of the reviewer's own client
+    when they are scoped to one (:func:`reviewer_client`).
 
     A reviewer holds one item at a time: an unexpired claim of theirs (not in ``exclude``) is
     returned again with its lease renewed. A new claim counts towards the reviewer's daily
@@ -160,6 +183,7 @@ def claim_next(
         held.lease_until = lease_until
         return held
     _check_may_claim(session, reviewer_id, queue=queue, daily_limit=daily_limit, now=moment)
+    client_id = reviewer_client(session, reviewer_id, client_id)
     claimed_state = "claimed" if queue == "main" else "escalated"
     take = (
         _take_skip_locked
@@ -172,6 +196,7 @@ def claim_next(
         excluded,
         now=moment,
         values={"state": claimed_state, "claimed_by": reviewer_id, "lease_until": lease_until},
+        client_id=client_id,
     )
     if item is None:
         return None
@@ -201,12 +226,16 @@ def _check_may_claim(
 
 
 def _queue_head(
-    column: Any, states: Sequence[str], now: datetime, excluded: Iterable[int]
+    column: Any,
+    states: Sequence[str],
+    now: datetime,
+    excluded: Iterable[int],
+    client_id: int | None = None,
 ) -> Select[Any]:
     """Select ``column`` of the first claimable item: highest priority, then oldest."""
     return (
         select(column)
-        .where(_claimable(states, now, excluded))
+        .where(_claimable(states, now, excluded, client_id))
         .order_by(ReviewItem.priority.desc(), ReviewItem.created_at.asc(), ReviewItem.id.asc())
         .limit(1)
     )
@@ -219,11 +248,13 @@ def _take_skip_locked(
     *,
     now: datetime,
     values: dict[str, Any],
+    client_id: int | None = None,
 ) -> ReviewItem | None:
-    """PostgreSQL: lock the first claimable row and set ``values`` on it."""
+    """PostgreSQL: lock the first claimable row (of ``client_id``'s, when given) and set
+    ``values`` on it."""
     # Rows another transaction is claiming are skipped rather than waited for.
     item = session.scalars(
-        _queue_head(ReviewItem, states, now, excluded).with_for_update(skip_locked=True)
+        _queue_head(ReviewItem, states, now, excluded, client_id).with_for_update(skip_locked=True)
     ).first()
     if item is not None:
         for name, value in values.items():
@@ -238,11 +269,13 @@ def _take_compare_and_set(
     *,
     now: datetime,
     values: dict[str, Any],
+    client_id: int | None = None,
 ) -> ReviewItem | None:
-    """SQLite: set ``values`` on the first claimable row, retrying when another claim won."""
+    """SQLite: set ``values`` on the first claimable row (of ``client_id``'s, when given),
+    retrying when another claim won."""
     # Compare-and-set: the UPDATE only wins while the row is still claimable.
     for _attempt in range(10):
-        candidate = session.scalar(_queue_head(ReviewItem.id, states, now, excluded))
+        candidate = session.scalar(_queue_head(ReviewItem.id, states, now, excluded, client_id))
         if candidate is None:
             return None
         won = session.execute(
@@ -330,21 +363,21 @@ class QueueStats:
         return self.open + self.claimed + self.escalated
 
 
-def queue_stats(session: Session, *, now: datetime | None = None) -> QueueStats:
-    """Depth and oldest waiting item of the review queue."""
+def queue_stats(
+    session: Session, *, now: datetime | None = None, client_id: int | None = None
+) -> QueueStats:
+    """Depth and oldest waiting item of the review queue (of API client ``client_id``'s items
+    only, when given)."""
     moment = resolve_now(now)
+    waiting: ColumnElement[bool] = ReviewItem.state.in_(("open", "claimed", "escalated"))
+    if client_id is not None:
+        waiting = and_(waiting, ReviewItem.client_id == client_id)
     counts = dict(
         session.execute(
-            select(ReviewItem.state, func.count())
-            .where(ReviewItem.state.in_(("open", "claimed", "escalated")))
-            .group_by(ReviewItem.state)
+            select(ReviewItem.state, func.count()).where(waiting).group_by(ReviewItem.state)
         ).all()
     )
-    oldest = session.scalar(
-        select(func.min(ReviewItem.created_at)).where(
-            ReviewItem.state.in_(("open", "claimed", "escalated"))
-        )
-    )
+    oldest = session.scalar(select(func.min(ReviewItem.created_at)).where(waiting))
     return QueueStats(
         open=int(counts.get("open", 0)),
         claimed=int(counts.get("claimed", 0)),

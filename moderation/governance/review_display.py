@@ -17,6 +17,8 @@ from PIL import ExifTags, Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from moderation.banks.sealed_fields import entry_labels
+from moderation.crypto.keys import KeyRing
 from moderation.governance.review import (
     Exposure,
     QueueStats,
@@ -25,6 +27,7 @@ from moderation.governance.review import (
     exposure,
     queue_stats,
     renew_lease,
+    reviewer_client,
     utc,
 )
 from moderation.governance.review_decisions import banks_for_decisions
@@ -95,8 +98,8 @@ class ItemView:
     matches: tuple[MatchView, ...] = ()
 
 
-def item_view(session: Session, item_id: int) -> ItemView | None:
-    """The review page's data for an item, or None."""
+def item_view(session: Session, item_id: int, keyring: KeyRing) -> ItemView | None:
+    """The review page's data for an item (labels decrypted with ``keyring``), or None."""
     item = session.get(ReviewItem, item_id)
     if item is None:
         return None
@@ -104,6 +107,9 @@ def item_view(session: Session, item_id: int) -> ItemView | None:
     screening = session.scalar(select(Screening).where(Screening.upload_id == item.upload_id))
     matches: list[MatchView] = []
     if screening is not None:
+        labels = entry_labels(
+            session, keyring, [m.entry_id for m in screening.matches if m.entry_id is not None]
+        )
         for match in screening.matches:
             entry = session.get(Entry, match.entry_id) if match.entry_id is not None else None
             bank = session.get(Bank, match.bank_id) if match.bank_id is not None else None
@@ -111,7 +117,7 @@ def item_view(session: Session, item_id: int) -> ItemView | None:
             matches.append(
                 MatchView(
                     entry_id=entry.public_id if entry else None,
-                    label=entry.label if entry else "(entry deleted)",
+                    label=labels.get(entry.id, "") if entry else "(entry deleted)",
                     bank=bank.name if bank else "(bank deleted)",
                     bank_kind=bank.kind if bank else "",
                     cosine=match.cosine,
@@ -185,7 +191,7 @@ def load_item(runtime: Runtime, item_id: int, user_id: int, role: str) -> tuple[
     user may neither work on nor read it.
     """
     with runtime.sessions() as session:
-        view = item_view(session, item_id)
+        view = item_view(session, item_id, runtime.keyring)
     if view is None:
         raise ItemNotFound(f"no review item {item_id}")
     access = item_access(view, user_id, role)
@@ -209,10 +215,18 @@ class QueuePage:
     """The item the reviewer decided most recently, or None."""
 
 
-def queue_page(runtime: Runtime, reviewer_id: int, *, escalated: bool) -> QueuePage:
-    """The queue page's data; ``escalated``: the reviewer may work the escalated queue."""
+def queue_page(
+    runtime: Runtime, reviewer_id: int, *, escalated: bool, client_id: int | None = None
+) -> QueuePage:
+    """The queue page's data; ``escalated``: the reviewer may work the escalated queue;
+    ``client_id``: figures of that API client's items only (a reviewer scoped to a client
+    always sees their client's, :func:`moderation.governance.review.reviewer_client`).
+
+    Raises:
+        ReviewError: a reviewer scoped to one client asked for another's figures.
+    """
     with runtime.sessions() as session:
-        stats = queue_stats(session)
+        stats = queue_stats(session, client_id=reviewer_client(session, reviewer_id, client_id))
         mine = current_claim(session, reviewer_id, queue="main") or (
             current_claim(session, reviewer_id, queue="escalated") if escalated else None
         )

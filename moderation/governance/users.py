@@ -276,3 +276,79 @@ def get_user_by_email(session: Session, email: str) -> User | None:
 def list_users(session: Session) -> list[User]:
     """Every user, by e-mail."""
     return list(session.scalars(select(User).order_by(User.email)))
+
+
+def _user_for_change(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id, with_for_update=True)
+    if user is None:
+        raise UserError(f"no user {user_id}")
+    return user
+
+
+def _end_sessions(session: Session, user_id: int) -> None:
+    session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user_id))
+
+
+def set_role(
+    session: Session, user_id: int, role: str, *, actor: str, origin: str | None = None
+) -> User:
+    """Change a user's role (audited ``user.role``, old and new role); their console sessions
+    end, so the new permissions apply at once.
+
+    Raises:
+        UserError: no such user, unknown role, or a role requiring TOTP for a user without it
+            (reset their TOTP first: :func:`reset_totp`).
+    """
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    user = _user_for_change(session, user_id)
+    if role in TOTP_REQUIRED_ROLES and not has_totp(user):
+        raise UserError(f"role {role} requires TOTP: reset the user's TOTP first")
+    previous, user.role = user.role, role
+    _end_sessions(session, user_id)
+    record_event(
+        session,
+        actor=actor,
+        action="user.role",
+        target=f"user:{user_id}",
+        origin=origin,
+        details={"from": previous, "to": role},
+    )
+    return user
+
+
+def reset_password(
+    session: Session, user_id: int, password: str, *, actor: str, origin: str | None = None
+) -> User:
+    """Set a new password for a user (audited ``user.password_reset``; the password is never
+    logged) and end their console sessions.
+
+    Raises:
+        UserError: no such user, or the password is too short or too long.
+    """
+    user = _user_for_change(session, user_id)
+    user.password_hash = hash_password(password)
+    _end_sessions(session, user_id)
+    record_event(
+        session, actor=actor, action="user.password_reset", target=f"user:{user_id}", origin=origin
+    )
+    return user
+
+
+def reset_totp(
+    session: Session, keyring: KeyRing, user_id: int, *, actor: str, origin: str | None = None
+) -> str:
+    """Replace a user's TOTP secret (a lost authenticator; audited ``user.totp_reset`` then
+    ``user.totp_enrol``), end their console sessions; returns the new provisioning URI (show it
+    once, to the user only).
+
+    Raises:
+        UserError: no such user.
+        moderation.crypto.errors.CryptoError: the key ring cannot wrap.
+    """
+    user = _user_for_change(session, user_id)
+    record_event(
+        session, actor=actor, action="user.totp_reset", target=f"user:{user_id}", origin=origin
+    )
+    _end_sessions(session, user_id)
+    return enrol_totp(session, keyring, user, actor=actor)

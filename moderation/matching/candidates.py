@@ -8,7 +8,7 @@ calibrated copy probabilities before :mod:`moderation.matching.decision` applies
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,9 +17,55 @@ import numpy.typing as npt
 from PIL import Image
 
 from moderation.banks.blocklist import Blocklist
+from moderation.banks.index.base import Hit
 from moderation.banks.records import EntryInfo
-from moderation.matching.policy import CandidateRules
+from moderation.matching.policy import CandidateRules, Policy
 from moderation.signals.pdq import PdqHash
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose upload is screened (tenant isolation, :mod:`moderation.banks.tenancy`): the ids of
+    the banks that may match it (None: every bank) and its client's policy (None: the
+    screener's)."""
+
+    banks: frozenset[int] | None = None
+    policy: Policy | None = None
+
+    def admits(self, info: EntryInfo | None) -> bool:
+        """Whether ``info`` (an entry of the blocklist, or None when not in it) may match."""
+        return info is not None and (self.banks is None or info.bank_id in self.banks)
+
+
+EVERY_BANK = Scope()
+
+
+class _Searchable(Protocol):
+    def __len__(self) -> int: ...
+
+    def search(self, queries: npt.ArrayLike, k: int, threshold: float) -> list[list[Hit]]: ...
+
+
+def search_within(
+    index: _Searchable,
+    queries: npt.ArrayLike,
+    k: int,
+    threshold: float,
+    keep: Callable[[int], bool],
+) -> list[list[Hit]]:
+    """Per query row, the best ``k`` hits whose id ``keep`` accepts: the search is widened
+    (x4 each time, up to the whole index) while hits that are dropped fill all ``k`` slots, so
+    another tenant's entries never crowd a client's own entries out of the top ``k``."""
+    wanted = k
+    while True:
+        found = index.search(queries, wanted, threshold)
+        kept = [[hit for hit in hits if keep(int(hit.id))] for hits in found]
+        crowded = any(
+            len(hits) >= wanted and len(mine) < k for hits, mine in zip(found, kept, strict=True)
+        )
+        if not crowded or wanted >= len(index):
+            return [mine[:k] for mine in kept]
+        wanted = min(len(index), wanted * 4)
 
 
 @dataclass
@@ -73,13 +119,16 @@ class CandidateRefiner(Protocol):
         """
 
 
-def exact_candidates(blocklist: Blocklist, keyed: Mapping[str, bytes]) -> list[Candidate]:
-    """The entries whose exact hash equals one of the upload's keyed digests (kind -> 32 bytes,
-    :func:`moderation.signals.exact.keyed_digests` under ``blocklist.exact_key``)."""
+def exact_candidates(
+    blocklist: Blocklist, keyed: Mapping[str, bytes], scope: Scope = EVERY_BANK
+) -> list[Candidate]:
+    """The entries (of the banks ``scope`` admits) whose exact hash equals one of the upload's
+    keyed digests (kind -> 32 bytes, :func:`moderation.signals.exact.keyed_digests` under
+    ``blocklist.exact_key``)."""
     found: dict[int, Candidate] = {}
     for entry_id, kind in blocklist.exact_matches(keyed):
         info = blocklist.entries.get(entry_id)
-        if info is not None and entry_id not in found:
+        if info is not None and scope.admits(info) and entry_id not in found:
             found[entry_id] = Candidate(entry=info, exact=kind, signals=[f"exact_{kind}"])
     return list(found.values())
 
@@ -90,6 +139,7 @@ def find_candidates(
     vectors: npt.NDArray[np.float32],
     pdq: Sequence[Sequence[PdqHash]],
     exact: Sequence[Candidate] = (),
+    scope: Scope = EVERY_BANK,
 ) -> list[Candidate]:
     """Stage 1: the top-k entries per frame above ``rules.min_cosine`` plus the PDQ matches
     within ``rules.max_pdq_distance`` (over each frame's dihedral variants, both digests of
@@ -98,11 +148,16 @@ def find_candidates(
     ``vectors`` is float32 (f, d), one unit row per frame; ``pdq`` the 8 variants per frame.
     Entries found only by PDQ get their cosine too, so every image entry has both signals;
     hash-list entries have no embedding and keep ``cosine`` None. ``exact`` (from
-    :func:`exact_candidates`) are merged in.
+    :func:`exact_candidates`) are merged in. Only entries of the banks ``scope`` admits are
+    candidates (:func:`search_within`).
     """
     found: dict[int, Candidate] = {c.entry.entry_id: c for c in exact}
     entries = blocklist.entries
-    hits_per_frame = blocklist.cosine.search(vectors, rules.top_k, rules.min_cosine)
+
+    def keep(entry_id: int) -> bool:
+        return scope.admits(entries.get(entry_id))
+
+    hits_per_frame = search_within(blocklist.cosine, vectors, rules.top_k, rules.min_cosine, keep)
     for frame, hits in enumerate(hits_per_frame):
         for hit in hits:
             info = entries.get(hit.id)
@@ -116,7 +171,9 @@ def find_candidates(
         if not usable:
             continue
         queries = np.stack([np.frombuffer(v.digest, np.uint8) for v in usable])
-        for hits in blocklist.pdq.search(queries, rules.top_k, rules.max_pdq_distance):
+        for hits in search_within(
+            blocklist.pdq, queries, rules.top_k, rules.max_pdq_distance, keep
+        ):
             for hit in hits:
                 info = entries.get(hit.id)
                 if info is None:

@@ -17,7 +17,8 @@ from moderation.banks.records import EntryInfo
 from moderation.matching.candidates import Candidate
 from moderation.matching.policy import SEVERITY, CategoryRules, Policy
 
-# The category thresholds copied into a decision's explanation (what the top match was held to).
+# The category thresholds copied into a decision's explanation (what the top match was held to,
+# and the ground of its statement of reasons: moderation.matching.statements).
 _EXPLAINED_THRESHOLDS = {
     "block_cosine",
     "review_cosine",
@@ -25,7 +26,9 @@ _EXPLAINED_THRESHOLDS = {
     "review_pdq_distance",
     "block_probability",
     "review_probability",
+    "classifier_band",
     "action",
+    "decision_ground",
 }
 
 
@@ -96,32 +99,66 @@ class ScreeningResult:
         }
 
 
-def match_level(rules: CategoryRules, cand: Candidate) -> str | None:
-    """The level ``cand`` reaches under its category's ``rules``: ``rules.action``, "review", or
-    None. Probability thresholds decide when the classifier stage set a probability and the
-    rules have them; otherwise cosine similarity or PDQ Hamming distance does. An exact-hash
-    match (the upload's bytes are a listed file) always reaches ``rules.action``."""
-    if cand.exact is not None:
-        return rules.action
-    if cand.probability is not None and rules.block_probability is not None:
-        if cand.probability >= rules.block_probability:
-            return rules.action
-        if rules.review_probability is not None and cand.probability >= rules.review_probability:
-            return "review"
-        return None
+def signal_step(rules: CategoryRules, cand: Candidate) -> int:
+    """The step ``cand``'s cosine similarity or PDQ Hamming distance reaches under ``rules``:
+    2 at the block thresholds (``rules.action``), 1 at the review thresholds, else 0."""
     cosine = cand.cosine if cand.cosine is not None else -1.0
     pdq = cand.pdq_distance
     if cosine >= rules.block_cosine or (
         pdq is not None and rules.block_pdq_distance is not None and pdq <= rules.block_pdq_distance
     ):
-        return rules.action
+        return 2
     if cosine >= rules.review_cosine or (
         pdq is not None
         and rules.review_pdq_distance is not None
         and pdq <= rules.review_pdq_distance
     ):
-        return "review"
-    return None
+        return 1
+    return 0
+
+
+def classifier_step(rules: CategoryRules, probability: float) -> int:
+    """The step a calibrated copy ``probability`` (0-1) reaches: 2 at ``block_probability``,
+    1 at ``review_probability`` (when set), else 0. Only for rules with ``block_probability``."""
+    assert rules.block_probability is not None
+    if probability >= rules.block_probability:
+        return 2
+    if rules.review_probability is not None and probability >= rules.review_probability:
+        return 1
+    return 0
+
+
+def match_step(rules: CategoryRules, cand: Candidate) -> tuple[int, bool]:
+    """(step, held by the band) for ``cand``: 0 nothing, 1 review, 2 ``rules.action``.
+
+    An exact-hash match (the upload's bytes are a listed file) always reaches 2. Without a
+    classifier probability (or without probability thresholds in the rules) cosine or PDQ
+    decide. With one, the classifier's step is clamped to the category's
+    :class:`~moderation.matching.policy.ClassifierBand` around the cosine/PDQ step, and a match
+    at the block thresholds never falls below review (the safety floor, whatever the band);
+    the flag says the clamp changed the classifier's step.
+    """
+    if cand.exact is not None:
+        return 2, False
+    signal = signal_step(rules, cand)
+    if cand.probability is None or rules.block_probability is None:
+        return signal, False
+    wanted = classifier_step(rules, cand.probability)
+    band = rules.classifier_band
+    floor = max(signal - band.max_lower, 1 if signal == 2 else 0)
+    step = min(max(wanted, floor), signal + band.max_raise, 2)
+    return step, step != wanted
+
+
+def step_level(rules: CategoryRules, step: int) -> str | None:
+    """The level of ``step`` (0-2) under ``rules``: None, "review" or ``rules.action``."""
+    return (None, "review", rules.action)[step]
+
+
+def match_level(rules: CategoryRules, cand: Candidate) -> str | None:
+    """The level ``cand`` reaches under its category's ``rules``: ``rules.action``, "review", or
+    None (:func:`match_step`)."""
+    return step_level(rules, match_step(rules, cand)[0])
 
 
 def agreed_signals(policy: Policy, rules: CategoryRules, cand: Candidate) -> tuple[str, ...]:
@@ -147,10 +184,14 @@ def policy_matches(policy: Policy, block_candidates: Sequence[Candidate]) -> lis
         rules = policy.rules_for(cand.entry.category)
         if not rules.applies_to(cand.entry.bank_name):
             continue
-        level = match_level(rules, cand)
+        step, held = match_step(rules, cand)
+        level = step_level(rules, step)
         if level is None:
             continue
         signals = agreed_signals(policy, rules, cand)
+        if held:
+            # The classifier wanted another level; the category's band kept this one.
+            signals = (*signals, "classifier_band")
         if cand.entry.quarantined and level == "block":
             # A quarantined (noisy) entry only ever sends to review.
             level, signals = "review", (*signals, "quarantined")

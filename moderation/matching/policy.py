@@ -47,6 +47,21 @@ class CandidateRules(_Strict):
     min_pdq_quality: int = Field(default=50, ge=0, le=100)
 
 
+class ClassifierBand(_Strict):
+    """How far the classifier stage may move a match from the level its cosine and PDQ reach.
+
+    Levels are steps: 0 nothing, 1 review (the review thresholds), 2 the category's action (the
+    block thresholds). With an active model, a match ends at the classifier's step (from the
+    probability thresholds) clamped to ``[signal step - max_lower, signal step + max_raise]``.
+    ``max_lower`` is at most 1, so a match at or above ``block_cosine`` or within
+    ``block_pdq_distance`` is never allowed whatever the probability (the safety floor): the
+    classifier may at most send it to review, and not at all with ``max_lower: 0``.
+    """
+
+    max_lower: int = Field(default=1, ge=0, le=1)
+    max_raise: int = Field(default=2, ge=0, le=2)
+
+
 class CategoryRules(_Strict):
     """Decision rules for the banks of one category."""
 
@@ -58,6 +73,7 @@ class CategoryRules(_Strict):
     review_pdq_distance: int | None = Field(default=None, ge=0, le=256)
     block_probability: float | None = Field(default=None, ge=0.0, le=1.0)
     review_probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    classifier_band: ClassifierBand = Field(default_factory=ClassifierBand)
     unscannable: Literal["review", "block"] = "review"
     review_priority: int = Field(default=50, ge=0, le=100)
     zero_shot_prompts: list[str] = Field(default_factory=list)
@@ -66,6 +82,10 @@ class CategoryRules(_Strict):
     # cited on the erasure receipt.
     legal_hold_days: int | None = Field(default=None, ge=1, le=36500)
     legal_hold_basis: str | None = Field(default=None, min_length=1, max_length=300)
+    # The statement of reasons' ground for a block in this category (EU DSA Art. 17(3)(d)/(e)).
+    decision_ground: Literal["illegal_content", "incompatible_with_terms"] = (
+        "incompatible_with_terms"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> CategoryRules:

@@ -1,6 +1,8 @@
 """The last stage of screening: a :class:`~moderation.matching.decision.ScreeningResult` written
 to the database as a screening row with its match rows, a review item when a human must look,
-the upload's legal hold, the matched entries' daily match counts (flood control,
+the upload's legal hold (:func:`place_block_hold`, also called for a reviewer's confirm), its
+statement of reasons (:mod:`moderation.matching.statements`), the
+matched entries' daily match counts (flood control,
 :mod:`moderation.banks.match_counts`) and the ``screening.decide`` audit event, in the caller's
 transaction.
 """
@@ -15,13 +17,18 @@ from sqlalchemy.orm import Session
 from moderation.audit.log import record_event
 from moderation.banks.match_counts import count_matches, utc_today
 from moderation.matching.decision import ScreeningResult
-from moderation.storage.models import Match, ReviewItem, Screening, Upload
+from moderation.matching.statements import record_decision
+from moderation.storage.models import LegalHold, Match, ReviewItem, Screening, Upload
+
+HOLD_SOURCES: tuple[str, ...] = ("automatic", "review", "manual")
+"""Who placed a hold: a block decision, a reviewer's confirm, an admin or the DPO by hand."""
 
 
 def record_result(
     session: Session, upload: Upload, result: ScreeningResult, *, actor: str = "screening"
 ) -> Screening:
-    """Write a result: screening row, match rows, review item if needed, one more match today
+    """Write a result: screening row, match rows, review item if needed, its decision row
+    (statement of reasons), one more match today
     (UTC) for each matched entry (``entry_match_counts``), audit event.
 
     Idempotent by upload: an upload that already has a screening keeps it (returned as is).
@@ -33,16 +40,27 @@ def record_result(
     session.add(screening)
     upload.status = "done"
     if result.decision == "block" and result.legal_hold_days:
-        upload.legal_hold_until = datetime.now(UTC) + timedelta(days=result.legal_hold_days)
+        place_block_hold(
+            session,
+            upload,
+            days=result.legal_hold_days,
+            category=result.category,
+            source="automatic",
+            actor=actor,
+        )
     if result.needs_review:
         session.add(
             ReviewItem(
                 upload_id=upload.id,
+                client_id=upload.client_id,
                 category=result.category,
                 priority=result.review_priority or 50,
             )
         )
     session.flush()
+    record_decision(
+        session, upload.id, source="screening", decision=result.decision, screening=screening
+    )
     count_matches(session, (m.entry.entry_id for m in result.matches), day=utc_today())
     record_event(
         session,
@@ -52,6 +70,85 @@ def record_result(
         details=_audit_details(upload, result),
     )
     return screening
+
+
+def add_hold(
+    session: Session,
+    upload: Upload,
+    *,
+    source: str,
+    until: datetime,
+    reason: str,
+    actor: str,
+    origin: str | None = None,
+) -> LegalHold:
+    """Add a hold row and extend ``upload.legal_hold_until`` to ``until`` if that is later.
+
+    Holds other than ``automatic`` ones are audited here (``hold.place``); an automatic hold is
+    part of the ``screening.decide`` event.
+
+    Raises:
+        ValueError: unknown ``source`` or empty ``reason``.
+    """
+    if source not in HOLD_SOURCES:
+        raise ValueError(f"hold source must be one of {', '.join(HOLD_SOURCES)}")
+    if not reason.strip():
+        raise ValueError("a legal hold needs a reason")
+    hold = LegalHold(
+        upload_id=upload.id,
+        source=source,
+        reason=reason.strip()[:1000],
+        placed_by=actor,
+        placed_at=datetime.now(UTC),
+        until=until,
+    )
+    session.add(hold)
+    current = upload.legal_hold_until
+    if current is None or _utc(current) < until:
+        upload.legal_hold_until = until
+    session.flush()
+    if source != "automatic":
+        record_event(
+            session,
+            actor=actor,
+            action="hold.place",
+            target=f"upload:{upload.id}",
+            origin=origin,
+            details={
+                "hold_id": hold.id,
+                "source": source,
+                "reason": hold.reason,
+                "until": until.isoformat(),
+            },
+        )
+    return hold
+
+
+def place_block_hold(
+    session: Session,
+    upload: Upload,
+    *,
+    days: int,
+    category: str | None,
+    source: str,
+    actor: str,
+    origin: str | None = None,
+) -> LegalHold:
+    """The hold every block places (a block decision, or a reviewer's confirm): ``days`` from
+    now (the policy category's ``legal_hold_days``), with the category as its reason."""
+    return add_hold(
+        session,
+        upload,
+        source=source,
+        until=datetime.now(UTC) + timedelta(days=days),
+        reason=f"block in policy category {category or 'default'}",
+        actor=actor,
+        origin=origin,
+    )
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _screening_row(upload: Upload, result: ScreeningResult) -> Screening:

@@ -21,9 +21,11 @@ import numpy.typing as npt
 
 from moderation.banks.blocklist import Blocklist
 from moderation.matching.candidates import (
+    EVERY_BANK,
     Candidate,
     CandidateRefiner,
     QueryContext,
+    Scope,
     exact_candidates,
     find_candidates,
 )
@@ -52,6 +54,7 @@ class _Work:
     vectors: npt.NDArray[np.float32] | None = None
     pdq: tuple[tuple[PdqHash, ...], ...] = ()
     exact: list[Candidate] = field(default_factory=list)
+    scope: Scope = EVERY_BANK
     nearest: float | None = None  # cosine of the nearest bank entry (drift monitoring)
 
 
@@ -108,7 +111,7 @@ class Screener:
         is on a list still matches)."""
         key = self.blocklist.exact_key
         if key is not None:
-            work.exact = exact_candidates(self.blocklist, keyed_digests(key, data))
+            work.exact = exact_candidates(self.blocklist, keyed_digests(key, data), work.scope)
 
     def _decode(self, work: _Work, data: bytes) -> None:
         start = time.perf_counter()
@@ -146,7 +149,12 @@ class Screener:
         assert work.vectors is not None
         start = time.perf_counter()
         found = find_candidates(
-            self.blocklist, self.policy.candidates, work.vectors, work.pdq, work.exact
+            self.blocklist,
+            self._policy(work).candidates,
+            work.vectors,
+            work.pdq,
+            work.exact,
+            work.scope,
         )
         work.nearest = self._nearest(work.vectors, found)
         work.timings["search"] = _ms(start)
@@ -185,9 +193,13 @@ class Screener:
 
     # --- decision -------------------------------------------------------------------------
 
+    def _policy(self, work: _Work) -> Policy:
+        """The upload's client's policy, else the screener's."""
+        return work.scope.policy or self.policy
+
     def decide(self, work: _Work, candidates: list[Candidate]) -> ScreeningResult:
-        """Apply the policy to one upload's candidates."""
-        policy = self.policy
+        """Apply the policy (the upload's client's, else the screener's) to its candidates."""
+        policy = self._policy(work)
         base: dict[str, Any] = {
             "policy": policy.name,
             "encoder_id": self.blocklist.encoder_id,
@@ -245,7 +257,8 @@ class Screener:
     def _unscannable_result(
         self, work: _Work, error: UnscannableImage, base: dict[str, Any]
     ) -> ScreeningResult:
-        action = self.policy.unscannable_decision
+        policy = self._policy(work)
+        action = policy.unscannable_decision
         return ScreeningResult(
             decision="unscannable",
             score=None,
@@ -253,7 +266,7 @@ class Screener:
             category=None,
             matches=(),
             timings_ms=self._total(work.timings),
-            review_priority=self.policy.unscannable_priority if action == "review" else None,
+            review_priority=policy.unscannable_priority if action == "review" else None,
             explanation={"unscannable_action": action, "detail": error.detail},
             **base,
         )
@@ -266,12 +279,17 @@ class Screener:
 
     # --- entry points ---------------------------------------------------------------------
 
-    def screen_bytes(self, items: Sequence[bytes]) -> list[ScreeningResult]:
-        """Screen a batch of encoded images (one result per item, same order).
+    def screen_bytes(
+        self, items: Sequence[bytes], scopes: Sequence[Scope] | None = None
+    ) -> list[ScreeningResult]:
+        """Screen a batch of encoded images (one result per item, same order); ``scopes`` (one
+        per item) limits each to its client's banks and policy (default: every bank, the
+        screener's policy).
 
         Never raises for bad images: they end ``unscannable`` with a reason.
         """
-        works = [_Work(i) for i in range(len(items))]
+        scopes = list(scopes) if scopes is not None else [EVERY_BANK] * len(items)
+        works = [_Work(i, scope=scope) for i, scope in enumerate(scopes)]
         for work, data in zip(works, items, strict=True):
             self._exact(work, data)
             self._decode(work, data)
@@ -282,7 +300,10 @@ class Screener:
         self._classify(works, found)
         return [self.decide(work, cands) for work, cands in zip(works, found, strict=True)]
 
-    def screen_unscannable(self, reason: str, detail: str = "") -> ScreeningResult:
-        """The result for an input rejected before decoding (e.g. over the byte limit)."""
-        work = _Work(0, error=UnscannableImage(reason, detail))
+    def screen_unscannable(
+        self, reason: str, detail: str = "", scope: Scope = EVERY_BANK
+    ) -> ScreeningResult:
+        """The result for an input rejected before decoding (e.g. over the byte limit), under
+        ``scope``'s policy."""
+        work = _Work(0, error=UnscannableImage(reason, detail), scope=scope)
         return self.decide(work, [])

@@ -38,7 +38,7 @@ from moderation.service.api_clients import callback_secret
 from moderation.service.callback_urls import url_allowed
 from moderation.service.dispatch import send_after_commit, session_dispatcher
 from moderation.service.metrics import CALLBACK_ATTEMPTS
-from moderation.service.results import upload_view
+from moderation.service.results import upload_view, with_labels
 from moderation.storage.db import transaction
 from moderation.storage.models import ApiClient, CallbackAttempt, CallbackDelivery, Upload
 
@@ -99,8 +99,11 @@ def backoff_seconds(attempt: int, base: float) -> float:
 # --- marking a decision for delivery -----------------------------------------------------------
 
 
-def notify_decision(session: Session, upload_id: str) -> None:
+def notify_decision(session: Session, upload_id: str, *, event: str | None = None) -> None:
     """Mark the upload's current decision for delivery to its client's callback URL.
+
+    ``event`` names it in the body (``appeal.decided``...); by default ``review.decided`` once
+    a reviewer has decided, else ``screening.decided``.
 
     Runs inside the caller's transaction: the delivery row commits (or rolls back) with the
     decision, and the delivery task is sent only after the commit (by the session's dispatcher;
@@ -124,9 +127,11 @@ def notify_decision(session: Session, upload_id: str) -> None:
     delivery.payload = {
         "delivery_id": delivery.id,
         "event": "screening.decided",
-        **upload_view(session, upload),
+        **upload_view(session, upload, None),  # labels stay sealed: added when sent
     }
-    if "review" in delivery.payload:
+    if event is not None:
+        delivery.payload["event"] = event
+    elif "review" in delivery.payload:
         delivery.payload["event"] = "review.decided"
     session.flush()
     dispatcher = session_dispatcher(session)
@@ -243,7 +248,11 @@ def _claim(runtime: Runtime, delivery_id: str) -> _Claim | DeliveryOutcome:
             runtime.reload_keyring()
             secret = callback_secret(client, runtime.keyring)
         return _Claim(
-            delivery.attempts, delivery.url, delivery.upload_id, _body(delivery.payload), secret
+            delivery.attempts,
+            delivery.url,
+            delivery.upload_id,
+            _body(with_labels(session, runtime.keyring, delivery.payload)),
+            secret,
         )
 
 

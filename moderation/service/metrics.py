@@ -10,6 +10,7 @@ and the broker instead: see :func:`database_samples`.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,21 @@ CALLBACK_ATTEMPTS = Counter(
     "Callback delivery attempts, by outcome (delivered, retry, failed, refused).",
     ["outcome"],
 )
+
+APPEALS = Counter(
+    "moderation_appeals",
+    "Appeals of decisions by platforms, by outcome (filed, upheld, overturned).",
+    ["outcome"],
+)
+
+
+def bearer_token_matches(authorization: str, expected: str) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <expected>`` (scheme
+    case-insensitive, the token compared in constant time: ``hmac.compare_digest``)."""
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8"), expected.encode("utf-8")
+    )
 
 
 @dataclass(frozen=True)

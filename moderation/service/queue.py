@@ -45,6 +45,7 @@ from moderation.service.metrics import (
     REDELIVERIES,
     STAGE_SECONDS,
 )
+from moderation.service.tenancy import client_scope
 from moderation.service.uploads import BlobMissingError, read_upload
 from moderation.storage.db import transaction
 from moderation.storage.models import Screening, Upload, WorkerHeartbeat
@@ -134,6 +135,7 @@ class _Claimed:
     attempt: int
     data: bytes | None = None
     unreadable: str | None = None
+    client_id: int | None = None
 
 
 def _claim(runtime: Runtime, upload: Upload) -> _Claimed:
@@ -151,7 +153,9 @@ def _claim(runtime: Runtime, upload: Upload) -> _Claimed:
     upload.attempts += 1
     upload.status = "processing"
     upload.updated_at = datetime.now(UTC)
-    return _Claimed(upload.id, upload.received_at, upload.attempts, data, unreadable)
+    return _Claimed(
+        upload.id, upload.received_at, upload.attempts, data, unreadable, upload.client_id
+    )
 
 
 def _drain(runtime: Runtime, session: Session, exclude: set[str], limit: int) -> list[_Claimed]:
@@ -215,7 +219,9 @@ def process_upload(
         if upload is None:
             logger.info("upload %s no longer exists (erased?); nothing to do", upload_id)
             return ProcessResult(Outcome.MISSING)
-        settled = _settled(session, upload, current, max_attempts=max_attempts, actor=actor)
+        settled = _settled(
+            runtime, session, upload, current, max_attempts=max_attempts, actor=actor
+        )
         if settled is not None:
             return settled
         # A redelivered upload is screened alone (see _drain).
@@ -231,7 +237,13 @@ def process_upload(
 
 
 def _settled(
-    session: Session, upload: Upload, current: Screener, *, max_attempts: int, actor: str
+    runtime: Runtime,
+    session: Session,
+    upload: Upload,
+    current: Screener,
+    *,
+    max_attempts: int,
+    actor: str,
 ) -> ProcessResult | None:
     """The outcome when ``upload`` (locked) is not screened again: done, or poison (recorded
     now); None when it should be screened."""
@@ -248,7 +260,9 @@ def _settled(
         upload.attempts,
     )
     result = current.screen_unscannable(
-        "poison", f"{upload.attempts} screening attempts did not finish"
+        "poison",
+        f"{upload.attempts} screening attempts did not finish",
+        client_scope(session, runtime, upload.client_id),
     )
     done = _record(session, upload, result, actor=actor)
     DECISIONS.labels(result.decision).inc()
@@ -264,13 +278,19 @@ def _screen_batch(
         ids = [c.upload_id for c in batch]
         # Held until the results commit (PostgreSQL): a drained upload's own task waits.
         session.scalars(select(Upload.id).where(Upload.id.in_(ids)).with_for_update()).all()
+        scopes = {c.client_id: client_scope(session, runtime, c.client_id) for c in batch}
         readable = [c for c in batch if c.data is not None]
-        screened = current.screen_bytes([c.data for c in readable if c.data is not None])
+        screened = current.screen_bytes(
+            [c.data for c in readable if c.data is not None],
+            [scopes[c.client_id] for c in readable],
+        )
         results = dict(zip((c.upload_id for c in readable), screened, strict=True))
         own: ProcessResult | None = None
         for claimed in batch:
             result = results.get(claimed.upload_id) or current.screen_unscannable(
-                claimed.unreadable or "blob_missing", "the stored upload cannot be read"
+                claimed.unreadable or "blob_missing",
+                "the stored upload cannot be read",
+                scopes[claimed.client_id],
             )
             done = _record_claimed(session, claimed, result, actor=actor, batch_len=len(batch))
             if claimed.upload_id == upload_id:

@@ -6,29 +6,64 @@ body carry the same result object (ARCHITECTURE.md "HTTP upload hook").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.storage.models import Bank, Entry, Match, ReviewItem, Screening, Upload
+from moderation.banks.records import parse_entry_id
+from moderation.banks.sealed_fields import entry_labels
+from moderation.banks.tenancy import applicable_bank_ids
+from moderation.crypto.keys import KeyRing
+from moderation.matching.statements import OVERTURNED, current_statement, statement_json
+from moderation.storage.decisions import Appeal
+from moderation.storage.models import Bank, Match, ReviewItem, Screening, Upload
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def result_json(session: Session, screening: Screening) -> dict[str, Any]:
+def match_json(
+    match: Match, bank_name: str | None, label: str | None, *, named: bool
+) -> dict[str, Any]:
+    """One match as a client sees it. Unless ``named`` (the bank applies to the client,
+    :mod:`moderation.banks.tenancy`), the bank name, entry id and label are null: nothing
+    that identifies another tenant's bank or its entries."""
+    return {
+        "bank": bank_name if named else None,
+        "entry_id": f"e_{match.entry_id}" if named and match.entry_id is not None else None,
+        "label": label if named else None,
+        "cosine": _round(match.cosine),
+        "pdq_distance": match.pdq_distance,
+        "probability": _round(match.probability),
+    }
+
+
+def result_json(
+    session: Session,
+    screening: Screening,
+    keyring: KeyRing | None,
+    client_id: int | None = None,
+) -> dict[str, Any]:
     """The result object: ``decision``, ``policy``, ``score``, ``reason``, ``category``,
     ``matches`` (``bank``, ``entry_id``, ``label``, ``cosine``, ``pdq_distance``,
-    ``probability``), ``timings_ms``, ``index_version``."""
+    ``probability``; see :func:`match_json`), ``timings_ms``, ``index_version``, as API client
+    ``client_id`` (None: the operator, who sees every bank) may see it.
+
+    Labels are decrypted with ``keyring``; without one (a payload stored for later delivery,
+    see :func:`with_labels`) they are null, so no label is ever stored in clear.
+    """
     rows = session.execute(
-        select(Match, Bank.name, Entry.label)
+        select(Match, Bank.name)
         .outerjoin(Bank, Match.bank_id == Bank.id)
-        .outerjoin(Entry, Match.entry_id == Entry.id)
         .where(Match.screening_id == screening.id)
         .order_by(Match.id)
     ).all()
+    named = applicable_bank_ids(session, client_id)
+    ids = [m.entry_id for m, _ in rows if m.entry_id is not None]
+    labels = entry_labels(session, keyring, ids) if keyring is not None else {}
     return {
         "decision": screening.decision,
         "policy": screening.policy,
@@ -36,24 +71,25 @@ def result_json(session: Session, screening: Screening) -> dict[str, Any]:
         "reason": screening.reason,
         "category": screening.category,
         "matches": [
-            {
-                "bank": bank_name,
-                "entry_id": None if match.entry_id is None else f"e_{match.entry_id}",
-                "label": label,
-                "cosine": _round(match.cosine),
-                "pdq_distance": match.pdq_distance,
-                "probability": _round(match.probability),
-            }
-            for match, bank_name, label in rows
+            match_json(
+                match,
+                bank_name,
+                labels.get(match.entry_id) if match.entry_id is not None else None,
+                named=named is None or match.bank_id in named,
+            )
+            for match, bank_name in rows
         ],
         "timings_ms": {k: round(float(v), 2) for k, v in (screening.timings or {}).items()},
         "index_version": screening.index_version,
     }
 
 
-def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
-    """``{"id", "external_id", "status", "received_at", "result"}`` (``result`` null until done),
-    plus ``review`` (``state``, ``decision``, ``decided_at``) once a reviewer has decided."""
+def upload_view(session: Session, upload: Upload, keyring: KeyRing | None) -> dict[str, Any]:
+    """``{"id", "external_id", "status", "received_at", "result"}`` (``result`` null until done,
+    and as the upload's own client may see it: :func:`result_json`, labels decrypted with
+    ``keyring``), plus ``review`` (``state``, ``decision``, ``decided_at``) once a reviewer has
+    decided, and ``appeal`` (:func:`appeal_json`) once the platform has appealed. ``result``
+    carries the current decision's ``statement_of_reasons`` (``moderation.matching.statements``)."""
     view: dict[str, Any] = {
         "id": upload.id,
         "external_id": upload.external_id,
@@ -64,7 +100,10 @@ def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
     screening = session.scalar(select(Screening).where(Screening.upload_id == upload.id))
     if screening is not None:
         view["status"] = "done"
-        view["result"] = result_json(session, screening)
+        view["result"] = result_json(session, screening, keyring, upload.client_id)
+        statement = current_statement(session, upload.id)
+        if statement is not None:
+            view["result"]["statement_of_reasons"] = statement_json(statement)
     item = session.scalar(select(ReviewItem).where(ReviewItem.upload_id == upload.id))
     if item is not None and item.decided_at is not None:
         view["review"] = {
@@ -72,4 +111,47 @@ def upload_view(session: Session, upload: Upload) -> dict[str, Any]:
             "decision": item.decision,
             "decided_at": item.decided_at.isoformat(),
         }
+    appeal = session.scalar(
+        select(Appeal).where(Appeal.upload_id == upload.id).order_by(Appeal.created_at.desc())
+    )
+    if appeal is not None:
+        view["appeal"] = appeal_json(appeal)
     return view
+
+
+def appeal_json(appeal: Appeal) -> dict[str, Any]:
+    """``{"id", "state", "reason", "original_decision", "outcome", "decision", "created_at",
+    "decided_at"}``: ``outcome`` upheld | overturned and ``decision`` (what the upload is now)
+    are null until decided."""
+    decided = appeal.outcome is not None
+    return {
+        "id": appeal.id,
+        "state": appeal.state,
+        "reason": appeal.reason,
+        "original_decision": appeal.original_decision,
+        "outcome": appeal.outcome,
+        "decision": (
+            None
+            if not decided
+            else OVERTURNED[appeal.original_decision]
+            if appeal.outcome == "overturned"
+            else appeal.original_decision
+        ),
+        "created_at": appeal.created_at.isoformat(),
+        "decided_at": appeal.decided_at.isoformat() if appeal.decided_at else None,
+    }
+
+
+def with_labels(session: Session, keyring: KeyRing, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a stored view (:func:`upload_view` without keys) with its matches' labels
+    decrypted, just before it is sent; an entry deleted meanwhile keeps a null label."""
+    result = payload.get("result")
+    if not isinstance(result, dict) or not result.get("matches"):
+        return dict(payload)
+    ids = [parse_entry_id(m["entry_id"]) for m in result["matches"] if m.get("entry_id")]
+    labels = entry_labels(session, keyring, ids)
+    matches = [
+        {**m, "label": labels.get(parse_entry_id(m["entry_id"])) if m.get("entry_id") else None}
+        for m in result["matches"]
+    ]
+    return {**payload, "result": {**result, "matches": matches}}

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from moderation.banks.blocklist import Blocklist, load_blocklist
 from moderation.banks.importer import ImportHooks
+from moderation.banks.sealed_fields import migration_attributes
 from moderation.config import ConfigurationError, Settings
 from moderation.crypto.keys import KeyRing, load_keyring
 from moderation.matching.candidates import CandidateRefiner
@@ -101,6 +102,20 @@ class Runtime:
         policy = load_policy(self.settings.policies_dir, self.settings.policy)
         self.notify_change("policy")
         return policy
+
+    def policy_named(self, name: str | None) -> Policy:
+        """The policy ``policies/<name>.yaml`` (None: the active one), validated once per
+        process (an API client's own policy, :mod:`moderation.service.tenancy`).
+
+        Raises:
+            PolicyError: as :func:`load_policy`.
+        """
+        if name is None or name == self.settings.policy:
+            return self.policy
+        cache: dict[str, Policy] = self.__dict__.setdefault("_named_policies", {})
+        if name not in cache:
+            cache[name] = load_policy(self.settings.policies_dir, name)
+        return cache[name]
 
     @cached_property
     def limits(self) -> DecodeLimits:
@@ -191,5 +206,5 @@ def prepared_runtime(settings: Settings) -> Runtime:
     settings.ensure_dirs()
     load_keyring(settings, create_dev=True)
     runtime = Runtime(settings)
-    migrate(runtime.engine)
+    migrate(runtime.engine, attributes=migration_attributes(runtime.keyring))
     return runtime

@@ -19,6 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
+from moderation.banks.sealed_fields import content_hmac
+from moderation.crypto.keys import KeyRing
 from moderation.media.formats import sniff_format
 from moderation.service.dispatch import Dispatcher
 from moderation.service.metrics import ENQUEUE_FAILURES
@@ -82,8 +84,8 @@ def _existing(session: Session, client_id: int, key_hash: str) -> Upload | None:
     )
 
 
-def _reused(existing: Upload, data: bytes) -> Submission:
-    if existing.sha256 != hashlib.sha256(data).hexdigest():
+def _reused(session: Session, keyring: KeyRing, existing: Upload, data: bytes) -> Submission:
+    if existing.content_hmac != content_hmac(session, keyring, data):
         raise SubmissionError(
             422,
             "idempotency_key_reused",
@@ -201,7 +203,7 @@ def submit_upload(
             if key_hash is not None:
                 existing = _existing(session, client_id, key_hash)
                 if existing is not None:
-                    return _reused(existing, data)
+                    return _reused(session, runtime.keyring, existing, data)
             upload = _create(
                 session,
                 runtime,
@@ -224,7 +226,7 @@ def submit_upload(
             existing = _existing(session, client_id, key_hash)
             if existing is None:
                 raise
-            return _reused(existing, data)
+            return _reused(session, runtime.keyring, existing, data)
     assert created_id is not None
     return _send(dispatcher, created_id)
 

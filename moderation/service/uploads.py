@@ -7,13 +7,13 @@ unreadable.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from moderation.banks.sealed_fields import content_hmac
 from moderation.crypto.envelope import WrappedKey, open_blob, seal_blob
 from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Upload, new_uuid
@@ -80,7 +80,7 @@ def create_upload(
         upload.blob_ref = str(path.relative_to(blobs_dir))
         upload.wrapped_key = wrapped.to_bytes()
         upload.key_id = wrapped.key_id
-        upload.sha256 = hashlib.sha256(data).hexdigest()
+        upload.content_hmac = content_hmac(session, keyring, data)
         upload.size_bytes = len(data)
     session.add(upload)
     session.flush()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,20 +64,28 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
-def _alembic_config(engine: Engine) -> Any:
+def _alembic_config(engine: Engine, attributes: Mapping[str, Any] | None = None) -> Any:
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes.update(attributes or {})
     config.attributes["engine"] = engine
     return config
 
 
-def migrate(engine: Engine, revision: str = "heads") -> None:
-    """Upgrade the schema to ``revision`` (default: every head) with Alembic (idempotent)."""
+def migrate(
+    engine: Engine, revision: str = "heads", *, attributes: Mapping[str, Any] | None = None
+) -> None:
+    """Upgrade the schema to ``revision`` (default: every head) with Alembic (idempotent).
+
+    ``attributes``: hooks for data migrations that need keys the storage layer cannot reach
+    (``moderation.banks.sealed_fields.migration_attributes``); a migration that needs one
+    and lacks it refuses to run on a database holding data.
+    """
     from alembic import command
 
-    command.upgrade(_alembic_config(engine), revision)
+    command.upgrade(_alembic_config(engine, attributes), revision)
 
 
 def schema_is_current(engine: Engine) -> bool:

@@ -72,8 +72,32 @@ class Bank(Base):
     category: Mapped[str] = mapped_column(String(100), default="default")
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Tenancy (moderation.banks.tenancy): the API client owning the bank (None: the
+    # deployment's own bank); it applies to, and is named to, its owner, the clients in
+    # ``bank_shares``, and every client when ``shared_with_all``.
+    owner_client_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_clients.id", ondelete="RESTRICT"), index=True
+    )
+    shared_with_all: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    # Data key sealing the bank's entry labels and source refs, wrapped by a master key
+    # (moderation.banks.sealed_fields); created with the first entry.
+    entry_key: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     entries: Mapped[list[Entry]] = relationship(back_populates="bank")
+
+
+class BankShare(Base):
+    """A bank shared with one API client: it matches that client's uploads and is named to it."""
+
+    __tablename__ = "bank_shares"
+
+    bank_id: Mapped[int] = mapped_column(
+        ForeignKey("banks.id", ondelete="CASCADE"), primary_key=True
+    )
+    client_id: Mapped[int] = mapped_column(
+        ForeignKey("api_clients.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Entry(Base):
@@ -83,10 +107,13 @@ class Entry(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id", ondelete="CASCADE"), index=True)
-    label: Mapped[str] = mapped_column(String(500), default="")
-    source_ref: Mapped[str] = mapped_column(String(1000), default="")
-    # SHA-256 of the original file's bytes: lets an import skip exact duplicates.
-    source_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Label and source ref (a file name, URL), AES-256-GCM under the bank's entry key: read
+    # them with moderation.banks.sealed_fields.entry_fields, never from SQL.
+    label_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    source_ref_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Keyed SHA-256 (HMAC, hex) of the original file's bytes: lets an import skip exact
+    # duplicates without storing a plain hash list of the banned set.
+    source_hmac: Mapped[str | None] = mapped_column(String(64), index=True)
     # Set when the entry was made from a user upload (review confirm): erasure follows it.
     upload_id: Mapped[str | None] = mapped_column(String(32), index=True)
     added_by: Mapped[str] = mapped_column(String(200), default="cli")
@@ -166,13 +193,33 @@ class Upload(Base):
     # The upload's data key wrapped by a master key; deleting it crypto-shreds the blob.
     wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
     key_id: Mapped[str | None] = mapped_column(String(100))
-    sha256: Mapped[str | None] = mapped_column(String(64))
+    # Keyed SHA-256 (HMAC, hex) of the bytes (moderation.banks.sealed_fields.content_hmac).
+    content_hmac: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int | None] = mapped_column(Integer)
     legal_hold_until: Mapped[datetime | None] = mapped_column()
     # Set when an erasure request found this upload under legal hold: the upload is detached
     # from its subject and erased by ``moderation.governance.holds.release_expired_holds`` once the
     # hold ends.
     erasure_request_id: Mapped[str | None] = mapped_column(String(32), index=True)
+
+
+class LegalHold(Base):
+    """One legal hold on an upload: placed by a block (``automatic``), a reviewer's confirm
+    (``review``) or by hand (``manual``, with a reason); ``Upload.legal_hold_until`` is the
+    latest ``until`` of its holds not yet released (``moderation.governance.legal_holds``)."""
+
+    __tablename__ = "legal_holds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # automatic | review | manual
+    reason: Mapped[str] = mapped_column(String(1000))
+    placed_by: Mapped[str] = mapped_column(String(200))
+    placed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    until: Mapped[datetime] = mapped_column(index=True)
+    released_at: Mapped[datetime | None] = mapped_column()
+    released_by: Mapped[str | None] = mapped_column(String(200))
+    release_reason: Mapped[str | None] = mapped_column(String(1000))
 
 
 class Screening(Base):
@@ -241,6 +288,10 @@ class ReviewItem(Base):
     claimed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     lease_until: Mapped[datetime | None] = mapped_column()
     decision: Mapped[str | None] = mapped_column(String(32))  # confirm | not_a_match | escalate
+    # The API client whose upload this is (None: CLI/console uploads); queues filter on it.
+    client_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_clients.id", ondelete="SET NULL"), index=True
+    )
     decided_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     decided_at: Mapped[datetime | None] = mapped_column()
     notes: Mapped[str | None] = mapped_column(Text)
@@ -329,6 +380,10 @@ class User(Base):
     totp_last_counter: Mapped[int | None] = mapped_column(BigInteger)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A reviewer scoped to one API client sees and claims only that client's review items.
+    client_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_clients.id", ondelete="SET NULL"), index=True
+    )
 
 
 class ApiClient(Base):
@@ -347,6 +402,8 @@ class ApiClient(Base):
     token_rotated_at: Mapped[datetime | None] = mapped_column()
     secret_rotated_at: Mapped[datetime | None] = mapped_column()
     last_used_at: Mapped[datetime | None] = mapped_column()  # to the minute (api_clients)
+    # The client's policy, ``policies/<name>.yaml`` (None: the deployment's active policy).
+    policy: Mapped[str | None] = mapped_column(String(100))
 
 
 class Subject(Base):

@@ -58,10 +58,12 @@ def console_runtime(console_settings: Settings) -> Iterator[Runtime]:
 @pytest.fixture
 def served(console_settings: Settings, console_runtime: Runtime) -> Iterator[Served]:
     """``create_app`` behind werkzeug's threaded HTTP server on 127.0.0.1 (a free port);
-    bank imports run in the app's own background-thread job runner."""
+    bank imports run in a background-thread job runner."""
     from admin import create_app
+    from moderation.banks.jobs import ThreadJobRunner
 
-    app = create_app({"SETTINGS": console_settings})
+    # No Celery worker here: the app's jobs run in a thread of this test process.
+    app = create_app({"SETTINGS": console_settings, "JOB_RUNNER": ThreadJobRunner(console_runtime)})
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="console-server", daemon=True)
     thread.start()

@@ -1,17 +1,18 @@
 """Shared fixtures of the integration tests: the GDPR world (RELIABILITY.md G1-G6, A6).
 
-A small world on SQLite and on PostgreSQL: two banks (one in a category under legal hold), a data
-subject ("alice") and another ("bob") whose photos were screened with the real encoder, a bank
-entry made from one of alice's uploads, review items, labelled pairs, callback attempts and the
-per-upload Redis keys of the pinned naming, in a Redis server started per test module on a spare
-port; and the walks over every store that the erasure tests run after ``moderation gdpr erase``.
+A small world on SQLite and on PostgreSQL: three banks (one in a category under legal hold, one
+in a category whose matches go to review), a data subject ("alice") and another ("bob") whose
+photos were screened with the real encoder, their review items settled by a real reviewer
+through the review code (alice's confirm makes a bank entry from her upload, with labelled
+pairs), callback attempts, and a Redis server (started per test module on a spare port) that the
+service is configured with but keeps no per-upload data in; and the walks over every store that
+the erasure tests run after ``moderation gdpr erase``.
 Used by ``test_gdpr_erasure.py``, ``test_gdpr_holds.py`` and ``test_gdpr_audit.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import shutil
@@ -45,10 +46,10 @@ from moderation.storage.models import (
     AuditEvent,
     CallbackAttempt,
     Entry,
-    LabelledPair,
     ReviewItem,
     Subject,
     Upload,
+    User,
 )
 from tests.conftest import skimage_photo
 
@@ -127,6 +128,8 @@ def _write_policy(directory: Path) -> Path:
         "legal_hold_days": 365,
         "legal_hold_basis": HOLD_BASIS,
     }
+    # Matches of the "triage" bank go to a reviewer: the world's review items are real.
+    document["categories"]["triage"] = {**document["categories"]["default"], "action": "review"}
     directory.mkdir()
     (directory / "default.yaml").write_text(yaml.safe_dump(document))
     return directory
@@ -202,43 +205,45 @@ def _screen(
     return ids
 
 
-def _add_review_records(
-    session: Any,
-    owners: tuple[dict[str, str], ...],
-    known_entry: int,
-    held: tuple[str, int] | None,
-) -> None:
-    """A decided review item, a labelled pair and a callback attempt for each owner's first
-    upload; ``held``: (upload id, entry id) of the upload under legal hold, if any."""
+def _review(runtime: Runtime, upload_id: str, decision: str, bank: str | None = None) -> None:
+    """A reviewer claims the upload's review item and settles it (the console's code path)."""
+    from moderation.governance.review import claim_next
+    from moderation.governance.review_decisions import decide
+    from moderation.governance.users import create_user
+
+    with transaction(runtime.sessions) as session:
+        reviewer = session.scalar(select(User).where(User.email == "reviewer@example.org"))
+        if reviewer is None:
+            reviewer_id = create_user(
+                session, runtime.keyring, email="reviewer@example.org", role="reviewer",
+                password="a long reviewer passphrase", totp=None, actor="cli",
+            ).user_id  # fmt: skip
+        else:
+            reviewer_id = reviewer.id
+        item_id = session.scalar(select(ReviewItem.id).where(ReviewItem.upload_id == upload_id))
+        assert item_id is not None, "the upload did not go to review"
+        others = session.scalars(select(ReviewItem.id).where(ReviewItem.id != item_id)).all()
+        item = claim_next(
+            session, reviewer_id=reviewer_id, lease_seconds=60, daily_limit=100, exclude=others
+        )
+        assert item is not None and item.id == item_id
+    decide(runtime, item_id, reviewer_id=reviewer_id, decision=decision, bank_name=bank)
+
+
+def _add_callback_attempts(session: Any, owners: tuple[dict[str, str], ...]) -> None:
+    """A delivered callback attempt for each owner's first upload."""
     for owner in owners:
         first = next(iter(owner.values()))
-        session.add(ReviewItem(upload_id=first, category="default", state="decided"))
-        session.add(
-            LabelledPair(upload_id=first, entry_id=known_entry, is_copy=True,
-                         source="review", features={"cosine": 0.99})
-        )  # fmt: skip
         session.add(
             CallbackAttempt(upload_id=first, url="https://platform.example/cb", attempt=1,
                             status_code=200, delivered=True)
         )  # fmt: skip
-    if held is not None:
-        session.add(ReviewItem(upload_id=held[0], category="csam", state="decided"))
-        session.add(
-            LabelledPair(upload_id=held[0], entry_id=held[1],
-                         is_copy=True, source="review")
-        )  # fmt: skip
 
 
-def _seed_redis(redis_url: str, alice: dict[str, str], bob: dict[str, str]) -> redis.Redis:
-    """The per-upload result, status and idempotency keys of both subjects, and one other key."""
+def _redis_keys(redis_url: str) -> redis.Redis:
+    """The service's Redis, emptied, with one key of someone else's that erasure must keep."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushdb()
-    for client_id, owner in ((1, alice), (2, bob)):
-        for name, uid in owner.items():
-            client.set(f"{redis_key_prefix(uid)}:result", json.dumps({"decision": "x"}))
-            client.hset(f"{redis_key_prefix(uid)}:status", mapping={"state": "done"})
-            idem = hashlib.sha256(f"key-{name}".encode()).hexdigest()
-            client.set(f"moderation:idem:{client_id}:{idem}", uid)
     client.set("moderation:unrelated", "keep me")
     return client
 
@@ -264,25 +269,29 @@ def build_world(
 
         create_bank(session, "known", category="default")
         create_bank(session, "csam-hashes", category="csam")
+        create_bank(session, "triage", category="triage")
     known = import_bank(runtime, "known", [images["astronaut"], images["chelsea"]], actor="cli")
     held_bank = import_bank(runtime, "csam-hashes", [images["rocket"]], actor="cli")
-    independent = {*known.added, *held_bank.added}
+    triage = import_bank(
+        runtime, "triage", [images["coffee"], images["motorcycle_left"]], actor="cli"
+    )
+    independent = {*known.added, *held_bank.added, *triage.added}
     alice_names = ["astronaut", "coffee", *(["rocket"] if hold else [])]
     alice = _screen(runtime, images, ALICE, alice_names)
-    bob = _screen(runtime, images, BOB, ["chelsea", "motorcycle_left"])
-    # A reviewer confirmed alice's coffee photo: a bank entry is made from her upload.
-    derived = import_bank(runtime, "known", [images["coffee"]], actor="user:1").added[0]
+    bob = _screen(runtime, images, BOB, ["motorcycle_left", "chelsea"])
+    # A reviewer confirms alice's coffee photo into "known": a bank entry is made from her
+    # upload; bob's motorcycle is not a match.
+    _review(runtime, alice["coffee"], "confirm", "known")
+    _review(runtime, bob["motorcycle_left"], "not_a_match")
     with transaction(runtime.sessions) as session:
-        entry = session.get(Entry, derived)
-        assert entry is not None
-        entry.upload_id = alice["coffee"]
-        held_pair = (alice["rocket"], min(held_bank.added)) if hold else None
-        _add_review_records(session, (alice, bob), min(known.added), held_pair)
+        derived = session.scalar(select(Entry.id).where(Entry.upload_id == alice["coffee"]))
+        assert derived is not None
+        _add_callback_attempts(session, (alice, bob))
         lookup = lookup_key(session, runtime.keyring, ALICE)
         subject = session.scalar(select(Subject).where(Subject.lookup == lookup))
         assert subject is not None
         ref = subject.ref
-    client = _seed_redis(redis_url, alice, bob)
+    client = _redis_keys(redis_url)
     vectors = _encode_images(runtime, images, alice_names)
     with runtime.sessions() as session:
         held = next(
@@ -313,10 +322,6 @@ def make_world(
 ) -> Callable[..., World]:
     """``make_world(hold=...)``: :func:`build_world` on this test's database, Redis and log."""
     return functools.partial(build_world, tmp_path, database_url, gdpr_redis_url, log_capture)
-
-
-def redis_key_prefix(upload_id: str) -> str:
-    return f"moderation:upload:{upload_id}"
 
 
 @pytest.fixture
@@ -400,22 +405,20 @@ def walk_snapshot(world: World, before: dict[str, float]) -> None:
         assert {h.id for h in hits} <= world.independent_entries, name
         if not hits:  # an exact copy of a banned image has that image's vector, bit for bit
             assert vector.astype(np.float32).tobytes() not in payload.vectors.tobytes(), name
-    # The photo a bank entry was made from matched it at ~1.0 before; now nothing is close.
+    # The photo a bank entry was made from matched it at ~1.0 before; now only the triage
+    # bank's own copy (imported on its own, not from alice) is close.
     assert before["coffee"] > 0.99
-    best = blocklist.cosine.search(world.vectors["coffee"][None, :], k=1, threshold=-1.0)[0]
-    assert not best or best[0].score < 0.95
+    best = blocklist.cosine.search(world.vectors["coffee"][None, :], k=3, threshold=0.95)[0]
+    assert {h.id for h in best} <= world.independent_entries
 
 
 def walk_redis(world: World) -> None:
+    """Nothing of alice's in Redis, and erasure deleted nothing there: the service writes no
+    per-upload keys, so an erasure has none to delete (and must not touch other data)."""
     keys = list(world.redis.scan_iter(match="*"))
     for key in keys:
         for uid in world.alice.values():
             assert uid not in key, f"Redis key {key} remains"
-        if world.redis.type(key) == "string":
-            assert world.redis.get(key) not in world.alice.values(), key
-    for uid in world.bob.values():
-        assert world.redis.exists(f"{redis_key_prefix(uid)}:result")
-    assert sum(1 for k in keys if k.startswith("moderation:idem:2:")) == len(world.bob)
     assert world.redis.get("moderation:unrelated") == "keep me"
 
 

@@ -51,12 +51,12 @@ def test_g2_upload_under_legal_hold_is_kept_and_cited(
     assert result.exit_code == 0, result.output
     receipt = json.loads(result.stdout)
     assert receipt["counts"]["uploads"] == 2
-    assert receipt["counts"]["labelled_pairs"] == 2  # the held upload's training pair goes too
-    assert receipt["counts"]["redis_keys"] == 3 * 3  # caches of the held upload go too
+    assert receipt["counts"]["labelled_pairs"] == 1  # from the reviewer's confirm of coffee
+    assert "redis_keys" not in receipt["counts"]
     held = receipt["held"]
     assert held["uploads"] == 1
     assert held["kept"]["uploads"] == 1 and held["kept"]["blobs"] == 1
-    assert held["kept"]["screenings"] == 1 and held["kept"]["review_items"] == 1
+    assert held["kept"]["screenings"] == 1 and held["kept"]["review_items"] == 0
     (exception,) = held["exceptions"]
     assert exception["citation"] == f"{HOLD_BASIS}: 1 year"
     assert exception["category"] == "csam" and exception["uploads"] == 1

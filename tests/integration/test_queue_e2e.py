@@ -91,6 +91,8 @@ def test_upload_worker_signed_callback_and_get(
     assert 'moderation_stage_seconds_count{stage="embed"}' in metrics
     assert 'moderation_results_total{decision="block"} 1.0' in metrics
     assert 'moderation_queue_depth{queue="screening"} 0.0' in metrics
+    assert "moderation_oldest_queued_upload_seconds 0.0" in metrics  # every upload is done
+    assert 'moderation_snapshot_age_seconds{bank="' in metrics
     assert count(stack, select(func.count()).where(AuditEvent.action == "callback.deliver")) == 1
 
 

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import event, select
 
 from moderation.banks.records import EntryInfo, create_bank
+from moderation.banks.sealed_fields import new_entry
 from moderation.config import load_settings
 from moderation.governance.review import claim_next
 from moderation.governance.review_decisions import decide
@@ -21,7 +22,7 @@ from moderation.matching.recording import record_result
 from moderation.service.runtime import Runtime, prepared_runtime
 from moderation.service.uploads import create_upload
 from moderation.storage.db import transaction
-from moderation.storage.models import Entry, LabelledPair, ReviewItem
+from moderation.storage.models import LabelledPair, ReviewItem
 
 pytestmark = pytest.mark.postgres
 
@@ -56,10 +57,10 @@ def _items(rt: Runtime, count: int) -> set[int]:
     with transaction(rt.sessions) as db:
         bank = create_bank(db, "known")
         for n in range(count):
-            entry = Entry(bank_id=bank.id, label=f"e{n}", source_ref=f"e{n}.jpg")
-            db.add(entry)
-            db.flush()
-            info = EntryInfo(entry.id, bank.id, bank.name, "block", "default", entry.label)
+            entry = new_entry(
+                db, rt.keyring, bank_id=bank.id, label=f"e{n}", source_ref=f"e{n}.jpg"
+            )
+            info = EntryInfo(entry.id, bank.id, bank.name, "block", "default", f"e{n}")
             upload = create_upload(
                 db, b"not an image", keyring=rt.keyring, blobs_dir=rt.settings.blobs_dir
             )

@@ -53,7 +53,7 @@ def add_entries(rt: Runtime, bank: str, n: int, seed: int) -> list[int]:
     rng = np.random.default_rng(seed)
     with transaction(rt.sessions) as session:
         bank_row = get_bank(session, bank)
-        entries = [Entry(bank_id=bank_row.id, label=f"{bank}-{i}") for i in range(n)]
+        entries = [Entry(bank_id=bank_row.id) for _ in range(n)]
         session.add_all(entries)
         session.flush()
         signals = [EntrySignals(e.id, vectors[i], rng.bytes(32), 80) for i, e in enumerate(entries)]

@@ -41,6 +41,22 @@ def make_app(runtime: Runtime, dispatcher: RecordingDispatcher, **overrides: Any
     return create_app({"SETTINGS": settings, "TESTING": True, "MODERATION_DISPATCHER": dispatcher})
 
 
+def inline_dispatcher(runtime: Runtime, *, poll_interval: float = 60) -> RecordingDispatcher:
+    """A dispatcher that screens each upload 0.2 s after it is sent, in a timer thread, with
+    one worker state (encoder and current blocklist loaded now, before any request)."""
+    state = WorkerState(runtime, poll_interval=poll_interval)
+    state.screener()
+
+    class Inline(RecordingDispatcher):
+        def send_screening(self, upload_id: str) -> None:
+            super().send_screening(upload_id)
+            threading.Timer(
+                0.2, process_upload, (runtime, upload_id, state.screener), {"max_attempts": 3}
+            ).start()
+
+    return Inline()
+
+
 @pytest.fixture
 def app(runtime: Runtime, dispatcher: RecordingDispatcher) -> Flask:
     return make_app(runtime, dispatcher, max_image_bytes=200_000, api_rate_limit="100/minute")
@@ -177,17 +193,7 @@ def test_wait_returns_the_result(
     client: FlaskClient, token: str, runtime: Runtime, dispatcher: RecordingDispatcher
 ) -> None:
     """?wait= answers 200 with the result once a worker records it within the wait."""
-    state = WorkerState(runtime, poll_interval=60)
-    state.screener()  # encoder and (empty) blocklist loaded before the request
-
-    class Inline(RecordingDispatcher):
-        def send_screening(self, upload_id: str) -> None:
-            super().send_screening(upload_id)
-            threading.Timer(
-                0.2, process_upload, (runtime, upload_id, state.screener), {"max_attempts": 3}
-            ).start()
-
-    inline_client = make_app(runtime, Inline()).test_client()
+    inline_client = make_app(runtime, inline_dispatcher(runtime)).test_client()
     response = post(inline_client, token, jpeg(), query="?wait=10")
     assert response.status_code == 200
     body = response.get_json()

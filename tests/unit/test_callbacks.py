@@ -32,6 +32,8 @@ from moderation.storage.models import (
     AuditEvent,
     CallbackAttempt,
     CallbackDelivery,
+    Match,
+    Screening,
     Upload,
 )
 
@@ -229,3 +231,39 @@ def test_notify_sends_only_after_commit(runtime: Runtime) -> None:
         assert recording.callbacks == []  # not before the commit
     assert len(recording.callbacks) == 1
     assert _count(runtime, CallbackDelivery) == 1
+
+
+def test_stored_callback_keeps_no_label_and_the_sent_body_has_it(runtime: Runtime) -> None:
+    from moderation.banks.records import create_bank
+    from moderation.banks.sealed_fields import new_entry
+
+    server = Receiver([])
+    try:
+        with transaction(runtime.sessions) as session:
+            bank = create_bank(session, "known")
+            entry = new_entry(session, runtime.keyring, bank_id=bank.id, label="label-QX81")
+            client = create_api_client(
+                session, runtime.keyring, "acme", callback_allowlist=[server.url]
+            )
+            upload = Upload(
+                client_id=client.client_id, callback_url=server.url, status="done", source="api"
+            )
+            session.add(upload)
+            session.flush()
+            screening = Screening(upload_id=upload.id, decision="block", policy="default")
+            session.add(screening)
+            session.flush()
+            session.add(
+                Match(screening_id=screening.id, entry_id=entry.id, bank_id=bank.id, cosine=0.99)
+            )
+            session.flush()
+            notify_decision(session, upload.id)
+        with runtime.sessions() as session:
+            delivery = session.scalar(select(CallbackDelivery))
+            assert delivery is not None and "QX81" not in json.dumps(delivery.payload)
+            delivery_id = delivery.id
+        assert deliver_callback(runtime, delivery_id).state == "delivered"
+        ((_, body),) = server.received
+        assert json.loads(body)["result"]["matches"][0]["label"] == "label-QX81"
+    finally:
+        server.close()

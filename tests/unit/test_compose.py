@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 
 
+MONITORING = ("prometheus", "grafana")
+
+
 def compose_config(**env: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
@@ -53,7 +56,7 @@ def readme_services() -> set[str]:
 
 def test_every_service_the_readme_names_exists(config: dict[str, Any]) -> None:
     named = readme_services()
-    assert named == {"redis", "postgres", "migrate", "web", "worker", "beat"}
+    assert named == {"redis", "postgres", "migrate", "web", "worker", "beat", *MONITORING}
     assert named == set(config["services"])
 
 
@@ -101,3 +104,51 @@ def test_metrics_token_is_required(config: dict[str, Any]) -> None:
     assert (
         config["services"]["web"]["environment"]["MODERATION_METRICS_TOKEN"] == "m" * 10 + "y" * 40
     )
+
+
+def test_monitoring_runs_only_in_its_profile(config: dict[str, Any]) -> None:
+    services = config["services"]
+    for name in MONITORING:
+        assert services[name]["profiles"] == ["monitoring"], name
+        assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"]), name
+    for name in set(services) - set(MONITORING):
+        assert "profiles" not in services[name], name
+
+
+def test_prometheus_scrapes_web_with_the_metrics_token_and_loads_the_rules(
+    config: dict[str, Any],
+) -> None:
+    prometheus = config["services"]["prometheus"]
+    assert prometheus["environment"]["MODERATION_METRICS_TOKEN"] == "m" * 10 + "y" * 40
+    script = " ".join(prometheus["command"])
+    scrape = yaml.safe_load((REPO / "monitoring" / "prometheus" / "prometheus.yml").read_text())
+    token_file = scrape["scrape_configs"][0]["authorization"]["credentials_file"]
+    assert f'"$$MODERATION_METRICS_TOKEN" > {token_file}' in script
+    assert Path(token_file).parent.as_posix() in prometheus["tmpfs"]
+    mounts = {
+        v.split(":")[1]: Path(v.split(":")[0]) for v in prometheus["volumes"] if v.startswith("/")
+    }
+    assert mounts["/etc/prometheus/rules.yml"] == REPO / "monitoring/prometheus/rules.yml"
+    assert mounts["/etc/prometheus/prometheus.yml"] == REPO / "monitoring/prometheus/prometheus.yml"
+    assert scrape["rule_files"] == ["/etc/prometheus/rules.yml"]
+    assert all(path.exists() for path in mounts.values())
+    workers = next(j for j in scrape["scrape_configs"] if j["job_name"] == "moderation-workers")
+    worker_env = config["services"]["worker"]["environment"]
+    assert str(workers["dns_sd_configs"][0]["port"]) == worker_env["MODERATION_WORKER_METRICS_PORT"]
+    assert workers["authorization"]["credentials_file"] == token_file
+    assert worker_env["MODERATION_METRICS_TOKEN"] == "m" * 10 + "y" * 40
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(
+    config: dict[str, Any],
+) -> None:
+    grafana = config["services"]["grafana"]
+    mounts = {
+        v.split(":")[1]: Path(v.split(":")[0]) for v in grafana["volumes"] if v.startswith("/")
+    }
+    provisioning = mounts["/etc/grafana/provisioning"]
+    assert (provisioning / "datasources" / "prometheus.yml").exists()
+    providers = yaml.safe_load((provisioning / "dashboards" / "moderation.yml").read_text())
+    dashboards = Path(providers["providers"][0]["options"]["path"])
+    assert (mounts[dashboards.as_posix()] / "moderation.json").exists()
+    assert grafana["environment"]["GF_USERS_ALLOW_SIGN_UP"] == "false"

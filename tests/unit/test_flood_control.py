@@ -60,8 +60,8 @@ def _entries(session: Session, bank: str, counts: list[int], *, kind: str = "blo
     bank_row = create_bank(session, bank, kind=kind)
     session.flush()
     ids = []
-    for n, count in enumerate(counts):
-        entry = Entry(bank_id=bank_row.id, label=f"{bank}-{n}")
+    for count in counts:
+        entry = Entry(bank_id=bank_row.id)
         session.add(entry)
         session.flush()
         ids.append(entry.id)
@@ -112,7 +112,7 @@ def test_counts_and_check_flood_with_audit_events(runtime: Runtime) -> None:
         events = session.scalars(
             select(AuditEvent).where(AuditEvent.action == "entry.quarantine")
         ).all()
-        listed = list_quarantined(session)
+        listed = list_quarantined(session, runtime.keyring)
     assert [(e.target, e.actor, e.details["matches"]) for e in events] == [
         (f"entry:e_{noisy}", "test", 60)
     ]

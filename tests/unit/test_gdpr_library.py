@@ -176,14 +176,14 @@ def test_uploads_arriving_during_an_erasure_are_erased_too(
 
     first = upload_for("subject-4")
     late: list[str] = []
-    original = gdpr._delete_redis_keys
+    original = gdpr._delete_bank_entries
 
-    def meanwhile(rt: Runtime, request_id: str) -> None:
+    def meanwhile(rt: Runtime, request_id: str, actor: str) -> None:
+        original(rt, request_id, actor)
         if not late:  # the platform sends one more upload after the plan was made
             late.append(upload_for("subject-4"))
-        original(rt, request_id)
 
-    monkeypatch.setattr(gdpr, "_delete_redis_keys", meanwhile)
+    monkeypatch.setattr(gdpr, "_delete_bank_entries", meanwhile)
     receipt = erase_subject(runtime, "subject-4", actor="cli")
     assert receipt["counts"]["uploads"] == 2 and receipt["counts"]["subject_secrets"] == 1
     with runtime.sessions() as session:

@@ -44,6 +44,7 @@ def test_default_policy_loads_and_documents_every_field() -> None:
         type(policy.candidates),
         type(policy.allow),
         type(policy.rules_for("default")),
+        type(policy.rules_for("default").classifier_band),
     ]
     # Every field of every section is explained by a comment in the shipped file.
     for model in models:
@@ -78,6 +79,12 @@ def test_valid_policy_round_trip(tmp_path: Path) -> None:
         (lambda d: d.update(colour="red"), "colour", "Extra"),
         (lambda d: d["categories"].pop("default"), "(top level)", "default_category"),
         (lambda d: d["categories"]["csam"].update(unscannable="allow"), "unscannable", "review"),
+        # The safety floor: the classifier may never take a block-threshold match to allow.
+        (
+            lambda d: d["categories"]["default"].update(classifier_band={"max_lower": 2}),
+            "classifier_band.max_lower",
+            "less than or equal to 1",
+        ),
     ],
 )
 def test_bad_policy_names_file_field_and_reason(

@@ -350,11 +350,11 @@ class CountingScreener:
             def __getattr__(self, name: str) -> Any:
                 return getattr(real, name)
 
-            def screen_bytes(self, items: list[bytes]) -> Any:
+            def screen_bytes(self, items: list[bytes], scopes: Any = None) -> Any:
                 outer.batches.append(len(items))
                 if outer.crash_on is not None and outer.crash_on in items:
                     raise SystemExit("worker killed mid-batch")
-                return real.screen_bytes(items)
+                return real.screen_bytes(items, scopes)
 
         return Wrapped()
 

@@ -43,6 +43,7 @@ POLICY = {
         "prob": {
             "block_cosine": 0.8,
             "review_cosine": 0.65,
+            "block_pdq_distance": 16,
             "block_probability": 0.9,
             "review_probability": 0.5,
         },
@@ -146,14 +147,62 @@ def test_category_rules_choose_banks_and_action(screener: Screener) -> None:
     assert decide(screener, [other_bank]).decision == "allow"
 
 
-def test_probability_thresholds_replace_cosine_when_present(screener: Screener) -> None:
+def test_probability_thresholds_decide_inside_the_band(screener: Screener) -> None:
+    # Safety floor: cosine above block_cosine with p = 0.3 is not allowed, only sent to review.
     low = Candidate(entry(1, category="prob"), cosine=0.95, probability=0.3)
-    assert decide(screener, [low]).decision == "allow"
+    floored = decide(screener, [low])
+    assert floored.decision == "review"
+    assert "classifier_band" in floored.matches[0].signals
+    assert floored.explanation["thresholds"]["classifier_band"] == {"max_lower": 1, "max_raise": 2}
     mid = Candidate(entry(1, category="prob"), cosine=0.5, probability=0.6)
     assert decide(screener, [mid]).decision == "review"
     high = Candidate(entry(1, category="prob"), cosine=0.5, probability=0.95)
     result = decide(screener, [high])
     assert (result.decision, result.score) == ("block", pytest.approx(0.95))
+    # Inside the band the classifier still lowers a review-level match to nothing.
+    weak = Candidate(entry(1, category="prob"), cosine=0.7, probability=0.1)
+    assert decide(screener, [weak]).decision == "allow"
+
+
+def _with_band(**band: int) -> dict[str, Any]:
+    categories = dict(POLICY["categories"])  # type: ignore[call-overload]
+    categories["prob"] = {**categories["prob"], "classifier_band": band}
+    return {"categories": categories}
+
+
+@pytest.mark.parametrize(
+    ("cosine", "pdq", "probability", "band", "expected"),
+    [
+        # PDQ within block_pdq_distance is held like cosine: never allow, whatever p.
+        (0.3, 10, 0.0, {}, "review"),
+        # max_lower 0: the classifier cannot lower at all.
+        (0.95, None, 0.0, {"max_lower": 0}, "block"),
+        (0.7, None, 0.0, {"max_lower": 0}, "review"),
+        # max_raise 1: a match below review_cosine reaches review at most...
+        (0.5, None, 0.99, {"max_raise": 1}, "review"),
+        # ...and max_raise 0 leaves it where cosine and PDQ put it.
+        (0.5, None, 0.99, {"max_raise": 0}, "allow"),
+        (0.7, None, 0.99, {"max_raise": 0}, "review"),
+        # Exact-hash matches are outside the classifier's reach.
+        (None, None, 0.0, {}, "block"),
+    ],
+)
+def test_classifier_band_bounds_the_classifier(
+    screener: Screener,
+    cosine: float | None,
+    pdq: int | None,
+    probability: float,
+    band: dict[str, int],
+    expected: str,
+) -> None:
+    cand = Candidate(
+        entry(1, category="prob"),
+        cosine=cosine,
+        pdq_distance=pdq,
+        probability=probability,
+        exact="sha256" if cosine is None and pdq is None else None,
+    )
+    assert decide(screener, [cand], **_with_band(**band)).decision == expected
 
 
 def test_unscannable_follows_policy(screener: Screener) -> None:
@@ -222,9 +271,12 @@ def test_disabled_entry_stops_matching(bank_runtime: Runtime, tmp_path: Path) ->
     with bank_runtime.sessions() as session:
         from sqlalchemy import select
 
+        from moderation.banks.sealed_fields import entry_labels
         from moderation.storage.models import Entry
 
-        eid = session.scalar(select(Entry.id).where(Entry.label == "chelsea"))
+        ids = session.scalars(select(Entry.id)).all()
+        labels = entry_labels(session, bank_runtime.keyring, ids)
+        eid = next(e for e, label in labels.items() if label == "chelsea")
     set_entry_disabled(bank_runtime, f"e_{eid}", disabled=True, actor="test")
     try:
         (result,) = bank_runtime.screener().screen_bytes([chelsea_copy])

@@ -1,111 +1,122 @@
-"""Activating a stored classifier model by version (``moderation classifier activate|rollback``).
+"""Classifier rollback: make an earlier stored model the active one again.
 
-Training (:func:`moderation.matching.classifier.training.train`) activates the model it fits
-unless it is worse; these functions switch to a model already stored (an earlier one, to roll
-back) through the same activation gate: the golden-set canary refuses a model below the policy's
-SLOs (:func:`moderation.modelops.canary.canary_gate`). Workers pick the change up without a
-restart (:func:`moderation.matching.classifier.model.active_model_version`).
+Training (:mod:`moderation.matching.classifier.training`) activates a new model unless it is
+worse on held-out pairs; a model that turns out bad in production is rolled back here by an admin
+(``moderation classifier rollback``). Workers poll the active version
+(:func:`~moderation.matching.classifier.model.active_model_version`) and switch without a
+restart. With a ``gate`` (the golden-set canary's,
+:func:`moderation.modelops.canary.canary_gate`) a model whose canary figures miss the policy's
+SLOs is refused instead (audited ``classifier.refuse`` with the figures).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
 from moderation.matching.classifier.model import CopyModel
-from moderation.storage.db import transaction
 from moderation.storage.models import ClassifierModel
 
-if TYPE_CHECKING:
-    from moderation.service.runtime import Runtime
-
-logger = logging.getLogger(__name__)
-
 Gate = Callable[[CopyModel], tuple[bool, str, dict[str, Any]]]
+"""``gate(model) -> (allowed, reason, figures)``, run before a model is activated."""
 
 
-class ActivationError(ValueError):
-    """No such model, a model of another encoder, or nothing to roll back to."""
+class RollbackError(Exception):
+    """No model to roll back to (unknown version, other encoder, nothing older)."""
 
 
-def rollback_target(runtime: Runtime) -> str:
-    """The version a rollback activates: the newest model of this encoder stored before the
-    active one.
-
-    Raises:
-        ActivationError: no active model, or none older.
-    """
-    encoder_id = str(runtime.encoder.id)
-    with runtime.sessions() as session:
-        models = session.scalars(
-            select(ClassifierModel)
-            .where(ClassifierModel.encoder_id == encoder_id)
-            .order_by(ClassifierModel.created_at.desc(), ClassifierModel.version.desc())
-        ).all()
-    active = next((i for i, m in enumerate(models) if m.active), None)
-    if active is None or active + 1 >= len(models):
-        raise ActivationError("no earlier classifier model to roll back to")
-    return models[active + 1].version
-
-
-def activate_version(
-    runtime: Runtime, version: str, *, actor: str, gate: Gate | None = None
+def rollback_model(
+    session: Session,
+    *,
+    encoder_id: str,
+    to: str | None = None,
+    actor: str,
+    origin: str | None = None,
+    gate: Gate | None = None,
 ) -> dict[str, Any]:
-    """Make the stored model ``version`` the active one for this encoder, unless ``gate``
-    refuses it; audited ``classifier.activate`` or ``classifier.refuse`` (with the gate's
-    figures).
-
-    Returns:
-        ``{"version", "activated", "reason", "previous_version", "canary"}``.
+    """Activate model ``to`` (default: the newest model of ``encoder_id`` older than the active
+    one) for ``encoder_id``, unless ``gate`` refuses it; audited ``classifier.rollback`` (or
+    ``classifier.refuse``). Returns ``{"previous", "active"}`` (versions; ``previous`` None when
+    no model was active), plus ``canary`` (the gate's figures) and, when refused, ``refused``
+    (the target's version) and ``reason``.
 
     Raises:
-        ActivationError: unknown version, or a model trained for another encoder.
+        RollbackError: unknown version, a model of another encoder, or no older model.
     """
-    encoder_id = str(runtime.encoder.id)
-    with runtime.sessions() as session:
-        row = session.scalar(select(ClassifierModel).where(ClassifierModel.version == version))
-        if row is None:
-            raise ActivationError(f"no classifier model {version!r} (moderation classifier list)")
-        if row.encoder_id != encoder_id:
-            raise ActivationError(f"model {version} was trained for encoder {row.encoder_id}")
-        model = CopyModel.from_json(row.params)
-        previous = session.scalar(
-            select(ClassifierModel.version).where(
-                ClassifierModel.active.is_(True), ClassifierModel.encoder_id == encoder_id
-            )
+    current = session.scalar(
+        select(ClassifierModel).where(
+            ClassifierModel.active.is_(True), ClassifierModel.encoder_id == encoder_id
         )
-    allowed, reason, figures = gate(model) if gate is not None else (True, "no gate", {})
-    with transaction(runtime.sessions) as session:
-        if allowed:
-            session.execute(
-                update(ClassifierModel)
-                .where(ClassifierModel.encoder_id == encoder_id)
-                .values(active=False)
-            )
-            session.execute(
-                update(ClassifierModel)
-                .where(ClassifierModel.version == version)
-                .values(active=True)
-            )
+    )
+    target = _target(session, encoder_id, current, to)
+    previous = current.version if current is not None else None
+    allowed, reason, figures = (
+        gate(CopyModel.from_json(target.params)) if gate else (True, "no gate", {})
+    )
+    if not allowed:
         record_event(
             session,
             actor=actor,
-            action="classifier.activate" if allowed else "classifier.refuse",
-            target=f"classifier:{version}",
-            outcome="success" if allowed else "denied",
+            action="classifier.refuse",
+            target=f"classifier:{target.version}",
+            outcome="denied",
+            origin=origin,
             details={"reason": reason, "previous": previous, "canary": figures},
         )
-    if allowed:
-        runtime.notify_change("classifier")
-    logger.info("classifier %s: %s (%s)", version, "activated" if allowed else "refused", reason)
+        return {
+            "previous": previous,
+            "active": previous,
+            "refused": target.version,
+            "reason": reason,
+            "canary": figures,
+        }
+    session.execute(
+        update(ClassifierModel).where(ClassifierModel.encoder_id == encoder_id).values(active=False)
+    )
+    target.active = True
+    record_event(
+        session,
+        actor=actor,
+        action="classifier.rollback",
+        target=f"classifier:{target.version}",
+        origin=origin,
+        details={"previous": previous, "reason": reason, "canary": figures},
+    )
     return {
-        "version": version,
-        "activated": allowed,
-        "reason": reason,
-        "previous_version": previous,
-        "canary": figures,
+        "previous": previous,
+        "active": target.version,
+        **({"canary": figures} if figures else {}),
     }
+
+
+def _target(
+    session: Session, encoder_id: str, current: ClassifierModel | None, to: str | None
+) -> ClassifierModel:
+    """The model a rollback activates: ``to``, else the newest one older than ``current``.
+
+    Raises:
+        RollbackError: unknown version, a model of another encoder, or no older model.
+    """
+    if to is not None:
+        target = session.get(ClassifierModel, to)
+        if target is None or target.encoder_id != encoder_id:
+            raise RollbackError(f"no stored model {to!r} for encoder {encoder_id}")
+    else:
+        if current is None:
+            raise RollbackError("no model is active: name the version to activate (--to)")
+        target = session.scalar(
+            select(ClassifierModel)
+            .where(
+                ClassifierModel.encoder_id == encoder_id,
+                ClassifierModel.created_at < current.created_at,
+            )
+            .order_by(ClassifierModel.created_at.desc())
+            .limit(1)
+        )
+        if target is None:
+            raise RollbackError(f"no model older than the active {current.version}")
+    return target

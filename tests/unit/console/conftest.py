@@ -252,11 +252,12 @@ def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
     """
 
     from moderation.banks.records import EntryInfo, create_bank
+    from moderation.banks.sealed_fields import new_entry
     from moderation.matching.decision import MatchResult, ScreeningResult
     from moderation.matching.recording import record_result
     from moderation.service.uploads import create_upload
     from moderation.storage.db import transaction
-    from moderation.storage.models import Bank, Entry, ReviewItem
+    from moderation.storage.models import Bank, ReviewItem
 
     def build_item(
         image: Image.Image | None = None,
@@ -276,11 +277,14 @@ def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
         rt = console_runtime
         with transaction(rt.sessions) as db:
             bank_row = db.scalar(select(Bank).where(Bank.name == bank)) or create_bank(db, bank)
-            entry = Entry(
-                bank_id=bank_row.id, label=label, source_ref=f"{label}.jpg", added_by="test"
+            entry = new_entry(
+                db,
+                rt.keyring,
+                bank_id=bank_row.id,
+                label=label,
+                source_ref=f"{label}.jpg",
+                added_by="test",
             )
-            db.add(entry)
-            db.flush()
             info = EntryInfo(entry.id, bank_row.id, bank_row.name, bank_row.kind, "default", label)
             result = ScreeningResult(
                 decision="review",

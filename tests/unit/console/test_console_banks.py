@@ -4,6 +4,7 @@ enable/disable, and removals under the two-person rule."""
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session
 from moderation.banks.job_staging import JobError, imports_dir
 from moderation.banks.jobs import InlineJobRunner, ThreadJobRunner, create_import_job, job_view
 from moderation.banks.records import create_bank
+from moderation.banks.sealed_fields import entry_labels
 from moderation.banks.versions import current_snapshot
 from moderation.governance.approvals import ApprovalError, approve, request_removal
 from moderation.service.runtime import Runtime
@@ -85,13 +87,16 @@ def test_create_bank_import_zip_and_see_entries(
     assert 'id="entry-count">3<' in entries
     with console_runtime.sessions() as db:
         rows = db.scalars(select(Entry).where(Entry.bank_id == bid)).all()
-        assert sorted(e.label for e in rows) == sorted(PHOTOS)
+        labels = entry_labels(db, console_runtime.keyring, [e.id for e in rows])
+        assert sorted(labels.values()) == sorted(PHOTOS)
         assert all(e.added_by == f"user:{admin.id}" for e in rows)
         snapshot = current_snapshot(db)
         assert snapshot is not None and snapshot.entry_count == 3
         job = db.scalars(select(Job)).one()
         # notes.txt is skipped by name before reading, so 4 files are handled.
         assert (job.state, job.progress, job.total) == ("done", 4, 4)
+        # The skipped file names are on the page (above) but sealed in the row.
+        assert "script" not in json.dumps(job.result) and job.result["skipped_sealed"]
         actions = set(db.scalars(select(AuditEvent.action)))
     assert {"bank.create", "job.create", "bank.import"} <= actions
 

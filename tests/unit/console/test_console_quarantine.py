@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 
 from moderation.banks.records import create_bank
+from moderation.banks.sealed_fields import new_entry
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, Entry
@@ -20,9 +21,7 @@ def _quarantined_bank(rt: Runtime) -> tuple[int, list[int]]:
     with transaction(rt.sessions) as db:
         bank = create_bank(db, "memes")
         db.flush()
-        entries = [Entry(bank_id=bank.id, label=f"meme-{n}") for n in range(3)]
-        db.add_all(entries)
-        db.flush()
+        entries = [new_entry(db, rt.keyring, bank_id=bank.id, label=f"meme-{n}") for n in range(3)]
         for entry in entries[:2]:
             entry.quarantined_at = datetime.now(UTC)
             entry.quarantine_reason = "1200 matches on 2026-01-01 >= 1000 (bank memes median 0)"

@@ -17,7 +17,17 @@ import pytest
 from flask import Flask
 
 ROLES = ("anonymous", "admin", "reviewer", "auditor", "dpo")
-CONSOLE_BLUEPRINTS = {"auth", "review", "banks", "dashboard", "audit", "gdpr", "clients"}
+CONSOLE_BLUEPRINTS = {
+    "auth",
+    "review",
+    "appeals",
+    "banks",
+    "dashboard",
+    "audit",
+    "gdpr",
+    "clients",
+    "holds",
+}
 
 
 def only(allowed: int, *roles: str, other: int = 403, anonymous: int = 302) -> dict[str, Any]:
@@ -49,17 +59,33 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/users", "GET"): only(200, "admin"),
     ("/users", "POST"): only(400, "admin"),
     ("/users/<>/disabled", "POST"): only(400, "admin"),
+    ("/users/<>/role", "POST"): only(400, "admin"),
+    ("/users/<>/password", "POST"): only(400, "admin"),
+    ("/users/<>/totp", "POST"): only(400, "admin"),
     ("/review", "GET"): only(200, "admin", "reviewer"),
     ("/review/claim", "POST"): only(400, "admin", "reviewer"),
     ("/review/<>", "GET"): only(200, "admin", "reviewer"),
     ("/review/<>/image", "GET"): only(200, "admin", "reviewer"),
     ("/review/<>/act", "POST"): only(400, "admin", "reviewer"),
+    # No appeal in the world: its pages are 404 to those who may see them.
+    ("/review/appeals/<>", "GET"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/image", "GET"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/claim", "POST"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/reveal", "POST"): only(404, "admin", "reviewer"),
+    ("/review/appeals/<>/decide", "POST"): only(400, "admin", "reviewer"),
+    ("/decisions/export", "POST"): only(400, "admin", "auditor"),
+    ("/review/allow-proposals", "GET"): only(200, "admin", "reviewer"),
+    ("/review/allow-proposals/<>", "POST"): only(400, "admin", "reviewer"),
+    # The world's approval is a removal request, not an allow proposal: no preview.
+    ("/review/allow-proposals/<>/image", "GET"): only(404, "admin", "reviewer"),
     ("/banks", "GET"): only(200, "admin", "auditor"),
     ("/banks", "POST"): only(400, "admin"),
     ("/banks/<>", "GET"): only(200, "admin", "auditor"),
     ("/banks/<>/import", "POST"): only(400, "admin"),
     ("/banks/<>/import-hashes", "POST"): only(400, "admin"),
     ("/banks/<>/enabled", "POST"): only(400, "admin"),
+    ("/banks/<>/rename", "POST"): only(400, "admin"),
+    ("/banks/<>/sharing", "POST"): only(400, "admin"),
     ("/banks/<>/delete", "POST"): only(400, "admin"),
     ("/banks/<>/entries/remove", "POST"): only(400, "admin"),
     ("/banks/<>/entries/<>/disabled", "POST"): only(400, "admin"),
@@ -80,6 +106,9 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/clients/<>/revoke", "POST"): only(400, "admin"),
     ("/clients/<>/rotate", "POST"): only(400, "admin"),
     ("/clients/<>/allowlist", "POST"): only(400, "admin"),
+    ("/holds", "GET"): only(200, "admin", "dpo"),
+    ("/holds", "POST"): only(400, "admin", "dpo"),
+    ("/holds/<>/release", "POST"): only(400, "admin", "dpo"),
     ("/static/<>", "GET"): everyone(200),
     # The queue's status pages and bearer-token API: public or bearer-only whatever the
     # console role (a console session is no API credential). /metrics and the detailed
@@ -89,6 +118,7 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/status/ready", "GET"): everyone({200, 503}),
     ("/api/v1/screenings", "POST"): everyone(401),
     ("/api/v1/screenings/<>", "GET"): everyone(401),
+    ("/api/v1/screenings/<>/appeal", "POST"): everyone(401),
     ("/api/v1/openapi.json", "GET"): everyone(200),
     ("/metrics", "GET"): everyone(404),
     **{

@@ -146,7 +146,7 @@ def test_confirm_writes_labels_audit_and_final_decision(
     item = make_review_item()
     assert claim(rt, reviewer.id) == item
     with rt.sessions() as db:
-        view = item_view(db, item)
+        view = item_view(db, item, rt.keyring)
         assert view is not None
         assert current_decision(db, view.upload_id) == "review"
     outcome = decide(rt, item, reviewer_id=reviewer.id, decision="confirm", notes="clear copy")

@@ -1,6 +1,7 @@
 """Review items from real screenings (real encoder, real encrypted bank), decided end to end:
-confirm adds the upload to a block bank, not-a-match to an allow bank, and the next screening
-of the same image follows the reviewers' decisions."""
+confirm adds the upload to a block bank, not-a-match proposes it for an allow bank (a second
+reviewer or an admin approves), and the next screening of the same image follows the
+reviewers' decisions."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from sqlalchemy import select
 
 from moderation.banks.operations import import_bank
 from moderation.banks.records import create_bank
+from moderation.governance.allow_proposals import approve_allow, pending_allow_proposals
+from moderation.governance.approvals import ApprovalError, reject
 from moderation.governance.review import ReviewError, claim_next, release
 from moderation.governance.review_decisions import decide
 from moderation.governance.review_display import item_view
 from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime
+from moderation.storage.console import Approval
 from moderation.storage.db import transaction
-from moderation.storage.models import Entry, LabelledPair, Screening, Upload
+from moderation.storage.models import AuditEvent, Entry, LabelledPair, Screening, Upload
 from tests.conftest import skimage_photo_path
 
 BANNED = ("astronaut", "chelsea", "coffee", "rocket")
@@ -64,7 +68,7 @@ def test_reviewers_settle_real_screenings(
     by_name: dict[str, int] = {}
     with rt.sessions() as db:
         for item_id in claimed:
-            view = item_view(db, item_id)
+            view = item_view(db, item_id, rt.keyring)
             assert view is not None and view.matches
             assert view.matches[0].bank == "known" and view.matches[0].cosine is not None
             assert "cosine" in view.matches[0].signals
@@ -102,7 +106,9 @@ def test_reviewers_settle_real_screenings(
     allowed = decide(
         rt, by_name["coffee"], reviewer_id=reviewer.id, decision="not_a_match", bank_name="benign"
     )
-    assert allowed.final == "allow" and allowed.entry_id is not None
+    # One reviewer's "not a match" only proposes the allow-bank addition.
+    assert allowed.final == "allow" and allowed.entry_id is None
+    assert allowed.proposal_id is not None
 
     take(by_name["rocket"])
     assert decide(rt, by_name["rocket"], reviewer_id=reviewer.id, decision="escalate").final is None
@@ -111,9 +117,8 @@ def test_reviewers_settle_real_screenings(
         added = {
             e.upload_id: e for e in db.scalars(select(Entry).where(Entry.upload_id.is_not(None)))
         }
-        assert set(added) == {confirmed.upload_id, allowed.upload_id}
+        assert set(added) == {confirmed.upload_id}
         assert added[confirmed.upload_id].bank.name == "known"
-        assert added[allowed.upload_id].bank.name == "benign"
         reviewed = select(LabelledPair).where(LabelledPair.source == "review")
         pairs = db.scalars(reviewed.order_by(LabelledPair.id)).all()
         assert [(p.upload_id, p.is_copy) for p in pairs] == [
@@ -132,15 +137,95 @@ def test_reviewers_settle_real_screenings(
             assert pair.features == candidate["features"]
         uploads = {u.id: u.external_id for u in db.scalars(select(Upload))}
 
-    # The same images screened again now follow the reviewers: block, and allow (allow bank).
-    again: dict[str, dict[str, Any]] = {}
-    screen_paths(
-        rt,
-        [screened["astronaut"], screened["coffee"]],
-        on_result=lambda r: again.__setitem__(Path(r["path"]).stem, r),
-    )
+    # The same images screened again: block (the confirmed entry), and still review (the allow
+    # proposal waits for a second person).
+    again = _screen_again(rt, [screened["astronaut"], screened["coffee"]])
     assert again["astronaut-edited"]["decision"] == "block"
     assert again["astronaut-edited"]["matches"][0]["entry_id"] == confirmed.entry_id
-    assert again["coffee-edited"]["decision"] == "allow"
-    assert again["coffee-edited"]["reason"] == "allow_bank"
+    assert again["coffee-edited"]["decision"] == "review"
     assert uploads[confirmed.upload_id] == str(screened["astronaut"])
+
+
+def _screen_again(rt: Runtime, paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Screen ``paths`` again; their results by file stem."""
+    results: dict[str, dict[str, Any]] = {}
+    screen_paths(rt, paths, on_result=lambda r: results.__setitem__(Path(r["path"]).stem, r))
+    return results
+
+
+def _take_and_decide(rt: Runtime, reviewer_id: int, **decision: Any) -> Any:
+    """Claim the next item and settle it with ``decision`` (keyword arguments of decide)."""
+    with transaction(rt.sessions) as db:
+        item = claim_next(db, reviewer_id=reviewer_id, lease_seconds=60, daily_limit=100)
+        assert item is not None
+        item_id = item.id
+    return decide(rt, item_id, reviewer_id=reviewer_id, **decision)
+
+
+def test_allow_bank_addition_needs_a_second_person(
+    console_runtime: Runtime, make_user: Callable[..., Any], screened: dict[str, Path]
+) -> None:
+    rt = console_runtime
+    first, second, admin = make_user("reviewer"), make_user("reviewer"), make_user("admin")
+    proposed = _take_and_decide(rt, first.id, decision="not_a_match", bank_name="benign")
+    assert proposed.final == "allow" and proposed.entry_id is None
+    proposal_id = proposed.proposal_id
+    with rt.sessions() as db:
+        upload = db.get(Upload, proposed.upload_id)
+        assert upload is not None and upload.external_id is not None
+        path = Path(upload.external_id)
+        assert db.scalar(select(Entry.id).where(Entry.upload_id == upload.id)) is None
+        pending = pending_allow_proposals(db)
+        assert [(p.approval_id, p.bank, p.upload_id) for p in pending] == [
+            (proposal_id, "benign", upload.id)
+        ]
+        assert pending[0].matches and pending[0].matches[0]["bank"] == "known"
+    # Re-uploaded, the image is still sent to review: the proposal suppresses nothing.
+    assert _screen_again(rt, [path])[path.stem]["decision"] == "review"
+
+    # The proposer cannot approve their own proposal; the attempt is audited.
+    with pytest.raises(ApprovalError, match="second reviewer or an admin"):
+        approve_allow(rt, proposal_id, approver_id=first.id)
+    with rt.sessions() as db:
+        denied = db.scalars(
+            select(AuditEvent).where(
+                AuditEvent.action == "approval.approve", AuditEvent.outcome == "denied"
+            )
+        ).one()
+        assert (denied.actor, denied.target) == (f"user:{first.id}", f"approval:{proposal_id}")
+        assert db.scalar(select(Entry.id).where(Entry.upload_id == upload.id)) is None
+    assert _screen_again(rt, [path])[path.stem]["decision"] == "review"
+
+    # A second reviewer approves: the image joins the allow bank and now suppresses the match.
+    approved = approve_allow(rt, proposal_id, approver_id=second.id)
+    assert approved.entry_id is not None and approved.bank == "benign"
+    again = _screen_again(rt, [path])[path.stem]
+    assert (again["decision"], again["reason"]) == ("allow", "allow_bank")
+    with rt.sessions() as db:
+        row = db.get(Approval, proposal_id)
+        assert row is not None and (row.state, row.approved_by) == ("approved", second.id)
+        entry = db.scalars(select(Entry).where(Entry.upload_id == upload.id)).one()
+        assert entry.bank.name == "benign" and entry.added_by == f"user:{second.id}"
+        assert pending_allow_proposals(db) == []
+    with pytest.raises(ApprovalError, match="already approved"):
+        approve_allow(rt, proposal_id, approver_id=admin.id)
+
+
+def test_allow_proposal_rejected_adds_nothing(
+    console_runtime: Runtime, make_user: Callable[..., Any], screened: dict[str, Path]
+) -> None:
+    rt = console_runtime
+    first, admin, auditor = make_user("reviewer"), make_user("admin"), make_user("auditor")
+    proposed = _take_and_decide(rt, first.id, decision="not_a_match", bank_name="benign")
+    # Only active reviewers and admins decide proposals.
+    with pytest.raises(ApprovalError, match="only an active admin or an active reviewer"):
+        approve_allow(rt, proposed.proposal_id, approver_id=auditor.id)
+    with transaction(rt.sessions) as db:
+        reject(db, proposed.proposal_id, approver_id=admin.id)
+    with pytest.raises(ApprovalError, match="already rejected"):
+        approve_allow(rt, proposed.proposal_id, approver_id=admin.id)
+    with rt.sessions() as db:
+        assert db.scalar(select(Entry.id).where(Entry.upload_id == proposed.upload_id)) is None
+        actions = list(db.scalars(select(AuditEvent.action).order_by(AuditEvent.seq)))
+    assert actions[-1] == "approval.reject"
+    assert actions.index("approval.request") < actions.index("review.decide")
