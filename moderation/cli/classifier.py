@@ -75,22 +75,24 @@ def classifier_rollback(ctx: Context, version: str | None) -> None:
     """Make an earlier model active again (default: the newest one older than the active);
     workers switch without a restart. Prints {"previous", "active"}. A model whose golden-set
     canary figures miss the policy's SLOs is refused (exit 1) with the figures; audited."""
-    from moderation.matching.classifier.activation import RollbackError, rollback_model
+    from moderation.matching.classifier.activation import (
+        RollbackError,
+        rollback_model,
+        rollback_target,
+    )
     from moderation.matching.classifier.model import ModelFormatError
     from moderation.modelops.canary import canary_gate
     from moderation.storage.db import transaction
 
-    with (
-        initialised_runtime(ctx, RollbackError, ModelFormatError) as runtime,
-        transaction(runtime.sessions) as session,
-    ):
-        result = rollback_model(
-            session,
-            encoder_id=str(runtime.encoder.id),
-            to=version,
-            actor="cli",
-            gate=canary_gate(runtime),
-        )
+    with initialised_runtime(ctx, RollbackError, ModelFormatError) as runtime:
+        encoder_id = str(runtime.encoder.id)
+        with runtime.sessions() as session:
+            target = rollback_target(session, encoder_id=encoder_id, to=version)
+        verdict = canary_gate(runtime)(target)
+        with transaction(runtime.sessions) as session:
+            result = rollback_model(
+                session, encoder_id=encoder_id, to=target.version, actor="cli", verdict=verdict
+            )
     echo_json(result)
     if "refused" in result:
         raise SystemExit(1)

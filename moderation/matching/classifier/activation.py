@@ -11,7 +11,6 @@ SLOs is refused instead (audited ``classifier.refuse`` with the figures).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
@@ -21,8 +20,8 @@ from moderation.audit.log import record_event
 from moderation.matching.classifier.model import CopyModel
 from moderation.storage.models import ClassifierModel
 
-Gate = Callable[[CopyModel], tuple[bool, str, dict[str, Any]]]
-"""``gate(model) -> (allowed, reason, figures)``, run before a model is activated."""
+Verdict = tuple[bool, str, dict[str, Any]]
+"""``(allowed, reason, figures)`` of an activation gate (the canary's) on the target model."""
 
 
 class RollbackError(Exception):
@@ -36,13 +35,14 @@ def rollback_model(
     to: str | None = None,
     actor: str,
     origin: str | None = None,
-    gate: Gate | None = None,
+    verdict: Verdict | None = None,
 ) -> dict[str, Any]:
     """Activate model ``to`` (default: the newest model of ``encoder_id`` older than the active
-    one) for ``encoder_id``, unless ``gate`` refuses it; audited ``classifier.rollback`` (or
-    ``classifier.refuse``). Returns ``{"previous", "active"}`` (versions; ``previous`` None when
-    no model was active), plus ``canary`` (the gate's figures) and, when refused, ``refused``
-    (the target's version) and ``reason``.
+    one) for ``encoder_id``, unless ``verdict`` (the gate's, run on :func:`rollback_target`'s
+    model before this transaction: the canary screens for a while) refuses it; audited
+    ``classifier.rollback`` (or ``classifier.refuse``). Returns ``{"previous", "active"}``
+    (versions; ``previous`` None when no model was active), plus ``canary`` (the gate's
+    figures) and, when refused, ``refused`` (the target's version) and ``reason``.
 
     Raises:
         RollbackError: unknown version, a model of another encoder, or no older model.
@@ -54,9 +54,7 @@ def rollback_model(
     )
     target = _target(session, encoder_id, current, to)
     previous = current.version if current is not None else None
-    allowed, reason, figures = (
-        gate(CopyModel.from_json(target.params)) if gate else (True, "no gate", {})
-    )
+    allowed, reason, figures = verdict or (True, "no gate", {})
     if not allowed:
         record_event(
             session,
@@ -91,6 +89,21 @@ def rollback_model(
         "active": target.version,
         **({"canary": figures} if figures else {}),
     }
+
+
+def rollback_target(session: Session, *, encoder_id: str, to: str | None = None) -> CopyModel:
+    """The model :func:`rollback_model` would activate (to run the gate on it first).
+
+    Raises:
+        RollbackError: unknown version, a model of another encoder, or no older model.
+        moderation.matching.classifier.model.ModelFormatError: the stored model is unreadable.
+    """
+    current = session.scalar(
+        select(ClassifierModel).where(
+            ClassifierModel.active.is_(True), ClassifierModel.encoder_id == encoder_id
+        )
+    )
+    return CopyModel.from_json(_target(session, encoder_id, current, to).params)
 
 
 def _target(
