@@ -91,7 +91,22 @@ class Settings(BaseSettings):
         description="Forward path of the default encoder: auto (ONNX Runtime on CPU when "
         "installed, else torch), onnxruntime, torch (channels_last) or eager.",
     )
-    torch_threads: int = Field(default=0, ge=0, description="0: torch's own default.")
+    encoder_precision: Literal["fp32", "int8"] = Field(
+        default="fp32",
+        description="ONNX Runtime encoder precision: fp32, or int8 (static quantisation "
+        "calibrated on MODERATION_ENCODER_CALIBRATION_DIR; evaluated, not the default: README "
+        "'Torch-free serving'). int8 embeddings differ, so its encoder id differs.",
+    )
+    encoder_calibration_dir: Path | None = Field(
+        default=None,
+        description="Images (e.g. the bank's) that calibrate the int8 encoder when it is built.",
+    )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Encoder threads (torch, or ONNX Runtime intra-op); 0: one per core for "
+        "ONNX Runtime, torch's own default for torch.",
+    )
     faiss_threads: int = Field(
         default=1,
         ge=0,

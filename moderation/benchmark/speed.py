@@ -14,6 +14,9 @@ over repeats and is printed with its baseline from the same run and the ratio. S
               against a bank of the first images (batch 32) vs the naive pipeline of
               ``scripts/naive_screen.py`` (Pillow decode, eager encoder at batch 32, exact
               numpy cosine search), in-process.
+``process``   ``moderation screen`` as a whole command: start-up (one photo) wall time and
+              peak RSS, 240 photos' wall time, images/s and marginal images/s, ``--help``,
+              and the CPU model (:mod:`moderation.benchmark.speed_process`).
 ``index``     at each bank size (default 100k and 1M), the index ``CosineIndex.build``
               chooses against exact search, with generated bank vectors and a 10M
               extrapolation: :mod:`moderation.benchmark.speed_index`, whose docstring has the
@@ -37,6 +40,8 @@ import numpy.typing as npt
 from PIL import Image
 
 from moderation.benchmark.speed_index import Echo, bench_index, extrapolate, real_embeddings
+from moderation.benchmark.speed_process import bench_process, cpu_model
+from moderation.benchmark.speed_process import describe as describe_process
 from moderation.config import Settings
 
 if TYPE_CHECKING:
@@ -207,7 +212,7 @@ def bench_encoder(
         runtime=settings.encoder_runtime,
         cache_dir=Path(tempfile.gettempdir()) / f"moderation-cache-{os.getuid()}",
     )
-    eager = EfficientNetLite0Encoder(device=fast.device, runtime="eager")
+    eager = EfficientNetLite0Encoder(device=torch.device(str(fast.device)), runtime="eager")
     eager.load()
     fast.load()
 
@@ -273,26 +278,10 @@ def bench_pipeline(
     paths: Sequence[Path], settings: Settings, bank_size: int, repeats: int
 ) -> dict[str, Any]:
     """Per-image pipeline rate: :class:`Screener` vs the naive script's pipeline, in-process."""
-    from moderation.banks.operations import import_bank
-    from moderation.banks.records import create_bank
-    from moderation.config import load_settings
-    from moderation.service.runtime import prepared_runtime
-    from moderation.storage.db import transaction
+    from moderation.benchmark.speed_process import bench_runtime
 
-    work = Path(tempfile.mkdtemp(prefix="moderation-speed-"))
-    values = {
-        "data_dir": work / "var",
-        "encoder": settings.encoder,
-        "device": settings.device,
-        "encoder_runtime": settings.encoder_runtime,
-        "master_keys": None,
-    }
-    bench = load_settings(**values)
-    runtime = prepared_runtime(bench)
-    with transaction(runtime.sessions) as session:
-        create_bank(session, "bench")
     bank = list(paths[:bank_size])
-    import_bank(runtime, "bench", bank, actor="benchmark")
+    runtime = bench_runtime(paths, settings, bank_size)
     screener = runtime.screener()
     datas = [p.read_bytes() for p in paths]
     naive = naive_screener_class()(bank)
@@ -320,6 +309,18 @@ def bench_pipeline(
 # --- entry point ------------------------------------------------------------------------------
 
 
+def _process_section(
+    paths: Sequence[Path], settings: Settings, bank_size: int, repeats: int, echo: Echo
+) -> dict[str, Any]:
+    """:func:`bench_process` over up to 240 photos, echoed."""
+    row = bench_process(
+        paths, settings, bank_size=bank_size, screen_count=min(240, len(paths)), repeats=repeats
+    )
+    for line in describe_process(row):
+        echo(line)
+    return row
+
+
 def run_speed_benchmark(
     settings: Settings,
     *,
@@ -336,15 +337,20 @@ def run_speed_benchmark(
     images = [Image.open(p).convert("RGB") for p in paths]
     datas = [p.read_bytes() for p in paths[:64]]
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)},
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpus": os.cpu_count(),
+            "load_1min": round(os.getloadavg()[0], 2),
+        },
         "images": len(paths),
         "images_dir": str(paths[0].parent),
     }
     echo(
-        f"speed benchmark: {len(paths)} images from {paths[0].parent}, {os.cpu_count()} CPUs, "
-        f"load {report['machine']['load_1min']}"
+        f"speed benchmark: {len(paths)} images from {paths[0].parent}, {cpu_model()}, "
+        f"{os.cpu_count()} CPUs, load {report['machine']['load_1min']}"
     )
     if stages:
+        report["process"] = _process_section(paths, settings, bank_size, repeats, echo)
         decode_rows = bench_decode(datas, settings, repeats)
         for row in decode_rows:
             _echo_pair(echo, row, "baseline", "fast")

@@ -55,7 +55,15 @@ class _Work:
     pdq: tuple[tuple[PdqHash, ...], ...] = ()
     exact: list[Candidate] = field(default_factory=list)
     scope: Scope = EVERY_BANK
+    inputs: list[Any] = field(default_factory=list)
     nearest: float | None = None  # cosine of the nearest bank entry (drift monitoring)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch after :meth:`Screener.prepare`, ready for :meth:`Screener.finish`."""
+
+    works: list[_Work]
 
 
 def _ms(start: float) -> float:
@@ -128,21 +136,24 @@ class Screener:
         start = time.perf_counter()
         work.pdq = tuple(pdq_hash_dihedral(frame) for frame in work.decoded.frames)
         work.timings["pdq"] = _ms(start)
+        start = time.perf_counter()
+        work.inputs = self.encoder.preprocess(work.decoded.frames)
+        work.timings["embed"] = _ms(start)
 
     def _embed(self, works: Sequence[_Work]) -> None:
-        frames = [f for w in works if w.decoded for f in w.decoded.frames]
-        if not frames:
+        inputs = [x for w in works if w.decoded for x in w.inputs]
+        if not inputs:
             return
         start = time.perf_counter()
-        vectors = self.encoder.encode(frames, batch_size=self.batch_size)
-        per_frame = _ms(start) / len(frames)
+        vectors = self.encoder.encode_inputs(inputs, batch_size=self.batch_size)
+        per_frame = _ms(start) / len(inputs)
         offset = 0
         for work in works:
             if work.decoded is None:
                 continue
-            count = len(work.decoded.frames)
+            count = len(work.inputs)
             work.vectors = vectors[offset : offset + count]
-            work.timings["embed"] = per_frame * count
+            work.timings["embed"] = work.timings.get("embed", 0.0) + per_frame * count
             offset += count
 
     def _search(self, work: _Work) -> list[Candidate]:
@@ -288,6 +299,13 @@ class Screener:
 
         Never raises for bad images: they end ``unscannable`` with a reason.
         """
+        return self.finish(self.prepare(items, scopes))
+
+    def prepare(self, items: Sequence[bytes], scopes: Sequence[Scope] | None = None) -> Prepared:
+        """The CPU-side first half of :meth:`screen_bytes`: exact hashes, decode, PDQ and the
+        encoder's preprocessing. Thread-safe and GIL-light (Pillow, PDQ and numpy release the
+        GIL), so a pipeline runs it for the next batch while :meth:`finish` embeds this one
+        (:func:`moderation.service.operations.screen_paths`)."""
         scopes = list(scopes) if scopes is not None else [EVERY_BANK] * len(items)
         works = [_Work(i, scope=scope) for i, scope in enumerate(scopes)]
         for work, data in zip(works, items, strict=True):
@@ -295,6 +313,11 @@ class Screener:
             self._decode(work, data)
             if work.decoded is not None:
                 self._hash(work)
+        return Prepared(works)
+
+    def finish(self, prepared: Prepared) -> list[ScreeningResult]:
+        """The second half of :meth:`screen_bytes`: embed, search, classify, decide."""
+        works = prepared.works
         self._embed(works)
         found = [self._search(work) if work.decoded is not None else work.exact for work in works]
         self._classify(works, found)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.recording import record_result
+from moderation.matching.screening import Prepared
 from moderation.service.subjects import pseudonymize
 from moderation.service.uploads import create_upload
 from moderation.storage.db import transaction
@@ -51,42 +53,77 @@ def screen_paths(
     plus ``upload_id``. Files over the byte limit are not read: they end ``unscannable`` with
     reason ``too_large``.
 
+    Three stages overlap a batch (``batch_size`` files) apart: reading, decoding, PDQ and
+    preprocessing of batch k+1 (a thread); embedding, search and decision of batch k; storing
+    batch k-1 and ``on_result`` (a thread; fsync waits). Results keep the input order.
+
     Raises:
         moderation.banks.snapshot.SnapshotError: the blocklist cannot be decrypted or
             verified; nothing is screened (fail closed).
     """
     screener = runtime.screener()
-    settings = runtime.settings
-    batch = max(1, settings.batch_size)
+    batch = max(1, runtime.settings.batch_size)
+    chunks = [paths[start : start + batch] for start in range(0, len(paths), batch)]
     results: list[ScreeningResult] = []
-    for start in range(0, len(paths), batch):
-        chunk = paths[start : start + batch]
+
+    def prepare(chunk: Sequence[Path]) -> tuple[list[bytes | None], Prepared]:
         datas = _read_files(chunk, max_bytes=runtime.limits.max_bytes)
-        readable = [d for d in datas if d is not None]
-        screened = iter(screener.screen_bytes(readable))
+        return datas, screener.prepare([d for d in datas if d is not None])
+
+    def store(chunk: Sequence[Path], datas: list[bytes | None], screened: Any) -> None:
         chunk_results = [
             next(screened)
             if data is not None
             else screener.screen_unscannable("too_large", "file over the byte limit")
             for data in datas
         ]
-        with transaction(runtime.sessions) as session:
-            subject_ref = pseudonymize(session, runtime.keyring, subject_id) if subject_id else None
-            uploads = []
-            for path, data, result in zip(chunk, datas, chunk_results, strict=True):
-                upload = create_upload(
-                    session,
-                    data,
-                    keyring=runtime.keyring,
-                    blobs_dir=settings.blobs_dir,
-                    external_id=f"{external_id_prefix}{path}",
-                    subject_ref=subject_ref,
-                    source="cli",
-                    status="processing",
-                )
-                record_result(session, upload, result, actor=actor)
-                uploads.append(upload)
-        for path, upload, result in zip(chunk, uploads, chunk_results, strict=True):
-            on_result({"path": str(path), **result.to_json(), "upload_id": upload.id})
+        ids = _record(runtime, chunk, datas, chunk_results, subject_id, external_id_prefix, actor)
+        for path, upload_id, result in zip(chunk, ids, chunk_results, strict=True):
+            on_result({"path": str(path), **result.to_json(), "upload_id": upload_id})
         results.extend(chunk_results)
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="screen") as pool:
+        stored: Future[None] | None = None
+        prepared = pool.submit(prepare, chunks[0]) if chunks else None
+        for index, chunk in enumerate(chunks):
+            assert prepared is not None
+            datas, ready = prepared.result()
+            if index + 1 < len(chunks):
+                prepared = pool.submit(prepare, chunks[index + 1])
+            screened = iter(screener.finish(ready))
+            if stored is not None:
+                stored.result()  # in order, and its errors surface here
+            stored = pool.submit(store, chunk, datas, screened)
+        if stored is not None:
+            stored.result()
     return results
+
+
+def _record(
+    runtime: Runtime,
+    chunk: Sequence[Path],
+    datas: list[bytes | None],
+    chunk_results: list[ScreeningResult],
+    subject_id: str | None,
+    external_id_prefix: str,
+    actor: str,
+) -> list[Any]:
+    """Store one batch's uploads and results; their upload ids, in order."""
+    settings = runtime.settings
+    uploads = []
+    with transaction(runtime.sessions) as session:
+        subject_ref = pseudonymize(session, runtime.keyring, subject_id) if subject_id else None
+        for path, data, result in zip(chunk, datas, chunk_results, strict=True):
+            upload = create_upload(
+                session,
+                data,
+                keyring=runtime.keyring,
+                blobs_dir=settings.blobs_dir,
+                external_id=f"{external_id_prefix}{path}",
+                subject_ref=subject_ref,
+                source="cli",
+                status="processing",
+            )
+            record_result(session, upload, result, actor=actor)
+            uploads.append(upload)
+    return [upload.id for upload in uploads]

@@ -36,10 +36,6 @@ def _apply_thread_settings(settings: Settings) -> None:
         import faiss
 
         faiss.omp_set_num_threads(settings.faiss_threads)
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
 
 
 class Runtime:
@@ -87,13 +83,22 @@ class Runtime:
 
     @cached_property
     def encoder(self) -> Encoder:
-        """The configured encoder (weights load lazily on first use)."""
-        return create_encoder(
+        """The configured encoder (weights load lazily on first use). ``torch_threads`` sets
+        torch's thread count for PyTorch encoders and ONNX Runtime's for the torch-free one."""
+        encoder = create_encoder(
             self.settings.encoder,
             device=self.settings.device,
             runtime=self.settings.encoder_runtime,
             cache_dir=self.settings.resolved_data_dir / "cache",
+            threads=self.settings.torch_threads,
+            precision=self.settings.encoder_precision,
+            calibration_dir=self.settings.encoder_calibration_dir,
         )
+        if encoder.uses_torch and self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        return encoder
 
     @cached_property
     def policy(self) -> Policy:

@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,8 +46,9 @@ TINY_ARCH = "moderation-test-tiny-vit"
 
 @pytest.fixture(scope="session")
 def lite0() -> EfficientNetLite0Encoder:
-    """The default encoder with its real weights, loaded once per session."""
-    encoder = create_encoder(LITE0, device="cpu")
+    """The default encoder's PyTorch model (``classify`` needs it) with its real weights, loaded
+    once per session. The torch-free ONNX encoder is tested in test_encoder_onnx.py."""
+    encoder = create_encoder(LITE0, device="cpu", runtime="torch")
     assert isinstance(encoder, EfficientNetLite0Encoder)
     encoder.load()
     return encoder
@@ -140,12 +142,12 @@ def test_importing_the_package_loads_no_backend() -> None:
 
 
 def test_create_encoder_is_lazy_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(encoders, "_cache", {})
+    monkeypatch.setattr(encoders, "_cache", OrderedDict())
     encoder = create_encoder(LITE0, device="cpu")
     assert not encoder.loaded
     assert create_encoder(LITE0, device="cpu") is encoder
     assert create_encoder(LITE0, device="auto") is encoder  # auto resolves to the CPU here
-    assert encoder.dim == 1280 and encoder.device == torch.device("cpu")
+    assert encoder.dim == 1280 and str(encoder.device) == "cpu"
     encoder.encode([skimage_photo("chelsea")])
     assert encoder.loaded
 

@@ -1,13 +1,19 @@
-"""The index section of ``moderation benchmark speed`` at a small size: its figures are
-computed from real runs (no speed is asserted, only that the figures are consistent)."""
+"""The index and whole-process sections of ``moderation benchmark speed`` at a small size: their
+figures are computed from real runs (no speed is asserted, only that the figures are
+consistent)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import moderation.banks.index.cosine as cosine_module
 from moderation.benchmark.speed_index import bench_index, extrapolate
+from moderation.benchmark.speed_process import bench_process, cpu_model, describe
+from moderation.config import Settings
+from tests.conftest import skimage_photo
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +45,22 @@ def test_index_section_reports_consistent_figures(
     projected = extrapolate(rows)
     assert projected is not None and projected["entries"] == 10_000_000
     assert projected["snapshot_load_s"] >= pca["snapshot_load_s"]
+
+
+def test_process_section_times_moderation_screen_as_a_command(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Issue 20: start-up time, peak RSS, images/s and the CPU model, from real child runs."""
+    paths = []
+    for name in ("chelsea", "coffee", "rocket"):
+        paths.append(tmp_path / f"{name}.jpg")
+        skimage_photo(name).save(paths[-1], quality=90)
+    row = bench_process(paths, settings, bank_size=2, screen_count=3, repeats=1)
+    assert row["cpu_model"] == cpu_model() and row["cpu_model"]
+    assert row["startup_one_photo_s"] > 0 and row["screen_s"] > 0
+    # A child's peak RSS: the interpreter, ONNX Runtime and the model, well under torch's.
+    assert 20 < row["startup_peak_rss_mb"] < 1000
+    assert row["images_per_s"] == round(3 / row["screen_s"], 1)
+    assert row["help_s"] > 0 and row["screen_photos"] == 3
+    lines = describe(row)
+    assert "start-up, one photo" in lines[1] and "marginal" in lines[2]

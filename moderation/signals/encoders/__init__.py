@@ -7,18 +7,26 @@ Names:
     ``open_clip/<arch>/<checkpoint file>``, e.g. ``open_clip/ViT-B-32//srv/models/vitb32.pt``;
     see :mod:`.open_clip_backend`.
 
-Importing this package loads no model and imports neither timm nor open_clip.
+Importing this package loads no model and imports neither torch, timm nor open_clip. On the
+CPU the default encoder runs on ONNX Runtime without torch (:mod:`.lite0_onnx`); torch is
+imported only for the PyTorch runtimes, open_clip, CUDA, or to build the ONNX model once.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from moderation.signals.encoders.base import Encoder, EncoderId, l2_normalise
-from moderation.signals.encoders.device import DeviceUnavailableError, select_device
+from moderation.signals.encoders.device import DeviceUnavailableError, cpu_only, select_device
+
+if TYPE_CHECKING:
+    import torch
+
+    from moderation.signals.encoders.onnx_model import Precision
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -37,21 +45,48 @@ ACCEPTED_FORMS = (
     "open_clip/<arch>/<checkpoint file> (e.g. open_clip/ViT-B-32//srv/models/vitb32.pt)",
 )
 
-_cache: dict[tuple[str, str, str, str], Encoder] = {}
+_CACHE_SIZE = 4
+"""Encoders kept per process (least recently used evicted): one deployment needs one or two
+(serving and shadow encoders); a process that opens many data directories (tests, tools) must
+not keep a model (about 250 MB with ONNX Runtime's arena) per directory for ever."""
+_cache: OrderedDict[tuple[str, str, str, str], Encoder] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+def _cached(key: tuple[str, str, str, str], build: Callable[[], Encoder]) -> Encoder:
+    """``_cache[key]``, built by ``build`` on a miss; evicts the least recently used beyond
+    :data:`_CACHE_SIZE` (an evicted encoder lives on while a runtime still holds it)."""
+    with _cache_lock:
+        encoder = _cache.get(key)
+        if encoder is None:
+            encoder = _cache[key] = build()
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+        return encoder
+
+
 def create_encoder(
-    name: str, *, device: str = "auto", runtime: str = "auto", cache_dir: Path | None = None
+    name: str,
+    *,
+    device: str = "auto",
+    runtime: str = "auto",
+    cache_dir: Path | None = None,
+    threads: int = 0,
+    precision: str = "fp32",
+    calibration_dir: Path | None = None,
 ) -> Encoder:
     """The encoder called ``name`` on ``device`` (see :func:`select_device`), with its
     preprocessing.
 
     ``runtime`` chooses the forward path of the default encoder (``auto``, ``onnxruntime``,
-    ``torch``, ``eager``; see :mod:`moderation.signals.encoders.fastpath`), whose ONNX export is
-    cached
-    in ``cache_dir`` (default: a private temporary directory). open_clip encoders run eager
-    PyTorch whatever ``auto``/``torch``/``eager`` says.
+    ``torch``, ``eager``; see :mod:`moderation.signals.encoders.fastpath`), whose ONNX model is
+    cached in ``cache_dir`` (default: a private temporary directory). With ``auto`` or
+    ``onnxruntime`` on a CPU-only device (:func:`~.device.cpu_only`) it is the torch-free
+    :class:`~.lite0_onnx.OnnxLite0Encoder`, with ``threads`` ONNX Runtime threads (0: one per
+    core) and ``precision`` ``fp32`` or ``int8`` (static quantisation calibrated on the images
+    in ``calibration_dir`` when the model is built). open_clip encoders run eager PyTorch
+    whatever ``auto``/``torch``/``eager`` says.
 
     Returns the same object for the same name, resolved device, runtime and cache directory
     within a process. The model is not loaded here but on first use (``encode``,
@@ -60,18 +95,32 @@ def create_encoder(
     Raises:
         ValueError: ``name`` is none of the accepted forms (the message lists them), an
             open_clip architecture or tag is unknown, ``device`` is not understood, or
-            ``runtime`` is unknown or cannot run there.
+            ``runtime`` is unknown or cannot run there, or ``precision`` is unknown or asked
+            of another encoder.
         FileNotFoundError: an open_clip checkpoint file does not exist.
         DeviceUnavailableError: ``device`` asks for CUDA that is not there.
     """
+    if name == DEFAULT_ENCODER and runtime in ("auto", "onnxruntime") and cpu_only(device):
+        from moderation.signals.encoders.onnx_model import onnxruntime_available
+
+        if onnxruntime_available():
+            from moderation.signals.encoders.lite0_onnx import OnnxLite0Encoder
+
+            key = (name, "cpu", f"onnxruntime/{threads}/{precision}", str(cache_dir))
+            return _cached(
+                key,
+                lambda: OnnxLite0Encoder(
+                    cache_dir=cache_dir,
+                    threads=threads,
+                    precision=_precision(precision),
+                    calibration_dir=calibration_dir,
+                ),
+            )
+    if precision != "fp32":
+        raise ValueError(f"encoder precision {precision!r} needs the ONNX Runtime CPU encoder")
     resolved = select_device(device)
     key = (name, str(resolved), runtime, str(cache_dir))
-    with _cache_lock:
-        encoder = _cache.get(key)
-        if encoder is None:
-            encoder = _construct(name, resolved, runtime, cache_dir)
-            _cache[key] = encoder
-        return encoder
+    return _cached(key, lambda: _construct(name, resolved, runtime, cache_dir))
 
 
 def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | None) -> Encoder:
@@ -93,6 +142,14 @@ def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | 
             raise ValueError(_unknown(name)) from None
         return OpenClipEncoder(name=name, device=device)
     raise ValueError(_unknown(name))
+
+
+def _precision(value: str) -> Precision:
+    if value == "fp32":
+        return "fp32"
+    if value == "int8":
+        return "int8"
+    raise ValueError(f"unknown encoder precision {value!r}; expected 'fp32' or 'int8'")
 
 
 def _unknown(name: str) -> str:

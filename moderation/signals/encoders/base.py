@@ -1,10 +1,10 @@
 """The encoder interface: images (and, for CLIP-style models, text) to unit-length embeddings.
 
-Backends implement model construction, per-image preprocessing and one raw forward pass; this
-module owns everything they share: lazy thread-safe loading, ``eval()`` and
-``torch.inference_mode()``, batching, moving batches to the device (float16 on CUDA), and the one
-place where embeddings are L2-normalised (the role of ``normalize=True`` in open_clip's
-``model.py`` ``encode_image``).
+This module imports no torch: the ONNX Runtime encoder (:mod:`.lite0_onnx`) serves without it.
+It owns what every backend shares: the encoder id, input checks, lazy thread-safe loading,
+and the one place where embeddings are L2-normalised (the role of ``normalize=True`` in
+open_clip's ``model.py`` ``encode_image``). The PyTorch backends' common code (``eval()``,
+``torch.inference_mode()``, batching, float16 on CUDA) is :mod:`.torch_base`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ import logging
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,8 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     (contiguous, on the CPU, in its own dtype). Used where no single weights file identifies a
     model, e.g. open_clip pretrained tags resolved through a download cache.
     """
+    import torch
+
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().to("cpu").contiguous()
@@ -116,15 +121,19 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def l2_normalise(features: torch.Tensor) -> npt.NDArray[np.float32]:
-    """Rows of ``features`` (n, d) scaled to unit L2 norm, as a float32 numpy array (n, d).
+def l2_normalise(features: npt.ArrayLike | torch.Tensor) -> npt.NDArray[np.float32]:
+    """Rows of ``features`` (n, d), a numpy array or a torch tensor on any device, scaled to unit
+    L2 norm, as a float32 numpy array (n, d).
 
-    The only normalisation in the encoders. Computed in float32 so float16 CUDA outputs cannot
+    The only normalisation in the encoders (``x / max(||x||, 1e-12)``, as
+    ``torch.nn.functional.normalize``). Computed in float32 so float16 CUDA outputs cannot
     overflow when squared.
     """
-    rows = features.detach().to("cpu", torch.float32)
-    normalised = torch.nn.functional.normalize(rows, p=2.0, dim=1, eps=1e-12)
-    return np.ascontiguousarray(normalised.numpy(), dtype=np.float32)
+    if hasattr(features, "detach"):  # a torch tensor; torch itself is not imported here
+        features = features.detach().float().cpu().numpy()
+    rows = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.ascontiguousarray(rows / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
 
 
 def check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
@@ -150,33 +159,41 @@ def check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
     return checked
 
 
+class DeviceLike(Protocol):
+    """What the library reads of an encoder's device: ``torch.device`` or :class:`HostCpu`."""
+
+    @property
+    def type(self) -> str:
+        """``"cpu"`` or ``"cuda"``."""
+        ...
+
+
 class Encoder(ABC):
     """Maps RGB images to unit-length embeddings compared by cosine similarity.
 
     Obtain encoders from :func:`moderation.signals.encoders.create_encoder`, which caches one per
     (name, device). The model is built on first use (:meth:`load`, :meth:`encode`,
-    :meth:`encode_text` or, for some backends, :attr:`id`), never at construction or import, and
-    runs under ``eval()`` and ``torch.inference_mode()``, in float16 on CUDA and float32 on the
-    CPU. The CUDA path (``half()``, pinned host memory, non-blocking copies) has never run on a
-    GPU: the project's machines have none.
+    :meth:`encode_text` or, for some backends, :attr:`id`), never at construction or import.
 
     Attributes:
         name: the name given to ``create_encoder``.
         dim: embedding dimension d.
-        device: where the model runs.
+        device: where the model runs (``torch.device``, or :class:`HostCpu` for ONNX Runtime).
         has_text_tower: whether :meth:`encode_text` is supported.
+        uses_torch: whether the model runs in PyTorch (so torch's thread settings apply).
     """
 
     name: str
     dim: int
-    device: torch.device
+    device: DeviceLike
     has_text_tower: bool = False
+    uses_torch: bool = False
 
-    def __init__(self, *, name: str, dim: int, device: torch.device) -> None:
+    def __init__(self, *, name: str, dim: int, device: DeviceLike) -> None:
         self.name = name
         self.dim = dim
         self.device = device
-        self._model: torch.nn.Module | None = None
+        self._model: Any = None
         self._id: EncoderId | None = None
         self._lock = threading.RLock()
 
@@ -187,11 +204,6 @@ class Encoder(ABC):
     def loaded(self) -> bool:
         """Whether the model has been built and its weights loaded."""
         return self._model is not None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """float16 on CUDA, float32 elsewhere."""
-        return torch.float16 if self.device.type == "cuda" else torch.float32
 
     @property
     def id(self) -> EncoderId:
@@ -207,7 +219,7 @@ class Encoder(ABC):
     def preprocessing(self) -> str:
         """Canonical description of the preprocessing (and pooling), as in :class:`EncoderId`."""
 
-    def load(self) -> torch.nn.Module:
+    def load(self) -> Any:
         """Build the model and load its weights once (thread-safe); later calls return it.
 
         Raises:
@@ -220,24 +232,8 @@ class Encoder(ABC):
         with self._lock:
             if self._model is None:
                 logger.info("loading encoder %s on %s", self.name, self.device)
-                built = self._build_model()
-                built.eval()
-                built.requires_grad_(False)
-                built.to(self.device)
-                if self.dtype == torch.float16:
-                    built.half()
-                self._prepare_runtime(built)
-                self._model = built
+                self._model = self._load_model()
             return self._model
-
-    def _prepare_runtime(self, model: torch.nn.Module) -> None:
-        """Set up a faster forward path for the loaded ``model`` (default: none).
-
-        Called once, under the load lock, after the model is in eval mode on its device and
-        dtype. Backends override it to convert memory layout or build an inference session
-        (see :mod:`.timm_backend`); the embeddings must stay those of the eager model.
-        """
-        logger.debug("%s runs its model as built (%s)", self.name, type(model).__name__)
 
     def encode(
         self, images: Sequence[Image.Image], batch_size: int = 32
@@ -245,23 +241,44 @@ class Encoder(ABC):
         """Embeddings of ``images``: float32 array (n, dim), every row of unit L2 norm.
 
         Images are RGB PIL images of any size; the encoder applies its own preprocessing. An
-        empty sequence gives an array of shape (0, dim).
+        empty sequence gives an array of shape (0, dim). The same as
+        ``encode_inputs(preprocess(images), batch_size)``.
 
         Raises:
             TypeError: ``images`` is a single image or holds something other than PIL images.
             ValueError: an image is not in mode ``"RGB"`` or is empty; ``batch_size`` < 1.
         """
-        checked = check_images(images)
+        return self.encode_inputs(self.preprocess(images), batch_size)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> list[Any]:
+        """Per-image encoder inputs of ``images`` for :meth:`encode_inputs`, one per image.
+
+        Needs no model and is thread-safe, so a pipeline can prepare the next batch while the
+        current one runs (:class:`moderation.matching.screening.Screener`). By default the
+        checked images themselves; the ONNX encoder returns its resized, normalised pixels.
+
+        Raises:
+            TypeError, ValueError: as :meth:`encode`.
+        """
+        return check_images(images)
+
+    def encode_inputs(self, inputs: Sequence[Any], batch_size: int = 32) -> npt.NDArray[np.float32]:
+        """Embeddings (n, dim) float32, unit rows, of inputs from :meth:`preprocess`.
+
+        Raises:
+            ValueError: ``batch_size`` < 1.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if not checked:
+        items = list(inputs)
+        if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         self.load()
-        features = self._run_batches(checked, batch_size, self._preprocess, self._forward)
-        if features.shape != (len(checked), self.dim):
+        features = self._embed(items, batch_size)
+        if tuple(features.shape) != (len(items), self.dim):
             raise RuntimeError(
                 f"{self.name} returned features of shape {tuple(features.shape)}, "
-                f"expected {(len(checked), self.dim)}"
+                f"expected {(len(items), self.dim)}"
             )
         return l2_normalise(features)
 
@@ -283,54 +300,21 @@ class Encoder(ABC):
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         self.load()
-        with torch.inference_mode():
-            features = self._forward_text(texts)
-        return l2_normalise(features)
-
-    def _run_batches(
-        self,
-        images: list[Image.Image],
-        batch_size: int,
-        preprocess: Callable[[Image.Image], torch.Tensor],
-        forward: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """``forward`` over preprocessed batches of ``images``, concatenated in float32 on CPU."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        outputs: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                batch = torch.stack(
-                    [preprocess(image) for image in images[start : start + batch_size]]
-                )
-                outputs.append(forward(self._to_device(batch)).to("cpu", torch.float32))
-        return torch.cat(outputs)
-
-    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
-        """A CPU float32 batch on the model's device and dtype (pinned, non-blocking on CUDA)."""
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.dtype)
+        return l2_normalise(self._embed_text(texts))
 
     @abstractmethod
-    def _build_model(self) -> torch.nn.Module:
-        """A new model with its weights loaded (on the CPU; :meth:`load` moves and casts it)."""
+    def _load_model(self) -> Any:
+        """The ready-to-run model (called once, under the load lock)."""
 
     @abstractmethod
     def _weights_sha256(self) -> str:
         """Hex SHA-256 identifying the weights (see :class:`EncoderId`)."""
 
     @abstractmethod
-    def _preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image to a float32 tensor (3, H, W) ready for :meth:`_forward`."""
+    def _embed(self, inputs: list[Any], batch_size: int) -> Any:
+        """Raw (unnormalised) features (n, dim) of :meth:`preprocess` outputs, in batches of
+        ``batch_size``: a numpy array or a torch tensor."""
 
-    @abstractmethod
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Raw (unnormalised) image features (n, dim) of a device batch (n, 3, H, W).
-
-        The single forward path, so an optimised one (channels_last, ONNX) can replace it.
-        """
-
-    def _forward_text(self, prompts: list[str]) -> torch.Tensor:
+    def _embed_text(self, prompts: list[str]) -> Any:
         """Raw text features (n, dim); only backends with a text tower override this."""
         raise NotImplementedError(f"encoder {self.name!r} has no text tower")

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +22,32 @@ _CUDA_INDEX = re.compile(r"cuda:(\d+)")
 
 class DeviceUnavailableError(RuntimeError):
     """The requested device does not exist on this machine (e.g. ``cuda`` without CUDA)."""
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    """The CPU as the ONNX Runtime encoder's device: ``type`` and ``str()`` as
+    ``torch.device("cpu")``, without importing torch."""
+
+    type: str = "cpu"
+
+    def __str__(self) -> str:
+        return self.type
+
+
+#: Files present whenever an NVIDIA driver is loaded (``/proc/driver/nvidia`` is the driver's
+#: procfs directory; ``/dev/nvidiactl`` its control node). Without them CUDA cannot be available.
+NVIDIA_DRIVER_MARKERS = (Path("/proc/driver/nvidia/version"), Path("/dev/nvidiactl"))
+
+
+def cpu_only(preference: str) -> bool:
+    """Whether ``preference`` certainly means the CPU, decided without importing torch:
+    ``"cpu"``, or ``"auto"`` on a machine without an NVIDIA driver. Anything else is left to
+    :func:`select_device`."""
+    text = preference.strip().lower()
+    if text == "cpu":
+        return True
+    return text == "auto" and not any(marker.exists() for marker in NVIDIA_DRIVER_MARKERS)
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -32,6 +62,8 @@ def select_device(preference: str = "auto") -> torch.device:
             is not below ``torch.cuda.device_count()``.
         ValueError: ``preference`` is none of the forms above.
     """
+    import torch
+
     text = preference.strip().lower()
     if text == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

