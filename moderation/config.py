@@ -128,6 +128,24 @@ class Settings(BaseSettings):
         description="Edited copies of each imported image made for training, before the "
         "original is discarded (each costs about one embedding at import).",
     )
+    canary_edits_per_entry: int = Field(
+        default=1,
+        ge=0,
+        le=17,
+        description="Edited copies of each imported image kept (encrypted) in the golden set "
+        "for the canary, made with canary-only seeds; 0: none (banks of illegal content may "
+        "prefer operator-labelled files only, `moderation canary add`).",
+    )
+    canary_negatives_per_entry: int = Field(
+        default=1,
+        ge=0,
+        le=17,
+        description="Edited background photos (never bank images) added to the golden set as "
+        "negatives per imported image.",
+    )
+    canary_interval: float = Field(
+        default=21600.0, gt=0, description="Seconds between scheduled canary runs (beat)."
+    )
     classifier_background_dir: Path | None = Field(
         default=None,
         description="Folder of non-banned photos: score normalisation and hard negatives; "

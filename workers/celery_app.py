@@ -40,6 +40,18 @@ HOLDS_INTERVAL = 3600.0
 JOB_TIME_LIMIT = 6 * 3600
 # How often beat re-queues console import jobs lost to a restart (moderation.banks.job_recovery).
 RECOVER_JOBS_INTERVAL = 60.0
+CANARY_TASK = "moderation.canary"
+DRIFT_TASK = "moderation.drift"
+# How often beat asks whether the snapshot, classifier model, policy or encoder changed since the
+# last canary run (a cheap comparison; the run itself only when something changed): changes made
+# where no listener enqueues a run (a CLI import) are measured within this bound.
+CANARY_CHECK_INTERVAL = 60.0
+# A canary run screens the whole golden set (minutes on a CPU for a few thousand images): it gets
+# its own time limit and is acknowledged on receipt, so the screening tasks' limit never kills it
+# into an endless redelivery; a run lost to a crash is redone by the next change check.
+CANARY_TIME_LIMIT = 3600
+# Drift compares the last hour of uploads with the reference window, once an hour (issue 18).
+DRIFT_INTERVAL = 3600.0
 # How often beat runs the flood-control check (noisy-entry quarantine): a flooding entry sends at
 # most a few minutes of matches to review (or blocks) before it is quarantined.
 FLOOD_INTERVAL = 300.0
@@ -54,6 +66,8 @@ ROUTES = {
     HOLDS_TASK: {"queue": "maintenance"},
     JOB_TASK: {"queue": "maintenance"},
     RECOVER_JOBS_TASK: {"queue": "maintenance"},
+    CANARY_TASK: {"queue": "maintenance"},
+    DRIFT_TASK: {"queue": "maintenance"},
 }
 UNSAFE_EXIT = 3
 
@@ -93,6 +107,15 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
         "flood-control": _every(FLOOD_TASK, FLOOD_INTERVAL),
         "release-holds": _every(HOLDS_TASK, HOLDS_INTERVAL),
         "recover-jobs": _every(RECOVER_JOBS_TASK, RECOVER_JOBS_INTERVAL),
+        "canary": {
+            **_every(CANARY_TASK, float(settings.canary_interval)),
+            "args": ["schedule", True],
+        },
+        "canary-change-check": {
+            **_every(CANARY_TASK, CANARY_CHECK_INTERVAL),
+            "args": ["change", False],
+        },
+        "drift": _every(DRIFT_TASK, DRIFT_INTERVAL),
     }
 
 

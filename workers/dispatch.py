@@ -4,10 +4,11 @@ name."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from celery import Celery
 
-from workers.celery_app import CALLBACK_TASK, JOB_TASK, ROUTES, SCREEN_TASK
+from workers.celery_app import CALLBACK_TASK, CANARY_TASK, JOB_TASK, ROUTES, SCREEN_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -51,3 +52,18 @@ class CeleryJobRunner:
             self.app.send_task(JOB_TASK, args=[job_id], **ROUTES[JOB_TASK])
         except Exception:
             logger.warning("sending job %s failed; recovery will re-send it", job_id, exc_info=True)
+
+
+CANARY_LISTENER = "celery-canary"
+"""The key of the canary requester among a process's change listeners (one per process)."""
+
+
+def canary_requester(app: Celery) -> Callable[[str], None]:
+    """A model-change listener (:func:`moderation.service.model_events.add_change_listener`)
+    that queues a canary run for ``reason``; the run is skipped when nothing it measures
+    changed (``moderation.modelops.canary.run_if_changed``)."""
+
+    def request(reason: str) -> None:
+        app.send_task(CANARY_TASK, args=[reason, False], **ROUTES[CANARY_TASK])
+
+    return request

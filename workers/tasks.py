@@ -18,11 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from moderation.audit.log import checkpoint_if_due
 from moderation.banks.flood_control import check_flood
-from moderation.banks.job_recovery import lost_jobs
-from moderation.banks.jobs import run_job
-from moderation.governance.holds import release_expired_holds
 from moderation.service.callbacks import deliver_callback
 from moderation.service.dispatch import attach_dispatcher
+from moderation.service.model_events import add_change_listener
 from moderation.service.queue import RetryLater, process_upload, reconcile
 from moderation.service.runtime import Runtime
 from moderation.service.worker import WorkerState
@@ -31,15 +29,11 @@ from workers.celery_app import (
     CALLBACK_TASK,
     CHECKPOINT_TASK,
     FLOOD_TASK,
-    HOLDS_TASK,
-    JOB_TASK,
-    JOB_TIME_LIMIT,
     RECONCILE_TASK,
-    RECOVER_JOBS_TASK,
     SCREEN_TASK,
     get_app,
 )
-from workers.dispatch import CeleryDispatcher, CeleryJobRunner
+from workers.dispatch import CANARY_LISTENER, CeleryDispatcher, canary_requester
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +49,7 @@ def runtime() -> Runtime:
     if _runtime is None:
         _runtime = Runtime(app.conf.moderation_settings)
         attach_dispatcher(_runtime.sessions, CeleryDispatcher(app))
+        add_change_listener(canary_requester(app), key=CANARY_LISTENER)
     return _runtime
 
 
@@ -159,34 +154,3 @@ def audit_checkpoint() -> int | None:
 def flood_control() -> list[str]:
     """Quarantine entries over the policy's flood-control threshold today; their ids."""
     return [figures.entry_id for figures in check_flood(runtime(), actor="flood_control")]
-
-
-@app.task(name=HOLDS_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
-def release_holds() -> dict[str, int]:
-    """Release legal holds that have ended; erase held uploads of erased subjects they kept."""
-    return release_expired_holds(runtime(), actor="scheduler")
-
-
-@app.task(  # type: ignore[untyped-decorator]
-    name=JOB_TASK,
-    autoretry_for=(SQLAlchemyError,),
-    retry_backoff=2,
-    max_retries=5,
-    time_limit=JOB_TIME_LIMIT,
-    soft_time_limit=JOB_TIME_LIMIT - 60,
-)
-def run_console_job(job_id: str) -> None:
-    """Run one queued console import job (a job in any other state is left alone); an import
-    may run for up to ``JOB_TIME_LIMIT`` seconds, not the screening tasks' limit. A redelivery
-    while it runs (past Redis's visibility timeout) finds the job ``running`` and does nothing."""
-    run_job(runtime(), job_id)
-
-
-@app.task(name=RECOVER_JOBS_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
-def recover_jobs() -> list[str]:
-    """Send again the console import jobs a restart lost (queued unsent, or stalled running)."""
-    ids = lost_jobs(runtime())
-    runner = CeleryJobRunner(app)
-    for job_id in ids:
-        runner.submit(job_id)
-    return ids

@@ -76,11 +76,15 @@ def setup(app: Flask, runtime: Runtime) -> ApiServices:
     celery = None
     dispatcher = app.config.get("MODERATION_DISPATCHER")
     if dispatcher is None:
+        from moderation.service.model_events import add_change_listener
         from workers.celery_app import create_celery
-        from workers.dispatch import CeleryDispatcher
+        from workers.dispatch import CANARY_LISTENER, CeleryDispatcher, canary_requester
 
         celery = create_celery(settings)
         dispatcher = CeleryDispatcher(celery)
+        if not app.testing:
+            # Changes made from the console (a review that banks an upload) queue a canary run.
+            add_change_listener(canary_requester(celery), key=CANARY_LISTENER)
     services = ApiServices(
         dispatcher=dispatcher,
         celery=celery,

@@ -32,6 +32,7 @@ from sqlalchemy import text
 
 from admin.api.services import services
 from moderation.governance.health_metrics import HealthSamples, health_samples
+from moderation.modelops.gauges import ModelOpsCollector
 from moderation.service.metrics import bearer_token_matches, database_samples
 from moderation.service.runtime import Runtime
 from moderation.service.worker import worker_reports
@@ -310,6 +311,7 @@ def metrics() -> Response:
     start = time.perf_counter()
     scrape = CollectorRegistry()
     scrape.register(_ScrapeCollector(_runtime()))
+    scrape.register(ModelOpsCollector(_runtime()))
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

@@ -61,6 +61,7 @@ def _commit_with_snapshot(
         raise
     with transaction(runtime.sessions) as session:
         prune_snapshots(session, runtime.settings.snapshots_dir)
+    runtime.notify_change("snapshot")  # the canary measures the new version
     return version
 
 

@@ -144,6 +144,7 @@ from moderation.cli import (  # noqa: E402, F401
     api_clients,
     audit,
     bank_admin,
+    canary,
     classifier,
     core,
     decisions,

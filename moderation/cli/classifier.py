@@ -23,12 +23,16 @@ def classifier() -> None:
 @pass_ctx
 def classifier_train(ctx: Context, regularisation: float) -> None:
     """Retrain from synthetic (bank import) and review-decision labelled pairs; prints held-out
-    figures before (active model) and after (new model). A worse model is stored but not
-    activated (exit 1); both outcomes are audited."""
+    figures before (active model) and after (new model). A worse model, or one whose golden-set
+    canary figures miss the policy's SLOs (the reason gives them), is stored but not activated
+    (exit 1); both outcomes are audited."""
     from moderation.matching.classifier.training import train
+    from moderation.modelops.canary import canary_gate
 
     with initialised_runtime(ctx, ValueError) as runtime:
-        report = train(runtime, actor="cli", regularisation=regularisation)
+        report = train(
+            runtime, actor="cli", regularisation=regularisation, gate=canary_gate(runtime)
+        )
     echo_json(report.to_json())
     if not report.activated:
         raise SystemExit(1)
@@ -69,15 +73,27 @@ def classifier_list(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def classifier_rollback(ctx: Context, version: str | None) -> None:
     """Make an earlier model active again (default: the newest one older than the active);
-    workers switch without a restart. Prints {"previous", "active"}."""
-    from moderation.matching.classifier.activation import RollbackError, rollback_model
+    workers switch without a restart. Prints {"previous", "active"}. A model whose golden-set
+    canary figures miss the policy's SLOs is refused (exit 1) with the figures; audited."""
+    from moderation.matching.classifier.activation import (
+        RollbackError,
+        rollback_model,
+        rollback_target,
+    )
+    from moderation.matching.classifier.model import ModelFormatError
+    from moderation.modelops.canary import canary_gate
     from moderation.storage.db import transaction
 
-    with (
-        initialised_runtime(ctx, RollbackError) as runtime,
-        transaction(runtime.sessions) as session,
-    ):
-        result = rollback_model(
-            session, encoder_id=str(runtime.encoder.id), to=version, actor="cli"
-        )
+    with initialised_runtime(ctx, RollbackError, ModelFormatError) as runtime:
+        encoder_id = str(runtime.encoder.id)
+        with runtime.sessions() as session:
+            target = rollback_target(session, encoder_id=encoder_id, to=version)
+        verdict = canary_gate(runtime)(target)
+        with transaction(runtime.sessions) as session:
+            result = rollback_model(
+                session, encoder_id=encoder_id, to=target.version, actor="cli", verdict=verdict
+            )
     echo_json(result)
+    if "refused" in result:
+        raise SystemExit(1)
+    runtime.notify_change("classifier")  # the canary measures the model now active

@@ -25,10 +25,12 @@ from moderation.banks.snapshot import rewrap_snapshot
 from moderation.crypto.envelope import WrappedKey, rewrap_key
 from moderation.crypto.keys import KeyRing
 from moderation.governance.users import totp_context
+from moderation.matching.golden import item_context
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     ApiClient,
     Bank,
+    CanaryItem,
     DeploymentSecret,
     IndexSnapshot,
     Subject,
@@ -143,6 +145,12 @@ def _rewrap_bank_entry_keys(
     return _rewrap_column(rows, "entry_key", keyring, lambda b: bank_key_context(b.id))
 
 
+def _rewrap_canary_items(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+    # The golden set's images (moderation.matching.golden), one data key each.
+    rows = session.scalars(select(CanaryItem))
+    return _rewrap_column(rows, "wrapped_key", keyring, lambda i: item_context(i.id))
+
+
 REWRAP_STEPS: dict[str, RewrapStep] = {
     "snapshots": _rewrap_snapshots,
     "uploads": _rewrap_uploads,
@@ -151,6 +159,7 @@ REWRAP_STEPS: dict[str, RewrapStep] = {
     "user_totp_secrets": _rewrap_user_totp,
     "api_clients": _rewrap_api_clients,
     "bank_entry_keys": _rewrap_bank_entry_keys,
+    "canary_items": _rewrap_canary_items,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
 

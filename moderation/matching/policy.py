@@ -148,6 +148,19 @@ class FloodControlRules(_Strict):
         return self
 
 
+class SloRules(_Strict):
+    """Service-level objectives the golden-set canary (:mod:`moderation.modelops.canary`) holds
+    every snapshot, classifier model, policy and encoder to: a classifier model or encoder
+    below them is not promoted, and a live run below them alerts."""
+
+    # Share of the golden set's labelled copies flagged (review or block) with the right match.
+    min_recall: float = Field(default=0.95, ge=0.0, le=1.0)
+    # Share of those blocked outright; null: not an objective.
+    min_block_recall: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Share of the golden set's negatives flagged (review or block).
+    max_false_positive_rate: float = Field(default=0.02, ge=0.0, le=1.0)
+
+
 class Policy(_Strict):
     """A validated policy file."""
 
@@ -158,6 +171,7 @@ class Policy(_Strict):
     categories: dict[str, CategoryRules]
     default_category: str = "default"
     flood_control: FloodControlRules = Field(default_factory=FloodControlRules)
+    slo: SloRules = Field(default_factory=SloRules)
 
     @model_validator(mode="after")
     def _has_default(self) -> Policy:

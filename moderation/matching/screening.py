@@ -56,6 +56,7 @@ class _Work:
     exact: list[Candidate] = field(default_factory=list)
     scope: Scope = EVERY_BANK
     inputs: list[Any] = field(default_factory=list)
+    nearest: float | None = None  # cosine of the nearest bank entry (drift monitoring)
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,19 @@ class Screener:
             work.exact,
             work.scope,
         )
+        work.nearest = self._nearest(work.vectors, found)
         work.timings["search"] = _ms(start)
         return found
+
+    def _nearest(self, vectors: npt.NDArray[np.float32], found: list[Candidate]) -> float | None:
+        """The cosine of the nearest bank entry to any frame, however far (the candidates'
+        best when one was retrieved, else a top-1 search): drift monitoring's upload-embedding
+        signal (:mod:`moderation.modelops.drift`). None for an empty cosine index."""
+        cosines = [c.cosine for c in found if c.cosine is not None]
+        if cosines:
+            return max(cosines)
+        hits = [h.score for frame in self.blocklist.cosine.search(vectors, 1, -1.0) for h in frame]
+        return float(max(hits)) if hits else None
 
     def _classify(self, works: Sequence[_Work], found: Sequence[list[Candidate]]) -> None:
         """Run the classifier stage once over the batch; its time is shared out per upload."""
@@ -218,6 +230,8 @@ class Screener:
             "frame_indices": list(decoded.frame_indices) if decoded else [],
             "candidates": candidate_summary(candidates),
         }
+        if work.nearest is not None:
+            explanation["nearest_cosine"] = round(work.nearest, 4)
         if work.error is not None:  # undecodable, but its bytes are on a hash list
             explanation["undecodable"] = work.error.reason
         allow_hit = allow_bank_hit(policy, allow_cands)

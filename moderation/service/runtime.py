@@ -102,8 +102,11 @@ class Runtime:
 
     @cached_property
     def policy(self) -> Policy:
-        """The active policy, validated."""
-        return load_policy(self.settings.policies_dir, self.settings.policy)
+        """The active policy, validated (loading it notifies a ``policy`` change: the canary
+        runs when the policy differs from the one it last measured)."""
+        policy = load_policy(self.settings.policies_dir, self.settings.policy)
+        self.notify_change("policy")
+        return policy
 
     def policy_named(self, name: str | None) -> Policy:
         """The policy ``policies/<name>.yaml`` (None: the active one), validated once per
@@ -158,12 +161,24 @@ class Runtime:
 
     def import_hooks(self) -> ImportHooks:
         """What the classifier stage adds to a bank import (entry windows, training copies and
-        their labelled pairs), or no hooks when the stage is off in settings."""
-        if not self.settings.classifier:
-            return ImportHooks()
-        from moderation.matching.classifier.synthetic import import_hooks
+        their labelled pairs; none when the stage is off in settings), and the golden set's
+        canary copies and negatives (:mod:`moderation.matching.golden`)."""
+        from moderation.matching.golden import golden_collector, with_golden
 
-        return import_hooks(self)
+        hooks = ImportHooks()
+        if self.settings.classifier:
+            from moderation.matching.classifier.synthetic import import_hooks
+
+            hooks = import_hooks(self)
+        collector = golden_collector(self)
+        return hooks if collector is None else with_golden(self, hooks, collector)
+
+    def notify_change(self, reason: str) -> None:
+        """Tell the registered listeners (:mod:`moderation.service.model_events`: the canary's
+        run request) that a snapshot, classifier model, policy or encoder changed."""
+        from moderation.service.model_events import notify_change
+
+        notify_change(reason)
 
     def screener(
         self, blocklist: Blocklist | None = None, refiner: CandidateRefiner | None = None

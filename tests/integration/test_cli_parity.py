@@ -157,6 +157,29 @@ def test_hold_place_list_release(cli: Cli) -> None:
     ]
 
 
+def _model_params(version: str, encoder_id: str, dim: int) -> dict[str, object]:
+    """A loadable model document (rollback loads the model to run the canary on it)."""
+    import numpy as np
+
+    from moderation.matching.classifier.features import FEATURE_NAMES
+    from moderation.matching.classifier.model import CopyModel
+
+    k = len(FEATURE_NAMES)
+    zeros = np.zeros(k)
+    return CopyModel(
+        version,
+        encoder_id,
+        tuple(FEATURE_NAMES),
+        zeros,
+        np.ones(k),
+        zeros,
+        0.0,
+        1.0,
+        0.0,
+        np.zeros((0, dim), np.float32),
+    ).to_json()
+
+
 def test_classifier_rollback(cli: Cli) -> None:
     cli("init")
     now = datetime.now(UTC)
@@ -167,7 +190,7 @@ def test_classifier_rollback(cli: Cli) -> None:
                 ClassifierModel(
                     version=version,
                     encoder_id=encoder_id,
-                    params={},
+                    params=_model_params(version, encoder_id, rt.encoder.dim),
                     active=active,
                     created_at=now - timedelta(hours=age),
                 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,7 @@ class TrainReport:
     after: dict[str, float]
     pairs: dict[str, int]
     previous_version: str | None
+    canary: dict[str, Any] | None = None  # the activation gate's figures, when it ran
 
     def to_json(self) -> dict[str, Any]:
         """JSON for the CLI."""
@@ -78,6 +80,7 @@ class TrainReport:
             "before": self.before,
             "after": self.after,
             "pairs": self.pairs,
+            "canary": self.canary,
         }
 
 
@@ -126,17 +129,23 @@ def _background_pairs(
     return out
 
 
+ActivationGate = Callable[[CopyModel], tuple[bool, str, dict[str, Any]]]
+"""Checks a model before it is activated: ``(allowed, reason, figures)``; the golden-set
+canary's (:func:`moderation.modelops.canary.canary_gate`) refuses a model below the SLOs."""
+
+
 def train(
     runtime: Runtime,
     *,
     actor: str,
     regularisation: float = 1.0,
     band: Band | None = None,
+    gate: ActivationGate | None = None,
 ) -> TrainReport:
     """Fit a model on every labelled pair with complete features (synthetic and review) plus
     background non-copies, compare it with the active model on held-out queries and activate it
-    unless it is worse (lower average precision). Audited ``classifier.activate`` or
-    ``classifier.refuse``.
+    unless it is worse (lower average precision) or ``gate`` refuses it. Audited
+    ``classifier.activate`` or ``classifier.refuse``.
 
     Raises:
         ValueError: too few pairs of either class to fit, calibrate and evaluate.
@@ -179,7 +188,7 @@ def train(
         background=background,
         regularisation=regularisation,
     )
-    return _compare_and_store(runtime, model, x[held], y[held], counts, actor=actor)
+    return _compare_and_store(runtime, model, x[held], y[held], counts, actor=actor, gate=gate)
 
 
 _Row = tuple[dict[str, float], bool, int, str]  # features, is_copy, group, source
@@ -207,15 +216,18 @@ def _compare_and_store(
     counts: dict[str, int],
     *,
     actor: str,
+    gate: ActivationGate | None = None,
 ) -> TrainReport:
     """Evaluate ``model`` and the active one on the held-out pairs, store ``model`` (active
-    unless worse), audit the outcome and report it."""
+    unless worse or refused by ``gate``), audit the outcome and report it."""
     encoder_id = str(runtime.encoder.id)
     after = evaluate(model.predict(x_held), y_held)
-    with transaction(runtime.sessions) as session:
+    with runtime.sessions() as session:
         current = active_model(session, encoder_id)
-        before = None if current is None else evaluate(current.predict(x_held), y_held)
-        activated, reason = decide_activation(before, after)
+    before = None if current is None else evaluate(current.predict(x_held), y_held)
+    activated, reason, gate_figures = _judge(model, before, after, gate)
+    figures = {"held_out": after, "before": before, "pairs": counts, "canary": gate_figures}
+    with transaction(runtime.sessions) as session:
         model = CopyModel(**{**model.__dict__, "metrics": {"held_out": after, "pairs": counts}})
         if activated:
             session.execute(update(ClassifierModel).values(active=False))
@@ -224,7 +236,7 @@ def _compare_and_store(
                 version=model.version,
                 encoder_id=encoder_id,
                 params=model.to_json(),
-                metrics={"held_out": after, "before": before, "pairs": counts},
+                metrics=figures,
                 active=activated,
             )
         )
@@ -237,11 +249,12 @@ def _compare_and_store(
             details={
                 "reason": reason,
                 "previous": current.version if current else None,
-                "before": before,
                 "after": after,
-                "pairs": counts,
+                **figures,
             },
         )
+    if activated:
+        runtime.notify_change("classifier")  # the canary measures the new model
     logger.info(
         "classifier %s: %s (%s)", model.version, "activated" if activated else "refused", reason
     )
@@ -253,7 +266,21 @@ def _compare_and_store(
         after=after,
         pairs=counts,
         previous_version=current.version if current else None,
+        canary=gate_figures,
     )
+
+
+def _judge(
+    model: CopyModel,
+    before: dict[str, float] | None,
+    after: dict[str, float],
+    gate: ActivationGate | None,
+) -> tuple[bool, str, dict[str, Any] | None]:
+    """(activate?, reason, the gate's figures): :func:`decide_activation`, then ``gate``."""
+    activated, reason = decide_activation(before, after)
+    if activated and gate is not None:
+        return gate(model)
+    return activated, reason, None
 
 
 def decide_activation(before: dict[str, float] | None, after: dict[str, float]) -> tuple[bool, str]:
