@@ -17,12 +17,12 @@ TINY_CONFIG = {
 }
 
 
-def tiny_clip_encoder(directory: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Write the config, a seeded checkpoint and ``directory/sitecustomize.py``; register the
-    architecture in this process (undone after the test); return the encoder name."""
+def register_tiny_clip(directory: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Register the tiny architecture in this process until the test ends (config written to
+    ``directory``); returns the config's path. A later test of a deployment made by
+    :func:`tiny_clip_encoder` calls this again to open its encoder."""
     import open_clip
     import open_clip.factory
-    import torch
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(
@@ -33,6 +33,16 @@ def tiny_clip_encoder(directory: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     config = directory / f"{TINY_ARCH}.json"
     config.write_text(json.dumps(TINY_CONFIG))
     open_clip.add_model_config(config)
+    return config
+
+
+def tiny_clip_encoder(directory: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Write the config, a seeded checkpoint and ``directory/sitecustomize.py``; register the
+    architecture in this process (undone after the test); return the encoder name."""
+    import open_clip
+    import torch
+
+    config = register_tiny_clip(directory, monkeypatch)
     torch.manual_seed(0)
     model = open_clip.create_model(TINY_ARCH)
     checkpoint = directory / "tiny-clip.pt"

@@ -30,6 +30,17 @@ RECONCILE_TASK = "moderation.reconcile"
 CHECKPOINT_TASK = "moderation.audit_checkpoint"
 FLOOD_TASK = "moderation.flood_control"
 ENCODER_MIGRATION_TASK = "moderation.encoder_migrate"
+HOLDS_TASK = "moderation.release_holds"
+JOB_TASK = "moderation.run_job"
+RECOVER_JOBS_TASK = "moderation.recover_jobs"
+# How often beat releases legal holds that have ended (and erases held uploads of erased subjects
+# no hold keeps): holds are days long, so an hour late at most is well inside any legal period.
+HOLDS_INTERVAL = 3600.0
+# Hard time limit of one console import job, seconds: a large zip (tens of thousands of images)
+# embeds for hours on CPU; the screening tasks' task_time_limit is far too short for it.
+JOB_TIME_LIMIT = 6 * 3600
+# How often beat re-queues console import jobs lost to a restart (moderation.banks.job_recovery).
+RECOVER_JOBS_INTERVAL = 60.0
 CANARY_TASK = "moderation.canary"
 DRIFT_TASK = "moderation.drift"
 # How often beat asks whether the snapshot, classifier model, policy or encoder changed since the
@@ -42,17 +53,6 @@ CANARY_CHECK_INTERVAL = 60.0
 CANARY_TIME_LIMIT = 3600
 # Drift compares the last hour of uploads with the reference window, once an hour (issue 18).
 DRIFT_INTERVAL = 3600.0
-HOLDS_TASK = "moderation.release_holds"
-JOB_TASK = "moderation.run_job"
-RECOVER_JOBS_TASK = "moderation.recover_jobs"
-# How often beat releases legal holds that have ended (and erases held uploads of erased subjects
-# no hold keeps): holds are days long, so an hour late at most is well inside any legal period.
-HOLDS_INTERVAL = 3600.0
-# Hard time limit of one console import job, seconds: a large zip (tens of thousands of images)
-# embeds for hours on CPU; the screening tasks' task_time_limit is far too short for it.
-JOB_TIME_LIMIT = 6 * 3600
-# How often beat re-queues console import jobs lost to a restart (moderation.banks.job_recovery).
-RECOVER_JOBS_INTERVAL = 60.0
 # How often beat runs the flood-control check (noisy-entry quarantine): a flooding entry sends at
 # most a few minutes of matches to review (or blocks) before it is quarantined.
 FLOOD_INTERVAL = 300.0
@@ -68,11 +68,11 @@ ROUTES = {
     RECONCILE_TASK: {"queue": "maintenance"},
     FLOOD_TASK: {"queue": "maintenance"},
     ENCODER_MIGRATION_TASK: {"queue": "maintenance"},
-    CANARY_TASK: {"queue": "maintenance"},
-    DRIFT_TASK: {"queue": "maintenance"},
     HOLDS_TASK: {"queue": "maintenance"},
     JOB_TASK: {"queue": "maintenance"},
     RECOVER_JOBS_TASK: {"queue": "maintenance"},
+    CANARY_TASK: {"queue": "maintenance"},
+    DRIFT_TASK: {"queue": "maintenance"},
 }
 UNSAFE_EXIT = 3
 

@@ -36,17 +36,6 @@ class CeleryDispatcher:
         )
 
 
-def canary_requester(app: Celery) -> Callable[[str], None]:
-    """A model-change listener (:func:`moderation.service.model_events.add_change_listener`)
-    that queues a canary run for ``reason``; the run is skipped when nothing it measures
-    changed (``moderation.modelops.canary.run_if_changed``)."""
-
-    def request(reason: str) -> None:
-        app.send_task(CANARY_TASK, args=[reason, False], **ROUTES[CANARY_TASK])
-
-    return request
-
-
 class CeleryJobRunner:
     """A :class:`moderation.banks.jobs.JobRunner` that hands console import jobs to a Celery
     worker (``moderation.run_job``): nothing is imported in the web process.
@@ -63,3 +52,18 @@ class CeleryJobRunner:
             self.app.send_task(JOB_TASK, args=[job_id], **ROUTES[JOB_TASK])
         except Exception:
             logger.warning("sending job %s failed; recovery will re-send it", job_id, exc_info=True)
+
+
+CANARY_LISTENER = "celery-canary"
+"""The key of the canary requester among a process's change listeners (one per process)."""
+
+
+def canary_requester(app: Celery) -> Callable[[str], None]:
+    """A model-change listener (:func:`moderation.service.model_events.add_change_listener`)
+    that queues a canary run for ``reason``; the run is skipped when nothing it measures
+    changed (``moderation.modelops.canary.run_if_changed``)."""
+
+    def request(reason: str) -> None:
+        app.send_task(CANARY_TASK, args=[reason, False], **ROUTES[CANARY_TASK])
+
+    return request

@@ -45,7 +45,7 @@ from workers.celery_app import (
     SCREEN_TASK,
     get_app,
 )
-from workers.dispatch import CeleryDispatcher, CeleryJobRunner, canary_requester
+from workers.dispatch import CANARY_LISTENER, CeleryDispatcher, CeleryJobRunner, canary_requester
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def runtime() -> Runtime:
     if _runtime is None:
         _runtime = Runtime(app.conf.moderation_settings)
         attach_dispatcher(_runtime.sessions, CeleryDispatcher(app))
-        add_change_listener(canary_requester(app))
+        add_change_listener(canary_requester(app), key=CANARY_LISTENER)
     return _runtime
 
 

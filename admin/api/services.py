@@ -78,12 +78,13 @@ def setup(app: Flask, runtime: Runtime) -> ApiServices:
     if dispatcher is None:
         from moderation.service.model_events import add_change_listener
         from workers.celery_app import create_celery
-        from workers.dispatch import CeleryDispatcher, canary_requester
+        from workers.dispatch import CANARY_LISTENER, CeleryDispatcher, canary_requester
 
         celery = create_celery(settings)
         dispatcher = CeleryDispatcher(celery)
-        # Changes made from the console (a review that banks an upload) queue a canary run.
-        add_change_listener(canary_requester(celery))
+        if not app.testing:
+            # Changes made from the console (a review that banks an upload) queue a canary run.
+            add_change_listener(canary_requester(celery), key=CANARY_LISTENER)
     services = ApiServices(
         dispatcher=dispatcher,
         celery=celery,

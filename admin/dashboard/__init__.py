@@ -8,6 +8,7 @@ from admin import runtime
 from admin.dashboard.charts import stacked_bars
 from admin.permissions import permission_required
 from moderation.governance.dashboard import REVIEW_DECISIONS, SCREENING_DECISIONS, dashboard_stats
+from moderation.modelops.gauges import model_health
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 
@@ -20,6 +21,7 @@ def index() -> str:
     return render_template(
         "dashboard/index.html",
         stats=stats,
+        health=model_health(runtime()),
         screening_chart=stacked_bars(stats.screenings, SCREENING_DECISIONS),
         review_chart=stacked_bars(stats.reviews, REVIEW_DECISIONS),
     )

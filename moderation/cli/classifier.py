@@ -1,4 +1,4 @@
-"""Classifier-stage commands: ``moderation classifier train|list|activate|rollback``."""
+"""Classifier-stage commands: ``moderation classifier train|list|rollback``."""
 
 from __future__ import annotations
 
@@ -68,42 +68,32 @@ def classifier_list(ctx: Context, as_json: bool) -> None:
         print_table(rows, ["version", "active", "average_precision", "created_at"])
 
 
-def _switch(ctx: Context, version: str | None, *, rollback: bool) -> None:
-    from moderation.matching.classifier.activation import (
-        ActivationError,
-        activate_model,
-        rollback_model,
-    )
-    from moderation.modelops.canary import canary_gate
-
-    with initialised_runtime(ctx, ActivationError) as runtime:
-        gate = canary_gate(runtime)
-        if rollback:
-            outcome = rollback_model(runtime, actor="cli", to=version, gate=gate)
-        else:
-            assert version is not None
-            outcome = activate_model(runtime, version, actor="cli", gate=gate)
-    echo_json(outcome)
-    if not outcome["activated"]:
-        raise SystemExit(1)
-
-
-@classifier.command("activate")
-@click.argument("version")
-@pass_ctx
-def classifier_activate(ctx: Context, version: str) -> None:
-    """Make the stored model VERSION active (workers switch without a restart), unless its
-    golden-set canary figures miss the policy's SLOs: then it is refused (exit 1) with the
-    figures. Audited either way. Prints {"previous", "active", "activated", "reason",
-    "canary"}."""
-    _switch(ctx, version, rollback=False)
-
-
 @classifier.command("rollback")
 @click.option("--to", "version", default=None, help="Version to activate (see `list`).")
 @pass_ctx
 def classifier_rollback(ctx: Context, version: str | None) -> None:
-    """Make an earlier model active again (default: the newest one older than the active),
-    through the same canary check as `activate` (exit 1 when refused); workers switch without
-    a restart. Prints {"previous", "active", "activated", "reason", "canary"}."""
-    _switch(ctx, version, rollback=True)
+    """Make an earlier model active again (default: the newest one older than the active);
+    workers switch without a restart. Prints {"previous", "active"}. A model whose golden-set
+    canary figures miss the policy's SLOs is refused (exit 1) with the figures; audited."""
+    from moderation.matching.classifier.activation import (
+        RollbackError,
+        rollback_model,
+        rollback_target,
+    )
+    from moderation.matching.classifier.model import ModelFormatError
+    from moderation.modelops.canary import canary_gate
+    from moderation.storage.db import transaction
+
+    with initialised_runtime(ctx, RollbackError, ModelFormatError) as runtime:
+        encoder_id = str(runtime.encoder.id)
+        with runtime.sessions() as session:
+            target = rollback_target(session, encoder_id=encoder_id, to=version)
+        verdict = canary_gate(runtime)(target)
+        with transaction(runtime.sessions) as session:
+            result = rollback_model(
+                session, encoder_id=encoder_id, to=target.version, actor="cli", verdict=verdict
+            )
+    echo_json(result)
+    if "refused" in result:
+        raise SystemExit(1)
+    runtime.notify_change("classifier")  # the canary measures the model now active

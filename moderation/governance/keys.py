@@ -150,18 +150,18 @@ def _rewrap_entry_originals(
     return count
 
 
-def _rewrap_canary_items(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
-    # The golden set's images (moderation.matching.golden), one data key each.
-    rows = session.scalars(select(CanaryItem))
-    return _rewrap_column(rows, "wrapped_key", keyring, lambda i: item_context(i.id))
-
-
 def _rewrap_bank_entry_keys(
     session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport
 ) -> int:
     # The keys sealing entry labels and source refs (moderation.banks.sealed_fields).
     rows = session.scalars(select(Bank).where(Bank.entry_key.is_not(None)))
     return _rewrap_column(rows, "entry_key", keyring, lambda b: bank_key_context(b.id))
+
+
+def _rewrap_canary_items(session: Session, keyring: KeyRing, _dir: Path, _r: RotationReport) -> int:
+    # The golden set's images (moderation.matching.golden), one data key each.
+    rows = session.scalars(select(CanaryItem))
+    return _rewrap_column(rows, "wrapped_key", keyring, lambda i: item_context(i.id))
 
 
 REWRAP_STEPS: dict[str, RewrapStep] = {
@@ -172,8 +172,8 @@ REWRAP_STEPS: dict[str, RewrapStep] = {
     "user_totp_secrets": _rewrap_user_totp,
     "api_clients": _rewrap_api_clients,
     "entry_originals": _rewrap_entry_originals,
-    "canary_items": _rewrap_canary_items,
     "bank_entry_keys": _rewrap_bank_entry_keys,
+    "canary_items": _rewrap_canary_items,
 }
 """Every store holding wrapped data keys. A feature that stores new wrapped keys adds its step."""
 

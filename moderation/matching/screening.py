@@ -54,9 +54,9 @@ class _Work:
     vectors: npt.NDArray[np.float32] | None = None
     pdq: tuple[tuple[PdqHash, ...], ...] = ()
     exact: list[Candidate] = field(default_factory=list)
-    nearest: float | None = None  # cosine of the nearest bank entry (drift monitoring)
     scope: Scope = EVERY_BANK
     inputs: list[Any] = field(default_factory=list)
+    nearest: float | None = None  # cosine of the nearest bank entry (drift monitoring)
 
 
 @dataclass(frozen=True)

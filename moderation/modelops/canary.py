@@ -52,7 +52,7 @@ class CanaryError(Exception):
 class SloViolation(Exception):
     """A canary report is below the policy's SLOs; the message gives the figures."""
 
-    def __init__(self, message: str, report: CanaryReport) -> None:
+    def __init__(self, message: str, report: CanaryReport | None = None) -> None:
         super().__init__(message)
         self.report = report
 

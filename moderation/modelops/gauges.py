@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -17,7 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from moderation.modelops.canary import latest_runs
-from moderation.storage.models import DriftRun
+from moderation.storage.models import CanaryRun, DriftRun
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
@@ -72,6 +73,34 @@ def canary_metrics(runtime: Runtime) -> list[Metric]:
     ]
 
 
+def latest_drift(runtime: Runtime) -> list[DriftRun]:
+    """The latest stored check per drift signal, by signal name."""
+    newest = (
+        select(DriftRun.signal, func.max(DriftRun.id).label("id"))
+        .group_by(DriftRun.signal)
+        .subquery()
+    )
+    with runtime.sessions() as session:
+        rows = session.scalars(select(DriftRun).join(newest, DriftRun.id == newest.c.id)).all()
+        session.expunge_all()
+    return sorted(rows, key=lambda r: r.signal)
+
+
+@dataclass(frozen=True)
+class ModelHealth:
+    """What the console's dashboard shows of the models: the latest canary run per encoder,
+    the latest drift check per signal, and the policy's objectives."""
+
+    canary: list[CanaryRun]
+    drift: list[DriftRun]
+    slo: dict[str, float | None]
+
+
+def model_health(runtime: Runtime) -> ModelHealth:
+    """The dashboard's model-health figures (see :class:`ModelHealth`)."""
+    return ModelHealth(latest_runs(runtime), latest_drift(runtime), runtime.policy.slo.model_dump())
+
+
 def drift_metrics(runtime: Runtime) -> list[Metric]:
     """``moderation_drift_score`` and ``moderation_drift_threshold`` per signal (latest check)."""
     score = GaugeMetricFamily(
@@ -84,16 +113,9 @@ def drift_metrics(runtime: Runtime) -> list[Metric]:
         "Drift score above which the signal alerts.",
         labels=["signal"],
     )
-    with runtime.sessions() as session:
-        newest = (
-            select(DriftRun.signal, func.max(DriftRun.id).label("id"))
-            .group_by(DriftRun.signal)
-            .subquery()
-        )
-        rows = session.scalars(select(DriftRun).join(newest, DriftRun.id == newest.c.id)).all()
-        for row in sorted(rows, key=lambda r: r.signal):
-            score.add_metric([row.signal], row.score)
-            threshold.add_metric([row.signal], row.threshold)
+    for row in latest_drift(runtime):
+        score.add_metric([row.signal], row.score)
+        threshold.add_metric([row.signal], row.threshold)
     return [score, threshold]
 
 

@@ -20,24 +20,25 @@ REASONS = ("snapshot", "classifier", "policy", "encoder", "schedule", "manual")
 
 ChangeListener = Callable[[str], None]
 
-_listeners: list[ChangeListener] = []
+_listeners: dict[str, ChangeListener] = {}
 
 
-def add_change_listener(listener: ChangeListener) -> None:
-    """Call ``listener(reason)`` on every change notified in this process (added once)."""
-    if listener not in _listeners:
-        _listeners.append(listener)
+def add_change_listener(listener: ChangeListener, *, key: str | None = None) -> None:
+    """Call ``listener(reason)`` on every change notified in this process. A listener added
+    under the ``key`` of an earlier one replaces it (one Celery sender per process)."""
+    _listeners[key or f"id:{id(listener)}"] = listener
 
 
 def remove_change_listener(listener: ChangeListener) -> None:
     """Stop calling ``listener`` (tests)."""
-    if listener in _listeners:
-        _listeners.remove(listener)
+    for key, value in list(_listeners.items()):
+        if value == listener:
+            del _listeners[key]
 
 
 def notify_change(reason: str) -> None:
     """Call every listener with ``reason`` (one of :data:`REASONS`); failures are logged."""
-    for listener in list(_listeners):
+    for listener in list(_listeners.values()):
         try:
             listener(reason)
         except Exception:

@@ -132,13 +132,15 @@ def test_the_canary_refuses_a_deliberately_degraded_classifier_model(banked: Cli
                 active=False,
             )
         )
-    result = banked("classifier", "activate", model.version, ok=False)
+    result = banked("classifier", "rollback", "--to", model.version, ok=False)
     assert result.exit_code == 1
     outcome = json.loads(result.stdout)
-    assert not outcome["activated"]
+    assert outcome["refused"] == model.version and outcome["active"] is None
     assert "refused by the canary" in outcome["reason"]
-    assert "recall at review 0.0000" in outcome["reason"]  # the figures are in the refusal
-    assert outcome["canary"]["recall_review"] == 0.0
+    # Only the classifier safety floor still sends some copies to review; blocks are gone.
+    recall = outcome["canary"]["recall_review"]
+    assert recall < 0.95 and outcome["canary"]["recall_block"] == 0.0
+    assert f"recall at review {recall:.4f} < min_recall 0.95" in outcome["reason"]  # figures
     with runtime.sessions() as session:
         assert not session.scalar(
             select(ClassifierModel.active).where(ClassifierModel.version == model.version)
@@ -146,7 +148,7 @@ def test_the_canary_refuses_a_deliberately_degraded_classifier_model(banked: Cli
         event = session.scalars(
             select(AuditEvent).where(AuditEvent.action == "classifier.refuse")
         ).one()
-        assert event.details["canary"]["recall_review"] == 0.0
+        assert event.details["canary"]["recall_review"] == recall
     runtime.engine.dispose()
 
 
@@ -167,21 +169,6 @@ def test_changes_request_a_run_and_the_change_check_runs_only_after_one(banked: 
         assert "snapshot" in reasons  # the new snapshot version was published
         again = run_if_changed(runtime, reason="change")
         assert again is not None and again.snapshot_version == 2 and again.positives == 7
-        from moderation.matching.classifier.activation import activate_model
-
-        model = degraded_model(runtime)
-        with runtime.sessions() as session, session.begin():
-            session.add(
-                ClassifierModel(
-                    version="ungated",
-                    encoder_id=model.encoder_id,
-                    params={**model.to_json(), "version": "ungated"},
-                    metrics={},
-                    active=False,
-                )
-            )
-        activate_model(runtime, "ungated", actor="test")  # no gate: activated
-        assert reasons[-1] == "classifier"
         runtime.engine.dispose()
     finally:
         remove_change_listener(reasons.append)
@@ -233,10 +220,39 @@ def test_rollback_goes_to_the_model_stored_before_the_active_one_through_the_can
             )
     result = banked("classifier", "rollback", ok=False)
     outcome = json.loads(result.stdout)
-    assert result.exit_code == 1 and outcome["version"] == "older"
-    assert outcome["previous_version"] == "current" and not outcome["activated"]
-    assert (
-        "false-positive rate" in outcome["reason"]
-        and "recall at review 0.0000" in outcome["reason"]
-    )
+    assert result.exit_code == 1 and outcome["refused"] == "older"
+    assert outcome["previous"] == outcome["active"] == "current"
+    assert "false-positive rate" in outcome["reason"] and "< min_recall 0.95" in outcome["reason"]
     runtime.engine.dispose()
+
+
+def test_an_accepted_rollback_notifies_a_classifier_change(cli: Cli) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    cli("init")  # no bank: an empty golden set measures nothing and refuses nothing
+    runtime = cli_runtime(cli)
+    model = degraded_model(runtime)
+    now = datetime.now(UTC)
+    with runtime.sessions() as session, session.begin():
+        for version, age, active in (("older", 2, False), ("current", 1, True)):
+            session.add(
+                ClassifierModel(
+                    version=version,
+                    encoder_id=model.encoder_id,
+                    params={**model.to_json(), "version": version},
+                    metrics={},
+                    active=active,
+                    created_at=now - timedelta(hours=age),
+                )
+            )
+    reasons: list[str] = []
+    add_change_listener(reasons.append)
+    try:
+        assert json.loads(cli("classifier", "rollback").stdout) == {
+            "previous": "current",
+            "active": "older",
+        }
+        assert reasons[-1] == "classifier"
+    finally:
+        remove_change_listener(reasons.append)
+        runtime.engine.dispose()

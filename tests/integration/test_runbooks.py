@@ -9,6 +9,9 @@ client, and a live worker heartbeat (a real :class:`WorkerState`, refreshed befo
 command). Placeholders (``<BANK>``...) are replaced by that deployment's values; an unknown
 placeholder, a command that is not ``moderation ...`` and an unknown subcommand fail the test.
 ``moderation worker|serve|beat`` run until stopped, so only their arguments are checked.
+A runbook whose commands only mean something in a particular state gets that state too
+(:data:`PREPARATIONS`: encoder-rollback.md runs on a deployment whose promoted encoder
+migration is to be rolled back).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from moderation.storage.models import ErasureRequest
 from tests.conftest import Cli, skimage_photo
+from tests.tiny_clip import register_tiny_clip, relaxed_slo_policies, tiny_clip_encoder
 
 RUNBOOKS = Path(__file__).resolve().parents[2] / "docs" / "runbooks"
 LONG_RUNNING = {"worker", "serve", "beat"}
@@ -83,6 +87,8 @@ class Deployment:
     data_dir: Path
     values: dict[str, str]
     worker: WorkerState | None = None
+    # Re-applied before each of the runbook's commands (a test's monkeypatches end with it).
+    setup: list[Callable[[pytest.MonkeyPatch], None]] = field(default_factory=list)
 
     def heartbeat(self) -> None:
         """A real worker's refresh: reload a new snapshot (with the current keys) and report."""
@@ -120,6 +126,34 @@ def prepare(base: Path, monkeypatch: pytest.MonkeyPatch) -> Deployment:
         "SCRATCH": str(base / "scratch"),
     }
     return Deployment(base / "var", values)
+
+
+def _promoted_migration(
+    base: Path, deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """encoder-rollback.md's state: bank ``kept`` retains its originals, an encoder migration
+    to a second (tiny, offline) encoder ran and was promoted: the serving encoder to roll back."""
+    clip_dir, policies = base / "clip", relaxed_slo_policies(base / "policies")
+
+    def setup(mp: pytest.MonkeyPatch) -> None:
+        register_tiny_clip(clip_dir, mp)
+        # The canary gate runs on promotion; these SLOs let the tiny random encoder through.
+        mp.setenv("MODERATION_POLICIES_DIR", str(policies))
+
+    target = tiny_clip_encoder(clip_dir, monkeypatch)
+    deployment.setup.append(setup)
+    cli = Cli(deployment.data_dir, monkeypatch)  # clears MODERATION_*: set up after it
+    setup(monkeypatch)
+    cli("bank", "create", "kept", "--retain-originals")
+    cli("bank", "import", "kept", deployment.values["IMAGES"])
+    cli("encoder", "migrate", target, "--wait")
+    assert cli.json_lines("encoder", "promote")[-1]["serving"] == target
+
+
+PREPARATIONS: dict[str, Callable[[Path, Deployment, pytest.MonkeyPatch], None]] = {
+    "encoder-rollback.md": _promoted_migration,
+}
+"""Runbooks whose commands need more than :func:`prepare`'s deployment, and what they need."""
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +203,15 @@ def test_runbook_command_exits_0(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if runbook not in deployments:
-        deployments[runbook] = prepare(tmp_path_factory.mktemp(Path(runbook).stem), monkeypatch)
+        base = tmp_path_factory.mktemp(Path(runbook).stem)
+        deployments[runbook] = prepare(base, monkeypatch)
+        if runbook in PREPARATIONS:
+            PREPARATIONS[runbook](base, deployments[runbook], monkeypatch)
     deployment = deployments[runbook]
     env, args = split(substitute(command, deployment.values))
     cli = Cli(deployment.data_dir, monkeypatch)
+    for setup in deployment.setup:
+        setup(monkeypatch)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     if args and args[0] in LONG_RUNNING:

@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def test_importing_the_package_loads_no_backend() -> None:
 
 
 def test_create_encoder_is_lazy_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(encoders, "_cache", {})
+    monkeypatch.setattr(encoders, "_cache", OrderedDict())
     encoder = create_encoder(LITE0, device="cpu")
     assert not encoder.loaded
     assert create_encoder(LITE0, device="cpu") is encoder

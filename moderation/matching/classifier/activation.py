@@ -1,174 +1,135 @@
-"""Switching the active classifier model to a stored one (``moderation classifier
-activate|rollback``).
+"""Classifier rollback: make an earlier stored model the active one again.
 
-Training (:func:`moderation.matching.classifier.training.train`) activates the model it fits
-unless it is worse; :func:`activate_model` switches to a model already stored, and
-:func:`rollback_model` to an earlier one (default: the newest stored before the active one), both
-through the same activation gate as training: the golden-set canary refuses a model below the
-policy's SLOs (:func:`moderation.modelops.canary.canary_gate`). Workers pick the change up without
-a restart (:func:`moderation.matching.classifier.model.active_model_version`).
+Training (:mod:`moderation.matching.classifier.training`) activates a new model unless it is
+worse on held-out pairs; a model that turns out bad in production is rolled back here by an admin
+(``moderation classifier rollback``). Workers poll the active version
+(:func:`~moderation.matching.classifier.model.active_model_version`) and switch without a
+restart. With a ``gate`` (the golden-set canary's,
+:func:`moderation.modelops.canary.canary_gate`) a model whose canary figures miss the policy's
+SLOs is refused instead (audited ``classifier.refuse`` with the figures).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.matching.classifier.model import CopyModel, ModelFormatError
-from moderation.storage.db import transaction
+from moderation.matching.classifier.model import CopyModel
 from moderation.storage.models import ClassifierModel
 
-if TYPE_CHECKING:
-    from moderation.service.runtime import Runtime
-
-logger = logging.getLogger(__name__)
-
-Gate = Callable[[CopyModel], tuple[bool, str, dict[str, Any]]]
-"""Decides whether a model may become active: ``(allowed, reason, figures)``."""
+Verdict = tuple[bool, str, dict[str, Any]]
+"""``(allowed, reason, figures)`` of an activation gate (the canary's) on the target model."""
 
 
-class ActivationError(ValueError):
-    """No such model, a model of another encoder, an unreadable one, or nothing to roll back
-    to."""
+class RollbackError(Exception):
+    """No model to roll back to (unknown version, other encoder, nothing older)."""
 
 
-def rollback_target(session: Session, encoder_id: str, to: str | None = None) -> str:
-    """The version a rollback activates: ``to`` when given, else the newest model of
-    ``encoder_id`` stored before the active one.
+def rollback_model(
+    session: Session,
+    *,
+    encoder_id: str,
+    to: str | None = None,
+    actor: str,
+    origin: str | None = None,
+    verdict: Verdict | None = None,
+) -> dict[str, Any]:
+    """Activate model ``to`` (default: the newest model of ``encoder_id`` older than the active
+    one) for ``encoder_id``, unless ``verdict`` (the gate's, run on :func:`rollback_target`'s
+    model before this transaction: the canary screens for a while) refuses it; audited
+    ``classifier.rollback`` (or ``classifier.refuse``). Returns ``{"previous", "active"}``
+    (versions; ``previous`` None when no model was active), plus ``canary`` (the gate's
+    figures) and, when refused, ``refused`` (the target's version) and ``reason``.
 
     Raises:
-        ActivationError: ``to`` is unknown or of another encoder; no model is active (and no
-            ``to``); no older model.
+        RollbackError: unknown version, a model of another encoder, or no older model.
     """
-    if to is not None:
-        target = session.get(ClassifierModel, to)
-        if target is None or target.encoder_id != encoder_id:
-            raise ActivationError(f"no stored model {to!r} for encoder {encoder_id}")
-        return to
-    current = _active(session, encoder_id)
-    if current is None:
-        raise ActivationError("no model is active: name the version to activate (--to)")
-    older = session.scalar(
-        select(ClassifierModel.version)
-        .where(
-            ClassifierModel.encoder_id == encoder_id,
-            ClassifierModel.created_at < current.created_at,
-        )
-        .order_by(ClassifierModel.created_at.desc(), ClassifierModel.version.desc())
-        .limit(1)
-    )
-    if older is None:
-        raise ActivationError(f"no model older than the active {current.version}")
-    return older
-
-
-def _active(session: Session, encoder_id: str) -> ClassifierModel | None:
-    return session.scalar(
+    current = session.scalar(
         select(ClassifierModel).where(
             ClassifierModel.active.is_(True), ClassifierModel.encoder_id == encoder_id
         )
     )
-
-
-def _stored_model(session: Session, version: str, encoder_id: str) -> CopyModel:
-    row = session.get(ClassifierModel, version)
-    if row is None:
-        raise ActivationError(f"no classifier model {version!r} (moderation classifier list)")
-    if row.encoder_id != encoder_id:
-        raise ActivationError(f"model {version} was trained for encoder {row.encoder_id}")
-    try:
-        return CopyModel.from_json(row.params)
-    except ModelFormatError as exc:
-        raise ActivationError(f"model {version} cannot be read: {exc}") from exc
-
-
-def activate_model(
-    runtime: Runtime,
-    version: str,
-    *,
-    actor: str,
-    gate: Gate | None = None,
-    action: str = "classifier.activate",
-    origin: str | None = None,
-) -> dict[str, Any]:
-    """Make the stored model ``version`` the active one for the serving encoder, unless
-    ``gate`` refuses it; audited ``action`` (``classifier.activate`` or ``classifier.rollback``)
-    or ``classifier.refuse`` (with the gate's reason and figures). Notifies a ``classifier``
-    change (the canary's change check) when activated.
-
-    Returns:
-        ``{"previous", "active", "activated", "reason", "canary"}``: the versions active before
-        and after (``previous`` None when none was), whether ``version`` was activated, the
-        gate's reason and canary figures (``{}`` when not measured).
-
-    Raises:
-        ActivationError: unknown version, a model trained for another encoder, or an unreadable
-            one.
-    """
-    encoder_id = str(runtime.encoder.id)
-    with runtime.sessions() as session:
-        model = _stored_model(session, version, encoder_id)
-        current = _active(session, encoder_id)
-        previous = current.version if current is not None else None
-    allowed, reason, figures = gate(model) if gate is not None else (True, "no gate", {})
-    with transaction(runtime.sessions) as session:
-        if allowed:
-            session.execute(
-                update(ClassifierModel)
-                .where(ClassifierModel.encoder_id == encoder_id)
-                .values(active=False)
-            )
-            session.execute(
-                update(ClassifierModel)
-                .where(ClassifierModel.version == version)
-                .values(active=True)
-            )
+    target = _target(session, encoder_id, current, to)
+    previous = current.version if current is not None else None
+    allowed, reason, figures = verdict or (True, "no gate", {})
+    if not allowed:
         record_event(
             session,
             actor=actor,
-            action=action if allowed else "classifier.refuse",
-            target=f"classifier:{version}",
-            outcome="success" if allowed else "denied",
+            action="classifier.refuse",
+            target=f"classifier:{target.version}",
+            outcome="denied",
             origin=origin,
             details={"reason": reason, "previous": previous, "canary": figures},
         )
-    if allowed:
-        runtime.notify_change("classifier")
-    logger.info("classifier %s: %s (%s)", version, "activated" if allowed else "refused", reason)
+        return {
+            "previous": previous,
+            "active": previous,
+            "refused": target.version,
+            "reason": reason,
+            "canary": figures,
+        }
+    session.execute(
+        update(ClassifierModel).where(ClassifierModel.encoder_id == encoder_id).values(active=False)
+    )
+    target.active = True
+    record_event(
+        session,
+        actor=actor,
+        action="classifier.rollback",
+        target=f"classifier:{target.version}",
+        origin=origin,
+        details={"previous": previous, "reason": reason, "canary": figures},
+    )
     return {
         "previous": previous,
-        "active": version if allowed else previous,
-        "activated": allowed,
-        "reason": reason,
-        "canary": figures,
+        "active": target.version,
+        **({"canary": figures} if figures else {}),
     }
 
 
-def rollback_model(
-    runtime: Runtime,
-    *,
-    actor: str,
-    to: str | None = None,
-    gate: Gate | None = None,
-    origin: str | None = None,
-) -> dict[str, Any]:
-    """Activate model ``to`` (default: the newest one of the serving encoder stored before the
-    active one, :func:`rollback_target`) through :func:`activate_model`, audited
-    ``classifier.rollback``.
-
-    Returns:
-        As :func:`activate_model`.
+def rollback_target(session: Session, *, encoder_id: str, to: str | None = None) -> CopyModel:
+    """The model :func:`rollback_model` would activate (to run the gate on it first).
 
     Raises:
-        ActivationError: as :func:`rollback_target` and :func:`activate_model`.
+        RollbackError: unknown version, a model of another encoder, or no older model.
+        moderation.matching.classifier.model.ModelFormatError: the stored model is unreadable.
     """
-    with runtime.sessions() as session:
-        version = rollback_target(session, str(runtime.encoder.id), to)
-    return activate_model(
-        runtime, version, actor=actor, gate=gate, action="classifier.rollback", origin=origin
+    current = session.scalar(
+        select(ClassifierModel).where(
+            ClassifierModel.active.is_(True), ClassifierModel.encoder_id == encoder_id
+        )
     )
+    return CopyModel.from_json(_target(session, encoder_id, current, to).params)
+
+
+def _target(
+    session: Session, encoder_id: str, current: ClassifierModel | None, to: str | None
+) -> ClassifierModel:
+    """The model a rollback activates: ``to``, else the newest one older than ``current``.
+
+    Raises:
+        RollbackError: unknown version, a model of another encoder, or no older model.
+    """
+    if to is not None:
+        target = session.get(ClassifierModel, to)
+        if target is None or target.encoder_id != encoder_id:
+            raise RollbackError(f"no stored model {to!r} for encoder {encoder_id}")
+    else:
+        if current is None:
+            raise RollbackError("no model is active: name the version to activate (--to)")
+        target = session.scalar(
+            select(ClassifierModel)
+            .where(
+                ClassifierModel.encoder_id == encoder_id,
+                ClassifierModel.created_at < current.created_at,
+            )
+            .order_by(ClassifierModel.created_at.desc())
+            .limit(1)
+        )
+        if target is None:
+            raise RollbackError(f"no model older than the active {current.version}")
+    return target

@@ -15,6 +15,8 @@ imported only for the PyTorch runtimes, open_clip, CUDA, or to build the ONNX mo
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,8 +45,25 @@ ACCEPTED_FORMS = (
     "open_clip/<arch>/<checkpoint file> (e.g. open_clip/ViT-B-32//srv/models/vitb32.pt)",
 )
 
-_cache: dict[tuple[str, str, str, str], Encoder] = {}
+_CACHE_SIZE = 4
+"""Encoders kept per process (least recently used evicted): one deployment needs one or two
+(serving and shadow encoders); a process that opens many data directories (tests, tools) must
+not keep a model (about 250 MB with ONNX Runtime's arena) per directory for ever."""
+_cache: OrderedDict[tuple[str, str, str, str], Encoder] = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+def _cached(key: tuple[str, str, str, str], build: Callable[[], Encoder]) -> Encoder:
+    """``_cache[key]``, built by ``build`` on a miss; evicts the least recently used beyond
+    :data:`_CACHE_SIZE` (an evicted encoder lives on while a runtime still holds it)."""
+    with _cache_lock:
+        encoder = _cache.get(key)
+        if encoder is None:
+            encoder = _cache[key] = build()
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+        return encoder
 
 
 def create_encoder(
@@ -85,28 +104,23 @@ def create_encoder(
         from moderation.signals.encoders.onnx_model import onnxruntime_available
 
         if onnxruntime_available():
-            key = (name, "cpu", f"onnxruntime/{threads}/{precision}", str(cache_dir))
-            with _cache_lock:
-                if key not in _cache:
-                    from moderation.signals.encoders.lite0_onnx import OnnxLite0Encoder
+            from moderation.signals.encoders.lite0_onnx import OnnxLite0Encoder
 
-                    _cache[key] = OnnxLite0Encoder(
-                        cache_dir=cache_dir,
-                        threads=threads,
-                        precision=_precision(precision),
-                        calibration_dir=calibration_dir,
-                    )
-                return _cache[key]
+            key = (name, "cpu", f"onnxruntime/{threads}/{precision}", str(cache_dir))
+            return _cached(
+                key,
+                lambda: OnnxLite0Encoder(
+                    cache_dir=cache_dir,
+                    threads=threads,
+                    precision=_precision(precision),
+                    calibration_dir=calibration_dir,
+                ),
+            )
     if precision != "fp32":
         raise ValueError(f"encoder precision {precision!r} needs the ONNX Runtime CPU encoder")
     resolved = select_device(device)
     key = (name, str(resolved), runtime, str(cache_dir))
-    with _cache_lock:
-        encoder = _cache.get(key)
-        if encoder is None:
-            encoder = _construct(name, resolved, runtime, cache_dir)
-            _cache[key] = encoder
-        return encoder
+    return _cached(key, lambda: _construct(name, resolved, runtime, cache_dir))
 
 
 def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | None) -> Encoder:

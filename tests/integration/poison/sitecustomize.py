@@ -15,9 +15,9 @@ if _marker:
 
     _original = screening.Screener.screen_bytes
 
-    def _screen_bytes(self, items):  # type: ignore[no-untyped-def]
+    def _screen_bytes(self, items, *args, **kwargs):  # type: ignore[no-untyped-def]
         if any(_marker.encode() in item for item in items):
             os.kill(os.getpid(), signal.SIGKILL)
-        return _original(self, items)
+        return _original(self, items, *args, **kwargs)
 
     screening.Screener.screen_bytes = _screen_bytes  # type: ignore[method-assign]

@@ -149,3 +149,34 @@ def test_dashboard_page_draws_inline_svg(
     assert "style=" not in html and "<script>" not in html  # CSP: no inline style or script
     assert "p50 10.0 ms" in html
     assert 'id="queue-depth">0<' in html
+
+
+def test_dashboard_shows_the_latest_canary_run_and_drift_scores(
+    client: Any, make_user: Callable[..., Any], console_runtime: Runtime
+) -> None:
+    from moderation.storage.models import CanaryRun, DriftRun
+
+    with transaction(console_runtime.sessions) as db:
+        db.add(
+            CanaryRun(
+                reason="snapshot",
+                encoder_id="timm/efficientnet_lite0|sha256=abc",
+                fingerprint="f" * 64,
+                figures={
+                    "recall_review": 0.83,
+                    "recall_block": 0.7,
+                    "false_positive_rate": 0.0,
+                    "micro_ap": 0.9,
+                    "failures": ["recall at review 0.8300 < min_recall 0.95"],
+                },
+                passed_slo=False,
+            )
+        )
+        db.add(DriftRun(signal="nearest_cosine", score=0.31, threshold=0.25, details={}))
+    client.login(make_user("auditor"))
+    html = client.get("/dashboard").get_data(as_text=True)
+    assert 'id="model-health"' in html
+    assert "timm/efficientnet_lite0</td>" in html and "<td>0.83</td>" in html
+    assert "missed: recall at review 0.8300 &lt; min_recall 0.95" in html
+    assert '<td class="warn">0.310</td>' in html
+    assert "style=" not in html

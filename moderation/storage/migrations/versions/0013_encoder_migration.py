@@ -6,7 +6,7 @@ key), ``entry_originals`` (the wrapped key and blob of each kept original), and
 and the target encoder's decision on each upload screened while it shadows).
 
 Revision ID: 0013
-Revises: 0012
+Revises: 0014
 """
 
 from collections.abc import Sequence
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0013"
-down_revision: str | None = "0012"
+down_revision: str | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -4,7 +4,7 @@
 ``canary_runs`` (each run's figures) and ``drift_runs`` (each drift check's score per signal).
 
 Revision ID: 0014
-Revises: 0013
+Revises: 0012
 """
 
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0014"
-down_revision: str | None = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
