@@ -231,30 +231,13 @@ def prepare_import(
     pending: list[_Decoded] = []
 
     def flush() -> None:
-        if not pending:
-            return
-        images = [d.image for d in pending]
-        vectors, pdqs, regions = compute_signals(
-            images, encoder, batch_size=batch_size, region_embedder=region_embedder
-        )
-        if on_images is not None:
-            on_images(images, [d.sha256 for d in pending])
-        for decoded, vector, (digest, quality), region in zip(
-            pending, vectors, pdqs, regions, strict=True
-        ):
-            prepared.append(
-                PreparedEntry(
-                    decoded.source.ref,
-                    decoded.sha256,
-                    decoded.source_hmac,
-                    vector,
-                    digest,
-                    quality,
-                    region,
-                    decoded.data if keep_originals else None,
+        if pending:
+            prepared.extend(
+                _signals_of(
+                    pending, encoder, batch_size, region_embedder, on_images, keep_originals
                 )
             )
-        pending.clear()
+            pending.clear()
 
     for handled, source in enumerate(sources, start=1):
         if progress:
@@ -268,6 +251,39 @@ def prepare_import(
             flush()
     flush()
     return prepared
+
+
+def _signals_of(
+    pending: Sequence[_Decoded],
+    encoder: Encoder,
+    batch_size: int,
+    region_embedder: RegionEmbedder | None,
+    on_images: ImageHook | None,
+    keep_originals: bool,
+) -> list[PreparedEntry]:
+    """One batch of decoded sources with their signals (:func:`compute_signals`); ``on_images``
+    sees the decoded images first; originals kept when ``keep_originals``."""
+    images = [d.image for d in pending]
+    vectors, pdqs, regions = compute_signals(
+        images, encoder, batch_size=batch_size, region_embedder=region_embedder
+    )
+    if on_images is not None:
+        on_images(images, [d.sha256 for d in pending])
+    return [
+        PreparedEntry(
+            decoded.source.ref,
+            decoded.sha256,
+            decoded.source_hmac,
+            vector,
+            digest,
+            quality,
+            region,
+            decoded.data if keep_originals else None,
+        )
+        for decoded, vector, (digest, quality), region in zip(
+            pending, vectors, pdqs, regions, strict=True
+        )
+    ]
 
 
 def _decode_source(

@@ -196,15 +196,24 @@ def run_job(runtime: Runtime, job_id: str) -> None:
         remove_staged(runtime.settings, params)
 
 
+def _bank_state(runtime: Runtime, bank_name: str) -> tuple[set[str], bool, bytes]:
+    """The bank's known content HMACs, whether it keeps originals, and the HMAC key (committed
+    here if it is new)."""
+    with transaction(runtime.sessions) as session:
+        bank = get_bank(session, bank_name)
+        return (
+            known_hashes(session, bank.id),
+            bank.retain_originals,
+            hmac_key(session, runtime.keyring),
+        )
+
+
 def _run_import(
     runtime: Runtime, job_id: str, params: dict[str, Any], actor: str
 ) -> dict[str, Any]:
     bank_name = str(params["bank"])
     data = open_staged(runtime, job_id, params)
-    with transaction(runtime.sessions) as session:  # commits the HMAC key if it is new
-        bank = get_bank(session, bank_name)
-        known, retain = known_hashes(session, bank.id), bank.retain_originals
-        key = hmac_key(session, runtime.keyring)
+    known, retain, key = _bank_state(runtime, bank_name)
     report = ImportReport(bank=bank_name)
     sources = list(zip_sources(lambda: zipfile.ZipFile(io.BytesIO(data)), "", report.skipped))
     total = len(sources)
@@ -250,11 +259,18 @@ def _run_import(
     version = commit_with_snapshot(runtime, change, follow_encoder=False)
     if hooks.after_commit is not None:
         report.training_pairs = hooks.after_commit(report.entry_of, actor)
+    return _finish_import(runtime, job_id, report, version, total)
+
+
+def _finish_import(
+    runtime: Runtime, job_id: str, report: ImportReport, version: int, total: int
+) -> dict[str, Any]:
+    """Mark the job's progress complete and return its result (:func:`_import_result`)."""
     set_job(runtime, job_id, progress=total)
     logger.info(
         "import job %s into %s: %d added, %d skipped",
         job_id,
-        bank_name,
+        report.bank,
         len(report.added),
         len(report.skipped),
     )

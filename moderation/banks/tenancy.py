@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
 from moderation.banks.records import BlocklistError, UnknownBankError, get_bank
-from moderation.storage.models import ApiClient, Bank, BankShare
+from moderation.storage.models import ApiClient, Bank
+from moderation.storage.tenancy import BankShare
 
 
 def applicable_bank_ids(session: Session, client_id: int | None) -> frozenset[int] | None:

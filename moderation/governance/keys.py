@@ -29,10 +29,10 @@ from moderation.governance.users import totp_context
 from moderation.matching.golden import item_context
 from moderation.storage.db import transaction
 from moderation.storage.encoders import EntryOriginal
+from moderation.storage.modelops import CanaryItem
 from moderation.storage.models import (
     ApiClient,
     Bank,
-    CanaryItem,
     DeploymentSecret,
     IndexSnapshot,
     Subject,

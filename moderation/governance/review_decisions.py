@@ -380,6 +380,21 @@ def add_entry(
     return entry, EntrySignals(entry.id, vectors[0], digest, quality, regions[0])
 
 
+def _prepare_for_item(runtime: Runtime, item_id: int, bank_name: str, decision: str) -> _Prepared:
+    """:func:`prepare_bank_entry` for review item ``item_id``'s upload (outside the decision's
+    transaction: embedding takes a while).
+
+    Raises:
+        ReviewError: unknown item, or as :func:`prepare_bank_entry`.
+    """
+    with runtime.sessions() as session:
+        item = session.get(ReviewItem, item_id)
+        if item is None:
+            raise ReviewError(f"no review item {item_id}")
+        upload_id = item.upload_id
+    return prepare_bank_entry(runtime, upload_id, bank_name, decision)
+
+
 def decide(
     runtime: Runtime,
     item_id: int,
@@ -410,15 +425,12 @@ def decide(
     """
     if decision not in DECISIONS:
         raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}")
-    prepared: _Prepared | None = None
     allow_bank = bank_name if bank_name and decision == "not_a_match" else None
-    if bank_name and allow_bank is None:
-        with runtime.sessions() as session:
-            item = session.get(ReviewItem, item_id)
-            if item is None:
-                raise ReviewError(f"no review item {item_id}")
-            upload_id = item.upload_id
-        prepared = prepare_bank_entry(runtime, upload_id, bank_name, decision)
+    prepared = (
+        _prepare_for_item(runtime, item_id, bank_name, decision)
+        if bank_name and allow_bank is None
+        else None
+    )
     holder: dict[str, DecisionOutcome] = {}
 
     def change(session: Session) -> tuple[Sequence[EntrySignals], Iterable[int]]:

@@ -34,7 +34,8 @@ from moderation.matching.policy import PDQ_MATCH_DISTANCE
 from moderation.media.edits import EDITS, derived_seed
 from moderation.signals.pdq import hamming_distance, pdq_hash
 from moderation.storage.db import transaction
-from moderation.storage.models import CanaryItem, Entry, new_uuid
+from moderation.storage.modelops import CanaryItem
+from moderation.storage.models import Entry, new_uuid
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime

@@ -33,7 +33,8 @@ from moderation.matching.policy import Policy
 from moderation.modelops.metrics import Prediction, micro_ap
 from moderation.service.model_events import notify_change
 from moderation.storage.db import transaction
-from moderation.storage.models import Bank, CanaryItem, CanaryRun
+from moderation.storage.modelops import CanaryItem, CanaryRun
+from moderation.storage.models import Bank
 
 if TYPE_CHECKING:
     from moderation.matching.classifier.model import CopyModel

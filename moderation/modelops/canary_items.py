@@ -12,7 +12,7 @@ from moderation.banks.records import UnknownBankError, get_bank
 from moderation.matching.golden import LABELS, add_item, png_bytes, usable_items
 from moderation.media.decode import UnscannableImage, decode_image
 from moderation.storage.db import transaction
-from moderation.storage.models import CanaryItem
+from moderation.storage.modelops import CanaryItem
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime

@@ -36,7 +36,8 @@ from sqlalchemy import select
 
 from moderation.audit.log import record_event
 from moderation.storage.db import transaction
-from moderation.storage.models import DriftRun, Screening
+from moderation.storage.modelops import DriftRun
+from moderation.storage.models import Screening
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from moderation.modelops.canary import latest_runs
-from moderation.storage.models import CanaryRun, DriftRun
+from moderation.storage.modelops import CanaryRun, DriftRun
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime

@@ -190,7 +190,8 @@ def process_upload(
     batch_wait: float = 0.0,
     shadow: Callable[[], Shadow | None] | None = None,
 ) -> ProcessResult:
-    """Screen one queued upload and record its result (the ``moderation.screen`` task's body).
+    """Screen one queued upload and record its result (the ``moderation.screen`` task's body);
+    returns the outcome for ``upload_id`` itself.
 
     With ``batch_size`` > 1 the task also screens up to ``batch_size - 1`` other fresh queued
     uploads in the same encoder batch (:func:`_drain`); when the first drain found some but not
@@ -210,9 +211,6 @@ def process_upload(
         shadow: returns an encoder migration's target screener while one shadows, else None;
             it screens the same batch after the serving screener decided (its decisions are
             recorded beside, never instead: :mod:`moderation.service.shadow`).
-
-    Returns:
-        The outcome for ``upload_id`` itself.
 
     Raises:
         RetryLater: no verified snapshot or a missing master key; nothing was counted.

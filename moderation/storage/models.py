@@ -92,20 +92,6 @@ class Bank(Base):
     entries: Mapped[list[Entry]] = relationship(back_populates="bank")
 
 
-class BankShare(Base):
-    """A bank shared with one API client: it matches that client's uploads and is named to it."""
-
-    __tablename__ = "bank_shares"
-
-    bank_id: Mapped[int] = mapped_column(
-        ForeignKey("banks.id", ondelete="CASCADE"), primary_key=True
-    )
-    client_id: Mapped[int] = mapped_column(
-        ForeignKey("api_clients.id", ondelete="CASCADE"), primary_key=True, index=True
-    )
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
 class Entry(Base):
     """One image in a bank: metadata only (its vector and PDQ live in the encrypted snapshot)."""
 
@@ -509,53 +495,3 @@ class ErasureRequest(Base):
     # Work list of an open request (upload ids, blob paths, Redis keys, entry ids, counts), so
     # an interrupted erasure resumes and its receipt counts every item exactly once.
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-
-
-class CanaryItem(Base):
-    """One labelled image of the golden set (``moderation.matching.golden``): its pixels are a
-    blob under ``<data_dir>/canary`` sealed with its own data key (``wrapped_key``), so deleting
-    the row (the entry it was made from is removed: ON DELETE CASCADE) crypto-shreds it."""
-
-    __tablename__ = "canary_items"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_uuid)
-    origin: Mapped[str] = mapped_column(String(20))  # import | operator
-    label: Mapped[str] = mapped_column(String(10), index=True)  # match | no-match
-    entry_id: Mapped[int | None] = mapped_column(
-        ForeignKey("entries.id", ondelete="CASCADE"), index=True
-    )
-    bank_id: Mapped[int | None] = mapped_column(ForeignKey("banks.id", ondelete="CASCADE"))
-    edit: Mapped[str] = mapped_column(String(40), default="")
-    blob_ref: Mapped[str] = mapped_column(String(200))
-    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
-    added_by: Mapped[str] = mapped_column(String(200), default="cli")
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
-class CanaryRun(Base):
-    """One canary run's figures (``moderation.modelops.canary``); the latest per encoder is
-    exported as Prometheus gauges."""
-
-    __tablename__ = "canary_runs"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    reason: Mapped[str] = mapped_column(String(100))
-    encoder_id: Mapped[str] = mapped_column(String(500), index=True)
-    # SHA-256 of (snapshot version, classifier version, policy, encoder): what was measured.
-    fingerprint: Mapped[str] = mapped_column(String(64))
-    figures: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    passed_slo: Mapped[bool] = mapped_column(Boolean, default=True)
-
-
-class DriftRun(Base):
-    """One drift check of one signal (``moderation.modelops.drift``): score in [0, 1]."""
-
-    __tablename__ = "drift_runs"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    signal: Mapped[str] = mapped_column(String(100), index=True)
-    score: Mapped[float] = mapped_column(Float)
-    threshold: Mapped[float] = mapped_column(Float)
-    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -19,7 +19,8 @@ from moderation.matching.classifier.features import FEATURE_NAMES
 from moderation.matching.classifier.model import CopyModel
 from moderation.service.model_events import add_change_listener, remove_change_listener
 from moderation.service.runtime import Runtime
-from moderation.storage.models import AuditEvent, CanaryItem, ClassifierModel
+from moderation.storage.modelops import CanaryItem
+from moderation.storage.models import AuditEvent, ClassifierModel
 from tests.conftest import SKIMAGE_PHOTOS, Cli, assert_nowhere_in, skimage_photo_path
 
 pytestmark = pytest.mark.slow  # real encoder weights, a bank of six photos

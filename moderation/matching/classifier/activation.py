@@ -28,6 +28,15 @@ class RollbackError(Exception):
     """No model to roll back to (unknown version, other encoder, nothing older)."""
 
 
+def _active(session: Session, encoder_id: str) -> ClassifierModel | None:
+    """The active classifier model of ``encoder_id``, if any."""
+    return session.scalar(
+        select(ClassifierModel).where(
+            ClassifierModel.active.is_(True), ClassifierModel.encoder_id == encoder_id
+        )
+    )
+
+
 def rollback_model(
     session: Session,
     *,
@@ -47,11 +56,7 @@ def rollback_model(
     Raises:
         RollbackError: unknown version, a model of another encoder, or no older model.
     """
-    current = session.scalar(
-        select(ClassifierModel).where(
-            ClassifierModel.active.is_(True), ClassifierModel.encoder_id == encoder_id
-        )
-    )
+    current = _active(session, encoder_id)
     target = _target(session, encoder_id, current, to)
     previous = current.version if current is not None else None
     allowed, reason, figures = verdict or (True, "no gate", {})

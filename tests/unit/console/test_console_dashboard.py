@@ -154,7 +154,7 @@ def test_dashboard_page_draws_inline_svg(
 def test_dashboard_shows_the_latest_canary_run_and_drift_scores(
     client: Any, make_user: Callable[..., Any], console_runtime: Runtime
 ) -> None:
-    from moderation.storage.models import CanaryRun, DriftRun
+    from moderation.storage.modelops import CanaryRun, DriftRun
 
     with transaction(console_runtime.sessions) as db:
         db.add(
