@@ -224,7 +224,6 @@ class GoldenCollector:
         """Seal the collected images as golden-set items (copies linked to the entries made
         from their source, ``entry_of``: SHA-256 -> entry id); one audit event. Returns the
         number stored."""
-        stored = 0
         data_dir = runtime.settings.resolved_data_dir
         with transaction(runtime.sessions) as session:
             banks = dict(
@@ -232,35 +231,26 @@ class GoldenCollector:
                     select(Entry.id, Entry.bank_id).where(Entry.id.in_(set(entry_of.values())))
                 ).all()
             )
-            for key, edit, data in self.copies:
-                entry_id = entry_of.get(key)
-                if entry_id is None:
-                    continue  # a duplicate: no entry was made from it
+            items: list[tuple[str, int | None, str, bytes]] = [
+                ("match", entry_of[key], edit, data)
+                for key, edit, data in self.copies
+                if key in entry_of  # else a duplicate: no entry was made from it
+            ]
+            items += [("no-match", None, edit, data) for edit, data in self.negatives if entry_of]
+            for label, entry_id, edit, data in items:
                 add_item(
                     session,
                     runtime.keyring,
                     data_dir,
                     data,
                     origin="import",
-                    label="match",
+                    label=label,
                     entry_id=entry_id,
-                    bank_id=banks.get(entry_id),
+                    bank_id=banks.get(entry_id) if entry_id is not None else None,
                     edit=edit,
                     added_by=actor,
                 )
-                stored += 1
-            for edit, data in self.negatives if entry_of else ():
-                add_item(
-                    session,
-                    runtime.keyring,
-                    data_dir,
-                    data,
-                    origin="import",
-                    label="no-match",
-                    edit=edit,
-                    added_by=actor,
-                )
-                stored += 1
+            stored = len(items)
             if stored:
                 record_event(
                     session,

@@ -199,12 +199,10 @@ def test_canary_gauges_are_exported_and_beat_schedules_the_checks(banked: Cli) -
     runtime.engine.dispose()
 
 
-def test_rollback_goes_to_the_model_stored_before_the_active_one_through_the_canary(
-    banked: Cli,
-) -> None:
+def _store_older_and_current(runtime: Runtime) -> None:
+    """Two stored copies of a degraded model: ``older`` and the active ``current``."""
     from datetime import UTC, datetime, timedelta
 
-    runtime = cli_runtime(banked)
     model = degraded_model(runtime)
     now = datetime.now(UTC)
     with runtime.sessions() as session, session.begin():
@@ -219,6 +217,13 @@ def test_rollback_goes_to_the_model_stored_before_the_active_one_through_the_can
                     created_at=now - timedelta(hours=age),
                 )
             )
+
+
+def test_rollback_goes_to_the_model_stored_before_the_active_one_through_the_canary(
+    banked: Cli,
+) -> None:
+    runtime = cli_runtime(banked)
+    _store_older_and_current(runtime)
     result = banked("classifier", "rollback", ok=False)
     outcome = json.loads(result.stdout)
     assert result.exit_code == 1 and outcome["refused"] == "older"
@@ -228,24 +233,9 @@ def test_rollback_goes_to_the_model_stored_before_the_active_one_through_the_can
 
 
 def test_an_accepted_rollback_notifies_a_classifier_change(cli: Cli) -> None:
-    from datetime import UTC, datetime, timedelta
-
     cli("init")  # no bank: an empty golden set measures nothing and refuses nothing
     runtime = cli_runtime(cli)
-    model = degraded_model(runtime)
-    now = datetime.now(UTC)
-    with runtime.sessions() as session, session.begin():
-        for version, age, active in (("older", 2, False), ("current", 1, True)):
-            session.add(
-                ClassifierModel(
-                    version=version,
-                    encoder_id=model.encoder_id,
-                    params={**model.to_json(), "version": version},
-                    metrics={},
-                    active=active,
-                    created_at=now - timedelta(hours=age),
-                )
-            )
+    _store_older_and_current(runtime)
     reasons: list[str] = []
     add_change_listener(reasons.append)
     try:
