@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -299,6 +300,17 @@ class Cli:
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
     """A :class:`Cli` over ``tmp_path / "var"``."""
     return Cli(tmp_path / "var", monkeypatch)
+
+
+def bank_photos(cli: Cli, folder: Path, names: Sequence[str], bank: str = "known-bad") -> None:
+    """Initialise ``cli``'s data dir, create block bank ``bank`` and import the scikit-image
+    photos ``names`` (copied into ``folder`` first, so source refs are their file names)."""
+    cli("init")
+    cli("bank", "create", bank)
+    folder.mkdir()
+    for name in names:
+        shutil.copy(skimage_photo_path(name), folder / skimage_photo_path(name).name)
+    cli("bank", "import", bank, str(folder))
 
 
 def assert_nowhere_in(data_dir: Path, needles: Sequence[bytes]) -> None:

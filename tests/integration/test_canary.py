@@ -21,7 +21,7 @@ from moderation.service.model_events import add_change_listener, remove_change_l
 from moderation.service.runtime import Runtime
 from moderation.storage.modelops import CanaryItem
 from moderation.storage.models import AuditEvent, ClassifierModel
-from tests.conftest import SKIMAGE_PHOTOS, Cli, assert_nowhere_in, skimage_photo_path
+from tests.conftest import SKIMAGE_PHOTOS, Cli, assert_nowhere_in, bank_photos, skimage_photo_path
 
 pytestmark = pytest.mark.slow  # real encoder weights, a bank of six photos
 
@@ -29,13 +29,7 @@ pytestmark = pytest.mark.slow  # real encoder weights, a bank of six photos
 @pytest.fixture
 def banked(cli: Cli, tmp_path: Path) -> Iterator[Cli]:
     """Bank ``known-bad`` with the six scikit-image photos (golden set: 6 copies, 6 negatives)."""
-    cli("init")
-    cli("bank", "create", "known-bad")
-    folder = tmp_path / "banned"
-    folder.mkdir()
-    for name in SKIMAGE_PHOTOS:
-        shutil.copy(skimage_photo_path(name), folder / skimage_photo_path(name).name)
-    cli("bank", "import", "known-bad", str(folder))
+    bank_photos(cli, tmp_path / "banned", SKIMAGE_PHOTOS)
     yield cli
 
 

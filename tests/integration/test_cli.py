@@ -18,7 +18,7 @@ import pytest
 from hostile import eps, minimal_gif, png_from_header
 from PIL import Image
 
-from tests.conftest import Cli, assert_nowhere_in, skimage_photo, skimage_photo_path
+from tests.conftest import Cli, assert_nowhere_in, bank_photos, skimage_photo, skimage_photo_path
 
 BANNED = ("chelsea", "astronaut", "coffee")
 
@@ -26,13 +26,7 @@ BANNED = ("chelsea", "astronaut", "coffee")
 @pytest.fixture
 def banked(cli: Cli, tmp_path: Path) -> Iterator[Cli]:
     """Initialised data dir with bank ``known-bad`` holding three skimage photos."""
-    cli("init")
-    cli("bank", "create", "known-bad")
-    folder = tmp_path / "banned"
-    folder.mkdir()
-    for name in BANNED:
-        shutil.copy(skimage_photo_path(name), folder / skimage_photo_path(name).name)
-    cli("bank", "import", "known-bad", str(folder))
+    bank_photos(cli, tmp_path / "banned", BANNED)
     yield cli
 
 
