@@ -8,6 +8,15 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
+# The project's files, copied once and shared by both images.
+FROM scratch AS source
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY moderation ./moderation
+COPY workers ./workers
+COPY admin ./admin
+COPY policies ./policies
+
 FROM ${CUDA_IMAGE} AS gpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
@@ -16,11 +25,7 @@ RUN apt-get update \
     && python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY moderation ./moderation
-COPY workers ./workers
-COPY admin ./admin
-COPY policies ./policies
+COPY --from=source /app /app
 RUN pip install --no-cache-dir ".[gpu]" \
     && useradd --system --home /var/lib/moderation moderation \
     && mkdir -p /var/lib/moderation && chown moderation /var/lib/moderation
@@ -31,11 +36,7 @@ FROM ${PYTHON_IMAGE} AS cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY moderation ./moderation
-COPY workers ./workers
-COPY admin ./admin
-COPY policies ./policies
+COPY --from=source /app /app
 # torch first from the CPU-only index; `pip install .` then finds the pinned versions installed.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         torch==2.14.1 torchvision==0.29.1 \
