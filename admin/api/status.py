@@ -273,6 +273,12 @@ class _ScrapeCollector(Collector):
         yield GaugeMetricFamily(
             "moderation_workers_alive", "Workers heard from recently.", value=len(reports)
         )
+        yield GaugeMetricFamily(
+            "moderation_queue_max_depth",
+            "Uploads queued or processing past which the upload hook answers 503 "
+            "(MODERATION_QUEUE_MAX_DEPTH).",
+            value=self.runtime.settings.queue_max_depth,
+        )
         yield from self._health()
         try:
             depths = _queue_depths()
