@@ -29,19 +29,22 @@ from moderation.storage.models import Upload
 IN_FLIGHT = ("queued", "processing")
 
 
+@dataclass
 class QueueFullError(Exception):
     """The queue is at its bound: the upload was refused before anything was stored.
 
     ``status`` is 503 for the global bound (the service as a whole is saturated) and 429 for the
-    client's own share (this client should slow down; others are still accepted).
+    client's own share (this client should slow down; others are still accepted);
+    ``retry_after`` is in seconds.
     """
 
-    def __init__(self, status: int, code: str, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
+    status: int
+    code: str
+    message: str
+    retry_after: int
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)

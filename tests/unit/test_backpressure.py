@@ -57,6 +57,14 @@ def bounded(runtime: Runtime, dispatcher: RecordingDispatcher, **overrides: Any)
     return make_app(runtime, dispatcher, **values).test_client()
 
 
+def limited(
+    runtime: Runtime, dispatcher: RecordingDispatcher, *, uploads: str, reads: str
+) -> FlaskClient:
+    """An app whose clients may upload ``uploads`` and read ``reads`` (limits syntax)."""
+    app = make_app(runtime, dispatcher, api_rate_limit=uploads, api_status_rate_limit=reads)
+    return app.test_client()
+
+
 def get(client: FlaskClient, token: str, upload_id: str) -> Any:
     return client.get(
         f"/api/v1/screenings/{upload_id}", headers={"Authorization": f"Bearer {token}"}
@@ -162,9 +170,7 @@ def test_in_flight_counts_queued_and_processing_up_to_the_bound(runtime: Runtime
 def test_reads_do_not_use_up_the_upload_budget(
     runtime: Runtime, dispatcher: RecordingDispatcher
 ) -> None:
-    client = make_app(
-        runtime, dispatcher, api_rate_limit="2/minute", api_status_rate_limit="100/minute"
-    ).test_client()
+    client = limited(runtime, dispatcher, uploads="2/minute", reads="100/minute")
     token = new_token(runtime)
     first = post(client, token, jpeg()).get_json()["id"]
     for _ in range(5):  # a platform polling its upload
@@ -176,9 +182,7 @@ def test_reads_do_not_use_up_the_upload_budget(
 
 
 def test_reads_have_a_limit_of_their_own(runtime: Runtime, dispatcher: RecordingDispatcher) -> None:
-    client = make_app(
-        runtime, dispatcher, api_rate_limit="100/minute", api_status_rate_limit="3/minute"
-    ).test_client()
+    client = limited(runtime, dispatcher, uploads="100/minute", reads="3/minute")
     token = new_token(runtime)
     upload_id = post(client, token, jpeg()).get_json()["id"]
     for _ in range(3):
@@ -196,9 +200,7 @@ def test_reads_have_a_limit_of_their_own(runtime: Runtime, dispatcher: Recording
 def test_hma_lookups_count_as_reads_and_hashing_as_uploads(
     runtime: Runtime, dispatcher: RecordingDispatcher
 ) -> None:
-    client = make_app(
-        runtime, dispatcher, api_rate_limit="1/minute", api_status_rate_limit="100/minute"
-    ).test_client()
+    client = limited(runtime, dispatcher, uploads="1/minute", reads="100/minute")
     auth = {"Authorization": f"Bearer {new_token(runtime)}"}
     for _ in range(3):
         assert client.get("/hma/c/banks", headers=auth).status_code == 200
