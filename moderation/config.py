@@ -277,7 +277,33 @@ class Settings(BaseSettings):
     )
     api_rate_limit: str = Field(
         default="600/minute",
-        description="Upload-hook requests per API client (limits library syntax, e.g. 10/second).",
+        description="Uploads and other writes per API client (POST of a screening or an appeal, "
+        "the HMA API's hashing, photo lookups and bank writes), limits library syntax "
+        "(e.g. 10/second).",
+    )
+    api_status_rate_limit: str = Field(
+        default="1200/minute",
+        description="Reads per API client (GET of a screening, the HMA API's hash lookups and "
+        "bank listings), a window of its own: polling never uses up the upload budget.",
+    )
+    queue_max_depth: int = Field(
+        default=3000,
+        ge=1,
+        description="Uploads accepted but not yet screened (queued or processing), all clients "
+        "together, past which the upload hook answers 503 with Retry-After (RELIABILITY.md "
+        "S3); about a minute of the workers' throughput.",
+    )
+    queue_max_depth_per_client: int = Field(
+        default=1000,
+        ge=1,
+        description="The same bound per API client, past which its uploads answer 429 with "
+        "Retry-After, so one platform cannot fill the queue for the others.",
+    )
+    queue_retry_after: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="Retry-After of an upload refused for a full queue, seconds.",
     )
     api_max_wait: float = Field(
         default=10.0, gt=0, le=60, description="Longest ?wait= an upload request may ask, s."

@@ -1,9 +1,10 @@
 """``/api/v1``: the HTTP upload hook (ARCHITECTURE.md "HTTP upload hook").
 
-Views are thin: authenticate the bearer token, rate-limit per client, validate the form, call
-``moderation.service.submission.submit_upload`` (which commits the upload before sending its
-task), and answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200``
-with it.
+Views are thin: authenticate the bearer token, rate-limit per client (uploads and reads in
+windows of their own), validate the form, call
+``moderation.service.submission.submit_upload`` (which refuses uploads past the queue-depth
+bound with 503/429 and ``Retry-After``, and commits the upload before sending its task), and
+answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200`` with it.
 Every error is JSON ``{"error": {"code", "message"}}``.
 """
 
@@ -16,10 +17,11 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from admin.api.clients import ApiError, authenticated_client_id
+from admin.api.clients import ApiError, authenticated_client_id, authenticated_reader_id
 from admin.api.openapi import openapi_document
 from admin.api.services import services, setup
 from moderation.governance.appeals import AppealError, file_appeal
+from moderation.service.backpressure import QueueFullError
 from moderation.service.results import appeal_json, upload_view
 from moderation.service.submission import SubmissionError, submit_upload, wait_for_upload
 from moderation.storage.models import Upload
@@ -56,6 +58,11 @@ def _api_error(exc: ApiError) -> Any:
 @bp.errorhandler(SubmissionError)
 def _submission_error(exc: SubmissionError) -> Any:
     return _error(exc.status, exc.code, exc.message)
+
+
+@bp.errorhandler(QueueFullError)
+def _queue_full(exc: QueueFullError) -> Any:
+    return _error(exc.status, exc.code, exc.message, {"Retry-After": str(exc.retry_after)})
 
 
 @bp.errorhandler(HTTPException)
@@ -165,8 +172,9 @@ def create_screening() -> Any:
 
 @bp.get("/screenings/<upload_id>")
 def get_screening(upload_id: str) -> Any:
-    """The upload's status and, once done, its result (``?wait=`` up to 10 s)."""
-    client_id = authenticated_client_id()
+    """The upload's status and, once done, its result (``?wait=`` up to 10 s); counted
+    against the client's read limit, not its upload limit."""
+    client_id = authenticated_reader_id()
     wait = _wait_seconds()
     with _runtime().sessions() as session:
         upload = session.get(Upload, upload_id[:32])

@@ -120,6 +120,9 @@ def _bench_values(settings: Settings, work: Path) -> dict[str, Any]:
         "faiss_threads": settings.faiss_threads,
         "batch_size": settings.batch_size,
         "api_rate_limit": "1000000/minute",
+        # The queue is pre-filled with the worker stopped: no depth bound may refuse that.
+        "queue_max_depth": 1_000_000,
+        "queue_max_depth_per_client": 1_000_000,
         # The web process refuses to start in production without a strong console secret.
         "secret_key": secrets.token_urlsafe(48),
         "log_level": "WARNING",

@@ -22,6 +22,7 @@ from moderation.audit.log import record_event
 from moderation.banks.sealed_fields import content_hmac
 from moderation.crypto.keys import KeyRing
 from moderation.media.formats import sniff_format
+from moderation.service.backpressure import admit_upload
 from moderation.service.dispatch import Dispatcher
 from moderation.service.metrics import ENQUEUE_FAILURES
 from moderation.service.subjects import pseudonymize
@@ -189,9 +190,13 @@ def submit_upload(
     database's unique constraint decides races). A send that fails after the commit is logged
     and counted; the upload stays ``queued`` and the reconciler sends it (Q7).
 
+    A new upload (not a replay) is refused while the queue is at its depth bound
+    (:func:`moderation.service.backpressure.admit_upload`), before anything is stored.
+
     Raises:
         SubmissionError: 400/413/415 bad image, 422 callback URL not on the client's allowlist
             or an idempotency key reused for another image, 403 unknown or disabled client.
+        QueueFullError: 503 past the global queue-depth bound, 429 past the client's share.
     """
     settings = runtime.settings
     fmt = check_image_bytes(data, settings.max_image_bytes)
@@ -204,6 +209,7 @@ def submit_upload(
                 existing = _existing(session, client_id, key_hash)
                 if existing is not None:
                     return _reused(session, runtime.keyring, existing, data)
+            admit_upload(session, settings, client_id)  # before anything is stored (S3)
             upload = _create(
                 session,
                 runtime,
