@@ -1,4 +1,5 @@
-"""Per-app collaborators of the API: Celery app and dispatcher, per-client rate limiter.
+"""Per-app collaborators of the API: Celery app and dispatcher, per-client rate limiter, the
+per-client cap on concurrent ``?wait=`` requests and the subscriber that wakes them.
 
 Built once per Flask app when the blueprint is registered. Tests may put a ready dispatcher in
 the app config as ``MODERATION_DISPATCHER`` (e.g.
@@ -19,6 +20,7 @@ from limits.strategies import MovingWindowRateLimiter
 
 from moderation.service.dispatch import Dispatcher, attach_dispatcher
 from moderation.service.runtime import Runtime
+from moderation.service.waits import DoneNotifier, WaitSlots
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class ApiServices:
     dispatcher: Dispatcher
     celery: Any | None
     limiter: ClientLimiter
+    wait_slots: WaitSlots
+    notifier: DoneNotifier
 
 
 def setup(app: Flask, runtime: Runtime) -> ApiServices:
@@ -89,6 +93,10 @@ def setup(app: Flask, runtime: Runtime) -> ApiServices:
         dispatcher=dispatcher,
         celery=celery,
         limiter=ClientLimiter(settings.api_rate_limit, settings.effective_redis_url),
+        wait_slots=WaitSlots(
+            settings.api_max_concurrent_waits_per_client, settings.effective_redis_url
+        ),
+        notifier=DoneNotifier(settings.effective_redis_url),
     )
     # Decisions made in this process (reviews) send their callbacks after commit.
     attach_dispatcher(runtime.sessions, dispatcher)
