@@ -68,7 +68,9 @@ def _check(ctx: Context) -> None:
     show_default=True,
     help="Concurrent connections per process (gevent).",
 )
-@click.option("--threads", default=8, show_default=True, help="Threads per process (gthread).")
+@click.option(
+    "--threads", type=int, help="Threads per process, only with --worker-class gthread [8]."
+)
 @pass_ctx
 def serve(
     ctx: Context,
@@ -77,13 +79,15 @@ def serve(
     processes: int,
     worker_class: str,
     connections: int,
-    threads: int,
+    threads: int | None,
 ) -> None:
     """Serve the upload-hook API and the console with gunicorn (a production WSGI server).
 
     The default gevent workers serve each connection in a greenlet, so slow clients
     (slowloris) and ``?wait=`` long polls hold no OS thread (README "Serving model",
     RELIABILITY.md S1/S2)."""
+    if threads is not None and worker_class != "gthread":
+        raise click.UsageError("--threads applies to --worker-class gthread only")
     _check(ctx)
     argv = [
         sys.executable,
@@ -98,7 +102,7 @@ def serve(
         *(
             ["--worker-connections", str(connections)]
             if worker_class == "gevent"
-            else ["--threads", str(threads)]
+            else ["--threads", str(threads or 8)]
         ),
         "--timeout",
         "60",

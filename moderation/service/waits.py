@@ -44,6 +44,8 @@ FALLBACK_POLL = 0.2
 """Seconds between database re-reads while no subscription is up (no Redis, or it failed)."""
 RESUBSCRIBE_DELAY = 1.0
 """Seconds the subscriber waits before reconnecting to a failed Redis."""
+NOTIFIER_CHECK = 5.0
+"""Seconds the subscriber blocks for a message before it checks whether it was closed."""
 _PENDING_DONE = "moderation.waits.done"
 _REDIS_TIMEOUT = 0.5  # s, connect and command timeout of the cap's and publisher's Redis calls
 
@@ -153,6 +155,7 @@ class DoneNotifier:
     def __init__(self, redis_url: str | None) -> None:
         self.redis_url = redis_url
         self.subscribed = threading.Event()
+        self._closed = threading.Event()
         self._waiters: dict[str, set[threading.Event]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -180,8 +183,12 @@ class DoneNotifier:
         for woken in waiters:
             woken.set()
 
+    def close(self) -> None:
+        """Stop the subscriber within :data:`NOTIFIER_CHECK` s (waiters fall back to polling)."""
+        self._closed.set()
+
     def _start(self) -> None:
-        if self.redis_url is None or self._thread is not None:
+        if self.redis_url is None or self._thread is not None or self._closed.is_set():
             return
         with self._lock:
             if self._thread is None:
@@ -194,23 +201,24 @@ class DoneNotifier:
         import redis
 
         assert self.redis_url is not None
-        while True:
+        while not self._closed.is_set():
             try:
                 client = redis.Redis.from_url(
                     self.redis_url, socket_connect_timeout=1.0, health_check_interval=10
                 )
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(DONE_CHANNEL)
-                self.subscribed.set()
-                while True:
-                    message = pubsub.get_message(timeout=5.0)
-                    if message is not None and message.get("type") == "message":
-                        self.wake(message["data"].decode("ascii", "replace"))
+                with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    pubsub.subscribe(DONE_CHANNEL)
+                    self.subscribed.set()
+                    while not self._closed.is_set():
+                        message = pubsub.get_message(timeout=NOTIFIER_CHECK)
+                        if message is not None and message.get("type") == "message":
+                            self.wake(message["data"].decode("ascii", "replace"))
             except Exception as exc:  # Redis down or gone: poll the database until it is back
                 if self.subscribed.is_set():
                     logger.warning("upload-done subscription lost (%s); polling", exc)
                 self.subscribed.clear()
-                time.sleep(RESUBSCRIBE_DELAY)
+                self._closed.wait(RESUBSCRIBE_DELAY)
+        self.subscribed.clear()
 
 
 def wait_for_upload(
