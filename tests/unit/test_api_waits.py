@@ -5,6 +5,8 @@ S2; the HTTP side is tests/integration/test_web_abuse_serving.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +29,30 @@ from tests.conftest import Db
 from tests.integration.queue_stack import RedisServer, free_port, wait_until
 
 pytestmark = pytest.mark.redis
+
+# Five greenlets each block 1 s in PostgreSQL (through SQLAlchemy's pool and psycopg 3) and then
+# in Redis; cooperative drivers finish each round in about 1 s, blocking ones in 5 s or more.
+GEVENT_PROBE = """
+from gevent import monkey
+
+monkey.patch_all()
+import sys, time, gevent, redis
+from sqlalchemy import create_engine, text
+
+engine = create_engine(sys.argv[1], pool_size=5)
+
+def pg():
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_sleep(1)"))
+
+def rd():
+    redis.Redis.from_url(sys.argv[2]).blpop("gevent-probe-nothing", timeout=1)
+
+for name, job in (("psycopg", pg), ("redis", rd)):
+    started = time.monotonic()
+    gevent.joinall([gevent.spawn(job) for _ in range(5)], raise_error=True)
+    print(name, time.monotonic() - started)
+"""
 
 
 def _queued_upload(db: Db, tmp_path: Path) -> str:
@@ -115,3 +141,21 @@ def test_slots_count_in_memory_while_redis_is_down() -> None:
     with slots.hold("7", 10):
         pass
     assert not slots._local
+
+
+@pytest.mark.postgres
+def test_database_and_redis_drivers_yield_under_gevent(
+    postgres_server: str, redis_server: RedisServer
+) -> None:
+    """The premise of the gevent serving model (README "Serving model"): psycopg 3 and
+    redis-py wait cooperatively once gevent has monkey-patched the process."""
+    probe = subprocess.run(
+        [sys.executable, "-c", GEVENT_PROBE, postgres_server, redis_server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    seconds = {name: float(value) for name, value in map(str.split, probe.stdout.splitlines())}
+    assert set(seconds) == {"psycopg", "redis"}, probe.stdout
+    assert all(value < 3.5 for value in seconds.values()), seconds  # serial: >= 5 s
