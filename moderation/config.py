@@ -308,6 +308,12 @@ class Settings(BaseSettings):
     api_max_wait: float = Field(
         default=10.0, gt=0, le=60, description="Longest ?wait= an upload request may ask, s."
     )
+    api_max_concurrent_waits_per_client: int = Field(
+        default=8,
+        ge=1,
+        description="?wait= requests one API client may hold open at once (all web processes "
+        "together when Redis is set); past it the request answers 429 with Retry-After.",
+    )
     callback_max_attempts: int = Field(
         default=8, ge=1, description="Delivery attempts per callback before it is given up."
     )

@@ -22,7 +22,8 @@ WAIT_PARAMETER = {
     "in": "query",
     "required": False,
     "description": "Seconds to wait for the result (at most 10). With a result in time the "
-    "answer is 200 with it; otherwise 202.",
+    "answer is 200 with it; otherwise 202. A client holding its cap of concurrent waits gets "
+    "429 (code too_many_waits, Retry-After) before anything is stored.",
     "schema": {"type": "number", "minimum": 0, "maximum": 10},
 }
 

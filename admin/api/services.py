@@ -1,5 +1,6 @@
 """Per-app collaborators of the API: Celery app and dispatcher, per-client rate limiters (one
-window for uploads and other writes, one for reads).
+window for uploads and other writes, one for reads), the per-client cap on concurrent ``?wait=``
+requests and the subscriber that wakes them.
 
 Built once per Flask app when the blueprint is registered. Tests may put a ready dispatcher in
 the app config as ``MODERATION_DISPATCHER`` (e.g.
@@ -20,6 +21,7 @@ from limits.strategies import MovingWindowRateLimiter
 
 from moderation.service.dispatch import Dispatcher, attach_dispatcher
 from moderation.service.runtime import Runtime
+from moderation.service.waits import DoneNotifier, WaitSlots
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class ApiServices:
     celery: Any | None
     limiter: ClientLimiter  # uploads and other writes
     status_limiter: ClientLimiter  # reads
+    wait_slots: WaitSlots
+    notifier: DoneNotifier
 
 
 def setup(app: Flask, runtime: Runtime) -> ApiServices:
@@ -96,6 +100,10 @@ def setup(app: Flask, runtime: Runtime) -> ApiServices:
         status_limiter=ClientLimiter(
             settings.api_status_rate_limit, settings.effective_redis_url, scope="client-read"
         ),
+        wait_slots=WaitSlots(
+            settings.api_max_concurrent_waits_per_client, settings.effective_redis_url
+        ),
+        notifier=DoneNotifier(settings.effective_redis_url),
     )
     # Decisions made in this process (reviews) send their callbacks after commit.
     attach_dispatcher(runtime.sessions, dispatcher)

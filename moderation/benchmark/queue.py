@@ -239,7 +239,7 @@ def _start_service(
     from moderation.storage.db import transaction
 
     port = _free_port()
-    serve_args = ["serve", "--port", str(port), "--workers", "1", "--threads", "16"]
+    serve_args = ["serve", "--port", str(port), "--workers", "1"]
     processes.append(_start_moderation(serve_args, env, log))
     base = f"http://127.0.0.1:{port}"
     _wait(lambda: _ok(f"{base}/status/live"), 300, "the web service to answer")

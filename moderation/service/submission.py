@@ -2,15 +2,14 @@
 
 :func:`submit_upload` stores the upload encrypted, commits its row, and only then sends the
 task (STYLE.md rule 15). A failed send leaves a committed ``queued`` row for the reconciler
-(:func:`moderation.service.queue.reconcile`). :func:`wait_for_upload` lets a synchronous
-request wait, bounded, for the worker's decision.
+(:func:`moderation.service.queue.reconcile`). A synchronous request waits, bounded, for the
+worker's decision with :func:`moderation.service.waits.wait_for_upload`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -235,17 +234,3 @@ def submit_upload(
             return _reused(session, runtime.keyring, existing, data)
     assert created_id is not None
     return _send(dispatcher, created_id)
-
-
-def wait_for_upload(
-    runtime: Runtime, upload_id: str, timeout: float, *, interval: float = 0.05
-) -> str | None:
-    """Poll the upload's status until ``done`` or ``timeout`` (s); returns the last status
-    (None when the upload does not exist)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with runtime.sessions() as session:
-            status = session.scalar(select(Upload.status).where(Upload.id == upload_id))
-        if status is None or status == "done" or time.monotonic() >= deadline:
-            return status
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
