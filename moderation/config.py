@@ -17,11 +17,14 @@ from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
+SECRETS_DIR_ENV = "MODERATION_SECRETS_DIR"
+"""A folder of one file per setting (Docker secrets' /run/secrets), read after the environment."""
 ENV_PREFIX = "MODERATION_"
 MIN_METRICS_TOKEN_LENGTH = 32
 """Characters of ``metrics_token``; ``secrets.token_urlsafe(32)`` gives 43."""
@@ -61,6 +64,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL; default sqlite:///<data_dir>/moderation.db.",
+    )
+    database_password: SecretStr | None = Field(
+        default=None,
+        description="Password added to database_url when the URL names none (keeps the "
+        "password out of the URL, e.g. from a Docker secret).",
     )
     broker_url: str | None = Field(
         default=None,
@@ -367,6 +375,13 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        secrets_dir = os.environ.get(SECRETS_DIR_ENV)
+        if secrets_dir:
+            if not Path(secrets_dir).is_dir():
+                raise ConfigurationError(f"{SECRETS_DIR_ENV}={secrets_dir}: no such directory")
+            # One file per setting, named like its variable (moderation_master_keys...): what
+            # Docker and Kubernetes secrets mount (pydantic-settings' secrets source).
+            sources.append(SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir))
         config_file = os.environ.get(CONFIG_FILE_ENV)
         if config_file:
             path = Path(config_file)
@@ -385,7 +400,15 @@ class Settings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         """The database URL in use: ``database_url`` or the SQLite file in the data dir."""
         if self.database_url:
-            return self.database_url
+            if self.database_password is None:
+                return self.database_url
+            from sqlalchemy.engine import make_url
+
+            url = make_url(self.database_url)
+            if url.password is not None:
+                return self.database_url
+            password = self.database_password.get_secret_value()
+            return url.set(password=password).render_as_string(hide_password=False)
         return f"sqlite:///{self.resolved_data_dir / 'moderation.db'}"
 
     @cached_property
