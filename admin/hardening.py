@@ -24,6 +24,7 @@ from flask import Flask, abort, current_app, request, session
 from werkzeug.exceptions import SecurityError
 from werkzeug.routing import IntegerConverter, Map
 
+from admin.security import MACHINE_BLUEPRINTS
 from moderation.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def bulk_upload(view: F) -> F:
 def _limit_body() -> None:
     """Cap the body of this request before CSRF or a view parses it: 413 at once when its
     declared length is over the cap; a chunked body is cut off at the cap by werkzeug."""
-    from admin.security import MACHINE_BLUEPRINTS
-
     if request.blueprint in MACHINE_BLUEPRINTS:
         return  # bearer-token views set their own limit before they read
     limit = FORM_MAX_BYTES
