@@ -21,7 +21,6 @@ import pytest
 import requests
 
 from admin.hardening import BIDI_CONTROLS
-from moderation.governance.users import create_user
 from moderation.service.api_clients import create_api_client
 from moderation.service.runtime import Runtime
 from moderation.storage.db import migrate, transaction
@@ -106,15 +105,7 @@ def _live(stack: Stack) -> Any:
 
 @pytest.fixture(scope="module")
 def reviewer(served: Stack) -> str:
-    with transaction(served.runtime.sessions) as db:
-        create_user(
-            db,
-            served.runtime.keyring,
-            email="rev@example.org",
-            role="reviewer",
-            password=PASSWORD,
-            actor="test",
-        )
+    served.create_user("rev@example.org", "reviewer", PASSWORD)
     return "rev@example.org"
 
 
