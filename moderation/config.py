@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SecretsSettingsSource,
     SettingsConfigDict,
@@ -198,6 +199,12 @@ class Settings(BaseSettings):
         description="Reverse proxies in front of the console whose X-Forwarded-For/-Proto are "
         "trusted (werkzeug ProxyFix); 0 trusts none.",
     )
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the web tier answers to (comma-separated; '.example.org' "
+        "matches its subdomains); a request for any other Host gets 400 (RELIABILITY.md S10). "
+        "Unset: localhost only in production, any host in development.",
+    )
     console_session_hours: float = Field(
         default=8.0, gt=0, description="Absolute lifetime of a console session, hours."
     )
@@ -374,6 +381,15 @@ class Settings(BaseSettings):
             return None  # an empty variable (compose's ${VAR:-}) means unset
         if len(value.get_secret_value()) < MIN_METRICS_TOKEN_LENGTH:
             raise ValueError(f"must be at least {MIN_METRICS_TOKEN_LENGTH} characters")
+        return value
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment's comma-separated form
+            value = value.split(",")
+        if isinstance(value, list):  # browsers send Host in lower case
+            return [str(part).strip().lower() for part in value if str(part).strip()]
         return value
 
     @field_validator("log_level")

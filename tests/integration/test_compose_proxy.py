@@ -20,8 +20,6 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from moderation.governance.users import create_user
-from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent
 from tests.integration.queue_stack import (
     REPO,
@@ -106,15 +104,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, C
         # As docker-compose.yml's web: production, exactly one trusted proxy.
         stack = make(database_url=None, broker_url=redis_server.url, console_trusted_proxies=1)
         stack.init()
-        with transaction(stack.runtime.sessions) as session:
-            create_user(
-                session,
-                stack.runtime.keyring,
-                email="reviewer@example.org",
-                role="reviewer",
-                password=PASSWORD,
-                actor="test",
-            )
+        stack.create_user("reviewer@example.org", "reviewer", PASSWORD)
         stack.start_web()
         caddy = Caddy(tmp_path, f"127.0.0.1:{stack.port}")
         try:

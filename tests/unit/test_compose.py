@@ -237,3 +237,19 @@ def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(
     dashboards = Path(providers["providers"][0]["options"]["path"])
     assert (mounts[dashboards.as_posix()] / "moderation.json").exists()
     assert grafana["environment"]["GF_USERS_ALLOW_SIGN_UP"] == "false"
+
+
+def test_web_answers_the_proxy_site_and_prometheus_by_name(config: dict[str, Any]) -> None:
+    # RELIABILITY.md S10: web refuses other Host headers, so the names it is reached by are
+    # trusted: the proxy's site address and the service name Prometheus scrapes.
+    services = config["services"]
+    hosts = services["web"]["environment"]["MODERATION_TRUSTED_HOSTS"].split(",")
+    assert services["proxy"]["environment"]["MODERATION_SITE_ADDRESS"] in hosts
+    scrape = yaml.safe_load((REPO / "monitoring" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        target.split(":")[0]
+        for job in scrape["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    }
+    assert "web" in targets and "web" in hosts
