@@ -17,7 +17,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from moderation.modelops.canary import latest_runs
 from moderation.storage.modelops import CanaryRun, DriftRun
 
 if TYPE_CHECKING:
@@ -133,3 +132,20 @@ class ModelOpsCollector(Collector):
             logger.warning("metrics: canary/drift figures unavailable: %s", exc)
             return
         yield from metrics
+
+
+def latest_runs(runtime: Runtime) -> list[CanaryRun]:
+    """The latest stored run per encoder id, newest first."""
+    newest = (
+        select(CanaryRun.encoder_id, func.max(CanaryRun.id).label("id"))
+        .group_by(CanaryRun.encoder_id)
+        .subquery()
+    )
+    with runtime.sessions() as session:
+        rows = session.scalars(
+            select(CanaryRun)
+            .join(newest, CanaryRun.id == newest.c.id)
+            .order_by(CanaryRun.id.desc())
+        ).all()
+        session.expunge_all()
+    return list(rows)
