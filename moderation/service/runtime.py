@@ -131,9 +131,15 @@ class Runtime:
     def follow_serving_encoder(self) -> Encoder:
         """Switch :attr:`encoder` to the serving one if a promotion or rollback happened since
         this process chose it (a long-lived web or CLI process before a bank change); returns
-        it. Callers embed after this, so the snapshot check never sees a stale encoder."""
+        it. Callers embed after this, so the snapshot check never sees a stale encoder.
+
+        The first choice in a process is not loaded here (the first embedding loads it): a
+        web process that writes a snapshot needs only the encoder's id, which for the default
+        encoder is the digest of its weights file, not the model in memory."""
         name = self.serving_encoder_name()
-        if "encoder" in self.__dict__ and self.encoder.name == name:
+        if "encoder" not in self.__dict__:
+            self.__dict__["encoder"] = self.encoder_named(name)
+        if self.encoder.name == name:
             return self.encoder
         return self.switch_encoder(name)
 

@@ -84,6 +84,19 @@ def exercise_hma(base: str, token: str) -> None:
     assert hashed.status_code == 200 and hashed.json()["pdq"] == digest
 
 
+def add_hash_signal(base: str, token: str) -> None:
+    """A write that publishes a snapshot (the HMA API's add-signal): the web process takes the
+    serving encoder's id (hashing its weights file), which imports no heavy library either."""
+    digest = pdq_hash(skimage_photo("hubble_deep_field").convert("RGB")).hex
+    added = requests.post(
+        f"{base}/hma/c/bank/known-bad/signal",
+        json={"pdq": digest, "note": "lean web tier"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=120,
+    )
+    assert added.status_code == 200 and added.json()["signals"] == {"pdq": digest}, added.text
+
+
 def exercise_console(base: str, email: str) -> None:
     browser = requests.Session()
     login = browser.get(f"{base}/login", timeout=60)
@@ -137,6 +150,7 @@ def test_the_web_tier_maps_no_torch_faiss_or_onnxruntime(
             return False
 
     wait_until(live, 180, "moderation serve to answer")
+    add_hash_signal(stack.base_url, token)
     # Several rounds, so that both gunicorn workers (one listening socket) serve some of each.
     for _ in range(4):
         exercise_api(stack.base_url, token)
