@@ -36,7 +36,7 @@ from moderation.modelops.encoder_status import migration_progress
 from moderation.modelops.gauges import ModelOpsCollector
 from moderation.service.metrics import bearer_token_matches, database_samples
 from moderation.service.runtime import Runtime
-from moderation.service.worker import worker_reports
+from moderation.service.worker_health import worker_reports
 
 logger = logging.getLogger(__name__)
 
