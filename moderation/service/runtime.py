@@ -23,6 +23,7 @@ from moderation.matching.candidates import CandidateRefiner
 from moderation.matching.policy import Policy, load_policy
 from moderation.matching.screening import Screener
 from moderation.media.decode import DecodeLimits
+from moderation.media.video import VideoLimits
 from moderation.signals.encoders import Encoder, create_encoder
 from moderation.storage.db import create_db_engine, migrate, schema_is_current, session_factory
 
@@ -169,6 +170,11 @@ class Runtime:
         """Decode limits from settings."""
         return DecodeLimits.from_settings(self.settings)
 
+    @cached_property
+    def video_limits(self) -> VideoLimits:
+        """Video limits and sampling from settings."""
+        return VideoLimits.from_settings(self.settings)
+
     def load_blocklist(self, shadow: Encoder | None = None) -> Blocklist:
         """Decrypt the current snapshot into memory (fail closed on any error); with the encoder
         on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed.
@@ -238,6 +244,7 @@ class Runtime:
             blocklist=blocklist or self.load_blocklist(),
             policy=self.policy,
             limits=self.limits,
+            video_limits=self.video_limits,
             batch_size=self.settings.batch_size,
             refiner=refiner,
         )
@@ -257,6 +264,7 @@ class Runtime:
             blocklist=self.load_blocklist(shadow=encoder),
             policy=self.policy,
             limits=self.limits,
+            video_limits=self.video_limits,
             batch_size=self.settings.batch_size,
         )
 

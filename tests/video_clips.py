@@ -1,0 +1,72 @@
+"""Short real video clips for the video tests, encoded with PyAV from scikit-image's photos.
+
+:func:`clip` shows a list of (photo, seconds) segments at a frame rate; each segment is the photo
+with a slow horizontal pan (so consecutive frames differ a little, as in real footage), encoded
+with a real codec into a real container.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from fractions import Fraction
+
+import av
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from tests.conftest import skimage_photo
+
+# (container format, codec, PyAV pixel format) per test container.
+CODECS = {
+    "mp4": ("mp4", "h264", "yuv420p"),
+    "mp4v": ("mp4", "mpeg4", "yuv420p"),
+    "webm": ("webm", "libvpx", "yuv420p"),
+    "mov": ("mov", "h264", "yuv420p"),
+}
+SIZE = (320, 240)
+
+
+def photo(name: str, size: tuple[int, int] = SIZE) -> Image.Image:
+    """A scikit-image photo resized to ``size``."""
+    return skimage_photo(name).resize(size, Image.Resampling.BICUBIC)
+
+
+def edited(image: Image.Image) -> Image.Image:
+    """An edited copy: 10 % cropped from each side, brighter, resized back."""
+    w, h = image.size
+    cropped = image.crop((w // 10, h // 10, w - w // 10, h - h // 10)).resize(image.size)
+    return ImageEnhance.Brightness(cropped).enhance(1.2)
+
+
+def _pan(image: Image.Image, step: int) -> Image.Image:
+    """``image`` shifted ``step`` px left (edge repeated): a slow camera pan."""
+    array = np.asarray(image)
+    shifted = np.concatenate([array[:, step:], np.repeat(array[:, -1:], step, axis=1)], axis=1)
+    return Image.fromarray(shifted)
+
+
+def clip(
+    segments: Sequence[tuple[Image.Image, float]],
+    kind: str = "mp4",
+    fps: int = 10,
+) -> bytes:
+    """Encode ``segments`` (image, seconds) as one clip of ``kind`` (see :data:`CODECS`)."""
+    fmt, codec, pix_fmt = CODECS[kind]
+    out = io.BytesIO()
+    with av.open(out, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = segments[0][0].size
+        stream.pix_fmt = pix_fmt
+        stream.time_base = Fraction(1, fps)
+        number = 0
+        for image, seconds in segments:
+            for step in range(round(seconds * fps)):
+                frame = av.VideoFrame.from_image(_pan(image, step))
+                frame.pts = number
+                number += 1
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
