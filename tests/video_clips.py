@@ -39,6 +39,11 @@ def edited(image: Image.Image) -> Image.Image:
     return ImageEnhance.Brightness(cropped).enhance(1.2)
 
 
+def recoloured(image: Image.Image) -> Image.Image:
+    """An edit PDQ is robust to (it is not to crops): brighter and more contrasted."""
+    return ImageEnhance.Contrast(ImageEnhance.Brightness(image).enhance(1.15)).enhance(1.1)
+
+
 def _pan(image: Image.Image, step: int) -> Image.Image:
     """``image`` shifted ``step`` px left (edge repeated): a slow camera pan."""
     array = np.asarray(image)

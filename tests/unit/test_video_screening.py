@@ -1,0 +1,100 @@
+"""Video uploads through the screening pipeline: real clips, the real encoder, a real snapshot.
+
+A bank holds two scikit-image photos (astronaut, chelsea); clips show unrelated photos with a
+banked one flashed for 0.4 s between them (tests/video_clips.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from moderation.banks.operations import import_bank
+from moderation.banks.records import create_bank
+from moderation.config import load_settings
+from moderation.matching.screening import Screener
+from moderation.media.video import VideoLimits
+from moderation.service.runtime import Runtime, prepared_runtime
+from moderation.storage.db import transaction
+from tests.conftest import skimage_photo_path
+from tests.video_clips import clip, edited, photo
+
+BANNED = ("astronaut", "chelsea")
+
+
+def flashed(banned_frame: object, kind: str = "mp4") -> bytes:
+    """rocket 1.5 s, then ``banned_frame`` 0.4 s (from 1.5 s), then motorcycle 1.5 s."""
+    return clip(
+        [(photo("rocket"), 1.5), (banned_frame, 0.4), (photo("motorcycle_left"), 1.5)], kind
+    )
+
+
+@pytest.fixture(scope="module")
+def bank_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    base = tmp_path_factory.mktemp("video-screening")
+    runtime = prepared_runtime(load_settings(data_dir=base / "var"))
+    with transaction(runtime.sessions) as session:
+        create_bank(session, "known-bad")
+    import_bank(runtime, "known-bad", [skimage_photo_path(n) for n in BANNED], actor="test")
+    yield runtime
+    runtime.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def screener(bank_runtime: Runtime) -> Screener:
+    return bank_runtime.screener()
+
+
+@pytest.mark.parametrize("kind", ["mp4", "webm", "mov"])
+def test_a_flashed_banked_photo_is_blocked_at_its_time(screener: Screener, kind: str) -> None:
+    [result] = screener.screen_bytes([flashed(photo("astronaut"), kind)])
+    assert result.decision == "block", result.explanation
+    top = result.matches[0]
+    assert top.entry.label == "astronaut"
+    # Frame 15, the scene change to the astronaut: between the fixed-rate frames 10 and 20.
+    assert top.timestamp_s == pytest.approx(1.5)
+    assert top.to_json()["timestamp_s"] == pytest.approx(1.5)
+    video = result.explanation["video"]
+    assert video["matched_frame"] == {"frame": 15, "timestamp_s": pytest.approx(1.5)}
+    assert 15 in video["scene_changes"] and video["vpdq_frames"] == 4
+    assert video["format"] == {"mp4": "MP4", "webm": "WEBM", "mov": "MOV"}[kind]
+
+
+def test_an_edited_copy_is_flagged(screener: Screener) -> None:
+    [result] = screener.screen_bytes([flashed(edited(photo("chelsea")))])
+    assert result.decision in ("block", "review"), result.explanation
+    assert result.matches[0].entry.label == "chelsea"
+    assert result.matches[0].timestamp_s == pytest.approx(1.5)
+
+
+def test_an_unrelated_video_is_allowed(screener: Screener) -> None:
+    data = clip([(photo("rocket"), 1.5), (photo("coffee"), 1.0), (photo("motorcycle_left"), 1.5)])
+    [result] = screener.screen_bytes([data])
+    assert (result.decision, result.matches) == ("allow", ())
+    assert result.explanation["video"]["frames_decoded"] == 40
+
+
+def test_videos_and_images_share_a_batch(screener: Screener) -> None:
+    from tests.unit.test_screening import jpeg
+
+    results = screener.screen_bytes(
+        [jpeg(photo("chelsea")), flashed(photo("astronaut")), jpeg(photo("rocket"))]
+    )
+    assert [r.decision for r in results] == ["block", "block", "allow"]
+    assert "video" not in results[0].explanation and results[0].matches[0].timestamp_s is None
+
+
+def test_broken_and_oversized_videos_are_unscannable(bank_runtime: Runtime) -> None:
+    data = flashed(photo("astronaut"))
+    limited = Screener(
+        encoder=bank_runtime.encoder,
+        blocklist=bank_runtime.load_blocklist(),
+        policy=bank_runtime.policy,
+        limits=bank_runtime.limits,
+        video_limits=VideoLimits(max_duration_s=2.0),
+    )
+    truncated, too_long = limited.screen_bytes([data[: len(data) // 2], data])
+    assert (truncated.decision, truncated.reason) == ("unscannable", "truncated")
+    assert (too_long.decision, too_long.reason) == ("unscannable", "too_long")
+    assert "2.0 s" in too_long.explanation["detail"]
