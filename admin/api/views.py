@@ -135,8 +135,8 @@ def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
 
 @bp.post("/screenings")
 def create_screening() -> Any:
-    """Accept an image or a video for screening (multipart ``image``, ``external_id``, ``subject_id``,
-    optional ``callback_url``; optional ``Idempotency-Key`` header)."""
+    """Accept an image or a video for screening (multipart ``image``, ``external_id``,
+    ``subject_id``, optional ``callback_url``; optional ``Idempotency-Key`` header)."""
     client_id = authenticated_client_id()
     api = services()
     wait = _wait_seconds()

@@ -45,7 +45,7 @@ from moderation.matching.video import (
     with_timestamps,
 )
 from moderation.media.decode import DecodedImage, DecodeLimits, UnscannableImage, decode_image
-from moderation.media.video import VideoLimits
+from moderation.media.video import DEFAULT_VIDEO_LIMITS, VideoLimits
 from moderation.signals.encoders import Encoder
 from moderation.signals.exact import keyed_digests
 from moderation.signals.pdq import PdqHash, pdq_hash_dihedral
@@ -109,7 +109,7 @@ class Screener:
         batch_size: int = 32,
         refiner: CandidateRefiner | None = None,
         draft_size: tuple[int, int] | None = (512, 224),
-        video_limits: VideoLimits = VideoLimits(),  # frozen, so one shared default is safe
+        video_limits: VideoLimits = DEFAULT_VIDEO_LIMITS,
     ) -> None:
         if str(encoder.id) != blocklist.encoder_id:
             raise ValueError(

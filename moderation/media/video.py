@@ -152,6 +152,10 @@ class VideoLimits:
         )
 
 
+DEFAULT_VIDEO_LIMITS: Final = VideoLimits()
+"""The default limits (frozen, so one shared instance is safe as a default argument)."""
+
+
 @dataclass(frozen=True)
 class DecodedVideo:
     """A decoded video, ready for the image pipeline.
@@ -190,7 +194,7 @@ class _Sample:
 
 def decode_video(
     data: bytes,
-    limits: VideoLimits = VideoLimits(),  # frozen, so one shared default is safe
+    limits: VideoLimits = DEFAULT_VIDEO_LIMITS,
     *,
     on_fixed_frame: FrameHook | None = None,
 ) -> DecodedVideo:
@@ -239,7 +243,7 @@ def _check_messages(messages: list[tuple[int, str, str]], fmt: str) -> None:
     upload."""
     errors = [m for m in messages if m[0] <= av.logging.ERROR]
     if errors:
-        level, name, text = errors[0]
+        _, name, text = errors[0]
         raise UnscannableImage(
             "corrupt", f"{fmt}: {name}: {text.strip()} ({len(errors)} decoder errors)"
         )

@@ -1,4 +1,4 @@
-"""vPDQ video signatures: per-frame PDQ hashes with quality and timestamp, in ThreatExchange's forms.
+"""vPDQ video signatures: per-frame PDQ hashes, quality and timestamp, in ThreatExchange's forms.
 
 vPDQ (ThreatExchange ``vpdq/README.md``) hashes every frame at a fixed interval of a video with
 PDQ and treats the result as an unordered bag of frame hashes. This module computes the same
@@ -213,7 +213,8 @@ def distance_matrix(
     """``(len(query), len(compared))`` int64 Hamming distances, bits."""
     a, b = _digests(query), _digests(compared)
     xor = np.bitwise_xor(a[:, None, :], b[None, :, :])
-    return np.bitwise_count(xor).sum(axis=2, dtype=np.int64)
+    distances: npt.NDArray[np.int64] = np.bitwise_count(xor).sum(axis=2, dtype=np.int64)
+    return distances
 
 
 def match_features(

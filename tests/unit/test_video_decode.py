@@ -16,6 +16,7 @@ from PIL import Image
 
 from moderation.media.decode import UNSCANNABLE_REASONS, UnscannableImage
 from moderation.media.video import (
+    DEFAULT_VIDEO_LIMITS,
     VIDEO_UNSCANNABLE_REASONS,
     VideoLimits,
     decode_video,
@@ -29,7 +30,7 @@ from tests.video_clips import clip, photo
 FLASH = [(photo("coffee"), 1.5), (photo("astronaut"), 0.4), (photo("rocket"), 1.5)]
 
 
-def reason(data: bytes, limits: VideoLimits = VideoLimits()) -> str:
+def reason(data: bytes, limits: VideoLimits = DEFAULT_VIDEO_LIMITS) -> str:
     with pytest.raises(UnscannableImage) as caught:
         decode_video(data, limits)
     assert caught.value.reason in UNSCANNABLE_REASONS + VIDEO_UNSCANNABLE_REASONS
@@ -43,7 +44,12 @@ def flash_mp4() -> bytes:
 
 @pytest.mark.parametrize(
     ("kind", "container", "codec"),
-    [("mp4", "MP4", "h264"), ("mp4v", "MP4", "mpeg4"), ("webm", "WEBM", "vp8"), ("mov", "MOV", "h264")],
+    [
+        ("mp4", "MP4", "h264"),
+        ("mp4v", "MP4", "mpeg4"),
+        ("webm", "WEBM", "vp8"),
+        ("mov", "MOV", "h264"),
+    ],
 )
 def test_each_container_decodes_with_fixed_rate_and_scene_change_frames(
     kind: str, container: str, codec: str
@@ -69,7 +75,10 @@ def test_the_flashed_frame_is_the_photo(flash_mp4: bytes) -> None:
     video = decode_video(flash_mp4)
     shown = video.frames[video.frame_indices.index(15)]
     reference = photo("astronaut").resize((32, 24), Image.Resampling.BOX)
-    diff = [abs(a - b) for a, b in zip(shown.resize((32, 24)).tobytes(), reference.tobytes())]
+    diff = [
+        abs(a - b)
+        for a, b in zip(shown.resize((32, 24)).tobytes(), reference.tobytes(), strict=True)
+    ]
     assert sum(diff) / len(diff) < 12  # H.264 at its default quality
 
 

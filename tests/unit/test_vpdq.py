@@ -55,9 +55,12 @@ def test_features_are_pdq_of_the_fixed_rate_frames(original: list[VpdqFeature]) 
     ]
     assert all(f.quality >= 50 for f in original)
     # Frame 0 is the astronaut photo itself, through H.264.
-    assert pdq_hash(photo("astronaut")).distance(
-        pdq_hash(photo("astronaut")).from_hex(original[0].pdq_hex)
-    ) <= 31
+    assert (
+        pdq_hash(photo("astronaut")).distance(
+            pdq_hash(photo("astronaut")).from_hex(original[0].pdq_hex)
+        )
+        <= 31
+    )
 
 
 def test_file_form_round_trips_and_reads_the_reference_sample() -> None:
@@ -145,9 +148,7 @@ def test_match_percentages_equal_threatexchange(
         ours = match_features(query, original)
         assert result.match == ours.is_match()
         assert result.distance.query_match_percent == pytest.approx(ours.query_match_percent)
-        assert result.distance.compared_match_percent == pytest.approx(
-            ours.compared_match_percent
-        )
+        assert result.distance.compared_match_percent == pytest.approx(ours.compared_match_percent)
 
 
 def test_the_vpdq_c_extension_is_not_required() -> None:
