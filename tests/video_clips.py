@@ -63,6 +63,7 @@ def clip(
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = segments[0][0].size
         stream.pix_fmt = pix_fmt
+        stream.codec_context.thread_count = 1  # the same bytes on every run
         stream.time_base = Fraction(1, fps)
         number = 0
         for image, seconds in segments:

@@ -56,7 +56,8 @@ def _result_schema() -> dict[str, Any]:
             "reason": {
                 "type": ["string", "null"],
                 "description": "Why unscannable (e.g. too_large, poison; videos also too_long, "
-                "unsupported_codec, no_video_stream, decode_timeout) or allow_bank.",
+                "unsupported_codec, no_video_stream, multiple_video_streams, decode_timeout) or "
+                "allow_bank.",
             },
             "category": {"type": ["string", "null"]},
             "matches": {"type": "array", "items": {"$ref": "#/components/schemas/Match"}},

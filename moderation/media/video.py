@@ -32,6 +32,8 @@ image reasons (``empty``, ``too_large``, ``truncated``, ``corrupt``, ``too_many_
     The video stream's codec is not in :data:`ALLOWED_CODECS`.
 ``no_video_stream``
     The container holds no video stream.
+``multiple_video_streams``
+    More than one video stream (cover art included): which one a player shows is its choice.
 ``decode_timeout``
     Decoding took longer than :attr:`VideoLimits.max_decode_s`.
 """
@@ -66,6 +68,7 @@ VIDEO_UNSCANNABLE_REASONS: tuple[str, ...] = (
     "too_long",
     "unsupported_codec",
     "no_video_stream",
+    "multiple_video_streams",
     "decode_timeout",
 )
 """Reasons only a video gets (documented in the module docstring)."""
@@ -271,10 +274,16 @@ def _video_stream(container: Any, fmt: str, limits: VideoLimits) -> Any:
     streams = list(container.streams.video)
     if not streams:
         raise UnscannableImage("no_video_stream", f"{fmt} without a video stream")
+    if len(streams) > 1:
+        # Players choose which one to show; screening one could miss what the other shows.
+        raise UnscannableImage("multiple_video_streams", f"{fmt} with {len(streams)} video streams")
     stream = streams[0]
     # Decode in the calling thread: the decoder's error messages are then captured for this
     # decode alone (av.logging.Capture(local=True)), and a worker process uses one core.
     stream.thread_type = "NONE"
+    # FFmpeg's own cap on a frame's pixels, also for a size change mid-stream (the decoder
+    # refuses the frame before allocating it; checked here too, on the header, first).
+    stream.codec_context.options = {"max_pixels": str(limits.max_pixels)}
     codec = stream.codec_context.name
     if codec not in ALLOWED_CODECS:
         allowed = ", ".join(sorted(ALLOWED_CODECS))

@@ -160,13 +160,15 @@ def test_garbage_frames_are_corrupt(flash_mp4: bytes) -> None:
 
 
 def test_damaged_blocks_the_decoder_conceals_are_corrupt(flash_mp4: bytes) -> None:
-    # 400 bytes flipped in the middle of the coded frames: H.264 conceals the damaged
+    # 100 bytes flipped at four places in the coded frames: H.264 conceals the damaged
     # macroblocks and goes on, reporting it only in its log; the upload is corrupt, not allowed.
     start, end = _mdat(flash_mp4)
     damaged = bytearray(flash_mp4)
-    middle = (start + end) // 2
-    for k in range(middle, middle + 400):
-        damaged[k] ^= 0x5A
+    for quarter in range(4):
+        at = start + (end - start) * (2 * quarter + 1) // 8
+        for k in range(at, at + 100):
+            damaged[k] ^= 0x5A
+    assert decode_video(flash_mp4).n_frames == 34
     assert reason(bytes(damaged)) == "corrupt"
 
 
@@ -203,6 +205,24 @@ def test_audio_only_file_has_no_video_stream() -> None:
         for packet in stream.encode():
             container.mux(packet)
     assert reason(out.getvalue()) == "no_video_stream"
+
+
+def test_a_second_video_stream_is_refused() -> None:
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        streams = [container.add_stream("mpeg4", rate=5) for _ in range(2)]
+        for stream in streams:
+            stream.width, stream.height = 64, 48
+        for n in range(5):
+            for stream in streams:
+                frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (n * 40, 0, 0)))
+                frame.pts = n
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+    assert reason(out.getvalue()) == "multiple_video_streams"
 
 
 def test_matroska_other_than_webm_is_not_sniffed() -> None:
