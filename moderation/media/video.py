@@ -396,15 +396,31 @@ def _check_frame(frame: Any, number: int, limits: VideoLimits, deadline: float) 
         )
 
 
+# Quarter turns counter-clockwise -> the Pillow transpose doing them (a phone's portrait video
+# is stored sideways with a display matrix, as a JPEG with an EXIF orientation).
+_QUARTER_TURNS: Final = {
+    1: Image.Transpose.ROTATE_90,
+    2: Image.Transpose.ROTATE_180,
+    3: Image.Transpose.ROTATE_270,
+}
+
+
 def _rgb(frame: Any) -> Image.Image:
-    """The frame as an RGB image, longer side at most :data:`_FRAME_MAX_SIDE` px (bicubic)."""
+    """The frame as an RGB image, upright, longer side at most :data:`_FRAME_MAX_SIDE` px
+    (bicubic).
+
+    Upright: turned by the stream's display matrix (PyAV ``VideoFrame.rotation``, degrees
+    counter-clockwise; ``av_display_rotation_get``), as players and FFmpeg's ``autorotate``
+    show it. Rotations that are not quarter turns are rounded to the nearest one.
+    """
     width, height = frame.width, frame.height
     scale = min(1.0, _FRAME_MAX_SIDE / max(width, height))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image: Image.Image = frame.reformat(
         width=size[0], height=size[1], format="rgb24", interpolation="BICUBIC"
     ).to_image()
-    return image
+    turn = _QUARTER_TURNS.get(round((frame.rotation or 0) / 90) % 4)
+    return image if turn is None else image.transpose(turn)
 
 
 def _most_different(pool: list[_Sample], count: int) -> list[_Sample]:

@@ -82,6 +82,29 @@ def test_the_flashed_frame_is_the_photo(flash_mp4: bytes) -> None:
     assert sum(diff) / len(diff) < 12  # H.264 at its default quality
 
 
+def test_a_sideways_phone_video_is_screened_upright() -> None:
+    # Stored sideways (turned 90 degrees counter-clockwise) with a display matrix saying
+    # "turn 90 degrees clockwise to show", as phones record portrait video.
+    upright = photo("astronaut", (240, 320))
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height = 320, 240
+        stream.set_display_rotation(-90)
+        stored = av.VideoFrame.from_image(upright.transpose(Image.Transpose.ROTATE_90))
+        for packet in [*stream.encode(stored), *stream.encode()]:
+            container.mux(packet)
+    [frame] = decode_video(out.getvalue()).frames
+    assert frame.size == (240, 320)
+    diff = [
+        abs(a - b)
+        for a, b in zip(
+            frame.resize((24, 32)).tobytes(), upright.resize((24, 32)).tobytes(), strict=True
+        )
+    ]
+    assert sum(diff) / len(diff) < 12
+
+
 def test_too_many_samples_keep_the_most_different_frames(flash_mp4: bytes) -> None:
     video = decode_video(flash_mp4, VideoLimits(screened_frames=3))
     assert len(video.frames) == 3
