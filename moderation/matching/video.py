@@ -21,7 +21,7 @@ from moderation.matching.decision import MatchResult
 from moderation.media.decode import DecodedImage
 from moderation.media.video import DecodedVideo, VideoLimits, decode_video
 from moderation.media.video_formats import SNIFF_BYTES, sniff_video
-from moderation.signals.vpdq import VpdqFeature, hash_frame
+from moderation.signals.vpdq import VpdqCollector, VpdqFeature
 
 
 def is_video(data: bytes) -> bool:
@@ -55,13 +55,9 @@ def decode_video_upload(data: bytes, limits: VideoLimits) -> VideoUpload:
     Raises:
         moderation.media.decode.UnscannableImage: as :func:`moderation.media.video.decode_video`.
     """
-    features: list[VpdqFeature] = []
-
-    def on_fixed_frame(number: int, rate: float, image: Any) -> None:
-        features.append(hash_frame(number, rate, image))
-
-    decoded = decode_video(data, limits, on_fixed_frame=on_fixed_frame)
-    return VideoUpload(decoded, tuple(features))
+    collector = VpdqCollector()
+    decoded = decode_video(data, limits, on_fixed_frame=collector)
+    return VideoUpload(decoded, tuple(collector.features))
 
 
 def with_timestamps(video: VideoUpload, matches: Sequence[MatchResult]) -> list[MatchResult]:

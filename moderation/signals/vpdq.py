@@ -100,6 +100,19 @@ def hash_frame(frame_number: int, frame_rate: float, image: Image.Image) -> Vpdq
     return VpdqFeature(frame_number, digest.quality, digest.hex, frame_number / frame_rate)
 
 
+class VpdqCollector:
+    """Collects a video's features frame by frame: pass it as
+    :func:`moderation.media.video.decode_video`'s ``on_fixed_frame`` hook, then read
+    :attr:`features`."""
+
+    def __init__(self) -> None:
+        self.features: list[VpdqFeature] = []
+
+    def __call__(self, frame_number: int, frame_rate: float, image: Image.Image) -> None:
+        """Hash one fixed-rate frame (:func:`hash_frame`)."""
+        self.features.append(hash_frame(frame_number, frame_rate, image))
+
+
 # --- exchange forms ---------------------------------------------------------------------------
 
 
