@@ -51,6 +51,44 @@ def _pan(image: Image.Image, step: int) -> Image.Image:
     return Image.fromarray(shifted)
 
 
+def encode(
+    fmt: str,
+    codec: str,
+    images: Sequence[Image.Image],
+    *,
+    fps: int = 5,
+    streams: int = 1,
+    pix_fmt: str | None = None,
+    rotation: int | None = None,
+    options: dict[str, str] | None = None,
+) -> bytes:
+    """``images`` as the frames of ``streams`` video streams (each the same) with PyAV's
+    ``codec`` in container ``fmt``; ``rotation``: a display matrix (degrees counter-clockwise)."""
+    out = io.BytesIO()
+    with av.open(out, mode="w", format=fmt, options=options or {}) as container:
+        made = []
+        for _ in range(streams):
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height = images[0].size
+            stream.time_base = Fraction(1, fps)
+            stream.codec_context.thread_count = 1  # the same bytes on every run
+            if pix_fmt is not None:
+                stream.pix_fmt = pix_fmt
+            if rotation is not None:
+                stream.set_display_rotation(rotation)
+            made.append(stream)
+        for number, image in enumerate(images):
+            for stream in made:
+                frame = av.VideoFrame.from_image(image)
+                frame.pts = number
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for stream in made:
+            for packet in stream.encode():
+                container.mux(packet)
+    return out.getvalue()
+
+
 def clip(
     segments: Sequence[tuple[Image.Image, float]],
     kind: str = "mp4",
@@ -58,21 +96,12 @@ def clip(
 ) -> bytes:
     """Encode ``segments`` (image, seconds) as one clip of ``kind`` (see :data:`CODECS`)."""
     fmt, codec, pix_fmt = CODECS[kind]
-    out = io.BytesIO()
-    with av.open(out, mode="w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = segments[0][0].size
-        stream.pix_fmt = pix_fmt
-        stream.codec_context.thread_count = 1  # the same bytes on every run
-        stream.time_base = Fraction(1, fps)
-        number = 0
-        for image, seconds in segments:
-            for step in range(round(seconds * fps)):
-                frame = av.VideoFrame.from_image(_pan(image, step))
-                frame.pts = number
-                number += 1
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+    frames = [
+        _pan(image, step) for image, seconds in segments for step in range(round(seconds * fps))
+    ]
+    return encode(fmt, codec, frames, fps=fps, pix_fmt=pix_fmt)
+
+
+def solid(count: int, size: tuple[int, int] = (64, 48)) -> list[Image.Image]:
+    """``count`` plain frames, each a different red."""
+    return [Image.new("RGB", size, (n * 40 % 256, 0, 0)) for n in range(count)]

@@ -5,30 +5,15 @@ video over ``max_video_bytes`` is refused with 413 and a Matroska (non-WebM) fil
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
-import av
 import pytest
-from PIL import Image
 
 from moderation.service.platform_client import ApiError, ModerationClient
 from tests.integration.queue_stack import RedisServer, Stack
-from tests.video_clips import clip, photo
+from tests.video_clips import clip, encode, photo, solid
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-def matroska() -> bytes:
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="matroska") as container:
-        stream = container.add_stream("mpeg4", rate=5)
-        stream.width, stream.height = 64, 48
-        for packet in stream.encode(av.VideoFrame.from_image(Image.new("RGB", (64, 48)))):
-            container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
 
 
 def test_video_uploads_over_the_real_stack(
@@ -66,6 +51,6 @@ def test_video_uploads_over_the_real_stack(
         api.submit(banned + bytes(64), external_id="big", subject_id="u1")
     assert too_big.value.status == 413
     with pytest.raises(ApiError) as refused:
-        api.submit(matroska(), external_id="mkv", subject_id="u1")
+        api.submit(encode("matroska", "mpeg4", solid(1)), external_id="mkv", subject_id="u1")
     assert refused.value.status == 415
     assert "MP4, MOV, WebM" in refused.value.message

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import struct
-from fractions import Fraction
 
 import av
 import pytest
@@ -23,7 +22,7 @@ from moderation.media.video import (
     frame_stride,
 )
 from moderation.media.video_formats import sniff_video
-from tests.video_clips import clip, photo
+from tests.video_clips import clip, encode, photo, solid
 
 # coffee 1.5 s, astronaut 0.4 s (frames 15-18 at 10 fps: between the 1 s fixed-rate frames
 # 10 and 20), rocket 1.5 s.
@@ -86,15 +85,9 @@ def test_a_sideways_phone_video_is_screened_upright() -> None:
     # Stored sideways (turned 90 degrees counter-clockwise) with a display matrix saying
     # "turn 90 degrees clockwise to show", as phones record portrait video.
     upright = photo("astronaut", (240, 320))
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=5)
-        stream.width, stream.height = 320, 240
-        stream.set_display_rotation(-90)
-        stored = av.VideoFrame.from_image(upright.transpose(Image.Transpose.ROTATE_90))
-        for packet in [*stream.encode(stored), *stream.encode()]:
-            container.mux(packet)
-    [frame] = decode_video(out.getvalue()).frames
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    data = encode("mp4", "mpeg4", [stored], rotation=-90)
+    [frame] = decode_video(data).frames
     assert frame.size == (240, 320)
     diff = [
         abs(a - b)
@@ -129,19 +122,9 @@ def test_duration_limit(flash_mp4: bytes) -> None:
 
 def test_duration_limit_on_decoded_timestamps_without_a_declared_duration() -> None:
     # A WebM written to a non-seekable stream carries no duration: the frames' times decide.
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="webm", options={"live": "1"}) as container:
-        stream = container.add_stream("libvpx", rate=10)
-        stream.width, stream.height, stream.time_base = 64, 48, Fraction(1, 10)
-        for n in range(40):
-            frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (n * 6, 0, 0)))
-            frame.pts = n
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    assert decode_video(out.getvalue()).n_frames == 40
-    assert reason(out.getvalue(), VideoLimits(max_duration_s=2.0)) == "too_long"
+    data = encode("webm", "libvpx", solid(40), fps=10, options={"live": "1"})
+    assert decode_video(data).n_frames == 40
+    assert reason(data, VideoLimits(max_duration_s=2.0)) == "too_long"
 
 
 def test_frame_count_limit(flash_mp4: bytes) -> None:
@@ -202,17 +185,8 @@ def test_header_only_and_random_bytes() -> None:
 
 
 def test_a_disallowed_codec_is_refused() -> None:
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="mov") as container:
-        stream = container.add_stream("mjpeg", rate=5)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
-        for n in range(5):
-            frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (n * 40, 0, 0)))
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    assert reason(out.getvalue()) == "unsupported_codec"
+    data = encode("mov", "mjpeg", solid(5), pix_fmt="yuvj420p")
+    assert reason(data) == "unsupported_codec"
 
 
 def test_audio_only_file_has_no_video_stream() -> None:
@@ -231,32 +205,10 @@ def test_audio_only_file_has_no_video_stream() -> None:
 
 
 def test_a_second_video_stream_is_refused() -> None:
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="mp4") as container:
-        streams = [container.add_stream("mpeg4", rate=5) for _ in range(2)]
-        for stream in streams:
-            stream.width, stream.height = 64, 48
-        for n in range(5):
-            for stream in streams:
-                frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (n * 40, 0, 0)))
-                frame.pts = n
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-        for stream in streams:
-            for packet in stream.encode():
-                container.mux(packet)
-    assert reason(out.getvalue()) == "multiple_video_streams"
+    assert reason(encode("mp4", "mpeg4", solid(5), streams=2)) == "multiple_video_streams"
 
 
 def test_matroska_other_than_webm_is_not_sniffed() -> None:
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="matroska") as container:
-        stream = container.add_stream("mpeg4", rate=5)
-        stream.width, stream.height = 64, 48
-        frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48)))
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    assert sniff_video(out.getvalue()[:64]) is None
-    assert reason(out.getvalue()) == "unsupported_format"
+    data = encode("matroska", "mpeg4", solid(1))
+    assert sniff_video(data[:64]) is None
+    assert reason(data) == "unsupported_format"
