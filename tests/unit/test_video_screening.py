@@ -6,10 +6,19 @@ banked one flashed for 0.4 s between them (tests/video_clips.py).
 
 from __future__ import annotations
 
-import pytest
+import io
+from pathlib import Path
+from typing import Any
 
+import pytest
+from PIL import Image
+
+from moderation.governance.review import ReviewError
+from moderation.governance.review_decisions import prepare_bank_entry
+from moderation.governance.review_display import render_upload
 from moderation.matching.screening import Screener
 from moderation.media.video import VideoLimits
+from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime
 from tests.unit import test_screening
 from tests.unit.test_screening import jpeg
@@ -78,3 +87,21 @@ def test_broken_and_oversized_videos_are_unscannable(bank_runtime: Runtime) -> N
     assert (truncated.decision, truncated.reason) == ("unscannable", "truncated")
     assert (too_long.decision, too_long.reason) == ("unscannable", "too_long")
     assert "2.0 s" in too_long.explanation["detail"]
+
+
+def test_review_shows_the_matched_frame_and_a_video_is_not_banked(
+    bank_runtime: Runtime, tmp_path: Path
+) -> None:
+    path = tmp_path / "flash.mp4"
+    path.write_bytes(flashed(photo("astronaut")))
+    rows: list[dict[str, Any]] = []
+    screen_paths(bank_runtime, [path], on_result=rows.append)
+    assert rows[0]["decision"] == "block"
+    shown = render_upload(bank_runtime, rows[0]["upload_id"], preview=False)
+    assert shown is not None and (shown.width, shown.height) == (320, 240)
+    frame = Image.open(io.BytesIO(shown.jpeg)).convert("RGB").resize((32, 24))
+    expected = photo("astronaut").resize((32, 24))
+    diff = [abs(a - b) for a, b in zip(frame.tobytes(), expected.tobytes(), strict=True)]
+    assert sum(diff) / len(diff) < 15  # the astronaut frame at 1.5 s, not the first (rocket)
+    with pytest.raises(ReviewError, match="video"):
+        prepare_bank_entry(bank_runtime, rows[0]["upload_id"], "known-bad", "confirm")
