@@ -61,9 +61,11 @@ def encode(
     pix_fmt: str | None = None,
     rotation: int | None = None,
     options: dict[str, str] | None = None,
+    first_pts: int = 0,
 ) -> bytes:
     """``images`` as the frames of ``streams`` video streams (each the same) with PyAV's
-    ``codec`` in container ``fmt``; ``rotation``: a display matrix (degrees counter-clockwise)."""
+    ``codec`` in container ``fmt``; ``rotation``: a display matrix (degrees counter-clockwise);
+    ``first_pts``: the first frame's presentation time, in frames."""
     out = io.BytesIO()
     with av.open(out, mode="w", format=fmt, options=options or {}) as container:
         made = []
@@ -80,7 +82,7 @@ def encode(
         for number, image in enumerate(images):
             for stream in made:
                 frame = av.VideoFrame.from_image(image)
-                frame.pts = number
+                frame.pts = first_pts + number
                 for packet in stream.encode(frame):
                     container.mux(packet)
         for stream in made:

@@ -339,14 +339,12 @@ def _decode(
     scenes: list[int] = []
     fixed_frames: list[int] = []
     previous: npt.NDArray[np.float32] | None = None
-    number, timestamp = 0, 0.0
+    number, timestamp, start = 0, 0.0, None
     for frame in container.decode(stream):
         _check_frame(frame, number, limits, deadline)
-        timestamp = float(frame.time) if frame.time is not None else number / rate
-        if timestamp > limits.max_duration_s:
-            raise UnscannableImage(
-                "too_long", f"frame {number} at {timestamp:.1f} s is past {limits.max_duration_s} s"
-            )
+        shown_at = float(frame.time) if frame.time is not None else number / rate
+        start = shown_at if start is None else start
+        timestamp = _checked_time(shown_at - start, number, limits)
         grey = frame.reformat(width=_THUMB_SIDE, height=_THUMB_SIDE, format="gray")
         thumb = grey.to_ndarray().astype(np.float32)
         scene = previous is not None and float(np.abs(thumb - previous).mean()) >= (
@@ -382,6 +380,16 @@ def _decode(
         n_frames=number,
         duration_s=timestamp,
     )
+
+
+def _checked_time(timestamp: float, number: int, limits: VideoLimits) -> float:
+    """A frame's time from the first frame's (a container may start its clock anywhere),
+    seconds, within the duration limit."""
+    if timestamp > limits.max_duration_s:
+        raise UnscannableImage(
+            "too_long", f"frame {number} at {timestamp:.1f} s is past {limits.max_duration_s} s"
+        )
+    return timestamp
 
 
 def _check_frame(frame: Any, number: int, limits: VideoLimits, deadline: float) -> None:

@@ -127,6 +127,13 @@ def test_duration_limit_on_decoded_timestamps_without_a_declared_duration() -> N
     assert reason(data, VideoLimits(max_duration_s=2.0)) == "too_long"
 
 
+def test_times_count_from_the_first_frame() -> None:
+    # A WebM whose clock starts at 400 s: 4 s long, not 404 s.
+    data = encode("webm", "libvpx", solid(20), fps=5, options={"live": "1"}, first_pts=2000)
+    video = decode_video(data, VideoLimits(max_duration_s=10.0))
+    assert video.timestamps[0] == 0.0 and video.duration_s == pytest.approx(3.8)
+
+
 def test_frame_count_limit(flash_mp4: bytes) -> None:
     assert reason(flash_mp4, VideoLimits(max_frames=20)) == "too_many_frames"
 
