@@ -19,9 +19,12 @@ animations), so the odd frame out survives the cut.
 
 Safety, in order: byte size; magic bytes (:mod:`moderation.media.video_formats`) and the one
 FFmpeg demuxer they name (no probing); the container's declared sizes against the data length
-(truncation); exactly one allowed video codec (:data:`ALLOWED_CODECS`); the declared dimensions
-and duration before any frame is decoded; then, for every decoded frame, its dimensions, its
-timestamp against the duration limit, the number of frames and the wall-clock decode budget.
+(truncation); exactly one video stream, of an allowed codec (:data:`ALLOWED_CODECS`); the
+declared dimensions and duration before any frame is decoded (and FFmpeg's own ``max_pixels``
+cap); then, for every decoded frame, its dimensions, its time (from the first frame's) against
+the duration limit, the number of frames and the wall-clock decode budget. Decoding runs in
+the calling thread, and any error the decoder logs (FFmpeg conceals damaged blocks and goes on)
+makes the video ``corrupt``.
 
 Reasons carried by :class:`~moderation.media.decode.UnscannableImage` for a video, beyond the
 image reasons (``empty``, ``too_large``, ``truncated``, ``corrupt``, ``too_many_frames``):
@@ -164,9 +167,10 @@ class DecodedVideo:
     """A decoded video, ready for the image pipeline.
 
     Attributes:
-        frames: the screened frames, mode RGB, longer side at most 512 px, in time order.
+        frames: the screened frames, mode RGB, upright (the display matrix's rotation
+            applied), longer side at most 512 px, in time order.
         frame_indices: each screened frame's 0-based decoded frame number.
-        timestamps: each screened frame's presentation time, seconds from the start.
+        timestamps: each screened frame's presentation time, seconds from the first frame's.
         scene_changes: frame numbers where a scene change was detected (screened or not).
         fixed_frames: frame numbers of the fixed-rate frames (those given to ``on_fixed_frame``).
         format: "MP4", "MOV" or "WEBM"; ``codec``: the FFmpeg decoder name.
