@@ -61,9 +61,13 @@ def decode_video_upload(data: bytes, limits: VideoLimits) -> VideoUpload:
 
 
 def with_timestamps(video: VideoUpload, matches: Sequence[MatchResult]) -> list[MatchResult]:
-    """``matches`` with ``timestamp_s`` set to the time (s) of the screened frame each matched."""
+    """``matches`` with ``timestamp_s`` set to the time (s) of the screened frame each matched
+    (none for an exact-hash match: the whole file is on a list, no frame matched)."""
     times = video.decoded.timestamps
-    return [replace(m, timestamp_s=round(times[m.frame], 3)) for m in matches]
+    return [
+        m if m.exact is not None else replace(m, timestamp_s=round(times[m.frame], 3))
+        for m in matches
+    ]
 
 
 def video_explanation(video: VideoUpload, matches: Sequence[MatchResult]) -> dict[str, Any]:
@@ -84,7 +88,7 @@ def video_explanation(video: VideoUpload, matches: Sequence[MatchResult]) -> dic
         "scene_changes": list(decoded.scene_changes[:100]),
         "vpdq_frames": len(video.vpdq),
     }
-    if matches:
+    if matches and matches[0].exact is None:
         top = matches[0]
         explained["matched_frame"] = {
             "frame": decoded.frame_indices[top.frame],

@@ -6,6 +6,7 @@ banked one flashed for 0.4 s between them (tests/video_clips.py).
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from moderation.banks.hash_import import import_hash_list
+from moderation.banks.records import create_bank
 from moderation.governance.review import ReviewError
 from moderation.governance.review_decisions import prepare_bank_entry
 from moderation.governance.review_display import render_upload
@@ -20,6 +23,7 @@ from moderation.matching.screening import Screener
 from moderation.media.video import VideoLimits
 from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime
+from moderation.storage.db import transaction
 from tests.unit import test_screening
 from tests.unit.test_screening import jpeg
 from tests.video_clips import clip, edited, photo
@@ -105,3 +109,18 @@ def test_review_shows_the_matched_frame_and_a_video_is_not_banked(
     assert sum(diff) / len(diff) < 15  # the astronaut frame at 1.5 s, not the first (rocket)
     with pytest.raises(ReviewError, match="video"):
         prepare_bank_entry(bank_runtime, rows[0]["upload_id"], "known-bad", "confirm")
+
+
+def test_a_video_on_a_hash_list_matches_exactly_without_a_frame(
+    bank_runtime: Runtime, tmp_path: Path
+) -> None:
+    data = clip([(photo("rocket"), 1.0), (photo("horse"), 1.0)])
+    with transaction(bank_runtime.sessions) as session:
+        create_bank(session, "video-hashes")
+    listing = tmp_path / "videos.txt"
+    listing.write_text(f"md5 {hashlib.md5(data).hexdigest()}\n")
+    import_hash_list(bank_runtime, "video-hashes", listing, actor="test")
+    [result] = bank_runtime.screener().screen_bytes([data])
+    assert result.decision == "block", result.explanation
+    assert result.matches[0].exact == "md5" and result.matches[0].timestamp_s is None
+    assert "matched_frame" not in result.explanation["video"]
