@@ -176,6 +176,50 @@ class Settings(BaseSettings):
         ge=1,
         description="Frames of an animation that are screened: the most different ones.",
     )
+    # --- video uploads (issue 16 item 4): moderation.media.video ----------------------------
+    max_video_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1, description="Largest accepted video upload, bytes."
+    )
+    max_video_duration_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest accepted video, seconds; longer: unscannable too_long.",
+    )
+    max_video_frames: int = Field(
+        default=18_000,
+        ge=1,
+        description="Most frames decoded from one video; more: unscannable too_many_frames.",
+    )
+    max_video_side: int = Field(
+        default=4096, ge=16, description="Longest accepted video frame side, px."
+    )
+    max_video_pixels: int = Field(
+        default=4096 * 2304, ge=256, description="Largest accepted video frame, pixels."
+    )
+    max_video_decode_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Wall-clock budget for decoding one video, seconds (keep it well below "
+        "task_time_limit); past it: unscannable decode_timeout.",
+    )
+    video_screened_frames: int = Field(
+        default=32,
+        ge=1,
+        description="Most frames of a video screened by the image pipeline (fixed-rate and "
+        "scene-change frames; past it the most different ones).",
+    )
+    video_sample_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between fixed-rate frames (vPDQ's seconds_per_hash).",
+    )
+    video_scene_threshold: float = Field(
+        default=30.0,
+        gt=0,
+        le=255,
+        description="Mean absolute difference (0-255) of consecutive 32 x 32 grey thumbnails "
+        "that marks a scene change.",
+    )
 
     # --- admin console (issue 5) ------------------------------------------------------------
     environment: Literal["production", "development"] = Field(

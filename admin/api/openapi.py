@@ -38,6 +38,10 @@ def _match_schema() -> dict[str, Any]:
             "cosine": {"type": ["number", "null"]},
             "pdq_distance": {"type": ["integer", "null"]},
             "probability": {"type": ["number", "null"]},
+            "timestamp_s": {
+                "type": "number",
+                "description": "Videos only: the time (s) of the frame this entry matched.",
+            },
         },
     }
 
@@ -52,7 +56,9 @@ def _result_schema() -> dict[str, Any]:
             "score": {"type": ["number", "null"]},
             "reason": {
                 "type": ["string", "null"],
-                "description": "Why unscannable (e.g. too_large, poison) or allow_bank.",
+                "description": "Why unscannable (e.g. too_large, poison; videos also too_long, "
+                "unsupported_codec, no_video_stream, multiple_video_streams, decode_timeout) or "
+                "allow_bank.",
             },
             "category": {"type": ["string", "null"]},
             "matches": {"type": "array", "items": {"$ref": "#/components/schemas/Match"}},
@@ -138,7 +144,8 @@ def _upload_form_schema() -> dict[str, Any]:
             "image": {
                 "type": "string",
                 "contentMediaType": "application/octet-stream",
-                "description": "JPEG, PNG, WebP, GIF, BMP or TIFF.",
+                "description": "An image (JPEG, PNG, WebP, GIF, BMP or TIFF) or a video (MP4, "
+                "MOV or WebM; H.264, HEVC, MPEG-4, VP8, VP9 or AV1), told apart by magic bytes.",
             },
             "external_id": {"type": "string", "maxLength": 500},
             "subject_id": {
@@ -178,8 +185,8 @@ def _create_screening() -> dict[str, Any]:
             "202": _accepted_response(),
             "400": _error_response("Malformed request."),
             "401": _error_response("Missing or invalid bearer token."),
-            "413": _error_response("Image over the size limit."),
-            "415": _error_response("Not an allowed image type (magic bytes)."),
+            "413": _error_response("Image or video over its size limit."),
+            "415": _error_response("Not an allowed image or video type (magic bytes)."),
             "422": _error_response("callback_url not allowed, or Idempotency-Key reused."),
             "429": _error_response(
                 "rate_limited (the client's upload rate limit) or client_queue_full (the "

@@ -54,6 +54,22 @@ _PHOTO_UPLOAD = {
     },
 }
 
+_PHOTO_OR_VIDEO_UPLOAD = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "description": "One file: field photo (an image) or video (MP4, MOV, WebM).",
+                "properties": {
+                    "photo": {"type": "string", "contentMediaType": "image/*"},
+                    "video": {"type": "string", "contentMediaType": "video/*"},
+                },
+            }
+        }
+    },
+}
+
 
 def _match_with_distance() -> dict[str, Any]:
     return {
@@ -140,15 +156,17 @@ def _hash() -> dict[str, Any]:
         "post": {
             "operationId": "hmaHash",
             "parameters": [_query("types", "Comma-separated signal types to compute.")],
-            "requestBody": _PHOTO_UPLOAD,
+            "requestBody": _PHOTO_OR_VIDEO_UPLOAD,
             "responses": {
                 "200": _json(
-                    "Signal type -> hex hash.",
+                    "Signal type -> hash: hex (pdq, md5, sha1, sha256); vpdq (videos): "
+                    "python-threatexchange's VPDQSignal string, a JSON list of "
+                    "'pdq_hex,quality,timestamp'.",
                     {"type": "object", "additionalProperties": {"type": "string"}},
                 ),
-                "400": _error("No photo, or it cannot be decoded."),
+                "400": _error("No photo or video, or it cannot be decoded."),
                 **_COMMON_ERRORS,
-                "413": _error("Photo over the size limit."),
+                "413": _error("Photo or video over its size limit."),
             },
         }
     }

@@ -173,18 +173,19 @@ def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
 
 @bp.post("/screenings")
 def create_screening() -> Any:
-    """Accept an image for screening (multipart ``image``, ``external_id``, ``subject_id``,
-    optional ``callback_url``; optional ``Idempotency-Key`` header)."""
+    """Accept an image or a video for screening (multipart ``image``, ``external_id``,
+    ``subject_id``, optional ``callback_url``; optional ``Idempotency-Key`` header)."""
     client_id = authenticated_client_id()
     api = services()
     wait = _wait_seconds()
     _take_wait_slot(client_id, wait)
     settings = _runtime().settings
-    request.max_content_length = settings.max_image_bytes + MULTIPART_OVERHEAD
+    largest = max(settings.max_image_bytes, settings.max_video_bytes)  # an image or a video
+    request.max_content_length = largest + MULTIPART_OVERHEAD
     image = request.files.get("image")
     if image is None:
         raise ApiError(400, "bad_request", "the multipart file field 'image' is required")
-    data = image.read(settings.max_image_bytes + 1)
+    data = image.read(largest + 1)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ApiError(400, "bad_request", "Idempotency-Key must be 1-200 characters")

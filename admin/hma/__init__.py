@@ -23,7 +23,14 @@ from werkzeug.exceptions import HTTPException
 from admin.api.clients import ApiError, authenticated_client_id, authenticated_reader_id
 from moderation.banks.hash_import import add_signals, signal_record
 from moderation.banks.hashlists.records import SIGNAL_TYPES
-from moderation.banks.lookup import HashLookupCache, HashMatch, InvalidSignalError, hash_content
+from moderation.banks.lookup import (
+    VIDEO_SIGNAL_TYPES,
+    HashLookupCache,
+    HashMatch,
+    InvalidSignalError,
+    hash_content,
+    hash_video_content,
+)
 from moderation.banks.operations import list_banks
 from moderation.banks.records import BlocklistError, UnknownBankError
 from moderation.banks.snapshot import SnapshotError
@@ -38,6 +45,8 @@ bp = Blueprint("hma", __name__, url_prefix="/hma")
 EXTENSION = "moderation.hma"
 #: The multipart field of an uploaded photo: HMA names the field by content type.
 PHOTO_FIELD = "photo"
+#: ... and of an uploaded video (``/h/hash`` only).
+VIDEO_FIELD = "video"
 #: HMA's limit on a content note (``curation.py`` ``_validate_note``), characters.
 MAX_NOTE = 255
 MULTIPART_OVERHEAD = 64 * 1024  # part headers around the photo, bytes
@@ -153,19 +162,26 @@ def _required(name: str) -> str:
 
 def _uploaded_photo() -> bytes:
     """The one uploaded file, in the multipart field ``photo`` (HMA's content type name)."""
+    return _uploaded_content((PHOTO_FIELD,))[1]
+
+
+def _uploaded_content(fields: tuple[str, ...]) -> tuple[str, bytes]:
+    """(field, bytes) of the one uploaded file, whose multipart field (HMA's content type
+    name) is one of ``fields``; a video is held to ``max_video_bytes``."""
     settings = _runtime().settings
-    request.max_content_length = settings.max_image_bytes + MULTIPART_OVERHEAD
+    limits = {PHOTO_FIELD: settings.max_image_bytes, VIDEO_FIELD: settings.max_video_bytes}
+    request.max_content_length = max(limits[f] for f in fields) + MULTIPART_OVERHEAD
     if not request.files:
         raise HmaError(400, "Missing multipart/form-data file upload")
     if len(request.files) > 1 or len(request.files.getlist(next(iter(request.files)))) > 1:
         raise HmaError(400, "Only one file allowed per request")
     field = next(iter(request.files))
-    if field != PHOTO_FIELD:
+    if field not in fields:
         raise HmaError(400, f"no such content_type: '{field}'")
-    data = request.files[field].stream.read(settings.max_image_bytes + 1)
-    if len(data) > settings.max_image_bytes:
+    data = request.files[field].stream.read(limits[field] + 1)
+    if len(data) > limits[field]:
         raise HmaError(413, "Content too large")
-    return data
+    return field, data
 
 
 def _by_bank(matches: list[HashMatch]) -> dict[str, list[dict[str, Any]]]:
@@ -243,22 +259,27 @@ def lookup_post() -> Any:
 
 @bp.post("/h/hash")
 def hash_post() -> Any:
-    """The signals of the uploaded photo: ``{"pdq": hex, "md5": hex, "sha1": hex,
-    "sha256": hex}`` (``?types=pdq,md5`` selects)."""
+    """The signals of the uploaded photo (``{"pdq", "md5", "sha1", "sha256"}``: hex) or video
+    (multipart field ``video``: ``{"vpdq": VPDQSignal string, "md5", "sha1", "sha256"}``);
+    ``?types=pdq,md5`` selects."""
     authenticated_client_id()
-    types: tuple[str, ...] = SIGNAL_TYPES
+    field, data = _uploaded_content((PHOTO_FIELD, VIDEO_FIELD))
+    offered = VIDEO_SIGNAL_TYPES if field == VIDEO_FIELD else SIGNAL_TYPES
+    types: tuple[str, ...] = offered
     if request.args.get("types") is not None:
         types = tuple(t.strip() for t in request.args["types"].split(",") if t.strip())
-        unknown = [t for t in types if t not in SIGNAL_TYPES]
+        unknown = [t for t in types if t not in offered]
         if unknown:
             raise HmaError(400, f"signal type '{unknown[0]}' doesn't exist or is disabled")
         if not types:
             raise HmaError(400, "empty signal type selection")
-    data = _uploaded_photo()
+    runtime = _runtime()
     try:
-        return hash_content(data, _runtime().limits, types)
+        if field == VIDEO_FIELD:
+            return hash_video_content(data, runtime.video_limits, types)
+        return hash_content(data, runtime.limits, types)
     except UnscannableImage as exc:
-        raise HmaError(400, f"the photo cannot be hashed: {exc.reason}") from exc
+        raise HmaError(400, f"the {field} cannot be hashed: {exc.reason}") from exc
 
 
 @bp.get("/c/banks")

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -33,6 +34,10 @@ from moderation.crypto.keys import KeyRing
 from moderation.media.decode import DecodeLimits, decode_image
 from moderation.signals.exact import EXACT_KINDS, digests, keyed
 from moderation.signals.pdq import PDQ_MATCH_DISTANCE, PDQ_MIN_QUALITY, pdq_hash
+from moderation.signals.vpdq import VpdqCollector, to_signal_str
+
+if TYPE_CHECKING:
+    from moderation.media.video import VideoLimits
 
 #: Most PDQ matches returned for one lookup (HMA returns every match within the threshold; a
 #: bound keeps one query from returning a whole bank of near-identical entries).
@@ -86,10 +91,39 @@ def hash_content(
     found: dict[str, str] = {}
     if "pdq" in signal_types:
         found["pdq"] = pdq_hash(decode_image(data, limits).frames[0]).hex
-    found.update(
-        (kind, digest.hex()) for kind, digest in digests(data).items() if kind in signal_types
-    )
-    return found
+    return found | _exact_hashes(data, signal_types)
+
+
+def _exact_hashes(data: bytes, signal_types: Collection[str]) -> dict[str, str]:
+    """The exact hashes among ``signal_types`` of ``data``'s bytes, lowercase hex."""
+    return {kind: d.hex() for kind, d in digests(data).items() if kind in signal_types}
+
+
+#: What :func:`hash_video_content` computes: the vPDQ signature and the exact hashes.
+VIDEO_SIGNAL_TYPES: Final = ("vpdq", "md5", "sha1", "sha256")
+
+
+def hash_video_content(
+    data: bytes, limits: VideoLimits, signal_types: Collection[str] = VIDEO_SIGNAL_TYPES
+) -> dict[str, str]:
+    """The signals of an uploaded video: ``vpdq`` as python-threatexchange's ``VPDQSignal``
+    string (:func:`moderation.signals.vpdq.to_signal_str`, frames every
+    ``limits.sample_interval_s`` s, decoded as screening does), and the exact hashes of the
+    file's bytes. Only ``signal_types`` are computed (the video is decoded only for ``vpdq``).
+
+    Raises:
+        moderation.media.decode.UnscannableImage: vPDQ was asked for and the video cannot be
+            decoded within ``limits``.
+    """
+    found: dict[str, str] = {}
+    if "vpdq" in signal_types:
+        # PyAV (FFmpeg) loads only when a video is hashed: not in every web process.
+        from moderation.media.video import decode_video
+
+        collector = VpdqCollector()
+        decode_video(data, limits, on_fixed_frame=collector)
+        found["vpdq"] = to_signal_str(collector.features)
+    return found | _exact_hashes(data, signal_types)
 
 
 @dataclass

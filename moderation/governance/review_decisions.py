@@ -30,6 +30,7 @@ from moderation.governance.approvals import ApprovalError, propose_allow
 from moderation.governance.legal_holds import hold_confirmed
 from moderation.governance.review import NotClaimedError, ReviewError, resolve_now
 from moderation.matching.statements import current_statement, record_decision
+from moderation.matching.video import is_video
 from moderation.media.decode import UnscannableImage, decode_image
 from moderation.service.callbacks import notify_decision
 from moderation.service.uploads import BlobMissingError, read_upload
@@ -137,6 +138,8 @@ def prepare_bank_entry(
             content_hmac=upload.content_hmac,
             keyring=runtime.keyring,
         )
+    if is_video(data):
+        raise ReviewError("banks hold images: a video upload cannot be added to a bank")
     runtime.follow_serving_encoder()
     try:
         decoded = decode_image(data, runtime.limits)

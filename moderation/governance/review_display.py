@@ -31,7 +31,9 @@ from moderation.governance.review import (
     utc,
 )
 from moderation.governance.review_decisions import banks_for_decisions
+from moderation.matching.video import is_video
 from moderation.media.decode import UnscannableImage, decode_image
+from moderation.media.video import decode_video
 from moderation.service.uploads import BlobMissingError, read_upload
 from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry, ReviewItem, Screening, Upload
@@ -318,8 +320,29 @@ def _upload_bytes(runtime: Runtime, upload_id: str) -> bytes | None:
             return None
 
 
+def _shown_frame(runtime: Runtime, upload_id: str, data: bytes) -> Image.Image:
+    """The frame a reviewer sees: an image's first frame; a video's matched frame (the
+    screening explanation's ``video.matched_frame``), else its first screened frame.
+
+    Raises:
+        UnscannableImage: the upload does not decode within the configured limits.
+    """
+    if not is_video(data):
+        return decode_image(data, runtime.limits).frames[0]
+    video = decode_video(data, runtime.video_limits)
+    with runtime.sessions() as session:
+        explanation = session.scalar(
+            select(Screening.explanation).where(Screening.upload_id == upload_id)
+        )
+    matched = ((explanation or {}).get("video") or {}).get("matched_frame") or {}
+    number = matched.get("frame")
+    at = video.frame_indices.index(number) if number in video.frame_indices else 0
+    return video.frames[at]
+
+
 def render_upload(runtime: Runtime, upload_id: str, *, preview: bool) -> UploadImage | None:
-    """The upload's first frame as a JPEG: a small greyscale preview, or the revealed image.
+    """The upload's first frame (a video's matched frame) as a JPEG: a small greyscale
+    preview, or the revealed image.
 
     The original bytes never reach the browser: the image is decoded safely
     (:func:`moderation.media.decode.decode_image`, with the configured limits) and re-encoded, so
@@ -331,10 +354,9 @@ def render_upload(runtime: Runtime, upload_id: str, *, preview: bool) -> UploadI
     if data is None:
         return None
     try:
-        decoded = decode_image(data, runtime.limits)
+        frame = _shown_frame(runtime, upload_id, data)
     except UnscannableImage:
         return None
-    frame = decoded.frames[0]
     if preview:
         frame = frame.convert("L")
         frame.thumbnail((PREVIEW_PX, PREVIEW_PX))

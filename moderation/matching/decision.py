@@ -44,11 +44,16 @@ class MatchResult:
     frame: int
     signals: tuple[str, ...]
     exact: str | None = None
+    # A video's match: the time (s) of the frame it matched on (moderation.matching.video).
+    timestamp_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The CLI/API contract's match object (``exact``: the hash kind, only when the upload's
-        bytes matched a listed file exactly)."""
-        extra = {"exact": self.exact} if self.exact is not None else {}
+        bytes matched a listed file exactly; ``timestamp_s``: only for a video, the time in
+        seconds of the frame that matched)."""
+        extra: dict[str, Any] = {"exact": self.exact} if self.exact is not None else {}
+        if self.timestamp_s is not None:
+            extra["timestamp_s"] = self.timestamp_s
         return {
             "bank": self.entry.bank_name,
             "entry_id": self.entry.public_id,

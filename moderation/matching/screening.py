@@ -37,7 +37,15 @@ from moderation.matching.decision import (
     top_match_outcome,
 )
 from moderation.matching.policy import Policy
+from moderation.matching.video import (
+    VideoUpload,
+    decode_video_upload,
+    is_video,
+    video_explanation,
+    with_timestamps,
+)
 from moderation.media.decode import DecodedImage, DecodeLimits, UnscannableImage, decode_image
+from moderation.media.video import DEFAULT_VIDEO_LIMITS, VideoLimits
 from moderation.signals.encoders import Encoder
 from moderation.signals.exact import keyed_digests
 from moderation.signals.pdq import PdqHash, pdq_hash_dihedral
@@ -49,6 +57,7 @@ logger = logging.getLogger(__name__)
 class _Work:
     index: int
     decoded: DecodedImage | None = None
+    video: VideoUpload | None = None
     error: UnscannableImage | None = None
     timings: dict[str, float] = field(default_factory=dict)
     vectors: npt.NDArray[np.float32] | None = None
@@ -83,6 +92,8 @@ class Screener:
         draft_size: JPEG draft target (px) as (long side, short side): large JPEGs decode at
             reduced scale, never below it; (512, 224) serves PDQ (long side 512) and the
             224 x 224 encoder input from one decode.
+        video_limits: limits and sampling for MP4, MOV and WebM uploads, whose sampled frames
+            are screened like an animation's (:mod:`moderation.matching.video`).
 
     Raises:
         ValueError: the encoder and the blocklist disagree (embedding drift).
@@ -98,6 +109,7 @@ class Screener:
         batch_size: int = 32,
         refiner: CandidateRefiner | None = None,
         draft_size: tuple[int, int] | None = (512, 224),
+        video_limits: VideoLimits = DEFAULT_VIDEO_LIMITS,
     ) -> None:
         if str(encoder.id) != blocklist.encoder_id:
             raise ValueError(
@@ -110,6 +122,7 @@ class Screener:
         self.batch_size = batch_size
         self.refiner = refiner
         self.draft_size = draft_size
+        self.video_limits = video_limits
 
     # --- pipeline stages ------------------------------------------------------------------
 
@@ -124,9 +137,13 @@ class Screener:
     def _decode(self, work: _Work, data: bytes) -> None:
         start = time.perf_counter()
         try:
-            work.decoded = decode_image(
-                data, self.limits, draft_size=self.draft_size, draft_by_orientation=True
-            )
+            if is_video(data):
+                work.video = decode_video_upload(data, self.video_limits)
+                work.decoded = work.video.as_image()
+            else:
+                work.decoded = decode_image(
+                    data, self.limits, draft_size=self.draft_size, draft_by_orientation=True
+                )
         except UnscannableImage as exc:
             work.error = exc
         work.timings["decode"] = _ms(start)
@@ -224,6 +241,8 @@ class Screener:
         block_cands = [c for c in candidates if c.entry.bank_kind == "block"]
         allow_cands = [c for c in candidates if c.entry.bank_kind == "allow"]
         matches = policy_matches(policy, block_cands)
+        if work.video is not None:
+            matches = with_timestamps(work.video, matches)
         best_block = max((c.ranking_score for c in block_cands), default=None)
         explanation: dict[str, Any] = {
             "frames": len(decoded.frames) if decoded else 0,
@@ -234,6 +253,8 @@ class Screener:
             explanation["nearest_cosine"] = round(work.nearest, 4)
         if work.error is not None:  # undecodable, but its bytes are on a hash list
             explanation["undecodable"] = work.error.reason
+        if work.video is not None:
+            explanation["video"] = video_explanation(work.video, matches)
         allow_hit = allow_bank_hit(policy, allow_cands)
         decision, reason, category, priority = "allow", None, None, None
         hold_days: int | None = None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.recording import record_result
 from moderation.matching.screening import Prepared
+from moderation.media.video_formats import SNIFF_BYTES, sniff_video
 from moderation.service.subjects import pseudonymize
 from moderation.service.uploads import create_upload
 from moderation.storage.db import transaction
@@ -24,13 +25,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _read_files(paths: Sequence[Path], *, max_bytes: int) -> list[bytes | None]:
-    """Each file's bytes, or None when it is over ``max_bytes`` or cannot be read."""
+def _read_files(paths: Sequence[Path], runtime: Runtime) -> list[bytes | None]:
+    """Each file's bytes, or None when it is over its byte limit (a video's, by its magic
+    bytes, else an image's: :attr:`Runtime.video_limits`, :attr:`Runtime.limits`) or cannot
+    be read. Over the limit, no more than the first bytes are read."""
     datas: list[bytes | None] = []
     for path in paths:
         try:
             size = path.stat().st_size
-            datas.append(path.read_bytes() if size <= max_bytes else None)
+            with path.open("rb") as file:
+                head = file.read(SNIFF_BYTES)
+                video = sniff_video(head) is not None
+                limits = runtime.video_limits if video else runtime.limits
+                datas.append(head + file.read() if size <= limits.max_bytes else None)
         except OSError as exc:
             logger.warning("cannot read %s: %s", path, exc)
             datas.append(None)
@@ -67,7 +74,7 @@ def screen_paths(
     results: list[ScreeningResult] = []
 
     def prepare(chunk: Sequence[Path]) -> tuple[list[bytes | None], Prepared]:
-        datas = _read_files(chunk, max_bytes=runtime.limits.max_bytes)
+        datas = _read_files(chunk, runtime)
         return datas, screener.prepare([d for d in datas if d is not None])
 
     def store(chunk: Sequence[Path], datas: list[bytes | None], screened: Any) -> None:

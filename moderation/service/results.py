@@ -30,7 +30,8 @@ def match_json(
 ) -> dict[str, Any]:
     """One match as a client sees it. Unless ``named`` (the bank applies to the client,
     :mod:`moderation.banks.tenancy`), the bank name, entry id and label are null: nothing
-    that identifies another tenant's bank or its entries."""
+    that identifies another tenant's bank or its entries. A video's match also carries
+    ``timestamp_s``, the time (s) of the frame it matched on."""
     return {
         "bank": bank_name if named else None,
         "entry_id": f"e_{match.entry_id}" if named and match.entry_id is not None else None,
@@ -38,7 +39,16 @@ def match_json(
         "cosine": _round(match.cosine),
         "pdq_distance": match.pdq_distance,
         "probability": _round(match.probability),
+        **_video_time(match),
     }
+
+
+def _video_time(match: Match) -> dict[str, Any]:
+    """``{"timestamp_s": ...}`` for a video's match (the matched frame's time, seconds), else
+    nothing: an image's match object is unchanged."""
+    signals = match.signals if isinstance(match.signals, dict) else {}
+    value = signals.get("timestamp_s")
+    return {"timestamp_s": value} if isinstance(value, (int, float)) else {}
 
 
 def result_json(

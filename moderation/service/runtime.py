@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from moderation.banks.blocklist import Blocklist
     from moderation.matching.candidates import CandidateRefiner
     from moderation.matching.screening import Screener
+    from moderation.media.video import VideoLimits
     from moderation.signals.encoders import Encoder
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,13 @@ class Runtime:
         """Decode limits from settings."""
         return DecodeLimits.from_settings(self.settings)
 
+    @cached_property
+    def video_limits(self) -> VideoLimits:
+        """Video limits and sampling from settings."""
+        from moderation.media.video import VideoLimits  # PyAV: not in the web tier until used
+
+        return VideoLimits.from_settings(self.settings)
+
     def load_blocklist(self, shadow: Encoder | None = None) -> Blocklist:
         """Decrypt the current snapshot into memory (fail closed on any error); with the encoder
         on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed.
@@ -251,6 +259,7 @@ class Runtime:
             blocklist=blocklist or self.load_blocklist(),
             policy=self.policy,
             limits=self.limits,
+            video_limits=self.video_limits,
             batch_size=self.settings.batch_size,
             refiner=refiner,
         )
@@ -272,6 +281,7 @@ class Runtime:
             blocklist=self.load_blocklist(shadow=encoder),
             policy=self.policy,
             limits=self.limits,
+            video_limits=self.video_limits,
             batch_size=self.settings.batch_size,
         )
 

@@ -21,6 +21,7 @@ from moderation.audit.log import record_event
 from moderation.banks.sealed_fields import content_hmac
 from moderation.crypto.keys import KeyRing
 from moderation.media.formats import sniff_format
+from moderation.media.video_formats import SNIFF_BYTES, sniff_video
 from moderation.service.backpressure import admit_upload
 from moderation.service.dispatch import Dispatcher
 from moderation.service.metrics import ENQUEUE_FAILURES
@@ -60,21 +61,29 @@ def idempotency_hash(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def check_image_bytes(data: bytes, max_bytes: int) -> str:
-    """The image format of ``data`` (by magic bytes).
+def check_image_bytes(data: bytes, max_bytes: int, max_video_bytes: int | None = None) -> str:
+    """The format of ``data`` (by magic bytes): an image format, or with ``max_video_bytes``
+    also a video container (MP4, MOV, WebM; :mod:`moderation.media.video_formats`).
 
     Raises:
-        SubmissionError: 400 empty, 413 over ``max_bytes``, 415 not an allowed image type.
+        SubmissionError: 400 empty, 413 over ``max_bytes`` (a video: ``max_video_bytes``), 415
+            not an allowed image or video type.
     """
     if not data:
         raise SubmissionError(400, "empty_image", "the image part is empty")
+    video = sniff_video(data[:SNIFF_BYTES]) if max_video_bytes is not None else None
+    if video is not None and max_video_bytes is not None:
+        if len(data) > max_video_bytes:
+            raise SubmissionError(413, "too_large", f"video is over {max_video_bytes} bytes")
+        return video
     if len(data) > max_bytes:
         raise SubmissionError(413, "too_large", f"image is over {max_bytes} bytes")
     kind = sniff_format(data[:32])
     if kind is None:
-        raise SubmissionError(
-            415, "unsupported_type", "not an allowed image type (JPEG, PNG, WebP, GIF, BMP, TIFF)"
+        accepted = "JPEG, PNG, WebP, GIF, BMP, TIFF" + (
+            "; video: MP4, MOV, WebM" if max_video_bytes is not None else ""
         )
+        raise SubmissionError(415, "unsupported_type", f"not an allowed type ({accepted})")
     return kind
 
 
@@ -198,7 +207,7 @@ def submit_upload(
         QueueFullError: 503 past the global queue-depth bound, 429 past the client's share.
     """
     settings = runtime.settings
-    fmt = check_image_bytes(data, settings.max_image_bytes)
+    fmt = check_image_bytes(data, settings.max_image_bytes, settings.max_video_bytes)
     key_hash = idempotency_hash(idempotency_key) if idempotency_key else None
     created_id: str | None = None
     try:

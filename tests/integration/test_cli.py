@@ -146,6 +146,24 @@ def test_file_over_the_byte_limit_is_not_read(
     assert (row["decision"], row["reason"]) == ("unscannable", "too_large")
 
 
+def test_screen_a_video_file(banked: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.video_clips import clip, photo
+
+    # Videos have their own byte limit: an image limit below the video's size does not apply.
+    monkeypatch.setenv("MODERATION_MAX_IMAGE_BYTES", "1000")
+    video = tmp_path / "flash.mp4"
+    video.write_bytes(
+        clip([(photo("rocket"), 1.5), (photo("astronaut"), 0.4), (photo("horse"), 1.5)])
+    )
+    (row,) = banked.json_lines("screen", str(video), "--json")
+    assert row["decision"] == "block"
+    assert row["matches"][0]["label"] == "astronaut"
+    assert row["matches"][0]["timestamp_s"] == pytest.approx(1.5)
+    monkeypatch.setenv("MODERATION_MAX_VIDEO_BYTES", "1000")
+    (row,) = banked.json_lines("screen", str(video), "--json")
+    assert (row["decision"], row["reason"]) == ("unscannable", "too_large")
+
+
 def test_banned_photo_with_exif_rotation_is_blocked(banked: Cli, tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6

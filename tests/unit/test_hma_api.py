@@ -163,10 +163,41 @@ def test_hash_returns_pdq_and_exact_hashes(app: Flask, auth: dict[str, str]) -> 
     assert only_pdq.get_json() == {"pdq": pdq_of(data)}
 
 
+def test_hash_of_a_video_is_its_vpdq_signal(app: Flask, auth: dict[str, str]) -> None:
+    import hashlib
+
+    from moderation.matching.video import decode_video_upload
+    from moderation.media.video import VideoLimits
+    from moderation.signals.vpdq import parse_signal_str, to_signal_str
+    from tests.video_clips import clip, photo
+
+    data = clip([(photo("astronaut"), 1.0), (photo("rocket"), 1.0)], "webm")
+    client = app.test_client()
+
+    def post(query: str = "") -> Any:
+        return client.post(
+            f"/hma/h/hash{query}",
+            data={"video": (io.BytesIO(data), "clip.webm")},
+            headers=auth,
+            content_type="multipart/form-data",
+        )
+
+    body = post().get_json()
+    expected = decode_video_upload(data, VideoLimits()).vpdq
+    assert body["vpdq"] == to_signal_str(expected)
+    assert [f.timestamp for f in parse_signal_str(body["vpdq"])] == [0.0, 1.0]
+    assert body["md5"] == hashlib.md5(data).hexdigest()
+    assert set(body) == {"vpdq", "md5", "sha1", "sha256"}
+    assert set(post("?types=vpdq").get_json()) == {"vpdq"}
+    refused = post("?types=pdq")
+    assert refused.status_code == 400 and "pdq" in refused.get_json()["message"]
+
+
 def test_hash_refuses_other_fields_and_garbage(app: Flask, auth: dict[str, str]) -> None:
     client = app.test_client()
     for form, status in (
         ({"video": (io.BytesIO(b"x"), "v.mp4")}, 400),
+        ({"audio": (io.BytesIO(b"x"), "a.mp3")}, 400),
         ({"photo": (io.BytesIO(b"not an image"), "x.jpg")}, 400),
         ({}, 400),
     ):
