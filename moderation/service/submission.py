@@ -24,7 +24,7 @@ from moderation.crypto.keys import KeyRing
 from moderation.media.formats import sniff_format
 from moderation.service.dispatch import Dispatcher
 from moderation.service.metrics import ENQUEUE_FAILURES
-from moderation.service.subjects import pseudonymize
+from moderation.service.subjects import find_subject, pseudonymize
 from moderation.service.uploads import create_upload
 from moderation.storage.db import transaction
 from moderation.storage.models import ApiClient, Upload
@@ -84,12 +84,45 @@ def _existing(session: Session, client_id: int, key_hash: str) -> Upload | None:
     )
 
 
-def _reused(session: Session, keyring: KeyRing, existing: Upload, data: bytes) -> Submission:
+@dataclass(frozen=True)
+class _Fields:
+    """The request's fields besides the image, as given."""
+
+    external_id: str | None
+    subject_id: str | None
+    callback_url: str | None
+
+
+def _reused(
+    session: Session, keyring: KeyRing, existing: Upload, data: bytes, fields: _Fields
+) -> Submission:
+    """The first upload of a repeated Idempotency-Key, when this request is the same one.
+
+    Raises:
+        SubmissionError: 422 another image, or another external_id, subject_id or callback_url
+            (a replay would silently drop them: RELIABILITY.md S6).
+    """
     if existing.content_hmac != content_hmac(session, keyring, data):
         raise SubmissionError(
             422,
             "idempotency_key_reused",
             "this Idempotency-Key was already used for a different image",
+        )
+    subject = find_subject(session, keyring, fields.subject_id) if fields.subject_id else None
+    changed = [
+        name
+        for name, same in (
+            ("external_id", existing.external_id == fields.external_id),
+            ("subject_id", existing.subject_ref == (subject.ref if subject else None)),
+            ("callback_url", existing.callback_url == (fields.callback_url or None)),
+        )
+        if not same
+    ]
+    if changed:
+        raise SubmissionError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with another " + ", ".join(changed),
         )
     return Submission(existing.id, existing.status, created=False, sent=False)
 
@@ -112,15 +145,20 @@ def _create(
     callback_url: str | None,
     key_hash: str | None,
 ) -> Upload:
-    """Check the callback URL against ``client``'s allowlist, then store the upload ``queued``."""
-    from moderation.service.callback_urls import url_allowed
+    """Check the callback URL against ``client``'s allowlist and the deployment's callback
+    policy (``moderation.service.callback_urls``), then store the upload ``queued``."""
+    from moderation.service.callback_urls import (
+        CallbackUrlError,
+        callback_policy,
+        check_callback_url,
+    )
 
-    if callback_url and not url_allowed(callback_url, client.callback_allowlist):
-        raise SubmissionError(
-            422,
-            "callback_not_allowed",
-            "callback_url does not match this client's callback allowlist",
-        )
+    if callback_url:
+        try:
+            policy = callback_policy(runtime.settings)
+            check_callback_url(callback_url, client.callback_allowlist, policy)
+        except CallbackUrlError as exc:
+            raise SubmissionError(422, "callback_not_allowed", str(exc)) from None
     subject_ref = pseudonymize(session, runtime.keyring, subject_id) if subject_id else None
     return create_upload(
         session,
@@ -184,18 +222,22 @@ def submit_upload(
 ) -> Submission:
     """Accept one upload from the HTTP hook: store it encrypted, commit, then send its task.
 
-    The subject id is pseudonymised (``moderation.service.subjects``) and never stored raw. With an
-    ``idempotency_key``, a repeated request returns the first upload (one row per key: the
-    database's unique constraint decides races). A send that fails after the commit is logged
-    and counted; the upload stays ``queued`` and the reconciler sends it (Q7).
+    The subject id is pseudonymised (``moderation.service.subjects``) and never stored raw.
+    With an ``idempotency_key``, a repeated request (same image and fields) returns the first
+    upload (one row per key: the database's unique constraint decides races). A send that
+    fails after the commit is logged and counted; the upload stays ``queued`` and the
+    reconciler sends it (Q7).
 
     Raises:
-        SubmissionError: 400/413/415 bad image, 422 callback URL not on the client's allowlist
-            or an idempotency key reused for another image, 403 unknown or disabled client.
+        SubmissionError: 400/413/415 bad image, 422 callback URL refused (not on the client's
+            allowlist, not in normal form, a non-public host, plain http in production) or an
+            idempotency key reused for another image, external_id, subject_id or callback_url,
+            403 unknown or disabled client.
     """
     settings = runtime.settings
     fmt = check_image_bytes(data, settings.max_image_bytes)
     key_hash = idempotency_hash(idempotency_key) if idempotency_key else None
+    fields = _Fields(external_id, subject_id, callback_url)
     created_id: str | None = None
     try:
         with transaction(runtime.sessions) as session:
@@ -203,7 +245,7 @@ def submit_upload(
             if key_hash is not None:
                 existing = _existing(session, client_id, key_hash)
                 if existing is not None:
-                    return _reused(session, runtime.keyring, existing, data)
+                    return _reused(session, runtime.keyring, existing, data, fields)
             upload = _create(
                 session,
                 runtime,
@@ -226,7 +268,7 @@ def submit_upload(
             existing = _existing(session, client_id, key_hash)
             if existing is None:
                 raise
-            return _reused(session, runtime.keyring, existing, data)
+            return _reused(session, runtime.keyring, existing, data, fields)
     assert created_id is not None
     return _send(dispatcher, created_id)
 
