@@ -139,10 +139,8 @@ def _create(
     runtime: Runtime,
     client: ApiClient,
     data: bytes,
+    fields: _Fields,
     *,
-    external_id: str | None,
-    subject_id: str | None,
-    callback_url: str | None,
     key_hash: str | None,
 ) -> Upload:
     """Check the callback URL against ``client``'s allowlist and the deployment's callback
@@ -153,24 +151,25 @@ def _create(
         check_callback_url,
     )
 
-    if callback_url:
+    if fields.callback_url:
         try:
             policy = callback_policy(runtime.settings)
-            check_callback_url(callback_url, client.callback_allowlist, policy)
+            check_callback_url(fields.callback_url, client.callback_allowlist, policy)
         except CallbackUrlError as exc:
             raise SubmissionError(422, "callback_not_allowed", str(exc)) from None
+    subject_id = fields.subject_id
     subject_ref = pseudonymize(session, runtime.keyring, subject_id) if subject_id else None
     return create_upload(
         session,
         data,
         keyring=runtime.keyring,
         blobs_dir=runtime.settings.blobs_dir,
-        external_id=external_id,
+        external_id=fields.external_id,
         subject_ref=subject_ref,
         source="api",
         client_id=client.id,
         idempotency_key=key_hash,
-        callback_url=callback_url or None,
+        callback_url=fields.callback_url or None,
         status="queued",
     )
 
@@ -246,16 +245,7 @@ def submit_upload(
                 existing = _existing(session, client_id, key_hash)
                 if existing is not None:
                     return _reused(session, runtime.keyring, existing, data, fields)
-            upload = _create(
-                session,
-                runtime,
-                client,
-                data,
-                external_id=external_id,
-                subject_id=subject_id,
-                callback_url=callback_url,
-                key_hash=key_hash,
-            )
+            upload = _create(session, runtime, client, data, fields, key_hash=key_hash)
             created_id = upload.id
             _record_receive(session, upload, data, fmt, origin=origin)
     except IntegrityError:
