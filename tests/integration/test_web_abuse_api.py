@@ -100,6 +100,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         yield Deployment(stack, client, receiver, worker)
 
 
+@pytest.fixture
+def dev_worker(deployment: Deployment) -> Deployment:
+    """The deployment with its worker in the development setting (delivers to loopback)."""
+    deployment.use_worker(allow_loopback=True)
+    return deployment
+
+
 def _error_code(response: requests.Response) -> str:
     return str(response.json()["error"]["code"])
 
@@ -108,11 +115,9 @@ def _error_code(response: requests.Response) -> str:
 
 
 def test_s4_callback_urls_escaping_their_prefix_are_refused_and_never_delivered(
-    deployment: Deployment,
+    dev_worker: Deployment,
 ) -> None:
-    dep = deployment
-    dep.use_worker(allow_loopback=True)
-    image = next(dep.images)
+    dep, image = dev_worker, next(dev_worker.images)
     escaping = [
         "/../admin",
         "/%2e%2e/admin",
@@ -258,11 +263,9 @@ def test_s7_multipart_with_two_images_or_extra_files_is_refused(deployment: Depl
 
 
 def test_post_without_wait_answers_202_even_when_the_result_is_ready(
-    deployment: Deployment,
+    dev_worker: Deployment,
 ) -> None:
-    dep = deployment
-    dep.use_worker(allow_loopback=True)
-    image = next(dep.images)
+    dep, image = dev_worker, next(dev_worker.images)
     fields = {"external_id": "w-1", "subject_id": "w"}
     first = dep.post(fields, image=image, key="w-key")
     assert first.status_code == 202, first.text

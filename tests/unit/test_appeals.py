@@ -112,13 +112,10 @@ def dsa_runtime(tmp_path: Path, settings: Any) -> Iterator[Runtime]:
 def _screened_block(rt: Runtime, receiver: Receiver) -> tuple[Any, dict[str, str], str]:
     """The coffee photo posted to the API by a platform and screened by a worker: (test
     client, auth headers, upload id)."""
+    allowlist, policy = [receiver.url], callback_policy(rt.settings)
     with transaction(rt.sessions) as db:
         created = create_api_client(
-            db,
-            rt.keyring,
-            "acme",
-            callback_allowlist=[receiver.url],
-            policy=callback_policy(rt.settings),
+            db, rt.keyring, "acme", callback_allowlist=allowlist, policy=policy
         )
     client = make_app(rt, RecordingDispatcher(), callback_allow_loopback=True).test_client()
     auth = {"Authorization": f"Bearer {created.token}"}

@@ -269,12 +269,9 @@ def test_stored_callback_keeps_no_label_and_the_sent_body_has_it(runtime: Runtim
         with transaction(runtime.sessions) as session:
             bank = create_bank(session, "known")
             entry = new_entry(session, runtime.keyring, bank_id=bank.id, label="label-QX81")
+            policy = callback_policy(runtime.settings)
             client = create_api_client(
-                session,
-                runtime.keyring,
-                "acme",
-                callback_allowlist=[server.url],
-                policy=callback_policy(runtime.settings),
+                session, runtime.keyring, "acme", callback_allowlist=[server.url], policy=policy
             )
             upload = Upload(
                 client_id=client.client_id, callback_url=server.url, status="done", source="api"
