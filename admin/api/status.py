@@ -214,6 +214,12 @@ class _ScrapeCollector(Collector):
 
     def _health(self) -> Iterator[Metric]:
         settings = self.runtime.settings
+        yield GaugeMetricFamily(
+            "moderation_queue_max_depth",
+            "Uploads queued or processing past which the upload hook answers 503 "
+            "(MODERATION_QUEUE_MAX_DEPTH).",
+            value=settings.queue_max_depth,
+        )
         try:
             with self.runtime.sessions() as session:
                 health = health_samples(
