@@ -5,7 +5,13 @@ the DNS answers of a rebinding name come from a stub resolver."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -91,6 +97,105 @@ def test_connects_to_the_checked_address_keeping_the_host_name(
     assert calls == ["hooks.test"]
     ((headers, _),) = receiver.received
     assert headers["Host"] == f"hooks.test:{port}"
+
+
+class TlsReceiver:
+    """A local HTTPS server with a self-signed certificate for ``name``; records the SNI names
+    and ``Host`` headers it gets."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.cert = directory / "cert.pem"
+        key_path = directory / "key.pem"
+        _self_signed(name, self.cert, key_path)
+        self.sni: list[str | None] = []
+        self.hosts: list[str] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                receiver.hosts.append(self.headers["Host"])
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, key_path)
+        context.sni_callback = lambda _sock, server_name, _ctx: receiver.sni.append(server_name)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _self_signed(name: str, cert_path: Path, key_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.fixture
+def tls_receiver(tmp_path: Path) -> Iterator[TlsReceiver]:
+    server = TlsReceiver(tmp_path, "hooks.test")
+    yield server
+    server.close()
+
+
+def test_https_keeps_the_name_for_sni_and_certificate_checks(tls_receiver: TlsReceiver) -> None:
+    """The socket goes to the checked address; TLS still names the host (SNI) and verifies the
+    certificate against the name, not the address."""
+    resolver = _stub({"hooks.test": [["127.0.0.1"]], "other.test": [["127.0.0.1"]]}, [])
+    port = tls_receiver.port
+    with guarded_session(LOOPBACK, resolver) as http:
+        response = http.post(
+            f"https://hooks.test:{port}/hooks",
+            data=b"{}",
+            timeout=10,
+            verify=str(tls_receiver.cert),
+        )
+        assert response.status_code == 204
+        assert tls_receiver.sni == ["hooks.test"]
+        assert tls_receiver.hosts == [f"hooks.test:{port}"]
+        # Same address, another name: the certificate does not match it.
+        with pytest.raises(requests.exceptions.SSLError):
+            http.post(
+                f"https://other.test:{port}/hooks",
+                data=b"{}",
+                timeout=10,
+                verify=str(tls_receiver.cert),
+            )
+    assert tls_receiver.hosts == [f"hooks.test:{port}"]
 
 
 @pytest.mark.parametrize(
