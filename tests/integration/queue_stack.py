@@ -171,6 +171,21 @@ class CallbackReceiver:
 # --- the service stack ---------------------------------------------------------------------
 
 
+def wait_live(service: Service, base_url: str, timeout: float = 120) -> None:
+    """Wait until ``service`` (a ``moderation serve``) answers ``/status/live`` at ``base_url``;
+    fail at once, with its log, if it dies."""
+
+    def live() -> bool:
+        if not service.alive():
+            raise AssertionError(f"{service.name} died:\n{service.output()[-3000:]}")
+        try:
+            return requests.get(f"{base_url}/status/live", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(live, timeout, f"{service.name} to answer /status/live")
+
+
 class Service:
     """A ``moderation`` subprocess in its own session (so it can be killed as a whole)."""
 

@@ -29,6 +29,7 @@ from tests.integration.queue_stack import (
     running_receiver,
     stack_factory,
     upload_images,
+    wait_live,
     wait_until,
 )
 
@@ -309,16 +310,7 @@ def _start_production_web(stack: Stack) -> str:
         callback_allow_loopback=False,
     )
     base_url = f"http://127.0.0.1:{port}"
-
-    def live() -> bool:
-        if not service.alive():
-            raise AssertionError(f"production web died:\n{service.output()[-3000:]}")
-        try:
-            return requests.get(f"{base_url}/status/live", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_until(live, TIMEOUT, "the production web process")
+    wait_live(service, base_url, TIMEOUT)
     return base_url
 
 
