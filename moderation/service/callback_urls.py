@@ -250,9 +250,11 @@ def check_url(url: str, policy: CallbackPolicy = PRODUCTION) -> CallbackTarget:
     if not parts.hostname:
         raise CallbackUrlError(f"callback URL has no host: {url!r}")
     try:
-        port = parts.port or _DEFAULT_PORTS[scheme]
+        port = parts.port if parts.port is not None else _DEFAULT_PORTS[scheme]
     except ValueError as exc:  # a non-numeric or out-of-range port
         raise CallbackUrlError(f"callback URL has a bad port: {url!r}") from exc
+    if port == 0:
+        raise CallbackUrlError(f"callback URL has a bad port: {url!r}")
     host = parts.hostname.lower().rstrip(".")
     loopback = _check_host(host, policy)
     if scheme == "http" and policy.require_https and not (policy.allow_loopback and loopback):

@@ -90,6 +90,9 @@ def test_normalise_path_decodes_unreserved_and_removes_dots(path: str, expected:
         "https://hooks.example.com/cb/é",
         "https://hooks.example.com/cb#frag",
         "https://hooks.example.com\\@evil.example/cb",
+        "https://hooks.example.com:0/cb",
+        "https://hooks.example.com:99999/cb",
+        "https://hooks.example.com:x/cb",
     ],
 )
 def test_paths_escaping_or_not_in_normal_form_are_refused(url: str) -> None:
