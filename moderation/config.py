@@ -374,6 +374,13 @@ class Settings(BaseSettings):
         description="First retry delay of a failed callback, s; doubles per attempt (max 1 h).",
     )
     callback_timeout: float = Field(default=10.0, gt=0, description="Callback HTTP timeout, s.")
+    callback_allow_loopback: bool = Field(
+        default=False,
+        description="Development and tests only: callbacks and allowlist entries may reach "
+        "loopback addresses (127.0.0.0/8, ::1, localhost), over plain http too. Private, "
+        "link-local and metadata addresses stay refused. Plain http elsewhere needs "
+        "environment=development.",
+    )
     metrics_dir: Path | None = Field(
         default=None,
         description="prometheus-client multiprocess directory shared by `serve` and `worker` "

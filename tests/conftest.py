@@ -124,6 +124,14 @@ def review_band_copies(tmp_path: Path) -> dict[str, Path]:
     return copies
 
 
+def loopback_callbacks(settings: Settings) -> Settings:
+    """``settings`` with the development setting ``callback_allow_loopback`` on: the tests'
+    callback receivers listen on plain http at 127.0.0.1, which production refuses."""
+    return load_settings(
+        **{**settings.model_dump(exclude_unset=True), "callback_allow_loopback": True}
+    )
+
+
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """Settings in a private data dir, with the environment's MODERATION_* cleared."""

@@ -22,8 +22,9 @@ WAIT_PARAMETER = {
     "in": "query",
     "required": False,
     "description": "Seconds to wait for the result (at most 10). With a result in time the "
-    "answer is 200 with it; otherwise 202. A client holding its cap of concurrent waits gets "
-    "429 (code too_many_waits, Retry-After) before anything is stored.",
+    "answer is 200 with it; otherwise 202 (a POST without it always answers 202). A client "
+    "holding its cap of concurrent waits gets 429 (code too_many_waits, Retry-After) before "
+    "anything is stored.",
     "schema": {"type": "number", "minimum": 0, "maximum": 10},
 }
 
@@ -156,7 +157,10 @@ def _upload_form_schema() -> dict[str, Any]:
             "callback_url": {
                 "type": "string",
                 "format": "uri",
-                "description": "Must match the client's allowlist.",
+                "description": "Must lie under a prefix of the client's allowlist, with "
+                "its path in normal form (no dot segments, //, backslashes, encoded slashes or "
+                "encoded unreserved characters), https, and a host that is not a loopback, "
+                "private, link-local or unspecified address.",
             },
         },
     }
@@ -172,7 +176,8 @@ def _create_screening() -> dict[str, Any]:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "description": "Repeats with the same key return the first upload.",
+                "description": "Repeats with the same key, image and fields return the first "
+                "upload; another image, external_id, subject_id or callback_url is 422.",
                 "schema": {"type": "string", "maxLength": 200},
             },
         ],
@@ -183,11 +188,15 @@ def _create_screening() -> dict[str, Any]:
         "responses": {
             "200": _done_response(),
             "202": _accepted_response(),
-            "400": _error_response("Malformed request."),
+            "400": _error_response(
+                "Malformed request: no image part, two, another file part, or a field twice."
+            ),
             "401": _error_response("Missing or invalid bearer token."),
             "413": _error_response("Image or video over its size limit."),
             "415": _error_response("Not an allowed image or video type (magic bytes)."),
-            "422": _error_response("callback_url not allowed, or Idempotency-Key reused."),
+            "422": _error_response(
+                "callback_url refused, or Idempotency-Key reused with another request."
+            ),
             "429": _error_response(
                 "rate_limited (the client's upload rate limit) or client_queue_full (the "
                 "client's share of the queue is full); nothing was stored. See Retry-After."

@@ -4,7 +4,8 @@ Views are thin: authenticate the bearer token, rate-limit per client (uploads an
 windows of their own), validate the form, call
 ``moderation.service.submission.submit_upload`` (which refuses uploads past the queue-depth
 bound with 503/429 and ``Retry-After``, and commits the upload before sending its task), and
-answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200`` with it.
+answer ``202 {"id", "status"}`` or, only with ``?wait=`` and a result in time, ``200``
+with it.
 Every error is JSON ``{"error": {"code", "message"}}``.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from sqlalchemy.exc import OperationalError
+from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException
 
 from admin.api.clients import ApiError, authenticated_client_id, authenticated_reader_id
@@ -111,7 +113,10 @@ def _wait_seconds() -> float:
 
 
 def _field(name: str, *, required: bool, limit: int = MAX_FIELD) -> str | None:
-    value = request.form.get(name)
+    values = request.form.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, "bad_request", f"the form field {name!r} is given more than once")
+    value = values[0] if values else None
     if value is None or value == "":
         if required:
             raise ApiError(400, "bad_request", f"the form field {name!r} is required")
@@ -119,6 +124,24 @@ def _field(name: str, *, required: bool, limit: int = MAX_FIELD) -> str | None:
     if len(value) > limit:
         raise ApiError(400, "bad_request", f"{name} is longer than {limit} characters")
     return value
+
+
+def _image() -> FileStorage:
+    """The one multipart file, ``image``.
+
+    Raises:
+        ApiError: 400 no ``image``, ``image`` twice, or another file part (RELIABILITY.md S7:
+            which of two images would be screened is not the client's to guess).
+    """
+    images = request.files.getlist("image")
+    if not images:
+        raise ApiError(400, "bad_request", "the multipart file field 'image' is required")
+    if len(images) > 1:
+        raise ApiError(400, "bad_request", "the multipart file field 'image' is given twice")
+    others = sorted(set(request.files) - {"image"})
+    if others:
+        raise ApiError(400, "bad_request", f"unexpected multipart file fields: {others}"[:300])
+    return images[0]
 
 
 def _take_wait_slot(client_id: int, wait: float) -> None:
@@ -150,7 +173,9 @@ def _release_wait_slot(_exc: BaseException | None) -> None:
         held.close()
 
 
-def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
+def _answer(upload_id: str, wait: float, *, replayed: bool = False, post: bool = False) -> Any:
+    """The upload's view: ``200`` with the result once done, else ``202``; a POST without
+    ``?wait=`` always answers ``202`` (README "HTTP upload hook")."""
     runtime = _runtime()
     if wait > 0:
         wait_for_upload(runtime, upload_id, wait, services().notifier)
@@ -159,7 +184,7 @@ def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
         if upload is None:
             raise ApiError(404, "not_found", "no such screening")
         view = upload_view(session, upload, runtime.keyring)
-    if view["status"] == "done":
+    if view["status"] == "done" and (wait > 0 or not post):
         response = jsonify(view)
         response.status_code = 200
     else:
@@ -182,9 +207,7 @@ def create_screening() -> Any:
     settings = _runtime().settings
     largest = max(settings.max_image_bytes, settings.max_video_bytes)  # an image or a video
     request.max_content_length = largest + MULTIPART_OVERHEAD
-    image = request.files.get("image")
-    if image is None:
-        raise ApiError(400, "bad_request", "the multipart file field 'image' is required")
+    image = _image()
     data = image.read(largest + 1)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
@@ -200,7 +223,7 @@ def create_screening() -> Any:
         idempotency_key=key,
         origin=request.remote_addr,
     )
-    return _answer(submission.upload_id, wait, replayed=not submission.created)
+    return _answer(submission.upload_id, wait, replayed=not submission.created, post=True)
 
 
 @bp.get("/screenings/<upload_id>")

@@ -31,6 +31,7 @@ from moderation.service.api_clients import (
     rotate_token,
     set_allowlist,
 )
+from moderation.service.callback_urls import callback_policy
 from moderation.storage.db import transaction
 
 bp = Blueprint("clients", __name__, url_prefix="/clients")
@@ -113,6 +114,7 @@ def create() -> Any:
                 callback_allowlist=_lines(form.allowlist.data),
                 actor=user.actor,
                 origin=origin(),
+                policy=callback_policy(rt.settings),
             )
     except ClientError as exc:
         flash(str(exc), "error")
@@ -174,9 +176,11 @@ def allowlist(client_id: int) -> Any:
     if not form.validate_on_submit():
         abort(400)
 
+    policy = callback_policy(runtime().settings)
+
     def work(db: Session) -> Response:
         prefixes = _lines(form.allowlist.data)
-        set_allowlist(db, client_id, prefixes, actor=user.actor, origin=origin())
+        set_allowlist(db, client_id, prefixes, actor=user.actor, origin=origin(), policy=policy)
         flash("Callback allowlist saved.", "info")
         return redirect(url_for("clients.index"))
 

@@ -56,13 +56,19 @@ def api_client() -> None:
 def api_client_create(ctx: Context, name: str, allowlist: tuple[str, ...]) -> None:
     """Create an API client; prints its token and callback secret (shown only once)."""
     from moderation.service.api_clients import ClientError, create_api_client
+    from moderation.service.callback_urls import callback_policy
     from moderation.storage.db import transaction
 
     with initialised_runtime(ctx) as runtime:
         try:
             with transaction(runtime.sessions) as session:
                 created = create_api_client(
-                    session, runtime.keyring, name, callback_allowlist=allowlist, actor=ACTOR
+                    session,
+                    runtime.keyring,
+                    name,
+                    callback_allowlist=allowlist,
+                    actor=ACTOR,
+                    policy=callback_policy(ctx.settings),
                 )
         except ClientError as exc:
             raise click.UsageError(str(exc)) from exc
@@ -152,12 +158,14 @@ def api_client_set_allowlist(
     host and port must match exactly, the path is a prefix). Queued callbacks are re-checked
     against the new list."""
     from moderation.service.api_clients import find_client, set_allowlist
+    from moderation.service.callback_urls import callback_policy
 
     if bool(prefixes) == clear:
         raise click.UsageError("give the URL prefixes, or --clear (not both)")
+    policy = callback_policy(ctx.settings)
 
     def work(session: Session) -> dict[str, object]:
-        allowlist = set_allowlist(session, client, prefixes, actor=ACTOR)
+        allowlist = set_allowlist(session, client, prefixes, actor=ACTOR, policy=policy)
         row = find_client(session, client)
         return {"client_id": row.id, "name": row.name, "callback_allowlist": list(allowlist)}
 

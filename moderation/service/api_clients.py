@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from moderation.audit.log import record_event
 from moderation.crypto.envelope import WrappedKey, generate_data_key, unwrap_key, wrap_key
 from moderation.crypto.keys import KeyRing
-from moderation.service.callback_urls import normalise_allowlist_prefix
+from moderation.service.callback_urls import PRODUCTION, CallbackPolicy, normalise_allowlist_prefix
 from moderation.storage.models import ApiClient
 
 logger = logging.getLogger(__name__)
@@ -66,15 +66,17 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def _normalised_allowlist(prefixes: Sequence[str]) -> tuple[str, ...]:
-    """The prefixes validated and trimmed (:func:`normalise_allowlist_prefix`), duplicates
-    dropped, in the given order.
+def _normalised_allowlist(prefixes: Sequence[str], policy: CallbackPolicy) -> tuple[str, ...]:
+    """The prefixes validated against ``policy`` and trimmed
+    (:func:`normalise_allowlist_prefix`), duplicates dropped, in the given order.
 
     Raises:
         ClientError: an invalid prefix.
     """
     try:
-        return tuple(dict.fromkeys(normalise_allowlist_prefix(p) for p in prefixes if p.strip()))
+        return tuple(
+            dict.fromkeys(normalise_allowlist_prefix(p, policy) for p in prefixes if p.strip())
+        )
     except ValueError as exc:
         raise ClientError(str(exc)) from exc
 
@@ -97,12 +99,15 @@ def create_api_client(
     callback_allowlist: Sequence[str] = (),
     actor: str = "cli",
     origin: str | None = None,
+    policy: CallbackPolicy = PRODUCTION,
 ) -> NewClient:
     """Create an API client in the caller's transaction (with its audit event).
 
     Args:
         callback_allowlist: URL prefixes callbacks may go to, e.g. ``https://hooks.example/``
             (scheme, host and port must match exactly; the path is a prefix).
+        policy: the deployment's callback policy (``callback_policy(settings)``): https, and
+            no loopback, private or metadata host, unless it allows them.
 
     Raises:
         ClientError: empty or taken name, or an invalid allowlist prefix.
@@ -111,7 +116,7 @@ def create_api_client(
         raise ClientError("client name must not be empty")
     if session.scalar(select(ApiClient).where(ApiClient.name == name)) is not None:
         raise ClientError(f"an API client named {name!r} already exists")
-    allowlist = _normalised_allowlist(callback_allowlist)
+    allowlist = _normalised_allowlist(callback_allowlist, policy)
     token = new_token()
     raw_secret = generate_data_key()
     client = ApiClient(
@@ -349,15 +354,16 @@ def set_allowlist(
     *,
     actor: str,
     origin: str | None = None,
+    policy: CallbackPolicy = PRODUCTION,
 ) -> tuple[str, ...]:
-    """Replace the client's callback allowlist (validated as at creation); callbacks already
-    queued are re-checked against the new list at delivery. Audited
+    """Replace the client's callback allowlist (validated against ``policy`` as at creation);
+    callbacks already queued are re-checked against the new list at delivery. Audited
     ``api_client.set_allowlist`` with the lists before and after.
 
     Raises:
         UnknownClientError: no such client. ClientError: revoked, or an invalid prefix.
     """
-    allowlist = _normalised_allowlist(prefixes)
+    allowlist = _normalised_allowlist(prefixes, policy)
     client = _live_client(session, ref)
     before = list(client.callback_allowlist or ())
     client.callback_allowlist = list(allowlist)

@@ -4,9 +4,12 @@ Flow: a decision (a worker's result, or a reviewer's) calls :func:`notify_decisi
 own transaction; that adds a ``callback_deliveries`` row holding the exact JSON body and, after
 the commit, sends ``moderation.deliver_callback`` through the session's dispatcher
 (``moderation.service.dispatch``). :func:`deliver_callback` makes one attempt: it re-checks the URL
-against the client's allowlist, POSTs the body signed with the client's secret, logs the
-attempt in ``callback_attempts`` and either finishes the delivery (one audit event per outcome:
-delivered, failed, refused) or schedules the next attempt with exponential backoff. Deliveries
+against the client's allowlist and the deployment's policy (``callback_urls``), POSTs the body
+signed with the client's secret over a connection to a checked address only
+(``callback_http``: a host resolving to a private, loopback or metadata address is refused at
+connect time), logs the attempt in ``callback_attempts`` and either finishes the delivery (one
+audit event per outcome: delivered, failed, refused) or schedules the next attempt with
+exponential backoff. Deliveries
 are at-least-once: a receiver deduplicates on ``delivery_id`` (also in the
 ``X-Moderation-Delivery`` header).
 
@@ -35,7 +38,8 @@ from sqlalchemy.orm import Session
 from moderation import __version__
 from moderation.audit.log import record_event
 from moderation.service.api_clients import callback_secret
-from moderation.service.callback_urls import url_allowed
+from moderation.service.callback_http import ForbiddenAddressError, guarded_session
+from moderation.service.callback_urls import CallbackPolicy, callback_policy, url_allowed
 from moderation.service.dispatch import send_after_commit, session_dispatcher
 from moderation.service.metrics import CALLBACK_ATTEMPTS
 from moderation.service.results import upload_view, with_labels
@@ -188,8 +192,28 @@ def _finish(
 
 
 def _refuse(
-    session: Session, delivery: CallbackDelivery, *, now: datetime, reason: str
+    session: Session,
+    delivery: CallbackDelivery,
+    *,
+    now: datetime,
+    reason: str,
+    attempt: int | None = None,
+    error: str | None = None,
 ) -> DeliveryOutcome:
+    """Finish the delivery refused (audited ``denied``); with ``error``, log the refused
+    attempt ``attempt`` (default: the next one) first."""
+    if error is not None:
+        session.add(
+            CallbackAttempt(
+                upload_id=delivery.upload_id,
+                delivery_id=delivery.id,
+                url=delivery.url[:2000],
+                attempt=attempt if attempt is not None else delivery.attempts + 1,
+                error=error[:500],
+                delivered=False,
+            )
+        )
+        logger.warning("callback %s %s", delivery.id, error)
     _finish(
         session, delivery, state="failed", outcome="denied", now=now, details={"reason": reason}
     )
@@ -212,6 +236,7 @@ def _claim(runtime: Runtime, delivery_id: str) -> _Claim | DeliveryOutcome:
     """Claim the next attempt of ``delivery_id`` (committed before sending), or the outcome
     when there is nothing to send: finished, not yet due, or refused."""
     now = datetime.now(UTC)
+    settings = runtime.settings
     with transaction(runtime.sessions) as session:
         delivery = session.get(CallbackDelivery, delivery_id, with_for_update=True)
         if delivery is None or delivery.state != "pending":
@@ -222,23 +247,17 @@ def _claim(runtime: Runtime, delivery_id: str) -> _Claim | DeliveryOutcome:
         client = session.get(ApiClient, delivery.client_id) if delivery.client_id else None
         if client is None or client.disabled:
             return _refuse(session, delivery, now=now, reason="client_gone")
-        if not url_allowed(delivery.url, client.callback_allowlist):
-            session.add(
-                CallbackAttempt(
-                    upload_id=delivery.upload_id,
-                    delivery_id=delivery.id,
-                    url=delivery.url[:2000],
-                    attempt=delivery.attempts + 1,
-                    error="refused: URL not on the client's callback allowlist",
-                    delivered=False,
-                )
+        if not url_allowed(delivery.url, client.callback_allowlist, callback_policy(settings)):
+            return _refuse(
+                session,
+                delivery,
+                now=now,
+                reason="not_on_allowlist",
+                error="refused: URL not on the client's callback allowlist or against the "
+                "callback policy",
             )
-            logger.warning("callback %s refused: URL not on the allowlist", delivery.id)
-            return _refuse(session, delivery, now=now, reason="not_on_allowlist")
         delivery.attempts += 1
-        delivery.next_attempt_at = now + timedelta(
-            seconds=runtime.settings.callback_timeout * 2 + 30
-        )
+        delivery.next_attempt_at = now + timedelta(seconds=settings.callback_timeout * 2 + 30)
         from moderation.crypto.errors import UnknownKeyError
 
         try:
@@ -257,9 +276,13 @@ def _claim(runtime: Runtime, delivery_id: str) -> _Claim | DeliveryOutcome:
 
 
 def _post(
-    claim: _Claim, delivery_id: str, *, timeout: float, http: requests.Session | None
+    claim: _Claim, delivery_id: str, *, timeout: float, policy: CallbackPolicy
 ) -> tuple[int | None, str | None]:
-    """POST the signed body once; returns (HTTP status or None, error or None when delivered)."""
+    """POST the signed body once; returns (HTTP status or None, error or None when delivered).
+
+    Raises:
+        ForbiddenAddressError: the host resolved to an address ``policy`` refuses (not sent).
+    """
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
@@ -269,22 +292,41 @@ def _post(
     }
     status_code: int | None = None
     error: str | None = None
-    poster = http or requests
     try:
-        # No redirects: a 3xx to another host would step around the allowlist.
-        response = poster.post(
-            claim.url,
-            data=claim.body,
-            headers=headers,
-            timeout=timeout,
-            allow_redirects=False,
-        )
+        with guarded_session(policy) as http:
+            # No redirects: a 3xx to another host would step around the allowlist.
+            response = http.post(
+                claim.url,
+                data=claim.body,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+            )
         status_code = response.status_code
         if not 200 <= status_code < 300:
             error = f"HTTP {status_code}"
     except requests.RequestException as exc:
         error = f"{type(exc).__name__}: {exc}"[:500]
     return status_code, error
+
+
+def _refuse_claimed(
+    runtime: Runtime, delivery_id: str, claim: _Claim, exc: ForbiddenAddressError
+) -> DeliveryOutcome:
+    """Finish a claimed delivery whose host resolved to a refused address (RELIABILITY.md S5):
+    no retry, since the next answer of an attacker's resolver could be refused again or not."""
+    with transaction(runtime.sessions) as session:
+        delivery = session.get(CallbackDelivery, delivery_id, with_for_update=True)
+        if delivery is None or delivery.state != "pending":
+            return DeliveryOutcome("skipped", attempt=claim.attempt)
+        return _refuse(
+            session,
+            delivery,
+            now=datetime.now(UTC),
+            reason="forbidden_address",
+            attempt=claim.attempt,
+            error=f"refused: {exc}",
+        )
 
 
 def _settle(
@@ -346,12 +388,7 @@ def _settle(
     return DeliveryOutcome("retry", attempt=attempt, status_code=status_code, retry_in=delay)
 
 
-def deliver_callback(
-    runtime: Runtime,
-    delivery_id: str,
-    *,
-    http: requests.Session | None = None,
-) -> DeliveryOutcome:
+def deliver_callback(runtime: Runtime, delivery_id: str) -> DeliveryOutcome:
     """Make one delivery attempt of a pending callback (see the module docstring).
 
     Redelivered tasks have no duplicate side effects: a finished delivery is skipped, and an
@@ -364,9 +401,13 @@ def deliver_callback(
     claim = _claim(runtime, delivery_id)
     if isinstance(claim, DeliveryOutcome):
         return claim
-    status_code, error = _post(
-        claim, delivery_id, timeout=runtime.settings.callback_timeout, http=http
-    )
+    settings = runtime.settings
+    try:
+        status_code, error = _post(
+            claim, delivery_id, timeout=settings.callback_timeout, policy=callback_policy(settings)
+        )
+    except ForbiddenAddressError as exc:
+        return _refuse_claimed(runtime, delivery_id, claim, exc)
     return _settle(runtime, delivery_id, claim, status_code, error)
 
 

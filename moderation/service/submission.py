@@ -25,7 +25,7 @@ from moderation.media.video_formats import SNIFF_BYTES, sniff_video
 from moderation.service.backpressure import admit_upload
 from moderation.service.dispatch import Dispatcher
 from moderation.service.metrics import ENQUEUE_FAILURES
-from moderation.service.subjects import pseudonymize
+from moderation.service.subjects import find_subject, pseudonymize
 from moderation.service.uploads import create_upload
 from moderation.storage.db import transaction
 from moderation.storage.models import ApiClient, Upload
@@ -93,12 +93,45 @@ def _existing(session: Session, client_id: int, key_hash: str) -> Upload | None:
     )
 
 
-def _reused(session: Session, keyring: KeyRing, existing: Upload, data: bytes) -> Submission:
+@dataclass(frozen=True)
+class _Fields:
+    """The request's fields besides the image, as given."""
+
+    external_id: str | None
+    subject_id: str | None
+    callback_url: str | None
+
+
+def _reused(
+    session: Session, keyring: KeyRing, existing: Upload, data: bytes, fields: _Fields
+) -> Submission:
+    """The first upload of a repeated Idempotency-Key, when this request is the same one.
+
+    Raises:
+        SubmissionError: 422 another image, or another external_id, subject_id or callback_url
+            (a replay would silently drop them: RELIABILITY.md S6).
+    """
     if existing.content_hmac != content_hmac(session, keyring, data):
         raise SubmissionError(
             422,
             "idempotency_key_reused",
             "this Idempotency-Key was already used for a different image",
+        )
+    subject = find_subject(session, keyring, fields.subject_id) if fields.subject_id else None
+    changed = [
+        name
+        for name, same in (
+            ("external_id", existing.external_id == fields.external_id),
+            ("subject_id", existing.subject_ref == (subject.ref if subject else None)),
+            ("callback_url", existing.callback_url == (fields.callback_url or None)),
+        )
+        if not same
+    ]
+    if changed:
+        raise SubmissionError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used with another " + ", ".join(changed),
         )
     return Submission(existing.id, existing.status, created=False, sent=False)
 
@@ -115,33 +148,37 @@ def _create(
     runtime: Runtime,
     client: ApiClient,
     data: bytes,
+    fields: _Fields,
     *,
-    external_id: str | None,
-    subject_id: str | None,
-    callback_url: str | None,
     key_hash: str | None,
 ) -> Upload:
-    """Check the callback URL against ``client``'s allowlist, then store the upload ``queued``."""
-    from moderation.service.callback_urls import url_allowed
+    """Check the callback URL against ``client``'s allowlist and the deployment's callback
+    policy (``moderation.service.callback_urls``), then store the upload ``queued``."""
+    from moderation.service.callback_urls import (
+        CallbackUrlError,
+        callback_policy,
+        check_callback_url,
+    )
 
-    if callback_url and not url_allowed(callback_url, client.callback_allowlist):
-        raise SubmissionError(
-            422,
-            "callback_not_allowed",
-            "callback_url does not match this client's callback allowlist",
-        )
+    if fields.callback_url:
+        try:
+            policy = callback_policy(runtime.settings)
+            check_callback_url(fields.callback_url, client.callback_allowlist, policy)
+        except CallbackUrlError as exc:
+            raise SubmissionError(422, "callback_not_allowed", str(exc)) from None
+    subject_id = fields.subject_id
     subject_ref = pseudonymize(session, runtime.keyring, subject_id) if subject_id else None
     return create_upload(
         session,
         data,
         keyring=runtime.keyring,
         blobs_dir=runtime.settings.blobs_dir,
-        external_id=external_id,
+        external_id=fields.external_id,
         subject_ref=subject_ref,
         source="api",
         client_id=client.id,
         idempotency_key=key_hash,
-        callback_url=callback_url or None,
+        callback_url=fields.callback_url or None,
         status="queued",
     )
 
@@ -193,22 +230,26 @@ def submit_upload(
 ) -> Submission:
     """Accept one upload from the HTTP hook: store it encrypted, commit, then send its task.
 
-    The subject id is pseudonymised (``moderation.service.subjects``) and never stored raw. With an
-    ``idempotency_key``, a repeated request returns the first upload (one row per key: the
-    database's unique constraint decides races). A send that fails after the commit is logged
-    and counted; the upload stays ``queued`` and the reconciler sends it (Q7).
+    The subject id is pseudonymised (``moderation.service.subjects``) and never stored raw.
+    With an ``idempotency_key``, a repeated request (same image and fields) returns the first
+    upload (one row per key: the database's unique constraint decides races). A send that
+    fails after the commit is logged and counted; the upload stays ``queued`` and the
+    reconciler sends it (Q7).
 
     A new upload (not a replay) is refused while the queue is at its depth bound
     (:func:`moderation.service.backpressure.admit_upload`), before anything is stored.
 
     Raises:
-        SubmissionError: 400/413/415 bad image, 422 callback URL not on the client's allowlist
-            or an idempotency key reused for another image, 403 unknown or disabled client.
+        SubmissionError: 400/413/415 bad image, 422 callback URL refused (not on the client's
+            allowlist, not in normal form, a non-public host, plain http in production) or an
+            idempotency key reused for another image, external_id, subject_id or callback_url,
+            403 unknown or disabled client.
         QueueFullError: 503 past the global queue-depth bound, 429 past the client's share.
     """
     settings = runtime.settings
     fmt = check_image_bytes(data, settings.max_image_bytes, settings.max_video_bytes)
     key_hash = idempotency_hash(idempotency_key) if idempotency_key else None
+    fields = _Fields(external_id, subject_id, callback_url)
     created_id: str | None = None
     try:
         with transaction(runtime.sessions) as session:
@@ -216,18 +257,9 @@ def submit_upload(
             if key_hash is not None:
                 existing = _existing(session, client_id, key_hash)
                 if existing is not None:
-                    return _reused(session, runtime.keyring, existing, data)
+                    return _reused(session, runtime.keyring, existing, data, fields)
             admit_upload(session, settings, client_id)  # before anything is stored (S3)
-            upload = _create(
-                session,
-                runtime,
-                client,
-                data,
-                external_id=external_id,
-                subject_id=subject_id,
-                callback_url=callback_url,
-                key_hash=key_hash,
-            )
+            upload = _create(session, runtime, client, data, fields, key_hash=key_hash)
             created_id = upload.id
             _record_receive(session, upload, data, fmt, origin=origin)
     except IntegrityError:
@@ -240,6 +272,6 @@ def submit_upload(
             existing = _existing(session, client_id, key_hash)
             if existing is None:
                 raise
-            return _reused(session, runtime.keyring, existing, data)
+            return _reused(session, runtime.keyring, existing, data, fields)
     assert created_id is not None
     return _send(dispatcher, created_id)

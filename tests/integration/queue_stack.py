@@ -138,10 +138,12 @@ class RedisServer:
 
 
 class CallbackReceiver:
-    """A local HTTP server recording every callback (headers, raw body)."""
+    """A local HTTP server recording every callback (headers, raw body) and the paths POSTed
+    to."""
 
     def __init__(self) -> None:
         self.received: list[tuple[dict[str, str], bytes]] = []
+        self.paths: list[str] = []
         self.lock = threading.Lock()
         receiver = self
 
@@ -150,6 +152,7 @@ class CallbackReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver.lock:
                     receiver.received.append((dict(self.headers), body))
+                    receiver.paths.append(self.path)
                 self.send_response(204)
                 self.end_headers()
 
@@ -166,6 +169,21 @@ class CallbackReceiver:
 
 
 # --- the service stack ---------------------------------------------------------------------
+
+
+def wait_live(service: Service, base_url: str, timeout: float = 120) -> None:
+    """Wait until ``service`` (a ``moderation serve``) answers ``/status/live`` at ``base_url``;
+    fail at once, with its log, if it dies."""
+
+    def live() -> bool:
+        if not service.alive():
+            raise AssertionError(f"{service.name} died:\n{service.output()[-3000:]}")
+        try:
+            return requests.get(f"{base_url}/status/live", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(live, timeout, f"{service.name} to answer /status/live")
 
 
 class Service:
@@ -250,6 +268,8 @@ class Stack:
             "secret_key": "queue-stack-secret-0123456789abcdefghijklmnopqrstuvwxyz",
             # /metrics and the detailed /status answer only to this bearer token.
             "metrics_token": METRICS_TOKEN,
+            # The callback receiver listens on plain http at 127.0.0.1: the development setting.
+            "callback_allow_loopback": True,
         }
         if database_url:
             self.values["database_url"] = database_url
@@ -296,6 +316,7 @@ class Stack:
 
     def create_client(self, allowlist: list[str]) -> Any:
         from moderation.service.api_clients import create_api_client
+        from moderation.service.callback_urls import callback_policy
         from moderation.storage.db import transaction
 
         with transaction(self.runtime.sessions) as session:
@@ -304,6 +325,7 @@ class Stack:
                 self.runtime.keyring,
                 f"client-{len(self.services)}-{time.time()}",
                 callback_allowlist=allowlist,
+                policy=callback_policy(self.runtime.settings),
             )
 
     def create_user(self, email: str, role: str, password: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.integration.queue_stack import Stack, upload_images, wait_until
+from tests.integration.queue_stack import Stack, upload_images, wait_live
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
@@ -65,17 +65,7 @@ def web(make_pg_stack: Callable[..., Stack]) -> Iterator[Stack]:
     """Schema, bank and ``moderation serve`` (no worker), answering ``/status/live``."""
     stack = make_pg_stack(api_rate_limit="40/minute", api_max_concurrent_waits_per_client=WAIT_CAP)
     stack.init()
-    web = stack.start_web()
-
-    def live() -> bool:
-        if not web.alive():
-            raise AssertionError(f"web died:\n{web.output()[-3000:]}")
-        try:
-            return requests.get(f"{stack.base_url}/status/live", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_until(live, 120, "/status/live to answer")
+    wait_live(stack.start_web(), stack.base_url)
     yield stack
 
 

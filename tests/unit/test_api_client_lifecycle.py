@@ -27,15 +27,22 @@ from moderation.service.api_clients import (
     rotate_token,
     set_allowlist,
 )
+from moderation.service.callback_urls import callback_policy
 from moderation.service.callbacks import SIGNATURE_HEADER, deliver_callback, notify_decision
 from moderation.service.platform_client import verify_callback
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.models import ApiClient, AuditEvent, CallbackDelivery, Upload
-from tests.conftest import Cli, migrated_runtime
+from tests.conftest import Cli, loopback_callbacks, migrated_runtime
 from tests.integration.queue_stack import CallbackReceiver
 
 HOOKS = "https://hooks.example.com/moderation"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The callback receiver listens on 127.0.0.1: the development loopback setting."""
+    return loopback_callbacks(settings)
 
 
 def web_process(data_dir: Path, **overrides: object) -> FlaskClient:
@@ -56,7 +63,13 @@ def api_status(web: FlaskClient, token: str) -> int:
 
 def new_client(runtime: Runtime, name: str = "acme", allowlist: tuple[str, ...] = (HOOKS,)):  # type: ignore[no-untyped-def]
     with transaction(runtime.sessions) as session:
-        return create_api_client(session, runtime.keyring, name, callback_allowlist=allowlist)
+        return create_api_client(
+            session,
+            runtime.keyring,
+            name,
+            callback_allowlist=allowlist,
+            policy=callback_policy(runtime.settings),
+        )
 
 
 def test_revocation_is_refused_at_once_by_every_web_process(
@@ -121,15 +134,25 @@ def test_callbacks_are_signed_with_the_rotated_secret(
 
 def test_set_allowlist_is_validated_like_creation(runtime: Runtime) -> None:
     created = new_client(runtime)
-    for bad in (["ftp://x/"], ["https://a@b/"], ["https://h/p?q=1"], [HOOKS, "not a url"]):
+    loopback = "http://127.0.0.1:9000/"
+    for bad in (
+        ["ftp://x/"],
+        ["https://a@b/"],
+        ["https://h/p?q=1"],
+        [HOOKS, "not a url"],
+        [HOOKS + "/../admin"],
+        ["https://169.254.169.254/latest"],
+        [loopback],  # the production policy (the default) refuses loopback and plain http
+    ):
         with transaction(runtime.sessions) as session, pytest.raises(ClientError):
             set_allowlist(session, created.client_id, bad, actor="test")
     with transaction(runtime.sessions) as session:
         saved = set_allowlist(
             session,
             created.client_id,
-            [" https://new.example/cb ", "https://new.example/cb", "http://127.0.0.1:9000/"],
+            [" https://new.example/cb ", "https://new.example/cb", loopback],
             actor="test",
+            policy=callback_policy(runtime.settings),
         )
     assert saved == ("https://new.example/cb", "http://127.0.0.1:9000/")
     with runtime.sessions() as session:
@@ -237,3 +260,43 @@ def test_cli_lifecycle(cli: Cli) -> None:
     again = cli("api-client", "rotate-token", "acme", ok=False)
     assert again.exit_code == 1 and "revoked" in again.stderr
     assert cli("api-client", "revoke", "nobody", "--yes", ok=False).exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("prefix", "why"),
+    [
+        ("https://hooks.example.com/cb/../admin", "normal form"),
+        ("https://hooks.example.com/cb/%2e%2e/admin", "normal form"),
+        ("https://hooks.example.com//cb", "empty segment"),
+        ("https://169.254.169.254/latest", "not a public address"),
+        ("https://[::ffff:10.0.0.1]/cb", "not a public address"),
+        ("https://localhost/cb", "loopback"),
+        ("http://hooks.example.com/cb", "https"),
+    ],
+)
+def test_cli_refuses_allowlist_entries_breaking_the_callback_rules(
+    cli: Cli, prefix: str, why: str
+) -> None:
+    """RELIABILITY.md S4-S5 at registration (production settings, the default)."""
+    cli("init")
+    created = cli("api-client", "create", "acme", "--callback-allowlist", prefix, ok=False)
+    assert created.exit_code == 2 and why in created.stderr
+    cli("api-client", "create", "acme", "--callback-allowlist", HOOKS)
+    refused = cli("api-client", "set-allowlist", "acme", HOOKS, prefix, ok=False)
+    assert refused.exit_code == 1 and why in refused.stderr
+    (row,) = cli.json_lines("api-client", "list", "--json")
+    assert row["callback_allowlist"] == [HOOKS]
+
+
+def test_cli_accepts_loopback_only_with_the_development_setting(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli("init")
+    cli("api-client", "create", "acme")
+    loopback = "http://127.0.0.1:9000/hooks"
+    assert cli("api-client", "set-allowlist", "acme", loopback, ok=False).exit_code == 1
+    monkeypatch.setenv("MODERATION_CALLBACK_ALLOW_LOOPBACK", "true")
+    saved = json.loads(cli("api-client", "set-allowlist", "acme", loopback).stdout)
+    assert saved["callback_allowlist"] == [loopback]
+    # Loopback, not private addresses.
+    assert cli("api-client", "set-allowlist", "acme", "https://10.0.0.1/", ok=False).exit_code == 1

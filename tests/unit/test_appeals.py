@@ -34,6 +34,7 @@ from moderation.governance.users import create_user
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.recording import record_result
 from moderation.service.api_clients import create_api_client
+from moderation.service.callback_urls import callback_policy
 from moderation.service.callbacks import deliver_callback
 from moderation.service.dispatch import RecordingDispatcher
 from moderation.service.queue import process_upload
@@ -88,7 +89,12 @@ def _policy_variant(tmp_path: Path, settings: Any, name: str, **category: Any) -
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
     (policies / f"{name}.yaml").write_text(yaml.safe_dump(document))
-    return load_settings(data_dir=settings.data_dir, policies_dir=policies, policy=name)
+    return load_settings(
+        data_dir=settings.data_dir,
+        policies_dir=policies,
+        policy=name,
+        callback_allow_loopback=True,  # the receiver listens on 127.0.0.1
+    )
 
 
 @pytest.fixture
@@ -106,9 +112,12 @@ def dsa_runtime(tmp_path: Path, settings: Any) -> Iterator[Runtime]:
 def _screened_block(rt: Runtime, receiver: Receiver) -> tuple[Any, dict[str, str], str]:
     """The coffee photo posted to the API by a platform and screened by a worker: (test
     client, auth headers, upload id)."""
+    allowlist, policy = [receiver.url], callback_policy(rt.settings)
     with transaction(rt.sessions) as db:
-        created = create_api_client(db, rt.keyring, "acme", callback_allowlist=[receiver.url])
-    client = make_app(rt, RecordingDispatcher()).test_client()
+        created = create_api_client(
+            db, rt.keyring, "acme", callback_allowlist=allowlist, policy=policy
+        )
+    client = make_app(rt, RecordingDispatcher(), callback_allow_loopback=True).test_client()
     auth = {"Authorization": f"Bearer {created.token}"}
     posted = client.post(
         "/api/v1/screenings",

@@ -12,9 +12,14 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from moderation.config import load_settings
+from moderation.config import Settings, load_settings
 from moderation.service.api_clients import authenticate, callback_secret, create_api_client
-from moderation.service.callback_urls import normalise_allowlist_prefix, url_allowed
+from moderation.service.callback_urls import (
+    CallbackPolicy,
+    callback_policy,
+    normalise_allowlist_prefix,
+    url_allowed,
+)
 from moderation.service.callbacks import (
     SIGNATURE_HEADER,
     backoff_seconds,
@@ -36,6 +41,7 @@ from moderation.storage.models import (
     Screening,
     Upload,
 )
+from tests.conftest import loopback_callbacks
 
 ALLOW = ["https://hooks.example.com/moderation", "http://127.0.0.1:8080/"]
 
@@ -61,7 +67,9 @@ ALLOW = ["https://hooks.example.com/moderation", "http://127.0.0.1:8080/"]
     ],
 )
 def test_url_allowed(url: str, allowed: bool) -> None:
-    assert url_allowed(url, ALLOW) is allowed
+    assert url_allowed(url, ALLOW, CallbackPolicy(allow_loopback=True)) is allowed
+    if url.startswith("http://127.0.0.1"):
+        assert not url_allowed(url, ALLOW)  # production refuses loopback and plain http
 
 
 @pytest.mark.parametrize(
@@ -120,6 +128,12 @@ class Receiver:
 
 
 @pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The receivers listen on 127.0.0.1: the development loopback setting."""
+    return loopback_callbacks(settings)
+
+
+@pytest.fixture
 def receiver() -> Iterator[Receiver]:
     server = Receiver([500, 503])
     yield server
@@ -128,7 +142,13 @@ def receiver() -> Iterator[Receiver]:
 
 def _setup(runtime: Runtime, url: str, allowlist: list[str]) -> tuple[str, str, str]:
     with transaction(runtime.sessions) as session:
-        client = create_api_client(session, runtime.keyring, "acme", callback_allowlist=allowlist)
+        client = create_api_client(
+            session,
+            runtime.keyring,
+            "acme",
+            callback_allowlist=allowlist,
+            policy=callback_policy(runtime.settings),
+        )
         upload = Upload(client_id=client.client_id, callback_url=url, status="done", source="api")
         session.add(upload)
         session.flush()
@@ -145,7 +165,11 @@ def _count(runtime: Runtime, model: Any, *where: Any) -> int:
 
 def test_delivery_retries_then_succeeds_once(runtime: Runtime, receiver: Receiver) -> None:
     delivery_id, secret, token = _setup(runtime, receiver.url, [receiver.url])
-    fast = Runtime(load_settings(data_dir=runtime.settings.data_dir, callback_backoff=0.01))
+    fast = Runtime(
+        load_settings(
+            data_dir=runtime.settings.data_dir, callback_backoff=0.01, callback_allow_loopback=True
+        )
+    )
     first = deliver_callback(fast, delivery_id)
     assert first.state == "retry" and first.status_code == 500 and first.retry_in == 0.01
     time.sleep(0.05)
@@ -178,7 +202,10 @@ def test_delivery_gives_up_after_max_attempts(runtime: Runtime, receiver: Receiv
     delivery_id, _, _ = _setup(runtime, receiver.url, [receiver.url])
     tight = Runtime(
         load_settings(
-            data_dir=runtime.settings.data_dir, callback_backoff=0.01, callback_max_attempts=2
+            data_dir=runtime.settings.data_dir,
+            callback_backoff=0.01,
+            callback_max_attempts=2,
+            callback_allow_loopback=True,
         )
     )
     assert deliver_callback(tight, delivery_id).state == "retry"
@@ -242,8 +269,9 @@ def test_stored_callback_keeps_no_label_and_the_sent_body_has_it(runtime: Runtim
         with transaction(runtime.sessions) as session:
             bank = create_bank(session, "known")
             entry = new_entry(session, runtime.keyring, bank_id=bank.id, label="label-QX81")
+            policy = callback_policy(runtime.settings)
             client = create_api_client(
-                session, runtime.keyring, "acme", callback_allowlist=[server.url]
+                session, runtime.keyring, "acme", callback_allowlist=[server.url], policy=policy
             )
             upload = Upload(
                 client_id=client.client_id, callback_url=server.url, status="done", source="api"

@@ -154,6 +154,15 @@ def test_admin_rotates_the_callback_secret_and_sets_the_allowlist(
     path = f"/clients/{created.client_id}/allowlist"
     bad = client.form(path, {"allowlist": "ftp://x/", "submitted": "1"}, token_from="/clients")
     assert bad.status_code == 400 and "http(s)" in bad.get_data(as_text=True)
+    # RELIABILITY.md S4-S5 at registration: production settings refuse these entries.
+    for entry, why in (
+        ("https://a.example/cb/../admin", "normal form"),
+        ("https://169.254.169.254/latest", "not a public address"),
+        ("http://127.0.0.1:9000/hooks", "not a public address"),
+        ("http://a.example/cb", "must be https"),
+    ):
+        bad = client.form(path, {"allowlist": entry, "submitted": "1"}, token_from="/clients")
+        assert bad.status_code == 400 and why in bad.get_data(as_text=True), entry
     good = client.form(
         path,
         {"allowlist": "https://a.example/cb\n\n https://b.example/ ", "submitted": "1"},

@@ -16,16 +16,19 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
+from moderation.config import Settings
 from moderation.governance.appeals import AppealForbidden, decide_appeal
 from moderation.governance.review import claim_next
 from moderation.governance.review_decisions import current_decision, decide
 from moderation.service.api_clients import create_api_client
+from moderation.service.callback_urls import callback_policy
 from moderation.service.callbacks import SIGNATURE_HEADER, deliver_callback
 from moderation.service.platform_client import verify_callback
 from moderation.service.runtime import Runtime
 from moderation.storage.db import transaction
 from moderation.storage.decisions import Appeal
 from moderation.storage.models import AuditEvent, CallbackDelivery, ReviewItem, Upload
+from tests.conftest import loopback_callbacks
 from tests.unit.console.conftest import ConsoleClient, ConsoleUser
 from tests.unit.test_callbacks import Receiver
 
@@ -33,6 +36,12 @@ from tests.unit.test_callbacks import Receiver
 def _counted(outcome: str) -> float:
     value = REGISTRY.get_sample_value("moderation_appeals_total", {"outcome": outcome})
     return value or 0.0
+
+
+@pytest.fixture
+def console_settings(console_settings: Settings) -> Settings:
+    """The callback receiver listens on 127.0.0.1: the development loopback setting."""
+    return loopback_callbacks(console_settings)
 
 
 @pytest.fixture
@@ -46,7 +55,9 @@ def _platform(rt: Runtime, item_id: int, url: str, name: str = "acme") -> tuple[
     """An API client owning the review item's upload, with ``url`` as its callback URL:
     (bearer token, callback secret, upload id)."""
     with transaction(rt.sessions) as db:
-        created = create_api_client(db, rt.keyring, name, callback_allowlist=[url])
+        created = create_api_client(
+            db, rt.keyring, name, callback_allowlist=[url], policy=callback_policy(rt.settings)
+        )
         item = db.get(ReviewItem, item_id)
         assert item is not None
         upload = db.get(Upload, item.upload_id)
