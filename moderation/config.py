@@ -86,10 +86,11 @@ class Settings(BaseSettings):
         description="Encoder name: timm/efficientnet_lite0 or open_clip/<arch>/<tag-or-file>.",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    encoder_runtime: Literal["auto", "onnxruntime", "torch", "eager"] = Field(
+    encoder_runtime: Literal["auto", "onnxruntime", "openvino", "torch", "eager"] = Field(
         default="auto",
-        description="Forward path of the default encoder: auto (ONNX Runtime on CPU when "
-        "installed, else torch), onnxruntime, torch (channels_last) or eager.",
+        description="Forward path of the default encoder: auto (on the CPU OpenVINO when "
+        "installed, else ONNX Runtime, else torch), onnxruntime, openvino (both run the same "
+        "ONNX model, same embeddings), torch (channels_last) or eager.",
     )
     encoder_precision: Literal["fp32", "int8"] = Field(
         default="fp32",

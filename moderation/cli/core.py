@@ -268,6 +268,11 @@ def screen(
 ) -> None:
     """Screen images against every enabled bank; exit 0 whatever the decisions."""
     from moderation.service.operations import screen_paths
+    from moderation.signals.encoders import runtime_for_job
+
+    runtime_name = runtime_for_job(ctx.settings.encoder_runtime, len(paths))
+    if runtime_name != ctx.settings.encoder_runtime:  # a few photos: the cheaper start
+        ctx.settings = ctx.settings.model_copy(update={"encoder_runtime": runtime_name})
 
     rows: list[dict[str, Any]] = []
 
