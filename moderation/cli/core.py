@@ -270,9 +270,13 @@ def screen(
     from moderation.service.operations import screen_paths
     from moderation.signals.encoders import runtime_for_job
 
-    runtime_name = runtime_for_job(ctx.settings.encoder_runtime, len(paths))
-    if runtime_name != ctx.settings.encoder_runtime:  # a few photos: the cheaper start
-        ctx.settings = ctx.settings.model_copy(update={"encoder_runtime": runtime_name})
+    settings = ctx.settings
+    runtime_name, threads = runtime_for_job(
+        settings.encoder_runtime, settings.torch_threads, len(paths)
+    )
+    if (runtime_name, threads) != (settings.encoder_runtime, settings.torch_threads):
+        update = {"encoder_runtime": runtime_name, "torch_threads": threads}
+        ctx.settings = settings.model_copy(update=update)
 
     rows: list[dict[str, Any]] = []
 

@@ -246,9 +246,11 @@ def test_auto_prefers_openvino_except_for_small_jobs(tmp_path: Path) -> None:
         create_encoder(
             "timm/efficientnet_lite0", device="cpu", runtime="openvino", precision="int8"
         )
-    assert runtime_for_job("auto", 1) == "onnxruntime"
-    assert runtime_for_job("auto", OPENVINO_MIN_IMAGES) == "auto"
-    assert runtime_for_job("openvino", 1) == "openvino"
+    assert runtime_for_job("auto", 0, 1) == ("onnxruntime", 0)
+    assert runtime_for_job("openvino", 0, 1) == ("openvino", 0)
+    # A long job: one inference thread beside the pipeline's, unless threads were configured.
+    assert runtime_for_job("auto", 0, OPENVINO_MIN_IMAGES) == ("auto", 1)
+    assert runtime_for_job("auto", 4, OPENVINO_MIN_IMAGES) == ("auto", 4)
 
 
 def test_model_digests_are_hashed_once_per_file_version(

@@ -160,15 +160,26 @@ def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | 
     raise ValueError(_unknown(name))
 
 
-def runtime_for_job(runtime: str, images: int) -> str:
-    """The encoder runtime for a one-off job of ``images`` images (``moderation screen``):
-    ``onnxruntime`` instead of ``auto`` below :data:`OPENVINO_MIN_IMAGES` when it is installed
-    (the same embeddings, a cheaper start), else ``runtime`` unchanged."""
+def runtime_for_job(runtime: str, threads: int, images: int) -> tuple[str, int]:
+    """The encoder runtime and thread count for a one-off job of ``images`` images
+    (``moderation screen``, whose pipeline decodes and hashes the next batch on a second thread
+    while the encoder runs):
+
+    * ``onnxruntime`` instead of ``auto`` below :data:`OPENVINO_MIN_IMAGES` when installed (the
+      same embeddings, a cheaper start);
+    * from :data:`OPENVINO_MIN_IMAGES` on, one inference thread instead of one per core
+      (``threads`` 0): the pipeline's other threads keep the other cores busy, and one thread
+      spends the least CPU per photo (240 photos, same run: 5.07 against 5.5 CPU-seconds).
+
+    Otherwise ``runtime`` and ``threads`` unchanged.
+    """
     from moderation.signals.encoders.onnx_model import onnxruntime_available
 
-    if runtime == "auto" and images < OPENVINO_MIN_IMAGES and onnxruntime_available():
-        return "onnxruntime"
-    return runtime
+    if images < OPENVINO_MIN_IMAGES:
+        if runtime == "auto" and onnxruntime_available():
+            return "onnxruntime", threads
+        return runtime, threads
+    return runtime, threads or 1
 
 
 def _cpu_backend(runtime: str, precision: str) -> Backend | None:
