@@ -121,13 +121,19 @@ def cached_sha256(path: Path, cache_dir: Path) -> str:
         known[key] = {"stamp": stamp, "sha256": digest}
         try:
             record.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(record, json.dumps(known, sort_keys=True).encode())
+            write_atomically(record, json.dumps(known, sort_keys=True).encode())
         except OSError as exc:  # read-only cache: hash again next time
             logger.info("cannot record the digest of %s (%s)", path, exc)
     return digest
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file in the same folder and a rename, so
+    readers see the old file or the new one, never a part.
+
+    Raises:
+        OSError: the folder is not writable.
+    """
     fd, tmp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
