@@ -105,8 +105,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0,
         ge=0,
-        description="Encoder threads (torch, or ONNX Runtime intra-op); 0: one per core for "
-        "ONNX Runtime, torch's own default for torch.",
+        description="Encoder threads (torch, or ONNX Runtime / OpenVINO inference threads); 0: "
+        "one per core for ONNX Runtime and OpenVINO (one for `moderation screen` of 64 photos or "
+        "more), torch's own default for torch.",
     )
     faiss_threads: int = Field(
         default=1,
