@@ -95,10 +95,11 @@ class Settings(BaseSettings):
         description="Encoder name: timm/efficientnet_lite0 or open_clip/<arch>/<tag-or-file>.",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    encoder_runtime: Literal["auto", "onnxruntime", "torch", "eager"] = Field(
+    encoder_runtime: Literal["auto", "onnxruntime", "openvino", "torch", "eager"] = Field(
         default="auto",
-        description="Forward path of the default encoder: auto (ONNX Runtime on CPU when "
-        "installed, else torch), onnxruntime, torch (channels_last) or eager.",
+        description="Forward path of the default encoder: auto (on the CPU OpenVINO when "
+        "installed, else ONNX Runtime, else torch), onnxruntime, openvino (both run the same "
+        "ONNX model, same embeddings), torch (channels_last) or eager.",
     )
     encoder_precision: Literal["fp32", "int8"] = Field(
         default="fp32",
@@ -113,8 +114,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0,
         ge=0,
-        description="Encoder threads (torch, or ONNX Runtime intra-op); 0: one per core for "
-        "ONNX Runtime, torch's own default for torch.",
+        description="Encoder threads (torch, or ONNX Runtime / OpenVINO inference threads); 0: "
+        "one per core for ONNX Runtime and OpenVINO (one for `moderation screen` of 64 photos or "
+        "more), torch's own default for torch.",
     )
     faiss_threads: int = Field(
         default=1,

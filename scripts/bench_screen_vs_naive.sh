@@ -4,17 +4,20 @@
 # files: a bank of the first BANK_N photos, the first QUERY_N photos screened (so the bank's
 # photos come back as blocks and the rest as allows). Set-up is not timed: `moderation init` +
 # `bank import` in a temporary MODERATION_DATA_DIR, and the naive script's bank embeddings.
-# Runs alternate (naive, screen, naive, screen, ...) so machine load drifts hit both; medians.
+# Runs alternate (naive, screen, naive, screen, ...) so machine load drifts hit both; medians of
+# wall seconds and of CPU seconds (user + system of each command's process tree, from
+# /usr/bin/time; on a shared, loaded machine the CPU ratio is the steadier one), and each
+# command's peak RSS.
 #
 #   scripts/bench_screen_vs_naive.sh [IMAGES_DIR]     (default ../shared/data/photos-dev)
-#   env: PYTHON (default .venv/bin/python), BANK_N=100, QUERY_N=240, REPEATS=3
+#   env: PYTHON (default .venv/bin/python), BANK_N=100, QUERY_N=240, REPEATS=5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGES=${1:-../shared/data/photos-dev}
 PY=${PYTHON:-.venv/bin/python}
 BANK_N=${BANK_N:-100}
 QUERY_N=${QUERY_N:-240}
-REPEATS=${REPEATS:-3}
+REPEATS=${REPEATS:-5}
 
 work=$(mktemp -d -t moderation-screen-vs-naive-XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -37,33 +40,37 @@ echo "set-up (untimed): bank of ${#bank[@]} photos, ${#queries[@]} queries from 
 "$PY" -m moderation bank import known-bad "${bank[@]}" > /dev/null 2>&1
 "$PY" scripts/naive_screen.py embed-bank "$work/bank.npy" "${bank[@]}" 2> /dev/null
 
-now() { date +%s.%N; }
-naive_times=()
-screen_times=()
+# Each timed command appends "wall user sys maxrss_kB" to its own file.
+timed() { /usr/bin/time -a -o "$1" -f "%e %U %S %M" "${@:2}"; }
 for run in $(seq "$REPEATS"); do
-    t0=$(now)
-    "$PY" scripts/naive_screen.py screen "$work/bank.npy" "${queries[@]}" \
-        > "$work/naive.jsonl" 2> /dev/null
-    t1=$(now)
-    "$PY" -m moderation screen --json "${queries[@]}" > "$work/screen.jsonl" 2> /dev/null
-    t2=$(now)
-    naive_times+=("$(echo "$t1 - $t0" | bc)")
-    screen_times+=("$(echo "$t2 - $t1" | bc)")
-    echo "run $run: naive $(printf %.2f "${naive_times[-1]}") s, moderation screen" \
-        "$(printf %.2f "${screen_times[-1]}") s"
+    timed "$work/naive.times" "$PY" scripts/naive_screen.py screen "$work/bank.npy" \
+        "${queries[@]}" > "$work/naive.jsonl" 2> /dev/null
+    timed "$work/screen.times" "$PY" -m moderation screen --json "${queries[@]}" \
+        > "$work/screen.jsonl" 2> /dev/null
+    echo "run $run: naive $(tail -n1 "$work/naive.times" | cut -d' ' -f1) s," \
+        "moderation screen $(tail -n1 "$work/screen.times" | cut -d' ' -f1) s (wall)"
 done
 
-"$PY" - "$work" "${naive_times[*]}" "${screen_times[*]}" "${#queries[@]}" <<'PY'
-import json, statistics, sys
+"$PY" - "$work" "${#queries[@]}" <<'PY'
+import json, os, statistics, sys
 from pathlib import Path
 
-work, naive, screen, n = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4])
-naive_s = statistics.median(map(float, naive))
-screen_s = statistics.median(map(float, screen))
+work, n = Path(sys.argv[1]), int(sys.argv[2])
+def runs(name):
+    rows = [line.split() for line in (work / name).read_text().splitlines() if line.strip()]
+    return [(float(w), float(u) + float(s), int(m) / 1024) for w, u, s, m in rows]
 def decisions(name):
     rows = [json.loads(line) for line in (work / name).read_text().splitlines() if line.strip()]
     return {d: sum(r["decision"] == d for r in rows) for d in ("block", "review", "allow")}
-print(f"naive script     : {naive_s:6.2f} s  ({n / naive_s:5.1f} images/s)  {decisions('naive.jsonl')}")
-print(f"moderation screen: {screen_s:6.2f} s  ({n / screen_s:5.1f} images/s)  {decisions('screen.jsonl')}")
-print(f"ratio (naive time / screen time): {naive_s / screen_s:.2f}x")
+naive, screen = runs("naive.times"), runs("screen.times")
+print(f"{len(screen)} runs each, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+for label, rows, out in (("naive script", naive, "naive.jsonl"), ("moderation screen", screen, "screen.jsonl")):
+    wall, cpu, peak = (statistics.median(r[i] for r in rows) for i in range(3))
+    print(f"{label:<18}: {wall:6.2f} s wall ({n / wall:5.1f} images/s), {cpu:6.2f} CPU s, "
+          f"peak {peak:5.0f} MiB  {decisions(out)}")
+for i, what in ((0, "wall"), (1, "CPU")):
+    pairwise = statistics.median(a[i] / b[i] for a, b in zip(naive, screen))
+    medians = statistics.median(r[i] for r in naive) / statistics.median(r[i] for r in screen)
+    print(f"ratio naive / screen, {what:>4} seconds: {medians:.2f}x (medians), "
+          f"{pairwise:.2f}x (median of pairwise)")
 PY

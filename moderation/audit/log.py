@@ -31,7 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, Protocol
@@ -209,28 +210,58 @@ def record_event(
             transaction must then fail as a whole.
         ValueError, TypeError: ``details`` is not JSON-serialisable.
     """
-    details_json = canonical_json(details or {})
+    spec = EventSpec(actor, action, target, origin, outcome, details)
+    return record_events(session, [spec])[0]
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One event for :func:`record_events` (fields as :func:`record_event`'s arguments)."""
+
+    actor: str
+    action: str
+    target: str | None = None
+    origin: str | None = None
+    outcome: str = "success"
+    details: dict[str, Any] | None = None
+
+
+def record_events(session: Session, specs: Sequence[EventSpec]) -> list[AuditEvent]:
+    """Append events in order inside the caller's transaction (one chain lock, one read of the
+    chain's head, one flush: a batch of screenings records its ``screening.decide`` events at
+    once); the events, flushed. Each event is exactly what :func:`record_event` would write.
+
+    Raises:
+        as :func:`record_event`.
+    """
+    bodies = [canonical_json(spec.details or {}) for spec in specs]
+    if not specs:
+        return []
     _lock_chain(session)
     head = session.execute(
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
-    event = AuditEvent(
-        seq=seq,
-        ts=datetime.now(UTC),
-        actor=actor,
-        action=action,
-        target=target or None,
-        origin=origin or default_origin(),
-        outcome=outcome,
-        details=json.loads(details_json),
-        prev_hash=prev_hash,
-    )
-    event.hash = compute_hash(prev_hash, event_body(event))
-    session.add(event)
+    events = []
+    for spec, details_json in zip(specs, bodies, strict=True):
+        event = AuditEvent(
+            seq=seq,
+            ts=datetime.now(UTC),
+            actor=spec.actor,
+            action=spec.action,
+            target=spec.target or None,
+            origin=spec.origin or default_origin(),
+            outcome=spec.outcome,
+            details=json.loads(details_json),
+            prev_hash=prev_hash,
+        )
+        event.hash = compute_hash(prev_hash, event_body(event))
+        session.add(event)
+        events.append(event)
+        logger.debug("audit seq %d: %s %s %s", seq, spec.actor, spec.action, spec.target)
+        seq, prev_hash = seq + 1, event.hash
     session.flush()
-    logger.debug("audit seq %d: %s %s %s", seq, actor, action, target)
-    return event
+    return events
 
 
 # --- signing key ----------------------------------------------------------------------------

@@ -6,11 +6,12 @@ imports no encoder code.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import Date, literal, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from moderation.storage.models import Entry, EntryMatchCount
@@ -21,8 +22,9 @@ def utc_today(now: datetime | None = None) -> date:
     return (now or datetime.now(UTC)).astimezone(UTC).date()
 
 
-def count_matches(session: Session, entry_ids: Iterable[int], *, day: date) -> None:
-    """Add one to each entry's count for ``day`` (an upsert; entries deleted meanwhile skipped).
+def count_matches(session: Session, entry_ids: Iterable[int], *, day: date, times: int = 1) -> None:
+    """Add ``times`` (default one) to each entry's count for ``day`` (an upsert; entries deleted
+    meanwhile skipped; an id given twice counts once).
 
     One ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` statement (SQLite >= 3.24 and
     PostgreSQL), so concurrent screenings add up instead of losing increments.
@@ -30,8 +32,11 @@ def count_matches(session: Session, entry_ids: Iterable[int], *, day: date) -> N
     ids = sorted(set(entry_ids))
     if not ids:
         return
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    rows = select(Entry.id, literal(day, Date), literal(1)).where(Entry.id.in_(ids))
+    # Imported here: ``sqlalchemy.dialects.postgresql`` loads every PostgreSQL driver's dialect
+    # module (about 0.1 s), which a SQLite deployment's start-up need not pay.
+    name = "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"
+    dialect: Any = importlib.import_module(f"sqlalchemy.dialects.{name}")
+    rows = select(Entry.id, literal(day, Date), literal(times)).where(Entry.id.in_(ids))
     stmt = dialect.insert(EntryMatchCount).from_select(["entry_id", "day", "matches"], rows)
     stmt = stmt.on_conflict_do_update(
         index_elements=["entry_id", "day"],

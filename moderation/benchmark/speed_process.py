@@ -4,16 +4,20 @@ command, start-up included, as an operator runs it (issue 20).
 Against a data directory with a bank of the first ``bank_size`` photos, it runs, alternating
 so that load drifts hit both: ``moderation screen --json`` of one photo (the start-up: interpreter,
 imports, key ring, snapshot, encoder load, one screening, output) and of ``screen_count``
-photos. Each run's wall time is a monotonic clock around the child; its peak RSS is the
-``VmHWM`` the child reports at exit. Reported: medians, the marginal rate
-``(screen_count - 1) / (t_many - t_one)`` images/s, ``moderation --help``'s wall time, and the
-CPU model the figures came from.
+photos. Each run's wall time is a monotonic clock around the child, its CPU time the user +
+system seconds of the child's process tree (``getrusage(RUSAGE_CHILDREN)`` before and after),
+its peak RSS the ``VmHWM`` the child reports at exit. Reported: medians, the marginal rate
+``(screen_count - 1) / (t_many - t_one)`` images/s, the marginal CPU time per photo and the
+rate it allows on this machine's cores when nothing else runs (``cpus / cpu_per_photo``: the
+figure to compare on a shared, loaded machine, where wall times mean little),
+``moderation --help``'s wall and CPU time, and the CPU model the figures came from.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -84,23 +88,30 @@ def moderation_command() -> list[str]:
     return [sys.executable, "-c", _PEAK_WRAPPER]
 
 
-def run_child(argv: Sequence[str], env: dict[str, str]) -> tuple[float, float]:
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(argv: Sequence[str], env: dict[str, str]) -> tuple[float, float, float]:
     """Run ``argv`` (a :func:`moderation_command` plus arguments; output discarded) and return
-    (wall seconds, peak RSS in MB).
+    (wall seconds, peak RSS in MB, CPU seconds: user + system of the child and its children).
 
     Raises:
         RuntimeError: the command exited non-zero.
     """
+    cpu_start = _children_cpu_s()
     start = time.perf_counter()
     result = subprocess.run(  # noqa: S603 - our own interpreter and arguments
         list(argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
     )
     wall = time.perf_counter() - start
+    cpu = _children_cpu_s() - cpu_start
     errors = result.stderr.decode(errors="replace")
     if result.returncode != 0:
         raise RuntimeError(f"moderation {argv[3:5]} exited {result.returncode}: {errors[-500:]}")
     peaks = [line.split()[1] for line in errors.splitlines() if line.startswith("VmHWM ")]
-    return wall, (int(peaks[-1]) / 1024.0 if peaks else float("nan"))
+    return wall, (int(peaks[-1]) / 1024.0 if peaks else float("nan")), cpu
 
 
 def bench_process(
@@ -130,19 +141,29 @@ def bench_process(
         one_runs.append(run_child([*command, "screen", "--json", many[0]], env))
         many_runs.append(run_child([*command, "screen", "--json", *many], env))
         help_runs.append(run_child([*command, "--help"], env))
-    one_s = statistics.median(w for w, _ in one_runs)
-    many_s = statistics.median(w for w, _ in many_runs)
+    one_s = statistics.median(run[0] for run in one_runs)
+    many_s = statistics.median(run[0] for run in many_runs)
+    one_cpu = statistics.median(run[2] for run in one_runs)
+    many_cpu = statistics.median(run[2] for run in many_runs)
+    cpus = len(os.sched_getaffinity(0))
+    cpu_per_photo = max(many_cpu - one_cpu, 1e-9) / max(len(many) - 1, 1)
     return {
         "cpu_model": cpu_model(),
-        "cpus": len(os.sched_getaffinity(0)),
+        "cpus": cpus,
+        "load_average": round(os.getloadavg()[0], 2),
         "startup_one_photo_s": round(one_s, 3),
-        "startup_peak_rss_mb": round(statistics.median(r for _, r in one_runs), 1),
+        "startup_cpu_s": round(one_cpu, 3),
+        "startup_peak_rss_mb": round(statistics.median(run[1] for run in one_runs), 1),
         "screen_photos": len(many),
         "screen_s": round(many_s, 3),
-        "screen_peak_rss_mb": round(statistics.median(r for _, r in many_runs), 1),
+        "screen_cpu_s": round(many_cpu, 3),
+        "screen_peak_rss_mb": round(statistics.median(run[1] for run in many_runs), 1),
         "images_per_s": round(len(many) / many_s, 1),
         "marginal_images_per_s": round((len(many) - 1) / max(many_s - one_s, 1e-9), 1),
-        "help_s": round(statistics.median(w for w, _ in help_runs), 3),
+        "marginal_cpu_ms_per_photo": round(1000 * cpu_per_photo, 2),
+        "marginal_images_per_s_from_cpu": round(cpus / cpu_per_photo, 1),
+        "help_s": round(statistics.median(run[0] for run in help_runs), 3),
+        "help_cpu_s": round(statistics.median(run[2] for run in help_runs), 3),
         "bank": bank_size,
         "repeats": repeats,
     }
@@ -152,11 +173,13 @@ def describe(row: dict[str, Any]) -> list[str]:
     """The report lines of :func:`bench_process`'s row."""
     return [
         f"  moderation screen, whole process ({row['cpu_model']}, {row['cpus']} CPUs, "
-        f"median of {row['repeats']}):",
-        f"    start-up, one photo        {row['startup_one_photo_s']:>8.2f} s   "
-        f"peak RSS {row['startup_peak_rss_mb']:.0f} MB",
-        f"    {row['screen_photos']} photos, bank {row['bank']:<6}   {row['screen_s']:>8.2f} s   "
-        f"peak RSS {row['screen_peak_rss_mb']:.0f} MB   {row['images_per_s']} images/s, "
-        f"marginal {row['marginal_images_per_s']} images/s",
-        f"    moderation --help          {row['help_s']:>8.2f} s",
+        f"load {row['load_average']}, median of {row['repeats']}; wall s / CPU s):",
+        f"    start-up, one photo        {row['startup_one_photo_s']:>8.2f} s "
+        f"{row['startup_cpu_s']:>7.2f} s   peak RSS {row['startup_peak_rss_mb']:.0f} MB",
+        f"    {row['screen_photos']} photos, bank {row['bank']:<6}   {row['screen_s']:>8.2f} s "
+        f"{row['screen_cpu_s']:>7.2f} s   peak RSS {row['screen_peak_rss_mb']:.0f} MB   "
+        f"{row['images_per_s']} images/s, marginal {row['marginal_images_per_s']} images/s",
+        f"    marginal CPU per photo     {row['marginal_cpu_ms_per_photo']:>8.2f} ms "
+        f"-> {row['marginal_images_per_s_from_cpu']} images/s on {row['cpus']} idle cores",
+        f"    moderation --help          {row['help_s']:>8.2f} s {row['help_cpu_s']:>7.2f} s",
     ]

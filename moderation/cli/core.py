@@ -268,6 +268,15 @@ def screen(
 ) -> None:
     """Screen images against every enabled bank; exit 0 whatever the decisions."""
     from moderation.service.operations import screen_paths
+    from moderation.signals.encoders import runtime_for_job
+
+    settings = ctx.settings
+    runtime_name, threads = runtime_for_job(
+        settings.encoder_runtime, settings.torch_threads, len(paths)
+    )
+    if (runtime_name, threads) != (settings.encoder_runtime, settings.torch_threads):
+        update = {"encoder_runtime": runtime_name, "torch_threads": threads}
+        ctx.settings = settings.model_copy(update=update)
 
     rows: list[dict[str, Any]] = []
 

@@ -52,8 +52,10 @@ def record_decision(
     screening: Screening | None,
     decided_by: int | None = None,
     reason: str | None = None,
+    flush: bool = True,
 ) -> Decision:
-    """Add the decision row of ``upload_id`` (in the caller's transaction) and return it.
+    """Add the decision row of ``upload_id`` (in the caller's transaction) and return it
+    (flushed unless ``flush`` is false: a batch flushes its rows once).
 
     ``source``: screening (automated decision) | review | appeal (a person, ``decided_by``).
     ``screening`` gives the category, policy and ground; ``reason`` defaults to its reason.
@@ -81,7 +83,8 @@ def record_decision(
         decided_by=decided_by,
     )
     session.add(row)
-    session.flush()
+    if flush:
+        session.flush()
     return row
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moderation.matching.decision import ScreeningResult
-from moderation.matching.recording import record_result
+from moderation.matching.recording import record_results
 from moderation.matching.screening import Prepared
 from moderation.media.video_formats import SNIFF_BYTES, sniff_video
 from moderation.service.subjects import pseudonymize
-from moderation.service.uploads import create_upload
+from moderation.service.uploads import create_uploads
 from moderation.storage.db import transaction
 
 if TYPE_CHECKING:
@@ -117,20 +117,19 @@ def _record(
 ) -> list[Any]:
     """Store one batch's uploads and results; their upload ids, in order."""
     settings = runtime.settings
-    uploads = []
     with transaction(runtime.sessions) as session:
         subject_ref = pseudonymize(session, runtime.keyring, subject_id) if subject_id else None
-        for path, data, result in zip(chunk, datas, chunk_results, strict=True):
-            upload = create_upload(
-                session,
-                data,
-                keyring=runtime.keyring,
-                blobs_dir=settings.blobs_dir,
-                external_id=f"{external_id_prefix}{path}",
-                subject_ref=subject_ref,
-                source="cli",
-                status="processing",
-            )
-            record_result(session, upload, result, actor=actor)
-            uploads.append(upload)
+        uploads = create_uploads(
+            session,
+            [
+                (data, f"{external_id_prefix}{path}")
+                for path, data in zip(chunk, datas, strict=True)
+            ],
+            keyring=runtime.keyring,
+            blobs_dir=settings.blobs_dir,
+            subject_ref=subject_ref,
+            source="cli",
+            status="processing",
+        )
+        record_results(session, list(zip(uploads, chunk_results, strict=True)), actor=actor)
     return [upload.id for upload in uploads]

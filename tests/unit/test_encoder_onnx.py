@@ -207,3 +207,80 @@ def test_int8_is_a_different_encoder_id_and_needs_calibration_images(tmp_path: P
         create_encoder("timm/efficientnet_lite0", device="cpu", precision="fp16")
     with pytest.raises(ValueError, match="precision"):
         create_encoder("timm/efficientnet_lite0", device="cpu", runtime="torch", precision="int8")
+
+
+# --- OpenVINO, and the start-up's digest cache ------------------------------------------------
+
+
+def test_openvino_runs_the_same_model_with_the_same_embeddings(
+    built: Path, photos: list[Image.Image]
+) -> None:
+    pytest.importorskip("openvino", reason="the optional OpenVINO backend is not installed")
+    ort = OnnxLite0Encoder(cache_dir=built)
+    ov = OnnxLite0Encoder(cache_dir=built, backend="openvino")
+    assert ov.id == ort.id and ov.runtime == "openvino"  # same snapshots, same blocklists
+    reference = ort.encode(photos, batch_size=2)
+    vectors = ov.encode(photos, batch_size=2)
+    assert vectors.dtype == np.float32 and vectors.shape == reference.shape
+    # f32 pinned: OpenVINO's bfloat16 default on AMX/AVX512-BF16 CPUs would give ~0.998.
+    assert np.sum(vectors * reference, axis=1).min() >= 0.99999
+    np.testing.assert_allclose(ov.encode(photos, batch_size=5), vectors, atol=1e-5)
+
+
+def test_auto_prefers_openvino_except_for_small_jobs(tmp_path: Path) -> None:
+    pytest.importorskip("openvino", reason="the optional OpenVINO backend is not installed")
+    from moderation.signals.encoders import OPENVINO_MIN_IMAGES, runtime_for_job
+
+    auto = create_encoder("timm/efficientnet_lite0", device="cpu", cache_dir=tmp_path)
+    assert isinstance(auto, OnnxLite0Encoder) and auto.runtime == "openvino"
+    ort = create_encoder(
+        "timm/efficientnet_lite0", device="cpu", runtime="onnxruntime", cache_dir=tmp_path
+    )
+    assert isinstance(ort, OnnxLite0Encoder) and ort.runtime == "onnxruntime"
+    # int8 (QDQ, evaluated on ONNX Runtime) stays on ONNX Runtime under auto.
+    int8 = create_encoder(
+        "timm/efficientnet_lite0", device="cpu", cache_dir=tmp_path, precision="int8"
+    )
+    assert isinstance(int8, OnnxLite0Encoder) and int8.runtime == "onnxruntime"
+    with pytest.raises(ValueError, match="fp32"):
+        create_encoder(
+            "timm/efficientnet_lite0", device="cpu", runtime="openvino", precision="int8"
+        )
+    assert runtime_for_job("auto", 0, 1) == ("onnxruntime", 0)
+    assert runtime_for_job("openvino", 0, 1) == ("openvino", 0)
+    # A long job: one inference thread beside the pipeline's, unless threads were configured.
+    assert runtime_for_job("auto", 0, OPENVINO_MIN_IMAGES) == ("auto", 1)
+    assert runtime_for_job("auto", 4, OPENVINO_MIN_IMAGES) == ("auto", 4)
+
+
+def test_model_digests_are_hashed_once_per_file_version(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    OnnxLite0Encoder(cache_dir=cache).load()  # records both digests under this cache's paths
+    hashed: list[Path] = []
+    real = onnx_model.sha256_file
+    monkeypatch.setattr(onnx_model, "sha256_file", lambda p: hashed.append(p) or real(p))
+    OnnxLite0Encoder(cache_dir=cache).load()
+    assert hashed == []  # neither the weights nor the model hashed again
+    files = OnnxLite0Encoder(cache_dir=cache).files
+    before = files.onnx.stat()
+    data = bytearray(files.onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    files.onnx.write_bytes(bytes(data))
+    os.utime(files.onnx, ns=(before.st_atime_ns, before.st_mtime_ns))  # size and mtime as before
+    OnnxLite0Encoder(cache_dir=cache).load()  # detected (status-change time), rebuilt
+    assert files.onnx in hashed
+    assert sha256_file(files.onnx) == json.loads(files.manifest.read_text())["onnx_sha256"]
+
+
+def test_cached_digest_follows_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    first = onnx_model.cached_sha256(path, tmp_path / "cache")
+    assert first == sha256_file(path) and (tmp_path / "cache" / onnx_model.DIGESTS_FILE).exists()
+    info = path.stat()
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert onnx_model.cached_sha256(path, tmp_path / "cache") == sha256_file(path) != first
+    (tmp_path / "cache" / onnx_model.DIGESTS_FILE).write_text("not json")
+    assert onnx_model.cached_sha256(path, tmp_path / "cache") == sha256_file(path)

@@ -62,5 +62,14 @@ def test_process_section_times_moderation_screen_as_a_command(
     assert 20 < row["startup_peak_rss_mb"] < 1000
     assert row["images_per_s"] == round(3 / row["screen_s"], 1)
     assert row["help_s"] > 0 and row["screen_photos"] == 3
+    # CPU seconds of each child's process tree (the figure to compare on a loaded machine; one
+    # start's noise can exceed two photos' cost, so no order between the two is asserted).
+    assert row["startup_cpu_s"] > 0 and row["screen_cpu_s"] > 0 and row["help_cpu_s"] > 0
+    extra_ms = 1000 * max(row["screen_cpu_s"] - row["startup_cpu_s"], 0.0) / 2  # rounded inputs
+    assert row["marginal_cpu_ms_per_photo"] == pytest.approx(extra_ms, abs=1.0)
+    if row["marginal_cpu_ms_per_photo"] > 0:
+        rate = row["cpus"] / (row["marginal_cpu_ms_per_photo"] / 1000)
+        assert row["marginal_images_per_s_from_cpu"] == pytest.approx(rate, rel=0.01)
     lines = describe(row)
     assert "start-up, one photo" in lines[1] and "marginal" in lines[2]
+    assert "idle cores" in lines[3] and "--help" in lines[4]

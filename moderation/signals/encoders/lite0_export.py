@@ -39,6 +39,7 @@ from moderation.signals.encoders.onnx_model import (
     ort_session,
     preprocessing_for,
     probe_input,
+    write_atomically,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,17 +47,6 @@ logger = logging.getLogger(__name__)
 #: Least per-row cosine between int8 and eager features on the probe batch; a quantisation
 #: gone wrong (wrong ranges, a broken graph) lands far below.
 INT8_MIN_COSINE: Final = 0.8
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def _eager_net(weights_path: Path) -> torch.nn.Module:
@@ -122,7 +112,7 @@ def build_model_files(
         "min_cosine_to_eager": agreement,
         "probe_features": np.asarray(features, dtype=np.float32).tolist(),
     }
-    _write_atomically(files.manifest, json.dumps(manifest).encode())
+    write_atomically(files.manifest, json.dumps(manifest).encode())
     logger.info("built %s (%s, probe cosine %.6f)", files.onnx, precision, agreement)
     return manifest
 

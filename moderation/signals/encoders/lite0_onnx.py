@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from moderation.signals.encoders.base import Encoder, check_images, sha256_file
+from moderation.signals.encoders.base import Encoder, check_images
 from moderation.signals.encoders.device import HostCpu
 from moderation.signals.encoders.lite0 import (
     NAME,
@@ -38,9 +38,11 @@ from moderation.signals.encoders.lite0 import (
 )
 from moderation.signals.encoders.onnx_model import (
     CALIBRATION_IMAGES,
+    Backend,
     FastPathError,
     ModelFiles,
     Precision,
+    cached_sha256,
     checked_session,
     default_cache_dir,
     onnxruntime_available,
@@ -51,6 +53,12 @@ __all__ = ["FastPathError", "OnnxLite0Encoder", "onnxruntime_available"]
 
 logger = logging.getLogger(__name__)
 
+#: Images per model call on the CPU, whatever batch the caller asks for. Per-image CPU time rises
+#: with the batch on the CPU (activations leave the caches): one thread, same run, ms per photo
+#: at batch 1/2/4/8/16: OpenVINO 7.8/7.3/8.2/8.3/8.6, ONNX Runtime 10.7/10.6/11.4/12.8/13.3
+#: (loaded 2-core Xeon; idle: OpenVINO 5.5 at 1, 6.9 at 8, 8.4 at 32).
+CPU_BATCH = 2
+
 
 class OnnxLite0Encoder(Encoder):
     """EfficientNet-Lite0 embeddings (1280-d) from the cached ONNX model; imports no torch.
@@ -60,7 +68,9 @@ class OnnxLite0Encoder(Encoder):
     quantisation, :mod:`.lite0_export`) adds ``,precision=int8`` to the preprocessing, because
     its embeddings differ. ``threads``: ONNX Runtime intra-op threads, 0 for one per core.
     ``cache_dir`` holds the model files (default :func:`.fastpath.default_cache_dir`);
-    ``calibration_dir`` the images int8 is calibrated on when its model is built.
+    ``calibration_dir`` the images int8 is calibrated on when its model is built. ``backend``
+    runs the model: ONNX Runtime or OpenVINO (:class:`.onnx_model.OpenVinoSession`; same
+    features, same encoder id).
     """
 
     def __init__(
@@ -71,6 +81,7 @@ class OnnxLite0Encoder(Encoder):
         weights_path: Path | None = None,
         precision: Precision = "fp32",
         calibration_dir: Path | None = None,
+        backend: Backend = "onnxruntime",
     ) -> None:
         super().__init__(name=NAME, dim=NUM_FEATURES, device=HostCpu())
         self.weights_path = weights_path if weights_path is not None else packaged_weights_path()
@@ -78,7 +89,8 @@ class OnnxLite0Encoder(Encoder):
         self.threads = threads
         self.precision: Precision = precision
         self.calibration_dir = calibration_dir
-        self.runtime = "onnxruntime"
+        self.backend: Backend = backend
+        self.runtime = backend
 
     @property
     def preprocessing(self) -> str:
@@ -88,14 +100,15 @@ class OnnxLite0Encoder(Encoder):
     @property
     def files(self) -> ModelFiles:
         """This encoder's model files in the cache directory."""
-        cache_dir = self.cache_dir
-        if cache_dir is None:
-            cache_dir = default_cache_dir()
         identity = f"{self.name}|{self.id.weights_sha256}|{self.preprocessing}"
-        return ModelFiles.in_cache(cache_dir, identity, self.precision)
+        return ModelFiles.in_cache(self._cache_dir(), identity, self.precision)
+
+    def _cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir()
 
     def _weights_sha256(self) -> str:
-        return sha256_file(self.weights_path)
+        # Remembered by stat stamp in the cache directory (hashed again when the file changes).
+        return cached_sha256(self.weights_path, self._cache_dir())
 
     def _load_model(self) -> Any:
         files = self.files
@@ -103,6 +116,7 @@ class OnnxLite0Encoder(Encoder):
             "weights_sha256": self.id.weights_sha256,
             "preprocessing": self.preprocessing,
             "precision": self.precision,
+            "backend": self.backend,
         }
         session = checked_session(files, threads=self.threads, **arguments)
         if session is None:
@@ -119,7 +133,7 @@ class OnnxLite0Encoder(Encoder):
             session = checked_session(files, threads=self.threads, **arguments)
         if session is None:
             raise FastPathError(f"the ONNX model built at {files.onnx} fails its own checks")
-        logger.info("encoder %s on ONNX Runtime (%s): %s", NAME, self.precision, files.onnx)
+        logger.info("encoder %s on %s (%s): %s", NAME, self.backend, self.precision, files.onnx)
         return session
 
     def _calibration_inputs(self) -> list[npt.NDArray[np.float32]]:
@@ -146,9 +160,12 @@ class OnnxLite0Encoder(Encoder):
         return [square_pixels(image) for image in check_images(images)]
 
     def _embed(self, inputs: list[Any], batch_size: int) -> npt.NDArray[np.float32]:
+        """Features of ``inputs`` in model calls of at most :data:`CPU_BATCH` images (or
+        ``batch_size``, if smaller)."""
         session = self.load()
+        step = max(1, min(batch_size, CPU_BATCH))
         outputs = [
-            session.run(["features"], {"x": np.stack(inputs[start : start + batch_size])})[0]
-            for start in range(0, len(inputs), batch_size)
+            session.run(["features"], {"x": np.stack(inputs[start : start + step])})[0]
+            for start in range(0, len(inputs), step)
         ]
         return np.concatenate(outputs).astype(np.float32, copy=False)
