@@ -25,8 +25,12 @@ from tests.conftest import skimage_photo
 from tests.integration.queue_stack import METRICS_TOKEN, RedisServer, Stack, bank_images, wait_until
 
 #: Shared objects of the heavy libraries: torch (libtorch*, torch/_C), FAISS (_swigfaiss*,
-#: libfaiss*), ONNX Runtime (onnxruntime_pybind11_state*, libonnxruntime*).
-HEAVY = re.compile(r"/(torch|faiss|onnxruntime|torchvision)/|libtorch|libfaiss|libonnxruntime")
+#: libfaiss*), ONNX Runtime (onnxruntime_pybind11_state*, libonnxruntime*), OpenVINO
+#: (openvino/, libopenvino*).
+HEAVY = re.compile(
+    r"/(torch|faiss|onnxruntime|torchvision|openvino)/|libtorch|libfaiss|libonnxruntime"
+    r"|libopenvino"
+)
 PASSWORD = "correct horse battery staple"
 CSRF_RE = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"|value="([^"]+)"[^>]*name="csrf_token"')
 
