@@ -24,7 +24,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
 from moderation.benchmark.load_images import PoolImage, bank_photos, upload_pool
@@ -44,6 +43,7 @@ from moderation.benchmark.processes import (
     child_env,
     free_port,
     http_ok,
+    temporary_postgres,
     wait_for,
 )
 from moderation.benchmark.queue import bench_runtime, bench_values
@@ -80,37 +80,6 @@ class LoadOptions:
     def with_overrides(self, **values: Any) -> LoadOptions:
         """These options with every non-None value of ``values`` replacing its field."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
-
-
-@contextmanager
-def temporary_postgres(admin_url: str) -> Iterator[str]:
-    """A fresh PostgreSQL database (``CREATE DATABASE`` through ``admin_url``), dropped on exit
-    with any session still connected to it; its URL.
-
-    Raises:
-        ConfigurationError: the server at ``admin_url`` does not answer.
-    """
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"moderation_load_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # any driver or connection error: no usable server
-        admin.dispose()
-        raise ConfigurationError(f"PostgreSQL at {admin_url} is not usable: {exc}") from exc
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 class Deployment:

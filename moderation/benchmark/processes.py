@@ -1,7 +1,7 @@
 """Process management shared by the benchmarks that run a real deployment (``benchmark queue``,
 ``benchmark load``) and by the integration tests' service stack (``tests/integration/
-queue_stack.py``): spare ports, a private Redis, ``moderation`` subprocesses in their own
-session, and their environment.
+queue_stack.py``): spare ports, a private Redis, a temporary PostgreSQL database, ``moderation``
+subprocesses in their own session, and their environment.
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
+from sqlalchemy import create_engine, text
+
+from moderation.config import ConfigurationError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -202,3 +207,34 @@ class Service:
     def output(self) -> str:
         self.handle.flush()
         return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def temporary_postgres(admin_url: str, prefix: str = "moderation_load") -> Iterator[str]:
+    """A fresh PostgreSQL database named ``<prefix>_<12 hex digits>`` (``CREATE DATABASE``
+    through ``admin_url``), dropped on exit with any session still connected to it; its URL.
+
+    Raises:
+        ConfigurationError: the server at ``admin_url`` does not answer.
+    """
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # any driver or connection error: no usable server
+        admin.dispose()
+        raise ConfigurationError(f"PostgreSQL at {admin_url} is not usable: {exc}") from exc
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()

@@ -33,6 +33,7 @@ from moderation.benchmark.processes import (
     Service,
     child_env,
     free_port,
+    wait_for,
 )
 from moderation.config import Settings, load_settings
 from tests.conftest import SKIMAGE_PHOTOS, skimage_photo
@@ -44,15 +45,11 @@ METRICS_TOKEN = "queue-stack-metrics-0123456789abcdefghijklmnop"
 def wait_until(
     condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5
 ) -> Any:
-    """Poll ``condition`` until truthy; fail with ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    """Poll ``condition`` until truthy; fail (AssertionError) with ``what`` after ``timeout`` s."""
+    try:
+        return wait_for(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 85) -> bytes:
