@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from moderation.benchmark.load_images import PoolImage, bank_photos, upload_pool
@@ -43,6 +43,7 @@ from moderation.benchmark.processes import (
     child_env,
     free_port,
     http_ok,
+    polling_engine,
     temporary_postgres,
     wait_for,
 )
@@ -119,11 +120,7 @@ class Deployment:
         shutil.copytree(self.model_cache, cache, dirs_exist_ok=True)
         self.runtime = runtime = bench_runtime(self.values, files, lambda _line: None)
         shutil.copytree(cache, self.model_cache, dirs_exist_ok=True)
-        url = runtime.settings.sqlalchemy_url
-        # SQLite: the service's engine takes the write lock at every BEGIN (storage/db.py);
-        # polling for results must not, so it reads through a plain engine (WAL readers
-        # never wait for the writer).
-        self.reader = create_engine(url) if url.startswith("sqlite") else runtime.engine
+        self.reader = polling_engine(runtime.engine)
         with transaction(runtime.sessions) as session:
             self.tokens = [
                 create_api_client(session, runtime.keyring, f"load-{n}", actor="benchmark").token

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from moderation.config import ConfigurationError
 
@@ -238,3 +238,14 @@ def temporary_postgres(admin_url: str, prefix: str = "moderation_load") -> Itera
             )
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+def polling_engine(engine: Engine) -> Engine:
+    """An engine for a benchmark to poll ``engine``'s database for results while the service
+    writes to it: for SQLite a plain engine on the same file, since the service's engines take
+    the write lock at every BEGIN (``moderation/storage/db.py``) and a poll through one would
+    wait for (and hold up) the writers, while a WAL reader never waits; else ``engine`` itself.
+    """
+    if engine.dialect.name == "sqlite":
+        return create_engine(engine.url)
+    return engine

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import requests
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from moderation.benchmark.processes import (
     RedisServer,
@@ -38,6 +39,7 @@ from moderation.benchmark.processes import (
     child_env,
     free_port,
     http_ok,
+    polling_engine,
     wait_for,
 )
 from moderation.config import Settings, load_settings
@@ -179,15 +181,17 @@ def _worker_rate(runtime: Runtime, ids: list[str]) -> float:
     last recorded result."""
     from moderation.storage.models import Screening, Upload
 
+    reader = polling_engine(runtime.engine)
+
     def all_done() -> bool:
-        with runtime.sessions() as session:
+        with Session(reader) as session:
             done = session.scalar(
                 select(func.count()).where(Upload.id.in_(ids), Upload.status == "done")
             )
         return bool(done == len(ids))
 
     wait_for(all_done, 3600, "every queued upload to be decided")
-    with runtime.sessions() as session:
+    with Session(reader) as session:
         finished = sorted(
             session.scalars(select(Screening.created_at).where(Screening.upload_id.in_(ids)))
         )
