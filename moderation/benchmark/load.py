@@ -115,8 +115,10 @@ class Deployment:
         for name, data in bank_photos().items():
             files.append(bank_dir / f"{name}.jpg")
             files[-1].write_bytes(data)
-        cache = Path(self.values["data_dir"]) / "cache"
-        cache.mkdir(mode=0o700, parents=True)
+        data_dir = Path(self.values["data_dir"])
+        data_dir.mkdir(mode=0o700)
+        cache = data_dir / "cache"
+        cache.mkdir(mode=0o700)
         shutil.copytree(self.model_cache, cache, dirs_exist_ok=True)
         self.runtime = runtime = bench_runtime(self.values, files, lambda _line: None)
         shutil.copytree(cache, self.model_cache, dirs_exist_ok=True)
