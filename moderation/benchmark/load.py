@@ -249,6 +249,7 @@ def run_phase(
     figures = phase_figures(posts, done, pool, sampler.peaks, probe)
     figures.update(
         offered_per_s=rate,
+        sent_per_s=round(len(posts) / sending_s, 2),
         sending_s=round(sending_s, 2),
         drain_s=round(drain_s, 2),
     )

@@ -116,6 +116,7 @@ def _rows(phases: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
         row("offered uploads/s", lambda f: f["offered_per_s"]),
         row("per-client limit", lambda f: f["client_limit"] or "lifted"),
         row("requests sent", lambda f: f["requests"]),
+        row("sent uploads/s (achieved)", lambda f: f["sent_per_s"]),
     ]
     for code in STATUS_COLUMNS:
         rows.append((f"HTTP {code}", [str(f["status"][code]) for f in phases.values()]))

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 PHASES = ("steady", "burst", "burst_unlimited")
 ROWS = (
+    "sent uploads/s (achieved)",
     "HTTP 202",
     "HTTP 429",
     "HTTP 503",
@@ -74,6 +75,7 @@ def _check_phase(name: str, phase: dict) -> None:
     assert phase["wrong"] == 0, (name, phase["wrong_kinds"])
     assert sum(phase["decisions"].values()) == phase["finished"]
     assert 0 < phase["post_p50_ms"] <= phase["post_p99_ms"], (name, phase)
+    assert phase["sent_per_s"] > 0 and phase["sending_s"] > 0, (name, phase)
     assert 0 < phase["result_p50_s"] <= phase["result_p99_s"], (name, phase)
     for component in ("web", "worker", "redis"):
         assert phase["peak_rss_mb"][component] > 1, (name, component, phase["peak_rss_mb"])
