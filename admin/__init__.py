@@ -46,7 +46,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         moderation.config.ConfigurationError: unsafe production settings (no or a default
             secret key, debug on: RELIABILITY.md W10).
     """
-    from admin import security
+    from admin import hardening, security
 
     app = Flask(__name__)
     config = dict(test_config or {})
@@ -58,8 +58,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         raise TypeError("SETTINGS must be a moderation.config.Settings")
     testing = bool(config.get("TESTING"))
     app.config.from_mapping(security.flask_config(settings, testing=testing))
+    app.config["TRUSTED_HOSTS"] = hardening.trusted_hosts(settings)
     app.config.from_mapping(config)
     security.check_production(app, settings)
+    hardening.init_app(app, settings, testing=testing)
     rt = Runtime(settings)
     app.extensions["moderation"] = rt
     app.extensions["moderation.jobs"] = job_runner or _celery_job_runner(settings)

@@ -10,17 +10,21 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
+SECRETS_DIR_ENV = "MODERATION_SECRETS_DIR"
+"""A folder of one file per setting (Docker secrets' /run/secrets), read after the environment."""
 ENV_PREFIX = "MODERATION_"
 MIN_METRICS_TOKEN_LENGTH = 32
 """Characters of ``metrics_token``; ``secrets.token_urlsafe(32)`` gives 43."""
@@ -60,6 +64,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL; default sqlite:///<data_dir>/moderation.db.",
+    )
+    database_password: SecretStr | None = Field(
+        default=None,
+        description="Password added to database_url when the URL names none (keeps the "
+        "password out of the URL, e.g. from a Docker secret).",
     )
     broker_url: str | None = Field(
         default=None,
@@ -190,6 +199,12 @@ class Settings(BaseSettings):
         description="Reverse proxies in front of the console whose X-Forwarded-For/-Proto are "
         "trusted (werkzeug ProxyFix); 0 trusts none.",
     )
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the web tier answers to (comma-separated; '.example.org' "
+        "matches its subdomains); a request for any other Host gets 400 (RELIABILITY.md S10). "
+        "Unset: localhost only in production, any host in development.",
+    )
     console_session_hours: float = Field(
         default=8.0, gt=0, description="Absolute lifetime of a console session, hours."
     )
@@ -269,10 +284,42 @@ class Settings(BaseSettings):
     )
     api_rate_limit: str = Field(
         default="600/minute",
-        description="Upload-hook requests per API client (limits library syntax, e.g. 10/second).",
+        description="Uploads and other writes per API client (POST of a screening or an appeal, "
+        "the HMA API's hashing, photo lookups and bank writes), limits library syntax "
+        "(e.g. 10/second).",
+    )
+    api_status_rate_limit: str = Field(
+        default="1200/minute",
+        description="Reads per API client (GET of a screening, the HMA API's hash lookups and "
+        "bank listings), a window of its own: polling never uses up the upload budget.",
+    )
+    queue_max_depth: int = Field(
+        default=3000,
+        ge=1,
+        description="Uploads accepted but not yet screened (queued or processing), all clients "
+        "together, past which the upload hook answers 503 with Retry-After (RELIABILITY.md "
+        "S3); about a minute of the workers' throughput.",
+    )
+    queue_max_depth_per_client: int = Field(
+        default=1000,
+        ge=1,
+        description="The same bound per API client, past which its uploads answer 429 with "
+        "Retry-After, so one platform cannot fill the queue for the others.",
+    )
+    queue_retry_after: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="Retry-After of an upload refused for a full queue, seconds.",
     )
     api_max_wait: float = Field(
         default=10.0, gt=0, le=60, description="Longest ?wait= an upload request may ask, s."
+    )
+    api_max_concurrent_waits_per_client: int = Field(
+        default=8,
+        ge=1,
+        description="?wait= requests one API client may hold open at once (all web processes "
+        "together when Redis is set); past it the request answers 429 with Retry-After.",
     )
     callback_max_attempts: int = Field(
         default=8, ge=1, description="Delivery attempts per callback before it is given up."
@@ -336,6 +383,15 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {MIN_METRICS_TOKEN_LENGTH} characters")
         return value
 
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment's comma-separated form
+            value = value.split(",")
+        if isinstance(value, list):  # browsers send Host in lower case
+            return [str(part).strip().lower() for part in value if str(part).strip()]
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _upper(cls, value: str) -> str:
@@ -351,6 +407,13 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        secrets_dir = os.environ.get(SECRETS_DIR_ENV)
+        if secrets_dir:
+            if not Path(secrets_dir).is_dir():
+                raise ConfigurationError(f"{SECRETS_DIR_ENV}={secrets_dir}: no such directory")
+            # One file per setting, named like its variable (moderation_master_keys...): what
+            # Docker and Kubernetes secrets mount (pydantic-settings' secrets source).
+            sources.append(SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir))
         config_file = os.environ.get(CONFIG_FILE_ENV)
         if config_file:
             path = Path(config_file)
@@ -369,7 +432,15 @@ class Settings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         """The database URL in use: ``database_url`` or the SQLite file in the data dir."""
         if self.database_url:
-            return self.database_url
+            if self.database_password is None:
+                return self.database_url
+            from sqlalchemy.engine import make_url
+
+            url = make_url(self.database_url)
+            if url.password is not None:
+                return self.database_url
+            password = self.database_password.get_secret_value()
+            return url.set(password=password).render_as_string(hide_password=False)
         return f"sqlite:///{self.resolved_data_dir / 'moderation.db'}"
 
     @cached_property

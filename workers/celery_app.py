@@ -20,7 +20,7 @@ from celery import Celery, signals
 from kombu.entity import Queue
 
 from moderation.config import Settings, load_settings
-from moderation.service.worker import check_reliability
+from moderation.service.worker_health import check_reliability
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from moderation.service.dispatch import attach_dispatcher
 from moderation.service.model_events import add_change_listener
 from moderation.service.queue import RetryLater, process_upload, reconcile
 from moderation.service.runtime import Runtime
+from moderation.service.waits import publish_done_uploads
 from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from workers.celery_app import (
@@ -61,6 +62,9 @@ def runtime() -> Runtime:
     if _runtime is None:
         _runtime = Runtime(app.conf.moderation_settings)
         attach_dispatcher(_runtime.sessions, CeleryDispatcher(app))
+        if _runtime.settings.effective_redis_url:
+            # Wakes the web tier's ?wait= requests (moderation.service.waits).
+            publish_done_uploads(_runtime.sessions, _runtime.settings.effective_redis_url)
         add_change_listener(canary_requester(app), key=CANARY_LISTENER)
     return _runtime
 

@@ -1,7 +1,9 @@
 """Bearer-token authentication and per-client rate limiting of the machine APIs.
 
 Every API blueprint (``/api/v1``, the HMA-compatible ``/hma``) authenticates with
-:func:`authenticated_client_id`; each renders :class:`ApiError` in its own JSON error shape.
+:func:`authenticated_client_id` (uploads and other writes) or :func:`authenticated_reader_id`
+(reads), each against its own per-client window; each renders :class:`ApiError` in its own JSON
+error shape.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 from flask import request
 from sqlalchemy.exc import SQLAlchemyError
 
-from admin.api.services import services
+from admin.api.services import ClientLimiter, services
 from moderation.service.api_clients import authenticate, record_use, use_is_stale
 from moderation.storage.db import transaction
 
@@ -64,8 +66,8 @@ def _note_use(client_id: int) -> None:
         logger.warning("could not record the use of API client %s: %s", client_id, exc)
 
 
-def _rate_limit(client_id: int) -> None:
-    allowed, retry_after = services().limiter.hit(str(client_id))
+def _rate_limit(client_id: int, limiter: ClientLimiter) -> None:
+    allowed, retry_after = limiter.hit(str(client_id))
     if not allowed:
         raise ApiError(
             429,
@@ -77,11 +79,24 @@ def _rate_limit(client_id: int) -> None:
 
 def authenticated_client_id() -> int:
     """The id of the API client whose bearer token the request carries, after counting the
-    request against its rate limit.
+    request against its upload (write) rate limit, ``MODERATION_API_RATE_LIMIT``.
 
     Raises:
         ApiError: 401 without a valid, unrevoked token; 429 over the client's rate limit.
     """
     client_id = _client_id()
-    _rate_limit(client_id)
+    _rate_limit(client_id, services().limiter)
+    return client_id
+
+
+def authenticated_reader_id() -> int:
+    """Like :func:`authenticated_client_id` for a read (a screening's status, a hash lookup):
+    counted against the client's read limit, ``MODERATION_API_STATUS_RATE_LIMIT``, a window of
+    its own, so polling never uses up the upload budget.
+
+    Raises:
+        ApiError: 401 without a valid, unrevoked token; 429 over the client's read limit.
+    """
+    client_id = _client_id()
+    _rate_limit(client_id, services().status_limiter)
     return client_id

@@ -22,7 +22,8 @@ WAIT_PARAMETER = {
     "in": "query",
     "required": False,
     "description": "Seconds to wait for the result (at most 10). With a result in time the "
-    "answer is 200 with it; otherwise 202.",
+    "answer is 200 with it; otherwise 202. A client holding its cap of concurrent waits gets "
+    "429 (code too_many_waits, Retry-After) before anything is stored.",
     "schema": {"type": "number", "minimum": 0, "maximum": 10},
 }
 
@@ -180,8 +181,14 @@ def _create_screening() -> dict[str, Any]:
             "413": _error_response("Image over the size limit."),
             "415": _error_response("Not an allowed image type (magic bytes)."),
             "422": _error_response("callback_url not allowed, or Idempotency-Key reused."),
-            "429": _error_response("Rate limited; see Retry-After."),
-            "503": _error_response("Temporarily unavailable; retry."),
+            "429": _error_response(
+                "rate_limited (the client's upload rate limit) or client_queue_full (the "
+                "client's share of the queue is full); nothing was stored. See Retry-After."
+            ),
+            "503": _error_response(
+                "queue_full (the queue-depth bound; nothing was stored) or unavailable; "
+                "retry after Retry-After."
+            ),
         },
     }
 
@@ -199,7 +206,7 @@ def _get_screening() -> dict[str, Any]:
             "202": _accepted_response(),
             "401": _error_response("Missing or invalid bearer token."),
             "404": _error_response("No such screening for this client."),
-            "429": _error_response("Rate limited; see Retry-After."),
+            "429": _error_response("Over the client's read rate limit; see Retry-After."),
         },
     }
 

@@ -1,4 +1,6 @@
-"""Per-app collaborators of the API: Celery app and dispatcher, per-client rate limiter.
+"""Per-app collaborators of the API: Celery app and dispatcher, per-client rate limiters (one
+window for uploads and other writes, one for reads), the per-client cap on concurrent ``?wait=``
+requests and the subscriber that wakes them.
 
 Built once per Flask app when the blueprint is registered. Tests may put a ready dispatcher in
 the app config as ``MODERATION_DISPATCHER`` (e.g.
@@ -19,6 +21,7 @@ from limits.strategies import MovingWindowRateLimiter
 
 from moderation.service.dispatch import Dispatcher, attach_dispatcher
 from moderation.service.runtime import Runtime
+from moderation.service.waits import DoneNotifier, WaitSlots
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,10 @@ class ClientLimiter:
     process), else in memory. If Redis fails, the in-memory window takes over (per process)
     rather than refusing every upload."""
 
-    def __init__(self, rate: str, redis_url: str | None) -> None:
+    def __init__(self, rate: str, redis_url: str | None, *, scope: str = "client") -> None:
         self.item: RateLimitItem = parse(rate)
+        # The window's key namespace: two limiters of one rate must not share a window.
+        self.scope = scope
         self.fallback = MovingWindowRateLimiter(storage_from_string("memory://"))
         self.primary = self.fallback
         if redis_url:
@@ -47,9 +52,9 @@ class ClientLimiter:
         """(allowed, seconds until the window frees a slot)."""
         for limiter in (self.primary, self.fallback):
             try:
-                if limiter.hit(self.item, "client", key):
+                if limiter.hit(self.item, self.scope, key):
                     return True, 0.0
-                stats = limiter.get_window_stats(self.item, "client", key)
+                stats = limiter.get_window_stats(self.item, self.scope, key)
                 return False, max(1.0, stats.reset_time - time.time())
             except Exception as exc:  # Redis down: fall back to this process's window
                 if limiter is self.fallback:
@@ -64,7 +69,10 @@ class ApiServices:
 
     dispatcher: Dispatcher
     celery: Any | None
-    limiter: ClientLimiter
+    limiter: ClientLimiter  # uploads and other writes
+    status_limiter: ClientLimiter  # reads
+    wait_slots: WaitSlots
+    notifier: DoneNotifier
 
 
 def setup(app: Flask, runtime: Runtime) -> ApiServices:
@@ -89,6 +97,13 @@ def setup(app: Flask, runtime: Runtime) -> ApiServices:
         dispatcher=dispatcher,
         celery=celery,
         limiter=ClientLimiter(settings.api_rate_limit, settings.effective_redis_url),
+        status_limiter=ClientLimiter(
+            settings.api_status_rate_limit, settings.effective_redis_url, scope="client-read"
+        ),
+        wait_slots=WaitSlots(
+            settings.api_max_concurrent_waits_per_client, settings.effective_redis_url
+        ),
+        notifier=DoneNotifier(settings.effective_redis_url),
     )
     # Decisions made in this process (reviews) send their callbacks after commit.
     attach_dispatcher(runtime.sessions, dispatcher)

@@ -36,7 +36,7 @@ from moderation.modelops.encoder_status import migration_progress
 from moderation.modelops.gauges import ModelOpsCollector
 from moderation.service.metrics import bearer_token_matches, database_samples
 from moderation.service.runtime import Runtime
-from moderation.service.worker import worker_reports
+from moderation.service.worker_health import worker_reports
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,12 @@ class _ScrapeCollector(Collector):
 
     def _health(self) -> Iterator[Metric]:
         settings = self.runtime.settings
+        yield GaugeMetricFamily(
+            "moderation_queue_max_depth",
+            "Uploads queued or processing past which the upload hook answers 503 "
+            "(MODERATION_QUEUE_MAX_DEPTH).",
+            value=settings.queue_max_depth,
+        )
         try:
             with self.runtime.sessions() as session:
                 health = health_samples(

@@ -1,27 +1,31 @@
 """``/api/v1``: the HTTP upload hook (ARCHITECTURE.md "HTTP upload hook").
 
-Views are thin: authenticate the bearer token, rate-limit per client, validate the form, call
-``moderation.service.submission.submit_upload`` (which commits the upload before sending its
-task), and answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200``
-with it.
+Views are thin: authenticate the bearer token, rate-limit per client (uploads and reads in
+windows of their own), validate the form, call
+``moderation.service.submission.submit_upload`` (which refuses uploads past the queue-depth
+bound with 503/429 and ``Retry-After``, and commits the upload before sending its task), and
+answer ``202 {"id", "status"}`` or, with ``?wait=`` and a result in time, ``200`` with it.
 Every error is JSON ``{"error": {"code", "message"}}``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from admin.api.clients import ApiError, authenticated_client_id
+from admin.api.clients import ApiError, authenticated_client_id, authenticated_reader_id
 from admin.api.openapi import openapi_document
 from admin.api.services import services, setup
 from moderation.governance.appeals import AppealError, file_appeal
+from moderation.service.backpressure import QueueFullError
 from moderation.service.results import appeal_json, upload_view
-from moderation.service.submission import SubmissionError, submit_upload, wait_for_upload
+from moderation.service.submission import SubmissionError, submit_upload
+from moderation.service.waits import TooManyWaits, wait_for_upload
 from moderation.storage.models import Upload
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,11 @@ def _api_error(exc: ApiError) -> Any:
 @bp.errorhandler(SubmissionError)
 def _submission_error(exc: SubmissionError) -> Any:
     return _error(exc.status, exc.code, exc.message)
+
+
+@bp.errorhandler(QueueFullError)
+def _queue_full(exc: QueueFullError) -> Any:
+    return _error(exc.status, exc.code, exc.message, {"Retry-After": str(exc.retry_after)})
 
 
 @bp.errorhandler(HTTPException)
@@ -112,10 +121,39 @@ def _field(name: str, *, required: bool, limit: int = MAX_FIELD) -> str | None:
     return value
 
 
+def _take_wait_slot(client_id: int, wait: float) -> None:
+    """Hold one of the client's concurrent-wait slots until the request ends (RELIABILITY.md
+    S2); taken before anything is stored, so a refused upload was not accepted.
+
+    Raises:
+        ApiError: 429 when the client holds ``api_max_concurrent_waits_per_client`` already.
+    """
+    if wait <= 0:
+        return
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(services().wait_slots.hold(str(client_id), wait))
+    except TooManyWaits as exc:
+        raise ApiError(
+            429,
+            "too_many_waits",
+            "too many concurrent ?wait= requests for this client",
+            {"Retry-After": str(int(exc.retry_after + 0.999))},
+        ) from None
+    g.moderation_wait_slot = held
+
+
+@bp.teardown_request
+def _release_wait_slot(_exc: BaseException | None) -> None:
+    held = g.pop("moderation_wait_slot", None)
+    if held is not None:
+        held.close()
+
+
 def _answer(upload_id: str, wait: float, *, replayed: bool = False) -> Any:
     runtime = _runtime()
     if wait > 0:
-        wait_for_upload(runtime, upload_id, wait)
+        wait_for_upload(runtime, upload_id, wait, services().notifier)
     with runtime.sessions() as session:
         upload = session.get(Upload, upload_id)
         if upload is None:
@@ -140,6 +178,7 @@ def create_screening() -> Any:
     client_id = authenticated_client_id()
     api = services()
     wait = _wait_seconds()
+    _take_wait_slot(client_id, wait)
     settings = _runtime().settings
     request.max_content_length = settings.max_image_bytes + MULTIPART_OVERHEAD
     image = request.files.get("image")
@@ -165,14 +204,16 @@ def create_screening() -> Any:
 
 @bp.get("/screenings/<upload_id>")
 def get_screening(upload_id: str) -> Any:
-    """The upload's status and, once done, its result (``?wait=`` up to 10 s)."""
-    client_id = authenticated_client_id()
+    """The upload's status and, once done, its result (``?wait=`` up to 10 s); counted
+    against the client's read limit, not its upload limit."""
+    client_id = authenticated_reader_id()
     wait = _wait_seconds()
     with _runtime().sessions() as session:
         upload = session.get(Upload, upload_id[:32])
         # Another client's upload is indistinguishable from a missing one.
         if upload is None or upload.client_id != client_id:
             raise ApiError(404, "not_found", "no such screening")
+    _take_wait_slot(client_id, wait)
     return _answer(upload.id, wait)
 
 

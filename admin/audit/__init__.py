@@ -19,6 +19,7 @@ from wtforms.validators import DataRequired, Optional
 
 from admin import runtime
 from admin.forms import ConsoleForm
+from admin.hardening import DB_BIGINT_MAX, query_int
 from admin.permissions import origin, permission_required, require_user
 from moderation.audit.export import export_events
 from moderation.audit.log import signing_key
@@ -46,7 +47,7 @@ def _aware(value: datetime | None) -> datetime | None:
 def index() -> str:
     action = (request.args.get("action") or "").strip()[:100]
     actor = (request.args.get("actor") or "").strip()[:200]
-    before = request.args.get("before", type=int)
+    before = query_int("before", maximum=DB_BIGINT_MAX)
     query = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(EVENTS_PER_PAGE)
     if action:
         query = query.where(AuditEvent.action.startswith(action, autoescape=True))

@@ -235,10 +235,11 @@ def totp() -> Any:
     return redirect(safe_next(next_url, home_url(principal)))
 
 
-@bp.route("/logout", methods=["GET", "POST"])
+@bp.route("/logout", methods=["POST"])
 @public
 def logout() -> Response:
-    # GET is accepted too (links, scripts); the page's own button POSTs with a CSRF token.
+    # POST only, so CSRF protection applies: another site cannot sign a user out with a link
+    # or an image (RELIABILITY.md S11); the page's button posts the form's CSRF token.
     user = current_user()
     if user is not None:
         with transaction(runtime().sessions) as db:

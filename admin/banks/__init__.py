@@ -22,6 +22,7 @@ from wtforms.validators import AnyOf, DataRequired, Length
 from admin import runtime
 from admin.banks.sharing import SharingForm, sharing
 from admin.forms import ConsoleForm
+from admin.hardening import bounded_int, bulk_upload, query_int
 from admin.permissions import origin, permission_required, require_user, step_up_required
 from admin.verdicts import VerdictForm, settle_verdict
 from moderation.banks.flood_control import confirm_entry, list_quarantined, release_entry
@@ -79,7 +80,9 @@ class QuarantineForm(ConsoleForm):
 
 
 class RemoveEntriesForm(ConsoleForm):
-    entry_ids = SelectMultipleField(coerce=int, validate_choice=False, validators=[DataRequired()])
+    entry_ids = SelectMultipleField(
+        coerce=bounded_int, validate_choice=False, validators=[DataRequired()]
+    )
 
 
 class RenameBankForm(ConsoleForm):
@@ -138,10 +141,8 @@ def create() -> Any:
 @bp.route("/<int:bank_id>")
 @permission_required("banks.read")
 def show(bank_id: int) -> str:
-    from flask import request
-
     bank = _bank(bank_id)
-    page = max(1, request.args.get("page", 1, type=int) or 1)
+    page = query_int("page", 1) or 1
     keyring = runtime().keyring
     with runtime().sessions() as db:
         entries, total = entries_page(db, bank_id, page=page, per_page=ENTRIES_PER_PAGE)
@@ -187,6 +188,7 @@ def _start_job(bank_id: int, upload: Any, create: Callable[[Session], Job]) -> A
 
 
 @bp.route("/<int:bank_id>/import", methods=["POST"])
+@bulk_upload
 @permission_required("banks.write")
 def import_archive(bank_id: int) -> Any:
     user = require_user()
@@ -213,6 +215,7 @@ def import_archive(bank_id: int) -> Any:
 
 
 @bp.route("/<int:bank_id>/import-hashes", methods=["POST"])
+@bulk_upload
 @permission_required("banks.write")
 def import_hashes(bank_id: int) -> Any:
     user = require_user()

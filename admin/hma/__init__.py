@@ -4,7 +4,9 @@ A platform already integrated with HMA points its base URL at ``<service>/hma``.
 parameters and JSON shapes follow HMA's blueprints (``OpenMediaMatch/blueprints/matching.py``
 ``/m``, ``hashing.py`` ``/h``, ``curation.py`` ``/c``); README.md "HMA-compatible API" lists
 the subset and what differs. Authentication is the upload hook's: a bearer token of an API
-client, rate-limited per client (:mod:`admin.api.clients`). Errors are HMA's
+client, rate-limited per client (:mod:`admin.api.clients`: hash lookups and bank listings
+against the read limit; photo hashing, photo lookups and bank writes against the upload
+limit). Errors are HMA's
 ``{"message": ...}``. Lookups use :class:`moderation.banks.lookup.HashLookupCache` (PDQ and
 exact hashes from the snapshot payload; the encoder is never loaded).
 """
@@ -18,7 +20,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from admin.api.clients import ApiError, authenticated_client_id
+from admin.api.clients import ApiError, authenticated_client_id, authenticated_reader_id
 from moderation.banks.hash_import import add_signals, signal_record
 from moderation.banks.hashlists.records import SIGNAL_TYPES
 from moderation.banks.lookup import HashLookupCache, HashMatch, InvalidSignalError, hash_content
@@ -185,7 +187,7 @@ def _bank_config(bank: dict[str, Any]) -> dict[str, Any]:
 def raw_lookup() -> Any:
     """Look a hash up: ``{"matches": [bank_content_id, ...]}``, or with
     ``include_distance=true`` ``{"matches": [{"bank_content_id", "distance"}, ...]}``."""
-    client_id = authenticated_client_id()
+    client_id = authenticated_reader_id()
     include_distance = _bool_param("include_distance")
     runtime = _runtime()
     with runtime.sessions() as session:
@@ -208,7 +210,7 @@ def raw_lookup() -> Any:
 @bp.get("/m/lookup")
 def lookup_get() -> Any:
     """Look a hash up: ``{bank name: [{"bank_content_id", "distance"}, ...]}``."""
-    client_id = authenticated_client_id()
+    client_id = authenticated_reader_id()
     if request.args.get("url"):
         raise HmaError(400, "url lookups are not supported here; upload the file (POST)")
     signal_type, signal = request.args.get("signal_type"), request.args.get("signal")
@@ -262,14 +264,14 @@ def hash_post() -> Any:
 @bp.get("/c/banks")
 def banks_index() -> Any:
     """Every bank that applies to the client: ``[{"name", "matching_enabled_ratio"}, ...]``."""
-    mine = _my_banks(authenticated_client_id())
+    mine = _my_banks(authenticated_reader_id())
     return jsonify([_bank_config(bank) for bank in list_banks(_runtime()) if bank["name"] in mine])
 
 
 @bp.get("/c/bank/<bank_name>")
 def bank_show_by_name(bank_name: str) -> Any:
     """One bank: ``{"name", "matching_enabled_ratio"}`` (404 for another client's)."""
-    mine = _my_banks(authenticated_client_id())
+    mine = _my_banks(authenticated_reader_id())
     for bank in list_banks(_runtime()):
         if bank["name"] == bank_name and bank_name in mine:
             return _bank_config(bank)

@@ -9,10 +9,11 @@ from typing import Any
 from flask import Blueprint, abort, flash, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
 from wtforms import HiddenField, IntegerField, StringField, TextAreaField
-from wtforms.validators import AnyOf, DataRequired, Length, Optional
+from wtforms.validators import AnyOf, DataRequired, Length, NumberRange, Optional
 
 from admin import runtime
 from admin.forms import ConsoleForm
+from admin.hardening import DB_INT_MAX, query_int
 from admin.permissions import (
     Principal,
     origin,
@@ -58,7 +59,7 @@ MAX_REMEMBERED = 200
 
 class ClaimForm(ConsoleForm):
     queue = HiddenField(validators=[DataRequired(), AnyOf(["main", "escalated"])])
-    client = IntegerField(validators=[Optional()])
+    client = IntegerField(validators=[Optional(), NumberRange(1, DB_INT_MAX)])
 
 
 class ActForm(ConsoleForm):
@@ -125,7 +126,7 @@ def _claim_and_go(user: Principal, queue: str, client_id: int | None = None) -> 
 @permission_required("review")
 def queue() -> str:
     user = require_user()
-    client_id = request.args.get("client", type=int)
+    client_id = query_int("client")
     try:
         page = queue_page(
             runtime(), user.id, escalated=user.can("review.escalated"), client_id=client_id

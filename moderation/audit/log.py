@@ -178,7 +178,7 @@ def default_origin() -> str:
 def _lock_chain(session: Session) -> None:
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _AUDIT_LOCK_KEY})
-    # SQLite: every transaction already begins IMMEDIATE (moderation.storage.db), which holds
+    # SQLite: every write transaction (storage.db.transaction) begins IMMEDIATE, which holds
     # the database write lock until commit.
 
 

@@ -25,10 +25,14 @@ from moderation.banks.index import CosineIndex, HammingIndex, load_index
 from moderation.banks.records import EntryInfo, entry_infos
 from moderation.banks.snapshot import SnapshotError
 from moderation.banks.snapshot_payload import Payload
-from moderation.banks.versions import EncoderMismatchError, current_snapshot, read_payload
-from moderation.crypto.deployment import existing_deployment_secret
+from moderation.banks.versions import (
+    EncoderMismatchError,
+    current_snapshot,
+    read_payload,
+    snapshot_exact_key,
+)
 from moderation.crypto.keys import KeyRing
-from moderation.signals.exact import EXACT_KEY_NAME, EXACT_KINDS
+from moderation.signals.exact import EXACT_KINDS
 from moderation.storage.models import IndexSnapshot
 
 logger = logging.getLogger(__name__)
@@ -162,25 +166,6 @@ def load_blocklist(
     infos = entry_infos(session, active_ids, keyring)
     exact_key = snapshot_exact_key(session, keyring, row, payload)
     return _build(row, payload, infos, version=row.version, exact_key=exact_key)
-
-
-def snapshot_exact_key(
-    session: Session, keyring: KeyRing, row: IndexSnapshot, payload: Payload
-) -> bytes | None:
-    """The HMAC key of the keyed exact hashes in snapshot ``row`` (None: it holds none).
-
-    Raises:
-        SnapshotError: the snapshot holds exact hashes but the deployment secret is gone.
-    """
-    if not len(payload.hashes.exact_entry_ids):
-        return None
-    exact_key = existing_deployment_secret(session, keyring, EXACT_KEY_NAME)
-    if exact_key is None:
-        raise SnapshotError(
-            f"snapshot v{row.version} holds exact hashes but the deployment has no "
-            f"{EXACT_KEY_NAME!r} secret: it was deleted, so they can never match"
-        )
-    return exact_key
 
 
 def _cosine_index(

@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -27,9 +28,11 @@ from moderation.banks.sealed_fields import hmac_key, keyed_sha256, new_entry
 from moderation.banks.snapshot_payload import EntrySignals
 from moderation.crypto.keys import KeyRing
 from moderation.media.decode import DecodeLimits, UnscannableImage, decode_image
-from moderation.signals.encoders import Encoder
 from moderation.signals.pdq import pdq_hash
 from moderation.storage.models import Entry
+
+if TYPE_CHECKING:
+    from moderation.signals.encoders import Encoder
 
 logger = logging.getLogger(__name__)
 

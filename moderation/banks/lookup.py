@@ -4,9 +4,10 @@ What an HMA-style matcher API needs (look a PDQ or MD5/SHA-1/SHA-256 up, hash an
 photo) touches no embedding, so this module builds its index from the snapshot payload alone
 (:func:`moderation.banks.versions.read_payload`): the PDQ digests of active image and hash-list
 entries with quality >= :data:`~moderation.signals.pdq.PDQ_MIN_QUALITY` in a
-:class:`~moderation.banks.index.HammingIndex`, and the keyed exact hashes of active hash-list
-entries in a table, as :class:`moderation.banks.blocklist.Blocklist` holds them. Neither the
-encoder nor torch is loaded, so a web process can answer lookups.
+:class:`~moderation.banks.pdq_scan.PdqScan` (the answers of a
+:class:`~moderation.banks.index.HammingIndex`, without FAISS), and the keyed exact hashes of
+active hash-list entries in a table, as :class:`moderation.banks.blocklist.Blocklist` holds
+them. Neither the encoder, torch nor FAISS is loaded, so a web process can answer lookups.
 
 :class:`HashLookupCache` keeps one :class:`HashLookup` per process and rebuilds it when the
 snapshot version changes (one ``SELECT`` of the newest version per lookup).
@@ -22,13 +23,12 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
-from moderation.banks.blocklist import snapshot_exact_key
 from moderation.banks.hash_entries import UNKNOWN_QUALITY
 from moderation.banks.hashlists.records import SIGNAL_TYPES, check_value
 from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
-from moderation.banks.index import HammingIndex
+from moderation.banks.pdq_scan import PdqScan
 from moderation.banks.records import entry_infos
-from moderation.banks.versions import current_snapshot, read_payload
+from moderation.banks.versions import current_snapshot, read_payload, snapshot_exact_key
 from moderation.crypto.keys import KeyRing
 from moderation.media.decode import DecodeLimits, decode_image
 from moderation.signals.exact import EXACT_KINDS, digests, keyed
@@ -97,7 +97,7 @@ class HashLookup:
     """PDQ and exact-hash lookup over one snapshot version (active entries only)."""
 
     version: int
-    pdq: HammingIndex
+    pdq: PdqScan
     exact_key: bytes | None = None
     _exact: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)
 
@@ -112,14 +112,14 @@ class HashLookup:
         """
         row = current_snapshot(session)
         if row is None:
-            return cls(version=0, pdq=HammingIndex())
+            return cls(version=0, pdq=PdqScan(np.empty(0, np.int64), np.empty((0, 32), np.uint8)))
         payload = read_payload(session, keyring, snapshots_dir, row)
         hashes = payload.hashes
         images = payload.active & (payload.pdq_quality >= PDQ_MIN_QUALITY)
         # A list that gave no quality vouched for its digests (as Blocklist.pdq_of counts it).
         quality = np.where(hashes.pdq_quality == UNKNOWN_QUALITY, 100, hashes.pdq_quality)
         listed = hashes.active & hashes.has_pdq & (quality >= PDQ_MIN_QUALITY)
-        pdq = HammingIndex.build(
+        pdq = PdqScan(
             np.concatenate([payload.entry_ids[images], hashes.entry_ids[listed]]),
             np.concatenate([payload.pdq[images], hashes.pdq[listed]]),
         )
@@ -155,9 +155,7 @@ class HashLookup:
         except ValueError as exc:
             raise InvalidSignalError(f"invalid signal: {exc}") from exc
         if kind == "pdq":
-            query = np.frombuffer(digest, np.uint8).reshape(1, -1)
-            hits = self.pdq.search(query, MAX_PDQ_MATCHES, float(max_distance))[0]
-            found = [(hit.id, int(hit.score)) for hit in hits]
+            found = self.pdq.search(digest, MAX_PDQ_MATCHES, max_distance)
         elif self.exact_key is None:
             found = []
         else:

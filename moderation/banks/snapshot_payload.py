@@ -41,14 +41,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from moderation.banks.hash_entries import HashEntries
-from moderation.banks.index import CosineIndex, load_index
 from moderation.banks.payload import decode_payload, encode_payload
+
+if TYPE_CHECKING:
+    from moderation.banks.index import CosineIndex
 
 PAYLOAD_FORMAT = 1
 PDQ_BYTES = 32
@@ -146,6 +148,10 @@ class Payload:
         Raises:
             ValueError: it does not parse as a cosine index.
         """
+        # FAISS is imported here, not with the module: reading a payload's hashes (the web
+        # tier's hash lookup) needs no index.
+        from moderation.banks.index import CosineIndex, load_index
+
         assert self.cosine_index is not None
         index = load_index(self.cosine_index, authenticated=True)
         if not isinstance(index, CosineIndex) or index.dim != self.dim:

@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -21,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from moderation.banks.encoder_chains import encoder_chains
 from moderation.banks.hash_entries import HashEntries
-from moderation.banks.index import HNSW_MIN_ENTRIES, CosineIndex
 from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import (
     SnapshotError,
@@ -30,14 +30,17 @@ from moderation.banks.snapshot import (
     write_snapshot,
 )
 from moderation.banks.snapshot_payload import EntrySignals, Payload
+from moderation.crypto.deployment import existing_deployment_secret
 from moderation.crypto.keys import KeyRing
+from moderation.signals.exact import EXACT_KEY_NAME
 from moderation.storage.models import Bank, Entry, IndexSnapshot
 
 logger = logging.getLogger(__name__)
 
-#: Active entries from which a snapshot carries its built cosine index (the size at which
-#: ``CosineIndex.build`` switches from exact search to HNSW).
-STORED_INDEX_MIN_ENTRIES = HNSW_MIN_ENTRIES
+#: Active entries from which a snapshot carries its built cosine index: the size at which
+#: ``CosineIndex.build`` switches from exact search to HNSW (``HNSW_MIN_ENTRIES`` of
+#: :mod:`moderation.banks.index.cosine`, equal by test; not imported, as that loads FAISS).
+STORED_INDEX_MIN_ENTRIES: Final = 50_000
 
 # Arbitrary constant naming the PostgreSQL advisory lock that serialises snapshot writers.
 _SNAPSHOT_LOCK_KEY = 0x6D6F645F736E6170  # "mod_snap"
@@ -346,5 +349,26 @@ def _stored_index(payload: Payload) -> bytes | None:
     """The serialized cosine index of ``payload``'s active entries for a large bank, else None."""
     if int(payload.active.sum()) < STORED_INDEX_MIN_ENTRIES:
         return None
+    from moderation.banks.index import CosineIndex  # FAISS, only for a large bank's snapshot
+
     ids = payload.entry_ids[payload.active]
     return CosineIndex.build(ids, payload.full_vectors()[payload.active]).serialize()
+
+
+def snapshot_exact_key(
+    session: Session, keyring: KeyRing, row: IndexSnapshot, payload: Payload
+) -> bytes | None:
+    """The HMAC key of the keyed exact hashes in snapshot ``row`` (None: it holds none).
+
+    Raises:
+        SnapshotError: the snapshot holds exact hashes but the deployment secret is gone.
+    """
+    if not len(payload.hashes.exact_entry_ids):
+        return None
+    exact_key = existing_deployment_secret(session, keyring, EXACT_KEY_NAME)
+    if exact_key is None:
+        raise SnapshotError(
+            f"snapshot v{row.version} holds exact hashes but the deployment has no "
+            f"{EXACT_KEY_NAME!r} secret: it was deleted, so they can never match"
+        )
+    return exact_key

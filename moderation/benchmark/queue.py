@@ -78,6 +78,9 @@ def bench_values(settings: Settings, work: Path) -> dict[str, Any]:
         "faiss_threads": settings.faiss_threads,
         "batch_size": settings.batch_size,
         "api_rate_limit": "1000000/minute",
+        # The queue is pre-filled with the worker stopped: no depth bound may refuse that.
+        "queue_max_depth": 1_000_000,
+        "queue_max_depth_per_client": 1_000_000,
         # The web process refuses to start in production without a strong console secret.
         "secret_key": secrets.token_urlsafe(48),
         "log_level": "WARNING",
@@ -167,7 +170,7 @@ def _start_service(
     from moderation.storage.db import transaction
 
     port = free_port()
-    serve_args = ["serve", "--port", str(port), "--workers", "1", "--threads", "16"]
+    serve_args = ["serve", "--port", str(port), "--workers", "1"]
     processes.append(Service.moderation("serve", serve_args, env, work / "serve.log"))
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: http_ok(f"{base}/status/live"), 300, "the web service to answer")

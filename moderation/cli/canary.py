@@ -62,8 +62,8 @@ def canary_run(ctx: Context, as_json: bool, encoder_name: str | None) -> None:
 @pass_ctx
 def canary_status(ctx: Context) -> None:
     """The golden set's size and the latest run per encoder (JSON)."""
-    from moderation.modelops.canary import latest_runs
     from moderation.modelops.canary_items import golden_status
+    from moderation.modelops.gauges import latest_runs
 
     with initialised_runtime(ctx) as runtime:
         runs = [

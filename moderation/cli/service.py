@@ -54,10 +54,40 @@ def _check(ctx: Context) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", "processes", default=2, show_default=True, help="gunicorn processes.")
-@click.option("--threads", default=8, show_default=True, help="Threads per process (?wait=).")
+@click.option(
+    "--worker-class",
+    type=click.Choice(["gevent", "gthread"]),
+    default="gevent",
+    show_default=True,
+    help="gevent: one greenlet per connection (slow clients and ?wait= hold no thread); "
+    "gthread: a fixed thread pool, only behind a buffering proxy.",
+)
+@click.option(
+    "--connections",
+    default=1000,
+    show_default=True,
+    help="Concurrent connections per process (gevent).",
+)
+@click.option(
+    "--threads", type=int, help="Threads per process, only with --worker-class gthread [8]."
+)
 @pass_ctx
-def serve(ctx: Context, host: str, port: int, processes: int, threads: int) -> None:
-    """Serve the upload-hook API and the console with gunicorn (a production WSGI server)."""
+def serve(
+    ctx: Context,
+    host: str,
+    port: int,
+    processes: int,
+    worker_class: str,
+    connections: int,
+    threads: int | None,
+) -> None:
+    """Serve the upload-hook API and the console with gunicorn (a production WSGI server).
+
+    The default gevent workers serve each connection in a greenlet, so slow clients
+    (slowloris) and ``?wait=`` long polls hold no OS thread (README "Serving model",
+    RELIABILITY.md S1/S2)."""
+    if threads is not None and worker_class != "gthread":
+        raise click.UsageError("--threads applies to --worker-class gthread only")
     _check(ctx)
     argv = [
         sys.executable,
@@ -68,9 +98,12 @@ def serve(ctx: Context, host: str, port: int, processes: int, threads: int) -> N
         "--workers",
         str(processes),
         "--worker-class",
-        "gthread",
-        "--threads",
-        str(threads),
+        worker_class,
+        *(
+            ["--worker-connections", str(connections)]
+            if worker_class == "gevent"
+            else ["--threads", str(threads or 8)]
+        ),
         "--timeout",
         "60",
         "--graceful-timeout",

@@ -24,7 +24,7 @@ from moderation.banks.versions import current_snapshot, read_payload
 from moderation.crypto.errors import CryptoError
 from moderation.governance.erasure_requests import overdue_requests
 from moderation.service.metrics import database_samples
-from moderation.service.worker import worker_reports
+from moderation.service.worker_health import worker_reports
 from moderation.storage.models import AuditEvent, Bank, Upload
 
 if TYPE_CHECKING:

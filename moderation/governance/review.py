@@ -4,8 +4,9 @@ Items come from :func:`moderation.matching.recording.record_result` (decision ``
 ``unscannable`` routed to review). The queue is ordered by policy priority (higher first) then
 age (oldest first). :func:`claim_next` takes a lease on the next item so two reviewers never work
 on the same one (ROOST Coop's "no two moderators on one job"): ``SELECT ... FOR UPDATE SKIP
-LOCKED`` on PostgreSQL, an atomic conditional ``UPDATE`` on SQLite (whose transactions begin
-IMMEDIATE, see :mod:`moderation.storage.db`). A lease that runs out returns the item to the queue.
+LOCKED`` on PostgreSQL, an atomic conditional ``UPDATE`` on SQLite (whose write transactions
+begin IMMEDIATE, see :func:`moderation.storage.db.transaction`). A lease that runs out returns
+the item to the queue.
 
 Reviewer wellness: a per-reviewer daily exposure counter with a limit, and images shown blurred
 and greyscale until revealed (each reveal audited, :func:`record_reveal`). Settling an item is

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from moderation.banks.blocklist import Blocklist
-from moderation.banks.index.base import Hit
 from moderation.banks.records import EntryInfo
 from moderation.matching.policy import CandidateRules, Policy
 from moderation.signals.pdq import PdqHash
+
+if TYPE_CHECKING:
+    from moderation.banks.blocklist import Blocklist
+    from moderation.banks.index.base import Hit
 
 
 @dataclass(frozen=True)

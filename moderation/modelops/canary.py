@@ -400,23 +400,6 @@ def record_run(
     return row
 
 
-def latest_runs(runtime: Runtime) -> list[CanaryRun]:
-    """The latest stored run per encoder id, newest first."""
-    newest = (
-        select(CanaryRun.encoder_id, func.max(CanaryRun.id).label("id"))
-        .group_by(CanaryRun.encoder_id)
-        .subquery()
-    )
-    with runtime.sessions() as session:
-        rows = session.scalars(
-            select(CanaryRun)
-            .join(newest, CanaryRun.id == newest.c.id)
-            .order_by(CanaryRun.id.desc())
-        ).all()
-        session.expunge_all()
-    return list(rows)
-
-
 def run_if_changed(runtime: Runtime, *, reason: str, force: bool = False) -> CanaryReport | None:
     """Run and record the canary when what it measures changed since the last run (or
     ``force``: the schedule, an operator); None when unchanged or the golden set is empty."""

@@ -50,7 +50,6 @@ from moderation.banks.versions import (
 )
 from moderation.crypto.errors import CryptoError
 from moderation.media.decode import UnscannableImage, decode_image
-from moderation.signals.encoders import Encoder
 from moderation.signals.pdq import pdq_hash
 from moderation.storage.db import transaction
 from moderation.storage.encoders import EncoderMigration, EntryOriginal
@@ -58,6 +57,7 @@ from moderation.storage.models import Entry
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
+    from moderation.signals.encoders import Encoder
 
 logger = logging.getLogger(__name__)
 

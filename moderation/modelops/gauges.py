@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from moderation.modelops.canary import latest_runs
 from moderation.storage.modelops import CanaryRun, DriftRun
 
 if TYPE_CHECKING:
@@ -73,16 +72,24 @@ def canary_metrics(runtime: Runtime) -> list[Metric]:
     ]
 
 
+def _latest_per(runtime: Runtime, model: Any, group: Any) -> list[Any]:
+    """The newest row (highest id) of ``model`` per value of its column ``group``, detached."""
+    newest = select(group, func.max(model.id).label("id")).group_by(group).subquery()
+    with runtime.sessions() as session:
+        rows = session.scalars(select(model).join(newest, model.id == newest.c.id)).all()
+        session.expunge_all()
+    return list(rows)
+
+
+def latest_runs(runtime: Runtime) -> list[CanaryRun]:
+    """The latest stored canary run per encoder id, newest first."""
+    rows: list[CanaryRun] = _latest_per(runtime, CanaryRun, CanaryRun.encoder_id)
+    return sorted(rows, key=lambda r: r.id, reverse=True)
+
+
 def latest_drift(runtime: Runtime) -> list[DriftRun]:
     """The latest stored check per drift signal, by signal name."""
-    newest = (
-        select(DriftRun.signal, func.max(DriftRun.id).label("id"))
-        .group_by(DriftRun.signal)
-        .subquery()
-    )
-    with runtime.sessions() as session:
-        rows = session.scalars(select(DriftRun).join(newest, DriftRun.id == newest.c.id)).all()
-        session.expunge_all()
+    rows: list[DriftRun] = _latest_per(runtime, DriftRun, DriftRun.signal)
     return sorted(rows, key=lambda r: r.signal)
 
 

@@ -48,6 +48,7 @@ from moderation.service.metrics import (
 from moderation.service.shadow import Shadow, screen_shadow
 from moderation.service.tenancy import client_scope
 from moderation.service.uploads import BlobMissingError, read_upload
+from moderation.service.worker_health import seconds_since
 from moderation.storage.db import transaction
 from moderation.storage.models import Screening, Upload, WorkerHeartbeat
 
@@ -96,13 +97,6 @@ class ProcessResult:
     outcome: Outcome
     decision: str | None = None
     attempts: int = 0
-
-
-def seconds_since(value: datetime) -> float:
-    """Seconds from ``value`` (naive values are taken as UTC) to now."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - value).total_seconds()
 
 
 def _decrypt(runtime: Runtime, upload: Upload) -> bytes:

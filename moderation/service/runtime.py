@@ -1,30 +1,37 @@
 """Wiring: builds the library's collaborators from :class:`~moderation.config.Settings`.
 
 The CLI, the Celery workers and the admin console each hold one :class:`Runtime` per process.
-Everything heavy (encoder weights, key ring, decrypted blocklist) is created on first use.
+Everything heavy (encoder weights, key ring, decrypted blocklist) is created on first use, and
+the modules behind the encoder, the blocklist and screening (torch, ONNX Runtime, FAISS) are
+imported only then: the web tier (``moderation serve``), which answers from the database,
+never loads them (README "Process footprint"; the ``lean-web-tier`` import-linter contract).
 """
 
 from __future__ import annotations
 
 import logging
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from moderation.banks.blocklist import Blocklist, load_blocklist
 from moderation.banks.encoder_chains import encoder_chains
+from moderation.banks.faiss_threads import set_faiss_threads
 from moderation.banks.importer import ImportHooks
 from moderation.banks.sealed_fields import migration_attributes
 from moderation.config import ConfigurationError, Settings
 from moderation.crypto.keys import KeyRing, load_keyring
-from moderation.matching.candidates import CandidateRefiner
 from moderation.matching.policy import Policy, load_policy
-from moderation.matching.screening import Screener
 from moderation.media.decode import DecodeLimits
-from moderation.signals.encoders import Encoder, create_encoder
 from moderation.storage.db import create_db_engine, migrate, schema_is_current, session_factory
+
+if TYPE_CHECKING:
+    from moderation.banks.blocklist import Blocklist
+    from moderation.matching.candidates import CandidateRefiner
+    from moderation.matching.screening import Screener
+    from moderation.signals.encoders import Encoder
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +40,13 @@ class NotInitialisedError(ConfigurationError):
     """The data directory or database has not been set up (run ``moderation init``)."""
 
 
-def _apply_thread_settings(settings: Settings) -> None:
-    if settings.faiss_threads:
-        import faiss
-
-        faiss.omp_set_num_threads(settings.faiss_threads)
-
-
 class Runtime:
     """Process-wide collaborators built from settings."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        _apply_thread_settings(settings)
+        # FAISS's thread count, applied when (if ever) this process imports FAISS.
+        set_faiss_threads(settings.faiss_threads)
 
     @cached_property
     def engine(self) -> Engine:
@@ -98,6 +99,8 @@ class Runtime:
         Raises:
             ValueError, FileNotFoundError: as :func:`moderation.signals.encoders.create_encoder`.
         """
+        from moderation.signals.encoders import create_encoder
+
         configured = name == self.settings.encoder
         encoder = create_encoder(
             name,
@@ -128,9 +131,15 @@ class Runtime:
     def follow_serving_encoder(self) -> Encoder:
         """Switch :attr:`encoder` to the serving one if a promotion or rollback happened since
         this process chose it (a long-lived web or CLI process before a bank change); returns
-        it. Callers embed after this, so the snapshot check never sees a stale encoder."""
+        it. Callers embed after this, so the snapshot check never sees a stale encoder.
+
+        The first choice in a process is not loaded here (the first embedding loads it): a
+        web process that writes a snapshot needs only the encoder's id, which for the default
+        encoder is the digest of its weights file, not the model in memory."""
         name = self.serving_encoder_name()
-        if "encoder" in self.__dict__ and self.encoder.name == name:
+        if "encoder" not in self.__dict__:
+            self.__dict__["encoder"] = self.encoder_named(name)
+        if self.encoder.name == name:
             return self.encoder
         return self.switch_encoder(name)
 
@@ -173,6 +182,8 @@ class Runtime:
         """Decrypt the current snapshot into memory (fail closed on any error); with the encoder
         on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed.
         ``shadow``: the newest snapshot of that encoder's chain instead (a migration target)."""
+        from moderation.banks.blocklist import load_blocklist
+
         encoder = shadow or self.encoder
         with self.sessions() as session:
             blocklist = load_blocklist(
@@ -230,6 +241,8 @@ class Runtime:
     ) -> Screener:
         """A :class:`Screener` over the current (or the given) blocklist, with the classifier
         stage when one is active (unless ``refiner`` is given)."""
+        from moderation.matching.screening import Screener
+
         self.encoder.load()  # weights load now, not inside the first screening's timings
         if refiner is None:
             refiner = self.classifier_stage()
@@ -250,6 +263,8 @@ class Runtime:
         Raises:
             SnapshotError, BlocklistError, CryptoError: its snapshot cannot be loaded.
         """
+        from moderation.matching.screening import Screener
+
         encoder = self.encoder_named(name)
         encoder.load()
         return Screener(

@@ -2,15 +2,14 @@
 
 :func:`submit_upload` stores the upload encrypted, commits its row, and only then sends the
 task (STYLE.md rule 15). A failed send leaves a committed ``queued`` row for the reconciler
-(:func:`moderation.service.queue.reconcile`). :func:`wait_for_upload` lets a synchronous
-request wait, bounded, for the worker's decision.
+(:func:`moderation.service.queue.reconcile`). A synchronous request waits, bounded, for the
+worker's decision with :func:`moderation.service.waits.wait_for_upload`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ from moderation.audit.log import record_event
 from moderation.banks.sealed_fields import content_hmac
 from moderation.crypto.keys import KeyRing
 from moderation.media.formats import sniff_format
+from moderation.service.backpressure import admit_upload
 from moderation.service.dispatch import Dispatcher
 from moderation.service.metrics import ENQUEUE_FAILURES
 from moderation.service.subjects import pseudonymize
@@ -189,9 +189,13 @@ def submit_upload(
     database's unique constraint decides races). A send that fails after the commit is logged
     and counted; the upload stays ``queued`` and the reconciler sends it (Q7).
 
+    A new upload (not a replay) is refused while the queue is at its depth bound
+    (:func:`moderation.service.backpressure.admit_upload`), before anything is stored.
+
     Raises:
         SubmissionError: 400/413/415 bad image, 422 callback URL not on the client's allowlist
             or an idempotency key reused for another image, 403 unknown or disabled client.
+        QueueFullError: 503 past the global queue-depth bound, 429 past the client's share.
     """
     settings = runtime.settings
     fmt = check_image_bytes(data, settings.max_image_bytes)
@@ -204,6 +208,7 @@ def submit_upload(
                 existing = _existing(session, client_id, key_hash)
                 if existing is not None:
                     return _reused(session, runtime.keyring, existing, data)
+            admit_upload(session, settings, client_id)  # before anything is stored (S3)
             upload = _create(
                 session,
                 runtime,
@@ -229,17 +234,3 @@ def submit_upload(
             return _reused(session, runtime.keyring, existing, data)
     assert created_id is not None
     return _send(dispatcher, created_id)
-
-
-def wait_for_upload(
-    runtime: Runtime, upload_id: str, timeout: float, *, interval: float = 0.05
-) -> str | None:
-    """Poll the upload's status until ``done`` or ``timeout`` (s); returns the last status
-    (None when the upload does not exist)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with runtime.sessions() as session:
-            status = session.scalar(select(Upload.status).where(Upload.id == upload_id))
-        if status is None or status == "done" or time.monotonic() >= deadline:
-            return status
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))

@@ -4,8 +4,8 @@
 current snapshot decrypted in memory; it polls the database for a new snapshot version and
 swaps the screener between tasks. A snapshot that fails to decrypt or verify leaves the worker
 without a screener: tasks are retried later, never decided on a wrong or stale blocklist.
-:func:`worker_reports` reads the heartbeats back for readiness, and :func:`check_reliability`
-refuses Celery settings that could lose a task (RELIABILITY.md Q5).
+:mod:`moderation.service.worker_health` reads the heartbeats back for readiness and refuses
+Celery settings that could lose a task.
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from moderation.banks.encoder_chains import EncoderChains, encoder_chains
 from moderation.banks.records import BlocklistError
@@ -29,7 +24,7 @@ from moderation.banks.snapshot import SnapshotError
 from moderation.banks.versions import current_snapshot
 from moderation.crypto.errors import CryptoError, UnknownKeyError
 from moderation.matching.screening import Screener
-from moderation.service.queue import SnapshotUnavailable, seconds_since
+from moderation.service.queue import SnapshotUnavailable
 from moderation.service.shadow import Shadow
 from moderation.storage.db import transaction
 from moderation.storage.models import WorkerHeartbeat
@@ -38,52 +33,6 @@ if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-
-# --- reliability settings (Q5) ----------------------------------------------------------------
-
-
-def check_reliability(effective: Mapping[str, Any]) -> list[str]:
-    """Problems with a worker's effective Celery settings; empty when safe to start.
-
-    Expected keys: ``visibility_timeout``, ``task_time_limit``, ``task_soft_time_limit``,
-    ``task_acks_late``, ``task_reject_on_worker_lost``, ``worker_prefetch_multiplier``,
-    ``task_serializer``, ``accept_content``. The rules come from RELIABILITY.md (Q5 and the
-    known facts above its table): celery #1628 (acks_late alone acknowledges a task whose child
-    was killed), and Redis redelivering any task still running after ``visibility_timeout``.
-    """
-    problems: list[str] = []
-    visibility = effective.get("visibility_timeout")
-    limit = effective.get("task_time_limit")
-    soft = effective.get("task_soft_time_limit")
-    if limit is None:
-        problems.append("task_time_limit is unset: a hung task would hold its worker forever")
-    elif visibility is not None and visibility <= limit:
-        problems.append(
-            f"visibility_timeout ({visibility} s) must exceed task_time_limit ({limit} s): "
-            "otherwise Redis redelivers tasks that are still running"
-        )
-    if soft is not None and limit is not None and soft >= limit:
-        problems.append(
-            f"task_soft_time_limit ({soft} s) must be below task_time_limit ({limit} s)"
-        )
-    if not effective.get("task_acks_late"):
-        problems.append("task_acks_late must be on: a crashed task would be lost")
-    if not effective.get("task_reject_on_worker_lost"):
-        problems.append(
-            "task_reject_on_worker_lost must be on: with acks_late alone a task whose child "
-            "process is SIGKILLed is acknowledged and lost (celery #1628)"
-        )
-    if effective.get("worker_prefetch_multiplier") != 1:
-        problems.append(
-            f"worker_prefetch_multiplier is {effective.get('worker_prefetch_multiplier')}, "
-            "must be 1: prefetched tasks wait behind a slow one"
-        )
-    if effective.get("task_serializer") != "json" or set(effective.get("accept_content") or ()) != {
-        "json"
-    }:
-        problems.append("tasks must be serialised as JSON only (no pickle)")
-    return problems
 
 
 def worker_id() -> str:
@@ -273,51 +222,3 @@ class WorkerState:
     def stop(self) -> None:
         """Stop the watcher thread."""
         self._stop.set()
-
-
-@dataclass(frozen=True)
-class WorkerReport:
-    """One worker's heartbeat as readiness shows it."""
-
-    worker_id: str
-    encoder_id: str | None
-    snapshot_version: int | None
-    error: str | None
-    seen_s_ago: float
-    stale_s: float | None
-
-
-def worker_reports(session: Session, *, alive_within: float) -> tuple[int, list[WorkerReport]]:
-    """The current snapshot version and the workers heard from within ``alive_within`` s.
-
-    ``stale_s`` is how long the current version has existed while the worker still runs an
-    older one (0 when up to date, None without a snapshot loaded).
-    """
-    row = current_snapshot(session)
-    current = 0 if row is None else row.version
-    created = None if row is None else row.created_at
-    since = datetime.now(UTC) - timedelta(seconds=alive_within)
-    reports = []
-    for beat in session.scalars(
-        select(WorkerHeartbeat)
-        .where(WorkerHeartbeat.updated_at >= since)
-        .order_by(WorkerHeartbeat.id)
-    ):
-        stale: float | None
-        if beat.snapshot_version is None:
-            stale = None
-        elif beat.snapshot_version >= current or created is None:
-            stale = 0.0
-        else:
-            stale = max(0.0, seconds_since(created))
-        reports.append(
-            WorkerReport(
-                worker_id=beat.id,
-                encoder_id=beat.encoder_id,
-                snapshot_version=beat.snapshot_version,
-                error=beat.error,
-                seen_s_ago=max(0.0, seconds_since(beat.updated_at)),
-                stale_s=stale,
-            )
-        )
-    return current, reports

@@ -29,11 +29,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin_immediate(connection: Any) -> None:
+#: Connection execution option that :func:`transaction` sets: its SQLite transaction takes the
+#: write lock at ``BEGIN`` (``BEGIN IMMEDIATE``); every other session begins ``DEFERRED``.
+WRITE_INTENT = "moderation_write_intent"
+
+
+def _sqlite_begin(connection: Any) -> None:
     # A deferred SQLite transaction that reads and then writes fails with SQLITE_BUSY when another
     # writer committed in between (busy_timeout cannot help). Taking the write lock at BEGIN makes
-    # read-modify-write sequences (the audit hash chain, snapshot versions, review claims) atomic.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # read-modify-write sequences (the audit hash chain, snapshot versions, review claims) atomic,
+    # so transaction() (every write) begins IMMEDIATE. A plain session only reads: it begins
+    # DEFERRED and, in WAL mode, reads its snapshot without waiting for a writer
+    # (https://www.sqlite.org/lang_transaction.html, https://www.sqlite.org/wal.html).
+    if connection.get_execution_options().get(WRITE_INTENT):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.exec_driver_sql("BEGIN")
 
 
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
@@ -46,21 +57,33 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
-    """A ``sessionmaker`` that keeps loaded attributes after commit."""
+    """A ``sessionmaker`` that keeps loaded attributes after commit.
+
+    Its plain sessions are for reads: on SQLite they begin ``DEFERRED`` and take no write lock,
+    so a read never queues behind a writer. Write with :func:`transaction`.
+    """
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session whose work is committed on success and rolled back on any error."""
+    """A session whose work is committed on success and rolled back on any error.
+
+    On SQLite it begins ``BEGIN IMMEDIATE`` (the database write lock, waited for up to the
+    30 s busy timeout), so concurrent writers serialise instead of failing with SQLITE_BUSY
+    when a deferred read would upgrade to a write.
+    """
     with factory() as session, session.begin():
+        # Procures the connection now, with the option the "begin" hook reads (SQLite only;
+        # other dialects ignore it).
+        session.connection(execution_options={WRITE_INTENT: True})
         yield session
 
 

@@ -192,6 +192,21 @@ class Stack:
                 callback_allowlist=allowlist,
             )
 
+    def create_user(self, email: str, role: str, password: str) -> None:
+        """A console user in this stack's database (TOTP only where the role demands it)."""
+        from moderation.governance.users import create_user
+        from moderation.storage.db import transaction
+
+        with transaction(self.runtime.sessions) as session:
+            create_user(
+                session,
+                self.runtime.keyring,
+                email=email,
+                role=role,
+                password=password,
+                actor="test",
+            )
+
     def start(
         self, name: str, *args: str, raw_env: dict[str, str] | None = None, **env: Any
     ) -> Service:

@@ -19,13 +19,24 @@ COMPOSE = REPO / "docker-compose.yml"
 
 
 MONITORING = ("prometheus", "grafana")
+PROFILES = {"prometheus": ["monitoring"], "grafana": ["monitoring"], "worker-gpu": ["gpu"]}
+REQUIRED = {
+    "MODERATION_MASTER_KEYS": "k1:" + "A" * 43 + "=",
+    "MODERATION_SECRET_KEY": "s" * 10 + "x" * 40,
+    "MODERATION_METRICS_TOKEN": "m" * 10 + "y" * 40,
+    "POSTGRES_PASSWORD": "p" * 10 + "z" * 30,
+}
 
 
 def compose_config(**env: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed: run scripts/compose.sh (make test does)")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MODERATION_") and k != "POSTGRES_PASSWORD"
+    }
     return subprocess.run(
         [binary, "-f", str(COMPOSE), "config"],
         env={**clean, **env},
@@ -38,11 +49,7 @@ def compose_config(**env: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
-    result = compose_config(
-        MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=",
-        MODERATION_SECRET_KEY="s" * 10 + "x" * 40,
-        MODERATION_METRICS_TOKEN="m" * 10 + "y" * 40,
-    )
+    result = compose_config(**REQUIRED)
     assert result.returncode == 0, result.stderr
     parsed: dict[str, Any] = yaml.safe_load(result.stdout)
     return parsed
@@ -56,7 +63,17 @@ def readme_services() -> set[str]:
 
 def test_every_service_the_readme_names_exists(config: dict[str, Any]) -> None:
     named = readme_services()
-    assert named == {"redis", "postgres", "migrate", "web", "worker", "beat", *MONITORING}
+    assert named == {
+        "redis",
+        "postgres",
+        "migrate",
+        "web",
+        "proxy",
+        "worker",
+        "worker-gpu",
+        "beat",
+        *MONITORING,
+    }
     assert named == set(config["services"])
 
 
@@ -76,7 +93,7 @@ def test_health_checks_and_start_order(config: dict[str, Any]) -> None:
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["redis"]["condition"] == "service_healthy"
     assert services["migrate"]["restart"] == "no"
-    for name in ("migrate", "web", "worker", "beat"):
+    for name in ("migrate", "web", "worker", "worker-gpu", "beat"):
         env = services[name]["environment"]
         assert env["MODERATION_BROKER_URL"].startswith("redis://redis:")
         assert env["MODERATION_DATABASE_URL"].startswith("postgresql://")
@@ -84,20 +101,25 @@ def test_health_checks_and_start_order(config: dict[str, Any]) -> None:
 
 
 def test_master_keys_are_required() -> None:
-    result = compose_config()
+    result = compose_config(POSTGRES_PASSWORD=REQUIRED["POSTGRES_PASSWORD"])
     assert result.returncode != 0
     assert "MODERATION_MASTER_KEYS" in result.stderr
 
 
 def test_console_secret_key_is_required() -> None:
-    result = compose_config(MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=")
+    result = compose_config(
+        MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=",
+        POSTGRES_PASSWORD=REQUIRED["POSTGRES_PASSWORD"],
+    )
     assert result.returncode != 0
     assert "MODERATION_SECRET_KEY" in result.stderr
 
 
 def test_metrics_token_is_required(config: dict[str, Any]) -> None:
     result = compose_config(
-        MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=", MODERATION_SECRET_KEY="s" * 10 + "x" * 40
+        MODERATION_MASTER_KEYS="k1:" + "A" * 43 + "=",
+        MODERATION_SECRET_KEY="s" * 10 + "x" * 40,
+        POSTGRES_PASSWORD=REQUIRED["POSTGRES_PASSWORD"],
     )
     assert result.returncode != 0
     assert "MODERATION_METRICS_TOKEN" in result.stderr
@@ -106,13 +128,76 @@ def test_metrics_token_is_required(config: dict[str, Any]) -> None:
     )
 
 
-def test_monitoring_runs_only_in_its_profile(config: dict[str, Any]) -> None:
+def test_monitoring_and_gpu_run_only_in_their_profiles(config: dict[str, Any]) -> None:
     services = config["services"]
     for name in MONITORING:
-        assert services[name]["profiles"] == ["monitoring"], name
         assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"]), name
-    for name in set(services) - set(MONITORING):
-        assert "profiles" not in services[name], name
+    for name, service in services.items():
+        assert service.get("profiles") == PROFILES.get(name), name
+
+
+def test_no_secret_in_the_file_and_the_database_password_from_the_environment(
+    config: dict[str, Any],
+) -> None:
+    text = COMPOSE.read_text()
+    assert "moderation:moderation@" not in text
+    for line in text.splitlines():
+        if re.search(r"(PASSWORD|SECRET|TOKEN|KEYS)\w*:", line):
+            assert "${" in line or line.strip().startswith("#"), line
+    services = config["services"]
+    password = REQUIRED["POSTGRES_PASSWORD"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == password
+    for name in ("migrate", "web", "worker", "beat"):
+        env = services[name]["environment"]
+        assert password not in env["MODERATION_DATABASE_URL"]
+        assert env["MODERATION_DATABASE_PASSWORD"] == password
+    missing = {k: v for k, v in REQUIRED.items() if k != "POSTGRES_PASSWORD"}
+    result = compose_config(**missing)
+    assert result.returncode != 0
+    assert "POSTGRES_PASSWORD" in result.stderr
+
+
+def test_only_the_tls_proxy_is_published_and_web_trusts_one_proxy(
+    config: dict[str, Any],
+) -> None:
+    services = config["services"]
+    published = {name for name, s in services.items() if s.get("ports") and name not in MONITORING}
+    assert published == {"proxy"}
+    proxy = services["proxy"]
+    targets = {
+        str(p["target"]) if isinstance(p, dict) else p.split(":")[-1] for p in proxy["ports"]
+    }
+    assert targets == {"80", "443"}
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in proxy["volumes"] if "/" in v}
+    assert mounts["/etc/caddy/Caddyfile"] == REPO / "deploy" / "Caddyfile"
+    assert proxy["environment"]["MODERATION_TLS"] == "internal"  # self-signed by default
+    assert proxy["depends_on"]["web"]["condition"] == "service_healthy"
+    assert services["web"]["environment"]["MODERATION_CONSOLE_TRUSTED_PROXIES"] == "1"
+    caddyfile = (REPO / "deploy" / "Caddyfile").read_text()
+    assert "{$MODERATION_UPSTREAM:web:8000}" in caddyfile
+    assert "read_header" in caddyfile
+
+
+def test_cpu_image_takes_cpu_only_torch_and_gpu_image_is_separate(
+    config: dict[str, Any],
+) -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM \S+ AS (\w+)$", dockerfile, flags=re.M)
+    assert stages[-1] == "cpu"  # `docker build .` builds the CPU image
+    assert "gpu" in stages
+    cpu = dockerfile.split("AS cpu", 1)[1]
+    assert "https://download.pytorch.org/whl/cpu" in dockerfile
+    assert "--index-url" in cpu and "torch==2.14.1" in cpu
+    pinned = (REPO / "pyproject.toml").read_text()
+    assert '"torch==2.14.1"' in pinned  # the CPU image installs the version pyproject pins
+    services = config["services"]
+    for name in ("web", "worker", "beat", "migrate"):
+        assert services[name]["build"]["target"] == "cpu", name
+    gpu = services["worker-gpu"]
+    assert gpu["build"]["target"] == "gpu"
+    assert gpu["environment"]["MODERATION_DEVICE"] == "cuda"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
 
 
 def test_prometheus_scrapes_web_with_the_metrics_token_and_loads_the_rules(
@@ -152,3 +237,19 @@ def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard(
     dashboards = Path(providers["providers"][0]["options"]["path"])
     assert (mounts[dashboards.as_posix()] / "moderation.json").exists()
     assert grafana["environment"]["GF_USERS_ALLOW_SIGN_UP"] == "false"
+
+
+def test_web_answers_the_proxy_site_and_prometheus_by_name(config: dict[str, Any]) -> None:
+    # RELIABILITY.md S10: web refuses other Host headers, so the names it is reached by are
+    # trusted: the proxy's site address and the service name Prometheus scrapes.
+    services = config["services"]
+    hosts = services["web"]["environment"]["MODERATION_TRUSTED_HOSTS"].split(",")
+    assert services["proxy"]["environment"]["MODERATION_SITE_ADDRESS"] in hosts
+    scrape = yaml.safe_load((REPO / "monitoring" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        target.split(":")[0]
+        for job in scrape["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    }
+    assert "web" in targets and "web" in hosts

@@ -21,7 +21,7 @@ from moderation.benchmark.load import LoadOptions
 from moderation.benchmark.load_images import FLAGGED, upload_pool
 from moderation.benchmark.load_phase import LoadGenerator, Post
 from moderation.benchmark.load_report import phase_figures
-from moderation.benchmark.process_rss import tree_pids, tree_rss_bytes
+from moderation.benchmark.process_rss import descendants, tree_rss_bytes
 from moderation.benchmark.processes import wait_for
 
 # A parent that starts a child holding 64 MiB, then both sleep.
@@ -38,7 +38,7 @@ def test_tree_rss_counts_the_children() -> None:
     parent = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
-        pids = wait_for(lambda: tree_pids(parent.pid)[1:], 10, "the child process")
+        pids = wait_for(lambda: descendants(parent.pid), 10, "the child process")
         assert len(pids) == 1
         alone = tree_rss_bytes(pids[0])
         assert alone > 64 * 1024 * 1024  # the child's bytearray is resident

@@ -20,7 +20,8 @@ from moderation.service.dispatch import RecordingDispatcher, attach_dispatcher
 from moderation.service.queue import Outcome, SnapshotUnavailable, process_upload, reconcile
 from moderation.service.runtime import Runtime
 from moderation.service.submission import SubmissionError, submit_upload
-from moderation.service.worker import WorkerState, check_reliability, worker_reports
+from moderation.service.worker import WorkerState
+from moderation.service.worker_health import check_reliability, worker_reports
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     AuditEvent,

@@ -51,7 +51,14 @@ def test_api_client_create_prints_credentials_once(settings: Settings, runtime: 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["serve", "--port", "9001"], ["-m", "gunicorn", "127.0.0.1:9001", "admin:create_app()"]),
+        (
+            ["serve", "--port", "9001"],
+            ["-m", "gunicorn", "127.0.0.1:9001", "admin:create_app()", "gevent", "1000"],
+        ),
+        (
+            ["serve", "--worker-class", "gthread", "--threads", "4"],
+            ["-m", "gunicorn", "gthread", "--threads", "4", "admin:create_app()"],
+        ),
         (
             ["worker", "--concurrency", "3", "--queues", "screening"],
             ["-m", "celery", "workers.celery_app:app", "worker", "screening", "3", "--beat"],
@@ -80,6 +87,12 @@ def test_service_commands_exec(
     assert all(part in argv for part in expected), argv
     assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
     assert str(Path(__file__).resolve().parents[2]) in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_serve_refuses_threads_without_gthread(settings: Settings, runtime: Runtime) -> None:
+    """gevent workers have no thread pool: ``--threads`` would be silently ignored."""
+    result = run(settings, "serve", "--threads", "16")
+    assert result.exit_code == 2 and "gthread" in result.output
 
 
 def test_worker_needs_initialised_data_dir(settings: Settings) -> None:

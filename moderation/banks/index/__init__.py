@@ -7,6 +7,7 @@ pickle-free format, which :func:`load_index` reads back whatever the kind.
 
 from __future__ import annotations
 
+from moderation.banks.faiss_threads import apply_faiss_threads
 from moderation.banks.index.base import FORMAT_VERSION, Buffer, Hit, SignalIndex, read_index
 from moderation.banks.index.cosine import HNSW_MIN_ENTRIES, CosineIndex
 from moderation.banks.index.cosine_params import (
@@ -18,6 +19,8 @@ from moderation.banks.index.cosine_params import (
 )
 from moderation.banks.index.gpu import maybe_to_gpu
 from moderation.banks.index.hamming import HammingIndex
+
+apply_faiss_threads()  # Settings.faiss_threads of a Runtime created before this import
 
 __all__ = [
     "FORMAT_VERSION",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import time
@@ -242,15 +243,24 @@ def jpeg_bytes(image: Image.Image, *, description: str | None = None) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture
-def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
-    """Put an upload with a ``review`` screening, one match and an open review item in the DB.
+def build_review_item(
+    rt: Runtime,
+    image: Image.Image | None = None,
+    *,
+    external_id: str = "upload.jpg",
+    description: str | None = None,
+    label: str = "known-photo",
+    priority: int = 50,
+    bank: str = "known",
+    data: bytes | None = None,
+) -> int:
+    """Put an upload with a ``review`` screening, one match and an open review item in the DB;
+    returns the item's id.
 
     The screening is written by :func:`moderation.matching.recording.record_result` from a
     hand-made result, so the rows are exactly what real screenings produce (the decision path
     itself is tested with the real encoder elsewhere).
     """
-
     from moderation.banks.records import EntryInfo, create_bank
     from moderation.banks.sealed_fields import new_entry
     from moderation.matching.decision import MatchResult, ScreeningResult
@@ -259,74 +269,67 @@ def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
     from moderation.storage.db import transaction
     from moderation.storage.models import Bank, ReviewItem
 
-    def build_item(
-        image: Image.Image | None = None,
-        *,
-        external_id: str = "upload.jpg",
-        description: str | None = None,
-        label: str = "known-photo",
-        priority: int = 50,
-        bank: str = "known",
-        data: bytes | None = None,
-    ) -> int:
-        payload = (
-            data
-            if data is not None
-            else jpeg_bytes(image or skimage_rgb("coffee"), description=description)
+    payload = (
+        data
+        if data is not None
+        else jpeg_bytes(image or skimage_rgb("coffee"), description=description)
+    )
+    with transaction(rt.sessions) as db:
+        bank_row = db.scalar(select(Bank).where(Bank.name == bank)) or create_bank(db, bank)
+        entry = new_entry(
+            db,
+            rt.keyring,
+            bank_id=bank_row.id,
+            label=label,
+            source_ref=f"{label}.jpg",
+            added_by="test",
         )
-        rt = console_runtime
-        with transaction(rt.sessions) as db:
-            bank_row = db.scalar(select(Bank).where(Bank.name == bank)) or create_bank(db, bank)
-            entry = new_entry(
-                db,
-                rt.keyring,
-                bank_id=bank_row.id,
-                label=label,
-                source_ref=f"{label}.jpg",
-                added_by="test",
-            )
-            info = EntryInfo(entry.id, bank_row.id, bank_row.name, bank_row.kind, "default", label)
-            result = ScreeningResult(
-                decision="review",
-                policy="default",
-                score=0.72,
-                reason=None,
-                category="default",
-                matches=(MatchResult(info, "review", 0.72, 40, None, 0, ("cosine",)),),
-                timings_ms={"decode": 2.0, "embed": 30.0, "total": 40.0},
-                encoder_id="test-encoder",
-                index_version=1,
-                classifier_version=None,
-                review_priority=priority,
-                explanation={
-                    "signals": ["cosine"],
-                    "candidates": [
-                        {
-                            "entry_id": entry.public_id,
-                            "bank": bank_row.name,
-                            "cosine": 0.72,
-                            "pdq_distance": 40,
-                            "probability": None,
-                            "features": {"cosine": 0.72, "pdq_similarity": 0.84},
-                        }
-                    ],
-                },
-            )
-            upload = create_upload(
-                db,
-                payload,
-                keyring=rt.keyring,
-                blobs_dir=rt.settings.blobs_dir,
-                external_id=external_id,
-                source="cli",
-                status="processing",
-            )
-            record_result(db, upload, result, actor="test")
-            item = db.scalar(select(ReviewItem).where(ReviewItem.upload_id == upload.id))
-            assert item is not None
-            return item.id
+        info = EntryInfo(entry.id, bank_row.id, bank_row.name, bank_row.kind, "default", label)
+        result = ScreeningResult(
+            decision="review",
+            policy="default",
+            score=0.72,
+            reason=None,
+            category="default",
+            matches=(MatchResult(info, "review", 0.72, 40, None, 0, ("cosine",)),),
+            timings_ms={"decode": 2.0, "embed": 30.0, "total": 40.0},
+            encoder_id="test-encoder",
+            index_version=1,
+            classifier_version=None,
+            review_priority=priority,
+            explanation={
+                "signals": ["cosine"],
+                "candidates": [
+                    {
+                        "entry_id": entry.public_id,
+                        "bank": bank_row.name,
+                        "cosine": 0.72,
+                        "pdq_distance": 40,
+                        "probability": None,
+                        "features": {"cosine": 0.72, "pdq_similarity": 0.84},
+                    }
+                ],
+            },
+        )
+        upload = create_upload(
+            db,
+            payload,
+            keyring=rt.keyring,
+            blobs_dir=rt.settings.blobs_dir,
+            external_id=external_id,
+            source="cli",
+            status="processing",
+        )
+        record_result(db, upload, result, actor="test")
+        item = db.scalar(select(ReviewItem).where(ReviewItem.upload_id == upload.id))
+        assert item is not None
+        return item.id
 
-    return build_item
+
+@pytest.fixture
+def make_review_item(console_runtime: Runtime) -> Callable[..., int]:
+    """:func:`build_review_item` in the test's database."""
+    return functools.partial(build_review_item, console_runtime)
 
 
 # --- the session cookie (test_console_*_security.py) --------------------------------------

@@ -51,7 +51,6 @@ MATRIX: dict[tuple[str, str], dict[str, Any]] = {
     ("/login", "POST"): everyone(400),
     ("/login/totp", "GET"): everyone(302),
     ("/login/totp", "POST"): everyone(302),
-    ("/logout", "GET"): everyone(302),
     ("/logout", "POST"): everyone(302),
     ("/reauth", "GET"): only(200, *SIGNED_IN),
     ("/reauth", "POST"): only(400, *SIGNED_IN),
