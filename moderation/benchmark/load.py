@@ -272,11 +272,14 @@ def _run_database(
         with _database_url(database, postgres_admin_url) as url:
             redis.start()
             values = bench_values(settings, work)
-            # The deployment's own defaults for every bound (the queue benchmark lifts the
-            # queue-depth bounds); only the per-client rate limit is the benchmark's.
-            for key in ("queue_max_depth", "queue_max_depth_per_client"):
-                values.pop(key, None)
-            values.update(broker_url=redis.url, api_rate_limit=options.client_limit)
+            values.update(
+                broker_url=redis.url,
+                api_rate_limit=options.client_limit,
+                # The operator's queue-depth bounds (the queue benchmark lifts them).
+                queue_max_depth=settings.queue_max_depth,
+                queue_max_depth_per_client=settings.queue_max_depth_per_client,
+                queue_retry_after=settings.queue_retry_after,
+            )
             if url is not None:
                 values["database_url"] = url
             deployment = Deployment(work, values, redis, model_cache)
