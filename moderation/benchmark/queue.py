@@ -21,20 +21,27 @@ import base64
 import os
 import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import requests
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from moderation.benchmark.processes import (
+    RedisServer,
+    Service,
+    child_env,
+    free_port,
+    http_ok,
+    polling_engine,
+    wait_for,
+)
 from moderation.config import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -42,56 +49,7 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"benchmark: timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def start_redis_server(
-    port: int, workdir: Path, executable: str = "redis-server"
-) -> subprocess.Popen[bytes]:
-    """Start a private ``redis-server`` on 127.0.0.1:``port`` that never writes to disk (no RDB
-    snapshots, no append-only file; ``workdir`` is its working directory), output discarded.
-
-    Returns as soon as the process is spawned, before it answers; the caller stops it.
-
-    Raises:
-        OSError: ``executable`` cannot be run (e.g. ``FileNotFoundError``: not installed).
-    """
-    return subprocess.Popen(  # noqa: S603 - fixed argv, no outside input
-        [
-            executable,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+_Process = Service | RedisServer
 
 
 def _bank_and_queries(
@@ -108,7 +66,7 @@ def _bank_and_queries(
     return files[:bank_size], files[:uploads]
 
 
-def _bench_values(settings: Settings, work: Path) -> dict[str, Any]:
+def bench_values(settings: Settings, work: Path) -> dict[str, Any]:
     """Settings of the benchmark's own deployment in ``work``, with a fresh master key."""
     key = base64.b64encode(secrets.token_bytes(32)).decode()
     return {
@@ -129,9 +87,7 @@ def _bench_values(settings: Settings, work: Path) -> dict[str, Any]:
     }
 
 
-def _bench_runtime(
-    values: dict[str, Any], bank: list[Path], echo: Callable[[str], None]
-) -> Runtime:
+def bench_runtime(values: dict[str, Any], bank: list[Path], echo: Callable[[str], None]) -> Runtime:
     """A migrated runtime for ``values`` whose block bank ``bench`` holds ``bank``."""
     from moderation.banks.operations import import_bank
     from moderation.banks.records import create_bank
@@ -148,30 +104,6 @@ def _bench_runtime(
     import_bank(runtime, "bench", bank, actor="benchmark")
     echo(f"bank: {len(bank)} images imported in {time.perf_counter() - start:.1f} s")
     return runtime
-
-
-def _child_env(values: dict[str, Any]) -> dict[str, str]:
-    """This process's environment for ``serve`` and ``worker``: the benchmark's settings as
-    ``MODERATION_*`` variables (no outside ones), this checkout first on ``PYTHONPATH``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.update({f"MODERATION_{k.upper()}": str(v) for k, v in values.items()})
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p
-    )
-    return env
-
-
-def _start_moderation(
-    args: list[str], env: dict[str, str], log: IO[bytes]
-) -> subprocess.Popen[bytes]:
-    """``python -m moderation <args>`` with ``env``, stdout and stderr to ``log``."""
-    return subprocess.Popen(  # noqa: S603 - this interpreter, fixed argv
-        [sys.executable, "-m", "moderation", *args],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
 
 
 class _Uploader:
@@ -196,17 +128,16 @@ class _Uploader:
         return str(response.json()["id"])
 
 
-def _start_broker(
-    values: dict[str, Any], work: Path, processes: list[subprocess.Popen[bytes]]
-) -> str:
+def _start_broker(values: dict[str, Any], work: Path, processes: list[_Process]) -> str:
     """A private Redis as the broker in ``values`` when ``redis-server`` is installed (else the
     no-broker SQLite transport stays); the broker's description for the report."""
     redis_server = shutil.which("redis-server")
     if not redis_server:
         return "sqlite transport (no broker)"
-    redis_port = _free_port()
-    processes.append(start_redis_server(redis_port, work, redis_server))
-    values["broker_url"] = f"redis://127.0.0.1:{redis_port}/0"
+    redis = RedisServer(work / "redis", redis_server)
+    redis.start()
+    processes.append(redis)
+    values["broker_url"] = redis.url
     return "redis (private)"
 
 
@@ -225,8 +156,8 @@ def _in_process_rate(runtime: Runtime, queries: list[Path]) -> tuple[float, floa
 def _start_service(
     runtime: Runtime,
     env: dict[str, str],
-    log: IO[bytes],
-    processes: list[subprocess.Popen[bytes]],
+    work: Path,
+    processes: list[_Process],
     queries: list[Path],
 ) -> _Uploader:
     """``moderation serve`` on a free port, once it answers; an uploader of ``queries`` to it
@@ -238,11 +169,11 @@ def _start_service(
     from moderation.service.api_clients import create_api_client
     from moderation.storage.db import transaction
 
-    port = _free_port()
+    port = free_port()
     serve_args = ["serve", "--port", str(port), "--workers", "1"]
-    processes.append(_start_moderation(serve_args, env, log))
+    processes.append(Service.moderation("serve", serve_args, env, work / "serve.log"))
     base = f"http://127.0.0.1:{port}"
-    _wait(lambda: _ok(f"{base}/status/live"), 300, "the web service to answer")
+    wait_for(lambda: http_ok(f"{base}/status/live"), 300, "the web service to answer")
     with transaction(runtime.sessions) as session:
         token = create_api_client(session, runtime.keyring, "bench").token
     return _Uploader(base, token, [p.read_bytes() for p in queries])
@@ -253,15 +184,17 @@ def _worker_rate(runtime: Runtime, ids: list[str]) -> float:
     last recorded result."""
     from moderation.storage.models import Screening, Upload
 
+    reader = polling_engine(runtime.engine)
+
     def all_done() -> bool:
-        with runtime.sessions() as session:
+        with Session(reader) as session:
             done = session.scalar(
                 select(func.count()).where(Upload.id.in_(ids), Upload.status == "done")
             )
         return bool(done == len(ids))
 
-    _wait(all_done, 3600, "every queued upload to be decided")
-    with runtime.sessions() as session:
+    wait_for(all_done, 3600, "every queued upload to be decided")
+    with Session(reader) as session:
         finished = sorted(
             session.scalars(select(Screening.created_at).where(Screening.upload_id.in_(ids)))
         )
@@ -300,15 +233,13 @@ def _echo_log_tails(work: Path, echo: Callable[[str], None]) -> None:
             echo(f"--- last lines of {name} ---\n" + "\n".join(tail))
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    """Terminate ``processes`` (last started first), killing any not gone within 30 s."""
+def _stop(processes: list[_Process]) -> None:
+    """Stop ``processes``, last started first."""
     for proc in reversed(processes):
-        proc.terminate()
-    for proc in reversed(processes):
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if isinstance(proc, RedisServer):
+            proc.stop_without_saving()
+        else:
+            proc.stop(30)
 
 
 def _echo_report(echo: Callable[[str], None], report: dict[str, Any], wait_requests: int) -> None:
@@ -347,21 +278,20 @@ def run_queue_benchmark(
     """
     bank, queries = _bank_and_queries(images_dir, bank_size, uploads)
     work = Path(tempfile.mkdtemp(prefix="moderation-bench-queue-"))
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: list[_Process] = []
     report: dict[str, Any] = {"images": uploads, "bank": bank_size, "workers": concurrency}
     try:
-        values = _bench_values(settings, work)
+        values = bench_values(settings, work)
         report["broker"] = _start_broker(values, work, processes)
-        runtime = _bench_runtime(values, bank, echo)
+        runtime = bench_runtime(values, bank, echo)
 
         # 1. In-process, as `moderation screen`.
         inprocess, load_before = _in_process_rate(runtime, queries)
         report["in_process_uploads_per_s"] = round(inprocess, 2)
 
         # 2. Through the queue.
-        env = _child_env(values)
-        logs = (work / "serve.log").open("wb"), (work / "worker.log").open("wb")
-        uploader = _start_service(runtime, env, logs[0], processes, queries)
+        env = child_env(values)
+        uploader = _start_service(runtime, env, work, processes, queries)
 
         # 2. Every upload is queued first, then one worker starts and drains the queue: its rate
         # is measured from its own completion times, so neither the HTTP side nor the worker's
@@ -369,7 +299,7 @@ def run_queue_benchmark(
         ids, post_rate = _post_all(uploader)
         report["post_uploads_per_s"] = round(post_rate, 2)
         worker_args = ["worker", "--concurrency", str(concurrency)]
-        processes.append(_start_moderation(worker_args, env, logs[1]))
+        processes.append(Service.moderation("worker", worker_args, env, work / "worker.log"))
         worker_rate = _worker_rate(runtime, ids)
         report["worker_uploads_per_s"] = round(worker_rate, 2)
         report["worker_vs_in_process"] = round(worker_rate / inprocess, 3)
@@ -377,8 +307,6 @@ def run_queue_benchmark(
         # 3. ?wait= latency, one request at a time on a warm, idle worker.
         report.update(_wait_latency(uploader, wait_requests))
         report["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        for log in logs:
-            log.close()
     except TimeoutError:
         _echo_log_tails(work, echo)
         raise

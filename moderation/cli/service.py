@@ -1,4 +1,4 @@
-"""Service commands: serve (gunicorn), worker and beat (Celery), benchmark queue.
+"""Service commands: serve (gunicorn), worker and beat (Celery), benchmark queue and load.
 
 The library never imports Flask or Celery, so ``serve``, ``worker`` and ``beat`` replace this
 process (``os.execvpe``) with gunicorn or Celery, which then build their apps from the same
@@ -292,6 +292,76 @@ def benchmark_queue(
             uploads=uploads,
             wait_requests=wait_requests,
             concurrency=concurrency,
+            echo=click.echo,
+        )
+    _write_report(json_out, report)
+
+
+@benchmark.command("load")
+@click.option(
+    "--database",
+    type=click.Choice(["sqlite", "postgresql", "both"]),
+    default="both",
+    show_default=True,
+    help="postgresql: a temporary database on --postgres-url's server, dropped afterwards.",
+)
+@click.option("--duration", type=float, help="Seconds per phase [30; --quick 3].")
+@click.option("--rate", type=float, help="Steady phase, uploads/s (all clients) [5; --quick 3].")
+@click.option("--burst-rate", type=float, help="Burst phases, uploads/s [70; --quick 12].")
+@click.option("--clients", type=int, help="API clients, each with its own token [16; --quick 4].")
+@click.option("--client-limit", help="Per-client rate limit of the first two phases [2/second].")
+@click.option("--drain-timeout", type=float, help="Seconds to wait for results per phase [900].")
+@click.option("--quick", is_flag=True, help="Tiny phases (tests, smoke checks).")
+@click.option(
+    "--postgres-url",
+    default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+    show_default=True,
+    help="Admin connection that creates and drops the temporary database.",
+)
+@click.option(
+    "--model-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder keeping the encoder's ONNX model between runs (default: built once per run).",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def benchmark_load(
+    ctx: Context,
+    database: str,
+    duration: float | None,
+    rate: float | None,
+    burst_rate: float | None,
+    clients: int | None,
+    client_limit: str | None,
+    drain_timeout: float | None,
+    quick: bool,
+    postgres_url: str,
+    model_cache: Path | None,
+    json_out: Path | None,
+) -> None:
+    """Load test over HTTP of a fresh deployment (private Redis, `serve`, one `worker`):
+    steady, burst under per-client limits, burst with the limits lifted. Prints per phase the
+    answers by status, POST and upload-to-result latency, lost and wrong uploads, peak RSS of
+    web, worker and Redis, and /status/live latency."""
+    from moderation.benchmark.load import DATABASES, LoadOptions, run_load_benchmark
+
+    base = LoadOptions.quick() if quick else LoadOptions()
+    options = base.with_overrides(
+        duration=duration,
+        rate=rate,
+        burst_rate=burst_rate,
+        clients=clients,
+        client_limit=client_limit,
+        drain_timeout=drain_timeout,
+    )
+    databases = list(DATABASES) if database == "both" else [database]
+    with config_errors():
+        report = run_load_benchmark(
+            ctx.settings,
+            databases,
+            options,
+            postgres_admin_url=postgres_url,
+            model_cache=model_cache,
             echo=click.echo,
         )
     _write_report(json_out, report)

@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from sqlalchemy import func, inspect, select, text
 from moderation.audit.log import public_key_hex, signing_key
 from moderation.banks.operations import import_bank
 from moderation.banks.versions import current_snapshot, read_payload
-from moderation.benchmark.queue import start_redis_server
+from moderation.benchmark.processes import free_port, start_redis_server
 from moderation.config import Settings, load_settings
 from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime, prepared_runtime
@@ -62,19 +61,13 @@ HOLD_BASIS = "18 U.S.C. 2258A (as amended 2024)"
 # --- services -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def gdpr_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on a spare port (no persistence), stopped after the module."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed")
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = start_redis_server(port, workdir, binary)
     client = redis.Redis(port=port)

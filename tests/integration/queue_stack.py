@@ -13,13 +13,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,33 +27,29 @@ import pytest
 import requests
 from PIL import Image
 
-from moderation.benchmark.queue import start_redis_server
+from moderation.benchmark.processes import REPO as REPO  # re-exported for the test modules
+from moderation.benchmark.processes import (
+    RedisServer,
+    Service,
+    child_env,
+    free_port,
+    wait_for,
+)
 from moderation.config import Settings, load_settings
 from tests.conftest import SKIMAGE_PHOTOS, skimage_photo
 
-REPO = Path(__file__).resolve().parents[2]
 BANK_PHOTOS = ("astronaut", "chelsea", "coffee")
 METRICS_TOKEN = "queue-stack-metrics-0123456789abcdefghijklmnop"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(
     condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.5
 ) -> Any:
-    """Poll ``condition`` until truthy; fail with ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    """Poll ``condition`` until truthy; fail (AssertionError) with ``what`` after ``timeout`` s."""
+    try:
+        return wait_for(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 85) -> bytes:
@@ -91,47 +82,6 @@ def upload_images(count: int, seed: int = 0) -> list[bytes]:
         crop.thumbnail((int(rng.integers(96, 129)),) * 2)
         images.append(jpeg_bytes(crop, quality=int(rng.integers(70, 95))))
     return images
-
-
-# --- Redis ---------------------------------------------------------------------------------
-
-
-class RedisServer:
-    """A private ``redis-server`` (no persistence, like a restart without saving)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def ping(self) -> bool:
-        import redis
-
-        try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
-        except redis.RedisError:
-            return False
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = start_redis_server(self.port, self.workdir)
-        wait_until(self.ping, 20, f"redis on port {self.port}", interval=0.1)
-
-    def stop_without_saving(self) -> None:
-        """SIGKILL: whatever was queued in memory is gone."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-    def llen(self, key: str) -> int:
-        import redis
-
-        return int(redis.Redis(port=self.port).llen(key))
 
 
 # --- callback receiver ---------------------------------------------------------------------
@@ -186,64 +136,6 @@ def wait_live(service: Service, base_url: str, timeout: float = 120) -> None:
     wait_until(live, timeout, f"{service.name} to answer /status/live")
 
 
-class Service:
-    """A ``moderation`` subprocess in its own session (so it can be killed as a whole)."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        self.handle = log.open("ab")
-        self.proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=REPO,
-            stdout=self.handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def children(self) -> list[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
-
-    def kill_all(self) -> None:
-        """SIGKILL the process and every process of its session (a container kill)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.alive():
-            try:
-                os.killpg(self.pid, signal.SIGTERM)
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                pass
-        if self.alive():
-            self.kill_all()
-        else:
-            # Leftover pool children of a main process that died first.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-        self.handle.close()
-
-    def output(self) -> str:
-        self.handle.flush()
-        return self.log.read_text(errors="replace")
-
-
 class Stack:
     """Settings, database and processes of one deployment under ``tmp_path``."""
 
@@ -286,13 +178,7 @@ class Stack:
         return load_settings(**{**self.values, **overrides})
 
     def env(self, **overrides: Any) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        for key, value in {**self.values, **overrides}.items():
-            env[f"MODERATION_{key.upper()}"] = str(value)
-        env["PYTHONPATH"] = str(REPO)
-        env["OMP_NUM_THREADS"] = "1"
-        return env
+        return child_env({**self.values, **overrides}, OMP_NUM_THREADS="1")
 
     def init(self, bank: dict[str, bytes] | None = None) -> Any:
         """Schema, and a block bank of ``bank`` images (default: the three bank photos)."""
@@ -348,7 +234,7 @@ class Stack:
     ) -> Service:
         log = self.tmp_path / f"{name}-{len(self.services)}.log"
         full_env = {**self.env(**env), **(raw_env or {})}
-        service = Service(name, [sys.executable, "-m", "moderation", *args], full_env, log)
+        service = Service.moderation(name, list(args), full_env, log)
         self.services.append(service)
         return service
 
