@@ -70,9 +70,25 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         module_name, attribute = spec.split(":")
         app.register_blueprint(getattr(importlib.import_module(module_name), attribute))
     security.exempt_api(app)
+    _install_admission(app, settings)
     app.jinja_env.filters["age"] = _age
     app.jinja_env.filters["utc"] = _utc_text
     return app
+
+
+def _install_admission(app: Flask, settings: Settings) -> None:
+    """Bound the requests this process works on at once (``admin.admission``), outermost."""
+    from admin.admission import RequestAdmission
+
+    largest_upload = max(settings.max_image_bytes, settings.max_video_bytes) + 64 * 1024
+    admission = RequestAdmission(app.wsgi_app, settings.web_active_requests, largest_upload)
+    app.wsgi_app = admission  # type: ignore[method-assign]
+    app.extensions["moderation.admission"] = admission
+
+
+def admission() -> Any:
+    """The current app's :class:`admin.admission.RequestAdmission`."""
+    return current_app.extensions["moderation.admission"]
 
 
 def _celery_job_runner(settings: Settings) -> Any:

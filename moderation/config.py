@@ -361,6 +361,20 @@ class Settings(BaseSettings):
     api_max_wait: float = Field(
         default=10.0, gt=0, le=60, description="Longest ?wait= an upload request may ask, s."
     )
+    web_active_requests: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Requests one web process works on at once; more wait for a slot, their "
+        "connections held cheaply (admin/admission.py). Probes never wait.",
+    )
+    database_pool_size: int = Field(
+        default=12,
+        ge=1,
+        le=200,
+        description="PostgreSQL connections each process keeps open (SQLAlchemy pool); 8 more "
+        "may open under peaks. Keep above web_active_requests.",
+    )
     api_max_concurrent_waits_per_client: int = Field(
         default=8,
         ge=1,

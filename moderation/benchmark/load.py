@@ -72,6 +72,7 @@ class LoadOptions:
     drain_timeout: float = 900.0
     pool_size: int = 200
     threads: int = 64
+    worker_class: str = "gevent"  # `moderation serve --worker-class` (gthread: the old model)
 
     @classmethod
     def quick(cls) -> LoadOptions:
@@ -129,7 +130,7 @@ class Deployment:
                 for n in range(clients)
             ]
 
-    def start_web(self, rate_limit: str) -> None:
+    def start_web(self, rate_limit: str, worker_class: str = "gevent") -> None:
         """(Re)start ``moderation serve`` with the per-client ``rate_limit``; wait until
         ``/status/live`` answers.
 
@@ -140,7 +141,8 @@ class Deployment:
             self.web.stop()
         port = free_port()
         env = child_env({**self.values, "api_rate_limit": rate_limit})
-        self.web = Service.moderation("serve", ["serve", "--port", str(port)], env, self.log("web"))
+        args = ["serve", "--port", str(port), "--worker-class", worker_class]
+        self.web = Service.moderation("serve", args, env, self.log("web"))
         self.base = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{self.base}/status/live"), 300, "`moderation serve`")
 
@@ -319,7 +321,7 @@ def _start(deployment: Deployment, options: LoadOptions, pool: list[PoolImage]) 
     deployment.prepare(options.clients)
     lap("bank_s")
     deployment.start_worker()  # its start-up overlaps the web's
-    deployment.start_web(options.client_limit)
+    deployment.start_web(options.client_limit, options.worker_class)
     lap("web_s")
     _warm_up(deployment, pool)
     lap("worker_and_first_result_s")
@@ -340,7 +342,7 @@ def _phases(
         ("burst_unlimited", options.burst_rate, False),
     ):
         if not limited:
-            deployment.start_web(UNLIMITED)
+            deployment.start_web(UNLIMITED, options.worker_class)
             generator.url = f"{deployment.base}/api/v1/screenings"
         echo(f"  phase {name}: {rate:g} uploads/s for {options.duration:g} s ...")
         phases[name] = run_phase(

@@ -313,6 +313,11 @@ def benchmark_queue(
 @click.option("--drain-timeout", type=float, help="Seconds to wait for results per phase [900].")
 @click.option("--quick", is_flag=True, help="Tiny phases (tests, smoke checks).")
 @click.option(
+    "--worker-class",
+    type=click.Choice(["gevent", "gthread"]),
+    help="`serve`'s gunicorn worker class [gevent; gthread: the thread-per-request model].",
+)
+@click.option(
     "--postgres-url",
     default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
     show_default=True,
@@ -335,6 +340,7 @@ def benchmark_load(
     client_limit: str | None,
     drain_timeout: float | None,
     quick: bool,
+    worker_class: str | None,
     postgres_url: str,
     model_cache: Path | None,
     json_out: Path | None,
@@ -353,6 +359,7 @@ def benchmark_load(
         clients=clients,
         client_limit=client_limit,
         drain_timeout=drain_timeout,
+        worker_class=worker_class,
     )
     databases = list(DATABASES) if database == "both" else [database]
     with config_errors():

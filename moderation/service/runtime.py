@@ -52,7 +52,9 @@ class Runtime:
     @cached_property
     def engine(self) -> Engine:
         """The SQLAlchemy engine for ``settings.sqlalchemy_url``."""
-        return create_db_engine(self.settings.sqlalchemy_url)
+        return create_db_engine(
+            self.settings.sqlalchemy_url, pool_size=self.settings.database_pool_size
+        )
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:

@@ -50,19 +50,27 @@ def _sqlite_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN")
 
 
+#: Connections a PostgreSQL engine may open past its ``pool_size`` under a peak (closed again
+#: when returned: each costs a new connection and authentication).
+POOL_OVERFLOW = 8
+
+
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine for ``url`` (``sqlite:///...`` or ``postgresql+psycopg://...``).
+    """Create an engine for ``url`` (``sqlite:///...`` or ``postgresql+psycopg://...``);
+    ``kwargs`` go to SQLAlchemy's ``create_engine`` (``pool_size`` applies to PostgreSQL only).
 
     ``postgresql://`` URLs are mapped to the psycopg 3 driver.
     """
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     if url.startswith("sqlite"):
+        kwargs.pop("pool_size", None)  # SQLite: SQLAlchemy's own pool choice per file/memory
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("max_overflow", POOL_OVERFLOW)
     return create_engine(url, **kwargs)
 
 
