@@ -6,21 +6,32 @@ to ``<data_dir>/demo`` (recreated on every run) so it never touches a real deplo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from moderation.benchmark.demo_figures import (
+    HIGHLIGHTED_EDITS,
+    PDQ_BASELINE,
+    DemoItem,
+    PhaseFigures,
+    before_after_table,
+    caught_lines,
+    phase_figures,
+)
 from moderation.config import Settings, load_settings
 
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from moderation.matching.classifier.training import TrainReport
     from moderation.service.runtime import Runtime
 
 BANNED = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")
@@ -34,7 +45,14 @@ DEMO_EDITS = (
     "border_25",
     "screenshot",
     "rotate_15",
+    "overlay_bg_60",
 )
+"""Edits of the demo's copies: half of them per photo, plus every highlighted family
+(:data:`moderation.benchmark.demo_figures.HIGHLIGHTED_EDITS`) for every photo."""
+DEMO_TRAINING_EDITS = 8
+"""Edited copies of each bank photo made for classifier training at import (the setting
+``classifier_edits_per_entry``, default 2): five photos need about 40 copies so that the
+fitting, calibration and held-out splits of ``classifier train`` each hold copies."""
 
 
 def skimage_photo_file(name: str) -> Path:
@@ -72,7 +90,8 @@ def prepare_files(workdir: Path) -> tuple[Path, list[tuple[Path, str, str]]]:
         original = Image.open(skimage_photo_file(name)).convert("RGB")
         original.save(bank_dir / f"{name}.png")
         for offset, edit in enumerate(DEMO_EDITS):
-            if (index + offset) % 2:  # half of the edits per photo keeps the demo short
+            # Half of the other edits per photo keeps the demo short.
+            if (index + offset) % 2 and edit not in HIGHLIGHTED_EDITS:
                 continue
             edited = apply_edit(
                 edit, original, seed=1000 + index * 31 + offset, background=background
@@ -110,46 +129,119 @@ def _demo_runtime(settings: Settings, root: Path) -> Runtime:
             "data_dir": root / "var",
             "database_url": None,
             "key_file": None,
+            "classifier": True,
+            "classifier_edits_per_entry": DEMO_TRAINING_EDITS,
         }
     )
     return prepared_runtime(demo_settings)
 
 
-def _results_table(
-    queries: list[tuple[Path, str, str]], rows: list[dict[str, Any]]
-) -> tuple[Table, int, int]:
-    """The table of every query's result, the edited copies flagged (block or review) and the
+def _results_table(items: Sequence[DemoItem]) -> tuple[Table, int, int]:
+    """The table of every item's result, the edited copies flagged (block or review) and the
     unrelated photos allowed."""
     from rich.table import Table
 
-    table = Table("file", "kind", "edit", "decision", "score", "match", "ms")
+    table = Table("file", "kind", "edit", "decision", "score", "match", "signals", "ms")
     flagged = allowed = 0
-    for (path, kind, edit), row in zip(queries, rows, strict=True):
+    for item in items:
+        row = item.result.to_json()
         match = row["matches"][0]["label"] if row["matches"] else (row["reason"] or "")
         score = "" if row["score"] is None else f"{row['score']:.3f}"
+        signals = ",".join(item.result.matches[0].signals) if item.result.matches else ""
         table.add_row(
-            path.name,
-            kind,
-            edit,
+            item.path.name,
+            item.kind,
+            item.edit,
             row["decision"],
             score,
             match,
+            signals,
             f"{row['timings_ms']['total']:.0f}",
         )
-        if kind == "copy" and row["decision"] in ("block", "review"):
+        if item.kind == "copy" and row["decision"] in ("block", "review"):
             flagged += 1
-        if kind == "unrelated" and row["decision"] == "allow":
+        if item.kind == "unrelated" and row["decision"] == "allow":
             allowed += 1
     return table, flagged, allowed
 
 
+def _screen(runtime: Runtime, queries: list[tuple[Path, str, str]]) -> list[DemoItem]:
+    """Screen every query file once (stored as uploads, actor ``demo``)."""
+    from moderation.service.operations import screen_paths
+
+    results = screen_paths(runtime, [q[0] for q in queries], on_result=lambda _: None, actor="demo")
+    return [
+        DemoItem(path, kind, edit, path.name.split("--")[0] if kind == "copy" else None, result)
+        for (path, kind, edit), result in zip(queries, results, strict=True)
+    ]
+
+
+def _entry_names(bank_dir: Path, entry_of: dict[str, int]) -> dict[str, str]:
+    """Public entry id (``e_3``) -> bank photo name, through the SHA-256 of each bank file."""
+    names = {}
+    for path in sorted(bank_dir.iterdir()):
+        entry_id = entry_of.get(hashlib.sha256(path.read_bytes()).hexdigest())
+        if entry_id is not None:
+            names[f"e_{entry_id}"] = path.stem
+    return names
+
+
+def _train(runtime: Runtime, echo: Callable[[str], Any]) -> TrainReport:
+    """``moderation classifier train``'s code path: fit on the bank's synthetic pairs, gated by
+    the golden-set canary; prints the outcome."""
+    from moderation.matching.classifier.training import train
+    from moderation.modelops.canary import canary_gate
+
+    started = time.perf_counter()
+    report = train(runtime, actor="demo", gate=canary_gate(runtime))
+    held_out = report.after.get("average_precision", float("nan"))
+    echo(
+        f"classifier {report.version}: {'activated' if report.activated else 'NOT activated'} "
+        f"({report.pairs['total']} pairs, held-out AP {held_out:.3f}, "
+        f"{time.perf_counter() - started:.1f} s); {report.reason}"
+    )
+    return report
+
+
+def _write_outputs(
+    out_dir: Path,
+    passes: tuple[list[DemoItem], list[DemoItem]],
+    names: dict[str, str],
+    bank_dir: Path,
+) -> tuple[PhaseFigures, PhaseFigures, Path, Path]:
+    """Figures of both passes, the PR plot (``pr-curves.png``) and the HTML report
+    (``report.html``) in ``out_dir``."""
+    from moderation.benchmark.demo_figures import method_result, pdq_predictions, predictions
+    from moderation.benchmark.demo_report import render_report
+    from moderation.benchmark.report import plot_pr_curves
+
+    before_items, after_items = passes
+    before_result = method_result("before training", predictions(before_items, names))
+    after_result = method_result("after training", predictions(after_items, names))
+    pdq_result = method_result(PDQ_BASELINE, pdq_predictions(after_items, names))
+    figures = (
+        phase_figures(before_items, before_result),
+        phase_figures(after_items, after_result),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot = out_dir / "pr-curves.png"
+    plot_pr_curves([before_result, after_result, pdq_result], plot)
+    bank_files = {p.stem: p for p in bank_dir.iterdir()}
+    report = out_dir / "report.html"
+    report.write_text(
+        render_report(after_items, names, bank_files, figures, plot), encoding="utf-8"
+    )
+    return figures[0], figures[1], plot, report
+
+
 def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run the demo end to end and print a table; returns summary counts."""
+    """Run the demo end to end: import the bank, screen, train the classifier, screen again;
+    print the results and the before/after figures, write the PR plot and the HTML report.
+    Returns summary counts (after training), both passes' figures and the output paths."""
     from rich.console import Console
 
     from moderation.banks.operations import import_bank
     from moderation.banks.records import create_bank
-    from moderation.service.operations import screen_paths
     from moderation.storage.db import transaction
 
     started = time.perf_counter()
@@ -164,21 +256,44 @@ def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[
     report = import_bank(runtime, "demo-banned", [bank_dir], actor="demo")
     echo(
         f"bank demo-banned: {len(report.added)} photos imported as encrypted signals "
-        f"(snapshot v{report.snapshot_version}); originals not kept"
+        f"(snapshot v{report.snapshot_version}, {report.training_pairs} training pairs); "
+        "originals not kept"
     )
-    rows: list[dict[str, Any]] = []
-    screen_paths(runtime, [q[0] for q in queries], on_result=rows.append, actor="demo")
-    table, flagged, allowed = _results_table(queries, rows)
+    before = _screen(runtime, queries)
+    trained = _train(runtime, echo)
+    after = _screen(runtime, queries)
+    console = Console(width=int(os.environ.get("COLUMNS", "130")))
+    table, flagged, allowed = _results_table(after)
+    console.print(table)
+    names = _entry_names(bank_dir, report.entry_of)
+    fig_before, fig_after, plot, html_report = _write_outputs(
+        root / "report", (before, after), names, bank_dir
+    )
+    console.print(before_after_table(fig_before, fig_after))
+    for line in caught_lines(fig_before, fig_after):
+        echo(line)
     copies = sum(1 for q in queries if q[1] == "copy")
     unrelated = sum(1 for q in queries if q[1] == "unrelated")
-    Console(width=int(os.environ.get("COLUMNS", "130"))).print(table)
-    elapsed = time.perf_counter() - started
     echo(
-        f"edited copies flagged: {flagged}/{copies}; unrelated photos allowed: "
-        f"{allowed}/{unrelated}; total {elapsed:.1f} s"
+        f"after training: edited copies flagged: {flagged}/{copies}; unrelated photos allowed: "
+        f"{allowed}/{unrelated}; total {time.perf_counter() - started:.1f} s"
     )
+    echo(f"precision-recall plot: {plot}")
+    echo(f"HTML report (demo artefact, sample photos only): {html_report}")
     echo(
         "explore further: MODERATION_DATA_DIR="
         f"{demo_settings.resolved_data_dir} moderation bank entries demo-banned"
     )
-    return {"copies": copies, "flagged": flagged, "unrelated": unrelated, "allowed": allowed}
+    return {
+        "copies": copies,
+        "flagged": flagged,
+        "unrelated": unrelated,
+        "allowed": allowed,
+        "classifier_version": trained.version,
+        "classifier_activated": trained.activated,
+        "before": fig_before.to_json(),
+        "after": fig_after.to_json(),
+        "plot": plot,
+        "report": html_report,
+        "items": len(after),
+    }
