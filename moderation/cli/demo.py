@@ -76,9 +76,43 @@ def _save_jpeg(image: Image.Image, path: Path, quality: int = 90) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def prepare_files(workdir: Path) -> tuple[Path, list[tuple[Path, str, str]]]:
-    """Write the bank folder and the query files; returns (bank dir, [(path, kind, edit)])."""
+Photos = Sequence[tuple[str, Path]]
+"""Named photo files: ``(name, path)``."""
+
+
+def demo_photos(images_dir: Path | None, bank_size: int = 20) -> tuple[Photos, Photos]:
+    """The bank photos and the unrelated photos: from ``images_dir`` (its image files in name
+    order: the first ``bank_size`` banned, the next ``bank_size`` unrelated), else
+    :data:`BANNED` and :data:`UNRELATED` of scikit-image (those this version ships).
+
+    Raises:
+        ValueError: ``images_dir`` holds fewer than ``bank_size + 1`` images.
+    """
+    if images_dir is None:
+        unrelated = []
+        for name in UNRELATED:
+            try:
+                unrelated.append((name, skimage_photo_file(name)))
+            except FileNotFoundError:
+                continue
+        return [(n, skimage_photo_file(n)) for n in BANNED], unrelated
+    from moderation.benchmark.speed import IMAGE_SUFFIXES
+
+    found = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(found) <= bank_size:
+        raise ValueError(f"{images_dir} holds {len(found)} images; the demo needs {bank_size + 1}")
+    named = [(p.stem, p) for p in found[: 2 * bank_size]]
+    return named[:bank_size], named[bank_size:]
+
+
+def prepare_files(
+    workdir: Path, photos: tuple[Photos, Photos] | None = None
+) -> tuple[Path, list[tuple[Path, str, str]]]:
+    """Write the bank folder and the query files of ``photos`` (banned, unrelated; default
+    :func:`demo_photos`); returns (bank dir, [(path, kind, edit)])."""
     from moderation.media.edits import apply_edit
+
+    banned, unrelated = photos or demo_photos(None)
 
     bank_dir = workdir / "bank"
     query_dir = workdir / "queries"
@@ -86,8 +120,8 @@ def prepare_files(workdir: Path) -> tuple[Path, list[tuple[Path, str, str]]]:
     query_dir.mkdir(parents=True)
     queries: list[tuple[Path, str, str]] = []
     background = Image.open(skimage_photo_file("hubble_deep_field")).convert("RGB")
-    for index, name in enumerate(BANNED):
-        original = Image.open(skimage_photo_file(name)).convert("RGB")
+    for index, (name, source) in enumerate(banned):
+        original = Image.open(source).convert("RGB")
         original.save(bank_dir / f"{name}.png")
         for offset, edit in enumerate(DEMO_EDITS):
             # Half of the other edits per photo keeps the demo short.
@@ -99,11 +133,8 @@ def prepare_files(workdir: Path) -> tuple[Path, list[tuple[Path, str, str]]]:
             path = query_dir / f"{name}--{edit}.jpg"
             _save_jpeg(edited, path)
             queries.append((path, "copy", edit))
-    for name in UNRELATED:
-        try:
-            image = Image.open(skimage_photo_file(name)).convert("RGB")
-        except FileNotFoundError:
-            continue
+    for name, source in unrelated:
+        image = Image.open(source).convert("RGB")
         path = query_dir / f"unrelated-{name}.jpg"
         _save_jpeg(image, path)
         queries.append((path, "unrelated", "none"))
@@ -111,7 +142,7 @@ def prepare_files(workdir: Path) -> tuple[Path, list[tuple[Path, str, str]]]:
     shutil.copy(gif, query_dir / "unrelated-animated.gif")
     queries.append((query_dir / "unrelated-animated.gif", "unrelated", "animated"))
     broken = query_dir / "broken-truncated.jpg"
-    broken.write_bytes((query_dir / f"{BANNED[0]}--jpeg_q15.jpg").read_bytes()[:2000])
+    broken.write_bytes((query_dir / f"{banned[0][0]}--jpeg_q15.jpg").read_bytes()[:2000])
     queries.append((broken, "broken", "truncated"))
     return bank_dir, queries
 
@@ -234,10 +265,23 @@ def _write_outputs(
     return figures[0], figures[1], plot, report
 
 
-def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[str, Any]:
+def run_demo(
+    settings: Settings,
+    *,
+    echo: Callable[[str], Any] = print,
+    images_dir: Path | None = None,
+    bank_size: int = 20,
+) -> dict[str, Any]:
     """Run the demo end to end: import the bank, screen, train the classifier, screen again;
     print the results and the before/after figures, write the PR plot and the HTML report.
-    Returns summary counts (after training), both passes' figures and the output paths."""
+    Returns summary counts (after training), both passes' figures and the output paths.
+
+    Photos: scikit-image's, else ``images_dir`` (``bank_size`` banned, as many unrelated; see
+    :func:`demo_photos`).
+
+    Raises:
+        ValueError: ``images_dir`` holds too few images, or the classifier cannot be trained.
+    """
     from rich.console import Console
 
     from moderation.banks.operations import import_bank
@@ -246,10 +290,12 @@ def run_demo(settings: Settings, *, echo: Callable[[str], Any] = print) -> dict[
 
     started = time.perf_counter()
     root = settings.resolved_data_dir / "demo"
+    photos = demo_photos(images_dir, bank_size)
     runtime = _demo_runtime(settings, root)
     demo_settings = runtime.settings
-    bank_dir, queries = prepare_files(root / "files")
+    bank_dir, queries = prepare_files(root / "files", photos)
     echo(f"demo data directory: {demo_settings.resolved_data_dir}")
+    echo(f"photos: {images_dir or 'scikit-image sample photos'}")
     echo(f"encoder: {demo_settings.encoder} (loading weights...)")
     with transaction(runtime.sessions) as session:
         create_bank(session, "demo-banned", kind="block", category="default")
