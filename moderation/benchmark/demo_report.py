@@ -84,23 +84,34 @@ def _number(value: object, places: int) -> str:
     return "" if value is None else f"{float(value):.{places}f}"  # type: ignore[arg-type]
 
 
-def item_row(item: DemoItem, names: Mapping[str, str], bank_files: Mapping[str, Path]) -> str:
-    """One ``<tr>``: query thumbnail, matched bank photo thumbnail, decision badge, cosine,
-    probability, PDQ distance, one cell per signal column, and the reason (if any)."""
+def _badge(decision: str) -> str:
+    colour = DECISION_COLOURS.get(decision, "#455a64")
+    return f'<span class="badge" style="background:{colour}">{html.escape(decision)}</span>'
+
+
+def item_row(
+    item: DemoItem,
+    names: Mapping[str, str],
+    bank_files: Mapping[str, Path],
+    before: str | None = None,
+) -> str:
+    """One ``<tr>``: query thumbnail, matched bank photo thumbnail, decision badge, the
+    decision ``before`` training (a badge, if given), cosine, probability, PDQ distance of the
+    best candidate, one cell per signal column (the top match's agreed signals), the reason."""
     result = item.result
     best = top_candidate(result)
     matched = None if best is None else names.get(str(best["entry_id"]))
     bank_file = None if matched is None else bank_files.get(matched)
     agreed = signals_agreed(result.matches[0].signals if result.matches else ())
-    colour = DECISION_COLOURS.get(result.decision, "#455a64")
     cells = [
         _img(thumbnail_uri(item.path), item.path.name) + html.escape(item.path.name),
         (_img(thumbnail_uri(bank_file), matched or "") if bank_file else "")
         + html.escape(matched or "no candidate"),
-        f'<span class="badge" style="background:{colour}">{html.escape(result.decision)}</span>',
+        _badge(result.decision),
+        "" if before is None else _badge(before),
         _number(None if best is None else best.get("cosine"), 3),
         _number(None if best is None else best.get("probability"), 3),
-        html.escape(str(best.get("pdq_distance") or "")) if best else "",
+        _number(None if best is None else best.get("pdq_distance"), 0),
         *(
             '<span class="yes">&#10003;</span>' if agreed[c] else '<span class="no">-</span>'
             for c in SIGNAL_COLUMNS
@@ -142,7 +153,7 @@ def _family_heading(family: str, before: PhaseFigures, after: PhaseFigures) -> s
 
 
 def render_report(
-    items: Sequence[DemoItem],
+    passes: tuple[Sequence[DemoItem], Sequence[DemoItem]],
     names: Mapping[str, str],
     bank_files: Mapping[str, Path],
     figures: tuple[PhaseFigures, PhaseFigures],
@@ -150,9 +161,12 @@ def render_report(
 ) -> str:
     """The report's HTML: the demo-artefact note, the summary, the PR plot (``plot``, a PNG,
     embedded), then per edit family (copies first, then unrelated and broken files) a table of
-    the after-training screening of each item. ``names`` maps public entry ids to photo names,
-    ``bank_files`` photo names to the demo's bank files."""
+    each item's after-training screening (``passes``: before and after, same items in the same
+    order) with its decision before training beside it. ``names`` maps public entry ids to
+    photo names, ``bank_files`` photo names to the demo's bank files."""
     before, after = figures
+    items = passes[1]
+    was = {i.path: i.result.decision for i in passes[0]}
     plot_uri = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode("ascii")
     header = "".join(
         f"<th>{html.escape(h)}</th>"
@@ -160,6 +174,7 @@ def render_report(
             "query",
             "matched bank photo",
             "decision",
+            "before training",
             "cosine",
             "probability",
             "PDQ distance",
@@ -178,7 +193,9 @@ def render_report(
             if kind == "copy"
             else (f"<h3>{html.escape(kind)}: {html.escape(edit)}</h3>")
         )
-        rows = "".join(item_row(i, names, bank_files) for i in groups[(kind, edit)])
+        rows = "".join(
+            item_row(i, names, bank_files, was.get(i.path)) for i in groups[(kind, edit)]
+        )
         sections.append(f"{title}<table><tr>{header}</tr>{rows}</table>")
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'

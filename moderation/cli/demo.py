@@ -259,9 +259,7 @@ def _write_outputs(
     plot_pr_curves([before_result, after_result, pdq_result], plot)
     bank_files = {p.stem: p for p in bank_dir.iterdir()}
     report = out_dir / "report.html"
-    report.write_text(
-        render_report(after_items, names, bank_files, figures, plot), encoding="utf-8"
-    )
+    report.write_text(render_report(passes, names, bank_files, figures, plot), encoding="utf-8")
     return figures[0], figures[1], plot, report
 
 

@@ -75,12 +75,15 @@ def test_demo_trains_the_classifier_and_writes_its_report(tmp_path: Path) -> Non
     parser = _ReportParser()
     parser.feed(text)
     parser.close()
-    # One row per screened item, each with a decision badge and its query thumbnail.
+    # One row per screened item, each with its decisions (after, before training) and its query
+    # thumbnail; every copy is matched to its bank photo (a second thumbnail).
     assert len(parser.rows) == summary["items"]
     for row in parser.rows[: summary["copies"]]:
-        assert row["decisions"] and row["decisions"][0] in {"block", "review", "allow"}
-        assert row["images"][0].startswith("data:image/jpeg;base64,")
-    assert sum(r["decisions"] == ["unscannable"] for r in parser.rows) == 1
+        assert len(row["decisions"]) == 2
+        assert set(row["decisions"]) <= {"block", "review", "allow"}
+        assert len(row["images"]) == 2
+        assert all(src.startswith("data:image/jpeg;base64,") for src in row["images"])
+    assert sum(r["decisions"] == ["unscannable"] * 2 for r in parser.rows) == 1
     assert "Demo artefact" in text
     assert "data:image/png;base64," in text
     assert f"{summary['after']['micro_ap']:.3f}" in text
