@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 HIGHLIGHTED_EDITS = ("screenshot", "overlay_bg_60")
 """The edit families the demo calls out: a photo inside a phone screenshot and a photo pasted
 onto another photo (:mod:`moderation.media.edits`), the copies a global embedding misses most."""
-PDQ_BASELINE = "PDQ distance alone"
-"""Name of the PDQ-only curve: each item's nearest candidate by PDQ Hamming distance."""
+PDQ_BASELINE = "PDQ alone (screening candidates)"
+"""Name of the PDQ-only curve: per item its screening candidate nearest by PDQ Hamming distance
+(the screening reports a distance only within its PDQ candidate limit, so an item beyond it
+predicts nothing: a PDQ-only matcher's view, not an exhaustive PDQ search)."""
 
 
 @dataclass(frozen=True)
