@@ -31,6 +31,7 @@ from moderation.config import Settings, load_settings
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from moderation.banks.importer import ImportReport
     from moderation.matching.classifier.training import TrainReport
     from moderation.service.runtime import Runtime
 
@@ -263,6 +264,30 @@ def _write_outputs(
     return figures[0], figures[1], plot, report
 
 
+def _import_bank(runtime: Runtime, bank_dir: Path, echo: Callable[[str], Any]) -> ImportReport:
+    """Create the block bank ``demo-banned`` and import ``bank_dir`` into it."""
+    from moderation.banks.operations import import_bank
+    from moderation.banks.records import create_bank
+    from moderation.storage.db import transaction
+
+    with transaction(runtime.sessions) as session:
+        create_bank(session, "demo-banned", kind="block", category="default")
+    report = import_bank(runtime, "demo-banned", [bank_dir], actor="demo")
+    echo(
+        f"bank demo-banned: {len(report.added)} photos imported as encrypted signals "
+        f"(snapshot v{report.snapshot_version}, {report.training_pairs} training pairs); "
+        "originals not kept"
+    )
+    return report
+
+
+def _echo_paths(echo: Callable[[str], Any], plot: Path, report: Path, data_dir: Path) -> None:
+    """Where the plot, the report and the demo's state are."""
+    echo(f"precision-recall plot: {plot}")
+    echo(f"HTML report (demo artefact, sample photos only): {report}")
+    echo(f"explore further: MODERATION_DATA_DIR={data_dir} moderation bank entries demo-banned")
+
+
 def run_demo(
     settings: Settings,
     *,
@@ -272,19 +297,13 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo end to end: import the bank, screen, train the classifier, screen again;
     print the results and the before/after figures, write the PR plot and the HTML report.
-    Returns summary counts (after training), both passes' figures and the output paths.
-
-    Photos: scikit-image's, else ``images_dir`` (``bank_size`` banned, as many unrelated; see
-    :func:`demo_photos`).
+    Photos: scikit-image's, else ``images_dir`` (:func:`demo_photos`). Returns summary counts
+    (after training), both passes' figures and the output paths.
 
     Raises:
         ValueError: ``images_dir`` holds too few images, or the classifier cannot be trained.
     """
     from rich.console import Console
-
-    from moderation.banks.operations import import_bank
-    from moderation.banks.records import create_bank
-    from moderation.storage.db import transaction
 
     started = time.perf_counter()
     root = settings.resolved_data_dir / "demo"
@@ -295,14 +314,7 @@ def run_demo(
     echo(f"demo data directory: {demo_settings.resolved_data_dir}")
     echo(f"photos: {images_dir or 'scikit-image sample photos'}")
     echo(f"encoder: {demo_settings.encoder} (loading weights...)")
-    with transaction(runtime.sessions) as session:
-        create_bank(session, "demo-banned", kind="block", category="default")
-    report = import_bank(runtime, "demo-banned", [bank_dir], actor="demo")
-    echo(
-        f"bank demo-banned: {len(report.added)} photos imported as encrypted signals "
-        f"(snapshot v{report.snapshot_version}, {report.training_pairs} training pairs); "
-        "originals not kept"
-    )
+    report = _import_bank(runtime, bank_dir, echo)
     before = _screen(runtime, queries)
     trained = _train(runtime, echo)
     after = _screen(runtime, queries)
@@ -316,18 +328,12 @@ def run_demo(
     console.print(before_after_table(fig_before, fig_after))
     for line in caught_lines(fig_before, fig_after):
         echo(line)
-    copies = sum(1 for q in queries if q[1] == "copy")
-    unrelated = sum(1 for q in queries if q[1] == "unrelated")
+    copies, unrelated = (sum(q[1] == kind for q in queries) for kind in ("copy", "unrelated"))
     echo(
         f"after training: edited copies flagged: {flagged}/{copies}; unrelated photos allowed: "
         f"{allowed}/{unrelated}; total {time.perf_counter() - started:.1f} s"
     )
-    echo(f"precision-recall plot: {plot}")
-    echo(f"HTML report (demo artefact, sample photos only): {html_report}")
-    echo(
-        "explore further: MODERATION_DATA_DIR="
-        f"{demo_settings.resolved_data_dir} moderation bank entries demo-banned"
-    )
+    _echo_paths(echo, plot, html_report, demo_settings.resolved_data_dir)
     return {
         "copies": copies,
         "flagged": flagged,

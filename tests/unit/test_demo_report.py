@@ -16,23 +16,11 @@ from moderation.benchmark.demo_figures import (
 )
 from moderation.benchmark.demo_report import item_row, signals_agreed, thumbnail_uri
 from moderation.matching.decision import ScreeningResult
+from tests.screening_results import screening_result
 
 
 def _result(decision: str, candidates: list[dict[str, Any]]) -> ScreeningResult:
-    return ScreeningResult(
-        decision=decision,
-        policy="default",
-        score=None,
-        reason=None,
-        category=None,
-        matches=(),
-        timings_ms={"total": 1.0},
-        encoder_id="test",
-        index_version=1,
-        classifier_version=None,
-        review_priority=None,
-        explanation={"candidates": candidates},
-    )
+    return screening_result(decision, explanation={"candidates": candidates})
 
 
 def _candidate(entry: str, cosine: float, pdq: int | None) -> dict[str, Any]:
