@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from moderation.benchmark.demo_figures import (
@@ -102,3 +103,16 @@ def test_signals_agreed_maps_decision_signals_to_columns() -> None:
         "region match": True,
     }
     assert signals_agreed(("exact_sha256",))["exact hash"]
+
+
+def test_demo_photos_from_a_folder_bank_first_then_unrelated(tmp_path: Path) -> None:
+    from moderation.cli.demo import demo_photos
+
+    for name in ("c", "a", "b", "d"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.jpg")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    banned, unrelated = demo_photos(tmp_path, bank_size=1)
+    assert [n for n, _ in banned] == ["a"]
+    assert [n for n, _ in unrelated] == ["b"]
+    with pytest.raises(ValueError, match="holds 4 images; the demo needs 5"):
+        demo_photos(tmp_path, bank_size=4)
