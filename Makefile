@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (see README):
-#   make demo   creates .venv, installs, screens real photos and their edited copies
+#   make demo   creates .venv, installs, screens edited copies of real photos, trains, reports
 #   make test   creates/updates .venv, starts Redis/PostgreSQL when down, runs lint, types, tests
 PYTHON ?= python3
 VENV ?= .venv

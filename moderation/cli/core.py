@@ -397,10 +397,24 @@ def benchmark(
 
 
 @main.command()
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Photos to use instead of scikit-image's: the first --bank-size are banned, the next "
+    "--bank-size are the unrelated photos.",
+)
+@click.option("--bank-size", default=20, show_default=True, type=click.IntRange(min=1))
 @pass_ctx
-def demo(ctx: Context) -> None:
-    """Build a bank from scikit-image's photos and screen edited copies and unrelated photos."""
+def demo(ctx: Context, images_dir: Path | None, bank_size: int) -> None:
+    """Build a bank from scikit-image's photos (or --images), screen edited copies and unrelated
+    photos, train the classifier, screen again; prints before/after figures and writes a PR
+    plot and an HTML report (a demo artefact of sample photos)."""
     from moderation.cli.demo import run_demo
 
     with config_errors():
-        run_demo(ctx.settings, echo=click.echo)
+        try:
+            run_demo(ctx.settings, echo=click.echo, images_dir=images_dir, bank_size=bank_size)
+        except ValueError as exc:  # too few photos, or too few pairs to train the classifier
+            raise click.ClickException(str(exc)) from exc
