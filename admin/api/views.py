@@ -24,7 +24,7 @@ from admin.api.clients import ApiError, authenticated_client_id, authenticated_r
 from admin.api.openapi import openapi_document
 from admin.api.services import services, setup
 from moderation.governance.appeals import AppealError, file_appeal
-from moderation.service.backpressure import QueueFullError
+from moderation.service.backpressure import QueueFullError, admit_upload
 from moderation.service.results import appeal_json, upload_view
 from moderation.service.submission import SubmissionError, submit_upload
 from moderation.service.waits import TooManyWaits, wait_for_upload
@@ -190,10 +190,17 @@ def _answer(upload_id: str, wait: float, *, replayed: bool = False, post: bool =
     if view["status"] == "done" and (wait > 0 or not post):
         response = jsonify(view)
         response.status_code = 200
-    else:
-        response = jsonify({"id": upload_id, "status": view["status"]})
-        response.status_code = 202
-        response.headers["Location"] = f"/api/v1/screenings/{upload_id}"
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return response
+    return _accepted(upload_id, view["status"], replayed=replayed)
+
+
+def _accepted(upload_id: str, status: str, *, replayed: bool) -> Any:
+    """``202 {"id", "status"}`` with the screening's ``Location``."""
+    response = jsonify({"id": upload_id, "status": status})
+    response.status_code = 202
+    response.headers["Location"] = f"/api/v1/screenings/{upload_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
@@ -208,6 +215,12 @@ def create_screening() -> Any:
     wait = _wait_seconds()
     _take_wait_slot(client_id, wait)
     settings = _runtime().settings
+    if request.headers.get("Idempotency-Key") is None:
+        # Refuse a full queue before parsing the body (S3: refusals must stay cheap under a
+        # burst); submit_upload checks again in its transaction, and a replay of an accepted
+        # upload (with its key) is answered even when the queue is full.
+        with _runtime().sessions() as session:
+            admit_upload(session, settings, client_id)
     largest = max(settings.max_image_bytes, settings.max_video_bytes)  # an image or a video
     request.max_content_length = largest + MULTIPART_OVERHEAD
     image = _image()
@@ -226,6 +239,8 @@ def create_screening() -> Any:
         idempotency_key=key,
         origin=request.remote_addr,
     )
+    if wait <= 0:  # always 202: the submission knows the status, no need to read it back
+        return _accepted(submission.upload_id, submission.status, replayed=not submission.created)
     return _answer(submission.upload_id, wait, replayed=not submission.created, post=True)
 
 

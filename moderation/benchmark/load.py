@@ -73,6 +73,9 @@ class LoadOptions:
     pool_size: int = 200
     threads: int = 64
     worker_class: str = "gevent"  # `moderation serve --worker-class` (gthread: the old model)
+    #: MODERATION_QUEUE_MAX_DEPTH of the web tier (and per client): about 4 s of one worker's
+    #: screening here, so results stay within seconds and the bound answers 503 past it.
+    queue_max_depth: int = 80
 
     @classmethod
     def quick(cls) -> LoadOptions:
@@ -130,7 +133,7 @@ class Deployment:
                 for n in range(clients)
             ]
 
-    def start_web(self, rate_limit: str, worker_class: str = "gevent") -> None:
+    def start_web(self, rate_limit: str, options: LoadOptions) -> None:
         """(Re)start ``moderation serve`` with the per-client ``rate_limit``; wait until
         ``/status/live`` answers.
 
@@ -141,7 +144,7 @@ class Deployment:
             self.web.stop()
         port = free_port()
         env = child_env({**self.values, "api_rate_limit": rate_limit})
-        args = ["serve", "--port", str(port), "--worker-class", worker_class]
+        args = ["serve", "--port", str(port), "--worker-class", options.worker_class]
         self.web = Service.moderation("serve", args, env, self.log("web"))
         self.base = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{self.base}/status/live"), 300, "`moderation serve`")
@@ -277,9 +280,9 @@ def _run_database(
             values.update(
                 broker_url=redis.url,
                 api_rate_limit=options.client_limit,
-                # The operator's queue-depth bounds (the queue benchmark lifts them).
-                queue_max_depth=settings.queue_max_depth,
-                queue_max_depth_per_client=settings.queue_max_depth_per_client,
+                # The queue bound answering instead of queueing without end (S3).
+                queue_max_depth=options.queue_max_depth,
+                queue_max_depth_per_client=options.queue_max_depth,
                 queue_retry_after=settings.queue_retry_after,
             )
             if url is not None:
@@ -321,7 +324,7 @@ def _start(deployment: Deployment, options: LoadOptions, pool: list[PoolImage]) 
     deployment.prepare(options.clients)
     lap("bank_s")
     deployment.start_worker()  # its start-up overlaps the web's
-    deployment.start_web(options.client_limit, options.worker_class)
+    deployment.start_web(options.client_limit, options)
     lap("web_s")
     _warm_up(deployment, pool)
     lap("worker_and_first_result_s")
@@ -342,7 +345,7 @@ def _phases(
         ("burst_unlimited", options.burst_rate, False),
     ):
         if not limited:
-            deployment.start_web(UNLIMITED, options.worker_class)
+            deployment.start_web(UNLIMITED, options)
             generator.url = f"{deployment.base}/api/v1/screenings"
         echo(f"  phase {name}: {rate:g} uploads/s for {options.duration:g} s ...")
         phases[name] = run_phase(

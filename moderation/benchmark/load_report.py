@@ -145,8 +145,9 @@ def echo_tables(report: dict[str, Any], echo: Callable[[str], None]) -> None:
     options = report["options"]
     echo(
         f"load benchmark: {options['duration']:g} s per phase, {options['clients']} clients, "
-        f"1 worker; {machine['cpus']} CPUs ({machine['cpu']}), load {machine['load_1min']} -> "
-        f"{machine.get('load_1min_after')}"
+        f"1 worker, serve --worker-class {options.get('worker_class')}, queue bound "
+        f"{options.get('queue_max_depth')}; {machine['cpus']} CPUs ({machine['cpu']}), load "
+        f"{machine['load_1min']} -> {machine.get('load_1min_after')}"
     )
     console = Console(width=110, color_system=None, force_terminal=False, highlight=False)
     for database, figures in report["databases"].items():

@@ -313,6 +313,11 @@ def benchmark_queue(
 @click.option("--drain-timeout", type=float, help="Seconds to wait for results per phase [900].")
 @click.option("--quick", is_flag=True, help="Tiny phases (tests, smoke checks).")
 @click.option(
+    "--queue-max-depth",
+    type=int,
+    help="The web tier's queue bound, global and per client [80: about 4 s of one worker].",
+)
+@click.option(
     "--worker-class",
     type=click.Choice(["gevent", "gthread"]),
     help="`serve`'s gunicorn worker class [gevent; gthread: the thread-per-request model].",
@@ -340,6 +345,7 @@ def benchmark_load(
     client_limit: str | None,
     drain_timeout: float | None,
     quick: bool,
+    queue_max_depth: int | None,
     worker_class: str | None,
     postgres_url: str,
     model_cache: Path | None,
@@ -360,6 +366,7 @@ def benchmark_load(
         client_limit=client_limit,
         drain_timeout=drain_timeout,
         worker_class=worker_class,
+        queue_max_depth=queue_max_depth,
     )
     databases = list(DATABASES) if database == "both" else [database]
     with config_errors():
