@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from moderation.config_sections import QueueApiSettings, VideoSettings
+
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
 SECRETS_DIR_ENV = "MODERATION_SECRETS_DIR"
 """A folder of one file per setting (Docker secrets' /run/secrets), read after the environment."""
@@ -46,7 +48,7 @@ def _default_policies_dir() -> Path:
     return checkout if checkout.is_dir() else here / "_policies"
 
 
-class Settings(BaseSettings):
+class Settings(QueueApiSettings, VideoSettings, BaseSettings):
     """Every knob of the service. Field names map to ``MODERATION_<NAME>`` variables."""
 
     model_config = SettingsConfigDict(
@@ -178,51 +180,6 @@ class Settings(BaseSettings):
         ge=1,
         description="Frames of an animation that are screened: the most different ones.",
     )
-    # --- video uploads (issue 16 item 4): moderation.media.video ----------------------------
-    max_video_bytes: int = Field(
-        default=32 * 1024 * 1024, ge=1, description="Largest accepted video upload, bytes."
-    )
-    max_video_duration_s: float = Field(
-        default=300.0,
-        gt=0,
-        description="Longest accepted video, seconds; longer: unscannable too_long.",
-    )
-    max_video_frames: int = Field(
-        default=18_000,
-        ge=1,
-        description="Most frames decoded from one video; more: unscannable too_many_frames.",
-    )
-    max_video_side: int = Field(
-        default=4096, ge=16, description="Longest accepted video frame side, px."
-    )
-    max_video_pixels: int = Field(
-        default=4096 * 2304, ge=256, description="Largest accepted video frame, pixels."
-    )
-    max_video_decode_s: float = Field(
-        default=60.0,
-        gt=0,
-        description="Wall-clock budget for decoding one video, seconds (keep it well below "
-        "task_time_limit); past it: unscannable decode_timeout.",
-    )
-    video_screened_frames: int = Field(
-        default=32,
-        ge=1,
-        description="Most frames of a video screened by the image pipeline (fixed-rate and "
-        "scene-change frames; past it the most different ones).",
-    )
-    video_sample_interval_s: float = Field(
-        default=1.0,
-        gt=0,
-        description="Seconds between fixed-rate frames (vPDQ's seconds_per_hash).",
-    )
-    video_scene_threshold: float = Field(
-        default=30.0,
-        gt=0,
-        le=255,
-        description="Mean absolute difference (0-255) of consecutive 32 x 32 grey thumbnails "
-        "that marks a scene change.",
-    )
-
     # --- admin console (issue 5) ------------------------------------------------------------
     environment: Literal["production", "development"] = Field(
         default="production",
@@ -281,140 +238,6 @@ class Settings(BaseSettings):
         default=200,
         ge=1,
         description="Review items one reviewer may be shown per UTC day (reviewer wellness).",
-    )
-
-    # --- queue, workers, upload-hook API and callbacks (issue 3) ------------------------------
-    task_time_limit: int = Field(
-        default=120,
-        ge=1,
-        description="Seconds before a screening task's child process is killed (hard limit).",
-    )
-    visibility_timeout: int = Field(
-        default=300,
-        ge=1,
-        description="Seconds Redis waits before redelivering an unacknowledged task; workers "
-        "refuse to start unless it exceeds task_time_limit (RELIABILITY.md Q5).",
-    )
-    max_attempts: int = Field(
-        default=3,
-        ge=1,
-        description="Screening attempts per upload; one more delivery ends it unscannable "
-        "with reason poison.",
-    )
-    worker_batch_size: int = Field(
-        default=16,
-        ge=1,
-        le=1024,
-        description="Uploads a screening worker encodes in one batch: its own task's upload "
-        "plus fresh queued ones (1: one upload per task).",
-    )
-    worker_batch_wait_ms: float = Field(
-        default=20.0,
-        ge=0,
-        le=1000,
-        description="Bounded wait for more queued uploads when a batch is partly filled, ms.",
-    )
-    reconcile_after: int = Field(
-        default=300,
-        ge=1,
-        description="Seconds an upload may sit queued or processing (since its last send or "
-        "attempt) before the reconciler re-sends it.",
-    )
-    reconcile_interval: int = Field(
-        default=30, ge=1, description="Seconds between reconciler runs (Celery beat)."
-    )
-    snapshot_poll_interval: float = Field(
-        default=5.0,
-        gt=0,
-        description="Seconds between a worker's checks for a new index snapshot version.",
-    )
-    api_rate_limit: str = Field(
-        default="600/minute",
-        description="Uploads and other writes per API client (POST of a screening or an appeal, "
-        "the HMA API's hashing, photo lookups and bank writes), limits library syntax "
-        "(e.g. 10/second).",
-    )
-    api_status_rate_limit: str = Field(
-        default="1200/minute",
-        description="Reads per API client (GET of a screening, the HMA API's hash lookups and "
-        "bank listings), a window of its own: polling never uses up the upload budget.",
-    )
-    queue_max_depth: int = Field(
-        default=3000,
-        ge=1,
-        description="Uploads accepted but not yet screened (queued or processing), all clients "
-        "together, past which the upload hook answers 503 with Retry-After (RELIABILITY.md "
-        "S3); about a minute of the workers' throughput.",
-    )
-    queue_max_depth_per_client: int = Field(
-        default=1000,
-        ge=1,
-        description="The same bound per API client, past which its uploads answer 429 with "
-        "Retry-After, so one platform cannot fill the queue for the others.",
-    )
-    queue_retry_after: int = Field(
-        default=5,
-        ge=1,
-        le=3600,
-        description="Retry-After of an upload refused for a full queue, seconds.",
-    )
-    api_max_wait: float = Field(
-        default=10.0, gt=0, le=60, description="Longest ?wait= an upload request may ask, s."
-    )
-    web_active_requests: int = Field(
-        default=8,
-        ge=1,
-        le=256,
-        description="Requests one web process works on at once; more wait for a slot, their "
-        "connections held cheaply (admin/admission.py). Probes never wait.",
-    )
-    database_pool_size: int = Field(
-        default=12,
-        ge=1,
-        le=200,
-        description="PostgreSQL connections each process keeps open (SQLAlchemy pool); 8 more "
-        "may open under peaks. Keep above web_active_requests.",
-    )
-    api_max_concurrent_waits_per_client: int = Field(
-        default=8,
-        ge=1,
-        description="?wait= requests one API client may hold open at once (all web processes "
-        "together when Redis is set); past it the request answers 429 with Retry-After.",
-    )
-    callback_max_attempts: int = Field(
-        default=8, ge=1, description="Delivery attempts per callback before it is given up."
-    )
-    callback_backoff: float = Field(
-        default=2.0,
-        gt=0,
-        description="First retry delay of a failed callback, s; doubles per attempt (max 1 h).",
-    )
-    callback_timeout: float = Field(default=10.0, gt=0, description="Callback HTTP timeout, s.")
-    callback_allow_loopback: bool = Field(
-        default=False,
-        description="Development and tests only: callbacks and allowlist entries may reach "
-        "loopback addresses (127.0.0.0/8, ::1, localhost), over plain http too. Private, "
-        "link-local and metadata addresses stay refused. Plain http elsewhere needs "
-        "environment=development.",
-    )
-    metrics_dir: Path | None = Field(
-        default=None,
-        description="prometheus-client multiprocess directory shared by `serve` and `worker` "
-        "on one machine; default <data_dir>/metrics.",
-    )
-    metrics_token: SecretStr | None = Field(
-        default=None,
-        description="Bearer token that /metrics and the detailed /status require (Prometheus's "
-        "`authorization` setting), at least 32 characters; unset, both answer 404. /status/live "
-        "and /status/ready stay public and minimal.",
-    )
-    worker_metrics_port: int | None = Field(
-        default=None,
-        ge=1,
-        le=65535,
-        description="Port on which `moderation worker` serves its processes' metrics (latency "
-        "histograms, decisions) to Prometheus, behind the metrics token; unset: not served "
-        "(the web tier's /metrics then carries them only when both share a metrics dir).",
     )
 
     # --- logging -----------------------------------------------------------------------------
