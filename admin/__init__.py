@@ -86,7 +86,7 @@ def _install_admission(app: Flask, settings: Settings) -> None:
     app.extensions["moderation.admission"] = admission
 
 
-def admission() -> Any:
+def request_admission() -> Any:
     """The current app's :class:`admin.admission.RequestAdmission`."""
     return current_app.extensions["moderation.admission"]
 

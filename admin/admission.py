@@ -40,7 +40,8 @@ READ_CHUNK = 64 * 1024
 
 
 class RequestAdmission:
-    """WSGI middleware bounding the requests one process works on at once (see module doc).
+    """WSGI middleware bounding the requests one process works on at once (see module doc):
+    a slot is held while the app's callable runs (the view), not while a streamed body is sent.
 
     ``limit`` >= 1 requests in the app at once; ``spool_limit`` bytes: the largest declared
     ``Content-Length`` read before admission (larger bodies go to the app unread, which
@@ -60,15 +61,15 @@ class RequestAdmission:
         if environ.get("PATH_INFO") in EXEMPT_PATHS:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
         spooled = _spool_body(environ, self.spool_limit)
-        done = [self._release] if spooled is None else [self._release, spooled.close]
         self._acquire()
         try:
+            # Flask has run the view when this returns (a streamed body, e.g. an export, is
+            # iterated after the slot is given back): releasing here cannot leak a slot to a
+            # caller that never closes the response.
             result = self.app(environ, start_response)
-        except BaseException:
-            for callback in done:
-                callback()
-            raise
-        return ClosingIterator(result, done)
+        finally:
+            self._release()
+        return result if spooled is None else ClosingIterator(result, [spooled.close])
 
     @contextlib.contextmanager
     def idle(self) -> Iterator[None]:

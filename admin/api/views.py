@@ -178,9 +178,9 @@ def _answer(upload_id: str, wait: float, *, replayed: bool = False, post: bool =
     ``?wait=`` always answers ``202`` (README "HTTP upload hook")."""
     runtime = _runtime()
     if wait > 0:
-        from admin import admission
+        from admin import request_admission
 
-        with admission().idle():  # a long poll holds a greenlet, not a working slot
+        with request_admission().idle():  # a long poll holds a greenlet, not a working slot
             wait_for_upload(runtime, upload_id, wait, services().notifier)
     with runtime.sessions() as session:
         upload = session.get(Upload, upload_id)

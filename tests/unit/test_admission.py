@@ -155,3 +155,12 @@ def test_an_app_error_gives_the_slot_back() -> None:
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError):
         RequestAdmission(SlowApp(), limit=0, spool_limit=10)
+
+
+def test_a_response_never_closed_does_not_keep_its_slot() -> None:
+    inner = SlowApp(hold=0.0)
+    app = RequestAdmission(inner, limit=1, spool_limit=1024)
+    environ = {"PATH_INFO": "/x", "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+    for _ in range(3):  # a slot held until close() would block the second call for ever
+        app(environ, lambda status, headers: None)
+    assert inner.current == 0
