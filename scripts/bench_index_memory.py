@@ -7,6 +7,8 @@ Usage (from the repository root, vectors as ``moderation benchmark speed`` gener
 
     PYTHONPATH=$PWD python scripts/bench_index_memory.py N {sq8|pq128|pq32} [WORKDIR]
 
+The photos: ``MODERATION_BENCH_PHOTOS=DIR`` (``../shared/data/photos-dev``'s 458 photos for
+the figures in README; the 7 scikit-image photos give far denser clusters).
 A second run with the same N and kind reuses the built files (build time then nan).
 
 Prints build time, in-RAM bytes per entry, and for each (nprobe, k_factor) recall@10 against
@@ -126,9 +128,30 @@ def serve(index_path: str, rows_path: str, queries_path: str) -> None:
     print(json.dumps(out))
 
 
+def real_embeddings(work: Path) -> np.ndarray:
+    """The generator's real embeddings (``WORKDIR/real.npy``, else computed as ``moderation
+    benchmark speed`` does from ``MODERATION_BENCH_PHOTOS`` or its default photos, and saved)."""
+    cached = work / "real.npy"
+    if cached.exists():
+        return np.load(cached)
+    from PIL import Image
+
+    from moderation.benchmark.speed import find_images
+    from moderation.config import load_settings
+    from moderation.signals.encoders import create_encoder
+
+    photos = os.environ.get("MODERATION_BENCH_PHOTOS")
+    paths = find_images(Path(photos) if photos else None)
+    settings = load_settings()
+    encoder = create_encoder(settings.encoder, device=settings.device)
+    real = si.real_embeddings([Image.open(p).convert("RGB") for p in paths], encoder.encode)
+    np.save(cached, real)
+    return real
+
+
 def report(n: int, kind: str, work: Path) -> None:
     """Build, then measure in a fresh process, and print one line per search setting."""
-    gen = si.Generator(np.load(work / "real.npy"))
+    gen = si.Generator(real_embeddings(work))
     queries = si._queries(gen, n)
     true_scores, true_ids = si._exact(gen, n, queries, 10)
     np.save(work / "queries.npy", queries)
