@@ -13,7 +13,7 @@ A second run with the same N and kind reuses the built files (build time then na
 
 Prints build time, in-RAM bytes per entry, and for each (nprobe, k_factor) recall@10 against
 exact search (strict and ann-benchmarks' tolerant form, 1e-3), p50/p99 ms per single query, and
-the VmHWM/VmRSS of a fresh process that loads the serialized candidate index, maps the rows and
+the VmHWM/VmRSS of a fresh process that loads the serialized candidate index, reads the rows and
 runs the queries (the worker's view). Not a pytest: a measurement tool, run by hand.
 """
 
