@@ -28,8 +28,45 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.close()
+
+
+#: How long a statement waits for SQLite's locks before "database is locked", ms.
+BUSY_TIMEOUT_MS = 30_000
+
+#: Longest pause between two tries for the write lock in :func:`_begin_immediate`, s.
+LOCK_POLL_MAX = 0.02
+
+
+def _begin_immediate(dbapi_connection: Any) -> None:
+    """``BEGIN IMMEDIATE``, waiting for the write lock in Python rather than in SQLite's busy
+    handler: the handler sleeps inside the C call, which under gevent (``moderation serve``)
+    stops every greenlet of the process, liveness probe included, for as long as the worker
+    holds the lock; ``time.sleep`` yields (and in a thread just sleeps). Tries with doubling
+    pauses from 1 ms to :data:`LOCK_POLL_MAX` for up to :data:`BUSY_TIMEOUT_MS`.
+
+    Raises:
+        sqlite3.OperationalError: the lock was not free within the busy timeout.
+    """
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    dbapi_connection.execute("PRAGMA busy_timeout=0")
+    try:
+        while True:
+            try:
+                dbapi_connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, LOCK_POLL_MAX)
+    finally:
+        dbapi_connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 #: Connection execution option that :func:`transaction` sets: its SQLite transaction takes the
@@ -45,7 +82,7 @@ def _sqlite_begin(connection: Any) -> None:
     # DEFERRED and, in WAL mode, reads its snapshot without waiting for a writer
     # (https://www.sqlite.org/lang_transaction.html, https://www.sqlite.org/wal.html).
     if connection.get_execution_options().get(WRITE_INTENT):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        _begin_immediate(connection.connection.dbapi_connection)
     else:
         connection.exec_driver_sql("BEGIN")
 
