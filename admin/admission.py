@@ -13,7 +13,9 @@ So this WSGI middleware, the outermost one, admits a request into the app only w
 ``limit`` are in it (a ``threading.BoundedSemaphore``: a greenlet semaphore once gevent has
 patched ``threading``; FIFO enough under gevent's hub). Before waiting for a slot it reads a
 request body of known length (up to ``spool_limit`` bytes; spooled to a temporary file past 1 MiB)
-so a client that sends its body slowly holds a greenlet but never a slot. Liveness and readiness
+of an API request with a bearer token, so such a client that sends its body slowly holds a
+greenlet but never a slot (other requests' bodies are left to the app, which refuses anonymous
+ones before reading them, RELIABILITY.md S8). Liveness and readiness
 (``/status/live``, ``/status/ready``) skip the queue: they must answer while the app is busy
 (RELIABILITY.md S1, S2). A ``?wait=`` long poll gives its slot back while it waits
 (:meth:`RequestAdmission.idle`).
@@ -31,6 +33,9 @@ from werkzeug.wsgi import ClosingIterator
 
 #: Paths answered without queueing for a slot (probes).
 EXEMPT_PATHS = frozenset({"/status/live", "/status/ready"})
+
+#: Paths whose bodies are read before admission (the upload hook and the HMA API).
+SPOOLED_PREFIXES = ("/api/", "/hma/")
 
 #: Bodies up to this size are spooled in memory before admission, larger ones to a temp file.
 SPOOL_MEMORY_BYTES = 1024 * 1024
@@ -60,7 +65,7 @@ class RequestAdmission:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         if environ.get("PATH_INFO") in EXEMPT_PATHS:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
-        spooled = _spool_body(environ, self.spool_limit)
+        spooled = _spool_body(environ, self.spool_limit) if _spoolable(environ) else None
         self._acquire()
         try:
             # Flask has run the view when this returns (a streamed body, e.g. an export, is
@@ -92,6 +97,15 @@ class RequestAdmission:
         if getattr(self._local, "held", False):
             self._local.held = False
             self._slots.release()
+
+
+def _spoolable(environ: dict[str, Any]) -> bool:
+    """Bodies read ahead: those of the machine APIs (:data:`SPOOLED_PREFIXES`) sent with a bearer
+    token. Anything else reaches the app unread, so an anonymous console form is refused before
+    its body is read (RELIABILITY.md S8) and no anonymous request costs a read of its body."""
+    path = environ.get("PATH_INFO") or ""
+    authorization = environ.get("HTTP_AUTHORIZATION") or ""
+    return path.startswith(SPOOLED_PREFIXES) and authorization[:7].lower() == "bearer "
 
 
 def _spool_body(environ: dict[str, Any], spool_limit: int) -> IO[bytes] | None:

@@ -48,6 +48,7 @@ def call(app: Any, path: str = "/api/v1/screenings", body: bytes = b"") -> bytes
         "PATH_INFO": path,
         "REQUEST_METHOD": "POST" if body else "GET",
         "CONTENT_LENGTH": str(len(body)) if body else "",
+        "HTTP_AUTHORIZATION": "Bearer mod_test",
         "wsgi.input": io.BytesIO(body),
     }
     result = app(environ, lambda status, headers: None)
@@ -136,9 +137,36 @@ def test_a_body_over_the_spool_limit_goes_to_the_app_unread() -> None:
         "PATH_INFO": "/api/v1/screenings",
         "REQUEST_METHOD": "POST",
         "CONTENT_LENGTH": "100",
+        "HTTP_AUTHORIZATION": "Bearer mod_test",
         "wsgi.input": original,
     }
     RequestAdmission(app, limit=1, spool_limit=10)(environ, lambda *a: None)
+    assert seen == [original] and original.tell() == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "authorization"),
+    [("/login", "Bearer mod_test"), ("/api/v1/screenings", ""), ("/hma/h/hash", "Basic x")],
+)
+def test_console_and_anonymous_bodies_reach_the_app_unread(path: str, authorization: str) -> None:
+    """S8: the app refuses an anonymous console form before reading its body; admission must
+    not read it first."""
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        seen.append(environ["wsgi.input"])
+        start_response("413 Request Entity Too Large", [])
+        return [b""]
+
+    original = io.BytesIO(b"x" * 100)
+    environ = {
+        "PATH_INFO": path,
+        "REQUEST_METHOD": "POST",
+        "CONTENT_LENGTH": "100",
+        "HTTP_AUTHORIZATION": authorization,
+        "wsgi.input": original,
+    }
+    RequestAdmission(app, limit=1, spool_limit=1000)(environ, lambda *a: None)
     assert seen == [original] and original.tell() == 0
 
 
