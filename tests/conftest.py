@@ -227,9 +227,10 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
 
 @pytest.fixture
 def make_pg_stack(
-    make_stack: Callable[..., Stack], redis_server: RedisServer, postgres_url: str
+    postgres_url: str, redis_server: RedisServer, make_stack: Callable[..., Stack]
 ) -> Callable[..., Stack]:
-    """``make_stack`` on a fresh PostgreSQL database with the test's Redis as broker."""
+    """``make_stack`` on a fresh PostgreSQL database with the test's Redis as broker (set up
+    in this order so teardown stops the stack's processes before Redis and the database go)."""
     return functools.partial(make_stack, database_url=postgres_url, broker_url=redis_server.url)
 
 
