@@ -117,6 +117,7 @@ class Background:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> None:
+        """One sample; each subclass (the RSS sampler, the liveness prober) defines it."""
         raise NotImplementedError
 
     def _loop(self) -> None:
