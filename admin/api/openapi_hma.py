@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-_SIGNAL_TYPES = ["pdq", "md5", "sha1", "sha256", "video_md5", "photo_md5", "video_sha256"]
+_SIGNAL_TYPES = [
+    "pdq",
+    "md5",
+    "sha1",
+    "sha256",
+    "video_md5",
+    "photo_md5",
+    "video_sha256",
+    "vpdq",
+]
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -41,19 +50,6 @@ _LOOKUP_ERRORS = {
     **_COMMON_ERRORS,
     "503": _error("The index (current snapshot) cannot be read yet."),
 }
-_PHOTO_UPLOAD = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["photo"],
-                "properties": {"photo": {"type": "string", "contentMediaType": "image/*"}},
-            }
-        }
-    },
-}
-
 _PHOTO_OR_VIDEO_UPLOAD = {
     "required": True,
     "content": {
@@ -77,7 +73,10 @@ def _match_with_distance() -> dict[str, Any]:
         "required": ["bank_content_id", "distance"],
         "properties": {
             "bank_content_id": {"type": "integer", "description": "The entry id (e_<n>)."},
-            "distance": {"type": "string", "description": "PDQ Hamming distance; 0 exact."},
+            "distance": {
+                "type": "string",
+                "description": "PDQ Hamming distance; 0 exact; vpdq: 'query%[compared%]'.",
+            },
         },
     }
 
@@ -137,14 +136,14 @@ def _lookup() -> dict[str, Any]:
         "post": {
             "operationId": "hmaLookupUpload",
             "parameters": [_BANKS],
-            "requestBody": _PHOTO_UPLOAD,
+            "requestBody": _PHOTO_OR_VIDEO_UPLOAD,
             "responses": {
                 "200": _json(
                     "Signal type -> matches by bank.",
                     {"type": "object", "additionalProperties": _by_bank()},
                 ),
                 **_LOOKUP_ERRORS,
-                "413": _error("Photo over the size limit."),
+                "413": _error("Photo or video over its size limit."),
             },
         },
     }

@@ -160,11 +160,6 @@ def _required(name: str) -> str:
     return value
 
 
-def _uploaded_photo() -> bytes:
-    """The one uploaded file, in the multipart field ``photo`` (HMA's content type name)."""
-    return _uploaded_content((PHOTO_FIELD,))[1]
-
-
 def _uploaded_content(fields: tuple[str, ...]) -> tuple[str, bytes]:
     """(field, bytes) of the one uploaded file, whose multipart field (HMA's content type
     name) is one of ``fields``; a video is held to ``max_video_bytes``."""
@@ -189,7 +184,7 @@ def _by_bank(matches: list[HashMatch]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for match in matches:
         grouped.setdefault(match.bank, []).append(
-            {"bank_content_id": match.entry_id, "distance": str(match.distance)}
+            {"bank_content_id": match.entry_id, "distance": match.distance_str}
         )
     return grouped
 
@@ -217,7 +212,7 @@ def raw_lookup() -> Any:
     if include_distance:
         return {
             "matches": [
-                {"bank_content_id": m.entry_id, "distance": str(m.distance)} for m in matches
+                {"bank_content_id": m.entry_id, "distance": m.distance_str} for m in matches
             ]
         }
     return {"matches": [m.entry_id for m in matches]}
@@ -242,18 +237,23 @@ def lookup_get() -> Any:
 
 @bp.post("/m/lookup")
 def lookup_post() -> Any:
-    """Hash the uploaded photo and look every signal up: ``{signal type: {bank name:
+    """Hash the uploaded photo (multipart field ``photo``) or video (``video``: its vPDQ and
+    exact hashes) and look every signal up: ``{signal type: {bank name:
     [{"bank_content_id", "distance"}, ...]}}``."""
     client_id = authenticated_client_id()
-    data = _uploaded_photo()
+    field, data = _uploaded_content((PHOTO_FIELD, VIDEO_FIELD))
     runtime = _runtime()
     try:
-        with runtime.sessions() as session:
-            found = _cache().lookup_content(
-                session, runtime.keyring, data, runtime.limits, banks=_banks_param(client_id)
-            )
+        if field == VIDEO_FIELD:
+            signals = hash_video_content(data, runtime.video_limits)
+        else:
+            signals = hash_content(data, runtime.limits)
     except UnscannableImage as exc:
-        raise HmaError(400, f"the photo cannot be hashed: {exc.reason}") from exc
+        raise HmaError(400, f"the {field} cannot be hashed: {exc.reason}") from exc
+    with runtime.sessions() as session:
+        found = _cache().lookup_signals(
+            session, runtime.keyring, signals, banks=_banks_param(client_id)
+        )
     return {kind: _by_bank(matches) for kind, matches in found.items()}
 
 

@@ -1,11 +1,12 @@
 """The decrypted, in-memory blocklist of one snapshot version, as workers load it.
 
 Entry metadata lives in SQL (:mod:`moderation.banks.records`); every entry's signals
-(embedding, PDQ digest, region embeddings; for hash-list entries a PDQ digest and keyed exact
-hashes, :mod:`moderation.banks.hash_entries`) live only in the current encrypted snapshot
-(:mod:`moderation.banks.versions`, payload in :mod:`moderation.banks.snapshot_payload`).
-:func:`load_blocklist` decrypts the current version and builds its indexes, using the
-snapshot's stored cosine index when it holds exactly the loaded entries.
+(embedding, PDQ digest, region embeddings; for hash-list entries a PDQ digest, keyed exact
+hashes or a vPDQ signature, :mod:`moderation.banks.hash_entries`) live only in the current
+encrypted snapshot (:mod:`moderation.banks.versions`, payload in
+:mod:`moderation.banks.snapshot_payload`). :func:`load_blocklist` decrypts the current version
+and builds its indexes, using the snapshot's stored cosine index when it holds exactly the
+loaded entries.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from moderation.banks.versions import (
     read_payload,
     snapshot_exact_key,
 )
+from moderation.banks.vpdq_scan import VpdqScan
 from moderation.crypto.keys import KeyRing
 from moderation.signals.exact import EXACT_KINDS
 from moderation.storage.models import IndexSnapshot
@@ -55,6 +57,8 @@ class Blocklist:
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     # HMAC key of the keyed exact hashes (None: no hash-list entry has one).
     exact_key: bytes | None = None
+    # The vPDQ signatures of active hash-list entries (video uploads are matched against them).
+    vpdq: VpdqScan = field(default_factory=VpdqScan.empty)
     _rows: dict[int, int] = field(default_factory=dict)
     _hash_rows: dict[int, int] = field(default_factory=dict)
     _exact: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)
@@ -206,7 +210,8 @@ def _build(
     ids = payload.entry_ids[mask]
     cosine = _cosine_index(payload, ids, mask)
     hashes = payload.hashes
-    hash_mask = hashes.active & hashes.has_pdq & np.isin(hashes.entry_ids, known)
+    listed = np.isin(hashes.entry_ids, known)
+    hash_mask = hashes.active & hashes.has_pdq & listed
     pdq = HammingIndex.build(
         np.concatenate([ids, hashes.entry_ids[hash_mask]]),
         np.concatenate([payload.pdq[mask], hashes.pdq[hash_mask]]),
@@ -220,4 +225,7 @@ def _build(
         pdq=pdq,
         payload=payload,
         exact_key=exact_key,
+        vpdq=VpdqScan.of(
+            hashes, hashes.entry_ids[hashes.active & np.isin(hashes.entry_ids, known)]
+        ),
     )

@@ -18,7 +18,16 @@ array                    dtype, shape       meaning
 ``exact_keyed``          uint8 (x, 32)      HMAC-SHA256 keyed digest (never the digest)
 ``exact_sealed``         uint8 (x, 60)      the digest sealed for export: AES-256-GCM
                                             nonce 12 + ciphertext 32 (zero-padded) + tag 16
+``vpdq_entry_ids``       int64 (v,)         owner entry of each vPDQ frame (in list order)
+``vpdq_pdq``             uint8 (v, 32)      the frame's PDQ digest
+``vpdq_quality``         uint8 (v,)         the frame's PDQ quality, 0-100
+``vpdq_timestamps``      float64 (v,)       the frame's time, seconds
 =======================  =================  ============================================
+
+A vPDQ entry (a video's signature from a hash list, :mod:`moderation.signals.vpdq`) has no
+PDQ digest of its own (``hash_has_pdq`` false) and one ``vpdq_*`` row per frame, in the order
+of its signal; the four ``vpdq_*`` arrays are written only when some entry has frames, so
+payloads without vPDQ entries are byte-identical to those written before them.
 
 The snapshot is encrypted as a whole; the exact hashes are keyed as well, so a worker that has
 decrypted the snapshot still holds no list of banned files, only values it can compare an
@@ -38,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from moderation.crypto.aead import NONCE_BYTES, TAG_BYTES, decrypt
 from moderation.signals.exact import DIGEST_BYTES, EXACT_KINDS, KEYED_BYTES, keyed
+from moderation.signals.vpdq import VpdqFeature
 
 PDQ_BYTES: Final = 32
 #: ``hash_pdq_quality`` of a digest whose list gave no quality.
@@ -98,7 +108,13 @@ _ARRAY_NAMES: Final = {
     "exact_kinds": "exact_kinds",
     "exact_keyed": "exact_keyed",
     "exact_sealed": "exact_sealed",
+    "vpdq_entry_ids": "vpdq_entry_ids",
+    "vpdq_pdq": "vpdq_pdq",
+    "vpdq_quality": "vpdq_quality",
+    "vpdq_timestamps": "vpdq_timestamps",
 }
+#: The fields that are per vPDQ frame (optional in a payload).
+_VPDQ_FIELDS: Final = ("vpdq_entry_ids", "vpdq_pdq", "vpdq_quality", "vpdq_timestamps")
 
 
 def _empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray[Any, Any]:
@@ -122,6 +138,14 @@ class HashEntries:
     exact_sealed: npt.NDArray[np.uint8] = field(
         default_factory=lambda: _empty((0, SEALED_BYTES), np.uint8)
     )
+    vpdq_entry_ids: npt.NDArray[np.int64] = field(default_factory=lambda: _empty((0,), np.int64))
+    vpdq_pdq: npt.NDArray[np.uint8] = field(
+        default_factory=lambda: _empty((0, PDQ_BYTES), np.uint8)
+    )
+    vpdq_quality: npt.NDArray[np.uint8] = field(default_factory=lambda: _empty((0,), np.uint8))
+    vpdq_timestamps: npt.NDArray[np.float64] = field(
+        default_factory=lambda: _empty((0,), np.float64)
+    )
 
     def __len__(self) -> int:
         return len(self.entry_ids)
@@ -131,7 +155,8 @@ class HashEntries:
         without them stay byte-identical to those written before hash lists)."""
         if not len(self.entry_ids):
             return {}
-        return {_ARRAY_NAMES[k]: v for k, v in self.arrays_full().items()}
+        skip = () if len(self.vpdq_entry_ids) else _VPDQ_FIELDS
+        return {_ARRAY_NAMES[k]: v for k, v in self.arrays_full().items() if k not in skip}
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray[Any, Any]]) -> HashEntries:
@@ -154,6 +179,7 @@ class HashEntries:
             exact_sealed=arrays["exact_sealed"]
             .astype(np.uint8, copy=False)
             .reshape(-1, SEALED_BYTES),
+            **_vpdq_arrays(arrays),
         )
         n, x = len(entries.entry_ids), len(entries.exact_entry_ids)
         if not (len(entries.pdq) == len(entries.pdq_quality) == len(entries.has_pdq) == n):
@@ -164,6 +190,11 @@ class HashEntries:
             raise ValueError("snapshot payload exact-hash arrays disagree in length")
         if x and int(entries.exact_kinds.max()) >= len(EXACT_KINDS):
             raise ValueError("snapshot payload names an unknown exact-hash kind")
+        v = len(entries.vpdq_entry_ids)
+        if not (
+            len(entries.vpdq_pdq) == len(entries.vpdq_quality) == len(entries.vpdq_timestamps) == v
+        ):
+            raise ValueError("snapshot payload vPDQ arrays disagree in length")
         return entries
 
     def exact_owners(self, keep: Container[int]) -> dict[tuple[int, bytes], list[int]]:
@@ -182,6 +213,7 @@ class HashEntries:
         removed_ids = np.fromiter(removed, dtype=np.int64)
         keep = ~np.isin(self.entry_ids, removed_ids)
         keep_exact = ~np.isin(self.exact_entry_ids, removed_ids)
+        keep_vpdq = ~np.isin(self.vpdq_entry_ids, removed_ids)
         return HashEntries(
             entry_ids=self.entry_ids[keep],
             pdq=self.pdq[keep],
@@ -192,6 +224,10 @@ class HashEntries:
             exact_kinds=self.exact_kinds[keep_exact],
             exact_keyed=self.exact_keyed[keep_exact],
             exact_sealed=self.exact_sealed[keep_exact],
+            vpdq_entry_ids=self.vpdq_entry_ids[keep_vpdq],
+            vpdq_pdq=self.vpdq_pdq[keep_vpdq],
+            vpdq_quality=self.vpdq_quality[keep_vpdq],
+            vpdq_timestamps=self.vpdq_timestamps[keep_vpdq],
         )
 
     def with_added(self, added: HashEntries) -> HashEntries:
@@ -213,11 +249,40 @@ class HashEntries:
             "exact_kinds": self.exact_kinds,
             "exact_keyed": self.exact_keyed,
             "exact_sealed": self.exact_sealed,
+            "vpdq_entry_ids": self.vpdq_entry_ids,
+            "vpdq_pdq": self.vpdq_pdq,
+            "vpdq_quality": self.vpdq_quality,
+            "vpdq_timestamps": self.vpdq_timestamps,
         }
+
+    def vpdq_frames(self, entry_id: int) -> list[VpdqFeature]:
+        """The vPDQ frames of one entry, in its signal's order (empty: not a vPDQ entry)."""
+        rows = np.flatnonzero(self.vpdq_entry_ids == entry_id)
+        return [
+            VpdqFeature(
+                position,
+                int(self.vpdq_quality[row]),
+                self.vpdq_pdq[row].tobytes().hex(),
+                float(self.vpdq_timestamps[row]),
+            )
+            for position, row in enumerate(rows.tolist())
+        ]
 
     def exact_rows(self, entry_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
         """Row numbers of the exact hashes owned by ``entry_ids``."""
         return np.flatnonzero(np.isin(self.exact_entry_ids, entry_ids))
+
+
+def _vpdq_arrays(arrays: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+    """The ``vpdq_*`` arrays of a decoded payload (absent in one without vPDQ entries)."""
+    if "vpdq_entry_ids" not in arrays:
+        return {}
+    return {
+        "vpdq_entry_ids": arrays["vpdq_entry_ids"].astype(np.int64, copy=False),
+        "vpdq_pdq": arrays["vpdq_pdq"].astype(np.uint8, copy=False).reshape(-1, PDQ_BYTES),
+        "vpdq_quality": arrays["vpdq_quality"].astype(np.uint8, copy=False),
+        "vpdq_timestamps": arrays["vpdq_timestamps"].astype(np.float64, copy=False),
+    }
 
 
 def rows_of(values: Sequence[bytes], width: int) -> npt.NDArray[np.uint8]:

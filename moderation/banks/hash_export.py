@@ -1,7 +1,8 @@
 """Hash-list banks: export a bank's hashes as a hash list.
 
-:func:`export_hashes` writes the bank's PDQ digests (hash-list and image entries) and the exact
-hashes it was given, in a ThreatExchange-compatible format
+:func:`export_hashes` writes the bank's PDQ digests (hash-list and image entries), its vPDQ
+video signatures (as python-threatexchange's ``VPDQSignal`` strings) and the exact hashes it was
+given, in a ThreatExchange-compatible format
 (:func:`moderation.banks.hashlists.writer.write_hash_list`), so another HMA or
 python-threatexchange deployment can import them; audited. The import side is
 :mod:`moderation.banks.hash_import`.
@@ -20,6 +21,7 @@ from moderation.banks.hash_entries import UNKNOWN_QUALITY, open_digest
 from moderation.banks.hash_import import current_payload
 from moderation.banks.hashlists.records import HashRecord
 from moderation.banks.hashlists.writer import write_hash_list
+from moderation.banks.import_signals import vpdq_signals
 from moderation.banks.records import BlocklistError, get_bank
 from moderation.banks.sealed_fields import entry_labels
 from moderation.crypto.deployment import existing_deployment_secret
@@ -53,6 +55,8 @@ def _export_records(
         signals.setdefault(eid, {})["pdq"] = hashes.pdq[row].tobytes().hex()
         q = int(hashes.pdq_quality[row])
         quality[eid] = None if q == UNKNOWN_QUALITY else q
+    for eid, signal in vpdq_signals(hashes, ids).items():
+        signals.setdefault(eid, {})["vpdq"] = signal
     exact_rows = hashes.exact_rows(ids)
     if with_exact and len(exact_rows):
         key = existing_deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME)
@@ -77,7 +81,8 @@ def _export_records(
 def export_hashes(runtime: Runtime, bank_name: str, out: TextIO, *, fmt: str, actor: str) -> int:
     """Write bank ``bank_name``'s hashes to ``out`` in format ``fmt``; returns records written.
 
-    PDQ digests of every entry (hash-list and image entries) and, unless ``fmt`` is ``pdq``,
+    PDQ digests of every entry (hash-list and image entries), vPDQ signatures (only the
+    ``threatexchange`` and ``te-csv`` formats can carry them) and, unless ``fmt`` is ``pdq``,
     the exact hashes the bank was given (unsealed: the file is a plaintext hash list, so the
     export is an audit event naming the actor, bank, format and count).
 

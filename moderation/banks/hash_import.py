@@ -3,14 +3,15 @@
 Import (:func:`import_hash_list`): the list is parsed whole first
 (:func:`moderation.banks.hashlists.parse_hash_list`); one malformed line and nothing is imported
 (:class:`HashListError` lists every line and reason). Otherwise every record becomes one entry
-(``origin="hash_list"``) in one transaction that also writes the next snapshot version and one
-audit event. A record whose signals are all already in the bank (or repeated in the file) is
-merged, not added. PDQ digests go into the snapshot as they are; exact hashes (MD5, SHA-1,
-SHA-256) only keyed, plus sealed for export (:mod:`moderation.banks.hash_entries`), so neither
-the database nor the data directory ever holds a plaintext list. Entries are inserted in bulk
-(ids reserved up front, one executemany of every row), so a million-line list imports in seconds.
-:func:`add_signals` is the same path for signals given one by one (the HMA API). The export
-side is :mod:`moderation.banks.hash_export`.
+(``origin="hash_list"``) in one transaction that also writes the next snapshot version and one audit
+event. A record whose signals are all already in the bank (or repeated in the file) is merged, not
+added. PDQ digests go into the snapshot as they are, and so do the frames of vPDQ video signatures
+(digest, quality, timestamp: :mod:`moderation.banks.import_signals`); exact hashes (MD5, SHA-1,
+SHA-256) only keyed, plus sealed for export (:mod:`moderation.banks.hash_entries`), so neither the
+database nor the data directory ever holds a plaintext list. Entries are inserted in bulk (ids
+reserved up front, one executemany of every row), so a million-line list imports in seconds.
+:func:`add_signals` is the same path for signals given one by one (the HMA API). The export side is
+:mod:`moderation.banks.hash_export`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -28,24 +29,18 @@ from sqlalchemy import Table, func, select, text
 from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event
-from moderation.banks.hash_entries import (
-    PDQ_BYTES,
-    SEALED_BYTES,
-    UNKNOWN_QUALITY,
-    ExactSealer,
-    ExactSignal,
-    HashEntries,
-    rows_of,
-)
+from moderation.banks.hash_entries import ExactSealer, HashEntries
 from moderation.banks.hashlists import gc_paused, parse_hash_list
 from moderation.banks.hashlists.records import (
-    SIGNAL_TYPES,
+    LIST_SIGNAL_TYPES,
     HashRecord,
     LineProblem,
     ListSource,
     check_value,
+    vpdq_unusable,
 )
 from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
+from moderation.banks.import_signals import NewEntries, bank_signals, needs_sealer, new_signals
 from moderation.banks.operations import commit_with_snapshot
 from moderation.banks.records import BlocklistError, get_bank
 from moderation.banks.sealed_fields import BankSealer
@@ -55,9 +50,6 @@ from moderation.crypto.deployment import deployment_secret
 from moderation.signals.exact import (
     EXACT_EXPORT_KEY_NAME,
     EXACT_KEY_NAME,
-    EXACT_KINDS,
-    KEYED_BYTES,
-    parse_hex,
 )
 from moderation.storage.models import Entry
 
@@ -65,9 +57,6 @@ if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-_NO_PDQ: Final = bytes(PDQ_BYTES)
-_KIND_INDEX: Final = {kind: i for i, kind in enumerate(EXACT_KINDS)}
 
 #: Malformed lines quoted in a :class:`HashListError` message (all are in ``errors``).
 ERRORS_SHOWN = 20
@@ -113,15 +102,6 @@ class HashImportReport:
         }
 
 
-@dataclass
-class _BankSignals:
-    """The signals already in one bank -> their owner: an entry id (>= 0), or ``-(k + 1)`` for
-    the k-th entry this import adds (its id is known only after the insert)."""
-
-    pdq: dict[bytes, int] = field(default_factory=dict)
-    exact: dict[tuple[str, bytes], int] = field(default_factory=dict)
-
-
 def _bank_entry_ids(session: Session, bank_id: int) -> npt.NDArray[np.int64]:
     return np.fromiter(
         session.scalars(select(Entry.id).where(Entry.bank_id == bank_id)), dtype=np.int64
@@ -138,59 +118,6 @@ def current_payload(session: Session, runtime: Runtime) -> Payload | None:
     if row is None:
         return None
     return read_payload(session, runtime.keyring, runtime.settings.snapshots_dir, row)
-
-
-def _bank_signals(payload: Payload | None, ids: npt.NDArray[np.int64]) -> _BankSignals:
-    present = _BankSignals()
-    if payload is None:
-        return present
-    hashes = payload.hashes
-    for digests, owners, mine in (
-        (payload.pdq, payload.entry_ids, np.isin(payload.entry_ids, ids)),
-        (hashes.pdq, hashes.entry_ids, np.isin(hashes.entry_ids, ids) & hashes.has_pdq),
-    ):
-        present.pdq.update(
-            (bytes(row), eid) for row, eid in zip(digests[mine], owners[mine].tolist(), strict=True)
-        )
-    rows = hashes.exact_rows(ids)
-    present.exact.update(
-        (
-            (EXACT_KINDS[int(hashes.exact_kinds[r])], bytes(hashes.exact_keyed[r])),
-            int(hashes.exact_entry_ids[r]),
-        )
-        for r in rows
-    )
-    return present
-
-
-def _new_signals(
-    record: HashRecord, present: _BankSignals, sealer: ExactSealer | None, pending: int
-) -> tuple[bytes | None, list[ExactSignal]] | int:
-    """The record's PDQ digest and exact signals when the bank lacks one of them (the new ones
-    are then owned by ``pending``), else the owner of the record's first signal."""
-    if len(record.signals) == 1 and "pdq" in record.signals:  # most lists: PDQ only
-        digest = bytes.fromhex(record.signals["pdq"])
-        owner = present.pdq.setdefault(digest, pending)
-        return (digest, []) if owner == pending else owner
-    pdq_hex = record.signals.get("pdq")
-    pdq = bytes.fromhex(pdq_hex) if pdq_hex else None
-    exact = [
-        sealer.signal(kind, parse_hex(kind, value))
-        for kind, value in record.signals.items()
-        if kind != "pdq" and sealer is not None
-    ]
-    owners = [present.pdq.get(pdq)] if pdq is not None else []
-    owners += [present.exact.get((e.kind, e.keyed)) for e in exact]
-    if not owners:
-        raise ValueError(f"{record.ref}: a record without signals")
-    known = [owner for owner in owners if owner is not None]
-    if len(known) == len(owners):
-        return known[0]
-    if pdq is not None:
-        present.pdq.setdefault(pdq, pending)
-    for e in exact:
-        present.exact.setdefault((e.kind, e.keyed), pending)
-    return pdq, exact
 
 
 def _reserve_entry_ids(session: Session, count: int) -> list[int]:
@@ -262,50 +189,6 @@ def _insert_entries(
     return ids
 
 
-class _NewEntries:
-    """The kept records of an import and their signals, gathered as array rows (a million
-    per-entry objects would cost more than the import's database work)."""
-
-    def __init__(self) -> None:
-        self.records: list[HashRecord] = []
-        self._pdq: list[bytes] = []
-        self._quality: list[int] = []
-        self._has_pdq: list[bool] = []
-        self._exact_owner: list[int] = []
-        self._exact_kind: list[int] = []
-        self._keyed: list[bytes] = []
-        self._sealed: list[bytes] = []
-
-    def add(self, record: HashRecord, pdq: bytes | None, exact: Sequence[ExactSignal]) -> None:
-        row = len(self.records)
-        self.records.append(record)
-        self._pdq.append(pdq if pdq is not None else _NO_PDQ)
-        self._has_pdq.append(pdq is not None)
-        quality = record.pdq_quality
-        self._quality.append(UNKNOWN_QUALITY if quality is None or pdq is None else quality)
-        for signal in exact:
-            self._exact_owner.append(row)
-            self._exact_kind.append(_KIND_INDEX[signal.kind])
-            self._keyed.append(signal.keyed)
-            self._sealed.append(signal.sealed)
-
-    def entries(self, ids: Sequence[int]) -> HashEntries:
-        """The gathered rows as new (active) :class:`HashEntries` with entry ids ``ids``."""
-        entry_ids = np.array(ids, np.int64)
-        owner = np.array(self._exact_owner, np.intp)
-        return HashEntries(
-            entry_ids=entry_ids,
-            pdq=rows_of(self._pdq, PDQ_BYTES),
-            pdq_quality=np.array(self._quality, np.uint8),
-            has_pdq=np.array(self._has_pdq, np.bool_),
-            active=np.ones(len(entry_ids), np.bool_),
-            exact_entry_ids=entry_ids[owner] if len(owner) else np.zeros(0, np.int64),
-            exact_kinds=np.array(self._exact_kind, np.uint8),
-            exact_keyed=rows_of(self._keyed, KEYED_BYTES),
-            exact_sealed=rows_of(self._sealed, SEALED_BYTES),
-        )
-
-
 def import_hash_list(
     runtime: Runtime,
     bank_name: str,
@@ -350,13 +233,15 @@ def import_hash_list(
 
 
 def signal_record(signals: Mapping[str, str], *, ref: str, label: str = "") -> HashRecord:
-    """One record of signals given by name (``{"pdq": "<64 hex>", "md5": ...}``; ThreatExchange
-    names such as ``video_md5`` are accepted, :data:`moderation.banks.hashlists.TE_SIGNAL_TYPES`),
-    validated and canonicalised for :func:`add_signals`.
+    """One record of signals given by name (``{"pdq": "<64 hex>", "md5": ...}``, ``"vpdq"``: a
+    ``VPDQSignal`` string; ThreatExchange names such as ``video_md5`` are accepted,
+    :data:`moderation.banks.hashlists.TE_SIGNAL_TYPES`), validated and canonicalised for
+    :func:`add_signals`.
 
     Raises:
         ValueError: no signals, an unsupported signal type, a value of the wrong length or not
-            hexadecimal, or two values for one signal type (the message says which).
+            hexadecimal, a malformed vPDQ signal or one without a usable frame, or two values
+            for one signal type (the message says which).
     """
     if not signals:
         raise ValueError("no signals given")
@@ -364,37 +249,42 @@ def signal_record(signals: Mapping[str, str], *, ref: str, label: str = "") -> H
     for name, value in signals.items():
         kind = TE_SIGNAL_TYPES.get(name)
         if kind is None:
-            raise ValueError(f"no such signal type {name!r}; supported: {', '.join(SIGNAL_TYPES)}")
+            supported = ", ".join(LIST_SIGNAL_TYPES)
+            raise ValueError(f"no such signal type {name!r}; supported: {supported}")
         if not isinstance(value, str):
             raise ValueError(f"the {name} value must be a string")
         if kind in canonical:
             raise ValueError(f"two values for signal type {kind}")
         canonical[kind] = check_value(kind, value)
+        unusable = vpdq_unusable(canonical[kind]) if kind == "vpdq" else None
+        if unusable is not None:
+            raise ValueError(unusable)
     return HashRecord(line=1, signals=canonical, pdq_quality=None, label=label, ref=ref)
 
 
 def _split_new(
     session: Session, runtime: Runtime, bank_id: int, records: Sequence[HashRecord]
-) -> tuple[_NewEntries, list[int]]:
+) -> tuple[NewEntries, list[int]]:
     """The records that bring a signal the bank lacks (with their signals), and every record's
-    owner (see :class:`_BankSignals`: ``-(k + 1)`` is the k-th kept record)."""
+    owner (:class:`~moderation.banks.import_signals.BankSignals`: ``-(k + 1)`` is the k-th
+    kept record)."""
     sealer = None
-    if any(kind != "pdq" for r in records for kind in r.signals):
+    if needs_sealer(records):
         sealer = ExactSealer(
             deployment_secret(session, runtime.keyring, EXACT_KEY_NAME),
             deployment_secret(session, runtime.keyring, EXACT_EXPORT_KEY_NAME),
         )
-    present = _bank_signals(current_payload(session, runtime), _bank_entry_ids(session, bank_id))
-    new = _NewEntries()
+    present = bank_signals(current_payload(session, runtime), _bank_entry_ids(session, bank_id))
+    new = NewEntries()
     owners: list[int] = []
     for record in records:
         pending = -(len(new.records) + 1)
-        signals = _new_signals(record, present, sealer, pending)
+        signals = new_signals(record, present, sealer, pending)
         if isinstance(signals, int):
             owners.append(signals)
             continue
         owners.append(pending)
-        new.add(record, *signals)
+        new.add(record, signals)
     return new, owners
 
 

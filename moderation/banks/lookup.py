@@ -1,13 +1,15 @@
-"""Hash lookup without the encoder: PDQ and exact-hash matching over the current snapshot.
+"""Hash lookup without the encoder: PDQ, vPDQ and exact-hash matching over the current snapshot.
 
-What an HMA-style matcher API needs (look a PDQ or MD5/SHA-1/SHA-256 up, hash an uploaded
-photo) touches no embedding, so this module builds its index from the snapshot payload alone
-(:func:`moderation.banks.versions.read_payload`): the PDQ digests of active image and hash-list
-entries with quality >= :data:`~moderation.signals.pdq.PDQ_MIN_QUALITY` in a
+What an HMA-style matcher API needs (look a PDQ, vPDQ or MD5/SHA-1/SHA-256 up, hash an uploaded
+photo or video) touches no embedding, so this module builds its index from the snapshot payload
+alone (:func:`moderation.banks.versions.read_payload`): the PDQ digests of active image and
+hash-list entries with quality >= :data:`~moderation.signals.pdq.PDQ_MIN_QUALITY` in a
 :class:`~moderation.banks.pdq_scan.PdqScan` (the answers of a
-:class:`~moderation.banks.index.HammingIndex`, without FAISS), and the keyed exact hashes of
-active hash-list entries in a table, as :class:`moderation.banks.blocklist.Blocklist` holds
-them. Neither the encoder, torch nor FAISS is loaded, so a web process can answer lookups.
+:class:`~moderation.banks.index.HammingIndex`, without FAISS), the vPDQ signatures of active
+hash-list entries in a :class:`~moderation.banks.vpdq_scan.VpdqScan` (matches as
+python-threatexchange's ``VPDQIndex`` returns them: query match >= 80 %), and the keyed exact hashes
+of active hash-list entries in a table, as :class:`moderation.banks.blocklist.Blocklist` holds them.
+Neither the encoder, torch nor FAISS is loaded, so a web process can answer lookups.
 
 :class:`HashLookupCache` keeps one :class:`HashLookup` per process and rebuilds it when the
 snapshot version changes (one ``SELECT`` of the newest version per lookup).
@@ -16,7 +18,7 @@ snapshot version changes (one ``SELECT`` of the newest version per lookup).
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -25,16 +27,17 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from moderation.banks.hash_entries import UNKNOWN_QUALITY
-from moderation.banks.hashlists.records import SIGNAL_TYPES, check_value
+from moderation.banks.hashlists.records import LIST_SIGNAL_TYPES, SIGNAL_TYPES, check_value
 from moderation.banks.hashlists.te import TE_SIGNAL_TYPES
 from moderation.banks.pdq_scan import PdqScan
 from moderation.banks.records import entry_infos
 from moderation.banks.versions import current_snapshot, read_payload, snapshot_exact_key
+from moderation.banks.vpdq_scan import VpdqScan
 from moderation.crypto.keys import KeyRing
 from moderation.media.decode import DecodeLimits, decode_image
 from moderation.signals.exact import EXACT_KINDS, digests, keyed
 from moderation.signals.pdq import PDQ_MATCH_DISTANCE, PDQ_MIN_QUALITY, pdq_hash
-from moderation.signals.vpdq import VpdqCollector, to_signal_str
+from moderation.signals.vpdq import VpdqCollector, VpdqMatch, parse_signal_str, to_signal_str
 
 if TYPE_CHECKING:
     from moderation.media.video import VideoLimits
@@ -52,16 +55,29 @@ class InvalidSignalError(ValueError):
 class HashMatch:
     """One entry matching a looked-up signal.
 
-    ``distance``: Hamming distance in bits (0-256) for PDQ, 0 for an exact hash.
+    ``distance``: Hamming distance in bits (0-256) for PDQ, 0 for an exact hash or vPDQ;
+    ``vpdq``: a vPDQ match's query and compared match percentages.
     """
 
     entry_id: int
     bank: str
     distance: int
+    vpdq: VpdqMatch | None = None
+
+    @property
+    def distance_str(self) -> str:
+        """HMA's ``distance`` (``SignalSimilarityInfo.pretty_str``): the Hamming distance, or
+        for vPDQ ``"<query>%[<compared>%]"`` rounded to whole percents
+        (python-threatexchange ``VPDQSimilarityInfo.pretty_str``)."""
+        if self.vpdq is None:
+            return str(self.distance)
+        vpdq = self.vpdq
+        return f"{vpdq.query_match_percent:.0f}%[{vpdq.compared_match_percent:.0f}%]"
 
 
 def canonical_signal_type(name: str) -> str:
-    """The canonical signal type (:data:`moderation.banks.hashlists.SIGNAL_TYPES`) of ``name``,
+    """The canonical signal type (:data:`moderation.banks.hashlists.records.LIST_SIGNAL_TYPES`)
+    of ``name``,
     which may be a ThreatExchange name (``video_md5`` is ``md5``).
 
     Raises:
@@ -70,7 +86,7 @@ def canonical_signal_type(name: str) -> str:
     kind = TE_SIGNAL_TYPES.get(name)
     if kind is None:
         raise InvalidSignalError(
-            f"No such SignalType '{name}' (supported: {', '.join(SIGNAL_TYPES)})"
+            f"No such SignalType '{name}' (supported: {', '.join(LIST_SIGNAL_TYPES)})"
         )
     return kind
 
@@ -133,6 +149,7 @@ class HashLookup:
     version: int
     pdq: PdqScan
     exact_key: bytes | None = None
+    vpdq: VpdqScan = field(default_factory=VpdqScan.empty)
     _exact: dict[tuple[int, bytes], list[int]] = field(default_factory=dict)
 
     @classmethod
@@ -162,6 +179,7 @@ class HashLookup:
             version=row.version,
             pdq=pdq,
             exact_key=snapshot_exact_key(session, keyring, row, payload),
+            vpdq=VpdqScan.of(hashes, hashes.entry_ids[hashes.active]),
             _exact=hashes.exact_owners(active),
         )
 
@@ -174,10 +192,14 @@ class HashLookup:
         banks: Collection[str] | None = None,
         max_distance: int = PDQ_MATCH_DISTANCE,
     ) -> list[HashMatch]:
-        """Entries matching ``signal`` (hex) of ``signal_type``, nearest first, then by id.
+        """Entries matching ``signal`` (hex; vPDQ: a ``VPDQSignal`` string) of ``signal_type``,
+        nearest first, then by id.
 
         PDQ matches are within ``max_distance`` bits (default ThreatExchange's 31, at most
-        :data:`MAX_PDQ_MATCHES`); exact hashes match only themselves. ``banks`` restricts the
+        :data:`MAX_PDQ_MATCHES`); exact hashes match only themselves; vPDQ entries match as
+        ``VPDQIndex.query`` matches them (:meth:`VpdqScan.search`, then
+        :meth:`~moderation.signals.vpdq.VpdqMatch.is_match` with ``VPDQSignal``'s thresholds),
+        highest query match percentage first. ``banks`` restricts the
         matches to those banks; entries deleted since the snapshot are left out.
 
         Raises:
@@ -185,9 +207,12 @@ class HashLookup:
         """
         kind = canonical_signal_type(signal_type)
         try:
-            digest = bytes.fromhex(check_value(kind, signal))
+            value = check_value(kind, signal)
         except ValueError as exc:
             raise InvalidSignalError(f"invalid signal: {exc}") from exc
+        if kind == "vpdq":
+            return self._lookup_vpdq(session, value, banks)
+        digest = bytes.fromhex(value)
         if kind == "pdq":
             found = self.pdq.search(digest, MAX_PDQ_MATCHES, max_distance)
         elif self.exact_key is None:
@@ -199,6 +224,17 @@ class HashLookup:
         return [
             HashMatch(eid, infos[eid].bank_name, distance)
             for eid, distance in found
+            if eid in infos and (banks is None or infos[eid].bank_name in banks)
+        ]
+
+    def _lookup_vpdq(
+        self, session: Session, signal: str, banks: Collection[str] | None
+    ) -> list[HashMatch]:
+        found = [(eid, m) for eid, m in self.vpdq.search(parse_signal_str(signal)) if m.is_match()]
+        infos = entry_infos(session, [eid for eid, _ in found])
+        return [
+            HashMatch(eid, infos[eid].bank_name, 0, vpdq=match)
+            for eid, match in found
             if eid in infos and (banks is None or infos[eid].bank_name in banks)
         ]
 
@@ -258,8 +294,25 @@ class HashLookupCache:
             moderation.media.decode.UnscannableImage: the photo cannot be decoded.
             moderation.banks.snapshot.SnapshotError: the snapshot cannot be read.
         """
+        return self.lookup_signals(session, keyring, hash_content(data, limits), banks=banks)
+
+    def lookup_signals(
+        self,
+        session: Session,
+        keyring: KeyRing,
+        signals: Mapping[str, str],
+        *,
+        banks: Collection[str] | None = None,
+    ) -> dict[str, list[HashMatch]]:
+        """Look every signal of an upload up (``signals``: canonical signal type -> value, as
+        :func:`hash_content` or :func:`hash_video_content` give): signal type -> matches.
+
+        Raises:
+            InvalidSignalError: a malformed value.
+            moderation.banks.snapshot.SnapshotError: the snapshot cannot be read.
+        """
         lookup = self.current(session, keyring)
         return {
             kind: lookup.lookup(session, kind, value, banks=banks)
-            for kind, value in hash_content(data, limits).items()
+            for kind, value in signals.items()
         }

@@ -19,6 +19,7 @@ from PIL import Image
 from moderation.banks.records import EntryInfo
 from moderation.matching.policy import CandidateRules, Policy
 from moderation.signals.pdq import PdqHash
+from moderation.signals.vpdq import VpdqFeature, VpdqMatch
 
 if TYPE_CHECKING:
     from moderation.banks.blocklist import Blocklist
@@ -83,19 +84,23 @@ class Candidate:
     signals: list[str] = field(default_factory=list)
     # The exact-hash kind (md5, sha1, sha256) whose keyed digest equals the upload's, if any.
     exact: str | None = None
+    # A video upload against a vPDQ entry: the match percentages (moderation.banks.vpdq_scan).
+    vpdq: VpdqMatch | None = None
 
     @property
     def ranking_score(self) -> float:
-        """Probability when the classifier stage ran, else cosine (PDQ-only: a proxy); an
-        exact-hash match (a byte-identical file) ranks 1.0."""
+        """Probability when the classifier stage ran, else cosine (PDQ-only, vPDQ-only:
+        proxies); an exact-hash match (a byte-identical file) ranks 1.0."""
         if self.exact is not None:
             return 1.0
         if self.probability is not None:
             return self.probability
         if self.cosine is not None:
             return self.cosine
-        assert self.pdq_distance is not None
-        return 1.0 - self.pdq_distance / 256.0
+        if self.pdq_distance is not None:
+            return 1.0 - self.pdq_distance / 256.0
+        assert self.vpdq is not None
+        return self.vpdq.query_match_percent / 100.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,26 @@ def exact_candidates(
         if info is not None and scope.admits(info) and entry_id not in found:
             found[entry_id] = Candidate(entry=info, exact=kind, signals=[f"exact_{kind}"])
     return list(found.values())
+
+
+def vpdq_candidates(
+    blocklist: Blocklist,
+    features: Sequence[VpdqFeature],
+    rules: CandidateRules,
+    scope: Scope = EVERY_BANK,
+) -> list[Candidate]:
+    """The vPDQ entries (of the banks ``scope`` admits) that share a matching frame with a
+    video upload's vPDQ ``features``, at most ``rules.top_k``, highest query match percentage
+    first (:meth:`moderation.banks.vpdq_scan.VpdqScan.search`)."""
+    found = []
+    for entry_id, match in blocklist.vpdq.search(features):
+        info = blocklist.entries.get(entry_id)
+        if scope.admits(info):
+            assert info is not None
+            found.append(Candidate(entry=info, vpdq=match))
+            if len(found) == rules.top_k:
+                break
+    return found
 
 
 def find_candidates(

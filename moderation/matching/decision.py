@@ -16,6 +16,7 @@ from typing import Any
 from moderation.banks.records import EntryInfo
 from moderation.matching.candidates import Candidate
 from moderation.matching.policy import SEVERITY, CategoryRules, Policy
+from moderation.signals.vpdq import VpdqMatch
 
 # The category thresholds copied into a decision's explanation (what the top match was held to,
 # and the ground of its statement of reasons: moderation.matching.statements).
@@ -27,6 +28,9 @@ _EXPLAINED_THRESHOLDS = {
     "block_probability",
     "review_probability",
     "classifier_band",
+    "block_vpdq_percent",
+    "review_vpdq_percent",
+    "vpdq_compared_percent",
     "action",
     "decision_ground",
 }
@@ -46,14 +50,19 @@ class MatchResult:
     exact: str | None = None
     # A video's match: the time (s) of the frame it matched on (moderation.matching.video).
     timestamp_s: float | None = None
+    # A video's match on a vPDQ entry: the query and compared match percentages.
+    vpdq: VpdqMatch | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The CLI/API contract's match object (``exact``: the hash kind, only when the upload's
         bytes matched a listed file exactly; ``timestamp_s``: only for a video, the time in
-        seconds of the frame that matched)."""
+        seconds of the frame that matched; ``vpdq``: only for a video matched on a vPDQ entry,
+        its query and compared match percentages, 0-100)."""
         extra: dict[str, Any] = {"exact": self.exact} if self.exact is not None else {}
         if self.timestamp_s is not None:
             extra["timestamp_s"] = self.timestamp_s
+        if self.vpdq is not None:
+            extra["vpdq"] = vpdq_json(self.vpdq)
         return {
             "bank": self.entry.bank_name,
             "entry_id": self.entry.public_id,
@@ -104,19 +113,48 @@ class ScreeningResult:
         }
 
 
+def vpdq_json(match: VpdqMatch) -> dict[str, float]:
+    """A vPDQ match's percentages (0-100, two decimals) as results and match rows show them."""
+    return {
+        "query_match_percent": round(match.query_match_percent, 2),
+        "compared_match_percent": round(match.compared_match_percent, 2),
+    }
+
+
+def vpdq_reaches(rules: CategoryRules, cand: Candidate, percent: float | None) -> bool:
+    """Whether ``cand``'s vPDQ match reaches a query match ``percent`` (None: never) with the
+    compared match percentage at ``rules.vpdq_compared_percent`` (``VPDQSignal.compare_hash``)."""
+    return (
+        cand.vpdq is not None
+        and percent is not None
+        and cand.vpdq.is_match(percent, rules.vpdq_compared_percent)
+    )
+
+
 def signal_step(rules: CategoryRules, cand: Candidate) -> int:
-    """The step ``cand``'s cosine similarity or PDQ Hamming distance reaches under ``rules``:
-    2 at the block thresholds (``rules.action``), 1 at the review thresholds, else 0."""
+    """The step ``cand``'s cosine similarity, PDQ Hamming distance or vPDQ match percentages
+    reach under ``rules``: 2 at the block thresholds (``rules.action``), 1 at the review
+    thresholds, else 0."""
     cosine = cand.cosine if cand.cosine is not None else -1.0
     pdq = cand.pdq_distance
-    if cosine >= rules.block_cosine or (
-        pdq is not None and rules.block_pdq_distance is not None and pdq <= rules.block_pdq_distance
+    if (
+        cosine >= rules.block_cosine
+        or (
+            pdq is not None
+            and rules.block_pdq_distance is not None
+            and pdq <= rules.block_pdq_distance
+        )
+        or vpdq_reaches(rules, cand, rules.block_vpdq_percent)
     ):
         return 2
-    if cosine >= rules.review_cosine or (
-        pdq is not None
-        and rules.review_pdq_distance is not None
-        and pdq <= rules.review_pdq_distance
+    if (
+        cosine >= rules.review_cosine
+        or (
+            pdq is not None
+            and rules.review_pdq_distance is not None
+            and pdq <= rules.review_pdq_distance
+        )
+        or vpdq_reaches(rules, cand, rules.review_vpdq_percent)
     ):
         return 1
     return 0
@@ -167,8 +205,9 @@ def match_level(rules: CategoryRules, cand: Candidate) -> str | None:
 
 
 def agreed_signals(policy: Policy, rules: CategoryRules, cand: Candidate) -> tuple[str, ...]:
-    """The classifier's signals, then "cosine" and "pdq" where each alone reaches review level
-    (PDQ: within the category's review distance, else the candidate search's), without repeats."""
+    """The classifier's signals, then "cosine", "pdq" and "vpdq" where each alone reaches review
+    level (PDQ: within the category's review distance, else the candidate search's; vPDQ: the
+    review percentage, else the block one), without repeats."""
     agreed = list(cand.signals)
     if cand.exact is not None:
         agreed.append(f"exact_{cand.exact}")
@@ -178,6 +217,8 @@ def agreed_signals(policy: Policy, rules: CategoryRules, cand: Candidate) -> tup
         rules.review_pdq_distance or policy.candidates.max_pdq_distance
     ):
         agreed.append("pdq")
+    if vpdq_reaches(rules, cand, rules.review_vpdq_percent or rules.block_vpdq_percent):
+        agreed.append("vpdq")
     return tuple(dict.fromkeys(agreed))
 
 
@@ -210,6 +251,7 @@ def policy_matches(policy: Policy, block_candidates: Sequence[Candidate]) -> lis
                 frame=cand.frame,
                 signals=signals,
                 exact=cand.exact,
+                vpdq=cand.vpdq,
             )
         )
     matches.sort(key=lambda m: (-SEVERITY[m.level], -(m.probability or m.cosine or 0.0)))
@@ -261,6 +303,7 @@ def candidate_summary(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
             "probability": None if c.probability is None else round(c.probability, 4),
             "features": {k: round(v, 4) for k, v in c.features.items()},
             **({"exact": c.exact} if c.exact is not None else {}),
+            **({"vpdq": vpdq_json(c.vpdq)} if c.vpdq is not None else {}),
         }
         for c in sorted(candidates, key=lambda c: -c.ranking_score)[:5]
     ]

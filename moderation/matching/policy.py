@@ -74,6 +74,14 @@ class CategoryRules(_Strict):
     block_probability: float | None = Field(default=None, ge=0.0, le=1.0)
     review_probability: float | None = Field(default=None, ge=0.0, le=1.0)
     classifier_band: ClassifierBand = Field(default_factory=ClassifierBand)
+    # vPDQ (a video upload against a hash list's video signatures): the query match percentage
+    # (share of the upload's usable frames within VPDQ_DISTANCE_THRESHOLD bits of the entry's)
+    # at which a match triggers ``action`` / goes to review, provided the compared match
+    # percentage (share of the entry's frames matched) reaches ``vpdq_compared_percent``.
+    # Defaults: python-threatexchange ``VPDQSignal.compare_hash`` (80 and 0).
+    block_vpdq_percent: float | None = Field(default=80.0, ge=0.0, le=100.0)
+    review_vpdq_percent: float | None = Field(default=50.0, ge=0.0, le=100.0)
+    vpdq_compared_percent: float = Field(default=0.0, ge=0.0, le=100.0)
     unscannable: Literal["review", "block"] = "review"
     review_priority: int = Field(default=50, ge=0, le=100)
     zero_shot_prompts: list[str] = Field(default_factory=list)
@@ -105,6 +113,12 @@ class CategoryRules(_Strict):
             and self.review_probability > self.block_probability
         ):
             raise ValueError("review_probability must be <= block_probability")
+        if (
+            self.review_vpdq_percent is not None
+            and self.block_vpdq_percent is not None
+            and self.review_vpdq_percent > self.block_vpdq_percent
+        ):
+            raise ValueError("review_vpdq_percent must be <= block_vpdq_percent")
         return self
 
     @property

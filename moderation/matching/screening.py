@@ -28,6 +28,7 @@ from moderation.matching.candidates import (
     Scope,
     exact_candidates,
     find_candidates,
+    vpdq_candidates,
 )
 from moderation.matching.decision import (
     ScreeningResult,
@@ -184,6 +185,9 @@ class Screener:
             work.exact,
             work.scope,
         )
+        if work.video is not None and len(self.blocklist.vpdq):
+            rules = self._policy(work).candidates
+            found += vpdq_candidates(self.blocklist, work.video.vpdq, rules, work.scope)
         work.nearest = self._nearest(work.vectors, found)
         work.timings["search"] = _ms(start)
         return found

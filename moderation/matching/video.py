@@ -8,7 +8,10 @@ for all frames of the batch, bank search, classifier stage, policy): the candida
 per bank entry, its best frame, so the decision is the strongest frame's. :func:`with_timestamps`
 stamps each match with the time of the frame it matched on, and :func:`video_explanation` adds
 what was decoded and sampled to the result's explanation. The vPDQ signature of the fixed-rate
-frames (:mod:`moderation.signals.vpdq`) is computed in the same decoding pass.
+frames (:mod:`moderation.signals.vpdq`) is computed in the same decoding pass and matched
+against the bank's vPDQ entries (video signatures from hash lists) with python-threatexchange's
+rule (:func:`moderation.matching.candidates.vpdq_candidates`; the policy's ``*_vpdq_percent``
+thresholds decide).
 """
 
 from __future__ import annotations
@@ -62,10 +65,13 @@ def decode_video_upload(data: bytes, limits: VideoLimits) -> VideoUpload:
 
 def with_timestamps(video: VideoUpload, matches: Sequence[MatchResult]) -> list[MatchResult]:
     """``matches`` with ``timestamp_s`` set to the time (s) of the screened frame each matched
-    (none for an exact-hash match: the whole file is on a list, no frame matched)."""
+    (none for an exact-hash match, whose whole file is on a list, nor a vPDQ match, which is of
+    the whole video)."""
     times = video.decoded.timestamps
     return [
-        m if m.exact is not None else replace(m, timestamp_s=round(times[m.frame], 3))
+        m
+        if m.exact is not None or m.vpdq is not None
+        else replace(m, timestamp_s=round(times[m.frame], 3))
         for m in matches
     ]
 

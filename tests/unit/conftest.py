@@ -8,9 +8,12 @@ hash values, sample lists and records of the hash-list format tests (``test_hash
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import os
 import struct
+import sys
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -313,3 +316,22 @@ def umask_zero() -> Iterator[None]:
         yield
     finally:
         os.umask(old)
+
+
+# --- python-threatexchange's vPDQ code (test_vpdq*.py, test_hma_api.py) -----------------------
+
+
+@pytest.fixture
+def threatexchange_vpdq(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    """python-threatexchange's vpdq extension (a dev dependency). Its modules import the ``vpdq``
+    C extension at the top, for hashing only; when that is not installed, an empty module stands
+    in for it so the pure-Python parsing and matching can be compared with ours."""
+    try:
+        importlib.import_module("vpdq")
+    except ImportError:
+        placeholder = types.ModuleType("vpdq")
+        placeholder.VpdqFeature = object  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "vpdq", placeholder)
+    for name in [m for m in sys.modules if m.startswith("threatexchange.extensions.vpdq")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield importlib.import_module("threatexchange.extensions.vpdq.vpdq")

@@ -8,7 +8,6 @@ import importlib
 import subprocess
 import sys
 import types
-from collections.abc import Iterator
 
 import pytest
 
@@ -106,22 +105,6 @@ def test_dedupe_and_quality_filter() -> None:
 
 
 # --- python-threatexchange's own VPDQ code -----------------------------------------------------
-
-
-@pytest.fixture
-def threatexchange_vpdq(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
-    """python-threatexchange's vpdq extension (a dev dependency). Its modules import the ``vpdq``
-    C extension at the top, for hashing only; when that is not installed, an empty module stands
-    in for it so the pure-Python parsing and matching can be compared with ours."""
-    try:
-        importlib.import_module("vpdq")
-    except ImportError:
-        placeholder = types.ModuleType("vpdq")
-        placeholder.VpdqFeature = object  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "vpdq", placeholder)
-    for name in [m for m in sys.modules if m.startswith("threatexchange.extensions.vpdq")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield importlib.import_module("threatexchange.extensions.vpdq.vpdq")
 
 
 def test_serialisation_is_byte_identical_to_threatexchange(

@@ -13,9 +13,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final, TextIO
 
 from moderation.signals.pdq import PDQ_MIN_QUALITY
+from moderation.signals.vpdq import VPDQ_QUALITY_THRESHOLD, parse_signal_str, to_signal_str, usable
 
-#: Canonical signal-type names inside the service.
+#: Canonical signal-type names of a photo's signals inside the service.
 SIGNAL_TYPES: Final = ("pdq", "md5", "sha1", "sha256")
+#: ... and every signal type a hash list may carry: those plus a video's vPDQ signature, whose
+#: value is python-threatexchange's ``VPDQSignal`` string (:mod:`moderation.signals.vpdq`).
+LIST_SIGNAL_TYPES: Final = (*SIGNAL_TYPES, "vpdq")
 
 #: PDQ hashes below this quality are refused (skipped). python-threatexchange
 #: ``signal_type/pdq/signal.py`` ``PdqSignal.QUALITY_THRESHOLD = 50``; the same constant as
@@ -42,7 +46,8 @@ class HashRecord:
 
     #: 1-based line number; record number for the JSON document and XML formats.
     line: int
-    #: Canonical signal type (one of :data:`SIGNAL_TYPES`) -> lowercase hex value.
+    #: Canonical signal type (one of :data:`LIST_SIGNAL_TYPES`) -> lowercase hex value (for
+    #: ``vpdq``: the canonical ``VPDQSignal`` string, :func:`check_value`).
     signals: dict[str, str]
     #: PDQ quality 0-100 when the file says, else None.
     pdq_quality: int | None
@@ -119,17 +124,32 @@ class Dedup:
 
 
 def check_value(signal_type: str, value: str) -> str:
-    """Validate one hex value of a canonical signal type and return it lowercased.
+    """Validate one value of a canonical signal type and return it canonical: hex lowercased;
+    a ``vpdq`` signal re-serialised as python-threatexchange writes it
+    (:func:`moderation.signals.vpdq.to_signal_str`, so a list that ``VPDQSignal`` wrote comes
+    back byte for byte).
 
     Raises:
-        ValueError: with a reason such as ``pdq value must be 64 hex characters, got 63``.
+        ValueError: with a reason such as ``pdq value must be 64 hex characters, got 63``, or
+            ``invalid vPDQ feature 3: ...``.
     """
+    if signal_type == "vpdq":
+        return to_signal_str(parse_signal_str(value))
     want = HEX_LENGTHS[signal_type]
     if len(value) != want:
         raise ValueError(f"{signal_type} value must be {want} hex characters, got {len(value)}")
     if not HEX.fullmatch(value):
         raise ValueError(f"{signal_type} value must be hex digits, got {shorten(value)!r}")
     return value.lower()
+
+
+def vpdq_unusable(value: str) -> str | None:
+    """Why a canonical ``vpdq`` value cannot be matched (no frame of quality >=
+    :data:`~moderation.signals.vpdq.VPDQ_QUALITY_THRESHOLD`: python-threatexchange's
+    ``VPDQIndex.add`` refuses such a video), else None."""
+    if usable(parse_signal_str(value)):
+        return None
+    return f"vpdq signal has no frame of quality >= {VPDQ_QUALITY_THRESHOLD}"
 
 
 def shorten(text: str, limit: int = 80) -> str:

@@ -19,13 +19,15 @@ from moderation.banks.hashlists.records import (
     meaningful_lines,
     shorten,
     unsupported_type,
+    vpdq_unusable,
 )
 
 #: python-threatexchange signal-type names (``SignalType.get_name()``) -> canonical name.
 #: ``pdq`` is ``PdqSignal``; ``video_md5`` ``VideoMD5Signal`` (``signal_type/md5.py``);
 #: ``video_sha256`` ``VideoSHA256Signal`` (``signal_type/sha256.py``). ``photo_md5``, ``md5``,
 #: ``sha1`` and ``sha256`` are not core TE types but are what other exporters and our own
-#: writer (for SHA-1, which TE lacks) use.
+#: writer (for SHA-1, which TE lacks) use. ``vpdq`` is ``VPDQSignal``
+#: (``extensions/vpdq/vpdq.py``), whose value is a JSON list (it contains spaces).
 TE_SIGNAL_TYPES: Final = {
     "pdq": "pdq",
     "md5": "md5",
@@ -34,12 +36,19 @@ TE_SIGNAL_TYPES: Final = {
     "sha1": "sha1",
     "sha256": "sha256",
     "video_sha256": "sha256",
+    "vpdq": "vpdq",
 }
 
 #: Canonical name -> the name :func:`.writer.write_hash_list` gives TE. TE has no photo MD5 or SHA-1
 #: type: MD5s go out as ``video_md5`` (the only core TE MD5 type), SHA-1s as ``sha1``, which
 #: python-threatexchange ignores as an unknown type.
-TE_NAMES_OUT: Final = {"pdq": "pdq", "md5": "video_md5", "sha1": "sha1", "sha256": "video_sha256"}
+TE_NAMES_OUT: Final = {
+    "pdq": "pdq",
+    "md5": "video_md5",
+    "sha1": "sha1",
+    "sha256": "video_sha256",
+    "vpdq": "vpdq",
+}
 
 #: TE opinion categories (``exchanges/fetch_state.py`` ``SignalOpinionCategory``), for the
 #: ``category`` column of ``te-csv``. Records without one are written as ``POSITIVE_CLASS``:
@@ -60,10 +69,15 @@ def _te_signal(out: ParsedList, n: int, te_type: str, value: str) -> tuple[str, 
         out.skip(n, unsupported_type(te_type))
         return None
     try:
-        return canonical, check_value(canonical, value.strip())
+        checked = check_value(canonical, value.strip())
     except ValueError as e:
         out.error(n, str(e))
         return None
+    unusable = vpdq_unusable(checked) if canonical == "vpdq" else None
+    if unusable is not None:
+        out.skip(n, unusable)
+        return None
+    return canonical, checked
 
 
 def parse_te(source: ListSource, out: ParsedList, report: Callable[[int], None]) -> None:
@@ -73,6 +87,9 @@ def parse_te(source: ListSource, out: ParsedList, report: Callable[[int], None])
         if len(parts) < 2 or not TE_TYPE.fullmatch(parts[0]) or HEX.fullmatch(parts[0]):
             out.error(n, f"expected 'signal_type signal', got {shorten(line)!r}")
             continue
+        if parts[0] == "vpdq":
+            # python-threatexchange's local_file reader: the signal is the rest of the line.
+            parts = [parts[0], line[len(parts[0]) :].strip()]
         mapped = _te_signal(out, n, parts[0], parts[1])
         if mapped is not None:
             label = parts[2].strip() if len(parts) == 3 else ""

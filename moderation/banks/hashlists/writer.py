@@ -17,11 +17,12 @@ def write_hash_list(records: Iterable[HashRecord], fmt: str, out: TextIO) -> int
     """Write records in one of :data:`WRITABLE_FORMATS`; returns how many records were written.
 
     ``threatexchange`` and ``te-csv`` write one line per signal with TE's names
-    (:data:`TE_NAMES_OUT`); ``te-csv`` splits the label back into category and tags (a label
-    that does not start with a TE category is written as ``POSITIVE_CLASS`` with the label as
-    tags). The plain formats write the records that carry that signal type and skip the
-    others; ``pdq`` writes ``hex,quality`` when the quality is known. No comments are written:
-    python-threatexchange's ``local_file`` reader would take them for signals.
+    (:data:`TE_NAMES_OUT`; a ``vpdq`` line carries the ``VPDQSignal`` JSON, as
+    python-threatexchange's ``local_file`` collaboration writes it); ``te-csv`` splits the label
+    back into category and tags (a label that does not start with a TE category is written as
+    ``POSITIVE_CLASS`` with the label as tags). The plain formats write the records that carry that
+    signal type and skip the others; ``pdq`` writes ``hex,quality`` when the quality is known. No
+    comments are written: python-threatexchange's ``local_file`` reader would take them for signals.
 
     Raises:
         ValueError: ``fmt`` is not writable.
