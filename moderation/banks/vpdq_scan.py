@@ -12,7 +12,7 @@ query. :class:`VpdqScan` computes both percentages for every entry at once (the 
 :func:`moderation.signals.vpdq.match_features` per entry, whose agreement with
 python-threatexchange the tests check), XOR and popcount over the frames' four 64-bit words as
 :class:`moderation.banks.pdq_scan.PdqScan` does, in chunks of frames so that memory stays under
-about 64 MB whatever the bank's size. The caller applies the thresholds (a policy's, or
+about 30 MB whatever the bank's size. The caller applies the thresholds (a policy's, or
 ``VPDQSignal``'s defaults for the HMA API).
 """
 
@@ -35,7 +35,7 @@ from moderation.signals.vpdq import (
 )
 
 _WORDS: Final = PDQ_DIGEST_BYTES // 8
-#: Query frames x bank frames compared per step: bounds the (q, c, 4) uint64 XOR to 64 MB.
+#: Query frames x bank frames compared per step: bounds the (q, c) uint64 XOR to 16 MB.
 _PAIRS_PER_STEP: Final = 2_000_000
 
 
@@ -59,17 +59,17 @@ class VpdqScan:
         """
         if not (len(owners) == len(digests) == len(qualities)) or digests.shape[1:] != (32,):
             raise ValueError("vPDQ frame arrays must be (v,), (v, 32) and (v,)")
-        keep, seen = [], set()
-        for row, (owner, digest) in enumerate(zip(owners.tolist(), digests, strict=True)):
-            key = (owner, digest.tobytes())
-            if key not in seen:  # the first occurrence of a hash in its entry (dedupe)
-                seen.add(key)
-                if qualities[row] >= quality_threshold:
-                    keep.append(row)
-        kept = np.array(keep, np.intp)
+        # Dedupe: the first occurrence of each (entry, hash); then the quality filter.
+        rows = np.concatenate([owners.astype("<i8").view(np.uint8).reshape(-1, 8), digests], 1)
+        _, first = np.unique(np.ascontiguousarray(rows).view("V40").ravel(), return_index=True)
+        first.sort()
+        kept = first[qualities[first] >= quality_threshold]
         self.ids, self._owner = np.unique(owners[kept], return_inverse=True)
         self._counts = np.bincount(self._owner, minlength=len(self.ids))
-        self._words = np.ascontiguousarray(digests[kept]).view(">u8").reshape(-1, _WORDS)
+        # Native words (popcount of a XOR does not depend on the byte order), one row per word:
+        # XOR as an outer product of one word column is ~15x faster than a 3-d broadcast.
+        words = np.ascontiguousarray(digests[kept]).view(np.uint64).reshape(-1, _WORDS)
+        self._words = np.ascontiguousarray(words.T)
         self.quality_threshold = quality_threshold
 
     @classmethod
@@ -98,15 +98,18 @@ class VpdqScan:
         frames = usable(query, self.quality_threshold)
         if not frames or not len(self.ids):
             return []
-        q = np.frombuffer(b"".join(bytes.fromhex(f.pdq_hex) for f in frames), ">u8")
+        q = np.frombuffer(b"".join(bytes.fromhex(f.pdq_hex) for f in frames), np.uint64)
         q = q.reshape(-1, _WORDS)
         n_query, n_entries = len(q), len(self.ids)
         compared = np.zeros(n_entries, np.int64)
         pairs = []  # entry * n_query + query frame, for each matching pair (repeats allowed)
         step = max(1, _PAIRS_PER_STEP // n_query)
-        for start in range(0, len(self._words), step):
-            chunk, owner = self._words[start : start + step], self._owner[start : start + step]
-            distances = np.bitwise_count(q[:, None, :] ^ chunk[None, :, :]).sum(axis=2)
+        for start in range(0, self._words.shape[1], step):
+            owner = self._owner[start : start + step]
+            distances = np.zeros((n_query, len(owner)), np.uint16)
+            for word in range(_WORDS):
+                chunk = self._words[word, start : start + step]
+                distances += np.bitwise_count(np.bitwise_xor.outer(q[:, word], chunk))
             close = distances <= distance_threshold
             compared += np.bincount(owner[close.any(axis=0)], minlength=n_entries)
             query_rows, frame_rows = np.nonzero(close)

@@ -51,10 +51,20 @@ def test_threatexchange_dataset_output(tmp_path: Path) -> None:
 
 
 def test_threatexchange_local_file_lines(tmp_path: Path) -> None:
-    text = f"# local_file collab\n\npdq {PDQ_A.upper()}\nvpdq {PDQ_B}\nsha1 {SHA1_A}\n"
+    text = f"# local_file collab\n\npdq {PDQ_A.upper()}\nurl example.com/a b\nsha1 {SHA1_A}\n"
     parsed = parse_hash_list(write_list(tmp_path, "local.txt", text), "threatexchange")
     assert [r.signals for r in parsed.records] == [{"pdq": PDQ_A}, {"sha1": SHA1_A}]
-    assert parsed.skipped == [LineProblem(4, "unsupported signal type 'vpdq'")]
+    assert parsed.skipped == [LineProblem(4, "unsupported signal type 'url'")]
+
+
+def test_threatexchange_vpdq_lines(tmp_path: Path) -> None:
+    # A VPDQSignal string is JSON with spaces: the whole rest of the line is the signal.
+    signal = f'["{PDQ_A},100,0.0", "{PDQ_B},90,1.0"]'
+    text = f"vpdq {signal}\nvpdq {PDQ_B}\n"
+    parsed = parse_hash_list(write_list(tmp_path, "local.txt", text), "threatexchange")
+    assert [r.signals for r in parsed.records] == [{"vpdq": signal}]
+    assert [e.line for e in parsed.errors] == [2]
+    assert "a vPDQ signal is a JSON list" in parsed.errors[0].reason
 
 
 def test_te_csv(tmp_path: Path) -> None:

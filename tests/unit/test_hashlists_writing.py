@@ -9,6 +9,7 @@ import pytest
 
 from moderation.banks.hashlists import FORMATS, parse_hash_list
 from moderation.banks.hashlists.records import (
+    LIST_SIGNAL_TYPES,
     SIGNAL_TYPES,
     HashRecord,
 )
@@ -72,4 +73,4 @@ def test_written_threatexchange_file_is_auto_detected(tmp_path: Path) -> None:
 
 def test_formats_listed() -> None:
     assert set(WRITABLE_FORMATS) <= set(FORMATS)
-    assert set(TE_SIGNAL_TYPES.values()) == set(SIGNAL_TYPES)
+    assert set(TE_SIGNAL_TYPES.values()) == set(LIST_SIGNAL_TYPES)

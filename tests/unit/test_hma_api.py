@@ -336,3 +336,54 @@ def test_every_hma_route_is_in_the_openapi_document(app: Flask) -> None:
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert routes and routes <= documented
     assert doc["components"]["schemas"]["HmaError"]["required"] == ["message"]
+
+
+def test_vpdq_signal_added_then_looked_up_as_hma_does(
+    app: Flask, auth: dict[str, str], runtime: Runtime, threatexchange_vpdq: Any
+) -> None:
+    import importlib
+
+    from moderation.matching.video import decode_video_upload
+    from moderation.media.video import VideoLimits
+    from moderation.signals.vpdq import to_signal_str
+    from tests.video_clips import clip, photo, recoloured
+
+    def signal_of(data: bytes) -> str:
+        return to_signal_str(decode_video_upload(data, VideoLimits()).vpdq)
+
+    with transaction(runtime.sessions) as session:
+        create_bank(session, "videos")
+    client = app.test_client()
+    listed = clip([(photo("astronaut"), 2.0), (photo("coffee"), 2.0)], "mp4")
+    added = client.post(
+        "/hma/c/bank/videos/signal", json={"vpdq": signal_of(listed), "note": "clip"}, headers=auth
+    )
+    assert added.status_code == 200, added.get_data(as_text=True)
+    eid = added.get_json()["id"]
+    copy = clip([(recoloured(photo("astronaut")), 2.0), (recoloured(photo("coffee")), 2.0)], "webm")
+    # HMA's distance is python-threatexchange's VPDQSimilarityInfo.pretty_str.
+    info = importlib.import_module("threatexchange.extensions.vpdq.vpdq_index")
+    distance = info.VPDQSimilarityInfo(100.0, 100.0).pretty_str()
+    query = {"signal_type": "vpdq", "signal": signal_of(copy)}
+    found = client.get("/hma/m/lookup", query_string=query, headers=auth)
+    assert found.get_json() == {"videos": [{"bank_content_id": eid, "distance": distance}]}
+    raw = client.get(
+        "/hma/m/raw_lookup", query_string={**query, "include_distance": "true"}, headers=auth
+    )
+    assert raw.get_json() == {"matches": [{"bank_content_id": eid, "distance": distance}]}
+    # Half the frames match: under VPDQIndex's 80 %, no match.
+    half = clip([(photo("astronaut"), 2.0), (photo("rocket"), 2.0)], "mov")
+    query["signal"] = signal_of(half)
+    assert client.get("/hma/m/lookup", query_string=query, headers=auth).get_json() == {}
+    uploaded = client.post(
+        "/hma/m/lookup",
+        data={"video": (io.BytesIO(copy), "copy.webm")},
+        headers=auth,
+        content_type="multipart/form-data",
+    )
+    body = uploaded.get_json()
+    assert body["vpdq"] == {"videos": [{"bank_content_id": eid, "distance": distance}]}
+    assert body["md5"] == {}
+    query["signal"] = '["not a feature"]'
+    bad = client.get("/hma/m/lookup", query_string=query, headers=auth)
+    assert bad.status_code == 400 and "vPDQ" in bad.get_json()["message"]

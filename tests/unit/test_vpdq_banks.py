@@ -5,7 +5,11 @@ exports it back byte for byte. Clips are encoded in the tests from scikit-image'
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import io
+import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -262,3 +266,44 @@ def test_policy_refuses_review_above_block() -> None:
     }
     with pytest.raises(PolicyError, match="review_vpdq_percent must be <= block_vpdq_percent"):
         parse_policy(document, source="test")
+
+
+def test_threatexchange_cli_matches_our_signatures_against_our_export(
+    runtime: Runtime,
+    video_bank: Path,
+    tmp_path: Path,
+    signatures: dict[str, list[VpdqFeature]],
+) -> None:
+    """python-threatexchange's CLI, offline: our export as its local_file collaboration, then
+    ``match --hashes video`` of the signatures we computed. Its vPDQ extension imports the
+    ``vpdq`` C extension (FFmpeg bindings) only to hash files, so a stub stands in for it when
+    it is not installed; the CLI's own ``hash video`` needs the real one and is not run."""
+    cli = Path(sys.executable).with_name("threatexchange")
+    if not cli.exists():
+        pytest.skip("python-threatexchange's CLI is not installed (a dev dependency)")
+    exported = tmp_path / "exported.txt"
+    with exported.open("w", encoding="utf-8") as out:
+        export_hashes(runtime, "videos", out, fmt="threatexchange", actor="test")
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    if importlib.machinery.PathFinder.find_spec("vpdq") is None:  # not installed
+        (tmp_path / "stub").mkdir()
+        (tmp_path / "stub" / "vpdq.py").write_text("VpdqFeature = object\n")
+        env["PYTHONPATH"] = str(tmp_path / "stub")
+
+    def te(*args: str) -> str:
+        done = subprocess.run(
+            [str(cli), *args], env=env, capture_output=True, text=True, timeout=300, check=True
+        )
+        return done.stdout
+
+    te("config", "extensions", "add", "threatexchange.extensions.vpdq.manifest")
+    te("config", "collab", "edit", "local_file", "--create", "--filename", str(exported), "ours")
+    te("fetch")
+    outputs = {}
+    for name in ("edited", "half", "unrelated"):
+        query = tmp_path / f"{name}.vpdq"
+        query.write_text(to_signal_str(signatures[name]))
+        outputs[name] = te("match", "--only-signal", "vpdq", "--hashes", "video", str(query))
+    assert outputs["edited"].startswith("vpdq 100%[100%] (ours)"), outputs
+    # Below VPDQIndex's 80 % query match, as our HMA lookup: no match.
+    assert outputs["half"].strip() == outputs["unrelated"].strip() == "", outputs
