@@ -8,7 +8,9 @@ quality below :data:`~moderation.signals.vpdq.VPDQ_QUALITY_THRESHOLD` dropped; a
 when some frame of the other side is within :data:`~moderation.signals.vpdq.VPDQ_DISTANCE_THRESHOLD`
 bits (Hamming distance); the query match percentage is the share of the query's frames that
 match the entry, the compared match percentage the share of the entry's frames that match the
-query. :class:`VpdqScan` computes both percentages for every entry at once (the same numbers as
+query. (``VPDQIndex`` filters by quality before deduplicating, the brute matcher after; they
+differ only when one hash occurs twice with two qualities, and this module follows the brute
+matcher.) :class:`VpdqScan` computes both percentages for every entry at once (the same numbers as
 :func:`moderation.signals.vpdq.match_features` per entry, whose agreement with
 python-threatexchange the tests check), XOR and popcount over the frames' four 64-bit words as
 :class:`moderation.banks.pdq_scan.PdqScan` does, in chunks of frames so that memory stays under
