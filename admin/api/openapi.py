@@ -8,6 +8,7 @@ from typing import Any
 from admin.api.openapi_appeals import appeal_operation, appeal_schema, statement_schema
 from admin.api.openapi_hma import hma_error_schema, hma_paths
 from moderation import __version__
+from moderation.matching.explain import MATCH_STAGES, RESULT_STAGES
 
 
 def _error_response(description: str) -> dict[str, Any]:
@@ -29,6 +30,51 @@ WAIT_PARAMETER = {
 }
 
 
+def _thresholded(value: str) -> dict[str, Any]:
+    """A signal measured against the category's block and review thresholds."""
+    return {
+        "type": ["object", "null"],
+        "description": "Null when not measured. passed: the threshold the value reached "
+        "(none: neither); passed, threshold (and the classifier's agreed) are null for "
+        "screenings recorded before they were stored.",
+        "properties": {
+            "value": {"type": ["number", "null"], "description": value},
+            "passed": {"enum": ["block", "review", "none", None]},
+            "threshold": {"type": ["number", "null"]},
+            "agreed": {"type": ["boolean", "null"]},
+        },
+    }
+
+
+def _signals_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "Each signal of this match: its value, the threshold it passed and "
+        "whether it agreed (moderation/matching/explain.py, the same object as "
+        "`moderation screen --json` and the review page).",
+        "properties": {
+            "global_cosine": _thresholded("Cosine similarity of the whole upload."),
+            "region_cosine": {
+                "type": ["object", "null"],
+                "description": "The best region or view cosine when it beat the global one.",
+                "properties": {
+                    "kind": {"enum": ["query_view", "entry_window", "view_window"]},
+                    "value": {"type": ["number", "null"]},
+                    "agreed": {"type": "boolean"},
+                },
+            },
+            "pdq": _thresholded("PDQ Hamming distance (bits, 0-256)."),
+            "exact": {
+                "type": ["object", "null"],
+                "properties": {"kind": {"enum": ["md5", "sha1", "sha256"]}},
+            },
+            "classifier": _thresholded("The classifier's calibrated copy probability."),
+            "frame": {"type": ["integer", "null"], "description": "Screened frame index."},
+            "timestamp_s": {"type": "number", "description": "Videos only."},
+        },
+    }
+
+
 def _match_schema() -> dict[str, Any]:
     return {
         "type": "object",
@@ -39,10 +85,21 @@ def _match_schema() -> dict[str, Any]:
             "cosine": {"type": ["number", "null"]},
             "pdq_distance": {"type": ["integer", "null"]},
             "probability": {"type": ["number", "null"]},
+            "exact": {
+                "enum": ["md5", "sha1", "sha256"],
+                "description": "Exact-hash matches only: the hash kind that matched.",
+            },
             "timestamp_s": {
                 "type": "number",
                 "description": "Videos only: the time (s) of the frame this entry matched.",
             },
+            "level": {"enum": ["block", "review", None]},
+            "decided_by": {
+                "enum": [*MATCH_STAGES, None],
+                "description": "The stage that set this match's level (classifier_band: the "
+                "policy's safety band held it; flood_control: a quarantined entry).",
+            },
+            "signals": {"$ref": "#/components/schemas/MatchSignals"},
         },
     }
 
@@ -62,6 +119,11 @@ def _result_schema() -> dict[str, Any]:
                 "allow_bank.",
             },
             "category": {"type": ["string", "null"]},
+            "decided_by": {
+                "enum": [*RESULT_STAGES, None],
+                "description": "The stage that decided: the top match's, or allow_bank, "
+                "no_match, unscannable.",
+            },
             "matches": {"type": "array", "items": {"$ref": "#/components/schemas/Match"}},
             "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
             "index_version": {"type": ["integer", "null"]},
@@ -251,6 +313,7 @@ def openapi_document(server: str | None = None) -> dict[str, Any]:
                 "Error": _error_schema(),
                 "HmaError": hma_error_schema(),
                 "Match": _match_schema(),
+                "MatchSignals": _signals_schema(),
                 "Result": _result_schema(),
                 "Screening": _screening_schema(),
                 "Appeal": appeal_schema(),

@@ -31,6 +31,7 @@ from moderation.governance.review import (
     utc,
 )
 from moderation.governance.review_decisions import banks_for_decisions
+from moderation.matching.explain import match_explanation, result_decided_by
 from moderation.matching.video import is_video
 from moderation.media.decode import UnscannableImage, decode_image
 from moderation.media.video import decode_video
@@ -72,6 +73,11 @@ class MatchView:
     probability: float | None
     level: str | None
     signals: tuple[str, ...]
+    decided_by: str | None = None
+    """The stage that decided this match (:data:`moderation.matching.explain.MATCH_STAGES`)."""
+    evidence: dict[str, Any] = field(default_factory=dict)
+    """Each signal's value, the threshold it passed and whether it agreed: the ``signals``
+    object of :func:`moderation.matching.explain.match_explanation`, as the API shows it."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,47 @@ class ItemView:
     index_version: int | None
     explanation: dict[str, Any] = field(default_factory=dict)
     matches: tuple[MatchView, ...] = ()
+    screening_decided_by: str | None = None
+    """The stage that decided the screening
+    (:func:`moderation.matching.explain.result_decided_by`)."""
+
+
+def _match_views(
+    session: Session, keyring: KeyRing, screening: Screening
+) -> tuple[tuple[MatchView, ...], str | None]:
+    """The screening's matches as the reviewer sees them (most severe first), and the stage
+    that decided it: :mod:`moderation.matching.explain` over the stored rows, as the API."""
+    rows = sorted(screening.matches, key=lambda m: m.id)
+    labels = entry_labels(session, keyring, [m.entry_id for m in rows if m.entry_id is not None])
+    views: list[MatchView] = []
+    explained: list[dict[str, Any]] = []
+    for match in rows:
+        entry = session.get(Entry, match.entry_id) if match.entry_id is not None else None
+        bank = session.get(Bank, match.bank_id) if match.bank_id is not None else None
+        signals = match.signals or {}
+        public = match_explanation(
+            signals,
+            cosine=match.cosine,
+            pdq_distance=match.pdq_distance,
+            probability=match.probability,
+        )
+        explained.append(public)
+        views.append(
+            MatchView(
+                entry_id=entry.public_id if entry else None,
+                label=labels.get(entry.id, "") if entry else "(entry deleted)",
+                bank=bank.name if bank else "(bank deleted)",
+                bank_kind=bank.kind if bank else "",
+                cosine=match.cosine,
+                pdq_distance=match.pdq_distance,
+                probability=match.probability,
+                level=public["level"],
+                signals=tuple(str(s) for s in signals.get("agreed", [])),
+                decided_by=public["decided_by"],
+                evidence=public["signals"],
+            )
+        )
+    return tuple(views), result_decided_by(screening.decision, screening.reason, explained)
 
 
 def item_view(session: Session, item_id: int, keyring: KeyRing) -> ItemView | None:
@@ -107,28 +154,7 @@ def item_view(session: Session, item_id: int, keyring: KeyRing) -> ItemView | No
         return None
     upload = session.get(Upload, item.upload_id)
     screening = session.scalar(select(Screening).where(Screening.upload_id == item.upload_id))
-    matches: list[MatchView] = []
-    if screening is not None:
-        labels = entry_labels(
-            session, keyring, [m.entry_id for m in screening.matches if m.entry_id is not None]
-        )
-        for match in screening.matches:
-            entry = session.get(Entry, match.entry_id) if match.entry_id is not None else None
-            bank = session.get(Bank, match.bank_id) if match.bank_id is not None else None
-            signals = match.signals or {}
-            matches.append(
-                MatchView(
-                    entry_id=entry.public_id if entry else None,
-                    label=labels.get(entry.id, "") if entry else "(entry deleted)",
-                    bank=bank.name if bank else "(bank deleted)",
-                    bank_kind=bank.kind if bank else "",
-                    cosine=match.cosine,
-                    pdq_distance=match.pdq_distance,
-                    probability=match.probability,
-                    level=signals.get("level"),
-                    signals=tuple(str(s) for s in signals.get("agreed", [])),
-                )
-            )
+    matches, stage = _match_views(session, keyring, screening) if screening else ((), None)
     return ItemView(
         item_id=item.id,
         upload_id=item.upload_id,
@@ -149,7 +175,8 @@ def item_view(session: Session, item_id: int, keyring: KeyRing) -> ItemView | No
         policy=screening.policy if screening else None,
         index_version=screening.index_version if screening else None,
         explanation=dict(screening.explanation or {}) if screening else {},
-        matches=tuple(matches),
+        matches=matches,
+        screening_decided_by=stage,
     )
 
 

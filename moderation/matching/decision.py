@@ -9,12 +9,18 @@ under its category's rules, the signals that agree, and the allow-bank override.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from moderation.banks.records import EntryInfo
 from moderation.matching.candidates import Candidate
+from moderation.matching.explain import (
+    match_evidence,
+    match_explanation,
+    match_stage,
+    result_decided_by,
+)
 from moderation.matching.policy import SEVERITY, CategoryRules, Policy
 from moderation.signals.vpdq import VpdqMatch
 
@@ -52,25 +58,44 @@ class MatchResult:
     timestamp_s: float | None = None
     # A video's match on a vPDQ entry: the query and compared match percentages.
     vpdq: VpdqMatch | None = None
+    # What each signal measured and passed, and the deciding stage (match_evidence); empty
+    # for a match built without it (the stage is then inferred from ``signals``).
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The match row's stored ``signals`` JSON: ``agreed`` (the agreeing signals),
+        ``level``, ``frame``, the evidence (:func:`moderation.matching.explain.match_evidence`)
+        and, for a video, ``timestamp_s`` (the matched frame's time, s) or ``vpdq`` (a vPDQ
+        match's query and compared match percentages, 0-100: :func:`vpdq_json`)."""
+        stored: dict[str, Any] = {
+            "agreed": list(self.signals),
+            "level": self.level,
+            "frame": self.frame,
+            **self.evidence,
+        }
+        if self.exact is not None:
+            stored.setdefault("exact", self.exact)
+        if self.timestamp_s is not None:
+            stored["timestamp_s"] = self.timestamp_s
+        if self.vpdq is not None:
+            stored["vpdq"] = vpdq_json(self.vpdq)
+        return stored
 
     def to_json(self) -> dict[str, Any]:
-        """The CLI/API contract's match object (``exact``: the hash kind, only when the upload's
-        bytes matched a listed file exactly; ``timestamp_s``: only for a video, the time in
-        seconds of the frame that matched; ``vpdq``: only for a video matched on a vPDQ entry,
-        its query and compared match percentages, 0-100)."""
-        extra: dict[str, Any] = {"exact": self.exact} if self.exact is not None else {}
-        if self.timestamp_s is not None:
-            extra["timestamp_s"] = self.timestamp_s
-        if self.vpdq is not None:
-            extra["vpdq"] = vpdq_json(self.vpdq)
+        """The CLI/API contract's match object: ``bank``, ``entry_id``, ``label`` and the fields
+        of :func:`moderation.matching.explain.match_explanation` (values, ``level``,
+        ``decided_by``, ``signals``), built from :meth:`record` exactly as the API builds them
+        from the stored row."""
         return {
             "bank": self.entry.bank_name,
             "entry_id": self.entry.public_id,
             "label": self.entry.label,
-            "cosine": None if self.cosine is None else round(self.cosine, 4),
-            "pdq_distance": self.pdq_distance,
-            "probability": None if self.probability is None else round(self.probability, 4),
-            **extra,
+            **match_explanation(
+                self.record(),
+                cosine=self.cosine,
+                pdq_distance=self.pdq_distance,
+                probability=self.probability,
+            ),
         }
 
 
@@ -102,13 +127,16 @@ class ScreeningResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The contract object of ARCHITECTURE.md (without ``path``)."""
+        """The contract object of ARCHITECTURE.md (without ``path``), with ``decided_by``: the
+        stage that decided (:func:`moderation.matching.explain.result_decided_by`)."""
+        matches = [m.to_json() for m in self.matches]
         return {
             "decision": self.decision,
             "policy": self.policy,
             "score": None if self.score is None else round(self.score, 4),
             "reason": self.reason,
-            "matches": [m.to_json() for m in self.matches],
+            "decided_by": result_decided_by(self.decision, self.reason, matches),
+            "matches": matches,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
 
@@ -238,9 +266,11 @@ def policy_matches(policy: Policy, block_candidates: Sequence[Candidate]) -> lis
         if held:
             # The classifier wanted another level; the category's band kept this one.
             signals = (*signals, "classifier_band")
-        if cand.entry.quarantined and level == "block":
+        quarantined = cand.entry.quarantined and level == "block"
+        if quarantined:
             # A quarantined (noisy) entry only ever sends to review.
             level, signals = "review", (*signals, "quarantined")
+        stage = match_stage(rules, cand, held=held, quarantined=quarantined)
         matches.append(
             MatchResult(
                 entry=cand.entry,
@@ -252,6 +282,7 @@ def policy_matches(policy: Policy, block_candidates: Sequence[Candidate]) -> lis
                 signals=signals,
                 exact=cand.exact,
                 vpdq=cand.vpdq,
+                evidence=match_evidence(rules, cand, stage),
             )
         )
     matches.sort(key=lambda m: (-SEVERITY[m.level], -(m.probability or m.cosine or 0.0)))

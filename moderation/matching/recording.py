@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.log import EventSpec, record_event, record_events
 from moderation.banks.match_counts import count_matches, utc_today
-from moderation.matching.decision import MatchResult, ScreeningResult, vpdq_json
+from moderation.matching.decision import ScreeningResult
 from moderation.matching.statements import record_decision
 from moderation.storage.models import LegalHold, Match, ReviewItem, Screening, Upload
 
@@ -220,25 +220,10 @@ def _screening_row(upload: Upload, result: ScreeningResult) -> Screening:
                 cosine=match.cosine,
                 pdq_distance=match.pdq_distance,
                 probability=match.probability,
-                signals=_match_signals(match),
+                signals=match.record(),
             )
         )
     return screening
-
-
-def _match_signals(match: MatchResult) -> dict[str, Any]:
-    """A match row's ``signals``: the agreeing signals, level, frame (and a video frame's time,
-    seconds; a vPDQ match's query and compared match percentages, 0-100)."""
-    signals: dict[str, Any] = {
-        "agreed": list(match.signals),
-        "level": match.level,
-        "frame": match.frame,
-    }
-    if match.timestamp_s is not None:
-        signals["timestamp_s"] = match.timestamp_s
-    if match.vpdq is not None:
-        signals["vpdq"] = vpdq_json(match.vpdq)
-    return signals
 
 
 def _audit_details(upload: Upload, result: ScreeningResult) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.recording import record_results
-from moderation.matching.screening import Prepared
+from moderation.matching.screening import Prepared, Screener
 from moderation.media.video_formats import SNIFF_BYTES, sniff_video
 from moderation.service.subjects import pseudonymize
 from moderation.service.uploads import create_uploads
@@ -52,13 +52,15 @@ def screen_paths(
     external_id_prefix: str = "",
     on_result: Callable[[dict[str, Any]], None],
     actor: str = "cli",
+    screener: Screener | None = None,
 ) -> list[ScreeningResult]:
     """Screen image files in batches, store each as an upload with its result.
 
     ``on_result`` receives, per input and in order, the CLI contract object
-    (``path``, ``decision``, ``policy``, ``score``, ``reason``, ``matches``, ``timings_ms``)
-    plus ``upload_id``. Files over the byte limit are not read: they end ``unscannable`` with
-    reason ``too_large``.
+    (``path``, ``decision``, ``policy``, ``score``, ``reason``, ``decided_by``, ``matches``,
+    ``timings_ms``: :meth:`~moderation.matching.decision.ScreeningResult.to_json`) plus
+    ``upload_id``. ``screener`` defaults to the runtime's (:meth:`Runtime.screener`). Files
+    over the byte limit are not read: they end ``unscannable`` with reason ``too_large``.
 
     Three stages overlap a batch (``batch_size`` files) apart: reading, decoding, PDQ and
     preprocessing of batch k+1 (a thread); embedding, search and decision of batch k; storing
@@ -68,7 +70,7 @@ def screen_paths(
         moderation.banks.snapshot.SnapshotError: the blocklist cannot be decrypted or
             verified; nothing is screened (fail closed).
     """
-    screener = runtime.screener()
+    screener = screener or runtime.screener()
     batch = max(1, runtime.settings.batch_size)
     chunks = [paths[start : start + batch] for start in range(0, len(paths), batch)]
     results: list[ScreeningResult] = []

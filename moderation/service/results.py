@@ -16,6 +16,7 @@ from moderation.banks.records import parse_entry_id
 from moderation.banks.sealed_fields import entry_labels
 from moderation.banks.tenancy import applicable_bank_ids
 from moderation.crypto.keys import KeyRing
+from moderation.matching.explain import match_explanation, result_decided_by
 from moderation.matching.statements import OVERTURNED, current_statement, statement_json
 from moderation.storage.decisions import Appeal
 from moderation.storage.models import Bank, Match, ReviewItem, Screening, Upload
@@ -30,25 +31,21 @@ def match_json(
 ) -> dict[str, Any]:
     """One match as a client sees it. Unless ``named`` (the bank applies to the client,
     :mod:`moderation.banks.tenancy`), the bank name, entry id and label are null: nothing
-    that identifies another tenant's bank or its entries. A video's match also carries
-    ``timestamp_s``, the time (s) of the frame it matched on."""
+    that identifies another tenant's bank or its entries. The rest (values, ``level``,
+    ``decided_by``, ``signals``; a video's ``timestamp_s``) is
+    :func:`moderation.matching.explain.match_explanation` of the stored row, as
+    ``moderation screen`` shows it."""
     return {
         "bank": bank_name if named else None,
         "entry_id": f"e_{match.entry_id}" if named and match.entry_id is not None else None,
         "label": label if named else None,
-        "cosine": _round(match.cosine),
-        "pdq_distance": match.pdq_distance,
-        "probability": _round(match.probability),
-        **_video_time(match),
+        **match_explanation(
+            match.signals,
+            cosine=match.cosine,
+            pdq_distance=match.pdq_distance,
+            probability=match.probability,
+        ),
     }
-
-
-def _video_time(match: Match) -> dict[str, Any]:
-    """``{"timestamp_s": ...}`` for a video's match (the matched frame's time, seconds), else
-    nothing: an image's match object is unchanged."""
-    signals = match.signals if isinstance(match.signals, dict) else {}
-    value = signals.get("timestamp_s")
-    return {"timestamp_s": value} if isinstance(value, (int, float)) else {}
 
 
 def result_json(
@@ -58,8 +55,10 @@ def result_json(
     client_id: int | None = None,
 ) -> dict[str, Any]:
     """The result object: ``decision``, ``policy``, ``score``, ``reason``, ``category``,
+    ``decided_by`` (the deciding stage, :func:`moderation.matching.explain.result_decided_by`),
     ``matches`` (``bank``, ``entry_id``, ``label``, ``cosine``, ``pdq_distance``,
-    ``probability``; see :func:`match_json`), ``timings_ms``, ``index_version``, as API client
+    ``probability``, ``level``, ``decided_by``, ``signals``; see :func:`match_json`),
+    ``timings_ms``, ``index_version``, as API client
     ``client_id`` (None: the operator, who sees every bank) may see it.
 
     Labels are decrypted with ``keyring``; without one (a payload stored for later delivery,
@@ -74,21 +73,23 @@ def result_json(
     named = applicable_bank_ids(session, client_id)
     ids = [m.entry_id for m, _ in rows if m.entry_id is not None]
     labels = entry_labels(session, keyring, ids) if keyring is not None else {}
+    matches = [
+        match_json(
+            match,
+            bank_name,
+            labels.get(match.entry_id) if match.entry_id is not None else None,
+            named=named is None or match.bank_id in named,
+        )
+        for match, bank_name in rows
+    ]
     return {
         "decision": screening.decision,
         "policy": screening.policy,
         "score": _round(screening.score),
         "reason": screening.reason,
         "category": screening.category,
-        "matches": [
-            match_json(
-                match,
-                bank_name,
-                labels.get(match.entry_id) if match.entry_id is not None else None,
-                named=named is None or match.bank_id in named,
-            )
-            for match, bank_name in rows
-        ],
+        "decided_by": result_decided_by(screening.decision, screening.reason, matches),
+        "matches": matches,
         "timings_ms": {k: round(float(v), 2) for k, v in (screening.timings or {}).items()},
         "index_version": screening.index_version,
     }
