@@ -233,6 +233,11 @@ def test_screen_api_and_callback_explain_a_match_alike(
     top = api["matches"][0]
     assert top["decided_by"] == stage and top["level"] == api["decision"]
     _check_case(case, env, top)
+    # Every field is in the OpenAPI document's schemas.
+    schemas = env.client.get("/api/v1/openapi.json").get_json()["components"]["schemas"]
+    assert set(top) <= set(schemas["Match"]["properties"])
+    assert set(top["signals"]) <= set(schemas["MatchSignals"]["properties"])
+    assert api["decided_by"] in schemas["Result"]["properties"]["decided_by"]["enum"]
 
 
 def test_the_review_page_shows_the_api_explanation(

@@ -50,6 +50,7 @@ def test_a_flashed_banked_photo_is_blocked_at_its_time(screener: Screener, kind:
     # Frame 15, the scene change to the astronaut: between the fixed-rate frames 10 and 20.
     assert top.timestamp_s == pytest.approx(1.5)
     assert top.to_json()["timestamp_s"] == pytest.approx(1.5)
+    assert top.to_json()["signals"]["timestamp_s"] == pytest.approx(1.5)
     video = result.explanation["video"]
     assert video["matched_frame"] == {"frame": 15, "timestamp_s": pytest.approx(1.5)}
     assert 15 in video["scene_changes"] and video["vpdq_frames"] == 4
@@ -123,4 +124,7 @@ def test_a_video_on_a_hash_list_matches_exactly_without_a_frame(
     [result] = bank_runtime.screener().screen_bytes([data])
     assert result.decision == "block", result.explanation
     assert result.matches[0].exact == "md5" and result.matches[0].timestamp_s is None
+    explained = result.matches[0].to_json()
+    assert explained["decided_by"] == "exact_hash" and explained["signals"]["frame"] is None
+    assert "timestamp_s" not in explained["signals"]
     assert "matched_frame" not in result.explanation["video"]

@@ -103,6 +103,22 @@ def test_i9_untrusted_text_is_escaped(client: Any, make_review_item: Callable[..
 
 
 @pytest.mark.usefixtures("reviewer")
+def test_item_page_explains_each_signal_and_the_deciding_stage(
+    client: Any, make_review_item: Callable[..., int]
+) -> None:
+    # make_review_item stores a match in the old form (agreeing signals, level, frame only):
+    # cosine 0.72 agreed, PDQ distance 40 measured but not agreeing.
+    item = make_review_item()
+    start(client)
+    page = client.get(f"/review/{item}").get_data(as_text=True)
+    assert '<dd id="decided-by">cosine</dd>' in page
+    table = page.split('<table class="matches">')[1].split("</table>")[0]
+    assert '<li class="agreed">cosine 0.72 &#10003;</li>' in table
+    assert '<li class="not-agreed">PDQ distance 40</li>' in table
+    assert "<td>cosine</td>" in table  # the match's deciding stage
+
+
+@pytest.mark.usefixtures("reviewer")
 def test_decisions_move_through_the_queue(
     client: Any, make_review_item: Callable[..., int], console_runtime: Runtime
 ) -> None:
