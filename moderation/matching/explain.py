@@ -85,10 +85,10 @@ def match_stage(rules: CategoryRules, cand: Candidate, *, held: bool, quarantine
     (:func:`moderation.matching.decision.match_step`): ``held`` the band clamped the classifier,
     ``quarantined`` flood control lowered a block to review. Between cosine and PDQ, the one
     whose own step is higher (cosine on a tie)."""
-    if cand.exact is not None:
-        return "exact_hash"
     if quarantined:
         return "flood_control"
+    if cand.exact is not None:
+        return "exact_hash"
     if held:
         return "classifier_band"
     if cand.probability is not None and rules.block_probability is not None:
@@ -165,10 +165,11 @@ def _exact_kind(record: Mapping[str, Any], agreed: Sequence[str]) -> str | None:
 def _inferred_stage(agreed: Sequence[str]) -> str | None:
     """The stage of a record stored without ``decided_by``, from its agreeing signals."""
     tags = set(agreed)
+    if "quarantined" in tags:
+        return "flood_control"
     if any(s.startswith("exact_") for s in agreed):
         return "exact_hash"
     for tag, stage in (
-        ("quarantined", "flood_control"),
         ("classifier_band", "classifier_band"),
         ("classifier", "classifier"),
         ("cosine", "cosine"),
@@ -229,6 +230,31 @@ def match_explanation(
     record = record if isinstance(record, Mapping) else {}
     agreed = [s for s in record.get("agreed", []) if isinstance(s, str)]
     exact = _exact_kind(record, agreed)
+    signals = _signals(record, agreed, exact, cosine, pdq_distance, probability)
+    extra: dict[str, Any] = {"exact": exact} if exact is not None else {}
+    if "timestamp_s" in signals:
+        extra["timestamp_s"] = signals["timestamp_s"]
+    stage = record.get("decided_by")
+    return {
+        "cosine": _round(cosine),
+        "pdq_distance": pdq_distance,
+        "probability": _round(probability),
+        **extra,
+        "level": record.get("level"),
+        "decided_by": stage if isinstance(stage, str) else _inferred_stage(agreed),
+        "signals": signals,
+    }
+
+
+def _signals(
+    record: Mapping[str, Any],
+    agreed: Sequence[str],
+    exact: str | None,
+    cosine: float | None,
+    pdq_distance: int | None,
+    probability: float | None,
+) -> dict[str, Any]:
+    """The ``signals`` object of :func:`match_explanation`."""
     passed = _mapping(record, "passed")
     signals: dict[str, Any] = {
         "global_cosine": _measured(
@@ -246,20 +272,10 @@ def match_explanation(
         # An exact-hash match alone matched the whole file, no frame of it.
         "frame": None if cosine is None and pdq_distance is None else record.get("frame"),
     }
-    extra: dict[str, Any] = {"exact": exact} if exact is not None else {}
     timestamp = record.get("timestamp_s")
     if isinstance(timestamp, (int, float)):
-        signals["timestamp_s"] = extra["timestamp_s"] = timestamp
-    stage = record.get("decided_by")
-    return {
-        "cosine": _round(cosine),
-        "pdq_distance": pdq_distance,
-        "probability": _round(probability),
-        **extra,
-        "level": record.get("level"),
-        "decided_by": stage if isinstance(stage, str) else _inferred_stage(agreed),
-        "signals": signals,
-    }
+        signals["timestamp_s"] = timestamp
+    return signals
 
 
 def result_decided_by(

@@ -27,13 +27,16 @@ from sqlalchemy import select
 from admin import create_app
 from moderation.banks.hash_import import import_hash_list
 from moderation.banks.operations import import_bank
-from moderation.banks.records import create_bank
+from moderation.banks.records import EntryInfo, create_bank
 from moderation.config import load_settings
 from moderation.governance.review_display import item_view
+from moderation.matching.candidates import Candidate
 from moderation.matching.classifier.features import FEATURE_NAMES
 from moderation.matching.classifier.model import CopyModel
 from moderation.matching.classifier.stage import ClassifierStage
-from moderation.matching.explain import MATCH_STAGES, match_explanation
+from moderation.matching.decision import policy_matches
+from moderation.matching.explain import MATCH_STAGES, match_explanation, result_decided_by
+from moderation.matching.policy import parse_policy
 from moderation.matching.screening import Screener
 from moderation.service.api_clients import create_api_client
 from moderation.service.callback_urls import callback_policy
@@ -368,3 +371,71 @@ def test_an_old_screening_renders_through_the_api_result(env: Env) -> None:
         "threshold": None,
         "agreed": True,
     }
+
+
+# --- the deciding stage of each policy rule (synthetic candidates, no encoder) -----------------
+
+STAGE_POLICY = parse_policy(
+    {
+        "name": "stages",
+        "categories": {
+            "default": {
+                "block_cosine": 0.8,
+                "review_cosine": 0.65,
+                "block_pdq_distance": 16,
+                "review_pdq_distance": 31,
+                "block_probability": 0.9,
+                "review_probability": 0.5,
+            }
+        },
+    },
+    source="test",
+)
+
+
+def _entry(quarantined: bool = False) -> EntryInfo:
+    return EntryInfo(1, 1, "b", "block", "default", "label", quarantined=quarantined)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "level", "stage", "inferred"),
+    [
+        (Candidate(_entry(), cosine=0.85, pdq_distance=25), "block", "cosine", "cosine"),
+        # Both agree, PDQ reached the higher step: only the stored stage can say so.
+        (Candidate(_entry(), cosine=0.7, pdq_distance=10), "block", "pdq", "cosine"),
+        (Candidate(_entry(), cosine=0.3, pdq_distance=25), "review", "pdq", "pdq"),
+        # Raised from nothing: the agreeing signals (none here) cannot tell.
+        (Candidate(_entry(), cosine=0.5, probability=0.95), "block", "classifier", None),
+        # The safety floor: a block-threshold cosine is not allowed whatever p says.
+        (
+            Candidate(_entry(), cosine=0.95, probability=0.1),
+            "review",
+            "classifier_band",
+            "classifier_band",
+        ),
+        (Candidate(_entry(True), cosine=0.95), "review", "flood_control", "flood_control"),
+        (Candidate(_entry(True), exact="sha256"), "review", "flood_control", "flood_control"),
+        (Candidate(_entry(), exact="sha256"), "block", "exact_hash", "exact_hash"),
+    ],
+)
+def test_the_stage_that_set_the_level_is_named(
+    candidate: Candidate, level: str, stage: str, inferred: str | None
+) -> None:
+    [match] = policy_matches(STAGE_POLICY, [candidate])
+    shown = match.to_json()
+    assert (shown["level"], shown["decided_by"]) == (level, stage)
+    assert result_decided_by(level, None, [shown]) == stage
+    # A row stored before the stage was: inferred from its agreeing signals.
+    old = {"agreed": list(match.signals), "level": match.level, "frame": 0}
+    again = match_explanation(
+        old, cosine=match.cosine, pdq_distance=match.pdq_distance, probability=match.probability
+    )
+    assert again["decided_by"] == inferred
+
+
+def test_results_without_a_deciding_match_name_their_stage() -> None:
+    assert result_decided_by("allow", None, []) == "no_match"
+    assert result_decided_by("allow", "allow_bank", []) == "allow_bank"
+    assert result_decided_by("unscannable", "too_large", []) == "unscannable"
+    weak = Candidate(_entry(), cosine=0.6)
+    assert policy_matches(STAGE_POLICY, [weak]) == []
