@@ -138,9 +138,13 @@ def _measured(
     record: Mapping[str, Any], key: str, value: float | None, agreed: bool | None
 ) -> dict[str, Any] | None:
     """``{"value", "passed", "threshold", "agreed"}`` of one thresholded signal, or None when
-    it was not measured; ``passed``/``threshold`` null for a record without evidence."""
+    it was not measured; ``passed``/``threshold`` null for a record without evidence. A signal
+    that agreed without a value of its own (the classifier stage's PDQ of a view of the
+    upload, which the candidate search does not keep) shows ``agreed`` with null values."""
     if value is None:
-        return None
+        return (
+            {"value": None, "passed": None, "threshold": None, "agreed": True} if agreed else None
+        )
     passed = _mapping(record, "passed")
     return {
         "value": int(value) if key == "pdq" else _round(value),

@@ -126,9 +126,22 @@ def test_screen_json_decisions_and_bad_inputs_exit_zero(banked: Cli, tmp_path: P
     paths = [str(copy), str(unrelated), *(str(p) for p, _ in bad.values())]
     rows = banked.json_lines("screen", *paths, "--json", "--external-id-prefix", "t-")
     assert [r["path"] for r in rows] == paths
-    contract = {"path", "decision", "policy", "score", "reason", "matches", "timings_ms"}
+    contract = {
+        "path",
+        "decision",
+        "policy",
+        "score",
+        "reason",
+        "decided_by",
+        "matches",
+        "timings_ms",
+    }
     assert all(contract <= set(r) for r in rows)
     assert rows[0]["decision"] == "block"
+    top = rows[0]["matches"][0]
+    assert top["decided_by"] == rows[0]["decided_by"] and top["level"] == "block"
+    assert top["signals"]["global_cosine"]["value"] == top["cosine"]
+    assert [r["decided_by"] for r in rows[1:]] == ["no_match"] + ["unscannable"] * len(bad)
     assert rows[0]["matches"][0]["bank"] == "known-bad"
     assert rows[0]["matches"][0]["entry_id"].startswith("e_")
     assert set(rows[0]["timings_ms"]) >= {"decode", "embed", "search", "classify", "total"}

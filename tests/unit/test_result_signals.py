@@ -439,3 +439,17 @@ def test_results_without_a_deciding_match_name_their_stage() -> None:
     assert result_decided_by("unscannable", "too_large", []) == "unscannable"
     weak = Candidate(_entry(), cosine=0.6)
     assert policy_matches(STAGE_POLICY, [weak]) == []
+
+
+def test_a_signal_that_agreed_without_its_own_value_still_shows() -> None:
+    # The classifier stage's PDQ agreed through a view of the upload; the candidate search
+    # found no PDQ distance for the entry itself.
+    stored = {"agreed": ["global_cosine", "pdq", "classifier"], "level": "block", "frame": 0}
+    shown = match_explanation(stored, cosine=0.75, pdq_distance=None, probability=0.99)
+    assert shown["signals"]["pdq"] == {
+        "value": None,
+        "passed": None,
+        "threshold": None,
+        "agreed": True,
+    }
+    assert shown["pdq_distance"] is None and shown["decided_by"] == "classifier"
