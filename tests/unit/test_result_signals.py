@@ -58,6 +58,7 @@ from moderation.storage.models import (
 )
 from tests.conftest import skimage_photo, skimage_photo_path
 from tests.integration.queue_stack import CallbackReceiver
+from tests.unit.test_screening import POLICY as SCREENING_POLICY
 
 BANNED = ("astronaut", "chelsea")
 
@@ -375,15 +376,13 @@ def test_an_old_screening_renders_through_the_api_result(env: Env) -> None:
 
 # --- the deciding stage of each policy rule (synthetic candidates, no encoder) -----------------
 
+# test_screening's policy, its default category with probability thresholds too.
 STAGE_POLICY = parse_policy(
     {
-        "name": "stages",
+        **SCREENING_POLICY,
         "categories": {
             "default": {
-                "block_cosine": 0.8,
-                "review_cosine": 0.65,
-                "block_pdq_distance": 16,
-                "review_pdq_distance": 31,
+                **SCREENING_POLICY["categories"]["default"],  # type: ignore[dict-item]
                 "block_probability": 0.9,
                 "review_probability": 0.5,
             }
