@@ -30,8 +30,9 @@ WAIT_PARAMETER = {
 }
 
 
-def _thresholded(value: str) -> dict[str, Any]:
-    """A signal measured against the category's block and review thresholds."""
+def _thresholded(value: str, **extra: Any) -> dict[str, Any]:
+    """A signal measured against the category's block and review thresholds (``extra``: more
+    properties)."""
     return {
         "type": ["object", "null"],
         "description": "Null when not measured. passed: the threshold the value reached "
@@ -42,6 +43,7 @@ def _thresholded(value: str) -> dict[str, Any]:
             "passed": {"enum": ["block", "review", "none", None]},
             "threshold": {"type": ["number", "null"]},
             "agreed": {"type": ["boolean", "null"]},
+            **extra,
         },
     }
 
@@ -64,6 +66,10 @@ def _signals_schema() -> dict[str, Any]:
                 },
             },
             "pdq": _thresholded("PDQ Hamming distance (bits, 0-256)."),
+            "vpdq": _thresholded(
+                "A video against a vPDQ entry: the query match percentage (0-100).",
+                compared={"type": "number", "description": "Compared match percentage."},
+            ),
             "exact": {
                 "type": ["object", "null"],
                 "properties": {"kind": {"enum": ["md5", "sha1", "sha256"]}},
@@ -92,6 +98,14 @@ def _match_schema() -> dict[str, Any]:
             "timestamp_s": {
                 "type": "number",
                 "description": "Videos only: the time (s) of the frame this entry matched.",
+            },
+            "vpdq": {
+                "type": "object",
+                "description": "A video matched on a vPDQ entry: its match percentages (0-100).",
+                "properties": {
+                    "query_match_percent": {"type": "number"},
+                    "compared_match_percent": {"type": "number"},
+                },
             },
             "level": {"enum": ["block", "review", None]},
             "decided_by": {

@@ -26,15 +26,17 @@ MATCH_STAGES: tuple[str, ...] = (
     "exact_hash",
     "cosine",
     "pdq",
+    "vpdq",
     "classifier",
     "classifier_band",
     "flood_control",
 )
 """What may decide a match's level: the upload's bytes are a listed file (``exact_hash``); the
-global cosine similarity or the PDQ Hamming distance reached the category's thresholds
-(``cosine``, ``pdq``); the classifier's probability thresholds (``classifier``); the policy's
-classifier band, the safety floor, kept the level away from the classifier's
-(``classifier_band``); a quarantined entry only sends to review (``flood_control``)."""
+global cosine similarity, the PDQ Hamming distance or a video's vPDQ match percentages reached
+the category's thresholds (``cosine``, ``pdq``, ``vpdq``); the classifier's probability
+thresholds (``classifier``); the policy's classifier band, the safety floor, kept the level
+away from the classifier's (``classifier_band``); a quarantined entry only sends to review
+(``flood_control``)."""
 
 RESULT_STAGES: tuple[str, ...] = (*MATCH_STAGES, "allow_bank", "no_match", "unscannable")
 """What may decide a whole result: its top match's stage, an allow-bank match that suppressed
@@ -66,6 +68,17 @@ def _passed(
     return "none", None
 
 
+def _vpdq_passed(rules: CategoryRules, cand: Candidate) -> tuple[str, float | None]:
+    """:func:`_passed` of a vPDQ match: its query match percentage against the category's
+    ``block_vpdq_percent``/``review_vpdq_percent``, only while its compared match percentage
+    reaches ``vpdq_compared_percent`` (``VPDQSignal.compare_hash``, as
+    :func:`moderation.matching.decision.vpdq_reaches`)."""
+    match = cand.vpdq
+    if match is None or match.compared_match_percent < rules.vpdq_compared_percent:
+        return "none", None
+    return _passed(match.query_match_percent, rules.block_vpdq_percent, rules.review_vpdq_percent)
+
+
 def _region(features: Mapping[str, float]) -> dict[str, Any] | None:
     """The best region or view cosine when it beats the global cosine, else None; on a tie
     the simpler kind (``region_to_region`` is at least the other two, so it is named only
@@ -83,8 +96,8 @@ def _region(features: Mapping[str, float]) -> dict[str, Any] | None:
 def match_stage(rules: CategoryRules, cand: Candidate, *, held: bool, quarantined: bool) -> str:
     """Which of :data:`MATCH_STAGES` set ``cand``'s level under ``rules``
     (:func:`moderation.matching.decision.match_step`): ``held`` the band clamped the classifier,
-    ``quarantined`` flood control lowered a block to review. Between cosine and PDQ, the one
-    whose own step is higher (cosine on a tie)."""
+    ``quarantined`` flood control lowered a block to review. Between cosine, PDQ and vPDQ, the
+    one whose own step is highest (in that order on a tie)."""
     if quarantined:
         return "flood_control"
     if cand.exact is not None:
@@ -93,20 +106,23 @@ def match_stage(rules: CategoryRules, cand: Candidate, *, held: bool, quarantine
         return "classifier_band"
     if cand.probability is not None and rules.block_probability is not None:
         return "classifier"
-    by_cosine, _ = _passed(cand.cosine, rules.block_cosine, rules.review_cosine)
-    by_pdq, _ = _passed(
-        cand.pdq_distance, rules.block_pdq_distance, rules.review_pdq_distance, lower=True
-    )
     order = ("none", "review", "block")
-    return "cosine" if order.index(by_cosine) >= order.index(by_pdq) else "pdq"
+    steps = {
+        "cosine": _passed(cand.cosine, rules.block_cosine, rules.review_cosine)[0],
+        "pdq": _passed(
+            cand.pdq_distance, rules.block_pdq_distance, rules.review_pdq_distance, lower=True
+        )[0],
+        "vpdq": _vpdq_passed(rules, cand)[0],
+    }
+    return max(steps, key=lambda name: order.index(steps[name]))
 
 
 def match_evidence(rules: CategoryRules, cand: Candidate, stage: str) -> dict[str, Any]:
     """The stored evidence of one match (merged into the match row's ``signals`` JSON):
     ``decided_by`` (``stage``), ``passed`` and ``thresholds`` per signal (``cosine``, ``pdq``,
-    ``probability``: which of the category's block/review thresholds the value reached, and
-    that threshold), the best ``region`` (``kind``, ``cosine``, ``views``) when the classifier
-    stage found one above the global cosine, and the ``exact`` hash kind."""
+    ``vpdq``, ``probability``: which of the category's block/review thresholds the value
+    reached, and that threshold), the best ``region`` (``kind``, ``cosine``, ``views``) when
+    the classifier stage found one above the global cosine, and the ``exact`` hash kind."""
     passed: dict[str, str] = {}
     thresholds: dict[str, float | None] = {}
     if cand.cosine is not None:
@@ -117,6 +133,8 @@ def match_evidence(rules: CategoryRules, cand: Candidate, stage: str) -> dict[st
         passed["pdq"], thresholds["pdq"] = _passed(
             cand.pdq_distance, rules.block_pdq_distance, rules.review_pdq_distance, lower=True
         )
+    if cand.vpdq is not None:
+        passed["vpdq"], thresholds["vpdq"] = _vpdq_passed(rules, cand)
     if cand.probability is not None:
         passed["probability"], thresholds["probability"] = _passed(
             cand.probability, rules.block_probability, rules.review_probability
@@ -154,6 +172,22 @@ def _measured(
     }
 
 
+def _vpdq_json(record: Mapping[str, Any], agreed: bool) -> dict[str, Any] | None:
+    """The ``vpdq`` signal of a video matched on a vPDQ entry: ``value`` (query match
+    percentage), ``compared`` (compared match percentage), ``passed``, ``threshold``,
+    ``agreed``; None for other matches."""
+    stored = _mapping(record, "vpdq")
+    if "query_match_percent" not in stored:
+        return None
+    return {
+        "value": stored["query_match_percent"],
+        "compared": stored.get("compared_match_percent"),
+        "passed": _mapping(record, "passed").get("vpdq"),
+        "threshold": _mapping(record, "thresholds").get("vpdq"),
+        "agreed": agreed,
+    }
+
+
 def _mapping(record: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = record.get(key)
     return value if isinstance(value, Mapping) else {}
@@ -178,6 +212,7 @@ def _inferred_stage(agreed: Sequence[str]) -> str | None:
         ("classifier", "classifier"),
         ("cosine", "cosine"),
         ("pdq", "pdq"),
+        ("vpdq", "vpdq"),
     ):
         if tag in tags:
             return stage
@@ -213,12 +248,16 @@ def match_explanation(
     """The public fields of one match, bank and entry aside, from its stored ``record`` (a
     match row's ``signals`` JSON, or None) and its measured values: ``cosine``,
     ``pdq_distance``, ``probability`` (rounded to 4 places), ``exact`` (the hash kind, only for
-    an exact-hash match), ``timestamp_s`` (videos only: the matched frame's time, s), ``level``,
+    an exact-hash match), ``timestamp_s`` (videos only: the matched frame's time, s), ``vpdq``
+    (a video matched on a vPDQ entry: ``query_match_percent``, ``compared_match_percent``),
+    ``level``,
     ``decided_by`` (one of :data:`MATCH_STAGES`; null when unknown) and ``signals``::
 
         {"global_cosine": {"value", "passed", "threshold", "agreed"} | null,
          "region_cosine": {"kind", "value", "agreed"} | null,
          "pdq": {"value" (Hamming distance, bits), "passed", "threshold", "agreed"} | null,
+         "vpdq": {"value" (query match %), "compared" (%), "passed", "threshold",
+                  "agreed"} | null,
          "exact": {"kind", "agreed"} | null,
          "classifier": {"value" (probability), "passed", "threshold", "agreed"} | null,
          "frame": int | null (the screened frame that matched; null for an exact-hash
@@ -238,6 +277,8 @@ def match_explanation(
     extra: dict[str, Any] = {"exact": exact} if exact is not None else {}
     if "timestamp_s" in signals:
         extra["timestamp_s"] = signals["timestamp_s"]
+    if signals["vpdq"] is not None:
+        extra["vpdq"] = dict(_mapping(record, "vpdq"))
     stage = record.get("decided_by")
     return {
         "cosine": _round(cosine),
@@ -266,6 +307,7 @@ def _signals(
         ),
         "region_cosine": _region_json(record, agreed),
         "pdq": _measured(record, "pdq", pdq_distance, "pdq" in agreed),
+        "vpdq": _vpdq_json(record, "vpdq" in agreed),
         "exact": None if exact is None else {"kind": exact, "agreed": True},
         "classifier": _measured(
             record,
@@ -273,7 +315,7 @@ def _signals(
             probability,
             passed["probability"] in ("block", "review") if "probability" in passed else None,
         ),
-        # An exact-hash match alone matched the whole file, no frame of it.
+        # An exact-hash or vPDQ match alone matched the whole file, no frame of it.
         "frame": None if cosine is None and pdq_distance is None else record.get("frame"),
     }
     timestamp = record.get("timestamp_s")

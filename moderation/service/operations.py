@@ -56,10 +56,9 @@ def screen_paths(
 ) -> list[ScreeningResult]:
     """Screen image files in batches, store each as an upload with its result.
 
-    ``on_result`` receives, per input and in order, ``path``, the CLI contract object
-    (:meth:`~moderation.matching.decision.ScreeningResult.to_json`) and ``upload_id``;
-    ``screener`` defaults to :meth:`Runtime.screener`. Files over the byte limit are not read:
-    they end ``unscannable`` with reason ``too_large``.
+    ``on_result`` gets, per input in order, ``path``, the CLI contract object
+    (:meth:`ScreeningResult.to_json`) and ``upload_id``; ``screener`` defaults to
+    :meth:`Runtime.screener`. Files over the byte limit end ``unscannable`` (``too_large``).
 
     Three stages overlap a batch (``batch_size`` files) apart: reading, decoding, PDQ and
     preprocessing of batch k+1 (a thread); embedding, search and decision of batch k; storing

@@ -48,6 +48,7 @@ from moderation.service.results import match_json, result_json
 from moderation.service.runtime import Runtime, prepared_runtime
 from moderation.service.uploads import create_upload
 from moderation.signals.pdq import pdq_hash
+from moderation.signals.vpdq import VpdqMatch
 from moderation.storage.db import transaction
 from moderation.storage.models import (
     Bank,
@@ -415,6 +416,9 @@ def _entry(quarantined: bool = False) -> EntryInfo:
         (Candidate(_entry(True), cosine=0.95), "review", "flood_control", "flood_control"),
         (Candidate(_entry(True), exact="sha256"), "review", "flood_control", "flood_control"),
         (Candidate(_entry(), exact="sha256"), "block", "exact_hash", "exact_hash"),
+        # A video on a vPDQ entry (default thresholds: block 80 %, review 50 %).
+        (Candidate(_entry(), vpdq=VpdqMatch(100.0, 75.0)), "block", "vpdq", "vpdq"),
+        (Candidate(_entry(), vpdq=VpdqMatch(60.0, 100.0)), "review", "vpdq", "vpdq"),
     ],
 )
 def test_the_stage_that_set_the_level_is_named(
@@ -452,3 +456,18 @@ def test_a_signal_that_agreed_without_its_own_value_still_shows() -> None:
         "agreed": True,
     }
     assert shown["pdq_distance"] is None and shown["decided_by"] == "classifier"
+
+
+def test_a_vpdq_match_shows_its_percentages_and_the_threshold_passed() -> None:
+    [match] = policy_matches(STAGE_POLICY, [Candidate(_entry(), vpdq=VpdqMatch(100.0, 75.0))])
+    shown = match.to_json()
+    assert shown["vpdq"] == {"query_match_percent": 100.0, "compared_match_percent": 75.0}
+    assert shown["signals"]["vpdq"] == {
+        "value": 100.0,
+        "compared": 75.0,
+        "passed": "block",
+        "threshold": 80.0,
+        "agreed": True,
+    }
+    # The whole video matched: no frame, no time.
+    assert shown["signals"]["frame"] is None and "timestamp_s" not in shown
