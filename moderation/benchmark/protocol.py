@@ -30,11 +30,14 @@ from moderation.benchmark.metrics import (
     recall_at_precision,
 )
 from moderation.media.edits import EDITS, apply_edit, derived_seed
+from moderation.media.implementations import IMPLEMENTATIONS, apply_implementation
 
 logger = logging.getLogger(__name__)
 
 UNEDITED = "unedited"
 """The ``edit`` of queries that are unedited non-member photos."""
+UNSEEN_PREFIX = "unseen/"
+"""Query ids of the unseen-implementation queries start with it (:func:`build_protocol`)."""
 
 _OVERLAY_EDIT = "overlay_bg_60"
 
@@ -46,7 +49,9 @@ class Query:
     ``true_ref_id`` is the reference the query was made from (None for a negative), ``source``
     the id of the photo it was made from (a reference or a non-member), ``seed`` the seed its
     edit was applied with (None for unedited queries), and ``background`` the id of the photo
-    ``overlay_bg_60`` pasted it onto (None for other edits).
+    ``overlay_bg_60`` pasted it onto (None for other edits). Queries made by an unseen edit
+    implementation (:mod:`moderation.media.implementations`) have the implementation's name as
+    ``edit`` and its family as ``family``; the others have ``family`` None.
     """
 
     query_id: str
@@ -56,6 +61,7 @@ class Query:
     source: str
     seed: int | None = None
     background: str | None = None
+    family: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ def _checked_paths(
     positives_per_edit: int,
     negatives_per_edit: int,
     unedited_negatives: int,
+    unseen: Sequence[str] = (),
+    unseen_per_implementation: int = 0,
 ) -> list[Path]:
     """``image_paths`` sorted, once :func:`build_protocol`'s arguments are checked.
 
@@ -103,13 +111,25 @@ def _checked_paths(
     for name in edits:
         if name not in EDITS:
             raise ValueError(f"unknown edit {name!r}; valid edits: {', '.join(EDITS)}")
-    if len(set(edits)) != len(edits):
-        raise ValueError(f"edits contains duplicates: {list(edits)}")
+    for name in unseen:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}"
+            )
+    if len(set(edits)) != len(edits) or len(set(unseen)) != len(unseen):
+        raise ValueError(f"edits contains duplicates: {list(edits)} {list(unseen)}")
+    if unseen and unseen_per_implementation > n_references:
+        raise ValueError(
+            f"unseen_per_implementation={unseen_per_implementation} exceeds "
+            f"n_references={n_references}"
+        )
+    pastes = any(IMPLEMENTATIONS[n].needs_background for n in unseen) and unseen_per_implementation
     counts = {
         "n_references": n_references,
         "positives_per_edit": positives_per_edit,
         "negatives_per_edit": negatives_per_edit,
         "unedited_negatives": unedited_negatives,
+        "unseen_per_implementation": unseen_per_implementation,
     }
     for key, value in counts.items():
         if value < 0:
@@ -117,7 +137,9 @@ def _checked_paths(
     paths = sorted(Path(p) for p in image_paths)
     if len(set(paths)) != len(paths):
         raise ValueError("image_paths contains duplicates")
-    min_non_members = max(negatives_per_edit, unedited_negatives)
+    min_non_members = max(negatives_per_edit, unedited_negatives, unseen_per_implementation)
+    if pastes:
+        min_non_members = max(min_non_members, 2)
     if _OVERLAY_EDIT in edits and positives_per_edit + negatives_per_edit > 0:
         # Backgrounds are non-members, and a negative's differs from its own source.
         min_non_members = max(min_non_members, 2 if negatives_per_edit else 1)
@@ -163,36 +185,40 @@ class _Split:
             (ids[ix], self.paths[ix]) for ix in sorted(self.reference_ix, key=ids.__getitem__)
         )
 
-    def edited_queries(self, edit: str, positives: int, negatives: int) -> list[Query]:
-        """``positives`` then ``negatives`` queries of ``edit``: distinct references, then
-        distinct non-members, drawn by the edit's own generator (sources first, then each
-        ``overlay_bg_60`` background in turn)."""
+    def edited_queries(
+        self, edit: str, positives: int, negatives: int, *, unseen: bool = False
+    ) -> list[Query]:
+        """``positives`` then ``negatives`` queries of ``edit`` (an unseen implementation's name
+        when ``unseen``): distinct references, then distinct non-members, drawn by the edit's
+        own generator (sources first, then each background of a paste in turn)."""
         seed, ids, image, non_member_ix = self.seed, self.ids, self.image, self.non_member_ix
         queries: list[Query] = []
         rng = random.Random(derived_seed("sample", seed, edit, 0))  # noqa: S311
         sources = [(ix, "pos") for ix in rng.sample(self.reference_ix, positives)]
         sources += [(ix, "neg") for ix in rng.sample(non_member_ix, negatives)]
         kind_index = {"pos": 0, "neg": 0}
+        pastes = IMPLEMENTATIONS[edit].needs_background
+        prefix = UNSEEN_PREFIX if unseen else ""
         for i, (ix, kind) in enumerate(sources):
             q_seed = query_seed(seed, edit, i)
             background_ix = None
-            if edit == _OVERLAY_EDIT:
+            if pastes:
                 background_ix = rng.choice([j for j in non_member_ix if j != ix])
-            edited = apply_edit(
-                edit,
-                image(ix),
-                seed=q_seed,
-                background=None if background_ix is None else image(background_ix),
-            )
+            background = None if background_ix is None else image(background_ix)
+            if unseen:
+                edited = apply_implementation(edit, image(ix), seed=q_seed, background=background)
+            else:
+                edited = apply_edit(edit, image(ix), seed=q_seed, background=background)
             queries.append(
                 Query(
-                    query_id=f"{edit}/{kind}/{kind_index[kind]}",
+                    query_id=f"{prefix}{edit}/{kind}/{kind_index[kind]}",
                     image=edited,
                     edit=edit,
                     true_ref_id=ids[ix] if kind == "pos" else None,
                     source=ids[ix],
                     seed=q_seed,
                     background=None if background_ix is None else ids[background_ix],
+                    family=IMPLEMENTATIONS[edit].family if unseen else None,
                 )
             )
             kind_index[kind] += 1
@@ -217,6 +243,8 @@ def build_protocol(
     seed: int = 0,
     edits: Sequence[str] = tuple(EDITS),
     load: Callable[[Path], Image.Image] | None = None,
+    unseen: Sequence[str] = (),
+    unseen_per_implementation: int = 0,
 ) -> Protocol:
     """Split ``image_paths`` into references and non-members and make the queries.
 
@@ -231,6 +259,12 @@ def build_protocol(
     the query's own source. Ids are file stems (full paths if stems collide); query ids are
     ``"{edit}/pos/{i}"``, ``"{edit}/neg/{i}"`` and ``"unedited/neg/{i}"``.
 
+    ``unseen`` names edit implementations (:data:`moderation.media.implementations.UNSEEN`) made
+    into ``unseen_per_implementation`` positives and as many negatives each, after the edits'
+    queries and the same way (their own generators and :func:`query_seed` by implementation
+    name), with ids ``"unseen/{implementation}/pos/{i}"``: :mod:`moderation.benchmark.unseen`
+    reports them apart.
+
     Query images are made in memory: about 2 x 17 x 20 + 100 = 780 RGB images of the source
     photos' size (about 0.6 MB each at 500 x 375 px).
 
@@ -243,7 +277,14 @@ def build_protocol(
             images for the counts asked (the message names the numbers).
     """
     paths = _checked_paths(
-        image_paths, edits, n_references, positives_per_edit, negatives_per_edit, unedited_negatives
+        image_paths,
+        edits,
+        n_references,
+        positives_per_edit,
+        negatives_per_edit,
+        unedited_negatives,
+        unseen,
+        unseen_per_implementation,
     )
     split = _Split(paths, n_references, seed, load or _default_load)
     queries = [
@@ -251,6 +292,9 @@ def build_protocol(
         for edit in edits
         for query in split.edited_queries(edit, positives_per_edit, negatives_per_edit)
     ]
+    for name in unseen:
+        n = unseen_per_implementation
+        queries += split.edited_queries(name, n, n, unseen=True)
     queries += split.unedited_queries(unedited_negatives)
     references = split.references()
     logger.info(
@@ -325,6 +369,19 @@ def _result(
         Prediction(q.query_id, ref_id, float(score), q.true_ref_id, q.edit, decision)
         for q, (ref_id, score, decision) in zip(protocol.queries, answers, strict=True)
     ]
+    return figures_of(name, predictions, index_seconds, query_seconds)
+
+
+def figures_of(
+    name: str, predictions: list[Prediction], index_seconds: float, query_seconds: float
+) -> MethodResult:
+    """The :class:`MethodResult` of ``predictions`` (one per query; any subset of a protocol's,
+    as :mod:`moderation.benchmark.unseen` makes). ``images_per_second`` is the predictions'
+    count over ``query_seconds``.
+
+    Raises:
+        ValueError: decisions for only some predictions, or no positive query.
+    """
     n_decided = sum(p.decision is not None for p in predictions)
     if 0 < n_decided < len(predictions):
         raise ValueError(
