@@ -93,6 +93,26 @@ def query_seed(seed: int, edit: str, index: int) -> int:
     return derived_seed("query", seed, edit, index)
 
 
+def _check_unseen(unseen: Sequence[str], per_implementation: int, n_references: int) -> bool:
+    """Whether any unseen query pastes onto a background, once ``unseen`` is checked.
+
+    Raises:
+        ValueError: an unknown or repeated implementation, or more positives than references.
+    """
+    for name in unseen:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}"
+            )
+    if len(set(unseen)) != len(unseen):
+        raise ValueError(f"unseen contains duplicates: {list(unseen)}")
+    if unseen and per_implementation > n_references:
+        raise ValueError(
+            f"unseen_per_implementation={per_implementation} exceeds n_references={n_references}"
+        )
+    return bool(per_implementation) and any(IMPLEMENTATIONS[n].needs_background for n in unseen)
+
+
 def _checked_paths(
     image_paths: Sequence[Path],
     edits: Sequence[str],
@@ -111,19 +131,9 @@ def _checked_paths(
     for name in edits:
         if name not in EDITS:
             raise ValueError(f"unknown edit {name!r}; valid edits: {', '.join(EDITS)}")
-    for name in unseen:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}"
-            )
-    if len(set(edits)) != len(edits) or len(set(unseen)) != len(unseen):
-        raise ValueError(f"edits contains duplicates: {list(edits)} {list(unseen)}")
-    if unseen and unseen_per_implementation > n_references:
-        raise ValueError(
-            f"unseen_per_implementation={unseen_per_implementation} exceeds "
-            f"n_references={n_references}"
-        )
-    pastes = any(IMPLEMENTATIONS[n].needs_background for n in unseen) and unseen_per_implementation
+    if len(set(edits)) != len(edits):
+        raise ValueError(f"edits contains duplicates: {list(edits)}")
+    pastes = _check_unseen(unseen, unseen_per_implementation, n_references)
     counts = {
         "n_references": n_references,
         "positives_per_edit": positives_per_edit,
@@ -233,6 +243,19 @@ class _Split:
         ]
 
 
+def _log_protocol(
+    references: Sequence[tuple[str, Path]], queries: Sequence[Query], n_images: int, seed: int
+) -> None:
+    logger.info(
+        "protocol: %d references, %d queries (%d positive) from %d images, seed %d",
+        len(references),
+        len(queries),
+        sum(q.true_ref_id is not None for q in queries),
+        n_images,
+        seed,
+    )
+
+
 def build_protocol(
     image_paths: Sequence[Path],
     *,
@@ -259,14 +282,11 @@ def build_protocol(
     the query's own source. Ids are file stems (full paths if stems collide); query ids are
     ``"{edit}/pos/{i}"``, ``"{edit}/neg/{i}"`` and ``"unedited/neg/{i}"``.
 
-    ``unseen`` names edit implementations (:data:`moderation.media.implementations.UNSEEN`) made
-    into ``unseen_per_implementation`` positives and as many negatives each, after the edits'
-    queries and the same way (their own generators and :func:`query_seed` by implementation
-    name), with ids ``"unseen/{implementation}/pos/{i}"``: :mod:`moderation.benchmark.unseen`
-    reports them apart.
+    ``unseen`` implementations (:data:`moderation.media.implementations.UNSEEN`) then make
+    ``unseen_per_implementation`` positives and negatives each the same way, with ids
+    ``"unseen/{name}/pos/{i}"`` (reported apart by :mod:`moderation.benchmark.unseen`).
 
-    Query images are made in memory: about 2 x 17 x 20 + 100 = 780 RGB images of the source
-    photos' size (about 0.6 MB each at 500 x 375 px).
+    Query images are made in memory (2 x 17 x 20 + 100 = 780 of the photos' size by default).
 
     Args:
         image_paths: photo files, at least ``n_references`` + the non-members needed.
@@ -287,24 +307,14 @@ def build_protocol(
         unseen_per_implementation,
     )
     split = _Split(paths, n_references, seed, load or _default_load)
+    n = unseen_per_implementation
     queries = [
-        query
-        for edit in edits
-        for query in split.edited_queries(edit, positives_per_edit, negatives_per_edit)
+        q for e in edits for q in split.edited_queries(e, positives_per_edit, negatives_per_edit)
     ]
-    for name in unseen:
-        n = unseen_per_implementation
-        queries += split.edited_queries(name, n, n, unseen=True)
+    queries += [q for name in unseen for q in split.edited_queries(name, n, n, unseen=True)]
     queries += split.unedited_queries(unedited_negatives)
     references = split.references()
-    logger.info(
-        "protocol: %d references, %d queries (%d positive) from %d images, seed %d",
-        len(references),
-        len(queries),
-        sum(q.true_ref_id is not None for q in queries),
-        len(paths),
-        seed,
-    )
+    _log_protocol(references, queries, len(paths), seed)
     return Protocol(references=references, queries=tuple(queries), seed=seed)
 
 

@@ -307,6 +307,18 @@ def _write_outputs(
         echo(f"wrote {plot_out}")
 
 
+def _print_tables(
+    everything: list[MethodResult], echo: Callable[[str], Any]
+) -> tuple[list[MethodResult], list[MethodResult]]:
+    """The benchmark's own figures and the unseen split's (:func:`unseen.split_results`), each
+    echoed as markdown."""
+    results, unseen = unseen_split.split_results(everything)
+    echo(markdown_table(results))
+    if unseen:
+        echo(unseen_split.markdown(unseen))
+    return results, unseen
+
+
 def run_quality_benchmark(
     settings: Settings,
     images_dir: Path,
@@ -323,11 +335,8 @@ def run_quality_benchmark(
 ) -> list[MethodResult]:
     """Run the protocol on ``images_dir`` and print a markdown table; optionally JSON and plot.
 
-    With ``unseen_per_implementation`` > 0 the protocol also holds that many positives and
-    negatives of every unseen edit implementation (:data:`~moderation.media.implementations.
-    UNSEEN`), screened in the same call; the benchmark's own figures leave them out and a
-    second table (and the JSON's ``unseen_implementations``) reports them with the unedited
-    negatives (:mod:`moderation.benchmark.unseen`). Returns the benchmark's own figures.
+    ``unseen_per_implementation`` positives and negatives per unseen edit implementation are
+    reported apart (:mod:`moderation.benchmark.unseen`); the figures returned leave them out.
 
     Raises:
         ValueError: too few images in ``images_dir`` for the requested split.
@@ -351,11 +360,7 @@ def run_quality_benchmark(
     )
     with tempfile.TemporaryDirectory(prefix="moderation-benchmark-") as tmp:
         methods = _methods(settings, Path(tmp), reference_paths, encoded, classifier, extra_methods)
-        everything = run_protocol(protocol, methods)
-    results, unseen = unseen_split.split_results(everything)
-    echo(markdown_table(results))
-    if unseen:
-        echo(unseen_split.markdown(unseen))
+        results, unseen = _print_tables(run_protocol(protocol, methods), echo)
     images = [q.image for q in protocol.queries]
     speed = _screening_throughput(methods, images, settings.batch_size, echo)
     training = _classifier_training(methods, echo)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
@@ -165,15 +166,29 @@ def _place(out: Image.Image, sticker: Image.Image, rng: random.Random, overhang:
     out.alpha_composite(layer)
 
 
+def _scatter(
+    image: Image.Image,
+    rng: random.Random,
+    count: tuple[int, int],
+    share: tuple[float, float],
+    make: Callable[[int, random.Random], Image.Image],
+    turn: float,
+    overhang: float,
+) -> Image.Image:
+    """``count`` stickers from ``make``, each a ``share`` of the shorter side, turned by up to
+    ``turn`` degrees, at random positions (``overhang`` as :func:`_place`)."""
+    out = image.convert("RGBA")
+    for _ in range(rng.randint(*count)):
+        sticker = make(max(8, round(min(out.size) * rng.uniform(*share))), rng)
+        _place(out, sticker.rotate(rng.uniform(-turn, turn), expand=True), rng, overhang)
+    return out.convert("RGB")
+
+
 def emoji_many_small(
     image: Image.Image, rng: random.Random, background: Image.Image | None
 ) -> Image.Image:
-    """Four to ten small stickers (8-20% of the shorter side), some turned."""
-    out = image.convert("RGBA")
-    for _ in range(rng.randint(4, 10)):
-        sticker = sticker_image(max(8, round(min(out.size) * rng.uniform(0.08, 0.2))), rng)
-        _place(out, sticker.rotate(rng.uniform(-40, 40), expand=True), rng, 0.0)
-    return out.convert("RGB")
+    """Four to ten small stickers (8-20% of the shorter side), turned by up to 40°."""
+    return _scatter(image, rng, (4, 10), (0.08, 0.2), sticker_image, 40, 0.0)
 
 
 _GLYPHS = (":)", "<3", "LOL", "!!", "#1", "OMG", "XD", "?!", "100", ":D", "wow", "+1")
@@ -191,7 +206,7 @@ def emoji_glyphs(
         text = rng.choice(_GLYPHS)
         stroke = max(1, size // 12)
         box = ImageDraw.Draw(out).textbbox((0, 0), text, font=font, stroke_width=stroke)
-        glyph = Image.new("RGBA", (box[2] + 2, box[3] + 2), (0, 0, 0, 0))
+        glyph = Image.new("RGBA", (round(box[2]) + 2, round(box[3]) + 2), (0, 0, 0, 0))
         ImageDraw.Draw(glyph).text(
             (1, 1), text, font=font, fill=(*rng.choice(STICKER_COLOURS), 255),
             stroke_width=stroke, stroke_fill=rng.choice(((255, 255, 255), (0, 0, 0))),
@@ -296,11 +311,7 @@ def emoji_sticker_pack(
     image: Image.Image, rng: random.Random, background: Image.Image | None
 ) -> Image.Image:
     """Three to six stickers of :func:`_pack_sticker`, 15-45% of the shorter side, turned."""
-    out = image.convert("RGBA")
-    for _ in range(rng.randint(3, 6)):
-        sticker = _pack_sticker(max(8, round(min(out.size) * rng.uniform(0.15, 0.45))), rng)
-        _place(out, sticker.rotate(rng.uniform(-30, 30), expand=True), rng, 0.1)
-    return out.convert("RGB")
+    return _scatter(image, rng, (3, 6), (0.15, 0.45), _pack_sticker, 30, 0.1)
 
 
 # --- flips combined with padding, rotation, crops ------------------------------------------------

@@ -145,7 +145,7 @@ def chat_bubble(
             continue
         text = random_words(rng, 2, 5)
         text_w = draw.textlength(text, font=font)
-        x = unit if left_side else width - unit * 3 - text_w
+        x = unit if left_side else round(width - unit * 3 - text_w)
         fill = theme["panel"] if left_side else accent
         draw.rounded_rectangle((x, y, x + text_w + unit * 2, y + unit * 2), radius=unit, fill=fill)
         draw.text((x + unit, y + unit * 0.5), text, fill=theme["text"], font=font)

@@ -132,7 +132,8 @@ class _PixelEncoder:
     def encode(self, images: Sequence[Image.Image], *, batch_size: int) -> npt.NDArray[np.float32]:
         rows = [np.asarray(i.convert("RGB").resize((4, 4)), np.float32).ravel() + 1 for i in images]
         matrix = np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
-        return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+        normalised: npt.NDArray[np.float32] = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+        return normalised
 
 
 def test_generated_training_set_names_only_tuning_implementations(
