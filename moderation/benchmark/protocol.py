@@ -30,11 +30,14 @@ from moderation.benchmark.metrics import (
     recall_at_precision,
 )
 from moderation.media.edits import EDITS, apply_edit, derived_seed
+from moderation.media.implementations import IMPLEMENTATIONS, apply_implementation
 
 logger = logging.getLogger(__name__)
 
 UNEDITED = "unedited"
 """The ``edit`` of queries that are unedited non-member photos."""
+UNSEEN_PREFIX = "unseen/"
+"""Query ids of the unseen-implementation queries start with it (:func:`build_protocol`)."""
 
 _OVERLAY_EDIT = "overlay_bg_60"
 
@@ -46,7 +49,9 @@ class Query:
     ``true_ref_id`` is the reference the query was made from (None for a negative), ``source``
     the id of the photo it was made from (a reference or a non-member), ``seed`` the seed its
     edit was applied with (None for unedited queries), and ``background`` the id of the photo
-    ``overlay_bg_60`` pasted it onto (None for other edits).
+    ``overlay_bg_60`` pasted it onto (None for other edits). Queries made by an unseen edit
+    implementation (:mod:`moderation.media.implementations`) have the implementation's name as
+    ``edit`` and its family as ``family``; the others have ``family`` None.
     """
 
     query_id: str
@@ -56,6 +61,7 @@ class Query:
     source: str
     seed: int | None = None
     background: str | None = None
+    family: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,26 @@ def query_seed(seed: int, edit: str, index: int) -> int:
     return derived_seed("query", seed, edit, index)
 
 
+def _check_unseen(unseen: Sequence[str], per_implementation: int, n_references: int) -> bool:
+    """Whether any unseen query pastes onto a background, once ``unseen`` is checked.
+
+    Raises:
+        ValueError: an unknown or repeated implementation, or more positives than references.
+    """
+    for name in unseen:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}"
+            )
+    if len(set(unseen)) != len(unseen):
+        raise ValueError(f"unseen contains duplicates: {list(unseen)}")
+    if unseen and per_implementation > n_references:
+        raise ValueError(
+            f"unseen_per_implementation={per_implementation} exceeds n_references={n_references}"
+        )
+    return bool(per_implementation) and any(IMPLEMENTATIONS[n].needs_background for n in unseen)
+
+
 def _checked_paths(
     image_paths: Sequence[Path],
     edits: Sequence[str],
@@ -94,6 +120,8 @@ def _checked_paths(
     positives_per_edit: int,
     negatives_per_edit: int,
     unedited_negatives: int,
+    unseen: Sequence[str] = (),
+    unseen_per_implementation: int = 0,
 ) -> list[Path]:
     """``image_paths`` sorted, once :func:`build_protocol`'s arguments are checked.
 
@@ -105,11 +133,13 @@ def _checked_paths(
             raise ValueError(f"unknown edit {name!r}; valid edits: {', '.join(EDITS)}")
     if len(set(edits)) != len(edits):
         raise ValueError(f"edits contains duplicates: {list(edits)}")
+    pastes = _check_unseen(unseen, unseen_per_implementation, n_references)
     counts = {
         "n_references": n_references,
         "positives_per_edit": positives_per_edit,
         "negatives_per_edit": negatives_per_edit,
         "unedited_negatives": unedited_negatives,
+        "unseen_per_implementation": unseen_per_implementation,
     }
     for key, value in counts.items():
         if value < 0:
@@ -117,7 +147,9 @@ def _checked_paths(
     paths = sorted(Path(p) for p in image_paths)
     if len(set(paths)) != len(paths):
         raise ValueError("image_paths contains duplicates")
-    min_non_members = max(negatives_per_edit, unedited_negatives)
+    min_non_members = max(negatives_per_edit, unedited_negatives, unseen_per_implementation)
+    if pastes:
+        min_non_members = max(min_non_members, 2)
     if _OVERLAY_EDIT in edits and positives_per_edit + negatives_per_edit > 0:
         # Backgrounds are non-members, and a negative's differs from its own source.
         min_non_members = max(min_non_members, 2 if negatives_per_edit else 1)
@@ -163,36 +195,40 @@ class _Split:
             (ids[ix], self.paths[ix]) for ix in sorted(self.reference_ix, key=ids.__getitem__)
         )
 
-    def edited_queries(self, edit: str, positives: int, negatives: int) -> list[Query]:
-        """``positives`` then ``negatives`` queries of ``edit``: distinct references, then
-        distinct non-members, drawn by the edit's own generator (sources first, then each
-        ``overlay_bg_60`` background in turn)."""
+    def edited_queries(
+        self, edit: str, positives: int, negatives: int, *, unseen: bool = False
+    ) -> list[Query]:
+        """``positives`` then ``negatives`` queries of ``edit`` (an unseen implementation's name
+        when ``unseen``): distinct references, then distinct non-members, drawn by the edit's
+        own generator (sources first, then each background of a paste in turn)."""
         seed, ids, image, non_member_ix = self.seed, self.ids, self.image, self.non_member_ix
         queries: list[Query] = []
         rng = random.Random(derived_seed("sample", seed, edit, 0))  # noqa: S311
         sources = [(ix, "pos") for ix in rng.sample(self.reference_ix, positives)]
         sources += [(ix, "neg") for ix in rng.sample(non_member_ix, negatives)]
         kind_index = {"pos": 0, "neg": 0}
+        pastes = IMPLEMENTATIONS[edit].needs_background
+        prefix = UNSEEN_PREFIX if unseen else ""
         for i, (ix, kind) in enumerate(sources):
             q_seed = query_seed(seed, edit, i)
             background_ix = None
-            if edit == _OVERLAY_EDIT:
+            if pastes:
                 background_ix = rng.choice([j for j in non_member_ix if j != ix])
-            edited = apply_edit(
-                edit,
-                image(ix),
-                seed=q_seed,
-                background=None if background_ix is None else image(background_ix),
-            )
+            background = None if background_ix is None else image(background_ix)
+            if unseen:
+                edited = apply_implementation(edit, image(ix), seed=q_seed, background=background)
+            else:
+                edited = apply_edit(edit, image(ix), seed=q_seed, background=background)
             queries.append(
                 Query(
-                    query_id=f"{edit}/{kind}/{kind_index[kind]}",
+                    query_id=f"{prefix}{edit}/{kind}/{kind_index[kind]}",
                     image=edited,
                     edit=edit,
                     true_ref_id=ids[ix] if kind == "pos" else None,
                     source=ids[ix],
                     seed=q_seed,
                     background=None if background_ix is None else ids[background_ix],
+                    family=IMPLEMENTATIONS[edit].family if unseen else None,
                 )
             )
             kind_index[kind] += 1
@@ -207,6 +243,19 @@ class _Split:
         ]
 
 
+def _log_protocol(
+    references: Sequence[tuple[str, Path]], queries: Sequence[Query], n_images: int, seed: int
+) -> None:
+    logger.info(
+        "protocol: %d references, %d queries (%d positive) from %d images, seed %d",
+        len(references),
+        len(queries),
+        sum(q.true_ref_id is not None for q in queries),
+        n_images,
+        seed,
+    )
+
+
 def build_protocol(
     image_paths: Sequence[Path],
     *,
@@ -217,6 +266,8 @@ def build_protocol(
     seed: int = 0,
     edits: Sequence[str] = tuple(EDITS),
     load: Callable[[Path], Image.Image] | None = None,
+    unseen: Sequence[str] = (),
+    unseen_per_implementation: int = 0,
 ) -> Protocol:
     """Split ``image_paths`` into references and non-members and make the queries.
 
@@ -231,8 +282,11 @@ def build_protocol(
     the query's own source. Ids are file stems (full paths if stems collide); query ids are
     ``"{edit}/pos/{i}"``, ``"{edit}/neg/{i}"`` and ``"unedited/neg/{i}"``.
 
-    Query images are made in memory: about 2 x 17 x 20 + 100 = 780 RGB images of the source
-    photos' size (about 0.6 MB each at 500 x 375 px).
+    ``unseen`` implementations (:data:`moderation.media.implementations.UNSEEN`) then make
+    ``unseen_per_implementation`` positives and negatives each the same way, with ids
+    ``"unseen/{name}/pos/{i}"`` (reported apart by :mod:`moderation.benchmark.unseen`).
+
+    Query images are made in memory (2 x 17 x 20 + 100 = 780 of the photos' size by default).
 
     Args:
         image_paths: photo files, at least ``n_references`` + the non-members needed.
@@ -243,24 +297,24 @@ def build_protocol(
             images for the counts asked (the message names the numbers).
     """
     paths = _checked_paths(
-        image_paths, edits, n_references, positives_per_edit, negatives_per_edit, unedited_negatives
+        image_paths,
+        edits,
+        n_references,
+        positives_per_edit,
+        negatives_per_edit,
+        unedited_negatives,
+        unseen,
+        unseen_per_implementation,
     )
     split = _Split(paths, n_references, seed, load or _default_load)
+    n = unseen_per_implementation
     queries = [
-        query
-        for edit in edits
-        for query in split.edited_queries(edit, positives_per_edit, negatives_per_edit)
+        q for e in edits for q in split.edited_queries(e, positives_per_edit, negatives_per_edit)
     ]
+    queries += [q for name in unseen for q in split.edited_queries(name, n, n, unseen=True)]
     queries += split.unedited_queries(unedited_negatives)
     references = split.references()
-    logger.info(
-        "protocol: %d references, %d queries (%d positive) from %d images, seed %d",
-        len(references),
-        len(queries),
-        sum(q.true_ref_id is not None for q in queries),
-        len(paths),
-        seed,
-    )
+    _log_protocol(references, queries, len(paths), seed)
     return Protocol(references=references, queries=tuple(queries), seed=seed)
 
 
@@ -325,6 +379,19 @@ def _result(
         Prediction(q.query_id, ref_id, float(score), q.true_ref_id, q.edit, decision)
         for q, (ref_id, score, decision) in zip(protocol.queries, answers, strict=True)
     ]
+    return figures_of(name, predictions, index_seconds, query_seconds)
+
+
+def figures_of(
+    name: str, predictions: list[Prediction], index_seconds: float, query_seconds: float
+) -> MethodResult:
+    """The :class:`MethodResult` of ``predictions`` (one per query; any subset of a protocol's,
+    as :mod:`moderation.benchmark.unseen` makes). ``images_per_second`` is the predictions'
+    count over ``query_seconds``.
+
+    Raises:
+        ValueError: decisions for only some predictions, or no positive query.
+    """
     n_decided = sum(p.decision is not None for p in predictions)
     if 0 < n_decided < len(predictions):
         raise ValueError(

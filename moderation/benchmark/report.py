@@ -43,6 +43,7 @@ def _protocol_json(protocol: Protocol) -> dict[str, Any]:
                 "source": q.source,
                 "seed": q.seed,
                 "background": q.background,
+                "family": q.family,
                 "width": q.image.width,
                 "height": q.image.height,
             }

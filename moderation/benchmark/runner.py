@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from moderation.benchmark import unseen as unseen_split
 from moderation.benchmark.protocol import (
     Method,
     MethodResult,
@@ -49,6 +50,7 @@ from moderation.benchmark.protocol import (
 from moderation.benchmark.report import markdown_table, plot_pr_curves, to_json
 from moderation.config import Settings, load_settings
 from moderation.media.decode import DecodeLimits, UnscannableImage, decode_image
+from moderation.media.implementations import UNSEEN
 from moderation.signals.pdq import pdq_hash, pdq_hash_dihedral
 
 logger = logging.getLogger(__name__)
@@ -288,6 +290,7 @@ def _classifier_training(
 
 def _write_outputs(
     results: list[MethodResult],
+    unseen: list[MethodResult],
     protocol: Protocol,
     extra: dict[str, Any],
     json_out: Path | None,
@@ -295,11 +298,25 @@ def _write_outputs(
     echo: Callable[[str], Any],
 ) -> None:
     if json_out is not None:
-        json_out.write_text(json.dumps(to_json(results, protocol, extra=extra), indent=2))
+        document = to_json(results, protocol, extra=extra)
+        document["unseen_implementations"] = unseen_split.to_json(unseen) if unseen else None
+        json_out.write_text(json.dumps(document, indent=2))
         echo(f"wrote {json_out}")
     if plot_out is not None:
         plot_pr_curves(results, plot_out)
         echo(f"wrote {plot_out}")
+
+
+def _print_tables(
+    everything: list[MethodResult], echo: Callable[[str], Any]
+) -> tuple[list[MethodResult], list[MethodResult]]:
+    """The benchmark's own figures and the unseen split's (:func:`unseen.split_results`), each
+    echoed as markdown."""
+    results, unseen = unseen_split.split_results(everything)
+    echo(markdown_table(results))
+    if unseen:
+        echo(unseen_split.markdown(unseen))
+    return results, unseen
 
 
 def run_quality_benchmark(
@@ -314,8 +331,12 @@ def run_quality_benchmark(
     echo: Callable[[str], Any] = print,
     extra_methods: Callable[[dict[str, Path], EncodedQueries, Path], list[Method]] | None = None,
     classifier: bool = True,
+    unseen_per_implementation: int = 10,
 ) -> list[MethodResult]:
     """Run the protocol on ``images_dir`` and print a markdown table; optionally JSON and plot.
+
+    ``unseen_per_implementation`` positives and negatives per unseen edit implementation are
+    reported apart (:mod:`moderation.benchmark.unseen`); the figures returned leave them out.
 
     Raises:
         ValueError: too few images in ``images_dir`` for the requested split.
@@ -328,6 +349,8 @@ def run_quality_benchmark(
         positives_per_edit=per_edit,
         negatives_per_edit=per_edit,
         seed=seed,
+        unseen=UNSEEN if unseen_per_implementation else (),
+        unseen_per_implementation=unseen_per_implementation,
     )
     reference_paths = dict(protocol.references)
     encoded = EncodedQueries([q.image for q in protocol.queries])
@@ -337,8 +360,7 @@ def run_quality_benchmark(
     )
     with tempfile.TemporaryDirectory(prefix="moderation-benchmark-") as tmp:
         methods = _methods(settings, Path(tmp), reference_paths, encoded, classifier, extra_methods)
-        results = run_protocol(protocol, methods)
-    echo(markdown_table(results))
+        results, unseen = _print_tables(run_protocol(protocol, methods), echo)
     images = [q.image for q in protocol.queries]
     speed = _screening_throughput(methods, images, settings.batch_size, echo)
     training = _classifier_training(methods, echo)
@@ -353,5 +375,5 @@ def run_quality_benchmark(
         "classifier_training": training,
         "interleaved_images_per_second": speed,
     }
-    _write_outputs(results, protocol, extra, json_out, plot_out, echo)
+    _write_outputs(results, unseen, protocol, extra, json_out, plot_out, echo)
     return results

@@ -361,6 +361,14 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
     show_default=True,
     help="Also run the classifier stage (trains a model on the references: slower).",
 )
+@click.option(
+    "--unseen-per-implementation",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Positives and negatives per unseen edit implementation, reported apart as "
+    "'unseen implementations' (0: none).",
+)
 @click.pass_context
 def benchmark(
     click_ctx: click.Context,
@@ -371,6 +379,7 @@ def benchmark(
     per_edit: int,
     seed: int,
     classifier: bool,
+    unseen_per_implementation: int,
 ) -> None:
     """Detection quality per BENCHMARKS.md (PDQ baseline in the same run); subcommands measure
     other things."""
@@ -393,6 +402,7 @@ def benchmark(
             seed=seed,
             echo=click.echo,
             classifier=classifier,
+            unseen_per_implementation=unseen_per_implementation,
         )
 
 

@@ -92,7 +92,7 @@ def corner_crop_60(
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
-def _largest_inscribed(width: int, height: int, angle: float) -> tuple[float, float]:
+def largest_inscribed(width: int, height: int, angle: float) -> tuple[float, float]:
     """Largest axis-aligned rectangle inside a ``width`` x ``height`` rectangle rotated by
     ``angle`` radians (the closed form AugLy's ``rotate`` uses, from
     https://stackoverflow.com/a/16778797)."""
@@ -114,7 +114,7 @@ def rotate_15(
     ``rotate`` does (about 70% of the area of a 4:3 photo remains)."""
     angle = 15.0
     rotated = image.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
-    crop_w, crop_h = _largest_inscribed(*image.size, math.radians(angle))
+    crop_w, crop_h = largest_inscribed(*image.size, math.radians(angle))
     centre_x, centre_y = rotated.width / 2, rotated.height / 2
     box = (
         math.ceil(centre_x - crop_w / 2),
@@ -286,7 +286,7 @@ def _draw_star(draw: ImageDraw.ImageDraw, size: int, colour: RGB, rng: random.Ra
     draw.polygon(points, fill=(*colour, 255))
 
 
-def _sticker(size: int, rng: random.Random) -> Image.Image:
+def sticker_image(size: int, rng: random.Random) -> Image.Image:
     """An RGBA sticker: a ``size`` px shape drawn at 4x and downscaled (anti-aliasing), inside the
     white outline of cut-out stickers (``size`` / 30 px wide)."""
     big = size * 4
@@ -317,7 +317,7 @@ def emoji_overlay(
     width, height = out.size
     for _ in range(rng.randint(1, 3)):
         size = max(8, round(min(width, height) * rng.uniform(0.2, 0.35)))
-        sticker = _sticker(size, rng)
+        sticker = sticker_image(size, rng)
         position = (
             rng.randint(0, max(0, width - sticker.width)),
             rng.randint(0, max(0, height - sticker.height)),

@@ -34,7 +34,13 @@ from moderation.matching.classifier.features import QuerySignals, RegionLookup, 
 from moderation.matching.classifier.regions import query_views
 from moderation.matching.classifier.stage import Band, embed_views
 from moderation.matching.policy import CandidateRules
-from moderation.media.edits import EDITS, RANDOM_EDITS, apply_edit, derived_seed
+from moderation.media.edits import RANDOM_EDITS, apply_edit, derived_seed
+from moderation.media.implementations import (
+    IMPLEMENTATIONS,
+    TUNING,
+    TUNING_EXTRA,
+    apply_implementation,
+)
 from moderation.signals.pdq import hamming_distance, pdq_hash, pdq_hash_dihedral
 from moderation.storage.db import transaction
 from moderation.storage.models import LabelledPair
@@ -82,9 +88,19 @@ def training_seed(key: str, edit: str, index: int) -> int:
 def training_copy(
     edit: str, image: Image.Image, seed: int, background: Image.Image | None
 ) -> Image.Image:
-    """An edited copy of the family ``edit``. Edits with random parameters use ``seed``; for
-    the benchmark's fixed-strength edits the strength is drawn around the benchmark's so that
-    training copies are other instances of the family, not the evaluation's images."""
+    """An edited copy by the tuning implementation ``edit`` (:data:`~moderation.media.
+    implementations.TUNING`; never an unseen one). Edits with random parameters use ``seed``;
+    for the benchmark's fixed-strength edits the strength is drawn around the benchmark's so
+    that training copies are other instances of the family, not the evaluation's images.
+
+    Raises:
+        ValueError: ``edit`` is not a tuning implementation, or it pastes onto a background
+            and ``background`` is None.
+    """
+    if edit not in TUNING:
+        raise ValueError(f"{edit!r} is not a tuning edit implementation; valid: {TUNING}")
+    if edit in TUNING_EXTRA:
+        return apply_implementation(edit, image, seed=seed, background=background)
     rng = random.Random(seed)  # noqa: S311 (reproducible augmentation, not security)
     rgb = image.convert("RGB")
     w, h = rgb.size
@@ -117,10 +133,17 @@ def training_copy(
 
 
 def edits_for(index: int, count: int) -> list[str]:
-    """The ``count`` edit families of the ``index``-th image: round robin over all families,
-    so every family gets about the same number of training copies."""
-    names = list(EDITS)
+    """The ``count`` tuning edit implementations of the ``index``-th image: round robin over
+    :data:`~moderation.media.implementations.TUNING` (the benchmark's 17 edits and the extra
+    tuning implementations), so each gets about the same number of training copies; unseen
+    implementations are never drawn."""
+    names = TUNING
     return [names[(index * count + j) % len(names)] for j in range(count)]
+
+
+def needs_background(edit: str) -> bool:
+    """Whether the implementation ``edit`` pastes onto a background photo."""
+    return IMPLEMENTATIONS[edit].needs_background
 
 
 def background_images(directory: Path | None) -> list[Image.Image]:
@@ -204,7 +227,7 @@ class TrainingCollector:
     Args:
         encoder: the bank's encoder.
         edits_per_image: copies per imported image.
-        backgrounds: photos ``overlay_bg_60`` pastes onto (never bank images).
+        backgrounds: photos the pastes (family ``overlay_bg_60``) go onto (never bank images).
     """
 
     encoder: Encoder
@@ -225,7 +248,7 @@ class TrainingCollector:
                 background = (
                     self.backgrounds[seed % len(self.backgrounds)] if self.backgrounds else None
                 )
-                if edit == "overlay_bg_60" and background is None:
+                if needs_background(edit) and background is None:
                     continue
                 copies.append((key, edit, training_copy(edit, image, seed, background)))
                 ranks.append(source_rank)

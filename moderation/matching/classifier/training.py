@@ -32,6 +32,7 @@ from moderation.matching.classifier.synthetic import (
     background_images,
     background_vectors,
     edits_for,
+    needs_background,
     pairs_of,
     query_signals,
     training_copy,
@@ -111,7 +112,7 @@ def _background_pairs(
         for j, edit in enumerate(edits_for(i, BACKGROUND_EDITS_PER_IMAGE)):
             seed = training_seed(f"background:{i}", edit, j)
             other = images[(i + 1) % len(images)] if len(images) > 1 else None
-            if edit == "overlay_bg_60" and other is None:
+            if needs_background(edit) and other is None:
                 continue
             copies.append(training_copy(edit, image, seed, other))
             groups.append(seed)
