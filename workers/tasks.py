@@ -46,7 +46,13 @@ from workers.celery_app import (
     SCREEN_TASK,
     get_app,
 )
-from workers.dispatch import CANARY_LISTENER, CeleryDispatcher, CeleryJobRunner, canary_requester
+from workers.dispatch import (
+    CANARY_LISTENER,
+    CeleryDispatcher,
+    CeleryJobRunner,
+    CeleryShardSearch,
+    canary_requester,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,12 @@ def runtime() -> Runtime:
             # Wakes the web tier's ?wait= requests (moderation.service.waits).
             publish_done_uploads(_runtime.sessions, _runtime.settings.effective_redis_url)
         add_change_listener(canary_requester(app), key=CANARY_LISTENER)
+        settings = _runtime.settings
+        if settings.index_shards > 1:
+            # Screening searches go to the shard workers (moderation.banks.shards).
+            _runtime.shard_search = CeleryShardSearch(
+                app, settings.index_shards, settings.shard_search_timeout
+            )
     return _runtime
 
 

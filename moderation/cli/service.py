@@ -128,11 +128,26 @@ def serve(
     default=None,
     help="Also run the reconciler schedule in this worker (default: only without a broker).",
 )
+@click.option(
+    "--shard",
+    type=int,
+    help="Hold shard N of the cosine index and answer its searches only (queue shard-N; "
+    "needs MODERATION_INDEX_SHARDS > N).",
+)
 @pass_ctx
-def worker(ctx: Context, queues: str, concurrency: int, beat: bool | None) -> None:
-    """Run a Celery worker (screening, callbacks, maintenance)."""
+def worker(
+    ctx: Context, queues: str, concurrency: int, beat: bool | None, shard: int | None
+) -> None:
+    """Run a Celery worker (screening, callbacks, maintenance), or a shard worker (--shard)."""
     _check(ctx)
     settings = ctx.settings
+    if shard is not None:
+        if not 0 <= shard < settings.index_shards:
+            raise click.UsageError(
+                f"--shard {shard}: MODERATION_INDEX_SHARDS is {settings.index_shards}, "
+                f"shards are 0 to {settings.index_shards - 1}"
+            )
+        queues, beat = f"shard-{shard}", False
     argv = [
         *_CELERY,
         "worker",
