@@ -281,6 +281,13 @@ def benchmark_hashes(ctx: Context, sizes: str, json_out: Path | None) -> None:
 @click.option("--uploads", default=200, show_default=True)
 @click.option("--wait-requests", default=50, show_default=True, help="Sequential ?wait= requests.")
 @click.option("--concurrency", default=1, show_default=True, help="Worker processes.")
+@click.option(
+    "--shards",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Cosine index shards, each held by its own `worker --shard i` (needs redis-server).",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
 @pass_ctx
 def benchmark_queue(
@@ -290,6 +297,7 @@ def benchmark_queue(
     uploads: int,
     wait_requests: int,
     concurrency: int,
+    shards: int,
     json_out: Path | None,
 ) -> None:
     """Uploads/s through the queue (one worker) vs in-process screening, and ?wait= latency.
@@ -307,6 +315,7 @@ def benchmark_queue(
             uploads=uploads,
             wait_requests=wait_requests,
             concurrency=concurrency,
+            shards=shards,
             echo=click.echo,
         )
     _write_report(json_out, report)
