@@ -81,6 +81,11 @@ def canary_requester(app: Celery) -> Callable[[str], None]:
     return request
 
 
+# Seconds between the gather's checks for answers. Celery's default (0.5 s) put a constant half
+# second on every screening (measured: fan-out p50 523 ms at 0.5 s); answers take milliseconds.
+GATHER_INTERVAL = 0.005
+
+
 class CeleryShardSearch:
     """A :class:`moderation.banks.shards.ShardSearch` over Celery: one ``moderation.shard_search``
     task per shard on its queue (``shard-i``), sent as a group and gathered from the Redis
@@ -121,7 +126,12 @@ class CeleryShardSearch:
         except Exception as exc:  # broker down: the screening task retries
             raise ShardUnavailable(f"could not send the shard searches: {exc}") from exc
         try:
-            values = result.get(timeout=self.timeout, propagate=False, disable_sync_subtasks=False)
+            values = result.get(
+                timeout=self.timeout,
+                propagate=False,
+                disable_sync_subtasks=False,
+                interval=GATHER_INTERVAL,
+            )
         except CeleryTimeoutError:
             missing = [i for i, r in enumerate(result.results) if not r.successful()]
             raise ShardUnavailable(

@@ -154,6 +154,34 @@ def test_nearest_comes_with_the_search_no_second_fan_out() -> None:
     assert calls == [5, 1]
 
 
+def test_one_round_trip_answers_a_batch_at_narrower_settings() -> None:
+    """prefetch at (k=10, 0.2) serves each row's search at (k<=10, floor>=0.2) with the hits an
+    unsharded search gives; a wider search makes a new round trip."""
+    rng = np.random.default_rng(11)
+    ids = np.arange(1, 401, dtype=np.int64)
+    vectors = unit_rows(rng, 400, 16)
+    whole = CosineIndex.build(ids, vectors)
+    calls: list[int] = []
+    sharded = ShardedCosineIndex.over(
+        whole,
+        fan_out_over(split(ids, vectors, 3), calls=calls),  # type: ignore[arg-type]
+        "snap",
+        3,
+    )
+    queries = vectors[:6] + 0.2 * unit_rows(rng, 6, 16)
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    sharded.prefetch(queries, 10, 0.2)
+    for row in range(6):
+        for k, floor in ((10, 0.2), (3, 0.5), (1, -1.0)):
+            (got,) = sharded.search(queries[row : row + 1], k, floor)
+            (want,) = whole.search(queries[row : row + 1], k, floor)
+            assert [h.id for h in got] == [h.id for h in want], (row, k, floor)
+            assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    assert calls == [10]
+    sharded.search(queries[:1], 20, 0.2)
+    assert calls == [10, 20]
+
+
 def test_a_missing_or_stale_shard_is_unavailable() -> None:
     rng = np.random.default_rng(3)
     ids = np.arange(1, 101, dtype=np.int64)
