@@ -17,7 +17,7 @@ from celery import signals
 from moderation.banks.shards import ShardUnavailable, decode_queries
 from moderation.service.shard_worker import ShardState
 from workers.celery_app import SHARD_TASK, SHARD_TIME_LIMIT, get_app
-from workers.tasks import runtime
+from workers.tasks import consumed_queues, runtime
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,8 @@ def shard_state(shard: int) -> ShardState:
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _record_shard(sender: Any = None, **_: Any) -> None:
     global _held
-    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
-    consumed = getattr(queues, "consume_from", None) if queues is not None else None
-    held = [int(m.group(1)) for q in consumed or () if (m := _SHARD_QUEUE.fullmatch(str(q)))]
+    consumed = consumed_queues(sender) or []
+    held = [int(m.group(1)) for name in consumed if (m := _SHARD_QUEUE.fullmatch(name))]
     _held = held[0] if len(held) == 1 else None
 
 

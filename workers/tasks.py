@@ -92,11 +92,18 @@ def worker_state() -> WorkerState:
     return _state
 
 
+def consumed_queues(sender: Any) -> list[str] | None:
+    """The names of the queues a starting worker (``worker_init``'s sender) consumes; None
+    when it does not say (every queue)."""
+    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    consumed = getattr(queues, "consume_from", None) if queues is not None else None
+    return None if consumed is None else [str(name) for name in consumed]
+
+
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _record_queues(sender: Any = None, **_: Any) -> None:
     global _screens
-    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
-    consumed = getattr(queues, "consume_from", None) if queues is not None else None
+    consumed = consumed_queues(sender)
     _screens = consumed is None or "screening" in consumed
 
 
