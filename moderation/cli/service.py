@@ -142,11 +142,10 @@ def worker(
     _check(ctx)
     settings = ctx.settings
     if shard is not None:
-        if not 0 <= shard < settings.index_shards:
-            raise click.UsageError(
-                f"--shard {shard}: MODERATION_INDEX_SHARDS is {settings.index_shards}, "
-                f"shards are 0 to {settings.index_shards - 1}"
-            )
+        shards = settings.index_shards
+        if shards < 2 or not 0 <= shard < shards:
+            known = f"shards are 0 to {shards - 1}" if shards > 1 else "the index is not sharded"
+            raise click.UsageError(f"--shard {shard}: MODERATION_INDEX_SHARDS is {shards}, {known}")
         queues, beat = f"shard-{shard}", False
     argv = [
         *_CELERY,

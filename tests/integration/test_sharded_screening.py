@@ -76,12 +76,15 @@ def test_two_shards_block_from_each_and_never_allow_without_one(
     shards[1].stop()
     name = labels[1][0]
     pending = api.submit(banned[name], external_id="while-down", subject_id="u")["id"]
-    deadline = time.monotonic() + 20
+    deadline, seen = time.monotonic() + 25, set()
     while time.monotonic() < deadline:
         status, attempts = upload_state(stack, pending)
         assert status != "done", api.get(pending)
-        time.sleep(1)
-    assert attempts == 0  # given back each time: an outage is not the upload's fault
+        seen.add(attempts)
+        time.sleep(0.5)
+    # Each attempt is given back (0 between tries, 1 while one waits on the shards): an outage
+    # never adds up to max_attempts (3) and poison.
+    assert seen <= {0, 1} and 0 in seen, seen
     assert "shard(s) [1] did not answer within 3 s" in screening.output()
 
     # Back up: the same upload is screened and blocked.
