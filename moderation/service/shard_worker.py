@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from moderation.banks.shard_loading import ShardIndex, current_snapshot_id, load_shard
 from moderation.banks.shard_index import answer_queries
+from moderation.banks.shard_loading import ShardIndex, current_snapshot_id, load_shard
 from moderation.banks.shards import ShardAnswer, ShardUnavailable
 from moderation.banks.snapshot import SnapshotError
 from moderation.crypto.errors import CryptoError

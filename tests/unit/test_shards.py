@@ -131,18 +131,22 @@ def test_merged_shards_equal_the_unsharded_search(shards: int, k: int, threshold
     assert len(sharded) == len(whole) and sharded.shards == shards
 
 
-def test_nearest_comes_with_the_search_no_second_fan_out() -> None:
-    rng = np.random.default_rng(7)
-    ids = np.arange(1, 201, dtype=np.int64)
-    vectors = unit_rows(rng, 200, 16)
+def bank_over_shards(
+    rng: np.random.Generator, n: int, shards: int
+) -> tuple[CosineIndex, ShardedCosineIndex, list[int]]:
+    """A bank of ``n`` random 16-d entries (ids 1..n), the same split over ``shards``, and the
+    list of ``k`` each round trip to the shards asked for."""
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    vectors = unit_rows(rng, n, 16)
     whole = CosineIndex.build(ids, vectors)
     calls: list[int] = []
-    sharded = ShardedCosineIndex.over(
-        whole,
-        fan_out_over(split(ids, vectors, 2), calls=calls),
-        "snap",
-        3,  # type: ignore[arg-type]
-    )
+    fan_out = fan_out_over(split(ids, vectors, shards), calls=calls)
+    return whole, ShardedCosineIndex.over(whole, fan_out, "snap", 3), calls  # type: ignore[arg-type]
+
+
+def test_nearest_comes_with_the_search_no_second_fan_out() -> None:
+    rng = np.random.default_rng(7)
+    whole, sharded, calls = bank_over_shards(rng, 200, 2)
     queries = unit_rows(rng, 3, 16)
     assert sharded.search(queries, 5, 0.99) == whole.search(queries, 5, 0.99)
     nearest = sharded.search(queries, 1, -1.0)
@@ -158,16 +162,8 @@ def test_one_round_trip_answers_a_batch_at_narrower_settings() -> None:
     """prefetch at (k=10, 0.2) serves each row's search at (k<=10, floor>=0.2) with the hits an
     unsharded search gives; a wider search makes a new round trip."""
     rng = np.random.default_rng(11)
-    ids = np.arange(1, 401, dtype=np.int64)
-    vectors = unit_rows(rng, 400, 16)
-    whole = CosineIndex.build(ids, vectors)
-    calls: list[int] = []
-    sharded = ShardedCosineIndex.over(
-        whole,
-        fan_out_over(split(ids, vectors, 3), calls=calls),  # type: ignore[arg-type]
-        "snap",
-        3,
-    )
+    whole, sharded, calls = bank_over_shards(rng, 400, 3)
+    vectors = whole.reconstruct(np.arange(1, 7))
     queries = vectors[:6] + 0.2 * unit_rows(rng, 6, 16)
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     sharded.prefetch(queries, 10, 0.2)
