@@ -234,27 +234,36 @@ def process_upload(
         time.sleep(batch_wait)
         with transaction(runtime.sessions) as session:
             batch += _drain(runtime, session, {c.upload_id for c in batch}, batch_size - len(batch))
+    return _screen_or_give_back(
+        runtime, batch, current, upload_id, actor=actor, shadow=shadow() if shadow else None
+    )
+
+
+def _screen_or_give_back(
+    runtime: Runtime,
+    batch: list[_Claimed],
+    current: Screener,
+    upload_id: str,
+    *,
+    actor: str,
+    shadow: Shadow | None,
+) -> ProcessResult:
+    """:func:`_screen_batch`, or, when a shard of the cosine index did not answer
+    (:class:`~moderation.banks.shards.ShardUnavailable`), give back the attempts counted on
+    ``batch`` and raise :class:`RetryLater`: an outage of part of the index is not the uploads'
+    fault, so it must not use up attempts towards ``poison``."""
     try:
-        return _screen_batch(
-            runtime, batch, current, upload_id, actor=actor, shadow=shadow() if shadow else None
-        )
+        return _screen_batch(runtime, batch, current, upload_id, actor=actor, shadow=shadow)
     except ShardUnavailable as exc:
-        _unclaim(runtime, batch)
         logger.warning("upload %s not screened, retried later: %s", upload_id, exc)
+        with transaction(runtime.sessions) as session:
+            for claimed in batch:
+                row = session.get(Upload, claimed.upload_id, with_for_update=True)
+                if row is not None and row.status == "processing" and row.attempts > 0:
+                    row.attempts -= 1
+                    row.status = "queued" if row.attempts == 0 else "processing"
+                    row.updated_at = datetime.now(UTC)
         raise RetryLater(f"cosine index shards unavailable: {exc}") from exc
-
-
-def _unclaim(runtime: Runtime, batch: list[_Claimed]) -> None:
-    """Give back the attempts counted on ``batch`` when it could not be screened for want of
-    a shard (:class:`~moderation.banks.shards.ShardUnavailable`): an outage of part of the
-    index is not the upload's fault, so it must not use up attempts towards ``poison``."""
-    with transaction(runtime.sessions) as session:
-        for claimed in batch:
-            row = session.get(Upload, claimed.upload_id, with_for_update=True)
-            if row is not None and row.status == "processing" and row.attempts > 0:
-                row.attempts -= 1
-                row.status = "queued" if row.attempts == 0 else "processing"
-                row.updated_at = datetime.now(UTC)
 
 
 def _settled(
