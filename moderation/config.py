@@ -22,7 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from moderation.config_sections import QueueApiSettings, VideoSettings
+from moderation.config_sections import QueueApiSettings, ShardSettings, VideoSettings
 
 CONFIG_FILE_ENV = "MODERATION_CONFIG_FILE"
 SECRETS_DIR_ENV = "MODERATION_SECRETS_DIR"
@@ -48,7 +48,7 @@ def _default_policies_dir() -> Path:
     return checkout if checkout.is_dir() else here / "_policies"
 
 
-class Settings(QueueApiSettings, VideoSettings, BaseSettings):
+class Settings(QueueApiSettings, VideoSettings, ShardSettings, BaseSettings):
     """Every knob of the service. Field names map to ``MODERATION_<NAME>`` variables."""
 
     model_config = SettingsConfigDict(

@@ -195,3 +195,26 @@ class QueueApiSettings(BaseModel):
         "histograms, decisions) to Prometheus, behind the metrics token; unset: not served "
         "(the web tier's /metrics then carries them only when both share a metrics dir).",
     )
+
+
+class ShardSettings(BaseModel):
+    """The cosine index split across worker groups (issue 16 item 3):
+    :mod:`moderation.banks.shards`."""
+
+    # --- sharded cosine search (issue 16 item 3): moderation.banks.shards ----------------------
+    index_shards: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Shards of the cosine index. 1: every screening worker searches its own "
+        "copy (no fan-out). S > 1: entry -> shard by a stable hash of its id; `moderation worker "
+        "--shard i` (queue shard-i) holds shard i only, and screening workers send each upload's "
+        "embedding to all S shards and merge the hits (needs Redis).",
+    )
+    shard_search_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Seconds a screening task waits for every shard's answer; past it the "
+        "upload is retried later (never decided without a shard), s.",
+    )

@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu.entity import Queue
 
-from moderation.config import Settings, load_settings
+from moderation.config import ConfigurationError, Settings, load_settings
 from moderation.service.worker_health import check_reliability
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ FLOOD_INTERVAL = 300.0
 ENCODER_MIGRATION_INTERVAL = 15.0
 # How often beat asks for an audit checkpoint; checkpoint_if_due decides whether one is due.
 CHECKPOINT_INTERVAL = 60.0
+SHARD_TASK = "moderation.shard_search"
+# A shard answers one search in milliseconds; a shard task still running past this was stuck,
+# and the screening task that sent it stopped waiting long before (shard_search_timeout).
+SHARD_TIME_LIMIT = 30
+# Shard answers wait in Redis for the screening task's gather; nobody reads them later.
+SHARD_RESULT_EXPIRES = 300
 QUEUES = ("screening", "maintenance", "callbacks")
 ROUTES = {
     SCREEN_TASK: {"queue": "screening"},
@@ -93,6 +99,34 @@ def _transport_options(settings: Settings, broker: str) -> dict[str, Any]:
         }
     # Options go straight to SQLAlchemy's create_engine for this transport.
     return {"connect_args": {"timeout": 30}}
+
+
+def shard_queue(shard: int) -> str:
+    """The queue of shard ``shard``'s workers (``moderation worker --shard i``)."""
+    return f"shard-{shard}"
+
+
+def _shard_config(settings: Settings) -> dict[str, Any]:
+    """The settings sharded cosine search adds (``index_shards`` > 1): one queue per shard
+    and a Redis result backend, through which the screening task gathers the shards' answers.
+
+    Raises:
+        ConfigurationError: sharding without Redis.
+    """
+    if settings.index_shards < 2:
+        return {}
+    redis_url = settings.effective_redis_url
+    if redis_url is None:
+        raise ConfigurationError(
+            "MODERATION_INDEX_SHARDS > 1 needs Redis (MODERATION_BROKER_URL or "
+            "MODERATION_REDIS_URL): the shards' answers are gathered through it"
+        )
+    shard_queues = [Queue(shard_queue(i)) for i in range(settings.index_shards)]  # type: ignore[no-untyped-call]
+    return {
+        "result_backend": redis_url,
+        "result_expires": SHARD_RESULT_EXPIRES,
+        "task_queues": [Queue(name) for name in QUEUES] + shard_queues,  # type: ignore[no-untyped-call]
+    }
 
 
 def _every(task: str, seconds: float, args: list[Any] | None = None) -> dict[str, Any]:
@@ -162,8 +196,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "beat_schedule": _beat_schedule(settings),
         "beat_schedule_filename": str(settings.resolved_data_dir / "celerybeat-schedule"),
-        "include": ["workers.tasks"],
-    }
+        "include": ["workers.tasks", "workers.shards"],
+    } | _shard_config(settings)
 
 
 def effective_reliability(app: Celery) -> dict[str, Any]:

@@ -46,7 +46,13 @@ from workers.celery_app import (
     SCREEN_TASK,
     get_app,
 )
-from workers.dispatch import CANARY_LISTENER, CeleryDispatcher, CeleryJobRunner, canary_requester
+from workers.dispatch import (
+    CANARY_LISTENER,
+    CeleryDispatcher,
+    CeleryJobRunner,
+    CeleryShardSearch,
+    canary_requester,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,12 @@ def runtime() -> Runtime:
             # Wakes the web tier's ?wait= requests (moderation.service.waits).
             publish_done_uploads(_runtime.sessions, _runtime.settings.effective_redis_url)
         add_change_listener(canary_requester(app), key=CANARY_LISTENER)
+        settings = _runtime.settings
+        if settings.index_shards > 1:
+            # Screening searches go to the shard workers (moderation.banks.shards).
+            _runtime.shard_search = CeleryShardSearch(
+                app, settings.index_shards, settings.shard_search_timeout
+            )
     return _runtime
 
 
@@ -80,11 +92,18 @@ def worker_state() -> WorkerState:
     return _state
 
 
+def consumed_queues(sender: Any) -> list[str] | None:
+    """The names of the queues a starting worker (``worker_init``'s sender) consumes; None
+    when it does not say (every queue)."""
+    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    consumed = getattr(queues, "consume_from", None) if queues is not None else None
+    return None if consumed is None else [str(name) for name in consumed]
+
+
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _record_queues(sender: Any = None, **_: Any) -> None:
     global _screens
-    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
-    consumed = getattr(queues, "consume_from", None) if queues is not None else None
+    consumed = consumed_queues(sender)
     _screens = consumed is None or "screening" in consumed
 
 

@@ -12,6 +12,10 @@ In a fresh temporary data dir: a bank of the first ``bank_size`` images, then th
    to the in-process rate;
 3. posted one at a time with ``?wait=10`` to the idle service: p50/p99 latency, ms.
 
+With ``shards`` > 1 (Redis needed) the deployment's cosine index is sharded (issue 16 item 3):
+``shards`` shard workers (``worker --shard i``) start with the service, and the screening worker
+searches them through Celery; the in-process figure stays unsharded.
+
 The figures depend on the machine's load, printed alongside (1-minute load average).
 """
 
@@ -141,6 +145,22 @@ def _start_broker(values: dict[str, Any], work: Path, processes: list[_Process])
     return "redis (private)"
 
 
+def _start_shards(
+    values: dict[str, Any], env: dict[str, str], work: Path, processes: list[_Process]
+) -> None:
+    """One ``worker --shard i`` per shard when ``values`` shard the cosine index.
+
+    Raises:
+        ValueError: shards without Redis (the shards answer through it).
+    """
+    shards = int(values.get("index_shards", 1))
+    if shards > 1 and "broker_url" not in values:
+        raise ValueError("--shards needs redis-server (the shards answer through Redis)")
+    for shard in range(shards if shards > 1 else 0):
+        args = ["worker", "--shard", str(shard)]
+        processes.append(Service.moderation("shard", args, env, work / f"shard-{shard}.log"))
+
+
 def _in_process_rate(runtime: Runtime, queries: list[Path]) -> tuple[float, float]:
     """Uploads/s of ``queries`` screened as ``moderation screen`` does, and the 1-minute load
     average just before."""
@@ -226,7 +246,7 @@ def _wait_latency(uploader: _Uploader, requests_count: int) -> dict[str, float]:
 
 
 def _echo_log_tails(work: Path, echo: Callable[[str], None]) -> None:
-    for name in ("serve.log", "worker.log"):
+    for name in ("serve.log", "worker.log", "shard-0.log", "shard-1.log"):
         log_path = work / name
         if log_path.is_file():
             tail = log_path.read_text(errors="replace").splitlines()[-15:]
@@ -245,7 +265,8 @@ def _stop(processes: list[_Process]) -> None:
 def _echo_report(echo: Callable[[str], None], report: dict[str, Any], wait_requests: int) -> None:
     echo(
         f"queue benchmark ({report['images']} images, bank of {report['bank']}, "
-        f"{report['workers']} worker process(es), broker: {report['broker']}, CPU "
+        f"{report['workers']} worker process(es), {report['shards']} index shard(s), "
+        f"broker: {report['broker']}, CPU "
         f"{os.cpu_count()} cores, load {report['load_1min'][0]} -> {report['load_1min'][1]})"
     )
     echo(f"  in-process (`moderation screen`): {report['in_process_uploads_per_s']:.2f} uploads/s")
@@ -268,21 +289,24 @@ def run_queue_benchmark(
     uploads: int,
     wait_requests: int,
     concurrency: int = 1,
+    shards: int = 1,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the three measurements above and return (and echo) the figures.
 
     Raises:
-        ValueError: fewer images in ``images_dir`` than ``max(bank_size, uploads)``.
+        ValueError: fewer images in ``images_dir`` than ``max(bank_size, uploads)``, or
+            ``shards`` > 1 without ``redis-server``.
         TimeoutError: the service did not become ready or finish in time.
     """
     bank, queries = _bank_and_queries(images_dir, bank_size, uploads)
     work = Path(tempfile.mkdtemp(prefix="moderation-bench-queue-"))
     processes: list[_Process] = []
-    report: dict[str, Any] = {"images": uploads, "bank": bank_size, "workers": concurrency}
+    report: dict[str, Any] = dict(images=uploads, bank=bank_size, workers=concurrency)
     try:
         values = bench_values(settings, work)
         report["broker"] = _start_broker(values, work, processes)
+        values["index_shards"] = report["shards"] = shards
         runtime = bench_runtime(values, bank, echo)
 
         # 1. In-process, as `moderation screen`.
@@ -292,6 +316,7 @@ def run_queue_benchmark(
         # 2. Through the queue.
         env = child_env(values)
         uploader = _start_service(runtime, env, work, processes, queries)
+        _start_shards(values, env, work, processes)
 
         # 2. Every upload is queued first, then one worker starts and drains the queue: its rate
         # is measured from its own completion times, so neither the HTTP side nor the worker's

@@ -128,11 +128,25 @@ def serve(
     default=None,
     help="Also run the reconciler schedule in this worker (default: only without a broker).",
 )
+@click.option(
+    "--shard",
+    type=int,
+    help="Hold shard N of the cosine index and answer its searches only (queue shard-N; "
+    "needs MODERATION_INDEX_SHARDS > N).",
+)
 @pass_ctx
-def worker(ctx: Context, queues: str, concurrency: int, beat: bool | None) -> None:
-    """Run a Celery worker (screening, callbacks, maintenance)."""
+def worker(
+    ctx: Context, queues: str, concurrency: int, beat: bool | None, shard: int | None
+) -> None:
+    """Run a Celery worker (screening, callbacks, maintenance), or a shard worker (--shard)."""
     _check(ctx)
     settings = ctx.settings
+    if shard is not None:
+        shards = settings.index_shards
+        if shards < 2 or not 0 <= shard < shards:
+            known = f"shards are 0 to {shards - 1}" if shards > 1 else "the index is not sharded"
+            raise click.UsageError(f"--shard {shard}: MODERATION_INDEX_SHARDS is {shards}, {known}")
+        queues, beat = f"shard-{shard}", False
     argv = [
         *_CELERY,
         "worker",
@@ -266,6 +280,13 @@ def benchmark_hashes(ctx: Context, sizes: str, json_out: Path | None) -> None:
 @click.option("--uploads", default=200, show_default=True)
 @click.option("--wait-requests", default=50, show_default=True, help="Sequential ?wait= requests.")
 @click.option("--concurrency", default=1, show_default=True, help="Worker processes.")
+@click.option(
+    "--shards",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Cosine index shards, each held by its own `worker --shard i` (needs redis-server).",
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
 @pass_ctx
 def benchmark_queue(
@@ -275,6 +296,7 @@ def benchmark_queue(
     uploads: int,
     wait_requests: int,
     concurrency: int,
+    shards: int,
     json_out: Path | None,
 ) -> None:
     """Uploads/s through the queue (one worker) vs in-process screening, and ?wait= latency.
@@ -292,6 +314,7 @@ def benchmark_queue(
             uploads=uploads,
             wait_requests=wait_requests,
             concurrency=concurrency,
+            shards=shards,
             echo=click.echo,
         )
     _write_report(json_out, report)

@@ -14,7 +14,9 @@ Nothing is lost (ARCHITECTURE.md "Rules the design keeps", RELIABILITY.md Q1-Q7)
   past a bound (a lost message, a dead worker, Redis restarted without its data) and callbacks
   whose attempt is overdue.
 * The worker's screener (:class:`moderation.service.worker.WorkerState`) raises
-  :class:`SnapshotUnavailable` when it has no verified snapshot; the task retries later.
+  :class:`SnapshotUnavailable` when it has no verified snapshot; the task retries later. So
+  does a screening whose cosine index shards do not all answer (issue 16 item 3): its attempt
+  is given back and :class:`RetryLater` raised, never a decision on part of the blocklist.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from moderation.banks.shards import ShardUnavailable
 from moderation.crypto.errors import DecryptionError, UnknownKeyError
 from moderation.matching.decision import ScreeningResult
 from moderation.matching.recording import record_result
@@ -207,7 +210,8 @@ def process_upload(
             recorded beside, never instead: :mod:`moderation.service.shadow`).
 
     Raises:
-        RetryLater: no verified snapshot or a missing master key; nothing was counted.
+        RetryLater: no verified snapshot, a missing master key, or a shard of the cosine index
+            did not answer (``index_shards`` > 1); nothing was counted.
         sqlalchemy.exc.SQLAlchemyError: the database failed; the task should retry.
     """
     current = screener()
@@ -230,9 +234,36 @@ def process_upload(
         time.sleep(batch_wait)
         with transaction(runtime.sessions) as session:
             batch += _drain(runtime, session, {c.upload_id for c in batch}, batch_size - len(batch))
-    return _screen_batch(
+    return _screen_or_give_back(
         runtime, batch, current, upload_id, actor=actor, shadow=shadow() if shadow else None
     )
+
+
+def _screen_or_give_back(
+    runtime: Runtime,
+    batch: list[_Claimed],
+    current: Screener,
+    upload_id: str,
+    *,
+    actor: str,
+    shadow: Shadow | None,
+) -> ProcessResult:
+    """:func:`_screen_batch`, or, when a shard of the cosine index did not answer
+    (:class:`~moderation.banks.shards.ShardUnavailable`), give back the attempts counted on
+    ``batch`` and raise :class:`RetryLater`: an outage of part of the index is not the uploads'
+    fault, so it must not use up attempts towards ``poison``."""
+    try:
+        return _screen_batch(runtime, batch, current, upload_id, actor=actor, shadow=shadow)
+    except ShardUnavailable as exc:
+        logger.warning("upload %s not screened, retried later: %s", upload_id, exc)
+        with transaction(runtime.sessions) as session:
+            for claimed in batch:
+                row = session.get(Upload, claimed.upload_id, with_for_update=True)
+                if row is not None and row.status == "processing" and row.attempts > 0:
+                    row.attempts -= 1
+                    row.status = "queued" if row.attempts == 0 else "processing"
+                    row.updated_at = datetime.now(UTC)
+        raise RetryLater(f"cosine index shards unavailable: {exc}") from exc
 
 
 def _settled(

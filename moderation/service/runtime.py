@@ -29,6 +29,7 @@ from moderation.storage.db import create_db_engine, migrate, schema_is_current, 
 
 if TYPE_CHECKING:
     from moderation.banks.blocklist import Blocklist
+    from moderation.banks.shards import ShardSearch
     from moderation.matching.candidates import CandidateRefiner
     from moderation.matching.screening import Screener
     from moderation.media.video import VideoLimits
@@ -46,6 +47,9 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Set by a screening worker when index_shards > 1 (workers/shards.py): its blocklists'
+        # cosine searches then go to the shard workers (moderation.banks.shards).
+        self.shard_search: ShardSearch | None = None
         # FAISS's thread count, applied when (if ever) this process imports FAISS.
         set_faiss_threads(settings.faiss_threads)
 
@@ -190,7 +194,8 @@ class Runtime:
 
     def load_blocklist(self, shadow: Encoder | None = None) -> Blocklist:
         """Decrypt the current snapshot into memory (fail closed on any error); with the encoder
-        on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed.
+        on CUDA, its flat cosine index is searched on the GPU when FAISS GPU is installed; with
+        :attr:`shard_search` set, its cosine searches go to the shards instead.
         ``shadow``: the newest snapshot of that encoder's chain instead (a migration target)."""
         from moderation.banks.blocklist import load_blocklist
 
@@ -209,6 +214,12 @@ class Runtime:
             # here, see README "What has never run on a GPU").
             on_gpu = blocklist.cosine.use_gpu()
             logger.info("cosine index searched on %s", "GPU" if on_gpu else "CPU")
+        if self.shard_search is not None and shadow is None:
+            from moderation.banks.shard_index import ShardedCosineIndex
+
+            blocklist.cosine = ShardedCosineIndex.over(
+                blocklist.cosine, self.shard_search, blocklist.snapshot_id, blocklist.version
+            )
         return blocklist
 
     def classifier_stage(self) -> CandidateRefiner | None:

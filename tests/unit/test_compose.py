@@ -19,7 +19,13 @@ COMPOSE = REPO / "docker-compose.yml"
 
 
 MONITORING = ("prometheus", "grafana")
-PROFILES = {"prometheus": ["monitoring"], "grafana": ["monitoring"], "worker-gpu": ["gpu"]}
+SHARDS = ("worker-shard-0", "worker-shard-1")
+PROFILES = {
+    "prometheus": ["monitoring"],
+    "grafana": ["monitoring"],
+    "worker-gpu": ["gpu"],
+    **{name: ["sharded"] for name in SHARDS},
+}
 REQUIRED = {
     "MODERATION_MASTER_KEYS": "k1:" + "A" * 43 + "=",
     "MODERATION_SECRET_KEY": "s" * 10 + "x" * 40,
@@ -73,6 +79,7 @@ def test_every_service_the_readme_names_exists(config: dict[str, Any]) -> None:
         "worker-gpu",
         "beat",
         *MONITORING,
+        *SHARDS,
     }
     assert named == set(config["services"])
 
@@ -126,6 +133,19 @@ def test_metrics_token_is_required(config: dict[str, Any]) -> None:
     assert (
         config["services"]["web"]["environment"]["MODERATION_METRICS_TOKEN"] == "m" * 10 + "y" * 40
     )
+
+
+def test_shard_workers_hold_one_shard_each_of_the_same_count(config: dict[str, Any]) -> None:
+    services = config["services"]
+    assert services["worker"]["environment"]["MODERATION_INDEX_SHARDS"] == "1"
+    for shard, name in enumerate(SHARDS):
+        assert services[name]["command"] == ["moderation", "worker", "--shard", str(shard)]
+        assert services[name]["environment"]["MODERATION_INDEX_SHARDS"] == "2"
+        assert services[name]["environment"]["MODERATION_BROKER_URL"].startswith("redis://")
+    sharded = compose_config(**REQUIRED, MODERATION_INDEX_SHARDS="2")
+    assert sharded.returncode == 0, sharded.stderr
+    both = yaml.safe_load(sharded.stdout)["services"]
+    assert {both[n]["environment"]["MODERATION_INDEX_SHARDS"] for n in ("worker", *SHARDS)} == {"2"}
 
 
 def test_monitoring_and_gpu_run_only_in_their_profiles(config: dict[str, Any]) -> None:

@@ -98,3 +98,21 @@ def test_serve_refuses_threads_without_gthread(settings: Settings, runtime: Runt
 def test_worker_needs_initialised_data_dir(settings: Settings) -> None:
     result = run(settings, "worker")
     assert result.exit_code == 3 and "moderation init" in result.output
+
+
+def test_shard_worker_consumes_its_queue_only(
+    settings: Settings, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`worker --shard i` (issue 16 item 3): queue shard-i only, no beat; i must exist."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(os, "execvpe", lambda _path, argv, _env: calls.append(argv))
+    env = {"MODERATION_DATA_DIR": str(settings.data_dir), "MODERATION_INDEX_SHARDS": "2"}
+    result = CliRunner().invoke(main, ["worker", "--shard", "1"], env=env)
+    assert result.exit_code == 0, result.output
+    (argv,) = calls
+    assert argv[argv.index("--queues") + 1] == "shard-1" and "--beat" not in argv
+    beyond = CliRunner().invoke(main, ["worker", "--shard", "2"], env=env)
+    assert beyond.exit_code == 2 and "shards are 0 to 1" in beyond.output
+    unsharded = run(settings, "worker", "--shard", "0")
+    assert unsharded.exit_code == 2 and "is 1, the index is not sharded" in unsharded.output
+    assert len(calls) == 1
