@@ -210,8 +210,7 @@ def process_upload(
             recorded beside, never instead: :mod:`moderation.service.shadow`).
 
     Raises:
-        RetryLater: no verified snapshot, a missing master key, or a shard of the cosine index
-            did not answer (``index_shards`` > 1); nothing was counted.
+        RetryLater: no verified snapshot, a missing master key, or an unanswered shard.
         sqlalchemy.exc.SQLAlchemyError: the database failed; the task should retry.
     """
     current = screener()
