@@ -202,18 +202,15 @@ def import_openvino() -> Any:
     """
     if "openvino" in sys.modules:
         return sys.modules["openvino"]
-    blocked = "openvino.tools.ovc" not in sys.modules
+    modules: dict[str, Any] = sys.modules  # a None entry blocks an import
+    blocked = "openvino.tools.ovc" not in modules
     if blocked:
-        sys.modules["openvino.tools.ovc"] = None
+        modules["openvino.tools.ovc"] = None
     try:
         import openvino
     finally:
-        if (
-            blocked
-            and "openvino.tools.ovc" in sys.modules
-            and not sys.modules["openvino.tools.ovc"]
-        ):
-            del sys.modules["openvino.tools.ovc"]
+        if blocked and modules.get("openvino.tools.ovc", 0) is None:
+            del modules["openvino.tools.ovc"]
     return openvino
 
 
