@@ -30,6 +30,7 @@ from moderation.storage.db import create_db_engine, migrate, schema_is_current, 
 if TYPE_CHECKING:
     from moderation.banks.blocklist import Blocklist
     from moderation.matching.candidates import CandidateRefiner
+    from moderation.matching.preparing import Preparer
     from moderation.matching.screening import Screener
     from moderation.media.video import VideoLimits
     from moderation.signals.encoders import Encoder
@@ -245,6 +246,13 @@ class Runtime:
         from moderation.service.model_events import notify_change
 
         notify_change(reason)
+
+    def preparer(self) -> Preparer:
+        """A :class:`~moderation.matching.preparing.Preparer` for the serving encoder: decodes,
+        hashes and preprocesses uploads before the model or the blocklist is loaded."""
+        from moderation.matching.preparing import Preparer
+
+        return Preparer(self.encoder, self.limits, video_limits=self.video_limits)
 
     def screener(
         self, blocklist: Blocklist | None = None, refiner: CandidateRefiner | None = None
