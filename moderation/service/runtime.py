@@ -103,18 +103,9 @@ class Runtime:
         Raises:
             ValueError, FileNotFoundError: as :func:`moderation.signals.encoders.create_encoder`.
         """
-        from moderation.signals.encoders import create_encoder
+        from moderation.service.encoder_preload import configured_encoder
 
-        configured = name == self.settings.encoder
-        encoder = create_encoder(
-            name,
-            device=self.settings.device,
-            runtime=self.settings.encoder_runtime,
-            cache_dir=self.settings.resolved_data_dir / "cache",
-            threads=self.settings.torch_threads,
-            precision=self.settings.encoder_precision if configured else "fp32",
-            calibration_dir=self.settings.encoder_calibration_dir if configured else None,
-        )
+        encoder = configured_encoder(self.settings, name)
         if encoder.uses_torch and self.settings.torch_threads:
             import torch
 
