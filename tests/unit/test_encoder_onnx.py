@@ -192,6 +192,22 @@ def test_web_app_imports_no_torch(data_dir: Path) -> None:
     assert _run(code, data_dir) == []
 
 
+def test_preloaded_encoder_is_the_one_the_runtime_serves(data_dir: Path) -> None:
+    from moderation.config import load_settings
+    from moderation.service.encoder_preload import preload_encoder
+    from moderation.service.runtime import Runtime
+
+    settings = load_settings(data_dir=data_dir, device="cpu", encoder_runtime="onnxruntime")
+    thread = preload_encoder(settings)
+    assert thread is not None
+    thread.join(timeout=120)
+    runtime = Runtime(settings)
+    assert runtime.encoder.loaded and isinstance(runtime.encoder, OnnxLite0Encoder)
+    assert preload_encoder(settings) is None  # loaded already: nothing to start
+    # PyTorch runtimes are not preloaded: a second thread importing torch only contends.
+    assert preload_encoder(settings.model_copy(update={"encoder_runtime": "torch"})) is None
+
+
 def test_int8_is_a_different_encoder_id_and_needs_calibration_images(tmp_path: Path) -> None:
     fp32 = OnnxLite0Encoder(cache_dir=tmp_path)
     int8 = create_encoder(
