@@ -21,6 +21,7 @@ from moderation.service.uploads import create_uploads
 from moderation.storage.db import transaction
 
 if TYPE_CHECKING:
+    from moderation.matching.screening import Screener
     from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,9 @@ def screen_paths(
         datas = _read_files(chunk, runtime)
         return datas, preparer.prepare([d for d in datas if d is not None])
 
-    def store(chunk: Sequence[Path], datas: list[bytes | None], screened: Any) -> None:
+    def store(
+        screener: Screener, chunk: Sequence[Path], datas: list[bytes | None], screened: Any
+    ) -> None:
         chunk_results = [
             next(screened)
             if data is not None
@@ -101,10 +104,22 @@ def screen_paths(
             on_result({"path": str(path), **result.to_json(), "upload_id": upload_id})
         results.extend(chunk_results)
 
+    _overlapped(chunks, prepare, runtime.screener, store)
+    return results
+
+
+def _overlapped(
+    chunks: Sequence[Sequence[Path]],
+    prepare: Callable[[Sequence[Path]], tuple[list[bytes | None], Prepared]],
+    load_screener: Callable[[], Screener],
+    store: Callable[[Screener, Sequence[Path], list[bytes | None], Any], None],
+) -> None:
+    """``prepare`` :data:`PREPARE_AHEAD` chunks ahead (the first ones while ``load_screener``
+    runs), the screener's ``finish`` here, ``store`` on a thread; both in chunk order."""
     pool = ThreadPoolExecutor(max_workers=PREPARE_AHEAD + 1, thread_name_prefix="screen")
     try:
         ahead = deque(pool.submit(prepare, chunk) for chunk in chunks[:PREPARE_AHEAD])
-        screener = runtime.screener()  # the model and the blocklist load meanwhile
+        screener = load_screener()
         stored: Future[None] | None = None
         for index, chunk in enumerate(chunks):
             datas, ready = ahead.popleft().result()
@@ -113,12 +128,11 @@ def screen_paths(
             screened = iter(screener.finish(ready))
             if stored is not None:
                 stored.result()  # in order, and its errors surface here
-            stored = pool.submit(store, chunk, datas, screened)
+            stored = pool.submit(store, screener, chunk, datas, screened)
         if stored is not None:
             stored.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return results
 
 
 def _record(
