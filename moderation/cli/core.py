@@ -267,7 +267,7 @@ def screen(
     external_id_prefix: str,
 ) -> None:
     """Screen images against every enabled bank; exit 0 whatever the decisions."""
-    from moderation.service.operations import screen_paths
+    from moderation.service.encoder_preload import preload_encoder
     from moderation.signals.encoders import runtime_for_job
 
     settings = ctx.settings
@@ -277,6 +277,9 @@ def screen(
     if (runtime_name, threads) != (settings.encoder_runtime, settings.torch_threads):
         update = {"encoder_runtime": runtime_name, "torch_threads": threads}
         ctx.settings = settings.model_copy(update=update)
+    with config_errors():
+        preload_encoder(ctx.settings)  # on a second core while the modules below import
+    from moderation.service.operations import screen_paths
 
     rows: list[dict[str, Any]] = []
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,46 +38,14 @@ from moderation.matching.decision import (
     top_match_outcome,
 )
 from moderation.matching.policy import Policy
-from moderation.matching.video import (
-    VideoUpload,
-    decode_video_upload,
-    is_video,
-    video_explanation,
-    with_timestamps,
-)
-from moderation.media.decode import DecodedImage, DecodeLimits, UnscannableImage, decode_image
+from moderation.matching.preparing import DRAFT_SIZE, Prepared, Preparer, Work, elapsed_ms
+from moderation.matching.video import video_explanation, with_timestamps
+from moderation.media.decode import DecodeLimits, UnscannableImage
 from moderation.media.video import DEFAULT_VIDEO_LIMITS, VideoLimits
 from moderation.signals.encoders import Encoder
 from moderation.signals.exact import keyed_digests
-from moderation.signals.pdq import PdqHash, pdq_hash_dihedral
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Work:
-    index: int
-    decoded: DecodedImage | None = None
-    video: VideoUpload | None = None
-    error: UnscannableImage | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    vectors: npt.NDArray[np.float32] | None = None
-    pdq: tuple[tuple[PdqHash, ...], ...] = ()
-    exact: list[Candidate] = field(default_factory=list)
-    scope: Scope = EVERY_BANK
-    inputs: list[Any] = field(default_factory=list)
-    nearest: float | None = None  # cosine of the nearest bank entry (drift monitoring)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A batch after :meth:`Screener.prepare`, ready for :meth:`Screener.finish`."""
-
-    works: list[_Work]
-
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1000.0
 
 
 class Screener:
@@ -110,7 +77,7 @@ class Screener:
         limits: DecodeLimits,
         batch_size: int = 32,
         refiner: CandidateRefiner | None = None,
-        draft_size: tuple[int, int] | None = (512, 224),
+        draft_size: tuple[int, int] | None = DRAFT_SIZE,
         video_limits: VideoLimits = DEFAULT_VIDEO_LIMITS,
     ) -> None:
         if str(encoder.id) != blocklist.encoder_id:
@@ -125,47 +92,25 @@ class Screener:
         self.refiner = refiner
         self.draft_size = draft_size
         self.video_limits = video_limits
+        self.preparer = Preparer(encoder, limits, draft_size, video_limits)
 
     # --- pipeline stages ------------------------------------------------------------------
 
-    def _exact(self, work: _Work, data: bytes) -> None:
+    def _exact(self, work: Work) -> None:
         """Exact-hash candidates: the upload's keyed MD5/SHA-1/SHA-256 against the hash-list
-        entries (only when the blocklist has any; before decoding, so an undecodable file that
+        entries (only when the blocklist has any; from the bytes, so an undecodable file that
         is on a list still matches)."""
         key = self.blocklist.exact_key
         if key is not None:
-            work.exact = exact_candidates(self.blocklist, keyed_digests(key, data), work.scope)
+            work.exact = exact_candidates(self.blocklist, keyed_digests(key, work.data), work.scope)
 
-    def _decode(self, work: _Work, data: bytes) -> None:
-        start = time.perf_counter()
-        try:
-            if is_video(data):
-                work.video = decode_video_upload(data, self.video_limits)
-                work.decoded = work.video.as_image()
-            else:
-                work.decoded = decode_image(
-                    data, self.limits, draft_size=self.draft_size, draft_by_orientation=True
-                )
-        except UnscannableImage as exc:
-            work.error = exc
-        work.timings["decode"] = _ms(start)
-
-    def _hash(self, work: _Work) -> None:
-        assert work.decoded is not None
-        start = time.perf_counter()
-        work.pdq = tuple(pdq_hash_dihedral(frame) for frame in work.decoded.frames)
-        work.timings["pdq"] = _ms(start)
-        start = time.perf_counter()
-        work.inputs = self.encoder.preprocess(work.decoded.frames)
-        work.timings["embed"] = _ms(start)
-
-    def _embed(self, works: Sequence[_Work]) -> None:
+    def _embed(self, works: Sequence[Work]) -> None:
         inputs = [x for w in works if w.decoded for x in w.inputs]
         if not inputs:
             return
         start = time.perf_counter()
         vectors = self.encoder.encode_inputs(inputs, batch_size=self.batch_size)
-        per_frame = _ms(start) / len(inputs)
+        per_frame = elapsed_ms(start) / len(inputs)
         offset = 0
         for work in works:
             if work.decoded is None:
@@ -175,7 +120,7 @@ class Screener:
             work.timings["embed"] = work.timings.get("embed", 0.0) + per_frame * count
             offset += count
 
-    def _search(self, work: _Work) -> list[Candidate]:
+    def _search(self, work: Work) -> list[Candidate]:
         assert work.vectors is not None
         start = time.perf_counter()
         found = find_candidates(
@@ -190,10 +135,10 @@ class Screener:
             rules = self._policy(work).candidates
             found += vpdq_candidates(self.blocklist, work.video.vpdq, rules, work.scope)
         work.nearest = self._nearest(work.vectors, found)
-        work.timings["search"] = work.timings.get("search", 0.0) + _ms(start)
+        work.timings["search"] = work.timings.get("search", 0.0) + elapsed_ms(start)
         return found
 
-    def _prefetch(self, works: Sequence[_Work]) -> None:
+    def _prefetch(self, works: Sequence[Work]) -> None:
         """With a sharded cosine index (:mod:`moderation.banks.shard_index`), search the whole
         batch's frames in one round trip to the shards, at the widest of the batch's policies
         (most hits, lowest cosine floor); each upload's search is then answered from it. Its
@@ -209,7 +154,7 @@ class Screener:
             max(r.top_k for r in rules),
             min(r.min_cosine for r in rules),
         )
-        share = _ms(start) / len(searched)
+        share = elapsed_ms(start) / len(searched)
         for work in searched:
             work.timings["search"] = share
 
@@ -223,7 +168,7 @@ class Screener:
         hits = [h.score for frame in self.blocklist.cosine.search(vectors, 1, -1.0) for h in frame]
         return float(max(hits)) if hits else None
 
-    def _classify(self, works: Sequence[_Work], found: Sequence[list[Candidate]]) -> None:
+    def _classify(self, works: Sequence[Work], found: Sequence[list[Candidate]]) -> None:
         """Run the classifier stage once over the batch; its time is shared out per upload."""
         pending = [
             (work, cands)
@@ -240,17 +185,17 @@ class Screener:
             assert work.decoded is not None and work.vectors is not None
             items.append((QueryContext(work.decoded.frames, work.vectors, work.pdq), cands))
         self.refiner.refine_batch(items, self.blocklist)
-        share = _ms(start) / len(pending)
+        share = elapsed_ms(start) / len(pending)
         for work, _ in pending:
             work.timings["classify"] = share
 
     # --- decision -------------------------------------------------------------------------
 
-    def _policy(self, work: _Work) -> Policy:
+    def _policy(self, work: Work) -> Policy:
         """The upload's client's policy, else the screener's."""
         return work.scope.policy or self.policy
 
-    def decide(self, work: _Work, candidates: list[Candidate]) -> ScreeningResult:
+    def decide(self, work: Work, candidates: list[Candidate]) -> ScreeningResult:
         """Apply the policy (the upload's client's, else the screener's) to its candidates."""
         policy = self._policy(work)
         base: dict[str, Any] = {
@@ -297,7 +242,7 @@ class Screener:
                 }
             decision, reason, category, priority, matches = "allow", "allow_bank", None, None, []
             hold_days = None
-        work.timings["decide"] = _ms(start)
+        work.timings["decide"] = elapsed_ms(start)
         return ScreeningResult(
             decision=decision,
             score=best_block,
@@ -312,7 +257,7 @@ class Screener:
         )
 
     def _unscannable_result(
-        self, work: _Work, error: UnscannableImage, base: dict[str, Any]
+        self, work: Work, error: UnscannableImage, base: dict[str, Any]
     ) -> ScreeningResult:
         policy = self._policy(work)
         action = policy.unscannable_decision
@@ -348,22 +293,25 @@ class Screener:
         return self.finish(self.prepare(items, scopes))
 
     def prepare(self, items: Sequence[bytes], scopes: Sequence[Scope] | None = None) -> Prepared:
-        """The CPU-side first half of :meth:`screen_bytes`: exact hashes, decode, PDQ and the
-        encoder's preprocessing. Thread-safe and GIL-light (Pillow, PDQ and numpy release the
-        GIL), so a pipeline runs it for the next batch while :meth:`finish` embeds this one
-        (:func:`moderation.service.operations.screen_paths`)."""
-        scopes = list(scopes) if scopes is not None else [EVERY_BANK] * len(items)
-        works = [_Work(i, scope=scope) for i, scope in enumerate(scopes)]
-        for work, data in zip(works, items, strict=True):
-            self._exact(work, data)
-            self._decode(work, data)
-            if work.decoded is not None:
-                self._hash(work)
-        return Prepared(works)
+        """The CPU-side first half of :meth:`screen_bytes`: decode, PDQ and the encoder's
+        preprocessing (:class:`~moderation.matching.preparing.Preparer`; thread-safe and
+        GIL-light, so a pipeline runs it for the next batch while :meth:`finish` embeds this
+        one: :func:`moderation.service.operations.screen_paths`)."""
+        return self.preparer.prepare(items, scopes)
 
     def finish(self, prepared: Prepared) -> list[ScreeningResult]:
-        """The second half of :meth:`screen_bytes`: embed, search, classify, decide."""
+        """The second half of :meth:`screen_bytes`: exact hashes, embed, search, classify,
+        decide. ``prepared`` may come from another :class:`Preparer` for the same encoder.
+
+        Raises:
+            ValueError: ``prepared`` went through another encoder's preprocessing.
+        """
+        expected = self.encoder.preprocessing
+        if prepared.preprocessing != expected:
+            raise ValueError(f"inputs prepared for {prepared.preprocessing!r}, not {expected!r}")
         works = prepared.works
+        for work in works:
+            self._exact(work)
         self._embed(works)
         self._prefetch(works)
         found = [self._search(work) if work.decoded is not None else work.exact for work in works]
@@ -375,5 +323,5 @@ class Screener:
     ) -> ScreeningResult:
         """The result for an input rejected before decoding (e.g. over the byte limit), under
         ``scope``'s policy."""
-        work = _Work(0, error=UnscannableImage(reason, detail), scope=scope)
+        work = Work(0, error=UnscannableImage(reason, detail), scope=scope)
         return self.decide(work, [])

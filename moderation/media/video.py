@@ -51,9 +51,6 @@ from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Final
 
-import av
-import av.error
-import av.logging
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
@@ -64,6 +61,9 @@ from moderation.media.video_formats import DEMUXERS, declared_past_end, sniff_vi
 
 if TYPE_CHECKING:
     from moderation.config import Settings
+
+# PyAV (FFmpeg) is imported by the functions that decode: 0.1 s of start-up that image-only
+# processes (``moderation screen`` of photos, the web tier) never need.
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,10 @@ def decode_video(
             of :data:`moderation.media.decode.UNSCANNABLE_REASONS` or
             :data:`VIDEO_UNSCANNABLE_REASONS`. No other exception escapes for bad input.
     """
+    import av
+    import av.error
+    import av.logging
+
     fmt = _checked_container(data, limits)
     deadline = time.monotonic() + limits.max_decode_s
     if av.logging.get_level() is None:  # PyAV's default drops FFmpeg's messages unseen
@@ -248,6 +252,8 @@ def _check_messages(messages: list[tuple[int, str, str]], fmt: str) -> None:
     """Refuse a stream the decoder reported errors in: FFmpeg conceals damaged blocks (H.264
     "error while decoding MB") and goes on, so the frames would show concealment, not the
     upload."""
+    import av.logging
+
     errors = [m for m in messages if m[0] <= av.logging.ERROR]
     if errors:
         _, name, text = errors[0]
@@ -307,6 +313,8 @@ def _declared_duration(container: Any, stream: Any) -> float | None:
     if stream.duration is not None and stream.time_base:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
+        import av
+
         return float(container.duration) / av.time_base
     return None
 

@@ -6,23 +6,33 @@ Thin entry points (CLI commands, Celery tasks, console views) call these.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from moderation.matching.decision import ScreeningResult
+from moderation.matching.preparing import Prepared
 from moderation.matching.recording import record_results
-from moderation.matching.screening import Prepared, Screener
 from moderation.media.video_formats import SNIFF_BYTES, sniff_video
 from moderation.service.subjects import pseudonymize
 from moderation.service.uploads import create_uploads
 from moderation.storage.db import transaction
 
 if TYPE_CHECKING:
+    from moderation.matching.screening import Screener
     from moderation.service.runtime import Runtime
 
 logger = logging.getLogger(__name__)
+
+#: Files per pipeline chunk of :func:`screen_paths`: small enough that the first chunks are
+#: ready while the model loads and the last one's embedding leaves the other core idle only
+#: briefly, large enough that storing (one transaction per chunk) stays cheap.
+PIPELINE_CHUNK: Final = 16
+#: Chunks prepared ahead of the one being embedded, each on its own thread, so both cores stay
+#: busy whichever stage is the slower one on the machine.
+PREPARE_AHEAD: Final = 2
 
 
 def _read_files(paths: Sequence[Path], runtime: Runtime) -> list[bytes | None]:
@@ -60,24 +70,29 @@ def screen_paths(
     (:meth:`ScreeningResult.to_json`) and ``upload_id``; ``screener`` defaults to
     :meth:`Runtime.screener`. Files over the byte limit end ``unscannable`` (``too_large``).
 
-    Three stages overlap a batch (``batch_size`` files) apart: reading, decoding, PDQ and
-    preprocessing of batch k+1 (a thread); embedding, search and decision of batch k; storing
-    batch k-1 and ``on_result`` (a thread; fsync waits). Results keep the input order.
+    Files go in chunks of :data:`PIPELINE_CHUNK`, in three overlapping stages: reading,
+    decoding, PDQ and preprocessing of the next :data:`PREPARE_AHEAD` chunks (a thread each;
+    the first ones while the model and the blocklist load); embedding, search and decision of
+    chunk k; storing chunk k-1 and ``on_result`` (a thread; fsync waits). Results keep the
+    input order.
 
     Raises:
         moderation.banks.snapshot.SnapshotError: the blocklist cannot be decrypted or
             verified; nothing is screened (fail closed).
     """
-    screener = screener or runtime.screener()
-    batch = max(1, runtime.settings.batch_size)
-    chunks = [paths[start : start + batch] for start in range(0, len(paths), batch)]
+    chunks = [
+        paths[start : start + PIPELINE_CHUNK] for start in range(0, len(paths), PIPELINE_CHUNK)
+    ]
     results: list[ScreeningResult] = []
+    preparer = runtime.preparer()
 
     def prepare(chunk: Sequence[Path]) -> tuple[list[bytes | None], Prepared]:
         datas = _read_files(chunk, runtime)
-        return datas, screener.prepare([d for d in datas if d is not None])
+        return datas, preparer.prepare([d for d in datas if d is not None])
 
-    def store(chunk: Sequence[Path], datas: list[bytes | None], screened: Any) -> None:
+    def store(
+        screener: Screener, chunk: Sequence[Path], datas: list[bytes | None], screened: Any
+    ) -> None:
         chunk_results = [
             next(screened)
             if data is not None
@@ -89,21 +104,35 @@ def screen_paths(
             on_result({"path": str(path), **result.to_json(), "upload_id": upload_id})
         results.extend(chunk_results)
 
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="screen") as pool:
+    _overlapped(chunks, prepare, (lambda: screener) if screener else runtime.screener, store)
+    return results
+
+
+def _overlapped(
+    chunks: Sequence[Sequence[Path]],
+    prepare: Callable[[Sequence[Path]], tuple[list[bytes | None], Prepared]],
+    load_screener: Callable[[], Screener],
+    store: Callable[[Screener, Sequence[Path], list[bytes | None], Any], None],
+) -> None:
+    """``prepare`` :data:`PREPARE_AHEAD` chunks ahead (the first ones while ``load_screener``
+    runs), the screener's ``finish`` here, ``store`` on a thread; both in chunk order."""
+    pool = ThreadPoolExecutor(max_workers=PREPARE_AHEAD + 1, thread_name_prefix="screen")
+    try:
+        ahead = deque(pool.submit(prepare, chunk) for chunk in chunks[:PREPARE_AHEAD])
+        screener = load_screener()
         stored: Future[None] | None = None
-        prepared = pool.submit(prepare, chunks[0]) if chunks else None
         for index, chunk in enumerate(chunks):
-            assert prepared is not None
-            datas, ready = prepared.result()
-            if index + 1 < len(chunks):
-                prepared = pool.submit(prepare, chunks[index + 1])
+            datas, ready = ahead.popleft().result()
+            if index + PREPARE_AHEAD < len(chunks):
+                ahead.append(pool.submit(prepare, chunks[index + PREPARE_AHEAD]))
             screened = iter(screener.finish(ready))
             if stored is not None:
                 stored.result()  # in order, and its errors surface here
-            stored = pool.submit(store, chunk, datas, screened)
+            stored = pool.submit(store, screener, chunk, datas, screened)
         if stored is not None:
             stored.result()
-    return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _record(

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from moderation.banks.blocklist import Blocklist
     from moderation.banks.shards import ShardSearch
     from moderation.matching.candidates import CandidateRefiner
+    from moderation.matching.preparing import Preparer
     from moderation.matching.screening import Screener
     from moderation.media.video import VideoLimits
     from moderation.signals.encoders import Encoder
@@ -106,18 +107,9 @@ class Runtime:
         Raises:
             ValueError, FileNotFoundError: as :func:`moderation.signals.encoders.create_encoder`.
         """
-        from moderation.signals.encoders import create_encoder
+        from moderation.service.encoder_preload import configured_encoder
 
-        configured = name == self.settings.encoder
-        encoder = create_encoder(
-            name,
-            device=self.settings.device,
-            runtime=self.settings.encoder_runtime,
-            cache_dir=self.settings.resolved_data_dir / "cache",
-            threads=self.settings.torch_threads,
-            precision=self.settings.encoder_precision if configured else "fp32",
-            calibration_dir=self.settings.encoder_calibration_dir if configured else None,
-        )
+        encoder = configured_encoder(self.settings, name)
         if encoder.uses_torch and self.settings.torch_threads:
             import torch
 
@@ -256,6 +248,13 @@ class Runtime:
         from moderation.service.model_events import notify_change
 
         notify_change(reason)
+
+    def preparer(self) -> Preparer:
+        """A :class:`~moderation.matching.preparing.Preparer` for the serving encoder: decodes,
+        hashes and preprocesses uploads before the model or the blocklist is loaded."""
+        from moderation.matching.preparing import Preparer
+
+        return Preparer(self.encoder, self.limits, video_limits=self.video_limits)
 
     def screener(
         self, blocklist: Blocklist | None = None, refiner: CandidateRefiner | None = None

@@ -9,6 +9,10 @@ Hashing takes already-decoded pixels. PDQ itself knows nothing of EXIF orientati
 decodes with EXIF orientation applied (the upright image a person sees), then hashes. Hashing
 the raw stored pixels of a rotated JPEG gives the hash of a rotated image, which is one of the
 eight :func:`pdq_hash_dihedral` variants of the upright image's hash.
+
+Where it can, hashing skips pdqhash's Python entry points and calls its compiled ThreatExchange
+functions with float32 luma from Pillow (:mod:`moderation.signals.pdq_native`): the same digests,
+in about a third of the time outside the C++, without holding the GIL.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import pdqhash
 from PIL import Image
+
+from moderation.signals.pdq_native import native_pdq
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +135,7 @@ class PdqHash:
         return np.frombuffer(self.digest, dtype=np.uint8).copy()
 
 
-def _luma_ready_pixels(image: Image.Image, max_side: int | None) -> npt.NDArray[np.uint8]:
+def _hashable(image: Image.Image, max_side: int | None) -> Image.Image:
     if image.mode != "RGB":
         raise ValueError(
             f"PDQ hashing takes a decoded RGB image, got mode {image.mode!r}; "
@@ -145,7 +151,13 @@ def _luma_ready_pixels(image: Image.Image, max_side: int | None) -> npt.NDArray[
             scale = max_side / longest
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=_REDUCING_GAP)
-    return np.asarray(image, dtype=np.uint8)
+    return image
+
+
+def _luma(image: Image.Image) -> npt.NDArray[np.float32]:
+    # pdqhash's float32 luma, bit for bit (moderation.signals.pdq_native explains why), as a
+    # writable array: the hashing filters it in place.
+    return np.array(image.convert("F"), dtype=np.float32)
 
 
 def _pack(bits: npt.NDArray[np.integer]) -> bytes:
@@ -171,7 +183,12 @@ def pdq_hash(image: Image.Image, *, max_side: int | None = PDQ_DOWNSAMPLE_MAX_SI
     Raises:
         ValueError: the image is not RGB, or ``max_side`` is below 64.
     """
-    bits, quality = pdqhash.compute(_luma_ready_pixels(image, max_side))
+    image = _hashable(image, max_side)
+    native = native_pdq()
+    if native is not None:
+        digest, quality = native.plain(_luma(image))
+        return PdqHash(digest, quality)
+    bits, quality = pdqhash.compute(np.asarray(image, dtype=np.uint8))
     return PdqHash(_pack(bits), int(quality))
 
 
@@ -197,7 +214,12 @@ def pdq_hash_dihedral(
     Raises:
         ValueError: the image is not RGB, or ``max_side`` is below 64.
     """
-    variants, quality = pdqhash.compute_dihedral(_luma_ready_pixels(image, max_side))
+    image = _hashable(image, max_side)
+    native = native_pdq()
+    if native is not None:
+        digests, quality = native.dihedral(_luma(image))
+        return tuple(PdqHash(digest, quality) for digest in digests)
+    variants, quality = pdqhash.compute_dihedral(np.asarray(image, dtype=np.uint8))
     return tuple(PdqHash(_pack(bits), int(quality)) for bits in variants)
 
 

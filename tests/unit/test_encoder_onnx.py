@@ -192,6 +192,22 @@ def test_web_app_imports_no_torch(data_dir: Path) -> None:
     assert _run(code, data_dir) == []
 
 
+def test_preloaded_encoder_is_the_one_the_runtime_serves(data_dir: Path) -> None:
+    from moderation.config import load_settings
+    from moderation.service.encoder_preload import preload_encoder
+    from moderation.service.runtime import Runtime
+
+    settings = load_settings(data_dir=data_dir, device="cpu", encoder_runtime="onnxruntime")
+    thread = preload_encoder(settings)
+    assert thread is not None
+    thread.join(timeout=120)
+    runtime = Runtime(settings)
+    assert runtime.encoder.loaded and isinstance(runtime.encoder, OnnxLite0Encoder)
+    assert preload_encoder(settings) is None  # loaded already: nothing to start
+    # PyTorch runtimes are not preloaded: a second thread importing torch only contends.
+    assert preload_encoder(settings.model_copy(update={"encoder_runtime": "torch"})) is None
+
+
 def test_int8_is_a_different_encoder_id_and_needs_calibration_images(tmp_path: Path) -> None:
     fp32 = OnnxLite0Encoder(cache_dir=tmp_path)
     int8 = create_encoder(
@@ -225,6 +241,51 @@ def test_openvino_runs_the_same_model_with_the_same_embeddings(
     # f32 pinned: OpenVINO's bfloat16 default on AMX/AVX512-BF16 CPUs would give ~0.998.
     assert np.sum(vectors * reference, axis=1).min() >= 0.99999
     np.testing.assert_allclose(ov.encode(photos, batch_size=5), vectors, atol=1e-5)
+
+
+def test_openvino_compiled_model_is_cached_per_model_digest(
+    cache: Path, photos: list[Image.Image], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino", reason="the optional OpenVINO backend is not installed")
+    import openvino
+
+    assert "convert_model" not in vars(openvino) or "openvino.tools.ovc" in sys.modules
+    first = OnnxLite0Encoder(cache_dir=cache, backend="openvino")
+    vectors = first.encode(photos, batch_size=2)
+    digest = json.loads(first.files.manifest.read_text())["onnx_sha256"]
+    folder = cache / onnx_model.OPENVINO_CACHE / digest
+    blobs = sorted(folder.iterdir())
+    assert blobs and folder.stat().st_mode & 0o077 == 0
+    # A second process (here: a new session) imports the blob: same features, no new blob.
+    again = OnnxLite0Encoder(cache_dir=cache, backend="openvino")
+    again._model = onnx_model.checked_session(
+        again.files,
+        weights_sha256=again.id.weights_sha256,
+        preprocessing=again.preprocessing,
+        precision="fp32",
+        threads=1,
+        backend="openvino",
+    )
+    assert again._model is not None and sorted(folder.iterdir()) == blobs
+    assert np.array_equal(again.encode(photos, batch_size=2), vectors)
+    # A blob that gives other features fails the probe like a tampered model: it is discarded
+    # and the model compiled afresh.
+    real = onnx_model.model_session
+    calls: list[bool] = []
+
+    def wrong_once(path: Path, **kwargs: object) -> object:
+        session = real(path, **kwargs)  # type: ignore[arg-type]
+        calls.append(folder.exists())
+        if len(calls) > 1:
+            return session
+        run = session.run
+        session.run = lambda names, feeds: [run(names, feeds)[0][::-1].copy()]
+        return session
+
+    monkeypatch.setattr(onnx_model, "model_session", wrong_once)
+    tampered = OnnxLite0Encoder(cache_dir=cache, backend="openvino")
+    assert np.array_equal(tampered.encode(photos, batch_size=2), vectors)
+    assert calls == [True, True] and sorted(folder.iterdir()) != []
 
 
 def test_auto_prefers_openvino_except_for_small_jobs(tmp_path: Path) -> None:

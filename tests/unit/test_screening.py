@@ -16,7 +16,8 @@ from moderation.banks.records import EntryInfo, create_bank
 from moderation.config import load_settings
 from moderation.matching.candidates import Candidate
 from moderation.matching.policy import parse_policy
-from moderation.matching.screening import Screener, _Work
+from moderation.matching.preparing import Work
+from moderation.matching.screening import Screener
 from moderation.service.runtime import Runtime, prepared_runtime
 from moderation.storage.db import transaction
 from tests.conftest import skimage_photo, skimage_photo_path
@@ -90,7 +91,7 @@ def decide(screener: Screener, candidates: list[Candidate], **policy_changes: An
     original = screener.policy
     screener.policy = parse_policy(document, source="test")
     try:
-        work = _Work(0)
+        work = Work(0)
         work.decoded = type("D", (), {"frames": (None,), "frame_indices": (0,)})()  # type: ignore[assignment]
         return screener.decide(work, candidates)
     finally:
