@@ -24,7 +24,9 @@ from moderation.signals.encoders.lite0 import (
     EMBED_POOL,
     EMBED_RESIZE,
     INPUT_SIZE,
+    LITE0,
     TIMM_ARCH,
+    LiteVariant,
     describe,
 )
 
@@ -243,11 +245,13 @@ class ModelFiles:
     manifest: Path
 
     @classmethod
-    def in_cache(cls, cache_dir: Path, identity: str, precision: Precision) -> ModelFiles:
-        """``<cache_dir>/efficientnet_lite0-<precision>-<sha256(identity, opset)[:24]>.onnx``
-        (and ``.json``), for an ``identity`` naming the source weights and preprocessing."""
+    def in_cache(
+        cls, cache_dir: Path, identity: str, precision: Precision, arch: str = TIMM_ARCH
+    ) -> ModelFiles:
+        """``<cache_dir>/<arch>-<precision>-<sha256(identity, opset)[:24]>.onnx`` (and
+        ``.json``), for an ``identity`` naming the source weights and preprocessing."""
         key = f"{identity}|opset={ONNX_OPSET}|manifest={MANIFEST_FORMAT}|precision={precision}"
-        stem = f"{TIMM_ARCH}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+        stem = f"{arch}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
         return cls(cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json")
 
 
@@ -285,9 +289,10 @@ def checked_session(
     precision: Precision,
     threads: int,
     backend: Backend = "onnxruntime",
+    input_size: int = INPUT_SIZE,
 ) -> Any:
     """A session (``backend``'s, :func:`model_session`) over ``files`` once its digests and
-    probe features check out, else None."""
+    probe features (:func:`probe_input` of ``input_size``) check out, else None."""
     manifest = read_manifest(
         files, weights_sha256=weights_sha256, preprocessing=preprocessing, precision=precision
     )
@@ -295,7 +300,7 @@ def checked_session(
         return None
     try:
         session = model_session(files.onnx, backend=backend, threads=threads)
-        (features,) = session.run(["features"], {"x": probe_input()})
+        (features,) = session.run(["features"], {"x": probe_input(input_size)})
         agreement = min_row_cosine(features, manifest["probe_features"])
     except Exception as exc:  # onnxruntime raises its own types for unreadable files
         logger.warning("ONNX model %s unusable (%s)", files.onnx, exc)
@@ -306,7 +311,7 @@ def checked_session(
     return session
 
 
-def preprocessing_for(precision: Precision) -> str:
-    """The encoder id's preprocessing string of the ONNX model at ``precision``."""
-    base = describe(EMBED_RESIZE, EMBED_POOL)
+def preprocessing_for(precision: Precision, variant: LiteVariant = LITE0) -> str:
+    """The encoder id's preprocessing string of ``variant``'s ONNX model at ``precision``."""
+    base = describe(EMBED_RESIZE, EMBED_POOL, variant)
     return base if precision == "fp32" else f"{base},precision={precision}"
