@@ -140,7 +140,7 @@ class Settings(QueueApiSettings, VideoSettings, BaseSettings):
     classifier_windows: bool = Field(
         default=True,
         description="Query windows: queries whose best cosine is just below review up to block "
-        "(0.60-0.78) also embed a grid of 15 multi-scale windows (classifier stage only).",
+        "(0.60-0.78) also embed a grid of 14 multi-scale windows (classifier stage only).",
     )
     classifier_edits_per_entry: int = Field(
         default=2,

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
-from moderation.cli.core import benchmark
+from moderation.cli.core import benchmark, protocol_options
 
 
 @main.group()
@@ -177,15 +177,7 @@ def benchmark_encoder_upgrade(
     show_default=True,
     help="Comma-separated encoder names; the first is the baseline of the throughput ratios.",
 )
-@click.option("--references", "n_references", default=250, show_default=True)
-@click.option("--per-edit", "per_edit", default=20, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--classifier/--no-classifier",
-    default=True,
-    show_default=True,
-    help="Also run each encoder's classifier stage (trains one model per encoder: slower).",
-)
+@protocol_options("Also run each encoder's classifier stage (trains one model per encoder).")
 @click.option(
     "--window-ablation",
     is_flag=True,

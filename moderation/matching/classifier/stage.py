@@ -76,7 +76,7 @@ class WindowBand:
     ``high`` is the default policy's ``block_cosine`` (0.78): above it the global embedding
     decides. ``low`` is its ``review_cosine`` (0.70) minus a margin of 0.10: pasted and
     screenshotted copies sit just below review, where a window lifts them. Each query in the
-    band costs one embedding per window (15), so the band is kept narrow; ``enabled=False``
+    band costs one embedding per window (14), so the band is kept narrow; ``enabled=False``
     (``MODERATION_CLASSIFIER_WINDOWS=false``) turns the windows off.
     """
 
