@@ -42,11 +42,11 @@ Stage = tuple[bool, bool]
 
 def method_name(encoder: str, stage: Stage) -> str:
     """``<stage>:<encoder's last path part>``, e.g. ``classifier:efficientnet_lite1``;
-    ``classifier-no-windows`` for the classifier stage without query windows."""
+    ``classifier-windows`` for the classifier stage with query windows."""
     classifier, windows = stage
     label = "global-cosine"
     if classifier:
-        label = "classifier" if windows else "classifier-no-windows"
+        label = "classifier-windows" if windows else "classifier"
     return f"{label}:{encoder.rsplit('/', 1)[-1]}"
 
 
@@ -119,7 +119,8 @@ def run_encoder_comparison(
 ) -> list[dict[str, Any]]:
     """Run the protocol with every encoder in ``encoders`` (the first is the baseline), print
     the protocol's table and the comparison table, optionally write JSON; return the rows.
-    ``window_ablation`` adds each encoder's classifier stage without query windows.
+    The classifier stage runs with query windows as ``settings`` say; ``window_ablation`` adds
+    it the other way too.
 
     Raises:
         ValueError: no encoder given, too few images in ``images_dir``, or an encoder name is
@@ -140,9 +141,9 @@ def run_encoder_comparison(
     echo(f"protocol: {len(protocol.references)} references, {len(protocol.queries)} queries")
     stages: list[Stage] = [(False, False)]
     if classifier:
-        stages.append((True, True))
+        stages.append((True, settings.classifier_windows))
         if window_ablation:
-            stages.append((True, False))
+            stages.append((True, not settings.classifier_windows))
     with tempfile.TemporaryDirectory(prefix="moderation-encoders-") as tmp:
         methods = [
             ScreeningMethod(

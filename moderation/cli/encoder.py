@@ -181,7 +181,8 @@ def benchmark_encoder_upgrade(
 @click.option(
     "--window-ablation",
     is_flag=True,
-    help="Also run each encoder's classifier stage without query windows.",
+    help="Also run each encoder's classifier stage with query windows switched the other way "
+    "(MODERATION_CLASSIFIER_WINDOWS).",
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
 @pass_ctx

@@ -52,11 +52,11 @@ def test_window_grid_geometry() -> None:
 
 
 def test_window_band() -> None:
-    band = WindowBand(low=0.6, high=0.78, certain_pdq=16)
+    band = WindowBand(low=0.6, high=0.78, certain_pdq=16, enabled=True)
     assert band.contains(0.65, None) and band.contains(0.6, 40)
     assert not band.contains(0.59, None) and not band.contains(0.78, None)
     assert not band.contains(0.65, 10)  # a PDQ match decides
-    assert not WindowBand(enabled=False).contains(0.65, None)
+    assert not WindowBand().contains(0.65, None)  # off by default
 
 
 class CountingEncoder:
@@ -88,7 +88,7 @@ def test_stage_embeds_windows_only_in_the_window_band() -> None:
         background=np.zeros((0, DIM), np.float32),
     )  # fmt: skip
     encoder = CountingEncoder()
-    stage = ClassifierStage(model, encoder, windows=WindowBand(low=0.6, high=0.78))  # type: ignore[arg-type]
+    stage = ClassifierStage(model, encoder, windows=WindowBand(enabled=True))  # type: ignore[arg-type]
     entry = blocklist.entries[1]
     assert isinstance(entry, EntryInfo)
     frame = skimage_photo("coffee")  # no straight-edged rectangle, no mosaic: no detected view
@@ -100,7 +100,7 @@ def test_stage_embeds_windows_only_in_the_window_band() -> None:
     assert counts == {"below": 0.0, "in_band": float(len(window_boxes())), "above": 0.0}
     assert encoder.calls == [len(window_boxes())]  # one batch for the whole screening batch
     assert all(cands[0].probability is not None for _, cands in items)
-    off = ClassifierStage(model, CountingEncoder(), windows=WindowBand(enabled=False))  # type: ignore[arg-type]
+    off = ClassifierStage(model, CountingEncoder())  # type: ignore[arg-type]
     quiet = [(context, [Candidate(entry, cosine=0.7)])]
     off.refine_batch(quiet, blocklist)
     assert quiet[0][1][0].features["windows"] == 0.0

@@ -385,7 +385,7 @@ def import_hooks(runtime: Runtime) -> ImportHooks:
         settings.classifier_edits_per_entry,
         background_images(settings.classifier_background_dir),
         batch_size=settings.batch_size,
-        window_band=WindowBand() if settings.classifier_windows else None,
+        window_band=WindowBand(enabled=True) if settings.classifier_windows else None,
     )
 
     def record_pairs(entry_of: dict[str, int], actor: str) -> int:
