@@ -94,7 +94,10 @@ class Settings(QueueApiSettings, VideoSettings, ShardSettings, BaseSettings):
     # --- detection ---------------------------------------------------------------------------
     encoder: str = Field(
         default="timm/efficientnet_lite0",
-        description="Encoder name: timm/efficientnet_lite0 or open_clip/<arch>/<tag-or-file>.",
+        description=(
+            "Encoder name: timm/efficientnet_lite0 (default), timm/efficientnet_lite1, "
+            "timm/efficientnet_lite2 or open_clip/<arch>/<tag-or-file>."
+        ),
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     encoder_runtime: Literal["auto", "onnxruntime", "openvino", "torch", "eager"] = Field(
@@ -133,6 +136,12 @@ class Settings(QueueApiSettings, VideoSettings, ShardSettings, BaseSettings):
         default=True,
         description="Classifier stage: region embeddings and synthetic training pairs at bank "
         "import, and the active classifier model (moderation classifier train) when screening.",
+    )
+    classifier_windows: bool = Field(
+        default=False,
+        description="Query windows: queries whose best cosine is just below review up to block "
+        "(0.60-0.78) also embed a grid of 14 multi-scale windows (classifier stage only; off: "
+        "they cost 38% of its throughput on the benchmark).",
     )
     classifier_edits_per_entry: int = Field(
         default=2,

@@ -70,6 +70,29 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def imagenet_top1_on_photos_dev(classify: Callable[[list[Image.Image]], Any]) -> float:
+    """ImageNet top-1 of ``classify`` (images -> logits (n, 1000), timm's class order) on the
+    photos-dev JPEGs, whose names start with their WordNet id; skips when ../shared is absent."""
+    import numpy as np
+    from timm.data.imagenet_info import ImageNetInfo
+
+    files = sorted(shared_path("photos-dev").glob("*.JPEG"))
+    assert len(files) >= 100
+    info = ImageNetInfo()
+    index_of = {info.index_to_label_name(i): i for i in range(1000)}
+    labels = np.array([index_of[f.name.split("_", 1)[0]] for f in files])
+    predicted = []
+    for start in range(0, len(files), 32):
+        images = []
+        for file in files[start : start + 32]:
+            with Image.open(file) as img:
+                images.append(img.convert("RGB"))
+        predicted.append(np.asarray(classify(images)).argmax(axis=1))
+    top1 = float((np.concatenate(predicted) == labels).mean())
+    print(f"ImageNet top-1 on {len(files)} photos-dev images: {top1:.4f}")
+    return top1
+
+
 def skimage_photo_path(name: str) -> Path:
     """The file of a photo shipped in scikit-image's wheel (``skimage.data``)."""
     from skimage import data

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -345,6 +346,33 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
 
 # --- benchmark and demo -----------------------------------------------------------------------
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def protocol_options(classifier_help: str) -> Callable[[F], F]:
+    """The quality protocol's options (``--references``, ``--per-edit``, ``--seed``,
+    ``--classifier/--no-classifier``), shared by ``moderation benchmark`` and its
+    ``encoders`` subcommand."""
+
+    def decorate(command: F) -> F:
+        for option in reversed(
+            (
+                click.option("--references", "n_references", default=250, show_default=True),
+                click.option("--per-edit", "per_edit", default=20, show_default=True),
+                click.option("--seed", default=0, show_default=True),
+                click.option(
+                    "--classifier/--no-classifier",
+                    default=True,
+                    show_default=True,
+                    help=classifier_help,
+                ),
+            )
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
 
 @main.group(invoke_without_command=True)
 @click.option(
@@ -355,15 +383,7 @@ def keys_rotate(ctx: Context, retire_old: bool) -> None:
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--references", "n_references", default=250, show_default=True)
-@click.option("--per-edit", "per_edit", default=20, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--classifier/--no-classifier",
-    default=True,
-    show_default=True,
-    help="Also run the classifier stage (trains a model on the references: slower).",
-)
+@protocol_options("Also run the classifier stage (trains a model on the references: slower).")
 @click.option(
     "--unseen-per-implementation",
     default=10,

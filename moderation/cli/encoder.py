@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from moderation.cli import Context, echo_json, initialised_runtime, main, pass_ctx, print_table
-from moderation.cli.core import benchmark
+from moderation.cli.core import benchmark, protocol_options
 
 
 @main.group()
@@ -160,3 +160,62 @@ def benchmark_encoder_upgrade(
     echo_json(report)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))
+
+
+@benchmark.command("encoders")
+@click.option(
+    "--images",
+    "images_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of photos: references and queries are drawn from it.",
+)
+@click.option(
+    "--encoders",
+    "encoder_names",
+    default="timm/efficientnet_lite0,timm/efficientnet_lite1,timm/efficientnet_lite2",
+    show_default=True,
+    help="Comma-separated encoder names; the first is the baseline of the throughput ratios.",
+)
+@protocol_options("Also run each encoder's classifier stage (trains one model per encoder).")
+@click.option(
+    "--window-ablation",
+    is_flag=True,
+    help="Also run each encoder's classifier stage with query windows switched the other way "
+    "(MODERATION_CLASSIFIER_WINDOWS).",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@pass_ctx
+def benchmark_encoders(
+    ctx: Context,
+    images_dir: Path,
+    encoder_names: str,
+    n_references: int,
+    per_edit: int,
+    seed: int,
+    classifier: bool,
+    window_ablation: bool,
+    json_out: Path | None,
+) -> None:
+    """Encoders compared in one run on the quality protocol: µAP, recall at precision 0.99 and
+    interleaved screening images/s of each (moderation/benchmark/encoder_compare.py)."""
+    from moderation.benchmark.encoder_compare import run_encoder_comparison
+    from moderation.cli import config_errors
+
+    names = [name.strip() for name in encoder_names.split(",") if name.strip()]
+    with config_errors():
+        try:
+            run_encoder_comparison(
+                ctx.settings,
+                images_dir,
+                names,
+                n_references=n_references,
+                per_edit=per_edit,
+                seed=seed,
+                classifier=classifier,
+                window_ablation=window_ablation,
+                json_out=json_out,
+                echo=click.echo,
+            )
+        except (ValueError, ModuleNotFoundError) as exc:
+            raise click.UsageError(str(exc)) from None

@@ -220,13 +220,18 @@ class Runtime:
         if not self.settings.classifier:
             return None
         from moderation.matching.classifier.model import active_model
-        from moderation.matching.classifier.stage import ClassifierStage
+        from moderation.matching.classifier.stage import ClassifierStage, WindowBand
 
         with self.sessions() as session:
             model = active_model(session, str(self.encoder.id))
         if model is None:
             return None
-        return ClassifierStage(model, self.encoder, batch_size=self.settings.batch_size)
+        return ClassifierStage(
+            model,
+            self.encoder,
+            windows=WindowBand(enabled=self.settings.classifier_windows),
+            batch_size=self.settings.batch_size,
+        )
 
     def import_hooks(self) -> ImportHooks:
         """What the classifier stage adds to a bank import (entry windows, training copies and

@@ -34,7 +34,7 @@ from moderation.signals.encoders.timm_backend import (
     map_state_dict_by_position,
     packaged_weights_path,
 )
-from tests.conftest import shared_path, skimage_photo
+from tests.conftest import imagenet_top1_on_photos_dev, skimage_photo
 
 LITE0 = "timm/efficientnet_lite0"
 # ImageNet-1k indices (timm's sorted-WordNet-id order).
@@ -308,23 +308,7 @@ def test_packaged_weights_classify_photos(
 
 @pytest.mark.slow
 def test_imagenet_top1_on_photos_dev(lite0: EfficientNetLite0Encoder) -> None:
-    from timm.data.imagenet_info import ImageNetInfo
-
-    files = sorted(shared_path("photos-dev").glob("*.JPEG"))
-    assert len(files) >= 100
-    info = ImageNetInfo()
-    index_of = {info.index_to_label_name(i): i for i in range(1000)}
-    labels = np.array([index_of[f.name.split("_", 1)[0]] for f in files])
-    predicted = []
-    for start in range(0, len(files), 64):
-        images = []
-        for file in files[start : start + 64]:
-            with Image.open(file) as img:
-                images.append(img.convert("RGB"))
-        predicted.append(lite0.classify(images).argmax(axis=1))
-    top1 = float((np.concatenate(predicted) == labels).mean())
-    print(f"EfficientNet-Lite0 ImageNet top-1 on {len(files)} photos-dev images: {top1:.4f}")
-    assert top1 >= 0.65
+    assert imagenet_top1_on_photos_dev(lite0.classify) >= 0.65
 
 
 def test_position_mapping_renames_and_checks_shapes() -> None:

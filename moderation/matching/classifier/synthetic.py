@@ -31,8 +31,8 @@ from moderation.audit.log import record_event
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.importer import ImportHooks
 from moderation.matching.classifier.features import QuerySignals, RegionLookup, query_features
-from moderation.matching.classifier.regions import query_views
-from moderation.matching.classifier.stage import Band, embed_views
+from moderation.matching.classifier.regions import query_views, query_windows
+from moderation.matching.classifier.stage import Band, WindowBand, embed_views
 from moderation.matching.policy import CandidateRules
 from moderation.media.edits import RANDOM_EDITS, apply_edit, derived_seed
 from moderation.media.implementations import (
@@ -199,22 +199,32 @@ def query_signals(
     batch_size: int,
     max_views: int = 1,
     ranks: Sequence[Rank | None] | None = None,
+    window_band: WindowBand | None = None,
+    sources: npt.NDArray[np.float32] | None = None,
 ) -> list[QuerySignals]:
     """Global vectors, dihedral PDQ, view vectors and view PDQ of images seen as queries;
-    ``ranks`` (one per image) choose among detected rectangles as the stage does."""
+    ``ranks`` (one per image) choose among detected rectangles as the stage does. With
+    ``window_band`` and ``sources`` (float32 (n, d), each image's source vector), an image whose
+    cosine to its source lies in the band also gets its query windows as views (after the
+    detected ones, not PDQ-hashed), as the stage gives them to such a query."""
     vectors = encoder.encode(list(images), batch_size=batch_size)
     chosen = ranks if ranks is not None else [None] * len(images)
-    views = [
+    detected = [
         [v for _, v in query_views(image, max_views=max_views, rank=rank)]
         for image, rank in zip(images, chosen, strict=True)
     ]
+    views = [list(found) for found in detected]
+    if window_band is not None and sources is not None:
+        for i, image in enumerate(images):
+            if window_band.contains(float(vectors[i] @ sources[i]), None):
+                views[i].extend(query_windows(image))
     view_vectors = embed_views(encoder, views, batch_size=batch_size)
     return [
         QuerySignals(
             vectors[i : i + 1],
             (pdq_hash_dihedral(image),),
             view_vectors[i],
-            tuple(pdq_hash(v) for v in views[i]),
+            tuple(pdq_hash(v) for v in detected[i]),
         )
         for i, image in enumerate(images)
     ]
@@ -228,12 +238,15 @@ class TrainingCollector:
         encoder: the bank's encoder.
         edits_per_image: copies per imported image.
         backgrounds: photos the pastes (family ``overlay_bg_60``) go onto (never bank images).
+        window_band: when set, copies in the band get query windows (:func:`query_signals`;
+            one more embedding per imported image, for the source vectors).
     """
 
     encoder: Encoder
     edits_per_image: int
     backgrounds: list[Image.Image]
     batch_size: int = 32
+    window_band: WindowBand | None = None
     queries: list[TrainingQuery] = field(default_factory=list)
     _seen: int = 0
 
@@ -241,7 +254,8 @@ class TrainingCollector:
         """Make and embed the copies of ``images`` (their SHA-256 ``keys``)."""
         copies: list[tuple[str, str, Image.Image]] = []
         ranks: list[Rank | None] = []
-        for image, key in zip(images, keys, strict=True):
+        source_rows: list[int] = []
+        for row, (image, key) in enumerate(zip(images, keys, strict=True)):
             source_rank = digest_rank(pdq_hash(image).digest)
             for j, edit in enumerate(edits_for(self._seen, self.edits_per_image)):
                 seed = training_seed(key, edit, j)
@@ -252,11 +266,20 @@ class TrainingCollector:
                     continue
                 copies.append((key, edit, training_copy(edit, image, seed, background)))
                 ranks.append(source_rank)
+                source_rows.append(row)
             self._seen += 1
         if not copies:
             return
+        sources = None
+        if self.window_band is not None and self.window_band.enabled:
+            sources = self.encoder.encode(list(images), batch_size=self.batch_size)[source_rows]
         signals = query_signals(
-            [c for _, _, c in copies], self.encoder, batch_size=self.batch_size, ranks=ranks
+            [c for _, _, c in copies],
+            self.encoder,
+            batch_size=self.batch_size,
+            ranks=ranks,
+            window_band=self.window_band,
+            sources=sources,
         )
         for (key, edit, _), sig in zip(copies, signals, strict=True):
             group = int.from_bytes(hashlib.sha256(f"{key}:{edit}".encode()).digest()[:6], "big")
@@ -385,6 +408,7 @@ def import_hooks(runtime: Runtime) -> ImportHooks:
         settings.classifier_edits_per_entry,
         background_images(settings.classifier_background_dir),
         batch_size=settings.batch_size,
+        window_band=WindowBand(enabled=True) if settings.classifier_windows else None,
     )
 
     def record_pairs(entry_of: dict[str, int], actor: str) -> int:

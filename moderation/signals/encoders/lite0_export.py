@@ -26,6 +26,7 @@ import torch
 
 from moderation.signals.encoders.base import sha256_file
 from moderation.signals.encoders.fastpath import export_onnx
+from moderation.signals.encoders.lite0 import LITE0, LiteVariant
 from moderation.signals.encoders.onnx_model import (
     CALIBRATION_IMAGES,
     MANIFEST_FORMAT,
@@ -49,11 +50,11 @@ logger = logging.getLogger(__name__)
 INT8_MIN_COSINE: Final = 0.8
 
 
-def _eager_net(weights_path: Path) -> torch.nn.Module:
+def _eager_net(weights_path: Path, variant: LiteVariant) -> torch.nn.Module:
     from moderation.signals.encoders.timm_backend import EfficientNetLite0Encoder, EmbeddingNet
 
     encoder = EfficientNetLite0Encoder(
-        device=torch.device("cpu"), weights_path=weights_path, runtime="eager"
+        device=torch.device("cpu"), weights_path=weights_path, runtime="eager", variant=variant
     )
     return EmbeddingNet(encoder.load(), encoder.pool).eval()
 
@@ -64,19 +65,21 @@ def build_model_files(
     *,
     precision: Precision = "fp32",
     calibration: Sequence[npt.NDArray[np.float32]] = (),
+    variant: LiteVariant = LITE0,
 ) -> dict[str, Any]:
-    """Export the encoder built from ``weights_path`` to ``files`` (model, then manifest, each
-    written atomically) and return the manifest.
+    """Export ``variant``'s encoder built from ``weights_path`` to ``files`` (model, then
+    manifest, each written atomically) and return the manifest.
 
-    ``calibration``: encoder input batches (n, 3, 224, 224) float32 for int8; ignored for fp32.
+    ``calibration``: encoder input batches (n, 3, s, s) float32 for int8, s the variant's
+    input side; ignored for fp32.
 
     Raises:
         FastPathError: the exported model disagrees with the eager one on the probe batch, or
             int8 was asked for without calibration batches.
     """
     files.onnx.parent.mkdir(parents=True, exist_ok=True)
-    net = _eager_net(weights_path)
-    probe = probe_input()
+    net = _eager_net(weights_path, variant)
+    probe = probe_input(variant.input_size)
     export_onnx(net, torch.from_numpy(probe), files.onnx)
     # fp32 must match the eager model on the noise probe; int8 only on real images (its
     # calibrated activation ranges clip noise: 0.75 measured), at a looser floor.
@@ -103,7 +106,7 @@ def build_model_files(
         "format": MANIFEST_FORMAT,
         "source_weights": weights_path.name,
         "source_weights_sha256": sha256_file(weights_path),
-        "preprocessing": preprocessing_for(precision),
+        "preprocessing": preprocessing_for(precision, variant),
         "precision": precision,
         "onnx_sha256": sha256_file(files.onnx),
         "opset": ONNX_OPSET,

@@ -31,8 +31,9 @@ from PIL import Image
 from moderation.signals.encoders.base import Encoder, check_images
 from moderation.signals.encoders.device import HostCpu
 from moderation.signals.encoders.lite0 import (
-    NAME,
+    LITE0,
     NUM_FEATURES,
+    LiteVariant,
     packaged_weights_path,
     square_pixels,
 )
@@ -70,7 +71,8 @@ class OnnxLite0Encoder(Encoder):
     ``cache_dir`` holds the model files (default :func:`.fastpath.default_cache_dir`);
     ``calibration_dir`` the images int8 is calibrated on when its model is built. ``backend``
     runs the model: ONNX Runtime or OpenVINO (:class:`.onnx_model.OpenVinoSession`; same
-    features, same encoder id).
+    features, same encoder id). ``variant`` picks Lite0 (default), Lite1 or Lite2
+    (:data:`.lite0.VARIANTS`), each with its own weights, input side and model files.
     """
 
     def __init__(
@@ -82,9 +84,13 @@ class OnnxLite0Encoder(Encoder):
         precision: Precision = "fp32",
         calibration_dir: Path | None = None,
         backend: Backend = "onnxruntime",
+        variant: LiteVariant = LITE0,
     ) -> None:
-        super().__init__(name=NAME, dim=NUM_FEATURES, device=HostCpu())
-        self.weights_path = weights_path if weights_path is not None else packaged_weights_path()
+        super().__init__(name=variant.name, dim=NUM_FEATURES, device=HostCpu())
+        self.variant = variant
+        self.weights_path = (
+            weights_path if weights_path is not None else packaged_weights_path(variant)
+        )
         self.cache_dir = cache_dir
         self.threads = threads
         self.precision: Precision = precision
@@ -95,13 +101,13 @@ class OnnxLite0Encoder(Encoder):
     @property
     def preprocessing(self) -> str:
         """As the PyTorch encoder's, plus ``,precision=int8`` for the quantised model."""
-        return preprocessing_for(self.precision)
+        return preprocessing_for(self.precision, self.variant)
 
     @property
     def files(self) -> ModelFiles:
         """This encoder's model files in the cache directory."""
         identity = f"{self.name}|{self.id.weights_sha256}|{self.preprocessing}"
-        return ModelFiles.in_cache(self._cache_dir(), identity, self.precision)
+        return ModelFiles.in_cache(self._cache_dir(), identity, self.precision, self.variant.arch)
 
     def _cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else default_cache_dir()
@@ -117,6 +123,7 @@ class OnnxLite0Encoder(Encoder):
             "preprocessing": self.preprocessing,
             "precision": self.precision,
             "backend": self.backend,
+            "input_size": self.variant.input_size,
         }
         session = checked_session(files, threads=self.threads, **arguments)
         if session is None:
@@ -129,15 +136,18 @@ class OnnxLite0Encoder(Encoder):
                 files,
                 precision=self.precision,
                 calibration=self._calibration_inputs(),
+                variant=self.variant,
             )
             session = checked_session(files, threads=self.threads, **arguments)
         if session is None:
             raise FastPathError(f"the ONNX model built at {files.onnx} fails its own checks")
-        logger.info("encoder %s on %s (%s): %s", NAME, self.backend, self.precision, files.onnx)
+        logger.info(
+            "encoder %s on %s (%s): %s", self.name, self.backend, self.precision, files.onnx
+        )
         return session
 
     def _calibration_inputs(self) -> list[npt.NDArray[np.float32]]:
-        """Encoder inputs (1, 3, 224, 224) of the first images in ``calibration_dir`` (int8)."""
+        """Encoder inputs (1, 3, s, s) of the first images in ``calibration_dir`` (int8)."""
         if self.precision == "fp32":
             return []
         if self.calibration_dir is None or not self.calibration_dir.is_dir():
@@ -149,15 +159,18 @@ class OnnxLite0Encoder(Encoder):
         for path in sorted(self.calibration_dir.iterdir())[:CALIBRATION_IMAGES]:
             try:
                 with Image.open(path) as image:
-                    inputs.append(square_pixels(image.convert("RGB"))[None])
+                    rgb = image.convert("RGB")
+                    inputs.append(square_pixels(rgb, self.variant.input_size)[None])
             except OSError:
                 continue  # not an image
         return inputs
 
     def preprocess(self, images: Sequence[Image.Image]) -> list[Any]:
-        """Each image resized and normalised: float32 (3, 224, 224) (:func:`.lite0.square_pixels`;
-        numpy and Pillow release the GIL, so threads can run it beside inference)."""
-        return [square_pixels(image) for image in check_images(images)]
+        """Each image resized and normalised: float32 (3, s, s), s the variant's input side
+        (:func:`.lite0.square_pixels`; numpy and Pillow release the GIL, so threads can run it
+        beside inference)."""
+        size = self.variant.input_size
+        return [square_pixels(image, size) for image in check_images(images)]
 
     def _embed(self, inputs: list[Any], batch_size: int) -> npt.NDArray[np.float32]:
         """Features of ``inputs`` in model calls of at most :data:`CPU_BATCH` images (or

@@ -26,7 +26,9 @@ from moderation.signals.encoders.lite0 import (
     EMBED_POOL,
     EMBED_RESIZE,
     INPUT_SIZE,
+    LITE0,
     TIMM_ARCH,
+    LiteVariant,
     describe,
 )
 
@@ -294,11 +296,13 @@ class ModelFiles:
     manifest: Path
 
     @classmethod
-    def in_cache(cls, cache_dir: Path, identity: str, precision: Precision) -> ModelFiles:
-        """``<cache_dir>/efficientnet_lite0-<precision>-<sha256(identity, opset)[:24]>.onnx``
-        (and ``.json``), for an ``identity`` naming the source weights and preprocessing."""
+    def in_cache(
+        cls, cache_dir: Path, identity: str, precision: Precision, arch: str = TIMM_ARCH
+    ) -> ModelFiles:
+        """``<cache_dir>/<arch>-<precision>-<sha256(identity, opset)[:24]>.onnx`` (and
+        ``.json``), for an ``identity`` naming the source weights and preprocessing."""
         key = f"{identity}|opset={ONNX_OPSET}|manifest={MANIFEST_FORMAT}|precision={precision}"
-        stem = f"{TIMM_ARCH}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+        stem = f"{arch}-{precision}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
         return cls(cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json")
 
 
@@ -336,32 +340,44 @@ def checked_session(
     precision: Precision,
     threads: int,
     backend: Backend = "onnxruntime",
+    input_size: int = INPUT_SIZE,
 ) -> Any:
     """A session (``backend``'s, :func:`model_session`) over ``files`` once its digests and
-    probe features check out, else None. An OpenVINO session that fails from its compiled-model
-    cache is tried once more with that cache folder removed (compiled afresh)."""
+    probe features (:func:`probe_input` of ``input_size``) check out, else None. An OpenVINO
+    session that fails from its compiled-model cache is tried once more with that cache folder
+    removed (compiled afresh)."""
     manifest = read_manifest(
         files, weights_sha256=weights_sha256, preprocessing=preprocessing, precision=precision
     )
     if manifest is None:
         return None
     digest = manifest["onnx_sha256"]
-    session = _probed_session(files, manifest, backend=backend, threads=threads, digest=digest)
+    session = _probed_session(
+        files, manifest, backend=backend, threads=threads, digest=digest, input_size=input_size
+    )
     compiled = files.onnx.parent / OPENVINO_CACHE / digest
     if session is None and backend == "openvino" and compiled.exists():
         logger.warning("discarding OpenVINO's compiled model %s", compiled)
         shutil.rmtree(compiled, ignore_errors=True)
-        session = _probed_session(files, manifest, backend=backend, threads=threads, digest=digest)
+        session = _probed_session(
+            files, manifest, backend=backend, threads=threads, digest=digest, input_size=input_size
+        )
     return session
 
 
 def _probed_session(
-    files: ModelFiles, manifest: dict[str, Any], *, backend: Backend, threads: int, digest: str
+    files: ModelFiles,
+    manifest: dict[str, Any],
+    *,
+    backend: Backend,
+    threads: int,
+    digest: str,
+    input_size: int,
 ) -> Any:
     """:func:`model_session` over ``files.onnx`` if its probe features match the manifest's."""
     try:
         session = model_session(files.onnx, backend=backend, threads=threads, digest=digest)
-        (features,) = session.run(["features"], {"x": probe_input()})
+        (features,) = session.run(["features"], {"x": probe_input(input_size)})
         agreement = min_row_cosine(features, manifest["probe_features"])
     except Exception as exc:  # onnxruntime raises its own types for unreadable files
         logger.warning("ONNX model %s unusable (%s)", files.onnx, exc)
@@ -372,7 +388,7 @@ def _probed_session(
     return session
 
 
-def preprocessing_for(precision: Precision) -> str:
-    """The encoder id's preprocessing string of the ONNX model at ``precision``."""
-    base = describe(EMBED_RESIZE, EMBED_POOL)
+def preprocessing_for(precision: Precision, variant: LiteVariant = LITE0) -> str:
+    """The encoder id's preprocessing string of ``variant``'s ONNX model at ``precision``."""
+    base = describe(EMBED_RESIZE, EMBED_POOL, variant)
     return base if precision == "fp32" else f"{base},precision={precision}"

