@@ -104,6 +104,17 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _stages(settings: Settings, *, classifier: bool, window_ablation: bool) -> list[Stage]:
+    """Global cosine alone, then (``classifier``) the classifier stage with query windows as
+    ``settings`` say, and (``window_ablation``) the other way too."""
+    stages: list[Stage] = [(False, False)]
+    if classifier:
+        stages.append((True, settings.classifier_windows))
+        if window_ablation:
+            stages.append((True, not settings.classifier_windows))
+    return stages
+
+
 def run_encoder_comparison(
     settings: Settings,
     images_dir: Path,
@@ -139,11 +150,7 @@ def run_encoder_comparison(
     )
     encoded = EncodedQueries([q.image for q in protocol.queries])
     echo(f"protocol: {len(protocol.references)} references, {len(protocol.queries)} queries")
-    stages: list[Stage] = [(False, False)]
-    if classifier:
-        stages.append((True, settings.classifier_windows))
-        if window_ablation:
-            stages.append((True, not settings.classifier_windows))
+    stages = _stages(settings, classifier=classifier, window_ablation=window_ablation)
     with tempfile.TemporaryDirectory(prefix="moderation-encoders-") as tmp:
         methods = [
             ScreeningMethod(
