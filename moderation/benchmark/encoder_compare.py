@@ -129,13 +129,11 @@ def run_encoder_comparison(
     echo: Callable[[str], Any] = print,
 ) -> list[dict[str, Any]]:
     """Run the protocol with every encoder in ``encoders`` (the first is the baseline), print
-    the protocol's table and the comparison table, optionally write JSON; return the rows.
-    The classifier stage runs with query windows as ``settings`` say; ``window_ablation`` adds
-    it the other way too.
+    the protocol's and the comparison table, optionally write JSON; return the rows. Stages:
+    :func:`_stages`.
 
     Raises:
-        ValueError: no encoder given, too few images in ``images_dir``, or an encoder name is
-            unknown.
+        ValueError: no encoder, too few images in ``images_dir``, or an unknown encoder name.
         ModuleNotFoundError: an encoder's weight package is not installed.
     """
     if not encoders:
@@ -166,8 +164,8 @@ def run_encoder_comparison(
         results = run_protocol(protocol, methods)
         images = [q.image for q in protocol.queries]
         speed = interleaved_throughput(methods, images, chunk=settings.batch_size)
-    echo(markdown_table(results))
     rows = comparison_rows(results, speed, encoders[0].rsplit("/", 1)[-1])
+    echo(markdown_table(results))
     echo(format_rows(rows))
     echo(
         f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
@@ -175,6 +173,11 @@ def run_encoder_comparison(
     )
     if json_out is not None:
         extra = {"encoders": list(encoders), "seed": seed, "comparison": rows}
-        json_out.write_text(json.dumps(to_json(results, protocol, extra=extra), indent=2))
-        echo(f"wrote {json_out}")
+        _write_json(json_out, to_json(results, protocol, extra=extra), echo)
     return rows
+
+
+def _write_json(path: Path, document: dict[str, Any], echo: Callable[[str], Any]) -> None:
+    """Write ``document`` to ``path`` (indented JSON) and say so."""
+    path.write_text(json.dumps(document, indent=2))
+    echo(f"wrote {path}")
