@@ -61,6 +61,8 @@ FLOOD_INTERVAL = 300.0
 ENCODER_MIGRATION_INTERVAL = 15.0
 # How often beat asks for an audit checkpoint; checkpoint_if_due decides whether one is due.
 CHECKPOINT_INTERVAL = 60.0
+# The snapshot compaction job (moderation.banks.compaction): every snapshot_compact_interval s.
+COMPACT_TASK = "moderation.compact_snapshots"
 QUEUES = ("screening", "maintenance", "callbacks")
 ROUTES = {
     SCREEN_TASK: {"queue": "screening"},
@@ -73,6 +75,7 @@ ROUTES = {
     RECOVER_JOBS_TASK: {"queue": "maintenance"},
     CANARY_TASK: {"queue": "maintenance"},
     DRIFT_TASK: {"queue": "maintenance"},
+    COMPACT_TASK: {"queue": "maintenance"},
 }
 UNSAFE_EXIT = 3
 
@@ -119,6 +122,7 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
         "canary": _every(CANARY_TASK, float(settings.canary_interval), ["schedule", True]),
         "canary-change-check": _every(CANARY_TASK, CANARY_CHECK_INTERVAL, ["change", False]),
         "drift": _every(DRIFT_TASK, DRIFT_INTERVAL),
+        "compact-snapshots": _every(COMPACT_TASK, float(settings.snapshot_compact_interval)),
     }
 
 

@@ -132,7 +132,8 @@ class Screener:
         is on a list still matches)."""
         key = self.blocklist.exact_key
         if key is not None:
-            work.exact = exact_candidates(self.blocklist, keyed_digests(key, data), work.scope)
+            with self.blocklist.guard:  # a delta may be applied meanwhile (worker watcher)
+                work.exact = exact_candidates(self.blocklist, keyed_digests(key, data), work.scope)
 
     def _decode(self, work: _Work, data: bytes) -> None:
         start = time.perf_counter()
@@ -340,9 +341,13 @@ class Screener:
         """The second half of :meth:`screen_bytes`: embed, search, classify, decide."""
         works = prepared.works
         self._embed(works)
-        found = [self._search(work) if work.decoded is not None else work.exact for work in works]
-        self._classify(works, found)
-        return [self.decide(work, cands) for work, cands in zip(works, found, strict=True)]
+        # The worker's watcher may apply a delta to the blocklist in place: not mid-search.
+        with self.blocklist.guard:
+            found = [
+                self._search(work) if work.decoded is not None else work.exact for work in works
+            ]
+            self._classify(works, found)
+            return [self.decide(work, cands) for work, cands in zip(works, found, strict=True)]
 
     def screen_unscannable(
         self, reason: str, detail: str = "", scope: Scope = EVERY_BANK

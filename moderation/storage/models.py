@@ -156,6 +156,14 @@ class IndexSnapshot(Base):
     entry_count: Mapped[int] = mapped_column(Integer, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A delta version (moderation.banks.snapshot_delta): the version it applies on top of;
+    # None for a full version.
+    base_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    # A delta: entries it adds plus entries it removes (what compaction counts).
+    changed_entries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A full version written by compaction: the version whose content it holds unchanged
+    # (workers at that version only bump theirs).
+    compacted_from: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 # --- uploads and results ---------------------------------------------------------------------

@@ -82,11 +82,13 @@ class RegionLookup:
             int(e): (int(s), int(t)) for e, s, t in zip(unique, starts, ends, strict=True)
         }
         self._dim = payload.dim
+        # Entries added by deltas applied in place live in the blocklist's segments.
+        self._added = blocklist.segment_regions_of
 
     def __call__(self, entry_id: int) -> npt.NDArray[np.float32]:
         span = self._spans.get(entry_id)
         if span is None:
-            return np.zeros((0, self._dim), np.float32)
+            return self._added(entry_id)
         rows: npt.NDArray[np.float32] = self._vectors[self._order[span[0] : span[1]]]
         return rows
 
