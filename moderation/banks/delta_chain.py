@@ -13,9 +13,9 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +28,8 @@ from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Bank, Entry, IndexSnapshot
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Deltas after a full version past which a change writes a full version itself, so a chain
 #: stays short even when the compaction job (:mod:`moderation.banks.compaction`) is not running.
@@ -71,14 +73,15 @@ def chain_of(session: Session, row: IndexSnapshot) -> list[IndexSnapshot]:
     return chain
 
 
-def read_delta(
-    keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot, *, base_version: int
-) -> DeltaPayload:
-    """Verify, decrypt and parse delta ``row``, which must apply on top of ``base_version``.
+def read_version(
+    keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot, parse: Callable[[memoryview], T]
+) -> T:
+    """Verify and decrypt the file of snapshot ``row`` (against the id, version, encoder and
+    SHA-256 its row records) and parse the plaintext with ``parse``.
 
     Raises:
-        SnapshotError: missing file, tampering (SHA-256, AES-GCM), wrong key, not a delta, or
-            a delta whose authenticated base is not ``base_version`` (out of order).
+        SnapshotError: missing file, tampering, wrong key, substituted snapshot, or ``parse``
+            raised ValueError or KeyError (a bad payload).
     """
     path = snapshot_path(snapshots_dir, row)
     plaintext = read_snapshot(
@@ -90,13 +93,26 @@ def read_delta(
         expected_sha256=row.sha256,
     )
     try:
-        delta = DeltaPayload.from_bytes(plaintext)
+        return parse(plaintext)
     except (ValueError, KeyError) as exc:
         raise SnapshotError(
-            f"delta snapshot v{row.version} ({row.snapshot_id}) at {path}: bad payload: {exc}",
+            f"snapshot v{row.version} ({row.snapshot_id}) at {path}: bad payload: {exc}",
             path=path,
             version=row.version,
         ) from exc
+
+
+def read_delta(
+    keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot, *, base_version: int
+) -> DeltaPayload:
+    """Verify, decrypt and parse delta ``row``, which must apply on top of ``base_version``.
+
+    Raises:
+        SnapshotError: missing file, tampering (SHA-256, AES-GCM), wrong key, not a delta, or
+            a delta whose authenticated base is not ``base_version`` (out of order).
+    """
+    delta = read_version(keyring, snapshots_dir, row, DeltaPayload.from_bytes)
+    path = snapshot_path(snapshots_dir, row)
     if delta.base_version != base_version or row.base_version != base_version:
         raise SnapshotError(
             f"delta snapshot v{row.version} at {path} applies on top of "

@@ -25,7 +25,7 @@ removed and its segment appended, oldest first.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import numpy as np
@@ -137,3 +137,16 @@ def compose(base: Payload, deltas: Sequence[DeltaPayload]) -> Payload:
         tombstones.append(delta.tombstones)
     gone = np.unique(np.concatenate(tombstones))
     return concat(base.without(gone.tolist()), segment)
+
+
+def without_embeddings(payload: Payload) -> Payload:
+    """``payload`` with zero-width embedding arrays, float32 (n, 0) and (m, 0), and no stored
+    index: for readers of PDQ digests, exact hashes and active masks only (the web tier's hash
+    lookup), which then compose a chain without decoding any embedding."""
+    return replace(
+        payload,
+        vectors=np.zeros((len(payload.entry_ids), 0), np.float32),
+        region_vectors=np.zeros((len(payload.region_entry_ids), 0), np.float32),
+        cosine_index=None,
+        vectors_in_index=False,
+    )

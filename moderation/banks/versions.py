@@ -31,7 +31,7 @@ from moderation.banks.delta_chain import (
     MAX_CHAIN_DELTAS,
     chain_of,
     read_deltas,
-    snapshot_path,
+    read_version,
     write_delta,
 )
 from moderation.banks.encoder_chains import encoder_chains
@@ -40,10 +40,9 @@ from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import (
     SnapshotError,
     SnapshotFile,
-    read_snapshot,
     write_snapshot,
 )
-from moderation.banks.snapshot_delta import DeltaPayload, compose
+from moderation.banks.snapshot_delta import DeltaPayload, compose, without_embeddings
 from moderation.banks.snapshot_payload import EntrySignals, Payload
 from moderation.crypto.deployment import existing_deployment_secret
 from moderation.crypto.keys import KeyRing
@@ -89,7 +88,12 @@ def lock_snapshots(session: Session) -> None:
 
 
 def read_payload(
-    session: Session, keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot
+    session: Session,
+    keyring: KeyRing,
+    snapshots_dir: Path,
+    row: IndexSnapshot,
+    *,
+    embeddings: bool = True,
 ) -> Payload:
     """Decrypt and parse the payload of snapshot ``row`` (in memory only); for a delta
     version, its chain composed: the full version it builds on plus every delta up to ``row``.
@@ -97,34 +101,29 @@ def read_payload(
     Raises:
         SnapshotError: missing file, tampering, wrong key, substituted snapshot; a delta of
             the chain missing, altered or out of order.
+
+    ``embeddings=False``: a delta version's payload without its embeddings
+    (:func:`~moderation.banks.snapshot_delta.without_embeddings`; every file is still
+    verified), so that composing the chain decodes none.
     """
     if row.base_version is None:
         return _read_full(keyring, snapshots_dir, row)
     chain = chain_of(session, row)
     base = _read_full(keyring, snapshots_dir, chain[0])
+    deltas = read_deltas(keyring, snapshots_dir, chain)
+    if not embeddings:
+        base = without_embeddings(base)
+        for delta in deltas:
+            delta.segment = without_embeddings(delta.segment)
     try:
-        return compose(base, read_deltas(keyring, snapshots_dir, chain))
+        return compose(base, deltas)
     except ValueError as exc:
         raise SnapshotError(f"snapshot v{row.version}: its deltas do not compose: {exc}") from exc
 
 
 def _read_full(keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot) -> Payload:
     """The payload of full version ``row``. Raises SnapshotError as :func:`read_payload`."""
-    path = snapshot_path(snapshots_dir, row)
-    plaintext = read_snapshot(
-        path,
-        keyring,
-        expected_snapshot_id=row.snapshot_id,
-        expected_version=row.version,
-        expected_encoder_id=row.encoder_id,
-        expected_sha256=row.sha256,
-    )
-    try:
-        return Payload.from_bytes(plaintext)
-    except (ValueError, KeyError) as exc:
-        raise SnapshotError(
-            f"snapshot v{row.version} ({row.snapshot_id}) at {path}: bad payload: {exc}"
-        ) from exc
+    return read_version(keyring, snapshots_dir, row, Payload.from_bytes)
 
 
 def _entry_state(session: Session) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:

@@ -77,7 +77,7 @@ class RegionLookup:
         self._order = order
         sorted_ids = ids[order]
         unique, starts = np.unique(sorted_ids, return_index=True)
-        ends = np.append(starts[1:], len(sorted_ids))
+        ends = np.append(starts[1:], len(sorted_ids)) if len(starts) else starts
         self._spans = {
             int(e): (int(s), int(t)) for e, s, t in zip(unique, starts, ends, strict=True)
         }
