@@ -1,11 +1,14 @@
 """Delta versions in the database: writing one, following a version's chain back to the full
 version it builds on, and reading each delta with its order checked.
 
-A delta row's ``base_version`` names the version it applies on top of (the previous one of its
-chain); the delta's authenticated payload names the same version
-(:mod:`moderation.banks.snapshot_delta`). A delta whose file is missing or altered, or whose
-base is not the version before it, is refused with :class:`SnapshotError`; readers then fail
-closed like for a full snapshot.
+Columns of ``index_snapshots`` for deltas: ``base_version``, the version a delta applies on top
+of (the previous one of its chain; NULL for a full version); ``changed_entries``, a delta's added
+plus removed entries (what compaction counts); ``compacted_from``, for a full version written by
+compaction, the version whose content it holds (workers at that version only bump theirs; the
+highest version is current, as before). The delta's authenticated payload names the same base
+version (:mod:`moderation.banks.snapshot_delta`). A delta whose file is missing or altered, or
+whose base is not the version before it, is refused with :class:`SnapshotError`; readers then
+fail closed like for a full snapshot.
 """
 
 from __future__ import annotations

@@ -164,11 +164,14 @@ def commit_signals(
 ) -> tuple[IndexSnapshot, SnapshotFile]:
     """Write the next snapshot version reflecting the database and the given changes.
 
-    Call inside the transaction that changed entries/banks: the new payload is the current
-    one minus ``removed`` and minus entries that no longer exist, plus ``added``, with the
-    active mask recomputed from the database. The snapshot row is added to ``session``; the
-    file is written before the commit (ciphertext only). After the caller commits, call
-    :func:`prune_snapshots`; if the transaction fails, delete the returned file.
+    Call inside the transaction that changed entries/banks. A change that adds or removes
+    entries is written as a delta on the current version when :func:`_delta_fits` (time
+    proportional to the change; active masks of the added entries from the database).
+    Otherwise the new payload is the current one minus ``removed`` and minus entries that no
+    longer exist, plus ``added``, with the active mask recomputed from the database. The
+    snapshot row is added to ``session``; the file is written before the commit (ciphertext
+    only). After the caller commits, call :func:`prune_snapshots`; if the transaction fails,
+    delete the returned file.
 
     Raises:
         EncoderMismatchError: the current snapshot was built by another encoder.
@@ -177,8 +180,7 @@ def commit_signals(
     lock_snapshots(session)
     removed = list(removed)
     base = current_snapshot(session)
-    if _delta_fits(session, base, encoder_id, added, removed, added_hashes):
-        assert base is not None
+    if base is not None and _delta_fits(session, base, encoder_id, added, removed, added_hashes):
         delta = DeltaPayload.of_change(
             base.version,
             encoder_id,
@@ -187,14 +189,39 @@ def commit_signals(
             added_hashes=added_hashes,
             tombstones=removed,
         )
+        version = next_version(session)
         return write_delta(
             session,
             keyring=keyring,
             snapshots_dir=snapshots_dir,
             base=base,
             delta=delta,
-            version=next_version(session),
+            version=version,
         )
+    return _commit_full(
+        session,
+        keyring=keyring,
+        snapshots_dir=snapshots_dir,
+        encoder_id=encoder_id,
+        dim=dim,
+        added=added,
+        removed=removed,
+        added_hashes=added_hashes,
+    )
+
+
+def _commit_full(
+    session: Session,
+    *,
+    keyring: KeyRing,
+    snapshots_dir: Path,
+    encoder_id: str,
+    dim: int,
+    added: Sequence[EntrySignals],
+    removed: Sequence[int],
+    added_hashes: HashEntries | None,
+) -> tuple[IndexSnapshot, SnapshotFile]:
+    """:func:`commit_signals` as a full version. Raises as :func:`commit_signals`."""
     payload, version = _current_payload(
         session, keyring=keyring, snapshots_dir=snapshots_dir, encoder_id=encoder_id, dim=dim
     )
@@ -223,7 +250,7 @@ def commit_signals(
 
 def _delta_fits(
     session: Session,
-    base: IndexSnapshot | None,
+    base: IndexSnapshot,
     encoder_id: str,
     added: Sequence[EntrySignals],
     removed: Sequence[int],
@@ -232,7 +259,7 @@ def _delta_fits(
     """Whether a change is written as a delta on ``base``: it adds or removes entries (a
     change that names neither toggles flags, so it is written in full), ``base`` is this
     encoder's, and its chain is shorter than :data:`MAX_CHAIN_DELTAS`."""
-    if base is None or base.encoder_id != encoder_id:
+    if base.encoder_id != encoder_id:
         return False
     if not (added or removed or (added_hashes is not None and len(added_hashes))):
         return False

@@ -13,7 +13,12 @@ import pytest
 from sqlalchemy import select
 
 from moderation.banks.blocklist import catch_up
-from moderation.banks.compaction import CompactionRule, compact_chains, compaction_due
+from moderation.banks.compaction import (
+    CompactionRule,
+    compact_chains,
+    compact_snapshots,
+    compaction_due,
+)
 from moderation.banks.delta_chain import read_delta, snapshot_path
 from moderation.banks.operations import delete_entries, import_bank, set_entry_disabled
 from moderation.banks.records import create_bank
@@ -300,3 +305,21 @@ def test_key_rotation_rewraps_deltas_too(rt: Runtime) -> None:
     assert {r.key_id for r in rows} == {report.primary} and report.primary not in old_keys
     blocklist = rt.load_blocklist()
     assert blocklist.version == _head(rt).version and len(blocklist) == 3
+
+
+def test_the_compaction_job_follows_its_settings_and_erasure_forces_it(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rt.settings, "snapshot_compact_after", 2)
+    monkeypatch.setattr(rt.settings, "snapshot_compact_fraction", 10.0)
+    _add(rt, "coffee")
+    assert compact_snapshots(rt) == []  # one delta: not due
+    _add(rt, "camera")
+    (version,) = compact_snapshots(rt)
+    assert [r.version for r in _rows(rt)] == [version]
+    assert _head(rt).compacted_from == version - 1
+    _add(rt, "rocket")
+    # Erasure's forced compaction records no compacted_from: workers reload in full.
+    (erased,) = compact_snapshots(rt, force=True, erasure=True)
+    assert _head(rt).version == erased and _head(rt).compacted_from is None
+    assert len(rt.load_blocklist()) == 5
