@@ -167,6 +167,35 @@ def searchable_count(session: Session) -> int:
     return int(session.scalar(query) or 0)
 
 
+def add_row(
+    session: Session,
+    written: SnapshotFile,
+    *,
+    entry_count: int,
+    base_version: int | None = None,
+    changed_entries: int = 0,
+    compacted_from: int | None = None,
+) -> IndexSnapshot:
+    """Add (and flush) the ``index_snapshots`` row recording the file just written
+    (``entry_count``: its searchable entries; the rest as in the module docstring)."""
+    row = IndexSnapshot(
+        version=written.version,
+        snapshot_id=written.snapshot_id,
+        encoder_id=written.encoder_id,
+        key_id=written.key_id,
+        sha256=written.sha256,
+        path=written.path.name,
+        entry_count=entry_count,
+        size_bytes=written.size_bytes,
+        base_version=base_version,
+        changed_entries=changed_entries,
+        compacted_from=compacted_from,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
 def write_delta(
     session: Session,
     *,
@@ -198,20 +227,13 @@ def write_delta(
         encoder_id=base.encoder_id,
         keyring=keyring,
     )
-    row = IndexSnapshot(
-        version=written.version,
-        snapshot_id=written.snapshot_id,
-        encoder_id=written.encoder_id,
-        key_id=written.key_id,
-        sha256=written.sha256,
-        path=written.path.name,
+    row = add_row(
+        session,
+        written,
         entry_count=searchable_count(session),
-        size_bytes=written.size_bytes,
         base_version=base.version,
         changed_entries=len(delta),
     )
-    session.add(row)
-    session.flush()
     logger.info(
         "delta snapshot v%d on v%d written: %d added, %d removed, %d bytes",
         row.version,

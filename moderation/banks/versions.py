@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from moderation.banks.delta_chain import (
     MAX_CHAIN_DELTAS,
+    add_row,
     chain_of,
     read_deltas,
     read_version,
@@ -318,20 +319,8 @@ def _add_snapshot_row(
     compacted_from: int | None = None,
 ) -> IndexSnapshot:
     """Add (and flush) the row recording the full snapshot file just written."""
-    new_row = IndexSnapshot(
-        compacted_from=compacted_from,
-        version=written.version,
-        snapshot_id=written.snapshot_id,
-        encoder_id=written.encoder_id,
-        key_id=written.key_id,
-        sha256=written.sha256,
-        path=written.path.name,
-        entry_count=int(payload.active.sum()) + int(payload.hashes.active.sum()),
-        size_bytes=written.size_bytes,
-    )
-    session.add(new_row)
-    session.flush()
-    return new_row
+    active = int(payload.active.sum()) + int(payload.hashes.active.sum())
+    return add_row(session, written, entry_count=active, compacted_from=compacted_from)
 
 
 def kept_snapshots(session: Session) -> list[IndexSnapshot]:

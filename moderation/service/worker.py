@@ -134,7 +134,8 @@ class WorkerState:
 
     def _catch_up(self) -> bool:
         """Apply the delta versions after the loaded one in place (no full reload); False
-        when they do not apply or are refused (the caller reloads in full)."""
+        when they do not apply, or are refused (then the screener is dropped at once and the
+        caller reloads in full: fail closed)."""
         assert self._screener is not None
         blocklist = self._screener.blocklist
         previous = blocklist.version
@@ -143,7 +144,9 @@ class WorkerState:
                 done = catch_up(
                     session, self.runtime.keyring, self.runtime.settings.snapshots_dir, blocklist
                 )
-        except (SnapshotError, CryptoError, BlocklistError) as exc:
+        except (SnapshotError, CryptoError, BlocklistError, ValueError) as exc:
+            # The blocklist may hold part of the chain: no screening on it while reloading.
+            self._screener = None
             logger.error("worker %s: delta refused, reloading in full: %s", self.worker_id, exc)
             return False
         if done:
