@@ -310,8 +310,8 @@ def test_key_rotation_rewraps_deltas_too(rt: Runtime) -> None:
 def test_the_compaction_job_follows_its_settings_and_erasure_forces_it(
     rt: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rt.settings, "snapshot_compact_after", 2)
-    monkeypatch.setattr(rt.settings, "snapshot_compact_fraction", 10.0)
+    rule = {"snapshot_compact_after": 2, "snapshot_compact_fraction": 10.0}
+    monkeypatch.setattr(rt, "settings", rt.settings.model_copy(update=rule))
     _add(rt, "coffee")
     assert compact_snapshots(rt) == []  # one delta: not due
     _add(rt, "camera")
