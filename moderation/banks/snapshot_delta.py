@@ -130,6 +130,9 @@ def compose(base: Payload, deltas: Sequence[DeltaPayload]) -> Payload:
     if not deltas:
         return base
     segment = Payload.empty(base.encoder_id, base.dim)
+    # As wide as the base's arrays: zero-wide when read without embeddings.
+    segment.vectors = np.zeros((0, base.vectors.shape[1]), np.float32)
+    segment.region_vectors = np.zeros((0, base.region_vectors.shape[1]), np.float32)
     tombstones: list[Any] = []
     for delta in deltas:
         # A later delta may remove an entry an earlier one added.

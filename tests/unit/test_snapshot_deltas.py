@@ -23,7 +23,7 @@ from moderation.banks.delta_chain import read_delta, snapshot_path
 from moderation.banks.operations import delete_entries, import_bank, set_entry_disabled
 from moderation.banks.records import create_bank
 from moderation.banks.snapshot import SnapshotError, write_snapshot
-from moderation.banks.snapshot_delta import DeltaPayload, compose
+from moderation.banks.snapshot_delta import DeltaPayload, compose, without_embeddings
 from moderation.banks.snapshot_payload import Payload
 from moderation.banks.versions import current_snapshot, prune_snapshots, read_payload
 from moderation.governance.keys import rotate_keys
@@ -292,6 +292,12 @@ def test_compose_applies_tombstones_in_order() -> None:
         DeltaPayload(2, segment([6]), np.array([4, 3], np.int64)),
     ]
     assert compose(base, deltas).entry_ids.tolist() == [1, 5, 6]
+    # Readers of digests and masks compose without any embedding.
+    bare = [
+        DeltaPayload(d.base_version, without_embeddings(d.segment), d.tombstones) for d in deltas
+    ]
+    composed = compose(without_embeddings(base), bare)
+    assert composed.entry_ids.tolist() == [1, 5, 6] and composed.vectors.shape == (3, 0)
 
 
 def test_key_rotation_rewraps_deltas_too(rt: Runtime) -> None:
