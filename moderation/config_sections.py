@@ -107,6 +107,23 @@ class QueueApiSettings(BaseModel):
         gt=0,
         description="Seconds between a worker's checks for a new index snapshot version.",
     )
+    snapshot_compact_after: int = Field(
+        default=8,
+        ge=1,
+        description="Delta snapshot versions after a full one at which the compaction job "
+        "(Celery beat) writes the chain as one full version.",
+    )
+    snapshot_compact_fraction: float = Field(
+        default=0.05,
+        gt=0,
+        description="Fraction of the full version's entries added or removed by its deltas at "
+        "which the compaction job writes a full version, even before snapshot_compact_after.",
+    )
+    snapshot_compact_interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between runs of the snapshot compaction job (Celery beat).",
+    )
     api_rate_limit: str = Field(
         default="600/minute",
         description="Uploads and other writes per API client (POST of a screening or an appeal, "

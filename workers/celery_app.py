@@ -67,6 +67,8 @@ SHARD_TASK = "moderation.shard_search"
 SHARD_TIME_LIMIT = 30
 # Shard answers wait in Redis for the screening task's gather; nobody reads them later.
 SHARD_RESULT_EXPIRES = 300
+# The snapshot compaction job (moderation.banks.compaction): every snapshot_compact_interval s.
+COMPACT_TASK = "moderation.compact_snapshots"
 QUEUES = ("screening", "maintenance", "callbacks")
 ROUTES = {
     SCREEN_TASK: {"queue": "screening"},
@@ -79,6 +81,7 @@ ROUTES = {
     RECOVER_JOBS_TASK: {"queue": "maintenance"},
     CANARY_TASK: {"queue": "maintenance"},
     DRIFT_TASK: {"queue": "maintenance"},
+    COMPACT_TASK: {"queue": "maintenance"},
 }
 UNSAFE_EXIT = 3
 
@@ -153,6 +156,7 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
         "canary": _every(CANARY_TASK, float(settings.canary_interval), ["schedule", True]),
         "canary-change-check": _every(CANARY_TASK, CANARY_CHECK_INTERVAL, ["change", False]),
         "drift": _every(DRIFT_TASK, DRIFT_INTERVAL),
+        "compact-snapshots": _every(COMPACT_TASK, float(settings.snapshot_compact_interval)),
     }
 
 

@@ -35,6 +35,7 @@ from workers.celery_app import (
     CANARY_TASK,
     CANARY_TIME_LIMIT,
     CHECKPOINT_TASK,
+    COMPACT_TASK,
     DRIFT_TASK,
     ENCODER_MIGRATION_TASK,
     FLOOD_TASK,
@@ -223,6 +224,14 @@ def drift() -> dict[str, float]:
     from moderation.modelops.drift import run_drift
 
     return {s.signal: s.score for s in run_drift(runtime(), actor="drift").signals}
+
+
+@app.task(name=COMPACT_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]
+def compact_snapshots() -> list[int]:
+    """Write delta snapshot chains that are due as full versions; the new versions."""
+    from moderation.banks.compaction import compact_snapshots as compact
+
+    return compact(runtime())
 
 
 @app.task(name=HOLDS_TASK, autoretry_for=(SQLAlchemyError,), max_retries=3)  # type: ignore[untyped-decorator]

@@ -109,7 +109,9 @@ def _bank_entry_ids(session: Session, bank_id: int) -> npt.NDArray[np.int64]:
 
 
 def current_payload(session: Session, runtime: Runtime) -> Payload | None:
-    """The current snapshot's payload, decrypted; None before the first snapshot.
+    """The current snapshot's payload, decrypted, for its PDQ digests, exact hashes and masks
+    (a delta version's without embeddings: ``read_payload(embeddings=False)``); None before
+    the first snapshot.
 
     Raises:
         moderation.banks.snapshot.SnapshotError: the current snapshot is unreadable.
@@ -117,7 +119,9 @@ def current_payload(session: Session, runtime: Runtime) -> Payload | None:
     row = current_snapshot(session)
     if row is None:
         return None
-    return read_payload(session, runtime.keyring, runtime.settings.snapshots_dir, row)
+    return read_payload(
+        session, runtime.keyring, runtime.settings.snapshots_dir, row, embeddings=False
+    )
 
 
 def _reserve_entry_ids(session: Session, count: int) -> list[int]:

@@ -164,7 +164,7 @@ class HashLookup:
         row = current_snapshot(session)
         if row is None:
             return cls(version=0, pdq=PdqScan(np.empty(0, np.int64), np.empty((0, 32), np.uint8)))
-        payload = read_payload(session, keyring, snapshots_dir, row)
+        payload = read_payload(session, keyring, snapshots_dir, row, embeddings=False)
         hashes = payload.hashes
         images = payload.active & (payload.pdq_quality >= PDQ_MIN_QUALITY)
         # A list that gave no quality vouched for its digests (as Blocklist.pdq_of counts it).

@@ -114,6 +114,12 @@ class Payload:
                 entries' rows of ``vectors``: only the inactive entries' rows are written (see
                 the module docstring). A payload read that way is written that way again.
         """
+        return encode_payload(*self.encode_parts(index_holds_active=index_holds_active))
+
+    def encode_parts(
+        self, *, index_holds_active: bool = False
+    ) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        """The arrays and meta fields :meth:`to_bytes` encodes (a delta adds its own)."""
         vectors, in_index = self.vectors, self.vectors_in_index
         if not in_index and index_holds_active:
             if self.cosine_index is None:
@@ -139,7 +145,7 @@ class Payload:
         }
         if in_index:
             meta["vectors_in_index"] = True
-        return encode_payload(arrays, meta)
+        return arrays, meta
 
     def _stored(self) -> CosineIndex:
         """The stored cosine index (``cosine_index`` must be set; every byte of it was
@@ -185,6 +191,13 @@ class Payload:
             ValueError: unknown format or inconsistent shapes.
         """
         arrays, meta = decode_payload(data)
+        if "kind" in meta:
+            raise ValueError(f"a {meta['kind']!r} payload, not a full snapshot's")
+        return cls.from_decoded(arrays, meta)
+
+    @classmethod
+    def from_decoded(cls, arrays: dict[str, np.ndarray[Any, Any]], meta: dict[str, Any]) -> Payload:
+        """Parse the arrays and meta fields of a decoded payload (see :meth:`from_bytes`)."""
         if meta.get("format") != PAYLOAD_FORMAT:
             raise ValueError(f"unknown snapshot payload format {meta.get('format')!r}")
         dim = int(meta["dim"])

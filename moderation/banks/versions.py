@@ -5,6 +5,13 @@ Every change to what is searchable (import, disable, enable, delete, erasure, ba
 writes a new snapshot version in the same transaction as the metadata change; workers notice
 the version and reload (:func:`moderation.banks.blocklist.load_blocklist`). The payload
 format is described in :mod:`moderation.banks.snapshot_payload`.
+
+A change that only adds or removes entries writes a *delta* version
+(:mod:`moderation.banks.snapshot_delta`, :mod:`moderation.banks.delta_chain`): the added
+entries' signals and the removed ones' ids, in time proportional to the change. Workers apply
+it in place (:func:`moderation.banks.blocklist.catch_up`); the compaction job
+(:mod:`moderation.banks.compaction`) later writes the chain as one full version. Other changes
+(disable, enable, bank on/off, rename) write a full version as before.
 """
 
 from __future__ import annotations
@@ -20,15 +27,23 @@ import numpy.typing as npt
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from moderation.banks.delta_chain import (
+    MAX_CHAIN_DELTAS,
+    add_row,
+    chain_of,
+    read_deltas,
+    read_version,
+    write_delta,
+)
 from moderation.banks.encoder_chains import encoder_chains
 from moderation.banks.hash_entries import HashEntries
 from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import (
     SnapshotError,
     SnapshotFile,
-    read_snapshot,
     write_snapshot,
 )
+from moderation.banks.snapshot_delta import DeltaPayload, compose, without_embeddings
 from moderation.banks.snapshot_payload import EntrySignals, Payload
 from moderation.crypto.deployment import existing_deployment_secret
 from moderation.crypto.keys import KeyRing
@@ -74,30 +89,42 @@ def lock_snapshots(session: Session) -> None:
 
 
 def read_payload(
-    session: Session, keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot
+    session: Session,
+    keyring: KeyRing,
+    snapshots_dir: Path,
+    row: IndexSnapshot,
+    *,
+    embeddings: bool = True,
 ) -> Payload:
-    """Decrypt and parse the payload of snapshot ``row`` (in memory only).
+    """Decrypt and parse the payload of snapshot ``row`` (in memory only); for a delta
+    version, its chain composed: the full version it builds on plus every delta up to ``row``.
 
     Raises:
-        SnapshotError: missing file, tampering, wrong key, substituted snapshot.
+        SnapshotError: missing file, tampering, wrong key, substituted snapshot; a delta of
+            the chain missing, altered or out of order.
+
+    ``embeddings=False``: a delta version's payload without its embeddings
+    (:func:`~moderation.banks.snapshot_delta.without_embeddings`; every file is still
+    verified), so that composing the chain decodes none.
     """
-    path = Path(row.path)
-    if not path.is_absolute():
-        path = snapshots_dir / path
-    plaintext = read_snapshot(
-        path,
-        keyring,
-        expected_snapshot_id=row.snapshot_id,
-        expected_version=row.version,
-        expected_encoder_id=row.encoder_id,
-        expected_sha256=row.sha256,
-    )
+    if row.base_version is None:
+        return _read_full(keyring, snapshots_dir, row)
+    chain = chain_of(session, row)
+    base = _read_full(keyring, snapshots_dir, chain[0])
+    deltas = read_deltas(keyring, snapshots_dir, chain)
+    if not embeddings:
+        base = without_embeddings(base)
+        for delta in deltas:
+            delta.segment = without_embeddings(delta.segment)
     try:
-        return Payload.from_bytes(plaintext)
-    except (ValueError, KeyError) as exc:
-        raise SnapshotError(
-            f"snapshot v{row.version} ({row.snapshot_id}) at {path}: bad payload: {exc}"
-        ) from exc
+        return compose(base, deltas)
+    except ValueError as exc:
+        raise SnapshotError(f"snapshot v{row.version}: its deltas do not compose: {exc}") from exc
+
+
+def _read_full(keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot) -> Payload:
+    """The payload of full version ``row``. Raises SnapshotError as :func:`read_payload`."""
+    return read_version(keyring, snapshots_dir, row, Payload.from_bytes)
 
 
 def _entry_state(session: Session) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
@@ -138,17 +165,64 @@ def commit_signals(
 ) -> tuple[IndexSnapshot, SnapshotFile]:
     """Write the next snapshot version reflecting the database and the given changes.
 
-    Call inside the transaction that changed entries/banks: the new payload is the current
-    one minus ``removed`` and minus entries that no longer exist, plus ``added``, with the
-    active mask recomputed from the database. The snapshot row is added to ``session``; the
-    file is written before the commit (ciphertext only). After the caller commits, call
-    :func:`prune_snapshots`; if the transaction fails, delete the returned file.
+    Call inside the transaction that changed entries/banks. A change that adds or removes
+    entries is written as a delta on the current version when :func:`_delta_fits` (time
+    proportional to the change; active masks of the added entries from the database).
+    Otherwise the new payload is the current one minus ``removed`` and minus entries that no
+    longer exist, plus ``added``, with the active mask recomputed from the database. The
+    snapshot row is added to ``session``; the file is written before the commit (ciphertext
+    only). After the caller commits, call :func:`prune_snapshots`; if the transaction fails,
+    delete the returned file.
 
     Raises:
         EncoderMismatchError: the current snapshot was built by another encoder.
         SnapshotError: the current snapshot cannot be read (fail closed: no blind rebuild).
     """
     lock_snapshots(session)
+    removed = list(removed)
+    base = current_snapshot(session)
+    if base is not None and _delta_fits(session, base, encoder_id, added, removed, added_hashes):
+        delta = DeltaPayload.of_change(
+            base.version,
+            encoder_id,
+            dim,
+            added=added,
+            added_hashes=added_hashes,
+            tombstones=removed,
+        )
+        version = next_version(session)
+        return write_delta(
+            session,
+            keyring=keyring,
+            snapshots_dir=snapshots_dir,
+            base=base,
+            delta=delta,
+            version=version,
+        )
+    return _commit_full(
+        session,
+        keyring=keyring,
+        snapshots_dir=snapshots_dir,
+        encoder_id=encoder_id,
+        dim=dim,
+        added=added,
+        removed=removed,
+        added_hashes=added_hashes,
+    )
+
+
+def _commit_full(
+    session: Session,
+    *,
+    keyring: KeyRing,
+    snapshots_dir: Path,
+    encoder_id: str,
+    dim: int,
+    added: Sequence[EntrySignals],
+    removed: Sequence[int],
+    added_hashes: HashEntries | None,
+) -> tuple[IndexSnapshot, SnapshotFile]:
+    """:func:`commit_signals` as a full version. Raises as :func:`commit_signals`."""
     payload, version = _current_payload(
         session, keyring=keyring, snapshots_dir=snapshots_dir, encoder_id=encoder_id, dim=dim
     )
@@ -173,6 +247,24 @@ def commit_signals(
         written.size_bytes,
     )
     return new_row, written
+
+
+def _delta_fits(
+    session: Session,
+    base: IndexSnapshot,
+    encoder_id: str,
+    added: Sequence[EntrySignals],
+    removed: Sequence[int],
+    added_hashes: HashEntries | None,
+) -> bool:
+    """Whether a change is written as a delta on ``base``: it adds or removes entries (a
+    change that names neither toggles flags, so it is written in full), ``base`` is this
+    encoder's, and its chain is shorter than :data:`MAX_CHAIN_DELTAS`."""
+    if base.encoder_id != encoder_id:
+        return False
+    if not (added or removed or (added_hashes is not None and len(added_hashes))):
+        return False
+    return len(chain_of(session, base)) <= MAX_CHAIN_DELTAS
 
 
 def _current_payload(
@@ -220,21 +312,15 @@ def next_payload(
     return payload
 
 
-def _add_snapshot_row(session: Session, written: SnapshotFile, payload: Payload) -> IndexSnapshot:
-    """Add (and flush) the row recording the snapshot file just written."""
-    new_row = IndexSnapshot(
-        version=written.version,
-        snapshot_id=written.snapshot_id,
-        encoder_id=written.encoder_id,
-        key_id=written.key_id,
-        sha256=written.sha256,
-        path=written.path.name,
-        entry_count=int(payload.active.sum()) + int(payload.hashes.active.sum()),
-        size_bytes=written.size_bytes,
-    )
-    session.add(new_row)
-    session.flush()
-    return new_row
+def _add_snapshot_row(
+    session: Session,
+    written: SnapshotFile,
+    payload: Payload,
+    compacted_from: int | None = None,
+) -> IndexSnapshot:
+    """Add (and flush) the row recording the full snapshot file just written."""
+    active = int(payload.active.sum()) + int(payload.hashes.active.sum())
+    return add_row(session, written, entry_count=active, compacted_from=compacted_from)
 
 
 def kept_snapshots(session: Session) -> list[IndexSnapshot]:
@@ -245,15 +331,30 @@ def kept_snapshots(session: Session) -> list[IndexSnapshot]:
     return list({row.version: row for row in rows if row is not None}.values())
 
 
+def _kept_with_bases(session: Session, kept: Sequence[IndexSnapshot]) -> list[IndexSnapshot]:
+    """``kept`` and, for a delta, every older version its chain builds on (as far as the
+    chain is intact: readers refuse a broken one, and the next full version retires it)."""
+    rows: dict[int, IndexSnapshot] = {}
+    for row in kept:
+        rows[row.version] = row
+        while row.base_version is not None and row.base_version < row.version:
+            older = session.get(IndexSnapshot, row.base_version)
+            if older is None:
+                break
+            rows[older.version] = row = older
+    return list(rows.values())
+
+
 def prune_snapshots(session: Session, snapshots_dir: Path) -> list[Path]:
     """Delete every snapshot file and row but the newest of each kept chain
-    (:func:`kept_snapshots`).
+    (:func:`kept_snapshots`) and, for a delta, the full version and deltas it builds on.
 
     Old snapshots hold signals of erased or deleted entries, so they are not kept around
-    (the kept chains are rewritten without them: :func:`sync_kept_chains`).
-    Returns the deleted paths.
+    (the kept chains are rewritten without them: :func:`sync_kept_chains`); a delta chain's
+    base keeps removed entries' signals until compaction retires it
+    (:mod:`moderation.banks.compaction`; erasure compacts at once). Returns the deleted paths.
     """
-    kept = kept_snapshots(session)
+    kept = _kept_with_bases(session, kept_snapshots(session))
     if not kept:
         return []
     removed: list[Path] = []
@@ -294,10 +395,16 @@ def _signals_by_pdq(added: Sequence[EntrySignals]) -> HashEntries:
 
 
 def write_payload(
-    session: Session, keyring: KeyRing, snapshots_dir: Path, payload: Payload
+    session: Session,
+    keyring: KeyRing,
+    snapshots_dir: Path,
+    payload: Payload,
+    *,
+    compacted_from: int | None = None,
 ) -> tuple[IndexSnapshot, SnapshotFile]:
-    """Write ``payload`` (its stored index rebuilt) as the next version of its encoder's chain,
-    adding (and flushing) its row; the caller commits, or deletes the file on failure."""
+    """Write ``payload`` (its stored index rebuilt) as the next full version of its encoder's
+    chain, adding (and flushing) its row; the caller commits, or deletes the file on failure.
+    ``compacted_from``: the version whose content ``payload`` holds unchanged (compaction)."""
     payload.cosine_index = _stored_index(payload)
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     written = write_snapshot(
@@ -308,7 +415,7 @@ def write_payload(
         encoder_id=payload.encoder_id,
         keyring=keyring,
     )
-    return _add_snapshot_row(session, written, payload), written
+    return _add_snapshot_row(session, written, payload, compacted_from), written
 
 
 def sync_kept_chains(

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from moderation.audit.log import record_event, sign_document, signing_key, write_checkpoint
 from moderation.audit.offline import RECEIPT_TYPE
+from moderation.banks.compaction import compact_snapshots
 from moderation.banks.versions import prune_snapshots
 from moderation.governance.erasure_requests import empty_plan, new_request, open_request
 from moderation.governance.erasure_stores import (
@@ -154,8 +155,10 @@ def _delete_bank_entries(runtime: Runtime, request_id: str, actor: str) -> None:
             len(remaining),
             version,
         )
-    # A run killed between delete_entries' commit and its pruning leaves an older snapshot
-    # file (with the erased vectors) behind: prune again, it is idempotent.
+    # delete_entries wrote a delta, whose chain's full version still holds the erased
+    # signals: write a full version without them now (compaction prunes the old chain). A run
+    # killed before this leaves the chain behind: compacting and pruning again is idempotent.
+    compact_snapshots(runtime, force=True, erasure=True)
     with transaction(runtime.sessions) as session:
         prune_snapshots(session, runtime.settings.snapshots_dir)
 

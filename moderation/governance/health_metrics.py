@@ -122,7 +122,9 @@ def _snapshot_state(runtime: Runtime, session: Session, now: datetime) -> dict[s
         "error": None,
     }
     try:
-        read_payload(session, runtime.keyring, runtime.settings.snapshots_dir, row)
+        read_payload(
+            session, runtime.keyring, runtime.settings.snapshots_dir, row, embeddings=False
+        )
     except (SnapshotError, CryptoError) as exc:
         state.update(verified=False, error=str(exc))
     return state

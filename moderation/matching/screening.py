@@ -102,7 +102,9 @@ class Screener:
         is on a list still matches)."""
         key = self.blocklist.exact_key
         if key is not None:
-            work.exact = exact_candidates(self.blocklist, keyed_digests(key, work.data), work.scope)
+            digests = keyed_digests(key, work.data)
+            with self.blocklist.guard:  # a delta may be applied meanwhile (worker watcher)
+                work.exact = exact_candidates(self.blocklist, digests, work.scope)
 
     def _embed(self, works: Sequence[Work]) -> None:
         inputs = [x for w in works if w.decoded for x in w.inputs]
@@ -313,10 +315,14 @@ class Screener:
         for work in works:
             self._exact(work)
         self._embed(works)
-        self._prefetch(works)
-        found = [self._search(work) if work.decoded is not None else work.exact for work in works]
-        self._classify(works, found)
-        return [self.decide(work, cands) for work, cands in zip(works, found, strict=True)]
+        # The worker's watcher may apply a delta to the blocklist in place: not mid-search.
+        with self.blocklist.guard:
+            self._prefetch(works)
+            found = [
+                self._search(work) if work.decoded is not None else work.exact for work in works
+            ]
+            self._classify(works, found)
+            return [self.decide(work, cands) for work, cands in zip(works, found, strict=True)]
 
     def screen_unscannable(
         self, reason: str, detail: str = "", scope: Scope = EVERY_BANK

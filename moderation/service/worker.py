@@ -2,8 +2,9 @@
 
 :class:`WorkerState` holds one worker process's screener: the encoder loaded once and the
 current snapshot decrypted in memory; it polls the database for a new snapshot version and
-swaps the screener between tasks. A snapshot that fails to decrypt or verify leaves the worker
-without a screener: tasks are retried later, never decided on a wrong or stale blocklist.
+swaps the screener between tasks, or applies a delta version to the loaded blocklist in place.
+A snapshot that fails to decrypt or verify leaves the worker without a screener: tasks are
+retried later, never decided on a wrong or stale blocklist.
 :mod:`moderation.service.worker_health` reads the heartbeats back for readiness and refuses
 Celery settings that could lose a task.
 """
@@ -18,6 +19,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from moderation.banks.blocklist import catch_up
 from moderation.banks.encoder_chains import EncoderChains, encoder_chains
 from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import SnapshotError
@@ -118,8 +120,10 @@ class WorkerState:
                 # Promotion or rollback: the old screener serves until the new one is built.
                 self.runtime.switch_encoder(serving)
                 self._serving, force = serving, True
-            if force or self._screener is None or version != self.version or model != self._model:
+            if force or self._screener is None or model != self._model:
                 self._model = model
+                self._load()
+            elif version != self.version and not self._catch_up():
                 self._load()
             self._refresh_shadow(chains, shadow_version)
         except Exception as exc:  # database down: keep the screener, report it
@@ -127,6 +131,34 @@ class WorkerState:
             self._error = self._error or f"snapshot check failed: {type(exc).__name__}"
             return
         self._heartbeat()
+
+    def _catch_up(self) -> bool:
+        """Apply the delta versions after the loaded one in place (no full reload); False
+        when they do not apply, or are refused (then the screener is dropped at once and the
+        caller reloads in full: fail closed)."""
+        assert self._screener is not None
+        blocklist = self._screener.blocklist
+        previous = blocklist.version
+        try:
+            with self.runtime.sessions() as session:
+                done = catch_up(
+                    session, self.runtime.keyring, self.runtime.settings.snapshots_dir, blocklist
+                )
+        except (SnapshotError, CryptoError, BlocklistError, ValueError) as exc:
+            # The blocklist may hold part of the chain: no screening on it while reloading.
+            self._screener = None
+            logger.error("worker %s: delta refused, reloading in full: %s", self.worker_id, exc)
+            return False
+        if done:
+            self._loaded_at = datetime.now(UTC)
+            logger.info(
+                "worker %s applied deltas v%s -> v%d in place (%d entries)",
+                self.worker_id,
+                previous,
+                blocklist.version,
+                len(blocklist),
+            )
+        return done
 
     def _load(self) -> None:
         try:

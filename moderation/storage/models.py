@@ -143,7 +143,7 @@ class EntryMatchCount(Base):
 
 
 class IndexSnapshot(Base):
-    """One encrypted snapshot of every entry's signals; the highest version is current."""
+    """One encrypted snapshot version, full or a delta (moderation.banks.delta_chain)."""
 
     __tablename__ = "index_snapshots"
 
@@ -156,6 +156,9 @@ class IndexSnapshot(Base):
     entry_count: Mapped[int] = mapped_column(Integer, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    base_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    changed_entries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    compacted_from: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 # --- uploads and results ---------------------------------------------------------------------

@@ -94,7 +94,8 @@ def test_banks_entries_and_snapshots_round_trip(rt: Runtime) -> None:
     (hits,) = blocklist.cosine.search(query, 3, 0.5)
     assert hits[0].id == first[3] and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert set(second) <= set(blocklist.entries)
-    assert len(list(rt.settings.snapshots_dir.glob("*.snapshot"))) == 1  # older pruned
+    # v2 only added entries: a delta, whose base v1 is kept until compaction retires both.
+    assert len(list(rt.settings.snapshots_dir.glob("*.snapshot"))) == 2
     with rt.sessions() as session, pytest.raises(EncoderMismatchError):
         load_blocklist(
             session, rt.keyring, rt.settings.snapshots_dir, encoder_id="other|sha256=1|x", dim=DIM

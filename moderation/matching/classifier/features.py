@@ -77,16 +77,18 @@ class RegionLookup:
         self._order = order
         sorted_ids = ids[order]
         unique, starts = np.unique(sorted_ids, return_index=True)
-        ends = np.append(starts[1:], len(sorted_ids))
+        ends = np.append(starts[1:], len(sorted_ids)) if len(starts) else starts
         self._spans = {
             int(e): (int(s), int(t)) for e, s, t in zip(unique, starts, ends, strict=True)
         }
         self._dim = payload.dim
+        # Entries added by deltas applied in place live in the blocklist's segments.
+        self._added = blocklist.segment_regions_of
 
     def __call__(self, entry_id: int) -> npt.NDArray[np.float32]:
         span = self._spans.get(entry_id)
         if span is None:
-            return np.zeros((0, self._dim), np.float32)
+            return self._added(entry_id)
         rows: npt.NDArray[np.float32] = self._vectors[self._order[span[0] : span[1]]]
         return rows
 
