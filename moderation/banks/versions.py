@@ -27,6 +27,7 @@ from moderation.banks.snapshot import (
     SnapshotError,
     SnapshotFile,
     read_snapshot,
+    snapshot_filename,
     write_snapshot,
 )
 from moderation.banks.snapshot_payload import EntrySignals, Payload
@@ -41,6 +42,17 @@ logger = logging.getLogger(__name__)
 #: ``CosineIndex.build`` switches from exact search to HNSW (``HNSW_MIN_ENTRIES`` of
 #: :mod:`moderation.banks.index.cosine`, equal by test; not imported, as that loads FAISS).
 STORED_INDEX_MIN_ENTRIES: Final = 50_000
+
+#: Suffix of an ``ivf_disk`` row file (``moderation.banks.index.disk.ROWS_SUFFIX``, equal by
+#: test; not imported, as that loads FAISS).
+ROWS_SUFFIX: Final = ".rows"
+#: Suffix of the row file holding a snapshot's region embeddings.
+REGIONS_SUFFIX: Final = ".regions"
+
+#: Region embeddings from which a snapshot keeps them in an encrypted row file instead of its
+#: payload (:meth:`Payload.spill_regions`): 50,000 rows (about 10,000 entries) are 256 MB of
+#: float32 that every worker would otherwise hold, and at 10M entries 256 GB.
+REGION_FILE_MIN_ROWS: Final = 50_000
 
 # Arbitrary constant naming the PostgreSQL advisory lock that serialises snapshot writers.
 _SNAPSHOT_LOCK_KEY = 0x6D6F645F736E6170  # "mod_snap"
@@ -93,11 +105,14 @@ def read_payload(
         expected_sha256=row.sha256,
     )
     try:
-        return Payload.from_bytes(plaintext)
+        payload = Payload.from_bytes(plaintext)
+        payload.open_regions(path.parent)
     except (ValueError, KeyError) as exc:
         raise SnapshotError(
             f"snapshot v{row.version} ({row.snapshot_id}) at {path}: bad payload: {exc}"
         ) from exc
+    payload.row_dir = path.parent  # an ivf_disk index's row file lies beside the snapshot
+    return payload
 
 
 def _entry_state(session: Session) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
@@ -152,14 +167,21 @@ def commit_signals(
     payload, version = _current_payload(
         session, keyring=keyring, snapshots_dir=snapshots_dir, encoder_id=encoder_id, dim=dim
     )
-    payload = next_payload(
-        session, payload, added=added, removed=removed, added_hashes=added_hashes
-    )
+    snapshot_id = uuid.uuid4().hex
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    payload = next_payload(
+        session,
+        payload,
+        added=added,
+        removed=removed,
+        added_hashes=added_hashes,
+        rows_path=rows_path_of(snapshots_dir / snapshot_filename(snapshot_id, version)),
+    )
+    _spill_regions(payload, snapshots_dir / snapshot_filename(snapshot_id, version))
     written = write_snapshot(
         snapshots_dir,
         payload.to_bytes(index_holds_active=payload.cosine_index is not None),
-        snapshot_id=uuid.uuid4().hex,
+        snapshot_id=snapshot_id,
         version=version,
         encoder_id=encoder_id,
         keyring=keyring,
@@ -204,10 +226,12 @@ def next_payload(
     added: Sequence[EntrySignals],
     removed: Iterable[int],
     added_hashes: HashEntries | None = None,
+    rows_path: Path | None = None,
 ) -> Payload:
     """``payload`` minus ``removed`` and entries gone from the database, plus ``added`` (and
     ``added_hashes``), with the active masks recomputed from the database and the stored index
-    rebuilt."""
+    rebuilt (``rows_path``: where an ``ivf_disk`` index writes its row file, see
+    :func:`rows_path_of`; without it a bank never gets one)."""
     ids, searchable = _entry_state(session)
     in_payload = np.concatenate([payload.entry_ids, payload.hashes.entry_ids])
     gone = in_payload[~np.isin(in_payload, ids)].tolist()
@@ -216,7 +240,7 @@ def next_payload(
         payload.hashes = payload.hashes.with_added(added_hashes)
     payload.active = _active_mask(ids, searchable, payload.entry_ids)
     payload.hashes.active = _active_mask(ids, searchable, payload.hashes.entry_ids)
-    payload.cosine_index = _stored_index(payload)
+    payload.cosine_index = _stored_index(payload, rows_path)
     return payload
 
 
@@ -246,8 +270,8 @@ def kept_snapshots(session: Session) -> list[IndexSnapshot]:
 
 
 def prune_snapshots(session: Session, snapshots_dir: Path) -> list[Path]:
-    """Delete every snapshot file and row but the newest of each kept chain
-    (:func:`kept_snapshots`).
+    """Delete every snapshot file (with its row files) and row but the newest of each kept
+    chain (:func:`kept_snapshots`).
 
     Old snapshots hold signals of erased or deleted entries, so they are not kept around
     (the kept chains are rewritten without them: :func:`sync_kept_chains`).
@@ -260,9 +284,14 @@ def prune_snapshots(session: Session, snapshots_dir: Path) -> list[Path]:
     versions = [row.version for row in kept]
     for old in session.scalars(select(IndexSnapshot).where(IndexSnapshot.version.not_in(versions))):
         session.delete(old)
-    keep = {Path(row.path).name for row in kept}
-    for path in snapshots_dir.glob("*.snapshot"):
-        if path.name not in keep:
+    # A snapshot's row files share its stem (:func:`rows_path_of`, :func:`_spill_regions`).
+    stems = {Path(row.path).stem for row in kept}
+    for path in [
+        *snapshots_dir.glob("*.snapshot"),
+        *snapshots_dir.glob(f"*{ROWS_SUFFIX}"),
+        *snapshots_dir.glob(f"*{REGIONS_SUFFIX}"),
+    ]:
+        if path.stem not in stems:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -298,13 +327,16 @@ def write_payload(
 ) -> tuple[IndexSnapshot, SnapshotFile]:
     """Write ``payload`` (its stored index rebuilt) as the next version of its encoder's chain,
     adding (and flushing) its row; the caller commits, or deletes the file on failure."""
-    payload.cosine_index = _stored_index(payload)
+    snapshot_id, version = uuid.uuid4().hex, next_version(session)
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    rows_path = rows_path_of(snapshots_dir / snapshot_filename(snapshot_id, version))
+    payload.cosine_index = _stored_index(payload, rows_path)
+    _spill_regions(payload, rows_path)
     written = write_snapshot(
         snapshots_dir,
         payload.to_bytes(index_holds_active=payload.cosine_index is not None),
-        snapshot_id=uuid.uuid4().hex,
-        version=next_version(session),
+        snapshot_id=snapshot_id,
+        version=version,
         encoder_id=payload.encoder_id,
         keyring=keyring,
     )
@@ -345,14 +377,36 @@ def sync_kept_chains(
     return written
 
 
-def _stored_index(payload: Payload) -> bytes | None:
-    """The serialized cosine index of ``payload``'s active entries for a large bank, else None."""
+def rows_path_of(snapshot_path: Path) -> Path:
+    """The row file of the ``ivf_disk`` index inside a snapshot: ``<snapshot stem>.rows``
+    beside it (encrypted under a key kept in the snapshot's payload, see
+    :mod:`moderation.banks.rowfile`), pruned with the snapshot."""
+    return snapshot_path.with_suffix(ROWS_SUFFIX)
+
+
+def _spill_regions(payload: Payload, snapshot_path: Path) -> None:
+    """Move a large bank's region embeddings to ``<snapshot stem>.regions``."""
+    if len(payload.region_entry_ids) >= REGION_FILE_MIN_ROWS:
+        path = snapshot_path.with_suffix(REGIONS_SUFFIX)
+        path.unlink(missing_ok=True)  # a failed earlier attempt at this version
+        payload.spill_regions(path)
+
+
+def _stored_index(payload: Payload, rows_path: Path | None = None) -> bytes | None:
+    """The serialized cosine index of ``payload``'s active entries for a large bank, else
+    None; from ``DISK_MIN_ENTRIES`` entries an ``ivf_disk`` one writing ``rows_path``."""
     if int(payload.active.sum()) < STORED_INDEX_MIN_ENTRIES:
         return None
     from moderation.banks.index import CosineIndex  # FAISS, only for a large bank's snapshot
 
     ids = payload.entry_ids[payload.active]
-    return CosineIndex.build(ids, payload.full_vectors()[payload.active]).serialize()
+    vectors = payload.full_vectors()[payload.active]
+    if rows_path is None:
+        return CosineIndex.build(ids, vectors).serialize()
+    rows_path.unlink(missing_ok=True)  # a failed earlier attempt at this version
+    return CosineIndex.build(
+        ids, vectors, row_dir=rows_path.parent, row_name=rows_path.name
+    ).serialize()
 
 
 def snapshot_exact_key(
