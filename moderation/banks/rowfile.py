@@ -196,8 +196,14 @@ class RowFile:
         # The per-row loop is the query's hot path (k x k_factor rows): locals, no helpers.
         block, fd, file_id, decrypt = self._block, self._fd, self._file_id, self._aead.decrypt
         prefix = file_id[:4]
+        wanted = positions.tolist()
+        # Ask the kernel for every row first, so the reads of rows not in the page cache are
+        # in flight together instead of one after another (measured on 320 cold rows here:
+        # p50 5-8 ms instead of 30-40 ms; 0.2 ms more when every row is cached).
+        for row in wanted:
+            os.posix_fadvise(fd, HEADER_BYTES + row * block, block, os.POSIX_FADV_WILLNEED)
         plain = []
-        for row in positions.tolist():
+        for row in wanted:
             data = os.pread(fd, block, HEADER_BYTES + row * block)
             try:
                 plain.append(decrypt(prefix + row.to_bytes(8, "big"), data, file_id))
