@@ -168,31 +168,22 @@ class CosineIndex(SignalIndex):
         """Build from ``(n,)`` int ids and ``(n, dim)`` float32 unit vectors.
 
         Args:
-            algorithm: ``"flat"`` (exact), ``"hnsw"`` (approximate), ``"hnsw_pca"`` (projected
-                HNSW candidates re-ranked by full-width cosine), ``"ivf_pca"`` (projected
-                inverted-file candidates, re-ranked the same way), ``"ivf_disk"`` (the same
-                candidates re-ranked from an encrypted row file in ``row_dir``, :mod:`.disk`)
-                or ``"auto"``: ``ivf_disk`` when ``row_dir`` is given and ``n >=
-                DISK_MIN_ENTRIES``, else ``ivf_pca`` when ``n >= PCA_MIN_ENTRIES``, both when
-                ``dim > IVF_PCA_DIM``, else HNSW when ``n >= HNSW_MIN_ENTRIES``, else flat. Fixed
-                for the index's life (rebuild to re-decide).
-            hnsw_m, ef_construction, ef_search: HNSW parameters, recorded in the header
-                (``ef_search`` defaults to :data:`HNSW_EF_SEARCH`, or :data:`PCA_EF_SEARCH`
-                for ``hnsw_pca``).
-            pca_dim, k_factor: ``hnsw_pca`` and ``ivf_pca``: projected width (learned from
-                these vectors, :func:`~moderation.banks.index.cosine_projection.learn_projection`;
-                default :data:`PCA_DIM`, or :data:`IVF_PCA_DIM` for ``ivf_pca``) and re-ranked
-                candidates per result.
-            nlist, nprobe: ``ivf_pca``: inverted lists (default :func:`ivf_nlist` of these
-                vectors' count: fixed for the index's life, so build from the whole bank) and
-                lists scanned per query (also ``ivf_disk``).
-            row_dir, row_name: ``ivf_disk``: directory and name (default ``rows-<uuid>.rows``)
-                of the new row file. Its key is in :meth:`serialize`'s bytes: keep those inside
-                an encrypted snapshot.
+            algorithm: ``"flat"`` (exact), ``"hnsw"``, ``"hnsw_pca"`` / ``"ivf_pca"`` (projected
+                HNSW / IVF candidates re-ranked by full-width cosine), ``"ivf_disk"`` (IVF ones
+                re-ranked from an encrypted row file, :mod:`.disk`) or ``"auto"``: for ``dim >
+                IVF_PCA_DIM`` ``ivf_disk`` from ``DISK_MIN_ENTRIES`` with a ``row_dir``, else
+                ``ivf_pca`` from ``PCA_MIN_ENTRIES``; else HNSW from ``HNSW_MIN_ENTRIES``, else
+                flat. Fixed for the index's life.
+            hnsw_m, ef_construction, ef_search: HNSW parameters, in the header (``ef_search``
+                defaults to :data:`HNSW_EF_SEARCH`, :data:`PCA_EF_SEARCH` for ``hnsw_pca``).
+            pca_dim, k_factor, nlist, nprobe: projected width (learned from these vectors;
+                default :data:`PCA_DIM`, :data:`IVF_PCA_DIM` for IVF), re-ranked candidates per
+                result, IVF lists (default :func:`ivf_nlist` of n, fixed) and lists probed.
+            row_dir, row_name: ``ivf_disk``'s new row file (default ``rows-<uuid>.rows``); its
+                key is in :meth:`serialize`'s bytes: keep those in an encrypted snapshot.
 
         Raises:
-            ValueError: malformed input (see :class:`SignalIndex`), vectors not unit-norm, or
-                an unknown parameter.
+            ValueError: malformed input (:class:`SignalIndex`), non-unit vectors, unknown params.
         """
         if params:
             raise ValueError(f"unknown CosineIndex parameter(s): {sorted(params)}")
