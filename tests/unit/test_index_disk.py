@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+import moderation.banks.index.cosine as cosine_module
 from moderation.banks.index import CosineIndex, load_index
 from moderation.banks.index.disk import ROWS_SUFFIX
 from moderation.banks.rowfile import (
@@ -199,3 +200,19 @@ def test_row_array_indexes_like_numpy(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(array), half)
     with pytest.raises(IndexError):
         array[np.ones(3, bool)]
+
+
+def test_auto_chooses_disk_only_with_a_row_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HNSW_MIN_ENTRIES", "PCA_MIN_ENTRIES"):
+        monkeypatch.setattr(cosine_module, name, 100)
+    monkeypatch.setattr(cosine_module, "DISK_MIN_ENTRIES", 200)
+    vectors = _clustered(300, seed=9)
+    ids = np.arange(300)
+    assert CosineIndex.build(ids[:150], vectors[:150], row_dir=tmp_path).algorithm == "ivf_pca"
+    assert CosineIndex.build(ids, vectors).algorithm == "ivf_pca"
+    chosen = CosineIndex.build(ids, vectors, row_dir=tmp_path, row_name="bank.rows")
+    assert chosen.algorithm == "ivf_disk" and chosen.row_path == tmp_path / "bank.rows"
+    with pytest.raises(RowFileError, match="cannot create"):  # never over an existing file
+        CosineIndex.build(ids, vectors, row_dir=tmp_path, row_name="bank.rows")
