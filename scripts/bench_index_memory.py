@@ -1,21 +1,20 @@
-"""Prototype measurement for issue 16 item 1 (a 10M-entry bank in <= 6 GB of worker RSS):
-candidates from an in-RAM FAISS index over PCA-256 projections, re-ranked exactly from
-full-width float16 rows kept OUT of RAM in a file (only the candidates' rows are read, with
-``os.pread``, k x k_factor per query).
+"""Measure the ``ivf_disk`` cosine index (issue 16 item 1: a 10M-entry bank in <= 6 GB of
+worker RSS) through the product's code: ``CosineIndex`` built chunk by chunk (bounded RAM),
+its serialized bytes written as an encrypted snapshot (:func:`write_snapshot`), and a fresh
+process that decrypts the snapshot, loads the index zero-copy with its encrypted row file
+(``load_index(..., row_dir=...)``) and serves single queries: the worker's view.
 
 Usage (from the repository root, vectors as ``moderation benchmark speed`` generates them)::
 
-    PYTHONPATH=$PWD python scripts/bench_index_memory.py N {sq8|pq128|pq32} [WORKDIR]
+    MODERATION_BENCH_PHOTOS=../shared/data/photos-dev PYTHONPATH=$PWD \\
+        python scripts/bench_index_memory.py N [WORKDIR]
 
-The photos: ``MODERATION_BENCH_PHOTOS=DIR`` (``../shared/data/photos-dev``'s 458 photos for
-the figures in README; the 7 scikit-image photos give far denser clusters).
-``BENCH_COLD=1`` drops the row file from the page cache before the queries (cold reads).
-A second run with the same N and kind reuses the built files (build time then nan).
-
-Prints build time, in-RAM bytes per entry, and for each (nprobe, k_factor) recall@10 against
-exact search (strict and ann-benchmarks' tolerant form, 1e-3), p50/p99 ms per single query, and
-the VmHWM/VmRSS of a fresh process that loads the serialized candidate index, reads the rows and
-runs the queries (the worker's view). Not a pytest: a measurement tool, run by hand.
+Prints build time, the candidate index's bytes per entry, the row file's size, snapshot load
+time, VmHWM/VmRSS of the serving process, and recall@10 against exact search (strict and
+ann-benchmarks' tolerant form, 1e-3) with p50/p99 ms per single query and the load average.
+The exact top-10 of the 200 queries is computed by streaming over the generated vectors while
+the index is built (no second pass). ``BENCH_COLD=1`` drops the row file from the page cache
+before the queries. Not a pytest: a measurement tool, run by hand.
 """
 
 from __future__ import annotations
@@ -29,107 +28,107 @@ import tempfile
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 
-from moderation.banks.index.cosine_projection import ivf_nlist, learn_projection
+from moderation.banks.index import CosineIndex, load_index
+from moderation.banks.index.cosine_projection import ivf_nlist
+from moderation.banks.snapshot import read_snapshot, write_snapshot
 from moderation.benchmark import speed_index as si
+from moderation.crypto.keys import KeyRing
 
-SETTINGS = ((32, 16), (32, 32))
-
-
-def candidate_index(kind: str, nlist: int, first: np.ndarray) -> faiss.IndexPreTransform:
-    """``PCA256,IVF<nlist>,<SQ8|PQ128|PQ32>`` with the projection learned from ``first``."""
-    projection = faiss.LinearTransform(1280, 256, False)
-    faiss.copy_array_to_vector(learn_projection(first, 256).ravel(), projection.A)
-    projection.is_trained = True
-    quantiser = faiss.IndexFlatIP(256)
-    ivf: faiss.Index
-    if kind == "sq8":
-        ivf = faiss.IndexIVFScalarQuantizer(
-            quantiser, 256, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-        )
-    else:
-        m = int(kind.removeprefix("pq"))
-        ivf = faiss.IndexIVFPQ(quantiser, 256, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-    index = faiss.IndexPreTransform(projection, ivf)
-    return index
+K = 10
+ENCODER = "bench"
 
 
-def build(gen: si.Generator, n: int, kind: str, work: Path) -> tuple[Path, Path, float]:
-    """Build the candidate index and the float16 row file chunk by chunk; their paths and
-    the build time (s)."""
+def queries_for(gen: si.Generator, n: int) -> np.ndarray:
+    """``speed_index._queries`` without generating the chunks that hold no query source."""
+    rng = np.random.default_rng((si.SEED, n, 1))
+    sources = np.sort(rng.choice(n, si.QUERIES, replace=False))
+    picked = []
+    for start in range(0, n, si.CHUNK):
+        inside = sources[(sources >= start) & (sources < start + si.CHUNK)]
+        if inside.size:
+            picked.append(gen.chunk(start, min(si.CHUNK, n - start))[inside - start])
+    queries = np.concatenate(picked)
+    queries += rng.standard_normal(queries.shape, dtype=np.float32) * (
+        si.QUERY_NOISE / np.sqrt(gen.dim)
+    )
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return np.ascontiguousarray(queries, dtype=np.float32)
+
+
+class Exact:
+    """Running exact top-``K`` (cosines, ids) of the queries over the chunks seen so far."""
+
+    def __init__(self, queries: np.ndarray) -> None:
+        self.queries = queries
+        self.scores = np.full((len(queries), K), -np.inf, dtype=np.float32)
+        self.ids = np.zeros((len(queries), K), dtype=np.int64)
+
+    def update(self, start: int, block: np.ndarray) -> None:
+        scores = self.queries @ block.T
+        ids = np.broadcast_to(np.arange(start, start + len(block)), scores.shape)
+        merged = np.concatenate([self.scores, scores], axis=1)
+        merged_ids = np.concatenate([self.ids, ids], axis=1)
+        order = np.argsort(-merged, axis=1)[:, :K]
+        self.scores = np.take_along_axis(merged, order, axis=1)
+        self.ids = np.take_along_axis(merged_ids, order, axis=1)
+
+
+def build(gen: si.Generator, n: int, work: Path, exact: Exact) -> tuple[bytes, float]:
+    """Build ``ivf_disk`` over ``n`` generated entries chunk by chunk; its serialized bytes
+    and the build time (s)."""
     started = time.perf_counter()
     nlist = ivf_nlist(n)
-    need = max(si.CHUNK * 3, 64 * nlist)
-    blocks = (block for _, block in gen.chunks(n))
-    sample = np.concatenate(list(itertools.islice(blocks, -(-need // si.CHUNK))))
-    index = candidate_index(kind, nlist, sample[:60_000])
-    index.train(sample)
-    del sample
-    rows_path = work / f"rows_{n}.npy"
-    rows = np.lib.format.open_memmap(rows_path, mode="w+", dtype=np.float16, shape=(n, 1280))
-    for start, block in gen.chunks(n):
-        index.add(block)
-        rows[start : start + len(block)] = block
-    rows.flush()
-    del rows
-    index_path = work / f"candidates_{kind}_{n}.faiss"
-    faiss.write_index(index, str(index_path))
-    return index_path, rows_path, time.perf_counter() - started
+    index = CosineIndex(1280, algorithm="ivf_disk", nlist=nlist, row_dir=work, row_name="rows")
+    chunks = gen.chunks(n)
+    first = list(itertools.islice(chunks, -(-max(si.CHUNK * 3, 32 * nlist) // si.CHUNK)))
+    matrix = np.concatenate([block for _, block in first])
+    index.add(np.arange(len(matrix)), matrix)
+    for start, block in first:
+        exact.update(start, block)
+    del matrix, first
+    for start, block in chunks:
+        index.add(np.arange(start, start + len(block)), block)
+        exact.update(start, block)
+        if start % 1_000_000 == 0:
+            print(f"  {start:,} rows, {time.perf_counter() - started:.0f} s", flush=True)
+    return index.serialize(), time.perf_counter() - started
 
 
-class RowFile:
-    """Float16 (n, 1280) rows of a ``.npy`` file read with ``os.pread`` (no mapping: the
-    page cache holds what was read, the process's RSS does not)."""
+def serve(work: str) -> None:
+    """The worker's view (a fresh process): decrypt the snapshot, load, search; print JSON."""
+    import faiss
 
-    def __init__(self, path: str) -> None:
-        with open(path, "rb") as handle:
-            np.lib.format.read_magic(handle)
-            shape, _, _ = np.lib.format.read_array_header_1_0(handle)
-            self.offset = handle.tell()
-        self.width = shape[1] * 2
-        self.fd = os.open(path, os.O_RDONLY)
-        if os.environ.get("BENCH_COLD") == "1":
-            # Drop this file's pages from the page cache: every row is read from the disk.
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-    def read(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` (ascending), float32 (len(ids), 1280)."""
-        data = b"".join(
-            os.pread(self.fd, self.width, self.offset + int(i) * self.width) for i in ids
-        )
-        return np.frombuffer(data, dtype=np.float16).reshape(len(ids), -1).astype(np.float32)
-
-
-def serve(index_path: str, rows_path: str, queries_path: str) -> None:
-    """The worker's view (run in a fresh process): load, map, search; print JSON."""
     faiss.omp_set_num_threads(1)
+    meta = json.loads(Path(work, "meta.json").read_text())
+    keyring = KeyRing.load_file(Path(work, "keyring"))
     started = time.perf_counter()
-    index = faiss.read_index(index_path)
-    rows = RowFile(rows_path)
+    plaintext = read_snapshot(
+        Path(meta["snapshot"]),
+        keyring,
+        expected_snapshot_id="bench",
+        expected_version=meta["n"],
+        expected_encoder_id=ENCODER,
+    )
+    index = load_index(plaintext, authenticated=True, row_dir=Path(work))
     load_s = time.perf_counter() - started
-    queries = np.load(queries_path)
-    ivf = faiss.extract_index_ivf(index)
-    out: dict[str, object] = {"load_s": round(load_s, 2)}
-    for nprobe, k_factor in SETTINGS:
-        ivf.nprobe = nprobe
-        found, scores, times = [], [], []
-        for query in queries:
-            t0 = time.perf_counter()
-            _, cand = index.search(query[None], 10 * k_factor)
-            ids = np.sort(cand[0][cand[0] >= 0])
-            exact = rows.read(ids) @ query
-            top = np.argsort(-exact)[:10]
-            times.append((time.perf_counter() - t0) * 1000)
-            found.append(ids[top].tolist())
-            scores.append(exact[top].tolist())
-        out[f"nprobe{nprobe}_kf{k_factor}"] = {"found": found, "scores": scores, "ms": times}
+    if os.environ.get("BENCH_COLD") == "1" and isinstance(index, CosineIndex):
+        fd = os.open(str(index.row_path), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    queries = np.load(Path(work, "queries.npy"))
+    found, scores, times = [], [], []
+    for query in queries:
+        t0 = time.perf_counter()
+        hits = index.search(query[None], K, -1.0)[0]
+        times.append((time.perf_counter() - t0) * 1000)
+        found.append([h.id for h in hits])
+        scores.append([h.score for h in hits])
     status = Path("/proc/self/status").read_text().splitlines()
-    out["mem"] = [
-        line for line in status if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile"))
-    ]
-    print(json.dumps(out))
+    mem = [line for line in status if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile"))]
+    out = {"load_s": load_s, "found": found, "scores": scores, "ms": times, "mem": mem}
+    print(json.dumps({**out, "loadavg": os.getloadavg()[0]}))
 
 
 def real_embeddings(work: Path) -> np.ndarray:
@@ -137,7 +136,8 @@ def real_embeddings(work: Path) -> np.ndarray:
     benchmark speed`` does from ``MODERATION_BENCH_PHOTOS`` or its default photos, and saved)."""
     cached = work / "real.npy"
     if cached.exists():
-        return np.load(cached)
+        loaded: np.ndarray = np.load(cached)
+        return loaded
     from PIL import Image
 
     from moderation.benchmark.speed import find_images
@@ -153,51 +153,56 @@ def real_embeddings(work: Path) -> np.ndarray:
     return real
 
 
-def report(n: int, kind: str, work: Path) -> None:
-    """Build, then measure in a fresh process, and print one line per search setting."""
+def report(n: int, work: Path) -> None:
+    """Build (unless WORKDIR holds this N's build), then measure in a fresh process."""
+    import faiss
+
     gen = si.Generator(real_embeddings(work))
-    queries = si._queries(gen, n)
-    true_scores, true_ids = si._exact(gen, n, queries, 10)
-    np.save(work / "queries.npy", queries)
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
-    index_path = work / f"candidates_{kind}_{n}.faiss"
-    rows_path = work / f"rows_{n}.npy"
-    build_s = float("nan")  # reused from an earlier run of the same n and kind
-    if not (index_path.exists() and rows_path.exists()):
-        index_path, rows_path, build_s = build(gen, n, kind, work)
-    per_entry = index_path.stat().st_size / n
-    print(f"n {n:,} {kind}: build {build_s:.0f} s, in-RAM index {per_entry:.0f} B/entry")
-    argv = [sys.executable, __file__, "serve", str(index_path), str(rows_path)]
-    # Our own interpreter and script, paths we just wrote: no untrusted input.
-    done = subprocess.run(  # noqa: S603
-        [*argv, str(work / "queries.npy")], capture_output=True, check=True
+    meta_path = work / "meta.json"
+    if not meta_path.exists() or json.loads(meta_path.read_text())["n"] != n:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        queries = queries_for(gen, n)
+        exact = Exact(queries)
+        (work / "rows").unlink(missing_ok=True)
+        serialized, build_s = build(gen, n, work, exact)
+        keyring = KeyRing.generate()
+        keyring.save_file(work / "keyring")
+        written = write_snapshot(
+            work, serialized, snapshot_id="bench", version=n, encoder_id=ENCODER, keyring=keyring
+        )
+        np.save(work / "queries.npy", queries)
+        np.save(work / "exact_ids.npy", exact.ids)
+        np.save(work / "exact_scores.npy", exact.scores)
+        meta = {"n": n, "build_s": build_s, "index_bytes": len(serialized)}
+        meta_path.write_text(json.dumps({**meta, "snapshot": str(written.path)}))
+    meta = json.loads(meta_path.read_text())
+    print(
+        f"n {n:,} ivf_disk: build {meta['build_s']:.0f} s, candidate index "
+        f"{meta['index_bytes'] / n:.0f} B/entry, row file "
+        f"{(work / 'rows').stat().st_size / 1e9:.1f} GB (encrypted)"
     )
+    argv = [sys.executable, __file__, "serve", str(work)]
+    # Our own interpreter and script, paths we just wrote: no untrusted input.
+    done = subprocess.run(argv, capture_output=True, check=True)  # noqa: S603
     out = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    print(f"  fresh process: load {out['load_s']} s, {'; '.join(out['mem'])}")
-    for nprobe, k_factor in SETTINGS:
-        res = out[f"nprobe{nprobe}_kf{k_factor}"]
-        strict = np.mean(
-            [
-                len(set(f) & set(t)) / 10
-                for f, t in zip(res["found"], true_ids.tolist(), strict=True)
-            ]
-        )
-        tolerant = np.mean(np.asarray(res["scores"]) >= true_scores[:, -1:] - 1e-3)
-        print(
-            f"  nprobe {nprobe} k_factor {k_factor}: recall@10 {strict:.4f} (tolerant "
-            f"{tolerant:.4f}), p50 {np.percentile(res['ms'], 50):.2f} ms, p99 "
-            f"{np.percentile(res['ms'], 99):.2f} ms, load avg {os.getloadavg()[0]:.1f}"
-        )
+    true_ids, true_scores = np.load(work / "exact_ids.npy"), np.load(work / "exact_scores.npy")
+    strict = np.mean(
+        [len(set(f) & set(t)) / K for f, t in zip(out["found"], true_ids.tolist(), strict=True)]
+    )
+    tolerant = np.mean(np.asarray(out["scores"]) >= true_scores[:, -1:] - 1e-3)
+    print(f"  fresh process: snapshot load {out['load_s']:.2f} s, {'; '.join(out['mem'])}")
+    print(
+        f"  recall@10 {strict:.4f} (tolerant {tolerant:.4f}), p50 "
+        f"{np.percentile(out['ms'], 50):.2f} ms, p99 {np.percentile(out['ms'], 99):.2f} ms "
+        f"(1 thread), load average {out['loadavg']:.1f}"
+    )
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(*sys.argv[2:5])
+        serve(sys.argv[2])
     else:
-        work = Path(
-            sys.argv[3]
-            if len(sys.argv) > 3
-            else Path(tempfile.gettempdir(), "moderation-index-memory")
-        )
+        default = Path(tempfile.gettempdir(), "moderation-index-memory")
+        work = Path(sys.argv[2]) if len(sys.argv) > 2 else default
         work.mkdir(parents=True, exist_ok=True)
-        report(int(sys.argv[1]), sys.argv[2], work)
+        report(int(sys.argv[1]), work)

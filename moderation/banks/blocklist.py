@@ -317,19 +317,22 @@ def _apply_chain(
 def _cosine_index(
     payload: Payload, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.bool_]
 ) -> CosineIndex:
-    """The payload's stored index when it holds exactly ``ids``, else one built now."""
+    """The payload's stored index when it holds ``ids`` (entries beyond them removed), else
+    one built now."""
     if payload.cosine_index is not None:
         try:
-            # Every byte was authenticated by the snapshot's AES-GCM tag.
-            stored = load_index(payload.cosine_index, authenticated=True)
+            # Every byte was authenticated by the snapshot's AES-GCM tag: a failure here is a
+            # bug, or an ivf_disk row file that is missing or not this version's.
+            stored = load_index(payload.cosine_index, authenticated=True, row_dir=payload.row_dir)
         except ValueError as exc:
-            # The payload passed AES-GCM authentication, so this is a bug, not tampering.
             raise SnapshotError(f"the stored cosine index is unreadable: {exc}") from exc
         if (
             isinstance(stored, CosineIndex)
             and stored.dim == payload.dim
-            and np.array_equal(stored.ids(), np.sort(ids))
+            and np.isin(ids, stored.ids()).all()
         ):
+            # Entries the database no longer knows: dropped here, not by a rebuild.
+            stored.remove(np.setdiff1d(stored.ids(), ids).tolist())
             return stored
         logger.info("stored cosine index does not match the loaded entries; rebuilding")
     try:

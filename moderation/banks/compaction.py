@@ -7,7 +7,7 @@ the signals of entries removed since. The compaction job (Celery beat,
 ``moderation.compact_snapshots``) writes a chain's composed payload as a new full version once
 it holds ``snapshot_compact_after`` deltas or its deltas changed ``snapshot_compact_fraction``
 of the full version's entries; the old full version and its deltas are then pruned like any
-superseded version (:func:`moderation.banks.versions.prune_snapshots`). A compacted version
+superseded version (:func:`moderation.banks.retention.prune_snapshots`). A compacted version
 records the version whose content it holds (``compacted_from``), so workers at that version
 only move their version number on (:func:`moderation.banks.blocklist.catch_up`). Erasure
 compacts at once and without ``compacted_from``, so workers reload and drop the erased
@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from moderation.banks.delta_chain import chain_of
+from moderation.banks.retention import kept_snapshots, prune_snapshots
 from moderation.banks.versions import (
-    kept_snapshots,
     lock_snapshots,
-    prune_snapshots,
     read_payload,
     write_payload,
 )

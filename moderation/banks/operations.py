@@ -19,9 +19,10 @@ from moderation.banks.hash_entries import HashEntries
 from moderation.banks.importer import ImportHooks, ImportReport, RegionEmbedder, import_into_bank
 from moderation.banks.originals import OriginalsVault, shred_originals, vault_dir
 from moderation.banks.records import BlocklistError, get_bank, parse_entry_id
+from moderation.banks.retention import prune_snapshots
 from moderation.banks.sealed_fields import entry_fields
 from moderation.banks.snapshot_payload import EntrySignals
-from moderation.banks.versions import commit_signals, prune_snapshots, sync_kept_chains
+from moderation.banks.versions import commit_signals, sync_kept_chains
 from moderation.storage.db import transaction
 from moderation.storage.models import Bank, Entry
 

@@ -14,7 +14,13 @@ array                   dtype, shape       meaning
 ``pdq_quality``         uint8 (n,)         PDQ quality 0-100
 ``active``              bool (n,)          entry enabled and its bank enabled
 ``region_entry_ids``    int64 (m,)         owner entry of each region embedding
-``region_vectors``      float32 (m, d)     unit-norm region embeddings (classifier stage)
+``region_vectors``      float32 (m, d)     unit-norm region embeddings (classifier stage);
+                                           (0, d) when the meta field ``regions_in_file`` is
+                                           true: then they are float16 rows of an encrypted
+                                           row file beside the snapshot (below)
+``region_file``         uint8 (b,)         with ``regions_in_file``: that row file's
+                                           descriptor (name, id, data key, rows:
+                                           :class:`~moderation.banks.rowfile.RowFileDescriptor`)
 ``cosine_index``        uint8 (b,)         optional: the active entries' cosine index,
                                            ``CosineIndex.serialize()`` bytes (its header
                                            records algorithm and parameters)
@@ -35,12 +41,20 @@ bank's snapshot and from what a worker must decrypt at load. Workers read single
 the index (:meth:`~moderation.banks.blocklist.Blocklist.vector_of`); the writer decodes them all
 (:meth:`Payload.full_vectors`) only when it builds the next version. Decoded float16 values
 re-encode to the same codes, so vectors do not drift from version to version.
+
+Region embeddings (five per entry: 25.6 KB at 1280-d float32, 256 GB at 10M entries) of banks
+from :data:`~moderation.banks.versions.REGION_FILE_MIN_ROWS` rows are written to a row file
+(:mod:`moderation.banks.rowfile`: float16, one AES-256-GCM block per row, its key inside this
+payload) by :meth:`Payload.spill_regions`, and read back as a
+:class:`~moderation.banks.rowfile.RowArray`: the classifier stage reads an entry's rows when it
+scores that entry, and nothing else of them is in memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +62,7 @@ import numpy.typing as npt
 
 from moderation.banks.hash_entries import HashEntries
 from moderation.banks.payload import decode_payload, encode_payload
+from moderation.banks.rowfile import RowArray, RowFile, RowFileDescriptor
 
 if TYPE_CHECKING:
     from moderation.banks.index import CosineIndex
@@ -82,7 +97,7 @@ class Payload:
     pdq_quality: npt.NDArray[np.uint8]
     active: npt.NDArray[np.bool_]
     region_entry_ids: npt.NDArray[np.int64]
-    region_vectors: npt.NDArray[np.float32]
+    region_vectors: npt.NDArray[np.float32] | RowArray
     extra_meta: dict[str, Any] = field(default_factory=dict)
     # Serialized CosineIndex of the active entries, or None (see the module docstring).
     cosine_index: bytes | memoryview | None = None
@@ -90,6 +105,10 @@ class Payload:
     vectors_in_index: bool = False
     # Entries from hash lists: PDQ and keyed exact hashes, no embedding.
     hashes: HashEntries = field(default_factory=HashEntries)
+    # Not serialized: the snapshot's directory, where an ivf_disk index's row file lies.
+    row_dir: Path | None = None
+    # The region row file's descriptor until :meth:`open_regions` opens it.
+    region_file: bytes | None = None
 
     @classmethod
     def empty(cls, encoder_id: str, dim: int) -> Payload:
@@ -132,10 +151,18 @@ class Payload:
             "pdq_quality": self.pdq_quality,
             "active": self.active,
             "region_entry_ids": self.region_entry_ids,
-            "region_vectors": self.region_vectors,
+            "region_vectors": np.zeros((0, self.dim), np.float32)
+            if isinstance(self.region_vectors, RowArray)
+            else self.region_vectors,
         }
         if self.cosine_index is not None:
             arrays["cosine_index"] = np.frombuffer(self.cosine_index, dtype=np.uint8)
+        region_file = self.region_file
+        if isinstance(self.region_vectors, RowArray):
+            region_file = self.region_vectors.rows.descriptor().to_bytes()
+        if region_file is not None:
+            arrays["region_vectors"] = np.zeros((0, self.dim), np.float32)
+            arrays["region_file"] = np.frombuffer(region_file, dtype=np.uint8)
         arrays.update(self.hashes.arrays())
         meta = {
             "format": PAYLOAD_FORMAT,
@@ -145,7 +172,31 @@ class Payload:
         }
         if in_index:
             meta["vectors_in_index"] = True
+        if region_file is not None:
+            meta["regions_in_file"] = True
         return arrays, meta
+
+    def spill_regions(self, path: Path) -> None:
+        """Move the region embeddings to a new encrypted row file at ``path`` (float16),
+        leaving a :class:`RowArray` over it. Raises RowFileError."""
+        if isinstance(self.region_vectors, RowArray):
+            return
+        rows = RowFile.create(path, self.dim)
+        for start in range(0, len(self.region_vectors), 65_536):
+            rows.append(self.region_vectors[start : start + 65_536])
+        rows.sync()
+        self.region_vectors, self.region_file = RowArray(rows), None
+
+    def open_regions(self, row_dir: Path) -> None:
+        """Open the region row file the payload names, in ``row_dir`` (read-only; only its
+        header is read). Raises RowFileError: missing, replaced or of another length."""
+        if self.region_file is None:
+            return
+        descriptor = RowFileDescriptor.from_bytes(self.region_file)
+        if descriptor.rows != len(self.region_entry_ids):
+            raise ValueError("snapshot payload region arrays disagree in length")
+        self.region_vectors = RowArray(RowFile.open(row_dir, descriptor, self.dim))
+        self.region_file = None
 
     def _stored(self) -> CosineIndex:
         """The stored cosine index (``cosine_index`` must be set; every byte of it was
@@ -159,7 +210,7 @@ class Payload:
         from moderation.banks.index import CosineIndex, load_index
 
         assert self.cosine_index is not None
-        index = load_index(self.cosine_index, authenticated=True)
+        index = load_index(self.cosine_index, authenticated=True, row_dir=self.row_dir)
         if not isinstance(index, CosineIndex) or index.dim != self.dim:
             raise ValueError("the stored index is not a cosine index of the payload's width")
         return index
@@ -217,7 +268,7 @@ class Payload:
             extra_meta={
                 k: v
                 for k, v in meta.items()
-                if k not in {"format", "encoder_id", "dim", "vectors_in_index"}
+                if k not in {"format", "encoder_id", "dim", "vectors_in_index", "regions_in_file"}
             },
             vectors_in_index=in_index,
             hashes=HashEntries.from_arrays(arrays),
@@ -232,7 +283,9 @@ class Payload:
         rows = int((~payload.active).sum()) if in_index else n
         if not (len(payload.vectors) == rows and len(payload.pdq) == len(payload.active) == n):
             raise ValueError("snapshot payload arrays disagree in length")
-        if len(payload.region_entry_ids) != len(payload.region_vectors):
+        if meta.get("regions_in_file") is True and "region_file" in arrays:
+            payload.region_file = arrays["region_file"].tobytes()
+        elif len(payload.region_entry_ids) != len(payload.region_vectors):
             raise ValueError("snapshot payload region arrays disagree in length")
         return payload
 
@@ -292,7 +345,7 @@ class Payload:
             ),
             active=np.concatenate([self.active, np.ones(len(signals), np.bool_)]),
             region_entry_ids=np.concatenate([self.region_entry_ids, region_ids]),
-            region_vectors=np.concatenate([self.region_vectors, region_vecs]),
+            region_vectors=np.concatenate([np.asarray(self.region_vectors), region_vecs]),
             extra_meta=dict(self.extra_meta),
             hashes=self.hashes,
         )

@@ -33,6 +33,7 @@ from moderation.banks.delta_chain import (
     chain_of,
     read_deltas,
     read_version,
+    snapshot_path,
     write_delta,
 )
 from moderation.banks.encoder_chains import encoder_chains
@@ -41,6 +42,7 @@ from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import (
     SnapshotError,
     SnapshotFile,
+    snapshot_filename,
     write_snapshot,
 )
 from moderation.banks.snapshot_delta import DeltaPayload, compose, without_embeddings
@@ -57,8 +59,16 @@ logger = logging.getLogger(__name__)
 #: :mod:`moderation.banks.index.cosine`, equal by test; not imported, as that loads FAISS).
 STORED_INDEX_MIN_ENTRIES: Final = 50_000
 
-# Arbitrary constant naming the PostgreSQL advisory lock that serialises snapshot writers.
-_SNAPSHOT_LOCK_KEY = 0x6D6F645F736E6170  # "mod_snap"
+#: Suffixes of an ``ivf_disk`` row file (``moderation.banks.index.disk.ROWS_SUFFIX``, equal by
+#: test; not imported, as that loads FAISS) and of a snapshot's region row file.
+ROWS_SUFFIX: Final = ".rows"
+REGIONS_SUFFIX: Final = ".regions"
+#: Region embeddings from which a snapshot keeps them in an encrypted row file instead of its
+#: payload (:meth:`Payload.spill_regions`): 50,000 rows (about 10,000 entries) are 256 MB of
+#: float32 that every worker would otherwise hold, and at 10M entries 256 GB.
+REGION_FILE_MIN_ROWS: Final = 50_000
+
+_SNAPSHOT_LOCK_KEY = 0x6D6F645F736E6170  # "mod_snap": PostgreSQL advisory lock of snapshot writers
 
 
 class EncoderMismatchError(BlocklistError):
@@ -123,8 +133,18 @@ def read_payload(
 
 
 def _read_full(keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot) -> Payload:
-    """The payload of full version ``row``. Raises SnapshotError as :func:`read_payload`."""
-    return read_version(keyring, snapshots_dir, row, Payload.from_bytes)
+    """Full version ``row``'s payload, region rows opened, ``row_dir`` set (an ``ivf_disk``
+    index's rows lie beside the snapshot). Raises SnapshotError as :func:`read_payload`."""
+    payload = read_version(keyring, snapshots_dir, row, Payload.from_bytes)
+    path = snapshot_path(snapshots_dir, row)
+    try:
+        payload.open_regions(path.parent)
+    except ValueError as exc:  # RowFileError included
+        raise SnapshotError(
+            f"snapshot v{row.version} ({row.snapshot_id}) at {path}: bad payload: {exc}"
+        ) from exc
+    payload.row_dir = path.parent
+    return payload
 
 
 def _entry_state(session: Session) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
@@ -171,8 +191,8 @@ def commit_signals(
     Otherwise the new payload is the current one minus ``removed`` and minus entries that no
     longer exist, plus ``added``, with the active mask recomputed from the database. The
     snapshot row is added to ``session``; the file is written before the commit (ciphertext
-    only). After the caller commits, call :func:`prune_snapshots`; if the transaction fails,
-    delete the returned file.
+    only). After the caller commits, prune (:mod:`moderation.banks.retention`); if the
+    transaction fails, delete the returned file.
 
     Raises:
         EncoderMismatchError: the current snapshot was built by another encoder.
@@ -181,7 +201,9 @@ def commit_signals(
     lock_snapshots(session)
     removed = list(removed)
     base = current_snapshot(session)
-    if base is not None and _delta_fits(session, base, encoder_id, added, removed, added_hashes):
+    if base is not None and _delta_fits(
+        session, snapshots_dir, base, encoder_id, added, removed, added_hashes
+    ):
         delta = DeltaPayload.of_change(
             base.version,
             encoder_id,
@@ -226,14 +248,21 @@ def _commit_full(
     payload, version = _current_payload(
         session, keyring=keyring, snapshots_dir=snapshots_dir, encoder_id=encoder_id, dim=dim
     )
-    payload = next_payload(
-        session, payload, added=added, removed=removed, added_hashes=added_hashes
-    )
+    snapshot_id = uuid.uuid4().hex
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    payload = next_payload(
+        session,
+        payload,
+        added=added,
+        removed=removed,
+        added_hashes=added_hashes,
+        rows_path=rows_path_of(snapshots_dir / snapshot_filename(snapshot_id, version)),
+    )
+    _spill_regions(payload, snapshots_dir / snapshot_filename(snapshot_id, version))
     written = write_snapshot(
         snapshots_dir,
         payload.to_bytes(index_holds_active=payload.cosine_index is not None),
-        snapshot_id=uuid.uuid4().hex,
+        snapshot_id=snapshot_id,
         version=version,
         encoder_id=encoder_id,
         keyring=keyring,
@@ -251,6 +280,7 @@ def _commit_full(
 
 def _delta_fits(
     session: Session,
+    snapshots_dir: Path,
     base: IndexSnapshot,
     encoder_id: str,
     added: Sequence[EntrySignals],
@@ -264,7 +294,15 @@ def _delta_fits(
         return False
     if not (added or removed or (added_hashes is not None and len(added_hashes))):
         return False
-    return len(chain_of(session, base)) <= MAX_CHAIN_DELTAS
+    chain = chain_of(session, base)
+    return len(chain) <= MAX_CHAIN_DELTAS and not keeps_row_files(snapshots_dir, chain[0])
+
+
+def keeps_row_files(snapshots_dir: Path, row: IndexSnapshot) -> bool:
+    """Whether full version ``row`` has row files (``ivf_disk`` rows, region rows): its chain
+    takes no deltas (a loaded ``ivf_disk`` index refuses additions; region rows are fixed)."""
+    path = snapshot_path(snapshots_dir, row)
+    return rows_path_of(path).exists() or path.with_suffix(REGIONS_SUFFIX).exists()
 
 
 def _current_payload(
@@ -296,10 +334,12 @@ def next_payload(
     added: Sequence[EntrySignals],
     removed: Iterable[int],
     added_hashes: HashEntries | None = None,
+    rows_path: Path | None = None,
 ) -> Payload:
     """``payload`` minus ``removed`` and entries gone from the database, plus ``added`` (and
     ``added_hashes``), with the active masks recomputed from the database and the stored index
-    rebuilt."""
+    rebuilt (``rows_path``: where an ``ivf_disk`` index writes its row file, see
+    :func:`rows_path_of`; without it a bank never gets one)."""
     ids, searchable = _entry_state(session)
     in_payload = np.concatenate([payload.entry_ids, payload.hashes.entry_ids])
     gone = in_payload[~np.isin(in_payload, ids)].tolist()
@@ -308,7 +348,7 @@ def next_payload(
         payload.hashes = payload.hashes.with_added(added_hashes)
     payload.active = _active_mask(ids, searchable, payload.entry_ids)
     payload.hashes.active = _active_mask(ids, searchable, payload.hashes.entry_ids)
-    payload.cosine_index = _stored_index(payload)
+    payload.cosine_index = _stored_index(payload, rows_path)
     return payload
 
 
@@ -321,52 +361,6 @@ def _add_snapshot_row(
     """Add (and flush) the row recording the full snapshot file just written."""
     active = int(payload.active.sum()) + int(payload.hashes.active.sum())
     return add_row(session, written, entry_count=active, compacted_from=compacted_from)
-
-
-def kept_snapshots(session: Session) -> list[IndexSnapshot]:
-    """The newest row of the serving chain and of every other kept chain (an encoder
-    migration's target while it shadows, the previous encoder's after promotion)."""
-    rows = [current_snapshot(session)]
-    rows += [current_snapshot(session, eid) for eid in encoder_chains(session).kept_ids]
-    return list({row.version: row for row in rows if row is not None}.values())
-
-
-def _kept_with_bases(session: Session, kept: Sequence[IndexSnapshot]) -> list[IndexSnapshot]:
-    """``kept`` and, for a delta, every older version its chain builds on (as far as the
-    chain is intact: readers refuse a broken one, and the next full version retires it)."""
-    rows: dict[int, IndexSnapshot] = {}
-    for row in kept:
-        rows[row.version] = row
-        while row.base_version is not None and row.base_version < row.version:
-            older = session.get(IndexSnapshot, row.base_version)
-            if older is None:
-                break
-            rows[older.version] = row = older
-    return list(rows.values())
-
-
-def prune_snapshots(session: Session, snapshots_dir: Path) -> list[Path]:
-    """Delete every snapshot file and row but the newest of each kept chain
-    (:func:`kept_snapshots`) and, for a delta, the full version and deltas it builds on.
-
-    Old snapshots hold signals of erased or deleted entries, so they are not kept around
-    (the kept chains are rewritten without them: :func:`sync_kept_chains`); a delta chain's
-    base keeps removed entries' signals until compaction retires it
-    (:mod:`moderation.banks.compaction`; erasure compacts at once). Returns the deleted paths.
-    """
-    kept = _kept_with_bases(session, kept_snapshots(session))
-    if not kept:
-        return []
-    removed: list[Path] = []
-    versions = [row.version for row in kept]
-    for old in session.scalars(select(IndexSnapshot).where(IndexSnapshot.version.not_in(versions))):
-        session.delete(old)
-    keep = {Path(row.path).name for row in kept}
-    for path in snapshots_dir.glob("*.snapshot"):
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 def pdq_only(payload: Payload) -> HashEntries:
@@ -405,13 +399,16 @@ def write_payload(
     """Write ``payload`` (its stored index rebuilt) as the next full version of its encoder's
     chain, adding (and flushing) its row; the caller commits, or deletes the file on failure.
     ``compacted_from``: the version whose content ``payload`` holds unchanged (compaction)."""
-    payload.cosine_index = _stored_index(payload)
+    snapshot_id, version = uuid.uuid4().hex, next_version(session)
     snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    rows_path = rows_path_of(snapshots_dir / snapshot_filename(snapshot_id, version))
+    payload.cosine_index = _stored_index(payload, rows_path)
+    _spill_regions(payload, rows_path)
     written = write_snapshot(
         snapshots_dir,
         payload.to_bytes(index_holds_active=payload.cosine_index is not None),
-        snapshot_id=uuid.uuid4().hex,
-        version=next_version(session),
+        snapshot_id=snapshot_id,
+        version=version,
         encoder_id=payload.encoder_id,
         keyring=keyring,
     )
@@ -452,14 +449,36 @@ def sync_kept_chains(
     return written
 
 
-def _stored_index(payload: Payload) -> bytes | None:
-    """The serialized cosine index of ``payload``'s active entries for a large bank, else None."""
+def rows_path_of(snapshot_path: Path) -> Path:
+    """The row file of the ``ivf_disk`` index inside a snapshot: ``<snapshot stem>.rows``
+    beside it (encrypted under a key kept in the snapshot's payload, see
+    :mod:`moderation.banks.rowfile`), pruned with the snapshot."""
+    return snapshot_path.with_suffix(ROWS_SUFFIX)
+
+
+def _spill_regions(payload: Payload, snapshot_path: Path) -> None:
+    """Move a large bank's region embeddings to ``<snapshot stem>.regions``."""
+    if len(payload.region_entry_ids) >= REGION_FILE_MIN_ROWS:
+        path = snapshot_path.with_suffix(REGIONS_SUFFIX)
+        path.unlink(missing_ok=True)  # a failed earlier attempt at this version
+        payload.spill_regions(path)
+
+
+def _stored_index(payload: Payload, rows_path: Path | None = None) -> bytes | None:
+    """The serialized cosine index of ``payload``'s active entries for a large bank, else
+    None; from ``DISK_MIN_ENTRIES`` entries an ``ivf_disk`` one writing ``rows_path``."""
     if int(payload.active.sum()) < STORED_INDEX_MIN_ENTRIES:
         return None
     from moderation.banks.index import CosineIndex  # FAISS, only for a large bank's snapshot
 
     ids = payload.entry_ids[payload.active]
-    return CosineIndex.build(ids, payload.full_vectors()[payload.active]).serialize()
+    vectors = payload.full_vectors()[payload.active]
+    if rows_path is None:
+        return CosineIndex.build(ids, vectors).serialize()
+    rows_path.unlink(missing_ok=True)  # a failed earlier attempt at this version
+    return CosineIndex.build(
+        ids, vectors, row_dir=rows_path.parent, row_name=rows_path.name
+    ).serialize()
 
 
 def snapshot_exact_key(

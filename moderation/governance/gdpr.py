@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from moderation.audit.log import record_event, sign_document, signing_key, write_checkpoint
 from moderation.audit.offline import RECEIPT_TYPE
 from moderation.banks.compaction import compact_snapshots
-from moderation.banks.versions import prune_snapshots
+from moderation.banks.retention import prune_snapshots
 from moderation.governance.erasure_requests import empty_plan, new_request, open_request
 from moderation.governance.erasure_stores import (
     as_utc,

@@ -38,13 +38,13 @@ from moderation.banks.encoder_chains import SHADOW_STATES, latest_migration
 from moderation.banks.operations import originals_vault
 from moderation.banks.originals import OriginalMissingError
 from moderation.banks.records import BlocklistError
+from moderation.banks.retention import prune_snapshots
 from moderation.banks.snapshot_payload import EntrySignals, Payload
 from moderation.banks.versions import (
     current_snapshot,
     lock_snapshots,
     next_payload,
     pdq_only,
-    prune_snapshots,
     read_payload,
     write_payload,
 )

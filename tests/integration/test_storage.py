@@ -12,8 +12,9 @@ from sqlalchemy import func, select
 from moderation.audit.log import GENESIS_HASH, compute_hash, event_body, record_event
 from moderation.banks.blocklist import load_blocklist
 from moderation.banks.records import BlocklistError, create_bank, get_bank
+from moderation.banks.retention import prune_snapshots
 from moderation.banks.snapshot_payload import EntrySignals
-from moderation.banks.versions import EncoderMismatchError, commit_signals, prune_snapshots
+from moderation.banks.versions import EncoderMismatchError, commit_signals
 from moderation.config import load_settings
 from moderation.crypto.keys import load_keyring
 from moderation.matching.decision import ScreeningResult

@@ -15,7 +15,8 @@ from moderation.banks.encoder_chains import encoder_chains
 from moderation.banks.operations import delete_entries, import_bank
 from moderation.banks.originals import read_original, vault_dir
 from moderation.banks.records import create_bank_audited
-from moderation.banks.versions import current_snapshot, kept_snapshots, read_payload
+from moderation.banks.retention import kept_snapshots
+from moderation.banks.versions import current_snapshot, read_payload
 from moderation.config import Settings
 from moderation.governance.keys import rotate_keys
 from moderation.modelops.encoder_migration import MigrationError, run_migration, start_migration

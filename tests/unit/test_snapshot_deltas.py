@@ -22,10 +22,11 @@ from moderation.banks.compaction import (
 from moderation.banks.delta_chain import read_delta, snapshot_path
 from moderation.banks.operations import delete_entries, import_bank, set_entry_disabled
 from moderation.banks.records import create_bank
+from moderation.banks.retention import prune_snapshots
 from moderation.banks.snapshot import SnapshotError, write_snapshot
 from moderation.banks.snapshot_delta import DeltaPayload, compose, without_embeddings
 from moderation.banks.snapshot_payload import Payload
-from moderation.banks.versions import current_snapshot, prune_snapshots, read_payload
+from moderation.banks.versions import current_snapshot, read_payload
 from moderation.governance.keys import rotate_keys
 from moderation.service.runtime import Runtime
 from moderation.service.worker import WorkerState

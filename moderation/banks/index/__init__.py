@@ -7,6 +7,8 @@ pickle-free format, which :func:`load_index` reads back whatever the kind.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from moderation.banks.faiss_threads import apply_faiss_threads
 from moderation.banks.index.base import FORMAT_VERSION, Buffer, Hit, SignalIndex, read_index
 from moderation.banks.index.cosine import HNSW_MIN_ENTRIES, CosineIndex
@@ -39,11 +41,19 @@ __all__ = [
 ]
 
 
-def load_index(data: Buffer, *, authenticated: bool = False) -> SignalIndex:
+def load_index(
+    data: Buffer, *, authenticated: bool = False, row_dir: Path | None = None
+) -> SignalIndex:
     """Deserialize an index of any kind from :meth:`SignalIndex.serialize` bytes
-    (``authenticated``: see :func:`~moderation.banks.index.base.read_index`).
+    (``authenticated``: see :func:`~moderation.banks.index.base.read_index`); an ``ivf_disk``
+    cosine index opens its row file in ``row_dir`` (the snapshot directory) when given.
 
     Raises:
-        ValueError: malformed, truncated or corrupted data, or an unknown index type.
+        ValueError: malformed, truncated or corrupted data, an unknown index type, or an
+            ``ivf_disk`` row file missing from ``row_dir`` or not the one the bytes name
+            (:class:`~moderation.banks.rowfile.RowFileError`).
     """
-    return read_index(data, authenticated=authenticated)
+    index = read_index(data, authenticated=authenticated)
+    if row_dir is not None and isinstance(index, CosineIndex):
+        index.open_rows(row_dir)
+    return index

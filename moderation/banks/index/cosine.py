@@ -8,7 +8,9 @@ needed, ``HNSWx`` when memory is not the constraint, and for the largest banks c
 from vectors projected to fewer dimensions, re-ranked by full-width cosine: ``hnsw_pca``
 (``PCA<p>,HNSW<M>,Refine(SQfp16)``) or, from :data:`PCA_MIN_ENTRIES` entries, ``ivf_pca``
 (``PCA<256>,IVF<nlist>,SQ8,Refine(SQfp16)``). :mod:`moderation.banks.index.cosine_projection`
-describes both layouts and the measurements behind them.
+describes both layouts and the measurements behind them. From :data:`DISK_MIN_ENTRIES` entries,
+when given a row directory, ``ivf_disk`` keeps the re-ranking rows out of RAM in an encrypted
+row file (:mod:`moderation.banks.index.disk`).
 
 Loading is zero-copy: a deserialized index's FAISS arrays (codes, graph) are views into the
 caller's buffer (FAISS ``ZeroCopyIOReader`` with ``IO_FLAG_MMAP_IFC``), which the index keeps
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Final, Literal, Self
 
 import faiss
@@ -40,6 +43,7 @@ from moderation.banks.index.base import (
     ids_from_iterable,
     merge_sorted,
 )
+from moderation.banks.index.cosine_layout import check_inner, new_faiss_index, search_params
 from moderation.banks.index.cosine_params import (
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
@@ -60,17 +64,13 @@ from moderation.banks.index.cosine_projection import (
     PCA_DIM,
     PCA_EF_SEARCH,
     REFINE_K_FACTOR,
-    check_pca_layout,
     ivf_nlist,
-    new_projected_index,
-    projected_search_params,
     train_projected,
 )
+from moderation.banks.index.disk import DiskIvf
 from moderation.banks.index.gpu import maybe_to_gpu
 from moderation.banks.index.loading import (
-    check_hnsw,
     check_id_map,
-    check_ivf,
     read_faiss,
     tombstones_from,
 )
@@ -91,6 +91,11 @@ HNSW_MIN_ENTRIES: Final = 50_000
 #: narrow vectors.
 PCA_MIN_ENTRIES: Final = HNSW_MIN_ENTRIES
 
+#: Bank size from which ``build(algorithm="auto", row_dir=...)`` uses ``ivf_disk``: at 1M
+#: entries ``ivf_pca`` holds 2.8 GB per worker (measured, README "Banks past one machine's
+#: memory"), ``ivf_disk`` about 0.4 GB at the same recall@10 for 3 ms more per query.
+DISK_MIN_ENTRIES: Final = 1_000_000
+
 
 class CosineIndex(SignalIndex):
     """Cosine similarity over float32 ``(n, dim)`` unit vectors; ``Hit.score`` is the cosine."""
@@ -109,12 +114,14 @@ class CosineIndex(SignalIndex):
         k_factor: int = REFINE_K_FACTOR,
         nlist: int = 1024,
         nprobe: int = IVF_NPROBE,
+        row_dir: Path | None = None,
+        row_name: str | None = None,
     ) -> None:
         """An empty index of ``dim``-wide vectors; see :meth:`build` for the parameters."""
         if algorithm not in PARAM_KEYS:
             raise ValueError(f"algorithm must be one of {sorted(PARAM_KEYS)}, got {algorithm!r}")
         if pca_dim is None:
-            pca_dim = IVF_PCA_DIM if algorithm == "ivf_pca" else PCA_DIM
+            pca_dim = IVF_PCA_DIM if algorithm in ("ivf_pca", "ivf_disk") else PCA_DIM
         self._dim = positive_int(dim, "dim")
         self._algorithm: Algorithm = algorithm
         self._hnsw_m = positive_int(hnsw_m, "hnsw_m")
@@ -124,8 +131,13 @@ class CosineIndex(SignalIndex):
         self._k_factor = positive_int(k_factor, "k_factor")
         self._nlist = positive_int(nlist, "nlist")
         self._nprobe = positive_int(nprobe, "nprobe")
-        if algorithm in PROJECTED and self._pca_dim >= self._dim:
+        if algorithm in (*PROJECTED, "ivf_disk") and self._pca_dim >= self._dim:
             raise ValueError(f"pca_dim ({self._pca_dim}) must be below dim ({self._dim})")
+        self._disk: DiskIvf | None = None
+        if algorithm == "ivf_disk":
+            self._disk = DiskIvf(dim, self._pca_dim, self._nlist, self._nprobe, self._k_factor)
+            if row_dir is not None:
+                self._disk.attach_new_rows(Path(row_dir), row_name)
         self._index = self._new_faiss_index()
         self._search_index: faiss.Index = self._index
         self._ids: IdArray = np.empty(0, dtype=np.int64)
@@ -149,37 +161,35 @@ class CosineIndex(SignalIndex):
         k_factor: int = REFINE_K_FACTOR,
         nlist: int | None = None,
         nprobe: int = IVF_NPROBE,
+        row_dir: Path | None = None,
+        row_name: str | None = None,
         **params: Any,
     ) -> Self:
         """Build from ``(n,)`` int ids and ``(n, dim)`` float32 unit vectors.
 
         Args:
-            algorithm: ``"flat"`` (exact), ``"hnsw"`` (approximate), ``"hnsw_pca"`` (projected
-                HNSW candidates re-ranked by full-width cosine), ``"ivf_pca"`` (projected
-                inverted-file candidates, re-ranked the same way) or ``"auto"``: ``ivf_pca``
-                when ``n >= PCA_MIN_ENTRIES`` and ``dim > IVF_PCA_DIM``, else HNSW when
-                ``n >= HNSW_MIN_ENTRIES``, else flat. The choice is fixed for the index's life;
-                entries added later do not switch it (rebuild to re-decide).
-            hnsw_m, ef_construction, ef_search: HNSW parameters, recorded in the header
-                (``ef_search`` defaults to :data:`HNSW_EF_SEARCH`, or :data:`PCA_EF_SEARCH`
-                for ``hnsw_pca``).
-            pca_dim, k_factor: ``hnsw_pca`` and ``ivf_pca``: projected width (learned from
-                these vectors, :func:`~moderation.banks.index.cosine_projection.learn_projection`;
-                default :data:`PCA_DIM`, or :data:`IVF_PCA_DIM` for ``ivf_pca``) and re-ranked
-                candidates per result.
-            nlist, nprobe: ``ivf_pca``: inverted lists (default :func:`ivf_nlist` of these
-                vectors' count: fixed for the index's life, so build from the whole bank) and
-                lists scanned per query.
+            algorithm: ``"flat"`` (exact), ``"hnsw"``, ``"hnsw_pca"`` / ``"ivf_pca"`` (projected
+                HNSW / IVF candidates re-ranked by full-width cosine), ``"ivf_disk"`` (IVF ones
+                re-ranked from an encrypted row file, :mod:`.disk`) or ``"auto"``: for ``dim >
+                IVF_PCA_DIM`` ``ivf_disk`` from ``DISK_MIN_ENTRIES`` with a ``row_dir``, else
+                ``ivf_pca`` from ``PCA_MIN_ENTRIES``; else HNSW from ``HNSW_MIN_ENTRIES``, else
+                flat. Fixed for the index's life.
+            hnsw_m, ef_construction, ef_search: HNSW parameters, in the header (``ef_search``
+                defaults to :data:`HNSW_EF_SEARCH`, :data:`PCA_EF_SEARCH` for ``hnsw_pca``).
+            pca_dim, k_factor, nlist, nprobe: projected width (learned from these vectors;
+                default :data:`PCA_DIM`, :data:`IVF_PCA_DIM` for IVF), re-ranked candidates per
+                result, IVF lists (default :func:`ivf_nlist` of n, fixed) and lists probed.
+            row_dir, row_name: ``ivf_disk``'s new row file (default ``rows-<uuid>.rows``); its
+                key is in :meth:`serialize`'s bytes: keep those in an encrypted snapshot.
 
         Raises:
-            ValueError: malformed input (see :class:`SignalIndex`), vectors not unit-norm, or
-                an unknown parameter.
+            ValueError: malformed input (:class:`SignalIndex`), non-unit vectors, unknown params.
         """
         if params:
             raise ValueError(f"unknown CosineIndex parameter(s): {sorted(params)}")
         matrix = check_matrix(vectors, dtype=np.float32, dim=None, what="vectors")
         n = len(matrix)
-        chosen = _choose_algorithm(algorithm, n, matrix.shape[1], pca_dim)
+        chosen = _choose_algorithm(algorithm, n, matrix.shape[1], pca_dim, row_dir is not None)
         if ef_search is None:
             ef_search = PCA_EF_SEARCH if chosen == "hnsw_pca" else HNSW_EF_SEARCH
         index = cls(
@@ -193,32 +203,14 @@ class CosineIndex(SignalIndex):
             # At least 39 training rows per list (FAISS's k-means warns below that).
             nlist=nlist if nlist is not None else min(ivf_nlist(n), max(1, n // 39)),
             nprobe=nprobe,
+            row_dir=row_dir,
+            row_name=row_name,
         )
         index.add(ids, matrix)
         return index
 
     def _new_faiss_index(self) -> faiss.IndexIDMap:
-        inner: faiss.Index
-        if self._algorithm in PROJECTED:
-            return new_projected_index(
-                self._dim,
-                self._pca_dim,
-                ivf=self._algorithm == "ivf_pca",
-                nlist=self._nlist,
-                nprobe=self._nprobe,
-                hnsw_m=self._hnsw_m,
-                ef_construction=self._ef_construction,
-                ef_search=self._ef_search,
-                k_factor=self._k_factor,
-            )
-        if self._algorithm == "hnsw":
-            hnsw = faiss.IndexHNSWFlat(self._dim, self._hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            hnsw.hnsw.efConstruction = self._ef_construction
-            hnsw.hnsw.efSearch = self._ef_search
-            inner = hnsw
-        else:
-            inner = faiss.IndexFlatIP(self._dim)
-        return faiss.IndexIDMap(inner)
+        return new_faiss_index(self._dim, self._settings())
 
     @property
     def dim(self) -> int:
@@ -227,14 +219,24 @@ class CosineIndex(SignalIndex):
 
     @property
     def algorithm(self) -> Algorithm:
-        """``"flat"`` (exact), ``"hnsw"``, ``"hnsw_pca"`` or ``"ivf_pca"`` (approximate)."""
+        """``"flat"`` (exact), ``"hnsw"``, ``"hnsw_pca"``, ``"ivf_pca"`` or ``"ivf_disk"``."""
         return self._algorithm
 
     @property
-    def params(self) -> dict[str, ParamValue]:
-        """``algorithm``, plus ``hnsw_m``, ``ef_construction``, ``ef_search`` for HNSW and
-        also ``pca_dim``, ``k_factor`` for ``hnsw_pca``."""
-        every: dict[str, ParamValue] = {
+    def row_path(self) -> Path | None:
+        """``ivf_disk``: the open row file's path (else None)."""
+        rows = self._disk.rows if self._disk is not None else None
+        return rows.path if rows is not None else None
+
+    def open_rows(self, row_dir: Path) -> None:
+        """``ivf_disk`` loaded from bytes: open the row file they name in ``row_dir``,
+        read-only (no row is read). Raises RowFileError (a ValueError): missing, another
+        version's, or truncated. Other algorithms: nothing to do."""
+        if self._disk is not None:
+            self._disk.open_rows(Path(row_dir))
+
+    def _settings(self) -> dict[str, ParamValue]:
+        return {
             "algorithm": self._algorithm,
             "hnsw_m": self._hnsw_m,
             "ef_construction": self._ef_construction,
@@ -244,6 +246,11 @@ class CosineIndex(SignalIndex):
             "nlist": self._nlist,
             "nprobe": self._nprobe,
         }
+
+    @property
+    def params(self) -> dict[str, ParamValue]:
+        """The header parameters of the algorithm (``PARAM_ORDER``), ``algorithm`` first."""
+        every = self._settings()
         return {key: every[key] for key in PARAM_ORDER[self._algorithm]}
 
     @property
@@ -265,6 +272,10 @@ class CosineIndex(SignalIndex):
         check_no_duplicates(self._ids, new_ids)
         if new_ids.size == 0:
             return
+        if self._disk is not None:
+            self._disk.add(new_ids, matrix)
+            self._ids = merge_sorted(self._ids, new_ids)
+            return
         self._own()
         if self._tombstones.size and np.isin(new_ids, self._tombstones).any():
             # A re-added id would otherwise match both its tombstoned and its new vector.
@@ -281,7 +292,10 @@ class CosineIndex(SignalIndex):
         present = np.intersect1d(self._ids, ids_from_iterable(ids), assume_unique=True)
         if present.size == 0:
             return 0
-        if self._algorithm == "flat":
+        if self._disk is not None:
+            self._disk.own()
+            self._disk.remove(present)
+        elif self._algorithm == "flat":
             self._own()
             removed = self._index.remove_ids(faiss.IDSelectorBatch(present))
             self._labels = None
@@ -339,6 +353,8 @@ class CosineIndex(SignalIndex):
         wanted = check_ids(ids)
         if wanted.size == 0:
             return np.zeros((0, self._dim), dtype=np.float32)
+        if self._disk is not None:
+            return self._disk.reconstruct(wanted)
         labels, order = self._label_order()
         found = np.searchsorted(labels, wanted, sorter=order)
         found = np.minimum(found, labels.size - 1)
@@ -384,27 +400,15 @@ class CosineIndex(SignalIndex):
         if len(self) == 0:
             return [[] for _ in range(matrix.shape[0])]
         kk = min(k, len(self))
-        if self._algorithm == "hnsw":
-            # Attribute missing from faiss's bundled type stubs, present at runtime.
-            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
-            params.efSearch = max(self._ef_search, kk)
-            if self._tombstones.size:
-                params.sel = self._tombstone_selector()
-            scores, labels = self._search_index.search(matrix, kk, params=params)
-        elif self._algorithm in PROJECTED:
-            refine_params = projected_search_params(
-                ivf=self._algorithm == "ivf_pca",
-                nprobe=self._nprobe,
-                ef_search=max(self._ef_search, kk * self._k_factor),
-                k_factor=self._k_factor,
-                # Below IndexIDMap the candidates are row positions, not entry ids.
-                selector=self._tombstone_selector(positions=True)
-                if self._tombstones.size
-                else None,
-            )
-            scores, labels = self._search_index.search(matrix, kk, params=refine_params)
+        if self._disk is not None:
+            scores, labels = self._disk.search(matrix, kk, self._nprobe)
         else:
-            scores, labels = self._search_index.search(matrix, kk)
+            selector = None
+            if self._tombstones.size:
+                # Below IndexIDMap the candidates of projected indexes are row positions.
+                selector = self._tombstone_selector(positions=self._algorithm in PROJECTED)
+            params = search_params(self._settings(), kk, selector)
+            scores, labels = self._search_index.search(matrix, kk, params=params)
         results: list[list[Hit]] = []
         for row_scores, row_labels in zip(scores, labels, strict=True):
             pairs = [
@@ -428,14 +432,9 @@ class CosineIndex(SignalIndex):
         return self._selector[1]
 
     def use_gpu(self, *, gpus: int | None = None) -> bool:
-        """Search a GPU copy of a flat index when FAISS GPU and a GPU are available.
-
-        The CPU index stays the source of truth: ``add``/``remove`` go to it and drop the GPU
-        copy (call again afterwards). HNSW stays on CPU. See :func:`maybe_to_gpu`.
-
-        Returns:
-            Whether searches now run on a GPU.
-        """
+        """Search a GPU copy of a flat index when FAISS GPU and a GPU are available (others
+        stay on CPU; ``add``/``remove`` drop the copy: call again). See :func:`maybe_to_gpu`.
+        Returns whether searches now run on a GPU."""
         if self._algorithm != "flat":
             logger.info("only flat indexes are moved to FAISS GPU here; searching on CPU")
             self._search_index = self._index
@@ -443,22 +442,9 @@ class CosineIndex(SignalIndex):
         self._search_index = maybe_to_gpu(self._index, gpus=gpus)
         return self._search_index is not self._index
 
-    def _check_inner(self, inner: Any) -> None:
-        """Check a loaded FAISS index below its ``IndexIDMap`` against this index's
-        parameters, and give it this index's search settings. Raises ValueError."""
-        if self._algorithm in PROJECTED:
-            candidates = check_pca_layout(inner, self._dim, self._pca_dim)
-            refine: Any = inner
-            refine.k_factor = float(self._k_factor)
-            inner = candidates
-        if self._algorithm == "ivf_pca":
-            check_ivf(inner, self._nlist, self._nprobe)
-        elif self._algorithm != "flat":
-            check_hnsw(inner, self._hnsw_m, self._ef_search)
-        elif type(inner) is not faiss.IndexFlatIP:
-            raise ValueError(f"expected IndexFlatIP, got {type(inner).__name__}")
-
     def _sections(self) -> dict[str, bytes]:
+        if self._disk is not None:
+            return self._disk.sections()
         sections = {"faiss": faiss.serialize_index(self._index).tobytes()}
         if self._algorithm != "flat":
             sections["tombstones"] = self._tombstones.astype("<i8").tobytes()
@@ -474,8 +460,12 @@ class CosineIndex(SignalIndex):
     ) -> Self:
         check_header(params, sections)
         index = cls(dim, **params)
+        if params["algorithm"] == "ivf_disk":
+            index._disk = DiskIvf.from_sections(dim, dict(params), dict(sections), count)
+            index._ids = np.sort(index._disk.labels[index._disk.labels >= 0])
+            return index
         loaded, index._backing = read_faiss(sections["faiss"], dim)
-        index._check_inner(faiss.downcast_index(loaded.index))
+        check_inner(faiss.downcast_index(loaded.index), dim, index._settings())
         # A flat index has no tombstones section (checked above): none are dead.
         tombstones = tombstones_from(sections.get("tombstones", b""))
         labels, order, live, tombstones = check_id_map(loaded, tombstones, count)
@@ -488,11 +478,13 @@ class CosineIndex(SignalIndex):
 
 
 def _choose_algorithm(
-    algorithm: Algorithm | Literal["auto"], n: int, dim: int, pca_dim: int | None
+    algorithm: Algorithm | Literal["auto"], n: int, dim: int, pca_dim: int | None, rows: bool
 ) -> Algorithm:
     """``algorithm``, or for ``"auto"`` the choice :meth:`CosineIndex.build` documents."""
     if algorithm != "auto":
         return algorithm
+    if rows and n >= DISK_MIN_ENTRIES and dim > (pca_dim or IVF_PCA_DIM):
+        return "ivf_disk"
     if n >= PCA_MIN_ENTRIES and dim > (pca_dim or IVF_PCA_DIM):
         return "ivf_pca"
     return "hnsw" if n >= HNSW_MIN_ENTRIES else "flat"

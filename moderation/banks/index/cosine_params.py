@@ -38,13 +38,14 @@ UNIT_NORM_TOLERANCE: Final = 1e-3
 #: amortised over at least this fraction of the bank in removals.
 TOMBSTONE_COMPACT_FRACTION: Final = 0.2
 
-Algorithm = Literal["flat", "hnsw", "hnsw_pca", "ivf_pca"]
+Algorithm = Literal["flat", "hnsw", "hnsw_pca", "ivf_pca", "ivf_disk"]
 #: Header parameters of each algorithm, in the order :attr:`CosineIndex.params` lists them.
 PARAM_ORDER: Final[dict[str, tuple[str, ...]]] = {
     "flat": ("algorithm",),
     "hnsw": ("algorithm", "hnsw_m", "ef_construction", "ef_search"),
     "hnsw_pca": ("algorithm", "hnsw_m", "ef_construction", "ef_search", "pca_dim", "k_factor"),
     "ivf_pca": ("algorithm", "nlist", "nprobe", "pca_dim", "k_factor"),
+    "ivf_disk": ("algorithm", "nlist", "nprobe", "pca_dim", "k_factor"),
 }
 PARAM_KEYS: Final = {name: set(keys) for name, keys in PARAM_ORDER.items()}
 #: Header parameters of each algorithm.
@@ -91,5 +92,7 @@ def check_header(params: Mapping[str, Any], sections: Mapping[str, object]) -> N
     if set(params) != PARAM_KEYS[algorithm]:
         raise ValueError(f"cosine {algorithm} params must be {sorted(PARAM_KEYS[algorithm])}")
     expected = {"faiss"} if algorithm == "flat" else {"faiss", "tombstones"}
+    if algorithm == "ivf_disk":
+        expected = {"faiss", "labels", "rows"}
     if set(sections) != expected:
         raise ValueError(f"cosine {algorithm} index needs sections {sorted(expected)}")

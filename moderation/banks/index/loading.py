@@ -13,9 +13,12 @@ import numpy.typing as npt
 from moderation.banks.index.base import Buffer, IdArray
 
 
-def read_faiss(blob: Buffer, dim: int) -> tuple[faiss.IndexIDMap, npt.NDArray[np.uint8] | None]:
-    """The ``dim``-wide FAISS ``IndexIDMap`` serialized in ``blob``, and the buffer its arrays
-    are views into (zero-copy, when ``blob`` is writable and not empty) or None (a copy).
+def read_faiss(
+    blob: Buffer, dim: int, *, wrapper: type[Any] = faiss.IndexIDMap
+) -> tuple[Any, npt.NDArray[np.uint8] | None]:
+    """The ``dim``-wide FAISS ``wrapper`` index (``IndexIDMap``, or the ``IndexPreTransform``
+    of ``ivf_disk``) serialized in ``blob``, and the buffer its arrays are views into
+    (zero-copy, when ``blob`` is writable and not empty) or None (a copy).
 
     Raises:
         ValueError: FAISS cannot read ``blob``, or it holds another index type or width, or
@@ -36,8 +39,10 @@ def read_faiss(blob: Buffer, dim: int) -> tuple[faiss.IndexIDMap, npt.NDArray[np
             loaded = faiss.deserialize_index(raw)
     except RuntimeError as exc:
         raise ValueError(f"FAISS could not read the index: {exc}") from exc
-    if not isinstance(loaded, faiss.IndexIDMap) or loaded.d != dim:
-        raise ValueError(f"expected a {dim}-d FAISS IndexIDMap, got {type(loaded).__name__}")
+    if not isinstance(loaded, wrapper) or loaded.d != dim:
+        raise ValueError(
+            f"expected a {dim}-d FAISS {wrapper.__name__}, got {type(loaded).__name__}"
+        )
     if faiss.downcast_index(loaded.index).metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError("the FAISS index does not use inner product")
     return loaded, backing
