@@ -131,3 +131,25 @@ def test_a_missing_or_replaced_row_file_fails_closed(disk_rt: Runtime, tmp_path:
     with pytest.raises(RowFileError, match="fails authentication"):
         blocklist.cosine.reconstruct(blocklist.cosine.ids())
     assert last in blocklist.cosine
+
+
+def test_a_row_file_chain_takes_full_versions_not_deltas(disk_rt: Runtime, tmp_path: Path) -> None:
+    """Adding to a bank served by ``ivf_disk`` writes a full version (a loaded ``ivf_disk``
+    index refuses additions), and a reloaded worker finds the added entry."""
+    paths = []
+    for name in (*PHOTOS, "coins"):
+        paths.append(tmp_path / f"{name}.jpg")
+        paths[-1].write_bytes(_jpeg(skimage_photo(name)))
+    import_bank(disk_rt, "known-bad", paths[:-1], actor="test")
+    with disk_rt.sessions() as session:
+        first = current_snapshot(session)
+        assert first is not None and versions.keeps_row_files(disk_rt.settings.snapshots_dir, first)
+    import_bank(disk_rt, "known-bad", paths[-1:], actor="test")
+    with disk_rt.sessions() as session:
+        second = current_snapshot(session)
+        assert second is not None and second.version > first.version
+        assert second.base_version is None  # a full version, not a delta on ``first``
+    blocklist = disk_rt.load_blocklist()
+    assert blocklist.cosine.algorithm == "ivf_disk" and len(blocklist.cosine) == len(paths)
+    (coins,) = disk_rt.screener().screen_bytes([_jpeg(skimage_photo("coins"))])
+    assert coins.decision == "block", coins.explanation
