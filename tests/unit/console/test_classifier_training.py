@@ -73,9 +73,17 @@ def test_import_train_screen_review_and_refuse_a_worse_model(
     assert first.after["average_precision"] > 0.8, first.after
 
     # Screening now runs the stage: probability on matches, its version on the result. The
-    # policy is widened so that every candidate goes to review (to get a review item).
-    rules = rt.policy.categories["default"].model_copy(
-        update={"block_probability": 1.0, "review_probability": 0.0}
+    # policy is widened so that every candidate goes to review (to get a review item): no
+    # cosine blocks, and the classifier (whose probability may reach 1.0 on this copy) may
+    # not raise a review-level match.
+    default = rt.policy.categories["default"]
+    rules = default.model_copy(
+        update={
+            "block_cosine": 1.0,
+            "block_probability": 1.0,
+            "review_probability": 0.0,
+            "classifier_band": default.classifier_band.model_copy(update={"max_raise": 0}),
+        }
     )
     rt.__dict__["policy"] = rt.policy.model_copy(update={"categories": {"default": rules}})
     query = tmp_path / "astronaut-meme.jpg"
