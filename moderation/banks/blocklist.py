@@ -190,8 +190,16 @@ class Blocklist:
             self._add_segment(delta.segment, infos)
             if exact_key is not None:
                 self.exact_key = exact_key
-            self.version, self.snapshot_id = row.version, row.snapshot_id
+            self.moved_to(row.snapshot_id, row.version)
             self.loaded_at = datetime.now(UTC)
+
+    def moved_to(self, snapshot_id: str | None, version: int) -> None:
+        """This blocklist now serves ``snapshot_id`` / ``version`` (a delta applied, or a
+        compacted version of the same entries); its cosine index is told too
+        (:meth:`CosineIndex.serves_version`: a sharded index asks its shards for it)."""
+        with self.guard:
+            self.version, self.snapshot_id = version, snapshot_id
+            self.cosine.serves_version(snapshot_id, version)
 
     def _forget(self, gone: list[int]) -> None:
         """Drop removed entries from the metadata and the exact-hash tables."""
@@ -400,7 +408,7 @@ def catch_up(session: Session, keyring: KeyRing, snapshots_dir: Path, blocklist:
     if blocklist.version in versions:
         start = versions.index(blocklist.version) + 1
     elif chain[0].compacted_from is not None and chain[0].compacted_from == blocklist.version:
-        blocklist.version, blocklist.snapshot_id = chain[0].version, chain[0].snapshot_id
+        blocklist.moved_to(chain[0].snapshot_id, chain[0].version)
         start = 1
     else:
         return False

@@ -135,6 +135,12 @@ class ShardedCosineIndex(CosineIndex):
         }
         return self._answered
 
+    def serves_version(self, snapshot_id: str | None, version: int) -> None:
+        """Ask the shards for snapshot ``snapshot_id`` / ``version`` from now on (the
+        blocklist applied a delta in place); the kept answers, of the previous version, go.
+        Shards still on the previous version are refused as stale until they load this one."""
+        self._snapshot, self._answered = (snapshot_id, version), {}
+
     def use_gpu(self, *, gpus: int | None = None) -> bool:
         """Searches run on the shards: never here."""
         return False

@@ -14,6 +14,7 @@ import html
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -61,17 +62,26 @@ def thumbnail_uri(path: Path, size: int = THUMBNAIL_PX) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def signals_agreed(signals: Sequence[str]) -> dict[str, bool]:
-    """Which of :data:`SIGNAL_COLUMNS` a match's agreed signals name
-    (:func:`moderation.matching.decision.agreed_signals`: ``exact_*``, ``pdq``, ``cosine`` or
-    ``global_cosine``, ``classifier``, ``query_region`` or ``entry_region``)."""
-    return {
-        "exact hash": any(s.startswith("exact_") for s in signals),
-        "PDQ": "pdq" in signals,
-        "embedding": "cosine" in signals or "global_cosine" in signals,
-        "classifier": "classifier" in signals,
-        "region match": any(s.endswith("region") for s in signals),
-    }
+_SIGNAL_KEYS = {
+    "exact hash": "exact",
+    "PDQ": "pdq",
+    "embedding": "global_cosine",
+    "classifier": "classifier",
+    "region match": "region_cosine",
+}
+"""Each signal column's key in the public explanation's ``signals`` object."""
+
+
+def signals_agreed(signals: Mapping[str, Any]) -> dict[str, bool]:
+    """Which of :data:`SIGNAL_COLUMNS` agreed, from a match's public explanation's ``signals``
+    object (:func:`moderation.matching.explain.match_explanation`, the same one
+    ``moderation screen --json``, the API result and the review page show): a column is ticked
+    when its signal is present and ``agreed``."""
+    agreed = {}
+    for column, key in _SIGNAL_KEYS.items():
+        signal = signals.get(key)
+        agreed[column] = isinstance(signal, Mapping) and bool(signal.get("agreed"))
+    return agreed
 
 
 def _img(uri: str | None, alt: str) -> str:
@@ -97,12 +107,14 @@ def item_row(
 ) -> str:
     """One ``<tr>``: query thumbnail, matched bank photo thumbnail, decision badge, the
     decision ``before`` training (a badge, if given), cosine, probability, PDQ distance of the
-    best candidate, one cell per signal column (the top match's agreed signals), the reason."""
+    best candidate, one cell per signal column (whether the top match's signal agreed, from its
+    public explanation), the stage that decided the top match, the reason."""
     result = item.result
     best = top_candidate(result)
     matched = None if best is None else names.get(str(best["entry_id"]))
     bank_file = None if matched is None else bank_files.get(matched)
-    agreed = signals_agreed(result.matches[0].signals if result.matches else ())
+    explained = result.matches[0].to_json() if result.matches else {}
+    agreed = signals_agreed(explained.get("signals") or {})
     cells = [
         _img(thumbnail_uri(item.path), item.path.name) + html.escape(item.path.name),
         (_img(thumbnail_uri(bank_file), matched or "") if bank_file else "")
@@ -116,6 +128,7 @@ def item_row(
             '<span class="yes">&#10003;</span>' if agreed[c] else '<span class="no">-</span>'
             for c in SIGNAL_COLUMNS
         ),
+        html.escape(str(explained.get("decided_by") or "")),
         html.escape(result.reason or ""),
     ]
     return '<tr class="item">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
@@ -179,6 +192,7 @@ def render_report(
             "probability",
             "PDQ distance",
             *SIGNAL_COLUMNS,
+            "decided by",
             "reason",
         )
     )

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from moderation.banks.records import EntryInfo
 from moderation.benchmark.demo_figures import (
     DemoItem,
     method_result,
@@ -16,7 +17,7 @@ from moderation.benchmark.demo_figures import (
     predictions,
 )
 from moderation.benchmark.demo_report import item_row, signals_agreed, thumbnail_uri
-from moderation.matching.decision import ScreeningResult
+from moderation.matching.decision import MatchResult, ScreeningResult
 from tests.screening_results import screening_result
 
 
@@ -93,8 +94,19 @@ def test_undecodable_file_has_no_thumbnail(tmp_path: Path) -> None:
     assert thumbnail_uri(broken) is None
 
 
-def test_signals_agreed_maps_decision_signals_to_columns() -> None:
-    agreed = signals_agreed(("global_cosine", "query_region", "pdq", "classifier"))
+def _match(signals: tuple[str, ...], *, probability: float | None = None) -> MatchResult:
+    entry = EntryInfo(1, 1, "known-bad", "blocklist", "csam", "a")
+    evidence = {
+        "decided_by": "classifier",
+        "passed": {"cosine": "review", "pdq": "none", "probability": "block"},
+        "thresholds": {"cosine": 0.7, "pdq": None, "probability": 0.9},
+    }
+    return MatchResult(entry, "block", 0.7, 12, probability, 0, signals, evidence=evidence)
+
+
+def test_signals_agreed_reads_the_public_explanation() -> None:
+    match = _match(("global_cosine", "query_region", "pdq", "classifier"), probability=0.97)
+    agreed = signals_agreed(match.to_json()["signals"])
     assert agreed == {
         "exact hash": False,
         "PDQ": True,
@@ -102,7 +114,23 @@ def test_signals_agreed_maps_decision_signals_to_columns() -> None:
         "classifier": True,
         "region match": True,
     }
-    assert signals_agreed(("exact_sha256",))["exact hash"]
+    assert signals_agreed(_match(("exact_sha256",)).to_json()["signals"])["exact hash"]
+    assert not any(signals_agreed({}).values())
+
+
+def test_row_names_the_stage_that_decided(tmp_path: Path) -> None:
+    query = tmp_path / "q.jpg"
+    Image.new("RGB", (64, 64), "red").save(query, "JPEG")
+    match = _match(("global_cosine", "classifier"), probability=0.97)
+    result = screening_result(
+        "block",
+        matches=(match,),
+        explanation={"candidates": [_candidate("e_1", 0.7, 12)]},
+    )
+    row = item_row(DemoItem(query, "copy", "x", "a", result), {"e_1": "a"}, {})
+    assert match.to_json()["decided_by"] == "classifier"
+    assert "<td>classifier</td>" in row
+    assert row.count('class="yes"') == 2  # embedding and classifier
 
 
 def test_demo_photos_from_a_folder_bank_first_then_unrelated(tmp_path: Path) -> None:

@@ -158,3 +158,31 @@ def test_shard_numbers_are_checked(rt: Runtime, settings: Settings) -> None:
         ShardState(rt, 2, poll_interval=1)
     with migrated_runtime(settings) as unsharded, pytest.raises(ValueError, match="index_shards=1"):
         ShardState(unsharded, 0, poll_interval=1)
+
+
+def test_a_delta_applied_in_place_is_screened_by_the_shards(rt: Runtime, tmp_path: Path) -> None:
+    """A screening worker that applies a delta in place (no full reload) asks the shards for
+    the new version: before, it kept asking for the loaded one, every shard answer was refused
+    as stale and uploads were retried until a full reload."""
+    states = [ShardState(rt, shard, poll_interval=60) for shard in (0, 1)]
+    for state in states:
+        state.refresh()
+    rt.shard_search = InProcess(states)
+    worker = WorkerState(rt, poll_interval=60)
+    screener = worker.screener()
+    assert screener.blocklist.version == 1
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "motorcycle_left.jpg").write_bytes(jpeg("motorcycle_left"))
+    rt.shard_search = None  # the importing process (`moderation bank import`) is no worker
+    import_bank(rt, "known-bad", [more], actor="test")  # written as a delta, v2
+    for state in states:
+        state.refresh()
+    worker.refresh()
+    assert worker.screener() is screener  # caught up in place, not reloaded
+    assert screener.blocklist.version == 2
+    assert isinstance(screener.blocklist.cosine, ShardedCosineIndex)
+    done = process_upload(
+        rt, submit(rt, jpeg("motorcycle_left", 200), "m2"), worker.screener, max_attempts=3
+    )
+    assert (done.outcome, done.decision) == (Outcome.DECIDED, "block")

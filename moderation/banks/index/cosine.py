@@ -431,6 +431,12 @@ class CosineIndex(SignalIndex):
             self._selector = (batch, faiss.IDSelectorNot(batch))
         return self._selector[1]
 
+    def serves_version(self, snapshot_id: str | None, version: int) -> None:
+        """Note that the blocklist holding this index moved to snapshot ``snapshot_id`` /
+        ``version`` in place (a delta applied): nothing to do for an index that holds its
+        vectors; :class:`moderation.banks.shard_index.ShardedCosineIndex` asks its shards for
+        that version from now on."""
+
     def use_gpu(self, *, gpus: int | None = None) -> bool:
         """Search a GPU copy of a flat index when FAISS GPU and a GPU are available (others
         stay on CPU; ``add``/``remove`` drop the copy: call again). See :func:`maybe_to_gpu`.
