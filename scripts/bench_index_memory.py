@@ -14,7 +14,10 @@ time, VmHWM/VmRSS of the serving process, and recall@10 against exact search (st
 ann-benchmarks' tolerant form, 1e-3) with p50/p99 ms per single query and the load average.
 The exact top-10 of the 200 queries is computed by streaming over the generated vectors while
 the index is built (no second pass). ``BENCH_COLD=1`` drops the row file from the page cache
-before the queries. Not a pytest: a measurement tool, run by hand.
+before the queries; ``BENCH_CACHE=cold,warm`` measures both in one process, and
+``BENCH_RERANK=32:0,8:0.75`` (``rerank_factor:residual_weight`` per pass, see
+:mod:`moderation.banks.index.disk`) compares re-ranking depths; each pass also prints its CPU
+ms per query. Not a pytest: a measurement tool, run by hand.
 """
 
 from __future__ import annotations
@@ -116,15 +119,18 @@ def passes() -> list[tuple[str, int, float]]:
 
 
 def timed_pass(index: CosineIndex, queries: np.ndarray) -> dict[str, list[Any]]:
-    """One pass of single queries: ids, scores and ms per query."""
+    """One pass of single queries: ids, scores, ms per query and the pass's CPU ms (user +
+    sys) per query (the rest of a query's time is waiting: for rows, or for a core)."""
     found, scores, times = [], [], []
+    cpu = time.process_time()
     for query in queries:
         t0 = time.perf_counter()
         hits = index.search(query[None], K, -1.0)[0]
         times.append((time.perf_counter() - t0) * 1000)
         found.append([h.id for h in hits])
         scores.append([h.score for h in hits])
-    return {"found": found, "scores": scores, "ms": times}
+    cpu_ms = (time.process_time() - cpu) * 1000 / len(queries)
+    return {"found": found, "scores": scores, "ms": times, "cpu_ms": cpu_ms}
 
 
 def serve(work: str) -> None:
@@ -227,8 +233,8 @@ def report(n: int, work: Path) -> None:
         print(
             f"  {run['cache']:4} rows {K * run['factor']} (weight {run['weight']}): recall@10 "
             f"{strict:.4f} (tolerant {tolerant:.4f}), p50 {np.percentile(run['ms'], 50):.2f} ms, "
-            f"p99 {np.percentile(run['ms'], 99):.2f} ms (1 thread), load average "
-            f"{run['loadavg']:.1f}"
+            f"p99 {np.percentile(run['ms'], 99):.2f} ms, CPU {run['cpu_ms']:.2f} ms/query "
+            f"(1 thread), load average {run['loadavg']:.1f}"
         )
 
 

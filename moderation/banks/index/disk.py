@@ -6,13 +6,14 @@ read per query.
 The candidate stage is ``ivf_pca``'s (``PCA<256>,IVF<nlist>,SQ8``, see
 :mod:`.cosine_projection`) without its in-RAM re-ranking codes: about 270 bytes per entry in RAM
 (256 8-bit codes, an 8-byte position in its inverted list, an 8-byte id label) instead of 2.8 KB,
-so 10M entries fit a worker of a few GB. Each query reads the ``k x k_factor`` candidates' rows
-(2.5 KB each at 1280-d) with ``os.pread`` and decrypts only those; scores are the full-width
-cosines of the float16 rows (error about 1e-4), as with ``ivf_pca``, so policy thresholds keep
-their meaning. Jégou, Douze and Schmid, "Product quantization for nearest neighbor search",
-TPAMI 2011, section 4 (IVF with re-ranking); the FAISS wiki "Indexes that do not fit in RAM"
-keeps inverted lists on disk instead, which here would read whole lists (thousands of codes)
-per probe rather than 320 rows.
+so 10M entries fit a worker of a few GB. Each query reads the rows (2.5 KB each at 1280-d) of
+the ``k x RERANK_FACTOR`` of its ``k x k_factor`` SQ8 candidates with the highest estimated
+cosine (:data:`RESIDUAL_WEIGHT`) with ``os.pread`` and decrypts only those; scores are the
+full-width cosines of the float16 rows (error about 1e-4), as with ``ivf_pca``, so policy
+thresholds keep their meaning. Jégou, Douze and Schmid, "Product quantization for nearest
+neighbor search", TPAMI 2011, section 4 (IVF with re-ranking); the FAISS wiki "Indexes that do
+not fit in RAM" keeps inverted lists on disk instead, which here would read whole lists
+(thousands of codes) per probe rather than 80 rows.
 
 FAISS ids inside the candidate index are row positions in the row file; ``labels`` maps a
 position to its entry id (-1: removed). Removal deletes the position from the inverted lists;
@@ -203,7 +204,7 @@ class DiskIvf:
         (-1 ids past the candidates found): of the ``k x k_factor`` SQ8 candidates, the rows
         of the ``k x rerank_factor`` best estimated ones are read and scored exactly."""
         estimate, candidates = self.candidates(queries, k * self.k_factor, nprobe)
-        depth = k * min(self.rerank_factor, self.k_factor)
+        depth = k * max(1, min(self.rerank_factor, self.k_factor))
         rows = self._file()
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         labels = np.full((len(queries), k), -1, dtype=np.int64)
