@@ -14,7 +14,10 @@ time, VmHWM/VmRSS of the serving process, and recall@10 against exact search (st
 ann-benchmarks' tolerant form, 1e-3) with p50/p99 ms per single query and the load average.
 The exact top-10 of the 200 queries is computed by streaming over the generated vectors while
 the index is built (no second pass). ``BENCH_COLD=1`` drops the row file from the page cache
-before the queries. Not a pytest: a measurement tool, run by hand.
+before the queries; ``BENCH_CACHE=cold,warm`` measures both in one process, and
+``BENCH_RERANK=32:0,8:0.75`` (``rerank_factor:residual_weight`` per pass, see
+:mod:`moderation.banks.index.disk`) compares re-ranking depths; each pass also prints its CPU
+ms per query. Not a pytest: a measurement tool, run by hand.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moderation.banks.index import CosineIndex, load_index
 from moderation.banks.index.cosine_projection import ivf_nlist
+from moderation.banks.index.disk import RERANK_FACTOR, RESIDUAL_WEIGHT
 from moderation.banks.snapshot import read_snapshot, write_snapshot
 from moderation.benchmark import speed_index as si
 from moderation.crypto.keys import KeyRing
@@ -96,6 +101,38 @@ def build(gen: si.Generator, n: int, work: Path, exact: Exact) -> tuple[bytes, f
     return index.serialize(), time.perf_counter() - started
 
 
+def passes() -> list[tuple[str, int, float]]:
+    """The (page cache, rerank_factor, residual_weight) of each pass over the queries:
+    ``BENCH_RERANK`` (comma-separated ``factor:weight``, default the index's own settings)
+    times ``BENCH_CACHE`` (``cold``, ``warm`` or ``cold,warm``; default ``cold`` when
+    ``BENCH_COLD=1`` else ``warm``). A ``cold`` pass drops the row file from the page cache
+    first; a ``warm`` pass follows a pass over the same queries."""
+    default = "cold" if os.environ.get("BENCH_COLD") == "1" else "warm"
+    caches = os.environ.get("BENCH_CACHE", default).split(",")
+    settings = [
+        (int(factor), float(weight))
+        for factor, weight in (
+            item.split(":") for item in os.environ.get("BENCH_RERANK", "").split(",") if item
+        )
+    ] or [(RERANK_FACTOR, RESIDUAL_WEIGHT)]
+    return [(cache, f, w) for f, w in settings for cache in caches]
+
+
+def timed_pass(index: CosineIndex, queries: np.ndarray) -> dict[str, list[Any]]:
+    """One pass of single queries: ids, scores, ms per query and the pass's CPU ms (user +
+    sys) per query (the rest of a query's time is waiting: for rows, or for a core)."""
+    found, scores, times = [], [], []
+    cpu = time.process_time()
+    for query in queries:
+        t0 = time.perf_counter()
+        hits = index.search(query[None], K, -1.0)[0]
+        times.append((time.perf_counter() - t0) * 1000)
+        found.append([h.id for h in hits])
+        scores.append([h.score for h in hits])
+    cpu_ms = (time.process_time() - cpu) * 1000 / len(queries)
+    return {"found": found, "scores": scores, "ms": times, "cpu_ms": cpu_ms}
+
+
 def serve(work: str) -> None:
     """The worker's view (a fresh process): decrypt the snapshot, load, search; print JSON."""
     import faiss
@@ -113,22 +150,23 @@ def serve(work: str) -> None:
     )
     index = load_index(plaintext, authenticated=True, row_dir=Path(work))
     load_s = time.perf_counter() - started
-    if os.environ.get("BENCH_COLD") == "1" and isinstance(index, CosineIndex):
-        fd = os.open(str(index.row_path), os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+    assert isinstance(index, CosineIndex) and index.disk is not None and index.row_path
     queries = np.load(Path(work, "queries.npy"))
-    found, scores, times = [], [], []
-    for query in queries:
-        t0 = time.perf_counter()
-        hits = index.search(query[None], K, -1.0)[0]
-        times.append((time.perf_counter() - t0) * 1000)
-        found.append([h.id for h in hits])
-        scores.append([h.score for h in hits])
+    runs = []
+    for cache, factor, weight in passes():
+        index.disk.rerank_factor, index.disk.residual_weight = factor, weight
+        if cache == "cold":
+            fd = os.open(str(index.row_path), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        else:
+            timed_pass(index, queries)  # the rows these queries read, into the page cache
+        run = timed_pass(index, queries)
+        runs.append({**run, "cache": cache, "factor": factor, "weight": weight})
+        runs[-1]["loadavg"] = os.getloadavg()[0]
     status = Path("/proc/self/status").read_text().splitlines()
     mem = [line for line in status if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile"))]
-    out = {"load_s": load_s, "found": found, "scores": scores, "ms": times, "mem": mem}
-    print(json.dumps({**out, "loadavg": os.getloadavg()[0]}))
+    print(json.dumps({"load_s": load_s, "runs": runs, "mem": mem}))
 
 
 def real_embeddings(work: Path) -> np.ndarray:
@@ -185,17 +223,19 @@ def report(n: int, work: Path) -> None:
     # Our own interpreter and script, paths we just wrote: no untrusted input.
     done = subprocess.run(argv, capture_output=True, check=True)  # noqa: S603
     out = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    true_ids, true_scores = np.load(work / "exact_ids.npy"), np.load(work / "exact_scores.npy")
-    strict = np.mean(
-        [len(set(f) & set(t)) / K for f, t in zip(out["found"], true_ids.tolist(), strict=True)]
-    )
-    tolerant = np.mean(np.asarray(out["scores"]) >= true_scores[:, -1:] - 1e-3)
     print(f"  fresh process: snapshot load {out['load_s']:.2f} s, {'; '.join(out['mem'])}")
-    print(
-        f"  recall@10 {strict:.4f} (tolerant {tolerant:.4f}), p50 "
-        f"{np.percentile(out['ms'], 50):.2f} ms, p99 {np.percentile(out['ms'], 99):.2f} ms "
-        f"(1 thread), load average {out['loadavg']:.1f}"
-    )
+    true_ids, true_scores = np.load(work / "exact_ids.npy"), np.load(work / "exact_scores.npy")
+    for run in out["runs"]:
+        strict = np.mean(
+            [len(set(f) & set(t)) / K for f, t in zip(run["found"], true_ids.tolist(), strict=True)]
+        )
+        tolerant = np.mean(np.asarray(run["scores"]) >= true_scores[:, -1:] - 1e-3)
+        print(
+            f"  {run['cache']:4} rows {K * run['factor']} (weight {run['weight']}): recall@10 "
+            f"{strict:.4f} (tolerant {tolerant:.4f}), p50 {np.percentile(run['ms'], 50):.2f} ms, "
+            f"p99 {np.percentile(run['ms'], 99):.2f} ms, CPU {run['cpu_ms']:.2f} ms/query "
+            f"(1 thread), load average {run['loadavg']:.1f}"
+        )
 
 
 if __name__ == "__main__":

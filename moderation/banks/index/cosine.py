@@ -228,6 +228,12 @@ class CosineIndex(SignalIndex):
         rows = self._disk.rows if self._disk is not None else None
         return rows.path if rows is not None else None
 
+    @property
+    def disk(self) -> DiskIvf | None:
+        """``ivf_disk``: its candidate index and row file, whose search-time settings
+        (``rerank_factor``, ``residual_weight``) can be changed (else None)."""
+        return self._disk
+
     def open_rows(self, row_dir: Path) -> None:
         """``ivf_disk`` loaded from bytes: open the row file they name in ``row_dir``,
         read-only (no row is read). Raises RowFileError (a ValueError): missing, another
