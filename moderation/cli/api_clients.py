@@ -10,12 +10,14 @@ or revoked client, invalid allowlist prefix), 2 for usage errors, 3 for configur
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
-from sqlalchemy.orm import Session
 
 from moderation.cli import Context, echo_json, echo_rows, initialised_runtime, main, pass_ctx
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session  # imported with the storage layer, when a command runs
 
 ACTOR = "cli"
 LIST_COLUMNS = (

@@ -269,6 +269,7 @@ def screen(
 ) -> None:
     """Screen images against every enabled bank; exit 0 whatever the decisions."""
     from moderation.service.encoder_preload import preload_encoder
+    from moderation.service.preparation import early_preparation
     from moderation.signals.encoders import runtime_for_job
 
     settings = ctx.settings
@@ -278,10 +279,12 @@ def screen(
     if (runtime_name, threads) != (settings.encoder_runtime, settings.torch_threads):
         update = {"encoder_runtime": runtime_name, "torch_threads": threads}
         ctx.settings = settings.model_copy(update=update)
-    with config_errors():
-        preload_encoder(ctx.settings)  # on a second core while the modules below import
-    from moderation.service.operations import screen_paths
-
+    files = [Path(p) for p in paths]
+    # Both before the storage, search and database modules import (about 0.25 s of one core):
+    # the encoder loads and the first files decode meanwhile, on the other core. Neither
+    # raises; errors surface where the runtime loads the encoder.
+    preload_encoder(ctx.settings)
+    prepared = early_preparation(ctx.settings, files)
     rows: list[dict[str, Any]] = []
 
     def emit(row: dict[str, Any]) -> None:
@@ -290,14 +293,21 @@ def screen(
         else:
             rows.append(row)
 
-    with initialised_runtime(ctx) as runtime:
-        screen_paths(
-            runtime,
-            [Path(p) for p in paths],
-            subject_id=subject_id,
-            external_id_prefix=external_id_prefix,
-            on_result=emit,
-        )
+    try:
+        from moderation.service.operations import screen_paths
+
+        with initialised_runtime(ctx) as runtime:
+            screen_paths(
+                runtime,
+                files,
+                subject_id=subject_id,
+                external_id_prefix=external_id_prefix,
+                on_result=emit,
+                prepared=prepared,
+            )
+    finally:
+        if prepared is not None:
+            prepared.pipeline.close()
     if not as_json:
         table = [
             {

@@ -16,7 +16,6 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from moderation.banks.records import EntryInfo
 from moderation.matching.policy import CandidateRules, Policy
 from moderation.signals.pdq import PdqHash
 from moderation.signals.vpdq import VpdqFeature, VpdqMatch
@@ -24,6 +23,7 @@ from moderation.signals.vpdq import VpdqFeature, VpdqMatch
 if TYPE_CHECKING:
     from moderation.banks.blocklist import Blocklist
     from moderation.banks.index.base import Hit
+    from moderation.banks.records import EntryInfo  # annotations only: it imports SQLAlchemy
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moderation.banks.records import EntryInfo
 from moderation.matching.candidates import Candidate
 from moderation.matching.explain import (
     match_evidence,
@@ -23,6 +22,9 @@ from moderation.matching.explain import (
 )
 from moderation.matching.policy import SEVERITY, CategoryRules, Policy
 from moderation.signals.vpdq import VpdqMatch
+
+if TYPE_CHECKING:
+    from moderation.banks.records import EntryInfo  # annotations only: it imports SQLAlchemy
 
 # The category thresholds copied into a decision's explanation (what the top match was held to,
 # and the ground of its statement of reasons: moderation.matching.statements).

@@ -6,16 +6,13 @@ Thin entry points (CLI commands, Celery tasks, console views) call these.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from moderation.matching.decision import ScreeningResult
-from moderation.matching.preparing import Prepared
 from moderation.matching.recording import record_results
-from moderation.media.video_formats import SNIFF_BYTES, sniff_video
+from moderation.service.preparation import Preparation, ReadyChunk, preparation
 from moderation.service.subjects import pseudonymize
 from moderation.service.uploads import create_uploads
 from moderation.storage.db import transaction
@@ -26,32 +23,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Files per pipeline chunk of :func:`screen_paths`: small enough that the first chunks are
-#: ready while the model loads and the last one's embedding leaves the other core idle only
-#: briefly, large enough that storing (one transaction per chunk) stays cheap.
-PIPELINE_CHUNK: Final = 16
-#: Chunks prepared ahead of the one being embedded, each on its own thread, so both cores stay
-#: busy whichever stage is the slower one on the machine.
-PREPARE_AHEAD: Final = 2
-
-
-def _read_files(paths: Sequence[Path], runtime: Runtime) -> list[bytes | None]:
-    """Each file's bytes, or None when it is over its byte limit (a video's, by its magic
-    bytes, else an image's: :attr:`Runtime.video_limits`, :attr:`Runtime.limits`) or cannot
-    be read. Over the limit, no more than the first bytes are read."""
-    datas: list[bytes | None] = []
-    for path in paths:
-        try:
-            size = path.stat().st_size
-            with path.open("rb") as file:
-                head = file.read(SNIFF_BYTES)
-                video = sniff_video(head) is not None
-                limits = runtime.video_limits if video else runtime.limits
-                datas.append(head + file.read() if size <= limits.max_bytes else None)
-        except OSError as exc:
-            logger.warning("cannot read %s: %s", path, exc)
-            datas.append(None)
-    return datas
+#: A chunk after embedding, search and decision: its files' bytes (None: over the byte limit),
+#: the screener, and the results of the files that were screened.
+Finished = tuple[list[bytes | None], "Screener", list[ScreeningResult]]
 
 
 def screen_paths(
@@ -63,6 +37,7 @@ def screen_paths(
     on_result: Callable[[dict[str, Any]], None],
     actor: str = "cli",
     screener: Screener | None = None,
+    prepared: Preparation | None = None,
 ) -> list[ScreeningResult]:
     """Screen image files in batches, store each as an upload with its result.
 
@@ -70,33 +45,40 @@ def screen_paths(
     (:meth:`ScreeningResult.to_json`) and ``upload_id``; ``screener`` defaults to
     :meth:`Runtime.screener`. Files over the byte limit end ``unscannable`` (``too_large``).
 
-    Files go in chunks of :data:`PIPELINE_CHUNK`, in three overlapping stages: reading,
-    decoding, PDQ and preprocessing of the next :data:`PREPARE_AHEAD` chunks (a thread each;
-    the first ones while the model and the blocklist load); embedding, search and decision of
-    chunk k; storing chunk k-1 and ``on_result`` (a thread; fsync waits). Results keep the
-    input order.
+    Files go in chunks of :data:`~moderation.service.preparation.PIPELINE_CHUNK` through three
+    stages (:class:`~moderation.service.pipeline.Pipeline`): reading, decoding, PDQ and
+    preprocessing (the first chunks while the model and the blocklist load); embedding, search
+    and decision; storing and ``on_result`` (this thread, in input order). A worker thread per
+    core takes whichever of the first two is ready; as many chunks are embedded at once as the
+    encoder runs well side by side (:attr:`~moderation.signals.encoders.Encoder.concurrent_calls`).
+    ``prepared``: the same ``paths`` already being prepared
+    (:func:`~moderation.service.preparation.early_preparation`); used when its encoder is the
+    runtime's serving one, else closed; closed when this returns (the caller closes it if
+    this raises).
 
     Raises:
         moderation.banks.snapshot.SnapshotError: the blocklist cannot be decrypted or
             verified; nothing is screened (fail closed).
     """
-    chunks = [
-        paths[start : start + PIPELINE_CHUNK] for start in range(0, len(paths), PIPELINE_CHUNK)
-    ]
     results: list[ScreeningResult] = []
-    preparer = runtime.preparer()
+    if prepared is not None and (
+        prepared.preparer.encoder is not runtime.encoder or prepared.paths != tuple(paths)
+    ):
+        prepared.pipeline.close()
+        prepared = None
+    if prepared is None:
+        prepared = preparation(paths, runtime.preparer())
 
-    def prepare(chunk: Sequence[Path]) -> tuple[list[bytes | None], Prepared]:
-        datas = _read_files(chunk, runtime)
-        return datas, preparer.prepare([d for d in datas if d is not None])
+    def finish(loaded: Screener, ready: ReadyChunk) -> Finished:
+        return ready[0], loaded, loaded.finish(ready[1])
 
-    def store(
-        screener: Screener, chunk: Sequence[Path], datas: list[bytes | None], screened: Any
-    ) -> None:
+    def store(chunk: Sequence[Path], done: Finished) -> None:
+        datas, loaded, screened = done
+        finished = iter(screened)
         chunk_results = [
-            next(screened)
+            next(finished)
             if data is not None
-            else screener.screen_unscannable("too_large", "file over the byte limit")
+            else loaded.screen_unscannable("too_large", "file over the byte limit")
             for data in datas
         ]
         ids = _record(runtime, chunk, datas, chunk_results, subject_id, external_id_prefix, actor)
@@ -104,35 +86,9 @@ def screen_paths(
             on_result({"path": str(path), **result.to_json(), "upload_id": upload_id})
         results.extend(chunk_results)
 
-    _overlapped(chunks, prepare, (lambda: screener) if screener else runtime.screener, store)
+    load = (lambda: screener) if screener else runtime.screener
+    prepared.pipeline.run(load, finish, store)
     return results
-
-
-def _overlapped(
-    chunks: Sequence[Sequence[Path]],
-    prepare: Callable[[Sequence[Path]], tuple[list[bytes | None], Prepared]],
-    load_screener: Callable[[], Screener],
-    store: Callable[[Screener, Sequence[Path], list[bytes | None], Any], None],
-) -> None:
-    """``prepare`` :data:`PREPARE_AHEAD` chunks ahead (the first ones while ``load_screener``
-    runs), the screener's ``finish`` here, ``store`` on a thread; both in chunk order."""
-    pool = ThreadPoolExecutor(max_workers=PREPARE_AHEAD + 1, thread_name_prefix="screen")
-    try:
-        ahead = deque(pool.submit(prepare, chunk) for chunk in chunks[:PREPARE_AHEAD])
-        screener = load_screener()
-        stored: Future[None] | None = None
-        for index, chunk in enumerate(chunks):
-            datas, ready = ahead.popleft().result()
-            if index + PREPARE_AHEAD < len(chunks):
-                ahead.append(pool.submit(prepare, chunks[index + PREPARE_AHEAD]))
-            screened = iter(screener.finish(ready))
-            if stored is not None:
-                stored.result()  # in order, and its errors surface here
-            stored = pool.submit(store, screener, chunk, datas, screened)
-        if stored is not None:
-            stored.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _record(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy.orm import Session
 
-from moderation.banks.sealed_fields import content_hmac
+from moderation.banks.sealed_fields import hmac_key, keyed_sha256
 from moderation.crypto.envelope import WrappedKey, open_blob, seal_blob
 from moderation.crypto.keys import KeyRing
 from moderation.storage.models import Upload, new_uuid
@@ -122,6 +122,7 @@ def _store(
     """Seal each upload's data, write the blobs (concurrently when several), add the rows and
     flush once."""
     writes: list[tuple[Path, bytes]] = []
+    key = hmac_key(session, keyring) if any(data is not None for _, data in pairs) else b""
     for upload, data in pairs:
         if data is None:
             continue
@@ -131,7 +132,7 @@ def _store(
         upload.blob_ref = str(path.relative_to(blobs_dir))
         upload.wrapped_key = wrapped.to_bytes()
         upload.key_id = wrapped.key_id
-        upload.content_hmac = content_hmac(session, keyring, data)
+        upload.content_hmac = keyed_sha256(key, data)  # sealed_fields.content_hmac, key read once
         upload.size_bytes = len(data)
     if len(writes) > 1:
         with ThreadPoolExecutor(min(_BLOB_WRITERS, len(writes))) as pool:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import moderation.signals.encoders.onnx_model as onnx_model
 from moderation.signals.encoders import create_encoder
 from moderation.signals.encoders.base import sha256_file
 from moderation.signals.encoders.lite0_onnx import FastPathError, OnnxLite0Encoder
+from moderation.signals.encoders.openvino_session import STATIC_MODEL
 from moderation.signals.encoders.timm_backend import EfficientNetLite0Encoder
 from tests.conftest import skimage_photo, skimage_photo_path
 
@@ -256,6 +258,7 @@ def test_openvino_compiled_model_is_cached_per_model_digest(
     folder = cache / onnx_model.OPENVINO_CACHE / digest
     blobs = sorted(folder.iterdir())
     assert blobs and folder.stat().st_mode & 0o077 == 0
+    assert (folder / STATIC_MODEL).is_file()  # the batch-of-one IR compiled from the .onnx
     # A second process (here: a new session) imports the blob: same features, no new blob.
     again = OnnxLite0Encoder(cache_dir=cache, backend="openvino")
     again._model = onnx_model.checked_session(
@@ -286,6 +289,21 @@ def test_openvino_compiled_model_is_cached_per_model_digest(
     tampered = OnnxLite0Encoder(cache_dir=cache, backend="openvino")
     assert np.array_equal(tampered.encode(photos, batch_size=2), vectors)
     assert calls == [True, True] and sorted(folder.iterdir()) != []
+
+
+def test_openvino_one_thread_per_call_runs_calls_side_by_side(
+    built: Path, photos: list[Image.Image]
+) -> None:
+    pytest.importorskip("openvino", reason="the optional OpenVINO backend is not installed")
+    single = OnnxLite0Encoder(cache_dir=built, backend="openvino")
+    lanes = OnnxLite0Encoder(cache_dir=built, backend="openvino", threads=1)
+    assert single.concurrent_calls == 1 and lanes.concurrent_calls == onnx_model.cpu_count()
+    reference = single.encode(photos, batch_size=2)
+    inputs = lanes.preprocess(photos)
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda _: lanes.encode_inputs(inputs, batch_size=2), range(6)))
+    for vectors in runs:  # one stream per core, one infer request per thread: same features
+        np.testing.assert_allclose(vectors, reference, atol=1e-6)
 
 
 def test_auto_prefers_openvino_except_for_small_jobs(tmp_path: Path) -> None:

@@ -201,6 +201,13 @@ class Encoder(ABC):
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, device={self.device})"
 
     @property
+    def concurrent_calls(self) -> int:
+        """How many :meth:`encode_inputs` calls run well side by side, each on its own thread
+        (a pipeline embeds that many batches at once): 1 here, for models that spread one call
+        over several threads or a device."""
+        return 1
+
+    @property
     def loaded(self) -> bool:
         """Whether the model has been built and its weights loaded."""
         return self._model is not None

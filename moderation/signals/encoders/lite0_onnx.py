@@ -45,6 +45,7 @@ from moderation.signals.encoders.onnx_model import (
     Precision,
     cached_sha256,
     checked_session,
+    cpu_count,
     default_cache_dir,
     onnxruntime_available,
     preprocessing_for,
@@ -102,6 +103,13 @@ class OnnxLite0Encoder(Encoder):
     def preprocessing(self) -> str:
         """As the PyTorch encoder's, plus ``,precision=int8`` for the quantised model."""
         return preprocessing_for(self.precision, self.variant)
+
+    @property
+    def concurrent_calls(self) -> int:
+        """One per usable core when each model call runs on one thread (``threads`` 1: the
+        calls of different threads then run at the same time, ONNX Runtime's and OpenVINO's
+        sessions being thread-safe), else 1."""
+        return cpu_count() if self.threads == 1 else 1
 
     @property
     def files(self) -> ModelFiles:

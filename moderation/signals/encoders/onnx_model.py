@@ -11,9 +11,7 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -31,6 +29,7 @@ from moderation.signals.encoders.lite0 import (
     LiteVariant,
     describe,
 )
+from moderation.signals.encoders.openvino_session import OpenVinoSession
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ CALIBRATION_IMAGES: Final = 64
 #: (:func:`cached_sha256`).
 DIGESTS_FILE: Final = "digests.json"
 #: Folder of a model cache directory where OpenVINO keeps compiled models (its ``CACHE_DIR``),
-#: one subfolder per ``.onnx`` digest (:class:`OpenVinoSession`).
+#: one subfolder per ``.onnx`` digest (:class:`.openvino_session.OpenVinoSession`).
 OPENVINO_CACHE: Final = "openvino"
 #: Probe batch: rows of seeded uniform noise in the normalised input range [-1, 1].
 PROBE_ROWS: Final = 2
@@ -192,96 +191,18 @@ def ort_session(path: Path, *, threads: int = 0) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def import_openvino() -> Any:
-    """The ``openvino`` package, imported without its model-conversion API.
-
-    ``openvino/__init__.py`` ends with ``from openvino.tools.ovc import convert_model`` inside
-    ``try: ... except ImportError``; that API (and the telemetry, HTTP and e-mail modules it
-    pulls in) is about a third of the package's import time and is never used here, since the
-    ONNX model is read directly. A ``None`` entry in ``sys.modules`` makes that one import fail
-    (the import system's documented way of blocking a module), and is removed afterwards so a
-    later explicit ``import openvino.tools.ovc`` works.
-    """
-    if "openvino" in sys.modules:
-        return sys.modules["openvino"]
-    modules: dict[str, Any] = sys.modules  # a None entry blocks an import
-    blocked = "openvino.tools.ovc" not in modules
-    if blocked:
-        modules["openvino.tools.ovc"] = None
-    try:
-        import openvino
-    finally:
-        if blocked and modules.get("openvino.tools.ovc", 0) is None:
-            del modules["openvino.tools.ovc"]
-    return openvino
-
-
-class OpenVinoSession:
-    """The ONNX model compiled by OpenVINO for the CPU, called like an ONNX Runtime session.
-
-    OpenVINO's CPU plugin reads the same ``.onnx`` file and, measured on the development
-    machine (Intel Xeon, 2 cores, one thread, batch 1), embeds a photo in about 5.5 ms of CPU
-    against ONNX Runtime's 8.7-9.6 ms, with the same features (least per-row cosine to ONNX
-    Runtime's 1.0000000 over 96 photos; README "Performance"). Its inference precision is pinned
-    to f32: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run bfloat16 (cosine 0.998
-    to fp32 measured), and embeddings would depend on the machine. ``threads`` sets
-    ``INFERENCE_NUM_THREADS`` (one stream, no core pinning: the machine is shared with the
-    decode threads). Thread-safe: each calling thread gets its own infer request.
-
-    ``cache_dir``, when given, is OpenVINO's ``CACHE_DIR``: the compiled model is stored there
-    and imported by later processes instead of being compiled again (0.15-0.2 s of CPU at each
-    start). OpenVINO keys a file's blob by its path, the configuration and the CPU, not by the
-    file's content, so the caller passes a folder named after the ``.onnx`` file's verified
-    digest (:func:`checked_session`): another model never meets this one's blob. The folder
-    sits in the private model cache beside the manifest, and the probe check runs on the
-    imported model as on a compiled one.
-    """
-
-    def __init__(self, path: Path, *, threads: int, cache_dir: Path | None = None) -> None:
-        ov = import_openvino()
-        core = ov.Core()
-        config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": "f32",
-            "INFERENCE_NUM_THREADS": threads,
-            "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY",
-            "ENABLE_CPU_PINNING": False,
-        }
-        if cache_dir is not None:
-            try:
-                cache_dir.parent.mkdir(mode=0o700, exist_ok=True)
-                cache_dir.mkdir(mode=0o700, exist_ok=True)
-                config["CACHE_DIR"] = str(cache_dir)
-            except OSError as exc:  # read-only cache: compile every time
-                logger.info("no OpenVINO model cache at %s (%s)", cache_dir, exc)
-        # From the path (not a read model): with a cached blob OpenVINO skips reading the file.
-        self._compiled = core.compile_model(str(path), "CPU", config)
-        self._output = self._compiled.output("features")
-        self._local = threading.local()
-
-    def run(
-        self, output_names: list[str], feeds: dict[str, npt.NDArray[np.float32]]
-    ) -> list[npt.NDArray[np.float32]]:
-        """``[features]``: float32 (n, d) for ``feeds["x"]`` float32 (n, 3, H, W), as
-        ``InferenceSession.run(["features"], {"x": ...})`` returns them."""
-        if list(output_names) != ["features"]:
-            raise ValueError(f"the encoder model has one output, 'features', not {output_names}")
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
-        result = request.infer({"x": feeds["x"]}, share_inputs=True)
-        return [np.array(result[self._output], dtype=np.float32, copy=True)]
-
-
 def model_session(
     path: Path, *, backend: Backend = "onnxruntime", threads: int = 0, digest: str | None = None
 ) -> Any:
     """A session over the ONNX model at ``path``: :func:`ort_session` or
-    :class:`OpenVinoSession` (``threads`` 0: one per usable core). ``digest``: the file's
-    verified SHA-256, which names OpenVINO's compiled-model cache folder beside it (none
-    without)."""
+    :class:`.openvino_session.OpenVinoSession` (``threads`` 0: one per usable core; 1: one per
+    call, and with OpenVINO as many calls at once as there are usable cores, which ONNX
+    Runtime does by itself). ``digest``: the file's verified SHA-256, which names OpenVINO's
+    compiled-model cache folder beside it (none without)."""
     if backend == "openvino":
         cache = path.parent / OPENVINO_CACHE / digest if digest else None
+        if threads == 1:
+            return OpenVinoSession(path, threads=1, streams=cpu_count(), cache_dir=cache)
         return OpenVinoSession(
             path, threads=threads if threads > 0 else cpu_count(), cache_dir=cache
         )
