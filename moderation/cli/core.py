@@ -309,18 +309,24 @@ def screen(
         if prepared is not None:
             prepared.pipeline.close()
     if not as_json:
-        table = [
-            {
-                "path": r["path"],
-                "decision": r["decision"],
-                "score": "" if r["score"] is None else f"{r['score']:.3f}",
-                "match": ", ".join(f"{m['bank']}:{m['entry_id']}" for m in r["matches"][:2])
-                or (r["reason"] or ""),
-                "ms": f"{r['timings_ms']['total']:.0f}",
-            }
-            for r in rows
-        ]
-        print_table(table, ["path", "decision", "score", "match", "ms"])
+        _print_screened(rows)
+
+
+def _print_screened(rows: list[dict[str, Any]]) -> None:
+    """``moderation screen``'s table: path, decision, score, first two matches or the reason,
+    total ms."""
+    table = [
+        {
+            "path": r["path"],
+            "decision": r["decision"],
+            "score": "" if r["score"] is None else f"{r['score']:.3f}",
+            "match": ", ".join(f"{m['bank']}:{m['entry_id']}" for m in r["matches"][:2])
+            or (r["reason"] or ""),
+            "ms": f"{r['timings_ms']['total']:.0f}",
+        }
+        for r in rows
+    ]
+    print_table(table, ["path", "decision", "score", "match", "ms"])
 
 
 # --- keys -----------------------------------------------------------------------------------

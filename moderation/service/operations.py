@@ -28,6 +28,19 @@ logger = logging.getLogger(__name__)
 Finished = tuple[list[bytes | None], "Screener", list[ScreeningResult]]
 
 
+def _usable_preparation(
+    runtime: Runtime, paths: Sequence[Path], prepared: Preparation | None
+) -> Preparation:
+    """``prepared`` when it prepares ``paths`` with the runtime's serving encoder, else a new
+    preparation (``prepared`` closed)."""
+    if prepared is not None and (
+        prepared.preparer.encoder is not runtime.encoder or prepared.paths != tuple(paths)
+    ):
+        prepared.pipeline.close()
+        prepared = None
+    return prepared if prepared is not None else preparation(paths, runtime.preparer())
+
+
 def screen_paths(
     runtime: Runtime,
     paths: Sequence[Path],
@@ -61,13 +74,7 @@ def screen_paths(
             verified; nothing is screened (fail closed).
     """
     results: list[ScreeningResult] = []
-    if prepared is not None and (
-        prepared.preparer.encoder is not runtime.encoder or prepared.paths != tuple(paths)
-    ):
-        prepared.pipeline.close()
-        prepared = None
-    if prepared is None:
-        prepared = preparation(paths, runtime.preparer())
+    prepared = _usable_preparation(runtime, paths, prepared)
 
     def finish(loaded: Screener, ready: ReadyChunk) -> Finished:
         return ready[0], loaded, loaded.finish(ready[1])

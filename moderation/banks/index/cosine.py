@@ -438,10 +438,8 @@ class CosineIndex(SignalIndex):
         return self._selector[1]
 
     def serves_version(self, snapshot_id: str | None, version: int) -> None:
-        """Note that the blocklist holding this index moved to snapshot ``snapshot_id`` /
-        ``version`` in place (a delta applied): nothing to do for an index that holds its
-        vectors; :class:`moderation.banks.shard_index.ShardedCosineIndex` asks its shards for
-        that version from now on."""
+        """The holding blocklist moved to ``snapshot_id``/``version`` in place: nothing to do
+        here; :class:`moderation.banks.shard_index.ShardedCosineIndex` asks its shards for it."""
 
     def use_gpu(self, *, gpus: int | None = None) -> bool:
         """Search a GPU copy of a flat index when FAISS GPU and a GPU are available (others
