@@ -233,12 +233,15 @@ def test_a_row_file_chain_takes_deltas_applied_in_place(
         )
         assert compacted.base_version is None and compacted.compacted_from == head.version
         assert versions.keeps_row_files(disk_rt.settings.snapshots_dir, compacted)
-    state.refresh()  # a worker at the chain's head only moves its version number on
-    assert screener.blocklist is blocklist and blocklist.version == compacted.version
     with transaction(disk_rt.sessions) as session:
         prune_snapshots(session, disk_rt.settings.snapshots_dir)
     assert not path.exists() and not snapshot_path(disk_rt.settings.snapshots_dir, first).exists()
-    whole = full_reload()
+    # A worker at the chain's head reloads (it held the pruned version's row files open).
+    state.refresh()
+    assert state.version == compacted.version and state.error is None
+    whole = state.screener().blocklist
+    assert whole is not blocklist and whole.cosine.row_path is not None
+    assert whole.cosine.row_path.exists() and whole.cosine.row_path != cosine.row_path
     assert whole.cosine.disk is not None and not len(whole.cosine.disk.extra)
     np.testing.assert_array_equal(whole.cosine.ids(), cosine.ids())
     assert whole.cosine.search(queries, 3, -1.0) == cosine.search(queries, 3, -1.0)
