@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    PYTHONPATH=$PWD python scripts/bench_snapshot_delta.py [N] [ADDED] [WORKDIR]
+    PYTHONPATH=$PWD python scripts/bench_snapshot_delta.py [N] [ADDED] [WORKDIR] [--disk]
 
 N (default 1,000,000) generated entries as ``moderation benchmark speed`` generates them
 (:class:`moderation.benchmark.speed_index.Generator`; photos and the cached ``real.npy`` as
@@ -24,13 +24,21 @@ it. Then ADDED (default 1,000) more entries are written and picked up both ways:
   (:func:`moderation.banks.delta_chain.read_delta`), twice: the first copies a zero-copy stored
   index out of the decrypted snapshot once, the second shows every later delta.
 
+With ``--disk`` v1's index is an ``ivf_disk`` one (forced at any N; rows in an encrypted
+row file beside the snapshot, as a bank of 1M+ entries gets): the delta's added rows are then
+held in RAM beside the read-only row file, and one more figure is printed, compaction of the
+chain (v1 + both deltas) streamed into a new row file with v1's training reused
+(:func:`moderation.banks.disk_compaction.streamed_index`), against v1's own build.
+
 Prints one line per figure and a JSON summary. Not a pytest: a measurement tool, run by hand.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import json
+import resource
 import secrets
 import sys
 import tempfile
@@ -42,7 +50,9 @@ import numpy as np
 
 from moderation.banks.blocklist import Blocklist, _build
 from moderation.banks.delta_chain import read_delta
-from moderation.banks.index import CosineIndex
+from moderation.banks.disk_compaction import streamed_index
+from moderation.banks.index import CosineIndex, load_index
+from moderation.banks.index.cosine_projection import ivf_nlist
 from moderation.banks.records import EntryInfo
 from moderation.banks.snapshot import SnapshotFile, read_snapshot, write_snapshot
 from moderation.banks.snapshot_delta import DeltaPayload
@@ -53,6 +63,25 @@ from moderation.storage.models import IndexSnapshot
 from scripts.bench_index_memory import real_embeddings
 
 ENCODER = "bench"
+DISK = "--disk" in sys.argv
+
+
+def _build_disk(gen: si.Generator, n: int, work: Path) -> CosineIndex:
+    """``si._build``'s chunked build, as an ``ivf_disk`` index writing ``work/full1.rows``."""
+    (work / "full1.rows").unlink(missing_ok=True)
+    first = np.concatenate([block for _, block in itertools.islice(gen.chunks(n), 5)])
+    index = CosineIndex.build(
+        np.arange(len(first)),
+        first,
+        algorithm="ivf_disk",
+        nlist=ivf_nlist(n),
+        row_dir=work,
+        row_name="full1.rows",
+    )
+    del first
+    for chunk_start, block in itertools.islice(gen.chunks(n), 5, None):
+        index.add(np.arange(chunk_start, chunk_start + len(block)), block)
+    return index
 
 
 def _pdq(start: int, count: int) -> np.ndarray:
@@ -112,7 +141,9 @@ def _read_full(row: IndexSnapshot, ring: KeyRing) -> Payload:
         expected_encoder_id=ENCODER,
         expected_sha256=row.sha256,
     )
-    return Payload.from_bytes(data)
+    payload = Payload.from_bytes(data)
+    payload.row_dir = Path(row.path).parent
+    return payload
 
 
 def _infos(ids: range) -> dict[int, EntryInfo]:
@@ -137,21 +168,44 @@ def _pick_up(
     return time.perf_counter() - began
 
 
+def _compact(work: Path, blocklist: Blocklist, gen: si.Generator, n: int, added: int) -> float:
+    """Seconds to stream v1's rows and both deltas' into a new ``ivf_disk`` index (v1's
+    training reused; :mod:`moderation.banks.disk_compaction`), printed with the CPU seconds
+    and the peak resident memory so far."""
+    assert blocklist.payload.cosine_index is not None
+    gc.collect()
+    stored = load_index(blocklist.payload.cosine_index, authenticated=True, row_dir=work)
+    assert isinstance(stored, CosineIndex)
+    (work / "compacted.rows").unlink(missing_ok=True)
+    ids, vectors = np.arange(n, n + 2 * added, dtype=np.int64), gen.chunk(n, 2 * added)
+    began, cpu = time.perf_counter(), time.process_time()
+    compacted = streamed_index(stored, work / "compacted.rows", np.arange(n), ids, vectors)
+    took, cpu = time.perf_counter() - began, time.process_time() - cpu
+    assert len(compacted) == n + 2 * added
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(
+        f"compaction, streamed ({n + 2 * added:,} rows, no retraining): {took:.1f} s "
+        f"({cpu:.1f} CPU s); process peak RSS so far {peak:.2f} GB"
+    )
+    return round(took, 1)
+
+
 def _full_version(work: Path, gen: si.Generator, n: int) -> tuple[KeyRing, SnapshotFile, float]:
     """Full version v1 of ``n`` entries, its key ring and the seconds it took to build and
     write; reused from ``work`` when an earlier run of the same N left it there."""
-    keys, record = work / "bench-keys.json", work / f"full1-{n}.json"
+    keys, record = work / "bench-keys.json", work / f"full1-{n}{'-disk' if DISK else ''}.json"
     if keys.exists() and record.exists():
         saved = json.loads(record.read_text())
         file = SnapshotFile(**{**saved["file"], "path": Path(saved["file"]["path"])})
         return KeyRing.load_file(keys), file, float(saved["build_s"])
     ring = KeyRing({"bench": secrets.token_bytes(32)}, "bench")
-    began = time.perf_counter()
-    plain = _full_payload(si._build(gen, n), n)
+    began, cpu = time.perf_counter(), time.process_time()
+    plain = _full_payload(_build_disk(gen, n, work) if DISK else si._build(gen, n), n)
     full = write_snapshot(
         work, plain, snapshot_id="full1", version=1, encoder_id=ENCODER, keyring=ring
     )
     build_s = time.perf_counter() - began
+    print(f"v1 built, encrypted, written: {build_s:.1f} s ({time.process_time() - cpu:.1f} CPU s)")
     del plain
     gc.collect()
     ring.save_file(keys)
@@ -190,7 +244,10 @@ def main(n: int, added: int, work: Path) -> dict[str, Any]:
         f"worker: delta pick-up of {added:,}: first {first_s:.3f} s (copies the zero-copy "
         f"index once), next {second_s:.3f} s"
     )
+    figures = {"compaction_streamed_s": _compact(work, blocklist, gen, n, added)} if DISK else {}
     return {
+        **figures,
+        "algorithm": blocklist.cosine.algorithm,
         "entries": n,
         "added": added,
         "delta_write_s": round(delta_s, 4),
@@ -204,7 +261,8 @@ def main(n: int, added: int, work: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    size = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
-    count = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000
-    folder = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(tempfile.mkdtemp(prefix="delta-"))
+    args = [arg for arg in sys.argv[1:] if arg != "--disk"]
+    size = int(args[0]) if args else 1_000_000
+    count = int(args[1]) if len(args) > 1 else 1_000
+    folder = Path(args[2]) if len(args) > 2 else Path(tempfile.mkdtemp(prefix="delta-"))
     print(json.dumps(main(size, count, folder)))

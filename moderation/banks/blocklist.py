@@ -26,6 +26,7 @@ from moderation.banks.delta_chain import chain_of, read_delta
 from moderation.banks.hash_entries import UNKNOWN_QUALITY, HashEntries
 from moderation.banks.index import CosineIndex, HammingIndex, load_index
 from moderation.banks.records import EntryInfo, entry_infos
+from moderation.banks.rowfile import RowArray
 from moderation.banks.snapshot import SnapshotError
 from moderation.banks.snapshot_delta import DeltaPayload
 from moderation.banks.snapshot_payload import Payload
@@ -390,8 +391,10 @@ def catch_up(session: Session, keyring: KeyRing, snapshots_dir: Path, blocklist:
 
     Applies when the newest version is a delta whose chain passes through ``blocklist``'s
     version, or whose full version compaction wrote from ``blocklist``'s version (then only
-    the version number moves on). Returns False when it does not apply (the caller reloads
-    in full: :func:`load_blocklist`), True once the blocklist is current.
+    the version number moves on; not for a blocklist reading row files, which are pruned with
+    their version: it reloads, opening the compacted version's and dropping its RAM rows).
+    Returns False when it does not apply (the caller reloads in full:
+    :func:`load_blocklist`), True once the blocklist is current.
 
     Raises:
         SnapshotError: a delta is missing, altered or out of order; the blocklist stays at
@@ -407,10 +410,19 @@ def catch_up(session: Session, keyring: KeyRing, snapshots_dir: Path, blocklist:
     versions = [row.version for row in chain]
     if blocklist.version in versions:
         start = versions.index(blocklist.version) + 1
-    elif chain[0].compacted_from is not None and chain[0].compacted_from == blocklist.version:
+    elif chain[0].compacted_from == blocklist.version and not _holds_row_files(blocklist):
         blocklist.moved_to(chain[0].snapshot_id, chain[0].version)
         start = 1
     else:
         return False
     _apply_chain(session, keyring, snapshots_dir, blocklist, chain[start:])
     return True
+
+
+def _holds_row_files(blocklist: Blocklist) -> bool:
+    """Whether ``blocklist`` reads its full version's row files (``ivf_disk`` rows, region
+    rows): a worker holding them open would keep a pruned version's disk space (tens of GB at
+    10M entries) and the rows its deltas added in RAM."""
+    return blocklist.cosine.row_path is not None or isinstance(
+        blocklist.payload.region_vectors, RowArray
+    )

@@ -24,8 +24,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from moderation.banks.delta_chain import chain_of
+from moderation.banks.disk_compaction import compact_disk_chain
 from moderation.banks.retention import kept_snapshots, prune_snapshots
+from moderation.banks.snapshot import SnapshotFile
 from moderation.banks.versions import (
+    keeps_row_files,
     lock_snapshots,
     read_payload,
     write_payload,
@@ -89,14 +92,7 @@ def compact_chains(
     for head in kept_snapshots(session):
         if head.base_version is None or not (force or compaction_due(session, head, rule)):
             continue
-        payload = read_payload(session, keyring, snapshots_dir, head)
-        row, file = write_payload(
-            session,
-            keyring,
-            snapshots_dir,
-            payload,
-            compacted_from=None if erasure else head.version,
-        )
+        row, file = _compact_one(session, keyring, snapshots_dir, head, erasure=erasure)
         logger.info(
             "compacted snapshot chain v%s..v%d into full v%d",
             head.base_version,
@@ -105,6 +101,23 @@ def compact_chains(
         )
         written.append((row, file.path))
     return written
+
+
+def _compact_one(
+    session: Session, keyring: KeyRing, snapshots_dir: Path, head: IndexSnapshot, *, erasure: bool
+) -> tuple[IndexSnapshot, SnapshotFile]:
+    """The chain ending at ``head`` as one new full version: streamed when its full version
+    keeps an ``ivf_disk`` row file (:mod:`moderation.banks.disk_compaction`), else composed
+    and rebuilt. Raises as :func:`compact_chains`."""
+    compacted_from = None if erasure else head.version
+    if keeps_row_files(snapshots_dir, chain_of(session, head)[0]):
+        streamed = compact_disk_chain(
+            session, keyring, snapshots_dir, head, compacted_from=compacted_from
+        )
+        if streamed is not None:
+            return streamed
+    payload = read_payload(session, keyring, snapshots_dir, head)
+    return write_payload(session, keyring, snapshots_dir, payload, compacted_from=compacted_from)
 
 
 def compact_snapshots(runtime: Runtime, *, force: bool = False, erasure: bool = False) -> list[int]:

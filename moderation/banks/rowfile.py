@@ -143,6 +143,11 @@ class RowFile:
     def __len__(self) -> int:
         return self._rows
 
+    @property
+    def writable(self) -> bool:
+        """True for a file this process created (rows can be appended)."""
+        return self._writable
+
     def descriptor(self) -> RowFileDescriptor:
         """Name, id, key and row count: what :meth:`open` needs (holds the key)."""
         return RowFileDescriptor(self.path.name, self._file_id, self._key, self._rows)

@@ -118,9 +118,9 @@ def read_payload(
     verified), so that composing the chain decodes none.
     """
     if row.base_version is None:
-        return _read_full(keyring, snapshots_dir, row)
+        return read_full(keyring, snapshots_dir, row)
     chain = chain_of(session, row)
-    base = _read_full(keyring, snapshots_dir, chain[0])
+    base = read_full(keyring, snapshots_dir, chain[0])
     deltas = read_deltas(keyring, snapshots_dir, chain)
     if not embeddings:
         base = without_embeddings(base)
@@ -132,7 +132,7 @@ def read_payload(
         raise SnapshotError(f"snapshot v{row.version}: its deltas do not compose: {exc}") from exc
 
 
-def _read_full(keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot) -> Payload:
+def read_full(keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot) -> Payload:
     """Full version ``row``'s payload, region rows opened, ``row_dir`` set (an ``ivf_disk``
     index's rows lie beside the snapshot). Raises SnapshotError as :func:`read_payload`."""
     payload = read_version(keyring, snapshots_dir, row, Payload.from_bytes)
@@ -289,18 +289,18 @@ def _delta_fits(
 ) -> bool:
     """Whether a change is written as a delta on ``base``: it adds or removes entries (a
     change that names neither toggles flags, so it is written in full), ``base`` is this
-    encoder's, and its chain is shorter than :data:`MAX_CHAIN_DELTAS`."""
+    encoder's, and its chain is shorter than :data:`MAX_CHAIN_DELTAS` (with row files too:
+    a loaded ``ivf_disk`` index keeps added rows in RAM, :mod:`.index.disk`)."""
     if base.encoder_id != encoder_id:
         return False
     if not (added or removed or (added_hashes is not None and len(added_hashes))):
         return False
-    chain = chain_of(session, base)
-    return len(chain) <= MAX_CHAIN_DELTAS and not keeps_row_files(snapshots_dir, chain[0])
+    return len(chain_of(session, base)) <= MAX_CHAIN_DELTAS
 
 
 def keeps_row_files(snapshots_dir: Path, row: IndexSnapshot) -> bool:
-    """Whether full version ``row`` has row files (``ivf_disk`` rows, region rows): its chain
-    takes no deltas (a loaded ``ivf_disk`` index refuses additions; region rows are fixed)."""
+    """Whether full version ``row`` has row files (``ivf_disk`` rows, region rows): its
+    chain is compacted from them (:mod:`moderation.banks.disk_compaction`)."""
     path = snapshot_path(snapshots_dir, row)
     return rows_path_of(path).exists() or path.with_suffix(REGIONS_SUFFIX).exists()
 

@@ -108,10 +108,15 @@ def test_serialize_round_trip_opens_the_same_rows(built: Built, tmp_path: Path) 
     np.testing.assert_array_equal(loaded.ids(), index.ids())
     assert loaded.search(queries, 10, -1.0) == expected
     np.testing.assert_array_equal(loaded.reconstruct(ids[2:6]), index.reconstruct(ids[2:6]))
-    # A loaded index may drop entries; its rows are read-only (they belong to the snapshot).
+    # A loaded index may drop entries; its row file is read-only (it belongs to the snapshot):
+    # added rows stay in RAM, and such an index is not serialized again.
     assert loaded.remove([int(ids[2])]) == 1 and int(ids[2]) not in loaded
-    with pytest.raises(RowFileError, match="read-only"):
-        loaded.add([999_999], vectors[:1])
+    rows_before = (tmp_path / loaded.row_path.name).stat().st_size if loaded.row_path else 0
+    loaded.add([999_999], vectors[:1])
+    assert loaded.disk is not None and len(loaded.disk.extra) == 1
+    assert loaded.row_path is not None and loaded.row_path.stat().st_size == rows_before
+    with pytest.raises(RowFileError, match="in RAM only"):
+        loaded.serialize()
 
     # Without its row directory it loads but cannot search, and says why.
     unopened = load_index(bytes(data))

@@ -14,8 +14,11 @@ from PIL import Image, ImageOps
 
 import moderation.banks.index.cosine as cosine_module
 import moderation.banks.versions as versions
-from moderation.banks.operations import import_bank, set_entry_disabled
+from moderation.banks.compaction import CompactionRule, compact_chains
+from moderation.banks.delta_chain import snapshot_path
+from moderation.banks.operations import delete_entries, import_bank, set_entry_disabled
 from moderation.banks.records import create_bank
+from moderation.banks.retention import prune_snapshots
 from moderation.banks.rowfile import RowArray, RowFileError
 from moderation.banks.snapshot import SnapshotError
 from moderation.banks.snapshot_payload import Payload
@@ -23,6 +26,7 @@ from moderation.banks.versions import current_snapshot, read_payload
 from moderation.matching.classifier.features import RegionLookup
 from moderation.matching.classifier.regions import make_region_embedder
 from moderation.service.runtime import Runtime
+from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
 from tests.conftest import skimage_photo
 
@@ -133,9 +137,12 @@ def test_a_missing_or_replaced_row_file_fails_closed(disk_rt: Runtime, tmp_path:
     assert last in blocklist.cosine
 
 
-def test_a_row_file_chain_takes_full_versions_not_deltas(disk_rt: Runtime, tmp_path: Path) -> None:
-    """Adding to a bank served by ``ivf_disk`` writes a full version (a loaded ``ivf_disk``
-    index refuses additions), and a reloaded worker finds the added entry."""
+def test_a_row_file_chain_takes_deltas_applied_in_place(
+    disk_rt: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adding to and removing from a bank served by ``ivf_disk`` writes delta versions; a
+    worker applies them in place (added rows in RAM beside the row file, region rows from the
+    delta), a fresh load of the chain answers the same, and a tampered delta is refused."""
     paths = []
     for name in (*PHOTOS, "coins"):
         paths.append(tmp_path / f"{name}.jpg")
@@ -144,12 +151,105 @@ def test_a_row_file_chain_takes_full_versions_not_deltas(disk_rt: Runtime, tmp_p
     with disk_rt.sessions() as session:
         first = current_snapshot(session)
         assert first is not None and versions.keeps_row_files(disk_rt.settings.snapshots_dir, first)
-    import_bank(disk_rt, "known-bad", paths[-1:], actor="test")
+    state = WorkerState(disk_rt, poll_interval=60)
+    state.refresh()
+    screener = state.screener()
+    blocklist, cosine = screener.blocklist, screener.blocklist.cosine
+    assert cosine.algorithm == "ivf_disk" and len(cosine) == len(PHOTOS)
+    coins_jpeg = _jpeg(skimage_photo("coins"))
+    assert screener.screen_bytes([coins_jpeg])[0].decision == "allow"
+
+    embedder = make_region_embedder(disk_rt.encoder, disk_rt.settings.batch_size)
+    computed: list[np.ndarray] = []
+
+    def recording(images: list[Image.Image]) -> list[np.ndarray]:
+        computed.extend(embedder(images))
+        return computed[-len(images) :]
+
+    import_bank(disk_rt, "known-bad", paths[-1:], actor="test", region_embedder=recording)
     with disk_rt.sessions() as session:
         second = current_snapshot(session)
-        assert second is not None and second.version > first.version
-        assert second.base_version is None  # a full version, not a delta on ``first``
-    blocklist = disk_rt.load_blocklist()
-    assert blocklist.cosine.algorithm == "ivf_disk" and len(blocklist.cosine) == len(paths)
-    (coins,) = disk_rt.screener().screen_bytes([_jpeg(skimage_photo("coins"))])
+        assert second is not None and second.base_version == first.version
+    full_reload = disk_rt.load_blocklist
+
+    def no_full_reload(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the worker reloaded the whole bank")
+
+    monkeypatch.setattr(disk_rt, "load_blocklist", no_full_reload)
+    state.refresh()
+    assert state.version == second.version and state.error is None
+    assert screener.blocklist is blocklist and blocklist.cosine is cosine
+    assert len(cosine) == len(PHOTOS) + 1 and cosine.disk is not None
+    assert len(cosine.disk.extra) == 1  # the added row, in RAM; the row file is unchanged
+    (coins,) = screener.screen_bytes([coins_jpeg])
     assert coins.decision == "block", coins.explanation
+    coins_id = coins.matches[0].entry.entry_id
+    assert coins.matches[0].entry.label == "coins" and coins.index_version == second.version
+    assert len(computed) == 1 and len(computed[0])
+    np.testing.assert_allclose(RegionLookup(blocklist)(coins_id), computed[0], atol=1e-6)
+
+    by_label = {info.label: eid for eid, info in blocklist.entries.items()}
+    delete_entries(disk_rt, [by_label["chelsea"]], actor="test")
+    state.refresh()
+    assert screener.blocklist is blocklist and by_label["chelsea"] not in cosine
+    (chelsea,) = screener.screen_bytes([_jpeg(ImageOps.mirror(skimage_photo("chelsea")))])
+    assert all(m.entry.label != "chelsea" for m in chelsea.matches)
+
+    # A fresh load of the chain (full ivf_disk version + both deltas) answers the same.
+    fresh = full_reload()
+    assert fresh.version == blocklist.version and fresh.cosine.algorithm == "ivf_disk"
+    np.testing.assert_array_equal(fresh.cosine.ids(), cosine.ids())
+    queries = np.stack([blocklist.vector_of(int(eid)) for eid in cosine.ids()])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    assert fresh.cosine.search(queries, 3, -1.0) == cosine.search(queries, 3, -1.0)
+    np.testing.assert_array_equal(fresh.regions_of(coins_id), blocklist.regions_of(coins_id))
+
+    # A tampered delta is refused: by a fresh load and by a worker catching up.
+    with disk_rt.sessions() as session:
+        head = current_snapshot(session)
+        assert head is not None
+        path = snapshot_path(disk_rt.settings.snapshots_dir, head)
+    saved = path.read_bytes()
+    data = bytearray(saved)
+    data[-40] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError):
+        full_reload()
+    monkeypatch.setattr(disk_rt, "load_blocklist", full_reload)
+    late = WorkerState(disk_rt, poll_interval=60)
+    late.refresh()
+    assert late.version is None and late.error is not None and "SHA-256" in late.error
+    path.write_bytes(saved)
+
+    # Compaction streams the chain into a new full version with its own row files, reusing
+    # the trained index: it answers as the chain applied in place does.
+    with transaction(disk_rt.sessions) as session:
+        (compacted, _), *_ = compact_chains(
+            session,
+            keyring=disk_rt.keyring,
+            snapshots_dir=disk_rt.settings.snapshots_dir,
+            rule=CompactionRule(),
+            force=True,
+        )
+        assert compacted.base_version is None and compacted.compacted_from == head.version
+        assert versions.keeps_row_files(disk_rt.settings.snapshots_dir, compacted)
+    with transaction(disk_rt.sessions) as session:
+        prune_snapshots(session, disk_rt.settings.snapshots_dir)
+    assert not path.exists() and not snapshot_path(disk_rt.settings.snapshots_dir, first).exists()
+    # A worker at the chain's head reloads (it held the pruned version's row files open).
+    state.refresh()
+    assert state.version == compacted.version and state.error is None
+    whole = state.screener().blocklist
+    assert whole is not blocklist and whole.cosine.row_path is not None
+    assert whole.cosine.row_path.exists() and whole.cosine.row_path != cosine.row_path
+    assert whole.cosine.disk is not None and not len(whole.cosine.disk.extra)
+    np.testing.assert_array_equal(whole.cosine.ids(), cosine.ids())
+    assert whole.cosine.search(queries, 3, -1.0) == cosine.search(queries, 3, -1.0)
+    assert isinstance(whole.payload.region_vectors, RowArray)
+    # The delta kept the added entry's rows in float32; the row files keep float16.
+    regions = whole.regions_of(coins_id)
+    np.testing.assert_allclose(regions, blocklist.regions_of(coins_id), atol=1e-3)
+    assert regions.shape == computed[0].shape
+    for eid in cosine.ids().tolist():
+        np.testing.assert_allclose(whole.vector_of(eid), blocklist.vector_of(eid), atol=1e-3)
+        assert whole.pdq_of(eid) == blocklist.pdq_of(eid)

@@ -18,6 +18,15 @@ not fit in RAM" keeps inverted lists on disk instead, which here would read whol
 FAISS ids inside the candidate index are row positions in the row file; ``labels`` maps a
 position to its entry id (-1: removed). Removal deletes the position from the inverted lists;
 its row stays in the file (unreachable) until the next snapshot version rebuilds the index.
+
+A loaded index's row file is read-only (it belongs to a snapshot version). Entries added to it
+afterwards (a delta version applied in place, :func:`moderation.banks.blocklist.catch_up`) join
+the same inverted lists with the trained projection and quantiser, and their float16 rows are
+kept in RAM (:attr:`DiskIvf.extra`): positions from ``len(row file)`` on are rows of ``extra``.
+Searches score both kinds of rows alike (exact cosine of the float16 row), so the result is
+the one an index holding every row in its file gives for the same inverted lists. A delta
+chain is bounded (``MAX_CHAIN_DELTAS``, compaction), and so is ``extra``: 2.5 KB per added
+entry at 1280-d.
 """
 
 from __future__ import annotations
@@ -98,6 +107,8 @@ class DiskIvf:
         self.rows: RowFile | None = None
         self.descriptor: RowFileDescriptor | None = None  # loaded, not yet opened
         self.backing: npt.NDArray[np.uint8] | None = None
+        #: Rows added after loading (read-only row file), float16 ``(m, dim)``, in RAM.
+        self.extra: npt.NDArray[np.float16] = np.zeros((0, dim), np.float16)
         self._order: IdArray | None = None
         #: Search-time settings (not serialized): see RERANK_FACTOR and RESIDUAL_WEIGHT.
         self.rerank_factor, self.residual_weight = RERANK_FACTOR, RESIDUAL_WEIGHT
@@ -143,12 +154,17 @@ class DiskIvf:
         self.index.is_trained = True
 
     def add(self, ids: IdArray, matrix: npt.NDArray[np.float32]) -> None:
-        """Append rows and index them (ids already checked by the caller)."""
+        """Append rows and index them (ids already checked by the caller): to the row file
+        this process is writing, else (a loaded index) to :attr:`extra` in RAM."""
         rows = self._file()
         if not self.index.is_trained:
             self.train(matrix)
         start = self.labels.size
-        rows.append(matrix)
+        if rows.writable and not self.extra.size:
+            rows.append(matrix)
+        else:
+            self.extra = np.concatenate([self.extra, matrix.astype(np.float16)])
+        self.own()
         self.index.add_with_ids(matrix, np.arange(start, start + len(ids), dtype=np.int64))
         self.labels = np.concatenate([self.labels, ids])
         self._order = None
@@ -175,7 +191,23 @@ class DiskIvf:
 
     def reconstruct(self, ids: IdArray) -> npt.NDArray[np.float32]:
         """The float16 rows of live ``ids``, widened to float32 ``(len(ids), dim)``."""
-        return self._file().read(self._positions(ids))
+        positions = self._positions(ids)
+        order = np.argsort(positions, kind="stable")
+        out = np.empty((len(positions), self.dim), np.float32)
+        out[order] = self.read_rows(positions[order])
+        return out
+
+    def read_rows(self, positions: IdArray) -> npt.NDArray[np.float32]:
+        """Rows at ascending ``positions``, float32 ``(len(positions), dim)``: from the row
+        file, and from :attr:`extra` past its end. Raises RowFileError as ``RowFile.read``."""
+        rows = self._file()
+        stored = len(rows)
+        split = int(np.searchsorted(positions, stored))
+        found = rows.read(positions[:split])
+        if split == len(positions):
+            return found
+        added = self.extra[positions[split:] - stored].astype(np.float32)
+        return np.concatenate([found, added])
 
     def candidates(
         self, queries: npt.NDArray[np.float32], count: int, nprobe: int
@@ -205,18 +237,26 @@ class DiskIvf:
         of the ``k x rerank_factor`` best estimated ones are read and scored exactly."""
         estimate, candidates = self.candidates(queries, k * self.k_factor, nprobe)
         depth = k * max(1, min(self.rerank_factor, self.k_factor))
-        rows = self._file()
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         labels = np.full((len(queries), k), -1, dtype=np.int64)
         for q, (query, found, guess) in enumerate(zip(queries, candidates, estimate, strict=True)):
             if found.size > depth:
                 found = found[np.argpartition(-guess, depth - 1)[:depth]]
             positions = np.sort(found[found >= 0])  # ascending: forward reads
-            exact = rows.read(positions) @ query
+            exact = self.read_rows(positions) @ query
             top = np.argsort(-exact, kind="stable")[:k]
             scores[q, : top.size] = exact[top]
             labels[q, : top.size] = self.labels[positions[top]]
         return scores, labels
+
+    def emptied_index(self) -> Any:
+        """A copy of the candidate index with this one's trained projection, lists'
+        centroids and SQ8 ranges and no entries: what compaction streams rows into without
+        retraining (:mod:`moderation.banks.disk_compaction`). Copies the index once (its codes
+        included, then dropped: transiently its size in RAM)."""
+        copy = faiss.deserialize_index(faiss.serialize_index(self.index))
+        copy.reset()
+        return copy
 
     def own(self) -> None:
         """Give a zero-copy loaded candidate index owned arrays before a change."""
@@ -227,7 +267,13 @@ class DiskIvf:
     def sections(self) -> dict[str, bytes]:
         """``faiss`` (candidate index), ``labels`` (int64 little-endian, position -> id, -1
         removed) and ``rows`` (the row file's descriptor: name, id, key, rows; fsynced
-        first). Raises RowFileError without a row file."""
+        first). Raises RowFileError without a row file, or with rows in :attr:`extra` (a
+        snapshot version writes its own row file: :mod:`moderation.banks.disk_compaction`)."""
+        if self.extra.size:
+            raise RowFileError(
+                f"this ivf_disk index holds {len(self.extra)} rows added after loading in "
+                "RAM only: write a new version (compaction) instead of serializing it"
+            )
         if self.rows is None and self.descriptor is not None:
             descriptor = self.descriptor
         else:
