@@ -83,25 +83,8 @@ def compact_disk_chain(
         segment.entry_ids[segment.active],
         segment.vectors[segment.active],
     )
-    payload = Payload(
-        encoder_id=base.encoder_id,
-        dim=base.dim,
-        entry_ids=np.concatenate([kept.entry_ids, segment.entry_ids]),
-        vectors=np.concatenate(
-            [
-                base.vectors[~np.isin(base.entry_ids[~base.active], gone)],
-                segment.vectors[~segment.active],
-            ]
-        ),
-        pdq=np.concatenate([kept.pdq, segment.pdq]),
-        pdq_quality=np.concatenate([kept.pdq_quality, segment.pdq_quality]),
-        active=np.concatenate([kept.active, segment.active]),
-        region_entry_ids=np.concatenate([kept.region_entry_ids, segment.region_entry_ids]),
-        region_vectors=_regions(base, gone, segment, target.with_suffix(versions.REGIONS_SUFFIX)),
-        extra_meta=dict(base.extra_meta),
-        cosine_index=index.serialize(),
-        vectors_in_index=True,
-        hashes=kept.hashes.with_added(segment.hashes),
+    payload = _compacted_payload(
+        base, kept, segment, gone, index, target.with_suffix(versions.REGIONS_SUFFIX)
     )
     written = write_snapshot(
         snapshots_dir,
@@ -121,6 +104,39 @@ def compact_disk_chain(
         len(index),
     )
     return row, written
+
+
+def _compacted_payload(
+    base: Payload,
+    kept: Payload,
+    segment: Payload,
+    gone: npt.NDArray[np.int64],
+    index: CosineIndex,
+    regions_path: Path,
+) -> Payload:
+    """The compacted full version's payload: ``kept`` (the base without ``gone`` and its
+    embeddings) then the deltas' ``segment``, the streamed ``index`` serialized, region rows
+    streamed to ``regions_path``."""
+    return Payload(
+        encoder_id=base.encoder_id,
+        dim=base.dim,
+        entry_ids=np.concatenate([kept.entry_ids, segment.entry_ids]),
+        vectors=np.concatenate(
+            [
+                base.vectors[~np.isin(base.entry_ids[~base.active], gone)],
+                segment.vectors[~segment.active],
+            ]
+        ),
+        pdq=np.concatenate([kept.pdq, segment.pdq]),
+        pdq_quality=np.concatenate([kept.pdq_quality, segment.pdq_quality]),
+        active=np.concatenate([kept.active, segment.active]),
+        region_entry_ids=np.concatenate([kept.region_entry_ids, segment.region_entry_ids]),
+        region_vectors=_regions(base, gone, segment, regions_path),
+        extra_meta=dict(base.extra_meta),
+        cosine_index=index.serialize(),
+        vectors_in_index=True,
+        hashes=kept.hashes.with_added(segment.hashes),
+    )
 
 
 def _stored_disk(base: Payload) -> CosineIndex | None:
