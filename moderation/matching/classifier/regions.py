@@ -121,10 +121,13 @@ def entry_windows(image: Image.Image) -> list[Image.Image]:
 
 
 def make_region_embedder(
-    encoder: Encoder, batch_size: int = 32
+    encoder: Encoder, batch_size: int = 32, *, paste: bool = False
 ) -> Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]]:
     """A :data:`moderation.banks.importer.RegionEmbedder`: images -> float32 (5, d) each,
-    the unit-norm embeddings of their :data:`ENTRY_WINDOWS`."""
+    the unit-norm embeddings of their :data:`ENTRY_WINDOWS`; with ``paste`` (and an encoder
+    with feature-map windows) (6, d): the entry's paste descriptor after them
+    (:mod:`moderation.banks.paste_rows`, one more model pass per image)."""
+    with_paste = paste and encoder.has_feature_windows
 
     def embed(images: Sequence[Image.Image]) -> list[npt.NDArray[np.float32]]:
         crops = [c for image in images for c in entry_windows(image)]
@@ -132,7 +135,11 @@ def make_region_embedder(
             return []
         vectors = encoder.encode(crops, batch_size=batch_size)
         per = len(ENTRY_WINDOWS)
-        return [vectors[i * per : (i + 1) * per] for i in range(len(images))]
+        windows = [vectors[i * per : (i + 1) * per] for i in range(len(images))]
+        if not with_paste:
+            return windows
+        pastes = encoder.encode_paste_descriptors(images, batch_size=batch_size)
+        return [np.concatenate([w, p[None]]) for w, p in zip(windows, pastes, strict=True)]
 
     return embed
 

@@ -41,8 +41,14 @@ Backend = Literal["onnxruntime", "openvino"]
 #: ONNX opset used for export: 17 is the newest the TorchScript exporter fully supports and
 #: every onnxruntime >= 1.14 runs.
 ONNX_OPSET: Final = 17
-#: Version of the manifest layout; a change makes every cached model stale.
-MANIFEST_FORMAT: Final = 1
+#: Version of the manifest layout; a change makes every cached model stale. 2: the model has a
+#: second output, the feature map (:data:`MODEL_OUTPUTS`).
+MANIFEST_FORMAT: Final = 2
+#: The model's outputs: ``features`` float32 (n, 1280), the pooled (not normalised) embedding,
+#: and ``feature_map`` float32 (n, 1280, h, w), the map it pools, for the feature-map windows
+#: (:mod:`.feature_windows`). The manifest lists them; a session whose map does not pool to its
+#: features fails its probe.
+MODEL_OUTPUTS: Final = ("features", "feature_map")
 
 #: Least cosine similarity, per probe row, between a session's and the recorded raw features.
 #: The same float32 graph agrees to about 1e-6 (measured min 0.9999999); 0.999 leaves room for
@@ -256,21 +262,35 @@ class OpenVinoSession:
                 logger.info("no OpenVINO model cache at %s (%s)", cache_dir, exc)
         # From the path (not a read model): with a cached blob OpenVINO skips reading the file.
         self._compiled = core.compile_model(str(path), "CPU", config)
-        self._output = self._compiled.output("features")
+        self._outputs = {
+            name: output
+            for output in self._compiled.outputs
+            for name in output.get_names()
+            if name in MODEL_OUTPUTS
+        }
         self._local = threading.local()
 
     def run(
         self, output_names: list[str], feeds: dict[str, npt.NDArray[np.float32]]
     ) -> list[npt.NDArray[np.float32]]:
-        """``[features]``: float32 (n, d) for ``feeds["x"]`` float32 (n, 3, H, W), as
-        ``InferenceSession.run(["features"], {"x": ...})`` returns them."""
-        if list(output_names) != ["features"]:
-            raise ValueError(f"the encoder model has one output, 'features', not {output_names}")
+        """The named outputs (of :data:`MODEL_OUTPUTS`: ``features`` float32 (n, d),
+        ``feature_map`` float32 (n, d, h, w)) for ``feeds["x"]`` float32 (n, 3, H, W), as
+        ``InferenceSession.run(names, {"x": ...})`` returns them.
+
+        Raises:
+            ValueError: a name is not one of the model's outputs.
+        """
+        unknown = [name for name in output_names if name not in self._outputs]
+        if unknown:
+            raise ValueError(f"the encoder model has no output {unknown}: {list(self._outputs)}")
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         result = request.infer({"x": feeds["x"]}, share_inputs=True)
-        return [np.array(result[self._output], dtype=np.float32, copy=True)]
+        return [
+            np.array(result[self._outputs[name]], dtype=np.float32, copy=True)
+            for name in output_names
+        ]
 
 
 def model_session(
@@ -324,6 +344,7 @@ def read_manifest(
         "preprocessing": preprocessing,
         "precision": precision,
         "onnx_sha256": onnx_digest,
+        "outputs": list(MODEL_OUTPUTS),
     }
     wrong = [key for key, value in expected.items() if manifest.get(key) != value]
     if wrong:
@@ -374,11 +395,17 @@ def _probed_session(
     digest: str,
     input_size: int,
 ) -> Any:
-    """:func:`model_session` over ``files.onnx`` if its probe features match the manifest's."""
+    """:func:`model_session` over ``files.onnx`` if its probe features match the manifest's
+    and its feature map GeM-pools to its features (:func:`.feature_windows.pool_global`)."""
+    from moderation.signals.encoders.feature_windows import pool_global
+
     try:
         session = model_session(files.onnx, backend=backend, threads=threads, digest=digest)
-        (features,) = session.run(["features"], {"x": probe_input(input_size)})
-        agreement = min_row_cosine(features, manifest["probe_features"])
+        features, feature_map = session.run(list(MODEL_OUTPUTS), {"x": probe_input(input_size)})
+        agreement = min(
+            min_row_cosine(features, manifest["probe_features"]),
+            min_row_cosine(pool_global(feature_map), features),
+        )
     except Exception as exc:  # onnxruntime raises its own types for unreadable files
         logger.warning("ONNX model %s unusable (%s)", files.onnx, exc)
         return None
