@@ -47,7 +47,7 @@ class CandidateRules(_Strict):
     min_pdq_quality: int = Field(default=50, ge=0, le=100)
     # Feature-map windows (moderation.signals.encoders.feature_windows): each window's best
     # ``window_top_k`` entries at or above ``min_window_cosine`` are candidates too.
-    min_window_cosine: float = Field(default=0.60, ge=-1.0, le=1.0)
+    min_window_cosine: float = Field(default=0.55, ge=-1.0, le=1.0)
     window_top_k: int = Field(default=3, ge=1, le=1000)
 
 
