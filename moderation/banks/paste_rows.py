@@ -45,6 +45,10 @@ class RowIndex:
     def __init__(self, ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]) -> None:
         self.ids = np.asarray(ids, np.int64)
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        # Kept transposed and contiguous: OpenBLAS multiplies by a transposed view (``@ v.T``)
+        # in about 26 ms of wall time for 25 windows x 60 rows on the loaded 2-core machine,
+        # by the contiguous transpose in 0.04 ms.
+        self._columns = np.ascontiguousarray(self.vectors.T)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,7 +59,7 @@ class RowIndex:
         matrix = np.asarray(queries, np.float32).reshape(-1, self.vectors.shape[1])
         if not len(self.ids) or k < 1:
             return [[] for _ in range(len(matrix))]
-        scores = matrix @ self.vectors.T  # (q, m)
+        scores = matrix @ self._columns  # (q, m)
         k = min(k, len(self.ids))
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         out = []
