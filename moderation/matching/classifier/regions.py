@@ -21,6 +21,9 @@ is part of the entry) and a banned photo pasted into a screenshot, a meme or ont
   screenshot whose chrome blends into the photo, still fills most of one window (the regional
   descriptors of Tolias, Sicre and Jégou 2016, "Particular object retrieval with integral
   max-pooling of CNN activations", computed here by cropping and embedding each window).
+* **Paste descriptors** (:func:`make_region_embedder` with ``paste``): one more region row per
+  entry, the entry seen pasted small, which the query's feature-map windows are searched
+  against (:mod:`moderation.banks.paste_rows`); those windows need no extra model pass.
 """
 
 from __future__ import annotations

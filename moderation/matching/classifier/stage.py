@@ -7,7 +7,10 @@ neither a clear copy (global cosine at or above ``band.high``, or a PDQ match at
 ``band.certain_pdq``) nor clearly nothing (best cosine below ``band.low``). Queries in the
 narrower :class:`WindowBand` also get a grid of multi-scale windows
 (:func:`~moderation.matching.classifier.regions.query_windows`). Views and windows of a whole
-batch are embedded in one encoder call.
+batch are embedded in one encoder call. With ``feature_windows`` the screener also hands over
+each frame's feature-map windows, pooled from the same encoder pass as the global embedding
+(:mod:`moderation.signals.encoders.feature_windows`): they retrieved candidates in stage 1 and
+give the ``window_to_paste`` feature, at no extra model pass.
 """
 
 from __future__ import annotations
