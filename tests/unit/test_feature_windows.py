@@ -27,6 +27,7 @@ from moderation.matching.classifier.features import (
     query_features,
 )
 from moderation.matching.classifier.model import CopyModel
+from moderation.matching.explain import _region, match_explanation
 from moderation.matching.policy import CandidateRules
 from moderation.signals.encoders.feature_windows import (
     PASTE_CELLS,
@@ -260,3 +261,18 @@ def test_a_model_stored_before_the_windows_still_loads_and_predicts_alike() -> N
     np.testing.assert_allclose(model.predict(rows), model.predict(rows[:, :k]))
     with pytest.raises(ValueError):
         model.predict(rows[:, :3])
+
+
+def test_a_window_match_is_explained_as_feature_window_evidence() -> None:
+
+    features = dict.fromkeys(LEGACY_FEATURE_NAMES, 0.41)
+    features["window_to_paste"] = 0.72
+    record = {"agreed": ["feature_window", "classifier"], "region": _region(features)}
+    region = match_explanation(record, cosine=0.41, pdq_distance=None, probability=0.9)
+    assert region["signals"]["region_cosine"] == {
+        "kind": "feature_window",
+        "value": 0.72,
+        "agreed": True,
+    }
+    # Below the global cosine it is no evidence.
+    assert _region({**features, "window_to_paste": 0.41}) is None
