@@ -143,6 +143,13 @@ class Settings(QueueApiSettings, VideoSettings, ShardSettings, BaseSettings):
         "(0.60-0.78) also embed a grid of 14 multi-scale windows (classifier stage only; off: "
         "they cost 38% of its throughput on the benchmark).",
     )
+    classifier_feature_windows: bool = Field(
+        default=True,
+        description="Feature-map windows: the encoder's last feature map pooled over 25 "
+        "3 x 3-cell windows in the same pass, searched against the entries' paste descriptors "
+        "(stored at import: one more model pass per image) as an extra candidate source and "
+        "given to the classifier (window_to_paste); also for training copies.",
+    )
     classifier_edits_per_entry: int = Field(
         default=2,
         ge=0,

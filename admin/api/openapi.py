@@ -60,7 +60,9 @@ def _signals_schema() -> dict[str, Any]:
                 "type": ["object", "null"],
                 "description": "The best region or view cosine when it beat the global one.",
                 "properties": {
-                    "kind": {"enum": ["query_view", "entry_window", "view_window"]},
+                    "kind": {
+                        "enum": ["query_view", "entry_window", "view_window", "feature_window"]
+                    },
                     "value": {"type": ["number", "null"]},
                     "agreed": {"type": "boolean"},
                 },

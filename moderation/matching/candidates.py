@@ -79,6 +79,9 @@ class Candidate:
     cosine: float | None = None
     frame: int = 0
     pdq_distance: int | None = None
+    # Best cosine of one of the query's feature-map windows to the entry, when a window
+    # retrieved it (find_candidates' ``windows``).
+    window_cosine: float | None = None
     probability: float | None = None
     features: dict[str, float] = field(default_factory=dict)
     signals: list[str] = field(default_factory=list)
@@ -110,12 +113,16 @@ class QueryContext:
     frames: tuple[Image.Image, ...]
     vectors: npt.NDArray[np.float32]  # (f, d) float32, unit rows: one per frame
     pdq: tuple[tuple[PdqHash, ...], ...]  # per frame, the 8 dihedral variants
+    # (f, w, d) float32 unit rows: each frame's feature-map windows; None when not computed.
+    windows: npt.NDArray[np.float32] | None = None
 
 
 class CandidateRefiner(Protocol):
     """The classifier stage: turns candidates into calibrated copy probabilities."""
 
     version: str
+    # Whether the screener should compute feature-map windows for it (QueryContext.windows).
+    feature_windows: bool
 
     def refine_batch(
         self, items: Sequence[tuple[QueryContext, list[Candidate]]], blocklist: Blocklist
@@ -167,12 +174,19 @@ def find_candidates(
     pdq: Sequence[Sequence[PdqHash]],
     exact: Sequence[Candidate] = (),
     scope: Scope = EVERY_BANK,
+    windows: npt.NDArray[np.float32] | None = None,
+    window_index: _Searchable | None = None,
 ) -> list[Candidate]:
     """Stage 1: the top-k entries per frame above ``rules.min_cosine`` plus the PDQ matches
     within ``rules.max_pdq_distance`` (over each frame's dihedral variants, both digests of
-    quality >= ``rules.min_pdq_quality``), merged per entry, best cosine first.
+    quality >= ``rules.min_pdq_quality``) plus, given ``windows`` and ``window_index`` (the
+    entries' paste descriptors, :func:`moderation.banks.paste_rows.paste_index`), each
+    feature-map window's top ``rules.window_top_k`` entries at or above
+    ``rules.min_window_cosine`` (one batched search; the candidate's ``window_cosine``), merged
+    per entry, best cosine first.
 
-    ``vectors`` is float32 (f, d), one unit row per frame; ``pdq`` the 8 variants per frame.
+    ``vectors`` is float32 (f, d), one unit row per frame; ``pdq`` the 8 variants per frame;
+    ``windows`` float32 (f, w, d) unit rows (:mod:`moderation.signals.encoders.feature_windows`).
     Entries found only by PDQ get their cosine too, so every image entry has both signals;
     hash-list entries have no embedding and keep ``cosine`` None. ``exact`` (from
     :func:`exact_candidates`) are merged in. Only entries of the banks ``scope`` admits are
@@ -193,6 +207,28 @@ def find_candidates(
             cand = found.setdefault(hit.id, Candidate(entry=info))
             if cand.cosine is None or hit.score > cand.cosine:
                 cand.cosine, cand.frame = float(hit.score), frame
+    if windows is not None and windows.size and window_index is not None:
+        _window_candidates(blocklist, window_index, rules, windows, found, keep)
+    _pdq_candidates(blocklist, rules, pdq, found, keep)
+    for cand in found.values():
+        if cand.cosine is None and blocklist.has_vector(cand.entry.entry_id):
+            sims = vectors @ blocklist.vector_of(cand.entry.entry_id)
+            cand.frame = int(np.argmax(sims))
+            cand.cosine = float(sims[cand.frame])
+    return sorted(found.values(), key=lambda c: -(c.cosine or -1.0))
+
+
+def _pdq_candidates(
+    blocklist: Blocklist,
+    rules: CandidateRules,
+    pdq: Sequence[Sequence[PdqHash]],
+    found: dict[int, Candidate],
+    keep: Callable[[int], bool],
+) -> None:
+    """Add to ``found`` the PDQ matches within ``rules.max_pdq_distance`` of each frame's
+    dihedral variants (``pdq``: 8 per frame), both digests of quality >=
+    ``rules.min_pdq_quality``; an entry's least Hamming distance is kept."""
+    entries = blocklist.entries
     for frame, variants in enumerate(pdq):
         usable = [v for v in variants if v.quality >= rules.min_pdq_quality]
         if not usable:
@@ -212,9 +248,27 @@ def find_candidates(
                 distance = int(hit.score)
                 if cand.pdq_distance is None or distance < cand.pdq_distance:
                     cand.pdq_distance = distance
-    for cand in found.values():
-        if cand.cosine is None and blocklist.has_vector(cand.entry.entry_id):
-            sims = vectors @ blocklist.vector_of(cand.entry.entry_id)
-            cand.frame = int(np.argmax(sims))
-            cand.cosine = float(sims[cand.frame])
-    return sorted(found.values(), key=lambda c: -(c.cosine or -1.0))
+
+
+def _window_candidates(
+    blocklist: Blocklist,
+    index: _Searchable,
+    rules: CandidateRules,
+    windows: npt.NDArray[np.float32],
+    found: dict[int, Candidate],
+    keep: Callable[[int], bool],
+) -> None:
+    """Merge the entries whose paste descriptors ``windows`` (f, w, d) retrieve into
+    ``found``, in place: each keeps its best window cosine (and, when new, the frame of that
+    window)."""
+    per_frame = windows.shape[1]
+    rows = windows.reshape(-1, windows.shape[-1])
+    hits_per_row = search_within(index, rows, rules.window_top_k, rules.min_window_cosine, keep)
+    for row, hits in enumerate(hits_per_row):
+        for hit in hits:
+            info = blocklist.entries.get(hit.id)
+            if info is None:
+                continue
+            cand = found.setdefault(hit.id, Candidate(entry=info, frame=row // per_frame))
+            if cand.window_cosine is None or hit.score > cand.window_cosine:
+                cand.window_cosine = float(hit.score)

@@ -49,10 +49,17 @@ _REGION_KINDS: dict[str, str] = {
     "region_to_global": "query_view",
     "global_to_region": "entry_window",
     "region_to_region": "view_window",
+    "window_to_paste": "feature_window",
 }
 # The agreeing-signal names (moderation.matching.classifier.stage.agreed_signals) that mean a
 # region or view agreed.
-_REGION_AGREED = ("query_region", "entry_region")
+_REGION_AGREED = ("query_region", "entry_region", "feature_window")
+
+_AGREED_KINDS = {
+    "query_region": "query_view",
+    "entry_region": "entry_window",
+    "feature_window": "feature_window",
+}
 
 
 def _passed(
@@ -231,7 +238,7 @@ def _region_json(record: Mapping[str, Any], agreed: Sequence[str]) -> dict[str, 
     if region_agreed:  # a record without evidence: the kind from its tag, no value
         tag = next(s for s in agreed if s in _REGION_AGREED)
         return {
-            "kind": "query_view" if tag == "query_region" else "entry_window",
+            "kind": _AGREED_KINDS[tag],
             "value": None,
             "agreed": True,
         }
@@ -266,7 +273,9 @@ def match_explanation(
     ``passed`` is "block", "review" or "none" and ``threshold`` the one passed (both null for a
     record stored before thresholds were; the classifier's ``agreed`` too);
     ``region_cosine.kind`` is ``query_view`` (a view of the upload against the entry),
-    ``entry_window`` (the upload against a window of the entry) or ``view_window``. Nothing
+    ``entry_window`` (the upload against a window of the entry), ``view_window`` or
+    ``feature_window`` (a window of the upload's feature map against the entry seen pasted
+    small, :mod:`moderation.banks.paste_rows`). Nothing
     here names a bank or an entry (the tenancy rule of
     :func:`moderation.service.results.match_json`).
     """

@@ -45,6 +45,10 @@ class CandidateRules(_Strict):
     min_cosine: float = Field(default=0.5, ge=-1.0, le=1.0)
     max_pdq_distance: int = Field(default=PDQ_MATCH_DISTANCE, ge=0, le=256)
     min_pdq_quality: int = Field(default=50, ge=0, le=100)
+    # Feature-map windows (moderation.signals.encoders.feature_windows): each window's best
+    # ``window_top_k`` entries at or above ``min_window_cosine`` are candidates too.
+    min_window_cosine: float = Field(default=0.55, ge=-1.0, le=1.0)
+    window_top_k: int = Field(default=3, ge=1, le=1000)
 
 
 class ClassifierBand(_Strict):

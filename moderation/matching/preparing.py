@@ -39,6 +39,8 @@ class Work:
     error: UnscannableImage | None = None
     timings: dict[str, float] = field(default_factory=dict)
     vectors: npt.NDArray[np.float32] | None = None
+    # (f, w, d) feature-map windows of the frames, when the classifier stage asked for them.
+    windows: npt.NDArray[np.float32] | None = None
     pdq: tuple[tuple[PdqHash, ...], ...] = ()
     exact: list[Candidate] = field(default_factory=list)
     scope: Scope = EVERY_BANK

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moderation.banks.blocklist import Blocklist
+from moderation.banks.paste_rows import paste_index
 from moderation.banks.shard_index import ShardedCosineIndex
 from moderation.matching.candidates import (
     EVERY_BANK,
@@ -106,12 +107,25 @@ class Screener:
             with self.blocklist.guard:  # a delta may be applied meanwhile (worker watcher)
                 work.exact = exact_candidates(self.blocklist, digests, work.scope)
 
+    @property
+    def feature_windows(self) -> bool:
+        """Whether frames get feature-map windows (:mod:`.feature_windows`) from the encoder
+        pass: the classifier stage asks for them and the encoder has them."""
+        wanted = bool(getattr(self.refiner, "feature_windows", False))
+        return wanted and self.encoder.has_feature_windows
+
     def _embed(self, works: Sequence[Work]) -> None:
         inputs = [x for w in works if w.decoded for x in w.inputs]
         if not inputs:
             return
         start = time.perf_counter()
-        vectors = self.encoder.encode_inputs(inputs, batch_size=self.batch_size)
+        windows = None
+        if self.feature_windows:
+            vectors, windows = self.encoder.encode_inputs_with_windows(
+                inputs, batch_size=self.batch_size
+            )
+        else:
+            vectors = self.encoder.encode_inputs(inputs, batch_size=self.batch_size)
         per_frame = elapsed_ms(start) / len(inputs)
         offset = 0
         for work in works:
@@ -119,6 +133,8 @@ class Screener:
                 continue
             count = len(work.inputs)
             work.vectors = vectors[offset : offset + count]
+            if windows is not None:
+                work.windows = windows[offset : offset + count]
             work.timings["embed"] = work.timings.get("embed", 0.0) + per_frame * count
             offset += count
 
@@ -132,6 +148,8 @@ class Screener:
             work.pdq,
             work.exact,
             work.scope,
+            windows=work.windows,
+            window_index=None if work.windows is None else paste_index(self.blocklist),
         )
         if work.video is not None and len(self.blocklist.vpdq):
             rules = self._policy(work).candidates
@@ -151,11 +169,16 @@ class Screener:
             return
         start = time.perf_counter()
         rules = [self._policy(w).candidates for w in searched]
-        cosine.prefetch(
-            np.concatenate([w.vectors for w in searched if w.vectors is not None]),
-            max(r.top_k for r in rules),
-            min(r.min_cosine for r in rules),
-        )
+        rows = [w.vectors for w in searched if w.vectors is not None]
+        k, floor = max(r.top_k for r in rules), min(r.min_cosine for r in rules)
+        windows = [
+            w.windows.reshape(-1, w.windows.shape[-1]) for w in searched if w.windows is not None
+        ]
+        if windows:  # the feature-map windows' searches too, in the same round trip
+            rows += windows
+            k = max(k, *(r.window_top_k for r in rules))
+            floor = min(floor, *(r.min_window_cosine for r in rules))
+        cosine.prefetch(np.concatenate(rows), k, floor)
         share = elapsed_ms(start) / len(searched)
         for work in searched:
             work.timings["search"] = share
@@ -185,7 +208,8 @@ class Screener:
         items = []
         for work, cands in pending:
             assert work.decoded is not None and work.vectors is not None
-            items.append((QueryContext(work.decoded.frames, work.vectors, work.pdq), cands))
+            context = QueryContext(work.decoded.frames, work.vectors, work.pdq, work.windows)
+            items.append((context, cands))
         self.refiner.refine_batch(items, self.blocklist)
         share = elapsed_ms(start) / len(pending)
         for work, _ in pending:
@@ -331,3 +355,8 @@ class Screener:
         ``scope``'s policy."""
         work = Work(0, error=UnscannableImage(reason, detail), scope=scope)
         return self.decide(work, [])
+
+
+def _window_rows(work: Work) -> npt.NDArray[np.float32] | None:
+    """A work's feature-map windows (f, w, d) as rows (f * w, d), or None."""
+    return None if work.windows is None else work.windows.reshape(-1, work.windows.shape[-1])

@@ -231,6 +231,7 @@ class Runtime:
             self.encoder,
             windows=WindowBand(enabled=self.settings.classifier_windows),
             batch_size=self.settings.batch_size,
+            feature_windows=self.settings.classifier_feature_windows,
         )
 
     def import_hooks(self) -> ImportHooks:

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moderation.banks.blocklist import Blocklist
+from moderation.banks.paste_rows import ENTRY_WINDOW_ROWS
 from moderation.signals.pdq import PDQ_MIN_QUALITY, PdqHash
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -25,6 +26,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "pdq_quality",
     "margin",
     "background_norm",
+    "window_to_paste",
 )
 """The model's inputs, in order:
 
@@ -43,7 +45,18 @@ FEATURE_NAMES: tuple[str, ...] = (
 * ``background_norm``: ``cosine`` minus the mean of the query's 3 highest cosines to a
   background set of non-banned photos: the score normalisation of SSCD (Pizzi et al. 2022,
   arXiv:2202.10261, section 3.3), which on DISC21 lifts µAP from 0.61 to 0.72.
+* ``window_to_paste``: best cosine of one of the query's feature-map windows (GeM pools of
+  3 x 3-cell windows of the encoder's last feature map,
+  :mod:`moderation.signals.encoders.feature_windows`) to the entry's paste descriptor (the entry
+  seen pasted small, :mod:`moderation.banks.paste_rows`), at least ``cosine``; ``cosine`` when
+  either side is missing (windows not computed, entry imported without the descriptor).
+
+Models trained before ``window_to_paste`` existed (:data:`LEGACY_FEATURE_NAMES`) still load and
+read the first eight columns; the other features are computed as before.
 """
+
+LEGACY_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES[:8]
+"""The features of models stored before the feature-map windows (a prefix of the current)."""
 
 BACKGROUND_TOP = 3
 """Background neighbours averaged by ``background_norm`` (SSCD uses the k-th neighbour)."""
@@ -57,13 +70,15 @@ class QuerySignals:
 
     ``vectors``: float32 (f, d), one unit row per frame. ``pdq``: per frame, the 8 dihedral
     variants. ``views``: float32 (v, d) embeddings of query views, or None when not computed (the
-    query was outside the uncertain band).
+    query was outside the uncertain band). ``windows``: float32 (m, d) unit rows, the
+    feature-map windows of every frame, or None when not computed.
     """
 
     vectors: npt.NDArray[np.float32]
     pdq: tuple[tuple[PdqHash, ...], ...]
     views: npt.NDArray[np.float32] | None = None
     view_pdq: tuple[PdqHash, ...] = ()
+    windows: npt.NDArray[np.float32] | None = None
 
 
 class RegionLookup:
@@ -85,12 +100,22 @@ class RegionLookup:
         # Entries added by deltas applied in place live in the blocklist's segments.
         self._added = blocklist.segment_regions_of
 
-    def __call__(self, entry_id: int) -> npt.NDArray[np.float32]:
+    def rows(self, entry_id: int) -> npt.NDArray[np.float32]:
+        """Every stored region row of the entry, float32 (r, d), in stored order."""
         span = self._spans.get(entry_id)
         if span is None:
             return self._added(entry_id)
         rows: npt.NDArray[np.float32] = self._vectors[self._order[span[0] : span[1]]]
         return rows
+
+    def __call__(self, entry_id: int) -> npt.NDArray[np.float32]:
+        """The entry's windows, float32 (r, d), r <= :data:`ENTRY_WINDOW_ROWS`."""
+        return self.rows(entry_id)[:ENTRY_WINDOW_ROWS]
+
+    def paste(self, entry_id: int) -> npt.NDArray[np.float32]:
+        """The entry's paste descriptor (:mod:`moderation.banks.paste_rows`), float32 (1, d),
+        or (0, d) for an entry imported without one."""
+        return self.rows(entry_id)[ENTRY_WINDOW_ROWS : ENTRY_WINDOW_ROWS + 1]
 
 
 def pdq_bits(pdq: Sequence[Sequence[PdqHash]]) -> tuple[npt.NDArray[np.bool_], int]:
@@ -189,6 +214,7 @@ def pair_features(
     pdq_similarity = max(0.0, 1.0 - distance / PDQ_RANDOM_DISTANCE)
     if quality < PDQ_MIN_QUALITY:
         pdq_similarity = 0.0
+    window_to_paste = _window_to_paste(query, regions, entry_id, cosine)
     other = runner_up.get(entry_id, runner_up.get(-1, 0.0))
     return {
         "cosine": cosine,
@@ -199,7 +225,21 @@ def pair_features(
         "pdq_quality": quality / 100.0,
         "margin": max(cosine, region_to_global, global_to_region) - other,
         "background_norm": cosine - background_score,
+        "window_to_paste": window_to_paste,
     }
+
+
+def _window_to_paste(
+    query: QuerySignals, regions: RegionLookup, entry_id: int, cosine: float
+) -> float:
+    """The best cosine of the query's feature-map windows to the entry's paste descriptor,
+    at least ``cosine`` (the global one; also when either is missing)."""
+    if query.windows is None or not len(query.windows):
+        return cosine
+    paste = regions.paste(entry_id)
+    if not len(paste):
+        return cosine
+    return max(cosine, float(np.max(query.windows @ paste[0])))
 
 
 def query_features(

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.matching.classifier.features import FEATURE_NAMES
+from moderation.matching.classifier.features import FEATURE_NAMES, LEGACY_FEATURE_NAMES
 from moderation.storage.models import ClassifierModel
 
 MODEL_FORMAT = 1
@@ -84,19 +84,23 @@ class CopyModel:
     created_at: str = ""
 
     def logit(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Uncalibrated decision values, float64 (n,), of a (n, k) feature matrix."""
-        x = (np.asarray(features, np.float64) - self.mean) / self.scale
-        out: npt.NDArray[np.float64] = x @ self.coef + self.intercept
+        """Uncalibrated decision values, float64 (n,), of a (n, k) feature matrix (k: this
+        model's features, or all of :data:`FEATURE_NAMES`, of which a legacy model reads its
+        first ``len(feature_names)``)."""
+        x = np.asarray(features, np.float64)[..., : len(self.feature_names)]
+        out: npt.NDArray[np.float64] = ((x - self.mean) / self.scale) @ self.coef + self.intercept
         return out
 
     def predict(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Calibrated copy probabilities, float64 (n,) in [0, 1], of a (n, k) feature matrix.
+        """Calibrated copy probabilities, float64 (n,) in [0, 1], of a (n, k) feature matrix
+        over this model's ``feature_names`` or over :data:`FEATURE_NAMES` (a legacy model's
+        are a prefix of them).
 
         Raises:
-            ValueError: the matrix does not have ``len(feature_names)`` columns.
+            ValueError: the matrix has another number of columns.
         """
         matrix = np.atleast_2d(np.asarray(features, np.float64))
-        if matrix.shape[1] != len(self.feature_names):
+        if matrix.shape[1] not in (len(self.feature_names), len(FEATURE_NAMES)):
             raise ValueError(f"expected {len(self.feature_names)} features, got {matrix.shape[1]}")
         return _sigmoid(self.platt_a * self.logit(matrix) + self.platt_b)
 
@@ -127,7 +131,8 @@ class CopyModel:
         """Rebuild a model from :meth:`to_json`'s document.
 
         Raises:
-            ModelFormatError: unknown format or kind, features other than :data:`FEATURE_NAMES`,
+            ModelFormatError: unknown format or kind, features other than :data:`FEATURE_NAMES`
+                (or the older :data:`LEGACY_FEATURE_NAMES`),
                 inconsistent lengths, non-finite numbers.
         """
         try:
@@ -136,7 +141,7 @@ class CopyModel:
                     f"unknown model format {doc.get('format')!r}/{doc.get('kind')!r}"
                 )
             names = tuple(str(n) for n in doc["feature_names"])
-            if names != FEATURE_NAMES:
+            if names not in (FEATURE_NAMES, LEGACY_FEATURE_NAMES):
                 raise ModelFormatError(f"model features {names} differ from {FEATURE_NAMES}")
             arrays = [np.array(doc[key], np.float64) for key in ("mean", "scale", "coef")]
             if any(a.shape != (len(names),) for a in arrays):

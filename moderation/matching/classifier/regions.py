@@ -21,6 +21,9 @@ is part of the entry) and a banned photo pasted into a screenshot, a meme or ont
   screenshot whose chrome blends into the photo, still fills most of one window (the regional
   descriptors of Tolias, Sicre and Jégou 2016, "Particular object retrieval with integral
   max-pooling of CNN activations", computed here by cropping and embedding each window).
+* **Paste descriptors** (:func:`make_region_embedder` with ``paste``): one more region row per
+  entry, the entry seen pasted small, which the query's feature-map windows are searched
+  against (:mod:`moderation.banks.paste_rows`); those windows need no extra model pass.
 """
 
 from __future__ import annotations
@@ -121,10 +124,13 @@ def entry_windows(image: Image.Image) -> list[Image.Image]:
 
 
 def make_region_embedder(
-    encoder: Encoder, batch_size: int = 32
+    encoder: Encoder, batch_size: int = 32, *, paste: bool = False
 ) -> Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]]:
     """A :data:`moderation.banks.importer.RegionEmbedder`: images -> float32 (5, d) each,
-    the unit-norm embeddings of their :data:`ENTRY_WINDOWS`."""
+    the unit-norm embeddings of their :data:`ENTRY_WINDOWS`; with ``paste`` (and an encoder
+    with feature-map windows) (6, d): the entry's paste descriptor after them
+    (:mod:`moderation.banks.paste_rows`, one more model pass per image)."""
+    with_paste = paste and encoder.has_feature_windows
 
     def embed(images: Sequence[Image.Image]) -> list[npt.NDArray[np.float32]]:
         crops = [c for image in images for c in entry_windows(image)]
@@ -132,7 +138,11 @@ def make_region_embedder(
             return []
         vectors = encoder.encode(crops, batch_size=batch_size)
         per = len(ENTRY_WINDOWS)
-        return [vectors[i * per : (i + 1) * per] for i in range(len(images))]
+        windows = [vectors[i * per : (i + 1) * per] for i in range(len(images))]
+        if not with_paste:
+            return windows
+        pastes = encoder.encode_paste_descriptors(images, batch_size=batch_size)
+        return [np.concatenate([w, p[None]]) for w, p in zip(windows, pastes, strict=True)]
 
     return embed
 

@@ -7,7 +7,10 @@ neither a clear copy (global cosine at or above ``band.high``, or a PDQ match at
 ``band.certain_pdq``) nor clearly nothing (best cosine below ``band.low``). Queries in the
 narrower :class:`WindowBand` also get a grid of multi-scale windows
 (:func:`~moderation.matching.classifier.regions.query_windows`). Views and windows of a whole
-batch are embedded in one encoder call.
+batch are embedded in one encoder call. With ``feature_windows`` the screener also hands over
+each frame's feature-map windows, pooled from the same encoder pass as the global embedding
+(:mod:`moderation.signals.encoders.feature_windows`): they retrieved candidates in stage 1 and
+give the ``window_to_paste`` feature, at no extra model pass.
 """
 
 from __future__ import annotations
@@ -155,6 +158,11 @@ def embed_views(
     return out
 
 
+def flat_windows(windows: npt.NDArray[np.float32] | None) -> npt.NDArray[np.float32] | None:
+    """Every frame's feature-map windows (f, w, d) as rows (f * w, d); None stays None."""
+    return None if windows is None else windows.reshape(-1, windows.shape[-1])
+
+
 def agreed_signals(features: dict[str, float]) -> list[str]:
     """Names of the signals that, alone, point at a copy (for the explanation)."""
     agreed = []
@@ -168,6 +176,10 @@ def agreed_signals(features: dict[str, float]) -> list[str]:
         features["global_to_region"] > features["cosine"]
     ):
         agreed.append("entry_region")
+    if features["window_to_paste"] >= SIGNAL_THRESHOLD and (
+        features["window_to_paste"] > features["cosine"]
+    ):
+        agreed.append("feature_window")
     if features["pdq_similarity"] >= 1.0 - PDQ_SIGNAL_DISTANCE / 128:
         agreed.append("pdq")
     return agreed
@@ -183,6 +195,9 @@ class ClassifierStage:
         windows: the window band (:class:`WindowBand`; default: its defaults, off).
         max_views: views embedded per uncertain query at most.
         batch_size: encoder batch size for views.
+        feature_windows: whether the screener should compute the frames' feature-map windows
+            (a candidate source and the ``window_to_paste`` feature; ignored by encoders
+            without them).
     """
 
     def __init__(
@@ -194,8 +209,10 @@ class ClassifierStage:
         windows: WindowBand | None = None,
         max_views: int = 1,
         batch_size: int = 32,
+        feature_windows: bool = True,
     ) -> None:
         self.model = model
+        self.feature_windows = feature_windows
         self.version = model.version
         self.encoder = encoder
         self.band = band or Band()
@@ -235,7 +252,9 @@ class ClassifierStage:
             # Windows come last in ``asked``; only the detected views are PDQ-hashed.
             detected = asked[: len(asked) - n_windows]
             view_pdq = tuple(memo(view) for view in detected)
-            signals = QuerySignals(query.vectors, query.pdq, vectors, view_pdq)
+            signals = QuerySignals(
+                query.vectors, query.pdq, vectors, view_pdq, flat_windows(query.windows)
+            )
             rows = self.features(signals, [c.entry.entry_id for c in cands], blocklist, regions)
             probabilities = self.model.predict(feature_matrix(rows))
             for cand, row, probability in zip(cands, rows, probabilities, strict=True):

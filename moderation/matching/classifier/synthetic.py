@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter, ImageOps
 from moderation.audit.log import record_event
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.importer import ImportHooks
+from moderation.banks.paste_rows import paste_index
 from moderation.matching.classifier.features import QuerySignals, RegionLookup, query_features
 from moderation.matching.classifier.regions import query_views, query_windows
 from moderation.matching.classifier.stage import Band, WindowBand, embed_views
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRAINING_CANDIDATES = CandidateRules(top_k=8, min_cosine=0.3)
+TRAINING_CANDIDATES = CandidateRules(top_k=8, min_cosine=0.3, min_window_cosine=0.5)
 """Candidate search for training queries: deeper than the default policy's, for hard
 negatives."""
 SKIMAGE_PHOTOS = (
@@ -201,13 +202,21 @@ def query_signals(
     ranks: Sequence[Rank | None] | None = None,
     window_band: WindowBand | None = None,
     sources: npt.NDArray[np.float32] | None = None,
+    feature_windows: bool = False,
 ) -> list[QuerySignals]:
     """Global vectors, dihedral PDQ, view vectors and view PDQ of images seen as queries;
     ``ranks`` (one per image) choose among detected rectangles as the stage does. With
     ``window_band`` and ``sources`` (float32 (n, d), each image's source vector), an image whose
     cosine to its source lies in the band also gets its query windows as views (after the
-    detected ones, not PDQ-hashed), as the stage gives them to such a query."""
-    vectors = encoder.encode(list(images), batch_size=batch_size)
+    detected ones, not PDQ-hashed), as the stage gives them to such a query. With
+    ``feature_windows`` (and an encoder that has them) each image also gets its feature-map
+    windows from the same encoder pass, as the screener gives them to the stage."""
+    windows: npt.NDArray[np.float32] | None = None
+    if feature_windows and encoder.has_feature_windows:
+        inputs = encoder.preprocess(list(images))
+        vectors, windows = encoder.encode_inputs_with_windows(inputs, batch_size=batch_size)
+    else:
+        vectors = encoder.encode(list(images), batch_size=batch_size)
     chosen = ranks if ranks is not None else [None] * len(images)
     detected = [
         [v for _, v in query_views(image, max_views=max_views, rank=rank)]
@@ -225,6 +234,7 @@ def query_signals(
             (pdq_hash_dihedral(image),),
             view_vectors[i],
             tuple(pdq_hash(v) for v in detected[i]),
+            None if windows is None else windows[i],
         )
         for i, image in enumerate(images)
     ]
@@ -240,6 +250,7 @@ class TrainingCollector:
         backgrounds: photos the pastes (family ``overlay_bg_60``) go onto (never bank images).
         window_band: when set, copies in the band get query windows (:func:`query_signals`;
             one more embedding per imported image, for the source vectors).
+        feature_windows: copies get their feature-map windows (:func:`query_signals`).
     """
 
     encoder: Encoder
@@ -247,6 +258,7 @@ class TrainingCollector:
     backgrounds: list[Image.Image]
     batch_size: int = 32
     window_band: WindowBand | None = None
+    feature_windows: bool = False
     queries: list[TrainingQuery] = field(default_factory=list)
     _seen: int = 0
 
@@ -280,6 +292,7 @@ class TrainingCollector:
             ranks=ranks,
             window_band=self.window_band,
             sources=sources,
+            feature_windows=self.feature_windows,
         )
         for (key, edit, _), sig in zip(copies, signals, strict=True):
             group = int.from_bytes(hashlib.sha256(f"{key}:{edit}".encode()).digest()[:6], "big")
@@ -289,7 +302,14 @@ class TrainingCollector:
 def _candidates(blocklist: Blocklist, signals: QuerySignals) -> list[tuple[int, float, int]]:
     from moderation.matching.candidates import find_candidates
 
-    found = find_candidates(blocklist, TRAINING_CANDIDATES, signals.vectors, signals.pdq)
+    found = find_candidates(
+        blocklist,
+        TRAINING_CANDIDATES,
+        signals.vectors,
+        signals.pdq,
+        windows=None if signals.windows is None else signals.windows[None],
+        window_index=None if signals.windows is None else paste_index(blocklist),
+    )
     return [
         (c.entry.entry_id, c.cosine or -1.0, 256 if c.pdq_distance is None else c.pdq_distance)
         for c in found
@@ -400,7 +420,9 @@ def import_hooks(runtime: Runtime) -> ImportHooks:
     from moderation.matching.classifier.regions import make_region_embedder
 
     settings = runtime.settings
-    embedder = make_region_embedder(runtime.encoder, settings.batch_size)
+    embedder = make_region_embedder(
+        runtime.encoder, settings.batch_size, paste=settings.classifier_feature_windows
+    )
     if settings.classifier_edits_per_entry == 0:
         return ImportHooks(region_embedder=embedder)
     collector = TrainingCollector(
@@ -409,6 +431,7 @@ def import_hooks(runtime: Runtime) -> ImportHooks:
         background_images(settings.classifier_background_dir),
         batch_size=settings.batch_size,
         window_band=WindowBand(enabled=True) if settings.classifier_windows else None,
+        feature_windows=settings.classifier_feature_windows,
     )
 
     def record_pairs(entry_of: dict[str, int], actor: str) -> int:

@@ -120,7 +120,11 @@ def _background_pairs(
 
     rank = bank_pdq_rank(blocklist)
     signals = query_signals(
-        copies, runtime.encoder, batch_size=runtime.settings.batch_size, ranks=[rank] * len(copies)
+        copies,
+        runtime.encoder,
+        batch_size=runtime.settings.batch_size,
+        ranks=[rank] * len(copies),
+        feature_windows=runtime.settings.classifier_feature_windows,
     )
     out = []
     for group, sig in zip(groups, signals, strict=True):
@@ -196,12 +200,16 @@ _Row = tuple[dict[str, float], bool, int, str]  # features, is_copy, group, sour
 
 
 def _stored_rows(runtime: Runtime) -> tuple[list[_Row], int]:
-    """The labelled pairs in the database with complete features, and how many were not."""
+    """The labelled pairs in the database with complete features, and how many were not.
+    Pairs stored before the feature-map windows get ``window_to_paste`` = their ``cosine``
+    (the feature's value when no window is computed)."""
     rows: list[_Row] = []
     skipped = 0
     with runtime.sessions() as session:
         for pair in session.scalars(select(LabelledPair)):
-            features = pair.features or {}
+            features = dict(pair.features or {})
+            if "window_to_paste" not in features and "cosine" in features:
+                features["window_to_paste"] = features["cosine"]
             if not all(isinstance(features.get(n), int | float) for n in FEATURE_NAMES):
                 skipped += 1
                 continue

@@ -180,6 +180,7 @@ class Encoder(ABC):
         dim: embedding dimension d.
         device: where the model runs (``torch.device``, or :class:`HostCpu` for ONNX Runtime).
         has_text_tower: whether :meth:`encode_text` is supported.
+        has_feature_windows: whether :meth:`encode_inputs_with_windows` is supported.
         uses_torch: whether the model runs in PyTorch (so torch's thread settings apply).
     """
 
@@ -188,6 +189,8 @@ class Encoder(ABC):
     device: DeviceLike
     has_text_tower: bool = False
     uses_torch: bool = False
+    #: Whether :meth:`encode_inputs_with_windows` works (the model exposes its last feature map).
+    has_feature_windows: bool = False
 
     def __init__(self, *, name: str, dim: int, device: DeviceLike) -> None:
         self.name = name
@@ -288,6 +291,66 @@ class Encoder(ABC):
                 f"expected {(len(items), self.dim)}"
             )
         return l2_normalise(features)
+
+    def encode_paste_descriptors(
+        self, images: Sequence[Image.Image], batch_size: int = 32
+    ) -> npt.NDArray[np.float32]:
+        """Each image's paste descriptor, float32 (n, dim) unit rows: the
+        :data:`.feature_windows.PASTE_CELLS` window of its :func:`.feature_windows.paste_canvas`
+        (one model pass per image).
+
+        Raises:
+            NotImplementedError, TypeError, ValueError: as :meth:`encode_inputs_with_windows`
+                and :meth:`encode`.
+        """
+        from moderation.signals.encoders.feature_windows import PASTE_CELLS, paste_canvas
+
+        canvases = [paste_canvas(image) for image in check_images(images)]
+        _, windows = self.encode_inputs_with_windows(
+            self.preprocess(canvases), batch_size, cells=PASTE_CELLS
+        )
+        return np.ascontiguousarray(windows[:, 0])
+
+    def encode_inputs_with_windows(
+        self,
+        inputs: Sequence[Any],
+        batch_size: int = 32,
+        *,
+        cells: tuple[tuple[int, int, int], ...] | None = None,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """:meth:`encode_inputs`' embeddings (n, dim) and, from the same model pass, the
+        feature-map window descriptors float32 (n, w, dim), unit rows
+        (:func:`.feature_windows.pool_windows` over ``cells``, by default
+        :data:`.feature_windows.WINDOW_CELLS`).
+
+        Raises:
+            NotImplementedError: the encoder has no feature windows (``has_feature_windows``).
+            ValueError: ``batch_size`` < 1.
+        """
+        from moderation.signals.encoders.feature_windows import WINDOW_CELLS, pool_windows
+
+        cells = WINDOW_CELLS if cells is None else cells
+        if not self.has_feature_windows:
+            raise NotImplementedError(f"encoder {self.name!r} has no feature-map windows")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        items = list(inputs)
+        if not items:
+            empty = np.zeros((0, self.dim), dtype=np.float32)
+            return empty, np.zeros((0, len(cells), self.dim), dtype=np.float32)
+        self.load()
+        features, maps = self._embed_maps(items, batch_size)
+        if tuple(features.shape) != (len(items), self.dim) or len(maps) != len(items):
+            raise RuntimeError(
+                f"{self.name} returned features {tuple(features.shape)} and maps "
+                f"{tuple(maps.shape)} for {len(items)} inputs"
+            )
+        return l2_normalise(features), pool_windows(maps, cells)
+
+    def _embed_maps(self, inputs: list[Any], batch_size: int) -> tuple[Any, Any]:
+        """Raw features (n, dim) and last feature maps (n, dim, h, w), numpy, of
+        :meth:`preprocess` outputs; only encoders with ``has_feature_windows`` override this."""
+        raise NotImplementedError(f"encoder {self.name!r} has no feature-map windows")
 
     def encode_text(self, prompts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Text embeddings in the image embedding space: float32 array (n, dim), unit rows.

@@ -96,9 +96,15 @@ def onnx_cache_path(cache_dir: Path, stem: str, identity: str) -> Path:
     return cache_dir / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
 
 
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Export ``module`` (input ``x`` (n, 3, H, W) float32, output ``features`` (n, d)) with a
-    dynamic batch axis to ``path``, atomically (temporary file, then rename)."""
+def export_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    outputs: tuple[str, ...] = ("features",),
+) -> None:
+    """Export ``module`` (input ``x`` (n, 3, H, W) float32; outputs named ``outputs``, by
+    default one, ``features`` (n, d)) with a dynamic batch axis to ``path``, atomically
+    (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -110,8 +116,8 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> N
                 (example,),
                 tmp_name,
                 input_names=["x"],
-                output_names=["features"],
-                dynamic_axes={"x": {0: "n"}, "features": {0: "n"}},
+                output_names=list(outputs),
+                dynamic_axes={"x": {0: "n"}, **{name: {0: "n"} for name in outputs}},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )

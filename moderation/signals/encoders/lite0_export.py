@@ -42,6 +42,7 @@ from moderation.signals.encoders.onnx_model import (
     probe_input,
     write_atomically,
 )
+from moderation.signals.encoders.openvino_session import MODEL_OUTPUTS
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,12 @@ INT8_MIN_COSINE: Final = 0.8
 
 
 def _eager_net(weights_path: Path, variant: LiteVariant) -> torch.nn.Module:
-    from moderation.signals.encoders.timm_backend import EfficientNetLite0Encoder, EmbeddingNet
+    from moderation.signals.encoders.timm_backend import EfficientNetLite0Encoder, EmbeddingMapNet
 
     encoder = EfficientNetLite0Encoder(
         device=torch.device("cpu"), weights_path=weights_path, runtime="eager", variant=variant
     )
-    return EmbeddingNet(encoder.load(), encoder.pool).eval()
+    return EmbeddingMapNet(encoder.load(), encoder.pool).eval()
 
 
 def build_model_files(
@@ -80,7 +81,7 @@ def build_model_files(
     files.onnx.parent.mkdir(parents=True, exist_ok=True)
     net = _eager_net(weights_path, variant)
     probe = probe_input(variant.input_size)
-    export_onnx(net, torch.from_numpy(probe), files.onnx)
+    export_onnx(net, torch.from_numpy(probe), files.onnx, MODEL_OUTPUTS)
     # fp32 must match the eager model on the noise probe; int8 only on real images (its
     # calibrated activation ranges clip noise: 0.75 measured), at a looser floor.
     check, floor = probe, PROBE_MIN_COSINE
@@ -91,7 +92,7 @@ def build_model_files(
         check, floor = np.concatenate(list(calibration))[:8], INT8_MIN_COSINE
     session = ort_session(files.onnx)
     with torch.inference_mode():
-        expected = net(torch.from_numpy(check)).numpy()
+        expected = net(torch.from_numpy(check))[0].numpy()
     agreement = min_row_cosine(session.run(["features"], {"x": check})[0], expected)
     if agreement < floor:
         files.onnx.unlink(missing_ok=True)
@@ -110,6 +111,7 @@ def build_model_files(
         "precision": precision,
         "onnx_sha256": sha256_file(files.onnx),
         "opset": ONNX_OPSET,
+        "outputs": list(MODEL_OUTPUTS),
         "built_with": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "probe_seed": PROBE_SEED,
         "min_cosine_to_eager": agreement,

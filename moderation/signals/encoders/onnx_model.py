@@ -29,7 +29,7 @@ from moderation.signals.encoders.lite0 import (
     LiteVariant,
     describe,
 )
-from moderation.signals.encoders.openvino_session import OpenVinoSession
+from moderation.signals.encoders.openvino_session import MODEL_OUTPUTS, OpenVinoSession
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ Backend = Literal["onnxruntime", "openvino"]
 #: ONNX opset used for export: 17 is the newest the TorchScript exporter fully supports and
 #: every onnxruntime >= 1.14 runs.
 ONNX_OPSET: Final = 17
-#: Version of the manifest layout; a change makes every cached model stale.
-MANIFEST_FORMAT: Final = 1
+#: Version of the manifest layout; a change makes every cached model stale. 2: the model has a
+#: second output, the feature map (:data:`MODEL_OUTPUTS`).
+MANIFEST_FORMAT: Final = 2
 
 #: Least cosine similarity, per probe row, between a session's and the recorded raw features.
 #: The same float32 graph agrees to about 1e-6 (measured min 0.9999999); 0.999 leaves room for
@@ -245,6 +246,7 @@ def read_manifest(
         "preprocessing": preprocessing,
         "precision": precision,
         "onnx_sha256": onnx_digest,
+        "outputs": list(MODEL_OUTPUTS),
     }
     wrong = [key for key, value in expected.items() if manifest.get(key) != value]
     if wrong:
@@ -295,11 +297,17 @@ def _probed_session(
     digest: str,
     input_size: int,
 ) -> Any:
-    """:func:`model_session` over ``files.onnx`` if its probe features match the manifest's."""
+    """:func:`model_session` over ``files.onnx`` if its probe features match the manifest's
+    and its feature map GeM-pools to its features (:func:`.feature_windows.pool_global`)."""
+    from moderation.signals.encoders.feature_windows import pool_global
+
     try:
         session = model_session(files.onnx, backend=backend, threads=threads, digest=digest)
-        (features,) = session.run(["features"], {"x": probe_input(input_size)})
-        agreement = min_row_cosine(features, manifest["probe_features"])
+        features, feature_map = session.run(list(MODEL_OUTPUTS), {"x": probe_input(input_size)})
+        agreement = min(
+            min_row_cosine(features, manifest["probe_features"]),
+            min_row_cosine(pool_global(feature_map), features),
+        )
     except Exception as exc:  # onnxruntime raises its own types for unreadable files
         logger.warning("ONNX model %s unusable (%s)", files.onnx, exc)
         return None

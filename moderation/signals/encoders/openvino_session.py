@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 #: 10 rounds), 9.2-9.5 ms of CPU per photo against 10.6-10.8 with the dynamic batch axis (at
 #: batch 1 or 2), and the same features to the bit.
 STATIC_MODEL: Final = "static-batch1.xml"
+#: The model's outputs: ``features`` float32 (n, 1280), the pooled (not normalised) embedding,
+#: and ``feature_map`` float32 (n, 1280, h, w), the map it pools, for the feature-map windows
+#: (:mod:`.feature_windows`). The manifest lists them; a session whose map does not pool to its
+#: features fails its probe.
+MODEL_OUTPUTS: Final = ("features", "feature_map")
 
 
 def import_openvino() -> Any:
@@ -140,22 +145,34 @@ class OpenVinoSession:
             model = static_model(ov, core, path, None)
         # A path where there is a cache: with a cached blob OpenVINO skips reading the file.
         self._compiled = core.compile_model(model, "CPU", config)
-        self._output = self._compiled.output("features")
+        self._outputs = {
+            name: output
+            for output in self._compiled.outputs
+            for name in output.get_names()
+            if name in MODEL_OUTPUTS
+        }
         self._local = threading.local()
 
     def run(
         self, output_names: list[str], feeds: dict[str, npt.NDArray[np.float32]]
     ) -> list[npt.NDArray[np.float32]]:
-        """``[features]``: float32 (n, d) for ``feeds["x"]`` float32 (n, 3, H, W), as
-        ``InferenceSession.run(["features"], {"x": ...})`` returns them (one call per row)."""
-        if list(output_names) != ["features"]:
-            raise ValueError(f"the encoder model has one output, 'features', not {output_names}")
+        """The named outputs (of :data:`MODEL_OUTPUTS`: ``features`` float32 (n, d),
+        ``feature_map`` float32 (n, d, h, w)) for ``feeds["x"]`` float32 (n, 3, H, W), as
+        ``InferenceSession.run(names, {"x": ...})`` returns them (one call per row).
+
+        Raises:
+            ValueError: a name is not one of the model's outputs.
+        """
+        unknown = [name for name in output_names if name not in self._outputs]
+        if unknown:
+            raise ValueError(f"the encoder model has no output {unknown}: {list(self._outputs)}")
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         batch = np.ascontiguousarray(feeds["x"], dtype=np.float32)
-        rows = [
-            np.array(request.infer({"x": batch[i : i + 1]}, share_inputs=True)[self._output])
-            for i in range(len(batch))
-        ]
-        return [np.concatenate(rows).astype(np.float32, copy=False)]
+        rows: list[list[npt.NDArray[np.float32]]] = [[] for _ in output_names]
+        for i in range(len(batch)):
+            result = request.infer({"x": batch[i : i + 1]}, share_inputs=True)
+            for out, name in zip(rows, output_names, strict=True):
+                out.append(np.array(result[self._outputs[name]], dtype=np.float32, copy=True))
+        return [np.concatenate(out).astype(np.float32, copy=False) for out in rows]

@@ -105,6 +105,7 @@ __all__ = [
     "TIMM_ARCH",
     "TIMM_KWARGS",
     "EfficientNetLite0Encoder",
+    "EmbeddingMapNet",
     "EmbeddingNet",
     "map_state_dict_by_position",
     "packaged_weights_path",
@@ -184,6 +185,17 @@ class EmbeddingNet(torch.nn.Module):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         model: Any = self.model
         return pool_features(model.forward_features(batch), self.pool)
+
+
+class EmbeddingMapNet(EmbeddingNet):
+    """:class:`EmbeddingNet` that also returns the feature map it pooled: (features (n, 1280)
+    float32, map (n, 1280, h, w) float32), for the feature-map windows
+    (:mod:`.feature_windows`). The ONNX model of :mod:`.lite0_onnx` is exported from this."""
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        model: Any = self.model
+        feature_map = model.forward_features(batch)
+        return pool_features(feature_map, self.pool), feature_map.float()
 
 
 class EfficientNetLite0Encoder(TorchEncoder):
@@ -302,3 +314,23 @@ class EfficientNetLite0Encoder(TorchEncoder):
         self.load()
         features: torch.Tensor = self._embed_forward(batch)
         return features
+
+    @property
+    def has_feature_windows(self) -> bool:  # type: ignore[override]
+        """Square-resized GeM embeddings only: the windows pool the same map the same way."""
+        return self.resize == "square224" and self.pool == "gem3"
+
+    def _embed_maps(self, inputs: list[Any], batch_size: int) -> tuple[Any, Any]:
+        """Features and feature maps from the eager model (whatever :attr:`runtime` embeds
+        with: each runtime reproduces the eager features, checked at load)."""
+        net = EmbeddingMapNet(self.load(), self.pool).eval()
+        features, maps = [], []
+        with torch.inference_mode():
+            for start in range(0, len(inputs), batch_size):
+                batch = torch.stack(
+                    [self._preprocess(image) for image in inputs[start : start + batch_size]]
+                )
+                pooled, feature_map = net(self._to_device(batch))
+                features.append(pooled.to("cpu", torch.float32).numpy())
+                maps.append(feature_map.to("cpu", torch.float32).numpy())
+        return np.concatenate(features), np.concatenate(maps)
