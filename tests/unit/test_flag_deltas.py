@@ -16,13 +16,16 @@ import moderation.banks.flag_delta as flag_delta
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.compaction import CompactionRule, compact_chains
 from moderation.banks.delta_chain import read_delta
+from moderation.banks.hash_import import import_hash_list
 from moderation.banks.operations import import_bank, set_entry_disabled
 from moderation.banks.snapshot_payload import Payload
 from moderation.service.runtime import Runtime
 from moderation.service.worker import WorkerState
+from moderation.signals.exact import EXACT_KINDS
 from moderation.storage.db import transaction
 from moderation.storage.models import IndexSnapshot
 from tests.conftest import skimage_photo
+from tests.unit.test_hash_import import MD5_A, PDQ_A
 from tests.unit.test_index_disk_bank import PHOTOS, disk_rt  # noqa: F401 (fixture)
 from tests.unit.test_snapshot_deltas import _add, _by_id, _head, _payload, rt  # noqa: F401
 
@@ -183,3 +186,43 @@ def test_an_ivf_disk_chain_takes_flag_deltas_without_decoding_every_vector(
     _flip(disk_rt, state, ids["rocket"], disabled=False)  # from the inactive rows
     assert _matches(state, "rocket") and _matches(state, "chelsea")
     _same_as_fresh(state.screener().blocklist, full_reload)
+
+
+def test_a_hash_list_entry_flag_change_is_a_delta_with_its_exact_hashes(
+    rt: Runtime,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"pdq {PDQ_A}\nvideo_md5 {MD5_A}\n", encoding="utf-8")
+    import_hash_list(rt, "known-bad", listing, actor="test")
+    state = WorkerState(rt, poll_interval=60)
+    state.refresh()
+    hashes = _payload(rt, _head(rt)).hashes
+    md5_row = int(np.flatnonzero(hashes.exact_kinds == EXACT_KINDS.index("md5"))[0])
+    md5_id = int(hashes.exact_entry_ids[md5_row])
+    keyed = {"md5": hashes.exact_keyed[md5_row].tobytes()}
+    blocklist = state.screener().blocklist
+    assert blocklist.exact_matches(keyed) == [(md5_id, "md5")]
+    full_reload = rt.load_blocklist
+    monkeypatch.setattr(rt, "load_blocklist", _no_full_reload)
+
+    set_entry_disabled(rt, f"e_{md5_id}", disabled=True, actor="test")
+    head = _head(rt)
+    assert head.base_version is not None
+    delta = read_delta(rt.keyring, rt.settings.snapshots_dir, head, base_version=head.base_version)
+    assert delta.tombstones.tolist() == [md5_id] and not len(delta.segment.entry_ids)
+    assert delta.segment.hashes.entry_ids.tolist() == [md5_id]
+    assert delta.segment.hashes.active.tolist() == [False]
+    assert delta.segment.hashes.exact_entry_ids.tolist() == [md5_id]
+    state.refresh()
+    assert state.screener().blocklist is blocklist and state.version == head.version
+    assert blocklist.exact_matches(keyed) == []
+    _same_as_fresh(blocklist, full_reload)
+
+    set_entry_disabled(rt, f"e_{md5_id}", disabled=False, actor="test")
+    state.refresh()
+    assert state.screener().blocklist is blocklist and _head(rt).base_version is not None
+    assert blocklist.exact_matches(keyed) == [(md5_id, "md5")]
+    _same_as_fresh(blocklist, full_reload)
+    assert full_reload().exact_matches(keyed) == [(md5_id, "md5")]
