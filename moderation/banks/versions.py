@@ -161,15 +161,13 @@ def commit_signals(
 ) -> tuple[IndexSnapshot, SnapshotFile]:
     """Write the next snapshot version reflecting the database and the given changes.
 
-    Call inside the transaction that changed entries/banks. A change that adds or removes
-    entries is written as a delta on the current version when :func:`_delta_fits` (time
-    proportional to the change; active masks of the added entries from the database), and so
-    is one that only flips a few entries' flags (:mod:`moderation.banks.flag_delta`).
-    Otherwise the new payload is the current one minus ``removed`` and minus entries that no
-    longer exist, plus ``added``, with the active mask recomputed from the database. The
-    snapshot row is added to ``session``; the file is written before the commit (ciphertext
-    only). After the caller commits, prune (:mod:`moderation.banks.retention`); if the
-    transaction fails, delete the returned file.
+    Call inside the transaction that changed entries/banks. When :func:`_delta_fits`, a
+    change that adds or removes entries is written as a delta (time proportional to it; active
+    masks from the database), and so is one flipping few flags (:mod:`.flag_delta`).
+    Otherwise the new payload is the current one minus ``removed`` and entries gone, plus
+    ``added``, active masks recomputed from the database. The row is added to ``session``;
+    the file is written before the commit (ciphertext only). After the caller commits, prune
+    (:mod:`moderation.banks.retention`); if the transaction fails, delete the returned file.
 
     Raises:
         EncoderMismatchError: the current snapshot was built by another encoder.
