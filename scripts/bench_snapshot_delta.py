@@ -13,6 +13,8 @@ it. Then ADDED (default 1,000) more entries are written and picked up both ways:
 
 * writer, delta: the delta payload (segment of the added entries) encrypted and written
   (:func:`moderation.banks.delta_chain.write_delta` less its two SQL queries);
+* writer, flag delta: ADDED entries of v1 disabled as a delta (v1 decrypted, their rows read
+  from its stored index, the delta written);
 * writer, full: what a full version costs at least: v1's own writing (the index built over
   N entries, chunked here to fit a shared machine's memory, where ``commit_signals`` decodes
   every vector and builds in one call; serialised, encrypted, written; N + ADDED entries cost
@@ -51,11 +53,12 @@ import numpy as np
 from moderation.banks.blocklist import Blocklist, _build
 from moderation.banks.delta_chain import read_delta
 from moderation.banks.disk_compaction import streamed_index
+from moderation.banks.flag_delta import _image_signals
 from moderation.banks.index import CosineIndex, load_index
 from moderation.banks.index.cosine_projection import ivf_nlist
 from moderation.banks.records import EntryInfo
 from moderation.banks.snapshot import SnapshotFile, read_snapshot, write_snapshot
-from moderation.banks.snapshot_delta import DeltaPayload
+from moderation.banks.snapshot_delta import DeltaPayload, without_embeddings
 from moderation.banks.snapshot_payload import EntrySignals, Payload
 from moderation.benchmark import speed_index as si
 from moderation.crypto.keys import KeyRing
@@ -146,6 +149,21 @@ def _read_full(row: IndexSnapshot, ring: KeyRing) -> Payload:
     return payload
 
 
+def _flag_write(work: Path, ring: KeyRing, base: IndexSnapshot, count: int) -> float:
+    """A flag delta disabling ``count`` entries of v1 (:func:`moderation.banks.flag_delta.
+    flag_delta` less its entry-flag query): v1 decrypted, their rows read from its stored
+    index (``ivf_disk``: from its row file), the delta encrypted and written."""
+    began = time.perf_counter()
+    payload = _read_full(base, ring)
+    ids = payload.entry_ids[:: max(1, len(payload.entry_ids) // count)][:count]
+    signals = _image_signals(without_embeddings(payload), payload, [], ids)
+    delta = DeltaPayload.of_change(1, ENCODER, 1280, added=signals, tombstones=ids.tolist())
+    write_snapshot(
+        work, delta.to_bytes(), snapshot_id="f9", version=9, encoder_id=ENCODER, keyring=ring
+    )
+    return time.perf_counter() - began
+
+
 def _infos(ids: range) -> dict[int, EntryInfo]:
     return {i: EntryInfo(i, 1, "bench", "image", "bench", "bench") for i in ids}
 
@@ -231,6 +249,8 @@ def main(n: int, added: int, work: Path) -> dict[str, Any]:
     delta_s, d2 = _write_delta(work, ring, gen, n, added, 2)
     _, d3 = _write_delta(work, ring, gen, n + added, added, 3)
     print(f"writer: delta of {added:,} added: {delta_s:.3f} s ({Path(d2.path).stat().st_size:,} B)")
+    flags_s = _flag_write(work, ring, base, added)
+    print(f"writer: flag delta disabling {added:,}: {flags_s:.2f} s (v1 decrypted included)")
     reload_s, blocklist = _reload(base, ring, _infos(range(n)))
     print(f"worker: full reload of {n:,}: {reload_s:.2f} s", flush=True)
     first_s = _pick_up(work, ring, blocklist, d2, n, added)
@@ -251,6 +271,7 @@ def main(n: int, added: int, work: Path) -> dict[str, Any]:
         "entries": n,
         "added": added,
         "delta_write_s": round(delta_s, 4),
+        "flag_delta_write_s": round(flags_s, 3),
         "full_write_s": round(full_s, 1),
         "full_reload_s": round(reload_s, 2),
         "delta_pickup_first_s": round(first_s, 3),

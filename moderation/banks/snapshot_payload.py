@@ -234,6 +234,28 @@ class Payload:
         self.vectors, self.vectors_in_index = full, False
         return full
 
+    def vectors_at(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.float32]:
+        """The global embeddings of the entries at positions ``rows``, float32 (k, d), without
+        decoding the others: an active entry's from the stored index when the payload keeps
+        them there (an ``ivf_disk`` index reads its row from its row file), an inactive one's
+        from ``vectors``.
+
+        Raises:
+            ValueError: the stored index does not hold an active entry.
+        """
+        if not self.vectors_in_index:
+            return self.vectors[rows]
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        active = self.active[rows]
+        inactive_rank = np.cumsum(~self.active) - 1  # row of each inactive entry in vectors
+        out[~active] = self.vectors[inactive_rank[rows[~active]]]
+        if active.any():
+            try:
+                out[active] = self._stored().reconstruct(self.entry_ids[rows[active]])
+            except KeyError as exc:
+                raise ValueError(f"the stored index lacks an active entry: {exc}") from exc
+        return out
+
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Payload:
         """Parse a decrypted payload.

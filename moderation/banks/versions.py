@@ -10,8 +10,9 @@ A change that only adds or removes entries writes a *delta* version
 (:mod:`moderation.banks.snapshot_delta`, :mod:`moderation.banks.delta_chain`): the added
 entries' signals and the removed ones' ids, in time proportional to the change. Workers apply
 it in place (:func:`moderation.banks.blocklist.catch_up`); the compaction job
-(:mod:`moderation.banks.compaction`) later writes the chain as one full version. Other changes
-(disable, enable, bank on/off, rename) write a full version as before.
+(:mod:`moderation.banks.compaction`) later writes the chain as one full version. A change that
+flips few entries' flags (disable, enable, bank on/off) is written as a delta too
+(:mod:`moderation.banks.flag_delta`); other changes write a full version as before.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
-import numpy.typing as npt
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
@@ -37,6 +37,7 @@ from moderation.banks.delta_chain import (
     write_delta,
 )
 from moderation.banks.encoder_chains import encoder_chains
+from moderation.banks.flag_delta import active_mask, entry_state, flag_delta
 from moderation.banks.hash_entries import HashEntries
 from moderation.banks.records import BlocklistError
 from moderation.banks.snapshot import (
@@ -50,7 +51,7 @@ from moderation.banks.snapshot_payload import EntrySignals, Payload
 from moderation.crypto.deployment import existing_deployment_secret
 from moderation.crypto.keys import KeyRing
 from moderation.signals.exact import EXACT_KEY_NAME
-from moderation.storage.models import Bank, Entry, IndexSnapshot
+from moderation.storage.models import IndexSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -147,31 +148,6 @@ def read_full(keyring: KeyRing, snapshots_dir: Path, row: IndexSnapshot) -> Payl
     return payload
 
 
-def _entry_state(session: Session) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-    """Every entry id, sorted, and whether it is searchable (entry and its bank enabled)."""
-    rows = session.execute(
-        select(Entry.id, Entry.disabled, Bank.enabled)
-        .join(Bank, Entry.bank_id == Bank.id)
-        .order_by(Entry.id)
-    ).all()
-    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    searchable = np.fromiter(((not r[1]) and r[2] for r in rows), np.bool_, len(rows))
-    return ids, searchable
-
-
-def _active_mask(
-    ids: npt.NDArray[np.int64],
-    searchable: npt.NDArray[np.bool_],
-    entry_ids: npt.NDArray[np.int64],
-) -> npt.NDArray[np.bool_]:
-    """For each of ``entry_ids``: present in the sorted ``ids`` and searchable there."""
-    if not len(ids):
-        return np.zeros(len(entry_ids), np.bool_)
-    at = np.minimum(np.searchsorted(ids, entry_ids), len(ids) - 1)
-    mask: npt.NDArray[np.bool_] = (ids[at] == entry_ids) & searchable[at]
-    return mask
-
-
 def commit_signals(
     session: Session,
     *,
@@ -185,14 +161,13 @@ def commit_signals(
 ) -> tuple[IndexSnapshot, SnapshotFile]:
     """Write the next snapshot version reflecting the database and the given changes.
 
-    Call inside the transaction that changed entries/banks. A change that adds or removes
-    entries is written as a delta on the current version when :func:`_delta_fits` (time
-    proportional to the change; active masks of the added entries from the database).
-    Otherwise the new payload is the current one minus ``removed`` and minus entries that no
-    longer exist, plus ``added``, with the active mask recomputed from the database. The
-    snapshot row is added to ``session``; the file is written before the commit (ciphertext
-    only). After the caller commits, prune (:mod:`moderation.banks.retention`); if the
-    transaction fails, delete the returned file.
+    Call inside the transaction that changed entries/banks. When :func:`_delta_fits`, a
+    change that adds or removes entries is written as a delta (time proportional to it; active
+    masks from the database), and so is one flipping few flags (:mod:`.flag_delta`).
+    Otherwise the new payload is the current one minus ``removed`` and entries gone, plus
+    ``added``, active masks recomputed from the database. The row is added to ``session``;
+    the file is written before the commit (ciphertext only). After the caller commits, prune
+    (:mod:`moderation.banks.retention`); if the transaction fails, delete the returned file.
 
     Raises:
         EncoderMismatchError: the current snapshot was built by another encoder.
@@ -201,25 +176,27 @@ def commit_signals(
     lock_snapshots(session)
     removed = list(removed)
     base = current_snapshot(session)
-    if base is not None and _delta_fits(
-        session, snapshots_dir, base, encoder_id, added, removed, added_hashes
-    ):
-        delta = DeltaPayload.of_change(
-            base.version,
-            encoder_id,
-            dim,
-            added=added,
-            added_hashes=added_hashes,
-            tombstones=removed,
-        )
-        version = next_version(session)
+    delta = None
+    if base is not None and _delta_fits(session, base, encoder_id):
+        if added or removed or (added_hashes is not None and len(added_hashes)):
+            delta = DeltaPayload.of_change(
+                base.version,
+                encoder_id,
+                dim,
+                added=added,
+                added_hashes=added_hashes,
+                tombstones=removed,
+            )
+        else:
+            delta = _flag_delta(session, keyring, snapshots_dir, base)
+    if base is not None and delta is not None:
         return write_delta(
             session,
             keyring=keyring,
             snapshots_dir=snapshots_dir,
             base=base,
             delta=delta,
-            version=version,
+            version=next_version(session),
         )
     return _commit_full(
         session,
@@ -278,24 +255,25 @@ def _commit_full(
     return new_row, written
 
 
-def _delta_fits(
-    session: Session,
-    snapshots_dir: Path,
-    base: IndexSnapshot,
-    encoder_id: str,
-    added: Sequence[EntrySignals],
-    removed: Sequence[int],
-    added_hashes: HashEntries | None,
-) -> bool:
-    """Whether a change is written as a delta on ``base``: it adds or removes entries (a
-    change that names neither toggles flags, so it is written in full), ``base`` is this
-    encoder's, and its chain is shorter than :data:`MAX_CHAIN_DELTAS` (with row files too:
-    a loaded ``ivf_disk`` index keeps added rows in RAM, :mod:`.index.disk`)."""
-    if base.encoder_id != encoder_id:
-        return False
-    if not (added or removed or (added_hashes is not None and len(added_hashes))):
-        return False
-    return len(chain_of(session, base)) <= MAX_CHAIN_DELTAS
+def _delta_fits(session: Session, base: IndexSnapshot, encoder_id: str) -> bool:
+    """Whether a change may be written as a delta on ``base``: it is this encoder's, and its
+    chain is shorter than :data:`MAX_CHAIN_DELTAS` (with row files too: a loaded ``ivf_disk``
+    index keeps added rows in RAM, :mod:`.index.disk`)."""
+    return base.encoder_id == encoder_id and len(chain_of(session, base)) <= MAX_CHAIN_DELTAS
+
+
+def _flag_delta(
+    session: Session, keyring: KeyRing, snapshots_dir: Path, base: IndexSnapshot
+) -> DeltaPayload | None:
+    """A change that adds and removes nothing (flags flipped) as a delta on ``base``, or None
+    (:func:`moderation.banks.flag_delta.flag_delta`). Raises SnapshotError: the chain cannot
+    be read or does not compose."""
+    chain = chain_of(session, base)
+    full = read_full(keyring, snapshots_dir, chain[0])
+    try:
+        return flag_delta(session, base.version, full, read_deltas(keyring, snapshots_dir, chain))
+    except ValueError as exc:
+        raise SnapshotError(f"snapshot v{base.version}: flag change: {exc}") from exc
 
 
 def keeps_row_files(snapshots_dir: Path, row: IndexSnapshot) -> bool:
@@ -340,14 +318,14 @@ def next_payload(
     ``added_hashes``), with the active masks recomputed from the database and the stored index
     rebuilt (``rows_path``: where an ``ivf_disk`` index writes its row file, see
     :func:`rows_path_of`; without it a bank never gets one)."""
-    ids, searchable = _entry_state(session)
+    ids, searchable = entry_state(session)
     in_payload = np.concatenate([payload.entry_ids, payload.hashes.entry_ids])
     gone = in_payload[~np.isin(in_payload, ids)].tolist()
     payload = payload.without([*removed, *gone]).with_added(added)
     if added_hashes is not None:
         payload.hashes = payload.hashes.with_added(added_hashes)
-    payload.active = _active_mask(ids, searchable, payload.entry_ids)
-    payload.hashes.active = _active_mask(ids, searchable, payload.hashes.entry_ids)
+    payload.active = active_mask(ids, searchable, payload.entry_ids)
+    payload.hashes.active = active_mask(ids, searchable, payload.hashes.entry_ids)
     payload.cosine_index = _stored_index(payload, rows_path)
     return payload
 

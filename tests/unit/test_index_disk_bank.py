@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+import moderation.banks.flag_delta as flag_delta
 import moderation.banks.index.cosine as cosine_module
 import moderation.banks.versions as versions
 from moderation.banks.compaction import CompactionRule, compact_chains
@@ -59,7 +60,9 @@ def _payload(rt: Runtime) -> tuple[Payload, Path]:
         return read_payload(session, rt.keyring, rt.settings.snapshots_dir, row), path
 
 
-def test_a_large_bank_is_served_from_disk_end_to_end(disk_rt: Runtime, tmp_path: Path) -> None:
+def test_a_large_bank_is_served_from_disk_end_to_end(
+    disk_rt: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     paths = []
     for name in PHOTOS:
         paths.append(tmp_path / f"{name}.jpg")
@@ -101,7 +104,9 @@ def test_a_large_bank_is_served_from_disk_end_to_end(disk_rt: Runtime, tmp_path:
     assert copy.matches[0].entry.label == "chelsea"
     assert unrelated.decision == "allow", unrelated.explanation
 
-    # The next version writes new row files and prunes the old ones with their snapshot.
+    # The next full version writes new row files and prunes the old ones with their snapshot
+    # (a flag change of one entry would be a delta: more than 5% of the entries flip here).
+    monkeypatch.setattr(flag_delta, "FLAG_DELTA_MIN_ENTRIES", 0)
     set_entry_disabled(disk_rt, f"e_{by_label['rocket']}", disabled=True, actor="test")
     _, second_snapshot = _payload(disk_rt)
     assert second_snapshot != snapshot and second_snapshot.with_suffix(".rows").exists()

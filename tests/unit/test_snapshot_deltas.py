@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+import moderation.banks.flag_delta as flag_delta
 from moderation.banks.blocklist import catch_up
 from moderation.banks.compaction import (
     CompactionRule,
@@ -218,7 +219,10 @@ def _payload_pdq(rt: Runtime, entry_id: int) -> tuple[bytes, int]:
     return payload.pdq[row].tobytes(), int(payload.pdq_quality[row])
 
 
-def test_catch_up_declines_across_a_full_version(rt: Runtime) -> None:
+def test_catch_up_declines_across_a_full_version(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flag_delta, "FLAG_DELTA_MIN_ENTRIES", 0)  # 1 flipped of 3: in full
     blocklist = rt.load_blocklist()
     _add(rt, "coffee")
     with rt.sessions() as session:
