@@ -54,7 +54,10 @@ def test_import_train_screen_review_and_refuse_a_worse_model(
     assert len(report.added) == len(BANNED) and report.training_pairs > 0
     blocklist = rt.load_blocklist()
     for entry_id in report.added:
-        assert blocklist.regions_of(entry_id).shape == (len(ENTRY_WINDOWS), rt.encoder.dim)
+        # The entry windows, then the paste descriptor of the feature-map windows (on by
+        # default: moderation.banks.paste_rows).
+        regions = blocklist.regions_of(entry_id)
+        assert regions.shape == (len(ENTRY_WINDOWS) + 1, rt.encoder.dim)
     with rt.sessions() as db:
         pairs = db.scalars(select(LabelledPair).where(LabelledPair.source == "synthetic")).all()
         assert len(pairs) == report.training_pairs
