@@ -225,12 +225,7 @@ class Payload:
         """
         if not self.vectors_in_index:
             return self.vectors
-        full = np.empty((len(self.entry_ids), self.dim), dtype=np.float32)
-        full[~self.active] = self.vectors
-        try:
-            full[self.active] = self._stored().reconstruct(self.entry_ids[self.active])
-        except KeyError as exc:
-            raise ValueError(f"the stored index lacks an active entry: {exc}") from exc
+        full = self.vectors_at(np.arange(len(self.entry_ids)))
         self.vectors, self.vectors_in_index = full, False
         return full
 
