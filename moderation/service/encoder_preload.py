@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 
 def configured_encoder(settings: Settings, name: str | None = None) -> Encoder:
     """The encoder called ``name`` (default ``settings.encoder``) with the settings' device,
-    runtime, cache and threads; ``encoder_precision`` and ``encoder_calibration_dir`` apply to
-    the configured encoder only (another one runs at fp32). The same object for the same
+    runtime, cache, threads and inference precision; ``encoder_precision`` and
+    ``encoder_calibration_dir`` apply to the configured encoder only (another one runs at
+    fp32). The same object for the same
     arguments within a process (:func:`~moderation.signals.encoders.create_encoder`).
 
     Raises:
@@ -40,6 +41,7 @@ def configured_encoder(settings: Settings, name: str | None = None) -> Encoder:
         threads=settings.torch_threads,
         precision=settings.encoder_precision if configured else "fp32",
         calibration_dir=settings.encoder_calibration_dir if configured else None,
+        inference_precision=settings.inference_precision,
     )
 
 

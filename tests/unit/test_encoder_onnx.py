@@ -235,12 +235,12 @@ def test_openvino_runs_the_same_model_with_the_same_embeddings(
 ) -> None:
     pytest.importorskip("openvino", reason="the optional OpenVINO backend is not installed")
     ort = OnnxLite0Encoder(cache_dir=built)
-    ov = OnnxLite0Encoder(cache_dir=built, backend="openvino")
+    ov = OnnxLite0Encoder(cache_dir=built, backend="openvino", inference_precision="f32")
     assert ov.id == ort.id and ov.runtime == "openvino"  # same snapshots, same blocklists
     reference = ort.encode(photos, batch_size=2)
     vectors = ov.encode(photos, batch_size=2)
     assert vectors.dtype == np.float32 and vectors.shape == reference.shape
-    # f32 pinned: OpenVINO's bfloat16 default on AMX/AVX512-BF16 CPUs would give ~0.998.
+    # At f32 the same features to rounding (bfloat16: tests/unit/test_inference_precision.py).
     assert np.sum(vectors * reference, axis=1).min() >= 0.99999
     np.testing.assert_allclose(ov.encode(photos, batch_size=5), vectors, atol=1e-5)
 
@@ -295,8 +295,10 @@ def test_openvino_one_thread_per_call_runs_calls_side_by_side(
     built: Path, photos: list[Image.Image]
 ) -> None:
     pytest.importorskip("openvino", reason="the optional OpenVINO backend is not installed")
-    single = OnnxLite0Encoder(cache_dir=built, backend="openvino")
-    lanes = OnnxLite0Encoder(cache_dir=built, backend="openvino", threads=1)
+    single = OnnxLite0Encoder(cache_dir=built, backend="openvino", inference_precision="f32")
+    lanes = OnnxLite0Encoder(
+        cache_dir=built, backend="openvino", threads=1, inference_precision="f32"
+    )
     assert single.concurrent_calls == 1 and lanes.concurrent_calls == onnx_model.cpu_count()
     reference = single.encode(photos, batch_size=2)
     inputs = lanes.preprocess(photos)

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moderation.signals.encoders.base import Encoder, EncoderId, l2_normalise
 from moderation.signals.encoders.device import DeviceUnavailableError, cpu_only, select_device
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from moderation.signals.encoders.onnx_model import Backend, Precision
+    from moderation.signals.encoders.openvino_session import InferencePrecision
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -90,6 +91,7 @@ def create_encoder(
     threads: int = 0,
     precision: str = "fp32",
     calibration_dir: Path | None = None,
+    inference_precision: str = "auto",
 ) -> Encoder:
     """The encoder called ``name`` on ``device`` (see :func:`select_device`), with its
     preprocessing.
@@ -101,7 +103,9 @@ def create_encoder(
     it is the torch-free :class:`~.lite0_onnx.OnnxLite0Encoder` (``auto``: OpenVINO when
     installed, else ONNX Runtime; :func:`_cpu_backend`), with ``threads`` inference threads
     (0: one per core) and ``precision`` ``fp32`` or ``int8`` (static quantisation calibrated on
-    the images in ``calibration_dir`` when the model is built). open_clip encoders run eager PyTorch
+    the images in ``calibration_dir`` when the model is built); OpenVINO computes at
+    ``inference_precision`` (``auto``, ``f32`` or ``bf16``; see
+    :func:`.openvino_session.resolve_precision`). open_clip encoders run eager PyTorch
     whatever ``auto``/``torch``/``eager`` says.
 
     Returns the same object for the same name, resolved device, runtime and cache directory
@@ -119,26 +123,42 @@ def create_encoder(
     if name in LITE_ENCODERS and runtime in CPU_MODEL_RUNTIMES and cpu_only(device):
         backend = _cpu_backend(runtime, precision)
         if backend is not None:
-            from moderation.signals.encoders.lite0 import VARIANTS
-            from moderation.signals.encoders.lite0_onnx import OnnxLite0Encoder
-
-            key = (name, "cpu", f"{backend}/{threads}/{precision}", str(cache_dir))
-            return _cached(
-                key,
-                lambda: OnnxLite0Encoder(
-                    cache_dir=cache_dir,
-                    threads=threads,
-                    precision=_precision(precision),
-                    calibration_dir=calibration_dir,
-                    backend=backend,
-                    variant=VARIANTS[name],
-                ),
-            )
+            options = {"threads": threads, "calibration_dir": calibration_dir}
+            return _onnx_encoder(name, backend, cache_dir, precision, inference_precision, options)
     if precision != "fp32":
         raise ValueError(f"encoder precision {precision!r} needs the ONNX Runtime CPU encoder")
     resolved = select_device(device)
     key = (name, str(resolved), runtime, str(cache_dir))
     return _cached(key, lambda: _construct(name, resolved, runtime, cache_dir))
+
+
+def _onnx_encoder(
+    name: str,
+    backend: Backend,
+    cache_dir: Path | None,
+    precision: str,
+    inference_precision: str,
+    options: dict[str, Any],
+) -> Encoder:
+    """The cached :class:`~.lite0_onnx.OnnxLite0Encoder` of :func:`create_encoder`'s CPU path
+    (``options``: its ``threads`` and ``calibration_dir``)."""
+    from moderation.signals.encoders.lite0 import VARIANTS
+    from moderation.signals.encoders.lite0_onnx import OnnxLite0Encoder
+
+    arithmetic = _inference_precision(inference_precision)
+    model = _precision(precision)
+    flavour = f"{backend}/{options['threads']}/{precision}/{arithmetic}"
+    return _cached(
+        (name, "cpu", flavour, str(cache_dir)),
+        lambda: OnnxLite0Encoder(
+            cache_dir=cache_dir,
+            precision=model,
+            backend=backend,
+            variant=VARIANTS[name],
+            inference_precision=arithmetic,
+            **options,
+        ),
+    )
 
 
 def _construct(name: str, device: torch.device, runtime: str, cache_dir: Path | None) -> Encoder:
@@ -214,6 +234,16 @@ def _cpu_backend(runtime: str, precision: str) -> Backend | None:
     if runtime == "auto" and precision == "fp32" and openvino_available():
         return "openvino"
     return "onnxruntime" if onnxruntime_available() else None
+
+
+def _inference_precision(value: str) -> InferencePrecision:
+    if value == "auto":
+        return "auto"
+    if value == "f32":
+        return "f32"
+    if value == "bf16":
+        return "bf16"
+    raise ValueError(f"unknown inference precision {value!r}; expected 'auto', 'f32' or 'bf16'")
 
 
 def _precision(value: str) -> Precision:

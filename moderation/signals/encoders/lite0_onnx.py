@@ -52,7 +52,7 @@ from moderation.signals.encoders.onnx_model import (
     onnxruntime_available,
     preprocessing_for,
 )
-from moderation.signals.encoders.openvino_session import MODEL_OUTPUTS
+from moderation.signals.encoders.openvino_session import MODEL_OUTPUTS, InferencePrecision
 
 __all__ = ["FastPathError", "OnnxLite0Encoder", "onnxruntime_available"]
 
@@ -78,8 +78,10 @@ class OnnxLite0Encoder(Encoder):
     ``cache_dir`` holds the model files (default :func:`.fastpath.default_cache_dir`);
     ``calibration_dir`` the images int8 is calibrated on when its model is built. ``backend``
     runs the model: ONNX Runtime or OpenVINO (:class:`.onnx_model.OpenVinoSession`; same
-    features, same encoder id). ``variant`` picks Lite0 (default), Lite1 or Lite2
-    (:data:`.lite0.VARIANTS`), each with its own weights, input side and model files.
+    features at f32, same encoder id), the latter at ``inference_precision`` (``auto``: bfloat16
+    where the CPU computes it natively, :func:`.openvino_session.resolve_precision`).
+    ``variant`` picks Lite0 (default), Lite1 or Lite2 (:data:`.lite0.VARIANTS`), each with
+    its own weights, input side and model files.
     """
 
     has_feature_windows = True
@@ -94,6 +96,7 @@ class OnnxLite0Encoder(Encoder):
         calibration_dir: Path | None = None,
         backend: Backend = "onnxruntime",
         variant: LiteVariant = LITE0,
+        inference_precision: InferencePrecision = "auto",
     ) -> None:
         super().__init__(name=variant.name, dim=NUM_FEATURES, device=HostCpu())
         self.variant = variant
@@ -106,6 +109,7 @@ class OnnxLite0Encoder(Encoder):
         self.calibration_dir = calibration_dir
         self.backend: Backend = backend
         self.runtime = backend
+        self.inference_precision: InferencePrecision = inference_precision
 
     @property
     def preprocessing(self) -> str:
@@ -140,6 +144,7 @@ class OnnxLite0Encoder(Encoder):
             "precision": self.precision,
             "backend": self.backend,
             "input_size": self.variant.input_size,
+            "inference_precision": self.inference_precision,
         }
         session = checked_session(files, threads=self.threads, **arguments)
         if session is None:
@@ -158,7 +163,12 @@ class OnnxLite0Encoder(Encoder):
         if session is None:
             raise FastPathError(f"the ONNX model built at {files.onnx} fails its own checks")
         logger.info(
-            "encoder %s on %s (%s): %s", self.name, self.backend, self.precision, files.onnx
+            "encoder %s on %s (%s, computing in %s): %s",
+            self.name,
+            self.backend,
+            self.precision,
+            getattr(session, "precision", "f32"),
+            files.onnx,
         )
         return session
 

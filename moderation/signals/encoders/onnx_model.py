@@ -29,7 +29,11 @@ from moderation.signals.encoders.lite0 import (
     LiteVariant,
     describe,
 )
-from moderation.signals.encoders.openvino_session import MODEL_OUTPUTS, OpenVinoSession
+from moderation.signals.encoders.openvino_session import (
+    MODEL_OUTPUTS,
+    InferencePrecision,
+    OpenVinoSession,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,11 @@ MANIFEST_FORMAT: Final = 2
 #: The same float32 graph agrees to about 1e-6 (measured min 0.9999999); 0.999 leaves room for
 #: kernel-order rounding while any wrong weight or truncated file fails by far.
 PROBE_MIN_COSINE: Final = 0.999
+#: The same for a session that computes in bfloat16 (:class:`.openvino_session.OpenVinoSession`
+#: ``precision="bf16"``): its 8-bit mantissas move the noise probe's features further (measured
+#: on the AMD EPYC with AVX512-BF16: least cosine 0.9955 on the probe, 0.9995 on photos), still
+#: far above what a wrong weight or a truncated file gives.
+PROBE_MIN_COSINE_BF16: Final = 0.98
 #: Images the int8 activation ranges are calibrated on (the first ones given).
 CALIBRATION_IMAGES: Final = 64
 #: The file in a model cache directory that remembers file digests by stat stamp
@@ -193,21 +202,37 @@ def ort_session(path: Path, *, threads: int = 0) -> Any:
 
 
 def model_session(
-    path: Path, *, backend: Backend = "onnxruntime", threads: int = 0, digest: str | None = None
+    path: Path,
+    *,
+    backend: Backend = "onnxruntime",
+    threads: int = 0,
+    digest: str | None = None,
+    inference_precision: InferencePrecision = "auto",
 ) -> Any:
-    """A session over the ONNX model at ``path``: :func:`ort_session` or
-    :class:`.openvino_session.OpenVinoSession` (``threads`` 0: one per usable core; 1: one per
-    call, and with OpenVINO as many calls at once as there are usable cores, which ONNX
-    Runtime does by itself). ``digest``: the file's verified SHA-256, which names OpenVINO's
-    compiled-model cache folder beside it (none without)."""
+    """A session over the ONNX model at ``path``: :func:`ort_session` (float32) or
+    :class:`.openvino_session.OpenVinoSession` computing at ``inference_precision``
+    (``threads`` 0: one per usable core; 1: one per call, and with OpenVINO as many calls at
+    once as there are usable cores, which ONNX Runtime does by itself). ``digest``: the file's
+    verified SHA-256, which names OpenVINO's compiled-model cache folder beside it (none
+    without)."""
     if backend == "openvino":
         cache = path.parent / OPENVINO_CACHE / digest if digest else None
-        if threads == 1:
-            return OpenVinoSession(path, threads=1, streams=cpu_count(), cache_dir=cache)
+        streams = cpu_count() if threads == 1 else 1
         return OpenVinoSession(
-            path, threads=threads if threads > 0 else cpu_count(), cache_dir=cache
+            path,
+            threads=threads if threads > 0 else cpu_count(),
+            streams=streams,
+            cache_dir=cache,
+            precision=inference_precision,
         )
     return ort_session(path, threads=threads)
+
+
+def probe_min_cosine(session: Any) -> float:
+    """The least probe cosine ``session`` must reach: :data:`PROBE_MIN_COSINE_BF16` for a
+    bfloat16 OpenVINO session, else :data:`PROBE_MIN_COSINE`."""
+    bf16 = getattr(session, "precision", "f32") == "bf16"
+    return PROBE_MIN_COSINE_BF16 if bf16 else PROBE_MIN_COSINE
 
 
 @dataclass(frozen=True)
@@ -264,45 +289,43 @@ def checked_session(
     threads: int,
     backend: Backend = "onnxruntime",
     input_size: int = INPUT_SIZE,
+    inference_precision: InferencePrecision = "auto",
 ) -> Any:
     """A session (``backend``'s, :func:`model_session`) over ``files`` once its digests and
-    probe features (:func:`probe_input` of ``input_size``) check out, else None. An OpenVINO
-    session that fails from its compiled-model cache is tried once more with that cache folder
-    removed (compiled afresh)."""
+    probe features (:func:`probe_input` of ``input_size``) check out (:func:`probe_min_cosine`),
+    else None. An OpenVINO session that fails from its compiled-model cache is tried once more
+    with that cache folder removed (compiled afresh)."""
     manifest = read_manifest(
         files, weights_sha256=weights_sha256, preprocessing=preprocessing, precision=precision
     )
     if manifest is None:
         return None
     digest = manifest["onnx_sha256"]
-    session = _probed_session(
-        files, manifest, backend=backend, threads=threads, digest=digest, input_size=input_size
-    )
+    options: dict[str, Any] = {
+        "backend": backend,
+        "threads": threads,
+        "digest": digest,
+        "inference_precision": inference_precision,
+    }
+    session = _probed_session(files, manifest, options, input_size=input_size)
     compiled = files.onnx.parent / OPENVINO_CACHE / digest
     if session is None and backend == "openvino" and compiled.exists():
         logger.warning("discarding OpenVINO's compiled model %s", compiled)
         shutil.rmtree(compiled, ignore_errors=True)
-        session = _probed_session(
-            files, manifest, backend=backend, threads=threads, digest=digest, input_size=input_size
-        )
+        session = _probed_session(files, manifest, options, input_size=input_size)
     return session
 
 
 def _probed_session(
-    files: ModelFiles,
-    manifest: dict[str, Any],
-    *,
-    backend: Backend,
-    threads: int,
-    digest: str,
-    input_size: int,
+    files: ModelFiles, manifest: dict[str, Any], options: dict[str, Any], *, input_size: int
 ) -> Any:
-    """:func:`model_session` over ``files.onnx`` if its probe features match the manifest's
-    and its feature map GeM-pools to its features (:func:`.feature_windows.pool_global`)."""
+    """:func:`model_session` over ``files.onnx`` (with ``options``, its keyword arguments) if
+    its probe features match the manifest's and its feature map GeM-pools to its features
+    (:func:`.feature_windows.pool_global`)."""
     from moderation.signals.encoders.feature_windows import pool_global
 
     try:
-        session = model_session(files.onnx, backend=backend, threads=threads, digest=digest)
+        session = model_session(files.onnx, **options)
         features, feature_map = session.run(list(MODEL_OUTPUTS), {"x": probe_input(input_size)})
         agreement = min(
             min_row_cosine(features, manifest["probe_features"]),
@@ -311,7 +334,7 @@ def _probed_session(
     except Exception as exc:  # onnxruntime raises its own types for unreadable files
         logger.warning("ONNX model %s unusable (%s)", files.onnx, exc)
         return None
-    if agreement < PROBE_MIN_COSINE:
+    if agreement < probe_min_cosine(session):
         logger.warning("ONNX model %s fails its probe (min cosine %.6f)", files.onnx, agreement)
         return None
     return session

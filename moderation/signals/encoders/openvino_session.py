@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,10 @@ STATIC_MODEL: Final = "static-batch1.xml"
 #: (:mod:`.feature_windows`). The manifest lists them; a session whose map does not pool to its
 #: features fails its probe.
 MODEL_OUTPUTS: Final = ("features", "feature_map")
+#: What ``inference_precision`` may ask of the CPU plugin: ``auto`` (bfloat16 where the CPU
+#: computes it natively, :func:`native_bf16`, else float32), ``f32`` or ``bf16``.
+InferencePrecision = Literal["auto", "f32", "bf16"]
+INFERENCE_PRECISIONS: Final = ("auto", "f32", "bf16")
 
 
 def import_openvino() -> Any:
@@ -54,6 +58,27 @@ def import_openvino() -> Any:
         if blocked and modules.get("openvino.tools.ovc", 0) is None:
             del modules["openvino.tools.ovc"]
     return openvino
+
+
+def native_bf16(core: Any) -> bool:
+    """Whether OpenVINO's CPU plugin computes bfloat16 natively on this CPU (``BF16`` among
+    its ``OPTIMIZATION_CAPABILITIES``: AVX512-BF16 or AMX)."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def resolve_precision(core: Any, wanted: InferencePrecision) -> Literal["f32", "bf16"]:
+    """``wanted``, with ``auto`` made ``bf16`` where :func:`native_bf16` holds, else ``f32``.
+
+    Raises:
+        ValueError: ``wanted`` is not one of :data:`INFERENCE_PRECISIONS`.
+    """
+    if wanted not in INFERENCE_PRECISIONS:
+        raise ValueError(
+            f"unknown inference precision {wanted!r}; expected one of {INFERENCE_PRECISIONS}"
+        )
+    if wanted == "auto":
+        return "bf16" if native_bf16(core) else "f32"
+    return "f32" if wanted == "f32" else "bf16"
 
 
 def _batch_of_one(core: Any, onnx: Path) -> Any:
@@ -98,10 +123,16 @@ class OpenVinoSession:
 
     OpenVINO's CPU plugin reads the same ``.onnx`` file and, measured on the development
     machine (Intel Xeon, 2 cores, one thread, batch 1), embeds a photo in about 5.5 ms of CPU
-    against ONNX Runtime's 8.7-9.6 ms, with the same features (least per-row cosine to ONNX
-    Runtime's 1.0000000 over 96 photos; README "Performance"). Its inference precision is pinned
-    to f32: on CPUs with AMX or AVX512-BF16 OpenVINO would otherwise run bfloat16 (cosine 0.998
-    to fp32 measured), and embeddings would depend on the machine. ``threads`` sets
+    against ONNX Runtime's 8.7-9.6 ms, with the same features at f32 (least per-row cosine to
+    ONNX Runtime's 1.0000000 over 96 photos; README "Performance").
+
+    ``precision`` (:data:`InferencePrecision`) is the plugin's ``INFERENCE_PRECISION_HINT``:
+    ``auto`` runs bfloat16 where the CPU has it natively (:func:`native_bf16`), as OpenVINO
+    itself would by default, else float32. The model, its weights and the encoder id stay the
+    same (as float16 on CUDA does for the PyTorch encoder); the embeddings move a little:
+    measured on the 2-core AMD EPYC (family 25 model 17, AVX512-BF16, one thread), 5.3 against
+    9.2 ms of CPU per photo and least cosine to f32 0.9995 over the development photos (README
+    "Inference precision"). :attr:`precision` says what the compiled model runs. ``threads`` sets
     ``INFERENCE_NUM_THREADS`` for one call, no core pinning (the machine is shared with the
     decode threads); ``streams`` calls run at the same time (OpenVINO's ``NUM_STREAMS``, one
     thread each when ``threads`` is 1). With one stream, calls from several threads wait for
@@ -121,12 +152,18 @@ class OpenVinoSession:
     """
 
     def __init__(
-        self, path: Path, *, threads: int, streams: int = 1, cache_dir: Path | None = None
+        self,
+        path: Path,
+        *,
+        threads: int,
+        streams: int = 1,
+        cache_dir: Path | None = None,
+        precision: InferencePrecision = "auto",
     ) -> None:
         ov = import_openvino()
         core = ov.Core()
         config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": resolve_precision(core, precision),
             "INFERENCE_NUM_THREADS": threads * streams,
             "NUM_STREAMS": streams,
             "PERFORMANCE_HINT": "LATENCY",
@@ -145,6 +182,9 @@ class OpenVinoSession:
             model = static_model(ov, core, path, None)
         # A path where there is a cache: with a cached blob OpenVINO skips reading the file.
         self._compiled = core.compile_model(model, "CPU", config)
+        # What the plugin settled on (a CPU without bfloat16 may fall back to f32).
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision: Literal["f32", "bf16"] = "bf16" if hint == ov.Type.bf16 else "f32"
         self._outputs = {
             name: output
             for output in self._compiled.outputs
