@@ -62,6 +62,44 @@ def elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
+def embed_works(encoder: Encoder, works: Sequence[Work], *, windows: bool, batch_size: int) -> None:
+    """Embed the decoded works that have no vectors yet (or no feature-map windows, when
+    ``windows`` asks for them: :meth:`~moderation.signals.encoders.Encoder.
+    encode_inputs_with_windows`), in one encoder batch, and add each one's share of the time
+    to its ``timings["embed"]`` (ms). Without ``windows``, windows from an earlier pass are
+    dropped, so a work is screened the same whether it was embedded early or not.
+
+    Raises:
+        whatever the encoder raises (a model that cannot load).
+    """
+    if not windows:
+        for work in works:
+            work.windows = None
+    pending = [
+        w
+        for w in works
+        if w.decoded is not None and (w.vectors is None or (windows and w.windows is None))
+    ]
+    inputs = [x for w in pending for x in w.inputs]
+    if not inputs:
+        return
+    start = time.perf_counter()
+    found = None
+    if windows:
+        vectors, found = encoder.encode_inputs_with_windows(inputs, batch_size=batch_size)
+    else:
+        vectors = encoder.encode_inputs(inputs, batch_size=batch_size)
+    per_frame = elapsed_ms(start) / len(inputs)
+    offset = 0
+    for work in pending:
+        count = len(work.inputs)
+        work.vectors = vectors[offset : offset + count]
+        if found is not None:
+            work.windows = found[offset : offset + count]
+        work.timings["embed"] = work.timings.get("embed", 0.0) + per_frame * count
+        offset += count
+
+
 @dataclass(frozen=True)
 class Preparer:
     """Decodes, hashes and preprocesses uploads for ``encoder`` (which need not be loaded).
@@ -72,12 +110,26 @@ class Preparer:
         draft_size: JPEG draft target (see :data:`DRAFT_SIZE`), or None for full decodes.
         video_limits: limits and sampling for MP4, MOV and WebM uploads, whose sampled frames
             are screened like an animation's (:mod:`moderation.matching.video`).
+        feature_windows: whether :meth:`embed` also takes feature-map windows (when the
+            classifier stage may ask for them; the screener drops them otherwise).
+        batch_size: frames per encoder call in :meth:`embed` (the screener's, from the
+            settings).
     """
 
     encoder: Encoder
     limits: DecodeLimits
     draft_size: tuple[int, int] | None = DRAFT_SIZE
     video_limits: VideoLimits = DEFAULT_VIDEO_LIMITS
+    feature_windows: bool = False
+    batch_size: int = 32
+
+    def embed(self, prepared: Prepared) -> Prepared:
+        """``prepared`` with its works embedded now (:func:`embed_works`), before any
+        screener exists: once the encoder has loaded, a pipeline embeds while the blocklist
+        and the database still load. Returns ``prepared`` itself."""
+        windows = self.feature_windows and self.encoder.has_feature_windows
+        embed_works(self.encoder, prepared.works, windows=windows, batch_size=self.batch_size)
+        return prepared
 
     def prepare(self, items: Sequence[bytes], scopes: Sequence[Scope] | None = None) -> Prepared:
         """Decode, PDQ and preprocess each item (``scopes``: one per item, default every bank).

@@ -39,7 +39,14 @@ from moderation.matching.decision import (
     top_match_outcome,
 )
 from moderation.matching.policy import Policy
-from moderation.matching.preparing import DRAFT_SIZE, Prepared, Preparer, Work, elapsed_ms
+from moderation.matching.preparing import (
+    DRAFT_SIZE,
+    Prepared,
+    Preparer,
+    Work,
+    elapsed_ms,
+    embed_works,
+)
 from moderation.matching.video import video_explanation, with_timestamps
 from moderation.media.decode import DecodeLimits, UnscannableImage
 from moderation.media.video import DEFAULT_VIDEO_LIMITS, VideoLimits
@@ -115,28 +122,8 @@ class Screener:
         return wanted and self.encoder.has_feature_windows
 
     def _embed(self, works: Sequence[Work]) -> None:
-        inputs = [x for w in works if w.decoded for x in w.inputs]
-        if not inputs:
-            return
-        start = time.perf_counter()
-        windows = None
-        if self.feature_windows:
-            vectors, windows = self.encoder.encode_inputs_with_windows(
-                inputs, batch_size=self.batch_size
-            )
-        else:
-            vectors = self.encoder.encode_inputs(inputs, batch_size=self.batch_size)
-        per_frame = elapsed_ms(start) / len(inputs)
-        offset = 0
-        for work in works:
-            if work.decoded is None:
-                continue
-            count = len(work.inputs)
-            work.vectors = vectors[offset : offset + count]
-            if windows is not None:
-                work.windows = windows[offset : offset + count]
-            work.timings["embed"] = work.timings.get("embed", 0.0) + per_frame * count
-            offset += count
+        """Embed the works a pipeline did not embed early (:meth:`Preparer.embed`)."""
+        embed_works(self.encoder, works, windows=self.feature_windows, batch_size=self.batch_size)
 
     def _search(self, work: Work) -> list[Candidate]:
         assert work.vectors is not None

@@ -8,11 +8,15 @@ imports, the model, the blocklist) while the workers prepare the first chunks, t
 the workers may start before that, while the command still imports
 (:func:`moderation.service.preparation.preparation`).
 
-``concurrent`` finishes may run at once: 1 for a model that spreads each call over several
-threads (one worker embeds while the other prepares), the number of cores for a model that runs
-each call on one thread (then both cores embed or prepare, whichever is ready, so neither idles
-while the other stage lags, and the last chunks leave a core idle for at most one chunk's
-embedding).
+An optional ``advance`` step (embedding, for screening) may run on a prepared chunk before the
+finisher exists, once ``can_advance`` says it can (the encoder has loaded while the blocklist
+and the database still load): the cores then embed instead of idling behind the start-up.
+
+``concurrent`` finishes (and advances) may run at once: 1 for a model that spreads each call
+over several threads (one worker embeds while the other prepares), the number of cores for a
+model that runs each call on one thread (then both cores embed or prepare, whichever is
+ready, so neither idles while the other stage lags, and the last chunks leave a core idle for
+at most one chunk's embedding).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from typing import Final, Generic, TypeVar
 #: Chunks read ahead of the oldest one not yet stored: bounds memory (decoded frames and encoder
 #: inputs, about 1.2 MB per photo) while the screener loads, when the first chunks are prepared.
 MAX_AHEAD: Final = 8
+#: Seconds between a waiting worker's checks of ``can_advance`` (the encoder finishes loading
+#: on another thread, which does not wake the workers).
+ADVANCE_POLL_S: Final = 0.01
 
 
 def usable_cores() -> int:
@@ -42,7 +49,9 @@ Done = TypeVar("Done")
 class Pipeline(Generic[Chunk, Ready, Finisher, Done]):
     """Runs ``prepare``, then ``finish`` (with the loaded finisher), of each chunk on
     ``workers`` threads, at most ``concurrent`` finishes at once and :data:`MAX_AHEAD` chunks
-    ahead of the ones :meth:`run` has handed to ``store``.
+    ahead of the ones :meth:`run` has handed to ``store``. Before the finisher is loaded,
+    prepared chunks go through ``advance`` (oldest first, counted among the ``concurrent``
+    calls) whenever ``can_advance()`` holds; ``finish`` gets each chunk advanced or not.
 
     :meth:`start` may come early (the workers prepare while the caller still imports and sets
     up); :meth:`run` starts them if need be. :meth:`close` stops them (also when :meth:`run`
@@ -53,6 +62,10 @@ class Pipeline(Generic[Chunk, Ready, Finisher, Done]):
         prepare: a chunk -> what ``finish`` takes (thread-safe).
         workers: worker threads (at least 1).
         concurrent: finishes allowed at once (at least 1).
+        advance: optional step on a prepared chunk before the finisher is loaded
+            (thread-safe; a failure is raised by :meth:`run` like a failed ``prepare``).
+        can_advance: whether ``advance`` may start now (polled every
+            :data:`ADVANCE_POLL_S` while workers wait).
     """
 
     def __init__(
@@ -62,9 +75,14 @@ class Pipeline(Generic[Chunk, Ready, Finisher, Done]):
         *,
         workers: int,
         concurrent: int,
+        advance: Callable[[Ready], Ready] | None = None,
+        can_advance: Callable[[], bool] = lambda: True,
     ) -> None:
         self.chunks = chunks
         self.prepare = prepare
+        self.advance = advance
+        self.can_advance = can_advance
+        self._advanced: set[int] = set()
         self.workers = max(1, workers)
         self.concurrent = max(1, concurrent)
         self._cond = threading.Condition()
@@ -133,7 +151,8 @@ class Pipeline(Generic[Chunk, Ready, Finisher, Done]):
             with self._cond:
                 task = self._take()
                 while task is None and not self._stop and self._next_finish < len(self.chunks):
-                    self._cond.wait()
+                    polling = self.advance is not None and self._finish is None
+                    self._cond.wait(ADVANCE_POLL_S if polling else None)
                     task = self._take()
             if task is None:
                 return
@@ -157,6 +176,9 @@ class Pipeline(Generic[Chunk, Ready, Finisher, Done]):
             self._finishing += 1
             del self._prepared[index]
             return lambda: self._finish_one(index, finish, ready)
+        advance = self._take_advance() if finish is None else None
+        if advance is not None:
+            return advance
         index = self._next_prepare
         if index < len(self.chunks) and index < self._stored + MAX_AHEAD:
             self._next_prepare += 1
@@ -164,6 +186,35 @@ class Pipeline(Generic[Chunk, Ready, Finisher, Done]):
             self._prepared[index] = future
             return lambda: self._prepare_one(index, future)
         return None
+
+    def _take_advance(self) -> Callable[[], None] | None:
+        """Advancing the oldest prepared chunk not yet advanced (lock held), or None."""
+        if self.advance is None or self._finishing >= self.concurrent:
+            return None
+        waiting = [
+            index
+            for index, future in self._prepared.items()
+            if index not in self._advanced and future.done() and future.exception() is None
+        ]
+        if not waiting or not self.can_advance():
+            return None
+        index = min(waiting)
+        prepared = self._prepared[index]
+        advanced: Future[Ready] = Future()
+        self._prepared[index] = advanced
+        self._advanced.add(index)
+        self._finishing += 1
+        return lambda: self._advance_one(prepared, advanced)
+
+    def _advance_one(self, prepared: Future[Ready], advanced: Future[Ready]) -> None:
+        assert self.advance is not None
+        try:
+            advanced.set_result(self.advance(prepared.result()))
+        except BaseException as exc:  # handed to the finish step, raised by run()
+            advanced.set_exception(exc)
+        with self._cond:
+            self._finishing -= 1
+            self._cond.notify_all()
 
     def _prepare_one(self, index: int, future: Future[Ready]) -> None:
         try:

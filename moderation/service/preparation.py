@@ -68,17 +68,27 @@ class Preparation:
 def preparation(paths: Sequence[Path], preparer: Preparer) -> Preparation:
     """A :class:`Preparation` of ``paths`` (not started): one worker per usable core (at least
     two), as many chunks embedded at once as ``preparer.encoder`` runs well side by side
-    (:attr:`~moderation.signals.encoders.Encoder.concurrent_calls`)."""
+    (:attr:`~moderation.signals.encoders.Encoder.concurrent_calls`). Prepared chunks are
+    embedded as soon as the encoder has loaded (:meth:`Preparer.embed`), also while the
+    screener (blocklist, database, classifier) is still loading."""
     chunks = [paths[i : i + PIPELINE_CHUNK] for i in range(0, len(paths), PIPELINE_CHUNK)]
 
     def prepare(chunk: Sequence[Path]) -> ReadyChunk:
         datas = read_files(chunk, preparer)
         return datas, preparer.prepare([d for d in datas if d is not None])
 
+    def embed(ready: ReadyChunk) -> ReadyChunk:
+        return ready[0], preparer.embed(ready[1])
+
     workers = max(2, usable_cores())
     concurrent = min(workers, preparer.encoder.concurrent_calls)
     pipeline: Pipeline[Sequence[Path], ReadyChunk, Any, Any] = Pipeline(
-        chunks, prepare, workers=workers, concurrent=concurrent
+        chunks,
+        prepare,
+        workers=workers,
+        concurrent=concurrent,
+        advance=embed,
+        can_advance=lambda: preparer.encoder.loaded,
     )
     return Preparation(tuple(paths), preparer, pipeline)
 
@@ -104,6 +114,8 @@ def early_preparation(settings: Settings, paths: Sequence[Path]) -> Preparation 
         encoder,
         DecodeLimits.from_settings(settings),
         video_limits=VideoLimits.from_settings(settings),
+        feature_windows=settings.classifier and settings.classifier_feature_windows,
+        batch_size=settings.batch_size,
     )
     prepared = preparation(paths, preparer)
     prepared.pipeline.start()

@@ -260,7 +260,14 @@ class Runtime:
         hashes and preprocesses uploads before the model or the blocklist is loaded."""
         from moderation.matching.preparing import Preparer
 
-        return Preparer(self.encoder, self.limits, video_limits=self.video_limits)
+        settings = self.settings
+        return Preparer(
+            self.encoder,
+            self.limits,
+            video_limits=self.video_limits,
+            feature_windows=settings.classifier and settings.classifier_feature_windows,
+            batch_size=settings.batch_size,
+        )
 
     def screener(
         self, blocklist: Blocklist | None = None, refiner: CandidateRefiner | None = None

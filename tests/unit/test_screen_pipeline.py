@@ -103,3 +103,76 @@ def test_a_failing_load_or_a_close_without_run_stops_the_workers() -> None:
     idle.start()
     idle.close()  # returns: its workers, waiting for a finisher, have stopped
     assert not any(t.name.startswith("screen") and t.is_alive() for t in threading.enumerate())
+
+
+def test_prepared_chunks_are_advanced_while_the_finisher_loads() -> None:
+    """Once ``can_advance`` holds, prepared chunks go through ``advance`` (oldest first, no more
+    than ``concurrent`` at once) before the finisher exists; ``finish`` gets them advanced,
+    and chunks prepared after the load are finished without it."""
+    probe = Probe()
+    ready = threading.Event()
+    advanced: list[int] = []
+    running = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def advance(value: int) -> int:
+        with lock:
+            running["now"] += 1
+            running["most"] = max(running["most"], running["now"])
+            advanced.append(value // 10)
+        time.sleep(0.005)
+        with lock:
+            running["now"] -= 1
+        return value + 1000
+
+    def finish(finisher: str, value: int) -> tuple[str, int]:
+        chunk = (value % 1000) // 10
+        assert (value >= 1000) == (chunk in advanced)
+        return finisher, chunk * 10 + 1
+
+    run = Pipeline(
+        list(range(20)),
+        probe.prepare,
+        workers=3,
+        concurrent=2,
+        advance=advance,
+        can_advance=ready.is_set,
+    )
+    run.start()
+
+    def load() -> str:
+        deadline = time.monotonic() + 10
+        while len(probe.prepared) < pipeline_module.MAX_AHEAD and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert advanced == []  # not before can_advance holds
+        ready.set()  # the encoder has loaded: the waiting workers notice by polling
+        while len(advanced) < pipeline_module.MAX_AHEAD and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return "screener"
+
+    run.run(load, finish, probe.store)
+    assert probe.stored == list(range(20))
+    # The chunks prepared before the load, and none after it (the finisher embeds those).
+    assert sorted(advanced) == list(range(pipeline_module.MAX_AHEAD))
+    assert running["most"] <= 2
+
+
+def test_a_failing_advance_is_raised_by_run() -> None:
+    probe = Probe()
+
+    def advance(value: int) -> int:
+        raise RuntimeError("the encoder failed")
+
+    run = Pipeline(list(range(4)), probe.prepare, workers=2, concurrent=1, advance=advance)
+    run.start()
+
+    def load() -> str:
+        deadline = time.monotonic() + 10
+        while len(probe.prepared) < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        return "screener"
+
+    with pytest.raises(RuntimeError, match="the encoder failed"):
+        run.run(load, probe.finish, probe.store)
+    assert probe.stored == []

@@ -305,3 +305,28 @@ def test_vectors_in_snapshot_are_unit_norm(screener: Screener) -> None:
     vectors = screener.blocklist.payload.vectors
     assert vectors.shape == (len(BANNED), screener.encoder.dim)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_uploads_embedded_early_screen_as_if_embedded_by_the_screener(
+    bank_runtime: Runtime, screener: Screener, windows: bool
+) -> None:
+    """A pipeline embeds prepared uploads before the screener exists (``Preparer.embed``,
+    with feature-map windows when the classifier stage may want them): the screener keeps
+    those vectors, drops windows it does not use, and decides exactly as it would alone."""
+    from dataclasses import replace
+
+    chelsea = skimage_photo("chelsea")
+    uploads = [jpeg(chelsea, quality=30), jpeg(skimage_photo("rocket")), b"not an image"]
+    alone = screener.finish(screener.preparer.prepare(uploads))
+    preparer = replace(bank_runtime.preparer(), feature_windows=windows)
+    early = preparer.embed(preparer.prepare(uploads))
+    works = early.works
+    assert works[0].vectors is not None and works[2].vectors is None
+    assert (works[0].windows is not None) == (windows and screener.encoder.has_feature_windows)
+    kept = works[0].vectors
+    results = screener.finish(early)
+    assert works[0].vectors is kept  # not embedded twice
+    assert works[0].windows is None  # this screener has no classifier stage asking for them
+    assert [r.to_json()["decision"] for r in results] == [r.to_json()["decision"] for r in alone]
+    assert [r.score for r in results] == pytest.approx([r.score for r in alone], abs=1e-6)
