@@ -113,11 +113,12 @@ class Settings(QueueApiSettings, VideoSettings, ShardSettings, BaseSettings):
         "'Torch-free serving'). int8 embeddings differ, so its encoder id differs.",
     )
     inference_precision: Literal["auto", "f32", "bf16"] = Field(
-        default="auto",
-        description="Arithmetic of the default encoder on OpenVINO (CPU): auto (bfloat16 where "
-        "the CPU computes it natively, AVX512-BF16 or AMX; else float32), f32 or bf16. Same "
-        "model and encoder id; bfloat16 embeddings agree with float32 to cosine 0.999 on "
-        "photos (README 'Inference precision'). ONNX Runtime always computes in float32.",
+        default="f32",
+        description="Arithmetic of the default encoder on OpenVINO (CPU): f32 (default), bf16, "
+        "or auto (bfloat16 where the CPU computes it natively, AVX512-BF16 or AMX; else "
+        "float32). Same model and encoder id; bfloat16 is about 1.8x cheaper per photo but "
+        "lowers near-duplicate cosines a little and failed the precision rule of issue 20 "
+        "(README 'Inference precision'). ONNX Runtime always computes in float32.",
     )
     encoder_calibration_dir: Path | None = Field(
         default=None,

@@ -82,10 +82,13 @@ def test_the_setting_reaches_the_configured_encoder(
 
     monkeypatch.setenv("MODERATION_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("MODERATION_ENCODER_RUNTIME", "openvino")
-    assert Settings().inference_precision == "auto"
-    monkeypatch.setenv("MODERATION_INFERENCE_PRECISION", "f32")
+    assert Settings().inference_precision == "f32"  # bfloat16 failed the quality rule
+    assert configured_encoder(Settings()).inference_precision == "f32"  # type: ignore[attr-defined]
+    monkeypatch.setenv("MODERATION_INFERENCE_PRECISION", "auto")
+    assert configured_encoder(Settings()).inference_precision == "auto"  # type: ignore[attr-defined]
+    monkeypatch.setenv("MODERATION_INFERENCE_PRECISION", "bf16")
     encoder = configured_encoder(Settings())
-    assert isinstance(encoder, OnnxLite0Encoder) and encoder.inference_precision == "f32"
+    assert isinstance(encoder, OnnxLite0Encoder) and encoder.inference_precision == "bf16"
     monkeypatch.setenv("MODERATION_INFERENCE_PRECISION", "fp16")
     with pytest.raises(ValueError, match="inference_precision"):
         Settings()

@@ -91,7 +91,7 @@ def create_encoder(
     threads: int = 0,
     precision: str = "fp32",
     calibration_dir: Path | None = None,
-    inference_precision: str = "auto",
+    inference_precision: str = "f32",
 ) -> Encoder:
     """The encoder called ``name`` on ``device`` (see :func:`select_device`), with its
     preprocessing.

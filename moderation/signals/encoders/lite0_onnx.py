@@ -96,7 +96,7 @@ class OnnxLite0Encoder(Encoder):
         calibration_dir: Path | None = None,
         backend: Backend = "onnxruntime",
         variant: LiteVariant = LITE0,
-        inference_precision: InferencePrecision = "auto",
+        inference_precision: InferencePrecision = "f32",
     ) -> None:
         super().__init__(name=variant.name, dim=NUM_FEATURES, device=HostCpu())
         self.variant = variant

@@ -207,7 +207,7 @@ def model_session(
     backend: Backend = "onnxruntime",
     threads: int = 0,
     digest: str | None = None,
-    inference_precision: InferencePrecision = "auto",
+    inference_precision: InferencePrecision = "f32",
 ) -> Any:
     """A session over the ONNX model at ``path``: :func:`ort_session` (float32) or
     :class:`.openvino_session.OpenVinoSession` computing at ``inference_precision``
@@ -289,7 +289,7 @@ def checked_session(
     threads: int,
     backend: Backend = "onnxruntime",
     input_size: int = INPUT_SIZE,
-    inference_precision: InferencePrecision = "auto",
+    inference_precision: InferencePrecision = "f32",
 ) -> Any:
     """A session (``backend``'s, :func:`model_session`) over ``files`` once its digests and
     probe features (:func:`probe_input` of ``input_size``) check out (:func:`probe_min_cosine`),
