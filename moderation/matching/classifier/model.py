@@ -53,7 +53,7 @@ where unrelated photos end and copies begin on the benchmark (highest negative 0
 128, ThreatExchange matches at 31); ``margin`` and ``background_norm``: every 0.1 over the
 range where the benchmark's negatives and hard positives overlap. On the benchmark's tuning
 queries (seed 0) these knots took negatives sent to review from 6 to 4 of 440 and R@P99 from
-0.974 to 0.985; sparser or denser knot sets gave the same within one query."""
+0.974 to 0.985; sparser or denser knot sets gave the same within one to three queries."""
 
 
 class ModelFormatError(ValueError):
