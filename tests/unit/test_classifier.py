@@ -228,7 +228,7 @@ def test_model_round_trips_through_json_without_pickle() -> None:
         {**document, "format": 2},
         {**document, "feature_names": ["cosine"]},
         {**document, "coef": document["coef"][:-1]},
-        {**document, "scale": [0.0] * len(FEATURE_NAMES)},
+        {**document, "scale": [0.0] * len(document["scale"])},
     ):
         with pytest.raises(ModelFormatError):
             CopyModel.from_json(broken)
