@@ -1,0 +1,125 @@
+"""Local features (issue 15): SIFT keypoints of bank entries, a descriptor index and RANSAC
+verification find a photo pasted small, rotated and feathered onto another photo, or as one
+collage tile, and no unrelated photo. Hermetic: scikit-image photos and generated images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from skimage import data
+
+from moderation.signals import local_features as lf
+
+
+def _photo(name: str) -> Image.Image:
+    pixels = getattr(data, name)()
+    image = Image.fromarray(pixels)
+    return image.convert("RGB")
+
+
+ENTRIES = ("astronaut", "chelsea", "rocket", "coffee", "camera")
+
+
+@pytest.fixture(scope="module")
+def index() -> lf.LocalIndex:
+    return lf.LocalIndex(
+        {i: lf.extract(_photo(n), lf.ENTRY_SIDE, lf.ENTRY_KEYPOINTS) for i, n in enumerate(ENTRIES)}
+    )
+
+
+def _feathered_paste(
+    photo: Image.Image, back: Image.Image, share: float, angle: float
+) -> Image.Image:
+    """``photo`` at ``share`` of ``back``'s width, soft-edged, rotated by ``angle`` degrees."""
+    width = round(back.width * share)
+    small = photo.resize(
+        (width, round(width * photo.height / photo.width)), Image.Resampling.LANCZOS
+    )
+    mask = Image.new("L", small.size, 0)
+    edge = max(2, width // 12)
+    ImageDraw.Draw(mask).rectangle((edge, edge, small.width - edge, small.height - edge), fill=255)
+    rgba = small.convert("RGBA")
+    rgba.putalpha(mask.filter(ImageFilter.GaussianBlur(edge / 2)))
+    rgba = rgba.rotate(angle, Image.Resampling.BICUBIC, expand=True)
+    out = back.convert("RGBA")
+    out.alpha_composite(rgba, (back.width - rgba.width - 10, 15))
+    return out.convert("RGB")
+
+
+def _collage(photo: Image.Image, others: list[Image.Image]) -> Image.Image:
+    """A 3 x 2 collage with gutters whose second tile is ``photo`` (each tile cropped to fit)."""
+    tile = (200, 160)
+    out = Image.new("RGB", (3 * tile[0] + 16, 2 * tile[1] + 12), (230, 40, 90))
+    tiles = [others[0], photo, *others[1:]]
+    for k, image in enumerate(tiles[:6]):
+        fitted = ImageOps.fit(image, tile, Image.Resampling.BICUBIC)
+        out.paste(fitted, (4 + (k % 3) * (tile[0] + 4), 4 + (k // 3) * (tile[1] + 4)))
+    return out
+
+
+def _best(found: dict[int, int]) -> tuple[int, int, int]:
+    """(best entry, its inliers, the runner-up's inliers) of :meth:`LocalIndex.verify`."""
+    ranked = sorted(found.items(), key=lambda kv: -kv[1])
+    runner_up = ranked[1][1] if len(ranked) > 1 else 0
+    return ranked[0][0], ranked[0][1], runner_up
+
+
+@pytest.mark.parametrize(("share", "angle"), [(0.25, 20.0), (0.4, -15.0), (0.55, 0.0)])
+def test_rotated_feathered_paste_is_verified(
+    index: lf.LocalIndex, share: float, angle: float
+) -> None:
+    back = _photo("hubble_deep_field")
+    query = _feathered_paste(_photo("chelsea"), back, share, angle)
+    found = index.verify(lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
+    entry, inliers, runner_up = _best(found)
+    assert ENTRIES[entry] == "chelsea"
+    assert inliers >= 10  # measured 12, 36, 42
+    assert runner_up <= 5
+
+
+def test_collage_tile_is_verified(index: lf.LocalIndex) -> None:
+    others = [
+        _photo(n) for n in ("hubble_deep_field", "immunohistochemistry", "cell", "moon", "text")
+    ]
+    query = _collage(_photo("rocket"), others)
+    entry, inliers, runner_up = _best(
+        index.verify(lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
+    )
+    assert ENTRIES[entry] == "rocket"
+    assert inliers >= 12
+    assert runner_up <= 5
+
+
+@pytest.mark.parametrize("name", ["hubble_deep_field", "immunohistochemistry", "moon", "text"])
+def test_unrelated_photo_has_few_inliers(index: lf.LocalIndex, name: str) -> None:
+    found = index.verify(lf.extract(_photo(name), lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
+    assert max(found.values(), default=0) <= 5
+
+
+def test_extract_bounds_and_rootsift_rows() -> None:
+    kp = lf.extract(_photo("astronaut"), 256, 50)
+    assert 0 < len(kp) <= 50
+    assert kp.points.dtype == np.float32 and kp.points.shape == (len(kp), 2)
+    assert kp.descriptors.shape == (len(kp), 128)
+    np.testing.assert_allclose(np.linalg.norm(kp.descriptors, axis=1), 1.0, atol=1e-4)
+    assert kp.points.max() < 256  # found on the copy of at most 256 px
+
+
+def test_flat_image_has_no_keypoints_and_matches_nothing(index: lf.LocalIndex) -> None:
+    flat = Image.new("RGB", (300, 200), (120, 120, 120))
+    kp = lf.extract(flat, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS)
+    assert len(kp) == 0
+    assert index.verify(kp) == {}
+
+
+def test_bad_arguments_and_entry_cap() -> None:
+    with pytest.raises(ValueError, match="side"):
+        lf.extract(_photo("camera"), 8, 10)
+    with pytest.raises(ValueError, match="count"):
+        lf.extract(_photo("camera"), 256, 0)
+    kp = lf.extract(_photo("camera"), 128, 20)
+    with pytest.raises(ValueError, match="more than the 2 indexed"):
+        lf.LocalIndex({1: kp, 2: kp, 3: kp}, max_entries=2)
+    assert len(lf.LocalIndex({}, max_entries=2)) == 0
+    assert lf.LocalIndex({}).verify(kp) == {}
