@@ -54,6 +54,13 @@ VERIFIED_ENTRIES: Final = 5
 """Entries verified per query: those with most ratio-test matches (bounds RANSAC's cost)."""
 FLANN_CHECKS: Final = 32
 """Leaves the FLANN k-d tree visits per query descriptor (more: slower, more exact)."""
+CANDIDATE_INLIERS: Final = 8
+"""Least inliers for a verified entry to become a candidate of the classifier stage (60
+unrelated photos against 60 entries: at most 5)."""
+SKIP_COSINE: Final = 0.78
+"""A query whose best candidate already has this global cosine (the default policy's
+``block_cosine``: the classifier's floor keeps such a match) gets no local features, to save
+their CPU (about 25 ms per query)."""
 LOCAL_INDEX_MAX_ENTRIES: Final = 2_000
 """Most entries a :class:`LocalIndex` holds: 2,000 x 128 descriptors of 512 bytes is 131 MB of
 RAM (plus the k-d trees). A bigger bank needs an approximate, compressed descriptor index."""
@@ -98,6 +105,12 @@ def extract(image: Image.Image, side: int, count: int) -> Keypoints:
     root = np.sqrt(raw / np.maximum(raw.sum(axis=1, keepdims=True), np.float32(1e-7)))
     points = np.array([k.pt for k in found], np.float32).reshape(-1, 2)
     return Keypoints(points, np.ascontiguousarray(root, dtype=np.float32))
+
+
+def wanted(best_cosine: float | None) -> bool:
+    """Whether a query whose best candidate cosine is ``best_cosine`` (None: no candidate)
+    gets local features: below :data:`SKIP_COSINE`."""
+    return best_cosine is None or best_cosine < SKIP_COSINE
 
 
 class LocalIndex:
@@ -171,3 +184,55 @@ class LocalIndex:
             inliers = 0 if transform is None or mask is None else int(mask.sum())
             out[int(self.entry_ids[at])] = inliers
         return out
+
+
+DESCRIPTOR_DIM: Final = 128
+"""Values per SIFT descriptor."""
+
+
+def packed_rows(count: int, dim: int) -> int:
+    """Rows of width ``dim`` that :func:`pack` writes for ``count`` keypoints: one row of
+    coordinates, then ``dim // 128`` descriptors per row."""
+    per = dim // DESCRIPTOR_DIM
+    return 1 + -(-count // per)
+
+
+def pack(keypoints: Keypoints, dim: int) -> npt.NDArray[np.float32]:
+    """``keypoints`` as float32 (:func:`packed_rows`, ``dim``) rows, to be stored as an entry's
+    region rows (:mod:`moderation.banks.paste_rows`): row 0 holds the count and the (x, y)
+    pairs, the next rows ``dim // 128`` descriptors each, zero-padded. Values stay exact in
+    float16 to about 0.1 px (coordinates < 256) and 5e-4 (descriptor values <= 1).
+
+    Raises:
+        ValueError: ``dim`` < 128, or the coordinates do not fit in one row (``dim`` < 1 + 2n).
+    """
+    n = len(keypoints)
+    if dim < DESCRIPTOR_DIM or 1 + 2 * n > dim:
+        raise ValueError(f"{n} keypoints do not pack into rows of {dim}")
+    out = np.zeros((packed_rows(n, dim), dim), np.float32)
+    out[0, 0] = n
+    out[0, 1 : 1 + 2 * n] = keypoints.points.reshape(-1)
+    per, used = dim // DESCRIPTOR_DIM, (dim // DESCRIPTOR_DIM) * DESCRIPTOR_DIM
+    body = np.zeros(((len(out) - 1) * per, DESCRIPTOR_DIM), np.float32)
+    body[:n] = keypoints.descriptors
+    out[1:, :used] = body.reshape(len(out) - 1, used)
+    return out
+
+
+def unpack(rows: npt.ArrayLike) -> Keypoints:
+    """The :class:`Keypoints` that :func:`pack` wrote into float (r, dim) ``rows`` (float16
+    rows from a spilled row file are widened); no rows give none.
+
+    Raises:
+        ValueError: the rows are too few for the count in row 0.
+    """
+    matrix = np.asarray(rows, np.float32)
+    if not len(matrix):
+        return Keypoints(np.zeros((0, 2), np.float32), np.zeros((0, DESCRIPTOR_DIM), np.float32))
+    n, dim = round(float(matrix[0, 0])), matrix.shape[1]
+    if n < 0 or len(matrix) < packed_rows(n, dim) or 1 + 2 * n > dim:
+        raise ValueError(f"{len(matrix)} rows of {dim} do not hold {n} packed keypoints")
+    points = matrix[0, 1 : 1 + 2 * n].reshape(n, 2)
+    used = (dim // DESCRIPTOR_DIM) * DESCRIPTOR_DIM
+    descriptors = matrix[1:, :used].reshape(-1, DESCRIPTOR_DIM)[:n]
+    return Keypoints(np.ascontiguousarray(points), np.ascontiguousarray(descriptors))

@@ -9,7 +9,20 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from skimage import data
 
+from moderation.banks import keypoint_rows
+from moderation.banks.blocklist import Blocklist
+from moderation.banks.keypoint_rows import local_index
+from moderation.banks.paste_rows import ENTRY_WINDOW_ROWS
+from moderation.matching.candidates import Scope, merge_verified
+from moderation.matching.classifier.features import (
+    LOCAL_INLIER_CAP,
+    QuerySignals,
+    RegionLookup,
+    local_inliers,
+)
 from moderation.signals import local_features as lf
+from tests.unit.test_classifier import unit
+from tests.unit.test_feature_windows import blocklist_of
 
 
 def _photo(name: str) -> Image.Image:
@@ -123,3 +136,82 @@ def test_bad_arguments_and_entry_cap() -> None:
         lf.LocalIndex({1: kp, 2: kp, 3: kp}, max_entries=2)
     assert len(lf.LocalIndex({}, max_entries=2)) == 0
     assert lf.LocalIndex({}).verify(kp) == {}
+
+
+# --- stored with the entry: packed region rows -------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [1280, 512, 256])
+def test_keypoints_pack_into_region_rows_and_survive_float16(dim: int) -> None:
+    kp = lf.extract(_photo("astronaut"), lf.ENTRY_SIDE, 100)
+    rows = lf.pack(kp, dim)
+    assert rows.shape == (lf.packed_rows(len(kp), dim), dim) and rows.dtype == np.float32
+    back = lf.unpack(rows.astype(np.float16))  # a spilled row file holds float16
+    assert len(back) == len(kp)
+    np.testing.assert_allclose(back.points, kp.points, atol=0.13)
+    np.testing.assert_allclose(back.descriptors, kp.descriptors, atol=1e-3)
+    assert lf.packed_rows(128, 1280) == 14  # ENTRY_KEYPOINTS at the default encoder's width
+    assert len(lf.unpack(np.zeros((0, dim), np.float32))) == 0
+    with pytest.raises(ValueError, match="do not hold"):
+        lf.unpack(rows[:2])
+    with pytest.raises(ValueError, match="do not pack"):
+        lf.pack(kp, 64)
+
+
+ROW_DIM = 256
+
+
+def _rows_of(image: Image.Image, vector: np.ndarray, keypoints: bool) -> np.ndarray:
+    """An entry's region rows: five windows and a paste descriptor (copies of ``vector``), then
+    (``keypoints``) its packed keypoints."""
+    rows = [np.tile(vector, (ENTRY_WINDOW_ROWS + 1, 1))]
+    if keypoints:
+        rows.append(lf.pack(lf.extract(image, lf.ENTRY_SIDE, 100), ROW_DIM))
+    return np.concatenate(rows).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bank() -> Blocklist:
+    """Entries 1-3 (astronaut, chelsea, rocket) with keypoints, entry 4 (coffee) without."""
+    rng = np.random.default_rng(0)
+    vectors = unit(rng.normal(size=(4, ROW_DIM)))
+    names = ("astronaut", "chelsea", "rocket", "coffee")
+    regions = {i + 1: _rows_of(_photo(n), vectors[i], keypoints=i < 3) for i, n in enumerate(names)}
+    return blocklist_of(vectors, regions)
+
+
+def test_a_blocklist_indexes_the_keypoint_rows_of_entries_that_have_them(bank: Blocklist) -> None:
+    index = local_index(bank)
+    assert index is local_index(bank)  # built once per version
+    assert sorted(index.entry_ids.tolist()) == [1, 2, 3]
+    query = _feathered_paste(_photo("chelsea"), _photo("hubble_deep_field"), 0.4, 12.0)
+    found = index.verify(lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
+    assert max(found, key=lambda e: found[e]) == 2 and found[2] >= lf.CANDIDATE_INLIERS
+    # The windows and the paste descriptor the other features read are unchanged.
+    regions = RegionLookup(bank)
+    assert len(regions(2)) == ENTRY_WINDOW_ROWS and len(regions.paste(2)) == 1
+    assert len(regions.rows(2)) > ENTRY_WINDOW_ROWS + 1 and len(regions.rows(4)) == 6
+
+
+def test_a_blocklist_past_the_entry_cap_gets_no_local_index(
+    bank: Blocklist, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(keypoint_rows, "LOCAL_INDEX_MAX_ENTRIES", 3)
+    monkeypatch.setattr(keypoint_rows, "_cache", {})
+    assert len(local_index(bank)) == 0  # 4 entries with embeddings
+    assert "more than the 3 whose keypoints are indexed" in caplog.text
+
+
+def test_verified_entries_become_candidates_and_a_feature(bank: Blocklist) -> None:
+    vectors = unit(np.ones((1, ROW_DIM)))
+    found = merge_verified(bank, [], vectors, {2: 20, 3: lf.CANDIDATE_INLIERS - 1, 99: 50})
+    assert [c.entry.entry_id for c in found] == [2]  # 3: too few inliers; 99: not in the bank
+    assert found[0].cosine == pytest.approx(float(vectors[0] @ bank.vector_of(2)), abs=1e-6)
+    again = merge_verified(bank, found, vectors, {2: 30})
+    assert again is found  # already a candidate
+    assert merge_verified(bank, [], vectors, {2: 20}, Scope(banks=frozenset({7}))) == []
+    signals = QuerySignals(vectors, (), local={2: 15, 3: 90})
+    assert local_inliers(signals, 2) == pytest.approx(15 / LOCAL_INLIER_CAP)
+    assert local_inliers(signals, 3) == 1.0 and local_inliers(signals, 1) == 0.0
+    assert local_inliers(QuerySignals(vectors, ()), 2) == 0.0
+    assert lf.wanted(None) and lf.wanted(lf.SKIP_COSINE - 0.01) and not lf.wanted(lf.SKIP_COSINE)

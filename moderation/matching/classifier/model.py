@@ -25,7 +25,7 @@ import numpy.typing as npt
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.matching.classifier.features import FEATURE_NAMES, LEGACY_FEATURE_NAMES
+from moderation.matching.classifier.features import FEATURE_NAMES, LEGACY_FEATURE_SETS
 from moderation.storage.models import ClassifierModel
 
 MODEL_FORMAT = 1
@@ -132,7 +132,7 @@ class CopyModel:
 
         Raises:
             ModelFormatError: unknown format or kind, features other than :data:`FEATURE_NAMES`
-                (or the older :data:`LEGACY_FEATURE_NAMES`),
+                (or an older set of :data:`LEGACY_FEATURE_SETS`),
                 inconsistent lengths, non-finite numbers.
         """
         try:
@@ -141,7 +141,7 @@ class CopyModel:
                     f"unknown model format {doc.get('format')!r}/{doc.get('kind')!r}"
                 )
             names = tuple(str(n) for n in doc["feature_names"])
-            if names not in (FEATURE_NAMES, LEGACY_FEATURE_NAMES):
+            if names != FEATURE_NAMES and names not in LEGACY_FEATURE_SETS:
                 raise ModelFormatError(f"model features {names} differ from {FEATURE_NAMES}")
             arrays = [np.array(doc[key], np.float64) for key in ("mean", "scale", "coef")]
             if any(a.shape != (len(names),) for a in arrays):
