@@ -36,11 +36,11 @@ ENTRY_SIDE: Final = 256
 """Longest side (px) of the grey copy of a bank entry whose keypoints are stored."""
 ENTRY_KEYPOINTS: Final = 128
 """Keypoints kept per entry (the strongest): 128 x 128 float32 = 64 KB held per entry."""
-QUERY_SIDE: Final = 320
-"""Longest side (px) of the grey copy of a query: a photo pasted at 20% of it is 64 px (tuning
-pastes verified above every negative: 0.91 at 320 px and 300 keypoints, 0.93 at 384 and 400
-for about 35% more CPU, 0.89 at 256 px)."""
-QUERY_KEYPOINTS: Final = 300
+QUERY_SIDE: Final = 384
+"""Longest side (px) of the grey copy of a query: a photo pasted at 20% of it is 77 px (tuning
+pastes verified above every negative: 0.93 at 384 px and 400 keypoints, 0.91 at 320 and 300
+for about 35% less CPU, 0.89 at 256 px)."""
+QUERY_KEYPOINTS: Final = 400
 """Keypoints kept per query (the strongest)."""
 RATIO: Final = 0.8
 """Lowe's ratio test: a match counts when its distance is below this share of the second
@@ -59,12 +59,14 @@ FLANN_CHECKS: Final = 32
 CANDIDATE_INLIERS: Final = 8
 """Least inliers for a verified entry to become a candidate of the classifier stage (60
 unrelated photos against 60 entries: at most 5)."""
-SKIP_COSINE: Final = 0.50
+SKIP_COSINE: Final = 0.78
 """A query whose best candidate already has this global cosine (the default policy's
-``candidates.min_cosine``: the global vector already found an entry, and the other features
-weigh it) gets no local features, to save their CPU (about 20 ms per query). On the benchmark's
-main split 22% of the queries are below it, 69% below the policy's ``block_cosine`` (0.78, the
-first setting measured); in production, where most uploads match nothing, nearly all are."""
+``block_cosine``: the classifier's safety floor keeps such a match) gets no local features,
+to save their CPU (about 25 ms per query). On the benchmark's main split 69% of the queries are
+below it; in production, where most uploads match nothing, nearly all are. A gate at the
+candidates' ``min_cosine`` (0.50, 22% of the queries) kept the throughput but lost most of the
+recall: a paste's best candidate is often an unrelated entry above 0.50 (README "Local
+features")."""
 LOCAL_INDEX_MAX_ENTRIES: Final = 2_000
 """Most entries a :class:`LocalIndex` holds: 2,000 x 128 descriptors of 512 bytes is 131 MB of
 RAM (plus the k-d trees). A bigger bank needs an approximate, compressed descriptor index."""

@@ -212,7 +212,7 @@ class ClassifierStage:
         max_views: int = 1,
         batch_size: int = 32,
         feature_windows: bool = True,
-        local_features: bool = True,
+        local_features: bool = False,
     ) -> None:
         self.model = model
         self.feature_windows = feature_windows
