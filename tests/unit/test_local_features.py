@@ -215,3 +215,37 @@ def test_verified_entries_become_candidates_and_a_feature(bank: Blocklist) -> No
     assert local_inliers(signals, 3) == 1.0 and local_inliers(signals, 1) == 0.0
     assert local_inliers(QuerySignals(vectors, ()), 2) == 0.0
     assert lf.wanted(None) and lf.wanted(lf.SKIP_COSINE - 0.01) and not lf.wanted(lf.SKIP_COSINE)
+
+
+class _FakeEncoder:
+    """Just enough of an encoder for :func:`make_region_embedder`: constant unit rows (512
+    wide: 128 keypoints' coordinates need 257 values in row 0)."""
+
+    dim = 512
+    has_feature_windows = True
+
+    def encode(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        return unit(np.ones((len(images), self.dim)))
+
+    def encode_paste_descriptors(
+        self, images: list[Image.Image], batch_size: int = 32
+    ) -> np.ndarray:
+        return unit(np.ones((len(images), self.dim)))
+
+
+def test_import_stores_keypoints_after_the_paste_descriptor_only_when_asked() -> None:
+    from moderation.matching.classifier.regions import make_region_embedder
+
+    photos = [_photo("chelsea"), _photo("rocket")]
+    encoder = _FakeEncoder()
+    with_local = make_region_embedder(encoder, paste=True, local=True)(photos)  # type: ignore[arg-type]
+    plain = make_region_embedder(encoder, paste=True)(photos)  # type: ignore[arg-type]
+    for rows, flat, photo in zip(with_local, plain, photos, strict=True):
+        assert len(flat) == ENTRY_WINDOW_ROWS + 1
+        np.testing.assert_array_equal(rows[: len(flat)], flat)
+        stored = lf.unpack(rows[keypoint_rows.KEYPOINT_ROW :])
+        fresh = lf.extract(photo, lf.ENTRY_SIDE, lf.ENTRY_KEYPOINTS)
+        assert len(stored) == len(fresh) > 50
+        np.testing.assert_allclose(stored.points, fresh.points)
+    # Without the paste descriptor there is no fixed place for them: none are stored.
+    assert len(make_region_embedder(encoder, local=True)(photos)[0]) == ENTRY_WINDOW_ROWS  # type: ignore[arg-type]
