@@ -2,12 +2,12 @@
 
 A CNN embedding, global or pooled over feature-map windows, describes a photo at one scale and
 one orientation, so a photo pasted at 20-60% of another photo's side, possibly tilted, is far
-from its entry (README "Feature-map windows": the best window-to-paste score is above every
-unrelated photo's for 36% of the tuning pastes). Local features do not care: SIFT keypoints
+from its entry (README "Local features": the best window-to-paste score is above every
+unrelated photo's for 36-40% of the tuning pastes). Local features do not care: SIFT keypoints
 (Lowe 2004) are scale- and rotation-invariant, the ratio test keeps distinctive matches, and a
 RANSAC similarity transform between an entry's keypoints and the query's (OpenCV's
 ``estimateAffinePartial2D``) counts the matches that agree geometrically. Unrelated photos
-rarely give more than 3 such inliers; a pasted copy gives tens.
+rarely give more than 3-5 such inliers; a pasted copy gives tens.
 
 * :func:`extract`: RootSIFT (Arandjelović and Zisserman 2012: SIFT L1-normalised, square-rooted)
   keypoints of a grey copy of at most ``side`` px, the ``count`` strongest.
