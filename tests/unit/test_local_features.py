@@ -249,3 +249,20 @@ def test_import_stores_keypoints_after_the_paste_descriptor_only_when_asked() ->
         np.testing.assert_allclose(stored.points, fresh.points)
     # Without the paste descriptor there is no fixed place for them: none are stored.
     assert len(make_region_embedder(encoder, local=True)(photos)[0]) == ENTRY_WINDOW_ROWS  # type: ignore[arg-type]
+
+
+def test_training_copies_are_verified_as_screening_verifies_queries(bank: Blocklist) -> None:
+    from moderation.matching.classifier.synthetic import _candidates
+    from moderation.signals.pdq import pdq_hash_dihedral
+
+    query = _feathered_paste(_photo("chelsea"), _photo("hubble_deep_field"), 0.4, -10.0)
+    keypoints = lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS)
+    pdq = (pdq_hash_dihedral(query),)
+    far = unit(np.ones((1, ROW_DIM)) - 2 * bank.vector_of(2))  # no global candidate at all
+    found, signals = _candidates(bank, QuerySignals(far, pdq, keypoints=keypoints))
+    assert [entry for entry, _, _ in found] == [2]  # found by local features only
+    assert signals.local is not None and signals.local[2] >= lf.CANDIDATE_INLIERS
+    # A query whose global vector already matches at or above SKIP_COSINE is not verified.
+    near = unit(bank.vector_of(2)[None])
+    found, signals = _candidates(bank, QuerySignals(near, pdq, keypoints=keypoints))
+    assert found[0][0] == 2 and signals.local is None
