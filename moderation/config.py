@@ -158,6 +158,14 @@ class Settings(QueueApiSettings, VideoSettings, ShardSettings, BaseSettings):
         "(stored at import: one more model pass per image) as an extra candidate source and "
         "given to the classifier (window_to_paste); also for training copies.",
     )
+    classifier_local_features: bool = Field(
+        default=False,
+        description="Local features: each entry's 128 strongest SIFT keypoints stored as 14 "
+        "more region rows (with the feature-map windows only), a query's keypoints verified by "
+        "RANSAC against the entries they match, as a candidate source and the local_inliers "
+        "feature; also for training copies. Off: about 25 ms of CPU per query below cosine "
+        "0.78 (README 'Local features').",
+    )
     classifier_edits_per_entry: int = Field(
         default=2,
         ge=0,

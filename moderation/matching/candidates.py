@@ -17,6 +17,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from moderation.matching.policy import CandidateRules, Policy
+from moderation.signals.local_features import CANDIDATE_INLIERS
 from moderation.signals.pdq import PdqHash
 from moderation.signals.vpdq import VpdqFeature, VpdqMatch
 
@@ -115,6 +116,8 @@ class QueryContext:
     pdq: tuple[tuple[PdqHash, ...], ...]  # per frame, the 8 dihedral variants
     # (f, w, d) float32 unit rows: each frame's feature-map windows; None when not computed.
     windows: npt.NDArray[np.float32] | None = None
+    # RANSAC inliers per verified entry (moderation.signals.local_features); None: not computed.
+    local: Mapping[int, int] | None = None
 
 
 class CandidateRefiner(Protocol):
@@ -123,6 +126,8 @@ class CandidateRefiner(Protocol):
     version: str
     # Whether the screener should compute feature-map windows for it (QueryContext.windows).
     feature_windows: bool
+    # Whether the screener should verify local features for it (QueryContext.local).
+    local_features: bool
 
     def refine_batch(
         self, items: Sequence[tuple[QueryContext, list[Candidate]]], blocklist: Blocklist
@@ -216,6 +221,34 @@ def find_candidates(
             cand.frame = int(np.argmax(sims))
             cand.cosine = float(sims[cand.frame])
     return sorted(found.values(), key=lambda c: -(c.cosine or -1.0))
+
+
+def merge_verified(
+    blocklist: Blocklist,
+    found: list[Candidate],
+    vectors: npt.NDArray[np.float32],
+    local: Mapping[int, int],
+    scope: Scope = EVERY_BANK,
+) -> list[Candidate]:
+    """``found`` plus the entries that local features verified with at least
+    :data:`~moderation.signals.local_features.CANDIDATE_INLIERS` inliers (``local``: inliers
+    per entry id, :meth:`~moderation.signals.local_features.LocalIndex.verify`) and ``scope``
+    admits, each new one with its cosine to the best of ``vectors`` (float32 (f, d)), best
+    cosine first."""
+    have = {c.entry.entry_id for c in found}
+    added = []
+    for entry_id, inliers in local.items():
+        info = blocklist.entries.get(entry_id)
+        if entry_id in have or inliers < CANDIDATE_INLIERS or info is None:
+            continue
+        if not scope.admits(info) or not blocklist.has_vector(entry_id):
+            continue
+        sims = vectors @ blocklist.vector_of(entry_id)
+        frame = int(np.argmax(sims))
+        added.append(Candidate(entry=info, cosine=float(sims[frame]), frame=frame))
+    if not added:
+        return found
+    return sorted([*found, *added], key=lambda c: -(c.cosine or -1.0))
 
 
 def _pdq_candidates(

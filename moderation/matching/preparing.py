@@ -41,6 +41,8 @@ class Work:
     vectors: npt.NDArray[np.float32] | None = None
     # (f, w, d) feature-map windows of the frames, when the classifier stage asked for them.
     windows: npt.NDArray[np.float32] | None = None
+    # RANSAC inliers per verified entry, when the classifier stage asked for local features.
+    local: dict[int, int] | None = None
     pdq: tuple[tuple[PdqHash, ...], ...] = ()
     exact: list[Candidate] = field(default_factory=list)
     scope: Scope = EVERY_BANK

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moderation.banks.blocklist import Blocklist
+from moderation.banks.keypoint_rows import local_index
 from moderation.banks.paste_rows import paste_index
 from moderation.banks.shard_index import ShardedCosineIndex
 from moderation.matching.candidates import (
@@ -29,6 +30,7 @@ from moderation.matching.candidates import (
     Scope,
     exact_candidates,
     find_candidates,
+    merge_verified,
     vpdq_candidates,
 )
 from moderation.matching.decision import (
@@ -50,6 +52,7 @@ from moderation.matching.preparing import (
 from moderation.matching.video import video_explanation, with_timestamps
 from moderation.media.decode import DecodeLimits, UnscannableImage
 from moderation.media.video import DEFAULT_VIDEO_LIMITS, VideoLimits
+from moderation.signals import local_features
 from moderation.signals.encoders import Encoder
 from moderation.signals.exact import keyed_digests
 
@@ -141,9 +144,29 @@ class Screener:
         if work.video is not None and len(self.blocklist.vpdq):
             rules = self._policy(work).candidates
             found += vpdq_candidates(self.blocklist, work.video.vpdq, rules, work.scope)
+        found = self._verify_local(work, found)
         work.nearest = self._nearest(work.vectors, found)
         work.timings["search"] = work.timings.get("search", 0.0) + elapsed_ms(start)
         return found
+
+    def _verify_local(self, work: Work, found: list[Candidate]) -> list[Candidate]:
+        """When the classifier stage wants local features and no candidate is already above
+        :data:`~moderation.signals.local_features.SKIP_COSINE`: the first frame's keypoints
+        verified against the bank's (``work.local``), the entries verified well enough merged
+        into ``found``."""
+        if not getattr(self.refiner, "local_features", False) or work.decoded is None:
+            return found
+        assert work.vectors is not None
+        if not local_features.wanted(max((c.cosine or -1.0 for c in found), default=None)):
+            return found
+        index = local_index(self.blocklist)
+        if not len(index):
+            return found
+        keypoints = local_features.extract(
+            work.decoded.frames[0], local_features.QUERY_SIDE, local_features.QUERY_KEYPOINTS
+        )
+        work.local = index.verify(keypoints)
+        return merge_verified(self.blocklist, found, work.vectors, work.local, work.scope)
 
     def _prefetch(self, works: Sequence[Work]) -> None:
         """With a sharded cosine index (:mod:`moderation.banks.shard_index`), search the whole
@@ -195,7 +218,9 @@ class Screener:
         items = []
         for work, cands in pending:
             assert work.decoded is not None and work.vectors is not None
-            context = QueryContext(work.decoded.frames, work.vectors, work.pdq, work.windows)
+            context = QueryContext(
+                work.decoded.frames, work.vectors, work.pdq, work.windows, work.local
+            )
             items.append((context, cands))
         self.refiner.refine_batch(items, self.blocklist)
         share = elapsed_ms(start) / len(pending)

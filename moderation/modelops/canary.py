@@ -229,7 +229,10 @@ def _screener(
         from moderation.matching.classifier.stage import ClassifierStage
 
         refiner = ClassifierStage(
-            classifier_model, runtime.encoder, batch_size=runtime.settings.batch_size
+            classifier_model,
+            runtime.encoder,
+            batch_size=runtime.settings.batch_size,
+            local_features=runtime.settings.classifier_local_features,
         )
     try:
         return runtime, runtime.screener(refiner=refiner)

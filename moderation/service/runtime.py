@@ -232,6 +232,7 @@ class Runtime:
             windows=WindowBand(enabled=self.settings.classifier_windows),
             batch_size=self.settings.batch_size,
             feature_windows=self.settings.classifier_feature_windows,
+            local_features=self.settings.classifier_local_features,
         )
 
     def import_hooks(self) -> ImportHooks:

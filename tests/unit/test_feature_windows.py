@@ -23,6 +23,7 @@ from moderation.matching.candidates import find_candidates
 from moderation.matching.classifier.features import (
     FEATURE_NAMES,
     LEGACY_FEATURE_NAMES,
+    LEGACY_FEATURE_SETS,
     QuerySignals,
     RegionLookup,
     query_features,
@@ -253,16 +254,21 @@ def test_window_to_paste_is_the_best_window_and_never_below_cosine() -> None:
     }
 
 
-def test_a_model_stored_before_the_windows_still_loads_and_predicts_alike() -> None:
+@pytest.mark.parametrize("legacy", LEGACY_FEATURE_SETS)
+def test_a_model_stored_before_the_windows_still_loads_and_predicts_alike(
+    legacy: tuple[str, ...],
+) -> None:
+    """Models before the feature-map windows (8 features) and before local features (9)."""
     rng = np.random.default_rng(3)
-    k = len(LEGACY_FEATURE_NAMES)
-    assert FEATURE_NAMES[:k] == LEGACY_FEATURE_NAMES and len(FEATURE_NAMES) == k + 1
+    k = len(legacy)
+    assert FEATURE_NAMES[:k] == legacy and len(FEATURE_NAMES) > k
+    assert LEGACY_FEATURE_NAMES in LEGACY_FEATURE_SETS
     doc = {
         "format": 1,
         "kind": "logistic-platt",
         "version": "lr-legacy",
         "encoder_id": "test-encoder",
-        "feature_names": list(LEGACY_FEATURE_NAMES),
+        "feature_names": list(legacy),
         "mean": [0.5] * k,
         "scale": [0.2] * k,
         "coef": rng.normal(size=k).tolist(),
@@ -273,7 +279,7 @@ def test_a_model_stored_before_the_windows_still_loads_and_predicts_alike() -> N
     model = CopyModel.from_json(doc)
     rows = rng.uniform(size=(4, len(FEATURE_NAMES)))
     np.testing.assert_allclose(model.predict(rows), model.predict(rows[:, :k]))
-    rows[:, k] = 1.0  # the new column is not read by the old model
+    rows[:, k:] = 1.0  # the new columns are not read by the old model
     np.testing.assert_allclose(model.predict(rows), model.predict(rows[:, :k]))
     with pytest.raises(ValueError):
         model.predict(rows[:, :3])

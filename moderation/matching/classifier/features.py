@@ -7,8 +7,9 @@ image. Vectors are float32 unit rows, so dot products are cosine similarities.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +17,9 @@ import numpy.typing as npt
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.paste_rows import ENTRY_WINDOW_ROWS
 from moderation.signals.pdq import PDQ_MIN_QUALITY, PdqHash
+
+if TYPE_CHECKING:
+    from moderation.signals.local_features import Keypoints
 
 FEATURE_NAMES: tuple[str, ...] = (
     "cosine",
@@ -27,6 +31,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "margin",
     "background_norm",
     "window_to_paste",
+    "local_inliers",
 )
 """The model's inputs, in order:
 
@@ -50,13 +55,23 @@ FEATURE_NAMES: tuple[str, ...] = (
   :mod:`moderation.signals.encoders.feature_windows`) to the entry's paste descriptor (the entry
   seen pasted small, :mod:`moderation.banks.paste_rows`), at least ``cosine``; ``cosine`` when
   either side is missing (windows not computed, entry imported without the descriptor).
+* ``local_inliers``: RANSAC inliers of the similarity transform from the entry's SIFT keypoints
+  to the query's (:mod:`moderation.signals.local_features`), capped at
+  :data:`LOCAL_INLIER_CAP` and divided by it; 0 when not verified (keypoints not computed, the
+  entry imported without them, or not among the query's best-matching entries).
 
-Models trained before ``window_to_paste`` existed (:data:`LEGACY_FEATURE_NAMES`) still load and
-read the first eight columns; the other features are computed as before.
+Models trained before ``window_to_paste`` or ``local_inliers`` existed
+(:data:`LEGACY_FEATURE_SETS`) still load and read the first eight or nine columns; the other
+features are computed as before.
 """
 
 LEGACY_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES[:8]
 """The features of models stored before the feature-map windows (a prefix of the current)."""
+LEGACY_FEATURE_SETS: tuple[tuple[str, ...], ...] = (LEGACY_FEATURE_NAMES, FEATURE_NAMES[:9])
+"""Every older model's features: before the feature-map windows, before local features."""
+LOCAL_INLIER_CAP = 30
+"""Inliers at which ``local_inliers`` saturates at 1 (tuning pastes: median 28; unrelated
+photos at most 5; README "Local features")."""
 
 BACKGROUND_TOP = 3
 """Background neighbours averaged by ``background_norm`` (SSCD uses the k-th neighbour)."""
@@ -71,7 +86,10 @@ class QuerySignals:
     ``vectors``: float32 (f, d), one unit row per frame. ``pdq``: per frame, the 8 dihedral
     variants. ``views``: float32 (v, d) embeddings of query views, or None when not computed (the
     query was outside the uncertain band). ``windows``: float32 (m, d) unit rows, the
-    feature-map windows of every frame, or None when not computed.
+    feature-map windows of every frame, or None when not computed. ``local``: RANSAC inliers
+    per verified entry id (:meth:`moderation.signals.local_features.LocalIndex.verify`), or
+    None when the query's keypoints were not computed. ``keypoints``: the query's own
+    (training copies, verified against the bank when their candidates are searched), or None.
     """
 
     vectors: npt.NDArray[np.float32]
@@ -79,6 +97,8 @@ class QuerySignals:
     views: npt.NDArray[np.float32] | None = None
     view_pdq: tuple[PdqHash, ...] = ()
     windows: npt.NDArray[np.float32] | None = None
+    local: Mapping[int, int] | None = None
+    keypoints: Keypoints | None = None
 
 
 class RegionLookup:
@@ -226,7 +246,14 @@ def pair_features(
         "margin": max(cosine, region_to_global, global_to_region) - other,
         "background_norm": cosine - background_score,
         "window_to_paste": window_to_paste,
+        "local_inliers": local_inliers(query, entry_id),
     }
+
+
+def local_inliers(query: QuerySignals, entry_id: int) -> float:
+    """The ``local_inliers`` feature: the entry's RANSAC inliers, min(n, cap) / cap, in [0, 1]."""
+    inliers = 0 if query.local is None else query.local.get(entry_id, 0)
+    return min(inliers, LOCAL_INLIER_CAP) / LOCAL_INLIER_CAP
 
 
 def _window_to_paste(

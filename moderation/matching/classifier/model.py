@@ -30,7 +30,7 @@ import numpy.typing as npt
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from moderation.matching.classifier.features import FEATURE_NAMES, LEGACY_FEATURE_NAMES
+from moderation.matching.classifier.features import FEATURE_NAMES, LEGACY_FEATURE_SETS
 from moderation.storage.models import ClassifierModel
 
 MODEL_FORMAT = 1
@@ -185,7 +185,7 @@ class CopyModel:
 
         Raises:
             ModelFormatError: unknown format or kind, features other than :data:`FEATURE_NAMES`
-                (or the older :data:`LEGACY_FEATURE_NAMES`), a knot of another feature,
+                (or an older set of :data:`LEGACY_FEATURE_SETS`), a knot of another feature,
                 inconsistent lengths, non-finite numbers.
         """
         try:
@@ -194,7 +194,7 @@ class CopyModel:
                     f"unknown model format {doc.get('format')!r}/{doc.get('kind')!r}"
                 )
             names = tuple(str(n) for n in doc["feature_names"])
-            if names not in (FEATURE_NAMES, LEGACY_FEATURE_NAMES):
+            if names != FEATURE_NAMES and names not in LEGACY_FEATURE_SETS:
                 raise ModelFormatError(f"model features {names} differ from {FEATURE_NAMES}")
             knots = tuple((str(name), float(knot)) for name, knot in doc.get("knots") or ())
             if any(name not in names for name, _ in knots):

@@ -124,13 +124,17 @@ def entry_windows(image: Image.Image) -> list[Image.Image]:
 
 
 def make_region_embedder(
-    encoder: Encoder, batch_size: int = 32, *, paste: bool = False
+    encoder: Encoder, batch_size: int = 32, *, paste: bool = False, local: bool = False
 ) -> Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]]:
     """A :data:`moderation.banks.importer.RegionEmbedder`: images -> float32 (5, d) each,
     the unit-norm embeddings of their :data:`ENTRY_WINDOWS`; with ``paste`` (and an encoder
     with feature-map windows) (6, d): the entry's paste descriptor after them
-    (:mod:`moderation.banks.paste_rows`, one more model pass per image)."""
+    (:mod:`moderation.banks.paste_rows`, one more model pass per image); with ``local`` too,
+    the entry's SIFT keypoints packed after that (:func:`.local_features.pack`, 14 rows of
+    1280 for :data:`.local_features.ENTRY_KEYPOINTS`)."""
     with_paste = paste and encoder.has_feature_windows
+    if with_paste and local:
+        return _with_keypoints(make_region_embedder(encoder, batch_size, paste=True), encoder.dim)
 
     def embed(images: Sequence[Image.Image]) -> list[npt.NDArray[np.float32]]:
         crops = [c for image in images for c in entry_windows(image)]
@@ -145,6 +149,22 @@ def make_region_embedder(
         return [np.concatenate([w, p[None]]) for w, p in zip(windows, pastes, strict=True)]
 
     return embed
+
+
+def _with_keypoints(
+    embed: Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]], dim: int
+) -> Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]]:
+    """``embed``'s rows of each image followed by its packed keypoints."""
+    from moderation.signals import local_features as lf
+
+    def with_keypoints(images: Sequence[Image.Image]) -> list[npt.NDArray[np.float32]]:
+        rows = embed(images)
+        return [
+            np.concatenate([r, lf.pack(lf.extract(image, lf.ENTRY_SIDE, lf.ENTRY_KEYPOINTS), dim)])
+            for r, image in zip(rows, images, strict=True)
+        ]
+
+    return with_keypoints
 
 
 def _grey(image: Image.Image) -> npt.NDArray[np.float32]:

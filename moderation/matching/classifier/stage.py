@@ -198,6 +198,8 @@ class ClassifierStage:
         feature_windows: whether the screener should compute the frames' feature-map windows
             (a candidate source and the ``window_to_paste`` feature; ignored by encoders
             without them).
+        local_features: whether the screener should verify the query's SIFT keypoints against
+            the entries' (a candidate source and the ``local_inliers`` feature).
     """
 
     def __init__(
@@ -210,9 +212,11 @@ class ClassifierStage:
         max_views: int = 1,
         batch_size: int = 32,
         feature_windows: bool = True,
+        local_features: bool = False,
     ) -> None:
         self.model = model
         self.feature_windows = feature_windows
+        self.local_features = local_features
         self.version = model.version
         self.encoder = encoder
         self.band = band or Band()
@@ -253,7 +257,12 @@ class ClassifierStage:
             detected = asked[: len(asked) - n_windows]
             view_pdq = tuple(memo(view) for view in detected)
             signals = QuerySignals(
-                query.vectors, query.pdq, vectors, view_pdq, flat_windows(query.windows)
+                query.vectors,
+                query.pdq,
+                vectors,
+                view_pdq,
+                flat_windows(query.windows),
+                query.local,
             )
             rows = self.features(signals, [c.entry.entry_id for c in cands], blocklist, regions)
             probabilities = self.model.predict(feature_matrix(rows))

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter, ImageOps
 from moderation.audit.log import record_event
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.importer import ImportHooks
+from moderation.banks.keypoint_rows import local_index
 from moderation.banks.paste_rows import paste_index
 from moderation.matching.classifier.features import QuerySignals, RegionLookup, query_features
 from moderation.matching.classifier.regions import query_views, query_windows
@@ -42,6 +43,7 @@ from moderation.media.implementations import (
     TUNING_EXTRA,
     apply_implementation,
 )
+from moderation.signals import local_features as lf
 from moderation.signals.pdq import hamming_distance, pdq_hash, pdq_hash_dihedral
 from moderation.storage.db import transaction
 from moderation.storage.models import LabelledPair
@@ -203,6 +205,7 @@ def query_signals(
     window_band: WindowBand | None = None,
     sources: npt.NDArray[np.float32] | None = None,
     feature_windows: bool = False,
+    local_features: bool = False,
 ) -> list[QuerySignals]:
     """Global vectors, dihedral PDQ, view vectors and view PDQ of images seen as queries;
     ``ranks`` (one per image) choose among detected rectangles as the stage does. With
@@ -210,7 +213,9 @@ def query_signals(
     cosine to its source lies in the band also gets its query windows as views (after the
     detected ones, not PDQ-hashed), as the stage gives them to such a query. With
     ``feature_windows`` (and an encoder that has them) each image also gets its feature-map
-    windows from the same encoder pass, as the screener gives them to the stage."""
+    windows from the same encoder pass, as the screener gives them to the stage. With
+    ``local_features`` each also keeps its SIFT keypoints (verified later against the bank,
+    :func:`pairs_of`)."""
     windows: npt.NDArray[np.float32] | None = None
     if feature_windows and encoder.has_feature_windows:
         inputs = encoder.preprocess(list(images))
@@ -235,6 +240,9 @@ def query_signals(
             view_vectors[i],
             tuple(pdq_hash(v) for v in detected[i]),
             None if windows is None else windows[i],
+            keypoints=lf.extract(image, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS)
+            if local_features
+            else None,
         )
         for i, image in enumerate(images)
     ]
@@ -251,6 +259,7 @@ class TrainingCollector:
         window_band: when set, copies in the band get query windows (:func:`query_signals`;
             one more embedding per imported image, for the source vectors).
         feature_windows: copies get their feature-map windows (:func:`query_signals`).
+        local_features: copies keep their SIFT keypoints (:func:`query_signals`).
     """
 
     encoder: Encoder
@@ -259,6 +268,7 @@ class TrainingCollector:
     batch_size: int = 32
     window_band: WindowBand | None = None
     feature_windows: bool = False
+    local_features: bool = False
     queries: list[TrainingQuery] = field(default_factory=list)
     _seen: int = 0
 
@@ -293,14 +303,20 @@ class TrainingCollector:
             window_band=self.window_band,
             sources=sources,
             feature_windows=self.feature_windows,
+            local_features=self.local_features,
         )
         for (key, edit, _), sig in zip(copies, signals, strict=True):
             group = int.from_bytes(hashlib.sha256(f"{key}:{edit}".encode()).digest()[:6], "big")
             self.queries.append(TrainingQuery(key, group, edit, sig))
 
 
-def _candidates(blocklist: Blocklist, signals: QuerySignals) -> list[tuple[int, float, int]]:
-    from moderation.matching.candidates import find_candidates
+def _candidates(
+    blocklist: Blocklist, signals: QuerySignals
+) -> tuple[list[tuple[int, float, int]], QuerySignals]:
+    """The training copy's candidates ``(entry, cosine, PDQ distance)`` as screening finds them,
+    and its signals with ``local`` set when its keypoints were verified (as screening: only
+    below :data:`~moderation.signals.local_features.SKIP_COSINE`)."""
+    from moderation.matching.candidates import find_candidates, merge_verified
 
     found = find_candidates(
         blocklist,
@@ -310,11 +326,16 @@ def _candidates(blocklist: Blocklist, signals: QuerySignals) -> list[tuple[int, 
         windows=None if signals.windows is None else signals.windows[None],
         window_index=None if signals.windows is None else paste_index(blocklist),
     )
+    best = max((c.cosine or -1.0 for c in found), default=None)
+    if signals.keypoints is not None and lf.wanted(best):
+        local = local_index(blocklist).verify(signals.keypoints)
+        found = merge_verified(blocklist, found, signals.vectors, local)
+        signals = replace(signals, local=local)
     return [
         (c.entry.entry_id, c.cosine or -1.0, 256 if c.pdq_distance is None else c.pdq_distance)
         for c in found
         if c.entry.bank_kind == "block"
-    ]
+    ], signals
 
 
 def pairs_of(
@@ -327,7 +348,7 @@ def pairs_of(
 ) -> list[tuple[int, bool, dict[str, float]]]:
     """Labelled ``(entry_id, is_copy, features)`` of one training query: its candidates in the
     bank as it is, and, when it has a source, its candidates with the source left out."""
-    found = _candidates(blocklist, query.signals)
+    found, signals = _candidates(blocklist, query.signals)
     out: list[tuple[int, bool, dict[str, float]]] = []
     variants: list[tuple[int, ...]] = [()]
     if source_entry is not None:
@@ -341,7 +362,7 @@ def pairs_of(
         use_views = band.uncertain(best_cos, best_pdq if best_pdq < 256 else None)
         ids = [c[0] for c in cands]
         rows = query_features(
-            query.signals,
+            signals,
             ids,
             blocklist,
             regions,
@@ -421,7 +442,10 @@ def import_hooks(runtime: Runtime) -> ImportHooks:
 
     settings = runtime.settings
     embedder = make_region_embedder(
-        runtime.encoder, settings.batch_size, paste=settings.classifier_feature_windows
+        runtime.encoder,
+        settings.batch_size,
+        paste=settings.classifier_feature_windows,
+        local=settings.classifier_local_features,
     )
     if settings.classifier_edits_per_entry == 0:
         return ImportHooks(region_embedder=embedder)
@@ -432,6 +456,7 @@ def import_hooks(runtime: Runtime) -> ImportHooks:
         batch_size=settings.batch_size,
         window_band=WindowBand(enabled=True) if settings.classifier_windows else None,
         feature_windows=settings.classifier_feature_windows,
+        local_features=settings.classifier_local_features,
     )
 
     def record_pairs(entry_of: dict[str, int], actor: str) -> int:

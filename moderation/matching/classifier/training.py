@@ -125,6 +125,7 @@ def _background_pairs(
         batch_size=runtime.settings.batch_size,
         ranks=[rank] * len(copies),
         feature_windows=runtime.settings.classifier_feature_windows,
+        local_features=runtime.settings.classifier_local_features,
     )
     out = []
     for group, sig in zip(groups, signals, strict=True):
@@ -202,7 +203,8 @@ _Row = tuple[dict[str, float], bool, int, str]  # features, is_copy, group, sour
 def _stored_rows(runtime: Runtime) -> tuple[list[_Row], int]:
     """The labelled pairs in the database with complete features, and how many were not.
     Pairs stored before the feature-map windows get ``window_to_paste`` = their ``cosine``
-    (the feature's value when no window is computed)."""
+    (the feature's value when no window is computed), before local features
+    ``local_inliers`` = 0 (not verified)."""
     rows: list[_Row] = []
     skipped = 0
     with runtime.sessions() as session:
@@ -210,6 +212,7 @@ def _stored_rows(runtime: Runtime) -> tuple[list[_Row], int]:
             features = dict(pair.features or {})
             if "window_to_paste" not in features and "cosine" in features:
                 features["window_to_paste"] = features["cosine"]
+            features.setdefault("local_inliers", 0.0)
             if not all(isinstance(features.get(n), int | float) for n in FEATURE_NAMES):
                 skipped += 1
                 continue
