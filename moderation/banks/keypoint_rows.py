@@ -11,14 +11,12 @@ imported before have none and are found by the other signals only.
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from moderation.banks.paste_rows import ENTRY_WINDOW_ROWS
+from moderation.banks.paste_rows import ENTRY_WINDOW_ROWS, VersionCache, capped_entries
 from moderation.signals.local_features import LOCAL_INDEX_MAX_ENTRIES, Keypoints, LocalIndex, unpack
 
 if TYPE_CHECKING:
@@ -52,8 +50,7 @@ def payload_keypoints(payload: Payload, keep: npt.NDArray[np.int64]) -> dict[int
     }
 
 
-_cache: dict[int, tuple[weakref.ref[Blocklist], int, int, LocalIndex]] = {}
-_lock = threading.Lock()
+_indexes: VersionCache[LocalIndex] = VersionCache()
 
 
 def local_index(blocklist: Blocklist) -> LocalIndex:
@@ -61,30 +58,16 @@ def local_index(blocklist: Blocklist) -> LocalIndex:
     applied deltas), built once per blocklist version (a few per process are kept). More than
     :data:`~moderation.signals.local_features.LOCAL_INDEX_MAX_ENTRIES` entries with an
     embedding: an empty index (logged once per version)."""
-    key = id(blocklist)
-    stamp = (blocklist.version, len(blocklist.segments))
-    with _lock:
-        cached = _cache.get(key)
-        if cached is not None and cached[0]() is blocklist and cached[1:3] == stamp:
-            return cached[3]
-    keep = np.fromiter((eid for eid in blocklist.entries if blocklist.has_vector(eid)), np.int64)
-    if len(keep) > LOCAL_INDEX_MAX_ENTRIES:
-        logger.warning(
-            "v%s: %d entries with embeddings, more than the %d whose keypoints are indexed: "
-            "local features find no pastes on this blocklist",
-            blocklist.version,
-            len(keep),
-            LOCAL_INDEX_MAX_ENTRIES,
-        )
-        keep = keep[:0]
+    return _indexes.get(blocklist, _build_local_index)
+
+
+def _build_local_index(blocklist: Blocklist) -> LocalIndex:
+    keep = capped_entries(
+        blocklist,
+        LOCAL_INDEX_MAX_ENTRIES,
+        "keypoints are indexed: local features find no pastes on this blocklist",
+    )
     found: dict[int, Keypoints] = {}
     for part in (blocklist.payload, *blocklist.segments):
         found.update(payload_keypoints(part, keep))
-    index = LocalIndex(found)
-    with _lock:
-        for stale in [k for k, v in _cache.items() if v[0]() is None]:
-            del _cache[stale]
-        while len(_cache) >= 4:
-            del _cache[next(iter(_cache))]
-        _cache[key] = (weakref.ref(blocklist), *stamp, index)
-    return index
+    return LocalIndex(found)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -98,38 +99,71 @@ def payload_paste_rows(
 
 logger = logging.getLogger(__name__)
 
-_cache: dict[int, tuple[weakref.ref[Blocklist], int, int, RowIndex]] = {}
-_lock = threading.Lock()
+Cached = TypeVar("Cached")
+
+
+class VersionCache(Generic[Cached]):
+    """One value per blocklist version (its snapshot version and applied deltas), built once
+    and kept for the last :attr:`size` blocklists of the process (dead ones dropped first).
+    Thread-safe; two threads may build the same value once each, the later one is kept."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._values: dict[int, tuple[weakref.ref[Blocklist], int, int, Cached]] = {}
+
+    def get(self, blocklist: Blocklist, build: Callable[[Blocklist], Cached]) -> Cached:
+        """The value for ``blocklist`` as it stands now, ``build(blocklist)`` when missing."""
+        key = id(blocklist)
+        stamp = (blocklist.version, len(blocklist.segments))
+        with self._lock:
+            cached = self._values.get(key)
+            if cached is not None and cached[0]() is blocklist and cached[1:3] == stamp:
+                return cached[3]
+        value = build(blocklist)
+        with self._lock:
+            for stale in [k for k, v in self._values.items() if v[0]() is None]:
+                del self._values[stale]
+            while len(self._values) >= self.size:
+                del self._values[next(iter(self._values))]
+            self._values[key] = (weakref.ref(blocklist), *stamp, value)
+        return value
+
+
+def capped_entries(blocklist: Blocklist, cap: int, what: str) -> npt.NDArray[np.int64]:
+    """int64 ids of ``blocklist``'s entries with an embedding (snapshot and applied deltas);
+    none, with a warning naming ``what`` is lost, when there are more than ``cap``."""
+    keep = np.fromiter((eid for eid in blocklist.entries if blocklist.has_vector(eid)), np.int64)
+    if len(keep) > cap:
+        logger.warning(
+            "v%s: %d entries with embeddings, more than the %d whose %s",
+            blocklist.version,
+            len(keep),
+            cap,
+            what,
+        )
+        keep = keep[:0]
+    return keep
+
+
+_indexes: VersionCache[RowIndex] = VersionCache()
 
 
 def paste_index(blocklist: Blocklist) -> RowIndex:
     """The :class:`RowIndex` of the paste descriptors of ``blocklist``'s entries with an
     embedding (snapshot and applied deltas), built once per blocklist version (a few per
-    process are kept)."""
-    key = id(blocklist)
-    with _lock:
-        cached = _cache.get(key)
-        stamp = (blocklist.version, len(blocklist.segments))
-        if cached is not None and cached[0]() is blocklist and cached[1:3] == stamp:
-            return cached[3]
-    keep = np.fromiter((eid for eid in blocklist.entries if blocklist.has_vector(eid)), np.int64)
-    if len(keep) > PASTE_INDEX_MAX_ENTRIES:
-        logger.warning(
-            "v%s: %d entries with embeddings, more than the %d whose paste descriptors are "
-            "searched exhaustively: feature-map windows find no pastes on this blocklist",
-            blocklist.version,
-            len(keep),
-            PASTE_INDEX_MAX_ENTRIES,
-        )
-        keep = keep[:0]
+    process are kept); empty past :data:`PASTE_INDEX_MAX_ENTRIES` entries (logged)."""
+    return _indexes.get(blocklist, _build_paste_index)
+
+
+def _build_paste_index(blocklist: Blocklist) -> RowIndex:
+    keep = capped_entries(
+        blocklist,
+        PASTE_INDEX_MAX_ENTRIES,
+        "paste descriptors are searched exhaustively: feature-map windows find no pastes on "
+        "this blocklist",
+    )
     parts = [payload_paste_rows(p, keep) for p in (blocklist.payload, *blocklist.segments)]
-    index = RowIndex(
+    return RowIndex(
         np.concatenate([ids for ids, _ in parts]), np.concatenate([v for _, v in parts])
     )
-    with _lock:
-        for stale in [k for k, v in _cache.items() if v[0]() is None]:
-            del _cache[stale]
-        while len(_cache) >= 4:
-            del _cache[next(iter(_cache))]
-        _cache[key] = (weakref.ref(blocklist), *stamp, index)
-    return index

@@ -12,7 +12,7 @@ from skimage import data
 from moderation.banks import keypoint_rows
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.keypoint_rows import local_index
-from moderation.banks.paste_rows import ENTRY_WINDOW_ROWS
+from moderation.banks.paste_rows import ENTRY_WINDOW_ROWS, VersionCache
 from moderation.matching.candidates import Scope, merge_verified
 from moderation.matching.classifier.features import (
     LOCAL_INLIER_CAP,
@@ -197,7 +197,7 @@ def test_a_blocklist_past_the_entry_cap_gets_no_local_index(
     bank: Blocklist, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(keypoint_rows, "LOCAL_INDEX_MAX_ENTRIES", 3)
-    monkeypatch.setattr(keypoint_rows, "_cache", {})
+    monkeypatch.setattr(keypoint_rows, "_indexes", VersionCache())
     assert len(local_index(bank)) == 0  # 4 entries with embeddings
     assert "more than the 3 whose keypoints are indexed" in caplog.text
 

@@ -36,6 +36,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from moderation.signals.local_features import grey_thumbnail
+
 if TYPE_CHECKING:
     from moderation.signals.encoders import Encoder
 
@@ -167,15 +169,6 @@ def _with_keypoints(
     return with_keypoints
 
 
-def _grey(image: Image.Image) -> npt.NDArray[np.float32]:
-    grey = image.convert("L")
-    scale = DETECT_SIDE / max(grey.size)
-    if scale < 1.0:
-        size = (max(8, round(grey.width * scale)), max(8, round(grey.height * scale)))
-        grey = grey.resize(size, Image.Resampling.BOX)
-    return np.asarray(grey, dtype=np.float32)
-
-
 def _line_map(steps: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
     """Line pixels of an edge-strength map along axis 0: strong, and a local peak across it
     (texture is strong everywhere; a paste boundary only on its line). A boundary blurred over
@@ -223,7 +216,7 @@ def find_pasted_rectangles(image: Image.Image, max_count: int = 2) -> list[Detec
     border/paste detector in the spirit of the design card's "cheap saliency or border-removal
     step", not a learned one.
     """
-    grey = _grey(image)
+    grey = grey_thumbnail(image, DETECT_SIDE).astype(np.float32)
     h, w = grey.shape
     if h < 16 or w < 16:
         return []
