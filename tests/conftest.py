@@ -33,6 +33,7 @@ from moderation.storage.models import AuditCheckpoint
 
 if TYPE_CHECKING:
     from moderation.service.runtime import Runtime
+    from moderation.storage.models import IndexSnapshot
     from tests.integration.queue_stack import CallbackReceiver, RedisServer, Stack
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
@@ -102,6 +103,24 @@ def skimage_photo_path(name: str) -> Path:
         if candidate.stem == name:
             return candidate
     raise FileNotFoundError(name)
+
+
+def force_compaction(runtime: Runtime) -> IndexSnapshot:
+    """Compact every snapshot chain of ``runtime`` now (``compact_chains`` with ``force``) and
+    return the first chain's new full version, detached from its session."""
+    from moderation.banks.compaction import CompactionRule, compact_chains
+
+    with transaction(runtime.sessions) as session:
+        (row, _), *_ = compact_chains(
+            session,
+            keyring=runtime.keyring,
+            snapshots_dir=runtime.settings.snapshots_dir,
+            rule=CompactionRule(),
+            force=True,
+        )
+        assert row.base_version is None
+        session.expunge(row)
+    return row
 
 
 def skimage_photo(name: str) -> Image.Image:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,9 @@ from moderation.media.decode import DecodedImage, DecodeLimits, UnscannableImage
 from moderation.media.video import DEFAULT_VIDEO_LIMITS, VideoLimits
 from moderation.signals.encoders import Encoder
 from moderation.signals.pdq import PdqHash, pdq_hash_dihedral
+
+if TYPE_CHECKING:
+    from moderation.config import Settings
 
 #: JPEG draft target (px) as (long side, short side): large JPEGs decode at reduced scale, never
 #: below it; (512, 224) serves PDQ (long side 512) and the 224 x 224 encoder input from one decode.
@@ -124,6 +127,19 @@ class Preparer:
     video_limits: VideoLimits = DEFAULT_VIDEO_LIMITS
     feature_windows: bool = False
     batch_size: int = 32
+
+    @classmethod
+    def from_settings(cls, encoder: Encoder, settings: Settings) -> Preparer:
+        """A preparer for ``encoder`` under ``settings``: its decode and video limits, its
+        encoder batch size, and feature-map windows when the classifier stage may use them
+        (``classifier`` and ``classifier_feature_windows``)."""
+        return cls(
+            encoder,
+            DecodeLimits.from_settings(settings),
+            video_limits=VideoLimits.from_settings(settings),
+            feature_windows=settings.classifier and settings.classifier_feature_windows,
+            batch_size=settings.batch_size,
+        )
 
     def embed(self, prepared: Prepared) -> Prepared:
         """``prepared`` with its works embedded now (:func:`embed_works`), before any

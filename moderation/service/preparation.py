@@ -101,8 +101,6 @@ def early_preparation(settings: Settings, paths: Sequence[Path]) -> Preparation 
     serves, else closes it and prepares again (a promoted encoder migration).
     """
     from moderation.matching.preparing import Preparer
-    from moderation.media.decode import DecodeLimits
-    from moderation.media.video import VideoLimits
     from moderation.service.encoder_preload import configured_encoder
 
     try:
@@ -110,13 +108,6 @@ def early_preparation(settings: Settings, paths: Sequence[Path]) -> Preparation 
     except (ValueError, FileNotFoundError, OSError) as exc:
         logger.debug("no early preparation: %s", exc)
         return None
-    preparer = Preparer(
-        encoder,
-        DecodeLimits.from_settings(settings),
-        video_limits=VideoLimits.from_settings(settings),
-        feature_windows=settings.classifier and settings.classifier_feature_windows,
-        batch_size=settings.batch_size,
-    )
-    prepared = preparation(paths, preparer)
+    prepared = preparation(paths, Preparer.from_settings(encoder, settings))
     prepared.pipeline.start()
     return prepared

@@ -261,14 +261,7 @@ class Runtime:
         hashes and preprocesses uploads before the model or the blocklist is loaded."""
         from moderation.matching.preparing import Preparer
 
-        settings = self.settings
-        return Preparer(
-            self.encoder,
-            self.limits,
-            video_limits=self.video_limits,
-            feature_windows=settings.classifier and settings.classifier_feature_windows,
-            batch_size=settings.batch_size,
-        )
+        return Preparer.from_settings(self.encoder, self.settings)
 
     def screener(
         self, blocklist: Blocklist | None = None, refiner: CandidateRefiner | None = None

@@ -14,7 +14,6 @@ import pytest
 
 import moderation.banks.flag_delta as flag_delta
 from moderation.banks.blocklist import Blocklist
-from moderation.banks.compaction import CompactionRule, compact_chains
 from moderation.banks.delta_chain import read_delta
 from moderation.banks.hash_import import import_hash_list
 from moderation.banks.operations import import_bank, set_entry_disabled
@@ -22,9 +21,8 @@ from moderation.banks.snapshot_payload import Payload
 from moderation.service.runtime import Runtime
 from moderation.service.worker import WorkerState
 from moderation.signals.exact import EXACT_KINDS
-from moderation.storage.db import transaction
 from moderation.storage.models import IndexSnapshot
-from tests.conftest import skimage_photo
+from tests.conftest import force_compaction, skimage_photo
 from tests.unit.test_hash_import import MD5_A, PDQ_A
 from tests.unit.test_index_disk_bank import PHOTOS, disk_rt  # noqa: F401 (fixture)
 from tests.unit.test_snapshot_deltas import _add, _by_id, _head, _payload, rt  # noqa: F401
@@ -74,20 +72,6 @@ def _same_as_fresh(blocklist: Blocklist, load: Callable[[], Blocklist]) -> None:
     assert fresh.cosine.search(queries, 3, -1.0) == blocklist.cosine.search(queries, 3, -1.0)
 
 
-def _compact(runtime: Runtime) -> IndexSnapshot:
-    with transaction(runtime.sessions) as session:
-        (row, _), *_ = compact_chains(
-            session,
-            keyring=runtime.keyring,
-            snapshots_dir=runtime.settings.snapshots_dir,
-            rule=CompactionRule(),
-            force=True,
-        )
-        assert row.base_version is None
-        session.expunge(row)
-    return row
-
-
 def _labels(state: WorkerState) -> dict[str, int]:
     return {info.label: eid for eid, info in state.screener().blocklist.entries.items()}
 
@@ -118,7 +102,7 @@ def test_disable_and_enable_write_deltas_applied_in_place(
     assert not composed[ids["coffee"]][2] and composed[ids["chelsea"]][2]
 
     # Compaction keeps the disabled entry's vector; re-enabling it afterwards matches again.
-    full = _compact(rt)
+    full = force_compaction(rt)
     assert _by_id(_payload(rt, full)) == composed
     state.refresh()
     assert state.version == full.version
@@ -177,7 +161,7 @@ def test_an_ivf_disk_chain_takes_flag_deltas_without_decoding_every_vector(
     assert _matches(state, "chelsea") and _matches(state, "astronaut")
 
     # The streamed compaction keeps rocket's row as inactive; re-enabling it matches again.
-    full = _compact(disk_rt)
+    full = force_compaction(disk_rt)
     monkeypatch.setattr(disk_rt, "load_blocklist", full_reload)
     state.refresh()  # a worker at the chain's head reloads the compacted version
     assert state.version == full.version

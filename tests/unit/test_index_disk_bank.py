@@ -15,7 +15,6 @@ from PIL import Image, ImageOps
 import moderation.banks.flag_delta as flag_delta
 import moderation.banks.index.cosine as cosine_module
 import moderation.banks.versions as versions
-from moderation.banks.compaction import CompactionRule, compact_chains
 from moderation.banks.delta_chain import snapshot_path
 from moderation.banks.operations import delete_entries, import_bank, set_entry_disabled
 from moderation.banks.records import create_bank
@@ -29,7 +28,7 @@ from moderation.matching.classifier.regions import make_region_embedder
 from moderation.service.runtime import Runtime
 from moderation.service.worker import WorkerState
 from moderation.storage.db import transaction
-from tests.conftest import skimage_photo
+from tests.conftest import force_compaction, skimage_photo
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "rocket")
 
@@ -228,16 +227,9 @@ def test_a_row_file_chain_takes_deltas_applied_in_place(
 
     # Compaction streams the chain into a new full version with its own row files, reusing
     # the trained index: it answers as the chain applied in place does.
-    with transaction(disk_rt.sessions) as session:
-        (compacted, _), *_ = compact_chains(
-            session,
-            keyring=disk_rt.keyring,
-            snapshots_dir=disk_rt.settings.snapshots_dir,
-            rule=CompactionRule(),
-            force=True,
-        )
-        assert compacted.base_version is None and compacted.compacted_from == head.version
-        assert versions.keeps_row_files(disk_rt.settings.snapshots_dir, compacted)
+    compacted = force_compaction(disk_rt)
+    assert compacted.compacted_from == head.version
+    assert versions.keeps_row_files(disk_rt.settings.snapshots_dir, compacted)
     with transaction(disk_rt.sessions) as session:
         prune_snapshots(session, disk_rt.settings.snapshots_dir)
     assert not path.exists() and not snapshot_path(disk_rt.settings.snapshots_dir, first).exists()
