@@ -57,7 +57,7 @@ def local_scores(entries: Sequence[Image.Image]) -> Scores:
     def score(queries: Sequence[Image.Image]) -> npt.NDArray[np.float64]:
         out = np.zeros((len(queries), len(entries)))
         for row, query in enumerate(queries):
-            found = index.verify(lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
+            found = index.verify(lf.extract_query(query))
             for entry, inliers in found.items():
                 out[row, entry] = inliers
         return out

@@ -9,7 +9,8 @@ snapshot are still loading (:func:`moderation.service.operations.screen_paths`) 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,6 +26,7 @@ from moderation.signals.pdq import PdqHash, pdq_hash_dihedral
 
 if TYPE_CHECKING:
     from moderation.config import Settings
+    from moderation.signals.local_features import Verified
 
 #: JPEG draft target (px) as (long side, short side): large JPEGs decode at reduced scale, never
 #: below it; (512, 224) serves PDQ (long side 512) and the 224 x 224 encoder input from one decode.
@@ -46,6 +48,8 @@ class Work:
     windows: npt.NDArray[np.float32] | None = None
     # RANSAC inliers per verified entry, when the classifier stage asked for local features.
     local: dict[int, int] | None = None
+    # The first frame being verified by local features in the background (when asked for).
+    verifying: Future[Verified] | None = None
     pdq: tuple[tuple[PdqHash, ...], ...] = ()
     exact: list[Candidate] = field(default_factory=list)
     scope: Scope = EVERY_BANK
@@ -149,8 +153,15 @@ class Preparer:
         embed_works(self.encoder, prepared.works, windows=windows, batch_size=self.batch_size)
         return prepared
 
-    def prepare(self, items: Sequence[bytes], scopes: Sequence[Scope] | None = None) -> Prepared:
+    def prepare(
+        self,
+        items: Sequence[bytes],
+        scopes: Sequence[Scope] | None = None,
+        hashed: Callable[[Work], None] | None = None,
+    ) -> Prepared:
         """Decode, PDQ and preprocess each item (``scopes``: one per item, default every bank).
+        ``hashed`` is called with each decoded item's work once its PDQ is known (the
+        screener starts local features there: ``Work.verifying``).
         Thread-safe and GIL-light (Pillow, PDQ and numpy release the GIL). Never raises for bad
         images: their work carries the :class:`UnscannableImage`."""
         scopes = list(scopes) if scopes is not None else [EVERY_BANK] * len(items)
@@ -162,6 +173,8 @@ class Preparer:
             self._decode(work)
             if work.decoded is not None:
                 self._hash(work)
+                if hashed is not None:
+                    hashed(work)
         return Prepared(works, self.encoder.preprocessing)
 
     def _decode(self, work: Work) -> None:

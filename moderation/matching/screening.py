@@ -13,10 +13,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.keypoint_rows import local_index
@@ -104,6 +107,7 @@ class Screener:
         self.draft_size = draft_size
         self.video_limits = video_limits
         self.preparer = Preparer(encoder, limits, draft_size, video_limits)
+        self.verifier = local_features.BackgroundVerifier()
 
     # --- pipeline stages ------------------------------------------------------------------
 
@@ -144,29 +148,63 @@ class Screener:
         if work.video is not None and len(self.blocklist.vpdq):
             rules = self._policy(work).candidates
             found += vpdq_candidates(self.blocklist, work.video.vpdq, rules, work.scope)
-        found = self._verify_local(work, found)
-        work.nearest = self._nearest(work.vectors, found)
         work.timings["search"] = work.timings.get("search", 0.0) + elapsed_ms(start)
         return found
 
-    def _verify_local(self, work: Work, found: list[Candidate]) -> list[Candidate]:
-        """When the classifier stage wants local features and no candidate is already above
-        :data:`~moderation.signals.local_features.SKIP_COSINE`: the first frame's keypoints
-        verified against the bank's (``work.local``), the entries verified well enough merged
-        into ``found``."""
-        if not getattr(self.refiner, "local_features", False) or work.decoded is None:
-            return found
-        assert work.vectors is not None
-        if not local_features.wanted(max((c.cosine or -1.0 for c in found), default=None)):
-            return found
-        index = local_index(self.blocklist)
-        if not len(index):
-            return found
-        keypoints = local_features.extract(
-            work.decoded.frames[0], local_features.QUERY_SIDE, local_features.QUERY_KEYPOINTS
-        )
-        work.local = index.verify(keypoints)
-        return merge_verified(self.blocklist, found, work.vectors, work.local, work.scope)
+    def _verify_local(
+        self, works: Sequence[Work], found: Sequence[list[Candidate]]
+    ) -> list[list[Candidate]]:
+        """``found`` with, for each upload the classifier stage wants local features for (no
+        candidate already above :data:`~moderation.signals.local_features.SKIP_COSINE`), the
+        entries its first frame's keypoints verified (``work.local``) merged in. Background
+        verifications (:meth:`prepare`) of the other uploads are cancelled first; the screener
+        thread then takes the wanted ones from the back of the batch, running itself those the
+        background thread has not started, so both cores verify. The time is shared out as
+        search time."""
+        start = time.perf_counter()
+        wanted = [self._wants_local(w, f) for w, f in zip(works, found, strict=True)]
+        index = local_index(self.blocklist) if any(wanted) else None
+        jobs: list[tuple[int, Future[local_features.Verified] | None]] = []
+        for at, (work, want) in enumerate(zip(works, wanted, strict=True)):
+            pending, work.verifying = work.verifying, None
+            if want and index is not None and len(index):
+                jobs.append((at, pending))
+            elif pending is not None:
+                pending.cancel()
+        out = list(found)
+        for at, pending in reversed(jobs):
+            work = works[at]
+            assert index is not None and work.decoded is not None and work.vectors is not None
+            work.local = _inliers(work.decoded.frames[0], pending, index)
+            out[at] = merge_verified(self.blocklist, out[at], work.vectors, work.local, work.scope)
+        share = elapsed_ms(start) / max(len(jobs), 1)
+        for at, _ in jobs:
+            works[at].timings["search"] = works[at].timings.get("search", 0.0) + share
+        return out
+
+    def _speculate(self, index: local_features.LocalIndex, work: Work) -> None:
+        """Start ``work``'s local features on :attr:`verifier`'s thread before its search
+        says whether they are wanted, unless its first frame is within
+        :data:`~moderation.signals.local_features.SPECULATE_PDQ_DISTANCE` of an entry's PDQ
+        (such a copy's cosine is nearly always above the skip cosine: started anyway, the work
+        would be lost). A query left out that turns out wanted is verified in the search."""
+        assert work.decoded is not None
+        usable = [v for v in work.pdq[0] if v.quality >= local_features.SPECULATE_PDQ_QUALITY]
+        if usable and len(self.blocklist.pdq):
+            digests = np.stack([np.frombuffer(v.digest, np.uint8) for v in usable])
+            with self.blocklist.guard:
+                hits = self.blocklist.pdq.search(digests, 1, local_features.SPECULATE_PDQ_DISTANCE)
+            if any(hits):
+                return
+        work.verifying = self.verifier.submit(work.decoded.frames[0], index)
+
+    def _wants_local(self, work: Work, found: list[Candidate]) -> bool:
+        """Whether ``work`` gets local features: the classifier stage asks for them, it was
+        decoded, and none of ``found`` is above the skip cosine (:func:`.local_features.
+        wanted`)."""
+        if not self._local_features or work.decoded is None:
+            return False
+        return local_features.wanted(max((c.cosine or -1.0 for c in found), default=None))
 
     def _prefetch(self, works: Sequence[Work]) -> None:
         """With a sharded cosine index (:mod:`moderation.banks.shard_index`), search the whole
@@ -330,12 +368,25 @@ class Screener:
         """
         return self.finish(self.prepare(items, scopes))
 
+    @property
+    def _local_features(self) -> bool:
+        """Whether the classifier stage asks for local features."""
+        return bool(getattr(self.refiner, "local_features", False))
+
     def prepare(self, items: Sequence[bytes], scopes: Sequence[Scope] | None = None) -> Prepared:
         """The CPU-side first half of :meth:`screen_bytes`: decode, PDQ and the encoder's
         preprocessing (:class:`~moderation.matching.preparing.Preparer`; thread-safe and
         GIL-light, so a pipeline runs it for the next batch while :meth:`finish` embeds this
-        one: :func:`moderation.service.operations.screen_paths`)."""
-        return self.preparer.prepare(items, scopes)
+        one: :func:`moderation.service.operations.screen_paths`). When the classifier stage
+        asks for local features and the bank has keypoints, each upload is verified on
+        :attr:`verifier`'s thread from its PDQ on, beside the rest (:meth:`_speculate`)."""
+        hook = None
+        if self._local_features:
+            with self.blocklist.guard:
+                index = local_index(self.blocklist)
+            if len(index):
+                hook = partial(self._speculate, index)
+        return self.preparer.prepare(items, scopes, hook)
 
     def finish(self, prepared: Prepared) -> list[ScreeningResult]:
         """The second half of :meth:`screen_bytes`: exact hashes, embed, search, classify,
@@ -357,6 +408,10 @@ class Screener:
             found = [
                 self._search(work) if work.decoded is not None else work.exact for work in works
             ]
+            found = self._verify_local(works, found)
+            for work, cands in zip(works, found, strict=True):
+                if work.vectors is not None:
+                    work.nearest = self._nearest(work.vectors, cands)
             self._classify(works, found)
             return [self.decide(work, cands) for work, cands in zip(works, found, strict=True)]
 
@@ -367,6 +422,20 @@ class Screener:
         ``scope``'s policy."""
         work = Work(0, error=UnscannableImage(reason, detail), scope=scope)
         return self.decide(work, [])
+
+
+def _inliers(
+    frame: Image.Image,
+    pending: Future[local_features.Verified] | None,
+    index: local_features.LocalIndex,
+) -> dict[int, int]:
+    """``frame``'s inliers per verified entry of ``index``: ``pending``'s when it ran against
+    that index, else computed here (also when ``pending`` had not started: it is cancelled)."""
+    if pending is not None and not pending.cancel():
+        verified = pending.result()
+        if verified.index is index:
+            return verified.inliers
+    return index.verify(local_features.extract_query(frame))
 
 
 def _window_rows(work: Work) -> npt.NDArray[np.float32] | None:

@@ -14,6 +14,8 @@ rarely give more than 3-5 such inliers; a pasted copy gives tens.
 * :class:`LocalIndex`: every entry's descriptors in one FLANN k-d tree; a query's descriptors
   are matched by the ratio test, the :data:`VERIFIED_ENTRIES` entries with most matches are
   verified by RANSAC, and :meth:`LocalIndex.verify` returns their inlier counts.
+* :class:`BackgroundVerifier`: a screener's uploads verified on a thread of their own, ahead of
+  their search, so the verification overlaps decoding, PDQ and the encoder.
 
 Sizes and constants were chosen on photos-dev with the *tuning* paste implementations only
 (``paste.anywhere``, ``paste.polaroid``; ``scripts/bench_local_features.py``, README "Local
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,12 +50,15 @@ ENTRY_SIDE: Final = 256
 """Longest side (px) of the grey copy of a bank entry whose keypoints are stored."""
 ENTRY_KEYPOINTS: Final = 128
 """Keypoints kept per entry (the strongest): 128 x 128 float32 = 64 KB held per entry."""
-QUERY_SIDE: Final = 384
-"""Longest side (px) of the grey copy of a query: a photo pasted at 20% of it is 77 px (tuning
-pastes verified above every negative: 0.93 at 384 px and 400 keypoints, 0.91 at 320 and 300
-for about 35% less CPU, 0.89 at 256 px)."""
-QUERY_KEYPOINTS: Final = 400
-"""Keypoints kept per query (the strongest)."""
+QUERY_SIDE: Final = 320
+"""Longest side (px) of the grey copy of a query: a photo pasted at 20% of it is 64 px. With
+:data:`QUERY_KEYPOINTS`, tuning pastes verified above every negative (``paste.anywhere``,
+``paste.polaroid``, 60 each, a throw-away sweep on photos-dev): 0.85 / 0.85, against 0.88 /
+0.90 at 384 px and 400 keypoints for about 50% more CPU; 0.83 / 0.83 at 288 px (README
+"Local features")."""
+QUERY_KEYPOINTS: Final = 300
+"""Keypoints kept per query (the strongest). SIFT's detection at 320 px costs about 10 ms of
+CPU, each kept keypoint's descriptor about 25 µs more, and matching grows with the count."""
 RATIO: Final = 0.8
 """Lowe's ratio test: a match counts when its distance is below this share of the second
 nearest descriptor's (of any entry)."""
@@ -78,6 +84,13 @@ below it; in production, where most uploads match nothing, nearly all are. A gat
 candidates' ``min_cosine`` (0.50, 22% of the queries) kept the throughput but lost most of the
 recall: a paste's best candidate is often an unrelated entry above 0.50 (README "Local
 features")."""
+SPECULATE_PDQ_DISTANCE: Final = 31
+"""A query whose first frame's PDQ (any dihedral variant) is within this Hamming distance of
+an entry's is not verified ahead of its search (ThreatExchange's PDQ match threshold: such a
+copy nearly always has a cosine above :data:`SKIP_COSINE`, so the work would be lost)."""
+SPECULATE_PDQ_QUALITY: Final = 50
+"""Least PDQ quality of a variant used for :data:`SPECULATE_PDQ_DISTANCE` (the PDQ
+specification's threshold below which a hash is not trusted)."""
 LOCAL_INDEX_MAX_ENTRIES: Final = 2_000
 """Most entries a :class:`LocalIndex` holds: 2,000 x 128 descriptors of 512 bytes is 131 MB of
 RAM (plus the k-d trees). A bigger bank needs an approximate, compressed descriptor index."""
@@ -122,6 +135,12 @@ def extract(image: Image.Image, side: int, count: int) -> Keypoints:
     root = np.sqrt(raw / np.maximum(raw.sum(axis=1, keepdims=True), np.float32(1e-7)))
     points = np.array([k.pt for k in found], np.float32).reshape(-1, 2)
     return Keypoints(points, np.ascontiguousarray(root, dtype=np.float32))
+
+
+def extract_query(image: Image.Image) -> Keypoints:
+    """A query's keypoints, as screening and the training copies take them: :func:`extract`
+    at :data:`QUERY_SIDE` and :data:`QUERY_KEYPOINTS`."""
+    return extract(image, QUERY_SIDE, QUERY_KEYPOINTS)
 
 
 def wanted(best_cosine: float | None) -> bool:
@@ -202,6 +221,52 @@ class LocalIndex:
             inliers = 0 if transform is None or mask is None else int(mask.sum())
             out[int(self.entry_ids[at])] = inliers
         return out
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A query's :meth:`LocalIndex.verify` result (``inliers``: {entry id: inliers}) and the
+    ``index`` it came from (a blocklist update may have built another one since)."""
+
+    index: LocalIndex
+    inliers: dict[int, int]
+
+
+class BackgroundVerifier:
+    """Verifies queries against a :class:`LocalIndex` on one background thread: keypoints
+    (:func:`extract_query`) and :meth:`LocalIndex.verify`. A screener starts each upload once
+    it is decoded and hashed, so the work runs on a core that decoding, PDQ, embedding and the
+    search leave idle (OpenCV releases the GIL), then takes the result only for a query its
+    search wants it for (:func:`wanted`) and cancels the rest (``Future.cancel``; one already
+    running finishes unused).
+
+    The thread starts on the first :meth:`submit` and ends with the process or :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _verify(self, image: Image.Image, index: LocalIndex) -> Verified:
+        return Verified(index, index.verify(extract_query(image)))
+
+    def submit(self, image: Image.Image, index: LocalIndex) -> Future[Verified]:
+        """``image`` verified against ``index``, to come (the future raises what
+        :func:`extract_query` raises).
+
+        Raises:
+            RuntimeError: the interpreter is shutting down."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="local-features")
+            return self._pool.submit(self._verify, image, index)
+
+    def close(self) -> None:
+        """Stop the thread (pending work is cancelled); a later :meth:`submit` starts another."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 DESCRIPTOR_DIM: Final = 128

@@ -173,13 +173,16 @@ def with_paste(paste: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 def blocklist_of(
-    vectors: npt.NDArray[np.float32], regions: dict[int, npt.NDArray[np.float32]]
+    vectors: npt.NDArray[np.float32],
+    regions: dict[int, npt.NDArray[np.float32]],
+    pdq: dict[int, tuple[bytes, int]] | None = None,
 ) -> Blocklist:
-    """Entries 1..n with ``vectors`` and ``regions`` (dim from the vectors), no PDQ quality."""
+    """Entries 1..n with ``vectors`` and ``regions`` (dim from the vectors); PDQ (digest,
+    quality) from ``pdq``, else none (quality 0)."""
     ids = list(range(1, len(vectors) + 1))
     payload = Payload.empty("test-encoder", vectors.shape[1]).with_added(
         [
-            EntrySignals(eid, vectors[i], b"\0" * 32, 0, regions.get(eid))
+            EntrySignals(eid, vectors[i], *(pdq or {}).get(eid, (b"\0" * 32, 0)), regions.get(eid))
             for i, eid in enumerate(ids)
         ]
     )

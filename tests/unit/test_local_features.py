@@ -4,6 +4,9 @@ collage tile, and no unrelated photo. Hermetic: scikit-image photos and generate
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -84,7 +87,7 @@ def test_rotated_feathered_paste_is_verified(
 ) -> None:
     back = _photo("hubble_deep_field")
     query = _feathered_paste(_photo("chelsea"), back, share, angle)
-    found = index.verify(lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
+    found = index.verify(lf.extract_query(query))
     entry, inliers, runner_up = _best(found)
     assert ENTRIES[entry] == "chelsea"
     assert inliers >= lf.CANDIDATE_INLIERS  # measured 15, 26, 43
@@ -96,9 +99,7 @@ def test_collage_tile_is_verified(index: lf.LocalIndex) -> None:
         _photo(n) for n in ("hubble_deep_field", "immunohistochemistry", "cell", "moon", "text")
     ]
     query = _collage(_photo("rocket"), others)
-    entry, inliers, runner_up = _best(
-        index.verify(lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
-    )
+    entry, inliers, runner_up = _best(index.verify(lf.extract_query(query)))
     assert ENTRIES[entry] == "rocket"
     assert inliers >= lf.CANDIDATE_INLIERS  # measured 10
     assert runner_up <= 5
@@ -106,7 +107,7 @@ def test_collage_tile_is_verified(index: lf.LocalIndex) -> None:
 
 @pytest.mark.parametrize("name", ["hubble_deep_field", "immunohistochemistry", "moon", "text"])
 def test_unrelated_photo_has_few_inliers(index: lf.LocalIndex, name: str) -> None:
-    found = index.verify(lf.extract(_photo(name), lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
+    found = index.verify(lf.extract_query(_photo(name)))
     assert max(found.values(), default=0) <= 5
 
 
@@ -121,7 +122,7 @@ def test_extract_bounds_and_rootsift_rows() -> None:
 
 def test_flat_image_has_no_keypoints_and_matches_nothing(index: lf.LocalIndex) -> None:
     flat = Image.new("RGB", (300, 200), (120, 120, 120))
-    kp = lf.extract(flat, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS)
+    kp = lf.extract_query(flat)
     assert len(kp) == 0
     assert index.verify(kp) == {}
 
@@ -170,14 +171,23 @@ def _rows_of(image: Image.Image, vector: np.ndarray, keypoints: bool) -> np.ndar
     return np.concatenate(rows).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def bank() -> Blocklist:
-    """Entries 1-3 (astronaut, chelsea, rocket) with keypoints, entry 4 (coffee) without."""
+BANK_PHOTOS = ("astronaut", "chelsea", "rocket", "coffee")
+
+
+def _bank(pdq: dict[int, tuple[bytes, int]] | None = None) -> Blocklist:
+    """Entries 1-3 (astronaut, chelsea, rocket) with keypoints, entry 4 (coffee) without;
+    PDQ digests from ``pdq`` (default none)."""
     rng = np.random.default_rng(0)
     vectors = unit(rng.normal(size=(4, ROW_DIM)))
-    names = ("astronaut", "chelsea", "rocket", "coffee")
-    regions = {i + 1: _rows_of(_photo(n), vectors[i], keypoints=i < 3) for i, n in enumerate(names)}
-    return blocklist_of(vectors, regions)
+    regions = {
+        i + 1: _rows_of(_photo(n), vectors[i], keypoints=i < 3) for i, n in enumerate(BANK_PHOTOS)
+    }
+    return blocklist_of(vectors, regions, pdq)
+
+
+@pytest.fixture(scope="module")
+def bank() -> Blocklist:
+    return _bank()
 
 
 def test_a_blocklist_indexes_the_keypoint_rows_of_entries_that_have_them(bank: Blocklist) -> None:
@@ -185,7 +195,7 @@ def test_a_blocklist_indexes_the_keypoint_rows_of_entries_that_have_them(bank: B
     assert index is local_index(bank)  # built once per version
     assert sorted(index.entry_ids.tolist()) == [1, 2, 3]
     query = _feathered_paste(_photo("chelsea"), _photo("hubble_deep_field"), 0.4, 12.0)
-    found = index.verify(lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS))
+    found = index.verify(lf.extract_query(query))
     assert max(found, key=lambda e: found[e]) == 2 and found[2] >= lf.CANDIDATE_INLIERS
     # The windows and the paste descriptor the other features read are unchanged.
     regions = RegionLookup(bank)
@@ -256,7 +266,7 @@ def test_training_copies_are_verified_as_screening_verifies_queries(bank: Blockl
     from moderation.signals.pdq import pdq_hash_dihedral
 
     query = _feathered_paste(_photo("chelsea"), _photo("hubble_deep_field"), 0.4, -10.0)
-    keypoints = lf.extract(query, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS)
+    keypoints = lf.extract_query(query)
     pdq = (pdq_hash_dihedral(query),)
     far = unit(np.ones((1, ROW_DIM)) - 2 * bank.vector_of(2))  # no global candidate at all
     found, signals = _candidates(bank, QuerySignals(far, pdq, keypoints=keypoints))
@@ -266,3 +276,148 @@ def test_training_copies_are_verified_as_screening_verifies_queries(bank: Blockl
     near = unit(bank.vector_of(2)[None])
     found, signals = _candidates(bank, QuerySignals(near, pdq, keypoints=keypoints))
     assert found[0][0] == 2 and signals.local is None
+
+
+class _VectorEncoder:
+    """An encoder whose embedding of every input is ``vector`` (decoded frames pass through):
+    enough of the interface for a :class:`Screener`."""
+
+    id = "test-encoder"
+    preprocessing = "test"
+    has_feature_windows = False
+
+    def __init__(self, vector: np.ndarray) -> None:
+        self.vector = vector
+
+    def preprocess(self, frames: list[Image.Image]) -> list[Image.Image]:
+        return list(frames)
+
+    def encode_inputs(self, inputs: list[Image.Image], batch_size: int = 32) -> np.ndarray:
+        return np.tile(self.vector, (len(inputs), 1)).astype(np.float32)
+
+
+class _LocalRefiner:
+    """A classifier stage that asks for local features and records what it was given."""
+
+    version = "test"
+    feature_windows = False
+    local_features = True
+
+    def __init__(self) -> None:
+        self.seen: list[dict[int, int] | None] = []
+
+    def refine_batch(self, items: list, blocklist: Blocklist) -> None:  # type: ignore[type-arg]
+        for context, candidates in items:
+            self.seen.append(context.local)
+            for candidate in candidates:
+                candidate.probability = 0.5
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _screener(bank: Blocklist, vector: np.ndarray, refiner: _LocalRefiner) -> Any:
+    from moderation.matching.policy import load_policy
+    from moderation.matching.screening import Screener
+    from moderation.media.decode import DecodeLimits
+
+    return Screener(
+        encoder=_VectorEncoder(vector),  # type: ignore[arg-type]
+        blocklist=bank,
+        policy=load_policy(Path(__file__).parents[2] / "policies", "default"),
+        limits=DecodeLimits(),
+        refiner=refiner,  # type: ignore[arg-type]
+        draft_size=None,
+    )
+
+
+def _spy_on_submit(screener: Any, monkeypatch: pytest.MonkeyPatch) -> list[Image.Image]:
+    """The images ``screener`` submits to its background verifier from now on."""
+    submitted: list[Image.Image] = []
+    real_submit = screener.verifier.submit
+    monkeypatch.setattr(
+        screener.verifier,
+        "submit",
+        lambda image, index: submitted.append(image) or real_submit(image, index),
+    )
+    return submitted
+
+
+def test_screening_verifies_uploads_in_the_background_and_cancels_the_unwanted(
+    bank: Blocklist, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paste = _feathered_paste(_photo("chelsea"), _photo("hubble_deep_field"), 0.4, 12.0)
+    unrelated = _photo("immunohistochemistry")
+    far = unit(np.ones((1, ROW_DIM)) - 2 * bank.vector_of(2))[0]  # no global candidate at all
+    refiner = _LocalRefiner()
+    screener = _screener(bank, far, refiner)
+    submitted = _spy_on_submit(screener, monkeypatch)
+    prepared = screener.prepare([_png(paste), _png(unrelated), b"not an image"])
+    assert len(submitted) == 2  # queued as decoded; the undecodable one is not
+    assert all(w.verifying is not None for w in prepared.works[:2])
+    results = screener.finish(prepared)
+    paste_work, unrelated_work, _ = prepared.works
+    assert paste_work.verifying is None and unrelated_work.verifying is None
+    inline = local_index(bank).verify(lf.extract_query(paste))
+    assert paste_work.local == inline and inline[2] >= lf.CANDIDATE_INLIERS
+    assert [c["entry_id"] for c in results[0].explanation["candidates"]][:1] == ["e_2"]
+    assert max(unrelated_work.local.values(), default=0) < lf.CANDIDATE_INLIERS  # type: ignore[union-attr]
+    assert results[1].explanation["candidates"] == [] and results[2].decision == "unscannable"
+    assert refiner.seen == [paste_work.local]  # only the paste had a candidate to refine
+
+    # A global match at or above SKIP_COSINE needs no local features: its work is cancelled
+    # (or finishes unused) and the classifier stage gets none.
+    near = _screener(bank, unit(bank.vector_of(2)[None])[0], _LocalRefiner())
+    prepared = near.prepare([_png(paste)])
+    pending = prepared.works[0].verifying
+    near.finish(prepared)
+    assert pending is not None and (pending.cancelled() or pending.result(timeout=60))
+    assert prepared.works[0].local is None
+
+
+def test_a_verification_against_a_replaced_index_is_redone_inline(bank: Blocklist) -> None:
+    from concurrent.futures import Future
+
+    from moderation.matching.screening import _inliers
+
+    paste = _collage(_photo("rocket"), [_photo(n) for n in ("coffee", "camera", "moon")])
+    stale: Future[lf.Verified] = Future()
+    stale.set_running_or_notify_cancel()
+    stale.set_result(lf.Verified(lf.LocalIndex({}), {3: 99}))
+    found = _inliers(paste, stale, local_index(bank))
+    assert found != {3: 99} and found[3] >= lf.CANDIDATE_INLIERS
+    # A background verification not started yet is cancelled and run by the caller.
+    queued: Future[lf.Verified] = Future()
+    assert _inliers(paste, queued, local_index(bank)) == found and queued.cancelled()
+    verifier = lf.BackgroundVerifier()
+    done = verifier.submit(paste, local_index(bank)).result(timeout=60)
+    assert done.inliers == found and done.index is local_index(bank)
+    verifier.close()
+    assert verifier.submit(paste, local_index(bank)).result(timeout=60).inliers == found
+    verifier.close()
+
+
+def test_a_pdq_copy_is_not_verified_ahead_yet_verified_when_its_search_wants_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moderation.signals.pdq import pdq_hash_dihedral
+
+    chelsea = _photo("chelsea")
+    digest = pdq_hash_dihedral(chelsea)[0]
+    bank = _bank({2: (digest.digest, digest.quality)})
+    paste = _feathered_paste(_photo("astronaut"), _photo("hubble_deep_field"), 0.45, 8.0)
+    far = unit(np.ones((1, ROW_DIM)) - 2 * bank.vector_of(2))[0]
+    screener = _screener(bank, far, _LocalRefiner())
+    submitted = _spy_on_submit(screener, monkeypatch)
+    prepared = screener.prepare([_png(chelsea), _png(paste)])
+    assert len(submitted) == 1 and prepared.works[0].verifying is None  # PDQ within 31 bits
+    screener.finish(prepared)
+    copy, pasted = prepared.works
+    # Its vector is far from every entry here, so the search wants local features: inline.
+    assert copy.local is not None and copy.local[2] >= lf.CANDIDATE_INLIERS
+    assert pasted.local is not None and pasted.local[1] >= lf.CANDIDATE_INLIERS

@@ -240,9 +240,7 @@ def query_signals(
             view_vectors[i],
             tuple(pdq_hash(v) for v in detected[i]),
             None if windows is None else windows[i],
-            keypoints=lf.extract(image, lf.QUERY_SIDE, lf.QUERY_KEYPOINTS)
-            if local_features
-            else None,
+            keypoints=lf.extract_query(image) if local_features else None,
         )
         for i, image in enumerate(images)
     ]
