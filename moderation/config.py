@@ -163,8 +163,9 @@ class Settings(QueueApiSettings, VideoSettings, ShardSettings, BaseSettings):
         description="Local features: each entry's 128 strongest SIFT keypoints stored as 14 "
         "more region rows (with the feature-map windows only), a query's keypoints verified by "
         "RANSAC against the entries they match, as a candidate source and the local_inliers "
-        "feature; also for training copies. Off: about 25 ms of CPU per query below cosine "
-        "0.78 (README 'Local features').",
+        "feature; also for training copies. Off: about 22 ms of CPU per query below cosine "
+        "0.78, on a background thread beside decoding and the encoder (README 'Local "
+        "features').",
     )
     classifier_edits_per_entry: int = Field(
         default=2,

@@ -79,7 +79,7 @@ unrelated photos against 60 entries: at most 5)."""
 SKIP_COSINE: Final = 0.78
 """A query whose best candidate already has this global cosine (the default policy's
 ``block_cosine``: the classifier's safety floor keeps such a match) gets no local features,
-to save their CPU (about 25 ms per query). On the benchmark's main split 69% of the queries are
+to save their CPU (about 22 ms per query). On the benchmark's main split 69% of the queries are
 below it; in production, where most uploads match nothing, nearly all are. A gate at the
 candidates' ``min_cosine`` (0.50, 22% of the queries) kept the throughput but lost most of the
 recall: a paste's best candidate is often an unrelated entry above 0.50 (README "Local
