@@ -251,6 +251,15 @@ def merge_verified(
     return sorted([*found, *added], key=lambda c: -(c.cosine or -1.0))
 
 
+def pdq_query_rows(variants: Sequence[PdqHash], min_quality: int) -> npt.NDArray[np.uint8] | None:
+    """uint8 (n, 32) digests of the ``variants`` (a frame's dihedral PDQ hashes) of quality
+    >= ``min_quality``, as rows for a Hamming index search; None when none is."""
+    usable = [v for v in variants if v.quality >= min_quality]
+    if not usable:
+        return None
+    return np.stack([np.frombuffer(v.digest, np.uint8) for v in usable])
+
+
 def _pdq_candidates(
     blocklist: Blocklist,
     rules: CandidateRules,
@@ -263,10 +272,9 @@ def _pdq_candidates(
     ``rules.min_pdq_quality``; an entry's least Hamming distance is kept."""
     entries = blocklist.entries
     for frame, variants in enumerate(pdq):
-        usable = [v for v in variants if v.quality >= rules.min_pdq_quality]
-        if not usable:
+        queries = pdq_query_rows(variants, rules.min_pdq_quality)
+        if queries is None:
             continue
-        queries = np.stack([np.frombuffer(v.digest, np.uint8) for v in usable])
         for hits in search_within(
             blocklist.pdq, queries, rules.top_k, rules.max_pdq_distance, keep
         ):

@@ -15,11 +15,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
 
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.keypoint_rows import local_index
@@ -34,6 +33,7 @@ from moderation.matching.candidates import (
     exact_candidates,
     find_candidates,
     merge_verified,
+    pdq_query_rows,
     vpdq_candidates,
 )
 from moderation.matching.decision import (
@@ -58,6 +58,9 @@ from moderation.media.video import DEFAULT_VIDEO_LIMITS, VideoLimits
 from moderation.signals import local_features
 from moderation.signals.encoders import Encoder
 from moderation.signals.exact import keyed_digests
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +167,12 @@ class Screener:
         start = time.perf_counter()
         wanted = [self._wants_local(w, f) for w, f in zip(works, found, strict=True)]
         index = local_index(self.blocklist) if any(wanted) else None
+        if index is not None and not len(index):
+            wanted, index = [False] * len(works), None
         jobs: list[tuple[int, Future[local_features.Verified] | None]] = []
         for at, (work, want) in enumerate(zip(works, wanted, strict=True)):
             pending, work.verifying = work.verifying, None
-            if want and index is not None and len(index):
+            if want:
                 jobs.append((at, pending))
             elif pending is not None:
                 pending.cancel()
@@ -184,16 +189,16 @@ class Screener:
 
     def _speculate(self, index: local_features.LocalIndex, work: Work) -> None:
         """Start ``work``'s local features on :attr:`verifier`'s thread before its search
-        says whether they are wanted, unless its first frame is within
-        :data:`~moderation.signals.local_features.SPECULATE_PDQ_DISTANCE` of an entry's PDQ
-        (such a copy's cosine is nearly always above the skip cosine: started anyway, the work
-        would be lost). A query left out that turns out wanted is verified in the search."""
+        says whether they are wanted, unless its first frame is a PDQ match of an entry (within
+        the policy's ``max_pdq_distance``, 31 by default; quality >= ``min_pdq_quality``): such
+        a copy's cosine is nearly always above the skip cosine, so the work would be lost. A
+        query left out that turns out wanted is verified in the search."""
         assert work.decoded is not None
-        usable = [v for v in work.pdq[0] if v.quality >= local_features.SPECULATE_PDQ_QUALITY]
-        if usable and len(self.blocklist.pdq):
-            digests = np.stack([np.frombuffer(v.digest, np.uint8) for v in usable])
+        rules = self._policy(work).candidates
+        digests = pdq_query_rows(work.pdq[0], rules.min_pdq_quality)
+        if digests is not None and len(self.blocklist.pdq):
             with self.blocklist.guard:
-                hits = self.blocklist.pdq.search(digests, 1, local_features.SPECULATE_PDQ_DISTANCE)
+                hits = self.blocklist.pdq.search(digests, 1, rules.max_pdq_distance)
             if any(hits):
                 return
         work.verifying = self.verifier.submit(work.decoded.frames[0], index)

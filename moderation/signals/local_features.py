@@ -84,13 +84,6 @@ below it; in production, where most uploads match nothing, nearly all are. A gat
 candidates' ``min_cosine`` (0.50, 22% of the queries) kept the throughput but lost most of the
 recall: a paste's best candidate is often an unrelated entry above 0.50 (README "Local
 features")."""
-SPECULATE_PDQ_DISTANCE: Final = 31
-"""A query whose first frame's PDQ (any dihedral variant) is within this Hamming distance of
-an entry's is not verified ahead of its search (ThreatExchange's PDQ match threshold: such a
-copy nearly always has a cosine above :data:`SKIP_COSINE`, so the work would be lost)."""
-SPECULATE_PDQ_QUALITY: Final = 50
-"""Least PDQ quality of a variant used for :data:`SPECULATE_PDQ_DISTANCE` (the PDQ
-specification's threshold below which a hash is not trusted)."""
 LOCAL_INDEX_MAX_ENTRIES: Final = 2_000
 """Most entries a :class:`LocalIndex` holds: 2,000 x 128 descriptors of 512 bytes is 131 MB of
 RAM (plus the k-d trees). A bigger bank needs an approximate, compressed descriptor index."""
