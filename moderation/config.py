@@ -159,13 +159,14 @@ class Settings(QueueApiSettings, VideoSettings, ShardSettings, BaseSettings):
         "given to the classifier (window_to_paste); also for training copies.",
     )
     classifier_local_features: bool = Field(
-        default=False,
+        default=True,
         description="Local features: each entry's 128 strongest SIFT keypoints stored as 14 "
-        "more region rows (with the feature-map windows only), a query's keypoints verified by "
+        "more region rows (with the feature-map windows only; while the banks hold fewer than "
+        "2,000 image entries, past which they are not searched), a query's keypoints verified by "
         "RANSAC against the entries they match, as a candidate source and the local_inliers "
-        "feature; also for training copies. Off: about 22 ms of CPU per query below cosine "
-        "0.78, on a background thread beside decoding and the encoder (README 'Local "
-        "features').",
+        "feature, instead of the straight-edge views; also for training copies. About 25 ms of "
+        "CPU per query below cosine 0.78, on a background thread beside decoding and the "
+        "encoder (README 'Local features').",
     )
     classifier_edits_per_entry: int = Field(
         default=2,

@@ -20,6 +20,8 @@ from moderation.banks.paste_rows import ENTRY_WINDOW_ROWS, VersionCache, capped_
 from moderation.signals.local_features import LOCAL_INDEX_MAX_ENTRIES, Keypoints, LocalIndex, unpack
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from moderation.banks.blocklist import Blocklist
     from moderation.banks.snapshot_payload import Payload
 
@@ -48,6 +50,19 @@ def payload_keypoints(payload: Payload, keep: npt.NDArray[np.int64]) -> dict[int
         int(group[0]): unpack(block)
         for group, block in zip(np.split(ids, bounds), np.split(rows, bounds), strict=True)
     }
+
+
+def keypoint_budget(session: Session) -> int:
+    """How many more entries' keypoints an import should store: :data:`~moderation.signals.
+    local_features.LOCAL_INDEX_MAX_ENTRIES` less the image entries already in the banks (at
+    least 0). Past the cap the index is empty (:func:`local_index`), so keypoints stored then
+    would be 14 region rows per entry (about 36 KB in float16) that nothing reads."""
+    from sqlalchemy import func, select
+
+    from moderation.storage.models import Entry
+
+    count = session.scalar(select(func.count()).select_from(Entry).where(Entry.origin == "image"))
+    return max(0, LOCAL_INDEX_MAX_ENTRIES - int(count or 0))
 
 
 _indexes: VersionCache[LocalIndex] = VersionCache()

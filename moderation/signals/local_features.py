@@ -51,14 +51,15 @@ ENTRY_SIDE: Final = 256
 ENTRY_KEYPOINTS: Final = 128
 """Keypoints kept per entry (the strongest): 128 x 128 float32 = 64 KB held per entry."""
 QUERY_SIDE: Final = 320
-"""Longest side (px) of the grey copy of a query: a photo pasted at 20% of it is 64 px. With
-:data:`QUERY_KEYPOINTS`, tuning pastes verified above every negative (``paste.anywhere``,
-``paste.polaroid``, 60 each, a throw-away sweep on photos-dev): 0.85 / 0.85, against 0.88 /
-0.90 at 384 px and 400 keypoints for about 50% more CPU; 0.83 / 0.83 at 288 px (README
-"Local features")."""
-QUERY_KEYPOINTS: Final = 300
-"""Keypoints kept per query (the strongest). SIFT's detection at 320 px costs about 10 ms of
-CPU, each kept keypoint's descriptor about 25 µs more, and matching grows with the count."""
+"""Longest side (px) of the grey copy of a query: a photo pasted at 20% of it is 64 px. OpenCV's
+SIFT doubles the image for its first octave, which is most of the detection's cost, so the
+side sets the cost more than the keypoint count does (README "Local features")."""
+QUERY_KEYPOINTS: Final = 500
+"""Keypoints kept per query (the strongest). Tuning pastes (``paste.anywhere``,
+``paste.polaroid``, 120 each) verified above every negative, a throw-away sweep on photos-dev
+against 60 entries: 0.91 / 0.91 at 320 px and 300 keypoints, 0.95 / 0.95 at 500, 0.97 / 0.96
+at 600; 0.93 / 0.94 at 288 px and 500. CPU per query (extraction and verification, 250
+entries, one thread): 27.0 ms at 300, 30.5 ms at 500, 32.7 ms at 600."""
 RATIO: Final = 0.8
 """Lowe's ratio test: a match counts when its distance is below this share of the second
 nearest descriptor's (of any entry)."""
@@ -79,7 +80,7 @@ unrelated photos against 60 entries: at most 5)."""
 SKIP_COSINE: Final = 0.78
 """A query whose best candidate already has this global cosine (the default policy's
 ``block_cosine``: the classifier's safety floor keeps such a match) gets no local features,
-to save their CPU (about 22 ms per query). On the benchmark's main split 69% of the queries are
+to save their CPU (about 25-30 ms per query). On the benchmark's main split 69% of the queries are
 below it; in production, where most uploads match nothing, nearly all are. A gate at the
 candidates' ``min_cosine`` (0.50, 22% of the queries) kept the throughput but lost most of the
 recall: a paste's best candidate is often an unrelated entry above 0.50 (README "Local

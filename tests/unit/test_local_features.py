@@ -259,6 +259,12 @@ def test_import_stores_keypoints_after_the_paste_descriptor_only_when_asked() ->
         np.testing.assert_allclose(stored.points, fresh.points)
     # Without the paste descriptor there is no fixed place for them: none are stored.
     assert len(make_region_embedder(encoder, local=True)(photos)[0]) == ENTRY_WINDOW_ROWS  # type: ignore[arg-type]
+    # A budget (the entry cap less the entries already banked) counts over the whole import.
+    budgeted = make_region_embedder(encoder, paste=True, local=True, keypoint_budget=2)  # type: ignore[arg-type]
+    first, second = budgeted(photos[:1]), budgeted(photos)
+    assert [len(r) for r in first + second] == [len(with_local[0])] * 2 + [len(plain[1])]
+    spent = make_region_embedder(encoder, paste=True, local=True, keypoint_budget=0)(photos)  # type: ignore[arg-type]
+    assert [len(r) for r in spent] == [len(r) for r in plain]
 
 
 def test_training_copies_are_verified_as_screening_verifies_queries(bank: Blocklist) -> None:
@@ -421,3 +427,21 @@ def test_a_pdq_copy_is_not_verified_ahead_yet_verified_when_its_search_wants_it(
     # Its vector is far from every entry here, so the search wants local features: inline.
     assert copy.local is not None and copy.local[2] >= lf.CANDIDATE_INLIERS
     assert pasted.local is not None and pasted.local[1] >= lf.CANDIDATE_INLIERS
+
+
+def test_keypoint_budget_is_the_entry_cap_less_the_image_entries(runtime: Any) -> None:
+    """An import stores keypoints only while the banks hold fewer image entries than the local
+    index's cap; hash-list entries (no embedding) do not count."""
+    from moderation.banks.keypoint_rows import keypoint_budget
+    from moderation.banks.records import create_bank
+    from moderation.storage.models import Entry
+
+    with runtime.sessions() as session:
+        assert keypoint_budget(session) == lf.LOCAL_INDEX_MAX_ENTRIES
+        bank = create_bank(session, "known-bad", kind="block")
+        session.flush()
+        session.add_all([Entry(bank_id=bank.id) for _ in range(3)])
+        session.add(Entry(bank_id=bank.id, origin="hash_list"))
+        session.flush()
+        assert keypoint_budget(session) == lf.LOCAL_INDEX_MAX_ENTRIES - 3
+        session.rollback()

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from moderation.banks.records import EntryInfo
 from moderation.matching.candidates import Candidate, QueryContext
-from moderation.matching.classifier.model import fit_model
+from moderation.matching.classifier.model import CopyModel, fit_model
 from moderation.matching.classifier.regions import (
     WINDOW_CENTRE,
     find_pasted_rectangles,
@@ -75,6 +75,15 @@ class CountingEncoder:
         return unit(self._rng.normal(size=(len(images), DIM)))
 
 
+def small_model() -> CopyModel:
+    """A model fitted on synthetic pairs: any model will do where a test counts views."""
+    x, y = synthetic_pairs(400, 1)
+    return fit_model(
+        x[:300], y[:300], calibration=(x[300:], y[300:]), encoder_id="test-encoder",
+        background=np.zeros((0, DIM), np.float32),
+    )  # fmt: skip
+
+
 def test_stage_embeds_windows_only_in_the_window_band() -> None:
     rng = np.random.default_rng(0)
     vectors = unit(rng.normal(size=(2, DIM)))
@@ -82,11 +91,7 @@ def test_stage_embeds_windows_only_in_the_window_band() -> None:
     pdqs = [(pdq_hash(photo).digest, pdq_hash(photo).quality)] * 2
     windows = {1: unit(rng.normal(size=(5, DIM))), 2: unit(rng.normal(size=(5, DIM)))}
     blocklist = make_blocklist(vectors, windows, pdqs)
-    x, y = synthetic_pairs(400, 1)
-    model = fit_model(
-        x[:300], y[:300], calibration=(x[300:], y[300:]), encoder_id="test-encoder",
-        background=np.zeros((0, DIM), np.float32),
-    )  # fmt: skip
+    model = small_model()
     encoder = CountingEncoder()
     stage = ClassifierStage(model, encoder, windows=WindowBand(enabled=True))  # type: ignore[arg-type]
     entry = blocklist.entries[1]
@@ -104,6 +109,34 @@ def test_stage_embeds_windows_only_in_the_window_band() -> None:
     quiet = [(context, [Candidate(entry, cosine=0.7)])]
     off.refine_batch(quiet, blocklist)
     assert quiet[0][1][0].features["windows"] == 0.0
+
+
+def test_a_query_verified_by_local_features_gets_no_views() -> None:
+    """Local features (``QueryContext.local`` set, even to nothing found) replace the views:
+    the same mosaic query in the uncertain band embeds its demosaiced view only when its
+    keypoints were not verified; the band's rule is the one training pairs follow too."""
+    from moderation.matching.classifier.stage import Band
+    from moderation.media.edits import apply_edit
+
+    rng = np.random.default_rng(1)
+    vectors = unit(rng.normal(size=(2, DIM)))
+    mosaic = apply_edit("pixelize", skimage_photo("chelsea"), seed=0)
+    pdqs = [(pdq_hash(mosaic).digest, pdq_hash(mosaic).quality)] * 2
+    blocklist = make_blocklist(vectors, {1: unit(rng.normal(size=(5, DIM)))}, pdqs)
+    model = small_model()
+    encoder = CountingEncoder()
+    stage = ClassifierStage(model, encoder, local_features=True)  # type: ignore[arg-type]
+    entry = blocklist.entries[1]
+    assert isinstance(entry, EntryInfo)
+    views = {}
+    for name, local in (("not verified", None), ("verified", {}), ("inliers", {1: 40})):
+        context = QueryContext((mosaic,), vectors[:1], (pdq_hash_dihedral(mosaic),), local=local)
+        items = [(context, [Candidate(entry, cosine=0.6, pdq_distance=200)])]
+        stage.refine_batch(items, blocklist)
+        views[name] = items[0][1][0].features["views"]
+    assert views == {"not verified": 1.0, "verified": 0.0, "inliers": 0.0}
+    assert encoder.calls == [1]
+    assert Band().uncertain(0.6, None) and not Band().uncertain(0.6, None, verified_locally=True)
 
 
 def feathered_paste(photo: Image.Image, canvas: Image.Image, scale: float) -> Image.Image:

@@ -126,17 +126,25 @@ def entry_windows(image: Image.Image) -> list[Image.Image]:
 
 
 def make_region_embedder(
-    encoder: Encoder, batch_size: int = 32, *, paste: bool = False, local: bool = False
+    encoder: Encoder,
+    batch_size: int = 32,
+    *,
+    paste: bool = False,
+    local: bool = False,
+    keypoint_budget: int | None = None,
 ) -> Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]]:
     """A :data:`moderation.banks.importer.RegionEmbedder`: images -> float32 (5, d) each,
     the unit-norm embeddings of their :data:`ENTRY_WINDOWS`; with ``paste`` (and an encoder
     with feature-map windows) (6, d): the entry's paste descriptor after them
     (:mod:`moderation.banks.paste_rows`, one more model pass per image); with ``local`` too,
     the entry's SIFT keypoints packed after that (:func:`.local_features.pack`, 14 rows of
-    1280 for :data:`.local_features.ENTRY_KEYPOINTS`)."""
+    1280 for :data:`.local_features.ENTRY_KEYPOINTS`), for the first ``keypoint_budget``
+    images it embeds (None: all; :func:`moderation.banks.keypoint_rows.keypoint_budget`)."""
     with_paste = paste and encoder.has_feature_windows
-    if with_paste and local:
-        return _with_keypoints(make_region_embedder(encoder, batch_size, paste=True), encoder.dim)
+    if with_paste and local and (keypoint_budget is None or keypoint_budget > 0):
+        return _with_keypoints(
+            make_region_embedder(encoder, batch_size, paste=True), encoder.dim, keypoint_budget
+        )
 
     def embed(images: Sequence[Image.Image]) -> list[npt.NDArray[np.float32]]:
         crops = [c for image in images for c in entry_windows(image)]
@@ -154,17 +162,28 @@ def make_region_embedder(
 
 
 def _with_keypoints(
-    embed: Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]], dim: int
+    embed: Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]],
+    dim: int,
+    budget: int | None,
 ) -> Callable[[Sequence[Image.Image]], list[npt.NDArray[np.float32]]]:
-    """``embed``'s rows of each image followed by its packed keypoints."""
+    """``embed``'s rows of each image followed by its packed keypoints, for the first
+    ``budget`` images over all calls (None: every image)."""
     from moderation.signals import local_features as lf
+
+    left = [budget]
 
     def with_keypoints(images: Sequence[Image.Image]) -> list[npt.NDArray[np.float32]]:
         rows = embed(images)
-        return [
-            np.concatenate([r, lf.pack(lf.extract(image, lf.ENTRY_SIDE, lf.ENTRY_KEYPOINTS), dim)])
-            for r, image in zip(rows, images, strict=True)
-        ]
+        out = []
+        for r, image in zip(rows, images, strict=True):
+            if left[0] is not None:
+                if left[0] <= 0:
+                    out.append(r)
+                    continue
+                left[0] -= 1
+            keypoints = lf.extract(image, lf.ENTRY_SIDE, lf.ENTRY_KEYPOINTS)
+            out.append(np.concatenate([r, lf.pack(keypoints, dim)]))
+        return out
 
     return with_keypoints
 

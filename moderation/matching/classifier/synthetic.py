@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter, ImageOps
 from moderation.audit.log import record_event
 from moderation.banks.blocklist import Blocklist
 from moderation.banks.importer import ImportHooks
-from moderation.banks.keypoint_rows import local_index
+from moderation.banks.keypoint_rows import keypoint_budget, local_index
 from moderation.banks.paste_rows import paste_index
 from moderation.matching.classifier.features import QuerySignals, RegionLookup, query_features
 from moderation.matching.classifier.regions import query_views, query_windows
@@ -325,8 +325,9 @@ def _candidates(
         window_index=None if signals.windows is None else paste_index(blocklist),
     )
     best = max((c.cosine or -1.0 for c in found), default=None)
-    if signals.keypoints is not None and lf.wanted(best):
-        local = local_index(blocklist).verify(signals.keypoints)
+    index = local_index(blocklist) if signals.keypoints is not None and lf.wanted(best) else None
+    if signals.keypoints is not None and index is not None and len(index):
+        local = index.verify(signals.keypoints)
         found = merge_verified(blocklist, found, signals.vectors, local)
         signals = replace(signals, local=local)
     return [
@@ -357,7 +358,9 @@ def pairs_of(
             continue
         best_cos = max(c[1] for c in cands)
         best_pdq = min(c[2] for c in cands)
-        use_views = band.uncertain(best_cos, best_pdq if best_pdq < 256 else None)
+        use_views = band.uncertain(
+            best_cos, best_pdq if best_pdq < 256 else None, signals.local is not None
+        )
         ids = [c[0] for c in cands]
         rows = query_features(
             signals,
@@ -439,11 +442,16 @@ def import_hooks(runtime: Runtime) -> ImportHooks:
     from moderation.matching.classifier.regions import make_region_embedder
 
     settings = runtime.settings
+    budget = None
+    if settings.classifier_local_features:
+        with runtime.sessions() as session:
+            budget = keypoint_budget(session)
     embedder = make_region_embedder(
         runtime.encoder,
         settings.batch_size,
         paste=settings.classifier_feature_windows,
         local=settings.classifier_local_features,
+        keypoint_budget=budget,
     )
     if settings.classifier_edits_per_entry == 0:
         return ImportHooks(region_embedder=embedder)
