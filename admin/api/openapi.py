@@ -76,6 +76,15 @@ def _signals_schema() -> dict[str, Any]:
                 "type": ["object", "null"],
                 "properties": {"kind": {"enum": ["md5", "sha1", "sha256"]}},
             },
+            "local_features": {
+                "type": ["object", "null"],
+                "description": "Null unless the upload's SIFT keypoints were verified against "
+                "the entry's (local features): the RANSAC inliers, agreed from 8.",
+                "properties": {
+                    "inliers": {"type": "integer", "minimum": 0},
+                    "agreed": {"type": "boolean"},
+                },
+            },
             "classifier": _thresholded("The classifier's calibrated copy probability."),
             "frame": {"type": ["integer", "null"], "description": "Screened frame index."},
             "timestamp_s": {"type": "number", "description": "Videos only."},

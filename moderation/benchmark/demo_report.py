@@ -36,7 +36,14 @@ DECISION_COLOURS = {
 """Background colour of each decision's badge (Material palette 800 shades)."""
 DECISIONS = ("block", "review", "allow")
 """Decisions counted in the summary, most severe first."""
-SIGNAL_COLUMNS = ("exact hash", "PDQ", "embedding", "classifier", "region match")
+SIGNAL_COLUMNS = (
+    "exact hash",
+    "PDQ",
+    "embedding",
+    "classifier",
+    "region match",
+    "local features",
+)
 """The signal columns of a row, in order."""
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -68,6 +75,7 @@ _SIGNAL_KEYS = {
     "embedding": "global_cosine",
     "classifier": "classifier",
     "region match": "region_cosine",
+    "local features": "local_features",
 }
 """Each signal column's key in the public explanation's ``signals`` object."""
 

@@ -129,7 +129,8 @@ def match_evidence(rules: CategoryRules, cand: Candidate, stage: str) -> dict[st
     ``decided_by`` (``stage``), ``passed`` and ``thresholds`` per signal (``cosine``, ``pdq``,
     ``vpdq``, ``probability``: which of the category's block/review thresholds the value
     reached, and that threshold), the best ``region`` (``kind``, ``cosine``, ``views``) when
-    the classifier stage found one above the global cosine, and the ``exact`` hash kind."""
+    the classifier stage found one above the global cosine, ``local_inliers`` when the
+    upload's keypoints were verified, and the ``exact`` hash kind."""
     passed: dict[str, str] = {}
     thresholds: dict[str, float | None] = {}
     if cand.cosine is not None:
@@ -150,6 +151,8 @@ def match_evidence(rules: CategoryRules, cand: Candidate, stage: str) -> dict[st
     region = _region(cand.features)
     if region is not None:
         evidence["region"] = region
+    if "inliers" in cand.features:
+        evidence["local_inliers"] = int(cand.features["inliers"])
     if cand.exact is not None:
         evidence["exact"] = cand.exact
     return evidence
@@ -226,6 +229,15 @@ def _inferred_stage(agreed: Sequence[str]) -> str | None:
     return None
 
 
+def _local_json(record: Mapping[str, Any], agreed: Sequence[str]) -> dict[str, Any] | None:
+    """``{"inliers", "agreed"}`` when the upload's keypoints were verified against the entry's
+    (local features), else None."""
+    inliers = record.get("local_inliers")
+    if not isinstance(inliers, int):
+        return None
+    return {"inliers": inliers, "agreed": "local_features" in agreed}
+
+
 def _region_json(record: Mapping[str, Any], agreed: Sequence[str]) -> dict[str, Any] | None:
     region = record.get("region")
     region_agreed = any(s in agreed for s in _REGION_AGREED)
@@ -266,6 +278,8 @@ def match_explanation(
          "vpdq": {"value" (query match %), "compared" (%), "passed", "threshold",
                   "agreed"} | null,
          "exact": {"kind", "agreed"} | null,
+         "local_features": {"inliers" (RANSAC inliers of the entry's SIFT keypoints in the
+                            upload), "agreed"} | null (keypoints not verified),
          "classifier": {"value" (probability), "passed", "threshold", "agreed"} | null,
          "frame": int | null (the screened frame that matched; null for an exact-hash
                   match alone), "timestamp_s": float (videos only)}
@@ -318,6 +332,7 @@ def _signals(
         "pdq": _measured(record, "pdq", pdq_distance, "pdq" in agreed),
         "vpdq": _vpdq_json(record, "vpdq" in agreed),
         "exact": None if exact is None else {"kind": exact, "agreed": True},
+        "local_features": _local_json(record, agreed),
         "classifier": _measured(
             record,
             "probability",

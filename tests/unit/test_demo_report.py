@@ -94,13 +94,17 @@ def test_undecodable_file_has_no_thumbnail(tmp_path: Path) -> None:
     assert thumbnail_uri(broken) is None
 
 
-def _match(signals: tuple[str, ...], *, probability: float | None = None) -> MatchResult:
+def _match(
+    signals: tuple[str, ...], *, probability: float | None = None, inliers: int | None = None
+) -> MatchResult:
     entry = EntryInfo(1, 1, "known-bad", "blocklist", "csam", "a")
-    evidence = {
+    evidence: dict[str, Any] = {
         "decided_by": "classifier",
         "passed": {"cosine": "review", "pdq": "none", "probability": "block"},
         "thresholds": {"cosine": 0.7, "pdq": None, "probability": 0.9},
     }
+    if inliers is not None:
+        evidence["local_inliers"] = inliers
     return MatchResult(entry, "block", 0.7, 12, probability, 0, signals, evidence=evidence)
 
 
@@ -113,7 +117,13 @@ def test_signals_agreed_reads_the_public_explanation() -> None:
         "embedding": True,
         "classifier": True,
         "region match": True,
+        "local features": False,
     }
+    pasted = _match(("local_features", "classifier"), probability=0.97, inliers=23).to_json()
+    assert pasted["signals"]["local_features"] == {"inliers": 23, "agreed": True}
+    assert signals_agreed(pasted["signals"])["local features"]
+    few = _match(("classifier",), probability=0.5, inliers=3).to_json()["signals"]
+    assert few["local_features"] == {"inliers": 3, "agreed": False}
     assert signals_agreed(_match(("exact_sha256",)).to_json()["signals"])["exact hash"]
     assert not any(signals_agreed({}).values())
 

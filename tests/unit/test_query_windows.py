@@ -116,6 +116,8 @@ def test_a_query_verified_by_local_features_gets_no_views() -> None:
     the same mosaic query in the uncertain band embeds its demosaiced view only when its
     keypoints were not verified; the band's rule is the one training pairs follow too."""
     from moderation.matching.classifier.stage import Band
+    from moderation.matching.explain import match_evidence
+    from moderation.matching.policy import CategoryRules
     from moderation.media.edits import apply_edit
 
     rng = np.random.default_rng(1)
@@ -128,13 +130,20 @@ def test_a_query_verified_by_local_features_gets_no_views() -> None:
     stage = ClassifierStage(model, encoder, local_features=True)  # type: ignore[arg-type]
     entry = blocklist.entries[1]
     assert isinstance(entry, EntryInfo)
-    views = {}
+    rules = CategoryRules(block_cosine=0.78, review_cosine=0.7)
+    views, inliers, agreed = {}, {}, {}
     for name, local in (("not verified", None), ("verified", {}), ("inliers", {1: 40})):
         context = QueryContext((mosaic,), vectors[:1], (pdq_hash_dihedral(mosaic),), local=local)
         items = [(context, [Candidate(entry, cosine=0.6, pdq_distance=200)])]
         stage.refine_batch(items, blocklist)
-        views[name] = items[0][1][0].features["views"]
+        cand = items[0][1][0]
+        views[name], inliers[name] = cand.features["views"], cand.features.get("inliers")
+        agreed[name] = "local_features" in cand.signals
+        evidence = match_evidence(rules, cand, "classifier")
+        assert evidence.get("local_inliers") == (None if local is None else int(inliers[name]))
     assert views == {"not verified": 1.0, "verified": 0.0, "inliers": 0.0}
+    assert inliers == {"not verified": None, "verified": 0.0, "inliers": 40.0}
+    assert agreed == {"not verified": False, "verified": False, "inliers": True}
     assert encoder.calls == [1]
     assert Band().uncertain(0.6, None) and not Band().uncertain(0.6, None, verified_locally=True)
 

@@ -33,6 +33,7 @@ from moderation.matching.classifier.features import (
 )
 from moderation.matching.classifier.model import CopyModel
 from moderation.matching.classifier.regions import query_views, query_windows
+from moderation.signals.local_features import CANDIDATE_INLIERS
 from moderation.signals.pdq import PdqHash, pdq_hash
 
 if TYPE_CHECKING:
@@ -170,7 +171,10 @@ def flat_windows(windows: npt.NDArray[np.float32] | None) -> npt.NDArray[np.floa
 
 
 def agreed_signals(features: dict[str, float]) -> list[str]:
-    """Names of the signals that, alone, point at a copy (for the explanation)."""
+    """Names of the signals that, alone, point at a copy (for the explanation): a feature row,
+    with the entry's RANSAC ``inliers`` when the query's keypoints were verified
+    (``local_features`` agrees at :data:`~moderation.signals.local_features.CANDIDATE_INLIERS`,
+    the count that makes an entry a candidate)."""
     agreed = []
     if features["cosine"] >= SIGNAL_THRESHOLD:
         agreed.append("global_cosine")
@@ -188,6 +192,8 @@ def agreed_signals(features: dict[str, float]) -> list[str]:
         agreed.append("feature_window")
     if features["pdq_similarity"] >= 1.0 - PDQ_SIGNAL_DISTANCE / 128:
         agreed.append("pdq")
+    if features.get("inliers", 0.0) >= CANDIDATE_INLIERS:
+        agreed.append("local_features")
     return agreed
 
 
@@ -275,7 +281,9 @@ class ClassifierStage:
             for cand, row, probability in zip(cands, rows, probabilities, strict=True):
                 cand.probability = float(probability)
                 cand.features = dict(row, views=float(len(detected)), windows=float(n_windows))
-                cand.signals = [*agreed_signals(row), "classifier"]
+                if query.local is not None:
+                    cand.features["inliers"] = float(query.local.get(cand.entry.entry_id, 0))
+                cand.signals = [*agreed_signals(cand.features), "classifier"]
 
     def _wanted_views(
         self,
