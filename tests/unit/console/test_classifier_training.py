@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 import moderation.matching.classifier.training as training_module
+from moderation.banks.keypoint_rows import KEYPOINT_ROW
 from moderation.banks.operations import import_bank
 from moderation.banks.records import create_bank
 from moderation.config import load_settings
@@ -27,6 +28,7 @@ from moderation.media.edits import apply_edit
 from moderation.service.operations import screen_paths
 from moderation.service.runtime import Runtime
 from moderation.service.worker import WorkerState
+from moderation.signals.local_features import packed_rows, unpack
 from moderation.storage.db import transaction
 from moderation.storage.models import AuditEvent, ClassifierModel, LabelledPair, Screening
 from tests.conftest import skimage_photo, skimage_photo_path
@@ -55,9 +57,13 @@ def test_import_train_screen_review_and_refuse_a_worse_model(
     blocklist = rt.load_blocklist()
     for entry_id in report.added:
         # The entry windows, then the paste descriptor of the feature-map windows (on by
-        # default: moderation.banks.paste_rows).
+        # default: moderation.banks.paste_rows), then the packed SIFT keypoints (local features,
+        # on by default: moderation.banks.keypoint_rows).
         regions = blocklist.regions_of(entry_id)
-        assert regions.shape == (len(ENTRY_WINDOWS) + 1, rt.encoder.dim)
+        assert len(ENTRY_WINDOWS) + 1 == KEYPOINT_ROW and regions.shape[1] == rt.encoder.dim
+        keypoints = unpack(regions[KEYPOINT_ROW:])
+        assert len(keypoints) > 20
+        assert len(regions) == KEYPOINT_ROW + packed_rows(len(keypoints), rt.encoder.dim)
     with rt.sessions() as db:
         pairs = db.scalars(select(LabelledPair).where(LabelledPair.source == "synthetic")).all()
         assert len(pairs) == report.training_pairs
