@@ -28,6 +28,7 @@ is part of the entry) and a banned photo pasted into a screenshot, a meme or ont
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -170,19 +171,17 @@ def _with_keypoints(
     ``budget`` images over all calls (None: every image)."""
     from moderation.signals import local_features as lf
 
-    left = [budget]
+    left = math.inf if budget is None else budget
 
     def with_keypoints(images: Sequence[Image.Image]) -> list[npt.NDArray[np.float32]]:
-        rows = embed(images)
+        nonlocal left
         out = []
-        for r, image in zip(rows, images, strict=True):
-            if left[0] is not None:
-                if left[0] <= 0:
-                    out.append(r)
-                    continue
-                left[0] -= 1
-            keypoints = lf.extract(image, lf.ENTRY_SIDE, lf.ENTRY_KEYPOINTS)
-            out.append(np.concatenate([r, lf.pack(keypoints, dim)]))
+        for r, image in zip(embed(images), images, strict=True):
+            if left > 0:
+                left -= 1
+                keypoints = lf.extract(image, lf.ENTRY_SIDE, lf.ENTRY_KEYPOINTS)
+                r = np.concatenate([r, lf.pack(keypoints, dim)])
+            out.append(r)
         return out
 
     return with_keypoints

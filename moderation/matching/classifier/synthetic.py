@@ -325,8 +325,7 @@ def _candidates(
         window_index=None if signals.windows is None else paste_index(blocklist),
     )
     best = max((c.cosine or -1.0 for c in found), default=None)
-    index = local_index(blocklist) if signals.keypoints is not None and lf.wanted(best) else None
-    if signals.keypoints is not None and index is not None and len(index):
+    if signals.keypoints is not None and lf.wanted(best) and len(index := local_index(blocklist)):
         local = index.verify(signals.keypoints)
         found = merge_verified(blocklist, found, signals.vectors, local)
         signals = replace(signals, local=local)
