@@ -36,14 +36,16 @@ DECISION_COLOURS = {
 """Background colour of each decision's badge (Material palette 800 shades)."""
 DECISIONS = ("block", "review", "allow")
 """Decisions counted in the summary, most severe first."""
-SIGNAL_COLUMNS = (
-    "exact hash",
-    "PDQ",
-    "embedding",
-    "classifier",
-    "region match",
-    "local features",
-)
+_SIGNAL_KEYS = {
+    "exact hash": "exact",
+    "PDQ": "pdq",
+    "embedding": "global_cosine",
+    "classifier": "classifier",
+    "region match": "region_cosine",
+    "local features": "local_features",
+}
+"""Each signal column's key in the public explanation's ``signals`` object."""
+SIGNAL_COLUMNS = tuple(_SIGNAL_KEYS)
 """The signal columns of a row, in order."""
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -67,17 +69,6 @@ def thumbnail_uri(path: Path, size: int = THUMBNAIL_PX) -> str | None:
     except (OSError, UnidentifiedImageError, ValueError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-_SIGNAL_KEYS = {
-    "exact hash": "exact",
-    "PDQ": "pdq",
-    "embedding": "global_cosine",
-    "classifier": "classifier",
-    "region match": "region_cosine",
-    "local features": "local_features",
-}
-"""Each signal column's key in the public explanation's ``signals`` object."""
 
 
 def signals_agreed(signals: Mapping[str, Any]) -> dict[str, bool]:
